@@ -1,0 +1,222 @@
+"""Settings, read once at startup into a frozen object.
+
+Sources, later ones win: the named defaults below, an optional YAML file (keys as in
+:class:`Settings`), then ``AUTHZ_<KEY>`` environment variables. The environment is a
+parameter (Starlette's ``Config`` pattern) so tests never touch ``os.environ``. Every bad
+value raises :class:`~authz.errors.ConfigError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+
+from authz.errors import ConfigError
+from authz.secrets import Secret
+
+__all__ = [
+    "DEFAULT_ADMIN_ADDR",
+    "DEFAULT_CREDENTIAL_HEADERS",
+    "DEFAULT_DECISION_PATH",
+    "DEFAULT_DECISION_TIMEOUT_MS",
+    "DEFAULT_GRPC_ADDR",
+    "DEFAULT_OPA_URL",
+    "ENV_PREFIX",
+    "Settings",
+    "load",
+    "parse_decision_path",
+]
+
+ENV_PREFIX: Final = "AUTHZ_"
+DEFAULT_GRPC_ADDR: Final = "127.0.0.1:9191"
+DEFAULT_ADMIN_ADDR: Final = "127.0.0.1:9192"
+DEFAULT_OPA_URL: Final = "http://127.0.0.1:8181"
+DEFAULT_DECISION_PATH: Final = "authz/gateway/decision"
+# Envoy's ext_authz timeout in infra/envoy is 500 ms; our whole budget stays inside it
+# so authz, not Envoy, decides what the client sees when OPA is slow.
+DEFAULT_DECISION_TIMEOUT_MS: Final = 300
+DEFAULT_CREDENTIAL_HEADERS: Final = (
+    "x-api-key",
+    "authorization",
+    "proxy-authorization",
+    "x-sandbox-token",
+)
+DEFAULT_OPA_POOL_SIZE: Final = 64
+DEFAULT_SHUTDOWN_GRACE_S: Final = 5.0
+DEFAULT_LOG_LEVEL: Final = "INFO"
+
+_DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+_HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """authz settings. Addresses are ``host:port``; times in the unit their name says.
+
+    ``opa_token`` is sent as ``Authorization: Bearer`` to OPA when OPA's REST API is
+    locked down with token authentication; it prints masked.
+    """
+
+    grpc_addr: str = DEFAULT_GRPC_ADDR
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    opa_url: str = DEFAULT_OPA_URL
+    opa_token: Secret | None = None
+    opa_pool_size: int = DEFAULT_OPA_POOL_SIZE
+    default_decision_path: str = DEFAULT_DECISION_PATH
+    decision_timeout_ms: int = DEFAULT_DECISION_TIMEOUT_MS
+    credential_headers: tuple[str, ...] = DEFAULT_CREDENTIAL_HEADERS
+    parse_body: bool = True
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    log_level: str = DEFAULT_LOG_LEVEL
+    decision_log: bool = True
+    uvloop: bool = True
+
+    @property
+    def decision_timeout_s(self) -> float:
+        """The decision budget in seconds."""
+        return self.decision_timeout_ms / 1000.0
+
+
+def parse_decision_path(key: str, value: str) -> str:
+    """Validate an OPA data path such as ``authz/gateway/decision`` (no leading slash,
+    identifier segments). Returns it unchanged; raises ConfigError naming ``key``."""
+    if not _DECISION_PATH_RE.match(value):
+        raise ConfigError(
+            f"{key}={value!r}: expected an OPA data path like 'authz/gateway/decision'"
+        )
+    return value
+
+
+def _addr(key: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}={value!r}: expected host:port")
+    return value
+
+
+def _url(key: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise ConfigError(f"{key}={value!r}: expected an http(s) URL without a query")
+    return value.rstrip("/")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def conv(key: str, value: Any) -> int:
+        try:
+            number = int(str(value), 10)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
+        if not lo <= number <= hi:
+            raise ConfigError(f"{key}={value!r}: expected {lo}..{hi}")
+        return number
+
+    return conv
+
+
+def _positive_float(key: str, value: Any) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: expected a number of seconds") from None
+    if not number >= 0:
+        raise ConfigError(f"{key}={value!r}: expected a non-negative number")
+    return number
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}={value!r}: expected true or false")
+
+
+def _headers(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    for name in names:
+        if not _HEADER_NAME_RE.match(name):
+            raise ConfigError(f"{key}={value!r}: {name!r} is not a header name")
+    return names
+
+
+def _log_level(key: str, value: Any) -> str:
+    level = str(value).upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"{key}={value!r}: expected one of {sorted(_LOG_LEVELS)}")
+    return level
+
+
+def _secret(key: str, value: Any) -> Secret | None:
+    text = str(value)
+    return Secret(text) if text else None
+
+
+_CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
+    "grpc_addr": _addr,
+    "admin_addr": _addr,
+    "opa_url": _url,
+    "opa_token": _secret,
+    "opa_pool_size": _int_in(1, 4096),
+    "default_decision_path": lambda k, v: parse_decision_path(k, str(v)),
+    "decision_timeout_ms": _int_in(1, 60_000),
+    "credential_headers": _headers,
+    "parse_body": _bool,
+    "shutdown_grace_s": _positive_float,
+    "log_level": _log_level,
+    "decision_log": _bool,
+    "uvloop": _bool,
+}
+
+
+def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
+    """Build :class:`Settings` from defaults, the YAML file at ``path`` and ``environ``.
+
+    Raises ConfigError for an unreadable/invalid file, an unknown key in the file, or a
+    value that does not convert; the message names the key (``AUTHZ_X`` for the
+    environment, ``file:key`` for the file) and the value (masked for ``opa_token``).
+    """
+    raw: dict[str, tuple[str, Any]] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+        for key, value in loaded.items():
+            if key not in _CONVERTERS:
+                raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}")
+            raw[key] = (f"{path.name}:{key}", value)
+    for name in _CONVERTERS:
+        env_key = ENV_PREFIX + name.upper()
+        if env_key in environ:
+            raw[name] = (env_key, environ[env_key])
+    values: dict[str, Any] = {}
+    for name, (where, value) in raw.items():
+        shown = "<redacted>" if name == "opa_token" else value
+        try:
+            values[name] = _CONVERTERS[name](where, value)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(repr(value), repr(shown))) from None
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if not settings.credential_headers:
+        raise ConfigError("AUTHZ_CREDENTIAL_HEADERS='': at least one header is required")

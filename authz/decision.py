@@ -1,0 +1,236 @@
+"""OPA's result -> a frozen, typed :class:`Decision`, parsed once.
+
+Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean, or an
+object with ``allowed`` (required) and the optional ``headers``,
+``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
+``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
+authz extensions ``reason``, ``rate_limit`` and ``identity`` (``docs/contract.md``).
+Unknown fields are ignored, as the plugin does.
+
+Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
+e.g. ``expected allowed to be of type 'boolean' but got 'string'``. Header names and values
+are also checked for syntax (RFC 9110 token names; no CR, LF or NUL in values) so a policy
+can never make Envoy emit a malformed or smuggled header.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+from envoy.type.v3 import http_status_pb2
+
+from authz.errors import InvalidDecision
+
+__all__ = ["Decision", "Header", "RateLimitRef", "json_type", "parse_decision"]
+
+Header = tuple[str, str]
+_TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
+_REASON: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_ENVOY_STATUSES: Final = frozenset(
+    v
+    for v in http_status_pb2.StatusCode.values()
+    if v != 0  # 0 is "Empty"
+)
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRef:
+    """Which tier applies and the bucket key (never a raw credential)."""
+
+    tier: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy decision. Headers keep the policy's order; names are lowercased."""
+
+    allowed: bool
+    form: Literal["boolean", "object"] = "boolean"
+    headers: tuple[Header, ...] = ()
+    response_headers_to_add: tuple[Header, ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    query_parameters_to_set: tuple[tuple[str, str], ...] = ()
+    query_parameters_to_remove: tuple[str, ...] = ()
+    body: str | None = None
+    http_status: int | None = None
+    dynamic_metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    reason: str | None = None
+    rate_limit: RateLimitRef | None = None
+    identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+def json_type(value: Any) -> str:
+    """The JSON type name of a decoded JSON value: boolean, number, string, array,
+    object or null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
+    return InvalidDecision(
+        f"expected {name} to be of type '{expected}' but got '{json_type(value)}'"
+    )
+
+
+def _header_name(field_name: str, name: str) -> str:
+    if not _TOKEN.match(name):
+        raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
+    return name.lower()
+
+
+def _header_value(field_name: str, name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _type_error(f"{field_name}[{name!r}] value", "string", value)
+    if _BAD_VALUE.search(value):
+        raise InvalidDecision(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
+    return value
+
+
+def _headers(field_name: str, raw: Any) -> tuple[Header, ...]:
+    """``{name: str | [str]}`` or a list of such objects -> ordered (name, value) pairs."""
+    if isinstance(raw, dict):
+        objects = [raw]
+    elif isinstance(raw, list):
+        objects = raw
+    else:
+        raise _type_error(field_name, "object", raw)
+    out: list[Header] = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise _type_error(field_name, "object", obj)
+        for name, value in obj.items():
+            key = _header_name(field_name, name)
+            values = value if isinstance(value, list) else [value]
+            out.extend((key, _header_value(field_name, name, v)) for v in values)
+    return tuple(out)
+
+
+def _strings(field_name: str, raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise _type_error(field_name, "array", raw)
+    for item in raw:
+        if not isinstance(item, str):
+            raise _type_error(f"{field_name} value", "string", item)
+    return tuple(raw)
+
+
+def _query_to_set(raw: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        raise _type_error("query_parameters_to_set", "object", raw)
+    out: list[tuple[str, str]] = []
+    for key, value in raw.items():
+        if isinstance(value, str):
+            out.append((key, value))
+        elif isinstance(value, list):
+            for item in value:
+                if not isinstance(item, str):
+                    raise _type_error(f"query_parameters_to_set[{key!r}] value", "string", item)
+                out.append((key, item))
+        else:
+            raise _type_error(f"query_parameters_to_set[{key!r}]", "string or array", value)
+    return tuple(out)
+
+
+def _http_status(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _type_error("http_status", "number", raw)
+    if isinstance(raw, float) and not raw.is_integer():
+        raise InvalidDecision(f"http_status {raw!r} is not an integer")
+    status = int(raw)
+    if status not in _ENVOY_STATUSES:
+        raise InvalidDecision(f"invalid HTTP status code {status}")
+    return status
+
+
+def _rate_limit(raw: Any) -> RateLimitRef:
+    if not isinstance(raw, dict):
+        raise _type_error("rate_limit", "object", raw)
+    tier, key = raw.get("tier"), raw.get("key")
+    if not isinstance(tier, str):
+        raise _type_error("rate_limit.tier", "string", tier)
+    if not isinstance(key, str):
+        raise _type_error("rate_limit.key", "string", key)
+    return RateLimitRef(tier=tier, key=key)
+
+
+def _identity(raw: Any) -> Mapping[str, str]:
+    if not isinstance(raw, dict):
+        raise _type_error("identity", "object", raw)
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise _type_error(f"identity.{key}", "string", value)
+    return MappingProxyType(dict(raw))
+
+
+def parse_decision(result: Any) -> Decision:
+    """Parse the ``result`` member of OPA's ``POST /v1/data`` answer.
+
+    Returns a :class:`Decision`; raises :class:`InvalidDecision` for any other type at the
+    top level, a missing or non-boolean ``allowed``, or a field of the wrong type."""
+    if isinstance(result, bool):
+        return Decision(allowed=result)
+    if not isinstance(result, dict):
+        raise InvalidDecision(f"illegal value for policy evaluation result: '{json_type(result)}'")
+    if "allowed" not in result:
+        raise InvalidDecision('unable to determine evaluation result: missing "allowed" key')
+    allowed = result["allowed"]
+    if not isinstance(allowed, bool):
+        raise _type_error("allowed", "boolean", allowed)
+    fields: dict[str, Any] = {"allowed": allowed, "form": "object"}
+    if "headers" in result:
+        fields["headers"] = _headers("headers", result["headers"])
+    if "response_headers_to_add" in result:
+        fields["response_headers_to_add"] = _headers(
+            "response_headers_to_add", result["response_headers_to_add"]
+        )
+    if "request_headers_to_remove" in result:
+        fields["request_headers_to_remove"] = tuple(
+            _header_name("request_headers_to_remove", name)
+            for name in _strings("request_headers_to_remove", result["request_headers_to_remove"])
+        )
+    if "query_parameters_to_set" in result:
+        fields["query_parameters_to_set"] = _query_to_set(result["query_parameters_to_set"])
+    if "query_parameters_to_remove" in result:
+        fields["query_parameters_to_remove"] = _strings(
+            "query_parameters_to_remove", result["query_parameters_to_remove"]
+        )
+    if "body" in result:
+        if not isinstance(result["body"], str):
+            raise _type_error("body", "string", result["body"])
+        fields["body"] = result["body"]
+    if "http_status" in result:
+        fields["http_status"] = _http_status(result["http_status"])
+    if "dynamic_metadata" in result:
+        if not isinstance(result["dynamic_metadata"], dict):
+            raise _type_error("dynamic_metadata", "object", result["dynamic_metadata"])
+        fields["dynamic_metadata"] = MappingProxyType(dict(result["dynamic_metadata"]))
+    if "reason" in result:
+        reason = result["reason"]
+        if not isinstance(reason, str):
+            raise _type_error("reason", "string", reason)
+        if not _REASON.match(reason):
+            raise InvalidDecision(f"reason {reason[:64]!r} is not a snake_case code")
+        fields["reason"] = reason
+    if "rate_limit" in result:
+        fields["rate_limit"] = _rate_limit(result["rate_limit"])
+    if "identity" in result:
+        fields["identity"] = _identity(result["identity"])
+    return Decision(**fields)

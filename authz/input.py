@@ -1,0 +1,264 @@
+"""CheckRequest -> OPA input document, exactly as opa-envoy-plugin builds it.
+
+Follows opa-envoy-plugin ``envoyauth/request.go`` (``RequestToInput``) and
+``envoyauth/protomap.go``: ``input.attributes`` is the CheckRequest's attributes with
+protobuf JSON field names, only the fields Envoy set, integers as numbers, bytes as
+base64, enums as numbers, messages (e.g. timestamps) as objects, ``Struct`` as plain JSON;
+then ``version``, ``parsed_path``, ``parsed_query``, ``parsed_body``, ``truncated_body``
+and ``source_principal``.
+
+One addition (``docs/contract.md``): credentials never reach OPA in clear. Each configured
+credential header is replaced in ``attributes.request.http.headers`` by
+``"sha256:<hex>"`` (``"Bearer sha256:<hex>"`` for a schemed ``authorization``) and its
+digest is listed in ``input.credentials``.
+
+Everything here is a pure function of its arguments. Malformed parts of the request
+(bad percent-encoding, a body that does not parse) raise :class:`RequestError`, which the
+caller turns into a precise deny.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from authz.errors import RequestError
+
+__all__ = [
+    "INPUT_VERSION",
+    "build_input",
+    "mask_credential",
+    "message_to_input",
+    "parse_body",
+    "parse_path",
+    "parse_query",
+]
+
+INPUT_VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_STRUCT_TYPES: Final = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+_SCHEMED_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
+_SCHEME: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S.*)$")
+
+
+def message_to_input(message: Message) -> dict[str, Any]:
+    """Convert a protobuf message to a JSON-ready dict the way the plugin's ``protomap``
+    does: JSON field names, only populated fields, recursing into messages, maps and
+    lists; ``Struct`` values become plain JSON; bytes become base64 strings."""
+    if message.DESCRIPTOR.full_name in _STRUCT_TYPES:
+        result = MessageToDict(message)
+        return result if isinstance(result, dict) else {"value": result}
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        name = field.json_name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[name] = {str(k): _scalar_or_message(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[name] = [_scalar_or_message(field, item) for item in value]
+        else:
+            out[name] = _scalar_or_message(field, value)
+    return out
+
+
+def _scalar_or_message(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_to_input(value)
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def _unescape(text: str, *, plus_as_space: bool) -> str:
+    """Go's ``url.PathUnescape``/``QueryUnescape``: reject a ``%`` not followed by two hex
+    digits; decode UTF-8 with replacement so the result is always JSON-encodable."""
+    if _BAD_ESCAPE.search(text):
+        raise RequestError(f"invalid percent-encoding in {text[:64]!r}")
+    if plus_as_space:
+        text = text.replace("+", " ")
+    return unquote_to_bytes(text).decode("utf-8", errors="replace")
+
+
+def parse_path(path: str) -> list[str]:
+    """``input.parsed_path``: the path before ``?``, percent-decoded, leading slashes
+    trimmed, split on ``/``. ``"//a/b%2Fc"`` -> ``["a", "b/c"]``; ``"/"`` -> ``[""]``.
+    Raises RequestError on invalid percent-encoding."""
+    raw_path = path.split("?", 1)[0]
+    return _unescape(raw_path, plus_as_space=False).lstrip("/").split("/")
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """``input.parsed_query`` as Go's ``url.ParseQuery``: ``&``-separated pairs, ``+`` is a
+    space, repeated keys collect values in order, a key without ``=`` maps to ``[""]``.
+    Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both).
+    """
+    result: dict[str, list[str]] = {}
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        if ";" in pair:
+            raise RequestError("invalid semicolon separator in query")
+        key, _, value = pair.partition("=")
+        result.setdefault(_unescape(key, plus_as_space=True), []).append(
+            _unescape(value, plus_as_space=True)
+        )
+    return result
+
+
+def _truncated(headers: Mapping[str, str], length: int) -> bool:
+    declared = headers.get("content-length")
+    if declared is None:
+        return False
+    try:
+        expected = int(declared, 10)
+    except ValueError:
+        raise RequestError(f"invalid content-length {declared[:32]!r}") from None
+    return expected != -1 and expected > length
+
+
+def _json(payload: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"{what} is not valid JSON: {exc.__class__.__name__}") from None
+
+
+def _multipart(content_type: str, payload: str) -> dict[str, list[Any]] | None:
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    document = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    message = parser.parsebytes(document + payload.encode("utf-8", "surrogateescape"))
+    if message.get_param("boundary") is None:
+        return None
+    if message.defects:
+        raise RequestError(f"malformed multipart body: {type(message.defects[0]).__name__}")
+    values: dict[str, list[Any]] = {}
+    for part in message.iter_parts():
+        if part.get_content_disposition() != "form-data":
+            continue
+        name = part.get_param("name", header="content-disposition")
+        if not name or not isinstance(name, str):
+            continue
+        raw = part.get_payload(decode=True)
+        data = raw if isinstance(raw, bytes) else b""
+        if "application/json" in part.get("content-type", ""):
+            values.setdefault(name, []).append(_json(data, f"multipart field {name!r}"))
+        else:
+            values.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
+    return values
+
+
+def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
+    """``(input.parsed_body, input.truncated_body)`` for JSON, form-urlencoded and
+    multipart bodies, as the plugin's ``getParsedBody``. A body is truncated when Envoy set
+    ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what was sent; then
+    it is not parsed. Other content types give ``(None, False)``. Raises RequestError for
+    a body that does not parse."""
+    if headers.get("x-envoy-auth-partial-body") == "true":
+        return None, True
+    content_type = headers.get("content-type")
+    if content_type is None:
+        return None, False
+    payload = body or raw_body.decode("utf-8", errors="surrogateescape")
+    if not payload:
+        return None, False
+    if "application/json" in content_type:
+        if _truncated(headers, len(payload)):
+            return None, True
+        return _json(payload, "request body"), False
+    if "application/x-www-form-urlencoded" in content_type:
+        if _truncated(headers, len(payload)):
+            return None, True
+        return parse_query(payload), False
+    if "multipart/form-data" in content_type:
+        if _truncated(headers, len(payload)):
+            return None, True
+        return _multipart(content_type, payload), False
+    return None, False
+
+
+def mask_credential(header: str, value: str) -> tuple[str, str]:
+    """``(digest, masked value)`` for the credential header ``header`` = ``value``.
+
+    The digest is the lowercase hex SHA-256 of the credential: for ``authorization`` and
+    ``proxy-authorization`` in ``<scheme> <credentials>`` form (RFC 9110 section 11.4),
+    of ``<credentials>``, and the masked value keeps the scheme (``Bearer sha256:<hex>``)
+    so a policy can still check it; for any other header, of the whole trimmed value,
+    masked as ``sha256:<hex>``."""
+    credential = value.strip()
+    scheme = ""
+    if header in _SCHEMED_HEADERS:
+        match = _SCHEME.match(credential)
+        if match:
+            scheme, credential = match.group(1) + " ", match.group(2).strip()
+    digest = hashlib.sha256(credential.encode("utf-8")).hexdigest()
+    return digest, f"{scheme}sha256:{digest}"
+
+
+def build_input(
+    request: external_auth_pb2.CheckRequest,
+    credential_headers: Iterable[str],
+    *,
+    parse_request_body: bool = True,
+) -> dict[str, Any]:
+    """Build the OPA input document for ``request``.
+
+    ``credential_headers`` are lowercase header names whose values are hashed (see module
+    docstring). Returns a fresh JSON-ready dict; raises RequestError on a malformed path,
+    query or body."""
+    document = message_to_input(request)
+    http = request.attributes.request.http
+    path = http.path
+    raw_path, _, raw_query = path.partition("?")
+    document["version"] = dict(INPUT_VERSION)
+    document["parsed_path"] = parse_path(raw_path)
+    document["parsed_query"] = parse_query(raw_query)
+    if parse_request_body:
+        headers = http.headers
+        document["parsed_body"], document["truncated_body"] = parse_body(
+            headers, http.body, http.raw_body
+        )
+    principal = request.attributes.source.principal
+    if principal:
+        document["source_principal"] = principal
+    document["credentials"] = _hash_credentials(document, frozenset(credential_headers))
+    return document
+
+
+def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[str, str]:
+    """Replace credential header values in ``document`` (both the ``headers`` map and
+    Envoy's raw ``headerMap`` form) by their masked form; return ``{name: hex}``."""
+    http = document.get("attributes", {}).get("request", {}).get("http", {})
+    credentials: dict[str, str] = {}
+    headers = http.get("headers")
+    if headers:
+        for name in names:
+            value = headers.get(name)
+            if value is not None:
+                credentials[name], headers[name] = mask_credential(name, value)
+    for entry in http.get("headerMap", {}).get("headers", ()):
+        name = str(entry.get("key", "")).lower()
+        if name not in names:
+            continue
+        if "rawValue" in entry:
+            value = base64.b64decode(entry["rawValue"]).decode("utf-8", errors="replace")
+        else:
+            value = entry.get("value", "")
+        digest, masked = mask_credential(name, value)
+        credentials.setdefault(name, digest)
+        entry.pop("rawValue", None)
+        entry["value"] = masked
+    return credentials

@@ -1,0 +1,83 @@
+"""API keys and sandbox tokens: generate, hash, and keep plaintext out of bundle data.
+
+Bundle data stores credentials only as lowercase hex SHA-256 digests (the same digest
+:func:`authz.input.mask_credential` puts in ``input.credentials``). :func:`lint_data`
+is what ``scripts/build-policy-bundle`` runs to refuse data that holds a plaintext key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Iterator
+from typing import Any, Final
+
+__all__ = ["KEY_PREFIX", "digest", "generate_key", "lint_data"]
+
+KEY_PREFIX: Final = "ak_"
+_DIGEST: Final = re.compile(r"^[0-9a-f]{64}$")
+# Object keys under which a credential-looking string must be a digest.
+_CREDENTIAL_FIELDS: Final = frozenset(
+    {"key", "api_key", "apikey", "token", "secret", "password", "credential", "plaintext"}
+)
+# Maps whose keys are credential digests.
+_DIGEST_KEYED_MAPS: Final = frozenset({"api_keys"})
+# Value prefixes of well-known credential formats (ours, OpenAI, GitHub, Slack, AWS).
+_CREDENTIAL_PREFIXES: Final = (
+    KEY_PREFIX,
+    "sk-",
+    "ghp_",
+    "gho_",
+    "github_pat_",
+    "xoxb-",
+    "xoxp-",
+    "AKIA",
+)
+
+
+def generate_key(prefix: str = KEY_PREFIX) -> str:
+    """A new random key: ``prefix`` + 43 URL-safe characters (256 bits)."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def digest(key: str) -> str:
+    """Lowercase hex SHA-256 of ``key`` (stripped of surrounding whitespace), as stored in
+    bundle data and as found in ``input.credentials``."""
+    return hashlib.sha256(key.strip().encode("utf-8")).hexdigest()
+
+
+def lint_data(data: Any, where: str = "data") -> list[str]:
+    """Problems that mean ``data`` (a decoded bundle ``data.json``) holds plaintext
+    credentials; empty when clean. Each problem names the JSON path, never the value:
+
+    - a key of an ``api_keys`` map that is not a 64-hex-digit digest;
+    - a string under a credential-named field (``token``, ``secret``, ...; or names
+      ending ``_token``/``_secret``/``_key``) that is not a digest, unless the field name
+      says it is a digest (``*_sha256``, ``*_digest``) or a reference (``*_ref``);
+    - any string value starting with a known credential prefix (``ak_``, ``sk-``, ...).
+    """
+    return list(_lint(data, where))
+
+
+def _credential_field(name: str) -> bool:
+    lowered = name.lower()
+    if lowered.endswith(("_sha256", "_digest", "_ref", "_header", "_format", "_id")):
+        return False
+    return lowered in _CREDENTIAL_FIELDS or lowered.endswith(("_token", "_secret", "_key"))
+
+
+def _lint(node: Any, path: str) -> Iterator[str]:
+    if isinstance(node, dict):
+        for name, value in node.items():
+            child = f"{path}.{name}"
+            if path.rsplit(".", 1)[-1] in _DIGEST_KEYED_MAPS and not _DIGEST.match(name):
+                yield f"{path}: a key is not a SHA-256 hex digest (plaintext API key?)"
+            if isinstance(value, str) and _credential_field(name) and not _DIGEST.match(value):
+                yield f"{child}: credential field holds a value that is not a SHA-256 digest"
+            yield from _lint(value, child)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _lint(item, f"{path}[{index}]")
+    elif isinstance(node, str) and node.startswith(_CREDENTIAL_PREFIXES):
+        yield f"{path}: value looks like a plaintext credential"

@@ -1,0 +1,99 @@
+"""Structured logging: every line authz writes is one JSON object.
+
+Two streams share the format: operational logs (``{"time", "level", "logger", "msg"}``
+plus any ``extra`` fields) and the decision log (logger ``authz.decision``, one line per
+decision, ``{"type": "decision", ...}`` with :meth:`DecisionRecord.log_fields`).
+
+Credentials never reach a log line: records carry digests only, and
+:func:`redact_headers` masks the header values named in :data:`SENSITIVE_HEADERS` for any
+code that must log headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import IO, Any, Final
+
+import orjson
+
+from authz.record import DecisionRecord
+from authz.secrets import MASK
+
+__all__ = [
+    "DECISION_LOGGER",
+    "SENSITIVE_HEADERS",
+    "DecisionLog",
+    "JsonFormatter",
+    "configure",
+    "redact_headers",
+]
+
+DECISION_LOGGER: Final = "authz.decision"
+SENSITIVE_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "x-sandbox-token",
+    }
+)
+# Attributes every LogRecord has; anything else came from ``extra=`` and is logged.
+_STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+
+
+def redact_headers(headers: Mapping[str, str], extra: Iterable[str] = ()) -> dict[str, str]:
+    """A copy of ``headers`` with the values of sensitive headers (and ``extra`` names,
+    e.g. injected credential headers) replaced by ``'**********'``. Names compare
+    case-insensitively."""
+    hidden = SENSITIVE_HEADERS | {name.lower() for name in extra}
+    return {k: (MASK if k.lower() in hidden else v) for k, v in headers.items()}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a LogRecord as one JSON line: time (RFC 3339, UTC), level, logger, msg,
+    the ``extra`` fields, and ``exc`` (traceback text) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in line:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class DecisionLog:
+    """A :class:`~authz.record.DecisionSink` writing one JSON line per decision to
+    ``stream`` (default stdout). Writes are line-buffered and never raise."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+
+    def record(self, record: DecisionRecord) -> None:
+        """Write ``record`` as ``{"type": "decision", ...log_fields}``."""
+        line = {"type": "decision", **record.log_fields()}
+        try:
+            self._stream.write(orjson.dumps(line).decode() + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # closed or full stream: keep serving
+            pass
+
+
+def configure(level: str, stream: IO[str] | None = None) -> None:
+    """Route the root logger to ``stream`` (default stderr) as JSON lines at ``level``."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

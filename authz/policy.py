@@ -1,0 +1,189 @@
+"""The OPA query: POST an input document to OPA's REST data API and get its result back.
+
+Follows OPA's REST API (https://www.openpolicyagent.org/docs/rest-api#get-a-document-with-input):
+``POST /v1/data/<path>?provenance`` with body ``{"input": ...}`` answers
+``{"result": ..., "provenance": {"bundles": {<name>: {"revision": ...}}}}``; no ``result``
+means nothing is defined at the path. Provenance gives the exact bundle revision that
+produced each decision, for the decision log.
+
+Transport and protocol failures become typed :mod:`authz.errors`, so the caller can fail
+closed with a precise code:
+
+- connection refused/reset, DNS, TLS          -> :class:`OpaUnavailable`
+- no answer within the budget                 -> :class:`OpaTimeout`
+- non-200 answer, or a body that is not JSON  -> :class:`OpaResponseError`
+- a 200 answer without ``result``             -> :class:`UndefinedDecision`
+
+The hot-path client is aiohttp over a kept-alive pool: measured 4-5x faster than httpx for
+this one-small-POST-per-request pattern (``shared/REFERENCE.md``). ``unix:///path`` URLs
+talk to an OPA listening on a unix socket (``opa run --addr unix:///path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Protocol
+
+import aiohttp
+import orjson
+
+from authz.errors import OpaResponseError, OpaTimeout, OpaUnavailable, UndefinedDecision
+from authz.secrets import Secret
+
+__all__ = ["Evaluation", "OpaClient", "PolicyEngine"]
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """OPA's answer for one query.
+
+    ``result`` is the decoded JSON ``result`` (any JSON type; :mod:`authz.decision` checks
+    its shape). ``revisions`` maps bundle name to revision, from OPA's provenance.
+    ``duration_s`` is the wall time of the OPA round trip, in seconds.
+    """
+
+    result: Any
+    revisions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    duration_s: float = 0.0
+
+    @property
+    def revision(self) -> str:
+        """One string for logs: the revision of the only bundle, or ``name=rev`` pairs
+        joined by ``,`` when several bundles are active; ``""`` when none."""
+        if len(self.revisions) == 1:
+            return next(iter(self.revisions.values()))
+        return ",".join(f"{k}={v}" for k, v in sorted(self.revisions.items()))
+
+
+class PolicyEngine(Protocol):
+    """Evaluates a decision path against an input document (OPA, or a fake in tests)."""
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        """Evaluate ``data.<path with / as .>`` with ``input = document`` within
+        ``timeout_s`` seconds. Raises the :class:`~authz.errors.PolicyError` subclasses
+        listed in this module's docstring."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class OpaClient:
+    """aiohttp client for one OPA server. Create inside a running event loop.
+
+    ``url`` is ``http(s)://host:port`` or ``unix:///path/to/socket``; ``token`` is sent as
+    ``Authorization: Bearer`` when OPA's API requires token authentication; ``pool_size``
+    bounds concurrent connections (each kept alive for ``keepalive_s`` seconds).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: Secret | None = None,
+        pool_size: int = 64,
+        keepalive_s: float = 60.0,
+    ) -> None:
+        headers = dict(_JSON_HEADERS)
+        if token:
+            headers["Authorization"] = f"Bearer {token.reveal()}"
+        connector: aiohttp.BaseConnector
+        if url.startswith("unix://"):
+            connector = aiohttp.UnixConnector(
+                path=url.removeprefix("unix://"), limit=pool_size, keepalive_timeout=keepalive_s
+            )
+            self._base = "http://opa"
+        else:
+            connector = aiohttp.TCPConnector(
+                limit=pool_size, limit_per_host=pool_size, keepalive_timeout=keepalive_s
+            )
+            self._base = url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        """POST ``{"input": document}`` to ``/v1/data/<path>?provenance``; see
+        :meth:`PolicyEngine.evaluate` for the errors raised."""
+        body = orjson.dumps({"input": document})
+        url = f"{self._base}/v1/data/{path}?provenance"
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(url, data=body) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+        duration = time.perf_counter() - started
+        return _parse_answer(status, payload, duration)
+
+    async def get(self, path: str, timeout_s: float) -> tuple[int, Any]:
+        """GET an OPA endpoint (``/health?bundles``, ...) -> (HTTP status, decoded JSON or
+        None). Raises OpaUnavailable or OpaTimeout like :meth:`evaluate`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.get(f"{self._base}{path}") as resp:
+                    payload = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+        try:
+            return status, orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            return status, None
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._session.close()
+
+
+def _parse_answer(status: int, payload: bytes, duration_s: float) -> Evaluation:
+    """OPA's HTTP answer -> Evaluation; raises OpaResponseError / UndefinedDecision."""
+    try:
+        answer = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise OpaResponseError(f"OPA answered HTTP {status} with a body that is not JSON") from None
+    if status != 200:
+        code = answer.get("code") if isinstance(answer, dict) else None
+        message = answer.get("message") if isinstance(answer, dict) else None
+        raise OpaResponseError(f"OPA answered HTTP {status}: {code}: {message}")
+    if not isinstance(answer, dict):
+        raise OpaResponseError("OPA answered with a JSON value that is not an object")
+    if "result" not in answer:
+        raise UndefinedDecision("no decision is defined at this path (result is undefined)")
+    return Evaluation(answer["result"], _revisions(answer.get("provenance")), duration_s)
+
+
+def _revisions(provenance: Any) -> Mapping[str, str]:
+    if not isinstance(provenance, dict):
+        return _EMPTY
+    bundles = provenance.get("bundles")
+    if not isinstance(bundles, dict):
+        return _EMPTY
+    return MappingProxyType(
+        {
+            str(name): str(info.get("revision", ""))
+            for name, info in bundles.items()
+            if isinstance(info, dict)
+        }
+    )

@@ -1,0 +1,94 @@
+# Gateway policy: API-key authentication, role/path rules, rate-limit tier.
+#
+# Query: data.authz.gateway.decision (the gateway route's decision_path is
+# authz/gateway/decision). Data: data.gateway.api_keys (keyed by the SHA-256 digest of the
+# key, never the key), data.gateway.path_rules, data.gateway.rate_limit_tiers.
+#
+# authz replaces credential headers by digests before OPA sees them (docs/contract.md):
+# input.credentials["x-api-key"] / input.credentials.authorization hold the hex digests.
+package authz.gateway
+
+import data.authz.lib
+
+identity_prefix := "x-authz-"
+
+# authz itself sets x-authz-decision-id on allowed requests.
+identity_headers := {"x-authz-key-id", "x-authz-role", "x-authz-tier", "x-authz-decision-id"}
+
+headers := input.attributes.request.http.headers
+
+method := upper(input.attributes.request.http.method)
+
+# The presented key's digest: X-API-Key wins; else Authorization with the Bearer scheme.
+key_digest := input.credentials["x-api-key"]
+
+key_digest := input.credentials.authorization if {
+	not input.credentials["x-api-key"]
+	startswith(lower(headers.authorization), "bearer ")
+}
+
+key := data.gateway.api_keys[key_digest]
+
+enabled if key.enabled == true
+
+# A key with an expires_at that does not parse is treated as expired (fail closed).
+expired if time.now_ns() >= time.parse_rfc3339_ns(key.expires_at)
+
+expired if {
+	key.expires_at
+	not time.parse_rfc3339_ns(key.expires_at)
+}
+
+# Path rules are ordered, like firewall rules: the first rule whose pattern and methods
+# match the request governs it, so a specific rule (/api/v1/admin/**) placed before a
+# general one (/api/v1/**) restricts it.
+matching_rules := [rule |
+	some rule in data.gateway.path_rules
+	glob.match(rule.pattern, ["/"], lib.request_path)
+	method_matches(rule.methods)
+]
+
+method_matches(methods) if "*" in methods
+
+method_matches(methods) if method in methods
+
+role_allowed if role_matches(matching_rules[0].roles)
+
+role_matches(roles) if "*" in roles
+
+role_matches(roles) if key.role in roles
+
+decision := lib.unauthorized("missing_api_key", false) if {
+	not key_digest
+} else := lib.unauthorized("invalid_api_key", true) if {
+	not key
+} else := lib.unauthorized("disabled_api_key", true) if {
+	not enabled
+} else := lib.unauthorized("expired_api_key", true) if {
+	expired
+} else := lib.deny(400, "invalid_path") if {
+	lib.bad_path
+} else := lib.deny(403, "path_not_allowed") if {
+	count(matching_rules) == 0
+} else := lib.deny(403, "role_not_allowed") if {
+	not role_allowed
+} else := allow
+
+allow := {
+	"allowed": true,
+	"reason": "allowed",
+	# Set for the upstream; authz overwrites any client-sent header of the same name.
+	"headers": {
+		"x-authz-key-id": key.id,
+		"x-authz-role": key.role,
+		"x-authz-tier": key.rate_limit_tier,
+	},
+	# The key never reaches the upstream, nor do forged identity headers.
+	"request_headers_to_remove": array.concat(
+		["x-api-key", "authorization"],
+		lib.forged_identity_headers(identity_prefix, identity_headers),
+	),
+	"rate_limit": {"tier": key.rate_limit_tier, "key": concat(":", ["key", key.id])},
+	"identity": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
+	"dynamic_metadata": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
+}

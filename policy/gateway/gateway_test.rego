@@ -1,0 +1,161 @@
+package authz.gateway_test
+
+import data.authz.gateway
+
+# Keys are mocked by digest, exactly as authz presents them (input.credentials).
+keys := {
+	crypto.sha256("k-admin"): {"id": "key-admin", "enabled": true, "role": "admin", "rate_limit_tier": "premium"},
+	crypto.sha256("k-user"): {"id": "key-user", "enabled": true, "role": "user", "rate_limit_tier": "standard"},
+	crypto.sha256("k-viewer"): {"id": "key-viewer", "enabled": true, "role": "viewer", "rate_limit_tier": "default"},
+	crypto.sha256("k-disabled"): {"id": "key-disabled", "enabled": false, "role": "admin", "rate_limit_tier": "default"},
+	crypto.sha256("k-expired"): {
+		"id": "key-expired", "enabled": true, "role": "admin", "rate_limit_tier": "default",
+		"expires_at": "2020-01-01T00:00:00Z",
+	},
+	crypto.sha256("k-future"): {
+		"id": "key-future", "enabled": true, "role": "user", "rate_limit_tier": "default",
+		"expires_at": "2200-01-01T00:00:00Z",
+	},
+	crypto.sha256("k-bad-expiry"): {
+		"id": "key-bad-expiry", "enabled": true, "role": "admin", "rate_limit_tier": "default",
+		"expires_at": "next tuesday",
+	},
+	crypto.sha256("k-no-enabled"): {"id": "key-no-enabled", "role": "admin", "rate_limit_tier": "default"},
+}
+
+# An input as authz builds it: credential headers replaced, digests in input.credentials.
+req(method, path, creds, extra_headers) := {
+	"attributes": {"request": {"http": {
+		"method": method,
+		"path": path,
+		"headers": object.union(
+			{"host": "gateway", ":path": path},
+			object.union({name: masked(name, d) | some name, d in creds}, extra_headers),
+		),
+	}}},
+	"parsed_path": split(trim_left(split(path, "?")[0], "/"), "/"),
+	"parsed_query": {},
+	"credentials": creds,
+}
+
+# authz keeps the scheme of an Authorization header and masks only the credential.
+masked("authorization", d) := sprintf("Bearer sha256:%s", [d])
+
+masked(name, d) := sprintf("sha256:%s", [d]) if name != "authorization"
+
+api_key(k) := {"x-api-key": crypto.sha256(k)}
+
+bearer(k) := {"authorization": crypto.sha256(k)}
+
+decide(method, path, creds) := d if {
+	d := gateway.decision with input as req(method, path, creds, {}) with data.gateway.api_keys as keys
+}
+
+# [name, method, path, credentials, expected status (200 = allowed), expected reason]
+cases := [
+	["no key", "GET", "/api/v1/status", {}, 401, "missing_api_key"],
+	["unknown key", "GET", "/api/v1/status", api_key("nope"), 401, "invalid_api_key"],
+	["disabled key", "GET", "/api/v1/status", api_key("k-disabled"), 401, "disabled_api_key"],
+	["enabled missing", "GET", "/api/v1/status", api_key("k-no-enabled"), 401, "disabled_api_key"],
+	["expired key", "GET", "/api/v1/status", api_key("k-expired"), 401, "expired_api_key"],
+	["unparseable expiry", "GET", "/api/v1/status", api_key("k-bad-expiry"), 401, "expired_api_key"],
+	["future expiry", "GET", "/api/v1/items", api_key("k-future"), 200, "allowed"],
+	["viewer status", "GET", "/api/v1/status", api_key("k-viewer"), 200, "allowed"],
+	["viewer head status", "HEAD", "/api/v1/status", api_key("k-viewer"), 200, "allowed"],
+	["viewer reads", "GET", "/api/v1/items/42", api_key("k-viewer"), 200, "allowed"],
+	["viewer cannot write", "POST", "/api/v1/items", api_key("k-viewer"), 403, "role_not_allowed"],
+	["user writes", "POST", "/api/v1/items", api_key("k-user"), 200, "allowed"],
+	["user deletes", "DELETE", "/api/v1/items/1", api_key("k-user"), 200, "allowed"],
+	["user not admin", "GET", "/api/v1/admin/users", api_key("k-user"), 403, "role_not_allowed"],
+	["user not admin root", "GET", "/api/v1/admin", api_key("k-user"), 403, "role_not_allowed"],
+	["viewer not admin deep", "GET", "/api/v1/admin/a/b/c", api_key("k-viewer"), 403, "role_not_allowed"],
+	["admin admin", "DELETE", "/api/v1/admin/users/7", api_key("k-admin"), 200, "allowed"],
+	["admin admin root", "GET", "/api/v1/admin", api_key("k-admin"), 200, "allowed"],
+	["bearer works", "GET", "/api/v1/status", bearer("k-user"), 200, "allowed"],
+	["lowercase method", "get", "/api/v1/status", api_key("k-user"), 200, "allowed"],
+	["query ignored", "GET", "/api/v1/status?x=/api/v1/admin", api_key("k-viewer"), 200, "allowed"],
+	["unknown path", "GET", "/internal/metrics", api_key("k-admin"), 403, "path_not_allowed"],
+	["unknown method", "TRACE", "/api/v1/items", api_key("k-admin"), 403, "path_not_allowed"],
+	["dot segments", "GET", "/api/v1/status/../admin/users", api_key("k-user"), 400, "invalid_path"],
+	["admin lookalike", "GET", "/api/v1/administrator", api_key("k-viewer"), 200, "allowed"],
+]
+
+test_cases if {
+	every c in cases {
+		d := decide(c[1], c[2], c[3])
+		status := object.get(d, "http_status", 200)
+		print(c[0], status, d.reason) # shown with -v, and for the failing case
+		status == c[4]
+		d.reason == c[5]
+		expect_allowed := c[4] == 200
+		d.allowed == expect_allowed
+	}
+}
+
+test_x_api_key_wins_over_authorization if {
+	d := decide("GET", "/api/v1/status", object.union(api_key("nope"), bearer("k-admin")))
+	d.reason == "invalid_api_key"
+}
+
+test_authorization_needs_bearer_scheme if {
+	d := gateway.decision with input as req("GET", "/api/v1/status", bearer("k-admin"), {"authorization": "Basic sha256:00"})
+		with data.gateway.api_keys as keys
+	d.reason == "missing_api_key"
+}
+
+test_401_carries_challenge if {
+	decide("GET", "/api/v1/status", {}).headers["www-authenticate"] == `Bearer realm="authz"`
+	decide("GET", "/api/v1/status", api_key("nope")).headers["www-authenticate"] == `Bearer realm="authz", error="invalid_token"`
+}
+
+test_403_has_no_challenge if {
+	d := decide("POST", "/api/v1/items", api_key("k-viewer"))
+	not d.headers
+}
+
+test_allow_sets_identity_and_strips_key if {
+	d := decide("GET", "/api/v1/status", api_key("k-user"))
+	d.headers == {"x-authz-key-id": "key-user", "x-authz-role": "user", "x-authz-tier": "standard"}
+	"x-api-key" in d.request_headers_to_remove
+	"authorization" in d.request_headers_to_remove
+	d.rate_limit == {"tier": "standard", "key": "key:key-user"}
+	d.identity.key_id == "key-user"
+}
+
+test_forged_identity_headers_removed_or_overwritten if {
+	forged := {"x-authz-key-id": "key-admin", "x-authz-role": "admin", "x-authz-extra": "1"}
+	d := gateway.decision with input as req("GET", "/api/v1/status", api_key("k-viewer"), forged)
+		with data.gateway.api_keys as keys
+	d.headers["x-authz-role"] == "viewer"
+	"x-authz-extra" in d.request_headers_to_remove
+	not "x-authz-role" in d.request_headers_to_remove
+}
+
+test_no_raw_key_in_decision if {
+	d := decide("GET", "/api/v1/status", api_key("k-user"))
+	not contains(json.marshal(d), crypto.sha256("k-user"))
+}
+
+# The shipped data must be well formed: digests as keys, known roles and tiers, valid times.
+test_shipped_keys_well_formed if {
+	every digest, k in data.gateway.api_keys {
+		regex.match(`^[0-9a-f]{64}$`, digest)
+		is_string(k.id)
+		is_boolean(k.enabled)
+		k.role in {"viewer", "user", "admin"}
+		data.gateway.rate_limit_tiers[k.rate_limit_tier]
+		valid_expiry(k)
+	}
+}
+
+valid_expiry(k) if not k.expires_at
+
+valid_expiry(k) if time.parse_rfc3339_ns(k.expires_at)
+
+test_shipped_path_rules_well_formed if {
+	every rule in data.gateway.path_rules {
+		startswith(rule.pattern, "/")
+		count(rule.methods) > 0
+		count(rule.roles) > 0
+	}
+}

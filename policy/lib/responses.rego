@@ -1,0 +1,34 @@
+# Decision building blocks shared by the gateway and egress policies.
+#
+# Decisions follow opa-envoy-plugin's object form (allowed, headers, http_status, ...) plus
+# authz's `reason` code (docs/contract.md); authz renders the JSON deny body from it.
+package authz.lib
+
+# A deny with a stable snake_case reason code and an HTTP status.
+deny(status, reason) := {"allowed": false, "http_status": status, "reason": reason}
+
+# A 401 that tells the client how to authenticate (RFC 6750 section 3). `error` is only
+# sent when a credential was presented and rejected.
+unauthorized(reason, presented) := object.union(deny(401, reason), {"headers": {"www-authenticate": challenge}}) if {
+	presented
+	challenge := `Bearer realm="authz", error="invalid_token"`
+} else := object.union(deny(401, reason), {"headers": {"www-authenticate": `Bearer realm="authz"`}})
+
+# The request path rebuilt from input.parsed_path (percent-decoded, as the plugin builds
+# it), so matching never sees a query string or encoded characters.
+request_path := concat("/", ["", concat("/", input.parsed_path)])
+
+# Dot segments must never reach path matching (Envoy normalizes them first; this is the
+# second line of defense).
+bad_path if {
+	some segment in input.parsed_path
+	segment in {".", ".."}
+}
+
+# Client-sent headers under our identity prefix that a decision does not set itself:
+# they are removed so an upstream never trusts a forged one.
+forged_identity_headers(prefix, kept) := [name |
+	some name, _ in input.attributes.request.http.headers
+	startswith(name, prefix)
+	not name in kept
+]
