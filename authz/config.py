@@ -102,9 +102,13 @@ def _addr(key: str, value: str) -> str:
 
 
 def _url(key: str, value: str) -> str:
+    if value.startswith("unix:///"):
+        return value  # OPA listening on a unix socket (opa run --addr unix:///path)
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-        raise ConfigError(f"{key}={value!r}: expected an http(s) URL without a query")
+        raise ConfigError(
+            f"{key}={value!r}: expected an http(s) URL without a query, or unix:///path"
+        )
     return value.rstrip("/")
 
 

@@ -65,6 +65,11 @@ class Decision:
     rate_limit: RateLimitRef | None = None
     identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
+    @property
+    def reason_code(self) -> str:
+        """The policy's ``reason``, or ``allowed`` / ``denied`` when it gave none."""
+        return self.reason or ("allowed" if self.allowed else "denied")
+
 
 def json_type(value: Any) -> str:
     """The JSON type name of a decoded JSON value: boolean, number, string, array,

@@ -69,13 +69,14 @@ class DecisionRecord:
             identity = _EMPTY
         else:
             allowed = decision.allowed
-            reason = decision.reason or ("allowed" if allowed else "denied")
+            reason = decision.reason_code
             status = 200 if allowed else decision.http_status or DEFAULT_DENY_STATUS
             identity = decision.identity
         request_id = method = path = ""
         if document is not None:
             http = document.get("attributes", {}).get("request", {}).get("http", {})
-            request_id = str(http.get("id", ""))
+            # Envoy's x-request-id ties the decision to the access log line.
+            request_id = str(http.get("headers", {}).get("x-request-id") or http.get("id", ""))
             method = str(http.get("method", ""))
             path = str(http.get("path", "")).split("?", 1)[0]
         return cls(

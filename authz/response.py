@@ -108,12 +108,18 @@ def _denied(
 def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.CheckResponse:
     """Build the CheckResponse for a parsed decision.
 
-    ``decision_id`` (UUID string) is added to ``dynamic_metadata`` and, on a deny, sent to
-    the client in the ``x-authz-decision-id`` header so a user can quote it."""
+    ``decision_id`` (UUID string) is added to ``dynamic_metadata`` and sent in the
+    ``x-authz-decision-id`` header: to the upstream on an allow, to the client on a deny
+    (so a user can quote it). A header the decision sets is never also removed: Envoy
+    applies removals after additions, which would drop the policy's own value."""
     if decision.allowed:
+        upstream_headers = [*decision.headers, (DECISION_ID_HEADER, decision_id)]
+        set_names = {name for name, _ in upstream_headers}
         ok = external_auth_pb2.OkHttpResponse(
-            headers=_header_options(decision.headers),
-            headers_to_remove=list(decision.request_headers_to_remove),
+            headers=_header_options(upstream_headers),
+            headers_to_remove=[
+                name for name in decision.request_headers_to_remove if name not in set_names
+            ],
             response_headers_to_add=_header_options(decision.response_headers_to_add),
             query_parameters_to_remove=list(decision.query_parameters_to_remove),
             query_parameters_to_set=[
@@ -129,7 +135,7 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
     body = decision.body
     if body is None:
         headers.append(("content-type", _JSON))
-        body = _error_body(decision.reason or "forbidden", None, decision_id)
+        body = _error_body(decision.reason_code, None, decision_id)
     return _denied(
         decision.http_status or DEFAULT_DENY_STATUS,
         headers,

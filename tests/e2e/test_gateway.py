@@ -1,0 +1,216 @@
+"""The gateway path end to end: client -> Envoy :gateway -> authz -> OPA -> upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.e2e.conftest import Env
+
+pytestmark = pytest.mark.e2e
+
+
+def _error(resp: httpx.Response) -> str:
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert body["decision_id"] == resp.headers["x-authz-decision-id"]
+    uuid.UUID(body["decision_id"])
+    return str(body["error"])
+
+
+@pytest.mark.parametrize(
+    ("key_name", "headers_for", "path", "status", "reason"),
+    [
+        (None, None, "/api/v1/status", 401, "missing_api_key"),
+        ("bogus", "x-api-key", "/api/v1/status", 401, "invalid_api_key"),
+        ("disabled", "x-api-key", "/api/v1/status", 401, "disabled_api_key"),
+        ("expired", "x-api-key", "/api/v1/status", 401, "expired_api_key"),
+        ("viewer", "x-api-key", "/api/v1/admin/users", 403, "role_not_allowed"),
+        ("user", "bearer", "/api/v1/admin", 403, "role_not_allowed"),
+        ("admin", "x-api-key", "/internal/debug", 403, "path_not_allowed"),
+    ],
+    ids=["no-key", "bad-key", "disabled", "expired", "viewer-admin", "user-admin", "no-rule"],
+)
+def test_denied(
+    e2e: Env, key_name: str | None, headers_for: str | None, path: str, status: int, reason: str
+) -> None:
+    headers = {}
+    if key_name is not None:
+        key = e2e.keys.get(key_name, "ak_not_a_real_key")
+        headers = (
+            {"x-api-key": key} if headers_for == "x-api-key" else {"authorization": f"Bearer {key}"}
+        )
+    resp = e2e.gateway.get(path, headers=headers)
+    assert resp.status_code == status
+    assert _error(resp) == reason
+    if status == 401:
+        assert resp.headers["www-authenticate"].startswith('Bearer realm="authz"')
+    else:
+        assert "www-authenticate" not in resp.headers
+
+
+@pytest.mark.parametrize(
+    ("key_name", "method", "path"),
+    [
+        ("viewer", "GET", "/api/v1/status"),
+        ("viewer", "GET", "/api/v1/items/7"),
+        ("user", "POST", "/api/v1/items"),
+        ("admin", "DELETE", "/api/v1/admin/users/7"),
+    ],
+    ids=["viewer-status", "viewer-read", "user-write", "admin-admin"],
+)
+def test_allowed_strips_key_and_sets_identity(
+    e2e: Env, key_name: str, method: str, path: str
+) -> None:
+    key = e2e.keys[key_name]
+    resp = e2e.gateway.request(method, path, headers={"x-api-key": key}, json={"a": 1})
+    assert resp.status_code == 200, resp.text
+    seen = resp.json()
+    assert seen["path"] == path
+    upstream = seen["headers"]
+    assert "x-api-key" not in upstream
+    assert key not in json.dumps(seen)
+    assert upstream["x-authz-key-id"] == f"key-{key_name}"
+    assert upstream["x-authz-role"] == key_name
+    uuid.UUID(upstream["x-authz-decision-id"])
+
+
+def test_bearer_key_is_removed(e2e: Env) -> None:
+    resp = e2e.gateway.get(
+        "/api/v1/items", headers={"authorization": f"Bearer {e2e.keys['user']}"}
+    )
+    assert resp.status_code == 200
+    assert "authorization" not in resp.json()["headers"]
+    assert resp.json()["headers"]["x-authz-key-id"] == "key-user"
+
+
+def test_forged_identity_headers_are_overwritten_or_removed(e2e: Env) -> None:
+    resp = e2e.gateway.get(
+        "/api/v1/status",
+        headers={
+            "x-api-key": e2e.keys["viewer"],
+            "x-authz-key-id": "key-admin",
+            "x-authz-role": "admin",
+            "x-authz-tier": "unlimited",
+            "x-authz-decision-id": "forged",
+            "x-authz-anything": "forged",
+        },
+    )
+    assert resp.status_code == 200
+    upstream = resp.json()["headers"]
+    assert upstream["x-authz-key-id"] == "key-viewer"
+    assert upstream["x-authz-role"] == "viewer"
+    assert upstream["x-authz-tier"] == "default"
+    assert upstream["x-authz-decision-id"] != "forged"
+    assert "x-authz-anything" not in upstream
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/status/../admin/users", "/api/v1/./admin/users", "/api/v1//admin/users"],
+    ids=["dotdot", "dot", "double-slash"],
+)
+def test_path_tricks_cannot_reach_admin(e2e: Env, path: str) -> None:
+    resp = e2e.gateway.get(path, headers={"x-api-key": e2e.keys["viewer"]})
+    assert resp.status_code == 403
+    assert _error(resp) == "role_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/admin%2Fusers", "/api/v1/items%zz", "/api/v1/items?a=%zz"],
+    ids=["escaped-slash", "bad-escape-path", "bad-escape-query"],
+)
+def test_malformed_request_is_denied_never_allowed(e2e: Env, path: str) -> None:
+    resp = e2e.gateway.get(path, headers={"x-api-key": e2e.keys["viewer"]})
+    assert resp.status_code == 400
+
+
+def test_malformed_json_body_is_denied(e2e: Env) -> None:
+    resp = e2e.gateway.post(
+        "/api/v1/items",
+        headers={"x-api-key": e2e.keys["user"], "content-type": "application/json"},
+        content=b"{not json",
+    )
+    assert resp.status_code == 400
+    assert _error(resp) == "invalid_request"
+
+
+def test_decision_log_has_revision_and_no_credentials(e2e: Env) -> None:
+    resp = e2e.gateway.get("/api/v1/status", headers={"x-api-key": e2e.keys["viewer"]})
+    decision_id = resp.json()["headers"]["x-authz-decision-id"]
+    log_path = e2e.stack.run_dir / "logs/authz.log"
+    line = _wait_for_line(log_path, decision_id)
+    record = json.loads(line)
+    assert record["type"] == "decision"
+    assert record["result"] == "allow"
+    assert record["key_id"] == "key-viewer"
+    assert record["revision"]
+    assert record["decision_path"] == "authz/gateway/decision"
+    logs = "".join(p.read_text() for p in (e2e.stack.run_dir / "logs").glob("*.log"))
+    for key in e2e.keys.values():
+        assert key not in logs
+
+
+def _wait_for_line(path: Path, needle: str, timeout_s: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines():
+            if needle in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"{needle} not in {path}")
+
+
+def test_grpc_health_serving(e2e: Env) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{e2e.stack.ports.authz_grpc}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.auth.v3.Authorization"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_opa_down_fails_closed_then_recovers(e2e: Env) -> None:
+    headers = {"x-api-key": e2e.keys["viewer"]}
+    assert e2e.gateway.get("/api/v1/status", headers=headers).status_code == 200
+    with e2e.stack.stopped("opa"):
+        resp = e2e.gateway.get("/api/v1/status", headers=headers)
+        assert resp.status_code == 503
+        assert _error(resp) == "opa_unavailable"
+        ready = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["opa"]["ok"] is False
+    assert e2e.gateway.get("/api/v1/status", headers=headers).status_code == 200
+
+
+def test_revoked_key_denied_after_bundle_reload(e2e: Env, repo_root: Path) -> None:
+    headers = {"x-api-key": e2e.keys["revocable"]}
+    assert e2e.gateway.get("/api/v1/items", headers=headers).status_code == 200
+    e2e.write_keys(disabled=frozenset({"revocable"}))
+    revision = e2e.build_bundle(repo_root)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            resp = e2e.gateway.get("/api/v1/items", headers=headers)
+            if resp.status_code == 401:
+                break
+            time.sleep(0.2)
+        assert resp.status_code == 401
+        assert _error(resp) == "disabled_api_key"
+        # Other keys are unaffected, and the decision log names the new revision.
+        ok = e2e.gateway.get("/api/v1/items", headers={"x-api-key": e2e.keys["user"]})
+        assert ok.status_code == 200
+        line = _wait_for_line(
+            e2e.stack.run_dir / "logs/authz.log", ok.json()["headers"]["x-authz-decision-id"]
+        )
+        assert json.loads(line)["revision"] == revision
+    finally:
+        e2e.write_keys()
+        e2e.build_bundle(repo_root)

@@ -1,0 +1,92 @@
+"""Test doubles for the I/O the core takes as parameters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from envoy.config.core.v3 import address_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+
+from authz.errors import PolicyError
+from authz.policy import Evaluation
+from authz.record import DecisionRecord
+
+
+class FakeEngine:
+    """A PolicyEngine answering from ``answer(path, document)``: a JSON result, or a
+    PolicyError instance to raise. Records every call."""
+
+    def __init__(
+        self,
+        answer: Callable[[str, Mapping[str, Any]], Any] | Any,
+        *,
+        delay_s: float = 0.0,
+        revision: str = "rev-test",
+    ) -> None:
+        self._answer = answer
+        self._delay_s = delay_s
+        self._revision = revision
+        self.calls: list[tuple[str, Mapping[str, Any], float]] = []
+        self.closed = False
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        self.calls.append((path, document, timeout_s))
+        if self._delay_s:
+            await asyncio.sleep(self._delay_s)
+        result = self._answer(path, document) if callable(self._answer) else self._answer
+        if isinstance(result, PolicyError):
+            raise result
+        return Evaluation(result, {"authz": self._revision}, 0.001)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class ListSink:
+    """A DecisionSink keeping every record."""
+
+    def __init__(self) -> None:
+        self.records: list[DecisionRecord] = []
+
+    def record(self, record: DecisionRecord) -> None:
+        self.records.append(record)
+
+
+def check_request(
+    *,
+    method: str = "GET",
+    path: str = "/api/v1/status",
+    headers: Mapping[str, str] | None = None,
+    body: str = "",
+    context_extensions: Mapping[str, str] | None = None,
+) -> external_auth_pb2.CheckRequest:
+    """A CheckRequest as Envoy sends it for one HTTP request."""
+    all_headers = {":method": method, ":path": path, ":authority": "gateway"}
+    all_headers.update(headers or {})
+    return external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            source=attribute_context_pb2.AttributeContext.Peer(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address="10.0.0.1", port_value=5555)
+                )
+            ),
+            request=attribute_context_pb2.AttributeContext.Request(
+                http=attribute_context_pb2.AttributeContext.HttpRequest(
+                    id="42",
+                    method=method,
+                    path=path,
+                    host="gateway",
+                    scheme="http",
+                    protocol="HTTP/1.1",
+                    headers=all_headers,
+                    body=body,
+                    size=len(body),
+                )
+            ),
+            context_extensions=dict(context_extensions or {}),
+        )
+    )

@@ -1,0 +1,213 @@
+"""The decision pipeline, with OPA replaced by a fake engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+from google.rpc import code_pb2
+
+from authz.authorizer import Authorizer
+from authz.errors import (
+    InvalidDecision,
+    OpaResponseError,
+    OpaTimeout,
+    OpaUnavailable,
+    UndefinedDecision,
+)
+from tests.unit.fakes import FakeEngine, ListSink, check_request
+
+DEFAULT_PATH = "authz/gateway/decision"
+
+
+def make(engine: FakeEngine, sink: ListSink | None = None, **kwargs: Any) -> Authorizer:
+    options: dict[str, Any] = {
+        "default_decision_path": DEFAULT_PATH,
+        "credential_headers": ("x-api-key", "authorization"),
+        "timeout_s": 0.3,
+        "sinks": [sink] if sink else [],
+        "new_id": lambda: "00000000-0000-4000-8000-000000000001",
+    }
+    options.update(kwargs)
+    return Authorizer(engine, **options)
+
+
+def status_of(response: external_auth_pb2.CheckResponse) -> int:
+    if response.HasField("ok_response"):
+        return 200
+    return int(response.denied_response.status.code)
+
+
+def error_of(response: external_auth_pb2.CheckResponse) -> str:
+    return str(json.loads(response.denied_response.body)["error"])
+
+
+ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "reason"),
+    [
+        (True, 200, "allowed"),
+        (False, 403, "denied"),
+        (ALLOW, 200, "allowed"),
+        ({"allowed": False, "http_status": 401, "reason": "missing_api_key"}, 401, "missing_api_key"),
+        (UndefinedDecision("nothing at path"), 403, "undefined_decision"),
+        ("yes", 500, "invalid_decision"),
+        ({"allowed": "true"}, 500, "invalid_decision"),
+        ({"allowed": True, "headers": {"x-a": 1}}, 500, "invalid_decision"),
+        (OpaUnavailable("refused"), 503, "opa_unavailable"),
+        (OpaTimeout("slow"), 503, "opa_timeout"),
+        (OpaResponseError("HTTP 500"), 500, "opa_error"),
+        (InvalidDecision("bad"), 500, "invalid_decision"),
+    ],
+    ids=[
+        "bool-true",
+        "bool-false",
+        "object-allow",
+        "object-deny",
+        "undefined",
+        "string-result",
+        "allowed-not-bool",
+        "header-not-string",
+        "opa-down",
+        "opa-timeout",
+        "opa-500",
+        "invalid",
+    ],
+)
+async def test_outcomes(answer: Any, status: int, reason: str) -> None:
+    sink = ListSink()
+    outcome = await make(FakeEngine(answer), sink).check(check_request())
+    assert status_of(outcome.response) == status
+    assert outcome.record.reason == reason
+    assert outcome.record.http_status == status
+    assert outcome.record.allowed is (status == 200)
+    assert sink.records == [outcome.record]
+    if status != 200:
+        assert outcome.response.status.code == code_pb2.PERMISSION_DENIED
+        assert error_of(outcome.response) == reason
+    assert outcome.response.dynamic_metadata["decision_id"] == outcome.record.decision_id
+
+
+async def test_error_record_keeps_detail_but_body_does_not() -> None:
+    engine = FakeEngine(OpaResponseError("OPA answered HTTP 500: secret-ish detail"))
+    outcome = await make(engine).check(check_request())
+    assert outcome.record.error is not None
+    assert "secret-ish detail" in outcome.record.error
+    assert "secret-ish detail" not in outcome.response.denied_response.body
+
+
+@pytest.mark.parametrize(
+    ("extensions", "expected_path"),
+    [
+        ({}, DEFAULT_PATH),
+        ({"decision_path": "authz/egress/decision"}, "authz/egress/decision"),
+        ({"other": "x"}, DEFAULT_PATH),
+    ],
+    ids=["default", "per-route", "unrelated-extension"],
+)
+async def test_decision_path_from_context_extensions(
+    extensions: Mapping[str, str], expected_path: str
+) -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(check_request(context_extensions=extensions))
+    assert engine.calls[0][0] == expected_path
+    assert outcome.record.decision_path == expected_path
+
+
+@pytest.mark.parametrize(
+    "bad_path",
+    ["/authz/gateway", "authz//x", "authz/gateway/../secrets", "a b", "", "authz.gateway"],
+    ids=["leading-slash", "empty-segment", "dotdot", "space", "empty", "dots"],
+)
+async def test_invalid_decision_path_denies_without_asking_opa(bad_path: str) -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(
+        check_request(context_extensions={"decision_path": bad_path})
+    )
+    assert engine.calls == []
+    assert status_of(outcome.response) == 500
+    assert error_of(outcome.response) == "invalid_decision_path"
+
+
+async def test_credentials_reach_opa_only_as_digests() -> None:
+    engine = FakeEngine(True)
+    await make(engine).check(
+        check_request(headers={"x-api-key": "ak_secret_value", "authorization": "Bearer tok_1"})
+    )
+    document = engine.calls[0][1]
+    dumped = json.dumps(document)
+    assert "ak_secret_value" not in dumped
+    assert "tok_1" not in dumped
+    assert set(document["credentials"]) == {"x-api-key", "authorization"}
+
+
+async def test_malformed_request_denied_400_without_asking_opa() -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(check_request(path="/api/v1/items%zz"))
+    assert engine.calls == []
+    assert status_of(outcome.response) == 400
+    assert error_of(outcome.response) == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("remaining", "expected_budget"),
+    [(None, 0.3), (10.0, 0.3), (0.2, 0.19)],
+    ids=["no-deadline", "far-deadline", "near-deadline"],
+)
+async def test_budget_stays_inside_the_callers_deadline(
+    remaining: float | None, expected_budget: float
+) -> None:
+    engine = FakeEngine(True)
+    await make(engine).check(check_request(), remaining)
+    assert engine.calls[0][2] == pytest.approx(expected_budget)
+
+
+async def test_deadline_already_spent_denies_503() -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(check_request(), 0.005)
+    assert engine.calls == []
+    assert status_of(outcome.response) == 503
+    assert error_of(outcome.response) == "deadline_exceeded"
+
+
+async def test_late_answer_is_a_deny() -> None:
+    ticks = iter([0.0, 1.0, 1.0])
+    engine = FakeEngine(True)
+    authorizer = make(engine, clock=lambda: next(ticks))
+    outcome = await authorizer.check(check_request())
+    assert status_of(outcome.response) == 503
+    assert outcome.record.reason == "deadline_exceeded"
+
+
+async def test_failing_sink_never_fails_the_request() -> None:
+    class Broken:
+        def record(self, record: object) -> None:
+            raise RuntimeError("disk on fire")
+
+    sink = ListSink()
+    authorizer = Authorizer(
+        FakeEngine(True),
+        default_decision_path=DEFAULT_PATH,
+        credential_headers=(),
+        timeout_s=0.3,
+        sinks=[Broken(), sink],
+    )
+    outcome = await authorizer.check(check_request())
+    assert status_of(outcome.response) == 200
+    assert len(sink.records) == 1
+
+
+async def test_record_carries_revision_identity_and_request() -> None:
+    outcome = await make(FakeEngine(ALLOW, revision="r-9")).check(
+        check_request(method="POST", path="/api/v1/items?api_key=zzz",
+                      headers={"x-request-id": "req-1"})
+    )
+    record = outcome.record
+    assert record.revision == "r-9"
+    assert record.identity == {"key_id": "k1"}
+    assert (record.method, record.path, record.request_id) == ("POST", "/api/v1/items", "req-1")

@@ -1,0 +1,296 @@
+"""authz.config: defaults < YAML file < AUTHZ_* environment; every bad value names its key.
+
+The environment is always passed in as a mapping; these tests never read or write
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz.config import Settings, load, parse_decision_path
+from authz.errors import ConfigError
+from authz.secrets import Secret
+
+TOKEN = "opa-t0ken-5f4e3d2c1b0a"
+
+
+def write(tmp_path: Path, text: str, name: str = "authz.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults() -> None:
+    settings = load({})
+    assert settings == Settings()
+    # The documented defaults (config.py comments, docs/contract.md, the infra ports).
+    assert settings.grpc_addr == "127.0.0.1:9191"
+    assert settings.admin_addr == "127.0.0.1:9192"
+    assert settings.opa_url == "http://127.0.0.1:8181"
+    assert settings.opa_token is None
+    assert settings.default_decision_path == "authz/gateway/decision"
+    # Stays inside Envoy's 500 ms ext_authz timeout so authz decides what clients see.
+    assert 0 < settings.decision_timeout_ms < 500
+    assert settings.decision_timeout_s == settings.decision_timeout_ms / 1000
+    assert {"x-api-key", "authorization", "x-sandbox-token"} <= set(settings.credential_headers)
+    assert all(name == name.lower() for name in settings.credential_headers)
+    assert settings.parse_body is True
+    assert settings.log_level == "INFO"
+    assert settings.decision_log is True
+
+
+class RecordingEnviron(Mapping[str, str]):
+    """A mapping that records which keys load() looked up."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values
+        self.looked_up: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.looked_up.add(key)
+        return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.looked_up.add(key)
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def test_environment_is_the_parameter_only() -> None:
+    environ = RecordingEnviron({"AUTHZ_GRPC_ADDR": "0.0.0.0:7000", "GRPC_ADDR": "1.1.1.1:1"})
+    assert load(environ).grpc_addr == "0.0.0.0:7000"
+    assert "AUTHZ_GRPC_ADDR" in environ.looked_up
+    assert all(key.startswith("AUTHZ_") for key in environ.looked_up)
+
+
+ENV_CASES: list[tuple[str, str, str, Any]] = [
+    # (variable, value, Settings attribute, converted value)
+    ("AUTHZ_GRPC_ADDR", "0.0.0.0:9000", "grpc_addr", "0.0.0.0:9000"),
+    ("AUTHZ_GRPC_ADDR", "[::1]:9000", "grpc_addr", "[::1]:9000"),
+    ("AUTHZ_ADMIN_ADDR", "localhost:0", "admin_addr", "localhost:0"),
+    ("AUTHZ_OPA_URL", "https://opa.internal:8443/", "opa_url", "https://opa.internal:8443"),
+    ("AUTHZ_OPA_POOL_SIZE", "8", "opa_pool_size", 8),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "authz/egress/decision", "default_decision_path", "authz/egress/decision"),
+    ("AUTHZ_DECISION_TIMEOUT_MS", "150", "decision_timeout_ms", 150),
+    ("AUTHZ_CREDENTIAL_HEADERS", "X-Api-Key, Authorization ,,", "credential_headers", ("x-api-key", "authorization")),
+    ("AUTHZ_PARSE_BODY", "false", "parse_body", False),
+    ("AUTHZ_PARSE_BODY", "0", "parse_body", False),
+    ("AUTHZ_DECISION_LOG", "off", "decision_log", False),
+    ("AUTHZ_UVLOOP", "No", "uvloop", False),
+    ("AUTHZ_UVLOOP", "yes", "uvloop", True),
+    ("AUTHZ_SHUTDOWN_GRACE_S", "0.5", "shutdown_grace_s", 0.5),
+    ("AUTHZ_SHUTDOWN_GRACE_S", "0", "shutdown_grace_s", 0.0),
+    ("AUTHZ_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "attribute", "expected"),
+    ENV_CASES,
+    ids=[f"{case[0]}={case[1]}" for case in ENV_CASES],
+)
+def test_environment_overrides(variable: str, value: str, attribute: str, expected: Any) -> None:
+    assert getattr(load({variable: value}), attribute) == expected
+
+
+def test_opa_token_from_environment_is_a_secret() -> None:
+    settings = load({"AUTHZ_OPA_TOKEN": TOKEN})
+    assert isinstance(settings.opa_token, Secret)
+    assert settings.opa_token.reveal() == TOKEN
+    assert load({"AUTHZ_OPA_TOKEN": ""}).opa_token is None
+
+
+def test_yaml_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "grpc_addr: 0.0.0.0:9000\n"
+        "opa_pool_size: 16\n"
+        "decision_timeout_ms: 250\n"
+        "credential_headers: [X-Api-Key, authorization]\n"
+        "parse_body: false\n"
+        "shutdown_grace_s: 2\n"
+        f"opa_token: {TOKEN}\n",
+    )
+    settings = load({}, path)
+    assert settings.grpc_addr == "0.0.0.0:9000"
+    assert settings.opa_pool_size == 16
+    assert settings.decision_timeout_ms == 250
+    assert settings.credential_headers == ("x-api-key", "authorization")
+    assert settings.parse_body is False
+    assert settings.shutdown_grace_s == 2.0
+    assert settings.opa_token == Secret(TOKEN)
+    # Keys the file does not set keep their defaults.
+    assert settings.admin_addr == Settings().admin_addr
+
+
+@pytest.mark.parametrize("text", ["", "# nothing here\n"], ids=["empty", "comment-only"])
+def test_empty_yaml_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    assert load({}, write(tmp_path, text)) == Settings()
+
+
+def test_environment_wins_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "grpc_addr: 0.0.0.0:9000\nopa_pool_size: 16\n")
+    settings = load({"AUTHZ_GRPC_ADDR": "127.0.0.1:7000"}, path)
+    assert settings.grpc_addr == "127.0.0.1:7000"
+    assert settings.opa_pool_size == 16
+
+
+def test_environment_overrides_a_bad_file_value(tmp_path: Path) -> None:
+    # The file value is never converted when the environment replaces it.
+    path = write(tmp_path, "opa_pool_size: lots\n")
+    assert load({"AUTHZ_OPA_POOL_SIZE": "4"}, path).opa_pool_size == 4
+
+
+BAD_VALUES: list[tuple[str, str, str]] = [
+    # (variable, value, what the message says is expected)
+    ("AUTHZ_GRPC_ADDR", "9191", "host:port"),
+    ("AUTHZ_GRPC_ADDR", ":9191", "host:port"),
+    ("AUTHZ_GRPC_ADDR", "localhost:", "host:port"),
+    ("AUTHZ_GRPC_ADDR", "localhost:http", "host:port"),
+    ("AUTHZ_ADMIN_ADDR", "localhost:65536", "host:port"),
+    ("AUTHZ_OPA_URL", "ftp://opa:8181", "http(s) URL"),
+    ("AUTHZ_OPA_URL", "127.0.0.1:8181", "http(s) URL"),
+    ("AUTHZ_OPA_URL", "http://", "http(s) URL"),
+    ("AUTHZ_OPA_URL", "http://opa:8181/?pretty=true", "http(s) URL"),
+    ("AUTHZ_OPA_POOL_SIZE", "many", "integer"),
+    ("AUTHZ_OPA_POOL_SIZE", "1.5", "integer"),
+    ("AUTHZ_OPA_POOL_SIZE", "0", "1..4096"),
+    ("AUTHZ_OPA_POOL_SIZE", "4097", "1..4096"),
+    ("AUTHZ_DECISION_TIMEOUT_MS", "0", "1..60000"),
+    ("AUTHZ_DECISION_TIMEOUT_MS", "-5", "1..60000"),
+    ("AUTHZ_DECISION_TIMEOUT_MS", "fast", "integer"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "/authz/gateway/decision", "OPA data path"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "authz//decision", "OPA data path"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "authz/gateway/decision/", "OPA data path"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "authz/1st", "OPA data path"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "authz/gate-way", "OPA data path"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "authz/gateway/decision\n", "OPA data path"),
+    ("AUTHZ_DEFAULT_DECISION_PATH", "", "OPA data path"),
+    ("AUTHZ_CREDENTIAL_HEADERS", "x-api-key,bad header", "not a header name"),
+    ("AUTHZ_CREDENTIAL_HEADERS", "x:y", "not a header name"),
+    ("AUTHZ_CREDENTIAL_HEADERS", " , ", "at least one header"),
+    ("AUTHZ_PARSE_BODY", "maybe", "true or false"),
+    ("AUTHZ_DECISION_LOG", "", "true or false"),
+    ("AUTHZ_UVLOOP", "2", "true or false"),
+    ("AUTHZ_SHUTDOWN_GRACE_S", "soon", "number"),
+    ("AUTHZ_SHUTDOWN_GRACE_S", "-1", "non-negative"),
+    ("AUTHZ_SHUTDOWN_GRACE_S", "nan", "non-negative"),
+    ("AUTHZ_LOG_LEVEL", "verbose", "one of"),
+    ("AUTHZ_LOG_LEVEL", "CRITICAL", "one of"),
+]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    BAD_VALUES,
+    ids=[f"{case[0]}={case[1]!r}" for case in BAD_VALUES],
+)
+def test_bad_environment_value_names_key_and_value(variable: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({variable: value})
+    message = str(caught.value)
+    assert variable in message
+    if value.strip(" ,"):  # an all-separator header list is reported as empty
+        assert repr(value) in message
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "shown"),
+    [
+        ("opa_pool_size: 0\n", "opa_pool_size", "0"),
+        ("grpc_addr: nowhere\n", "grpc_addr", "'nowhere'"),
+        ("parse_body: [1]\n", "parse_body", "[1]"),
+        ("credential_headers: ['bad header']\n", "credential_headers", "['bad header']"),
+    ],
+    ids=["int", "string", "list-for-bool", "bad-header-in-list"],
+)
+def test_bad_file_value_names_file_key_and_value(
+    tmp_path: Path, text: str, key: str, shown: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({}, write(tmp_path, text, name="config.yaml"))
+    assert str(caught.value).startswith(f"config.yaml:{key}={shown}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("grpc_port: 9191\n", "unknown key 'grpc_port'"),
+        ("- grpc_addr\n", "expected a mapping"),
+        ("grpc_addr: [unclosed\n", "authz.yaml"),
+    ],
+    ids=["unknown-key", "not-a-mapping", "invalid-yaml"],
+)
+def test_bad_file(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=r"config file") as caught:
+        load({}, write(tmp_path, text))
+    assert fragment in str(caught.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match="absent.yaml"):
+        load({}, missing)
+
+
+def test_opa_token_is_masked_in_repr() -> None:
+    settings = load({"AUTHZ_OPA_TOKEN": TOKEN})
+    assert TOKEN not in repr(settings)
+    assert TOKEN not in str(settings)
+    assert "**********" in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A token with a bad value elsewhere in the file.
+        f"opa_token: {TOKEN}\nopa_pool_size: lots\n",
+        # YAML syntax errors quote the offending line.
+        f'opa_token: "{TOKEN}\n',
+        f"opa_token: [{TOKEN}\n",
+        f"opa_token: {TOKEN}\n  bad: [\n",
+    ],
+    ids=["other-key-bad", "unterminated-quote", "unclosed-flow", "bad-indent"],
+)
+def test_opa_token_is_masked_in_file_errors(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({}, write(tmp_path, text))
+    assert TOKEN not in str(caught.value)
+
+
+def test_opa_token_is_masked_in_environment_errors() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_OPA_TOKEN": TOKEN, "AUTHZ_LOG_LEVEL": "loud"})
+    assert TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["authz/gateway/decision", "a", "_x/y_2/Z"],
+    ids=["default", "single-segment", "underscores-digits-caps"],
+)
+def test_parse_decision_path_accepts_data_paths(path: str) -> None:
+    assert parse_decision_path("decision_path", path) == path
+
+
+def test_parse_decision_path_names_its_key() -> None:
+    with pytest.raises(ConfigError, match=r"^decision_path='a\.b': "):
+        parse_decision_path("decision_path", "a.b")
+
+
+def test_settings_are_frozen() -> None:
+    settings = load({})
+    with pytest.raises(AttributeError):
+        settings.grpc_addr = "0.0.0.0:1"  # type: ignore[misc]

@@ -1,0 +1,324 @@
+"""authz.decision: OPA's result -> Decision.
+
+Forms and error wording follow opa-envoy-plugin ``envoyauth/response.go`` (``expected
+allowed to be of type 'boolean' but got ...``), with JSON type names; the extension fields
+follow ``docs/contract.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from authz.decision import Decision, RateLimitRef, json_type, parse_decision
+from authz.errors import InvalidDecision
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["allow", "deny"])
+def test_boolean_form(allowed: bool) -> None:
+    decision = parse_decision(allowed)
+    assert decision.allowed is allowed
+    assert decision.form == "boolean"
+    assert decision.headers == ()
+    assert decision.body is None
+    assert decision.http_status is None
+    assert dict(decision.dynamic_metadata) == {}
+    assert decision.reason is None
+    assert decision.rate_limit is None
+
+
+@pytest.mark.parametrize(
+    ("result", "found"),
+    [("true", "string"), (1, "number"), (0.5, "number"), (None, "null"), ([True], "array")],
+    ids=["string", "int", "float", "null", "array"],
+)
+def test_other_top_level_types_are_invalid(result: Any, found: str) -> None:
+    with pytest.raises(InvalidDecision, match=f"'{found}'"):
+        parse_decision(result)
+
+
+def test_object_without_allowed_is_invalid() -> None:
+    with pytest.raises(InvalidDecision, match='missing "allowed"'):
+        parse_decision({"headers": {"x-a": "1"}})
+
+
+@pytest.mark.parametrize(
+    ("allowed", "found"),
+    [("true", "string"), (1, "number"), (None, "null"), ([], "array"), ({}, "object")],
+    ids=["string", "number", "null", "array", "object"],
+)
+def test_allowed_must_be_boolean(allowed: Any, found: str) -> None:
+    with pytest.raises(InvalidDecision) as caught:
+        parse_decision({"allowed": allowed})
+    assert str(caught.value) == f"expected allowed to be of type 'boolean' but got '{found}'"
+
+
+def test_object_form_parses_every_field() -> None:
+    decision = parse_decision(
+        {
+            "allowed": True,
+            "headers": {"X-User-Id": "u-1", "x-roles": ["admin", "user"]},
+            "response_headers_to_add": [{"x-ratelimit-limit": "60"}, {"Cache-Control": "no-store"}],
+            "request_headers_to_remove": ["X-Api-Key", "cookie"],
+            "query_parameters_to_set": {"api_version": "2", "tag": ["a", "b"]},
+            "query_parameters_to_remove": ["api_key"],
+            "body": "ok",
+            "http_status": 200,
+            "dynamic_metadata": {"tenant": "t1", "nested": {"n": 1}},
+            "reason": "allowed",
+            "rate_limit": {"tier": "premium", "key": "key-demo-admin"},
+            "identity": {"key_id": "key-demo-admin", "role": "admin"},
+            "ignored_extension": {"anything": True},
+        }
+    )
+    assert decision.allowed is True
+    assert decision.form == "object"
+    # Names are lowercased; list values become one pair each, in order.
+    assert decision.headers == (("x-user-id", "u-1"), ("x-roles", "admin"), ("x-roles", "user"))
+    assert decision.response_headers_to_add == (
+        ("x-ratelimit-limit", "60"),
+        ("cache-control", "no-store"),
+    )
+    assert decision.request_headers_to_remove == ("x-api-key", "cookie")
+    assert decision.query_parameters_to_set == (("api_version", "2"), ("tag", "a"), ("tag", "b"))
+    assert decision.query_parameters_to_remove == ("api_key",)
+    assert decision.body == "ok"
+    assert decision.http_status == 200
+    assert dict(decision.dynamic_metadata) == {"tenant": "t1", "nested": {"n": 1}}
+    assert decision.reason == "allowed"
+    assert decision.rate_limit == RateLimitRef(tier="premium", key="key-demo-admin")
+    assert dict(decision.identity) == {"key_id": "key-demo-admin", "role": "admin"}
+
+
+@pytest.mark.parametrize("field", ["headers", "response_headers_to_add"])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"x-a": "1"}, (("x-a", "1"),)),
+        ({"x-a": ["1", "2"]}, (("x-a", "1"), ("x-a", "2"))),
+        ({"x-a": []}, ()),
+        ({"x-a": ""}, (("x-a", ""),)),
+        ({"X-Mixed-Case": "v"}, (("x-mixed-case", "v"),)),
+        ([{"x-a": "1"}, {"x-b": "2"}, {"x-a": "3"}], (("x-a", "1"), ("x-b", "2"), ("x-a", "3"))),
+        ({}, ()),
+        ([], ()),
+        # Envoy forwards these; RFC 9110 allows HTAB and obs-text in values.
+        ({"x-a": "a\tb é"}, (("x-a", "a\tb é"),)),
+    ],
+    ids=[
+        "string",
+        "list",
+        "empty-list",
+        "empty-string",
+        "lowercased",
+        "list-of-objects",
+        "empty-object",
+        "empty-array",
+        "tab-and-non-ascii",
+    ],
+)
+def test_header_forms(field: str, raw: Any, expected: tuple[tuple[str, str], ...]) -> None:
+    decision = parse_decision({"allowed": True, field: raw})
+    assert getattr(decision, field) == expected
+
+
+# (field, value, field label in the message, expected type, JSON type found)
+TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
+    ("headers", "x-a: 1", "headers", "object", "string"),
+    ("headers", [1], "headers", "object", "number"),
+    ("headers", [["x-a", "1"]], "headers", "object", "array"),
+    ("headers", {"x-a": 1}, "headers['x-a'] value", "string", "number"),
+    ("headers", {"x-a": True}, "headers['x-a'] value", "string", "boolean"),
+    ("headers", {"x-a": None}, "headers['x-a'] value", "string", "null"),
+    ("headers", {"x-a": ["1", None]}, "headers['x-a'] value", "string", "null"),
+    ("headers", {"x-a": {"v": "1"}}, "headers['x-a'] value", "string", "object"),
+    ("response_headers_to_add", True, "response_headers_to_add", "object", "boolean"),
+    ("response_headers_to_add", {"x-a": 2.5}, "response_headers_to_add['x-a'] value", "string", "number"),
+    ("request_headers_to_remove", "x-a", "request_headers_to_remove", "array", "string"),
+    ("request_headers_to_remove", {"x-a": True}, "request_headers_to_remove", "array", "object"),
+    ("request_headers_to_remove", ["x-a", 1], "request_headers_to_remove value", "string", "number"),
+    ("query_parameters_to_set", [], "query_parameters_to_set", "object", "array"),
+    ("query_parameters_to_set", {"k": 1}, "query_parameters_to_set['k']", "string or array", "number"),
+    ("query_parameters_to_set", {"k": None}, "query_parameters_to_set['k']", "string or array", "null"),
+    ("query_parameters_to_set", {"k": ["a", 2]}, "query_parameters_to_set['k'] value", "string", "number"),
+    ("query_parameters_to_remove", "api_key", "query_parameters_to_remove", "array", "string"),
+    ("query_parameters_to_remove", ["a", None], "query_parameters_to_remove value", "string", "null"),
+    ("body", 1, "body", "string", "number"),
+    ("body", None, "body", "string", "null"),
+    ("body", {"error": "x"}, "body", "string", "object"),
+    ("http_status", "403", "http_status", "number", "string"),
+    ("http_status", True, "http_status", "number", "boolean"),
+    ("http_status", None, "http_status", "number", "null"),
+    ("dynamic_metadata", "x", "dynamic_metadata", "object", "string"),
+    ("dynamic_metadata", [], "dynamic_metadata", "object", "array"),
+    ("reason", 7, "reason", "string", "number"),
+    ("reason", None, "reason", "string", "null"),
+    ("rate_limit", "premium", "rate_limit", "object", "string"),
+    ("rate_limit", {"key": "k"}, "rate_limit.tier", "string", "null"),
+    ("rate_limit", {"tier": 1, "key": "k"}, "rate_limit.tier", "string", "number"),
+    ("rate_limit", {"tier": "t", "key": 5}, "rate_limit.key", "string", "number"),
+    ("rate_limit", {"tier": "t"}, "rate_limit.key", "string", "null"),
+    ("identity", [], "identity", "object", "array"),
+    ("identity", {"role": 1}, "identity.role", "string", "number"),
+    ("identity", {"role": ["a"]}, "identity.role", "string", "array"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "label", "expected", "found"),
+    TYPE_ERRORS,
+    ids=[f"{case[0]}-{case[2]}-{case[4]}" for case in TYPE_ERRORS],
+)
+def test_wrong_type_names_field_and_json_type(
+    field: str, value: Any, label: str, expected: str, found: str
+) -> None:
+    with pytest.raises(InvalidDecision) as caught:
+        parse_decision({"allowed": True, field: value})
+    assert str(caught.value) == f"expected {label} to be of type '{expected}' but got '{found}'"
+
+
+@pytest.mark.parametrize("field", ["headers", "response_headers_to_add"])
+@pytest.mark.parametrize(
+    "value",
+    ["a\r\nx-injected: 1", "a\nb", "a\rb", "a\x00b", ["ok", "bad\r\n"]],
+    ids=["crlf", "lf", "cr", "nul", "in-list"],
+)
+def test_header_value_with_cr_lf_or_nul_is_rejected(field: str, value: Any) -> None:
+    with pytest.raises(InvalidDecision, match=f"^{field}\\['x-a'\\]: value contains CR, LF or NUL"):
+        parse_decision({"allowed": False, field: {"x-a": value}})
+
+
+@pytest.mark.parametrize(
+    "field", ["headers", "response_headers_to_add", "request_headers_to_remove"]
+)
+@pytest.mark.parametrize(
+    "name",
+    ["bad name", "x:y", ":authority", "", "x\r\ny", "x-a\n", "é", "x(y)"],
+    ids=["space", "colon", "pseudo-header", "empty", "crlf", "trailing-lf", "non-ascii", "parens"],
+)
+def test_invalid_header_name_is_rejected(field: str, name: str) -> None:
+    raw: Any = [name] if field == "request_headers_to_remove" else {name: "v"}
+    with pytest.raises(InvalidDecision) as caught:
+        parse_decision({"allowed": True, field: raw})
+    assert str(caught.value).startswith(f"{field}: ")
+    assert "is not a valid header name" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(200, 200), (401, 401), (403, 403), (429, 429), (503, 503), (403.0, 403)],
+    ids=["200", "401", "403", "429", "503", "integral-float"],
+)
+def test_valid_http_status(status: Any, expected: int) -> None:
+    decision = parse_decision({"allowed": False, "http_status": status})
+    assert decision.http_status == expected
+    assert type(decision.http_status) is int
+
+
+@pytest.mark.parametrize(
+    ("status", "fragment"),
+    [
+        (999, "999"),
+        (0, "0"),
+        (99, "99"),
+        (600, "600"),
+        (-403, "-403"),
+        (1.5, "1.5"),
+        (403.5, "403.5"),
+        ("403", "'string'"),
+        (True, "'boolean'"),
+        ([403], "'array'"),
+    ],
+    ids=["999", "zero", "99", "600", "negative", "1.5", "403.5", "string", "true", "array"],
+)
+def test_invalid_http_status(status: Any, fragment: str) -> None:
+    with pytest.raises(InvalidDecision) as caught:
+        parse_decision({"allowed": False, "http_status": status})
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["allowed", "missing_api_key", "rate_limited", "a", "tier2_exceeded", "a" * 64],
+    ids=["allowed", "missing_api_key", "rate_limited", "one-letter", "digits", "64-chars"],
+)
+def test_snake_case_reason_is_accepted(reason: str) -> None:
+    assert parse_decision({"allowed": False, "reason": reason}).reason == reason
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["MissingApiKey", "missing-api-key", "missing api key", "1st_reason", "_private", "", "a" * 65, "ok\n"],
+    ids=["camel", "kebab", "spaces", "leading-digit", "leading-underscore", "empty", "65-chars", "newline"],
+)  # fmt: skip
+def test_non_snake_case_reason_is_rejected(reason: str) -> None:
+    with pytest.raises(InvalidDecision, match="is not a snake_case code"):
+        parse_decision({"allowed": False, "reason": reason})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"tier": "premium", "key": "key-demo-admin"}, RateLimitRef("premium", "key-demo-admin")),
+        ({"tier": "", "key": ""}, RateLimitRef("", "")),
+        ({"tier": "free", "key": "k", "extra": 1}, RateLimitRef("free", "k")),
+    ],
+    ids=["typical", "empty-strings", "extra-field-ignored"],
+)
+def test_rate_limit_shape(raw: dict[str, Any], expected: RateLimitRef) -> None:
+    assert parse_decision({"allowed": True, "rate_limit": raw}).rate_limit == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [{}, {"key_id": "key-demo-admin"}, {"key_id": "k", "role": "admin", "tenant": "t1"}],
+    ids=["empty", "key-id", "several"],
+)
+def test_identity_shape(raw: dict[str, str]) -> None:
+    assert dict(parse_decision({"allowed": True, "identity": raw}).identity) == raw
+
+
+def test_decision_is_immutable_and_detached_from_the_result() -> None:
+    result: dict[str, Any] = {
+        "allowed": True,
+        "dynamic_metadata": {"tenant": "t1"},
+        "identity": {"role": "admin"},
+    }
+    decision = parse_decision(result)
+    result["dynamic_metadata"]["tenant"] = "changed"
+    result["identity"]["role"] = "changed"
+    assert decision.dynamic_metadata["tenant"] == "t1"
+    assert decision.identity["role"] == "admin"
+    with pytest.raises(TypeError):
+        decision.identity["role"] = "x"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        decision.dynamic_metadata["tenant"] = "x"  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.allowed = False  # type: ignore[misc]
+
+
+def test_defaults_are_not_shared_mutable_state() -> None:
+    first, second = Decision(allowed=True), Decision(allowed=False)
+    with pytest.raises(TypeError):
+        first.dynamic_metadata["x"] = 1  # type: ignore[index]
+    assert dict(second.dynamic_metadata) == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        (None, "null"),
+        (True, "boolean"),
+        (False, "boolean"),
+        (0, "number"),
+        (1.5, "number"),
+        ("", "string"),
+        ([], "array"),
+        ({}, "object"),
+    ],
+    ids=["null", "true", "false", "int", "float", "string", "array", "object"],
+)
+def test_json_type(value: Any, name: str) -> None:
+    assert json_type(value) == name

@@ -1,0 +1,274 @@
+"""authz.response: Decision -> CheckResponse, and the failure-status table.
+
+Allow/deny shapes follow opa-envoy-plugin ``internal/internal.go``; header append actions,
+the JSON deny body and fail-closed error responses follow ``docs/contract.md`` and
+``shared/REFERENCE.md``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf.json_format import MessageToDict
+from google.rpc import code_pb2
+
+from authz import errors
+from authz.decision import Decision, RateLimitRef
+from authz.errors import AuthzError
+from authz.response import FAILURE_STATUS, build_response, error_response, status_for
+
+DECISION_ID = "6f1c2b8e-3d4a-4f5b-9c6d-7e8f9a0b1c2d"
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+
+
+def header_triples(options: Any) -> list[tuple[str, str, int]]:
+    return [(o.header.key, o.header.value, o.append_action) for o in options]
+
+
+def metadata(response: external_auth_pb2.CheckResponse) -> dict[str, Any]:
+    return MessageToDict(response.dynamic_metadata)
+
+
+def denied_headers(response: external_auth_pb2.CheckResponse) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for option in response.denied_response.headers:
+        out.setdefault(option.header.key, []).append(option.header.value)
+    return out
+
+
+# --- allow ---------------------------------------------------------------------------
+
+
+def test_allow_maps_every_field_to_ok_response() -> None:
+    decision = Decision(
+        allowed=True,
+        form="object",
+        headers=(("x-user-id", "u-1"), ("x-role", "admin"), ("x-user-id", "u-2")),
+        response_headers_to_add=(("x-ratelimit-limit", "60"), ("x-ratelimit-limit", "61")),
+        request_headers_to_remove=("x-api-key", "cookie"),
+        query_parameters_to_set=(("api_version", "2"), ("tag", "a")),
+        query_parameters_to_remove=("api_key",),
+        dynamic_metadata=MappingProxyType({"tenant": "t1"}),
+        reason="allowed",
+        rate_limit=RateLimitRef("premium", "key-demo-admin"),
+    )
+    response = build_response(decision, DECISION_ID)
+
+    assert response.status.code == code_pb2.OK
+    assert response.WhichOneof("http_response") == "ok_response"
+    ok = response.ok_response
+    # The first value of a name overwrites what the client sent; later ones append. The
+    # decision id goes upstream too, overwriting any the client forged.
+    assert header_triples(ok.headers) == [
+        ("x-user-id", "u-1", OVERWRITE),
+        ("x-role", "admin", OVERWRITE),
+        ("x-user-id", "u-2", APPEND),
+        ("x-authz-decision-id", DECISION_ID, OVERWRITE),
+    ]
+    assert header_triples(ok.response_headers_to_add) == [
+        ("x-ratelimit-limit", "60", OVERWRITE),
+        ("x-ratelimit-limit", "61", APPEND),
+    ]
+    assert list(ok.headers_to_remove) == ["x-api-key", "cookie"]
+    assert [(q.key, q.value) for q in ok.query_parameters_to_set] == [
+        ("api_version", "2"),
+        ("tag", "a"),
+    ]
+    assert list(ok.query_parameters_to_remove) == ["api_key"]
+    assert metadata(response) == {"tenant": "t1", "decision_id": DECISION_ID}
+
+
+def test_append_action_is_set_explicitly_even_for_overwrite() -> None:
+    # OVERWRITE_IF_EXISTS_OR_ADD is not the enum's zero value, but an explicit action is
+    # what keeps a client-forged header from surviving on newer Envoy.
+    assert OVERWRITE != 0
+    response = build_response(Decision(allowed=True, headers=(("x-a", "1"),)), DECISION_ID)
+    assert response.ok_response.headers[0].append_action == OVERWRITE
+
+
+def test_boolean_allow_only_adds_the_decision_id() -> None:
+    response = build_response(Decision(allowed=True), DECISION_ID)
+    assert response.status.code == code_pb2.OK
+    assert response.WhichOneof("http_response") == "ok_response"
+    ok = response.ok_response
+    assert header_triples(ok.headers) == [("x-authz-decision-id", DECISION_ID, OVERWRITE)]
+    assert list(ok.headers_to_remove) == []
+    assert list(ok.response_headers_to_add) == []
+    assert list(ok.query_parameters_to_set) == []
+    assert list(ok.query_parameters_to_remove) == []
+    assert metadata(response) == {"decision_id": DECISION_ID}
+
+
+@pytest.mark.parametrize(
+    ("headers", "to_remove", "removed"),
+    [
+        ((), ("x-api-key",), ["x-api-key"]),
+        # Envoy removes after it adds, so removing a header the policy sets would drop it.
+        ((("x-user-id", "u-1"),), ("x-user-id", "x-api-key"), ["x-api-key"]),
+        ((), ("x-authz-decision-id",), []),
+    ],
+    ids=["plain", "set-and-removed", "decision-id-header"],
+)
+def test_headers_to_remove_never_drops_a_header_being_set(
+    headers: tuple[tuple[str, str], ...], to_remove: tuple[str, ...], removed: list[str]
+) -> None:
+    decision = Decision(allowed=True, headers=headers, request_headers_to_remove=to_remove)
+    ok = build_response(decision, DECISION_ID).ok_response
+    assert list(ok.headers_to_remove) == removed
+    assert {option.header.key for option in ok.headers} >= {name for name, _ in headers}
+
+
+def test_policy_cannot_replace_the_decision_id() -> None:
+    decision = Decision(allowed=True, dynamic_metadata=MappingProxyType({"decision_id": "forged"}))
+    assert metadata(build_response(decision, DECISION_ID))["decision_id"] == DECISION_ID
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        build_response(Decision(allowed=True), DECISION_ID),
+        build_response(Decision(allowed=False), DECISION_ID),
+        build_response(Decision(allowed=False, body="no", http_status=401), DECISION_ID),
+        error_response(errors.OpaUnavailable("down"), DECISION_ID),
+    ],
+    ids=["allow", "deny", "deny-with-body", "error"],
+)
+def test_decision_id_is_always_in_dynamic_metadata(
+    response: external_auth_pb2.CheckResponse,
+) -> None:
+    assert metadata(response)["decision_id"] == DECISION_ID
+
+
+# --- deny ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "error"),
+    [(None, "forbidden"), ("missing_api_key", "missing_api_key")],
+    ids=["no-reason", "with-reason"],
+)
+def test_deny_defaults_to_403_with_json_body(reason: str | None, error: str) -> None:
+    response = build_response(Decision(allowed=False, reason=reason), DECISION_ID)
+    assert response.status.code == code_pb2.PERMISSION_DENIED
+    assert response.WhichOneof("http_response") == "denied_response"
+    denied = response.denied_response
+    assert denied.status.code == 403
+    assert json.loads(denied.body) == {"error": error, "decision_id": DECISION_ID}
+    headers = denied_headers(response)
+    assert headers["content-type"] == ["application/json"]
+    assert headers["x-authz-decision-id"] == [DECISION_ID]
+
+
+def test_deny_keeps_policy_status_headers_body_and_metadata() -> None:
+    decision = Decision(
+        allowed=False,
+        form="object",
+        headers=(("www-authenticate", 'Bearer realm="api"'), ("content-type", "text/plain")),
+        body="please log in",
+        http_status=401,
+        dynamic_metadata=MappingProxyType({"tenant": "t1"}),
+    )
+    response = build_response(decision, DECISION_ID)
+    denied = response.denied_response
+    assert denied.status.code == 401
+    assert denied.body == "please log in"
+    assert denied_headers(response) == {
+        "www-authenticate": ['Bearer realm="api"'],
+        "content-type": ["text/plain"],
+        "x-authz-decision-id": [DECISION_ID],
+    }
+    assert all(option.append_action == OVERWRITE for option in denied.headers)
+    assert metadata(response) == {"tenant": "t1", "decision_id": DECISION_ID}
+
+
+def test_deny_with_empty_policy_body_keeps_it_empty() -> None:
+    # body "" is the policy's choice (set), unlike an absent body.
+    response = build_response(Decision(allowed=False, body=""), DECISION_ID)
+    assert response.denied_response.body == ""
+    assert "content-type" not in denied_headers(response)
+
+
+# --- errors --------------------------------------------------------------------------
+
+SECRET = "sk-live-8f7e6d5c4b3a2910"
+
+
+def error_classes() -> list[type[AuthzError]]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, AuthzError) and cls.__module__ == errors.__name__
+    ]
+
+
+def error_class_for(code: str) -> type[AuthzError]:
+    (cls,) = [cls for cls in error_classes() if cls.code == code]
+    return cls
+
+
+@pytest.mark.parametrize(("code", "status"), sorted(FAILURE_STATUS.items()), ids=sorted(FAILURE_STATUS))
+def test_error_response_for_every_failure_code(code: str, status: int) -> None:
+    cls = error_class_for(code)
+    error = cls(f"OPA said no for api key {SECRET} at /v1/data/x")
+    response = error_response(error, DECISION_ID)
+
+    assert response.status.code == code_pb2.PERMISSION_DENIED
+    denied = response.denied_response
+    assert denied.status.code == status
+    assert json.loads(denied.body) == {
+        "error": code,
+        "message": cls.public_message,
+        "decision_id": DECISION_ID,
+    }
+    headers = denied_headers(response)
+    assert headers["content-type"] == ["application/json"]
+    assert headers["x-authz-decision-id"] == [DECISION_ID]
+    assert metadata(response) == {"reason": code, "decision_id": DECISION_ID}
+    # Nothing from str(error) reaches Envoy or the client.
+    assert str(error) not in denied.body
+    assert SECRET not in response.SerializeToString().decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        # The client sent something malformed.
+        ("invalid_request", 400),
+        # No policy says yes: the same answer as a policy deny.
+        ("undefined_decision", 403),
+        # OPA or the budget is unavailable: worth retrying.
+        ("opa_unavailable", 503),
+        ("opa_timeout", 503),
+        ("deadline_exceeded", 503),
+        ("credential_unavailable", 503),
+        # Our side is broken or misconfigured.
+        ("invalid_decision", 500),
+        ("invalid_decision_path", 500),
+        ("opa_error", 500),
+        ("policy_error", 500),
+        ("internal_error", 500),
+    ],
+    ids=lambda value: str(value),
+)
+def test_status_classes(code: str, status: int) -> None:
+    assert status_for(code) == status
+
+
+@pytest.mark.parametrize("code", ["no_such_code", "", "config_error"], ids=["unknown", "empty", "config"])
+def test_status_for_unknown_code_is_500(code: str) -> None:
+    assert status_for(code) == 500
+
+
+def test_every_request_time_error_code_has_a_status() -> None:
+    codes = {cls.code for cls in error_classes()}
+    assert len(codes) == len(error_classes()), "error codes must be unique"
+    request_codes = codes - {"config_error"}  # startup only, never per request
+    assert request_codes - set(FAILURE_STATUS) == set()
+    assert set(FAILURE_STATUS) - request_codes == set(), "stale codes in FAILURE_STATUS"
