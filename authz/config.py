@@ -8,6 +8,7 @@ value raises :class:`~authz.errors.ConfigError` naming the key and the value.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class Settings:
 def parse_decision_path(key: str, value: str) -> str:
     """Validate an OPA data path such as ``authz/gateway/decision`` (no leading slash,
     identifier segments). Returns it unchanged; raises ConfigError naming ``key``."""
-    if not _DECISION_PATH_RE.match(value):
+    if not _DECISION_PATH_RE.fullmatch(value):
         raise ConfigError(
             f"{key}={value!r}: expected an OPA data path like 'authz/gateway/decision'"
         )
@@ -130,7 +131,7 @@ def _positive_float(key: str, value: Any) -> float:
         number = float(str(value))
     except ValueError:
         raise ConfigError(f"{key}={value!r}: expected a number of seconds") from None
-    if not number >= 0:
+    if not 0 <= number < math.inf:
         raise ConfigError(f"{key}={value!r}: expected a non-negative number")
     return number
 
@@ -150,7 +151,7 @@ def _headers(key: str, value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
     names = tuple(str(item).strip().lower() for item in items if str(item).strip())
     for name in names:
-        if not _HEADER_NAME_RE.match(name):
+        if not _HEADER_NAME_RE.fullmatch(name):
             raise ConfigError(f"{key}={value!r}: {name!r} is not a header name")
     return names
 
@@ -195,8 +196,13 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            # Only the position: PyYAML's message quotes the line, which may hold a token.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r}: invalid YAML{where}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

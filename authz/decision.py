@@ -96,7 +96,7 @@ def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
 
 
 def _header_name(field_name: str, name: str) -> str:
-    if not _TOKEN.match(name):
+    if not _TOKEN.fullmatch(name):
         raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
     return name.lower()
 
@@ -231,7 +231,7 @@ def parse_decision(result: Any) -> Decision:
         reason = result["reason"]
         if not isinstance(reason, str):
             raise _type_error("reason", "string", reason)
-        if not _REASON.match(reason):
+        if not _REASON.fullmatch(reason):
             raise InvalidDecision(f"reason {reason[:64]!r} is not a snake_case code")
         fields["reason"] = reason
     if "rate_limit" in result:

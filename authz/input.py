@@ -83,11 +83,12 @@ def _scalar_or_message(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
-def _unescape(text: str, *, plus_as_space: bool) -> str:
+def _unescape(text: str, *, plus_as_space: bool, what: str) -> str:
     """Go's ``url.PathUnescape``/``QueryUnescape``: reject a ``%`` not followed by two hex
-    digits; decode UTF-8 with replacement so the result is always JSON-encodable."""
+    digits; decode UTF-8 with replacement so the result is always JSON-encodable. The
+    error names ``what`` (path, query) but never quotes the text: it may carry a key."""
     if _BAD_ESCAPE.search(text):
-        raise RequestError(f"invalid percent-encoding in {text[:64]!r}")
+        raise RequestError(f"invalid percent-encoding in the {what}")
     if plus_as_space:
         text = text.replace("+", " ")
     return unquote_to_bytes(text).decode("utf-8", errors="replace")
@@ -95,13 +96,14 @@ def _unescape(text: str, *, plus_as_space: bool) -> str:
 
 def parse_path(path: str) -> list[str]:
     """``input.parsed_path``: the path before ``?``, percent-decoded, leading slashes
-    trimmed, split on ``/``. ``"//a/b%2Fc"`` -> ``["a", "b/c"]``; ``"/"`` -> ``[""]``.
+    trimmed, split on ``/`` (after decoding, as Go's ``url.PathUnescape`` then ``Split``):
+    ``"//a/b%2Fc"`` -> ``["a", "b", "c"]``; ``"/"`` -> ``[""]``.
     Raises RequestError on invalid percent-encoding."""
     raw_path = path.split("?", 1)[0]
-    return _unescape(raw_path, plus_as_space=False).lstrip("/").split("/")
+    return _unescape(raw_path, plus_as_space=False, what="path").lstrip("/").split("/")
 
 
-def parse_query(query: str) -> dict[str, list[str]]:
+def parse_query(query: str, what: str = "query") -> dict[str, list[str]]:
     """``input.parsed_query`` as Go's ``url.ParseQuery``: ``&``-separated pairs, ``+`` is a
     space, repeated keys collect values in order, a key without ``=`` maps to ``[""]``.
     Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both).
@@ -111,10 +113,10 @@ def parse_query(query: str) -> dict[str, list[str]]:
         if not pair:
             continue
         if ";" in pair:
-            raise RequestError("invalid semicolon separator in query")
+            raise RequestError(f"invalid semicolon separator in the {what}")
         key, _, value = pair.partition("=")
-        result.setdefault(_unescape(key, plus_as_space=True), []).append(
-            _unescape(value, plus_as_space=True)
+        result.setdefault(_unescape(key, plus_as_space=True, what=what), []).append(
+            _unescape(value, plus_as_space=True, what=what)
         )
     return result
 
@@ -130,17 +132,18 @@ def _truncated(headers: Mapping[str, str], length: int) -> bool:
     return expected != -1 and expected > length
 
 
-def _json(payload: str | bytes, what: str) -> Any:
+def _json(payload: bytes, what: str) -> Any:
+    # Invalid UTF-8 becomes U+FFFD, as Go's encoding/json does.
     try:
-        return json.loads(payload)
+        return json.loads(payload.decode("utf-8", errors="replace"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"{what} is not valid JSON: {exc.__class__.__name__}") from None
 
 
-def _multipart(content_type: str, payload: str) -> dict[str, list[Any]] | None:
+def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None:
     parser = email.parser.BytesParser(policy=email.policy.HTTP)
-    document = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-    message = parser.parsebytes(document + payload.encode("utf-8", "surrogateescape"))
+    document = b"Content-Type: " + content_type.encode("latin-1", errors="replace") + b"\r\n\r\n"
+    message = parser.parsebytes(document + payload)
     if message.get_param("boundary") is None:
         return None
     if message.defects:
@@ -172,7 +175,9 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
     content_type = headers.get("content-type")
     if content_type is None:
         return None, False
-    payload = body or raw_body.decode("utf-8", errors="surrogateescape")
+    # Work on bytes: content-length counts bytes (Go's len(body)), and a multipart file
+    # part may be binary.
+    payload = body.encode("utf-8") if body else raw_body
     if not payload:
         return None, False
     if "application/json" in content_type:
@@ -182,7 +187,7 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
     if "application/x-www-form-urlencoded" in content_type:
         if _truncated(headers, len(payload)):
             return None, True
-        return parse_query(payload), False
+        return parse_query(payload.decode("utf-8", errors="replace"), "form body"), False
     if "multipart/form-data" in content_type:
         if _truncated(headers, len(payload)):
             return None, True
@@ -201,7 +206,7 @@ def mask_credential(header: str, value: str) -> tuple[str, str]:
     credential = value.strip()
     scheme = ""
     if header in _SCHEMED_HEADERS:
-        match = _SCHEME.match(credential)
+        match = _SCHEME.fullmatch(credential)
         if match:
             scheme, credential = match.group(1) + " ", match.group(2).strip()
     digest = hashlib.sha256(credential.encode("utf-8")).hexdigest()

@@ -69,15 +69,35 @@ def _credential_field(name: str) -> bool:
 
 def _lint(node: Any, path: str) -> Iterator[str]:
     if isinstance(node, dict):
+        digest_keyed = path.rsplit(".", 1)[-1] in _DIGEST_KEYED_MAPS
         for name, value in node.items():
-            child = f"{path}.{name}"
-            if path.rsplit(".", 1)[-1] in _DIGEST_KEYED_MAPS and not _DIGEST.match(name):
+            # A path never quotes a key that may itself be a plaintext credential.
+            not_digest = digest_keyed and not _DIGEST.fullmatch(name)
+            plaintext_key = not_digest or _looks_like(name)
+            child = f"{path}.<redacted>" if plaintext_key else f"{path}.{name}"
+            if not_digest:
                 yield f"{path}: a key is not a SHA-256 hex digest (plaintext API key?)"
-            if isinstance(value, str) and _credential_field(name) and not _DIGEST.match(value):
+            elif plaintext_key:
+                yield f"{path}: a key looks like a plaintext credential"
+            if _credential_field(name) and any(
+                isinstance(item, str) and not _DIGEST.fullmatch(item) for item in _strings(value)
+            ):
                 yield f"{child}: credential field holds a value that is not a SHA-256 digest"
             yield from _lint(value, child)
     elif isinstance(node, list):
         for index, item in enumerate(node):
             yield from _lint(item, f"{path}[{index}]")
-    elif isinstance(node, str) and node.startswith(_CREDENTIAL_PREFIXES):
+    elif isinstance(node, str) and _looks_like(node):
         yield f"{path}: value looks like a plaintext credential"
+
+
+def _looks_like(text: str) -> bool:
+    return text.startswith(_CREDENTIAL_PREFIXES)
+
+
+def _strings(value: Any) -> Iterator[Any]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    else:
+        yield value

@@ -81,10 +81,9 @@ class DecisionLog:
         self._stream = stream if stream is not None else sys.stdout
 
     def record(self, record: DecisionRecord) -> None:
-        """Write ``record`` as ``{"type": "decision", ...log_fields}``."""
-        line = {"type": "decision", **record.log_fields()}
+        """Write ``record.log_fields()`` as one line."""
         try:
-            self._stream.write(orjson.dumps(line).decode() + "\n")
+            self._stream.write(orjson.dumps(record.log_fields()).decode() + "\n")
             self._stream.flush()
         except (OSError, ValueError):  # closed or full stream: keep serving
             pass

@@ -98,8 +98,10 @@ class DecisionRecord:
         )
 
     def log_fields(self) -> dict[str, Any]:
-        """The decision-log line as a JSON-ready dict (no input, headers or query)."""
+        """The decision-log line as a JSON-ready dict, ``{"type": "decision", ...}``; it never
+        holds the input, headers or query string. Identity fields cannot replace these."""
         fields: dict[str, Any] = {
+            "type": "decision",
             "decision_id": self.decision_id,
             "time": datetime.fromtimestamp(self.timestamp, UTC).isoformat(timespec="milliseconds"),
             "decision_path": self.decision_path,

@@ -113,7 +113,10 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
     (so a user can quote it). A header the decision sets is never also removed: Envoy
     applies removals after additions, which would drop the policy's own value."""
     if decision.allowed:
-        upstream_headers = [*decision.headers, (DECISION_ID_HEADER, decision_id)]
+        upstream_headers = [
+            *(h for h in decision.headers if h[0] != DECISION_ID_HEADER),
+            (DECISION_ID_HEADER, decision_id),
+        ]
         set_names = {name for name, _ in upstream_headers}
         ok = external_auth_pb2.OkHttpResponse(
             headers=_header_options(upstream_headers),
@@ -131,7 +134,10 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
             ok_response=ok,
             dynamic_metadata=_metadata(decision_id, decision.dynamic_metadata),
         )
-    headers = [*decision.headers, (DECISION_ID_HEADER, decision_id)]
+    headers = [
+        *(h for h in decision.headers if h[0] != DECISION_ID_HEADER),
+        (DECISION_ID_HEADER, decision_id),
+    ]
     body = decision.body
     if body is None:
         headers.append(("content-type", _JSON))

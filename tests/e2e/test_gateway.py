@@ -83,9 +83,7 @@ def test_allowed_strips_key_and_sets_identity(
 
 
 def test_bearer_key_is_removed(e2e: Env) -> None:
-    resp = e2e.gateway.get(
-        "/api/v1/items", headers={"authorization": f"Bearer {e2e.keys['user']}"}
-    )
+    resp = e2e.gateway.get("/api/v1/items", headers={"authorization": f"Bearer {e2e.keys['user']}"})
     assert resp.status_code == 200
     assert "authorization" not in resp.json()["headers"]
     assert resp.json()["headers"]["x-authz-key-id"] == "key-user"

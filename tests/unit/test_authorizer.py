@@ -54,7 +54,11 @@ ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
         (True, 200, "allowed"),
         (False, 403, "denied"),
         (ALLOW, 200, "allowed"),
-        ({"allowed": False, "http_status": 401, "reason": "missing_api_key"}, 401, "missing_api_key"),
+        (
+            {"allowed": False, "http_status": 401, "reason": "missing_api_key"},
+            401,
+            "missing_api_key",
+        ),
         (UndefinedDecision("nothing at path"), 403, "undefined_decision"),
         ("yes", 500, "invalid_decision"),
         ({"allowed": "true"}, 500, "invalid_decision"),
@@ -204,8 +208,9 @@ async def test_failing_sink_never_fails_the_request() -> None:
 
 async def test_record_carries_revision_identity_and_request() -> None:
     outcome = await make(FakeEngine(ALLOW, revision="r-9")).check(
-        check_request(method="POST", path="/api/v1/items?api_key=zzz",
-                      headers={"x-request-id": "req-1"})
+        check_request(
+            method="POST", path="/api/v1/items?api_key=zzz", headers={"x-request-id": "req-1"}
+        )
     )
     record = outcome.record
     assert record.revision == "r-9"

@@ -80,10 +80,21 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AUTHZ_GRPC_ADDR", "[::1]:9000", "grpc_addr", "[::1]:9000"),
     ("AUTHZ_ADMIN_ADDR", "localhost:0", "admin_addr", "localhost:0"),
     ("AUTHZ_OPA_URL", "https://opa.internal:8443/", "opa_url", "https://opa.internal:8443"),
+    ("AUTHZ_OPA_URL", "unix:///run/opa/opa.sock", "opa_url", "unix:///run/opa/opa.sock"),
     ("AUTHZ_OPA_POOL_SIZE", "8", "opa_pool_size", 8),
-    ("AUTHZ_DEFAULT_DECISION_PATH", "authz/egress/decision", "default_decision_path", "authz/egress/decision"),
+    (
+        "AUTHZ_DEFAULT_DECISION_PATH",
+        "authz/egress/decision",
+        "default_decision_path",
+        "authz/egress/decision",
+    ),
     ("AUTHZ_DECISION_TIMEOUT_MS", "150", "decision_timeout_ms", 150),
-    ("AUTHZ_CREDENTIAL_HEADERS", "X-Api-Key, Authorization ,,", "credential_headers", ("x-api-key", "authorization")),
+    (
+        "AUTHZ_CREDENTIAL_HEADERS",
+        "X-Api-Key, Authorization ,,",
+        "credential_headers",
+        ("x-api-key", "authorization"),
+    ),
     ("AUTHZ_PARSE_BODY", "false", "parse_body", False),
     ("AUTHZ_PARSE_BODY", "0", "parse_body", False),
     ("AUTHZ_DECISION_LOG", "off", "decision_log", False),
@@ -92,7 +103,7 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AUTHZ_SHUTDOWN_GRACE_S", "0.5", "shutdown_grace_s", 0.5),
     ("AUTHZ_SHUTDOWN_GRACE_S", "0", "shutdown_grace_s", 0.0),
     ("AUTHZ_LOG_LEVEL", "debug", "log_level", "DEBUG"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -196,7 +207,9 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     BAD_VALUES,
     ids=[f"{case[0]}={case[1]!r}" for case in BAD_VALUES],
 )
-def test_bad_environment_value_names_key_and_value(variable: str, value: str, expected: str) -> None:
+def test_bad_environment_value_names_key_and_value(
+    variable: str, value: str, expected: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         load({variable: value})
     message = str(caught.value)
@@ -241,7 +254,7 @@ def test_bad_file(tmp_path: Path, text: str, fragment: str) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml"):
+    with pytest.raises(ConfigError, match=r"absent\.yaml"):
         load({}, missing)
 
 

@@ -135,16 +135,52 @@ TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
     ("headers", {"x-a": ["1", None]}, "headers['x-a'] value", "string", "null"),
     ("headers", {"x-a": {"v": "1"}}, "headers['x-a'] value", "string", "object"),
     ("response_headers_to_add", True, "response_headers_to_add", "object", "boolean"),
-    ("response_headers_to_add", {"x-a": 2.5}, "response_headers_to_add['x-a'] value", "string", "number"),
+    (
+        "response_headers_to_add",
+        {"x-a": 2.5},
+        "response_headers_to_add['x-a'] value",
+        "string",
+        "number",
+    ),
     ("request_headers_to_remove", "x-a", "request_headers_to_remove", "array", "string"),
     ("request_headers_to_remove", {"x-a": True}, "request_headers_to_remove", "array", "object"),
-    ("request_headers_to_remove", ["x-a", 1], "request_headers_to_remove value", "string", "number"),
+    (
+        "request_headers_to_remove",
+        ["x-a", 1],
+        "request_headers_to_remove value",
+        "string",
+        "number",
+    ),
     ("query_parameters_to_set", [], "query_parameters_to_set", "object", "array"),
-    ("query_parameters_to_set", {"k": 1}, "query_parameters_to_set['k']", "string or array", "number"),
-    ("query_parameters_to_set", {"k": None}, "query_parameters_to_set['k']", "string or array", "null"),
-    ("query_parameters_to_set", {"k": ["a", 2]}, "query_parameters_to_set['k'] value", "string", "number"),
+    (
+        "query_parameters_to_set",
+        {"k": 1},
+        "query_parameters_to_set['k']",
+        "string or array",
+        "number",
+    ),
+    (
+        "query_parameters_to_set",
+        {"k": None},
+        "query_parameters_to_set['k']",
+        "string or array",
+        "null",
+    ),
+    (
+        "query_parameters_to_set",
+        {"k": ["a", 2]},
+        "query_parameters_to_set['k'] value",
+        "string",
+        "number",
+    ),
     ("query_parameters_to_remove", "api_key", "query_parameters_to_remove", "array", "string"),
-    ("query_parameters_to_remove", ["a", None], "query_parameters_to_remove value", "string", "null"),
+    (
+        "query_parameters_to_remove",
+        ["a", None],
+        "query_parameters_to_remove value",
+        "string",
+        "null",
+    ),
     ("body", 1, "body", "string", "number"),
     ("body", None, "body", "string", "null"),
     ("body", {"error": "x"}, "body", "string", "object"),
@@ -163,7 +199,7 @@ TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
     ("identity", [], "identity", "object", "array"),
     ("identity", {"role": 1}, "identity.role", "string", "number"),
     ("identity", {"role": ["a"]}, "identity.role", "string", "array"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -250,9 +286,27 @@ def test_snake_case_reason_is_accepted(reason: str) -> None:
 
 @pytest.mark.parametrize(
     "reason",
-    ["MissingApiKey", "missing-api-key", "missing api key", "1st_reason", "_private", "", "a" * 65, "ok\n"],
-    ids=["camel", "kebab", "spaces", "leading-digit", "leading-underscore", "empty", "65-chars", "newline"],
-)  # fmt: skip
+    [
+        "MissingApiKey",
+        "missing-api-key",
+        "missing api key",
+        "1st_reason",
+        "_private",
+        "",
+        "a" * 65,
+        "ok\n",
+    ],
+    ids=[
+        "camel",
+        "kebab",
+        "spaces",
+        "leading-digit",
+        "leading-underscore",
+        "empty",
+        "65-chars",
+        "newline",
+    ],
+)
 def test_non_snake_case_reason_is_rejected(reason: str) -> None:
     with pytest.raises(InvalidDecision, match="is not a snake_case code"):
         parse_decision({"allowed": False, "reason": reason})
@@ -304,6 +358,21 @@ def test_defaults_are_not_shared_mutable_state() -> None:
     with pytest.raises(TypeError):
         first.dynamic_metadata["x"] = 1  # type: ignore[index]
     assert dict(second.dynamic_metadata) == {}
+
+
+@pytest.mark.parametrize(
+    ("result", "code"),
+    [
+        (True, "allowed"),
+        (False, "denied"),
+        ({"allowed": True}, "allowed"),
+        ({"allowed": False, "reason": "missing_api_key"}, "missing_api_key"),
+        ({"allowed": True, "reason": "trusted_network"}, "trusted_network"),
+    ],
+    ids=["bool-allow", "bool-deny", "object-no-reason", "deny-reason", "allow-reason"],
+)
+def test_reason_code_falls_back_to_allowed_or_denied(result: Any, code: str) -> None:
+    assert parse_decision(result).reason_code == code
 
 
 @pytest.mark.parametrize(

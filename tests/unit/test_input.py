@@ -181,8 +181,22 @@ BODY_CASES: list[tuple[str, dict[str, str], str, bytes, Any, bool]] = [
     ),
     ("json-with-charset", {"content-type": f"{JSON}; charset=utf-8"}, "[1]", b"", [1], False),
     ("json-empty", {"content-type": JSON}, "", b"", None, False),
-    ("json-raw-body", {"content-type": JSON}, "", b'{"firstname": "foo"}', {"firstname": "foo"}, False),
-    ("json-body-wins-over-raw-body", {"content-type": JSON}, '{"from": "body"}', b'{"from": "raw"}', {"from": "body"}, False),
+    (
+        "json-raw-body",
+        {"content-type": JSON},
+        "",
+        b'{"firstname": "foo"}',
+        {"firstname": "foo"},
+        False,
+    ),
+    (
+        "json-body-wins-over-raw-body",
+        {"content-type": JSON},
+        '{"from": "body"}',
+        b'{"from": "raw"}',
+        {"from": "body"},
+        False,
+    ),
     (
         "form",
         {"content-type": FORM},
@@ -199,9 +213,23 @@ BODY_CASES: list[tuple[str, dict[str, str], str, bytes, Any, bool]] = [
         {"firstname": ["foo"], "lastname": ["bar"]},
         False,
     ),
-    ("form-plus-and-escapes", {"content-type": FORM}, "q=a+b%21&flag", b"", {"q": ["a b!"], "flag": [""]}, False),
+    (
+        "form-plus-and-escapes",
+        {"content-type": FORM},
+        "q=a+b%21&flag",
+        b"",
+        {"q": ["a b!"], "flag": [""]},
+        False,
+    ),
     ("form-empty", {"content-type": FORM}, "", b"", None, False),
-    ("multipart-text-lf", {"content-type": MULTIPART}, MULTIPART_TEXT_LF, b"", {"foo": ["bar"]}, False),
+    (
+        "multipart-text-lf",
+        {"content-type": MULTIPART},
+        MULTIPART_TEXT_LF,
+        b"",
+        {"foo": ["bar"]},
+        False,
+    ),
     (
         "multipart-text-and-json",
         {"content-type": MULTIPART},
@@ -218,16 +246,79 @@ BODY_CASES: list[tuple[str, dict[str, str], str, bytes, Any, bool]] = [
         {"foo": ["bar"]},
         False,
     ),
-    ("multipart-skips-unnamed-and-non-form-data", {"content-type": MULTIPART}, MULTIPART_SKIPPED_PARTS, b"", {"kept": ["yes"]}, False),
-    ("multipart-without-boundary", {"content-type": "multipart/form-data"}, MULTIPART_TEXT_LF, b"", None, False),
+    (
+        "multipart-skips-unnamed-and-non-form-data",
+        {"content-type": MULTIPART},
+        MULTIPART_SKIPPED_PARTS,
+        b"",
+        {"kept": ["yes"]},
+        False,
+    ),
+    (
+        "multipart-without-boundary",
+        {"content-type": "multipart/form-data"},
+        MULTIPART_TEXT_LF,
+        b"",
+        None,
+        False,
+    ),
     # Truncation: content-length larger than what Envoy sent means a partial body.
-    ("json-content-length-larger", {"content-type": JSON, "content-length": "1000"}, "true", b"", None, True),
-    ("json-raw-body-content-length-larger", {"content-type": JSON, "content-length": "1000"}, "", b"true", None, True),
-    ("form-content-length-larger", {"content-type": FORM, "content-length": "1000"}, "a=b", b"", None, True),
-    ("multipart-content-length-larger", {"content-type": MULTIPART, "content-length": "1000"}, MULTIPART_TEXT_LF, b"", None, True),
-    ("json-content-length-equal", {"content-type": JSON, "content-length": "4"}, "true", b"", True, False),
-    ("json-content-length-smaller", {"content-type": JSON, "content-length": "1"}, "true", b"", True, False),
-    ("json-content-length-minus-one", {"content-type": JSON, "content-length": "-1"}, "true", b"", True, False),
+    (
+        "json-content-length-larger",
+        {"content-type": JSON, "content-length": "1000"},
+        "true",
+        b"",
+        None,
+        True,
+    ),
+    (
+        "json-raw-body-content-length-larger",
+        {"content-type": JSON, "content-length": "1000"},
+        "",
+        b"true",
+        None,
+        True,
+    ),
+    (
+        "form-content-length-larger",
+        {"content-type": FORM, "content-length": "1000"},
+        "a=b",
+        b"",
+        None,
+        True,
+    ),
+    (
+        "multipart-content-length-larger",
+        {"content-type": MULTIPART, "content-length": "1000"},
+        MULTIPART_TEXT_LF,
+        b"",
+        None,
+        True,
+    ),
+    (
+        "json-content-length-equal",
+        {"content-type": JSON, "content-length": "4"},
+        "true",
+        b"",
+        True,
+        False,
+    ),
+    (
+        "json-content-length-smaller",
+        {"content-type": JSON, "content-length": "1"},
+        "true",
+        b"",
+        True,
+        False,
+    ),
+    (
+        "json-content-length-minus-one",
+        {"content-type": JSON, "content-length": "-1"},
+        "true",
+        b"",
+        True,
+        False,
+    ),
     # content-length counts bytes; a non-ASCII body sent whole is not truncated.
     (
         "json-non-ascii-content-length-in-bytes",
@@ -246,12 +337,40 @@ BODY_CASES: list[tuple[str, dict[str, str], str, bytes, Any, bool]] = [
         False,
     ),
     # Envoy's explicit marker wins, whatever the content type.
-    ("partial-body-json", {"content-type": JSON, "x-envoy-auth-partial-body": "true"}, '{"a": 1}', b"", None, True),
-    ("partial-body-form", {"content-type": FORM, "x-envoy-auth-partial-body": "true"}, "a=b", b"", None, True),
-    ("partial-body-multipart", {"content-type": MULTIPART, "x-envoy-auth-partial-body": "true"}, MULTIPART_TEXT_LF, b"", None, True),
+    (
+        "partial-body-json",
+        {"content-type": JSON, "x-envoy-auth-partial-body": "true"},
+        '{"a": 1}',
+        b"",
+        None,
+        True,
+    ),
+    (
+        "partial-body-form",
+        {"content-type": FORM, "x-envoy-auth-partial-body": "true"},
+        "a=b",
+        b"",
+        None,
+        True,
+    ),
+    (
+        "partial-body-multipart",
+        {"content-type": MULTIPART, "x-envoy-auth-partial-body": "true"},
+        MULTIPART_TEXT_LF,
+        b"",
+        None,
+        True,
+    ),
     ("partial-body-no-content-type", {"x-envoy-auth-partial-body": "true"}, "x", b"", None, True),
-    ("not-partial-body-json", {"content-type": JSON, "x-envoy-auth-partial-body": "false"}, '{"a": 1}', b"", {"a": 1}, False),
-]  # fmt: skip
+    (
+        "not-partial-body-json",
+        {"content-type": JSON, "x-envoy-auth-partial-body": "false"},
+        '{"a": 1}',
+        b"",
+        {"a": 1},
+        False,
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -276,10 +395,14 @@ def test_parsed_body(
     [
         (JSON, b'{"a": "\xff"}', {"a": "\ufffd"}),
         (FORM, b"a=\xff", {"a": ["\ufffd"]}),
-        (MULTIPART, b'--foo\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\r\n--foo--\r\n', {"a": ["\ufffd"]}),
+        (
+            MULTIPART,
+            b'--foo\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\r\n--foo--\r\n',
+            {"a": ["\ufffd"]},
+        ),
     ],
     ids=["json", "form", "multipart"],
-)  # fmt: skip
+)
 def test_invalid_utf8_raw_body_gives_replacement_characters(
     content_type: str, raw_body: bytes, parsed_body: Any
 ) -> None:
@@ -300,7 +423,10 @@ def test_invalid_utf8_raw_body_gives_replacement_characters(
         ({"content-type": JSON, "content-length": "abc"}, "{}"),
         ({"content-type": FORM}, "a=1;b=2"),
         ({"content-type": FORM}, "a=%zz"),
-        ({"content-type": MULTIPART}, '--foo\r\nContent-Disposition: form-data; name="f"\r\n\r\nbar'),
+        (
+            {"content-type": MULTIPART},
+            '--foo\r\nContent-Disposition: form-data; name="f"\r\n\r\nbar',
+        ),
         (
             {"content-type": MULTIPART},
             '--foo\r\nContent-Disposition: form-data; name="f"\r\n'
@@ -324,9 +450,7 @@ def test_malformed_body_is_request_error(headers: dict[str, str], body: str) -> 
 
 def test_body_parsing_can_be_skipped() -> None:
     # internal_test.go: with skip_request_body_parse neither key is in the input.
-    request = check_request(
-        {"path": "/", "headers": {"content-type": JSON}, "body": "not json"}
-    )
+    request = check_request({"path": "/", "headers": {"content-type": JSON}, "body": "not json"})
     document = build_input(request, (), parse_request_body=False)
     assert "parsed_body" not in document
     assert "truncated_body" not in document
@@ -355,14 +479,18 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
             "principal": "spiffe://cluster.local/ns/agents/sa/runner",
         },
         destination={
-            "address": {"socketAddress": {"address": "10.0.0.1", "portValue": 8080, "protocol": "UDP"}}
+            "address": {
+                "socketAddress": {"address": "10.0.0.1", "portValue": 8080, "protocol": "UDP"}
+            }
         },
         contextExtensions={"decision_path": "authz/egress/decision", "route_name": "r1"},
         metadataContext={
-            "filterMetadata": {"envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}}
+            "filterMetadata": {
+                "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
+            }
         },
         tlsSession={"sni": "api.example.com"},
-    )  # fmt: skip
+    )
     request.attributes.request.time.FromSeconds(1_700_000_000)
 
     document = build_input(request, ())
@@ -381,7 +509,9 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
         "contextExtensions": {"decision_path": "authz/egress/decision", "route_name": "r1"},
         # A Struct is plain JSON, not {"fields": {...: {"stringValue": ...}}}.
         "metadataContext": {
-            "filterMetadata": {"envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}}
+            "filterMetadata": {
+                "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
+            }
         },
         "tlsSession": {"sni": "api.example.com"},
         "request": {
@@ -400,7 +530,7 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
                 "rawBody": "Zmlyc3RuYW1lPWZvbyZsYXN0bmFtZT1iYXI=",
             },
         },
-    }  # fmt: skip
+    }
     assert type(document["attributes"]["request"]["http"]["size"]) is int
     assert document["source_principal"] == "spiffe://cluster.local/ns/agents/sa/runner"
     # Everything else authz adds; nothing more.
@@ -478,25 +608,60 @@ def header_map(*entries: tuple[str, str], raw: bool = True) -> dict[str, Any]:
 CREDENTIAL_CASES: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
     # (id, http, expected input.credentials, the secret that must not appear)
     ("x-api-key", {"headers": {"x-api-key": API_KEY}}, {"x-api-key": sha256(API_KEY)}, API_KEY),
-    ("x-api-key-padded", {"headers": {"x-api-key": f"  {API_KEY} "}}, {"x-api-key": sha256(API_KEY)}, API_KEY),
-    ("bearer", {"headers": {"authorization": f"Bearer {TOKEN}"}}, {"authorization": sha256(TOKEN)}, TOKEN),
-    ("bearer-no-scheme", {"headers": {"authorization": TOKEN}}, {"authorization": sha256(TOKEN)}, TOKEN),
-    ("proxy-authorization", {"headers": {"proxy-authorization": f"Bearer {TOKEN}"}}, {"proxy-authorization": sha256(TOKEN)}, TOKEN),
-    ("x-sandbox-token", {"headers": {"x-sandbox-token": SANDBOX}}, {"x-sandbox-token": sha256(SANDBOX)}, SANDBOX),
+    (
+        "x-api-key-padded",
+        {"headers": {"x-api-key": f"  {API_KEY} "}},
+        {"x-api-key": sha256(API_KEY)},
+        API_KEY,
+    ),
+    (
+        "bearer",
+        {"headers": {"authorization": f"Bearer {TOKEN}"}},
+        {"authorization": sha256(TOKEN)},
+        TOKEN,
+    ),
+    (
+        "bearer-no-scheme",
+        {"headers": {"authorization": TOKEN}},
+        {"authorization": sha256(TOKEN)},
+        TOKEN,
+    ),
+    (
+        "proxy-authorization",
+        {"headers": {"proxy-authorization": f"Bearer {TOKEN}"}},
+        {"proxy-authorization": sha256(TOKEN)},
+        TOKEN,
+    ),
+    (
+        "x-sandbox-token",
+        {"headers": {"x-sandbox-token": SANDBOX}},
+        {"x-sandbox-token": sha256(SANDBOX)},
+        SANDBOX,
+    ),
     (
         "several",
         {"headers": {"x-api-key": API_KEY, "authorization": f"Bearer {TOKEN}", "accept": "*/*"}},
         {"x-api-key": sha256(API_KEY), "authorization": sha256(TOKEN)},
         TOKEN,
     ),
-    ("header-map-raw-value", {"headerMap": header_map(("x-api-key", API_KEY))}, {"x-api-key": sha256(API_KEY)}, API_KEY),
+    (
+        "header-map-raw-value",
+        {"headerMap": header_map(("x-api-key", API_KEY))},
+        {"x-api-key": sha256(API_KEY)},
+        API_KEY,
+    ),
     (
         "header-map-raw-value-bearer",
         {"headerMap": header_map(("authorization", f"Bearer {TOKEN}"))},
         {"authorization": sha256(TOKEN)},
         TOKEN,
     ),
-    ("header-map-value", {"headerMap": header_map(("x-api-key", API_KEY), raw=False)}, {"x-api-key": sha256(API_KEY)}, API_KEY),
+    (
+        "header-map-value",
+        {"headerMap": header_map(("x-api-key", API_KEY), raw=False)},
+        {"x-api-key": sha256(API_KEY)},
+        API_KEY,
+    ),
     (
         "header-map-mixed-case-key",
         {"headerMap": header_map(("X-Api-Key", API_KEY))},
@@ -510,7 +675,7 @@ CREDENTIAL_CASES: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
         API_KEY,
     ),
     ("absent", {"headers": {"accept": "*/*"}}, {}, API_KEY),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -540,22 +705,36 @@ def test_credentials_are_hashed_and_never_in_clear(
         ("proxy-authorization", f"Basic {TOKEN}", f"Basic sha256:{sha256(TOKEN)}"),
         ("x-sandbox-token", SANDBOX, f"sha256:{sha256(SANDBOX)}"),
     ],
-    ids=["api-key", "bearer", "bearer-lowercase-extra-spaces", "no-scheme", "proxy-basic", "sandbox"],
+    ids=[
+        "api-key",
+        "bearer",
+        "bearer-lowercase-extra-spaces",
+        "no-scheme",
+        "proxy-basic",
+        "sandbox",
+    ],
 )
 def test_credential_header_value_is_replaced(name: str, value: str, masked: str) -> None:
-    document = document_for({"path": "/", "headers": {name: value, "accept": "*/*"}}, CREDENTIAL_HEADERS)
+    document = document_for(
+        {"path": "/", "headers": {name: value, "accept": "*/*"}}, CREDENTIAL_HEADERS
+    )
     headers = document["attributes"]["request"]["http"]["headers"]
     assert headers == {name: masked, "accept": "*/*"}
 
 
 def test_header_map_entry_is_replaced_and_raw_value_dropped() -> None:
-    http = {"path": "/", "headerMap": header_map(("authorization", f"Bearer {TOKEN}"), ("accept", "*/*"))}
-    entries = document_for(http, CREDENTIAL_HEADERS)["attributes"]["request"]["http"]["headerMap"]["headers"]
+    http = {
+        "path": "/",
+        "headerMap": header_map(("authorization", f"Bearer {TOKEN}"), ("accept", "*/*")),
+    }
+    entries = document_for(http, CREDENTIAL_HEADERS)["attributes"]["request"]["http"]["headerMap"][
+        "headers"
+    ]
     assert entries == [
         {"key": "authorization", "value": f"Bearer sha256:{sha256(TOKEN)}"},
         # Non-credential entries keep Envoy's raw_value form.
         {"key": "accept", "rawValue": base64.b64encode(b"*/*").decode()},
-    ]  # fmt: skip
+    ]
 
 
 def test_only_configured_headers_are_credentials() -> None:
@@ -582,7 +761,14 @@ def test_building_the_input_does_not_change_the_request() -> None:
         ("authorization", f"Bearer {TOKEN}  ", TOKEN),
         ("proxy-authorization", f"Bearer {TOKEN}", TOKEN),
     ],
-    ids=["plain", "trimmed", "scheme-ignored-elsewhere", "bearer", "bearer-trailing-space", "proxy"],
+    ids=[
+        "plain",
+        "trimmed",
+        "scheme-ignored-elsewhere",
+        "bearer",
+        "bearer-trailing-space",
+        "proxy",
+    ],
 )
 def test_mask_credential_digest(name: str, value: str, hashed: str) -> None:
     digest, masked = mask_credential(name, value)

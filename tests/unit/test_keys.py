@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PLAINTEXT = "ak_Zq3v9XlT0pR7mN2bW8yK4cJ6hF1dS5gA"
 OTHER_PLAINTEXT = "hunter2-correct-horse"
 DIGEST = hashlib.sha256(PLAINTEXT.encode()).hexdigest()
+# The problem wordings (keys.lint_data docstring); each follows a JSON path.
+NOT_DIGEST = "credential field holds a value that is not a SHA-256 digest"
+LOOKS_PLAIN = "value looks like a plaintext credential"
+KEY_NOT_DIGEST = "a key is not a SHA-256 hex digest (plaintext API key?)"
 
 
 @pytest.mark.parametrize(
@@ -91,70 +95,92 @@ LINT_CASES: list[tuple[str, Any, list[str]]] = [
     (
         "plaintext-api-keys-map-key",
         {"api_keys": {PLAINTEXT: {"role": "admin"}}},
-        ["data.api_keys: a key is not a SHA-256 hex digest (plaintext API key?)"],
+        [f"data.api_keys: {KEY_NOT_DIGEST}"],
     ),
     (
         "plaintext-api-keys-map-key-without-prefix",
         {"api_keys": {OTHER_PLAINTEXT: {"role": "admin"}}},
-        ["data.api_keys: a key is not a SHA-256 hex digest (plaintext API key?)"],
+        [f"data.api_keys: {KEY_NOT_DIGEST}"],
     ),
     (
         "uppercase-digest-as-api-keys-map-key",
         {"api_keys": {DIGEST.upper(): {}}},
-        ["data.api_keys: a key is not a SHA-256 hex digest (plaintext API key?)"],
+        [f"data.api_keys: {KEY_NOT_DIGEST}"],
     ),
     (
         "digest-with-trailing-newline-as-api-keys-map-key",
         {"api_keys": {DIGEST + "\n": {}}},
-        ["data.api_keys: a key is not a SHA-256 hex digest (plaintext API key?)"],
+        [f"data.api_keys: {KEY_NOT_DIGEST}"],
     ),
     (
         "nested-api-keys-map",
         {"tenants": {"t1": {"api_keys": {OTHER_PLAINTEXT: {}}}}},
-        ["data.tenants.t1.api_keys: a key is not a SHA-256 hex digest (plaintext API key?)"],
+        [f"data.tenants.t1.api_keys: {KEY_NOT_DIGEST}"],
     ),
     (
         "credential-field-plaintext",
         {"services": {"billing": {"token": OTHER_PLAINTEXT}}},
-        ["data.services.billing.token: credential field holds a value that is not a SHA-256 digest"],
+        [f"data.services.billing.token: {NOT_DIGEST}"],
     ),
     (
         "credential-suffix-fields",
-        {"upstream_token": OTHER_PLAINTEXT, "client_secret": OTHER_PLAINTEXT, "Signing_Key": OTHER_PLAINTEXT},
+        {
+            "upstream_token": OTHER_PLAINTEXT,
+            "client_secret": OTHER_PLAINTEXT,
+            "Signing_Key": OTHER_PLAINTEXT,
+        },
         [
-            "data.upstream_token: credential field holds a value that is not a SHA-256 digest",
-            "data.client_secret: credential field holds a value that is not a SHA-256 digest",
-            "data.Signing_Key: credential field holds a value that is not a SHA-256 digest",
+            f"data.upstream_token: {NOT_DIGEST}",
+            f"data.client_secret: {NOT_DIGEST}",
+            f"data.Signing_Key: {NOT_DIGEST}",
         ],
     ),
     (
         "credential-named-fields",
         {"password": OTHER_PLAINTEXT, "apikey": OTHER_PLAINTEXT},
         [
-            "data.password: credential field holds a value that is not a SHA-256 digest",
-            "data.apikey: credential field holds a value that is not a SHA-256 digest",
+            f"data.password: {NOT_DIGEST}",
+            f"data.apikey: {NOT_DIGEST}",
         ],
     ),
     ("credential-field-with-digest", {"token": DIGEST, "api_key": DIGEST}, []),
     ("sha256-and-digest-fields", {"key_sha256": DIGEST, "token_digest": DIGEST}, []),
     (
         "reference-and-metadata-fields",
-        {"token_ref": "vault://kv/billing", "key_id": "key-1", "token_header": "x-api-key", "key_format": "hex"},
+        {
+            "token_ref": "vault://kv/billing",
+            "key_id": "key-1",
+            "token_header": "x-api-key",
+            "key_format": "hex",
+        },
         [],
     ),
-    ("sk-value-anywhere", {"notes": {"example": "sk-live-abc123"}}, ["data.notes.example: value looks like a plaintext credential"]),
-    ("ghp-value-in-sha256-field", {"key_sha256": "ghp_abcdef"}, ["data.key_sha256: value looks like a plaintext credential"]),
+    (
+        "sk-value-anywhere",
+        {"notes": {"example": "sk-live-abc123"}},
+        [f"data.notes.example: {LOOKS_PLAIN}"],
+    ),
+    (
+        "ghp-value-in-sha256-field",
+        {"key_sha256": "ghp_abcdef"},
+        [f"data.key_sha256: {LOOKS_PLAIN}"],
+    ),
     (
         "nested-lists",
-        {"users": [{"name": "a", "keys": [["sk-abc"], "AKIAIOSFODNN7EXAMPLE"]}, {"token": OTHER_PLAINTEXT}]},
+        {
+            "users": [
+                {"name": "a", "keys": [["sk-abc"], "AKIAIOSFODNN7EXAMPLE"]},
+                {"token": OTHER_PLAINTEXT},
+            ]
+        },
         [
-            "data.users[0].keys[0][0]: value looks like a plaintext credential",
-            "data.users[0].keys[1]: value looks like a plaintext credential",
-            "data.users[1].token: credential field holds a value that is not a SHA-256 digest",
+            f"data.users[0].keys[0][0]: {LOOKS_PLAIN}",
+            f"data.users[0].keys[1]: {LOOKS_PLAIN}",
+            f"data.users[1].token: {NOT_DIGEST}",
         ],
     ),
-    ("top-level-list", ["xoxb-1", "fine"], ["data[0]: value looks like a plaintext credential"]),
-]  # fmt: skip
+    ("top-level-list", ["xoxb-1", "fine"], [f"data[0]: {LOOKS_PLAIN}"]),
+]
 
 
 @pytest.mark.parametrize(
@@ -180,7 +206,7 @@ def test_plaintext_list_under_credential_field_is_flagged(value: list[Any]) -> N
 
 def test_lint_data_names_the_source() -> None:
     assert lint_data({"token": "x"}, where="bundle/data.json") == [
-        "bundle/data.json.token: credential field holds a value that is not a SHA-256 digest"
+        f"bundle/data.json.token: {NOT_DIGEST}"
     ]
 
 

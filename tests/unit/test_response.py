@@ -151,7 +151,7 @@ def test_decision_id_is_always_in_dynamic_metadata(
 
 @pytest.mark.parametrize(
     ("reason", "error"),
-    [(None, "forbidden"), ("missing_api_key", "missing_api_key")],
+    [(None, "denied"), ("missing_api_key", "missing_api_key")],
     ids=["no-reason", "with-reason"],
 )
 def test_deny_defaults_to_403_with_json_body(reason: str | None, error: str) -> None:
@@ -213,7 +213,9 @@ def error_class_for(code: str) -> type[AuthzError]:
     return cls
 
 
-@pytest.mark.parametrize(("code", "status"), sorted(FAILURE_STATUS.items()), ids=sorted(FAILURE_STATUS))
+@pytest.mark.parametrize(
+    ("code", "status"), sorted(FAILURE_STATUS.items()), ids=sorted(FAILURE_STATUS)
+)
 def test_error_response_for_every_failure_code(code: str, status: int) -> None:
     cls = error_class_for(code)
     error = cls(f"OPA said no for api key {SECRET} at /v1/data/x")
@@ -261,7 +263,9 @@ def test_status_classes(code: str, status: int) -> None:
     assert status_for(code) == status
 
 
-@pytest.mark.parametrize("code", ["no_such_code", "", "config_error"], ids=["unknown", "empty", "config"])
+@pytest.mark.parametrize(
+    "code", ["no_such_code", "", "config_error"], ids=["unknown", "empty", "config"]
+)
 def test_status_for_unknown_code_is_500(code: str) -> None:
     assert status_for(code) == 500
 

@@ -81,4 +81,3 @@ def test_no_attribute_dict_to_leak_through() -> None:
     assert not hasattr(secret, "__dict__")
     with pytest.raises(AttributeError):
         secret.extra = 1  # type: ignore[attr-defined]
-

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -25,7 +26,9 @@ from tests.unit.fakes import FakeEngine, check_request
 
 def _authorizer(engine: FakeEngine) -> Authorizer:
     return Authorizer(
-        engine, default_decision_path="authz/gateway/decision", credential_headers=(),
+        engine,
+        default_decision_path="authz/gateway/decision",
+        credential_headers=(),
         timeout_s=1.0,
     )
 
@@ -80,12 +83,10 @@ def test_sigterm_shuts_the_process_down_cleanly(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # OPA is absent: alive but not ready, and the reason is named.
-        try:
+        with pytest.raises(urllib.error.HTTPError) as failed:
             urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2)
-            raise AssertionError("readyz must fail without OPA")
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 503
-            assert json.loads(exc.read())["checks"]["opa"]["ok"] is False
+        assert failed.value.code == 503
+        assert json.loads(failed.value.read())["checks"]["opa"]["ok"] is False
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

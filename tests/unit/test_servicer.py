@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.authorizer import Authorizer
@@ -25,8 +24,9 @@ class _Exploding(Authorizer):
 
 async def test_unexpected_error_is_a_500_deny_not_a_grpc_error() -> None:
     servicer = AuthorizationServicer(
-        _Exploding(FakeEngine(True), default_decision_path="a/b", credential_headers=(),
-                   timeout_s=0.3)
+        _Exploding(
+            FakeEngine(True), default_decision_path="a/b", credential_headers=(), timeout_s=0.3
+        )
     )
     context: Any = _Context()
     response = await servicer.Check(check_request(), context)
@@ -46,5 +46,3 @@ async def test_passes_the_grpc_deadline_to_the_authorizer() -> None:
     context: Any = _Context()
     await servicer.Check(check_request(), context)
     assert engine.calls[0][2] < 0.5
-
-
