@@ -4,7 +4,8 @@ Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean
 object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
 ``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
-authz extensions ``reason``, ``rate_limit`` and ``identity`` (``docs/contract.md``).
+authz extensions ``reason``, ``rate_limit``, ``identity`` and ``credential``
+(``docs/contract.md``).
 Unknown fields are ignored, as the plugin does.
 
 Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
@@ -25,12 +26,20 @@ from envoy.type.v3 import http_status_pb2
 
 from authz.errors import InvalidDecision
 
-__all__ = ["Decision", "Header", "RateLimitRef", "json_type", "parse_decision"]
+__all__ = [
+    "CredentialRef",
+    "Decision",
+    "Header",
+    "RateLimitRef",
+    "json_type",
+    "parse_decision",
+]
 
 Header = tuple[str, str]
 _TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
 _REASON: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_REF: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ENVOY_STATUSES: Final = frozenset(
     v
     for v in http_status_pb2.StatusCode.values()
@@ -41,10 +50,27 @@ _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class RateLimitRef:
-    """Which tier applies and the bucket key (never a raw credential)."""
+    """Which tier applies and the bucket key (never a raw credential).
+
+    ``requests_per_minute`` is the tier's limit as the bundle data states it (-1 means
+    unlimited, 0 means no requests); ``burst`` is the bucket size in requests (None: the
+    limiter's default for that rate)."""
 
     tier: str
     key: str
+    requests_per_minute: int | None = None
+    burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRef:
+    """A credential to inject, by reference: ``ref`` names an entry of the secrets file
+    (never the value); the upstream request gets header ``header`` set to ``format`` with
+    ``{secret}`` replaced by the resolved secret, e.g. ``Bearer {secret}``."""
+
+    ref: str
+    header: str
+    format: str = "{secret}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +90,7 @@ class Decision:
     reason: str | None = None
     rate_limit: RateLimitRef | None = None
     identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    credential: CredentialRef | None = None
 
     @property
     def reason_code(self) -> str:
@@ -173,7 +200,42 @@ def _rate_limit(raw: Any) -> RateLimitRef:
         raise _type_error("rate_limit.tier", "string", tier)
     if not isinstance(key, str):
         raise _type_error("rate_limit.key", "string", key)
-    return RateLimitRef(tier=tier, key=key)
+    if not tier or not key:
+        raise InvalidDecision("rate_limit.tier and rate_limit.key must not be empty")
+    return RateLimitRef(
+        tier=tier,
+        key=key,
+        requests_per_minute=_optional_int(raw, "requests_per_minute", minimum=-1),
+        burst=_optional_int(raw, "burst", minimum=1),
+    )
+
+
+def _optional_int(raw: Mapping[str, Any], name: str, *, minimum: int) -> int | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(f"rate_limit.{name}", "number", value)
+    if value != int(value) or value < minimum:
+        raise InvalidDecision(f"rate_limit.{name} must be an integer >= {minimum}")
+    return int(value)
+
+
+def _credential(raw: Any) -> CredentialRef:
+    if not isinstance(raw, dict):
+        raise _type_error("credential", "object", raw)
+    ref, header, fmt = raw.get("ref"), raw.get("header"), raw.get("format", "{secret}")
+    if not isinstance(ref, str):
+        raise _type_error("credential.ref", "string", ref)
+    if not _REF.fullmatch(ref):
+        raise InvalidDecision(f"credential.ref {ref[:64]!r} is not a secret reference")
+    if not isinstance(header, str):
+        raise _type_error("credential.header", "string", header)
+    if not isinstance(fmt, str):
+        raise _type_error("credential.format", "string", fmt)
+    if fmt.count("{secret}") != 1 or _BAD_VALUE.search(fmt):
+        raise InvalidDecision("credential.format must contain {secret} exactly once")
+    return CredentialRef(ref=ref, header=_header_name("credential.header", header), format=fmt)
 
 
 def _identity(raw: Any) -> Mapping[str, str]:
@@ -238,4 +300,6 @@ def parse_decision(result: Any) -> Decision:
         fields["rate_limit"] = _rate_limit(result["rate_limit"])
     if "identity" in result:
         fields["identity"] = _identity(result["identity"])
+    if "credential" in result:
+        fields["credential"] = _credential(result["credential"])
     return Decision(**fields)

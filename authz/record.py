@@ -116,7 +116,8 @@ class DecisionRecord:
             "opa_ms": round(self.opa_duration_s * 1000, 3),
         }
         for key, value in self.identity.items():
-            fields.setdefault(key, value)  # a policy cannot overwrite the core fields
+            if key not in fields and key != "error":  # a policy cannot fake core fields
+                fields[key] = value
         if self.error is not None:
             fields["error"] = self.error
         return fields

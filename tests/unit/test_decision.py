@@ -8,11 +8,12 @@ follow ``docs/contract.md``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import pytest
 
-from authz.decision import Decision, RateLimitRef, json_type, parse_decision
+from authz.decision import CredentialRef, Decision, RateLimitRef, json_type, parse_decision
 from authz.errors import InvalidDecision
 
 
@@ -316,13 +317,101 @@ def test_non_snake_case_reason_is_rejected(reason: str) -> None:
     ("raw", "expected"),
     [
         ({"tier": "premium", "key": "key-demo-admin"}, RateLimitRef("premium", "key-demo-admin")),
-        ({"tier": "", "key": ""}, RateLimitRef("", "")),
         ({"tier": "free", "key": "k", "extra": 1}, RateLimitRef("free", "k")),
+        (
+            {"tier": "std", "key": "k", "requests_per_minute": 60, "burst": 10},
+            RateLimitRef("std", "k", 60, 10),
+        ),
+        ({"tier": "u", "key": "k", "requests_per_minute": -1}, RateLimitRef("u", "k", -1)),
+        ({"tier": "z", "key": "k", "requests_per_minute": 0.0}, RateLimitRef("z", "k", 0)),
     ],
-    ids=["typical", "empty-strings", "extra-field-ignored"],
+    ids=["typical", "extra-field-ignored", "with-limits", "unlimited", "zero-float"],
 )
 def test_rate_limit_shape(raw: dict[str, Any], expected: RateLimitRef) -> None:
     assert parse_decision({"allowed": True, "rate_limit": raw}).rate_limit == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"tier": "", "key": "k"}, "must not be empty"),
+        ({"tier": "t", "key": ""}, "must not be empty"),
+        (
+            {"tier": "t", "key": "k", "requests_per_minute": "60"},
+            "requests_per_minute to be of type 'number' but got 'string'",
+        ),
+        (
+            {"tier": "t", "key": "k", "requests_per_minute": True},
+            "requests_per_minute to be of type 'number' but got 'boolean'",
+        ),
+        ({"tier": "t", "key": "k", "requests_per_minute": -2}, "integer >= -1"),
+        ({"tier": "t", "key": "k", "requests_per_minute": 1.5}, "integer >= -1"),
+        ({"tier": "t", "key": "k", "burst": 0}, "integer >= 1"),
+    ],
+    ids=[
+        "empty-tier",
+        "empty-key",
+        "rpm-string",
+        "rpm-bool",
+        "rpm-below",
+        "rpm-fraction",
+        "burst-0",
+    ],
+)
+def test_rate_limit_errors(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidDecision, match=re.escape(message)):
+        parse_decision({"allowed": True, "rate_limit": raw})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"ref": "openai", "header": "Authorization", "format": "Bearer {secret}"},
+            CredentialRef("openai", "authorization", "Bearer {secret}"),
+        ),
+        ({"ref": "anthropic", "header": "x-api-key"}, CredentialRef("anthropic", "x-api-key")),
+    ],
+    ids=["formatted", "default-format"],
+)
+def test_credential_shape(raw: dict[str, Any], expected: CredentialRef) -> None:
+    assert parse_decision({"allowed": True, "credential": raw}).credential == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("openai", "expected credential to be of type 'object' but got 'string'"),
+        ({"header": "x"}, "expected credential.ref to be of type 'string' but got 'null'"),
+        ({"ref": "../etc", "header": "x"}, "is not a secret reference"),
+        (
+            {"ref": "a", "header": 1},
+            "expected credential.header to be of type 'string' but got 'number'",
+        ),
+        ({"ref": "a", "header": "bad header"}, "is not a valid header name"),
+        ({"ref": "a", "header": "x", "format": "no placeholder"}, "exactly once"),
+        ({"ref": "a", "header": "x", "format": "{secret}{secret}"}, "exactly once"),
+        ({"ref": "a", "header": "x", "format": "{secret}\r\nx: y"}, "exactly once"),
+        (
+            {"ref": "a", "header": "x", "format": 5},
+            "expected credential.format to be of type 'string' but got 'number'",
+        ),
+    ],
+    ids=[
+        "not-object",
+        "no-ref",
+        "bad-ref",
+        "header-type",
+        "header-syntax",
+        "no-placeholder",
+        "two-placeholders",
+        "crlf",
+        "format-type",
+    ],
+)
+def test_credential_errors(raw: Any, message: str) -> None:
+    with pytest.raises(InvalidDecision, match=re.escape(message)):
+        parse_decision({"allowed": True, "credential": raw})
 
 
 @pytest.mark.parametrize(

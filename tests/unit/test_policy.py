@@ -1,0 +1,29 @@
+"""Evaluation.revision: one log string from OPA's provenance bundles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from authz.policy import Evaluation
+
+
+@pytest.mark.parametrize(
+    ("revisions", "expected"),
+    [
+        ({}, ""),
+        ({"bundle.tar.gz": "r1"}, "r1"),
+        ({"only": ""}, ""),
+        ({"b": "2", "a": "1"}, "a=1,b=2"),
+        ({"a": "1", "b": "2", "c": "3"}, "a=1,b=2,c=3"),
+    ],
+    ids=["no-bundles", "one-bundle", "one-bundle-empty-revision", "two-bundles-sorted", "three"],
+)
+def test_revision(revisions: Mapping[str, str], expected: str) -> None:
+    assert Evaluation(result=True, revisions=revisions).revision == expected
+
+
+def test_defaults() -> None:
+    evaluation = Evaluation(result={"allowed": True})
+    assert (evaluation.revision, dict(evaluation.revisions), evaluation.duration_s) == ("", {}, 0.0)

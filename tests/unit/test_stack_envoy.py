@@ -1,0 +1,143 @@
+"""stack.envoy.render: the repo's Envoy config on other ports, nothing else changed."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz.stack.envoy import render
+
+GATEWAY = Path("infra/envoy/envoy-gateway.yaml")
+
+
+def load(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return loaded
+
+
+def by_name(config: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [
+        item for item in config["static_resources"][kind] if item["name"] == name
+    ]
+    [item] = found
+    return item
+
+
+def socket_addresses(cluster: dict[str, Any]) -> list[tuple[str, int]]:
+    return [
+        (
+            endpoint["endpoint"]["address"]["socket_address"]["address"],
+            endpoint["endpoint"]["address"]["socket_address"]["port_value"],
+        )
+        for group in cluster["load_assignment"]["endpoints"]
+        for endpoint in group["lb_endpoints"]
+    ]
+
+
+def expected(
+    original: dict[str, Any],
+    admin_port: int,
+    listeners: Mapping[str, int],
+    clusters: Mapping[str, tuple[str, int]],
+) -> dict[str, Any]:
+    """``original`` with the edits render() should make, applied by hand."""
+    config = copy.deepcopy(original)
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    for name, port in listeners.items():
+        by_name(config, "listeners", name)["address"]["socket_address"]["port_value"] = port
+    for name, (address, port) in clusters.items():
+        for group in by_name(config, "clusters", name)["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                endpoint["endpoint"]["address"]["socket_address"].update(
+                    address=address, port_value=port
+                )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("listeners", "clusters"),
+    [
+        ({"gateway": 18080}, {"authz": ("127.0.0.1", 19191), "upstream_api": ("127.0.0.2", 18090)}),
+        ({}, {"authz": ("127.0.0.1", 19191)}),
+        ({"gateway": 18080}, {}),
+    ],
+    ids=["everything", "one-cluster", "listener-only"],
+)
+def test_render_gateway(
+    repo_root: Path,
+    listeners: Mapping[str, int],
+    clusters: Mapping[str, tuple[str, int]],
+) -> None:
+    source = repo_root / GATEWAY
+    before = source.read_text(encoding="utf-8")
+    original = load(source)
+    rendered = yaml.safe_load(
+        render(source, admin_port=19901, listeners=listeners, clusters=clusters)
+    )
+    assert rendered == expected(original, 19901, listeners, clusters)
+    assert rendered["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 19901,
+    }
+    gateway = by_name(rendered, "listeners", "gateway")["address"]["socket_address"]
+    assert gateway["port_value"] == listeners.get("gateway", 8080)
+    assert socket_addresses(by_name(rendered, "clusters", "authz")) == [
+        clusters.get("authz", ("127.0.0.1", 9191))
+    ]
+    assert socket_addresses(by_name(rendered, "clusters", "upstream_api")) == [
+        clusters.get("upstream_api", ("127.0.0.1", 8090))
+    ]
+    assert source.read_text(encoding="utf-8") == before  # the file itself is untouched
+
+
+def test_render_rewrites_every_endpoint_of_a_cluster(tmp_path: Path) -> None:
+    endpoint = {
+        "endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 1}}}
+    }
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}},
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "multi",
+                    "load_assignment": {
+                        "cluster_name": "multi",
+                        "endpoints": [
+                            {"lb_endpoints": [endpoint, copy.deepcopy(endpoint)]},
+                            {"lb_endpoints": [copy.deepcopy(endpoint)]},
+                        ],
+                    },
+                }
+            ]
+        },
+    }
+    source = tmp_path / "envoy.yaml"
+    source.write_text(yaml.safe_dump(config), encoding="utf-8")
+    rendered = yaml.safe_load(
+        render(source, admin_port=1, listeners={}, clusters={"multi": ("127.0.0.1", 2)})
+    )
+    assert socket_addresses(by_name(rendered, "clusters", "multi")) == [("127.0.0.1", 2)] * 3
+
+
+@pytest.mark.parametrize(
+    ("listeners", "clusters", "missing"),
+    [
+        ({"egress": 1}, {}, "egress"),
+        ({"gateway": 1}, {"opa": ("127.0.0.1", 2)}, "opa"),
+        ({}, {"upstream": ("127.0.0.1", 2)}, "upstream"),
+    ],
+    ids=["unknown-listener", "unknown-cluster", "near-miss-cluster-name"],
+)
+def test_render_unknown_name_raises(
+    repo_root: Path,
+    listeners: Mapping[str, int],
+    clusters: Mapping[str, tuple[str, int]],
+    missing: str,
+) -> None:
+    with pytest.raises(KeyError, match=missing):
+        render(repo_root / GATEWAY, admin_port=1, listeners=listeners, clusters=clusters)
