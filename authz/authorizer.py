@@ -11,24 +11,32 @@ programming errors, which the servicer also turns into a deny.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.config import parse_decision_path
 from authz.decision import Decision, parse_decision
-from authz.errors import AuthzError, ConfigError, DeadlineExceeded, DecisionPathError
+from authz.errors import (
+    AuthzError,
+    ConfigError,
+    CredentialError,
+    DeadlineExceeded,
+    DecisionPathError,
+)
 from authz.input import build_input
 from authz.policy import Evaluation, PolicyEngine
 from authz.record import DecisionRecord, DecisionSink
 from authz.response import build_response, error_response
+from authz.secrets import Secret
 
-__all__ = ["DECISION_PATH_KEY", "Authorizer", "Outcome"]
+__all__ = ["DECISION_PATH_KEY", "Authorizer", "CredentialSource", "Outcome"]
 
 # The context_extensions key an Envoy route sets to pick its decision path.
 DECISION_PATH_KEY: Final = "decision_path"
@@ -36,6 +44,14 @@ DECISION_PATH_KEY: Final = "decision_path"
 _DEADLINE_MARGIN_S: Final = 0.010
 
 log = logging.getLogger(__name__)
+
+
+class CredentialSource(Protocol):
+    """Resolves a credential reference to its secret (the egress secrets file)."""
+
+    def get(self, ref: str) -> Secret:
+        """The secret for ``ref``; raises CredentialError when it cannot be resolved."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +66,10 @@ class Authorizer:
     """Runs the decision pipeline for one CheckRequest at a time (safe to share across
     concurrent calls; holds no per-request state).
 
-    ``engine`` answers OPA queries; ``sinks`` receive every :class:`DecisionRecord` (a sink
-    that raises is logged and skipped, never fails the request); ``timeout_s`` is the
+    ``engine`` answers OPA queries; ``credentials`` resolves the credential a decision
+    names for injection (None: no secrets file, so such decisions deny 503); ``sinks``
+    receive every :class:`DecisionRecord` (a sink that raises is logged and skipped,
+    never fails the request); ``timeout_s`` is the
     decision budget in seconds; ``clock`` (seconds, monotonic) and ``new_id`` (a
     decision id) are injectable for tests.
     """
@@ -64,6 +82,7 @@ class Authorizer:
         credential_headers: Iterable[str],
         timeout_s: float,
         parse_body: bool = True,
+        credentials: CredentialSource | None = None,
         sinks: Iterable[DecisionSink] = (),
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
@@ -74,6 +93,7 @@ class Authorizer:
         self._credential_headers = frozenset(credential_headers)
         self._timeout_s = timeout_s
         self._parse_body = parse_body
+        self._credentials = credentials
         self._sinks = tuple(sinks)
         self._clock = clock
         self._wall_clock = wall_clock
@@ -110,7 +130,11 @@ class Authorizer:
             # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
             if self._clock() - started > budget:
                 raise DeadlineExceeded("the decision arrived after the deadline")
-            # 6. Decision -> CheckResponse.
+            # 6. Resolve the credential the decision names, by reference: the secret
+            #    comes from the secrets file and never went to OPA.
+            if decision.allowed and decision.credential is not None:
+                decision = self._inject_credential(decision)
+            # 7. Decision -> CheckResponse.
             response = build_response(decision, decision_id)
         except AuthzError as error:
             return self._finish(
@@ -120,6 +144,16 @@ class Authorizer:
         return self._finish(
             response, self._record(decision_id, path, started, document, evaluation, decision)
         )
+
+    def _inject_credential(self, decision: Decision) -> Decision:
+        """``decision`` with the credential header set (replacing any the policy set)."""
+        assert decision.credential is not None
+        ref = decision.credential
+        if self._credentials is None:
+            raise CredentialError(f"credential {ref.ref!r} requested but no secrets file is set")
+        value = ref.format.replace("{secret}", self._credentials.get(ref.ref).reveal())
+        headers = tuple(h for h in decision.headers if h[0] != ref.header)
+        return dataclasses.replace(decision, headers=(*headers, (ref.header, value)))
 
     def _decision_path(self, extensions: Mapping[str, str]) -> str:
         path = extensions.get(DECISION_PATH_KEY)

@@ -5,6 +5,8 @@
     authz serve [--config FILE]          run the ext_authz gRPC server (default command)
     authz key new                        print a new API key and its digest
     authz key hash                       read a key on stdin, print its SHA-256 digest
+    authz sandbox new --id ID --tier T   print a new sandbox token and its data entry
+    authz secrets generate               build the egress secrets file from env / .env
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
 
 Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
@@ -21,7 +23,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz import config, keys, logs
+from dotenv import dotenv_values
+
+from authz import config, keys, logs, secrets
 from authz.errors import ConfigError
 
 __all__ = ["main"]
@@ -46,7 +50,11 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         runner = asyncio.Runner()
     with runner:
-        runner.run(serve(settings))
+        try:
+            runner.run(serve(settings))
+        except ConfigError as exc:  # e.g. the secrets file, read before serving
+            log.error("invalid configuration: %s", exc, extra={"code": exc.code})
+            return 2
     return 0
 
 
@@ -73,6 +81,44 @@ def _key_hash(_: argparse.Namespace) -> int:
         return 2
     print(keys.digest(key))
     return 0
+
+
+def _sandbox_new(args: argparse.Namespace) -> int:
+    token = keys.generate_key(keys.SANDBOX_TOKEN_PREFIX)
+    entry = {args.id: {"tier": args.tier, "enabled": True, "token_sha256": keys.digest(token)}}
+    print(f"sandbox token (shown once, give it to the sandbox): {token}", file=sys.stderr)
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+def _secrets_generate(args: argparse.Namespace) -> int:
+    environ: dict[str, str] = {}
+    if args.env_file is not None:
+        if not args.env_file.is_file():
+            print(f"error: no env file at {args.env_file}", file=sys.stderr)
+            return 2
+        environ.update({k: v for k, v in dotenv_values(args.env_file).items() if v is not None})
+    environ.update(os.environ)  # the process environment wins over the file
+    try:
+        services = json.loads(args.services.read_text(encoding="utf-8"))["services"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: cannot read services from {args.services}: {exc}", file=sys.stderr)
+        return 2
+    refs = sorted(name for name, svc in services.items() if svc.get("credential"))
+    found, missing = secrets.collect_credentials(refs, environ)
+    try:
+        secrets.write_secrets_file(args.out, found)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Names only: a secret value is never printed.
+    print(f"wrote {len(found)} credentials to {args.out} (mode 0600): {', '.join(found) or '-'}")
+    for ref in missing:
+        print(
+            f"warning: no {secrets.env_name(ref)}; {ref} requests will be denied 503",
+            file=sys.stderr,
+        )
+    return 1 if missing and args.require_all else 0
 
 
 def _lint_data(args: argparse.Namespace) -> int:
@@ -110,6 +156,34 @@ def _parser() -> argparse.ArgumentParser:
     new.set_defaults(func=_key_new)
     hash_ = key_commands.add_parser("hash", help="SHA-256 digest of the key read from stdin")
     hash_.set_defaults(func=_key_hash)
+
+    sandbox = commands.add_parser("sandbox", help="sandbox identity helpers")
+    sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    sandbox_new = sandbox_commands.add_parser(
+        "new", help="generate a sandbox token; prints the data entry (token on stderr)"
+    )
+    sandbox_new.add_argument("--id", required=True, help="sandbox id, e.g. sb-team-a-1")
+    sandbox_new.add_argument("--tier", default="default", help="egress tier (default: default)")
+    sandbox_new.set_defaults(func=_sandbox_new)
+
+    secrets_ = commands.add_parser("secrets", help="egress secrets file helpers")
+    secrets_commands = secrets_.add_subparsers(dest="secrets_command", required=True)
+    generate = secrets_commands.add_parser(
+        "generate",
+        help="write the secrets file from EGRESS_SECRET_<SERVICE> variables (env or .env)",
+    )
+    generate.add_argument("--env-file", type=Path, help="a .env file (environment wins)")
+    generate.add_argument("--out", type=Path, required=True, help="secrets file to write")
+    generate.add_argument(
+        "--services",
+        type=Path,
+        default=Path("policy/egress/data.json"),
+        help="services config naming the credentials (default: policy/egress/data.json)",
+    )
+    generate.add_argument(
+        "--require-all", action="store_true", help="exit 1 if any credential is missing"
+    )
+    generate.set_defaults(func=_secrets_generate)
 
     lint = commands.add_parser("lint-data", help="refuse plaintext credentials in data")
     lint.add_argument("files", nargs="+", type=Path)

@@ -51,6 +51,8 @@ DEFAULT_CREDENTIAL_HEADERS: Final = (
 DEFAULT_OPA_POOL_SIZE: Final = 64
 DEFAULT_SHUTDOWN_GRACE_S: Final = 5.0
 DEFAULT_LOG_LEVEL: Final = "INFO"
+DEFAULT_SECRETS_RELOAD_INTERVAL_S: Final = 1.0
+DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 5.0
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -78,6 +80,9 @@ class Settings:
     log_level: str = DEFAULT_LOG_LEVEL
     decision_log: bool = True
     uvloop: bool = True
+    secrets_file: Path | None = None
+    secrets_reload_interval_s: float = DEFAULT_SECRETS_RELOAD_INTERVAL_S
+    bundle_poll_interval_s: float = DEFAULT_BUNDLE_POLL_INTERVAL_S
 
     @property
     def decision_timeout_s(self) -> float:
@@ -163,6 +168,22 @@ def _log_level(key: str, value: Any) -> str:
     return level
 
 
+def _path(key: str, value: Any) -> Path | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    if "\x00" in text:
+        raise ConfigError(f"{key}={value!r}: not a file path")
+    return Path(text)
+
+
+def _interval(key: str, value: Any) -> float:
+    number = _positive_float(key, value)
+    if not 0.05 <= number <= 3600:
+        raise ConfigError(f"{key}={value!r}: expected 0.05..3600 seconds")
+    return number
+
+
 def _secret(key: str, value: Any) -> Secret | None:
     text = str(value)
     return Secret(text) if text else None
@@ -182,6 +203,9 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "log_level": _log_level,
     "decision_log": _bool,
     "uvloop": _bool,
+    "secrets_file": _path,
+    "secrets_reload_interval_s": _interval,
+    "bundle_poll_interval_s": _interval,
 }
 
 

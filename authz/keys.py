@@ -13,9 +13,10 @@ import secrets
 from collections.abc import Iterator
 from typing import Any, Final
 
-__all__ = ["KEY_PREFIX", "digest", "generate_key", "lint_data"]
+__all__ = ["KEY_PREFIX", "SANDBOX_TOKEN_PREFIX", "digest", "generate_key", "lint_data"]
 
 KEY_PREFIX: Final = "ak_"
+SANDBOX_TOKEN_PREFIX: Final = "sbt_"  # noqa: S105 (a prefix, not a token)
 _DIGEST: Final = re.compile(r"^[0-9a-f]{64}$")
 # Object keys under which a credential-looking string must be a digest.
 _CREDENTIAL_FIELDS: Final = frozenset(
@@ -26,6 +27,7 @@ _DIGEST_KEYED_MAPS: Final = frozenset({"api_keys"})
 # Value prefixes of well-known credential formats (ours, OpenAI, GitHub, Slack, AWS).
 _CREDENTIAL_PREFIXES: Final = (
     KEY_PREFIX,
+    SANDBOX_TOKEN_PREFIX,
     "sk-",
     "ghp_",
     "gho_",

@@ -1,17 +1,56 @@
-"""Secret values: a wrapper whose ``repr``/``str`` never reveal the value.
+"""Secret values and the egress secrets file.
 
-Follows Starlette's ``datastructures.Secret``: the value is only reachable through
-:meth:`Secret.reveal`, so a secret that ends up in a log line, an exception message or a
-``repr`` of a frozen config prints as ``'**********'``.
+:class:`Secret` follows Starlette's ``datastructures.Secret``: the value is only reachable
+through :meth:`Secret.reveal`, so a secret that ends up in a log line, an exception message
+or a ``repr`` prints as ``'**********'``.
+
+:class:`SecretStore` holds the credentials authz injects on egress. The secrets file is
+JSON, never part of a bundle, never sent to OPA::
+
+    {"version": 1, "credentials": {"<ref>": "<secret>", ...}}
+
+``<ref>`` is what a decision's ``credential.ref`` names (the service name). The file is
+read at startup (a missing or malformed file is a :class:`~authz.errors.ConfigError`) and
+re-read whenever its modification time, size or inode changes. At runtime a file that
+disappears or stops parsing makes every credential unavailable (each affected request is
+denied 503 ``credential_unavailable``) until a good file is back: fail closed, never a
+stale or missing credential forwarded. An entry that is not a non-empty string makes only
+that reference unavailable.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+import json
+import logging
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
 
-__all__ = ["MASK", "Secret"]
+from authz.errors import ConfigError, CredentialError
+
+__all__ = [
+    "ENV_PREFIX",
+    "MASK",
+    "SECRETS_FILE_VERSION",
+    "Secret",
+    "SecretStore",
+    "collect_credentials",
+    "env_name",
+    "write_secrets_file",
+]
 
 MASK: Final = "**********"
+SECRETS_FILE_VERSION: Final = 1
+ENV_PREFIX: Final = "EGRESS_SECRET_"
+_REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
+
+log = logging.getLogger(__name__)
 
 
 class Secret:
@@ -40,3 +79,189 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    secrets: Mapping[str, Secret]
+    invalid: frozenset[str]
+
+
+def _parse(text: str, where: str) -> _Loaded:
+    """Parse the secrets file text; errors name the file and the key, never a value."""
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        # json's message has the position only (line/column), no content.
+        raise ConfigError(f"secrets file {where}: not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"secrets file {where}: expected a JSON object at top level")
+    version = document.get("version")
+    if version != SECRETS_FILE_VERSION:
+        raise ConfigError(f"secrets file {where}: version={version!r}, expected 1")
+    credentials = document.get("credentials")
+    if not isinstance(credentials, dict):
+        raise ConfigError(f"secrets file {where}: 'credentials' must be an object")
+    secrets: dict[str, Secret] = {}
+    invalid: set[str] = set()
+    for ref, value in credentials.items():
+        if not _REF.fullmatch(ref):
+            raise ConfigError(f"secrets file {where}: {ref[:64]!r} is not a valid reference")
+        if isinstance(value, str) and value and not _BAD_VALUE.search(value):
+            secrets[ref] = Secret(value)
+        else:
+            invalid.add(ref)
+            log.error(
+                "secrets file entry is not a usable string; its service is denied 503",
+                extra={"secrets_file": where, "ref": ref},
+            )
+    return _Loaded(secrets, frozenset(invalid))
+
+
+class SecretStore:
+    """Credentials from the secrets file at ``path``, reloaded when it changes.
+
+    Use :meth:`open` at startup (raises ConfigError for a missing or malformed file),
+    :meth:`get` per request (raises CredentialError), and run :meth:`watch` as a task.
+    ``reloads`` and ``reload_failures`` count reload attempts for metrics.
+    """
+
+    def __init__(self, path: Path, loaded: _Loaded, signature: tuple[int, int, int]) -> None:
+        self.path = path
+        self._loaded: _Loaded | None = loaded
+        self._signature: tuple[int, int, int] | None = signature
+        self.reloads = 0
+        self.reload_failures = 0
+
+    @classmethod
+    def open(cls, path: Path) -> SecretStore:
+        """Read ``path`` now. Raises ConfigError naming the file when it is missing,
+        unreadable or malformed. Warns when the file is readable by group or others."""
+        try:
+            info = path.stat()
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"secrets file {str(path)!r}: {exc.strerror}") from None
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "secrets file is readable by group or others; chmod 600 it",
+                extra={"secrets_file": str(path), "mode": oct(stat.S_IMODE(info.st_mode))},
+            )
+        loaded = _parse(text, repr(str(path)))
+        return cls(path, loaded, _signature(info))
+
+    @property
+    def loaded(self) -> bool:
+        """True while the last read of the file succeeded."""
+        return self._loaded is not None
+
+    @property
+    def references(self) -> frozenset[str]:
+        """The references currently resolvable (names only)."""
+        return frozenset(self._loaded.secrets) if self._loaded else frozenset()
+
+    def get(self, ref: str) -> Secret:
+        """The secret for ``ref``. Raises CredentialError when the file is not loaded,
+        the reference is absent, or its entry is malformed."""
+        if self._loaded is None:
+            raise CredentialError(f"secrets file {str(self.path)!r} is missing or malformed")
+        secret = self._loaded.secrets.get(ref)
+        if secret is None:
+            state = "malformed" if ref in self._loaded.invalid else "absent"
+            raise CredentialError(f"credential {ref!r} is {state} in the secrets file")
+        return secret
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed (mtime, size or inode). Returns True when it was
+        re-read (successfully or not). Never raises."""
+        try:
+            info = self.path.stat()
+        except OSError:
+            if self._loaded is None:
+                return False  # already failed; nothing new to report
+            self._fail("secrets file disappeared")
+            return True
+        signature = _signature(info)
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        self.reloads += 1
+        try:
+            self._loaded = _parse(self.path.read_text(encoding="utf-8"), repr(str(self.path)))
+        except (OSError, ConfigError) as exc:
+            self._fail(str(exc), signature)  # not re-read until it changes again
+            return True
+        log.info(
+            "secrets file reloaded",
+            extra={"secrets_file": str(self.path), "references": sorted(self.references)},
+        )
+        return True
+
+    def _fail(self, reason: str, signature: tuple[int, int, int] | None = None) -> None:
+        self._loaded = None
+        self._signature = signature
+        self.reload_failures += 1
+        log.error(
+            "secrets unavailable; egress requests needing a credential are denied",
+            extra={"secrets_file": str(self.path), "error": reason},
+        )
+
+    async def watch(self, interval_s: float) -> None:
+        """Call :meth:`refresh` every ``interval_s`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.refresh()
+
+
+def _signature(info: os.stat_result) -> tuple[int, int, int]:
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:
+    """Write ``credentials`` (ref -> secret) as a secrets file at ``path`` with mode 0600,
+    atomically (a temporary file in the same directory, then rename). Raises ConfigError
+    for a bad reference or an empty value (naming the reference, never the value)."""
+    for ref, value in credentials.items():
+        if not _REF.fullmatch(ref):
+            raise ConfigError(f"{ref[:64]!r} is not a valid secret reference")
+        if not value or _BAD_VALUE.search(value):
+            raise ConfigError(f"the secret for {ref!r} is empty or contains CR, LF or NUL")
+    document: dict[str, Any] = {
+        "version": SECRETS_FILE_VERSION,
+        "credentials": dict(sorted(credentials.items())),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def env_name(ref: str) -> str:
+    """The environment variable holding the secret for ``ref``:
+    ``EGRESS_SECRET_<REF>`` upper-cased, ``-`` and ``.`` as ``_`` (``openai`` ->
+    ``EGRESS_SECRET_OPENAI``)."""
+    return ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", ref).upper()
+
+
+def collect_credentials(
+    refs: list[str], environ: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """``(credentials, missing)``: the secret for each of ``refs`` found in ``environ``
+    under :func:`env_name`, and the refs with no (or an empty) variable."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for ref in refs:
+        value = environ.get(env_name(ref), "").strip()
+        if value:
+            found[ref] = value
+        else:
+            missing.append(ref)
+    return found, missing

@@ -21,12 +21,14 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from authz.admin import create_admin_app, opa_bundles_check, start_admin
-from authz.authorizer import Authorizer
+from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.authorizer import Authorizer, CredentialSource
+from authz.bundle import BundleWatcher
 from authz.config import Settings
 from authz.logs import DecisionLog
 from authz.policy import OpaClient, PolicyEngine
 from authz.record import DecisionSink
+from authz.secrets import SecretStore
 from authz.servicer import AuthorizationServicer
 
 __all__ = ["AUTHZ_SERVICE", "AuthzServer", "build_authorizer", "create_server", "serve"]
@@ -60,7 +62,10 @@ class AuthzServer:
 
 
 def build_authorizer(
-    settings: Settings, engine: PolicyEngine, sinks: Iterable[DecisionSink]
+    settings: Settings,
+    engine: PolicyEngine,
+    sinks: Iterable[DecisionSink],
+    credentials: CredentialSource | None = None,
 ) -> Authorizer:
     """The :class:`Authorizer` the settings describe, over ``engine``."""
     return Authorizer(
@@ -69,6 +74,7 @@ def build_authorizer(
         credential_headers=settings.credential_headers,
         timeout_s=settings.decision_timeout_s,
         parse_body=settings.parse_body,
+        credentials=credentials,
         sinks=sinks,
     )
 
@@ -93,19 +99,29 @@ async def create_server(authorizer: Authorizer, addr: str) -> AuthzServer:
 
 
 async def serve(settings: Settings) -> None:
-    """Run authz until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run authz until SIGTERM or SIGINT, then shut down gracefully. Raises ConfigError
+    before serving anything when the secrets file is set but missing or malformed."""
+    secrets = SecretStore.open(settings.secrets_file) if settings.secrets_file else None
     engine = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
     sinks: list[DecisionSink] = [DecisionLog()] if settings.decision_log else []
-    authorizer = build_authorizer(settings, engine, sinks)
+    authorizer = build_authorizer(settings, engine, sinks, secrets)
     grpc_server = await create_server(authorizer, settings.grpc_addr)
+    watcher = BundleWatcher(engine, interval_s=settings.bundle_poll_interval_s)
     stopping = asyncio.Event()
+    tasks = [asyncio.create_task(watcher.run(), name="bundle-watcher")]
+    if secrets is not None:
+        tasks.append(
+            asyncio.create_task(secrets.watch(settings.secrets_reload_interval_s), name="secrets")
+        )
 
     async def not_stopping() -> tuple[bool, str]:
         return (not stopping.is_set(), "shutting down" if stopping.is_set() else "serving")
 
+    checks = {"serving": not_stopping, "opa": opa_bundles_check(engine)}
+    if secrets is not None:
+        checks["secrets"] = _secrets_check(secrets)
     admin_host, _, admin_port = settings.admin_addr.rpartition(":")
-    admin = create_admin_app({"serving": not_stopping, "opa": opa_bundles_check(engine)})
-    runner, bound_admin = await start_admin(admin, admin_host, int(admin_port))
+    runner, bound_admin = await start_admin(create_admin_app(checks), admin_host, int(admin_port))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -118,11 +134,24 @@ async def serve(settings: Settings) -> None:
             "opa_url": settings.opa_url,
             "default_decision_path": settings.default_decision_path,
             "decision_timeout_ms": settings.decision_timeout_ms,
+            "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
         },
     )
     await stopping.wait()
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
     await grpc_server.stop(settings.shutdown_grace_s)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await runner.cleanup()
     await engine.close()
     log.info("stopped")
+
+
+def _secrets_check(secrets: SecretStore) -> ReadinessCheck:
+    async def check() -> tuple[bool, str]:
+        if secrets.loaded:
+            return True, f"{len(secrets.references)} credentials"
+        return False, "secrets file missing or malformed"
+
+    return check

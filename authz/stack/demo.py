@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["DEMO_KEYS"]
+__all__ = ["DEMO_EGRESS_SECRETS", "DEMO_KEYS", "DEMO_SANDBOXES"]
 
 # name -> (plaintext key, key id, role, rate-limit tier, enabled, expires_at)
 DEMO_KEYS: Final = {
@@ -25,4 +25,23 @@ DEMO_KEYS: Final = {
         True,
         "2024-01-01T00:00:00Z",
     ),
+}
+
+# sandbox id -> (plaintext token, tier, enabled)
+DEMO_SANDBOXES: Final = {
+    "sb-demo-default": ("sbt_demo_default_0001", "default", True),
+    "sb-demo-restricted": ("sbt_demo_restricted_0001", "restricted", True),
+    "sb-demo-standard": ("sbt_demo_standard_0001", "standard", True),
+    "sb-demo-premium": ("sbt_demo_premium_0001", "premium", True),
+    "sb-demo-admin": ("sbt_demo_admin_0001", "admin", True),
+    "sb-demo-disabled": ("sbt_demo_disabled_0001", "standard", False),
+}
+
+# service -> demo credential the local stand-in API expects (fake values, local only).
+DEMO_EGRESS_SECRETS: Final = {
+    "httpbin": "demo-httpbin-credential",
+    "openai": "demo-openai-credential",
+    "anthropic": "demo-anthropic-credential",
+    "github": "demo-github-credential",
+    "slack": "demo-slack-credential",
 }

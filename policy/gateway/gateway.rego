@@ -88,7 +88,11 @@ allow := {
 		["x-api-key", "authorization"],
 		lib.forged_identity_headers(identity_prefix, identity_headers),
 	),
-	"rate_limit": {"tier": key.rate_limit_tier, "key": concat(":", ["key", key.id])},
+	"rate_limit": {
+		"tier": key.rate_limit_tier,
+		"key": concat(":", ["key", key.id]),
+		"requests_per_minute": data.gateway.rate_limit_tiers[key.rate_limit_tier].requests_per_minute,
+	},
 	"identity": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
 	"dynamic_metadata": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
 }

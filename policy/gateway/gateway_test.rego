@@ -118,7 +118,7 @@ test_allow_sets_identity_and_strips_key if {
 	d.headers == {"x-authz-key-id": "key-user", "x-authz-role": "user", "x-authz-tier": "standard"}
 	"x-api-key" in d.request_headers_to_remove
 	"authorization" in d.request_headers_to_remove
-	d.rate_limit == {"tier": "standard", "key": "key:key-user"}
+	d.rate_limit == {"tier": "standard", "key": "key:key-user", "requests_per_minute": 120}
 	d.identity.key_id == "key-user"
 }
 

@@ -7,20 +7,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from authz.authorizer import Authorizer
 from authz.errors import (
+    CredentialError,
     InvalidDecision,
     OpaResponseError,
     OpaTimeout,
     OpaUnavailable,
     UndefinedDecision,
 )
+from authz.secrets import Secret
 from tests.unit.fakes import FakeEngine, ListSink, check_request
 
 DEFAULT_PATH = "authz/gateway/decision"
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def make(engine: FakeEngine, sink: ListSink | None = None, **kwargs: Any) -> Authorizer:
@@ -216,3 +220,66 @@ async def test_record_carries_revision_identity_and_request() -> None:
     assert record.revision == "r-9"
     assert record.identity == {"key_id": "k1"}
     assert (record.method, record.path, record.request_id) == ("POST", "/api/v1/items", "req-1")
+
+
+class _Secrets:
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def get(self, ref: str) -> Secret:
+        if ref not in self._values:
+            raise CredentialError(f"credential {ref!r} is absent")
+        return Secret(self._values[ref])
+
+
+EGRESS_ALLOW = {
+    "allowed": True,
+    "reason": "allowed",
+    "headers": {"authorization": "Bearer policy-set-value", "x-keep": "1"},
+    "request_headers_to_remove": ["authorization", "x-sandbox-token"],
+    "credential": {"ref": "openai", "header": "authorization", "format": "Bearer {secret}"},
+    "identity": {"sandbox_id": "sb-1", "service": "openai"},
+}
+
+
+def _upstream_headers(response: external_auth_pb2.CheckResponse) -> list[tuple[str, str, int]]:
+    return [(o.header.key, o.header.value, o.append_action) for o in response.ok_response.headers]
+
+
+async def test_credential_is_injected_by_reference() -> None:
+    secret = "sekrit-openai-value"
+    outcome = await make(FakeEngine(EGRESS_ALLOW), credentials=_Secrets({"openai": secret})).check(
+        check_request(headers={"authorization": "Bearer sandbox-sent"})
+    )
+    headers = _upstream_headers(outcome.response)
+    auth = [h for h in headers if h[0] == "authorization"]
+    assert auth == [("authorization", f"Bearer {secret}", OVERWRITE)]
+    assert ("x-keep", "1", OVERWRITE) in headers
+    # Never removed after being set, never in metadata, the record or the log line.
+    assert "authorization" not in outcome.response.ok_response.headers_to_remove
+    assert "x-sandbox-token" in outcome.response.ok_response.headers_to_remove
+    assert secret not in str(outcome.response.dynamic_metadata)
+    assert secret not in repr(outcome.record)
+    assert secret not in json.dumps(outcome.record.log_fields())
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [None, _Secrets({})],
+    ids=["no-secrets-file", "absent-reference"],
+)
+async def test_unresolvable_credential_denies_503(credentials: _Secrets | None) -> None:
+    outcome = await make(FakeEngine(EGRESS_ALLOW), credentials=credentials).check(check_request())
+    assert status_of(outcome.response) == 503
+    assert error_of(outcome.response) == "credential_unavailable"
+    assert outcome.record.reason == "credential_unavailable"
+
+
+async def test_denied_decision_never_resolves_a_credential() -> None:
+    class Exploding:
+        def get(self, ref: str) -> Secret:
+            raise AssertionError("must not be called")
+
+    deny = {**EGRESS_ALLOW, "allowed": False, "reason": "path_not_allowed"}
+    outcome = await make(FakeEngine(deny), credentials=Exploding()).check(check_request())
+    assert status_of(outcome.response) == 403

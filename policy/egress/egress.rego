@@ -1,0 +1,118 @@
+# Egress policy: which sandbox may call which external service, with which method and path.
+#
+# Query: data.authz.egress.decision (egress routes set decision_path authz/egress/decision
+# and service=<name> in context_extensions). Data: data.egress.services (the services
+# config, also the source of the egress Envoy config), data.egress.tiers,
+# data.egress.sandboxes (keyed by sandbox id; tokens only as SHA-256 digests),
+# data.egress.identity (header names; mode "token", or "header" for trusted networks).
+#
+# On allow the decision names the credential to inject by reference (the service name);
+# authz resolves it from its secrets file. OPA never sees a credential value.
+package authz.egress
+
+import data.authz.lib
+
+identity := data.egress.identity
+
+headers := input.attributes.request.http.headers
+
+method := upper(input.attributes.request.http.method)
+
+# The service is the one the Envoy route forwards to; the Host header only when a route
+# does not say (e.g. a policy reused behind another proxy).
+service_name := input.attributes.contextExtensions.service if {
+	input.attributes.contextExtensions.service != ""
+} else := split(input.attributes.request.http.host, ":")[0] if {
+	not input.attributes.contextExtensions.service
+}
+
+service := data.egress.services[service_name]
+
+sandbox_id := headers[identity.id_header]
+
+sandbox := data.egress.sandboxes[sandbox_id]
+
+token_digest := input.credentials[identity.token_header]
+
+header_only if identity.mode == "header"
+
+token_ok if header_only
+
+token_ok if token_digest == sandbox.token_sha256
+
+enabled if sandbox.enabled == true
+
+tier := data.egress.tiers[sandbox.tier]
+
+service_in_tier if "*" in tier.services
+
+service_in_tier if service_name in tier.services
+
+method_allowed if method in service.allowed_methods
+
+path_allowed if {
+	some pattern in service.allowed_paths
+	glob.match(pattern, ["/"], lib.request_path)
+}
+
+decision := lib.unauthorized("missing_sandbox_id", false) if {
+	not sandbox_id
+} else := lib.unauthorized("unknown_sandbox", true) if {
+	not sandbox
+} else := lib.unauthorized("missing_sandbox_token", false) if {
+	not header_only
+	not token_digest
+} else := lib.unauthorized("invalid_sandbox_token", true) if {
+	not token_ok
+} else := lib.unauthorized("sandbox_disabled", true) if {
+	not enabled
+} else := lib.deny(403, "unknown_service") if {
+	not service
+} else := lib.deny(403, "service_not_allowed") if {
+	not service_in_tier
+} else := lib.deny(403, "method_not_allowed") if {
+	not method_allowed
+} else := lib.deny(400, "invalid_path") if {
+	lib.bad_path
+} else := lib.deny(403, "path_not_allowed") if {
+	not path_allowed
+} else := allow
+
+# Sandbox identity, any x-sandbox-*/x-authz-* header, and every credential a sandbox might
+# send: the upstream gets only the credential authz injects.
+headers_to_remove contains name if some name in data.egress.strip_headers
+
+headers_to_remove contains identity.id_header
+
+headers_to_remove contains identity.token_header
+
+headers_to_remove contains name if {
+	some name, _ in headers
+	some prefix in ["x-sandbox-", "x-authz-"]
+	startswith(name, prefix)
+}
+
+allow := object.union(
+	{
+		"allowed": true,
+		"reason": "allowed",
+		"request_headers_to_remove": sort(headers_to_remove),
+		"rate_limit": {
+			"tier": sandbox.tier,
+			"key": concat(":", ["sandbox", sandbox_id, service_name]),
+			"requests_per_minute": tier.rate_limit.requests_per_minute,
+		},
+		"identity": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier},
+		"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier},
+	},
+	credential,
+)
+
+# By reference only: the secrets file entry named after the service.
+credential := {"credential": {
+	"ref": service_name,
+	"header": service.credential.header,
+	"format": service.credential.format,
+}} if {
+	service.credential
+} else := {}

@@ -1,0 +1,241 @@
+package authz.egress_test
+
+import data.authz.egress
+
+# Sandboxes are mocked; tokens only as digests, exactly as authz presents them.
+sandboxes := {
+	"sb-default": {"tier": "default", "enabled": true, "token_sha256": crypto.sha256("t-default")},
+	"sb-restricted": {"tier": "restricted", "enabled": true, "token_sha256": crypto.sha256("t-restricted")},
+	"sb-standard": {"tier": "standard", "enabled": true, "token_sha256": crypto.sha256("t-standard")},
+	"sb-premium": {"tier": "premium", "enabled": true, "token_sha256": crypto.sha256("t-premium")},
+	"sb-admin": {"tier": "admin", "enabled": true, "token_sha256": crypto.sha256("t-admin")},
+	"sb-off": {"tier": "admin", "enabled": false, "token_sha256": crypto.sha256("t-off")},
+	"sb-no-enabled": {"tier": "admin", "token_sha256": crypto.sha256("t-no-enabled")},
+	"sb-no-tier": {"tier": "nonexistent", "enabled": true, "token_sha256": crypto.sha256("t-no-tier")},
+}
+
+req(id, token, service, method, path, extra) := {
+	"attributes": {
+		"request": {"http": {
+			"method": method,
+			"path": path,
+			"host": service,
+			"headers": object.union(
+				object.union({"host": service}, sandbox_headers(id, token)),
+				extra,
+			),
+		}},
+		"contextExtensions": {"decision_path": "authz/egress/decision", "service": service},
+	},
+	"parsed_path": split(trim_left(split(path, "?")[0], "/"), "/"),
+	"parsed_query": {},
+	"credentials": token_credentials(token),
+}
+
+sandbox_headers(id, token) := object.union(id_header(id), token_header(token))
+
+id_header(id) := {"x-sandbox-id": id} if id != null
+
+else := {}
+
+token_header(token) := {"x-sandbox-token": sprintf("sha256:%s", [crypto.sha256(token)])} if token != null
+
+else := {}
+
+token_credentials(token) := {"x-sandbox-token": crypto.sha256(token)} if token != null
+
+else := {}
+
+decide(id, token, service, method, path) := d if {
+	d := egress.decision with input as req(id, token, service, method, path, {})
+		with data.egress.sandboxes as sandboxes
+}
+
+# One allowed request per service, used for the tier x service matrix.
+probe := {
+	"httpbin": ["GET", "/get"],
+	"openai": ["POST", "/v1/chat/completions"],
+	"anthropic": ["POST", "/v1/messages"],
+	"github": ["GET", "/repos/acme/widgets/issues"],
+	"slack": ["POST", "/api/chat.postMessage"],
+}
+
+# Expected access, written by hand (not derived from data.egress.tiers).
+tier_services := {
+	"default": set(),
+	"restricted": {"httpbin"},
+	"standard": {"openai", "anthropic", "github"},
+	"premium": {"httpbin", "openai", "anthropic", "github", "slack"},
+	"admin": {"httpbin", "openai", "anthropic", "github", "slack"},
+}
+
+test_every_tier_by_every_service if {
+	every tier, allowed_services in tier_services {
+		every service, call in probe {
+			d := decide(concat("-", ["sb", tier]), concat("-", ["t", tier]), service, call[0], call[1])
+			expect_allowed := service in allowed_services
+			print(tier, service, d.reason) # shown for the failing case
+			d.allowed == expect_allowed
+			expect_reason(d, expect_allowed)
+		}
+	}
+}
+
+expect_reason(d, true) if d.reason == "allowed"
+
+expect_reason(d, false) if {
+	d.reason == "service_not_allowed"
+	d.http_status == 403
+}
+
+# [name, sandbox, token, service, method, path, expected status, expected reason]
+cases := [
+	["no sandbox id", null, "t-admin", "openai", "GET", "/v1/models", 401, "missing_sandbox_id"],
+	["unknown sandbox", "sb-nope", "t-admin", "openai", "GET", "/v1/models", 401, "unknown_sandbox"],
+	["no token", "sb-admin", null, "openai", "GET", "/v1/models", 401, "missing_sandbox_token"],
+	["wrong token", "sb-admin", "t-standard", "openai", "GET", "/v1/models", 401, "invalid_sandbox_token"],
+	["disabled", "sb-off", "t-off", "openai", "GET", "/v1/models", 401, "sandbox_disabled"],
+	["enabled missing", "sb-no-enabled", "t-no-enabled", "openai", "GET", "/v1/models", 401, "sandbox_disabled"],
+	["tier missing", "sb-no-tier", "t-no-tier", "openai", "GET", "/v1/models", 403, "service_not_allowed"],
+	["unknown service", "sb-admin", "t-admin", "evil", "GET", "/", 403, "unknown_service"],
+	["empty service", "sb-admin", "t-admin", "", "GET", "/", 403, "unknown_service"],
+	["openai models", "sb-standard", "t-standard", "openai", "GET", "/v1/models", 200, "allowed"],
+	["openai model by id", "sb-standard", "t-standard", "openai", "GET", "/v1/models/gpt-x", 200, "allowed"],
+	["openai model subpath", "sb-standard", "t-standard", "openai", "GET", "/v1/models/a/b", 403, "path_not_allowed"],
+	["openai delete", "sb-standard", "t-standard", "openai", "DELETE", "/v1/models/gpt-x", 403, "method_not_allowed"],
+	["openai files", "sb-standard", "t-standard", "openai", "POST", "/v1/files", 403, "path_not_allowed"],
+	["openai query ignored", "sb-standard", "t-standard", "openai", "GET", "/v1/models?x=/v1/files", 200, "allowed"],
+	["openai dotdot", "sb-standard", "t-standard", "openai", "GET", "/v1/models/../files", 400, "invalid_path"],
+	["anthropic messages", "sb-standard", "t-standard", "anthropic", "POST", "/v1/messages", 200, "allowed"],
+	["anthropic batches", "sb-standard", "t-standard", "anthropic", "POST", "/v1/messages/batches", 403, "path_not_allowed"],
+	["anthropic put", "sb-standard", "t-standard", "anthropic", "PUT", "/v1/messages", 403, "method_not_allowed"],
+	["github deep repo", "sb-standard", "t-standard", "github", "PATCH", "/repos/a/b/issues/1", 200, "allowed"],
+	["github org repos", "sb-standard", "t-standard", "github", "GET", "/orgs/acme/repos", 200, "allowed"],
+	["github org members", "sb-standard", "t-standard", "github", "GET", "/orgs/acme/members", 403, "path_not_allowed"],
+	["github delete", "sb-standard", "t-standard", "github", "DELETE", "/repos/a/b", 403, "method_not_allowed"],
+	["github user", "sb-premium", "t-premium", "github", "GET", "/user", 200, "allowed"],
+	["github user suffix", "sb-premium", "t-premium", "github", "GET", "/users/x", 403, "path_not_allowed"],
+	["slack post", "sb-premium", "t-premium", "slack", "POST", "/api/chat.postMessage", 200, "allowed"],
+	["slack get", "sb-premium", "t-premium", "slack", "GET", "/api/chat.postMessage", 403, "method_not_allowed"],
+	["slack admin api", "sb-admin", "t-admin", "slack", "POST", "/api/admin.users.list", 403, "path_not_allowed"],
+	["httpbin status", "sb-restricted", "t-restricted", "httpbin", "GET", "/status/418", 200, "allowed"],
+	["httpbin anything deep", "sb-restricted", "t-restricted", "httpbin", "POST", "/anything/a/b", 200, "allowed"],
+	["httpbin delete", "sb-restricted", "t-restricted", "httpbin", "DELETE", "/anything", 403, "method_not_allowed"],
+	["httpbin headers", "sb-restricted", "t-restricted", "httpbin", "GET", "/headers", 403, "path_not_allowed"],
+	["lowercase method", "sb-restricted", "t-restricted", "httpbin", "get", "/get", 200, "allowed"],
+]
+
+test_cases if {
+	every c in cases {
+		d := decide(c[1], c[2], c[3], c[4], c[5])
+		status := object.get(d, "http_status", 200)
+		print(c[0], status, d.reason) # shown for the failing case
+		status == c[6]
+		d.reason == c[7]
+	}
+}
+
+test_401_carries_challenge if {
+	decide(null, null, "openai", "GET", "/v1/models").headers["www-authenticate"] == `Bearer realm="authz"`
+}
+
+test_allow_injects_by_reference_and_strips_sandbox_headers if {
+	extra := {
+		"authorization": "Bearer sandbox-supplied",
+		"x-api-key": "sandbox-supplied",
+		"cookie": "a=b",
+		"x-sandbox-trace": "1",
+		"x-authz-role": "admin",
+		"accept": "application/json",
+	}
+	d := egress.decision with input as req("sb-standard", "t-standard", "anthropic", "POST", "/v1/messages", extra)
+		with data.egress.sandboxes as sandboxes
+	d.allowed
+	d.credential == {"ref": "anthropic", "header": "x-api-key", "format": "{secret}"}
+	every name in ["x-sandbox-id", "x-sandbox-token", "authorization", "x-api-key", "cookie", "x-sandbox-trace", "x-authz-role"] {
+		name in d.request_headers_to_remove
+	}
+	not "accept" in d.request_headers_to_remove
+	d.rate_limit == {"tier": "standard", "key": "sandbox:sb-standard:anthropic", "requests_per_minute": 60}
+	d.identity == {"sandbox_id": "sb-standard", "service": "anthropic", "tier": "standard"}
+}
+
+test_no_secret_or_token_in_decision if {
+	d := decide("sb-standard", "t-standard", "openai", "GET", "/v1/models")
+	not contains(json.marshal(d), crypto.sha256("t-standard"))
+}
+
+test_rate_limit_per_sandbox_and_service if {
+	a := decide("sb-admin", "t-admin", "openai", "GET", "/v1/models")
+	b := decide("sb-admin", "t-admin", "github", "GET", "/user")
+	a.rate_limit.key != b.rate_limit.key
+	a.rate_limit.requests_per_minute == 1000
+}
+
+test_service_from_host_when_route_does_not_say if {
+	r := json.patch(req("sb-standard", "t-standard", "openai", "GET", "/v1/models", {}), [
+		{"op": "remove", "path": "/attributes/contextExtensions"},
+		{"op": "replace", "path": "/attributes/request/http/host", "value": "openai:8443"},
+	])
+	d := egress.decision with input as r with data.egress.sandboxes as sandboxes
+	d.allowed
+	d.identity.service == "openai"
+}
+
+test_header_only_mode_skips_token if {
+	d := egress.decision with input as req("sb-standard", null, "openai", "GET", "/v1/models", {})
+		with data.egress.sandboxes as sandboxes
+		with data.egress.identity.mode as "header"
+	d.allowed
+}
+
+test_header_only_mode_is_warned if {
+	w := data.authz.meta.warnings with data.egress.identity.mode as "header"
+	count(w) == 1
+	count(data.authz.meta.warnings) == 0
+}
+
+# The shipped services and tiers are well formed.
+test_shipped_services_well_formed if {
+	every name, s in data.egress.services {
+		regex.match(`^[a-z][a-z0-9-]*$`, name)
+		regex.match(`^https?://[^/?#]+(/[^?#]*)?$`, s.base_url)
+		count(s.allowed_methods) > 0
+		every p in s.allowed_paths {
+			startswith(p, "/")
+		}
+		valid_credential(s)
+	}
+	every _, t in data.egress.tiers {
+		is_number(t.rate_limit.requests_per_minute)
+		t.rate_limit.requests_per_minute >= -1
+	}
+}
+
+valid_credential(s) if not s.credential
+
+valid_credential(s) if {
+	regex.match(`^[a-z0-9-]+$`, s.credential.header)
+	count(indexof_n(s.credential.format, "{secret}")) == 1
+}
+
+test_tiers_name_known_services if {
+	every _, t in data.egress.tiers {
+		every svc in t.services {
+			known_service(svc)
+		}
+	}
+}
+
+known_service("*")
+
+known_service(svc) if data.egress.services[svc]
+
+test_shipped_sandboxes_well_formed if {
+	every id, sb in object.get(data.egress, "sandboxes", {}) {
+		regex.match(`^[A-Za-z0-9._-]+$`, id)
+		regex.match(`^[0-9a-f]{64}$`, sb.token_sha256)
+		data.egress.tiers[sb.tier]
+		is_boolean(sb.enabled)
+	}
+}
