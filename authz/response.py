@@ -109,14 +109,16 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
     """Build the CheckResponse for a parsed decision.
 
     ``decision_id`` (UUID string) is added to ``dynamic_metadata`` and sent in the
-    ``x-authz-decision-id`` header: to the upstream on an allow, to the client on a deny
-    (so a user can quote it). A header the decision sets is never also removed: Envoy
-    applies removals after additions, which would drop the policy's own value."""
+    ``x-authz-decision-id`` header: to the upstream on an allow (unless the decision
+    removes that header), to the client on a deny (so a user can quote it). A header the
+    decision sets is never also removed: Envoy applies removals after additions, which
+    would drop the policy's own value."""
     if decision.allowed:
-        upstream_headers = [
-            *(h for h in decision.headers if h[0] != DECISION_ID_HEADER),
-            (DECISION_ID_HEADER, decision_id),
-        ]
+        upstream_headers = [h for h in decision.headers if h[0] != DECISION_ID_HEADER]
+        # A policy that removes the decision-id header (egress: third parties need not
+        # see it) keeps it off the upstream request.
+        if DECISION_ID_HEADER not in decision.request_headers_to_remove:
+            upstream_headers.append((DECISION_ID_HEADER, decision_id))
         set_names = {name for name, _ in upstream_headers}
         ok = external_auth_pb2.OkHttpResponse(
             headers=_header_options(upstream_headers),

@@ -14,33 +14,40 @@ import sys
 import threading
 from pathlib import Path
 
-from authz.stack.demo import DEMO_KEYS
+from authz.stack.demo import EXAMPLES
 from authz.stack.supervisor import Ports, Stack, StackError
 
 
 def _banner(stack: Stack) -> str:
     p = stack.ports
-    key = {name: entry[0] for name, entry in DEMO_KEYS.items()}
     gw = f"http://127.0.0.1:{p.gateway}"
+    eg = f"http://127.0.0.1:{p.egress}"
+    base = {"gateway": gw, "egress": eg}
+
+    def examples(proxy: str) -> str:
+        lines = []
+        for example in EXAMPLES:
+            if example.proxy == proxy:
+                outcome = f"{example.status} {example.error or ''}".strip()
+                lines.append(f"  {example.curl(base[proxy])}\n      # -> {outcome}")
+        return "\n".join(lines)
+
     return f"""
 authz local stack is up (logs: {stack.run_dir / "logs"})
 
-  gateway (Envoy)        {gw}            admin http://127.0.0.1:{p.gateway_admin}
-  authz  (ext_authz)     127.0.0.1:{p.authz_grpc} gRPC    admin http://127.0.0.1:{p.authz_admin}/readyz
-  OPA                    http://127.0.0.1:{p.opa}
-  demo upstream          http://127.0.0.1:{p.upstream}
-  bundle server          http://127.0.0.1:{p.bundles}/bundles/authz.tar.gz
+  gateway (Envoy)     {gw}   admin http://127.0.0.1:{p.gateway_admin}
+  egress  (Envoy)     {eg}   admin http://127.0.0.1:{p.egress_admin}
+  authz (ext_authz)   127.0.0.1:{p.authz_grpc} (gRPC)   admin http://127.0.0.1:{p.authz_admin}/readyz
+  OPA                 http://127.0.0.1:{p.opa}
+  demo upstream       http://127.0.0.1:{p.upstream}
+  egress stand-in     https://127.0.0.1:{p.standin} (plays every service's host; CA {stack.tls.ca})
+  bundle server       http://127.0.0.1:{p.bundles}/bundles/authz.tar.gz
 
-Try (expected status on the right):
-  curl -i {gw}/api/v1/status                                              # 401 missing_api_key
-  curl -i -H 'X-API-Key: wrong' {gw}/api/v1/status                        # 401 invalid_api_key
-  curl -i -H 'X-API-Key: {key["viewer"]}' {gw}/api/v1/status          # 200
-  curl -i -H 'Authorization: Bearer {key["user"]}' {gw}/api/v1/items     # 200
-  curl -i -H 'X-API-Key: {key["viewer"]}' -X POST {gw}/api/v1/items   # 403 role_not_allowed
-  curl -i -H 'X-API-Key: {key["user"]}' {gw}/api/v1/admin/users         # 403 role_not_allowed
-  curl -i -H 'X-API-Key: {key["admin"]}' {gw}/api/v1/admin/users        # 200
-  curl -i -H 'X-API-Key: {key["disabled"]}' {gw}/api/v1/status        # 401 disabled_api_key
-  curl -i -H 'X-API-Key: {key["expired"]}' {gw}/api/v1/status         # 401 expired_api_key
+Gateway (API key -> role/path rules; the upstream never sees the key):
+{examples("gateway")}
+
+Egress (call a service by name; authz injects the credential the sandbox never holds):
+{examples("egress")}
 
 Stop with Ctrl-C.
 """
@@ -52,6 +59,12 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path.cwd())
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--bundle-dir", type=Path, default=None)
+    parser.add_argument(
+        "--secrets-file",
+        type=Path,
+        default=None,
+        help="egress secrets file for authz (AUTHZ_SECRETS_FILE) and the stand-in",
+    )
     args = parser.parse_args()
     root = args.root.resolve()
     bundle_dir = args.bundle_dir or root / "build/bundles"
@@ -61,7 +74,10 @@ def main() -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(root, args.run_dir or root / ".run", bundle_dir, Ports())
+    secrets_file = args.secrets_file.resolve() if args.secrets_file else None
+    stack = Stack(
+        root, args.run_dir or root / ".run", bundle_dir, Ports(), secrets_file=secrets_file
+    )
     try:
         stack.start()
     except StackError as exc:

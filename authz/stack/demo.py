@@ -1,15 +1,19 @@
-"""Demo API keys of the local stack (public: printed by ``scripts/up`` and the README).
+"""Demo API keys and sandbox tokens of the local stack (public: printed by ``scripts/up``
+and the README).
 
-They exist only in ``infra/demo/bundle-data``, which ``scripts/up`` overlays on the policy
-bundle it builds for the local stack. The default bundle (``scripts/build-policy-bundle``
-without ``--data``) holds no keys at all, so a deployment never accepts these.
+Their digests exist only in ``infra/demo/bundle-data``, which ``scripts/up`` overlays on
+the policy bundle it builds for the local stack. The default bundle
+(``scripts/build-policy-bundle`` without ``--data``) holds no keys or sandboxes at all, so
+a deployment never accepts these. The demo egress credentials are in
+``infra/demo/egress.env``.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
-__all__ = ["DEMO_EGRESS_SECRETS", "DEMO_KEYS", "DEMO_SANDBOXES"]
+__all__ = ["DEMO_KEYS", "DEMO_SANDBOXES", "EXAMPLES", "Example"]
 
 # name -> (plaintext key, key id, role, rate-limit tier, enabled, expires_at)
 DEMO_KEYS: Final = {
@@ -37,11 +41,111 @@ DEMO_SANDBOXES: Final = {
     "sb-demo-disabled": ("sbt_demo_disabled_0001", "standard", False),
 }
 
-# service -> demo credential the local stand-in API expects (fake values, local only).
-DEMO_EGRESS_SECRETS: Final = {
-    "httpbin": "demo-httpbin-credential",
-    "openai": "demo-openai-credential",
-    "anthropic": "demo-anthropic-credential",
-    "github": "demo-github-credential",
-    "slack": "demo-slack-credential",
-}
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One documented request against the local stack and what it must answer.
+
+    ``proxy`` is which Envoy listener; ``status`` the HTTP status; ``error`` the ``error``
+    code of the JSON deny body (None for an allow). ``scripts/up`` prints these as curl
+    commands and an end-to-end test sends each one.
+    """
+
+    proxy: Literal["gateway", "egress"]
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    status: int = 200
+    error: str | None = None
+
+    def curl(self, base_url: str) -> str:
+        """The example as a curl command line against ``base_url``."""
+        parts = ["curl -i"]
+        if self.method != "GET":
+            parts.append(f"-X {self.method}")
+        parts += [f"-H '{name}: {value}'" for name, value in self.headers]
+        parts.append(f"{base_url}{self.path}")
+        return " ".join(parts)
+
+
+def _key(name: str) -> tuple[tuple[str, str], ...]:
+    return (("X-API-Key", DEMO_KEYS[name][0]),)
+
+
+def _sandbox(
+    service: str, sandbox: str | None, token: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    headers = [("Host", service)]
+    if sandbox is not None:
+        headers.append(("X-Sandbox-Id", sandbox))
+        headers.append(("X-Sandbox-Token", token or DEMO_SANDBOXES[sandbox][0]))
+    return tuple(headers)
+
+
+EXAMPLES: Final = (
+    Example("gateway", "GET", "/api/v1/status", (), 401, "missing_api_key"),
+    Example("gateway", "GET", "/api/v1/status", (("X-API-Key", "wrong"),), 401, "invalid_api_key"),
+    Example("gateway", "GET", "/api/v1/status", _key("viewer")),
+    Example(
+        "gateway", "GET", "/api/v1/items", (("Authorization", f"Bearer {DEMO_KEYS['user'][0]}"),)
+    ),
+    Example("gateway", "POST", "/api/v1/items", _key("viewer"), 403, "role_not_allowed"),
+    Example("gateway", "GET", "/api/v1/admin/users", _key("user"), 403, "role_not_allowed"),
+    Example("gateway", "GET", "/api/v1/admin/users", _key("admin")),
+    Example("gateway", "GET", "/internal", _key("admin"), 403, "path_not_allowed"),
+    Example("gateway", "GET", "/api/v1/status", _key("disabled"), 401, "disabled_api_key"),
+    Example("gateway", "GET", "/api/v1/status", _key("expired"), 401, "expired_api_key"),
+    Example("egress", "GET", "/v1/models", _sandbox("openai", None), 401, "missing_sandbox_id"),
+    Example(
+        "egress",
+        "GET",
+        "/v1/models",
+        _sandbox("openai", "sb-demo-standard", "wrong"),
+        401,
+        "invalid_sandbox_token",
+    ),
+    Example("egress", "GET", "/v1/models", _sandbox("openai", "sb-demo-standard")),
+    Example("egress", "POST", "/v1/messages", _sandbox("anthropic", "sb-demo-standard")),
+    Example(
+        "egress",
+        "POST",
+        "/api/chat.postMessage",
+        _sandbox("slack", "sb-demo-standard"),
+        403,
+        "service_not_allowed",
+    ),
+    Example("egress", "POST", "/api/chat.postMessage", _sandbox("slack", "sb-demo-premium")),
+    Example(
+        "egress",
+        "DELETE",
+        "/v1/models/x",
+        _sandbox("openai", "sb-demo-standard"),
+        403,
+        "method_not_allowed",
+    ),
+    Example(
+        "egress",
+        "GET",
+        "/v1/files",
+        _sandbox("openai", "sb-demo-standard"),
+        403,
+        "path_not_allowed",
+    ),
+    Example("egress", "GET", "/get", _sandbox("httpbin", "sb-demo-restricted")),
+    Example(
+        "egress",
+        "GET",
+        "/v1/models",
+        _sandbox("openai", "sb-demo-default"),
+        403,
+        "service_not_allowed",
+    ),
+    Example(
+        "egress",
+        "GET",
+        "/v1/models",
+        _sandbox("openai", "sb-demo-disabled"),
+        401,
+        "sandbox_disabled",
+    ),
+)

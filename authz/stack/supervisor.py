@@ -1,10 +1,11 @@
 """Start, watch and stop the local stack's processes, in dependency order.
 
 Each :class:`Process` is a real binary (OPA, Envoy) or a Python module (authz, the demo
-upstream, the bundle server) with a readiness probe. :class:`Stack` starts them in order
-(bundle server -> OPA -> upstream -> authz -> Envoy), waiting for each to be ready, and
-stops them in reverse. Children get ``PR_SET_PDEATHSIG`` so they die with the supervisor
-even if it is killed hard: no orphans.
+upstream, the egress stand-in, the bundle server) with a readiness probe. :class:`Stack`
+starts them in order (bundle server -> OPA -> upstream -> stand-in -> authz -> Envoy
+gateway -> Envoy egress), waiting for each to be ready, and stops them in reverse.
+Children get ``PR_SET_PDEATHSIG`` so they die with the supervisor even if it is killed
+hard: no orphans.
 
 All processes bind 127.0.0.1. Logs go to ``<run_dir>/logs/<name>.log``.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,13 +28,27 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Self
 
-from authz.stack import envoy
+import yaml
 
-__all__ = ["Ports", "Process", "Stack", "StackError", "find_binary", "free_port", "http_ok"]
+from authz import egress_envoy
+from authz.stack import envoy, tls
+
+__all__ = [
+    "EGRESS_SERVICES",
+    "Ports",
+    "Process",
+    "Stack",
+    "StackError",
+    "find_binary",
+    "free_port",
+    "http_ok",
+]
 
 HOST: Final = "127.0.0.1"
+# The egress services (relative to the repository root): the stand-in plays their hosts.
+EGRESS_SERVICES: Final = "policy/egress/data.json"
 _PR_SET_PDEATHSIG: Final = 1
 
 
@@ -47,10 +64,13 @@ def free_port() -> int:
         return port
 
 
-def http_ok(url: str, timeout_s: float = 1.0) -> bool:
-    """True when GET ``url`` answers 2xx within ``timeout_s`` seconds."""
+def http_ok(url: str, timeout_s: float = 1.0, *, ca_file: Path | None = None) -> bool:
+    """True when GET ``url`` answers 2xx within ``timeout_s`` seconds. An https ``url``
+    is verified against ``ca_file`` (PEM; default: the system's trust store)."""
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)
+        # S310: the URLs are the stack's own http(s) probes, never file: or custom schemes.
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as resp:  # noqa: S310
             return 200 <= int(resp.status) < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -86,6 +106,9 @@ class Ports:
     opa: int = 8181
     upstream: int = 8090
     bundles: int = 8282
+    egress: int = 8443
+    egress_admin: int = 9902
+    standin: int = 9443
 
     @classmethod
     def free(cls) -> Self:
@@ -165,11 +188,21 @@ class Process:
 
 
 class Stack:
-    """OPA + authz + Envoy gateway + demo upstream + bundle server on 127.0.0.1.
+    """OPA + authz + Envoy gateway and egress + demo upstream + egress stand-in + bundle
+    server on 127.0.0.1.
 
-    ``root`` is the repository (for ``infra/``); ``bundle_dir`` holds ``authz.tar.gz``
-    (built by ``scripts/build-policy-bundle``); ``run_dir`` receives logs and rendered
-    configs. ``authz_env`` adds ``AUTHZ_*`` settings for the authz process.
+    ``root`` is the repository (for ``infra/`` and ``policy/egress/data.json``);
+    ``bundle_dir`` holds ``authz.tar.gz`` (built by ``scripts/build-policy-bundle``);
+    ``run_dir`` receives logs, rendered configs and ``tls/`` (a local CA and the
+    stand-in's certificate for every egress service host). ``authz_env`` adds ``AUTHZ_*``
+    settings for the authz process. ``secrets_file`` (authz's egress secrets file, JSON
+    ``{"version": 1, "credentials": {service: secret}}``) goes to authz as
+    ``AUTHZ_SECRETS_FILE`` and to the stand-in, which then checks the credential each
+    call carries as the real API would.
+
+    The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
+    service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
+    against the local CA): egress traffic never leaves the machine.
     """
 
     def __init__(
@@ -181,11 +214,14 @@ class Stack:
         *,
         authz_env: Mapping[str, str] | None = None,
         envoy_concurrency: int = 1,
+        secrets_file: Path | None = None,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
         self.bundle_dir = bundle_dir
         self.ports = ports or Ports()
+        self.secrets_file = secrets_file
+        self.tls = tls.TlsFiles(run_dir / "tls")
         self._authz_env = dict(authz_env or {})
         self._envoy_concurrency = envoy_concurrency
         self.processes: dict[str, Process] = {}
@@ -203,12 +239,61 @@ class Stack:
             cwd=self.root,
         )
 
+    def _envoy(self, name: str, envoy_bin: str, config: Path, admin_port: int) -> Process:
+        return Process(
+            name,
+            [
+                envoy_bin,
+                "-c",
+                str(config),
+                "--use-dynamic-base-id",
+                "--concurrency",
+                str(self._envoy_concurrency),
+                "--log-level",
+                "warn",
+            ],
+            self._log(name),
+            lambda: http_ok(f"http://{HOST}:{admin_port}/ready"),
+        )
+
+    def _egress_services(self) -> dict[str, Any]:
+        path = self.root / EGRESS_SERVICES
+        try:
+            services = json.loads(path.read_text(encoding="utf-8"))["services"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StackError(f"cannot read the egress services from {path}: {exc!r}") from exc
+        if not isinstance(services, dict):
+            raise StackError(f"{path}: .services must be an object")
+        return services
+
+    def _standin(self, services_hosts: list[str]) -> Process:
+        p = self.ports
+        files = tls.ensure_certificates(self.tls.directory, services_hosts)
+        args = [
+            f"--port={p.standin}",
+            "--name=standin",
+            f"--tls-cert={files.cert}",
+            f"--tls-key={files.key}",
+        ]
+        if self.secrets_file is not None:
+            args += [
+                f"--services={self.root / EGRESS_SERVICES}",
+                f"--credentials={self.secrets_file}",
+            ]
+        return Process(
+            "standin",
+            [sys.executable, "-m", "authz.stack.upstream", *args],
+            self._log("standin"),
+            lambda: http_ok(f"https://{HOST}:{p.standin}/healthz", ca_file=files.ca),
+            cwd=self.root,
+        )
+
     def _define(self) -> list[Process]:
         p = self.ports
         opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
         envoy_bin = find_binary("envoy", "AUTHZ_ENVOY_BIN")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         gateway_yaml = self.run_dir / "envoy-gateway.yaml"
-        gateway_yaml.parent.mkdir(parents=True, exist_ok=True)
         gateway_yaml.write_text(
             envoy.render(
                 self.root / "infra/envoy/envoy-gateway.yaml",
@@ -218,6 +303,29 @@ class Stack:
             ),
             encoding="utf-8",
         )
+        services = self._egress_services()
+        try:
+            hosts = sorted(
+                {
+                    egress_envoy.parse_base_url(n, s.get("base_url")).host
+                    for n, s in services.items()
+                }
+            )
+            egress_config = egress_envoy.generate(
+                services,
+                listen_port=p.egress,
+                admin_port=p.egress_admin,
+                authz_address=(HOST, p.authz_grpc),
+                ca_file=str(self.tls.ca),
+                overrides={host: (HOST, p.standin) for host in hosts},
+            )
+        except (ValueError, AttributeError) as exc:
+            raise StackError(f"bad egress services in {EGRESS_SERVICES}: {exc}") from exc
+        egress_yaml = self.run_dir / "envoy-egress.yaml"
+        egress_yaml.write_text(yaml.safe_dump(egress_config, sort_keys=False), encoding="utf-8")
+        secrets_env: dict[str, str] = {}
+        if self.secrets_file is not None:
+            secrets_env["AUTHZ_SECRETS_FILE"] = str(self.secrets_file)
         authz = Process(
             "authz",
             [sys.executable, "-m", "authz", "serve"],
@@ -227,6 +335,7 @@ class Stack:
                 "AUTHZ_GRPC_ADDR": f"{HOST}:{p.authz_grpc}",
                 "AUTHZ_ADMIN_ADDR": f"{HOST}:{p.authz_admin}",
                 "AUTHZ_OPA_URL": f"http://{HOST}:{p.opa}",
+                **secrets_env,
                 **self._authz_env,
             },
             cwd=self.root,
@@ -260,22 +369,10 @@ class Stack:
                 f"--port={p.upstream}",
                 ready=f"http://{HOST}:{p.upstream}/healthz",
             ),
+            self._standin(hosts),
             authz,
-            Process(
-                "envoy-gateway",
-                [
-                    envoy_bin,
-                    "-c",
-                    str(gateway_yaml),
-                    "--use-dynamic-base-id",
-                    "--concurrency",
-                    str(self._envoy_concurrency),
-                    "--log-level",
-                    "warn",
-                ],
-                self._log("envoy-gateway"),
-                lambda: http_ok(f"http://{HOST}:{p.gateway_admin}/ready"),
-            ),
+            self._envoy("envoy-gateway", envoy_bin, gateway_yaml, p.gateway_admin),
+            self._envoy("envoy-egress", envoy_bin, egress_yaml, p.egress_admin),
         ]
 
     # -- lifecycle -------------------------------------------------------------------

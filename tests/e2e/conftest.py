@@ -1,8 +1,10 @@
-"""End-to-end fixtures: real OPA + authz + Envoy + upstream processes on free ports.
+"""End-to-end fixtures: real OPA + authz + Envoy (gateway and egress) + upstream + the
+HTTPS egress stand-in, as processes on free ports.
 
-Keys are generated at test time (never committed): a bundle is built with them by
-``scripts/build-policy-bundle --data <tmp overlay>`` into a temporary bundle directory
-that the stack's bundle server serves to OPA.
+Keys, sandbox tokens and egress secrets are generated at test time (never committed): a
+bundle is built with the key and sandbox digests by ``scripts/build-policy-bundle --data
+<tmp overlay>`` into a temporary bundle directory that the stack's bundle server serves
+to OPA; the secrets file is written with ``authz.secrets.write_secrets_file``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from authz.keys import digest, generate_key
+from authz.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
+from authz.secrets import write_secrets_file
 from authz.stack.supervisor import Ports, Stack
 
 pytestmark = pytest.mark.e2e
@@ -30,17 +33,39 @@ KEY_SPECS = {
     "expired": ("key-expired", "user", "default", True, "2024-01-01T00:00:00Z"),
     "revocable": ("key-revocable", "user", "default", True, None),
 }
+# sandbox id -> (tier, enabled)
+SANDBOX_SPECS = {
+    "sb-default": ("default", True),
+    "sb-restricted": ("restricted", True),
+    "sb-standard": ("standard", True),
+    "sb-premium": ("premium", True),
+    "sb-admin": ("admin", True),
+    "sb-disabled": ("admin", False),
+}
+SERVICES = ("httpbin", "openai", "anthropic", "github", "slack")
 
 
 @dataclass
 class Env:
-    """A running stack with its keys and a client for the gateway."""
+    """A running stack with its keys, sandbox tokens, egress secrets and clients."""
 
     stack: Stack
     keys: dict[str, str]
+    tokens: dict[str, str]
+    secrets: dict[str, str]
+    secrets_file: Path
     overlay: Path
     bundle_dir: Path
     gateway: httpx.Client
+    egress: httpx.Client
+
+    def write_secrets(self, secrets: dict[str, str] | None = None) -> None:
+        """(Re)write the egress secrets file; bumps mtime so authz sees the change."""
+        write_secrets_file(self.secrets_file, self.secrets if secrets is None else secrets)
+
+    def sandbox_headers(self, sandbox: str, service: str) -> dict[str, str]:
+        """Headers a sandbox sends to call ``service`` through the egress proxy."""
+        return {"host": service, "x-sandbox-id": sandbox, "x-sandbox-token": self.tokens[sandbox]}
 
     def write_keys(self, disabled: frozenset[str] = frozenset()) -> None:
         """Write the API-key data overlay (names in ``disabled`` get enabled=false)."""
@@ -58,6 +83,17 @@ class Env:
         target = self.overlay / "gateway/api_keys/data.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(entries), encoding="utf-8")
+        sandboxes = {
+            sandbox: {
+                "tier": tier,
+                "enabled": enabled,
+                "token_sha256": digest(self.tokens[sandbox]),
+            }
+            for sandbox, (tier, enabled) in SANDBOX_SPECS.items()
+        }
+        target = self.overlay / "egress/sandboxes/data.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(sandboxes), encoding="utf-8")
 
     def build_bundle(self, root: Path) -> str:
         """Run scripts/build-policy-bundle with the overlay; returns the revision."""
@@ -83,18 +119,24 @@ def e2e(
 ) -> Iterator[Env]:
     """The whole gateway stack, started once for the session."""
     base = tmp_path_factory.mktemp("e2e")
-    keys = {name: generate_key() for name in KEY_SPECS}
     ports = Ports.free()
-    stack = Stack(repo_root, base / "run", base / "bundles", ports)
+    secrets_file = base / "secrets/egress.json"
+    stack = Stack(repo_root, base / "run", base / "bundles", ports, secrets_file=secrets_file)
     env = Env(
         stack,
-        keys,
-        base / "overlay",
-        base / "bundles",
-        httpx.Client(base_url=f"http://127.0.0.1:{ports.gateway}", timeout=5.0),
+        keys={name: generate_key() for name in KEY_SPECS},
+        tokens={sandbox: generate_key(SANDBOX_TOKEN_PREFIX) for sandbox in SANDBOX_SPECS},
+        secrets={service: f"{service}-{generate_key('secret_')}" for service in SERVICES},
+        secrets_file=secrets_file,
+        overlay=base / "overlay",
+        bundle_dir=base / "bundles",
+        gateway=httpx.Client(base_url=f"http://127.0.0.1:{ports.gateway}", timeout=5.0),
+        egress=httpx.Client(base_url=f"http://127.0.0.1:{ports.egress}", timeout=5.0),
     )
     env.write_keys()
+    env.write_secrets()
     env.build_bundle(repo_root)
     with stack:
         yield env
     env.gateway.close()
+    env.egress.close()

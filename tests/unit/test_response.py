@@ -19,7 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from google.rpc import code_pb2
 
 from authz import errors
-from authz.decision import Decision, RateLimitRef
+from authz.decision import Decision, RateLimitRef, parse_decision
 from authz.errors import AuthzError
 from authz.response import FAILURE_STATUS, build_response, error_response, status_for
 
@@ -112,7 +112,8 @@ def test_boolean_allow_only_adds_the_decision_id() -> None:
         ((), ("x-api-key",), ["x-api-key"]),
         # Envoy removes after it adds, so removing a header the policy sets would drop it.
         ((("x-user-id", "u-1"),), ("x-user-id", "x-api-key"), ["x-api-key"]),
-        ((), ("x-authz-decision-id",), []),
+        # A policy may keep the decision id off the upstream request (egress).
+        ((), ("x-authz-decision-id",), ["x-authz-decision-id"]),
     ],
     ids=["plain", "set-and-removed", "decision-id-header"],
 )
@@ -276,3 +277,14 @@ def test_every_request_time_error_code_has_a_status() -> None:
     request_codes = codes - {"config_error"}  # startup only, never per request
     assert request_codes - set(FAILURE_STATUS) == set()
     assert set(FAILURE_STATUS) - request_codes == set(), "stale codes in FAILURE_STATUS"
+
+
+def test_policy_can_keep_the_decision_id_off_the_upstream_request() -> None:
+    decision = parse_decision(
+        {"allowed": True, "request_headers_to_remove": ["x-authz-decision-id", "x-a"]}
+    )
+    response = build_response(decision, "00000000-0000-4000-8000-0000000000aa")
+    names = [o.header.key for o in response.ok_response.headers]
+    assert "x-authz-decision-id" not in names
+    assert list(response.ok_response.headers_to_remove) == ["x-authz-decision-id", "x-a"]
+    assert response.dynamic_metadata["decision_id"] == "00000000-0000-4000-8000-0000000000aa"

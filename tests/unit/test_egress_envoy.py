@@ -1,0 +1,458 @@
+"""egress_envoy.generate: the egress Envoy bootstrap from the services data, and its drift check."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz import egress_envoy
+from authz.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES_FILE = ROOT / "policy/egress/data.json"
+COMMITTED = ROOT / "infra/envoy/envoy-egress.yaml"
+GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
+
+
+def real_services() -> dict[str, Any]:
+    services: dict[str, Any] = json.loads(SERVICES_FILE.read_text(encoding="utf-8"))["services"]
+    return services
+
+
+def svc(base_url: object) -> dict[str, Any]:
+    return {"base_url": base_url, "credential": {"header": "authorization", "format": "{secret}"}}
+
+
+def hcm(config: Mapping[str, Any]) -> dict[str, Any]:
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    [network_filter] = chain["filters"]
+    typed: dict[str, Any] = network_filter["typed_config"]
+    return typed
+
+
+def cluster(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    [found] = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    return dict(found)
+
+
+def virtual_host(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    [found] = [v for v in hcm(config)["route_config"]["virtual_hosts"] if v["name"] == name]
+    return dict(found)
+
+
+def endpoint(c: Mapping[str, Any]) -> tuple[str, int]:
+    [group] = c["load_assignment"]["endpoints"]
+    [lb] = group["lb_endpoints"]
+    sock = lb["endpoint"]["address"]["socket_address"]
+    return sock["address"], sock["port_value"]
+
+
+def context_extensions(route: Mapping[str, Any]) -> dict[str, str]:
+    per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+    assert per_route["@type"].endswith("ext_authz.v3.ExtAuthzPerRoute")
+    extensions: dict[str, str] = per_route["check_settings"]["context_extensions"]
+    return extensions
+
+
+# -- clusters and routes, one row per kind of base_url ---------------------------------
+
+CLUSTER_CASES = [
+    # base_url, overrides, type, endpoint, tls, host_rewrite, prefix_rewrite
+    (
+        "https://api.openai.com",
+        {},
+        "LOGICAL_DNS",
+        ("api.openai.com", 443),
+        True,
+        "api.openai.com",
+        None,
+    ),
+    (
+        "https://API.Example.com:8443/v1/",
+        {},
+        "LOGICAL_DNS",
+        ("api.example.com", 8443),
+        True,
+        "api.example.com:8443",
+        "/v1/",
+    ),
+    (
+        "https://api.openai.com",
+        {"api.openai.com": ("127.0.0.1", 9443)},
+        "STATIC",
+        ("127.0.0.1", 9443),
+        True,
+        "api.openai.com",
+        None,
+    ),
+    (
+        "http://internal.example:8080/base",
+        {},
+        "LOGICAL_DNS",
+        ("internal.example", 8080),
+        False,
+        "internal.example:8080",
+        "/base/",
+    ),
+    ("http://10.0.0.7", {}, "LOGICAL_DNS", ("10.0.0.7", 80), False, "10.0.0.7", None),
+    (
+        "http://[::1]:8090",
+        {"::1": ("127.0.0.1", 1234)},
+        "STATIC",
+        ("127.0.0.1", 1234),
+        False,
+        "[::1]:8090",
+        None,
+    ),
+    (
+        "https://api.openai.com",
+        {"other.example.com": ("127.0.0.1", 9443)},
+        "LOGICAL_DNS",
+        ("api.openai.com", 443),
+        True,
+        "api.openai.com",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "overrides", "kind", "address", "tls", "host_rewrite", "prefix_rewrite"),
+    CLUSTER_CASES,
+    ids=[
+        "https",
+        "https-port-path",
+        "https-override",
+        "http-path",
+        "http-ip",
+        "http-ipv6-override",
+        "unrelated-override",
+    ],
+)
+def test_service_cluster_and_route(
+    base_url: str,
+    overrides: dict[str, tuple[str, int]],
+    kind: str,
+    address: tuple[str, int],
+    tls: bool,
+    host_rewrite: str,
+    prefix_rewrite: str | None,
+) -> None:
+    config = generate({"svc": svc(base_url)}, overrides=overrides, ca_file="/ca.pem")
+    c = cluster(config, "service_svc")
+    assert c["type"] == kind
+    assert endpoint(c) == address
+    assert ("dns_lookup_family" in c) == (kind == "LOGICAL_DNS")
+    if kind == "LOGICAL_DNS":
+        assert c["dns_lookup_family"] == "V4_PREFERRED"
+    assert ("transport_socket" in c) == tls
+    [route] = virtual_host(config, "service_svc")["routes"]
+    assert route["match"] == {"prefix": "/"}
+    assert route["route"]["cluster"] == "service_svc"
+    assert route["route"]["host_rewrite_literal"] == host_rewrite
+    assert route["route"].get("prefix_rewrite") == prefix_rewrite
+    assert route["route"]["timeout"] == "120s"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"api.openai.com": ("127.0.0.1", 9443)}],
+    ids=["dns", "override"],
+)
+def test_https_cluster_checks_sni_and_san_of_the_real_host(
+    overrides: dict[str, tuple[str, int]],
+) -> None:
+    config = generate(
+        {"openai": svc("https://api.openai.com")}, overrides=overrides, ca_file="/run/ca.pem"
+    )
+    socket = cluster(config, "service_openai")["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    tls = socket["typed_config"]
+    assert tls["@type"].endswith("transport_sockets.tls.v3.UpstreamTlsContext")
+    assert tls["sni"] == "api.openai.com"
+    assert tls["common_tls_context"]["validation_context"] == {
+        "trusted_ca": {"filename": "/run/ca.pem"},
+        "match_typed_subject_alt_names": [
+            {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}
+        ],
+    }
+
+
+def test_virtual_hosts_per_service_and_catch_all() -> None:
+    services = {"openai": svc("https://api.openai.com"), "b-2": svc("https://b.example")}
+    config = generate(services)
+    hosts = hcm(config)["route_config"]["virtual_hosts"]
+    # Sorted by name, catch-all last (domains must be unique; "*" matches only leftovers).
+    assert [v["name"] for v in hosts] == ["service_b-2", "service_openai", "unknown_service"]
+    for name in services:
+        vhost = virtual_host(config, f"service_{name}")
+        assert vhost["domains"] == [name, f"{name}:*"]
+        [route] = vhost["routes"]
+        assert context_extensions(route) == {"decision_path": DECISION_PATH, "service": name}
+    catch_all = virtual_host(config, "unknown_service")
+    assert catch_all["domains"] == ["*"]
+    [route] = catch_all["routes"]
+    assert "route" not in route
+    assert route["direct_response"]["status"] == 404
+    assert json.loads(route["direct_response"]["body"]["inline_string"]) == {
+        "error": "unknown_service"
+    }
+    assert context_extensions(route) == {"decision_path": DECISION_PATH, "service": ""}
+
+
+def test_no_services_still_denies_through_authz() -> None:
+    config = generate({})
+    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["authz"]
+    [vhost] = hcm(config)["route_config"]["virtual_hosts"]
+    assert vhost["name"] == "unknown_service"
+
+
+def test_ports_and_addresses() -> None:
+    config = generate(
+        {},
+        listen_port=18443,
+        admin_port=19902,
+        listen_address="0.0.0.0",
+        authz_address=("10.1.2.3", 19191),
+    )
+    [listener] = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18443}
+    # Admin stays on loopback whatever the listener binds.
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 19902,
+    }
+    assert endpoint(cluster(config, "authz")) == ("10.1.2.3", 19191)
+
+
+# -- parity with the gateway -----------------------------------------------------------
+
+
+def gateway() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(GATEWAY.read_text(encoding="utf-8"))
+    return loaded
+
+
+def test_ext_authz_filter_is_the_gateways_without_request_body() -> None:
+    expected = copy.deepcopy(hcm(gateway())["http_filters"][0])
+    assert expected["name"] == "envoy.filters.http.ext_authz"
+    del expected["typed_config"]["with_request_body"]
+    filters = hcm(generate({}))["http_filters"]
+    assert filters[0] == expected
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_authz_cluster_is_the_gateways() -> None:
+    assert cluster(generate({}), "authz") == cluster(gateway(), "authz")
+
+
+def test_connection_manager_normalizes_paths() -> None:
+    manager = hcm(generate({}))
+    assert manager["normalize_path"] is True
+    assert manager["merge_slashes"] is True
+    assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+
+
+def test_access_log_fields() -> None:
+    [log] = hcm(generate({}))["access_log"]
+    fields = log["typed_config"]["log_format"]["json_format"]
+    gateway_fields = hcm(gateway())["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    assert fields["proxy"] == "egress"
+    assert fields["path"] == "%PATH(NQ:ORIG_OR_PATH)%"
+    for key in ("decision_id", "sandbox_id", "service"):
+        assert fields[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
+    # Everything the gateway logs except its key id.
+    assert set(gateway_fields) - {"key_id"} <= set(fields)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("services", "overrides", "message"),
+    [
+        ({"s": svc("ftp://example.com")}, {}, "'s': base_url must be an http or https URL"),
+        ({"s": svc("example.com/v1")}, {}, "'s': base_url must be an http or https URL"),
+        ({"s": svc("https://")}, {}, "'s': base_url has no host"),
+        ({"s": svc("https://:443/v1")}, {}, "'s': base_url has no host"),
+        ({"s": svc("https://a.example?x=1")}, {}, "'s': base_url must not have a query"),
+        ({"s": svc("https://a.example?")}, {}, "'s': base_url must not have a query"),
+        ({"s": svc("https://a.example/#f")}, {}, "'s': base_url must not have a query"),
+        ({"s": svc("https://u:p@a.example")}, {}, "'s': base_url must not carry user info"),
+        ({"s": svc("https://a.example:99999")}, {}, "'s': base_url has an invalid port"),
+        ({"s": svc("https://[::1")}, {}, "'s': base_url is not a URL"),
+        ({"s": svc("https://exa mple.com")}, {}, "'s': base_url has an invalid host"),
+        ({"s": svc("https://a.example./")}, {}, "'s': base_url has an invalid host"),
+        ({"s": svc("https://10.0.0.1")}, {}, "'s': base_url must name a DNS host"),
+        ({"s": svc(42)}, {}, "'s': base_url must be a non-empty string"),
+        ({"s": svc("")}, {}, "'s': base_url must be a non-empty string"),
+        ({"s": {"display_name": "x"}}, {}, "'s': base_url must be a non-empty string"),
+        ({"s": "https://a.example"}, {}, "'s': must be an object"),
+        ({"Open AI": svc("https://a.example")}, {}, "'Open AI': the name must be"),
+        ({"*": svc("https://a.example")}, {}, r"'\*': the name must be"),
+        ({"": svc("https://a.example")}, {}, "'': the name must be"),
+        (
+            {"s": svc("https://a.example")},
+            {"a.example": ("localhost", 9443)},
+            "'s': override for 'a.example' must be an IP address",
+        ),
+    ],
+    ids=[
+        "ftp",
+        "no-scheme",
+        "no-host",
+        "port-no-host",
+        "query",
+        "empty-query",
+        "fragment",
+        "userinfo",
+        "bad-port",
+        "bad-ipv6",
+        "space-in-host",
+        "trailing-dot",
+        "https-ip",
+        "not-a-string",
+        "empty",
+        "missing",
+        "spec-not-object",
+        "name-space",
+        "name-star",
+        "name-empty",
+        "override-not-ip",
+    ],
+)
+def test_bad_services_raise_naming_service_and_field(
+    services: dict[str, Any], overrides: dict[str, tuple[str, int]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"egress service {message}"):
+        generate(services, overrides=overrides)
+
+
+def test_parse_base_url() -> None:
+    upstream = parse_base_url("s", "HTTPS://Api.Example.COM/v1//")
+    assert (upstream.scheme, upstream.host, upstream.port, upstream.path) == (
+        "https",
+        "api.example.com",
+        443,
+        "/v1",
+    )
+    assert upstream.tls
+    assert upstream.authority == "api.example.com"
+
+
+# -- the committed config and the command line ------------------------------------------
+
+
+def test_committed_config_is_generated_from_the_services() -> None:
+    """Drift: infra/envoy/envoy-egress.yaml is exactly the generator's output."""
+    assert COMMITTED.read_text(encoding="utf-8") == render(real_services()), (
+        "infra/envoy/envoy-egress.yaml is stale: run python -m authz.egress_envoy"
+    )
+
+
+def test_committed_config_has_every_real_service() -> None:
+    config = yaml.safe_load(COMMITTED.read_text(encoding="utf-8"))
+    for name, spec in real_services().items():
+        host = parse_base_url(name, spec["base_url"]).host
+        c = cluster(config, f"service_{name}")
+        assert endpoint(c) == (host, 443)
+        tls = c["transport_socket"]["typed_config"]
+        assert tls["sni"] == host
+        assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {
+            "filename": egress_envoy.DEFAULT_CA_FILE
+        }
+
+
+def test_check_passes_on_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["--check"]) == 0
+
+
+def test_render_header_names_the_command() -> None:
+    text = render({}, source="a/data.json", out="b/envoy.yaml")
+    assert text.startswith("# GENERATED from a/data.json")
+    assert "python -m authz.egress_envoy --services a/data.json --out b/envoy.yaml" in text
+    body = yaml.safe_load(text)
+    assert body == generate({})
+
+
+def test_write_then_check_then_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SERVICES_FILE, tmp_path / "data.json")
+    args = ["--services", "data.json", "--out", "out/envoy-egress.yaml"]
+    assert main([*args, "--check"]) == 1  # missing file is drift
+    assert main(args) == 0
+    assert main([*args, "--check"]) == 0
+    out = tmp_path / "out/envoy-egress.yaml"
+    assert out.read_text() == render(
+        real_services(), source="data.json", out="out/envoy-egress.yaml"
+    )
+    data = json.loads((tmp_path / "data.json").read_text())
+    data["services"]["openai"]["base_url"] = "https://api.openai.example"
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main([*args, "--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "error:"),
+        ("[]", ".services must be an object"),
+        ('{"services": []}', ".services must be an object"),
+        ('{"services": {"s": {"base_url": "ftp://x"}}}', "egress service 's'"),
+    ],
+    ids=["not-json", "not-object", "services-not-object", "bad-service"],
+)
+def test_bad_services_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    (tmp_path / "data.json").write_text(content)
+    out = tmp_path / "envoy.yaml"
+    assert main(["--services", str(tmp_path / "data.json"), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path) -> None:
+    """Overrides (STATIC), http, path prefixes and a custom CA are valid Envoy configs too
+    (tests/infra validates only the committed file)."""
+    ca = tmp_path / "ca.pem"
+    shutil.copy(egress_envoy.DEFAULT_CA_FILE, ca)
+    services = {
+        **real_services(),
+        "plain": svc("http://internal.example:8080/api"),
+        "prefixed": svc("https://prefixed.example/v2"),
+    }
+    config = generate(
+        services,
+        listen_port=18443,
+        admin_port=19902,
+        ca_file=str(ca),
+        overrides={"api.openai.com": ("127.0.0.1", 9443), "internal.example": ("127.0.0.1", 1)},
+    )
+    path = tmp_path / "envoy-variant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [envoy_bin, "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
