@@ -22,7 +22,7 @@ from typing import Any, Final, Protocol
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.config import parse_decision_path
-from authz.decision import Decision, parse_decision
+from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
 from authz.errors import (
     AuthzError,
     ConfigError,
@@ -32,6 +32,7 @@ from authz.errors import (
 )
 from authz.input import build_input
 from authz.policy import Evaluation, PolicyEngine
+from authz.ratelimit import Limiter, Quota
 from authz.record import DecisionRecord, DecisionSink
 from authz.response import build_response, error_response
 from authz.secrets import Secret
@@ -66,8 +67,10 @@ class Authorizer:
     """Runs the decision pipeline for one CheckRequest at a time (safe to share across
     concurrent calls; holds no per-request state).
 
-    ``engine`` answers OPA queries; ``credentials`` resolves the credential a decision
-    names for injection (None: no secrets file, so such decisions deny 503); ``sinks``
+    ``engine`` answers OPA queries; ``limiter`` enforces the decision's ``rate_limit``
+    (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
+    says; ``credentials`` resolves the credential a decision names for injection (None:
+    no secrets file, so such decisions deny 503); ``sinks``
     receive every :class:`DecisionRecord` (a sink that raises is logged and skipped,
     never fails the request); ``timeout_s`` is the
     decision budget in seconds; ``clock`` (seconds, monotonic) and ``new_id`` (a
@@ -82,6 +85,8 @@ class Authorizer:
         credential_headers: Iterable[str],
         timeout_s: float,
         parse_body: bool = True,
+        limiter: Limiter | None = None,
+        burst_s: float = 10.0,
         credentials: CredentialSource | None = None,
         sinks: Iterable[DecisionSink] = (),
         clock: Callable[[], float] = time.perf_counter,
@@ -94,6 +99,8 @@ class Authorizer:
         self._timeout_s = timeout_s
         self._parse_body = parse_body
         self._credentials = credentials
+        self._limiter = limiter
+        self._burst_s = burst_s
         self._sinks = tuple(sinks)
         self._clock = clock
         self._wall_clock = wall_clock
@@ -130,11 +137,15 @@ class Authorizer:
             # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
             if self._clock() - started > budget:
                 raise DeadlineExceeded("the decision arrived after the deadline")
-            # 6. Resolve the credential the decision names, by reference: the secret
+            # 6. Rate limit: count this request in the bucket the decision names.
+            limiter = self._limiter
+            if decision.allowed and decision.rate_limit is not None and limiter is not None:
+                decision = await self._rate_limit(decision, decision.rate_limit, limiter)
+            # 7. Resolve the credential the decision names, by reference: the secret
             #    comes from the secrets file and never went to OPA.
             if decision.allowed and decision.credential is not None:
-                decision = self._inject_credential(decision)
-            # 7. Decision -> CheckResponse.
+                decision = self._inject_credential(decision, decision.credential)
+            # 8. Decision -> CheckResponse.
             response = build_response(decision, decision_id)
         except AuthzError as error:
             return self._finish(
@@ -145,10 +156,30 @@ class Authorizer:
             response, self._record(decision_id, path, started, document, evaluation, decision)
         )
 
-    def _inject_credential(self, decision: Decision) -> Decision:
+    async def _rate_limit(
+        self, decision: Decision, ref: RateLimitRef, limiter: Limiter
+    ) -> Decision:
+        """``decision`` with rate-limit headers for the client, or a 429 deny."""
+        quota = Quota.of(ref.requests_per_minute, ref.burst, self._burst_s)
+        result = await limiter.check(ref.key, quota)
+        headers = result.headers()
+        if result.allowed:
+            return dataclasses.replace(
+                decision, response_headers_to_add=(*decision.response_headers_to_add, *headers)
+            )
+        return Decision(
+            allowed=False,
+            form="object",
+            headers=headers,
+            http_status=429,
+            reason="rate_limited",
+            rate_limit=ref,
+            identity=decision.identity,
+            dynamic_metadata=decision.dynamic_metadata,
+        )
+
+    def _inject_credential(self, decision: Decision, ref: CredentialRef) -> Decision:
         """``decision`` with the credential header set (replacing any the policy set)."""
-        assert decision.credential is not None
-        ref = decision.credential
         if self._credentials is None:
             raise CredentialError(f"credential {ref.ref!r} requested but no secrets file is set")
         value = ref.format.replace("{secret}", self._credentials.get(ref.ref).reveal())

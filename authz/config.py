@@ -53,10 +53,13 @@ DEFAULT_SHUTDOWN_GRACE_S: Final = 5.0
 DEFAULT_LOG_LEVEL: Final = "INFO"
 DEFAULT_SECRETS_RELOAD_INTERVAL_S: Final = 1.0
 DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 5.0
+DEFAULT_RATE_LIMIT_BURST_S: Final = 10.0
+DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+_SECRET_KEYS: Final = frozenset({"opa_token", "redis_url"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,11 @@ class Settings:
     secrets_file: Path | None = None
     secrets_reload_interval_s: float = DEFAULT_SECRETS_RELOAD_INTERVAL_S
     bundle_poll_interval_s: float = DEFAULT_BUNDLE_POLL_INTERVAL_S
+    rate_limit_backend: str = "memory"
+    rate_limit_burst_s: float = DEFAULT_RATE_LIMIT_BURST_S
+    redis_url: Secret | None = None
+    redis_failure_mode: str = "fallback"
+    redis_timeout_ms: int = DEFAULT_REDIS_TIMEOUT_MS
 
     @property
     def decision_timeout_s(self) -> float:
@@ -184,6 +192,26 @@ def _interval(key: str, value: Any) -> float:
     return number
 
 
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def conv(key: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+        return text
+
+    return conv
+
+
+def _redis_url(key: str, value: Any) -> Secret | None:
+    # May carry a password: kept as a Secret, and errors never quote it.
+    text = str(value).strip()
+    if not text:
+        return None
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{key}=<redacted>: expected a redis://, rediss:// or unix:// URL")
+    return Secret(text)
+
+
 def _secret(key: str, value: Any) -> Secret | None:
     text = str(value)
     return Secret(text) if text else None
@@ -206,6 +234,11 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "secrets_file": _path,
     "secrets_reload_interval_s": _interval,
     "bundle_poll_interval_s": _interval,
+    "rate_limit_backend": _choice("memory", "redis"),
+    "rate_limit_burst_s": _interval,
+    "redis_url": _redis_url,
+    "redis_failure_mode": _choice("fallback", "deny"),
+    "redis_timeout_ms": _int_in(1, 10_000),
 }
 
 
@@ -241,7 +274,7 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
             raw[name] = (env_key, environ[env_key])
     values: dict[str, Any] = {}
     for name, (where, value) in raw.items():
-        shown = "<redacted>" if name == "opa_token" else value
+        shown = "<redacted>" if name in _SECRET_KEYS else value
         try:
             values[name] = _CONVERTERS[name](where, value)
         except ConfigError as exc:
@@ -254,3 +287,7 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
 def _check_consistency(settings: Settings) -> None:
     if not settings.credential_headers:
         raise ConfigError("AUTHZ_CREDENTIAL_HEADERS='': at least one header is required")
+    if settings.rate_limit_backend == "redis" and settings.redis_url is None:
+        raise ConfigError(
+            "AUTHZ_RATE_LIMIT_BACKEND='redis': AUTHZ_REDIS_URL is required (redis://host:port/0)"
+        )

@@ -52,13 +52,13 @@ _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 class RateLimitRef:
     """Which tier applies and the bucket key (never a raw credential).
 
-    ``requests_per_minute`` is the tier's limit as the bundle data states it (-1 means
-    unlimited, 0 means no requests); ``burst`` is the bucket size in requests (None: the
-    limiter's default for that rate)."""
+    ``requests_per_minute`` (required) is the tier's limit as the bundle data states it
+    (-1 means unlimited, 0 means no requests); ``burst`` is the bucket size in requests
+    (None: the configured default, ``rate_limit_burst_s`` seconds worth)."""
 
     tier: str
     key: str
-    requests_per_minute: int | None = None
+    requests_per_minute: int
     burst: int | None = None
 
 
@@ -202,10 +202,13 @@ def _rate_limit(raw: Any) -> RateLimitRef:
         raise _type_error("rate_limit.key", "string", key)
     if not tier or not key:
         raise InvalidDecision("rate_limit.tier and rate_limit.key must not be empty")
+    requests_per_minute = _optional_int(raw, "requests_per_minute", minimum=-1)
+    if requests_per_minute is None:
+        raise _type_error("rate_limit.requests_per_minute", "number", None)
     return RateLimitRef(
         tier=tier,
         key=key,
-        requests_per_minute=_optional_int(raw, "requests_per_minute", minimum=-1),
+        requests_per_minute=requests_per_minute,
         burst=_optional_int(raw, "burst", minimum=1),
     )
 

@@ -9,6 +9,7 @@ and (later) metric labels, so they never change once released::
     ├── DecisionPathError           invalid_decision_path (bad context_extensions path)
     ├── DeadlineExceeded            deadline_exceeded     (budget spent before a decision)
     ├── CredentialError             credential_unavailable (secret for injection missing)
+    ├── RateLimitUnavailable        rate_limit_unavailable (shared limiter down, strict mode)
     └── PolicyError                 policy_error
         ├── OpaUnavailable          opa_unavailable       (connect/reset/refused)
         ├── OpaTimeout              opa_timeout           (no answer within the budget)
@@ -33,6 +34,7 @@ __all__ = [
     "OpaTimeout",
     "OpaUnavailable",
     "PolicyError",
+    "RateLimitUnavailable",
     "RequestError",
     "UndefinedDecision",
 ]
@@ -80,6 +82,13 @@ class CredentialError(AuthzError):
 
     code = "credential_unavailable"
     public_message = "credential for this service is unavailable"
+
+
+class RateLimitUnavailable(AuthzError):
+    """The shared rate-limit backend is unreachable and the mode says deny."""
+
+    code = "rate_limit_unavailable"
+    public_message = "rate limiting is unavailable"
 
 
 class PolicyError(AuthzError):

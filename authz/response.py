@@ -57,6 +57,7 @@ FAILURE_STATUS: Final[Mapping[str, int]] = {
     "opa_timeout": 503,
     "deadline_exceeded": 503,
     "credential_unavailable": 503,
+    "rate_limit_unavailable": 503,
 }
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -27,11 +27,19 @@ from authz.bundle import BundleWatcher
 from authz.config import Settings
 from authz.logs import DecisionLog
 from authz.policy import OpaClient, PolicyEngine
+from authz.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.record import DecisionSink
 from authz.secrets import SecretStore
 from authz.servicer import AuthorizationServicer
 
-__all__ = ["AUTHZ_SERVICE", "AuthzServer", "build_authorizer", "create_server", "serve"]
+__all__ = [
+    "AUTHZ_SERVICE",
+    "AuthzServer",
+    "build_authorizer",
+    "build_limiter",
+    "create_server",
+    "serve",
+]
 
 AUTHZ_SERVICE: Final = "envoy.service.auth.v3.Authorization"
 # Check requests are small; keep the limits tight so a bad peer cannot make us buffer.
@@ -66,6 +74,7 @@ def build_authorizer(
     engine: PolicyEngine,
     sinks: Iterable[DecisionSink],
     credentials: CredentialSource | None = None,
+    limiter: Limiter | None = None,
 ) -> Authorizer:
     """The :class:`Authorizer` the settings describe, over ``engine``."""
     return Authorizer(
@@ -74,6 +83,8 @@ def build_authorizer(
         credential_headers=settings.credential_headers,
         timeout_s=settings.decision_timeout_s,
         parse_body=settings.parse_body,
+        limiter=limiter,
+        burst_s=settings.rate_limit_burst_s,
         credentials=credentials,
         sinks=sinks,
     )
@@ -104,7 +115,8 @@ async def serve(settings: Settings) -> None:
     secrets = SecretStore.open(settings.secrets_file) if settings.secrets_file else None
     engine = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
     sinks: list[DecisionSink] = [DecisionLog()] if settings.decision_log else []
-    authorizer = build_authorizer(settings, engine, sinks, secrets)
+    limiter = build_limiter(settings)
+    authorizer = build_authorizer(settings, engine, sinks, secrets, limiter)
     grpc_server = await create_server(authorizer, settings.grpc_addr)
     watcher = BundleWatcher(engine, interval_s=settings.bundle_poll_interval_s)
     stopping = asyncio.Event()
@@ -120,6 +132,8 @@ async def serve(settings: Settings) -> None:
     checks = {"serving": not_stopping, "opa": opa_bundles_check(engine)}
     if secrets is not None:
         checks["secrets"] = _secrets_check(secrets)
+    if isinstance(limiter, RedisLimiter):
+        checks["rate_limit"] = _redis_check(limiter, settings.redis_failure_mode)
     admin_host, _, admin_port = settings.admin_addr.rpartition(":")
     runner, bound_admin = await start_admin(create_admin_app(checks), admin_host, int(admin_port))
     loop = asyncio.get_running_loop()
@@ -145,7 +159,41 @@ async def serve(settings: Settings) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     await runner.cleanup()
     await engine.close()
+    await limiter.close()
     log.info("stopped")
+
+
+def build_limiter(settings: Settings) -> Limiter:
+    """The rate limiter the settings describe: in process, or Redis shared by replicas."""
+    if settings.rate_limit_backend != "redis" or settings.redis_url is None:
+        return MemoryLimiter()
+    import redis.asyncio  # only needed with the redis backend
+
+    timeout_s = settings.redis_timeout_ms / 1000
+    # A blocking pool: a burst of checks waits (within the timeout) for a connection
+    # instead of failing with "too many connections" and falling back.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url.reveal(),
+        max_connections=settings.opa_pool_size,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+    client = redis.asyncio.Redis.from_pool(pool)  # closes the pool with the client
+    if settings.redis_failure_mode == "deny":
+        return RedisLimiter(client, on_failure="deny", timeout_s=timeout_s)
+    return RedisLimiter(client, on_failure="fallback", timeout_s=timeout_s)
+
+
+def _redis_check(limiter: RedisLimiter, mode: str) -> ReadinessCheck:
+    # In fallback mode an unreachable Redis degrades the limit, not readiness.
+    async def check() -> tuple[bool, str]:
+        if limiter.available:
+            return True, "redis"
+        return mode != "deny", f"redis unreachable ({mode})"
+
+    return check
 
 
 def _secrets_check(secrets: SecretStore) -> ReadinessCheck:

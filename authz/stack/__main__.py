@@ -42,6 +42,7 @@ authz local stack is up (logs: {stack.run_dir / "logs"})
   demo upstream       http://127.0.0.1:{p.upstream}
   egress stand-in     https://127.0.0.1:{p.standin} (plays every service's host; CA {stack.tls.ca})
   bundle server       http://127.0.0.1:{p.bundles}/bundles/authz.tar.gz
+  rate limiting       {f"redis://127.0.0.1:{p.redis} (shared)" if stack.redis else "in process"}
 
 Gateway (API key -> role/path rules; the upstream never sees the key):
 {examples("gateway")}
@@ -65,6 +66,11 @@ def main() -> int:
         default=None,
         help="egress secrets file for authz (AUTHZ_SECRETS_FILE) and the stand-in",
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="start redis-server and use it as authz's shared rate-limit backend",
+    )
     args = parser.parse_args()
     root = args.root.resolve()
     bundle_dir = args.bundle_dir or root / "build/bundles"
@@ -76,7 +82,12 @@ def main() -> int:
         signal.signal(sig, lambda *_: stop.set())
     secrets_file = args.secrets_file.resolve() if args.secrets_file else None
     stack = Stack(
-        root, args.run_dir or root / ".run", bundle_dir, Ports(), secrets_file=secrets_file
+        root,
+        args.run_dir or root / ".run",
+        bundle_dir,
+        Ports(),
+        secrets_file=secrets_file,
+        redis=args.redis,
     )
     try:
         stack.start()

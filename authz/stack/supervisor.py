@@ -109,6 +109,7 @@ class Ports:
     egress: int = 8443
     egress_admin: int = 9902
     standin: int = 9443
+    redis: int = 6379
 
     @classmethod
     def free(cls) -> Self:
@@ -198,7 +199,8 @@ class Stack:
     settings for the authz process. ``secrets_file`` (authz's egress secrets file, JSON
     ``{"version": 1, "credentials": {service: secret}}``) goes to authz as
     ``AUTHZ_SECRETS_FILE`` and to the stand-in, which then checks the credential each
-    call carries as the real API would.
+    call carries as the real API would. ``redis`` starts a redis-server (from the
+    machine's packages) and points authz's shared rate-limit backend at it.
 
     The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
     service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
@@ -215,12 +217,14 @@ class Stack:
         authz_env: Mapping[str, str] | None = None,
         envoy_concurrency: int = 1,
         secrets_file: Path | None = None,
+        redis: bool = False,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
         self.bundle_dir = bundle_dir
         self.ports = ports or Ports()
         self.secrets_file = secrets_file
+        self.redis = redis
         self.tls = tls.TlsFiles(run_dir / "tls")
         self._authz_env = dict(authz_env or {})
         self._envoy_concurrency = envoy_concurrency
@@ -254,6 +258,41 @@ class Stack:
             ],
             self._log(name),
             lambda: http_ok(f"http://{HOST}:{admin_port}/ready"),
+        )
+
+    def _redis(self) -> Process:
+        port = self.ports.redis
+        workdir = self.run_dir / "redis"
+        workdir.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError("redis-server not found (scripts/install-deps installs it)")
+
+        def ready() -> bool:
+            try:
+                with socket.create_connection((HOST, port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    return conn.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        return Process(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            self._log("redis"),
+            ready,
         )
 
     def _egress_services(self) -> dict[str, Any]:
@@ -326,6 +365,11 @@ class Stack:
         secrets_env: dict[str, str] = {}
         if self.secrets_file is not None:
             secrets_env["AUTHZ_SECRETS_FILE"] = str(self.secrets_file)
+        redis: list[Process] = []
+        if self.redis:
+            redis = [self._redis()]
+            secrets_env["AUTHZ_RATE_LIMIT_BACKEND"] = "redis"
+            secrets_env["AUTHZ_REDIS_URL"] = f"redis://{HOST}:{p.redis}/0"
         authz = Process(
             "authz",
             [sys.executable, "-m", "authz", "serve"],
@@ -370,6 +414,7 @@ class Stack:
                 ready=f"http://{HOST}:{p.upstream}/healthz",
             ),
             self._standin(hosts),
+            *redis,
             authz,
             self._envoy("envoy-gateway", envoy_bin, gateway_yaml, p.gateway_admin),
             self._envoy("envoy-egress", envoy_bin, egress_yaml, p.egress_admin),

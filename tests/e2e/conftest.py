@@ -25,14 +25,21 @@ from authz.stack.supervisor import Ports, Stack
 pytestmark = pytest.mark.e2e
 
 # name -> (key id, role, tier, enabled, expires_at)
+# Keys used by many tests sit on generous tiers; "limited" and "limited-2" exist for the
+# rate-limit tests.
 KEY_SPECS = {
     "admin": ("key-admin", "admin", "premium", True, None),
-    "user": ("key-user", "user", "standard", True, None),
-    "viewer": ("key-viewer", "viewer", "default", True, None),
+    "user": ("key-user", "user", "unlimited", True, None),
+    "viewer": ("key-viewer", "viewer", "unlimited", True, None),
     "disabled": ("key-disabled", "user", "default", False, None),
     "expired": ("key-expired", "user", "default", True, "2024-01-01T00:00:00Z"),
-    "revocable": ("key-revocable", "user", "default", True, None),
+    "revocable": ("key-revocable", "user", "premium", True, None),
+    "limited": ("key-limited", "viewer", "default", True, None),
+    "limited-2": ("key-limited-2", "viewer", "default", True, None),
 }
+# The stack runs with a full minute of burst, so a tier of L per minute admits exactly L
+# requests at once (the default, 10 s worth, is smoother but harder to count).
+BURST_S = "60"
 # sandbox id -> (tier, enabled)
 SANDBOX_SPECS = {
     "sb-default": ("default", True),
@@ -41,6 +48,7 @@ SANDBOX_SPECS = {
     "sb-premium": ("premium", True),
     "sb-admin": ("admin", True),
     "sb-disabled": ("admin", False),
+    "sb-limited": ("standard", True),
 }
 SERVICES = ("httpbin", "openai", "anthropic", "github", "slack")
 
@@ -121,7 +129,14 @@ def e2e(
     base = tmp_path_factory.mktemp("e2e")
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
-    stack = Stack(repo_root, base / "run", base / "bundles", ports, secrets_file=secrets_file)
+    stack = Stack(
+        repo_root,
+        base / "run",
+        base / "bundles",
+        ports,
+        secrets_file=secrets_file,
+        authz_env={"AUTHZ_RATE_LIMIT_BURST_S": BURST_S},
+    )
     env = Env(
         stack,
         keys={name: generate_key() for name in KEY_SPECS},

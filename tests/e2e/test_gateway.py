@@ -105,7 +105,7 @@ def test_forged_identity_headers_are_overwritten_or_removed(e2e: Env) -> None:
     upstream = resp.json()["headers"]
     assert upstream["x-authz-key-id"] == "key-viewer"
     assert upstream["x-authz-role"] == "viewer"
-    assert upstream["x-authz-tier"] == "default"
+    assert upstream["x-authz-tier"] == "unlimited"
     assert upstream["x-authz-decision-id"] != "forged"
     assert "x-authz-anything" not in upstream
 

@@ -18,8 +18,10 @@ from authz.errors import (
     OpaResponseError,
     OpaTimeout,
     OpaUnavailable,
+    RateLimitUnavailable,
     UndefinedDecision,
 )
+from authz.ratelimit import MemoryLimiter, Quota, RateLimitResult
 from authz.secrets import Secret
 from tests.unit.fakes import FakeEngine, ListSink, check_request
 
@@ -283,3 +285,67 @@ async def test_denied_decision_never_resolves_a_credential() -> None:
     deny = {**EGRESS_ALLOW, "allowed": False, "reason": "path_not_allowed"}
     outcome = await make(FakeEngine(deny), credentials=Exploding()).check(check_request())
     assert status_of(outcome.response) == 403
+
+
+def _limited(rpm: int, burst: int | None = None) -> dict[str, Any]:
+    rate_limit: dict[str, Any] = {"tier": "t", "key": "key:k1", "requests_per_minute": rpm}
+    if burst is not None:
+        rate_limit["burst"] = burst
+    return {**ALLOW, "rate_limit": rate_limit}
+
+
+async def test_rate_limit_allows_the_burst_then_429() -> None:
+    authorizer = make(FakeEngine(_limited(60, 2)), limiter=MemoryLimiter())
+    first = await authorizer.check(check_request())
+    added = {
+        o.header.key: o.header.value for o in first.response.ok_response.response_headers_to_add
+    }
+    assert added["ratelimit-limit"] == "60"
+    assert added["ratelimit-remaining"] == "1"
+    await authorizer.check(check_request())
+    third = await authorizer.check(check_request())
+    assert status_of(third.response) == 429
+    assert error_of(third.response) == "rate_limited"
+    assert third.record.reason == "rate_limited"
+    assert third.record.identity == {"key_id": "k1"}
+    denied = {o.header.key: o.header.value for o in third.response.denied_response.headers}
+    assert denied["retry-after"] == "1"
+
+
+async def test_burst_defaults_to_configured_seconds() -> None:
+    authorizer = make(FakeEngine(_limited(60)), limiter=MemoryLimiter(), burst_s=3.0)
+    statuses = [status_of((await authorizer.check(check_request())).response) for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_unlimited_has_no_headers_and_no_limit() -> None:
+    authorizer = make(FakeEngine(_limited(-1)), limiter=MemoryLimiter())
+    for _ in range(50):
+        outcome = await authorizer.check(check_request())
+        assert status_of(outcome.response) == 200
+        assert list(outcome.response.ok_response.response_headers_to_add) == []
+
+
+async def test_rate_limit_backend_down_in_strict_mode_denies_503() -> None:
+    class Down:
+        async def check(self, key: str, quota: Quota) -> RateLimitResult:
+            raise RateLimitUnavailable("redis down")
+
+        async def close(self) -> None:
+            return None
+
+    outcome = await make(FakeEngine(_limited(60)), limiter=Down()).check(check_request())
+    assert status_of(outcome.response) == 503
+    assert error_of(outcome.response) == "rate_limit_unavailable"
+
+
+async def test_rate_limited_request_never_resolves_a_credential() -> None:
+    class Exploding:
+        def get(self, ref: str) -> Secret:
+            raise AssertionError("must not be called")
+
+    answer = {**EGRESS_ALLOW, "rate_limit": {"tier": "t", "key": "s", "requests_per_minute": 0}}
+    outcome = await make(
+        FakeEngine(answer), limiter=MemoryLimiter(), credentials=Exploding()
+    ).check(check_request())
+    assert status_of(outcome.response) == 429

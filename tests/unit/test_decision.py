@@ -69,7 +69,7 @@ def test_object_form_parses_every_field() -> None:
             "http_status": 200,
             "dynamic_metadata": {"tenant": "t1", "nested": {"n": 1}},
             "reason": "allowed",
-            "rate_limit": {"tier": "premium", "key": "key-demo-admin"},
+            "rate_limit": {"tier": "premium", "key": "key-demo-admin", "requests_per_minute": 600},
             "identity": {"key_id": "key-demo-admin", "role": "admin"},
             "ignored_extension": {"anything": True},
         }
@@ -89,7 +89,9 @@ def test_object_form_parses_every_field() -> None:
     assert decision.http_status == 200
     assert dict(decision.dynamic_metadata) == {"tenant": "t1", "nested": {"n": 1}}
     assert decision.reason == "allowed"
-    assert decision.rate_limit == RateLimitRef(tier="premium", key="key-demo-admin")
+    assert decision.rate_limit == RateLimitRef(
+        tier="premium", key="key-demo-admin", requests_per_minute=600
+    )
     assert dict(decision.identity) == {"key_id": "key-demo-admin", "role": "admin"}
 
 
@@ -197,6 +199,7 @@ TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
     ("rate_limit", {"tier": 1, "key": "k"}, "rate_limit.tier", "string", "number"),
     ("rate_limit", {"tier": "t", "key": 5}, "rate_limit.key", "string", "number"),
     ("rate_limit", {"tier": "t"}, "rate_limit.key", "string", "null"),
+    ("rate_limit", {"tier": "t", "key": "k"}, "rate_limit.requests_per_minute", "number", "null"),
     ("identity", [], "identity", "object", "array"),
     ("identity", {"role": 1}, "identity.role", "string", "number"),
     ("identity", {"role": ["a"]}, "identity.role", "string", "array"),
@@ -316,8 +319,14 @@ def test_non_snake_case_reason_is_rejected(reason: str) -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"tier": "premium", "key": "key-demo-admin"}, RateLimitRef("premium", "key-demo-admin")),
-        ({"tier": "free", "key": "k", "extra": 1}, RateLimitRef("free", "k")),
+        (
+            {"tier": "premium", "key": "key-demo-admin", "requests_per_minute": 600},
+            RateLimitRef("premium", "key-demo-admin", 600),
+        ),
+        (
+            {"tier": "free", "key": "k", "requests_per_minute": 5, "extra": 1},
+            RateLimitRef("free", "k", 5),
+        ),
         (
             {"tier": "std", "key": "k", "requests_per_minute": 60, "burst": 10},
             RateLimitRef("std", "k", 60, 10),
@@ -346,7 +355,7 @@ def test_rate_limit_shape(raw: dict[str, Any], expected: RateLimitRef) -> None:
         ),
         ({"tier": "t", "key": "k", "requests_per_minute": -2}, "integer >= -1"),
         ({"tier": "t", "key": "k", "requests_per_minute": 1.5}, "integer >= -1"),
-        ({"tier": "t", "key": "k", "burst": 0}, "integer >= 1"),
+        ({"tier": "t", "key": "k", "requests_per_minute": 5, "burst": 0}, "integer >= 1"),
     ],
     ids=[
         "empty-tier",

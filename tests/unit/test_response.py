@@ -57,7 +57,7 @@ def test_allow_maps_every_field_to_ok_response() -> None:
         query_parameters_to_remove=("api_key",),
         dynamic_metadata=MappingProxyType({"tenant": "t1"}),
         reason="allowed",
-        rate_limit=RateLimitRef("premium", "key-demo-admin"),
+        rate_limit=RateLimitRef("premium", "key-demo-admin", 600),
     )
     response = build_response(decision, DECISION_ID)
 
