@@ -1,29 +1,60 @@
-"""Admin HTTP endpoints (aiohttp): ``/healthz``, ``/readyz``.
+"""Admin HTTP endpoints (aiohttp), on the admin address (default 127.0.0.1:9192).
+
+Open (probes and Prometheus):
 
 - ``GET /healthz`` -> 200 ``{"status": "ok"}`` while the process serves at all.
 - ``GET /readyz``  -> 200 when every readiness check passes, else 503; the body names each
   check: ``{"status": "ready"|"not_ready", "checks": {name: {"ok": bool, "detail": str}}}``.
-  Checks are plain async callables (:data:`ReadinessCheck`) so the server composes them
-  (OPA reachable with its bundles activated, shutting down, ...).
+  Checks are plain async callables (:data:`ReadinessCheck`) the server composes (OPA
+  reachable with its bundles activated, the bundle revision, secrets loaded, ...).
+- ``GET /metrics`` -> Prometheus text format (:mod:`authz.metrics`).
 
-Binds the admin address from the settings (default 127.0.0.1:9192).
+Admin API, ``Authorization: Bearer <AUTHZ_ADMIN_TOKEN>`` required (403
+``admin_api_disabled`` when no token is configured, 401 on a wrong one); every change is
+logged and audited with the optional ``X-Authz-Actor`` header as the actor:
+
+- ``GET /admin/mode``, ``POST /admin/mode`` ``{"mode": "dry-run", "reason": "..."}``
+- ``GET /admin/overrides``, ``POST /admin/overrides`` (see :mod:`authz.overrides`),
+  ``DELETE /admin/overrides/{id}``
+
+Errors are JSON ``{"error": code, "message": ...}``.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from authz.errors import PolicyError
+from authz.control import Control, parse_mode
+from authz.errors import ConfigError, PolicyError
+from authz.metrics import Metrics
+from authz.overrides import OverrideStore, parse_override_request
 from authz.policy import OpaClient
+from authz.secrets import Secret
 
-__all__ = ["ReadinessCheck", "create_admin_app", "opa_bundles_check", "start_admin"]
+__all__ = [
+    "AdminAction",
+    "ReadinessCheck",
+    "create_admin_app",
+    "opa_bundles_check",
+    "start_admin",
+]
 
 # A check returns (ok, detail); detail is a short human string, never a secret.
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
+# Called for every admin change: (action, fields) -> logged and audited by the server.
+AdminAction = Callable[[str, Mapping[str, Any]], None]
 _CHECK_TIMEOUT_S: Final = 1.0
+_MAX_BODY: Final = 16 * 1024
+
+log = logging.getLogger(__name__)
 
 
 def opa_bundles_check(client: OpaClient) -> ReadinessCheck:
@@ -43,8 +74,64 @@ def opa_bundles_check(client: OpaClient) -> ReadinessCheck:
     return check
 
 
-def create_admin_app(checks: Mapping[str, ReadinessCheck]) -> web.Application:
-    """The admin application with ``/healthz`` and ``/readyz`` over ``checks``."""
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Admin:
+    control: Control | None
+    overrides: OverrideStore | None
+    token: Secret | None
+    on_action: AdminAction | None
+
+    def authorized(self, request: web.Request) -> web.Response | None:
+        """None when the bearer token matches; otherwise the error response."""
+        if self.token is None or not self.token:
+            return _error(403, "admin_api_disabled", "set AUTHZ_ADMIN_TOKEN to enable")
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {self.token.reveal()}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _error(
+                401,
+                "unauthorized",
+                "admin token required",
+                **{"WWW-Authenticate": 'Bearer realm="authz-admin"'},
+            )
+        return None
+
+    @staticmethod
+    def actor(request: web.Request) -> str:
+        return request.headers.get("X-Authz-Actor", "admin")[:64] or "admin"
+
+    def audit(self, action: str, fields: Mapping[str, Any]) -> None:
+        log.warning("admin action", extra={"action": action, **fields})
+        if self.on_action is not None:
+            self.on_action(action, fields)
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > _MAX_BODY:
+        raise ConfigError("request body too large")
+    try:
+        return await request.json()
+    except ValueError:
+        raise ConfigError("request body is not JSON") from None
+
+
+def create_admin_app(
+    checks: Mapping[str, ReadinessCheck],
+    *,
+    metrics: Metrics | None = None,
+    before_scrape: Callable[[], None] | None = None,
+    control: Control | None = None,
+    overrides: OverrideStore | None = None,
+    token: Secret | None = None,
+    on_action: AdminAction | None = None,
+) -> web.Application:
+    """The admin application. ``before_scrape`` runs before every ``/metrics`` answer
+    (refreshing gauges, warning about bypass mode)."""
+    admin = _Admin(control, overrides, token, on_action)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -60,9 +147,95 @@ def create_admin_app(checks: Mapping[str, ReadinessCheck]) -> web.Application:
         }
         return web.json_response(body, status=200 if ready else 503)
 
-    app = web.Application()
+    async def metrics_(_: web.Request) -> web.Response:
+        if metrics is None:
+            return _error(404, "not_found", "metrics are not enabled")
+        if before_scrape is not None:
+            before_scrape()
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def get_mode(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if control is None:
+            return _error(404, "not_found", "no mode control")
+        return web.json_response({"mode": control.mode.value})
+
+    async def set_mode(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if control is None:
+            return _error(404, "not_found", "no mode control")
+        try:
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                raise ConfigError("expected a JSON object")
+            mode = parse_mode("mode", body.get("mode"))
+            reason = str(body.get("reason") or "").strip()
+            if not reason:
+                raise ConfigError("reason: a reason is required")
+            previous = control.set_mode(mode, actor=admin.actor(request), reason=reason)
+        except ConfigError as exc:
+            return _error(400, "invalid_request", str(exc))
+        admin.audit(
+            "set_mode",
+            {
+                "mode": mode.value,
+                "previous": previous.value,
+                "reason": reason,
+                "actor": admin.actor(request),
+            },
+        )
+        return web.json_response({"mode": mode.value, "previous": previous.value})
+
+    async def list_overrides(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if overrides is None:
+            return _error(404, "not_found", "overrides are not enabled")
+        return web.json_response({"overrides": [o.opa_document() for o in overrides.active()]})
+
+    async def add_override(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if overrides is None:
+            return _error(404, "not_found", "overrides are not enabled")
+        try:
+            override = parse_override_request(
+                await _json_body(request), actor=admin.actor(request), now=time.time()
+            )
+        except ConfigError as exc:
+            return _error(400, "invalid_request", str(exc))
+        pushed = await overrides.add(override)  # if not, the periodic sync pushes it
+        document = override.opa_document()
+        admin.audit("add_override", {**document, "pushed": pushed})
+        return web.json_response({**document, "pushed": pushed}, status=201)
+
+    async def delete_override(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if overrides is None:
+            return _error(404, "not_found", "overrides are not enabled")
+        override_id = request.match_info["override_id"]
+        removed, pushed = await overrides.remove(override_id)
+        if removed is None:
+            return _error(404, "not_found", f"no override {override_id[:64]!r}")
+        admin.audit(
+            "delete_override", {"id": override_id, "actor": admin.actor(request), "pushed": pushed}
+        )
+        return web.json_response({"deleted": override_id, "pushed": pushed})
+
+    app = web.Application(client_max_size=_MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_)
+    app.router.add_get("/admin/mode", get_mode)
+    app.router.add_post("/admin/mode", set_mode)
+    app.router.add_get("/admin/overrides", list_overrides)
+    app.router.add_post("/admin/overrides", add_override)
+    app.router.add_delete("/admin/overrides/{override_id}", delete_override)
     return app
 
 

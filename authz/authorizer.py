@@ -1,12 +1,16 @@
 """The decision pipeline: CheckRequest -> input -> OPA -> Decision -> CheckResponse.
 
 :meth:`Authorizer.check` reads like the flow it implements, one comment per phase; every
-step lives in its own module (``input``, ``policy``, ``decision``, ``response``). Each
-call returns an :class:`Outcome`: the CheckResponse for Envoy and a
-:class:`~authz.record.DecisionRecord` for the decision log. It fails closed: any
-:class:`~authz.errors.AuthzError` becomes a deny through
-:func:`~authz.response.error_response`; nothing is raised to the caller except
-programming errors, which the servicer also turns into a deny.
+step lives in its own module (``input``, ``policy``, ``decision``, ``ratelimit``,
+``secrets``, ``response``). Each call returns an :class:`Outcome`: the CheckResponse for
+Envoy and a :class:`~authz.record.DecisionRecord` for the decision log, metrics and
+audit trail.
+
+It fails closed: any :class:`~authz.errors.AuthzError` becomes a deny through
+:func:`~authz.response.error_response`, unless the decision path is configured to fail
+open and the error is an OPA failure (then an allow marked ``x-authz-fail-open``). The
+enforcement mode (:mod:`authz.control`) applies last: ``dry-run`` turns a deny into an
+allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Final, Protocol
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.config import parse_decision_path
+from authz.control import Control, Mode
 from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
 from authz.errors import (
     AuthzError,
@@ -34,15 +39,35 @@ from authz.input import build_input
 from authz.policy import Evaluation, PolicyEngine
 from authz.ratelimit import Limiter, Quota
 from authz.record import DecisionRecord, DecisionSink
-from authz.response import build_response, error_response
+from authz.response import build_response, error_response, status_for
 from authz.secrets import Secret
 
-__all__ = ["DECISION_PATH_KEY", "Authorizer", "CredentialSource", "Outcome"]
+__all__ = [
+    "DECISION_PATH_KEY",
+    "DRY_RUN_HEADER",
+    "FAIL_OPEN_CODES",
+    "FAIL_OPEN_HEADER",
+    "MODE_HEADER",
+    "Authorizer",
+    "CredentialSource",
+    "Outcome",
+]
 
 # The context_extensions key an Envoy route sets to pick its decision path.
 DECISION_PATH_KEY: Final = "decision_path"
 # Time kept back from Envoy's deadline so our deny reaches Envoy before it gives up.
 _DEADLINE_MARGIN_S: Final = 0.010
+# Response header (to the client) on a deny that dry-run suppressed.
+DRY_RUN_HEADER: Final = "x-authz-dry-run"
+# Request header (to the upstream) on a request allowed because OPA failed (fail-open).
+FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
+# Request header (to the upstream) on a request allowed in bypass mode.
+MODE_HEADER: Final = "x-authz-mode"
+# The failures a fail-open path turns into an allow: OPA could not be asked or answered
+# with an error. An undefined or malformed decision (a policy bug) always fails closed.
+FAIL_OPEN_CODES: Final = frozenset(
+    {"opa_unavailable", "opa_circuit_open", "opa_timeout", "opa_error", "deadline_exceeded"}
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +88,18 @@ class Outcome:
     record: DecisionRecord
 
 
+@dataclass(slots=True)
+class _Trace:
+    """What the pipeline got to, for the record."""
+
+    path: str
+    document: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
+    policy: Decision | None = None
+    decision: Decision | None = None
+    error: AuthzError | None = None
+
+
 class Authorizer:
     """Runs the decision pipeline for one CheckRequest at a time (safe to share across
     concurrent calls; holds no per-request state).
@@ -70,11 +107,11 @@ class Authorizer:
     ``engine`` answers OPA queries; ``limiter`` enforces the decision's ``rate_limit``
     (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
     says; ``credentials`` resolves the credential a decision names for injection (None:
-    no secrets file, so such decisions deny 503); ``sinks``
-    receive every :class:`DecisionRecord` (a sink that raises is logged and skipped,
-    never fails the request); ``timeout_s`` is the
-    decision budget in seconds; ``clock`` (seconds, monotonic) and ``new_id`` (a
-    decision id) are injectable for tests.
+    no secrets file, so such decisions deny 503); ``control`` holds the enforcement mode;
+    ``fail_open_paths`` are the decision paths allowed when OPA fails; ``sinks`` receive
+    every :class:`DecisionRecord` (a sink that raises is logged and skipped, never fails
+    the request); ``timeout_s`` is the decision budget in seconds; ``clock`` (seconds,
+    monotonic) and ``new_id`` (a decision id) are injectable for tests.
     """
 
     def __init__(
@@ -88,6 +125,8 @@ class Authorizer:
         limiter: Limiter | None = None,
         burst_s: float = 10.0,
         credentials: CredentialSource | None = None,
+        control: Control | None = None,
+        fail_open_paths: Iterable[str] = (),
         sinks: Iterable[DecisionSink] = (),
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
@@ -98,9 +137,11 @@ class Authorizer:
         self._credential_headers = frozenset(credential_headers)
         self._timeout_s = timeout_s
         self._parse_body = parse_body
-        self._credentials = credentials
         self._limiter = limiter
         self._burst_s = burst_s
+        self._credentials = credentials
+        self._control = control if control is not None else Control()
+        self._fail_open_paths = frozenset(fail_open_paths)
         self._sinks = tuple(sinks)
         self._clock = clock
         self._wall_clock = wall_clock
@@ -115,46 +156,68 @@ class Authorizer:
         (minus a small margin) and the configured timeout."""
         started = self._clock()
         decision_id = self._new_id()
+        mode = self._control.mode
+        trace = _Trace(self._default_path)
+        if mode is Mode.BYPASS:
+            response = _allow(decision_id, headers=((MODE_HEADER, "bypass"),))
+            return self._finish(response, trace, mode, started, decision_id, allowed=True)
         budget = self._timeout_s
         if time_remaining_s is not None:
             budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
-        path = self._default_path
-        evaluation: Evaluation | None = None
-        document: dict[str, Any] | None = None
         try:
-            if budget <= 0:
-                raise DeadlineExceeded("no time left for a decision when the request arrived")
-            # 1. Route -> decision path (Envoy's per-route context_extensions).
-            path = self._decision_path(request.attributes.context_extensions)
-            # 2. CheckRequest -> input document (credentials hashed, never in clear).
-            document = build_input(
-                request, self._credential_headers, parse_request_body=self._parse_body
-            )
-            # 3. Ask OPA, within the budget.
-            evaluation = await self._engine.evaluate(path, document, budget)
-            # 4. Parse OPA's result once into a typed Decision.
-            decision = parse_decision(evaluation.result)
-            # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
-            if self._clock() - started > budget:
-                raise DeadlineExceeded("the decision arrived after the deadline")
-            # 6. Rate limit: count this request in the bucket the decision names.
-            limiter = self._limiter
-            if decision.allowed and decision.rate_limit is not None and limiter is not None:
-                decision = await self._rate_limit(decision, decision.rate_limit, limiter)
-            # 7. Resolve the credential the decision names, by reference: the secret
-            #    comes from the secrets file and never went to OPA.
-            if decision.allowed and decision.credential is not None:
-                decision = self._inject_credential(decision, decision.credential)
-            # 8. Decision -> CheckResponse.
-            response = build_response(decision, decision_id)
+            response = await self._decide(request, trace, budget, started, decision_id)
+            allowed = response.HasField("ok_response")
         except AuthzError as error:
-            return self._finish(
-                error_response(error, decision_id),
-                self._record(decision_id, path, started, document, evaluation, None, error),
-            )
-        return self._finish(
-            response, self._record(decision_id, path, started, document, evaluation, decision)
+            trace.error = error
+            if error.code in FAIL_OPEN_CODES and trace.path in self._fail_open_paths:
+                response = _allow(decision_id, headers=((FAIL_OPEN_HEADER, error.code),))
+                return self._finish(
+                    response, trace, mode, started, decision_id, allowed=True, fail_open=True
+                )
+            response, allowed = error_response(error, decision_id), False
+        if mode is Mode.DRY_RUN and not allowed:
+            reason, status = _reason_and_status(trace)
+            marker = f"would-deny; reason={reason}; status={status}"
+            response = _allow(decision_id, response_headers=((DRY_RUN_HEADER, marker),))
+            allowed = True
+        return self._finish(response, trace, mode, started, decision_id, allowed=allowed)
+
+    async def _decide(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        trace: _Trace,
+        budget: float,
+        started: float,
+        decision_id: str,
+    ) -> external_auth_pb2.CheckResponse:
+        """The pipeline proper; raises AuthzError when no decision can be made."""
+        if budget <= 0:
+            raise DeadlineExceeded("no time left for a decision when the request arrived")
+        # 1. Route -> decision path (Envoy's per-route context_extensions).
+        trace.path = self._decision_path(request.attributes.context_extensions)
+        # 2. CheckRequest -> input document (credentials hashed, never in clear).
+        trace.document = build_input(
+            request, self._credential_headers, parse_request_body=self._parse_body
         )
+        # 3. Ask OPA, within the budget.
+        trace.evaluation = await self._engine.evaluate(trace.path, trace.document, budget)
+        # 4. Parse OPA's result once into a typed Decision.
+        decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
+        # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
+        if self._clock() - started > budget:
+            raise DeadlineExceeded("the decision arrived after the deadline")
+        # 6. Rate limit: count this request in the bucket the decision names.
+        limiter = self._limiter
+        if decision.allowed and decision.rate_limit is not None and limiter is not None:
+            decision = trace.decision = await self._rate_limit(
+                decision, decision.rate_limit, limiter
+            )
+        # 7. Resolve the credential the decision names, by reference: the secret comes
+        #    from the secrets file and never went to OPA.
+        if decision.allowed and decision.credential is not None:
+            decision = self._inject_credential(decision, decision.credential)
+        # 8. Decision -> CheckResponse.
+        return build_response(decision, decision_id)
 
     async def _rate_limit(
         self, decision: Decision, ref: RateLimitRef, limiter: Limiter
@@ -176,6 +239,7 @@ class Authorizer:
             rate_limit=ref,
             identity=decision.identity,
             dynamic_metadata=decision.dynamic_metadata,
+            override_id=decision.override_id,
         )
 
     def _inject_credential(self, decision: Decision, ref: CredentialRef) -> Decision:
@@ -199,31 +263,88 @@ class Authorizer:
                 self._valid_paths.add(path)
         return path
 
-    def _record(
+    def _finish(
         self,
-        decision_id: str,
-        path: str,
+        response: external_auth_pb2.CheckResponse,
+        trace: _Trace,
+        mode: Mode,
         started: float,
-        document: Mapping[str, Any] | None,
-        evaluation: Evaluation | None,
-        decision: Decision | None,
-        error: AuthzError | None = None,
-    ) -> DecisionRecord:
-        return DecisionRecord.build(
-            decision_id=decision_id,
-            timestamp=self._wall_clock(),
-            decision_path=path,
-            document=document,
-            evaluation=evaluation,
-            decision=decision,
-            error=error,
-            duration_s=self._clock() - started,
-        )
-
-    def _finish(self, response: external_auth_pb2.CheckResponse, record: DecisionRecord) -> Outcome:
+        decision_id: str,
+        *,
+        allowed: bool,
+        fail_open: bool = False,
+    ) -> Outcome:
+        record = self._record(trace, mode, started, decision_id, allowed, fail_open)
         for sink in self._sinks:
             try:
                 sink.record(record)
             except Exception:  # a broken log sink must never fail a request
                 log.exception("decision sink %s failed", type(sink).__name__)
         return Outcome(response, record)
+
+    def _record(
+        self,
+        trace: _Trace,
+        mode: Mode,
+        started: float,
+        decision_id: str,
+        allowed: bool,
+        fail_open: bool,
+    ) -> DecisionRecord:
+        reason, status = _reason_and_status(trace)
+        decision, policy, evaluation = trace.decision, trace.policy, trace.evaluation
+        request_id, method, path = DecisionRecord.request_fields(trace.document)
+        if mode is Mode.BYPASS:
+            reason, status, decided = "bypass", 200, True
+        else:
+            decided = decision.allowed if decision is not None and trace.error is None else False
+        rate_limit = decision.rate_limit if decision is not None else None
+        return DecisionRecord(
+            decision_id=decision_id,
+            timestamp=self._wall_clock(),
+            decision_path=trace.path,
+            allowed=allowed,
+            reason=reason,
+            http_status=status,
+            decision_allowed=decided,
+            mode=mode.value,
+            fail_open=fail_open,
+            policy_allowed=policy.allowed if policy is not None else None,
+            policy_reason=policy.reason_code if policy is not None else None,
+            tier=rate_limit.tier if rate_limit is not None else None,
+            override_id=decision.override_id if decision is not None else None,
+            revision=evaluation.revision if evaluation is not None else "",
+            identity=decision.identity if decision is not None else {},
+            request_id=request_id,
+            method=method,
+            path=path,
+            duration_s=self._clock() - started,
+            opa_duration_s=evaluation.duration_s if evaluation is not None else 0.0,
+            error=str(trace.error) if trace.error is not None else None,
+            document=trace.document,
+        )
+
+
+def _reason_and_status(trace: _Trace) -> tuple[str, int]:
+    """The decision's reason code and HTTP status (an error's, if one stopped it)."""
+    if trace.error is not None:
+        return trace.error.code, status_for(trace.error.code)
+    decision = trace.decision
+    if decision is None:
+        return "internal_error", 500
+    if decision.allowed:
+        return decision.reason_code, 200
+    return decision.reason_code, decision.http_status or 403
+
+
+def _allow(
+    decision_id: str,
+    *,
+    headers: tuple[tuple[str, str], ...] = (),
+    response_headers: tuple[tuple[str, str], ...] = (),
+) -> external_auth_pb2.CheckResponse:
+    """A plain allow (bypass, dry-run, fail-open) with marker headers."""
+    return build_response(
+        Decision(allowed=True, headers=headers, response_headers_to_add=response_headers),
+        decision_id,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from authz.errors import PolicyError
@@ -28,6 +29,7 @@ class BundleWatcher:
 
     ``revision`` is None until OPA has answered once with a bundle; ``warnings`` are the
     strings from the last answer. ``interval_s`` and ``timeout_s`` are seconds.
+    ``on_activation(revision)`` is called on every revision change (metrics).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class BundleWatcher:
         path: str = WARNINGS_PATH,
         interval_s: float = 5.0,
         timeout_s: float = 1.0,
+        on_activation: Callable[[str], None] | None = None,
     ) -> None:
         self._engine = engine
         self._path = path
@@ -45,6 +48,7 @@ class BundleWatcher:
         self.revision: str | None = None
         self.warnings: tuple[str, ...] = ()
         self._last_error: str | None = None
+        self._on_activation = on_activation
 
     async def poll_once(self) -> bool:
         """Ask OPA once. Returns True when the revision changed. Never raises for OPA
@@ -67,6 +71,8 @@ class BundleWatcher:
         log.info("bundle activated", extra={"revision": revision})
         for warning in warnings:
             log.warning("policy warning: %s", warning, extra={"revision": revision})
+        if self._on_activation is not None:
+            self._on_activation(revision)
         return True
 
     async def run(self) -> None:

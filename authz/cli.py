@@ -8,6 +8,9 @@
     authz sandbox new --id ID --tier T   print a new sandbox token and its data entry
     authz secrets generate               build the egress secrets file from env / .env
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
+    authz audit tail [--limit N]         print the last audit entries (JSON lines)
+    authz audit verify                   check the hash chain; exit 1 naming the first bad entry
+    authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle
 
 Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
 """
@@ -16,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dotenv import dotenv_values
 
-from authz import config, keys, logs, secrets
+from authz import audit, config, keys, logs, secrets
 from authz.errors import ConfigError
 
 __all__ = ["main"]
@@ -51,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         runner = asyncio.Runner()
     with runner:
         try:
-            runner.run(serve(settings))
+            runner.run(serve(settings, lambda: config.load(os.environ, args.config)))
         except ConfigError as exc:  # e.g. the secrets file, read before serving
             log.error("invalid configuration: %s", exc, extra={"code": exc.code})
             return 2
@@ -121,6 +127,94 @@ def _secrets_generate(args: argparse.Namespace) -> int:
     return 1 if missing and args.require_all else 0
 
 
+def _audit_db(args: argparse.Namespace) -> Path | None:
+    if args.db is not None:
+        return Path(args.db)
+    try:
+        return config.load(os.environ, args.config).audit_db
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _open_audit(args: argparse.Namespace) -> sqlite3.Connection | None:
+    path = _audit_db(args)
+    if path is None:
+        print("error: no audit database (AUTHZ_AUDIT_DB or --db)", file=sys.stderr)
+        return None
+    if not path.is_file():
+        print(f"error: no audit database at {path}", file=sys.stderr)
+        return None
+    # Read-only: the tools never write the trail.
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    conn = _open_audit(args)
+    if conn is None:
+        return 2
+    with contextlib.closing(conn):
+        for entry in audit.read_entries(conn, last=args.limit):
+            body = dict(entry.body)
+            if not args.input:
+                body.pop("input", None)
+            print(json.dumps({"seq": entry.seq, "kind": entry.kind, **body}, sort_keys=True))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    conn = _open_audit(args)
+    if conn is None:
+        return 2
+    with contextlib.closing(conn):
+        report = audit.verify(conn)
+    if report.ok:
+        span = f"entries {report.first_seq}..{report.last_seq}" if report.entries else "no entries"
+        print(f"ok: {report.entries} entries, chain intact ({span})")
+        return 0
+    who = f" (decision {report.broken_decision_id})" if report.broken_decision_id else ""
+    print(f"BROKEN at entry {report.broken_seq}{who}: {report.problem}", file=sys.stderr)
+    return 1
+
+
+def _audit_replay(args: argparse.Namespace) -> int:
+    conn = _open_audit(args)
+    if conn is None:
+        return 2
+    if not args.bundle.is_file():
+        print(f"error: no bundle at {args.bundle}", file=sys.stderr)
+        return 2
+    from authz.policy import OpaClient
+    from authz.replay import describe, opa_serving, replay
+    from authz.stack.supervisor import StackError, find_binary, free_port
+
+    try:
+        opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.closing(conn):
+        entries = list(audit.read_entries(conn, last=args.limit, kind="decision"))
+
+    async def run(url: str) -> Any:
+        client = OpaClient(url)
+        try:
+            return await replay(entries, client)
+        finally:
+            await client.close()
+
+    try:
+        with opa_serving(args.bundle, opa_bin, free_port()) as url:
+            report = asyncio.run(run(url))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    for change in report.changed:
+        print(describe(change))
+    return 0
+
+
 def _lint_data(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
@@ -184,6 +278,23 @@ def _parser() -> argparse.ArgumentParser:
         "--require-all", action="store_true", help="exit 1 if any credential is missing"
     )
     generate.set_defaults(func=_secrets_generate)
+
+    audit_ = commands.add_parser("audit", help="the tamper-evident audit trail")
+    audit_.add_argument("--db", help="audit database (default: AUTHZ_AUDIT_DB / settings)")
+    audit_.add_argument("--config", type=Path, help="YAML settings file")
+    audit_commands = audit_.add_subparsers(dest="audit_command", required=True)
+    tail = audit_commands.add_parser("tail", help="print the last entries as JSON lines")
+    tail.add_argument("--limit", type=int, default=20)
+    tail.add_argument("--input", action="store_true", help="include the recorded input")
+    tail.set_defaults(func=_audit_tail)
+    verify = audit_commands.add_parser("verify", help="check the hash chain")
+    verify.set_defaults(func=_audit_verify)
+    replay_ = audit_commands.add_parser(
+        "replay", help="re-evaluate recorded inputs against another bundle"
+    )
+    replay_.add_argument("--bundle", type=Path, required=True, help="bundle .tar.gz to compare")
+    replay_.add_argument("--limit", type=int, default=None, help="only the last N decisions")
+    replay_.set_defaults(func=_audit_replay)
 
     lint = commands.add_parser("lint-data", help="refuse plaintext credentials in data")
     lint.add_argument("files", nargs="+", type=Path)

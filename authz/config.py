@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from authz.control import Mode, parse_mode
 from authz.errors import ConfigError
 from authz.secrets import Secret
 
@@ -55,11 +56,17 @@ DEFAULT_SECRETS_RELOAD_INTERVAL_S: Final = 1.0
 DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 5.0
 DEFAULT_RATE_LIMIT_BURST_S: Final = 10.0
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
+DEFAULT_CIRCUIT_FAILURE_THRESHOLD: Final = 5
+DEFAULT_CIRCUIT_RESET_TIMEOUT_S: Final = 5.0
+DEFAULT_AUDIT_DB: Final = Path("authz-audit.db")
+DEFAULT_AUDIT_RETENTION_DAYS: Final = 30.0
+DEFAULT_AUDIT_MAX_RECORDS: Final = 1_000_000
+DEFAULT_OVERRIDES_FILE: Final = Path("authz-overrides.json")
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
-_SECRET_KEYS: Final = frozenset({"opa_token", "redis_url"})
+_SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,16 @@ class Settings:
     redis_url: Secret | None = None
     redis_failure_mode: str = "fallback"
     redis_timeout_ms: int = DEFAULT_REDIS_TIMEOUT_MS
+    mode: Mode = Mode.ENFORCE
+    allow_bypass: bool = False
+    fail_open_paths: tuple[str, ...] = ()
+    circuit_failure_threshold: int = DEFAULT_CIRCUIT_FAILURE_THRESHOLD
+    circuit_reset_timeout_s: float = DEFAULT_CIRCUIT_RESET_TIMEOUT_S
+    admin_token: Secret | None = None
+    audit_db: Path | None = DEFAULT_AUDIT_DB
+    audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
+    audit_max_records: int = DEFAULT_AUDIT_MAX_RECORDS
+    overrides_file: Path | None = DEFAULT_OVERRIDES_FILE
 
     @property
     def decision_timeout_s(self) -> float:
@@ -192,6 +209,11 @@ def _interval(key: str, value: Any) -> float:
     return number
 
 
+def _decision_paths(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    return tuple(parse_decision_path(key, str(i).strip()) for i in items if str(i).strip())
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
     def conv(key: str, value: Any) -> str:
         text = str(value).strip().lower()
@@ -239,6 +261,16 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "redis_url": _redis_url,
     "redis_failure_mode": _choice("fallback", "deny"),
     "redis_timeout_ms": _int_in(1, 10_000),
+    "mode": parse_mode,
+    "allow_bypass": _bool,
+    "fail_open_paths": _decision_paths,
+    "circuit_failure_threshold": _int_in(1, 1000),
+    "circuit_reset_timeout_s": _interval,
+    "admin_token": _secret,
+    "audit_db": _path,
+    "audit_retention_days": _positive_float,
+    "audit_max_records": _int_in(1, 1_000_000_000),
+    "overrides_file": _path,
 }
 
 
@@ -287,6 +319,11 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
 def _check_consistency(settings: Settings) -> None:
     if not settings.credential_headers:
         raise ConfigError("AUTHZ_CREDENTIAL_HEADERS='': at least one header is required")
+    if settings.mode is Mode.BYPASS and not settings.allow_bypass:
+        raise ConfigError(
+            "AUTHZ_MODE='bypass': refused; bypass allows every request without evaluation. "
+            "Set AUTHZ_ALLOW_BYPASS=true to confirm (local debugging only)"
+        )
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(
             "AUTHZ_RATE_LIMIT_BACKEND='redis': AUTHZ_REDIS_URL is required (redis://host:port/0)"

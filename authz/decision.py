@@ -4,8 +4,8 @@ Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean
 object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
 ``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
-authz extensions ``reason``, ``rate_limit``, ``identity`` and ``credential``
-(``docs/contract.md``).
+authz extensions ``reason``, ``rate_limit``, ``identity``, ``credential`` and
+``override`` (``docs/contract.md``).
 Unknown fields are ignored, as the plugin does.
 
 Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
@@ -91,6 +91,7 @@ class Decision:
     rate_limit: RateLimitRef | None = None
     identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     credential: CredentialRef | None = None
+    override_id: str | None = None
 
     @property
     def reason_code(self) -> str:
@@ -224,6 +225,17 @@ def _optional_int(raw: Mapping[str, Any], name: str, *, minimum: int) -> int | N
     return int(value)
 
 
+def _override_id(raw: Any) -> str:
+    if not isinstance(raw, dict):
+        raise _type_error("override", "object", raw)
+    override_id = raw.get("id")
+    if not isinstance(override_id, str):
+        raise _type_error("override.id", "string", override_id)
+    if not _REF.fullmatch(override_id):
+        raise InvalidDecision(f"override.id {override_id[:64]!r} is not an override id")
+    return override_id
+
+
 def _credential(raw: Any) -> CredentialRef:
     if not isinstance(raw, dict):
         raise _type_error("credential", "object", raw)
@@ -305,4 +317,6 @@ def parse_decision(result: Any) -> Decision:
         fields["identity"] = _identity(result["identity"])
     if "credential" in result:
         fields["credential"] = _credential(result["credential"])
+    if "override" in result:
+        fields["override_id"] = _override_id(result["override"])
     return Decision(**fields)

@@ -12,6 +12,7 @@ and (later) metric labels, so they never change once released::
     ├── RateLimitUnavailable        rate_limit_unavailable (shared limiter down, strict mode)
     └── PolicyError                 policy_error
         ├── OpaUnavailable          opa_unavailable       (connect/reset/refused)
+        │   └── CircuitOpen         opa_circuit_open      (breaker open: not even tried)
         ├── OpaTimeout              opa_timeout           (no answer within the budget)
         ├── OpaResponseError        opa_error             (non-200 or non-JSON answer)
         ├── UndefinedDecision       undefined_decision    (no ``result`` at the path)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthzError",
+    "CircuitOpen",
     "ConfigError",
     "CredentialError",
     "DeadlineExceeded",
@@ -102,6 +104,13 @@ class OpaUnavailable(PolicyError):
     """OPA refused or dropped the connection."""
 
     code = "opa_unavailable"
+    public_message = "authorization service unavailable"
+
+
+class CircuitOpen(OpaUnavailable):
+    """OPA was not asked: the circuit breaker is open after repeated failures."""
+
+    code = "opa_circuit_open"
     public_message = "authorization service unavailable"
 
 

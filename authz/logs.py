@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Final
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -25,9 +26,11 @@ from authz.secrets import MASK
 __all__ = [
     "DECISION_LOGGER",
     "SENSITIVE_HEADERS",
+    "SENSITIVE_QUERY_PARAMS",
     "DecisionLog",
     "JsonFormatter",
     "configure",
+    "redact_document",
     "redact_headers",
 ]
 
@@ -42,6 +45,27 @@ SENSITIVE_HEADERS: Final = frozenset(
         "x-sandbox-token",
     }
 )
+# Query parameters that commonly carry credentials; their values are masked wherever an
+# input document is stored (audit trail).
+SENSITIVE_QUERY_PARAMS: Final = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "api-key",
+        "key",
+        "token",
+        "access_token",
+        "id_token",
+        "refresh_token",
+        "client_secret",
+        "secret",
+        "password",
+        "sig",
+        "signature",
+        "x-api-key",
+        "code",
+    }
+)
 # Attributes every LogRecord has; anything else came from ``extra=`` and is logged.
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 
@@ -52,6 +76,45 @@ def redact_headers(headers: Mapping[str, str], extra: Iterable[str] = ()) -> dic
     case-insensitively."""
     hidden = SENSITIVE_HEADERS | {name.lower() for name in extra}
     return {k: (MASK if k.lower() in hidden else v) for k, v in headers.items()}
+
+
+def _redact_query(target: str) -> str:
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        hidden = eq and unquote_plus(name).lower() in SENSITIVE_QUERY_PARAMS
+        parts.append(f"{name}={MASK}" if hidden else pair)
+    return f"{path}?{'&'.join(parts)}"
+
+
+def redact_document(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an input document safe to store: the values of sensitive query
+    parameters (:data:`SENSITIVE_QUERY_PARAMS`) masked in ``attributes.request.http.path``,
+    the ``:path`` header and ``parsed_query``, and sensitive headers masked (credential
+    headers are already digests; this also covers e.g. ``cookie``). The original is not
+    modified."""
+    copy: dict[str, Any] = orjson.loads(orjson.dumps(document))
+    http = copy.get("attributes", {}).get("request", {}).get("http", {})
+    if isinstance(http.get("path"), str):
+        http["path"] = _redact_query(http["path"])
+    headers = http.get("headers")
+    if isinstance(headers, dict):
+        for name, value in list(headers.items()):
+            if name == ":path" and isinstance(value, str):
+                headers[name] = _redact_query(value)
+            elif name in ("cookie", "set-cookie", "proxy-authorization") and not str(
+                value
+            ).startswith("sha256:"):
+                headers[name] = MASK
+    query = copy.get("parsed_query")
+    if isinstance(query, dict):
+        for name in query:
+            if name.lower() in SENSITIVE_QUERY_PARAMS:
+                query[name] = [MASK for _ in query[name]]
+    return copy
 
 
 class JsonFormatter(logging.Formatter):

@@ -49,11 +49,12 @@ from prometheus_client import (
 )
 
 from authz import __version__
+from authz.record import DecisionRecord
 
 # No ``*_created`` series: they double the series count and nobody graphs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
-__all__ = ["CIRCUIT_STATES", "MODES", "Metrics"]
+__all__ = ["CIRCUIT_STATES", "MODES", "Metrics", "MetricsSink"]
 
 # Decision latency buckets in seconds: sub-millisecond to the 500 ms ext_authz timeout.
 _BUCKETS: Final = (
@@ -174,3 +175,41 @@ class Metrics:
         """Mark ``state`` (one of :data:`CIRCUIT_STATES`) as the circuit's current one."""
         for name in CIRCUIT_STATES:
             self.circuit_state.labels(name).set(1 if name == state else 0)
+
+
+# Reason codes that mean OPA itself failed (counted in authz_opa_errors_total).
+_OPA_ERROR_CODES: Final = frozenset(
+    {
+        "opa_unavailable",
+        "opa_circuit_open",
+        "opa_timeout",
+        "opa_error",
+        "undefined_decision",
+        "invalid_decision",
+    }
+)
+
+
+class MetricsSink:
+    """A :class:`~authz.record.DecisionSink` counting every decision into ``metrics``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def record(self, record: DecisionRecord) -> None:
+        """Count ``record``: decisions, latency, OPA share and errors, fail-open,
+        dry-run suppressions and rate-limit rejections."""
+        m, path = self._m, record.decision_path
+        result = "allow" if record.allowed else "deny"
+        m.decisions.labels(path, result, record.reason, record.mode).inc()
+        m.decision_duration.labels(path).observe(record.duration_s)
+        if record.opa_duration_s:
+            m.opa_duration.labels(path).observe(record.opa_duration_s)
+        if record.reason in _OPA_ERROR_CODES:
+            m.opa_errors.labels(record.reason).inc()
+        if record.fail_open:
+            m.fail_open.labels(path, record.reason).inc()
+        elif record.suppressed and record.mode == "dry-run":
+            m.dry_run_suppressed.labels(path, record.reason).inc()
+        if record.reason == "rate_limited":
+            m.rate_limit_rejections.labels(path, record.tier or "").inc()

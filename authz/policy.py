@@ -152,6 +152,24 @@ class OpaClient:
         except orjson.JSONDecodeError:
             return status, None
 
+    async def put_data(self, path: str, value: Any, timeout_s: float) -> None:
+        """``PUT /v1/data/<path>`` with ``value`` (OPA's data API: create or replace a
+        document outside the bundle roots). Raises OpaUnavailable, OpaTimeout, or
+        OpaResponseError for any answer but 204."""
+        url = f"{self._base}/v1/data/{path}"
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.put(url, data=orjson.dumps(value)) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+        if status != 204:
+            detail = payload[:200].decode(errors="replace")
+            raise OpaResponseError(f"OPA answered HTTP {status} to PUT {path}: {detail}")
+
     async def close(self) -> None:
         """Close the pool."""
         await self._session.close()

@@ -54,6 +54,7 @@ FAILURE_STATUS: Final[Mapping[str, int]] = {
     "opa_error": 500,
     "internal_error": 500,
     "opa_unavailable": 503,
+    "opa_circuit_open": 503,
     "opa_timeout": 503,
     "deadline_exceeded": 503,
     "credential_unavailable": 503,

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -128,6 +128,8 @@ class SecretStore:
 
     def __init__(self, path: Path, loaded: _Loaded, signature: tuple[int, int, int]) -> None:
         self.path = path
+        # Called with True/False after every re-read (metrics); set by the server.
+        self.on_reload: Callable[[bool], None] | None = None
         self._loaded: _Loaded | None = loaded
         self._signature: tuple[int, int, int] | None = signature
         self.reloads = 0
@@ -191,6 +193,8 @@ class SecretStore:
         except (OSError, ConfigError) as exc:
             self._fail(str(exc), signature)  # not re-read until it changes again
             return True
+        if self.on_reload is not None:
+            self.on_reload(True)
         log.info(
             "secrets file reloaded",
             extra={"secrets_file": str(self.path), "references": sorted(self.references)},
@@ -201,6 +205,8 @@ class SecretStore:
         self._loaded = None
         self._signature = signature
         self.reload_failures += 1
+        if self.on_reload is not None:
+            self.on_reload(False)
         log.error(
             "secrets unavailable; egress requests needing a credential are denied",
             extra={"secrets_file": str(self.path), "error": reason},

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -22,10 +22,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.audit import AuditTrail
 from authz.authorizer import Authorizer, CredentialSource
 from authz.bundle import BundleWatcher
+from authz.circuit import CLOSED, OPEN, CircuitBreaker
 from authz.config import Settings
+from authz.control import Control
+from authz.errors import ConfigError
 from authz.logs import DecisionLog
+from authz.metrics import Metrics, MetricsSink
+from authz.overrides import OPA_DATA_PATH as OVERRIDES_DATA_PATH
+from authz.overrides import OverrideStore
 from authz.policy import OpaClient, PolicyEngine
 from authz.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.record import DecisionSink
@@ -51,6 +58,9 @@ _GRPC_OPTIONS: Final = (
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
 )
 
+# How often the overrides list is re-pushed to OPA (it keeps pushed data in memory only).
+_OVERRIDES_SYNC_S: Final = 5.0
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +85,8 @@ def build_authorizer(
     sinks: Iterable[DecisionSink],
     credentials: CredentialSource | None = None,
     limiter: Limiter | None = None,
+    *,
+    control: Control | None = None,
 ) -> Authorizer:
     """The :class:`Authorizer` the settings describe, over ``engine``."""
     return Authorizer(
@@ -86,6 +98,8 @@ def build_authorizer(
         limiter=limiter,
         burst_s=settings.rate_limit_burst_s,
         credentials=credentials,
+        control=control,
+        fail_open_paths=settings.fail_open_paths,
         sinks=sinks,
     )
 
@@ -109,19 +123,48 @@ async def create_server(authorizer: Authorizer, addr: str) -> AuthzServer:
     return AuthzServer(server, port, health)
 
 
-async def serve(settings: Settings) -> None:
-    """Run authz until SIGTERM or SIGINT, then shut down gracefully. Raises ConfigError
-    before serving anything when the secrets file is set but missing or malformed."""
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """Run authz until SIGTERM or SIGINT, then shut down gracefully. ``reload`` re-reads
+    the settings on SIGHUP (the mode switches, the secrets file is re-read). Raises
+    ConfigError before serving anything when a file it needs (secrets, audit database,
+    overrides) is unusable."""
+    metrics = Metrics()
     secrets = SecretStore.open(settings.secrets_file) if settings.secrets_file else None
-    engine = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
-    sinks: list[DecisionSink] = [DecisionLog()] if settings.decision_log else []
+    opa = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
+    breaker = CircuitBreaker(
+        opa,
+        failure_threshold=settings.circuit_failure_threshold,
+        reset_timeout_s=settings.circuit_reset_timeout_s,
+        on_state_change=lambda state: _circuit_changed(metrics, state),
+    )
+    control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
     limiter = build_limiter(settings)
-    authorizer = build_authorizer(settings, engine, sinks, secrets, limiter)
+    audit = _audit_trail(settings, metrics)
+    overrides = OverrideStore(
+        lambda document: opa.put_data(OVERRIDES_DATA_PATH, document, 1.0),
+        path=settings.overrides_file,
+        on_change=metrics.overrides_active.set,
+    )
+    sinks: list[DecisionSink] = [MetricsSink(metrics)]
+    if settings.decision_log:
+        sinks.append(DecisionLog())
+    if audit is not None:
+        sinks.append(audit)
+    authorizer = build_authorizer(settings, breaker, sinks, secrets, limiter, control=control)
     grpc_server = await create_server(authorizer, settings.grpc_addr)
-    watcher = BundleWatcher(engine, interval_s=settings.bundle_poll_interval_s)
+    watcher = BundleWatcher(
+        opa,
+        interval_s=settings.bundle_poll_interval_s,
+        on_activation=lambda revision: _bundle_activated(metrics, revision),
+    )
     stopping = asyncio.Event()
-    tasks = [asyncio.create_task(watcher.run(), name="bundle-watcher")]
+    tasks = [
+        asyncio.create_task(watcher.run(), name="bundle-watcher"),
+        asyncio.create_task(overrides.watch(_OVERRIDES_SYNC_S), name="overrides"),
+    ]
     if secrets is not None:
+        secrets.on_reload = lambda ok: _secrets_reloaded(metrics, ok)
+        metrics.secrets_loaded.set(1)
         tasks.append(
             asyncio.create_task(secrets.watch(settings.secrets_reload_interval_s), name="secrets")
         )
@@ -129,16 +172,40 @@ async def serve(settings: Settings) -> None:
     async def not_stopping() -> tuple[bool, str]:
         return (not stopping.is_set(), "shutting down" if stopping.is_set() else "serving")
 
-    checks = {"serving": not_stopping, "opa": opa_bundles_check(engine)}
+    checks: dict[str, ReadinessCheck] = {
+        "serving": not_stopping,
+        "opa": _opa_check(opa_bundles_check(opa), breaker),
+        "bundle": _bundle_check(watcher),
+    }
     if secrets is not None:
         checks["secrets"] = _secrets_check(secrets)
     if isinstance(limiter, RedisLimiter):
         checks["rate_limit"] = _redis_check(limiter, settings.redis_failure_mode)
+
+    def before_scrape() -> None:
+        control.warn_if_bypass()
+        if isinstance(limiter, RedisLimiter):
+            metrics.rate_limit_backend_available.labels("redis").set(int(limiter.available))
+
+    def on_action(action: str, fields: Mapping[str, Any]) -> None:
+        if audit is not None:
+            audit.admin(action, fields, entry_id=str(fields.get("id", action)))
+
+    admin_app = create_admin_app(
+        checks,
+        metrics=metrics,
+        before_scrape=before_scrape,
+        control=control,
+        overrides=overrides,
+        token=settings.admin_token,
+        on_action=on_action,
+    )
     admin_host, _, admin_port = settings.admin_addr.rpartition(":")
-    runner, bound_admin = await start_admin(create_admin_app(checks), admin_host, int(admin_port))
+    runner, bound_admin = await start_admin(admin_app, admin_host, int(admin_port))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(reload, control, secrets, on_action))
     log.info(
         "authz serving",
         extra={
@@ -148,9 +215,19 @@ async def serve(settings: Settings) -> None:
             "opa_url": settings.opa_url,
             "default_decision_path": settings.default_decision_path,
             "decision_timeout_ms": settings.decision_timeout_ms,
+            "mode": control.mode.value,
+            "fail_open_paths": list(settings.fail_open_paths),
             "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
+            "audit_db": str(settings.audit_db) if settings.audit_db else None,
+            "rate_limit_backend": settings.rate_limit_backend,
+            "admin_api": settings.admin_token is not None,
         },
     )
+    if settings.fail_open_paths:
+        log.warning(
+            "fail-open paths allow requests when OPA fails",
+            extra={"fail_open_paths": list(settings.fail_open_paths)},
+        )
     await stopping.wait()
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
     await grpc_server.stop(settings.shutdown_grace_s)
@@ -158,9 +235,97 @@ async def serve(settings: Settings) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await runner.cleanup()
-    await engine.close()
+    await breaker.close()
     await limiter.close()
+    if audit is not None:
+        await asyncio.to_thread(audit.close)
     log.info("stopped")
+
+
+def _reload(
+    reload: Callable[[], Settings] | None,
+    control: Control,
+    secrets: SecretStore | None,
+    on_action: Callable[[str, Mapping[str, Any]], None],
+) -> None:
+    """SIGHUP: re-read the settings (the mode applies at once) and the secrets file."""
+    log.info("SIGHUP: reloading")
+    if secrets is not None:
+        secrets.refresh()
+    if reload is None:
+        return
+    try:
+        new = reload()
+        if new.mode is not control.mode:
+            previous = control.set_mode(new.mode, actor="sighup", reason="settings reloaded")
+            on_action(
+                "set_mode",
+                {
+                    "mode": new.mode.value,
+                    "previous": previous.value,
+                    "actor": "sighup",
+                    "reason": "settings reloaded",
+                },
+            )
+    except ConfigError as exc:
+        log.error("reload refused; keeping the running settings", extra={"error": str(exc)})
+
+
+def _circuit_changed(metrics: Metrics, state: str) -> None:
+    metrics.set_circuit_state(state)
+    level = logging.INFO if state == CLOSED else logging.WARNING
+    log.log(level, "OPA circuit breaker %s", state, extra={"state": state})
+
+
+def _bundle_activated(metrics: Metrics, revision: str) -> None:
+    metrics.bundle.info({"revision": revision})
+    metrics.bundle_activations.inc()
+
+
+def _secrets_reloaded(metrics: Metrics, ok: bool) -> None:
+    metrics.secrets_loaded.set(int(ok))
+    if ok:
+        metrics.secrets_reloads.inc()
+    else:
+        metrics.secrets_reload_failures.inc()
+
+
+def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
+    if settings.audit_db is None:
+        return None
+    counts = {"written": 0, "failed": 0}
+
+    def on_state(degraded: bool, written: int, failed: int) -> None:
+        metrics.audit_degraded.set(int(degraded))
+        metrics.audit_records.inc(max(0, written - counts["written"]))
+        metrics.audit_write_failures.inc(max(0, failed - counts["failed"]))
+        counts.update(written=written, failed=failed)
+
+    return AuditTrail(
+        settings.audit_db,
+        retention_days=settings.audit_retention_days or None,
+        max_records=settings.audit_max_records,
+        on_state=on_state,
+    )
+
+
+def _opa_check(health: ReadinessCheck, breaker: CircuitBreaker) -> ReadinessCheck:
+    async def check() -> tuple[bool, str]:
+        if breaker.state == OPEN:
+            return False, "circuit open"
+        ok, detail = await health()
+        return ok, f"{detail}; circuit {breaker.state}"
+
+    return check
+
+
+def _bundle_check(watcher: BundleWatcher) -> ReadinessCheck:
+    async def check() -> tuple[bool, str]:
+        if watcher.revision is None:
+            return False, "no bundle revision seen yet"
+        return True, f"revision {watcher.revision}"
+
+    return check
 
 
 def build_limiter(settings: Settings) -> Limiter:
@@ -168,10 +333,15 @@ def build_limiter(settings: Settings) -> Limiter:
     if settings.rate_limit_backend != "redis" or settings.redis_url is None:
         return MemoryLimiter()
     import redis.asyncio  # only needed with the redis backend
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     timeout_s = settings.redis_timeout_ms / 1000
     # A blocking pool: a burst of checks waits (within the timeout) for a connection
     # instead of failing with "too many connections" and falling back.
+    # One immediate retry on a connection error: after a Redis restart the pooled
+    # connections are dead, and the first use of each must reconnect, not fail the check.
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.redis_url.reveal(),
         max_connections=settings.opa_pool_size,
@@ -179,6 +349,8 @@ def build_limiter(settings: Settings) -> Limiter:
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis.exceptions.ConnectionError],
     )
     client = redis.asyncio.Redis.from_pool(pool)  # closes the pool with the client
     if settings.redis_failure_mode == "deny":

@@ -379,6 +379,8 @@ class Stack:
                 "AUTHZ_GRPC_ADDR": f"{HOST}:{p.authz_grpc}",
                 "AUTHZ_ADMIN_ADDR": f"{HOST}:{p.authz_admin}",
                 "AUTHZ_OPA_URL": f"http://{HOST}:{p.opa}",
+                "AUTHZ_AUDIT_DB": str(self.run_dir / "audit.db"),
+                "AUTHZ_OVERRIDES_FILE": str(self.run_dir / "overrides.json"),
                 **secrets_env,
                 **self._authz_env,
             },

@@ -55,6 +55,21 @@ path_allowed if {
 	glob.match(pattern, ["/"], lib.request_path)
 }
 
+overrides := lib.overrides_for("authz/egress/decision", "sandbox_id", sandbox_id)
+
+# An override may name a service: then it applies to that service only.
+service_overrides := {o | some o in overrides; object.get(o.match, "service", service_name) == service_name}
+
+blocked := lib.first_override(service_overrides, "deny")
+
+excepted := lib.first_override(service_overrides, "allow")
+
+authorized if {
+	service_in_tier
+	method_allowed
+	path_allowed
+}
+
 decision := lib.unauthorized("missing_sandbox_id", false) if {
 	not sandbox_id
 } else := lib.unauthorized("unknown_sandbox", true) if {
@@ -68,12 +83,17 @@ decision := lib.unauthorized("missing_sandbox_id", false) if {
 	not enabled
 } else := lib.deny(403, "unknown_service") if {
 	not service
+} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked}) if {
+	blocked
+} else := lib.deny(400, "invalid_path") if {
+	lib.bad_path
+} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted}) if {
+	not authorized
+	excepted
 } else := lib.deny(403, "service_not_allowed") if {
 	not service_in_tier
 } else := lib.deny(403, "method_not_allowed") if {
 	not method_allowed
-} else := lib.deny(400, "invalid_path") if {
-	lib.bad_path
 } else := lib.deny(403, "path_not_allowed") if {
 	not path_allowed
 } else := allow

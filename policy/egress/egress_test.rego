@@ -239,3 +239,46 @@ test_shipped_sandboxes_well_formed if {
 		is_boolean(sb.enabled)
 	}
 }
+
+# -- TTL overrides -------------------------------------------------------------------------
+
+eovr(id, effect, match) := {
+	"id": id,
+	"effect": effect,
+	"decision_path": "authz/egress/decision",
+	"match": match,
+	"reason": "test",
+	"expires_at_ns": time.now_ns() + 3600000000000,
+}
+
+decide_with(id, token, service, method, path, overrides) := d if {
+	d := egress.decision with input as req(id, token, service, method, path, {})
+		with data.egress.sandboxes as sandboxes
+		with data.overrides as overrides
+}
+
+test_override_lets_a_sandbox_use_a_service_for_a_while if {
+	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard", "service": "slack"})}
+	d := decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", o)
+	d.allowed
+	d.reason == "allowed_by_override"
+	d.credential.ref == "slack"
+	decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", {}).reason == "service_not_allowed"
+}
+
+test_service_scoped_override_does_not_leak if {
+	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard", "service": "slack"})}
+	decide_with("sb-standard", "t-standard", "openai", "POST", "/v1/files", o).reason == "path_not_allowed"
+}
+
+test_block_override_stops_a_sandbox if {
+	o := {"o1": eovr("o1", "deny", {"sandbox_id": "sb-admin"})}
+	d := decide_with("sb-admin", "t-admin", "openai", "GET", "/v1/models", o)
+	d.reason == "blocked_by_override"
+	d.http_status == 403
+}
+
+test_override_needs_a_valid_token if {
+	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard"})}
+	decide_with("sb-standard", "wrong", "slack", "POST", "/api/chat.postMessage", o).reason == "invalid_sandbox_token"
+}

@@ -54,6 +54,12 @@ method_matches(methods) if method in methods
 
 role_allowed if role_matches(matching_rules[0].roles)
 
+overrides := lib.overrides_for("authz/gateway/decision", "key_id", key.id)
+
+blocked := lib.first_override(overrides, "deny")
+
+excepted := lib.first_override(overrides, "allow")
+
 role_matches(roles) if "*" in roles
 
 role_matches(roles) if key.role in roles
@@ -66,8 +72,13 @@ decision := lib.unauthorized("missing_api_key", false) if {
 	not enabled
 } else := lib.unauthorized("expired_api_key", true) if {
 	expired
+} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked}) if {
+	blocked
 } else := lib.deny(400, "invalid_path") if {
 	lib.bad_path
+} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted}) if {
+	not role_allowed
+	excepted
 } else := lib.deny(403, "path_not_allowed") if {
 	count(matching_rules) == 0
 } else := lib.deny(403, "role_not_allowed") if {

@@ -159,3 +159,69 @@ test_shipped_path_rules_well_formed if {
 		count(rule.roles) > 0
 	}
 }
+
+# -- TTL overrides (data.overrides, pushed by authz) ---------------------------------------
+
+future_ns := time.now_ns() + 3600000000000
+
+past_ns := time.now_ns() - 1
+
+ovr(id, effect, match, expires_ns) := {
+	"id": id,
+	"effect": effect,
+	"decision_path": "authz/gateway/decision",
+	"match": match,
+	"reason": concat(" ", ["test", id]),
+	"expires_at_ns": expires_ns,
+}
+
+decide_with(method, path, creds, overrides) := d if {
+	d := gateway.decision with input as req(method, path, creds, {})
+		with data.gateway.api_keys as keys
+		with data.overrides as overrides
+}
+
+test_allow_override_grants_an_exception if {
+	o := {"o1": ovr("o1", "allow", {"key_id": "key-user", "path": "/api/v1/admin/**", "methods": ["GET"]}, future_ns)}
+	d := decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o)
+	d.allowed
+	d.reason == "allowed_by_override"
+	d.override == {"id": "o1", "reason": "test o1"}
+	d.headers["x-authz-key-id"] == "key-user"
+	"x-api-key" in d.request_headers_to_remove
+}
+
+test_allow_override_is_scoped if {
+	o := {"o1": ovr("o1", "allow", {"key_id": "key-user", "path": "/api/v1/admin/**", "methods": ["GET"]}, future_ns)}
+	decide_with("DELETE", "/api/v1/admin/reports", api_key("k-user"), o).reason == "role_not_allowed"
+	decide_with("GET", "/internal/x", api_key("k-user"), o).reason == "path_not_allowed"
+	decide_with("GET", "/api/v1/admin/reports", api_key("k-viewer"), o).reason == "role_not_allowed"
+}
+
+test_expired_override_is_ignored if {
+	o := {"o1": ovr("o1", "allow", {"key_id": "key-user"}, past_ns)}
+	decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o).reason == "role_not_allowed"
+}
+
+test_override_for_another_decision_path_is_ignored if {
+	o := {"o1": object.union(ovr("o1", "allow", {"key_id": "key-user"}, future_ns), {"decision_path": "authz/egress/decision"})}
+	decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o).reason == "role_not_allowed"
+}
+
+test_override_never_bypasses_authentication if {
+	o := {"o1": ovr("o1", "allow", {"key_id": "key-disabled"}, future_ns)}
+	decide_with("GET", "/api/v1/status", api_key("k-disabled"), o).reason == "disabled_api_key"
+	decide_with("GET", "/api/v1/status", api_key("nope"), o).reason == "invalid_api_key"
+}
+
+test_deny_override_blocks_and_wins if {
+	o := {
+		"a": ovr("a", "allow", {"key_id": "key-admin"}, future_ns),
+		"b": ovr("b", "deny", {"key_id": "key-admin"}, future_ns),
+	}
+	d := decide_with("GET", "/api/v1/status", api_key("k-admin"), o)
+	not d.allowed
+	d.http_status == 403
+	d.reason == "blocked_by_override"
+	d.override.id == "b"
+}

@@ -32,3 +32,34 @@ forged_identity_headers(prefix, kept) := [name |
 	startswith(name, prefix)
 	not name in kept
 ]
+
+# TTL overrides granted through authz's admin API (data.overrides, pushed by authz, outside
+# the bundle). `overrides_for(path, field, id)` are the unexpired ones for this decision
+# path and identity that match the request's path and method.
+overrides_for(decision_path, id_field, id) := {o |
+	some o in data.overrides
+	o.decision_path == decision_path
+	o.match[id_field] == id
+	time.now_ns() < o.expires_at_ns
+	override_matches_request(o.match)
+}
+
+override_matches_request(match) if {
+	path_matches(match)
+	method_matches(match)
+}
+
+path_matches(match) if not match.path
+
+path_matches(match) if glob.match(match.path, ["/"], request_path)
+
+method_matches(match) if not match.methods
+
+method_matches(match) if upper(input.attributes.request.http.method) in match.methods
+
+# The first (by id) override with `effect`, as the decision's `override` field.
+first_override(overrides, effect) := {"id": ids[0], "reason": reasons[ids[0]]} if {
+	reasons := {o.id: o.reason | some o in overrides; o.effect == effect}
+	ids := sort(object.keys(reasons))
+	count(ids) > 0
+}

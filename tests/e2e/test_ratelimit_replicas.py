@@ -49,6 +49,8 @@ def authz_processes(
                     "AUTHZ_OPA_URL": f"http://127.0.0.1:{e2e.stack.ports.opa}",
                     "AUTHZ_RATE_LIMIT_BURST_S": BURST_S,
                     "AUTHZ_DECISION_LOG": "false",
+                    "AUTHZ_AUDIT_DB": str(tmp / f"audit-{i}.db"),
+                    "AUTHZ_OVERRIDES_FILE": str(tmp / f"overrides-{i}.json"),
                     **env,
                 },
             )

@@ -12,6 +12,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from authz.authorizer import Authorizer
+from authz.control import Control, Mode
 from authz.errors import (
     CredentialError,
     InvalidDecision,
@@ -349,3 +350,104 @@ async def test_rate_limited_request_never_resolves_a_credential() -> None:
         FakeEngine(answer), limiter=MemoryLimiter(), credentials=Exploding()
     ).check(check_request())
     assert status_of(outcome.response) == 429
+
+
+# -- modes and failure policy ----------------------------------------------------------
+
+
+def _response_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in response.ok_response.response_headers_to_add}
+
+
+def _request_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in response.ok_response.headers}
+
+
+DENY = {"allowed": False, "http_status": 403, "reason": "role_not_allowed"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason", "status"),
+    [
+        (DENY, "role_not_allowed", 403),
+        (OpaUnavailable("down"), "opa_unavailable", 503),
+        ({"allowed": "nope"}, "invalid_decision", 500),
+    ],
+    ids=["policy-deny", "opa-down", "bad-decision"],
+)
+async def test_dry_run_allows_and_marks_what_would_have_been_denied(
+    answer: Any, reason: str, status: int
+) -> None:
+    control = Control(Mode.DRY_RUN)
+    outcome = await make(FakeEngine(answer), control=control).check(check_request())
+    assert status_of(outcome.response) == 200
+    marker = _response_headers(outcome.response)["x-authz-dry-run"]
+    assert marker == f"would-deny; reason={reason}; status={status}"
+    record = outcome.record
+    assert (record.allowed, record.decision_allowed, record.mode) == (True, False, "dry-run")
+    assert (record.reason, record.http_status) == (reason, status)
+    assert record.suppressed
+
+
+async def test_dry_run_leaves_allows_alone() -> None:
+    outcome = await make(FakeEngine(ALLOW), control=Control(Mode.DRY_RUN)).check(check_request())
+    assert "x-authz-dry-run" not in _response_headers(outcome.response)
+    assert not outcome.record.suppressed
+
+
+async def test_bypass_never_asks_opa() -> None:
+    engine = FakeEngine(DENY)
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    outcome = await make(engine, control=control).check(check_request())
+    assert engine.calls == []
+    assert status_of(outcome.response) == 200
+    assert _request_headers(outcome.response)["x-authz-mode"] == "bypass"
+    assert (outcome.record.mode, outcome.record.reason) == ("bypass", "bypass")
+
+
+async def test_mode_switch_applies_to_the_next_request() -> None:
+    control = Control()
+    authorizer = make(FakeEngine(DENY), control=control)
+    assert status_of((await authorizer.check(check_request())).response) == 403
+    control.set_mode(Mode.DRY_RUN, actor="test", reason="rollout")
+    assert status_of((await authorizer.check(check_request())).response) == 200
+    control.set_mode(Mode.ENFORCE, actor="test", reason="done")
+    assert status_of((await authorizer.check(check_request())).response) == 403
+
+
+@pytest.mark.parametrize(
+    ("answer", "fail_open"),
+    [
+        (OpaUnavailable("down"), True),
+        (OpaTimeout("slow"), True),
+        (OpaResponseError("HTTP 500"), True),
+        (UndefinedDecision("nothing"), False),
+        ({"allowed": 1}, False),
+        (DENY, False),
+    ],
+    ids=["unavailable", "timeout", "opa-error", "undefined", "invalid", "deny"],
+)
+async def test_fail_open_only_for_opa_failures_on_listed_paths(
+    answer: Any, fail_open: bool
+) -> None:
+    authorizer = make(FakeEngine(answer), fail_open_paths=[DEFAULT_PATH])
+    outcome = await authorizer.check(check_request())
+    assert (status_of(outcome.response) == 200) is fail_open
+    assert outcome.record.fail_open is fail_open
+    if fail_open:
+        assert _request_headers(outcome.response)["x-authz-fail-open"] == outcome.record.reason
+        assert outcome.record.decision_allowed is False
+
+
+async def test_fail_open_is_per_path() -> None:
+    authorizer = make(FakeEngine(OpaUnavailable("down")), fail_open_paths=["authz/egress/decision"])
+    outcome = await authorizer.check(check_request())
+    assert status_of(outcome.response) == 503
+
+
+async def test_record_keeps_policy_decision_apart_from_rate_limit() -> None:
+    authorizer = make(FakeEngine(_limited(60, 1)), limiter=MemoryLimiter())
+    await authorizer.check(check_request())
+    limited = (await authorizer.check(check_request())).record
+    assert (limited.policy_allowed, limited.policy_reason) == (True, "allowed")
+    assert (limited.decision_allowed, limited.reason, limited.tier) == (False, "rate_limited", "t")

@@ -192,7 +192,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Settings]]:
     monkeypatch.setenv("AUTHZ_UVLOOP", "false")
     calls: list[Settings] = []
 
-    async def fake_serve(settings: Settings) -> None:
+    async def fake_serve(settings: Settings, reload: object = None) -> None:
         calls.append(settings)
 
     monkeypatch.setattr(authz.server, "serve", fake_serve)

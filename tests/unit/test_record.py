@@ -1,36 +1,18 @@
-"""DecisionRecord: built from whatever the pipeline reached; logged without input."""
+"""DecisionRecord: request fields, the log line (never input, headers or query), and the
+three answers it keeps apart (policy, decision, result)."""
 
 from __future__ import annotations
 
 import json
-from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from authz.decision import Decision
-from authz.errors import (
-    AuthzError,
-    ConfigError,
-    CredentialError,
-    DeadlineExceeded,
-    DecisionPathError,
-    InvalidDecision,
-    OpaResponseError,
-    OpaTimeout,
-    OpaUnavailable,
-    PolicyError,
-    RequestError,
-    UndefinedDecision,
-)
-from authz.policy import Evaluation
 from authz.record import DecisionRecord
-from authz.response import FAILURE_STATUS
 
 QUERY_SECRET = "sk-QUERYSECRET0123456789"
 HEADER_SECRET = "COOKIESECRET0123456789"
 DIGEST = "a" * 64
-EVALUATION = Evaluation(result=True, revisions={"bundle": "r7"}, duration_s=0.0025)
 
 
 def document(
@@ -56,245 +38,74 @@ def document(
         http["id"] = http_id
     return {
         "attributes": {"request": {"http": http}},
-        "parsed_path": ["api", "v1", "items"],
         "parsed_query": {"api_key": [QUERY_SECRET], "page": ["2"]},
         "credentials": {"authorization": DIGEST},
     }
 
 
-def build(
-    *,
-    decision: Decision | None = None,
-    error: AuthzError | None = None,
-    evaluation: Evaluation | None = EVALUATION,
-    doc: dict[str, Any] | None = None,
-) -> DecisionRecord:
-    return DecisionRecord.build(
-        decision_id="d-1",
-        timestamp=0.0,
-        decision_path="authz/gateway/decision",
-        document=doc if doc is not None else document(),
-        evaluation=evaluation,
-        decision=decision,
-        error=error,
-        duration_s=0.0123456,
-    )
-
-
-ADMIN = MappingProxyType({"key_id": "key-admin", "role": "admin"})
-
-
-@pytest.mark.parametrize(
-    ("decision", "allowed", "reason", "status", "identity"),
-    [
-        (
-            Decision(allowed=True, form="object", reason="role_allowed", identity=ADMIN),
-            True,
-            "role_allowed",
-            200,
-            dict(ADMIN),
-        ),
-        (Decision(allowed=True, form="object"), True, "allowed", 200, {}),
-        (Decision(allowed=True, form="object", http_status=401), True, "allowed", 200, {}),
-        (Decision(allowed=True), True, "allowed", 200, {}),
-        (Decision(allowed=False), False, "denied", 403, {}),
-        (
-            Decision(allowed=False, form="object", http_status=401, reason="missing_api_key"),
-            False,
-            "missing_api_key",
-            401,
-            {},
-        ),
-        (
-            Decision(allowed=False, form="object", http_status=429, identity=ADMIN),
-            False,
-            "denied",
-            429,
-            dict(ADMIN),
-        ),
-    ],
-    ids=[
-        "allow-object-reason-identity",
-        "allow-object-no-reason",
-        "allow-ignores-http-status",
-        "allow-boolean",
-        "deny-boolean",
-        "deny-with-status-and-reason",
-        "deny-with-status-no-reason",
-    ],
-)
-def test_build_from_decision(
-    decision: Decision, allowed: bool, reason: str, status: int, identity: dict[str, str]
-) -> None:
-    record = build(decision=decision)
-    assert (record.allowed, record.reason, record.http_status) == (allowed, reason, status)
-    assert dict(record.identity) == identity
-    assert (record.revision, record.opa_duration_s, record.duration_s) == ("r7", 0.0025, 0.0123456)
-    assert (record.method, record.path, record.request_id) == ("POST", "/api/v1/items", "req-123")
-    assert (record.decision_id, record.decision_path) == ("d-1", "authz/gateway/decision")
-    assert record.error is None
-
-
-@pytest.mark.parametrize(
-    ("error", "status"),
-    [
-        (RequestError("bad percent-encoding"), 400),
-        (UndefinedDecision("nothing at path"), 403),
-        (InvalidDecision("expected allowed to be of type 'boolean'"), 500),
-        (DecisionPathError("bad path"), 500),
-        (OpaResponseError("OPA answered HTTP 500"), 500),
-        (PolicyError("policy failed"), 500),
-        (AuthzError("internal"), 500),
-        (ConfigError("unexpected"), 500),
-        (OpaUnavailable("refused"), 503),
-        (OpaTimeout("no answer within 300 ms"), 503),
-        (DeadlineExceeded("budget spent"), 503),
-        (CredentialError("secret missing"), 503),
-    ],
-    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
-)
-def test_build_from_error(error: AuthzError, status: int) -> None:
-    record = build(error=error, evaluation=None)
-    assert (record.allowed, record.reason, record.http_status) == (False, error.code, status)
-    assert record.http_status == FAILURE_STATUS.get(error.code, 500)
-    assert record.error == str(error)
-    assert (record.revision, record.opa_duration_s) == ("", 0.0)
-    assert dict(record.identity) == {}
-
-
-def test_error_wins_over_decision() -> None:
-    # e.g. the policy allowed, then the credential to inject was missing
-    record = build(
-        decision=Decision(allowed=True, form="object", reason="role_allowed", identity=ADMIN),
-        error=CredentialError("secret 'svc' not loaded"),
-    )
-    assert (record.allowed, record.reason, record.http_status) == (
-        False,
-        "credential_unavailable",
-        503,
-    )
-    assert record.error == "secret 'svc' not loaded"
-    assert record.revision == "r7"
-
-
-def test_no_decision_and_no_error_is_internal_error() -> None:
-    record = build()
-    assert (record.allowed, record.reason, record.http_status, record.error) == (
-        False,
-        "internal_error",
-        500,
-        None,
-    )
-
-
-def test_no_document() -> None:
-    record = DecisionRecord.build(
-        decision_id="d-2",
-        timestamp=0.0,
-        decision_path="authz/gateway/decision",
-        document=None,
-        evaluation=None,
-        decision=None,
-        error=RequestError("unparseable"),
-        duration_s=0.0,
-    )
-    assert (record.request_id, record.method, record.path, record.document) == ("", "", "", None)
-    assert record.log_fields()["reason"] == "invalid_request"
+def record(**overrides: Any) -> DecisionRecord:
+    doc = overrides.pop("document", document())
+    request_id, method, path = DecisionRecord.request_fields(doc)
+    fields: dict[str, Any] = {
+        "decision_id": "d-1",
+        "timestamp": 0.0,
+        "decision_path": "authz/gateway/decision",
+        "allowed": True,
+        "reason": "allowed",
+        "http_status": 200,
+        "decision_allowed": True,
+        "policy_allowed": True,
+        "policy_reason": "allowed",
+        "revision": "r7",
+        "identity": {"key_id": "key-admin", "role": "admin"},
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "duration_s": 0.0123456,
+        "opa_duration_s": 0.0025,
+        "document": doc,
+    }
+    fields.update(overrides)
+    return DecisionRecord(**fields)
 
 
 @pytest.mark.parametrize(
     ("headers", "http_id", "expected"),
     [
-        ({"x-request-id": "req-9"}, "envoy-id", "req-9"),
-        ({"x-request-id": "req-9"}, None, "req-9"),
-        ({}, "envoy-id", "envoy-id"),
-        ({"x-request-id": ""}, "envoy-id", "envoy-id"),
+        ({"x-request-id": "req-1"}, "envoy-1", "req-1"),
+        ({}, "envoy-1", "envoy-1"),
         ({}, None, ""),
     ],
-    ids=["header-wins", "header-only", "envoy-id", "empty-header-falls-back", "neither"],
+    ids=["x-request-id-wins", "envoy-id", "none"],
 )
 def test_request_id(headers: dict[str, str], http_id: str | None, expected: str) -> None:
-    record = build(decision=Decision(allowed=True), doc=document(headers, http_id=http_id))
-    assert record.request_id == expected
-    assert record.log_fields()["request_id"] == expected
+    assert DecisionRecord.request_fields(document(headers, http_id=http_id))[0] == expected
 
 
 @pytest.mark.parametrize(
     ("raw_path", "expected"),
-    [
-        ("/a/b?token=x", "/a/b"),
-        ("/a/b", "/a/b"),
-        ("/a?b?c", "/a"),
-        ("", ""),
-    ],
-    ids=["query-dropped", "no-query", "second-question-mark", "empty"],
+    [("/a/b?x=1", "/a/b"), ("/a/b", "/a/b"), ("/?", "/"), ("", "")],
+    ids=["query", "no-query", "empty-query", "empty"],
 )
 def test_path_has_no_query(raw_path: str, expected: str) -> None:
-    record = build(decision=Decision(allowed=True), doc=document(path=raw_path))
-    assert record.path == expected
+    assert DecisionRecord.request_fields(document(path=raw_path))[2] == expected
 
 
-CORE_FIELDS = {
-    "type",
-    "decision_id",
-    "time",
-    "decision_path",
-    "revision",
-    "result",
-    "reason",
-    "http_status",
-    "request_id",
-    "method",
-    "path",
-    "duration_ms",
-    "opa_ms",
-}
-
-
-@pytest.mark.parametrize(
-    ("decision", "error", "extra_fields"),
-    [
-        (Decision(allowed=True, form="object", identity=ADMIN), None, {"key_id", "role"}),
-        (Decision(allowed=False), None, set()),
-        (None, OpaTimeout("no answer within 300 ms"), {"error"}),
-    ],
-    ids=["allow-with-identity", "deny", "error"],
-)
-def test_log_fields_keys(
-    decision: Decision | None, error: AuthzError | None, extra_fields: set[str]
-) -> None:
-    assert set(build(decision=decision, error=error).log_fields()) == CORE_FIELDS | extra_fields
-
-
-@pytest.mark.parametrize(
-    ("decision", "error"),
-    [
-        (Decision(allowed=True, form="object", identity=ADMIN), None),
-        (Decision(allowed=False, form="object", http_status=401), None),
-        (None, OpaUnavailable("refused")),
-    ],
-    ids=["allow", "deny", "error"],
-)
-def test_log_fields_hold_no_input_headers_or_query(
-    decision: Decision | None, error: AuthzError | None
-) -> None:
-    record = build(decision=decision, error=error)
-    assert record.document is not None  # the record keeps it; the log line must not
-    line = json.dumps(record.log_fields())
-    for leaked in (QUERY_SECRET, HEADER_SECRET, DIGEST, "api_key", "cookie", "page=2"):
-        assert leaked not in line
-    assert record.log_fields()["path"] == "/api/v1/items"
+def test_request_fields_without_document() -> None:
+    assert DecisionRecord.request_fields(None) == ("", "", "")
 
 
 def test_log_fields_values() -> None:
-    fields = build(decision=Decision(allowed=True, form="object", identity=ADMIN)).log_fields()
-    assert fields == {
+    assert record().log_fields() == {
         "type": "decision",
         "decision_id": "d-1",
         "time": "1970-01-01T00:00:00.000+00:00",
         "decision_path": "authz/gateway/decision",
         "revision": "r7",
+        "mode": "enforce",
         "result": "allow",
+        "decision": "allow",
+        "policy_result": "allow",
         "reason": "allowed",
         "http_status": 200,
         "request_id": "req-123",
@@ -307,35 +118,66 @@ def test_log_fields_values() -> None:
     }
 
 
-def test_identity_cannot_overwrite_core_fields() -> None:
-    forged = {field: "forged" for field in CORE_FIELDS} | {"key_id": "key-1"}
-    record = build(
-        decision=Decision(allowed=False, form="object", reason="missing_api_key", identity=forged)
-    )
-    fields = record.log_fields()
-    assert fields["key_id"] == "key-1"
-    assert {
-        key: fields[key] for key in ("type", "decision_id", "result", "reason", "http_status")
-    } == {
-        "type": "decision",
-        "decision_id": "d-1",
-        "result": "deny",
-        "reason": "missing_api_key",
-        "http_status": 403,
-    }
-    assert "forged" not in fields.values()
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"fail_open": True}, {"fail_open": True}),
+        ({"tier": "premium"}, {"tier": "premium"}),
+        ({"override_id": "ovr-1"}, {"override_id": "ovr-1"}),
+        ({"error": "OPA gave no answer"}, {"error": "OPA gave no answer"}),
+        ({"policy_allowed": None}, {}),
+    ],
+    ids=["fail-open", "tier", "override", "error", "no-policy"],
+)
+def test_optional_fields(overrides: dict[str, Any], expected: dict[str, Any]) -> None:
+    fields = record(**overrides).log_fields()
+    for key, value in expected.items():
+        assert fields[key] == value
+    if overrides == {"policy_allowed": None}:
+        assert "policy_result" not in fields
+    base = set(record().log_fields())
+    assert set(fields) - base == set(expected)
 
 
-def test_identity_cannot_overwrite_error() -> None:
-    # build() drops identity on errors; the record type itself must still keep error last
-    record = DecisionRecord(
-        decision_id="d-3",
-        timestamp=0.0,
-        decision_path="authz/gateway/decision",
+@pytest.mark.parametrize(
+    ("allowed", "decision_allowed", "result", "decision", "suppressed"),
+    [
+        (True, True, "allow", "allow", False),
+        (False, False, "deny", "deny", False),
+        (True, False, "allow", "deny", True),
+        (True, None, "allow", "allow", False),
+    ],
+    ids=["allow", "deny", "dry-run-suppressed", "decision-unknown"],
+)
+def test_result_versus_decision(
+    allowed: bool, decision_allowed: bool | None, result: str, decision: str, suppressed: bool
+) -> None:
+    item = record(allowed=allowed, decision_allowed=decision_allowed, mode="dry-run")
+    fields = item.log_fields()
+    assert (fields["result"], fields["decision"], fields["mode"]) == (result, decision, "dry-run")
+    assert item.suppressed is suppressed
+
+
+def test_log_fields_hold_no_input_headers_or_query() -> None:
+    item = record(allowed=False, reason="role_not_allowed", http_status=403)
+    assert item.document is not None  # the record keeps it; the log line must not
+    line = json.dumps(item.log_fields())
+    for leaked in (QUERY_SECRET, HEADER_SECRET, DIGEST, "api_key", "cookie", "page=2"):
+        assert leaked not in line
+
+
+CORE = ("type", "decision_id", "result", "decision", "reason", "http_status", "mode", "error")
+
+
+def test_identity_cannot_overwrite_core_fields_or_error() -> None:
+    forged = {field: "forged" for field in CORE} | {"key_id": "key-1"}
+    fields = record(
         allowed=False,
-        reason="opa_timeout",
-        http_status=503,
-        identity={"error": "forged", "key_id": "key-1"},
-        error="real",
-    )
-    assert (record.log_fields()["error"], record.log_fields()["key_id"]) == ("real", "key-1")
+        decision_allowed=False,
+        reason="missing_api_key",
+        http_status=401,
+        identity=forged,
+    ).log_fields()
+    assert fields["key_id"] == "key-1"
+    assert "forged" not in fields.values()
+    assert "error" not in fields

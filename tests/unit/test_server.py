@@ -71,6 +71,8 @@ def test_sigterm_shuts_the_process_down_cleanly(tmp_path: Path) -> None:
         "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
         "AUTHZ_OPA_URL": f"http://127.0.0.1:{free_port()}",
         "AUTHZ_SHUTDOWN_GRACE_S": "1",
+        "AUTHZ_AUDIT_DB": str(tmp_path / "audit.db"),
+        "AUTHZ_OVERRIDES_FILE": str(tmp_path / "overrides.json"),
     }
     log = (tmp_path / "authz.log").open("wb")
     proc = subprocess.Popen(

@@ -1,0 +1,396 @@
+"""Tamper-evident audit trail: every decision appended to SQLite, hash-chained.
+
+Each row of table ``audit`` is one entry: ``seq`` (1, 2, 3, ... without gaps), ``kind``
+(``decision``, ``admin`` for admin actions, ``gap`` for entries lost while the store was
+degraded), ``time`` (Unix seconds), ``decision_id``, ``body`` (canonical JSON: the
+decision-log fields plus the policy decision and the redacted input, keys sorted),
+``prev_hash`` and ``hash``::
+
+    hash = sha256("<seq>\\n<prev_hash>\\n<body>")          (hex; the first prev_hash is 64 "0")
+
+Editing a body, re-ordering, or deleting a row breaks the chain at that row;
+:func:`verify` names the first broken row. Table ``audit_meta`` keeps ``head`` (last
+seq and hash, updated with every write, so a truncated tail is detected too) and
+``anchor`` (the last pruned row, when retention has removed old rows). It is tamper
+*evident*: someone able to rewrite the whole file can forge a new chain; ship the
+decision log elsewhere for that threat.
+
+Writes happen on one background thread, in batches, so a Check never waits for the disk.
+A full disk, a locked database or any SQLite error degrades the trail to log-only (the
+decision log still has every decision): ``degraded`` is set (metric
+``authz_audit_degraded``), failures are counted, and when writes succeed again a ``gap``
+entry records how many entries were lost and when. A request never fails because of the
+audit trail. Retention (``retention_days``, ``max_records``) prunes the oldest rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from authz.errors import ConfigError
+from authz.logs import redact_document
+from authz.record import DecisionRecord
+
+__all__ = [
+    "GENESIS",
+    "AuditEntry",
+    "AuditTrail",
+    "VerifyReport",
+    "entry_hash",
+    "read_entries",
+    "verify",
+]
+
+GENESIS: Final = "0" * 64
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    time REAL NOT NULL,
+    decision_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_BATCH: Final = 500
+_FLUSH_S: Final = 0.2
+_PRUNE_EVERY_S: Final = 60.0
+
+log = logging.getLogger(__name__)
+
+
+def entry_hash(seq: int, prev_hash: str, body: str) -> str:
+    """The chain hash of one entry (hex SHA-256 of ``seq``, ``prev_hash``, ``body``)."""
+    return hashlib.sha256(f"{seq}\n{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def _body(record: DecisionRecord) -> bytes:
+    body = record.log_fields()
+    body["policy"] = (
+        {"allowed": record.policy_allowed, "reason": record.policy_reason}
+        if record.policy_allowed is not None
+        else None
+    )
+    if record.document is not None:
+        body["input"] = redact_document(record.document)
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One stored entry; ``body`` is the decoded JSON."""
+
+    seq: int
+    kind: str
+    time: float
+    decision_id: str
+    body: Mapping[str, Any]
+    prev_hash: str
+    hash: str
+
+
+def connect(path: Path, *, timeout_s: float = 0.5) -> sqlite3.Connection:
+    """Open (creating if needed) the audit database at ``path``: WAL journal, the schema
+    applied. Raises sqlite3.Error / OSError when it cannot be opened."""
+    conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT value FROM audit_meta WHERE key = ?", (key,)).fetchone()
+    return orjson.loads(row[0]) if row else None
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: Mapping[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO audit_meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, orjson.dumps(value).decode()),
+    )
+
+
+class AuditTrail:
+    """A :class:`~authz.record.DecisionSink` appending every record to the database at
+    ``path``. Raises ConfigError at construction if the database cannot be opened.
+
+    ``retention_days`` and ``max_records`` bound the store (None: unbounded);
+    ``queue_size`` bounds the entries waiting for the writer (beyond it they are dropped
+    and counted like a failed write). ``on_state(degraded, written, failed)`` is called
+    after every batch for metrics.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_days: float | None = 30.0,
+        max_records: int | None = 1_000_000,
+        queue_size: int = 100_000,
+        on_state: Callable[[bool, int, int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        try:
+            self._conn = connect(path)
+            head = _meta(self._conn, "head")
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
+        self._seq = int(head["seq"]) if head else 0
+        self._hash = str(head["hash"]) if head else GENESIS
+        self._retention_s = retention_days * 86400 if retention_days else None
+        self._max_records = max_records
+        self._queue: queue.Queue[tuple[str, float, str, bytes] | None] = queue.Queue(queue_size)
+        self._on_state = on_state
+        self._clock = clock
+        self.degraded = False
+        self.written = 0
+        self.failed = 0
+        self._lost = 0
+        self._lost_since: float | None = None
+        self._lost_lock = threading.Lock()
+        self._last_prune = 0.0
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side (event loop) -----------------------------------------------------
+    def record(self, record: DecisionRecord) -> None:
+        """Queue ``record`` for the writer; never blocks, never raises."""
+        self._put("decision", record.timestamp, record.decision_id, _body(record))
+
+    def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
+        """Queue an admin action (mode switch, override) as an entry of kind ``admin``."""
+        body = orjson.dumps({"action": action, **fields}, option=orjson.OPT_SORT_KEYS)
+        self._put("admin", self._clock(), entry_id, body)
+
+    def _put(self, kind: str, when: float, entry_id: str, body: bytes) -> None:
+        try:
+            self._queue.put_nowait((kind, when, entry_id, body))
+        except queue.Full:
+            with self._lost_lock:
+                self.failed += 1
+                self._lost += 1
+                self._lost_since = self._lost_since or when
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush what is queued and stop the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._conn.close()
+
+    # -- writer thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._next_batch()
+            if batch or self._lost:
+                self._write(batch)
+            if self._clock() - self._last_prune > _PRUNE_EVERY_S:
+                self._prune()
+            if stopping:
+                return
+
+    def _next_batch(self) -> tuple[list[tuple[str, float, str, bytes]], bool]:
+        """Up to ``_BATCH`` queued entries (waiting at most ``_FLUSH_S`` for the first),
+        and whether close() asked to stop."""
+        batch: list[tuple[str, float, str, bytes]] = []
+        try:
+            item = self._queue.get(timeout=_FLUSH_S)
+        except queue.Empty:
+            return batch, False
+        while True:
+            if item is None:
+                return batch, True
+            batch.append(item)
+            if len(batch) >= _BATCH:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+
+    def _write(self, batch: list[tuple[str, float, str, bytes]]) -> None:
+        entries = list(batch)
+        with self._lost_lock:
+            lost, lost_since = self._lost, self._lost_since
+        if lost:
+            gap = orjson.dumps(
+                {"lost": lost, "since": lost_since, "until": self._clock()},
+                option=orjson.OPT_SORT_KEYS,
+            )
+            entries.insert(0, ("gap", self._clock(), "", gap))
+        seq, prev = self._seq, self._hash
+        rows = []
+        for kind, when, entry_id, body in entries:
+            seq += 1
+            text = body.decode()
+            digest = entry_hash(seq, prev, text)
+            rows.append((seq, kind, when, entry_id, text, prev, digest))
+            prev = digest
+        try:
+            with self._conn:  # one transaction
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany(
+                    "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                _set_meta(self._conn, "head", {"seq": seq, "hash": prev})
+        except sqlite3.Error as exc:
+            self._rollback()
+            with self._lost_lock:
+                self.failed += len(batch)
+                if not self._lost:
+                    self._lost_since = batch[0][1] if batch else self._clock()
+                self._lost += len(batch)
+            if not self.degraded:
+                self.degraded = True
+                log.error(
+                    "audit trail degraded to log-only (decisions are still in the decision log)",
+                    extra={"audit_db": str(self.path), "error": str(exc)},
+                )
+            self._report()
+            return
+        self._seq, self._hash = seq, prev
+        self.written += len(batch)
+        if self.degraded:
+            self.degraded = False
+            log.warning(
+                "audit trail recovered; a gap entry records what was lost",
+                extra={"audit_db": str(self.path), "lost": lost},
+            )
+        with self._lost_lock:
+            self._lost -= lost  # entries dropped meanwhile stay counted for the next gap
+            if not self._lost:
+                self._lost_since = None
+        self._report()
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
+
+    def _report(self) -> None:
+        if self._on_state is not None:
+            try:
+                self._on_state(self.degraded, self.written, self.failed)
+            except Exception:
+                log.exception("audit state callback failed")
+
+    def _prune(self) -> None:
+        self._last_prune = self._clock()
+        cutoff_seq = 0
+        try:
+            if self._retention_s is not None:
+                row = self._conn.execute(
+                    "SELECT MAX(seq) FROM audit WHERE time < ?",
+                    (self._clock() - self._retention_s,),
+                ).fetchone()
+                cutoff_seq = max(cutoff_seq, int(row[0] or 0))
+            if self._max_records is not None:
+                cutoff_seq = max(cutoff_seq, self._seq - self._max_records)
+            if cutoff_seq <= 0:
+                return
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                row = self._conn.execute(
+                    "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
+                    (cutoff_seq,),
+                ).fetchone()
+                if row is None:
+                    return
+                self._conn.execute("DELETE FROM audit WHERE seq <= ?", (row[0],))
+                _set_meta(self._conn, "anchor", {"seq": row[0], "hash": row[1]})
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.warning("audit retention pruning failed", extra={"error": str(exc)})
+
+
+# -- reading, verifying ---------------------------------------------------------------
+
+
+def read_entries(
+    conn: sqlite3.Connection, *, last: int | None = None, kind: str | None = None
+) -> Iterator[AuditEntry]:
+    """Entries in ``seq`` order (only the ``last`` N when given; only ``kind`` when
+    given)."""
+    # Fixed statements only: the optional filters are bound parameters.
+    if last is not None:
+        sql = (
+            "SELECT * FROM (SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit "
+            "WHERE (? IS NULL OR kind = ?) ORDER BY seq DESC LIMIT ?) ORDER BY seq"
+        )
+        args: tuple[Any, ...] = (kind, kind, last)
+    else:
+        sql = (
+            "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit "
+            "WHERE (? IS NULL OR kind = ?) ORDER BY seq"
+        )
+        args = (kind, kind)
+    for seq, entry_kind, when, decision_id, body, prev_hash, digest in conn.execute(sql, args):
+        yield AuditEntry(seq, entry_kind, when, decision_id, orjson.loads(body), prev_hash, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The result of :func:`verify`. When ``ok`` is false, ``broken_seq`` (and its
+    ``broken_decision_id``) name the first bad entry and ``problem`` says what is wrong."""
+
+    ok: bool
+    entries: int
+    first_seq: int | None
+    last_seq: int | None
+    broken_seq: int | None = None
+    broken_decision_id: str | None = None
+    problem: str | None = None
+
+
+def verify(conn: sqlite3.Connection) -> VerifyReport:
+    """Walk the chain from the anchor (or genesis) to the recorded head; report the first
+    entry whose seq, link or hash is wrong, or a head that does not match the last entry
+    (a truncated or extended tail)."""
+    anchor = _meta(conn, "anchor")
+    head = _meta(conn, "head")
+    expected_seq = int(anchor["seq"]) + 1 if anchor else 1
+    prev = str(anchor["hash"]) if anchor else GENESIS
+    count, first, last = 0, None, None
+    rows = conn.execute("SELECT seq, decision_id, body, prev_hash, hash FROM audit ORDER BY seq")
+    for seq, decision_id, body, prev_hash, digest in rows:
+        first = first if first is not None else seq
+        problem = None
+        if seq != expected_seq:
+            problem = f"expected entry {expected_seq} here: entries are missing"
+        elif prev_hash != prev:
+            problem = "prev_hash does not match the previous entry's hash"
+        elif entry_hash(seq, prev_hash, body) != digest:
+            problem = "hash does not match the entry's contents (edited)"
+        if problem is not None:
+            return VerifyReport(False, count, first, last, seq, decision_id, problem)
+        prev, expected_seq, last, count = digest, seq + 1, seq, count + 1
+    if head is not None and (int(head["seq"]) != (last or 0) or head["hash"] != prev):
+        return VerifyReport(
+            False,
+            count,
+            first,
+            last,
+            int(head["seq"]),
+            None,
+            f"the head records entry {head['seq']} but the chain ends at {last}: "
+            "entries were removed from the end",
+        )
+    return VerifyReport(True, count, first, last)

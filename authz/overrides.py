@@ -1,0 +1,239 @@
+"""TTL overrides: temporary, audited exceptions granted through the admin API.
+
+An operator grants an exception with a reason and a time to live, e.g. "let key
+``key-oncall`` read ``/api/v1/admin/**`` for one hour: INC-123", or blocks a compromised
+key or sandbox at once. Overrides never bypass authentication: they apply only to a
+request whose key or sandbox is valid, and the policy still decides. authz keeps the list
+(persisted to a JSON file) and pushes it to OPA as ``data.overrides`` (outside the
+bundle roots, so bundle activations keep it); the gateway and egress policies consult it
+and name the override in their decision (``override.id``), which the decision log and
+audit trail record. Expiry is enforced twice: by the policies (``expires_at_ns``) and by
+authz, which drops expired entries and re-pushes the list whenever it changes and every
+few seconds (an OPA restart loses pushed data).
+
+Document pushed to OPA (``PUT /v1/data/overrides``)::
+
+    {"<id>": {"id": "<id>", "effect": "allow" | "deny", "decision_path": "authz/gateway/decision",
+              "match": {"key_id": "...", "path": "/api/v1/admin/**", "methods": ["GET"]},
+              "reason": "...", "actor": "...", "created_at": <unix s>,
+              "expires_at": "<RFC 3339>", "expires_at_ns": <unix ns>}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from authz.config import parse_decision_path
+from authz.errors import ConfigError, PolicyError
+
+__all__ = ["MAX_TTL_S", "OPA_DATA_PATH", "Override", "OverrideStore", "parse_override_request"]
+
+OPA_DATA_PATH: Final = "overrides"
+MAX_TTL_S: Final = 7 * 86400
+_MATCH_KEYS: Final = frozenset({"key_id", "sandbox_id", "service", "path", "methods"})
+_ID_FIELD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_METHOD: Final = re.compile(r"[A-Z]{1,16}")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """One override. Times are Unix seconds. ``match`` holds ``key_id`` or
+    ``sandbox_id`` (required: an override is always about one identity) and optionally
+    ``service``, ``path`` (a glob like the policies' path rules) and ``methods``."""
+
+    id: str
+    effect: str
+    decision_path: str
+    match: Mapping[str, Any]
+    reason: str
+    actor: str
+    created_at: float
+    expires_at: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def opa_document(self) -> dict[str, Any]:
+        """The entry as the policies read it from ``data.overrides[id]``."""
+        return {
+            "id": self.id,
+            "effect": self.effect,
+            "decision_path": self.decision_path,
+            "match": dict(self.match),
+            "reason": self.reason,
+            "actor": self.actor,
+            "created_at": self.created_at,
+            "expires_at": datetime.fromtimestamp(self.expires_at, UTC).isoformat(),
+            "expires_at_ns": int(self.expires_at * 1e9),
+        }
+
+
+def parse_override_request(
+    body: Any, *, actor: str, now: float, new_id: Callable[[], str] | None = None
+) -> Override:
+    """Validate an admin API request body into an Override. Raises ConfigError naming the
+    field and the bad value. Body: ``{"effect", "decision_path", "match", "ttl_s",
+    "reason"}``."""
+    if not isinstance(body, dict):
+        raise ConfigError("override: expected a JSON object")
+    effect = body.get("effect")
+    if effect not in ("allow", "deny"):
+        raise ConfigError(f"override.effect={effect!r}: expected 'allow' or 'deny'")
+    decision_path = parse_decision_path(
+        "override.decision_path", str(body.get("decision_path", ""))
+    )
+    match = body.get("match")
+    if not isinstance(match, dict) or not match:
+        raise ConfigError("override.match: expected an object with key_id or sandbox_id")
+    unknown = set(match) - _MATCH_KEYS
+    if unknown:
+        raise ConfigError(f"override.match: unknown field(s) {sorted(unknown)}")
+    if ("key_id" in match) == ("sandbox_id" in match):
+        raise ConfigError("override.match: exactly one of key_id or sandbox_id is required")
+    for name in ("key_id", "sandbox_id", "service"):
+        if name in match and not (
+            isinstance(match[name], str) and _ID_FIELD.fullmatch(match[name])
+        ):
+            raise ConfigError(f"override.match.{name}={match[name]!r}: not an id")
+    if "path" in match and not (
+        isinstance(match["path"], str)
+        and match["path"].startswith("/")
+        and len(match["path"]) <= 256
+    ):
+        raise ConfigError(f"override.match.path={match.get('path')!r}: expected a /path glob")
+    if "methods" in match and not (
+        isinstance(match["methods"], list)
+        and match["methods"]
+        and all(isinstance(m, str) and _METHOD.fullmatch(m) for m in match["methods"])
+    ):
+        raise ConfigError(f"override.match.methods={match.get('methods')!r}: expected [GET, ...]")
+    ttl = body.get("ttl_s")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= MAX_TTL_S:
+        raise ConfigError(f"override.ttl_s={ttl!r}: expected 1..{MAX_TTL_S} seconds")
+    reason = body.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise ConfigError(
+            "override.reason: a non-empty reason (at most 500 characters) is required"
+        )
+    override_id = (new_id or (lambda: "ovr-" + secrets.token_hex(6)))()
+    return Override(
+        id=override_id,
+        effect=effect,
+        decision_path=decision_path,
+        match=dict(match),
+        reason=reason.strip(),
+        actor=actor,
+        created_at=now,
+        expires_at=now + float(ttl),
+    )
+
+
+class OverrideStore:
+    """The active overrides; persisted to ``path`` (JSON, mode 0600) when given, pushed to
+    OPA by ``push(document)`` (an async callable raising PolicyError on failure).
+    ``clock`` is Unix seconds. ``on_change(count)`` reports the active count (metrics)."""
+
+    def __init__(
+        self,
+        push: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self._push = push
+        self._path = path
+        self._clock = clock
+        self._on_change = on_change
+        self._items: dict[str, Override] = {}
+        if path is not None and path.exists():
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            for item in raw.get("overrides", []):
+                override = Override(**item)
+                self._items[override.id] = override
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"overrides file {str(path)!r}: {exc}") from None
+
+    def active(self) -> list[Override]:
+        """Unexpired overrides, oldest first."""
+        now = self._clock()
+        return sorted(
+            (o for o in self._items.values() if o.expires_at > now), key=lambda o: o.created_at
+        )
+
+    def document(self) -> dict[str, Any]:
+        """The ``data.overrides`` document for OPA (active entries only)."""
+        return {o.id: o.opa_document() for o in self.active()}
+
+    async def add(self, override: Override) -> bool:
+        """Keep ``override``, persist it and push the list to OPA. Returns whether OPA was
+        updated; if not, the periodic :meth:`sync` pushes it when OPA answers again."""
+        self._items[override.id] = override
+        self._changed()
+        return await self.sync()
+
+    async def remove(self, override_id: str) -> tuple[Override | None, bool]:
+        """Drop an override; returns it (None if unknown) and whether OPA was updated."""
+        removed = self._items.pop(override_id, None)
+        if removed is None:
+            return None, True
+        self._changed()
+        return removed, await self.sync()
+
+    async def sync(self) -> bool:
+        """Drop expired entries and push the document to OPA. Returns whether the push
+        succeeded; never raises (a failure is logged and retried at the next call)."""
+        try:
+            await self._sync()
+        except PolicyError as exc:
+            log.warning("cannot push overrides to OPA", extra={"code": exc.code})
+            return False
+        return True
+
+    async def _sync(self) -> None:
+        now = self._clock()
+        expired = [i for i, o in self._items.items() if o.expires_at <= now]
+        for override_id in expired:
+            log.info("override expired", extra={"override_id": override_id})
+            del self._items[override_id]
+        if expired:
+            self._changed()
+        # Pushed on every sync: OPA keeps pushed data in memory only, so a restarted OPA
+        # gets the overrides back within one interval.
+        await self._push(self.document())
+
+    async def watch(self, interval_s: float) -> None:
+        """Call :meth:`sync` every ``interval_s`` seconds until cancelled."""
+        while True:
+            await self.sync()
+            await asyncio.sleep(interval_s)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(len(self.active()))
+        if self._path is None:
+            return
+        data = {"overrides": [asdict(o) for o in self._items.values()]}
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2)
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            log.error("cannot persist overrides", extra={"error": str(exc)})

@@ -1,0 +1,88 @@
+"""The OPA circuit breaker: opens after repeated failures, probes, closes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from authz.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from authz.errors import CircuitOpen, OpaTimeout, OpaUnavailable, UndefinedDecision
+from authz.policy import Evaluation
+
+
+class Switch:
+    """An engine whose next answers are set by the test."""
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+        self.calls = 0
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        self.calls += 1
+        if self.failure is not None:
+            raise self.failure
+        return Evaluation(True)
+
+    async def close(self) -> None:
+        return None
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_opens_after_threshold_fails_fast_then_probes_and_closes() -> None:
+    engine, clock, states = Switch(), Clock(), []
+    breaker = CircuitBreaker(
+        engine, failure_threshold=3, reset_timeout_s=5, clock=clock, on_state_change=states.append
+    )
+    engine.failure = OpaUnavailable("refused")
+    for _ in range(3):
+        with pytest.raises(OpaUnavailable):
+            await breaker.evaluate("p", {}, 1)
+    assert breaker.state == OPEN
+    with pytest.raises(CircuitOpen):
+        await breaker.evaluate("p", {}, 1)
+    assert engine.calls == 3  # OPA not hammered while open
+    clock.now = 5.0
+    engine.failure = None
+    assert (await breaker.evaluate("p", {}, 1)).result is True
+    assert breaker.state == CLOSED
+    assert states == [OPEN, HALF_OPEN, CLOSED]
+
+
+async def test_failed_probe_reopens() -> None:
+    engine, clock = Switch(), Clock()
+    breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
+    engine.failure = OpaTimeout("slow")
+    with pytest.raises(OpaTimeout):
+        await breaker.evaluate("p", {}, 1)
+    clock.now = 5.0
+    with pytest.raises(OpaTimeout):
+        await breaker.evaluate("p", {}, 1)
+    assert breaker.state == OPEN
+    clock.now = 9.0
+    with pytest.raises(CircuitOpen):
+        await breaker.evaluate("p", {}, 1)
+
+
+async def test_policy_answers_count_as_healthy() -> None:
+    engine = Switch()
+    breaker = CircuitBreaker(engine, failure_threshold=2)
+    engine.failure = OpaUnavailable("x")
+    with pytest.raises(OpaUnavailable):
+        await breaker.evaluate("p", {}, 1)
+    engine.failure = UndefinedDecision("nothing here")
+    with pytest.raises(UndefinedDecision):
+        await breaker.evaluate("p", {}, 1)
+    engine.failure = OpaUnavailable("x")
+    with pytest.raises(OpaUnavailable):
+        await breaker.evaluate("p", {}, 1)
+    assert breaker.state == CLOSED  # the undefined answer reset the count
