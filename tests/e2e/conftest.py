@@ -9,18 +9,25 @@ to OPA; the secrets file is written with ``authz.secrets.write_secrets_file``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
 from authz.secrets import write_secrets_file
-from authz.stack.supervisor import Ports, Stack
+from authz.stack.supervisor import Ports, Process, Stack, free_port, http_ok
+from tests.unit.fakes import check_request
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +73,8 @@ class Env:
     bundle_dir: Path
     gateway: httpx.Client
     egress: httpx.Client
+    admin_token: str
+    admin: httpx.Client
 
     def write_secrets(self, secrets: dict[str, str] | None = None) -> None:
         """(Re)write the egress secrets file; bumps mtime so authz sees the change."""
@@ -129,13 +138,14 @@ def e2e(
     base = tmp_path_factory.mktemp("e2e")
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
+    admin_token = generate_key("adm_")
     stack = Stack(
         repo_root,
         base / "run",
         base / "bundles",
         ports,
         secrets_file=secrets_file,
-        authz_env={"AUTHZ_RATE_LIMIT_BURST_S": BURST_S},
+        authz_env={"AUTHZ_RATE_LIMIT_BURST_S": BURST_S, "AUTHZ_ADMIN_TOKEN": admin_token},
     )
     env = Env(
         stack,
@@ -147,6 +157,12 @@ def e2e(
         bundle_dir=base / "bundles",
         gateway=httpx.Client(base_url=f"http://127.0.0.1:{ports.gateway}", timeout=5.0),
         egress=httpx.Client(base_url=f"http://127.0.0.1:{ports.egress}", timeout=5.0),
+        admin_token=admin_token,
+        admin=httpx.Client(
+            base_url=f"http://127.0.0.1:{ports.authz_admin}",
+            headers={"authorization": f"Bearer {admin_token}", "x-authz-actor": "e2e"},
+            timeout=5.0,
+        ),
     )
     env.write_keys()
     env.write_secrets()
@@ -155,3 +171,79 @@ def e2e(
         yield env
     env.gateway.close()
     env.egress.close()
+    env.admin.close()
+
+
+@contextmanager
+def authz_processes(
+    e2e: Env, tmp: Path, count: int, env: dict[str, str], *, wait_ready: bool = True
+) -> Iterator[list[tuple[int, int]]]:
+    """``count`` authz processes on the session's OPA (unless ``env`` names another);
+    yields (grpc port, admin port) once each is ready (only alive when not
+    ``wait_ready``)."""
+    started: list[Process] = []
+    ports = []
+    try:
+        for i in range(count):
+            grpc_port, admin_port = free_port(), free_port()
+            process = Process(
+                f"authz-{i}",
+                [sys.executable, "-m", "authz", "serve"],
+                tmp / f"authz-{i}.log",
+                lambda p=admin_port, ready=wait_ready: http_ok(
+                    f"http://127.0.0.1:{p}/{'readyz' if ready else 'healthz'}"
+                ),
+                env={
+                    **os.environ,
+                    "AUTHZ_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
+                    "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
+                    "AUTHZ_OPA_URL": env.get(
+                        "AUTHZ_OPA_URL", f"http://127.0.0.1:{e2e.stack.ports.opa}"
+                    ),
+                    "AUTHZ_RATE_LIMIT_BURST_S": BURST_S,
+                    "AUTHZ_DECISION_LOG": "false",
+                    "AUTHZ_AUDIT_DB": str(tmp / f"audit-{i}.db"),
+                    "AUTHZ_OVERRIDES_FILE": str(tmp / f"overrides-{i}.json"),
+                    **env,
+                },
+            )
+            started.append(process)
+            process.start()
+            process.wait_ready(30)
+            ports.append((grpc_port, admin_port))
+        yield ports
+    finally:
+        for process in started:
+            process.stop()
+
+
+def check_all(
+    grpc_ports: list[int],
+    api_key: str,
+    n: int,
+    decision_path: str = "authz/gateway/decision",
+    path: str = "/api/v1/status",
+) -> list[int]:
+    """Send ``n`` concurrent Checks spread over the ports; returns the HTTP statuses."""
+
+    async def run() -> list[int]:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in grpc_ports]
+        stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
+        request = check_request(
+            path=path,
+            headers={"x-api-key": api_key},
+            context_extensions={"decision_path": decision_path},
+        )
+        try:
+            replies = await asyncio.gather(
+                *(stubs[i % len(stubs)].Check(request, timeout=5) for i in range(n))
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
+        return [
+            200 if r.HasField("ok_response") else int(r.denied_response.status.code)
+            for r in replies
+        ]
+
+    return asyncio.run(run())
