@@ -170,7 +170,11 @@ class Authorizer:
         except AuthzError as error:
             trace.error = error
             if error.code in FAIL_OPEN_CODES and trace.path in self._fail_open_paths:
-                response = _allow(decision_id, headers=((FAIL_OPEN_HEADER, error.code),))
+                response = _allow(
+                    decision_id,
+                    headers=((FAIL_OPEN_HEADER, error.code),),
+                    remove=self._credential_headers,
+                )
                 return self._finish(
                     response, trace, mode, started, decision_id, allowed=True, fail_open=True
                 )
@@ -178,7 +182,11 @@ class Authorizer:
         if mode is Mode.DRY_RUN and not allowed:
             reason, status = _reason_and_status(trace)
             marker = f"would-deny; reason={reason}; status={status}"
-            response = _allow(decision_id, response_headers=((DRY_RUN_HEADER, marker),))
+            response = _allow(
+                decision_id,
+                response_headers=((DRY_RUN_HEADER, marker),),
+                remove=self._credential_headers,
+            )
             allowed = True
         return self._finish(response, trace, mode, started, decision_id, allowed=allowed)
 
@@ -342,9 +350,17 @@ def _allow(
     *,
     headers: tuple[tuple[str, str], ...] = (),
     response_headers: tuple[tuple[str, str], ...] = (),
+    remove: Iterable[str] = (),
 ) -> external_auth_pb2.CheckResponse:
-    """A plain allow (bypass, dry-run, fail-open) with marker headers."""
+    """An allow no policy decided (bypass, a suppressed deny, fail-open) with marker
+    headers. ``remove`` names headers kept from the upstream: the credential headers,
+    which are for authz, never for the upstream."""
     return build_response(
-        Decision(allowed=True, headers=headers, response_headers_to_add=response_headers),
+        Decision(
+            allowed=True,
+            headers=headers,
+            response_headers_to_add=response_headers,
+            request_headers_to_remove=tuple(sorted(remove)),
+        ),
         decision_id,
     )

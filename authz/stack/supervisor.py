@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -57,11 +58,28 @@ class StackError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, chosen below the kernel's
+    ephemeral range (``net.ipv4.ip_local_port_range``) so that outgoing connections, which
+    take ephemeral ports, cannot grab it before the process that needs it binds it.
+    Distinct calls in one process never return the same port."""
+    low, high = _PORT_RANGE
+    for _ in range(1000):
+        port = secrets.randbelow(high - low) + low
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise StackError("no free port found")
+
+
+# Below Linux's default ephemeral range (32768-60999), above well-known services.
+_PORT_RANGE: Final = (20000, 32000)
+_handed_out: set[int] = set()
 
 
 def http_ok(url: str, timeout_s: float = 1.0, *, ca_file: Path | None = None) -> bool:

@@ -70,7 +70,17 @@ authorized if {
 	path_allowed
 }
 
-decision := lib.unauthorized("missing_sandbox_id", false) if {
+# Every decision about a known sandbox names it (the decision log's sandbox_id), denies
+# included; the tier only once the token has proven the sandbox.
+decision := object.union(verdict, {"identity": decision_identity}) if {
+	sandbox
+} else := verdict
+
+decision_identity := {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier} if {
+	token_ok
+} else := {"sandbox_id": sandbox_id, "service": service_name}
+
+verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	not sandbox_id
 } else := lib.unauthorized("unknown_sandbox", true) if {
 	not sandbox
@@ -122,7 +132,7 @@ allow := object.union(
 			"key": concat(":", ["sandbox", sandbox_id, service_name]),
 			"requests_per_minute": tier.rate_limit.requests_per_minute,
 		},
-		"identity": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier},
+		"identity": decision_identity,
 		"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier},
 	},
 	credential,

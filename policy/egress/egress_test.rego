@@ -282,3 +282,11 @@ test_override_needs_a_valid_token if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard"})}
 	decide_with("sb-standard", "wrong", "slack", "POST", "/api/chat.postMessage", o).reason == "invalid_sandbox_token"
 }
+
+test_denies_name_the_sandbox_and_the_tier_only_once_proven if {
+	d := decide("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage")
+	d.identity == {"sandbox_id": "sb-standard", "service": "slack", "tier": "standard"}
+	bad := decide("sb-standard", "wrong", "openai", "GET", "/v1/models")
+	bad.identity == {"sandbox_id": "sb-standard", "service": "openai"}
+	not decide("sb-nope", "x", "openai", "GET", "/v1/models").identity
+}

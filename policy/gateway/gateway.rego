@@ -64,7 +64,14 @@ role_matches(roles) if "*" in roles
 
 role_matches(roles) if key.role in roles
 
-decision := lib.unauthorized("missing_api_key", false) if {
+# Every decision about a known key names it (the decision log's key_id), denies included.
+decision := object.union(verdict, {"identity": decision_identity}) if {
+	key.id
+} else := verdict
+
+decision_identity := {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier}
+
+verdict := lib.unauthorized("missing_api_key", false) if {
 	not key_digest
 } else := lib.unauthorized("invalid_api_key", true) if {
 	not key
@@ -104,6 +111,6 @@ allow := {
 		"key": concat(":", ["key", key.id]),
 		"requests_per_minute": data.gateway.rate_limit_tiers[key.rate_limit_tier].requests_per_minute,
 	},
-	"identity": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
+	"identity": decision_identity,
 	"dynamic_metadata": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
 }

@@ -225,3 +225,10 @@ test_deny_override_blocks_and_wins if {
 	d.reason == "blocked_by_override"
 	d.override.id == "b"
 }
+
+test_denies_about_a_known_key_name_it if {
+	decide("POST", "/api/v1/items", api_key("k-viewer")).identity.key_id == "key-viewer"
+	decide("GET", "/api/v1/status", api_key("k-expired")).identity.key_id == "key-expired"
+	not decide("GET", "/api/v1/status", api_key("nope")).identity
+	not decide("GET", "/api/v1/status", {}).identity
+}

@@ -73,6 +73,7 @@ def test_dry_run_rollout_logs_what_it_would_block(e2e: Env) -> None:
         resp = e2e.gateway.post("/api/v1/items", headers=viewer)
         assert resp.status_code == 200
         assert resp.headers["x-authz-dry-run"] == "would-deny; reason=role_not_allowed; status=403"
+        assert "x-api-key" not in resp.json()["headers"]  # a credential is for authz only
         line = _decision_line(e2e, resp.json()["headers"]["x-authz-decision-id"])
         assert (line["mode"], line["result"], line["decision"], line["reason"]) == (
             "dry-run",
@@ -80,6 +81,7 @@ def test_dry_run_rollout_logs_what_it_would_block(e2e: Env) -> None:
             "deny",
             "role_not_allowed",
         )
+        assert line["key_id"] == "key-viewer"  # a deny still names the key
         text = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/metrics").text
         assert _metric(text, "authz_dry_run_suppressed_total", reason="role_not_allowed") >= 1
         # Allowed requests are untouched.

@@ -30,7 +30,13 @@ def test_one_process_in_memory_is_exact(e2e: Env, tmp_path: Path) -> None:
 def test_two_replicas_sharing_redis_are_exact_combined(
     e2e: Env, tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    env = {"AUTHZ_RATE_LIMIT_BACKEND": "redis", "AUTHZ_REDIS_URL": redis_server.url}
+    # A generous Redis timeout: on this shared 2-core machine a 50 ms stall would make a
+    # replica fall back to its local bucket, which is correct but not what this measures.
+    env = {
+        "AUTHZ_RATE_LIMIT_BACKEND": "redis",
+        "AUTHZ_REDIS_URL": redis_server.url,
+        "AUTHZ_REDIS_TIMEOUT_MS": "2000",
+    }
     with authz_processes(e2e, tmp_path, 2, env) as ports:
         statuses = check_all([p for p, _ in ports], e2e.keys["limited"], REQUESTS)
     assert statuses.count(200) == LIMIT

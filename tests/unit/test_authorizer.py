@@ -451,3 +451,21 @@ async def test_record_keeps_policy_decision_apart_from_rate_limit() -> None:
     limited = (await authorizer.check(check_request())).record
     assert (limited.policy_allowed, limited.policy_reason) == (True, "allowed")
     assert (limited.decision_allowed, limited.reason, limited.tier) == (False, "rate_limited", "t")
+
+
+@pytest.mark.parametrize(
+    ("control", "fail_open_paths", "answer"),
+    [
+        (Control(Mode.DRY_RUN), (), DENY),
+        (Control(), (DEFAULT_PATH,), OpaUnavailable("down")),
+    ],
+    ids=["dry-run", "fail-open"],
+)
+async def test_unenforced_allows_keep_credentials_from_the_upstream(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    authorizer = make(FakeEngine(answer), control=control, fail_open_paths=fail_open_paths)
+    outcome = await authorizer.check(check_request(headers={"x-api-key": "ak_x"}))
+    assert status_of(outcome.response) == 200
+    removed = set(outcome.response.ok_response.headers_to_remove)
+    assert {"x-api-key", "authorization"} <= removed
