@@ -89,9 +89,9 @@ class _Admin:
         """None when the bearer token matches; otherwise the error response."""
         if self.token is None or not self.token:
             return _error(403, "admin_api_disabled", "set AUTHZ_ADMIN_TOKEN to enable")
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {self.token.reveal()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        matches = hmac.compare_digest(given.strip().encode(), self.token.reveal().encode())
+        if scheme.lower() != "bearer" or not matches:
             return _error(
                 401,
                 "unauthorized",

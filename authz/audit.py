@@ -370,6 +370,7 @@ def verify(conn: sqlite3.Connection) -> VerifyReport:
     prev = str(anchor["hash"]) if anchor else GENESIS
     count, first, last = 0, None, None
     rows = conn.execute("SELECT seq, decision_id, body, prev_hash, hash FROM audit ORDER BY seq")
+    head_seq = int(head["seq"]) if head is not None else None
     for seq, decision_id, body, prev_hash, digest in rows:
         first = first if first is not None else seq
         problem = None
@@ -379,18 +380,22 @@ def verify(conn: sqlite3.Connection) -> VerifyReport:
             problem = "prev_hash does not match the previous entry's hash"
         elif entry_hash(seq, prev_hash, body) != digest:
             problem = "hash does not match the entry's contents (edited)"
+        elif head_seq is not None and seq > head_seq:
+            problem = f"entry is past the recorded head ({head_seq}): entries were added"
         if problem is not None:
             return VerifyReport(False, count, first, last, seq, decision_id, problem)
         prev, expected_seq, last, count = digest, seq + 1, seq, count + 1
-    if head is not None and (int(head["seq"]) != (last or 0) or head["hash"] != prev):
+    # The chain must end exactly at the head (or at the anchor, when retention pruned all).
+    end_seq = expected_seq - 1
+    if head is not None and (head_seq != end_seq or head["hash"] != prev):
         return VerifyReport(
             False,
             count,
             first,
             last,
-            int(head["seq"]),
+            head_seq,
             None,
-            f"the head records entry {head['seq']} but the chain ends at {last}: "
+            f"the head records entry {head_seq} but the chain ends at {end_seq}: "
             "entries were removed from the end",
         )
     return VerifyReport(True, count, first, last)

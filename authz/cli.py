@@ -279,18 +279,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(func=_secrets_generate)
 
+    # --db / --config work before or after the subcommand (authz audit verify --db X).
+    # Given after the subcommand, they must not reset a value given before it: SUPPRESS.
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--db", default=argparse.SUPPRESS, help="audit database")
+    where.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
     audit_ = commands.add_parser("audit", help="the tamper-evident audit trail")
     audit_.add_argument("--db", help="audit database (default: AUTHZ_AUDIT_DB / settings)")
     audit_.add_argument("--config", type=Path, help="YAML settings file")
     audit_commands = audit_.add_subparsers(dest="audit_command", required=True)
-    tail = audit_commands.add_parser("tail", help="print the last entries as JSON lines")
+    tail = audit_commands.add_parser(
+        "tail", help="print the last entries as JSON lines", parents=[where]
+    )
     tail.add_argument("--limit", type=int, default=20)
     tail.add_argument("--input", action="store_true", help="include the recorded input")
     tail.set_defaults(func=_audit_tail)
-    verify = audit_commands.add_parser("verify", help="check the hash chain")
+    verify = audit_commands.add_parser("verify", help="check the hash chain", parents=[where])
     verify.set_defaults(func=_audit_verify)
     replay_ = audit_commands.add_parser(
-        "replay", help="re-evaluate recorded inputs against another bundle"
+        "replay", help="re-evaluate recorded inputs against another bundle", parents=[where]
     )
     replay_.add_argument("--bundle", type=Path, required=True, help="bundle .tar.gz to compare")
     replay_.add_argument("--limit", type=int, default=None, help="only the last N decisions")

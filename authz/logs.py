@@ -11,6 +11,7 @@ code that must log headers.
 
 from __future__ import annotations
 
+import base64
 import logging
 import sys
 from collections.abc import Iterable, Mapping
@@ -109,6 +110,21 @@ def redact_document(document: Mapping[str, Any]) -> dict[str, Any]:
                 value
             ).startswith("sha256:"):
                 headers[name] = MASK
+    # Envoy's raw form (encode_raw_headers): [{"key", "value" | "rawValue" (base64)}].
+    for entry in http.get("headerMap", {}).get("headers", ()):
+        if not isinstance(entry, dict):
+            continue
+        name = str(entry.get("key", "")).lower()
+        if name != ":path" and name not in ("cookie", "set-cookie", "proxy-authorization"):
+            continue
+        raw = entry.pop("rawValue", None)
+        value = (
+            base64.b64decode(raw).decode("utf-8", "replace") if raw else str(entry.get("value", ""))
+        )
+        if name == ":path":
+            entry["value"] = _redact_query(value)
+        elif not value.startswith("sha256:"):
+            entry["value"] = MASK
     query = copy.get("parsed_query")
     if isinstance(query, dict):
         for name in query:

@@ -211,5 +211,5 @@ class MetricsSink:
             m.fail_open.labels(path, record.reason).inc()
         elif record.suppressed and record.mode == "dry-run":
             m.dry_run_suppressed.labels(path, record.reason).inc()
-        if record.reason == "rate_limited":
+        if record.reason == "rate_limited" and not record.allowed:  # enforced, not dry-run
             m.rate_limit_rejections.labels(path, record.tier or "").inc()

@@ -165,6 +165,10 @@ class OverrideStore:
             raw = json.loads(path.read_text(encoding="utf-8"))
             for item in raw.get("overrides", []):
                 override = Override(**item)
+                if override.effect not in ("allow", "deny") or not (
+                    "key_id" in override.match or "sandbox_id" in override.match
+                ):
+                    raise ValueError(f"override {override.id!r} is malformed")
                 self._items[override.id] = override
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"overrides file {str(path)!r}: {exc}") from None

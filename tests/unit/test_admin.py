@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import test_utils, web
+from prometheus_client.parser import text_string_to_metric_families
 
 from authz import admin
 from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.control import Control, Mode
+from authz.errors import OpaUnavailable, PolicyError
+from authz.metrics import Metrics
+from authz.overrides import OverrideStore
 from authz.policy import OpaClient
+from authz.secrets import Secret
 from authz.stack.supervisor import free_port
 
 
@@ -188,3 +197,382 @@ async def test_start_admin_binds_free_port() -> None:
             assert (resp.status, await resp.json()) == (200, {"status": "ok"})
     finally:
         await runner.cleanup()
+
+
+# --- /metrics ----------------------------------------------------------------------------
+
+ADMIN_TOKEN = "adm-t0ken-5f4e3d2c1b0a"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@asynccontextmanager
+async def admin_api(
+    **kwargs: Any,
+) -> AsyncIterator[test_utils.TestClient[web.Request, web.Application]]:
+    """A client for create_admin_app({}, **kwargs)."""
+    server = test_utils.TestServer(create_admin_app({}, **kwargs), host="127.0.0.1")
+    async with test_utils.TestClient(server) as client:
+        yield client
+
+
+class Actions:
+    """The on_action callback: records (action, fields)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, action: str, fields: Mapping[str, Any]) -> None:
+        self.calls.append((action, dict(fields)))
+
+
+class FakeOpaPush:
+    """OverrideStore's push: records documents, or raises ``error`` when set."""
+
+    def __init__(self) -> None:
+        self.documents: list[dict[str, Any]] = []
+        self.error: PolicyError | None = None
+
+    async def __call__(self, document: dict[str, Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.documents.append(document)
+
+
+async def test_metrics_serves_prometheus_text_and_refreshes_first() -> None:
+    metrics = Metrics()
+    scrapes: list[int] = []
+
+    def before_scrape() -> None:
+        scrapes.append(1)
+        metrics.overrides_active.set(len(scrapes))
+
+    async with admin_api(metrics=metrics, before_scrape=before_scrape) as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+        second = await (await client.get("/metrics")).text()
+    assert scrapes == [1, 1]
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {"authz_decisions", "authz_mode", "authz_opa_circuit_state", "authz_build_info"} <= set(
+        families
+    )
+    assert all(name.startswith("authz_") for name in families)
+    assert 'authz_mode{mode="enforce"} 1.0' in text
+    # before_scrape ran before the answer was built: each scrape shows its own refresh.
+    assert "authz_overrides_active 1.0" in text
+    assert "authz_overrides_active 2.0" in second
+
+
+async def test_metrics_not_enabled() -> None:
+    async with admin_api() as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "not_found"
+
+
+# --- admin API authentication ------------------------------------------------------------
+
+ADMIN_ROUTES = [
+    ("GET", "/admin/mode"),
+    ("POST", "/admin/mode"),
+    ("GET", "/admin/overrides"),
+    ("POST", "/admin/overrides"),
+    ("DELETE", "/admin/overrides/ovr-1"),
+]
+ROUTE_IDS = [f"{method} {path}" for method, path in ADMIN_ROUTES]
+
+
+def full_admin(token: Secret | None, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "control": Control(),
+        "overrides": OverrideStore(FakeOpaPush()),
+        "token": token,
+        **kwargs,
+    }
+
+
+@pytest.mark.parametrize("token", [None, Secret("")], ids=["no-token", "empty-token"])
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES, ids=ROUTE_IDS)
+async def test_admin_api_disabled_without_token(
+    token: Secret | None, method: str, path: str
+) -> None:
+    actions = Actions()
+    async with admin_api(**full_admin(token, on_action=actions)) as client:
+        resp = await client.request(
+            method, path, headers={"Authorization": "Bearer "}, json={"mode": "dry-run"}
+        )
+        assert resp.status == 403
+        assert (await resp.json())["error"] == "admin_api_disabled"
+    assert actions.calls == []
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong", ADMIN_TOKEN, f"Bearer {ADMIN_TOKEN}x", f"Basic {ADMIN_TOKEN}", ""],
+    ids=["missing", "wrong", "no-scheme", "longer", "basic-scheme", "empty"],
+)
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES, ids=ROUTE_IDS)
+async def test_admin_api_wrong_or_missing_bearer(
+    authorization: str | None, method: str, path: str
+) -> None:
+    actions = Actions()
+    settings = full_admin(Secret(ADMIN_TOKEN), on_action=actions)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    async with admin_api(**settings) as client:
+        resp = await client.request(
+            method, path, headers=headers, json={"mode": "dry-run", "reason": "x"}
+        )
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == 'Bearer realm="authz-admin"'
+        text = await resp.text()
+    assert json.loads(text)["error"] == "unauthorized"
+    assert ADMIN_TOKEN not in text
+    assert actions.calls == []
+    assert settings["control"].mode is Mode.ENFORCE
+
+
+# --- /admin/mode -------------------------------------------------------------------------
+
+
+async def test_get_mode() -> None:
+    control = Control(Mode.DRY_RUN)
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.get("/admin/mode", headers=AUTH)
+        assert (resp.status, await resp.json()) == (200, {"mode": "dry-run"})
+
+
+async def test_set_mode_dry_run() -> None:
+    control, actions = Control(), Actions()
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.post(
+            "/admin/mode",
+            headers={**AUTH, "X-Authz-Actor": "bob"},
+            json={"mode": "dry-run", "reason": "rolling out policy v2"},
+        )
+        assert (resp.status, await resp.json()) == (200, {"mode": "dry-run", "previous": "enforce"})
+        assert (await (await client.get("/admin/mode", headers=AUTH)).json()) == {"mode": "dry-run"}
+    assert control.mode is Mode.DRY_RUN
+    assert actions.calls == [
+        (
+            "set_mode",
+            {
+                "mode": "dry-run",
+                "previous": "enforce",
+                "reason": "rolling out policy v2",
+                "actor": "bob",
+            },
+        )
+    ]
+
+
+async def test_set_mode_default_actor_and_back_to_enforce() -> None:
+    control, actions = Control(Mode.DRY_RUN), Actions()
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.post(
+            "/admin/mode", headers=AUTH, json={"mode": "enforce", "reason": "ok"}
+        )
+        assert (await resp.json()) == {"mode": "enforce", "previous": "dry-run"}
+    assert control.mode is Mode.ENFORCE
+    assert actions.calls[0][1]["actor"] == "admin"
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"mode": "dry-run"}, "reason"),
+        ({"mode": "dry-run", "reason": "   "}, "reason"),
+        ({"mode": "audit", "reason": "x"}, "mode='audit'"),
+        ({"reason": "x"}, "mode=None"),
+        (["dry-run"], "JSON object"),
+        ("dry-run", "JSON object"),
+    ],
+    ids=["missing-reason", "blank-reason", "bad-mode", "missing-mode", "array", "string"],
+)
+async def test_set_mode_invalid(payload: Any, fragment: str) -> None:
+    control, actions = Control(), Actions()
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.post("/admin/mode", headers=AUTH, json=payload)
+        assert resp.status == 400
+        answer = await resp.json()
+    assert answer["error"] == "invalid_request"
+    assert fragment in answer["message"]
+    assert control.mode is Mode.ENFORCE
+    assert actions.calls == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"{not json", b"", b"\xff\xfe"],
+    ids=["broken-json", "empty", "not-utf8"],
+)
+async def test_set_mode_body_not_json(data: bytes) -> None:
+    control = Control()
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post(
+            "/admin/mode", headers={**AUTH, "Content-Type": "application/json"}, data=data
+        )
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "invalid_request"
+    assert control.mode is Mode.ENFORCE
+
+
+async def test_set_mode_bypass_refused_unless_allowed() -> None:
+    control, actions = Control(allow_bypass=False), Actions()
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.post(
+            "/admin/mode", headers=AUTH, json={"mode": "bypass", "reason": "x"}
+        )
+        assert resp.status == 400
+        assert "AUTHZ_ALLOW_BYPASS" in (await resp.json())["message"]
+    assert control.mode is Mode.ENFORCE
+    assert actions.calls == []
+
+
+async def test_set_mode_bypass_when_allowed() -> None:
+    control = Control(allow_bypass=True)
+    async with admin_api(control=control, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post(
+            "/admin/mode", headers=AUTH, json={"mode": "bypass", "reason": "debugging"}
+        )
+        assert (resp.status, await resp.json()) == (200, {"mode": "bypass", "previous": "enforce"})
+    assert control.mode is Mode.BYPASS
+
+
+async def test_mode_without_control_is_not_found() -> None:
+    async with admin_api(token=Secret(ADMIN_TOKEN)) as client:
+        assert (await client.get("/admin/mode", headers=AUTH)).status == 404
+        resp = await client.post(
+            "/admin/mode", headers=AUTH, json={"mode": "enforce", "reason": "x"}
+        )
+        assert resp.status == 404
+
+
+# --- /admin/overrides --------------------------------------------------------------------
+
+OVERRIDE = {
+    "effect": "allow",
+    "decision_path": "authz/gateway/decision",
+    "match": {"key_id": "key-oncall", "path": "/api/v1/admin/**", "methods": ["GET"]},
+    "ttl_s": 3600,
+    "reason": "INC-123",
+}
+
+
+async def test_override_add_list_delete() -> None:
+    push, actions = FakeOpaPush(), Actions()
+    store = OverrideStore(push)
+    async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        before = time.time()
+        resp = await client.post(
+            "/admin/overrides", headers={**AUTH, "X-Authz-Actor": "carol"}, json=OVERRIDE
+        )
+        assert resp.status == 201
+        added = await resp.json()
+        override_id = added["id"]
+        assert added["pushed"] is True
+        assert added["actor"] == "carol"
+        assert added["match"] == OVERRIDE["match"]
+        expires = datetime.fromisoformat(added["expires_at"]).timestamp()
+        assert before + 3600 <= expires <= time.time() + 3600
+        assert push.documents[-1] == {
+            override_id: {k: v for k, v in added.items() if k != "pushed"}
+        }
+
+        listed = await (await client.get("/admin/overrides", headers=AUTH)).json()
+        assert [o["id"] for o in listed["overrides"]] == [override_id]
+
+        resp = await client.delete(f"/admin/overrides/{override_id}", headers=AUTH)
+        assert (resp.status, await resp.json()) == (200, {"deleted": override_id, "pushed": True})
+        listed = await (await client.get("/admin/overrides", headers=AUTH)).json()
+        assert listed == {"overrides": []}
+    assert push.documents[-1] == {}
+    assert [action for action, _ in actions.calls] == ["add_override", "delete_override"]
+    assert actions.calls[0][1]["id"] == override_id
+    assert actions.calls[0][1]["pushed"] is True
+    assert actions.calls[1][1] == {"id": override_id, "actor": "admin", "pushed": True}
+
+
+async def test_override_add_when_opa_is_down_is_kept() -> None:
+    push = FakeOpaPush()
+    push.error = OpaUnavailable("connection refused")
+    store = OverrideStore(push)
+    async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post("/admin/overrides", headers=AUTH, json=OVERRIDE)
+        assert resp.status == 201
+        added = await resp.json()
+    assert added["pushed"] is False
+    assert [o.id for o in store.active()] == [added["id"]]
+
+
+async def test_override_delete_unknown() -> None:
+    actions = Actions()
+    store = OverrideStore(FakeOpaPush())
+    async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.delete("/admin/overrides/ovr-nope", headers=AUTH)
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "not_found"
+    assert actions.calls == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"ttl_s": 0}, "override.ttl_s"),
+        ({"effect": "permit"}, "override.effect"),
+        ({"match": {}}, "override.match"),
+        ({"match": {"key_id": "k", "methods": ["get"]}}, "override.match.methods"),
+        ({"reason": ""}, "override.reason"),
+        ({"decision_path": "/authz/gateway"}, "override.decision_path"),
+    ],
+    ids=["ttl", "effect", "match", "methods", "reason", "decision-path"],
+)
+async def test_override_add_invalid_names_field(changes: dict[str, Any], field: str) -> None:
+    push, actions = FakeOpaPush(), Actions()
+    store = OverrideStore(push)
+    async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.post("/admin/overrides", headers=AUTH, json={**OVERRIDE, **changes})
+        assert resp.status == 400
+        answer = await resp.json()
+    assert answer["error"] == "invalid_request"
+    assert field in answer["message"]
+    assert (store.active(), push.documents, actions.calls) == ([], [], [])
+
+
+async def test_override_add_body_not_json() -> None:
+    store = OverrideStore(FakeOpaPush())
+    async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post(
+            "/admin/overrides", headers={**AUTH, "Content-Type": "application/json"}, data="{x"
+        )
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "invalid_request"
+    assert store.active() == []
+
+
+async def test_override_add_body_too_large() -> None:
+    store = OverrideStore(FakeOpaPush())
+    big = {**OVERRIDE, "reason": "r" * (64 * 1024)}
+    async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post("/admin/overrides", headers=AUTH, json=big)
+        assert resp.status in (400, 413)
+        await resp.read()
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length
+            yield json.dumps(big).encode()
+
+        resp = await client.post(
+            "/admin/overrides",
+            headers={**AUTH, "Content-Type": "application/json"},
+            data=chunks(),
+        )
+        assert resp.status in (400, 413)
+    assert store.active() == []
+
+
+async def test_overrides_not_enabled() -> None:
+    async with admin_api(token=Secret(ADMIN_TOKEN)) as client:
+        assert (await client.get("/admin/overrides", headers=AUTH)).status == 404
+        resp = await client.post("/admin/overrides", headers=AUTH, json=OVERRIDE)
+        assert resp.status == 404
+        assert (await client.delete("/admin/overrides/x", headers=AUTH)).status == 404

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from authz.config import Settings, load, parse_decision_path
+from authz.control import Mode
 from authz.errors import ConfigError
 from authz.secrets import Secret
 
@@ -307,3 +308,241 @@ def test_settings_are_frozen() -> None:
     settings = load({})
     with pytest.raises(AttributeError):
         settings.grpc_addr = "0.0.0.0:1"  # type: ignore[misc]
+
+
+# --- day-2 settings: mode, fail-open paths, circuit breaker, admin, audit, Redis ---------
+
+ADMIN_TOKEN = "adm-t0ken-0a1b2c3d4e5f"
+REDIS_PASSWORD = "r3dis-pw-9z8y7x"
+REDIS_URL = f"redis://:{REDIS_PASSWORD}@redis.internal:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("environ", "mode", "allow_bypass"),
+    [
+        ({}, Mode.ENFORCE, False),
+        ({"AUTHZ_MODE": "enforce"}, Mode.ENFORCE, False),
+        ({"AUTHZ_MODE": "dry-run"}, Mode.DRY_RUN, False),
+        ({"AUTHZ_MODE": "DRY_RUN"}, Mode.DRY_RUN, False),
+        ({"AUTHZ_MODE": "bypass", "AUTHZ_ALLOW_BYPASS": "true"}, Mode.BYPASS, True),
+        ({"AUTHZ_MODE": "enforce", "AUTHZ_ALLOW_BYPASS": "1"}, Mode.ENFORCE, True),
+    ],
+    ids=["default", "enforce", "dry-run", "dry-run-underscore", "bypass-allowed", "allow-only"],
+)
+def test_mode(environ: dict[str, str], mode: Mode, allow_bypass: bool) -> None:
+    settings = load(environ)
+    assert (settings.mode, settings.allow_bypass) == (mode, allow_bypass)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"AUTHZ_MODE": "bypass"},
+        {"AUTHZ_MODE": "bypass", "AUTHZ_ALLOW_BYPASS": "false"},
+    ],
+    ids=["not-set", "false"],
+)
+def test_bypass_requires_allow_bypass(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ)
+    assert "AUTHZ_MODE" in str(caught.value)
+    assert "AUTHZ_ALLOW_BYPASS" in str(caught.value)
+
+
+def test_bypass_from_file_requires_allow_bypass(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="AUTHZ_ALLOW_BYPASS"):
+        load({}, write(tmp_path, "mode: bypass\n"))
+    assert load({}, write(tmp_path, "mode: bypass\nallow_bypass: true\n")).mode is Mode.BYPASS
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("AUTHZ_MODE", "audit", "one of"),
+        ("AUTHZ_MODE", "", "one of"),
+        ("AUTHZ_ALLOW_BYPASS", "perhaps", "true or false"),
+        ("AUTHZ_FAIL_OPEN_PATHS", "/authz/egress/decision", "OPA data path"),
+        ("AUTHZ_FAIL_OPEN_PATHS", "authz/egress/decision,authz.gateway", "OPA data path"),
+        ("AUTHZ_CIRCUIT_FAILURE_THRESHOLD", "0", "1..1000"),
+        ("AUTHZ_CIRCUIT_FAILURE_THRESHOLD", "1001", "1..1000"),
+        ("AUTHZ_CIRCUIT_FAILURE_THRESHOLD", "-1", "1..1000"),
+        ("AUTHZ_CIRCUIT_FAILURE_THRESHOLD", "five", "integer"),
+        ("AUTHZ_RATE_LIMIT_BACKEND", "memcached", "memory, redis"),
+        ("AUTHZ_AUDIT_DB", "audit\x00.db", "not a file path"),
+    ],
+    ids=[
+        "mode-unknown",
+        "mode-empty",
+        "allow-bypass-not-bool",
+        "fail-open-leading-slash",
+        "fail-open-second-bad",
+        "threshold-0",
+        "threshold-1001",
+        "threshold-negative",
+        "threshold-word",
+        "backend-unknown",
+        "audit-db-nul",
+    ],
+)
+def test_day2_bad_values_name_the_key(variable: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({variable: value})
+    assert variable in str(caught.value)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "paths"),
+    [
+        ("", ()),
+        ("authz/egress/decision", ("authz/egress/decision",)),
+        (
+            " authz/egress/decision , authz/gateway/decision ,",
+            ("authz/egress/decision", "authz/gateway/decision"),
+        ),
+    ],
+    ids=["empty", "one", "two-with-spaces"],
+)
+def test_fail_open_paths(value: str, paths: tuple[str, ...]) -> None:
+    assert load({"AUTHZ_FAIL_OPEN_PATHS": value}).fail_open_paths == paths
+
+
+def test_fail_open_paths_default_and_file_list(tmp_path: Path) -> None:
+    assert load({}).fail_open_paths == ()
+    path = write(tmp_path, "fail_open_paths: [authz/egress/decision]\n")
+    assert load({}, path).fail_open_paths == ("authz/egress/decision",)
+
+
+def test_fail_open_path_error_names_the_bad_path() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_FAIL_OPEN_PATHS": "authz/egress/decision,/bad/path"})
+    assert "'/bad/path'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", 1), ("1000", 1000), ("7", 7)],
+    ids=["min", "max", "middle"],
+)
+def test_circuit_failure_threshold(value: str, expected: int) -> None:
+    assert load({"AUTHZ_CIRCUIT_FAILURE_THRESHOLD": value}).circuit_failure_threshold == expected
+
+
+def test_circuit_failure_threshold_default() -> None:
+    assert load({}).circuit_failure_threshold == 5
+
+
+def test_admin_token_is_a_masked_secret() -> None:
+    settings = load({"AUTHZ_ADMIN_TOKEN": ADMIN_TOKEN})
+    assert isinstance(settings.admin_token, Secret)
+    assert settings.admin_token.reveal() == ADMIN_TOKEN
+    assert ADMIN_TOKEN not in repr(settings)
+    assert ADMIN_TOKEN not in str(settings)
+    assert load({}).admin_token is None
+    assert load({"AUTHZ_ADMIN_TOKEN": ""}).admin_token is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"admin_token: {ADMIN_TOKEN}\nopa_pool_size: lots\n",
+        f'admin_token: "{ADMIN_TOKEN}\n',
+        f"admin_token: [{ADMIN_TOKEN}\n",
+    ],
+    ids=["other-key-bad", "unterminated-quote", "unclosed-flow"],
+)
+def test_admin_token_masked_in_file_errors(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({}, write(tmp_path, text))
+    assert ADMIN_TOKEN not in str(caught.value)
+
+
+def test_admin_token_masked_in_environment_errors() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_ADMIN_TOKEN": ADMIN_TOKEN, "AUTHZ_MODE": "bypass"})
+    assert ADMIN_TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", None),
+        ("   ", None),
+        ("/var/lib/authz/audit.db", Path("/var/lib/authz/audit.db")),
+        ("relative.db", Path("relative.db")),
+    ],
+    ids=["empty-disables", "blank-disables", "absolute", "relative"],
+)
+def test_audit_db(value: str, expected: Path | None) -> None:
+    assert load({"AUTHZ_AUDIT_DB": value}).audit_db == expected
+
+
+def test_audit_db_default_is_enabled() -> None:
+    assert load({}).audit_db == Path("authz-audit.db")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [REDIS_URL, "rediss://redis.internal:6380/1", "unix:///run/redis/redis.sock"],
+    ids=["redis", "rediss", "unix"],
+)
+def test_redis_url_is_a_masked_secret(url: str) -> None:
+    settings = load({"AUTHZ_REDIS_URL": url, "AUTHZ_RATE_LIMIT_BACKEND": "redis"})
+    assert settings.rate_limit_backend == "redis"
+    assert isinstance(settings.redis_url, Secret)
+    assert settings.redis_url.reveal() == url
+    assert url not in repr(settings)
+    assert REDIS_PASSWORD not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://:{REDIS_PASSWORD}@redis.internal:6379/0",
+        f"{REDIS_PASSWORD}@redis.internal:6379",
+        f"tcp://:{REDIS_PASSWORD}@redis.internal",
+    ],
+    ids=["http", "no-scheme", "tcp"],
+)
+def test_redis_url_scheme_checked_and_masked(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_REDIS_URL": url})
+    message = str(caught.value)
+    assert "AUTHZ_REDIS_URL" in message
+    assert "redis://" in message
+    assert REDIS_PASSWORD not in message
+
+
+def test_redis_url_masked_in_file_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, f"redis_url: http://:{REDIS_PASSWORD}@redis.internal:6379/0\n")
+    with pytest.raises(ConfigError) as caught:
+        load({}, path)
+    assert "redis_url" in str(caught.value)
+    assert REDIS_PASSWORD not in str(caught.value)
+
+
+def test_redis_url_masked_in_other_errors() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_REDIS_URL": REDIS_URL, "AUTHZ_LOG_LEVEL": "loud"})
+    assert REDIS_PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"AUTHZ_RATE_LIMIT_BACKEND": "redis"},
+        {"AUTHZ_RATE_LIMIT_BACKEND": "redis", "AUTHZ_REDIS_URL": ""},
+        {"AUTHZ_RATE_LIMIT_BACKEND": "REDIS", "AUTHZ_REDIS_URL": "  "},
+    ],
+    ids=["unset", "empty", "blank-uppercase-backend"],
+)
+def test_redis_backend_requires_redis_url(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ)
+    assert "AUTHZ_RATE_LIMIT_BACKEND" in str(caught.value)
+    assert "AUTHZ_REDIS_URL" in str(caught.value)
+
+
+def test_memory_backend_needs_no_redis_url() -> None:
+    settings = load({"AUTHZ_RATE_LIMIT_BACKEND": "memory"})
+    assert (settings.rate_limit_backend, settings.redis_url) == ("memory", None)

@@ -1,0 +1,762 @@
+"""authz.audit: the hash-chained SQLite audit trail (write, read back, verify, tamper,
+retention, degradation and recovery)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from authz.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
+from authz.errors import ConfigError
+from authz.logs import redact_document
+from authz.record import DecisionRecord
+from authz.secrets import MASK
+
+T0 = 1_700_000_000.0
+SECRET = "SECRET"
+DIGEST = "d" * 64
+DEADLINE_S = 5.0
+
+
+class FakeClock:
+    """A settable clock (Unix seconds) for the writer's pruning schedule and admin times."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
+    """Poll ``predicate`` (the writer flushes every 0.2 s) until true or fail."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def reader(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain second connection, as the CLI tools and an attacker would open."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def count_rows(path: Path) -> int:
+    with reader(path) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+
+
+def secret_document() -> dict[str, Any]:
+    """An input document carrying SECRET in every place redaction must cover."""
+    target = f"/x?api_key={SECRET}&page=2"
+    return {
+        "attributes": {
+            "request": {
+                "http": {
+                    "method": "GET",
+                    "path": target,
+                    "headers": {
+                        ":path": target,
+                        "cookie": f"session={SECRET}",
+                        "x-api-key": f"sha256:{DIGEST}",
+                        "x-request-id": "req-1",
+                    },
+                }
+            }
+        },
+        "parsed_path": ["x"],
+        "parsed_query": {"api_key": [SECRET], "page": ["2"]},
+        "credentials": {"x-api-key": DIGEST},
+    }
+
+
+def decision(n: int, **fields: Any) -> DecisionRecord:
+    """Decision number ``n``: id ``d-<n>``, recorded at T0 + n."""
+    values: dict[str, Any] = {
+        "decision_id": f"d-{n}",
+        "timestamp": T0 + n,
+        "decision_path": "authz/gateway/decision",
+        "allowed": False,
+        "reason": "role_not_allowed",
+        "http_status": 403,
+        "policy_allowed": False,
+        "policy_reason": "role_not_allowed",
+        "revision": "rev-1",
+        "identity": {"key_id": "key-viewer", "role": "viewer"},
+        "method": "GET",
+        "path": "/x",
+        "duration_s": 0.002,
+    }
+    values.update(fields)
+    return DecisionRecord(**values)
+
+
+TrailFactory = Callable[..., AuditTrail]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def trail_factory(db: Path, clock: FakeClock) -> Iterator[TrailFactory]:
+    """Opens AuditTrails on ``db`` with the fake clock; closes every one at the end."""
+    opened: list[AuditTrail] = []
+
+    def factory(**kwargs: Any) -> AuditTrail:
+        kwargs.setdefault("clock", clock)
+        trail = AuditTrail(kwargs.pop("path", db), **kwargs)
+        opened.append(trail)
+        return trail
+
+    yield factory
+    for trail in opened:
+        trail.close()
+
+
+def fill(trail: AuditTrail, db: Path, count: int, start: int = 1) -> None:
+    """Record decisions ``start..start+count-1`` and wait until they are stored."""
+    before = trail.written
+    for n in range(start, start + count):
+        trail.record(decision(n))
+    wait_until(lambda: trail.written >= before + count, f"{count} entries written")
+
+
+# --- writing and reading back ------------------------------------------------------------
+
+
+def test_entries_are_chained_in_seq_order(
+    trail_factory: TrailFactory, db: Path, clock: FakeClock
+) -> None:
+    states: list[tuple[bool, int, int]] = []
+    trail = trail_factory(on_state=lambda *state: states.append(state))
+    trail.record(decision(1))
+    trail.admin("set_mode", {"mode": "dry-run", "reason": "rollout"}, "adm-1")
+    trail.record(decision(2))
+    trail.close()
+
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+    assert [(e.seq, e.kind, e.decision_id) for e in entries] == [
+        (1, "decision", "d-1"),
+        (2, "admin", "adm-1"),
+        (3, "decision", "d-2"),
+    ]
+    assert [e.time for e in entries] == [T0 + 1, clock.now, T0 + 2]
+    assert GENESIS == "0" * 64
+    prev = GENESIS
+    for entry in entries:
+        assert entry.prev_hash == prev
+        body = orjson.dumps(dict(entry.body), option=orjson.OPT_SORT_KEYS).decode()
+        # The documented formula, so an external verifier can recompute the chain.
+        expected = hashlib.sha256(f"{entry.seq}\n{prev}\n{body}".encode()).hexdigest()
+        assert entry.hash == expected == entry_hash(entry.seq, prev, body)
+        prev = entry.hash
+    assert trail.written == 3
+    assert (trail.degraded, trail.failed) == (False, 0)
+    assert states
+    assert states[-1] == (False, 3, 0)
+
+
+def test_admin_entry_body(trail_factory: TrailFactory, db: Path, clock: FakeClock) -> None:
+    clock.now = T0 + 42
+    trail = trail_factory()
+    trail.admin("add_override", {"id": "ovr-1", "actor": "alice", "pushed": True}, "ovr-1")
+    trail.close()
+    with reader(db) as conn:
+        [entry] = read_entries(conn)
+    assert (entry.kind, entry.time, entry.decision_id) == ("admin", T0 + 42, "ovr-1")
+    assert entry.body == {"action": "add_override", "id": "ovr-1", "actor": "alice", "pushed": True}
+
+
+@pytest.mark.parametrize(
+    ("last", "kind", "seqs"),
+    [
+        (None, None, [1, 2, 3, 4, 5]),
+        (2, None, [4, 5]),
+        (1, None, [5]),
+        (10, None, [1, 2, 3, 4, 5]),
+        (None, "decision", [1, 3, 5]),
+        (None, "admin", [2, 4]),
+        (1, "admin", [4]),
+        (2, "decision", [3, 5]),
+        (None, "gap", []),
+        (0, None, []),
+    ],
+    ids=[
+        "all",
+        "last-2",
+        "last-1",
+        "last-more-than-stored",
+        "decisions",
+        "admins",
+        "last-admin",
+        "last-2-decisions",
+        "no-gaps",
+        "last-0",
+    ],
+)
+def test_read_entries_last_and_kind(
+    trail_factory: TrailFactory, db: Path, last: int | None, kind: str | None, seqs: list[int]
+) -> None:
+    trail = trail_factory()
+    for n in range(1, 6):
+        if n % 2:
+            trail.record(decision(n))
+        else:
+            trail.admin("set_mode", {"n": n}, f"adm-{n}")
+    trail.close()
+    with reader(db) as conn:
+        entries = list(read_entries(conn, last=last, kind=kind))
+    assert [e.seq for e in entries] == seqs
+    assert all(e.kind == ("decision" if e.seq % 2 else "admin") for e in entries)
+
+
+@pytest.mark.parametrize(
+    ("record", "policy", "stores_input"),
+    [
+        (
+            decision(1, document=secret_document()),
+            {"allowed": False, "reason": "role_not_allowed"},
+            True,
+        ),
+        (
+            decision(
+                2,
+                allowed=True,
+                reason="allowed",
+                http_status=200,
+                policy_allowed=True,
+                policy_reason="allowed",
+                tier="default",
+                document=secret_document(),
+            ),
+            {"allowed": True, "reason": "allowed"},
+            True,
+        ),
+        (
+            decision(
+                3,
+                allowed=False,
+                reason="opa_unavailable",
+                http_status=503,
+                policy_allowed=None,
+                policy_reason=None,
+                error="OPA unreachable",
+                document=secret_document(),
+            ),
+            None,
+            True,
+        ),
+        (
+            decision(
+                4,
+                mode="bypass",
+                allowed=True,
+                reason="allowed",
+                http_status=200,
+                policy_allowed=None,
+                policy_reason=None,
+                document=None,
+            ),
+            None,
+            False,
+        ),
+    ],
+    ids=["policy-deny", "policy-allow", "no-policy-decision", "no-input"],
+)
+def test_decision_body_is_log_fields_policy_and_redacted_input(
+    trail_factory: TrailFactory,
+    db: Path,
+    record: DecisionRecord,
+    policy: dict[str, Any] | None,
+    stores_input: bool,
+) -> None:
+    trail = trail_factory()
+    trail.record(record)
+    trail.close()
+    with reader(db) as conn:
+        [entry] = read_entries(conn)
+    expected = {**record.log_fields(), "policy": policy}
+    if stores_input:
+        assert record.document is not None
+        expected["input"] = redact_document(record.document)
+    assert entry.body == expected
+    assert (entry.decision_id, entry.time) == (record.decision_id, record.timestamp)
+
+
+def test_secrets_in_query_and_cookie_never_stored(trail_factory: TrailFactory, db: Path) -> None:
+    document = secret_document()
+    trail = trail_factory()
+    trail.record(decision(1, document=document))
+    trail.close()
+
+    with reader(db) as conn:
+        stored = conn.execute("SELECT * FROM audit").fetchall()
+        [entry] = read_entries(conn)
+    assert SECRET not in repr(stored)
+    for file in db.parent.glob(f"{db.name}*"):  # the database and any WAL left behind
+        assert SECRET.encode() not in file.read_bytes(), file.name
+    http = entry.body["input"]["attributes"]["request"]["http"]
+    assert http["path"] == f"/x?api_key={MASK}&page=2"
+    assert http["headers"][":path"] == f"/x?api_key={MASK}&page=2"
+    assert http["headers"]["cookie"] == MASK
+    # Digests and harmless values are kept: replay needs them.
+    assert http["headers"]["x-api-key"] == f"sha256:{DIGEST}"
+    assert entry.body["input"]["parsed_query"] == {"api_key": [MASK], "page": ["2"]}
+    assert entry.body["input"]["credentials"] == {"x-api-key": DIGEST}
+    # The caller's document is left as it was.
+    assert document == secret_document()
+
+
+def header_map_document(raw: bool) -> dict[str, Any]:
+    """Envoy's ``header_map`` form (``encode_raw_headers: true``), which authz.input
+    supports: the cookie and the ``:path`` (with its query) are in the entries."""
+    target = f"/x?api_key={SECRET}"
+    pairs = [(":path", target), ("cookie", f"session={SECRET}")]
+    entries = [
+        {"key": k, "rawValue": base64.b64encode(v.encode()).decode()}
+        if raw
+        else {"key": k, "value": v}
+        for k, v in pairs
+    ]
+    return {
+        "attributes": {
+            "request": {"http": {"method": "GET", "path": "/x", "headerMap": {"headers": entries}}}
+        }
+    }
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["value", "raw-value"])
+def test_secrets_in_header_map_never_stored(
+    trail_factory: TrailFactory, db: Path, raw: bool
+) -> None:
+    trail = trail_factory()
+    trail.record(decision(1, document=header_map_document(raw)))
+    trail.close()
+    with reader(db) as conn:
+        [entry] = read_entries(conn)
+    leaked = []
+    for item in entry.body["input"]["attributes"]["request"]["http"]["headerMap"]["headers"]:
+        value = item.get("value") or base64.b64decode(item.get("rawValue", "")).decode()
+        if SECRET in value:
+            leaked.append(item["key"])
+    assert leaked == []
+
+
+def test_close_flushes_queued_entries(trail_factory: TrailFactory, db: Path) -> None:
+    trail = trail_factory()
+    for n in range(1, 1201):  # more than one writer batch
+        trail.record(decision(n))
+    trail.close()
+    assert count_rows(db) == 1200
+    assert trail.written == 1200
+    with reader(db) as conn:
+        assert verify(conn).ok
+
+
+def test_close_waits_for_a_slow_write(trail_factory: TrailFactory, db: Path) -> None:
+    # The disk is busy (another connection holds the lock for less than the writer's busy
+    # timeout) when close() is called: close() still returns only once the batch is stored.
+    trail = trail_factory()
+    locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in range(1, 51):
+            trail.record(decision(n))
+        release = threading.Timer(0.15, locker.execute, ("ROLLBACK",))
+        release.start()
+        trail.close()
+        release.join()
+    finally:
+        locker.close()
+    assert (trail.degraded, trail.written) == (False, 50)
+    assert count_rows(db) == 50
+
+
+def test_reopened_trail_continues_the_chain(trail_factory: TrailFactory, db: Path) -> None:
+    first = trail_factory()
+    fill(first, db, 3)
+    first.close()
+    second = trail_factory()
+    second.record(decision(4))
+    second.close()
+    with reader(db) as conn:
+        assert [e.seq for e in read_entries(conn)] == [1, 2, 3, 4]
+        report = verify(conn)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 4, 1, 4)
+
+
+# --- verify and tampering ----------------------------------------------------------------
+
+
+def test_verify_intact_chain(trail_factory: TrailFactory, db: Path) -> None:
+    trail = trail_factory()
+    fill(trail, db, 5)
+    with reader(db) as conn:  # while the writer is still open
+        report = verify(conn)
+    assert report.ok
+    assert (report.entries, report.first_seq, report.last_seq) == (5, 1, 5)
+    assert (report.broken_seq, report.problem) == (None, None)
+
+
+def test_verify_empty_store(trail_factory: TrailFactory, db: Path) -> None:
+    trail_factory().close()
+    with reader(db) as conn:
+        report = verify(conn)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 0, None, None)
+
+
+def forge_row(conn: sqlite3.Connection, seq: int, prev_hash: str, decision_id: str) -> None:
+    """Insert a row whose own hash is correct: only the links around it can give it away."""
+    body = orjson.dumps({"decision_id": decision_id, "forged": True}).decode()
+    conn.execute(
+        "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
+        "VALUES (?, 'decision', ?, ?, ?, ?, ?)",
+        (seq, T0, decision_id, body, prev_hash, entry_hash(seq, prev_hash, body)),
+    )
+
+
+def hash_of(conn: sqlite3.Connection, seq: int) -> str:
+    return str(conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()[0])
+
+
+def edit_body(conn: sqlite3.Connection) -> None:
+    conn.execute("""UPDATE audit SET body = replace(body, '"deny"', '"allow"') WHERE seq = 3""")
+
+
+def edit_last_body(conn: sqlite3.Connection) -> None:
+    conn.execute("""UPDATE audit SET body = replace(body, '"deny"', '"allow"') WHERE seq = 5""")
+
+
+def delete_middle(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq = 3")
+
+
+def delete_first(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq = 1")
+
+
+def delete_last(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq = 5")
+
+
+def delete_last_two(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq >= 4")
+
+
+def delete_all(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit")
+
+
+def swap_rows(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE audit SET seq = -1 WHERE seq = 2")
+    conn.execute("UPDATE audit SET seq = 2 WHERE seq = 3")
+    conn.execute("UPDATE audit SET seq = 3 WHERE seq = -1")
+
+
+def replace_with_forged(conn: sqlite3.Connection) -> None:
+    prev = hash_of(conn, 2)
+    conn.execute("DELETE FROM audit WHERE seq = 3")
+    forge_row(conn, 3, prev, "d-3")
+
+
+def change_hash(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE audit SET hash = ? WHERE seq = 3", ("f" * 64,))
+
+
+def change_prev_hash(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE audit SET prev_hash = ? WHERE seq = 4", ("f" * 64,))
+
+
+def change_head(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "UPDATE audit_meta SET value = ? WHERE key = 'head'",
+        (orjson.dumps({"seq": 5, "hash": "f" * 64}).decode(),),
+    )
+
+
+TAMPER_CASES: list[tuple[str, Callable[[sqlite3.Connection], None], int, str | None, str]] = [
+    # (id, tampering, broken seq, broken decision id, fragment of the problem)
+    ("edit-body", edit_body, 3, "d-3", "edited"),
+    ("edit-last-body", edit_last_body, 5, "d-5", "edited"),
+    ("delete-middle", delete_middle, 4, "d-4", "expected entry 3 here"),
+    ("delete-first", delete_first, 2, "d-2", "expected entry 1 here"),
+    ("delete-last", delete_last, 5, None, "head records entry 5 but the chain ends at 4"),
+    ("delete-last-two", delete_last_two, 5, None, "head records entry 5 but the chain ends at 3"),
+    ("delete-all", delete_all, 5, None, "head records entry 5"),
+    ("reorder", swap_rows, 2, "d-3", "prev_hash does not match"),
+    ("forged-row", replace_with_forged, 4, "d-4", "prev_hash does not match"),
+    ("change-hash", change_hash, 3, "d-3", "hash does not match the entry's contents"),
+    ("change-prev-hash", change_prev_hash, 4, "d-4", "prev_hash does not match"),
+    ("change-head", change_head, 5, None, "head records entry 5"),
+]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "broken_seq", "broken_id", "problem"),
+    [case[1:] for case in TAMPER_CASES],
+    ids=[case[0] for case in TAMPER_CASES],
+)
+def test_verify_reports_tampering_at_the_right_entry(
+    trail_factory: TrailFactory,
+    db: Path,
+    tamper: Callable[[sqlite3.Connection], None],
+    broken_seq: int,
+    broken_id: str | None,
+    problem: str,
+) -> None:
+    trail = trail_factory()
+    fill(trail, db, 5)
+    trail.close()
+    with reader(db) as conn:
+        assert verify(conn).ok
+        tamper(conn)
+        report = verify(conn)
+    assert not report.ok
+    assert (report.broken_seq, report.broken_decision_id) == (broken_seq, broken_id)
+    assert report.problem is not None
+    assert problem in report.problem
+
+
+def test_verify_names_a_forged_entry_appended_after_the_head(
+    trail_factory: TrailFactory, db: Path
+) -> None:
+    # A row added after the last real one, with a correct link and hash: only the head
+    # gives it away. The report must name the forged entry, not claim rows were removed.
+    trail = trail_factory()
+    fill(trail, db, 5)
+    trail.close()
+    with reader(db) as conn:
+        forge_row(conn, 6, hash_of(conn, 5), "d-forged")
+        report = verify(conn)
+    assert not report.ok
+    assert report.broken_seq == 6
+    assert report.problem is not None
+    assert "removed" not in report.problem
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+def test_max_records_prunes_the_oldest_and_chain_still_verifies(
+    trail_factory: TrailFactory, db: Path, clock: FakeClock
+) -> None:
+    # The writer prunes once its clock is 60 s past the last pruning (initially 0): a
+    # clock frozen at 30 s never prunes, 61 s later it must.
+    clock.now = 30.0
+    trail = trail_factory(max_records=3, retention_days=None)
+    fill(trail, db, 10)
+    time.sleep(0.3)  # more than one writer cycle
+    assert count_rows(db) == 10
+
+    clock.now += 61
+    wait_until(lambda: count_rows(db) == 3, "pruning to 3 rows")
+    with reader(db) as conn:
+        assert [e.seq for e in read_entries(conn)] == [8, 9, 10]
+        report = verify(conn)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 3, 8, 10)
+
+    fill(trail, db, 2, start=11)  # the chain goes on from the anchor
+    trail.close()
+    with reader(db) as conn:
+        report = verify(conn)
+        assert report.ok
+        assert (report.first_seq, report.last_seq) == (8, 12)
+        # Removing the first kept row is still caught, relative to the anchor.
+        conn.execute("DELETE FROM audit WHERE seq = 8")
+        broken = verify(conn)
+    assert (broken.ok, broken.broken_seq) == (False, 9)
+    assert broken.problem is not None
+    assert "expected entry 8 here" in broken.problem
+
+
+def test_retention_days_prunes_old_entries(
+    trail_factory: TrailFactory, db: Path, clock: FakeClock
+) -> None:
+    trail = trail_factory(retention_days=1, max_records=None)
+    fill(trail, db, 4)  # recorded at T0+1 .. T0+4
+    clock.now = T0 + 86400 + 2.5  # entries 1 and 2 are now older than a day
+    wait_until(lambda: count_rows(db) == 2, "pruning to 2 rows")
+    trail.close()
+    with reader(db) as conn:
+        assert [e.seq for e in read_entries(conn)] == [3, 4]
+        report = verify(conn)
+    assert (report.ok, report.first_seq, report.last_seq) == (True, 3, 4)
+
+
+def test_retention_pruning_every_entry_still_verifies(
+    trail_factory: TrailFactory, db: Path, clock: FakeClock
+) -> None:
+    # An idle service: every stored entry is past retention and is pruned. That is not
+    # tampering; the anchor and the head both record the last pruned entry.
+    trail = trail_factory(retention_days=1, max_records=None)
+    fill(trail, db, 3)
+    clock.now = T0 + 2 * 86400
+    wait_until(lambda: count_rows(db) == 0, "pruning every row")
+    trail.close()
+    with reader(db) as conn:
+        report = verify(conn)
+    assert report.ok, report.problem
+    assert report.entries == 0
+
+
+# --- degradation -------------------------------------------------------------------------
+
+
+def test_locked_database_degrades_then_recovers_with_a_gap_entry(
+    trail_factory: TrailFactory, db: Path, clock: FakeClock
+) -> None:
+    states: list[tuple[bool, int, int]] = []
+    trail = trail_factory(on_state=lambda *state: states.append(state))
+    fill(trail, db, 2)
+
+    # Another process holds the write lock longer than the writer's busy timeout.
+    with reader(db) as locker:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in (3, 4, 5):
+            trail.record(decision(n))  # never raises, never blocks
+        wait_until(lambda: trail.degraded, "degraded")
+        wait_until(lambda: trail.failed == 3, "3 failed entries")
+        assert (True, 2, 3) in states
+        trail.record(decision(6))  # still accepted while degraded
+        wait_until(lambda: trail.failed == 4, "4 failed entries")
+        clock.now = T0 + 100
+        locker.execute("ROLLBACK")
+
+    wait_until(lambda: states[-1] == (False, 2, 4), "recovery reported")
+    assert not trail.degraded
+    fill(trail, db, 1, start=7)
+    trail.close()
+
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        report = verify(conn)
+    assert [(e.seq, e.kind, e.decision_id) for e in entries] == [
+        (1, "decision", "d-1"),
+        (2, "decision", "d-2"),
+        (3, "gap", ""),
+        (4, "decision", "d-7"),
+    ]
+    assert entries[2].body == {"lost": 4, "since": T0 + 3, "until": T0 + 100}
+    assert report.ok, report.problem
+
+
+def test_lost_entries_are_all_accounted_for(trail_factory: TrailFactory, db: Path) -> None:
+    # A tiny queue while the writer is stuck on a lock: entries dropped at the queue and
+    # entries lost in failed writes both end up in gap entries.
+    trail = trail_factory(queue_size=2)
+    with reader(db) as locker:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in range(1, 41):
+            trail.record(decision(n))
+            time.sleep(0.01)
+        wait_until(lambda: trail.degraded, "degraded")
+        locker.execute("ROLLBACK")
+    wait_until(lambda: not trail.degraded, "recovery")
+    trail.close()
+
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        assert verify(conn).ok
+    lost = sum(e.body["lost"] for e in entries if e.kind == "gap")
+    stored = sum(1 for e in entries if e.kind == "decision")
+    assert lost > 0
+    assert lost == trail.failed
+    assert stored + lost == 40
+
+
+def test_failing_state_callback_does_not_stop_the_writer(
+    trail_factory: TrailFactory, db: Path
+) -> None:
+    def broken(degraded: bool, written: int, failed: int) -> None:
+        raise RuntimeError("metrics down")
+
+    trail = trail_factory(on_state=broken)
+    fill(trail, db, 2)
+    fill(trail, db, 2, start=3)
+    trail.close()
+    assert count_rows(db) == 4
+
+
+def test_write_error_from_sqlite_degrades(
+    trail_factory: TrailFactory, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any sqlite3.Error in the write (a full disk, an I/O error) degrades the same way.
+    trail = trail_factory()
+    fill(trail, db, 1)
+    real = trail._conn
+    failing = True
+
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def __enter__(self) -> Any:
+            return real.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return real.__exit__(*exc)
+
+        def executemany(self, sql: str, rows: Any) -> Any:
+            if failing:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.executemany(sql, rows)
+
+    monkeypatch.setattr(trail, "_conn", Flaky())
+    trail.record(decision(2))
+    wait_until(lambda: trail.degraded and trail.failed == 1, "degraded")
+    failing = False
+    wait_until(lambda: not trail.degraded, "recovery")
+    monkeypatch.setattr(trail, "_conn", real)
+    trail.close()
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        assert verify(conn).ok
+    assert [e.kind for e in entries] == ["decision", "gap"]
+    assert entries[1].body["lost"] == 1
+
+
+# --- bad paths ---------------------------------------------------------------------------
+
+
+def not_a_database(tmp: Path) -> Path:
+    path = tmp / "garbage.db"
+    path.write_bytes(b"this is not an SQLite file\n" * 100)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_path",
+    [lambda tmp: tmp, lambda tmp: tmp / "missing-dir" / "audit.db", not_a_database],
+    ids=["directory", "missing-directory", "not-a-database"],
+)
+def test_bad_path_raises_config_error_naming_it(
+    tmp_path: Path, make_path: Callable[[Path], Path]
+) -> None:
+    path = make_path(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        AuditTrail(path)
+    assert str(path) in str(caught.value)

@@ -1,0 +1,457 @@
+"""authz.overrides: request validation, the document pushed to OPA, and the store
+(push, expiry, push failures, persistence, change reports)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz.errors import ConfigError, OpaResponseError, OpaUnavailable, PolicyError
+from authz.overrides import MAX_TTL_S, Override, OverrideStore, parse_override_request
+
+T0 = 1_700_000_000.25
+GATEWAY = "authz/gateway/decision"
+EGRESS = "authz/egress/decision"
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    """A valid request body with ``changes`` applied (a value of None removes the key)."""
+    base: dict[str, Any] = {
+        "effect": "allow",
+        "decision_path": GATEWAY,
+        "match": {"key_id": "key-oncall", "path": "/api/v1/admin/**", "methods": ["GET"]},
+        "ttl_s": 3600,
+        "reason": "INC-123",
+    }
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def parse(raw: Any, now: float = T0, new_id: str = "ovr-test") -> Override:
+    return parse_override_request(raw, actor="alice", now=now, new_id=lambda: new_id)
+
+
+# --- parse_override_request --------------------------------------------------------------
+
+
+VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    # (id, body, expected Override fields)
+    (
+        "gateway-allow",
+        body(),
+        {
+            "effect": "allow",
+            "decision_path": GATEWAY,
+            "match": {"key_id": "key-oncall", "path": "/api/v1/admin/**", "methods": ["GET"]},
+            "expires_at": T0 + 3600,
+            "reason": "INC-123",
+        },
+    ),
+    (
+        "egress-deny-sandbox",
+        body(
+            effect="deny",
+            decision_path=EGRESS,
+            match={"sandbox_id": "sb-team-a-1", "service": "openai"},
+        ),
+        {
+            "effect": "deny",
+            "decision_path": EGRESS,
+            "match": {"sandbox_id": "sb-team-a-1", "service": "openai"},
+        },
+    ),
+    ("key-only", body(match={"key_id": "k"}), {"match": {"key_id": "k"}}),
+    ("ttl-float", body(ttl_s=1.5), {"expires_at": T0 + 1.5}),
+    ("ttl-min", body(ttl_s=1), {"expires_at": T0 + 1}),
+    ("ttl-max", body(ttl_s=MAX_TTL_S), {"expires_at": T0 + MAX_TTL_S}),
+    (
+        "reason-trimmed",
+        body(reason="  INC-9 compromised key \n"),
+        {"reason": "INC-9 compromised key"},
+    ),
+    (
+        "id-characters",
+        body(match={"key_id": "Key_1.a:b-c", "methods": ["GET", "POST", "DELETE"]}),
+        {"match": {"key_id": "Key_1.a:b-c", "methods": ["GET", "POST", "DELETE"]}},
+    ),
+    ("reason-500-chars", body(reason="r" * 500), {"reason": "r" * 500}),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [case[1:] for case in VALID], ids=[case[0] for case in VALID]
+)
+def test_parse_valid(raw: dict[str, Any], expected: dict[str, Any]) -> None:
+    override = parse(raw)
+    assert (override.id, override.actor, override.created_at) == ("ovr-test", "alice", T0)
+    for name, value in expected.items():
+        assert getattr(override, name) == value, name
+
+
+def test_parse_default_ids_are_random() -> None:
+    first = parse_override_request(body(), actor="a", now=T0)
+    second = parse_override_request(body(), actor="a", now=T0)
+    assert re.fullmatch(r"ovr-[0-9a-f]{12}", first.id)
+    assert first.id != second.id
+
+
+def test_parse_does_not_keep_the_callers_match() -> None:
+    raw = body()
+    override = parse(raw)
+    raw["match"]["key_id"] = "someone-else"
+    assert override.match["key_id"] == "key-oncall"
+
+
+INVALID: list[tuple[str, Any, str]] = [
+    # (id, body, the field the error must name)
+    ("not-an-object", ["allow"], "override:"),
+    ("null", None, "override:"),
+    ("effect-missing", body(effect=None), "override.effect"),
+    ("effect-unknown", body(effect="permit"), "override.effect='permit'"),
+    ("effect-uppercase", body(effect="ALLOW"), "override.effect"),
+    ("decision-path-missing", body(decision_path=None), "override.decision_path"),
+    ("decision-path-leading-slash", body(decision_path="/authz/x"), "override.decision_path"),
+    ("decision-path-dots", body(decision_path="authz.gateway"), "override.decision_path"),
+    ("match-missing", body(match=None), "override.match"),
+    ("match-empty", body(match={}), "override.match"),
+    ("match-not-object", body(match=["key_id"]), "override.match"),
+    ("match-unknown-field", body(match={"key_id": "k", "role": "admin"}), "'role'"),
+    (
+        "match-key-and-sandbox",
+        body(match={"key_id": "k", "sandbox_id": "sb"}),
+        "exactly one of key_id or sandbox_id",
+    ),
+    ("match-neither", body(match={"service": "openai"}), "exactly one of key_id or sandbox_id"),
+    ("key-id-empty", body(match={"key_id": ""}), "override.match.key_id"),
+    ("key-id-space", body(match={"key_id": "key one"}), "override.match.key_id"),
+    ("key-id-number", body(match={"key_id": 7}), "override.match.key_id"),
+    ("key-id-too-long", body(match={"key_id": "k" * 129}), "override.match.key_id"),
+    ("sandbox-id-leading-dash", body(match={"sandbox_id": "-sb"}), "override.match.sandbox_id"),
+    (
+        "service-slash",
+        body(match={"sandbox_id": "sb", "service": "a/b"}),
+        "override.match.service",
+    ),
+    ("path-relative", body(match={"key_id": "k", "path": "api/v1"}), "override.match.path"),
+    ("path-not-string", body(match={"key_id": "k", "path": 1}), "override.match.path"),
+    (
+        "path-too-long",
+        body(match={"key_id": "k", "path": "/" + "a" * 256}),
+        "override.match.path",
+    ),
+    (
+        "methods-lowercase",
+        body(match={"key_id": "k", "methods": ["get"]}),
+        "override.match.methods",
+    ),
+    ("methods-empty", body(match={"key_id": "k", "methods": []}), "override.match.methods"),
+    ("methods-string", body(match={"key_id": "k", "methods": "GET"}), "override.match.methods"),
+    ("methods-digit", body(match={"key_id": "k", "methods": ["G3T"]}), "override.match.methods"),
+    ("ttl-missing", body(ttl_s=None), "override.ttl_s"),
+    ("ttl-zero", body(ttl_s=0), "override.ttl_s=0"),
+    ("ttl-negative", body(ttl_s=-5), "override.ttl_s=-5"),
+    ("ttl-too-big", body(ttl_s=MAX_TTL_S + 1), f"override.ttl_s={MAX_TTL_S + 1}"),
+    ("ttl-bool", body(ttl_s=True), "override.ttl_s=True"),
+    ("ttl-string", body(ttl_s="3600"), "override.ttl_s='3600'"),
+    ("reason-missing", body(reason=None), "override.reason"),
+    ("reason-blank", body(reason="   "), "override.reason"),
+    ("reason-not-string", body(reason=123), "override.reason"),
+    ("reason-too-long", body(reason="r" * 501), "override.reason"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID]
+)
+def test_parse_invalid_names_the_field(raw: Any, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(raw)
+    assert field in str(caught.value)
+
+
+# --- Override.opa_document ---------------------------------------------------------------
+
+
+def test_opa_document() -> None:
+    override = parse(body(ttl_s=90.5))
+    document = override.opa_document()
+    assert set(document) == {
+        "id",
+        "effect",
+        "decision_path",
+        "match",
+        "reason",
+        "actor",
+        "created_at",
+        "expires_at",
+        "expires_at_ns",
+    }
+    assert {k: document[k] for k in ("id", "effect", "decision_path", "reason", "actor")} == {
+        "id": "ovr-test",
+        "effect": "allow",
+        "decision_path": GATEWAY,
+        "reason": "INC-123",
+        "actor": "alice",
+    }
+    assert document["match"] == {
+        "key_id": "key-oncall",
+        "path": "/api/v1/admin/**",
+        "methods": ["GET"],
+    }
+    assert document["created_at"] == T0
+    expires = datetime.fromisoformat(document["expires_at"])
+    assert expires.utcoffset() is not None  # RFC 3339 needs the offset
+    assert expires.timestamp() == pytest.approx(T0 + 90.5, abs=1e-6)
+    assert isinstance(document["expires_at_ns"], int)
+    assert document["expires_at_ns"] == pytest.approx((T0 + 90.5) * 1e9, abs=1e3)
+    assert document["expires_at_ns"] == pytest.approx(expires.timestamp() * 1e9, abs=1e3)
+    json.dumps(document)  # plain JSON for OPA
+
+
+def test_opa_document_expiry_is_utc() -> None:
+    document = parse(body(ttl_s=60), now=0.0).opa_document()
+    assert document["expires_at"] == datetime(1970, 1, 1, 0, 1, tzinfo=UTC).isoformat()
+    assert document["expires_at_ns"] == 60 * 10**9
+
+
+# --- OverrideStore -----------------------------------------------------------------------
+
+
+class FakeOpa:
+    """The push callable: records every document, or raises ``error`` when set."""
+
+    def __init__(self) -> None:
+        self.documents: list[dict[str, Any]] = []
+        self.error: PolicyError | None = None
+
+    async def push(self, document: dict[str, Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.documents.append(json.loads(json.dumps(document)))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def override(override_id: str, ttl_s: float = 3600, key_id: str = "key-a") -> Override:
+    raw = body(match={"key_id": key_id}, ttl_s=ttl_s)
+    return parse(raw, now=Clock()(), new_id=override_id)
+
+
+def file_names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.fixture
+def opa() -> FakeOpa:
+    return FakeOpa()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def test_add_pushes_the_document(opa: FakeOpa, clock: Clock) -> None:
+    store = OverrideStore(opa.push, clock=clock)
+    first = override("ovr-1")
+    assert await store.add(first) is True
+    assert opa.documents == [{"ovr-1": first.opa_document()}]
+    second = override("ovr-2", key_id="key-b")
+    assert await store.add(second) is True
+    assert opa.documents[-1] == {"ovr-1": first.opa_document(), "ovr-2": second.opa_document()}
+    assert store.active() == [first, second]
+    assert store.document() == opa.documents[-1]
+
+
+async def test_remove(opa: FakeOpa, clock: Clock) -> None:
+    store = OverrideStore(opa.push, clock=clock)
+    first, second = override("ovr-1"), override("ovr-2")
+    await store.add(first)
+    await store.add(second)
+    assert await store.remove("ovr-1") == (first, True)
+    assert opa.documents[-1] == {"ovr-2": second.opa_document()}
+    assert store.active() == [second]
+    pushes = len(opa.documents)
+    assert await store.remove("ovr-unknown") == (None, True)
+    assert len(opa.documents) == pushes  # nothing changed, nothing pushed
+
+
+async def test_expired_entries_are_excluded_and_dropped_at_sync(opa: FakeOpa, clock: Clock) -> None:
+    counts: list[int] = []
+    store = OverrideStore(opa.push, clock=clock, on_change=counts.append)
+    short, long = override("ovr-short", ttl_s=60), override("ovr-long", ttl_s=600)
+    await store.add(short)
+    await store.add(long)
+    clock.now = T0 + 60  # expires_at is exclusive
+    assert store.active() == [long]
+    assert set(store.document()) == {"ovr-long"}
+    assert await store.sync() is True
+    assert opa.documents[-1] == {"ovr-long": long.opa_document()}
+    assert counts == [1, 2, 1]
+    # Dropped from the store, not only hidden: a later sync does not report it again.
+    await store.sync()
+    assert counts == [1, 2, 1]
+    assert await store.remove("ovr-short") == (None, True)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OpaUnavailable("connection refused"), OpaResponseError("HTTP 500")],
+    ids=["unavailable", "response-error"],
+)
+async def test_push_failure_keeps_the_override_for_a_later_sync(
+    opa: FakeOpa, clock: Clock, error: PolicyError
+) -> None:
+    store = OverrideStore(opa.push, clock=clock)
+    kept = override("ovr-1")
+    opa.error = error
+    assert await store.add(kept) is False
+    assert store.active() == [kept]
+    assert opa.documents == []
+    assert await store.sync() is False
+    opa.error = None
+    assert await store.sync() is True
+    assert opa.documents == [{"ovr-1": kept.opa_document()}]
+
+
+async def test_remove_with_push_failure_reports_it(opa: FakeOpa, clock: Clock) -> None:
+    store = OverrideStore(opa.push, clock=clock)
+    first = override("ovr-1")
+    await store.add(first)
+    opa.error = OpaUnavailable("down")
+    assert await store.remove("ovr-1") == (first, False)
+    assert store.active() == []
+    opa.error = None
+    assert await store.sync() is True
+    assert opa.documents[-1] == {}
+
+
+async def test_watch_pushes_periodically(opa: FakeOpa, clock: Clock) -> None:
+    # OPA keeps pushed data in memory only: the list is pushed again and again.
+    three = asyncio.Event()
+
+    async def push(document: dict[str, Any]) -> None:
+        await opa.push(document)
+        if len(opa.documents) >= 3:
+            three.set()
+
+    store = OverrideStore(push, clock=clock)
+    store._items["ovr-1"] = override("ovr-1")  # kept without an add(): only watch() pushes
+    task = asyncio.create_task(store.watch(0.01))
+    try:
+        async with asyncio.timeout(2):
+            await three.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert opa.documents[:3] == [{"ovr-1": override("ovr-1").opa_document()}] * 3
+
+
+# --- persistence -------------------------------------------------------------------------
+
+
+async def test_persisted_with_mode_0600_and_reloaded(
+    opa: FakeOpa, clock: Clock, tmp_path: Path
+) -> None:
+    path = tmp_path / "overrides.json"
+    store = OverrideStore(opa.push, path=path, clock=clock)
+    first = override("ovr-1")
+    second = parse(
+        body(effect="deny", decision_path=EGRESS, match={"sandbox_id": "sb-1", "service": "x"}),
+        new_id="ovr-2",
+    )
+    await store.add(first)
+    await store.add(second)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert file_names(tmp_path) == ["overrides.json"]  # no temp files left behind
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert [item["id"] for item in saved["overrides"]] == ["ovr-1", "ovr-2"]
+
+    other = FakeOpa()
+    reloaded = OverrideStore(other.push, path=path, clock=clock)
+    assert reloaded.active() == [first, second]
+    assert other.documents == []  # loading does not push; the next sync does
+    assert await reloaded.sync() is True
+    assert other.documents == [store.document()]
+
+
+async def test_removal_and_expiry_are_persisted(opa: FakeOpa, clock: Clock, tmp_path: Path) -> None:
+    path = tmp_path / "overrides.json"
+    store = OverrideStore(opa.push, path=path, clock=clock)
+    await store.add(override("ovr-gone", ttl_s=60))
+    await store.add(override("ovr-removed"))
+    await store.add(override("ovr-kept"))
+    await store.remove("ovr-removed")
+    clock.now = T0 + 61
+    await store.sync()
+    assert [o.id for o in OverrideStore(opa.push, path=path, clock=clock).active()] == ["ovr-kept"]
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert [item["id"] for item in saved["overrides"]] == ["ovr-kept"]
+
+
+async def test_existing_file_is_rewritten_with_mode_0600(
+    opa: FakeOpa, clock: Clock, tmp_path: Path
+) -> None:
+    path = tmp_path / "overrides.json"
+    path.write_text('{"overrides": []}', encoding="utf-8")
+    path.chmod(0o644)
+    store = OverrideStore(opa.push, path=path, clock=clock)
+    await store.add(override("ovr-1"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_unwritable_file_does_not_fail_add(
+    opa: FakeOpa, clock: Clock, tmp_path: Path
+) -> None:
+    store = OverrideStore(opa.push, path=tmp_path / "missing" / "overrides.json", clock=clock)
+    assert await store.add(override("ovr-1")) is True
+    assert [o.id for o in store.active()] == ["ovr-1"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[]",
+        '{"overrides": [1]}',
+        '{"overrides": [{"id": "ovr-1"}]}',
+        '{"overrides": [{"id": "ovr-1", "unknown": 1}]}',
+        "",
+    ],
+    ids=["not-json", "array", "entry-not-object", "entry-missing-fields", "entry-unknown", "empty"],
+)
+def test_corrupt_file_raises_config_error(opa: FakeOpa, tmp_path: Path, text: str) -> None:
+    path = tmp_path / "overrides.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        OverrideStore(opa.push, path=path)
+    assert str(path) in str(caught.value)
+
+
+async def test_on_change_reports_active_count(opa: FakeOpa, clock: Clock) -> None:
+    counts: list[int] = []
+    store = OverrideStore(opa.push, clock=clock, on_change=counts.append)
+    await store.add(override("ovr-1", ttl_s=10))
+    await store.add(override("ovr-2"))
+    await store.add(override("ovr-3"))
+    await store.remove("ovr-3")
+    await store.remove("ovr-unknown")
+    clock.now = T0 + 10
+    await store.add(override("ovr-4"))  # ovr-1 expired but is not dropped yet: not counted
+    await store.sync()
+    assert counts == [1, 2, 3, 2, 2, 2]
