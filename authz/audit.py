@@ -68,6 +68,8 @@ CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _BATCH: Final = 500
+# (kind, time, decision id, body or the record to build it from on the writer thread)
+_Item = tuple[str, float, str, "bytes | DecisionRecord"]
 _FLUSH_S: Final = 0.2
 _PRUNE_EVERY_S: Final = 60.0
 
@@ -89,6 +91,15 @@ def _body(record: DecisionRecord) -> bytes:
     if record.document is not None:
         body["input"] = redact_document(record.document)
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def _safe_body(record: DecisionRecord) -> bytes:
+    try:
+        return _body(record)
+    except Exception as exc:  # never lose the entry (or the batch) over one odd value
+        log.exception("audit body for %s not serializable", record.decision_id)
+        fallback = {**record.log_fields(), "audit_error": type(exc).__name__}
+        return orjson.dumps(fallback, option=orjson.OPT_SORT_KEYS, default=str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +168,7 @@ class AuditTrail:
         self._hash = str(head["hash"]) if head else GENESIS
         self._retention_s = retention_days * 86400 if retention_days else None
         self._max_records = max_records
-        self._queue: queue.Queue[tuple[str, float, str, bytes] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(queue_size)
         self._on_state = on_state
         self._clock = clock
         self.degraded = False
@@ -172,15 +183,16 @@ class AuditTrail:
 
     # -- producer side (event loop) -----------------------------------------------------
     def record(self, record: DecisionRecord) -> None:
-        """Queue ``record`` for the writer; never blocks, never raises."""
-        self._put("decision", record.timestamp, record.decision_id, _body(record))
+        """Queue ``record`` for the writer; never blocks, never raises. The body is built
+        on the writer thread, off the request path."""
+        self._put("decision", record.timestamp, record.decision_id, record)
 
     def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
         """Queue an admin action (mode switch, override) as an entry of kind ``admin``."""
         body = orjson.dumps({"action": action, **fields}, option=orjson.OPT_SORT_KEYS)
         self._put("admin", self._clock(), entry_id, body)
 
-    def _put(self, kind: str, when: float, entry_id: str, body: bytes) -> None:
+    def _put(self, kind: str, when: float, entry_id: str, body: bytes | DecisionRecord) -> None:
         try:
             self._queue.put_nowait((kind, when, entry_id, body))
         except queue.Full:
@@ -206,10 +218,10 @@ class AuditTrail:
             if stopping:
                 return
 
-    def _next_batch(self) -> tuple[list[tuple[str, float, str, bytes]], bool]:
+    def _next_batch(self) -> tuple[list[_Item], bool]:
         """Up to ``_BATCH`` queued entries (waiting at most ``_FLUSH_S`` for the first),
         and whether close() asked to stop."""
-        batch: list[tuple[str, float, str, bytes]] = []
+        batch: list[_Item] = []
         try:
             item = self._queue.get(timeout=_FLUSH_S)
         except queue.Empty:
@@ -225,7 +237,7 @@ class AuditTrail:
             except queue.Empty:
                 return batch, False
 
-    def _write(self, batch: list[tuple[str, float, str, bytes]]) -> None:
+    def _write(self, batch: list[_Item]) -> None:
         entries = list(batch)
         with self._lost_lock:
             lost, lost_since = self._lost, self._lost_since
@@ -239,7 +251,7 @@ class AuditTrail:
         rows = []
         for kind, when, entry_id, body in entries:
             seq += 1
-            text = body.decode()
+            text = (body if isinstance(body, bytes) else _safe_body(body)).decode()
             digest = entry_hash(seq, prev, text)
             rows.append((seq, kind, when, entry_id, text, prev, digest))
             prev = digest

@@ -25,6 +25,7 @@ from typing import Any, Final, Protocol
 
 from envoy.service.auth.v3 import external_auth_pb2
 
+from authz.cache import DecisionCache, cache_key
 from authz.config import parse_decision_path
 from authz.control import Control, Mode
 from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
@@ -98,6 +99,7 @@ class _Trace:
     policy: Decision | None = None
     decision: Decision | None = None
     error: AuthzError | None = None
+    cached_from: str | None = None
 
 
 class Authorizer:
@@ -108,7 +110,8 @@ class Authorizer:
     (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
     says; ``credentials`` resolves the credential a decision names for injection (None:
     no secrets file, so such decisions deny 503); ``control`` holds the enforcement mode;
-    ``fail_open_paths`` are the decision paths allowed when OPA fails; ``sinks`` receive
+    ``fail_open_paths`` are the decision paths allowed when OPA fails; ``cache`` (None:
+    none) reuses recent policy decisions for identical requests; ``sinks`` receive
     every :class:`DecisionRecord` (a sink that raises is logged and skipped, never fails
     the request); ``timeout_s`` is the decision budget in seconds; ``clock`` (seconds,
     monotonic) and ``new_id`` (a decision id) are injectable for tests.
@@ -127,6 +130,7 @@ class Authorizer:
         credentials: CredentialSource | None = None,
         control: Control | None = None,
         fail_open_paths: Iterable[str] = (),
+        cache: DecisionCache | None = None,
         sinks: Iterable[DecisionSink] = (),
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
@@ -142,6 +146,7 @@ class Authorizer:
         self._credentials = credentials
         self._control = control if control is not None else Control()
         self._fail_open_paths = frozenset(fail_open_paths)
+        self._cache = cache
         self._sinks = tuple(sinks)
         self._clock = clock
         self._wall_clock = wall_clock
@@ -160,7 +165,7 @@ class Authorizer:
         trace = _Trace(self._default_path)
         if mode is Mode.BYPASS:
             response = _allow(decision_id, headers=((MODE_HEADER, "bypass"),))
-            return self._finish(response, trace, mode, started, decision_id, allowed=True)
+            return self._finish(request, response, trace, mode, started, decision_id, allowed=True)
         budget = self._timeout_s
         if time_remaining_s is not None:
             budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
@@ -176,7 +181,14 @@ class Authorizer:
                     remove=self._credential_headers,
                 )
                 return self._finish(
-                    response, trace, mode, started, decision_id, allowed=True, fail_open=True
+                    request,
+                    response,
+                    trace,
+                    mode,
+                    started,
+                    decision_id,
+                    allowed=True,
+                    fail_open=True,
                 )
             response, allowed = error_response(error, decision_id), False
         if mode is Mode.DRY_RUN and not allowed:
@@ -188,7 +200,7 @@ class Authorizer:
                 remove=self._credential_headers,
             )
             allowed = True
-        return self._finish(response, trace, mode, started, decision_id, allowed=allowed)
+        return self._finish(request, response, trace, mode, started, decision_id, allowed=allowed)
 
     async def _decide(
         self,
@@ -203,14 +215,26 @@ class Authorizer:
             raise DeadlineExceeded("no time left for a decision when the request arrived")
         # 1. Route -> decision path (Envoy's per-route context_extensions).
         trace.path = self._decision_path(request.attributes.context_extensions)
-        # 2. CheckRequest -> input document (credentials hashed, never in clear).
-        trace.document = build_input(
-            request, self._credential_headers, parse_request_body=self._parse_body
-        )
-        # 3. Ask OPA, within the budget.
-        trace.evaluation = await self._engine.evaluate(trace.path, trace.document, budget)
-        # 4. Parse OPA's result once into a typed Decision.
-        decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
+        cache = self._cache
+        key = cache_key(trace.path, request) if cache is not None else None
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            # 2-4. An identical request was just decided by the same bundle: reuse it.
+            trace.document, trace.evaluation = dict(cached.document), cached.evaluation
+            trace.cached_from = cached.decision_id
+            decision = trace.policy = trace.decision = cached.decision
+        else:
+            # 2. CheckRequest -> input document (credentials hashed, never in clear).
+            trace.document = build_input(
+                request, self._credential_headers, parse_request_body=self._parse_body
+            )
+            # 3. Ask OPA, within the budget.
+            trace.evaluation = await self._engine.evaluate(trace.path, trace.document, budget)
+            # 4. Parse OPA's result once into a typed Decision.
+            decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
+            if cache is not None:
+                reused = dataclasses.replace(trace.evaluation, duration_s=0.0)
+                cache.put(key, decision, reused, trace.document, decision_id)
         # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
         if self._clock() - started > budget:
             raise DeadlineExceeded("the decision arrived after the deadline")
@@ -273,6 +297,7 @@ class Authorizer:
 
     def _finish(
         self,
+        request: external_auth_pb2.CheckRequest,
         response: external_auth_pb2.CheckResponse,
         trace: _Trace,
         mode: Mode,
@@ -282,7 +307,7 @@ class Authorizer:
         allowed: bool,
         fail_open: bool = False,
     ) -> Outcome:
-        record = self._record(trace, mode, started, decision_id, allowed, fail_open)
+        record = self._record(request, trace, mode, started, decision_id, allowed, fail_open)
         for sink in self._sinks:
             try:
                 sink.record(record)
@@ -292,6 +317,7 @@ class Authorizer:
 
     def _record(
         self,
+        request: external_auth_pb2.CheckRequest,
         trace: _Trace,
         mode: Mode,
         started: float,
@@ -301,7 +327,7 @@ class Authorizer:
     ) -> DecisionRecord:
         reason, status = _reason_and_status(trace)
         decision, policy, evaluation = trace.decision, trace.policy, trace.evaluation
-        request_id, method, path = DecisionRecord.request_fields(trace.document)
+        request_id, method, path = _request_fields(request)
         if mode is Mode.BYPASS:
             reason, status, decided = "bypass", 200, True
         else:
@@ -321,6 +347,7 @@ class Authorizer:
             policy_reason=policy.reason_code if policy is not None else None,
             tier=rate_limit.tier if rate_limit is not None else None,
             override_id=decision.override_id if decision is not None else None,
+            cached_from=trace.cached_from,
             revision=evaluation.revision if evaluation is not None else "",
             identity=decision.identity if decision is not None else {},
             request_id=request_id,
@@ -331,6 +358,14 @@ class Authorizer:
             error=str(trace.error) if trace.error is not None else None,
             document=trace.document,
         )
+
+
+def _request_fields(request: external_auth_pb2.CheckRequest) -> tuple[str, str, str]:
+    """``(request_id, method, path without query)`` of the request itself. The request id
+    is Envoy's ``x-request-id`` (it ties the decision to the access log line)."""
+    http = request.attributes.request.http
+    request_id = http.headers.get("x-request-id") or http.id
+    return request_id, http.method, http.path.split("?", 1)[0]
 
 
 def _reason_and_status(trace: _Trace) -> tuple[str, int]:

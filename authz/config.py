@@ -62,6 +62,8 @@ DEFAULT_AUDIT_DB: Final = Path("authz-audit.db")
 DEFAULT_AUDIT_RETENTION_DAYS: Final = 30.0
 DEFAULT_AUDIT_MAX_RECORDS: Final = 1_000_000
 DEFAULT_OVERRIDES_FILE: Final = Path("authz-overrides.json")
+DEFAULT_DECISION_CACHE_TTL_S: Final = 5.0
+DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -108,6 +110,8 @@ class Settings:
     audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
     audit_max_records: int = DEFAULT_AUDIT_MAX_RECORDS
     overrides_file: Path | None = DEFAULT_OVERRIDES_FILE
+    decision_cache_ttl_s: float = DEFAULT_DECISION_CACHE_TTL_S
+    decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
 
     @property
     def decision_timeout_s(self) -> float:
@@ -209,6 +213,13 @@ def _interval(key: str, value: Any) -> float:
     return number
 
 
+def _cache_ttl(key: str, value: Any) -> float:
+    number = _positive_float(key, value)
+    if number > 3600:
+        raise ConfigError(f"{key}={value!r}: expected 0..3600 seconds (0 disables the cache)")
+    return number
+
+
 def _decision_paths(key: str, value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
     return tuple(parse_decision_path(key, str(i).strip()) for i in items if str(i).strip())
@@ -271,6 +282,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_retention_days": _positive_float,
     "audit_max_records": _int_in(1, 1_000_000_000),
     "overrides_file": _path,
+    "decision_cache_ttl_s": _cache_ttl,
+    "decision_cache_max_entries": _int_in(1, 10_000_000),
 }
 
 

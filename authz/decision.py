@@ -4,8 +4,8 @@ Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean
 object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
 ``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
-authz extensions ``reason``, ``rate_limit``, ``identity``, ``credential`` and
-``override`` (``docs/contract.md``).
+authz extensions ``reason``, ``rate_limit``, ``identity``, ``credential``,
+``override`` and ``cache_ttl_s`` (``docs/contract.md``).
 Unknown fields are ignored, as the plugin does.
 
 Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
@@ -92,6 +92,7 @@ class Decision:
     identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     credential: CredentialRef | None = None
     override_id: str | None = None
+    cache_ttl_s: float | None = None
 
     @property
     def reason_code(self) -> str:
@@ -319,4 +320,9 @@ def parse_decision(result: Any) -> Decision:
         fields["credential"] = _credential(result["credential"])
     if "override" in result:
         fields["override_id"] = _override_id(result["override"])
+    if "cache_ttl_s" in result:
+        ttl = result["cache_ttl_s"]
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise _type_error("cache_ttl_s", "number", ttl)
+        fields["cache_ttl_s"] = max(0.0, float(ttl))
     return Decision(**fields)

@@ -31,12 +31,15 @@ audit_write_failures_total                 counter    -
 audit_degraded                             gauge      -
 mode                                       gauge      mode
 overrides_active                           gauge      -
+decision_cache_lookups_total               counter    result (hit, miss)
+decision_cache_entries                     gauge      -
 build_info                                 info       version
 =========================================  =========  =================================
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import (
@@ -47,6 +50,8 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from authz import __version__
 from authz.record import DecisionRecord
@@ -166,6 +171,11 @@ class Metrics:
         self.set_mode("enforce")
         self.set_circuit_state("closed")
 
+    def watch_cache(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        """Expose the decision cache: ``stats()`` -> (hits, misses, entries), read at
+        scrape time (the hot path only bumps plain integers)."""
+        self.registry.register(_CacheCollector(stats))
+
     def set_mode(self, mode: str) -> None:
         """Mark ``mode`` (one of :data:`MODES`) as the active one."""
         for name in MODES:
@@ -175,6 +185,23 @@ class Metrics:
         """Mark ``state`` (one of :data:`CIRCUIT_STATES`) as the circuit's current one."""
         for name in CIRCUIT_STATES:
             self.circuit_state.labels(name).set(1 if name == state else 0)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        hits, misses, entries = self._stats()
+        lookups = CounterMetricFamily(
+            "authz_decision_cache_lookups", "Decision cache lookups.", labels=["result"]
+        )
+        lookups.add_metric(["hit"], hits)
+        lookups.add_metric(["miss"], misses)
+        yield lookups
+        yield GaugeMetricFamily(
+            "authz_decision_cache_entries", "Decisions in the cache.", value=entries
+        )
 
 
 # Reason codes that mean OPA itself failed (counted in authz_opa_errors_total).

@@ -25,6 +25,7 @@ from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, sta
 from authz.audit import AuditTrail
 from authz.authorizer import Authorizer, CredentialSource
 from authz.bundle import BundleWatcher
+from authz.cache import DecisionCache
 from authz.circuit import CLOSED, OPEN, CircuitBreaker
 from authz.config import Settings
 from authz.control import Control
@@ -87,6 +88,7 @@ def build_authorizer(
     limiter: Limiter | None = None,
     *,
     control: Control | None = None,
+    cache: DecisionCache | None = None,
 ) -> Authorizer:
     """The :class:`Authorizer` the settings describe, over ``engine``."""
     return Authorizer(
@@ -100,6 +102,7 @@ def build_authorizer(
         credentials=credentials,
         control=control,
         fail_open_paths=settings.fail_open_paths,
+        cache=cache,
         sinks=sinks,
     )
 
@@ -140,11 +143,27 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
     limiter = build_limiter(settings)
     audit = _audit_trail(settings, metrics)
+    cache = (
+        DecisionCache(
+            ttl_s=settings.decision_cache_ttl_s,
+            max_entries=settings.decision_cache_max_entries,
+        )
+        if settings.decision_cache_ttl_s > 0
+        else None
+    )
+
+    def overrides_changed(active: int) -> None:
+        metrics.overrides_active.set(active)
+        if cache is not None:
+            cache.clear("overrides changed")
+
     overrides = OverrideStore(
         lambda document: opa.put_data(OVERRIDES_DATA_PATH, document, 1.0),
         path=settings.overrides_file,
-        on_change=metrics.overrides_active.set,
+        on_change=overrides_changed,
     )
+    if cache is not None:
+        metrics.watch_cache(lambda: (cache.hits, cache.misses, len(cache)))
     sinks: list[DecisionSink] = [MetricsSink(metrics)]
     if settings.decision_log:
         sinks.append(DecisionLog())
@@ -155,7 +174,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     watcher = BundleWatcher(
         opa,
         interval_s=settings.bundle_poll_interval_s,
-        on_activation=lambda revision: _bundle_activated(metrics, revision),
+        on_activation=lambda revision: _bundle_activated(metrics, revision, cache),
     )
     stopping = asyncio.Event()
     tasks = [
@@ -184,6 +203,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
 
     def before_scrape() -> None:
         control.warn_if_bypass()
+
         if isinstance(limiter, RedisLimiter):
             metrics.rate_limit_backend_available.labels("redis").set(int(limiter.available))
 
@@ -221,6 +241,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             "audit_db": str(settings.audit_db) if settings.audit_db else None,
             "rate_limit_backend": settings.rate_limit_backend,
             "admin_api": settings.admin_token is not None,
+            "decision_cache_ttl_s": settings.decision_cache_ttl_s,
         },
     )
     if settings.fail_open_paths:
@@ -277,9 +298,11 @@ def _circuit_changed(metrics: Metrics, state: str) -> None:
     log.log(level, "OPA circuit breaker %s", state, extra={"state": state})
 
 
-def _bundle_activated(metrics: Metrics, revision: str) -> None:
+def _bundle_activated(metrics: Metrics, revision: str, cache: DecisionCache | None) -> None:
     metrics.bundle.info({"revision": revision})
     metrics.bundle_activations.inc()
+    if cache is not None:
+        cache.observe_revision(revision)
 
 
 def _secrets_reloaded(metrics: Metrics, ok: bool) -> None:

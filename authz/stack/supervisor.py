@@ -218,7 +218,9 @@ class Stack:
     ``{"version": 1, "credentials": {service: secret}}``) goes to authz as
     ``AUTHZ_SECRETS_FILE`` and to the stand-in, which then checks the credential each
     call carries as the real API would. ``redis`` starts a redis-server (from the
-    machine's packages) and points authz's shared rate-limit backend at it.
+    machine's packages) and points authz's shared rate-limit backend at it. ``wrap``
+    replaces each process definition before start (``authz.stack.containers`` runs OPA
+    and Envoy as containers with it).
 
     The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
     service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
@@ -236,6 +238,7 @@ class Stack:
         envoy_concurrency: int = 1,
         secrets_file: Path | None = None,
         redis: bool = False,
+        wrap: Callable[[Process], Process] | None = None,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -246,6 +249,9 @@ class Stack:
         self.tls = tls.TlsFiles(run_dir / "tls")
         self._authz_env = dict(authz_env or {})
         self._envoy_concurrency = envoy_concurrency
+        # Replaces process definitions before start (authz.stack.containers runs OPA and
+        # Envoy as containers this way); None runs every process locally.
+        self._wrap = wrap
         self.processes: dict[str, Process] = {}
 
     # -- process definitions -------------------------------------------------------
@@ -404,7 +410,7 @@ class Stack:
             },
             cwd=self.root,
         )
-        return [
+        processes = [
             self._python(
                 "bundles",
                 "authz.stack.bundles",
@@ -439,6 +445,7 @@ class Stack:
             self._envoy("envoy-gateway", envoy_bin, gateway_yaml, p.gateway_admin),
             self._envoy("envoy-egress", envoy_bin, egress_yaml, p.egress_admin),
         ]
+        return processes if self._wrap is None else [self._wrap(proc) for proc in processes]
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:

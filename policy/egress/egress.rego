@@ -72,9 +72,16 @@ authorized if {
 
 # Every decision about a known sandbox names it (the decision log's sandbox_id), denies
 # included; the tier only once the token has proven the sandbox.
-decision := object.union(verdict, {"identity": decision_identity}) if {
+decision := object.union(verdict, object.union({"identity": decision_identity}, cache_hint)) if {
 	sandbox
 } else := verdict
+
+# A decision that changes when an override expires says how long it holds (authz's
+# decision cache).
+cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
+	ttls := [ttl | some o in overrides; ttl := (o.expires_at_ns - time.now_ns()) / 1000000000]
+	count(ttls) > 0
+} else := {}
 
 decision_identity := {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier} if {
 	token_ok

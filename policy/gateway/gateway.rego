@@ -65,9 +65,20 @@ role_matches(roles) if "*" in roles
 role_matches(roles) if key.role in roles
 
 # Every decision about a known key names it (the decision log's key_id), denies included.
-decision := object.union(verdict, {"identity": decision_identity}) if {
+decision := object.union(verdict, object.union({"identity": decision_identity}, cache_hint)) if {
 	key.id
 } else := verdict
+
+# authz may reuse a decision for identical requests (its decision cache); a decision that
+# changes when the key or an override expires says how long it holds.
+cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
+	ttls := [ttl | some ns in expiries; ttl := (ns - time.now_ns()) / 1000000000]
+	count(ttls) > 0
+} else := {}
+
+expiries contains time.parse_rfc3339_ns(key.expires_at) if key.expires_at
+
+expiries contains o.expires_at_ns if some o in overrides
 
 decision_identity := {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier}
 

@@ -232,3 +232,16 @@ test_denies_about_a_known_key_name_it if {
 	not decide("GET", "/api/v1/status", api_key("nope")).identity
 	not decide("GET", "/api/v1/status", {}).identity
 }
+
+test_expiring_key_bounds_the_cache if {
+	d := decide("GET", "/api/v1/items", api_key("k-future"))
+	d.cache_ttl_s > 0
+	not decide("GET", "/api/v1/items", api_key("k-user")).cache_ttl_s
+}
+
+test_override_bounds_the_cache if {
+	o := {"o1": ovr("o1", "allow", {"key_id": "key-user"}, future_ns)}
+	d := decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o)
+	d.cache_ttl_s <= 3600
+	d.cache_ttl_s > 3590
+}

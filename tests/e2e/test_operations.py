@@ -43,7 +43,8 @@ def _decision_line(e2e: Env, decision_id: str, timeout_s: float = 5.0) -> dict[s
 
 
 def test_metrics_expose_decisions_and_bundle_revision(e2e: Env) -> None:
-    e2e.gateway.get("/api/v1/status", headers={"x-api-key": e2e.keys["viewer"]})
+    for _ in range(2):  # the second one is served by the decision cache
+        e2e.gateway.get("/api/v1/status", headers={"x-api-key": e2e.keys["viewer"]})
     e2e.gateway.get("/api/v1/status")
     text = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/metrics").text
     path = "authz/gateway/decision"
@@ -54,6 +55,7 @@ def test_metrics_expose_decisions_and_bundle_revision(e2e: Env) -> None:
     assert _metric(text, "authz_mode", mode="enforce") == 1
     assert 'authz_bundle_info{revision="' in text
     assert _metric(text, "authz_secrets_loaded") == 1
+    assert _metric(text, "authz_decision_cache_lookups_total", result="hit") > 0
     assert "_created" not in text
 
 

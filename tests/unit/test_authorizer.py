@@ -12,6 +12,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from authz.authorizer import Authorizer
+from authz.cache import DecisionCache
 from authz.control import Control, Mode
 from authz.errors import (
     CredentialError,
@@ -469,3 +470,30 @@ async def test_unenforced_allows_keep_credentials_from_the_upstream(
     assert status_of(outcome.response) == 200
     removed = set(outcome.response.ok_response.headers_to_remove)
     assert {"x-api-key", "authorization"} <= removed
+
+
+# -- decision cache ----------------------------------------------------------------------
+
+
+async def test_cache_skips_opa_for_identical_requests_but_not_rate_limits() -> None:
+    engine = FakeEngine(_limited(60, 2))
+    authorizer = make(engine, limiter=MemoryLimiter(), cache=DecisionCache())
+    request = check_request(headers={"x-api-key": "k", "x-request-id": "a"})
+    first = await authorizer.check(request)
+    again = await authorizer.check(check_request(headers={"x-api-key": "k", "x-request-id": "b"}))
+    assert len(engine.calls) == 1
+    assert again.record.cached_from == first.record.decision_id
+    assert again.record.request_id == "b"  # the record is this request's, not the cached one
+    assert again.record.opa_duration_s == 0
+    third = await authorizer.check(check_request(headers={"x-api-key": "k", "x-request-id": "c"}))
+    assert status_of(third.response) == 429  # rate limits still count every request
+    await authorizer.check(check_request(headers={"x-api-key": "other"}))
+    assert len(engine.calls) == 2
+
+
+async def test_cache_never_holds_failures() -> None:
+    engine = FakeEngine(OpaUnavailable("down"))
+    authorizer = make(engine, cache=DecisionCache())
+    await authorizer.check(check_request())
+    await authorizer.check(check_request())
+    assert len(engine.calls) == 2

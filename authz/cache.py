@@ -1,0 +1,166 @@
+"""Decision cache: skip OPA for a request identical to one it has just decided.
+
+A policy decision is a function of the input document and the bundle (and, for a few
+policies, the clock). The cache key is the request's stable content: decision path,
+route ``context_extensions``, method, path, host, scheme, protocol, every header but
+the ones unique to each request (:data:`VOLATILE_HEADERS`: request ids and tracing),
+body, source IP (not port) and principal. Two requests with equal keys get equal inputs
+(but for those volatile parts), so they get the same decision from the same bundle.
+
+Entries are bounded (LRU, ``max_entries``), expire after a TTL (``ttl_s``, or the
+decision's own ``cache_ttl_s``; ``0`` makes a decision uncacheable, e.g. when a key
+expires soon), and are dropped whenever the bundle revision changes (seen in an OPA
+answer's provenance, or by the bundle watcher) or the overrides change. What is cached is
+the policy's decision only: rate limiting, credential injection and the enforcement mode
+still apply to every request.
+
+Policies whose decision depends on anything outside the key (the request id, tracing
+headers, the source port, the time beyond the TTL) must set ``cache_ttl_s: 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from authz.decision import Decision
+from authz.policy import Evaluation
+
+__all__ = ["VOLATILE_HEADERS", "CachedDecision", "DecisionCache", "cache_key"]
+
+# Headers unique to each request: never part of the key.
+VOLATILE_HEADERS: Final = frozenset(
+    {
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "b3",
+        "x-amzn-trace-id",
+        "x-cloud-trace-context",
+        "x-datadog-trace-id",
+        "x-datadog-parent-id",
+        "x-datadog-sampling-priority",
+        "x-envoy-expected-rq-timeout-ms",
+        "x-client-trace-id",
+    }
+)
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(path: str, request: external_auth_pb2.CheckRequest) -> Hashable:
+    """The cache key of ``request`` for decision ``path`` (a hashable tuple)."""
+    attributes = request.attributes
+    http = attributes.request.http
+    source = attributes.source
+    return (
+        path,
+        tuple(sorted(attributes.context_extensions.items())),
+        http.method,
+        http.path,
+        http.host,
+        http.scheme,
+        http.protocol,
+        tuple(sorted((k, v) for k, v in http.headers.items() if k not in VOLATILE_HEADERS)),
+        http.body,
+        http.raw_body,
+        source.address.socket_address.address,
+        source.principal,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CachedDecision:
+    """A cached policy decision with the evaluation it came from (revision, and OPA time
+    for the record) and the input document (for the audit trail) and the decision id
+    that evaluated it."""
+
+    decision: Decision
+    evaluation: Evaluation
+    document: Mapping[str, Any]
+    decision_id: str
+    expires_at: float
+
+
+class DecisionCache:
+    """Bounded TTL LRU of policy decisions. ``clock`` is monotonic seconds. ``hits``,
+    ``misses`` and ``clears`` are counters for metrics."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._entries: OrderedDict[Hashable, CachedDecision] = OrderedDict()
+        self._max_entries = max_entries
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._revision: str | None = None
+        self.hits = 0
+        self.misses = 0
+        self.clears = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> CachedDecision | None:
+        """The live entry for ``key`` (refreshing its LRU position), or None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires_at <= self._clock():
+            if entry is not None:
+                del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(
+        self,
+        key: Hashable,
+        decision: Decision,
+        evaluation: Evaluation,
+        document: Mapping[str, Any],
+        decision_id: str,
+    ) -> None:
+        """Cache ``decision`` unless it is uncacheable (``cache_ttl_s`` 0). An evaluation
+        from another bundle revision than the cached ones drops them all first."""
+        self.observe_revision(evaluation.revision)
+        ttl = (
+            self._ttl_s if decision.cache_ttl_s is None else min(decision.cache_ttl_s, self._ttl_s)
+        )
+        if ttl <= 0:
+            return
+        self._entries[key] = CachedDecision(
+            decision, evaluation, document, decision_id, self._clock() + ttl
+        )
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def observe_revision(self, revision: str) -> None:
+        """Note the active bundle revision; a change drops every entry."""
+        if revision != self._revision:
+            if self._revision is not None:
+                self.clear(f"bundle revision {revision}")
+            self._revision = revision
+
+    def clear(self, why: str) -> None:
+        """Drop every entry (bundle activation, overrides changed, ...)."""
+        if self._entries:
+            log.info("decision cache cleared", extra={"why": why, "entries": len(self._entries)})
+        self._entries.clear()
+        self.clears += 1

@@ -1,0 +1,111 @@
+"""Decision cache: keys ignore only per-request noise; TTL, LRU, revision and clears."""
+
+from __future__ import annotations
+
+import pytest
+
+from authz.cache import DecisionCache, cache_key
+from authz.decision import Decision
+from authz.policy import Evaluation
+from tests.unit.fakes import check_request
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(**kwargs: object) -> object:
+    headers = {"x-api-key": "sha", "x-request-id": "r1", "traceparent": "t1"}
+    headers.update(kwargs.pop("headers", {}))  # type: ignore[arg-type]
+    return cache_key("authz/gateway/decision", check_request(headers=headers, **kwargs))  # type: ignore[arg-type]
+
+
+def test_key_ignores_request_ids_and_tracing() -> None:
+    assert key() == key(headers={"x-request-id": "r2", "traceparent": "t2", "x-b3-traceid": "x"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"headers": {"x-api-key": "other"}},
+        {"headers": {"x-authz-role": "admin"}},
+        {"method": "POST"},
+        {"path": "/api/v1/other"},
+        {"body": "{}"},
+        {"context_extensions": {"decision_path": "authz/egress/decision"}},
+    ],
+    ids=["credential", "extra-header", "method", "path", "body", "route"],
+)
+def test_key_changes_with_anything_a_policy_may_read(change: dict[str, object]) -> None:
+    assert key() != key(**change)
+
+
+def test_key_differs_per_decision_path() -> None:
+    request = check_request()
+    assert cache_key("a/b", request) != cache_key("a/c", request)
+
+
+def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str = "r1") -> None:
+    cache.put(k, Decision(allowed=True, cache_ttl_s=ttl), Evaluation(True, {"b": rev}), {}, "d1")  # type: ignore[arg-type]
+
+
+def test_ttl_and_counters() -> None:
+    clock = Clock()
+    cache = DecisionCache(ttl_s=5, clock=clock)
+    assert cache.get("k") is None
+    put(cache, "k")
+    assert cache.get("k") is not None
+    clock.now += 4.9
+    assert cache.get("k") is not None
+    clock.now += 0.2
+    assert cache.get("k") is None
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("decision_ttl", "alive_at", "dead_at"),
+    [(0, None, 0.0), (2, 1.9, 2.1), (60, 4.9, 5.1)],
+    ids=["uncacheable", "shorter", "capped-by-config"],
+)
+def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: float) -> None:
+    clock = Clock()
+    cache = DecisionCache(ttl_s=5, clock=clock)
+    put(cache, "k", ttl=decision_ttl)
+    start = clock.now
+    if alive_at is not None:
+        clock.now = start + alive_at
+        assert cache.get("k") is not None
+    clock.now = start + dead_at
+    assert cache.get("k") is None
+
+
+def test_lru_bound() -> None:
+    cache = DecisionCache(max_entries=2, clock=Clock())
+    put(cache, "a")
+    put(cache, "b")
+    assert cache.get("a") is not None  # a is now the most recent
+    put(cache, "c")
+    assert len(cache) == 2
+    assert cache.get("b") is None
+    assert cache.get("a") is not None
+
+
+def test_new_bundle_revision_drops_everything() -> None:
+    cache = DecisionCache(clock=Clock())
+    put(cache, "a", rev="r1")
+    put(cache, "b", rev="r2")
+    assert cache.get("a") is None
+    assert cache.get("b") is not None
+    cache.observe_revision("r3")
+    assert cache.get("b") is None
+
+
+def test_clear() -> None:
+    cache = DecisionCache(clock=Clock())
+    put(cache, "a")
+    cache.clear("overrides changed")
+    assert len(cache) == 0
+    assert cache.clears == 1
