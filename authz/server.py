@@ -169,7 +169,9 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         sinks.append(DecisionLog())
     if audit is not None:
         sinks.append(audit)
-    authorizer = build_authorizer(settings, breaker, sinks, secrets, limiter, control=control)
+    authorizer = build_authorizer(
+        settings, breaker, sinks, secrets, limiter, control=control, cache=cache
+    )
     grpc_server = await create_server(authorizer, settings.grpc_addr)
     watcher = BundleWatcher(
         opa,
