@@ -247,17 +247,24 @@ class AuditTrail:
                 option=orjson.OPT_SORT_KEYS,
             )
             entries.insert(0, ("gap", self._clock(), "", gap))
-        seq, prev = self._seq, self._hash
-        rows = []
-        for kind, when, entry_id, body in entries:
-            seq += 1
-            text = (body if isinstance(body, bytes) else _safe_body(body)).decode()
-            digest = entry_hash(seq, prev, text)
-            rows.append((seq, kind, when, entry_id, text, prev, digest))
-            prev = digest
+        texts = [
+            (kind, when, entry_id, (body if isinstance(body, bytes) else _safe_body(body)).decode())
+            for kind, when, entry_id, body in entries
+        ]
         try:
             with self._conn:  # one transaction
                 self._conn.execute("BEGIN IMMEDIATE")
+                # The head is read under the write lock: another authz process sharing this
+                # file may have appended since our last batch; chain onto its entries.
+                head = _meta(self._conn, "head")
+                seq = int(head["seq"]) if head else self._seq
+                prev = str(head["hash"]) if head else self._hash
+                rows = []
+                for kind, when, entry_id, text in texts:
+                    seq += 1
+                    digest = entry_hash(seq, prev, text)
+                    rows.append((seq, kind, when, entry_id, text, prev, digest))
+                    prev = digest
                 self._conn.executemany(
                     "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -11,7 +11,9 @@ audit trail record. Expiry is enforced twice: by the policies (``expires_at_ns``
 authz, which drops expired entries and re-pushes the list whenever it changes and every
 few seconds (an OPA restart loses pushed data).
 
-Document pushed to OPA (``PUT /v1/data/overrides``)::
+Each entry is written on its own (``PUT`` / ``DELETE /v1/data/overrides/<id>``, see
+:class:`OpaOverrideWriter`), so several authz replicas sharing one OPA never overwrite
+each other's entries. Entry shape::
 
     {"<id>": {"id": "<id>", "effect": "allow" | "deny", "decision_path": "authz/gateway/decision",
               "match": {"key_id": "...", "path": "/api/v1/admin/**", "methods": ["GET"]},
@@ -32,12 +34,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from authz.config import parse_decision_path
 from authz.errors import ConfigError, PolicyError
 
-__all__ = ["MAX_TTL_S", "OPA_DATA_PATH", "Override", "OverrideStore", "parse_override_request"]
+__all__ = [
+    "MAX_TTL_S",
+    "OPA_DATA_PATH",
+    "OpaOverrideWriter",
+    "Override",
+    "OverrideStore",
+    "parse_override_request",
+]
 
 OPA_DATA_PATH: Final = "overrides"
 MAX_TTL_S: Final = 7 * 86400
@@ -241,3 +250,35 @@ class OverrideStore:
             os.replace(tmp, self._path)
         except OSError as exc:
             log.error("cannot persist overrides", extra={"error": str(exc)})
+
+
+class OpaDataClient(Protocol):
+    """The two OPA data API calls the writer needs (:class:`~authz.policy.OpaClient`)."""
+
+    async def put_data(self, path: str, value: Any, timeout_s: float) -> None:
+        """PUT a document; raises PolicyError."""
+        ...
+
+    async def delete_data(self, path: str, timeout_s: float) -> None:
+        """DELETE a document (absent is fine); raises PolicyError."""
+        ...
+
+
+class OpaOverrideWriter:
+    """The ``push`` of an :class:`OverrideStore` writing to OPA entry by entry: it PUTs
+    every entry of the document (again at each sync: OPA may have restarted) and DELETEs
+    the entries it wrote before that are gone. Entries other replicas wrote are left
+    alone. Raises PolicyError when OPA cannot be updated (the next sync retries)."""
+
+    def __init__(self, client: OpaDataClient, *, timeout_s: float = 1.0) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._written: set[str] = set()
+
+    async def __call__(self, document: Mapping[str, Any]) -> None:
+        for override_id in sorted(self._written - set(document)):
+            await self._client.delete_data(f"{OPA_DATA_PATH}/{override_id}", self._timeout_s)
+            self._written.discard(override_id)
+        for override_id, entry in document.items():
+            await self._client.put_data(f"{OPA_DATA_PATH}/{override_id}", entry, self._timeout_s)
+            self._written.add(override_id)

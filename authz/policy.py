@@ -170,6 +170,23 @@ class OpaClient:
             detail = payload[:200].decode(errors="replace")
             raise OpaResponseError(f"OPA answered HTTP {status} to PUT {path}: {detail}")
 
+    async def delete_data(self, path: str, timeout_s: float) -> None:
+        """``DELETE /v1/data/<path>``; an absent document (404) is fine. Raises
+        OpaUnavailable, OpaTimeout, or OpaResponseError for any other answer but 204."""
+        url = f"{self._base}/v1/data/{path}"
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.delete(url) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+        if status not in (204, 404):
+            detail = payload[:200].decode(errors="replace")
+            raise OpaResponseError(f"OPA answered HTTP {status} to DELETE {path}: {detail}")
+
     async def close(self) -> None:
         """Close the pool."""
         await self._session.close()

@@ -144,9 +144,11 @@ class SecretStore:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"secrets file {str(path)!r}: {exc.strerror}") from None
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # Group read is allowed (Kubernetes mounts Secrets 0440 with fsGroup); anything
+        # for others, or group write, is not.
+        if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
             log.warning(
-                "secrets file is readable by group or others; chmod 600 it",
+                "secrets file is accessible to others or group-writable; chmod 600 it",
                 extra={"secrets_file": str(path), "mode": oct(stat.S_IMODE(info.st_mode))},
             )
         loaded = _parse(text, repr(str(path)))

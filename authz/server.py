@@ -32,8 +32,7 @@ from authz.control import Control
 from authz.errors import ConfigError
 from authz.logs import DecisionLog
 from authz.metrics import Metrics, MetricsSink
-from authz.overrides import OPA_DATA_PATH as OVERRIDES_DATA_PATH
-from authz.overrides import OverrideStore
+from authz.overrides import OpaOverrideWriter, OverrideStore
 from authz.policy import OpaClient, PolicyEngine
 from authz.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.record import DecisionSink
@@ -158,7 +157,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             cache.clear("overrides changed")
 
     overrides = OverrideStore(
-        lambda document: opa.put_data(OVERRIDES_DATA_PATH, document, 1.0),
+        OpaOverrideWriter(opa),
         path=settings.overrides_file,
         on_change=overrides_changed,
     )

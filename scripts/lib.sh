@@ -13,6 +13,13 @@ AUTHZ_CACHE="${AUTHZ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/authz}"
 OPA_BIN="$AUTHZ_CACHE/opa-$OPA_VERSION/opa"
 VENV="${AUTHZ_VENV:-$ROOT/.venv}"
 export OPA_VERSION AUTHZ_CACHE OPA_BIN VENV
+# Benchmark tools (scripts/bench installs them; the tests never need them).
+VEGETA_VERSION="${VEGETA_VERSION:-v12.12.0}"
+# opa-envoy-plugin tag, built against the OPA above (the same OPA engine as authz's).
+PEER_VERSION="${PEER_VERSION:-v1.19.1-envoy}"
+VEGETA_BIN="$AUTHZ_CACHE/vegeta-$VEGETA_VERSION/vegeta"
+PEER_BIN="$AUTHZ_CACHE/opa-envoy-plugin-$PEER_VERSION-opa-$OPA_VERSION/opa-envoy-plugin"
+export VEGETA_VERSION PEER_VERSION VEGETA_BIN PEER_BIN
 
 log() { printf '\033[1m[%s]\033[0m %s\n' "$(basename "$0")" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -21,3 +28,12 @@ die() { log "error: $*"; exit 1; }
 activate() {
   export PATH="$VENV/bin:$(dirname "$OPA_BIN"):$PATH"
 }
+
+# Validation tools for the infra tests (scripts/install-tools builds them once):
+# promtool from Prometheus' Go module (module v0.3MM.P is Prometheus v3.MM.P), and
+# composecheck (scripts/tools/composecheck, pinned by its go.sum), cached by content hash.
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v3.13.5}"
+PROMTOOL_BIN="$AUTHZ_CACHE/promtool-$PROMETHEUS_VERSION/promtool"
+COMPOSECHECK_HASH="$(cat "$ROOT"/scripts/tools/composecheck/{go.mod,go.sum,main.go} | sha256sum | cut -c1-16)"
+COMPOSECHECK_BIN="$AUTHZ_CACHE/composecheck-$COMPOSECHECK_HASH/composecheck"
+export PROMETHEUS_VERSION PROMTOOL_BIN COMPOSECHECK_BIN

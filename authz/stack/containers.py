@@ -25,10 +25,12 @@ nor Docker.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, Self
+from urllib.parse import urlsplit
 
 from authz.stack.supervisor import Process, StackError
 
@@ -175,18 +177,31 @@ class ContainerRuntime:
         )
 
 
-def docker_available() -> bool:
-    """True when a Docker engine answers a ping within 3 s (docker SDK, DOCKER_HOST)."""
+def docker_available(environ: Mapping[str, str] | None = None, timeout_s: float = 3.0) -> bool:
+    """True when a Docker engine answers ``GET /_ping`` with 200 within ``timeout_s`` at
+    ``DOCKER_HOST`` (``unix://`` or plain ``tcp://``; default the local socket). A raw
+    request, not the docker SDK: probing must not leave sockets behind when it fails."""
+    host = (environ if environ is not None else os.environ).get("DOCKER_HOST", "")
+    parts = urlsplit(host or "unix:///var/run/docker.sock")
     try:
-        import docker  # type: ignore[import-untyped]
-
-        client = docker.from_env(timeout=3)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # no SDK, no socket, no permission, engine down: all "no"
+        if parts.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout_s)
+            try:
+                sock.connect(parts.path)
+            except OSError:
+                sock.close()
+                raise
+        elif parts.scheme == "tcp" and parts.hostname:
+            sock = socket.create_connection((parts.hostname, parts.port or 2375), timeout_s)
+        else:
+            return False
+        with sock:
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            status_line = sock.recv(64).split(b"\r\n", 1)[0]
+    except OSError:
         return False
+    return status_line.startswith(b"HTTP/1.") and status_line.split()[1:2] == [b"200"]
 
 
 def from_env(

@@ -5,6 +5,10 @@ Keys, sandbox tokens and egress secrets are generated at test time (never commit
 bundle is built with the key and sandbox digests by ``scripts/build-policy-bundle --data
 <tmp overlay>`` into a temporary bundle directory that the stack's bundle server serves
 to OPA; the secrets file is written with ``authz.secrets.write_secrets_file``.
+
+``AUTHZ_E2E_CONTAINERS=1`` runs OPA and both Envoys from their images (testcontainers,
+``authz.stack.containers``) instead of local binaries; it needs a Docker engine on this
+machine and fails the session without one. Unset (the default), no Docker is needed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
 from authz.secrets import write_secrets_file
+from authz.stack import containers
 from authz.stack.supervisor import Ports, Process, Stack, free_port, http_ok
 from tests.unit.fakes import check_request
 
@@ -139,6 +144,10 @@ def e2e(
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
     admin_token = generate_key("adm_")
+    try:
+        runtime = containers.from_env(os.environ, root=repo_root, run_dir=base / "run")
+    except containers.ContainersUnavailable as exc:
+        pytest.fail(str(exc))
     stack = Stack(
         repo_root,
         base / "run",
@@ -146,6 +155,7 @@ def e2e(
         ports,
         secrets_file=secrets_file,
         authz_env={"AUTHZ_RATE_LIMIT_BURST_S": BURST_S, "AUTHZ_ADMIN_TOKEN": admin_token},
+        wrap=None if runtime is None else runtime.wrap,
     )
     env = Env(
         stack,

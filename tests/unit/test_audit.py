@@ -760,3 +760,26 @@ def test_bad_path_raises_config_error_naming_it(
     with pytest.raises(ConfigError) as caught:
         AuditTrail(path)
     assert str(path) in str(caught.value)
+
+
+def test_two_processes_sharing_one_file_keep_one_chain(tmp_path: Path) -> None:
+    # Two trails on one file stand for two authz processes (e.g. compose --scale): each
+    # chains onto whatever the other appended.
+    path = tmp_path / "shared.db"
+    first, second = AuditTrail(path), AuditTrail(path)
+    try:
+        for i in range(6):
+            trail = first if i % 2 == 0 else second
+            trail.admin("noop", {"i": i}, entry_id=f"a{i}")
+            deadline = time.monotonic() + 5
+            while trail.written < (i // 2) + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+    finally:
+        first.close()
+        second.close()
+    conn = sqlite3.connect(path)
+    report = verify(conn)
+    conn.close()
+    assert report.ok, report
+    assert report.entries == 6

@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from authz.errors import ConfigError, OpaResponseError, OpaUnavailable, PolicyError
-from authz.overrides import MAX_TTL_S, Override, OverrideStore, parse_override_request
+from authz.overrides import (
+    MAX_TTL_S,
+    OpaOverrideWriter,
+    Override,
+    OverrideStore,
+    parse_override_request,
+)
 
 T0 = 1_700_000_000.25
 GATEWAY = "authz/gateway/decision"
@@ -455,3 +461,32 @@ async def test_on_change_reports_active_count(opa: FakeOpa, clock: Clock) -> Non
     await store.add(override("ovr-4"))  # ovr-1 expired but is not dropped yet: not counted
     await store.sync()
     assert counts == [1, 2, 3, 2, 2, 2]
+
+
+class RecordingOpa:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.data: dict[str, Any] = {}
+
+    async def put_data(self, path: str, value: Any, timeout_s: float) -> None:
+        self.calls.append(("PUT", path))
+        self.data[path] = value
+
+    async def delete_data(self, path: str, timeout_s: float) -> None:
+        self.calls.append(("DELETE", path))
+        self.data.pop(path, None)
+
+
+async def test_writer_puts_each_entry_and_deletes_only_its_own() -> None:
+    opa = RecordingOpa()
+    opa.data["overrides/other-replica"] = {"id": "other-replica"}
+    writer = OpaOverrideWriter(opa)
+    await writer({"ovr-1": {"id": "ovr-1"}, "ovr-2": {"id": "ovr-2"}})
+    await writer({"ovr-2": {"id": "ovr-2"}})
+    assert opa.calls == [
+        ("PUT", "overrides/ovr-1"),
+        ("PUT", "overrides/ovr-2"),
+        ("DELETE", "overrides/ovr-1"),
+        ("PUT", "overrides/ovr-2"),
+    ]
+    assert set(opa.data) == {"overrides/other-replica", "overrides/ovr-2"}

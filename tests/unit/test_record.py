@@ -10,7 +10,7 @@ import pytest
 
 from authz.record import DecisionRecord
 
-QUERY_SECRET = "sk-QUERYSECRET0123456789"
+QUERY_SECRET = "sk-query-secret-0123"
 HEADER_SECRET = "COOKIESECRET0123456789"
 DIGEST = "a" * 64
 

@@ -176,13 +176,20 @@ def test_malformed_entry_only_breaks_its_reference(tmp_path: Path, value: Any) -
         store.get("slack")
 
 
-def test_group_readable_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("mode", "warns"),
+    [(0o600, False), (0o440, False), (0o640, False), (0o644, True), (0o660, True)],
+    ids=["owner-only", "k8s-fsgroup", "group-read", "world-read", "group-write"],
+)
+def test_permissive_file_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warns: bool
+) -> None:
     path = tmp_path / "s.json"
     write(path, good(openai=CRED))
-    path.chmod(0o644)
+    path.chmod(mode)
     with caplog.at_level(logging.WARNING, logger="authz.secrets"):
         SecretStore.open(path)
-    assert "chmod 600" in caplog.text
+    assert ("chmod 600" in caplog.text) is warns
     assert CRED not in caplog.text
 
 

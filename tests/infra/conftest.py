@@ -1,0 +1,226 @@
+"""Fixtures for the deployment-file tests: the pinned validation tools, signing keys, and
+Envoy / OPA processes started from the deployment configs.
+
+Tool paths come from ``AUTHZ_PROMTOOL_BIN`` / ``AUTHZ_COMPOSECHECK_BIN`` or, unset, from
+``scripts/lib.sh`` (the one place their versions are pinned); ``scripts/install-tools``
+(run by ``scripts/install-deps``) builds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from authz.stack import envoy
+from authz.stack.supervisor import Process, free_port, http_ok
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _lib_sh(variable: str) -> str:
+    result = subprocess.run(
+        ["bash", "-c", f'source "{ROOT}/scripts/lib.sh"; printf %s "${variable}"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def _tool(env_var: str, lib_variable: str) -> str:
+    path = os.environ.get(env_var) or _lib_sh(lib_variable)
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} missing: run ./scripts/install-deps (scripts/install-tools)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool_bin() -> str:
+    """The pinned promtool."""
+    return _tool("AUTHZ_PROMTOOL_BIN", "PROMTOOL_BIN")
+
+
+@pytest.fixture(scope="session")
+def composecheck_bin() -> str:
+    """scripts/tools/composecheck (compose-go), built by scripts/install-tools."""
+    return _tool("AUTHZ_COMPOSECHECK_BIN", "COMPOSECHECK_BIN")
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An RSA key pair written as PEM files (private key mode 0600)."""
+
+    private: Path
+    public: Path
+
+
+def write_key_pair(directory: Path, name: str) -> KeyPair:
+    """A fresh RSA-2048 key pair under ``directory`` (generated now, never committed)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    directory.mkdir(parents=True, exist_ok=True)
+    private = directory / f"{name}.key"
+    public = directory / f"{name}.pub.pem"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return KeyPair(private, public)
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """The bundle signing key pair for this session."""
+    return write_key_pair(tmp_path_factory.mktemp("keys"), "bundle-signing")
+
+
+def http_get(
+    url: str,
+    headers: dict[str, str] | None = None,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> tuple[int, bytes]:
+    """(status, body) of one request (GET unless ``method``); HTTP errors are returned,
+    not raised."""
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str = "it") -> None:
+    """Poll ``predicate()`` every 100 ms until true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@dataclass(frozen=True)
+class DeployEnvoy:
+    """A deployment Envoy config running on free ports (listener, read-only admin)."""
+
+    name: str
+    listener: int
+    admin: int
+
+
+@pytest.fixture(scope="session")
+def deploy_envoys(
+    envoy_bin: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, DeployEnvoy]]:
+    """infra/compose/envoy/envoy-{gateway,egress}.yaml running, each on free ports (same
+    file; only ports, the internal admin port and loopback listeners changed). Their DNS
+    upstreams do not resolve here, so requests get ext_authz errors (503): enough for
+    every stat to exist."""
+    base = tmp_path_factory.mktemp("deploy-envoy")
+    running: dict[str, DeployEnvoy] = {}
+    processes: list[Process] = []
+    for name, listener_name in (("gateway", "gateway"), ("egress", "egress")):
+        listener, admin, internal = free_port(), free_port(), free_port()
+        config = base / f"envoy-{name}.yaml"
+        rendered = yaml.safe_load(
+            envoy.render(
+                ROOT / f"infra/compose/envoy/envoy-{name}.yaml",
+                admin_port=internal,
+                listeners={listener_name: listener, "admin_read_only": admin},
+                clusters={"admin": ("127.0.0.1", internal)},
+            )
+        )
+        for item in rendered["static_resources"]["listeners"]:  # loopback only in tests
+            item["address"]["socket_address"]["address"] = "127.0.0.1"
+        config.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
+        process = Process(
+            f"envoy-{name}",
+            [envoy_bin, "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1"],
+            base / f"envoy-{name}.log",
+            lambda port=admin: http_ok(f"http://127.0.0.1:{port}/ready"),
+        )
+        processes.append(process)
+        process.start()
+        process.wait_ready(30)
+        running[name] = DeployEnvoy(name, listener, admin)
+    try:
+        yield running
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def nginx_binary() -> str:
+    """nginx from the machine's packages (scripts/install-deps installs nginx-light)."""
+    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("nginx not found: run ./scripts/install-deps (apt nginx-light)")
+
+
+def nginx_config(directory: Path, port: int, bundles: Path, site: str | None = None) -> Path:
+    """A main nginx.conf under ``directory`` that includes the Compose bundle server's site
+    config (infra/compose/nginx/bundles.conf, or ``site`` text) with only its listen
+    address and bundle directory changed: loopback ``port`` and ``bundles``."""
+    text = site if site is not None else (ROOT / "infra/compose/nginx/bundles.conf").read_text()
+    assert "listen 8080;" in text
+    assert "/usr/share/nginx/bundles/" in text
+    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    text = text.replace("/usr/share/nginx/bundles/", f"{bundles}/")
+    (directory / "site.conf").write_text(text)
+    temp = "\n".join(
+        f"  {kind}_temp_path {directory}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    user = "user root;\n" if os.getuid() == 0 else ""  # workers must read the test's files
+    main = directory / "nginx.conf"
+    main.write_text(
+        f"{user}pid {directory}/nginx.pid;\nerror_log {directory}/error.log warn;\n"
+        f"worker_processes 1;\nevents {{}}\nhttp {{\n  access_log off;\n{temp}\n"
+        f"  include {directory}/site.conf;\n}}\n"
+    )
+    return main
+
+
+@contextlib.contextmanager
+def nginx_bundle_server(base: Path, bundles: Path) -> Iterator[int]:
+    """The Compose bundle server's config running in a real nginx on a free loopback
+    port, serving ``bundles``; yields the port."""
+    port = free_port()
+    base.mkdir(parents=True, exist_ok=True)
+    config = nginx_config(base, port, bundles)
+    process = Process(
+        "nginx",
+        [nginx_binary(), "-p", str(base), "-c", str(config), "-g", "daemon off;"],
+        base / "nginx.log",
+        lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+    )
+    process.start()
+    try:
+        process.wait_ready(15)
+        yield port
+    finally:
+        process.stop()

@@ -1,0 +1,310 @@
+"""Compose files: valid for the Compose Specification and internally consistent.
+
+``composecheck`` (scripts/tools/composecheck: compose-go, the loader of ``docker compose
+config``) validates the schema, interpolation, merging of overlays and references to
+services, networks, volumes; it prints the resolved project, on which the tests below
+check what a schema cannot: healthchecks and start order, what is published, read-only
+secrets, and that every hostname a config names (Envoy clusters, Prometheus targets,
+Grafana datasources, OPA's bundle service) is a service on a network shared with the
+service that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from authz import deploy
+from tests.infra.conftest import ROOT
+
+COMPOSE = ROOT / "infra/compose"
+PRODUCTION = ("docker-compose.yaml",)
+DEV = ("docker-compose.dev.yaml",)
+MONITORING = "docker-compose.monitoring.yaml"
+COMBINATIONS = {
+    "production": PRODUCTION,
+    "production+redis": PRODUCTION,
+    "dev": DEV,
+    "production+monitoring": (*PRODUCTION, MONITORING),
+    "dev+monitoring": (*DEV, MONITORING),
+}
+# Services whose image is the one built from this repository's Dockerfile.
+LOCAL_IMAGE = "authz:local"
+
+
+def _env_file(tmp_path: Path, **overrides: str) -> Path:
+    """infra/compose/.env.example with the required values filled in (as a user would)."""
+    values = {"AUTHZ_OPA_TOKEN": "t" * 64, "GRAFANA_ADMIN_PASSWORD": "secret", **overrides}
+    lines = []
+    for line in (COMPOSE / ".env.example").read_text().splitlines():
+        key = line.partition("=")[0]
+        lines.append(f"{key}={values.pop(key)}" if key in values else line)
+    lines += [f"{key}={value}" for key, value in values.items()]
+    path = tmp_path / "compose.env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _check(
+    composecheck: str, files: tuple[str, ...], env_file: Path, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    args = [composecheck, "--env-file", str(env_file)]
+    for profile in profiles:
+        args += ["--profile", profile]
+    for name in files:
+        args += ["-f", str(COMPOSE / name) if not Path(name).is_absolute() else name]
+    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def projects(composecheck_bin: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Each combination, resolved by composecheck (fails the test on a load error)."""
+    env_file = _env_file(tmp_path_factory.mktemp("compose"))
+    resolved = {}
+    for name, files in COMBINATIONS.items():
+        profiles = ("redis",) if name.endswith("+redis") else ()
+        result = _check(composecheck_bin, files, env_file, profiles)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        resolved[name] = json.loads(result.stdout)
+    return resolved
+
+
+def test_every_compose_file_is_covered() -> None:
+    files = {p.name for p in COMPOSE.glob("docker-compose*.yaml")}
+    assert files == {f for combo in COMBINATIONS.values() for f in combo}
+
+
+def test_combinations_load(projects: dict[str, Any]) -> None:
+    assert set(projects["production"]["services"]) == {
+        "envoy-gateway",
+        "envoy-egress",
+        "authz",
+        "opa",
+        "bundle-server",
+        "upstream-api",
+    }
+    assert "redis" in projects["production+redis"]["services"]
+    assert {"prometheus", "grafana", "loki", "promtail"} <= set(
+        projects["dev+monitoring"]["services"]
+    )
+
+
+BROKEN = {
+    "undefined network": ("networks: [edge, authz]", "networks: [edge, nowhere]"),
+    "undefined dependency": ("      upstream-api:\n", "      upstream-apis:\n"),
+    "unknown key": ("    healthcheck:\n      # /ready", "    healthchek:\n      # /ready"),
+    "bad port": ('"127.0.0.1:9901:9901"', '"127.0.0.1:99010:9901"'),
+}
+
+
+@pytest.mark.parametrize("change", BROKEN.values(), ids=BROKEN.keys())
+def test_broken_compose_file_is_rejected(
+    composecheck_bin: str, tmp_path: Path, change: tuple[str, str]
+) -> None:
+    """The validator can fail: each deliberate breakage of the production file is refused."""
+    old, new = change
+    text = (COMPOSE / "docker-compose.yaml").read_text()
+    assert old in text
+    broken = COMPOSE / f".broken-{tmp_path.name}.yaml"  # beside it: relative paths resolve
+    try:
+        broken.write_text(text.replace(old, new, 1))
+        result = _check(composecheck_bin, (str(broken),), _env_file(tmp_path))
+    finally:
+        broken.unlink()
+    assert result.returncode == 1, result.stdout[:200]
+
+
+def test_the_opa_token_is_required(composecheck_bin: str, tmp_path: Path) -> None:
+    """.env.example as shipped leaves AUTHZ_OPA_TOKEN empty: Compose refuses to start and
+    says what to do, instead of running OPA's API without authentication."""
+    result = _check(composecheck_bin, PRODUCTION, COMPOSE / ".env.example")
+    assert result.returncode == 1
+    assert "set AUTHZ_OPA_TOKEN in infra/compose/.env" in result.stderr
+
+
+def _services(projects: dict[str, Any], *names: str) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (combo, name, service)
+        for combo in names
+        for name, service in projects[combo]["services"].items()
+    ]
+
+
+def test_healthchecks_and_start_order(projects: dict[str, Any]) -> None:
+    """Every long-running service has a healthcheck, and every dependency waits for the
+    dependency to be healthy (upstream-api on authz: started, as it only shares the image)."""
+    for combo, name, service in _services(projects, *COMBINATIONS):
+        if name != "promtail":  # its image has no HTTP client; Loki's health covers the path
+            assert service.get("healthcheck", {}).get("test"), f"{combo}/{name}"
+        for dependency, spec in (service.get("depends_on") or {}).items():
+            shares_image = (name, dependency) == ("upstream-api", "authz")
+            expected = "service_started" if shares_image else "service_healthy"
+            assert spec["condition"] == expected, f"{combo}/{name} -> {dependency}"
+
+
+def test_opa_is_not_published_in_production(projects: dict[str, Any]) -> None:
+    for combo in ("production", "production+monitoring", "production+redis"):
+        services = projects[combo]["services"]
+        assert not services["opa"].get("ports"), combo
+        assert "8181" in services["opa"]["expose"]
+        # The policy network has no route out, and only what needs OPA is on it.
+        assert projects[combo]["networks"]["policy"].get("internal") is True
+        on_policy = {n for n, s in services.items() if "policy" in (s.get("networks") or {})}
+        assert on_policy <= {"authz", "opa", "bundle-server", "redis", "prometheus"}
+
+
+def test_published_ports(projects: dict[str, Any]) -> None:
+    """Only the gateway listens beyond loopback by default; admin ports never do."""
+    services = projects["production+monitoring"]["services"]
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            if (name, port["target"]) == ("envoy-gateway", 8080):
+                assert port["host_ip"] == "0.0.0.0"
+            else:
+                assert port["host_ip"] == "127.0.0.1", f"{name}:{port['target']}"
+
+
+def test_secrets_are_mounted_read_only(projects: dict[str, Any]) -> None:
+    for combo, name, service in _services(projects, *COMBINATIONS):
+        for volume in service.get("volumes") or []:
+            if volume["type"] == "bind" and "docker.sock" not in volume["source"]:
+                assert volume.get("read_only") is True, f"{combo}/{name}: {volume['target']}"
+    authz = projects["production"]["services"]["authz"]
+    secrets_dir = Path(authz["environment"]["AUTHZ_SECRETS_FILE"]).parent
+    assert any(Path(v["target"]) == secrets_dir for v in authz["volumes"])
+    assert authz["read_only"] is True
+    # ... so its writable state (the image's AUTHZ_AUDIT_DB / AUTHZ_OVERRIDES_FILE) needs
+    # a writable volume there.
+    (data,) = [v for v in authz["volumes"] if v["target"] == "/var/lib/authz"]
+    assert data["type"] == "volume"
+    assert not data.get("read_only")
+    assert authz["environment"]["AUTHZ_OPA_TOKEN"] == "t" * 64
+
+
+def test_images_are_pinned(projects: dict[str, Any]) -> None:
+    for combo, name, service in _services(projects, *COMBINATIONS):
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository, f"{combo}/{name}: {image}"
+        assert tag not in ("", "latest"), f"{combo}/{name}: {image}"
+        if image == LOCAL_IMAGE and "build" not in service:
+            assert "authz" in projects[combo]["services"], f"{combo}/{name}: nothing builds it"
+
+
+def test_bind_mounted_repository_files_exist(projects: dict[str, Any]) -> None:
+    """Every file the stack mounts from this repository exists (a renamed config would
+    otherwise be created by Docker as an empty directory)."""
+    generated = {"build/bundles", "infra/compose/secrets", "infra/compose/keys"}
+    for combo, name, service in _services(projects, *COMBINATIONS):
+        for volume in service.get("volumes") or []:
+            if volume["type"] != "bind" or not volume["source"].startswith(str(ROOT)):
+                continue
+            relative = Path(volume["source"]).relative_to(ROOT)
+            if any(str(relative).startswith(prefix) for prefix in generated):
+                continue
+            assert (ROOT / relative).exists(), f"{combo}/{name}: {relative}"
+
+
+def _reachable(project: dict[str, Any], client: str, host: str) -> bool:
+    services = project["services"]
+    if host not in services:
+        return False
+    client_networks = set(services[client].get("networks") or {"default": None})
+    return bool(client_networks & set(services[host].get("networks") or {"default": None}))
+
+
+def _envoy_hosts(config: Path) -> set[tuple[str, int]]:
+    clusters = yaml.safe_load(config.read_text())["static_resources"]["clusters"]
+    return {
+        (socket["address"], socket["port_value"])
+        for cluster in clusters
+        if cluster["type"] == "STRICT_DNS"
+        for group in cluster["load_assignment"]["endpoints"]
+        for endpoint in group["lb_endpoints"]
+        for socket in [endpoint["endpoint"]["address"]["socket_address"]]
+    }
+
+
+def test_envoy_upstreams_are_services(projects: dict[str, Any]) -> None:
+    """The DNS names in the generated Envoy configs are services the proxy can reach
+    (in dev, upstream-api is the host, through extra_hosts)."""
+    for combo in ("production", "dev"):
+        project = projects[combo]
+        for proxy in ("gateway", "egress"):
+            service = f"envoy-{proxy}"
+            if service not in project["services"]:
+                continue
+            for host, _port in _envoy_hosts(ROOT / f"infra/compose/envoy/envoy-{proxy}.yaml"):
+                extra = project["services"][service].get("extra_hosts") or []
+                names = {entry.replace(":", "=").partition("=")[0] for entry in extra}
+                assert _reachable(project, service, host) or host in names, (combo, host)
+    assert set(deploy.DNS_ADDRESSES.values()) == _envoy_hosts(
+        ROOT / "infra/compose/envoy/envoy-gateway.yaml"
+    )
+
+
+def _target_hosts(prometheus: dict[str, Any]) -> set[tuple[str, int]]:
+    hosts = set()
+    for job in prometheus["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, _, port = target.rpartition(":")
+                hosts.add((host, int(port)))
+        for dns in job.get("dns_sd_configs", []):
+            hosts.update((name, int(dns["port"])) for name in dns["names"])
+    return hosts
+
+
+def test_monitoring_targets_are_services(projects: dict[str, Any]) -> None:
+    """Prometheus scrapes, Grafana's datasources and OPA's bundle service name services
+    on a network shared with their client, on a port the service listens on."""
+    prometheus = yaml.safe_load((ROOT / "infra/monitoring/prometheus/prometheus.yml").read_text())
+    listens = {
+        ("envoy-gateway", deploy.ADMIN_PORTS["gateway"]),
+        ("envoy-egress", deploy.ADMIN_PORTS["egress"]),
+        ("authz", 9192),
+        ("opa", 8282),
+        ("prometheus", 9090),
+        ("loki", 3100),
+        ("bundle-server", 8080),
+    }
+    project = projects["production+monitoring"]
+    for host, port in _target_hosts(prometheus):
+        assert _reachable(project, "prometheus", host), host
+        assert (host, port) in listens
+    datasources = yaml.safe_load(
+        (ROOT / "infra/monitoring/grafana/provisioning/datasources/datasources.yaml").read_text()
+    )
+    for source in datasources["datasources"]:
+        url = urlsplit(source["url"])
+        assert _reachable(project, "grafana", url.hostname or ""), source["url"]
+        assert (url.hostname, url.port) in listens
+    opa_config = yaml.safe_load((ROOT / "infra/opa/opa.yaml").read_text())
+    bundles = urlsplit(opa_config["services"]["bundles"]["url"])
+    assert _reachable(project, "opa", bundles.hostname or "")
+    assert (bundles.hostname, bundles.port) in listens
+    promtail = yaml.safe_load((ROOT / "infra/monitoring/promtail/promtail.yaml").read_text())
+    loki = urlsplit(promtail["clients"][0]["url"])
+    assert _reachable(project, "promtail", loki.hostname or "")
+
+
+def test_grafana_provisioning_paths_match_the_mounts(projects: dict[str, Any]) -> None:
+    grafana = projects["production+monitoring"]["services"]["grafana"]
+    mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
+    provider = yaml.safe_load(
+        (ROOT / "infra/monitoring/grafana/provisioning/dashboards/dashboards.yaml").read_text()
+    )["providers"][0]
+    dashboards = mounts[provider["options"]["path"]]
+    assert sorted(p.name for p in dashboards.glob("*.json")) == ["authz.json"]
+    assert (mounts["/etc/grafana/provisioning"] / "datasources").is_dir()
+    prometheus = projects["production+monitoring"]["services"]["prometheus"]
+    mounted = {v["target"] for v in prometheus["volumes"]}
+    config = yaml.safe_load((ROOT / "infra/monitoring/prometheus/prometheus.yml").read_text())
+    for rule_file in config["rule_files"]:
+        assert f"/etc/prometheus/{rule_file}" in mounted

@@ -1,0 +1,455 @@
+"""Monitoring configs: Prometheus config and alert rules (promtool), the Grafana
+dashboard, Loki/promtail labels.
+
+Every metric a dashboard panel or an alert names must exist where it is scraped: authz's
+names come from ``authz.metrics.Metrics`` (the one place authz defines them), Envoy's
+from a real Envoy running the deployment configs, OPA's from a real OPA running the
+deployment config. Label matchers and grouping labels must exist on those metrics too.
+PromQL syntax is checked by promtool (each panel query as a recording rule).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import Counter, Gauge, Histogram, Info, Summary
+
+from authz.metrics import Metrics
+from authz.record import DecisionRecord
+from authz.stack.supervisor import Process, free_port, http_ok
+from tests.infra.conftest import ROOT, DeployEnvoy, KeyPair, http_get
+from tests.infra.test_opa import build_bundle, compose_command
+
+MONITORING = ROOT / "infra/monitoring"
+PROMETHEUS = MONITORING / "prometheus"
+DASHBOARD = MONITORING / "grafana/dashboards/authz.json"
+# Labels Prometheus adds to every scraped series (prometheus.yml: job, instance, proxy).
+TARGET_LABELS = frozenset({"job", "instance", "proxy"})
+GRAFANA_RANGE = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+
+# -- PromQL: which metrics and labels an expression names ---------------------------------
+
+_KEYWORDS = frozenset(
+    {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+    | {"and", "or", "unless", "atan2", "inf", "nan", "start", "end"}
+)
+_IDENT = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+
+
+def promql_names(expr: str) -> tuple[set[str], dict[str, set[str]], set[str]]:
+    """(metric names, metric -> label names its matchers use, grouping label names) of a
+    PromQL expression. Strings, ranges and durations are removed first; a selector is
+    ``name{matchers}`` or a bare name not followed by ``(`` (functions, aggregations)."""
+    # {__name__="x", ...} is x{...}; then string contents cannot look like syntax.
+    text = re.sub(r'\{\s*__name__\s*=\s*"([^"]*)"\s*,?', r"\1{", expr)
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    grouping: set[str] = set()
+    for match in re.finditer(
+        r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", text
+    ):
+        grouping.update(n.strip() for n in match.group(2).split(",") if n.strip())
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    metrics: set[str] = set()
+    matchers: dict[str, set[str]] = {}
+    for match in re.finditer(rf"({_IDENT})?\s*\{{([^}}]*)\}}", text):
+        labels = set(re.findall(rf"({_IDENT})\s*(?:=~|!~|!=|=)", match.group(2)))
+        name = match.group(1)
+        assert name is not None, f"a selector without a metric name in {expr!r}"
+        metrics.add(name)
+        matchers.setdefault(name, set()).update(labels)
+    text = re.sub(rf"({_IDENT})?\s*\{{[^}}]*\}}", " ", text)
+    for match in re.finditer(rf"(?<![\w:.])({_IDENT})(?![\w:])(?!\s*\()", text):
+        name = match.group(1)
+        if name not in _KEYWORDS and not re.fullmatch(r"\d+[smhdwy]", name):
+            metrics.add(name)
+            matchers.setdefault(name, set())
+    return metrics, matchers, grouping
+
+
+@pytest.mark.parametrize(
+    ("expr", "metrics", "labels", "grouping"),
+    [
+        ("up", {"up"}, {"up": set()}, set()),
+        (
+            'sum by (code) (rate(x_total{a="1", b=~"b|c"}[5m])) / on (code) y',
+            {"x_total", "y"},
+            {"x_total": {"a", "b"}, "y": set()},
+            {"code"},
+        ),
+        (
+            'histogram_quantile(0.99, sum by (le) (rate(h_bucket{p="}"}[$__rate_interval])))',
+            {"h_bucket"},
+            {"h_bucket": {"p"}},
+            {"le"},
+        ),
+        ('{__name__="z", k="v"} > bool 1', {"z"}, {"z": {"k"}}, set()),
+        ("max(a) == 1 and min(b offset 5m) unless c", {"a", "b", "c"}, None, set()),
+    ],
+    ids=["bare", "matchers-on", "quantile", "__name__", "keywords"],
+)
+def test_promql_names(
+    expr: str, metrics: set[str], labels: dict[str, set[str]] | None, grouping: set[str]
+) -> None:
+    """The extraction the checks below rely on (it must not miss a name)."""
+    found, matchers, groups = promql_names(expr)
+    assert found == metrics
+    if labels is not None:
+        assert matchers == labels
+    assert groups == grouping
+
+
+# -- what is actually exposed ---------------------------------------------------------
+
+
+def _authz_metrics() -> dict[str, set[str] | None]:
+    """authz's series names -> label names (None: any, for info metrics)."""
+    metrics = Metrics()
+    exposed: dict[str, set[str] | None] = {}
+    for value in vars(metrics).values():
+        if not isinstance(value, Counter | Gauge | Histogram | Info | Summary):
+            continue
+        name, labels = value._name, set(value._labelnames)
+        if isinstance(value, Counter):
+            exposed[f"{name}_total"] = labels
+        elif isinstance(value, Histogram):
+            exposed[f"{name}_bucket"] = labels | {"le"}
+            exposed[f"{name}_sum"] = exposed[f"{name}_count"] = labels
+        elif isinstance(value, Info):
+            exposed[f"{name}_info"] = None
+        else:
+            exposed[name] = labels
+    assert "authz_decisions_total" in exposed
+    return exposed
+
+
+def _scraped(text: str) -> dict[str, set[str] | None]:
+    """Series names -> label names in a text exposition, as Prometheus stores them
+    (prometheus_client's parser would rename counters without ``_total``)."""
+    exposed: dict[str, set[str] | None] = {}
+    for line in text.splitlines():
+        match = re.match(rf"({_IDENT})(\{{.*\}})?\s", line)
+        if line.startswith("#") or not match:
+            continue
+        labels = exposed.setdefault(match.group(1), set())
+        assert labels is not None
+        labels.update(re.findall(r'(\w+)="', match.group(2) or ""))
+    return exposed
+
+
+@pytest.fixture(scope="module")
+def envoy_metrics(deploy_envoys: dict[str, DeployEnvoy]) -> dict[str, set[str] | None]:
+    """Both deployment Envoys' /stats/prometheus, after one request each."""
+    exposed: dict[str, set[str] | None] = {}
+    for proxy in deploy_envoys.values():
+        http_get(f"http://127.0.0.1:{proxy.listener}/api/v1/status", {"host": "openai"})
+        _, raw = http_get(f"http://127.0.0.1:{proxy.admin}/stats/prometheus")
+        for name, labels in _scraped(raw.decode()).items():
+            known = exposed.setdefault(name, set())
+            assert known is not None
+            known.update(labels or set())
+    assert "envoy_http_downstream_rq_xx" in exposed
+    return exposed
+
+
+@pytest.fixture(scope="module")
+def opa_metrics(
+    opa_bin: str, tmp_path_factory: pytest.TempPathFactory, signing_keys: KeyPair
+) -> Iterator[dict[str, set[str] | None]]:
+    """OPA's /metrics as deployed (docker-compose.yaml's command), after it refused an
+    unsigned bundle and answered one request."""
+    base = tmp_path_factory.mktemp("opa-metrics")
+    assert build_bundle(base / "served", "unsigned").returncode == 0
+    bundle_port, api, diag = free_port(), free_port(), free_port()
+    server = Process(
+        "bundles",
+        [
+            sys.executable,
+            "-m",
+            "authz.stack.bundles",
+            f"--dir={base}/served",
+            f"--port={bundle_port}",
+        ],
+        base / "bundles.log",
+        lambda: http_ok(f"http://127.0.0.1:{bundle_port}/healthz"),
+        cwd=ROOT,
+    )
+    args = [
+        arg.replace("/config/opa.yaml", str(ROOT / "infra/opa/opa.yaml"))
+        .replace("/policy/system", str(ROOT / "infra/opa/system"))
+        .replace("/keys/bundle-signing.pub.pem", str(signing_keys.public))
+        .replace("0.0.0.0:8181", f"127.0.0.1:{api}")
+        .replace("0.0.0.0:8282", f"127.0.0.1:{diag}")
+        for arg in compose_command("opa")
+    ]
+    opa = Process(
+        "opa",
+        [opa_bin, *args, f"--set=services.bundles.url=http://127.0.0.1:{bundle_port}/bundles"],
+        base / "opa.log",
+        lambda: http_ok(f"http://127.0.0.1:{diag}/health"),
+        env={"AUTHZ_OPA_TOKEN": "tok_" + "2" * 48},
+    )
+    server.start()
+    try:
+        server.wait_ready(15)
+        opa.start()
+        opa.wait_ready(20)
+        http_get(f"http://127.0.0.1:{api}/v1/data")  # one (denied) request
+        for _ in range(100):
+            _, raw = http_get(f"http://127.0.0.1:{diag}/metrics")
+            if b"bundle_failed_load_counter{" in raw:
+                break
+            opa.wait_ready(1)
+        exposed = _scraped(raw.decode())
+        assert "bundle_failed_load_counter" in exposed
+        yield exposed
+    finally:
+        opa.stop()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def exposed(
+    envoy_metrics: dict[str, set[str] | None], opa_metrics: dict[str, set[str] | None]
+) -> dict[str, set[str] | None]:
+    """Every series name Prometheus can see here -> its label names."""
+    return {
+        **_authz_metrics(),
+        **envoy_metrics,
+        **opa_metrics,
+        "up": set(),
+    }
+
+
+def _check_expr(expr: str, exposed: dict[str, set[str] | None], where: str) -> None:
+    metrics, matchers, grouping = promql_names(expr)
+    assert metrics, f"{where}: no metric in {expr!r}"
+    available: set[str] = set(TARGET_LABELS)
+    for name in metrics:
+        assert name in exposed, f"{where}: {name} is exposed by neither authz, Envoy nor OPA"
+        labels = exposed[name]
+        if labels is None:
+            available.add("*")
+            continue
+        available |= labels
+        unknown = matchers[name] - labels - TARGET_LABELS
+        assert not unknown, f"{where}: {name} has no label {sorted(unknown)}"
+    if "*" not in available:
+        assert grouping <= available, f"{where}: no such label {sorted(grouping - available)}"
+
+
+# -- Prometheus -----------------------------------------------------------------------
+
+
+def _promtool(
+    promtool: str, *args: str, cwd: Path = PROMETHEUS
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool, *args], capture_output=True, text=True, check=False, cwd=cwd, timeout=60
+    )
+
+
+def test_prometheus_config(promtool_bin: str) -> None:
+    result = _promtool(promtool_bin, "check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules(promtool_bin: str) -> None:
+    result = _promtool(promtool_bin, "check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _promtool(promtool_bin, "test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+BROKEN_CONFIG = {
+    "unknown key": ("scrape_interval: 15s", "scrape_intervall: 15s"),
+    "bad duration": ("scrape_interval: 15s", "scrape_interval: 15 seconds"),
+    "missing rule file": ("  - alerts.yml", "  - alerts-missing.yml"),
+}
+BROKEN_RULES = {
+    "bad PromQL": ('expr: up{job="authz"} == 0', 'expr: up{job="authz" == 0'),
+    "bad for": ("for: 1m", "for: one minute"),
+    "unknown field": ("        labels:\n          severity: critical", "        labelz: {}"),
+}
+
+
+@pytest.mark.parametrize("change", BROKEN_CONFIG.values(), ids=BROKEN_CONFIG.keys())
+def test_broken_prometheus_config_is_rejected(
+    promtool_bin: str, tmp_path: Path, change: tuple[str, str]
+) -> None:
+    old, new = change
+    text = (PROMETHEUS / "prometheus.yml").read_text()
+    assert old in text
+    (tmp_path / "prometheus.yml").write_text(text.replace(old, new, 1))
+    (tmp_path / "alerts.yml").write_text((PROMETHEUS / "alerts.yml").read_text())
+    result = _promtool(promtool_bin, "check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize("change", BROKEN_RULES.values(), ids=BROKEN_RULES.keys())
+def test_broken_rules_are_rejected(
+    promtool_bin: str, tmp_path: Path, change: tuple[str, str]
+) -> None:
+    old, new = change
+    text = (PROMETHEUS / "alerts.yml").read_text()
+    assert old in text
+    (tmp_path / "alerts.yml").write_text(text.replace(old, new, 1))
+    result = _promtool(promtool_bin, "check", "rules", "alerts.yml", cwd=tmp_path)
+    assert result.returncode != 0
+
+
+def test_alert_unit_test_can_fail(promtool_bin: str, tmp_path: Path) -> None:
+    """The alert unit tests catch a changed threshold."""
+    rules = (PROMETHEUS / "alerts.yml").read_text()
+    changed = 'expr: max by (instance) (authz_opa_circuit_state{state="open"}) == 1'
+    assert changed in rules
+    (tmp_path / "alerts.yml").write_text(rules.replace(changed, changed.replace("== 1", "== 2")))
+    (tmp_path / "alerts_test.yml").write_text((PROMETHEUS / "alerts_test.yml").read_text())
+    result = _promtool(promtool_bin, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+
+
+def _alert_exprs() -> list[tuple[str, str]]:
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [(rule["alert"], rule["expr"]) for group in groups for rule in group["rules"]]
+
+
+def test_alerts_name_exposed_metrics(exposed: dict[str, set[str] | None]) -> None:
+    for alert, expr in _alert_exprs():
+        _check_expr(expr, exposed, f"alert {alert}")
+
+
+# -- Grafana --------------------------------------------------------------------------
+
+
+def _dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def _panels() -> list[dict[str, Any]]:
+    return [p for p in _dashboard()["panels"] if p["type"] != "row"]
+
+
+def _queries(datasource: str) -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target["expr"])
+        for panel in _panels()
+        for target in panel["targets"]
+        if target["datasource"]["uid"] == datasource
+    ]
+
+
+def test_dashboard_structure() -> None:
+    dashboard = _dashboard()
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    datasources = yaml.safe_load(
+        (MONITORING / "grafana/provisioning/datasources/datasources.yaml").read_text()
+    )["datasources"]
+    uids = {d["uid"]: d["type"] for d in datasources}
+    for panel in _panels():
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert uids[target["datasource"]["uid"]] == target["datasource"]["type"]
+    # What the issue asks the dashboard to show.
+    exprs = " ".join(expr for _, expr in _queries("prometheus"))
+    for needle in (
+        'envoy_http_conn_manager_prefix="gateway"',
+        'envoy_http_conn_manager_prefix="egress"',
+        "envoy_http_downstream_rq_time_bucket",
+        "authz_decisions_total",
+        "authz_rate_limit_rejections_total",
+        "authz_opa_errors_total",
+        "authz_opa_circuit_state",
+    ):
+        assert needle in exprs, needle
+    assert _queries("loki")
+
+
+def test_dashboard_queries_parse(promtool_bin: str, tmp_path: Path) -> None:
+    """Every Prometheus query is valid PromQL (as a recording rule, Grafana's range
+    variables replaced by durations)."""
+    rules = []
+    for index, (_, expr) in enumerate(_queries("prometheus")):
+        for variable, value in GRAFANA_RANGE.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query{index}", "expr": expr})
+    (tmp_path / "queries.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "q", "rules": rules}]})
+    )
+    result = _promtool(promtool_bin, "check", "rules", "queries.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_queries_name_exposed_metrics(exposed: dict[str, set[str] | None]) -> None:
+    for title, expr in _queries("prometheus"):
+        _check_expr(expr, exposed, f"panel {title!r}")
+
+
+def test_a_dashboard_typo_is_caught(exposed: dict[str, set[str] | None]) -> None:
+    """The check can fail: a misspelt metric, and a label the metric does not have."""
+    with pytest.raises(AssertionError, match="exposed by neither"):
+        _check_expr("rate(authz_decision_total[5m])", exposed, "typo")
+    with pytest.raises(AssertionError, match="has no label"):
+        _check_expr('rate(authz_decisions_total{tier="x"}[5m])', exposed, "label")
+    with pytest.raises(AssertionError, match="no such label"):
+        _check_expr("sum by (service) (rate(authz_decisions_total[5m]))", exposed, "by")
+
+
+def _promtail_labels() -> set[str]:
+    config = yaml.safe_load((MONITORING / "promtail/promtail.yaml").read_text())
+    (job,) = config["scrape_configs"]
+    labels = {rule["target_label"] for rule in job["relabel_configs"]}
+    for stage in job["pipeline_stages"]:
+        labels |= set(stage.get("labels", {}) or {})
+    return labels
+
+
+def _log_fields() -> set[str]:
+    """Fields of the JSON log lines the log panels filter on: authz's decision log and
+    operational log, and the Envoy access logs (gateway and egress)."""
+    record = DecisionRecord("id", 0.0, "authz/gateway/decision", False, "x", 403)
+    fields = set(record.log_fields()) | {"time", "level", "logger", "msg"}
+    for proxy in ("gateway", "egress"):
+        config = yaml.safe_load((ROOT / f"infra/compose/envoy/envoy-{proxy}.yaml").read_text())
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        (access_log,) = hcm["typed_config"]["access_log"]
+        fields |= set(access_log["typed_config"]["log_format"]["json_format"])
+    return fields
+
+
+def test_log_panels_use_existing_labels_and_fields() -> None:
+    labels, fields = _promtail_labels(), _log_fields()
+    services = set(
+        yaml.safe_load((ROOT / "infra/compose/docker-compose.yaml").read_text())["services"]
+    )
+    for title, expr in _queries("loki"):
+        selector = re.match(r"\{([^}]*)\}", expr)
+        assert selector, title
+        for label, _, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector.group(1)):
+            assert label in labels, f"{title}: stream label {label}"
+            if label == "service":
+                assert set(value.split("|")) <= services, f"{title}: {value}"
+        for field in re.findall(
+            r"\|\s*(\w+)\s*(?:=~|!~|!=|==|=|>=|<=|>|<)", expr[selector.end() :]
+        ):
+            assert field in fields, f"{title}: log field {field}"
+
+
+def test_loki_and_promtail_configs_parse() -> None:
+    """No Loki/promtail binary is available here (see infra/README.md): the configs must
+    at least parse and agree with each other and with Compose."""
+    loki = yaml.safe_load((MONITORING / "loki/loki.yaml").read_text())
+    promtail = yaml.safe_load((MONITORING / "promtail/promtail.yaml").read_text())
+    port = loki["server"]["http_listen_port"]
+    assert promtail["clients"][0]["url"] == f"http://loki:{port}/loki/api/v1/push"
+    assert loki["schema_config"]["configs"][0]["store"] == "tsdb"

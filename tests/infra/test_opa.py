@@ -1,0 +1,552 @@
+"""OPA's deployment configuration, run for real: signed bundles, API lockdown, probes.
+
+OPA starts with the exact command line of ``infra/compose/docker-compose.yaml`` (and of
+the Kubernetes sidecar), container paths mapped to the repository's files and addresses
+to free loopback ports, against a local bundle server. Keys are generated per session.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz import deploy
+from authz.keys import digest
+from authz.stack.supervisor import Process, free_port, http_ok
+from tests.infra.conftest import (
+    ROOT,
+    KeyPair,
+    http_get,
+    nginx_bundle_server,
+    wait_for,
+    write_key_pair,
+)
+
+pytestmark = pytest.mark.e2e
+
+DEMO_DATA = ROOT / "infra/demo/bundle-data"
+DEMO_KEY = "ak_demo_admin_0001"  # public demo key (README), only in the demo overlay
+GATEWAY_DECISION = "/v1/data/authz/gateway/decision"
+
+
+def build_bundle(out: Path, revision: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """scripts/build-policy-bundle with the demo overlay, a fixed revision and ``args``."""
+    return subprocess.run(
+        [
+            str(ROOT / "scripts/build-policy-bundle"),
+            "--data",
+            str(DEMO_DATA),
+            "--out",
+            str(out),
+            "--revision",
+            revision,
+            "--skip-tests",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def _publish(source: Path, served: Path) -> None:
+    """Atomically replace the served bundle (as build-policy-bundle does)."""
+    tmp = served.with_name(f".{served.name}.tmp")
+    tmp.write_bytes(source.read_bytes())
+    tmp.replace(served)
+
+
+def _tamper(signed: Path, out: Path) -> None:
+    """``signed`` with its data changed after signing (the admin key gets role viewer),
+    keeping the original .signatures.json."""
+    with tarfile.open(signed, "r:gz") as src, tarfile.open(out, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            if data is not None and member.name.lstrip("/") == "data.json":
+                data = data.replace(b'"role":"admin"', b'"role":"viewer"')
+                assert b'"role":"viewer"' in data
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+
+
+def compose_command(service: str) -> list[str]:
+    """``service``'s command in docker-compose.yaml."""
+    compose = yaml.safe_load((ROOT / "infra/compose/docker-compose.yaml").read_text())
+    command: list[str] = compose["services"][service]["command"]
+    return command
+
+
+def _map_args(args: list[str], paths: dict[str, str], api: int, diag: int) -> list[str]:
+    mapped = []
+    for arg in args:
+        for container_path, local in paths.items():
+            arg = arg.replace(container_path, local)
+        arg = re.sub(r"=(0\.0\.0\.0|127\.0\.0\.1):8181$", f"=127.0.0.1:{api}", arg)
+        arg = re.sub(r"=0\.0\.0\.0:8282$", f"=127.0.0.1:{diag}", arg)
+        mapped.append(arg)
+    return mapped
+
+
+@dataclass
+class Opa:
+    """A running OPA: REST API and diagnostic ports, its token and process."""
+
+    api: int
+    diag: int
+    token: str
+    process: Process
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    def decide(self, key: str) -> dict[str, Any]:
+        """The gateway decision for an admin-only path with ``key``, and the revision."""
+        body = {
+            "input": {
+                "attributes": {
+                    "request": {"http": {"method": "GET", "path": "/api/v1/admin/users"}}
+                },
+                "parsed_path": ["api", "v1", "admin", "users"],
+                "credentials": {"x-api-key": digest(key)},
+            }
+        }
+        status, raw = http_get(
+            f"http://127.0.0.1:{self.api}{GATEWAY_DECISION}?provenance",
+            self.headers(),
+            method="POST",
+            body=json.dumps(body).encode(),
+        )
+        assert status == 200, raw
+        answer: dict[str, Any] = json.loads(raw)
+        return answer
+
+    def revision(self) -> str:
+        revision: str = self.decide(DEMO_KEY)["provenance"]["bundles"]["authz"]["revision"]
+        return revision
+
+    def failed_loads(self) -> int:
+        _, raw = http_get(f"http://127.0.0.1:{self.diag}/metrics")
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in raw.decode().splitlines()
+            if line.startswith("bundle_failed_load_counter{")
+        )
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory, signing_keys: KeyPair) -> dict[str, KeyPair]:
+    return {
+        "good": signing_keys,
+        "other": write_key_pair(tmp_path_factory.mktemp("other-key"), "other"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair]) -> dict[str, Path]:
+    """r1/r5 signed, r2 unsigned, r3 signed then tampered, r4 signed with another key."""
+    base = tmp_path_factory.mktemp("bundles")
+    good, other = str(keys["good"].private), str(keys["other"].private)
+    variants = {
+        "r1": ("--sign", good, "--verify", str(keys["good"].public)),
+        "r2": (),
+        "r3": ("--sign", good),
+        "r4": ("--sign", other),
+        "r5": ("--sign", good),
+    }
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        results = {
+            revision: pool.submit(build_bundle, base / revision, revision, *args)
+            for revision, args in variants.items()
+        }
+    built = {}
+    for revision, future in results.items():
+        result = future.result()
+        assert result.returncode == 0, result.stderr
+        built[revision] = base / revision / "authz.tar.gz"
+    _tamper(built["r3"], base / "r3-tampered.tar.gz")
+    built["r3"] = base / "r3-tampered.tar.gz"
+    return built
+
+
+@pytest.fixture(scope="module")
+def production(
+    opa_bin: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    keys: dict[str, KeyPair],
+    bundles: dict[str, Path],
+) -> Iterator[tuple[Opa, Path]]:
+    """Bundle server (nginx) + OPA as in docker-compose.yaml (signed bundles, token auth,
+    system.authz), serving r1. Yields OPA and the served bundle's path."""
+    base = tmp_path_factory.mktemp("opa")
+    served_dir = base / "served"
+    served_dir.mkdir()
+    served = served_dir / "authz.tar.gz"
+    _publish(bundles["r1"], served)
+    api, diag = free_port(), free_port()
+    args = _map_args(
+        compose_command("opa"),
+        {
+            "/config/opa.yaml": str(ROOT / "infra/opa/opa.yaml"),
+            "/policy/system": str(ROOT / "infra/opa/system"),
+            "/keys/bundle-signing.pub.pem": str(keys["good"].public),
+        },
+        api,
+        diag,
+    )
+    token = "tok_" + os.urandom(24).hex()
+    # The production bundle server: nginx with infra/compose/nginx/bundles.conf.
+    with nginx_bundle_server(base / "nginx", served_dir) as bundle_port:
+        opa = Process(
+            "opa",
+            [
+                opa_bin,
+                *args,
+                f"--set=services.bundles.url=http://127.0.0.1:{bundle_port}/bundles",
+                "--set=bundles.authz.polling.min_delay_seconds=1",
+                "--set=bundles.authz.polling.max_delay_seconds=1",
+            ],
+            base / "opa.log",
+            lambda: http_ok(f"http://127.0.0.1:{diag}/health?bundles"),
+            env={"AUTHZ_OPA_TOKEN": token},
+        )
+        opa.start()
+        try:
+            opa.wait_ready(20)
+            yield Opa(api, diag, token, opa), served
+        finally:
+            opa.stop()
+
+
+@pytest.fixture(scope="module")
+def authz_process(
+    production: tuple[Opa, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Process, int]]:
+    """authz against the locked-down OPA with its token (what Compose runs)."""
+    opa, _ = production
+    grpc_port, admin_port = free_port(), free_port()
+    process = Process(
+        "authz",
+        [sys.executable, "-m", "authz", "serve"],
+        tmp_path_factory.mktemp("authz") / "authz.log",
+        lambda: http_ok(f"http://127.0.0.1:{admin_port}/readyz"),
+        env={
+            "AUTHZ_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
+            "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
+            "AUTHZ_OPA_URL": f"http://127.0.0.1:{opa.api}",
+            "AUTHZ_OPA_TOKEN": opa.token,
+            "AUTHZ_BUNDLE_POLL_INTERVAL_S": "0.2",
+            "AUTHZ_UVLOOP": "false",
+        },
+        cwd=ROOT,
+    )
+    process.start()
+    try:
+        process.wait_ready(20)
+        yield process, admin_port
+    finally:
+        process.stop()
+
+
+def _readyz(admin_port: int) -> tuple[int, str]:
+    status, raw = http_get(f"http://127.0.0.1:{admin_port}/readyz")
+    return status, raw.decode()
+
+
+def test_signed_bundle_lifecycle(
+    production: tuple[Opa, Path],
+    authz_process: tuple[Process, int],
+    bundles: dict[str, Path],
+) -> None:
+    """A signed bundle is activated; an unsigned one, a tampered one and one signed with
+    another key are refused while the previous revision keeps serving (OPA's decisions
+    and authz's /readyz both name it); the next good signed bundle is activated."""
+    opa, served = production
+    _, admin_port = authz_process
+    assert opa.revision() == "r1"
+    assert opa.decide(DEMO_KEY)["result"]["allowed"] is True
+    wait_for(lambda: "revision r1" in _readyz(admin_port)[1], what="authz to report r1")
+
+    for bad, reason in (
+        ("r2", "missing .signatures.json"),
+        ("r3", "digest mismatch"),
+        ("r4", "verification error"),
+    ):
+        before = opa.failed_loads()
+        _publish(bundles[bad], served)
+        wait_for(lambda before=before: opa.failed_loads() > before, what=f"{bad} refused")
+        assert reason in opa.process.log_tail(200), bad
+        assert opa.revision() == "r1", bad
+        # The tampered bundle would demote the admin key; the decision is unchanged.
+        assert opa.decide(DEMO_KEY)["result"]["allowed"] is True
+        status, body = _readyz(admin_port)
+        assert status == 200, body
+        assert "revision r1" in body
+
+    _publish(bundles["r5"], served)
+    wait_for(lambda: opa.revision() == "r5", what="r5 activated")
+    wait_for(lambda: "revision r5" in _readyz(admin_port)[1], what="authz to report r5")
+    _, metrics = http_get(f"http://127.0.0.1:{admin_port}/metrics")
+    assert b'authz_bundle_info{revision="r5"} 1.0' in metrics
+
+
+def test_api_is_locked_down(production: tuple[Opa, Path]) -> None:
+    """Only authz's token queries decisions and writes overrides; nobody dumps data or
+    policies, or writes elsewhere; probes and metrics need no token."""
+    opa, _ = production
+    base = f"http://127.0.0.1:{opa.api}"
+    token = opa.headers()
+    assert http_get(f"{base}/health?bundles")[0] == 200
+    assert http_get(f"{base}/metrics")[0] == 200
+    assert http_get(f"http://127.0.0.1:{opa.diag}/health")[0] == 200
+    denied = [
+        ("GET", "/v1/data", token),
+        ("GET", "/v1/data/gateway/api_keys", token),
+        ("POST", "/v1/data", token),
+        ("GET", "/v1/policies", token),
+        ("POST", "/v1/query", token),
+        ("GET", "/v1/config", token),
+        ("PUT", "/v1/data/gateway/api_keys", token),
+        ("PUT", "/v1/policies/evil", token),
+        ("POST", GATEWAY_DECISION, {}),
+        ("POST", GATEWAY_DECISION, opa.headers("tok_" + "0" * 48)),
+        ("PUT", "/v1/data/overrides", {}),
+    ]
+    for method, path, headers in denied:
+        status, _ = http_get(f"{base}{path}", headers, method=method, body=b"{}")
+        assert status in (401, 403), (method, path, status)
+    status, _ = http_get(f"{base}/v1/data/overrides", token, method="PUT", body=b"{}")
+    assert status == 204
+    status, raw = http_get(f"{base}/v1/data/overrides", token)
+    assert status == 200
+    assert json.loads(raw)["result"] == {}
+
+
+def test_decision_log_is_on_console_and_masked(production: tuple[Opa, Path]) -> None:
+    opa, _ = production
+    marker = "prompt-" + os.urandom(8).hex()
+    body = {
+        "input": {
+            "attributes": {
+                "request": {
+                    "http": {
+                        "method": "POST",
+                        "path": "/api/v1/items",
+                        "body": marker,
+                        "headers": {"cookie": marker, "x-request-id": marker + "-id"},
+                    }
+                }
+            },
+            "parsed_body": {"prompt": marker},
+        }
+    }
+    status, _ = http_get(
+        f"http://127.0.0.1:{opa.api}{GATEWAY_DECISION}",
+        opa.headers(),
+        method="POST",
+        body=json.dumps(body).encode(),
+    )
+    assert status == 200
+
+    def logged() -> list[dict[str, Any]]:
+        lines = opa.process.log_path.read_text().splitlines()
+        entries = [json.loads(line) for line in lines if marker in line]
+        return [entry for entry in entries if entry.get("msg") == "Decision Log"]
+
+    wait_for(lambda: bool(logged()), what="the decision log line")
+    (entry,) = logged()
+    assert entry["input"]["attributes"]["request"]["http"]["headers"] == {
+        "x-request-id": marker + "-id"
+    }
+    assert "body" not in entry["input"]["attributes"]["request"]["http"]
+    assert "parsed_body" not in entry["input"]
+    assert set(entry["erased"]) >= {
+        "/input/attributes/request/http/body",
+        "/input/parsed_body",
+        "/input/attributes/request/http/headers/cookie",
+    }
+
+
+def test_compose_opa_healthcheck_command(opa_bin: str, production: tuple[Opa, Path]) -> None:
+    """docker-compose.yaml's OPA healthcheck (``/opa eval`` with http.send: the static image
+    has no shell) passes against a ready OPA and fails against a closed port."""
+    opa, _ = production
+    compose = yaml.safe_load((ROOT / "infra/compose/docker-compose.yaml").read_text())
+    test = compose["services"]["opa"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "/opa"]
+    command = [opa_bin, *test[2:]]
+    healthy = [arg.replace("127.0.0.1:8282", f"127.0.0.1:{opa.diag}") for arg in command]
+    assert healthy != command
+    assert subprocess.run(healthy, capture_output=True, check=False, timeout=30).returncode == 0
+    closed = [arg.replace("127.0.0.1:8282", f"127.0.0.1:{free_port()}") for arg in command]
+    assert subprocess.run(closed, capture_output=True, check=False, timeout=30).returncode != 0
+
+
+def test_k8s_sidecar_loads_a_signed_bundle_file(
+    opa_bin: str,
+    tmp_path: Path,
+    keys: dict[str, KeyPair],
+    bundles: dict[str, Path],
+) -> None:
+    """The Kubernetes sidecar's args and generated ConfigMap (opa-file.yaml + system
+    policy), with the bundle as a file: a signed file is activated, an unsigned one never
+    is (OPA stays not ready: the pod never gets traffic)."""
+    configmap = yaml.safe_load((ROOT / deploy.K8S_OPA).read_text())["data"]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/opa.yaml").write_text(configmap["opa.yaml"])
+    (tmp_path / "system").mkdir()
+    for key, text in configmap.items():
+        if key.startswith("system."):
+            (tmp_path / "system" / key.removeprefix("system.")).write_text(text)
+    deployment = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "infra/k8s/authz.yaml").read_text())
+        if d["kind"] == "Deployment"
+    )
+    (sidecar,) = [
+        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "opa"
+    ]
+
+    def run(bundle: Path, name: str) -> tuple[bool, str]:
+        bundle_dir = tmp_path / name
+        bundle_dir.mkdir()
+        (bundle_dir / "authz.tar.gz").write_bytes(bundle.read_bytes())
+        (bundle_dir / "bundle-signing.pub.pem").write_bytes(keys["good"].public.read_bytes())
+        api, diag = free_port(), free_port()
+        args = _map_args(
+            sidecar["args"],
+            {
+                "/config/opa.yaml": str(tmp_path / "config/opa.yaml"),
+                "/policy/system": str(tmp_path / "system"),
+                "/bundles/": f"{bundle_dir}/",
+            },
+            api,
+            diag,
+        )
+        process = Process(
+            f"opa-{name}",
+            [opa_bin, *args, f"--set=bundles.authz.resource=file://{bundle_dir}/authz.tar.gz"],
+            tmp_path / f"{name}.log",
+            lambda: http_ok(f"http://127.0.0.1:{diag}/health"),
+            env={"AUTHZ_OPA_TOKEN": "tok_" + "1" * 48},
+        )
+        process.start()
+        try:
+            process.wait_ready(20)
+            wait_for(
+                lambda: (
+                    "Bundle" in process.log_tail(50)
+                    or http_ok(f"http://127.0.0.1:{diag}/health?bundles")
+                ),
+                what="the bundle load",
+            )
+            return http_ok(f"http://127.0.0.1:{diag}/health?bundles"), process.log_tail(50)
+        finally:
+            process.stop()
+
+    assert run(bundles["r1"], "signed")[0] is True
+    ready, log = run(bundles["r2"], "unsigned")
+    assert ready is False
+    assert "bundle missing .signatures.json file" in log
+
+
+def test_build_policy_bundle_signing(tmp_path: Path, keys: dict[str, KeyPair]) -> None:
+    """--sign adds .signatures.json; --verify with the wrong key fails and leaves the
+    previous bundle in place; without --sign the output has no signature."""
+    out = tmp_path / "out"
+    plain = build_bundle(out, "rev-plain")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip() == "rev-plain"
+    with tarfile.open(out / "authz.tar.gz") as archive:
+        assert "/.signatures.json" not in archive.getnames()
+    before = (out / "authz.tar.gz").read_bytes()
+    wrong = build_bundle(
+        out, "rev-bad", "--sign", str(keys["good"].private), "--verify", str(keys["other"].public)
+    )
+    assert wrong.returncode == 1
+    assert "does not verify" in wrong.stderr
+    assert (out / "authz.tar.gz").read_bytes() == before
+    signed = build_bundle(
+        out, "rev-signed", "--sign", str(keys["good"].private), "--verify", str(keys["good"].public)
+    )
+    assert signed.returncode == 0, signed.stderr
+    with tarfile.open(out / "authz.tar.gz") as archive:
+        assert "/.signatures.json" in archive.getnames()
+    assert (out / "authz/.signatures.json").is_file()
+    assert build_bundle(out, "r", "--verify", str(keys["good"].public)).returncode == 1
+
+
+def test_opa_refuses_to_start_without_the_public_key(opa_bin: str, tmp_path: Path) -> None:
+    """Fail closed: the production config without its verification key does not run."""
+    args = _map_args(
+        compose_command("opa"),
+        {
+            "/config/opa.yaml": str(ROOT / "infra/opa/opa.yaml"),
+            "/policy/system": str(ROOT / "infra/opa/system"),
+            "/keys/bundle-signing.pub.pem": str(tmp_path / "missing.pem"),
+        },
+        free_port(),
+        free_port(),
+    )
+    result = subprocess.run(
+        [opa_bin, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode != 0
+
+
+def test_system_policy_tests(opa_bin: str) -> None:
+    """infra/opa/system's own Rego tests, strict check and formatting."""
+    system, tests = str(ROOT / "infra/opa/system"), str(ROOT / "infra/opa/tests")
+    for args in (["test", system, tests], ["check", "--strict", system, tests]):
+        result = subprocess.run([opa_bin, *args], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    fmt = subprocess.run(
+        [opa_bin, "fmt", "--list", system, tests], capture_output=True, text=True, check=False
+    )
+    assert fmt.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("keyid: authz_bundle", "keyid: authz_bundle_typo"),
+        ("algorithm: RS256", "algorithm: RS257"),
+        ("min_delay_seconds: 10", "min_delay_seconds: 30"),  # above max_delay_seconds
+    ],
+    ids=["unknown key id", "bad algorithm", "bad polling"],
+)
+def test_broken_opa_config_is_rejected(
+    opa_bin: str, tmp_path: Path, keys: dict[str, KeyPair], old: str, new: str
+) -> None:
+    """OPA's config validation can fail: each breakage of opa.yaml stops OPA at startup."""
+    text = (ROOT / "infra/opa/opa.yaml").read_text()
+    assert old in text
+    broken = tmp_path / "opa.yaml"
+    broken.write_text(text.replace(old, new, 1))
+    args = _map_args(
+        compose_command("opa"),
+        {
+            "/config/opa.yaml": str(broken),
+            "/policy/system": str(ROOT / "infra/opa/system"),
+            "/keys/bundle-signing.pub.pem": str(keys["good"].public),
+        },
+        free_port(),
+        free_port(),
+    )
+    result = subprocess.run(
+        [opa_bin, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode != 0, result.stderr[-500:]
