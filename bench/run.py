@@ -1,0 +1,556 @@
+"""One benchmark run: build the bundles, measure each setup, save and print the results.
+
+Per setup, with the gateway policy and ``keys`` API keys (bundle ``keys-<keys>``), the
+skewed workload (Zipf over ``hot_keys`` of them):
+
+1. sanity: a valid key answers 200 and an unknown key 401 (limit: 200, it checks nothing);
+2. warm-up (discarded);
+3. a scale step (decider setups): ``scale_rate`` rps over the ``scale_hot_keys`` first
+   keys, then the processes' memory;
+4. each fixed rate, open loop: latency percentiles, CPU seconds per 1,000 decisions of
+   every process of the setup (``/proc/<pid>/stat`` before and after);
+5. max sustained rate (``search``) and peak RSS;
+6. authz only: a profiled step (py-spy on the authz process) at ``profile_load`` of its
+   max sustained rate.
+
+Then, for the decider setups, the all-distinct-keys workload on the ``distinct_keys``
+bundle (every request a key not used before in that setup) and the scale step on each
+other bundle size. Each step also records the CPU the rest of the machine used meanwhile
+(``foreign_cpu_cores``): the machine is shared, and a busy neighbour skews a step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import authz
+from authz.stack.supervisor import StackError
+from bench import procstat, report
+from bench.load import Attack, run_attack
+from bench.profile import format_profile, parse_collapsed, summarize_profile
+from bench.rig import SETUPS, Binaries, Rig, Running
+from bench.search import Bisection
+from bench.stats import Step, sustained
+from bench.workload import (
+    BENCH_PATH,
+    DistinctStream,
+    bench_key,
+    write_keys_overlay,
+    write_targets,
+    zipf_sequence,
+)
+
+__all__ = ["DEFAULT", "QUICK", "Bench", "Options"]
+
+DECIDERS: Final = ("peer", "authz")
+# Requests in the skewed and scale targets files (vegeta cycles through a file).
+SEQUENCE_LENGTH: Final = 20_000
+# Pause between load steps so a backlog from the previous one cannot leak into the next.
+SETTLE_S: Final = 1.5
+# The probe may exceed the ceiling it measures a little; bisection starts just above.
+PROBE_HEADROOM: Final = 1.05
+FOREIGN_CPU_WARN: Final = 0.10
+QUIET_CORES: Final = 0.10
+QUIET_SECONDS: Final = 3
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to measure and for how long (durations in seconds, rates in rps)."""
+
+    setups: tuple[str, ...] = SETUPS
+    rates: tuple[int, ...] = (500, 1000)
+    step_s: float = 10.0
+    warmup_s: float = 3.0
+    # Light enough for every setup: warming up must not leave a backlog behind.
+    warmup_rate: int = 100
+    probe_s: float = 5.0
+    search_step_s: float = 5.0
+    search_steps: int = 5
+    search_low: float = 0.4
+    workers: int = 32
+    max_p99_ms: float = 100.0
+    keys: int = 10_000
+    hot_keys: int = 1_000
+    zipf_exponent: float = 1.0
+    scale_sizes: tuple[int, ...] = (100, 10_000, 100_000)
+    # Low: the scale steps measure decision latency, not queueing near saturation.
+    scale_rate: int = 100
+    scale_hot_keys: int = 100
+    distinct_keys: int = 100_000
+    envoy_concurrency: int = 1
+    profile: bool = True
+    profile_s: float = 10.0
+    # The profiled step runs at this share of authz's max sustained rate (a loaded but
+    # not overloaded process: overload profiles the failure path).
+    profile_load: float = 0.8
+    seed: int = 1
+    authz_env: Mapping[str, str] = field(default_factory=lambda: {"AUTHZ_DECISION_LOG": "false"})
+    keep_run: bool = False
+    # Run authz from this git ref of the repository (None: the working tree).
+    authz_ref: str | None = None
+    # Before each setup starts, wait up to this long for the rest of the machine to go
+    # quiet (other processes below QUIET_CORES for a few seconds).
+    wait_quiet_s: float = 0.0
+
+    def bundle_sizes(self) -> list[int]:
+        """Every bundle size the run needs."""
+        sizes = {self.keys, *self.scale_sizes}
+        if any(s in DECIDERS for s in self.setups):
+            sizes.add(self.distinct_keys)
+        return sorted(sizes)
+
+
+DEFAULT: Final = Options()
+QUICK: Final = replace(
+    DEFAULT,
+    step_s=3.0,
+    warmup_s=1.0,
+    probe_s=2.0,
+    search_step_s=2.0,
+    search_steps=3,
+    profile_s=3.0,
+)
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries the final report)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _machine_busy_s() -> float:
+    # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...
+    with open("/proc/stat", encoding="utf-8") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    return procstat.cpu_seconds(sum(fields) - fields[3] - fields[4])
+
+
+def _get(url: str, key: str | None) -> int:
+    headers = {"X-API-Key": key} if key else {}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 (loopback http)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    except OSError as exc:
+        return f"unknown ({exc})"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+class Bench:
+    """A run in ``out_dir`` (``results-<stamp>.json``, ``latency-<stamp>.png`` and
+    ``run-<stamp>/`` with configs, logs and, while running, the bundles)."""
+
+    def __init__(
+        self, root: Path, options: Options, binaries: Binaries, out_dir: Path, py_spy: str | None
+    ) -> None:
+        self.root = root
+        self.opt = options
+        self.bin = binaries
+        self.py_spy = py_spy
+        self.stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.out_dir = out_dir
+        self.run_dir = out_dir / f"run-{self.stamp}"
+        self.results: dict[str, Any] = {"setups": {}, "scale": {}, "errors": []}
+        rng = random.Random(options.seed)  # noqa: S311
+        hot = rng.sample(range(options.keys), min(options.hot_keys, options.keys))
+        self.skewed = zipf_sequence(hot, SEQUENCE_LENGTH, options.zipf_exponent, options.seed)
+        scale_keys = list(range(min(options.scale_hot_keys, *options.scale_sizes)))
+        self.scale = zipf_sequence(scale_keys, SEQUENCE_LENGTH, options.zipf_exponent, options.seed)
+        self._shared_pids: list[int] = []
+
+    # -- environment and bundles ----------------------------------------------------
+    def environment(self) -> dict[str, Any]:
+        """Machine, tool versions and the authz source measured."""
+        cpu_model = ""
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+        status = _git(self.root, "status", "--porcelain", "--", "authz")
+        ref = self.opt.authz_ref
+        return {
+            "cores": os.cpu_count(),
+            "cpu": cpu_model,
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "envoy": _version([self.bin.envoy, "--version"]).split("version:")[-1].strip(),
+            "opa": _version([self.bin.opa, "version"]),
+            "peer": _version([self.bin.peer, "version"]) if self.bin.peer else None,
+            "peer_version": os.environ.get("BENCH_PEER_VERSION", "unknown (AUTHZ_PEER_BIN)"),
+            "peer_binary": self.bin.peer,
+            "vegeta": os.environ.get("BENCH_VEGETA_VERSION")
+            or _version([self.bin.vegeta, "-version"]),
+            "authz_source": f"git {ref} ({_git(self.root, 'rev-parse', '--short', ref)})"
+            if ref
+            else f"working tree {Path(authz.__file__).parent}",
+            "git_commit": _git(self.root, "rev-parse", "--short", "HEAD"),
+            "authz_tree_dirty": None
+            if status is None or self.opt.authz_ref
+            else bool(status.strip()),
+            "envoy_concurrency": self.opt.envoy_concurrency,
+            "authz_env": dict(self.opt.authz_env),
+        }
+
+    def export_authz(self) -> Path | None:
+        """``git archive <authz_ref> authz`` into the run directory, for authz to import
+        instead of the working tree (None without ``authz_ref``)."""
+        if self.opt.authz_ref is None:
+            return None
+        target = self.run_dir / "authz-src"
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(self.root), "archive", self.opt.authz_ref, "authz"],
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+        return target
+
+    def wait_quiet(self, what: str) -> float:
+        """Wait up to ``wait_quiet_s`` until the machine has been quiet (busy below
+        QUIET_CORES, our idle processes included) for QUIET_SECONDS; returns the seconds
+        waited and records them."""
+        if self.opt.wait_quiet_s <= 0:
+            return 0.0
+        started = time.monotonic()
+        quiet = 0
+        while quiet < QUIET_SECONDS:
+            before = _machine_busy_s()
+            time.sleep(1.0)
+            quiet = quiet + 1 if _machine_busy_s() - before < QUIET_CORES else 0
+            if time.monotonic() - started > self.opt.wait_quiet_s:
+                log(f"{what}: the machine did not go quiet in {self.opt.wait_quiet_s:g}s; going on")
+                break
+        waited = round(time.monotonic() - started, 1)
+        self.results.setdefault("quiet_waits", []).append({"before": what, "waited_s": waited})
+        return waited
+
+    def build_bundles(self) -> Path:
+        """Build ``keys-<n>`` for every size (policy + keys + the peer shim) into
+        ``run_dir/bundles``; returns that directory."""
+        bundles = self.run_dir / "bundles"
+        for size in self.opt.bundle_sizes():
+            overlay = write_keys_overlay(self.run_dir / "data" / f"keys-{size}", size)
+            shutil.copytree(
+                self.root / "bench" / "peer", overlay / "bench_peer", dirs_exist_ok=True
+            )
+            started = time.monotonic()
+            log_path = self.run_dir / "logs" / f"build-keys-{size}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("wb") as out:
+                subprocess.run(
+                    [
+                        str(self.root / "scripts" / "build-policy-bundle"),
+                        "--data",
+                        str(overlay),
+                        "--out",
+                        str(bundles),
+                        "--name",
+                        f"keys-{size}",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    check=True,
+                )
+            log(f"bundle keys-{size} built in {time.monotonic() - started:.1f}s")
+        return bundles
+
+    # -- steps ----------------------------------------------------------------------
+    def _targets(self, running: Running, name: str, indices: Sequence[int]) -> Path:
+        return write_targets(
+            self.run_dir / "targets" / f"{running.name}-{name}.txt",
+            running.url + BENCH_PATH,
+            indices,
+        )
+
+    def _step(
+        self, running: Running, name: str, rate: int, duration_s: float, targets: Path
+    ) -> tuple[Step, dict[str, Any]]:
+        """Run one load step; its summary, and the JSON record with the CPU each process
+        used (total and per 1,000 requests) and what other processes used meanwhile."""
+        pids = running.pids()
+        before = {role: procstat.read_cpu_seconds(pid) for role, pid in pids.items()}
+        shared_before = sum(procstat.read_cpu_seconds(p) for p in self._shared_pids)
+        busy_before, started = _machine_busy_s(), time.monotonic()
+        attack = Attack(
+            f"{running.name}-{name}", rate, duration_s, targets, workers=self.opt.workers
+        )
+        run = run_attack(self.bin.vegeta, attack, self.run_dir / "results")
+        elapsed = time.monotonic() - started
+        busy = _machine_busy_s() - busy_before
+        cpu = {role: procstat.read_cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+        shared = sum(procstat.read_cpu_seconds(p) for p in self._shared_pids) - shared_before
+        ours = sum(cpu.values()) + shared + run.loadgen_cpu_s
+        foreign = max(0.0, busy - ours) / elapsed
+        step = run.step
+        per_1k = {r: round(c / step.requests * 1000, 4) for r, c in cpu.items() if step.requests}
+        lat = step.latency_ms
+        log(
+            f"{running.name:5} {name:18} rate {rate or 'max':>5}: {step.throughput:7.0f} ok/s "
+            f"p50 {report.fmt_ms(lat.get('p50'))} p99 {report.fmt_ms(lat.get('p99'))} "
+            f"p99.9 {report.fmt_ms(lat.get('p99.9'))} ms, errors {step.errors}"
+            + (f" {step.codes}" if step.errors else "")
+            + (
+                f"  [other processes used {foreign:.2f} cores]"
+                if foreign > FOREIGN_CPU_WARN
+                else ""
+            )
+        )
+        return step, {
+            "step": step.to_json(),
+            "cpu_s": {r: round(c, 3) for r, c in cpu.items()},
+            "cpu_per_1k": per_1k,
+            "loadgen_cpu_s": run.loadgen_cpu_s,
+            "foreign_cpu_cores": round(foreign, 3),
+        }
+
+    def _sanity(self, running: Running) -> None:
+        url = running.url + BENCH_PATH
+        valid, unknown = _get(url, bench_key(0)), _get(url, "ak_bench_unknown")
+        want_unknown = 200 if running.name == "limit" else 401
+        if valid != 200 or unknown != want_unknown:
+            raise RuntimeError(
+                f"{running.name}: sanity check failed: valid key -> {valid} (want 200), "
+                f"unknown key -> {unknown} (want {want_unknown})"
+            )
+
+    def _warmup(self, running: Running, indices: Sequence[int]) -> None:
+        if self.opt.warmup_s > 0:
+            targets = self._targets(running, "warmup", indices)
+            run_attack(
+                self.bin.vegeta,
+                Attack(f"{running.name}-warmup", self.opt.warmup_rate, self.opt.warmup_s, targets),
+                self.run_dir / "results",
+            )
+            time.sleep(SETTLE_S)
+
+    def _memory(self, running: Running) -> dict[str, dict[str, int | None]]:
+        return {role: procstat.read_memory(pid) for role, pid in running.pids().items()}
+
+    def _search(
+        self, running: Running, workload: str, indices: Callable[[int], Sequence[int]]
+    ) -> dict[str, Any]:
+        """Closed-loop probe, then bisection of open-loop steps (bench.search)."""
+        o = self.opt
+        probe_count = int(max(self._ceiling_guess(running.name), 1000) * o.probe_s * 1.2)
+        targets = self._targets(running, "probe", indices(probe_count))
+        probe_step, probe = self._step(running, f"{workload}-probe", 0, o.probe_s, targets)
+        ceiling = probe_step.throughput
+        result: dict[str, Any] = {
+            "probe": probe,
+            "ceiling_rps": ceiling,
+            "steps": [],
+            "max_rps": None,
+        }
+        if ceiling < 20:
+            return result
+        search = Bisection(lo=o.search_low * ceiling, hi=ceiling * PROBE_HEADROOM)
+        for _ in range(o.search_steps):
+            rate = search.next_rate()
+            if rate is None:
+                break
+            time.sleep(SETTLE_S)
+            count = int(rate * o.search_step_s * 1.1) + 100
+            targets = self._targets(running, "search", indices(count))
+            step, record = self._step(running, f"{workload}-{rate}", rate, o.search_step_s, targets)
+            ok, reason = sustained(step, o.max_p99_ms)
+            if not ok:
+                time.sleep(SETTLE_S)  # an overloaded step needs longer to drain
+            search.record(rate, ok)
+            result["steps"].append({"rate": rate, "sustained": ok, "reason": reason, **record})
+        result["max_rps"] = search.best
+        result["ceiling_measured"] = search.ceiling_measured
+        log(f"{running.name:5} {workload} max sustained: {search.best} rps (probe {ceiling:.0f})")
+        return result
+
+    def _ceiling_guess(self, setup: str) -> float:
+        probe = self.results["setups"].get(setup, {}).get("search", {}).get("skewed", {})
+        return float(probe.get("ceiling_rps") or 5000)
+
+    # -- sessions --------------------------------------------------------------------
+    def _main_session(self, rig: Rig, setup: str) -> None:
+        o = self.opt
+        out: dict[str, Any] = {"fixed": {}, "search": {}}
+        self.results["setups"][setup] = out
+        with rig.setup(setup, f"keys-{o.keys}") as running:
+            self._sanity(running)
+            self._warmup(running, self.skewed)
+            if setup in DECIDERS and o.keys in o.scale_sizes:
+                self._scale_step(running, setup, o.keys)
+            skewed = self._targets(running, "skewed", self.skewed)
+            for rate in o.rates:
+                time.sleep(SETTLE_S)
+                _, out["fixed"][str(rate)] = self._step(
+                    running, f"skewed-{rate}", rate, o.step_s, skewed
+                )
+            time.sleep(SETTLE_S)
+            out["search"]["skewed"] = self._search(running, "skewed", lambda n: self.skewed)
+            out["memory"] = self._memory(running)
+            if setup == "authz" and o.profile:
+                time.sleep(SETTLE_S)
+                best = out["search"]["skewed"].get("max_rps")
+                rate = max(10, int(o.profile_load * best)) if best else o.scale_rate
+                self._profile(running, skewed, rate)
+
+    def _scale_step(self, running: Running, setup: str, size: int) -> None:
+        targets = self._targets(running, f"scale-{size}", self.scale)
+        _, record = self._step(
+            running, f"scale-{size}keys", self.opt.scale_rate, self.opt.step_s, targets
+        )
+        record["memory"] = self._memory(running)
+        self.results["scale"].setdefault(setup, {})[str(size)] = record
+
+    def _distinct_session(self, rig: Rig, setup: str) -> None:
+        o = self.opt
+        stream = DistinctStream(o.distinct_keys, seed=o.seed)
+        with rig.setup(setup, f"keys-{o.distinct_keys}") as running:
+            self._sanity(running)
+            self._warmup(running, self.scale)
+            if o.distinct_keys in o.scale_sizes:
+                self._scale_step(running, setup, o.distinct_keys)
+            time.sleep(SETTLE_S)
+            result = self._search(running, "distinct", stream.take)
+            result["keys_used"] = stream.used
+            result["key_reuse"] = stream.wraps > 0
+            self.results["setups"][setup]["search"]["distinct"] = result
+
+    def _scale_session(self, rig: Rig, setup: str, size: int) -> None:
+        with rig.setup(setup, f"keys-{size}") as running:
+            self._sanity(running)
+            self._warmup(running, self.scale)
+            self._scale_step(running, setup, size)
+
+    def _profile(self, running: Running, targets: Path, rate: int) -> None:
+        if self.py_spy is None:
+            log("py-spy not found: no profile")
+            return
+        raw = self.run_dir / "profile-authz.txt"
+        spy = subprocess.Popen(
+            [
+                self.py_spy,
+                "record",
+                "--pid",
+                str(running.pids()["authz"]),
+                "--duration",
+                f"{max(1, int(self.opt.profile_s))}",
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _, step = self._step(running, "profiled", rate, self.opt.profile_s, targets)
+        if spy.wait(timeout=self.opt.profile_s + 30) != 0 or not raw.exists():
+            log("py-spy failed (ptrace not permitted?): no profile")
+            return
+        with raw.open(encoding="utf-8") as lines:
+            summary = summarize_profile(parse_collapsed(lines))
+        self.results["profile"] = {"rate": rate, "step": step, "raw": str(raw), **summary}
+        log("authz profile:\n" + format_profile(summary))
+
+    # -- the run ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Build, measure, save; returns the results document."""
+        o = self.opt
+        started = time.monotonic()
+        self.results["started"] = self.stamp
+        self.results["options"] = asdict(o)
+        self.results["environment"] = self.environment()
+        bundles = self.build_bundles()
+        authz_src = self.export_authz()
+        rig = Rig(
+            self.root,
+            self.run_dir,
+            bundles,
+            self.bin,
+            envoy_concurrency=o.envoy_concurrency,
+            authz_env={**o.authz_env, **({"PYTHONPATH": str(authz_src)} if authz_src else {})},
+        )
+        with rig:
+            self._shared_pids = [p for p in rig.shared_pids() if p]
+            for setup in o.setups:
+                if setup == "peer" and self.bin.peer is None:
+                    self._error(setup, "no opa-envoy-plugin binary (see scripts/bench --help)")
+                    continue
+                self._guarded(setup, partial(self._main_session, rig, setup))
+                if setup not in DECIDERS:
+                    continue
+                self._guarded(setup, partial(self._distinct_session, rig, setup))
+                for size in o.scale_sizes:
+                    if size not in (o.keys, o.distinct_keys):
+                        self._guarded(setup, partial(self._scale_session, rig, setup, size))
+        self.results["ratios"] = report.ratios(self.results)
+        self.results["noisy_steps"] = report.noisy_steps(self.results, FOREIGN_CPU_WARN)
+        self.results["elapsed_s"] = round(time.monotonic() - started, 1)
+        if not o.keep_run:
+            shutil.rmtree(self.run_dir / "bundles", ignore_errors=True)
+            shutil.rmtree(self.run_dir / "data", ignore_errors=True)
+            shutil.rmtree(self.run_dir / "targets", ignore_errors=True)
+            # authz's working directories: its audit database grows by every decision.
+            for workdir in self.run_dir.glob("*-authz"):
+                shutil.rmtree(workdir, ignore_errors=True)
+        return self.results
+
+    def _guarded(self, setup: str, session: Callable[[], None]) -> None:
+        self.wait_quiet(setup)
+        try:
+            session()
+        except (StackError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self._error(setup, str(exc))
+
+    def _error(self, setup: str, message: str) -> None:
+        log(f"{setup}: FAILED: {message}")
+        self.results["errors"].append({"setup": setup, "error": message})
+
+    def save(self) -> tuple[Path, Path | None]:
+        """Write the JSON results and the PNG plot (None when matplotlib is missing)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"results-{self.stamp}.json"
+        path.write_text(json.dumps(self.results, indent=1, default=str), encoding="utf-8")
+        try:
+            png = report.plot(
+                self.results, self.opt.rates, self.out_dir / f"latency-{self.stamp}.png"
+            )
+        except ImportError:
+            log("matplotlib not installed: no plot")
+            png = None
+        return path, png

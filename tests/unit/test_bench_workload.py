@@ -1,0 +1,124 @@
+"""Benchmark keys, their bundle data, Zipf and distinct key streams, vegeta targets."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from authz.keys import digest, lint_data
+from bench.workload import (
+    BENCH_TIER,
+    DistinctStream,
+    bench_key,
+    keys_data,
+    targets_text,
+    write_keys_overlay,
+    zipf_sequence,
+    zipf_weights,
+)
+
+
+def test_keys_are_stable_and_distinct() -> None:
+    assert bench_key(7) == bench_key(7)
+    assert bench_key(7) != bench_key(8)
+    assert bench_key(7, seed="other") != bench_key(7)
+    assert len({bench_key(i) for i in range(1000)}) == 1000
+
+
+def test_smaller_bundles_hold_a_prefix_of_larger_ones() -> None:
+    small, large = keys_data(10), keys_data(100)
+    assert small.items() <= large.items()
+
+
+def test_keys_data_stores_digests_on_the_unlimited_tier() -> None:
+    data = keys_data(3)
+    assert list(data) == [digest(bench_key(i)) for i in range(3)]
+    assert all(entry["rate_limit_tier"] == BENCH_TIER for entry in data.values())
+    assert all(entry["enabled"] is True for entry in data.values())
+    # What scripts/build-policy-bundle checks before building.
+    assert lint_data({"gateway": {"api_keys": data}}) == []
+
+
+def test_overlay_layout(tmp_path: Path) -> None:
+    write_keys_overlay(tmp_path, 5)
+    written = json.loads((tmp_path / "gateway/api_keys/data.json").read_text())
+    assert written == keys_data(5)
+
+
+@pytest.mark.parametrize(
+    ("n", "exponent", "expected"),
+    [
+        (1, 1.0, [1.0]),
+        (3, 1.0, [1.0, 0.5, 1 / 3]),
+        (3, 0.0, [1.0, 1.0, 1.0]),
+        (2, 2.0, [1.0, 0.25]),
+    ],
+    ids=["one", "harmonic", "uniform", "square"],
+)
+def test_zipf_weights(n: int, exponent: float, expected: list[float]) -> None:
+    assert zipf_weights(n, exponent) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("n", "exponent"), [(0, 1.0), (3, -1.0)], ids=["no-keys", "negative"])
+def test_zipf_weights_rejects(n: int, exponent: float) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        zipf_weights(n, exponent)
+
+
+def test_zipf_sequence_is_skewed_by_rank() -> None:
+    keys = [40, 30, 20, 10]  # rank 1 is keys[0], whatever its value
+    counts = Counter(zipf_sequence(keys, 20_000, exponent=1.0, seed=3))
+    assert set(counts) == set(keys)
+    assert counts[40] > counts[30] > counts[20] > counts[10]
+    # Weights 1 : 1/2 : 1/3 : 1/4 of a total 25/12: rank 1 draws 48%.
+    assert counts[40] / 20_000 == pytest.approx(0.48, abs=0.02)
+    assert counts[40] / counts[20] == pytest.approx(3.0, rel=0.1)
+
+
+def test_zipf_sequence_is_deterministic_per_seed() -> None:
+    keys = list(range(1000))
+    assert zipf_sequence(keys, 500, seed=1) == zipf_sequence(keys, 500, seed=1)
+    assert zipf_sequence(keys, 500, seed=1) != zipf_sequence(keys, 500, seed=2)
+
+
+def test_zipf_over_1000_keys_concentrates_on_the_head() -> None:
+    draws = zipf_sequence(list(range(1000)), 20_000, exponent=1.0, seed=1)
+    counts = Counter(draws)
+    head = sum(counts[k] for k in range(10))
+    # H(10)/H(1000) = 2.93/7.49: the 10 most popular keys take ~39% of requests.
+    assert head / len(draws) == pytest.approx(0.39, abs=0.03)
+    assert len(counts) > 900  # and the tail is still visited
+
+
+def test_distinct_stream_never_repeats_before_wrapping() -> None:
+    stream = DistinctStream(1000, seed=5)
+    first = stream.take(600) + stream.take(400)
+    assert sorted(first) == list(range(1000))
+    assert stream.wraps == 1
+    assert stream.used == 1000
+    again = stream.take(10)
+    assert again == first[:10]  # the same permutation, second time round
+    assert stream.used == 1010
+
+
+def test_distinct_stream_take_across_the_end() -> None:
+    stream = DistinctStream(5, seed=1)
+    assert len(stream.take(12)) == 12
+    assert stream.wraps == 2
+    assert stream.cursor == 2
+
+
+def test_distinct_stream_rejects_empty() -> None:
+    with pytest.raises(ValueError, match="n must be"):
+        DistinctStream(0)
+
+
+def test_targets_text_is_vegeta_http_format() -> None:
+    text = targets_text("http://127.0.0.1:1/api/v1/items/1", [2, 0])
+    assert text == (
+        f"GET http://127.0.0.1:1/api/v1/items/1\nX-API-Key: {bench_key(2)}\n\n"
+        f"GET http://127.0.0.1:1/api/v1/items/1\nX-API-Key: {bench_key(0)}\n\n"
+    )
