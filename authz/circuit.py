@@ -1,12 +1,17 @@
 """A circuit breaker in front of OPA: stop hammering an unhealthy OPA, probe it back.
 
 States (``closed`` -> ``open`` -> ``half_open`` -> ``closed``), after the classic pattern
-(Nygard, *Release It!*): after ``failure_threshold`` consecutive transport failures
-(:class:`~authz.errors.OpaUnavailable`, :class:`~authz.errors.OpaTimeout`) the circuit
-opens and every query fails at once with :class:`~authz.errors.CircuitOpen` for
+(Nygard, *Release It!*): after ``failure_threshold`` consecutive connection failures
+(:class:`~authz.errors.OpaUnavailable`: refused, reset, unreachable) the circuit opens and
+every query fails at once with :class:`~authz.errors.CircuitOpen` for
 ``reset_timeout_s`` seconds; then one query is let through as a probe (``half_open``):
 success closes the circuit, failure opens it again. OPA answering at all (even with an
 undefined or invalid decision, or a policy error) counts as healthy.
+
+Timeouts (:class:`~authz.errors.OpaTimeout`) do not count: under overload they come from
+queueing (in authz as much as in OPA), each is already bounded by the decision budget,
+and opening the circuit then would turn a slow period into seconds of denying every
+request.
 """
 
 from __future__ import annotations
@@ -63,8 +68,11 @@ class CircuitBreaker:
             self._probing = True
         try:
             evaluation = await self._engine.evaluate(path, document, timeout_s)
-        except (OpaUnavailable, OpaTimeout):
+        except OpaUnavailable:
             self._failed()
+            raise
+        except OpaTimeout:
+            self._probing = False  # neither healthy nor down: no change
             raise
         except Exception:
             self._succeeded()  # OPA answered; the answer is someone else's problem

@@ -61,11 +61,11 @@ async def test_opens_after_threshold_fails_fast_then_probes_and_closes() -> None
 async def test_failed_probe_reopens() -> None:
     engine, clock = Switch(), Clock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
-    engine.failure = OpaTimeout("slow")
-    with pytest.raises(OpaTimeout):
+    engine.failure = OpaUnavailable("refused")
+    with pytest.raises(OpaUnavailable):
         await breaker.evaluate("p", {}, 1)
     clock.now = 5.0
-    with pytest.raises(OpaTimeout):
+    with pytest.raises(OpaUnavailable):
         await breaker.evaluate("p", {}, 1)
     assert breaker.state == OPEN
     clock.now = 9.0
@@ -86,3 +86,14 @@ async def test_policy_answers_count_as_healthy() -> None:
     with pytest.raises(OpaUnavailable):
         await breaker.evaluate("p", {}, 1)
     assert breaker.state == CLOSED  # the undefined answer reset the count
+
+
+async def test_timeouts_never_open_the_circuit() -> None:
+    engine = Switch()
+    breaker = CircuitBreaker(engine, failure_threshold=2)
+    engine.failure = OpaTimeout("slow under load")
+    for _ in range(10):
+        with pytest.raises(OpaTimeout):
+            await breaker.evaluate("p", {}, 1)
+    assert breaker.state == CLOSED
+    assert engine.calls == 10
