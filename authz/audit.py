@@ -226,6 +226,9 @@ class AuditTrail:
             item = self._queue.get(timeout=_FLUSH_S)
         except queue.Empty:
             return batch, False
+        # Let entries accumulate: waking (and committing) per entry would cost a
+        # transaction and two GIL hand-offs with the event loop for every request.
+        time.sleep(_FLUSH_S)
         while True:
             if item is None:
                 return batch, True

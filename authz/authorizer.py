@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.cache import DecisionCache, cache_key
+from authz.cache import DecisionCache
 from authz.config import parse_decision_path
 from authz.control import Control, Mode
 from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
@@ -216,7 +216,7 @@ class Authorizer:
         # 1. Route -> decision path (Envoy's per-route context_extensions).
         trace.path = self._decision_path(request.attributes.context_extensions)
         cache = self._cache
-        key = cache_key(trace.path, request) if cache is not None else None
+        key = cache.key(trace.path, request) if cache is not None else None
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
             # 2-4. An identical request was just decided by the same bundle: reuse it.

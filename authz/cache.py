@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -59,8 +59,13 @@ VOLATILE_HEADERS: Final = frozenset(
 log = logging.getLogger(__name__)
 
 
-def cache_key(path: str, request: external_auth_pb2.CheckRequest) -> Hashable:
-    """The cache key of ``request`` for decision ``path`` (a hashable tuple)."""
+def cache_key(
+    path: str,
+    request: external_auth_pb2.CheckRequest,
+    volatile: frozenset[str] = VOLATILE_HEADERS,
+) -> Hashable:
+    """The cache key of ``request`` for decision ``path`` (a hashable tuple), ignoring the
+    ``volatile`` headers."""
     attributes = request.attributes
     http = attributes.request.http
     source = attributes.source
@@ -72,7 +77,7 @@ def cache_key(path: str, request: external_auth_pb2.CheckRequest) -> Hashable:
         http.host,
         http.scheme,
         http.protocol,
-        tuple(sorted((k, v) for k, v in http.headers.items() if k not in VOLATILE_HEADERS)),
+        tuple(sorted((k, v) for k, v in http.headers.items() if k not in volatile)),
         http.body,
         http.raw_body,
         source.address.socket_address.address,
@@ -94,16 +99,24 @@ class CachedDecision:
 
 
 class DecisionCache:
-    """Bounded TTL LRU of policy decisions. ``clock`` is monotonic seconds. ``hits``,
-    ``misses`` and ``clears`` are counters for metrics."""
+    """Bounded TTL LRU of policy decisions. ``ignore_headers`` adds deployment-specific
+    per-request headers (a correlation id, a load generator's sequence number) to
+    :data:`VOLATILE_HEADERS`. ``clock`` is monotonic seconds. ``hits``, ``misses`` and
+    ``clears`` are counters for metrics."""
+
+    def key(self, path: str, request: external_auth_pb2.CheckRequest) -> Hashable:
+        """:func:`cache_key` with this cache's volatile headers."""
+        return cache_key(path, request, self.volatile)
 
     def __init__(
         self,
         *,
         max_entries: int = 10_000,
         ttl_s: float = 5.0,
+        ignore_headers: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.volatile = VOLATILE_HEADERS | {h.lower() for h in ignore_headers}
         self._entries: OrderedDict[Hashable, CachedDecision] = OrderedDict()
         self._max_entries = max_entries
         self._ttl_s = ttl_s

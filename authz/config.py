@@ -112,6 +112,7 @@ class Settings:
     overrides_file: Path | None = DEFAULT_OVERRIDES_FILE
     decision_cache_ttl_s: float = DEFAULT_DECISION_CACHE_TTL_S
     decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
+    decision_cache_ignore_headers: tuple[str, ...] = ()
 
     @property
     def decision_timeout_s(self) -> float:
@@ -284,6 +285,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "overrides_file": _path,
     "decision_cache_ttl_s": _cache_ttl,
     "decision_cache_max_entries": _int_in(1, 10_000_000),
+    "decision_cache_ignore_headers": _headers,
 }
 
 

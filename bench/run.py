@@ -100,7 +100,15 @@ class Options:
     # not overloaded process: overload profiles the failure path).
     profile_load: float = 0.8
     seed: int = 1
-    authz_env: Mapping[str, str] = field(default_factory=lambda: {"AUTHZ_DECISION_LOG": "false"})
+    # No decision log (the plugin logs none either). vegeta numbers every request in an
+    # X-Vegeta-Seq header; like a deployment's own correlation-id header, authz's decision
+    # cache is told to ignore it (request ids and tracing headers it ignores by default).
+    authz_env: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "AUTHZ_DECISION_LOG": "false",
+            "AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-vegeta-seq",
+        }
+    )
     keep_run: bool = False
     # Run authz from this git ref of the repository (None: the working tree).
     authz_ref: str | None = None

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from authz import audit
 from authz.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
 from authz.errors import ConfigError
 from authz.logs import redact_document
@@ -108,6 +109,12 @@ def decision(n: int, **fields: Any) -> DecisionRecord:
 
 
 TrailFactory = Callable[..., AuditTrail]
+
+
+@pytest.fixture(autouse=True)
+def quick_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer batches for 0.2 s in production; tests need not wait that long."""
+    monkeypatch.setattr(audit, "_FLUSH_S", 0.02)
 
 
 @pytest.fixture
