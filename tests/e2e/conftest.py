@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -80,6 +80,14 @@ class Env:
     egress: httpx.Client
     admin_token: str
     admin: httpx.Client
+    # Every response (status line, headers, body) the gateway and egress clients received,
+    # for the final check that no secret ever came back (test_zz_no_secrets.py).
+    seen: list[str] = field(default_factory=list)
+
+    def record(self, response: httpx.Response) -> None:
+        """httpx response hook: keep what came back."""
+        response.read()
+        self.seen.append(f"{response.status_code} {response.headers!r} {response.text}")
 
     def write_secrets(self, secrets: dict[str, str] | None = None) -> None:
         """(Re)write the egress secrets file; bumps mtime so authz sees the change."""
@@ -174,6 +182,8 @@ def e2e(
             timeout=5.0,
         ),
     )
+    for client in (env.gateway, env.egress):
+        client.event_hooks["response"] = [env.record]
     env.write_keys()
     env.write_secrets()
     env.build_bundle(repo_root)

@@ -229,3 +229,28 @@ def test_decision_log_names_sandbox_and_service(e2e: Env) -> None:
     assert record["decision_path"] == "authz/egress/decision"
     assert record["service"] == "openai"
     assert record["result"] == "allow"
+
+
+def test_the_sandboxs_own_authorization_is_replaced(e2e: Env) -> None:
+    headers = {
+        **e2e.sandbox_headers("sb-standard", "openai"),
+        "authorization": "Bearer sk-sandbox-own-guess",
+    }
+    resp = e2e.egress.post("/v1/chat/completions", headers=headers, json={"m": 1})
+    assert resp.status_code == 200, resp.text
+    # The stand-in accepts only the real credential from the secrets file: the sandbox's
+    # value was overwritten, not appended next to it.
+    assert resp.json()["credential_ok"] is True
+    assert "sk-sandbox-own-guess" not in resp.text
+
+
+def test_secrets_file_removed_means_deny_not_a_bare_forward(e2e: Env) -> None:
+    headers = e2e.sandbox_headers("sb-admin", "github")
+    assert e2e.egress.get("/user", headers=headers).status_code == 200
+    e2e.secrets_file.unlink()
+    try:
+        resp = _poll(lambda: e2e.egress.get("/user", headers=headers), 503)
+        assert _error(resp) == "credential_unavailable"
+    finally:
+        e2e.write_secrets()
+    _poll(lambda: e2e.egress.get("/user", headers=headers), 200)

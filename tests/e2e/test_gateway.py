@@ -189,6 +189,9 @@ def test_opa_down_fails_closed_then_recovers(e2e: Env) -> None:
         assert ready.status_code == 503
         assert ready.json()["checks"]["opa"]["ok"] is False
     assert e2e.gateway.get("/api/v1/status", headers=headers).status_code == 200
+    ready = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["opa"]["ok"] is True
 
 
 def test_revoked_key_denied_after_bundle_reload(e2e: Env, repo_root: Path) -> None:

@@ -320,3 +320,27 @@ def test_bypass_when_confirmed_allows_everything_and_nags(e2e: Env, tmp_path: Pa
         httpx.get(f"http://127.0.0.1:{admin_port}/metrics")
     text = (tmp_path / "authz-0.log").read_text()
     assert text.count("BYPASS MODE") >= 2  # at startup and on the scrape
+
+
+def test_override_survives_an_authz_restart(e2e: Env) -> None:
+    user = {"x-api-key": e2e.keys["user"]}
+    created = e2e.admin.post(
+        "/admin/overrides",
+        json={
+            "effect": "allow",
+            "decision_path": "authz/gateway/decision",
+            "match": {"key_id": "key-user", "path": "/api/v1/admin/audit", "methods": ["GET"]},
+            "ttl_s": 600,
+            "reason": "survives restarts",
+        },
+    ).json()
+    try:
+        assert e2e.gateway.get("/api/v1/admin/audit", headers=user).status_code == 200
+        with e2e.stack.stopped("authz"):
+            pass  # stopped, then started again from its overrides file
+        listed = e2e.admin.get("/admin/overrides").json()["overrides"]
+        assert created["id"] in [o["id"] for o in listed]
+        fresh = f"/api/v1/admin/audit?n={time.monotonic_ns()}"  # not from any cache
+        assert e2e.gateway.get(fresh, headers=user).status_code == 200
+    finally:
+        e2e.admin.delete(f"/admin/overrides/{created['id']}")

@@ -109,3 +109,11 @@ def test_clear() -> None:
     cache.clear("overrides changed")
     assert len(cache) == 0
     assert cache.clears == 1
+
+
+def test_configured_headers_are_ignored_too() -> None:
+    cache = DecisionCache(ignore_headers=["X-Vegeta-Seq"])
+    a = cache.key("p", check_request(headers={"x-vegeta-seq": "1"}))
+    b = cache.key("p", check_request(headers={"x-vegeta-seq": "2"}))
+    assert a == b
+    assert DecisionCache().key("p", check_request(headers={"x-vegeta-seq": "1"})) != a
