@@ -115,38 +115,35 @@ class OpaClient:
             skip_auto_headers=("User-Agent",),
         )
 
+    async def _send(
+        self, method: str, path: str, timeout_s: float, body: bytes | None = None
+    ) -> tuple[int, bytes]:
+        """One request to OPA -> (HTTP status, body). The one place transport failures
+        become typed errors: OpaTimeout past ``timeout_s``, OpaUnavailable otherwise."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.request(method, f"{self._base}{path}", data=body) as resp:
+                    return resp.status, await resp.read()
+        except TimeoutError:
+            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+
     async def evaluate(
         self, path: str, document: Mapping[str, Any], timeout_s: float
     ) -> Evaluation:
         """POST ``{"input": document}`` to ``/v1/data/<path>?provenance``; see
         :meth:`PolicyEngine.evaluate` for the errors raised."""
-        body = orjson.dumps({"input": document})
-        url = f"{self._base}/v1/data/{path}?provenance"
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.post(url, data=body) as resp:
-                    payload = await resp.read()
-                    status = resp.status
-        except TimeoutError:
-            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError as exc:
-            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
-        duration = time.perf_counter() - started
-        return _parse_answer(status, payload, duration)
+        status, payload = await self._send(
+            "POST", f"/v1/data/{path}?provenance", timeout_s, orjson.dumps({"input": document})
+        )
+        return _parse_answer(status, payload, time.perf_counter() - started)
 
     async def get(self, path: str, timeout_s: float) -> tuple[int, Any]:
         """GET an OPA endpoint (``/health?bundles``, ...) -> (HTTP status, decoded JSON or
         None). Raises OpaUnavailable or OpaTimeout like :meth:`evaluate`."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.get(f"{self._base}{path}") as resp:
-                    payload = await resp.read()
-                    status = resp.status
-        except TimeoutError:
-            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError as exc:
-            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+        status, payload = await self._send("GET", path, timeout_s)
         try:
             return status, orjson.loads(payload) if payload else None
         except orjson.JSONDecodeError:
@@ -156,40 +153,26 @@ class OpaClient:
         """``PUT /v1/data/<path>`` with ``value`` (OPA's data API: create or replace a
         document outside the bundle roots). Raises OpaUnavailable, OpaTimeout, or
         OpaResponseError for any answer but 204."""
-        url = f"{self._base}/v1/data/{path}"
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.put(url, data=orjson.dumps(value)) as resp:
-                    payload = await resp.read()
-                    status = resp.status
-        except TimeoutError:
-            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError as exc:
-            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
-        if status != 204:
-            detail = payload[:200].decode(errors="replace")
-            raise OpaResponseError(f"OPA answered HTTP {status} to PUT {path}: {detail}")
+        status, payload = await self._send(
+            "PUT", f"/v1/data/{path}", timeout_s, orjson.dumps(value)
+        )
+        _expect(status, (204,), f"PUT {path}", payload)
 
     async def delete_data(self, path: str, timeout_s: float) -> None:
         """``DELETE /v1/data/<path>``; an absent document (404) is fine. Raises
         OpaUnavailable, OpaTimeout, or OpaResponseError for any other answer but 204."""
-        url = f"{self._base}/v1/data/{path}"
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.delete(url) as resp:
-                    payload = await resp.read()
-                    status = resp.status
-        except TimeoutError:
-            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError as exc:
-            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
-        if status not in (204, 404):
-            detail = payload[:200].decode(errors="replace")
-            raise OpaResponseError(f"OPA answered HTTP {status} to DELETE {path}: {detail}")
+        status, payload = await self._send("DELETE", f"/v1/data/{path}", timeout_s)
+        _expect(status, (204, 404), f"DELETE {path}", payload)
 
     async def close(self) -> None:
         """Close the pool."""
         await self._session.close()
+
+
+def _expect(status: int, ok: tuple[int, ...], what: str, payload: bytes) -> None:
+    if status not in ok:
+        detail = payload[:200].decode(errors="replace")
+        raise OpaResponseError(f"OPA answered HTTP {status} to {what}: {detail}")
 
 
 def _parse_answer(status: int, payload: bytes, duration_s: float) -> Evaluation:
