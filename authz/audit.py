@@ -6,14 +6,18 @@ degraded), ``time`` (Unix seconds), ``decision_id``, ``body`` (canonical JSON: t
 decision-log fields plus the policy decision and the redacted input, keys sorted),
 ``prev_hash`` and ``hash``::
 
-    hash = sha256("<seq>\\n<prev_hash>\\n<body>")          (hex; the first prev_hash is 64 "0")
+    hash = sha256("<seq>\\n<prev_hash>\\n<kind>\\n<time>\\n<decision_id>\\n<body>")
+    (hex; the first prev_hash is 64 "0"; time as Python's repr of the float)
 
-Editing a body, re-ordering, or deleting a row breaks the chain at that row;
+Editing any column, re-ordering, or deleting a row breaks the chain at that row;
 :func:`verify` names the first broken row. Table ``audit_meta`` keeps ``head`` (last
 seq and hash, updated with every write, so a truncated tail is detected too) and
-``anchor`` (the last pruned row, when retention has removed old rows). It is tamper
-*evident*: someone able to rewrite the whole file can forge a new chain; ship the
-decision log elsewhere for that threat.
+``anchor`` (the last pruned row, when retention has removed old rows). Both live in the
+same file, so someone able to write the file can delete the newest entries and move the
+head back: the writer therefore also logs the head (``audit head`` log line with ``seq``
+and ``hash``, at most once a minute and at shutdown), and ``verify(head=...)`` /
+``authz audit verify --head SEQ:HASH`` checks the file against a head taken from the
+shipped logs. It is tamper *evident*, not tamper proof.
 
 Writes happen on one background thread, in batches, so a Check never waits for the disk.
 A full disk, a locked database or any SQLite error degrades the trail to log-only (the
@@ -26,6 +30,7 @@ audit trail. Retention (``retention_days``, ``max_records``) prunes the oldest r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import queue
@@ -40,6 +45,7 @@ from typing import Any, Final
 import orjson
 
 from authz.errors import ConfigError
+from authz.input import without_large_body
 from authz.logs import redact_document
 from authz.record import DecisionRecord
 
@@ -72,13 +78,19 @@ _BATCH: Final = 500
 _Item = tuple[str, float, str, "bytes | DecisionRecord"]
 _FLUSH_S: Final = 0.2
 _PRUNE_EVERY_S: Final = 60.0
+_HEAD_LOG_EVERY_S: Final = 60.0
 
 log = logging.getLogger(__name__)
 
 
-def entry_hash(seq: int, prev_hash: str, body: str) -> str:
-    """The chain hash of one entry (hex SHA-256 of ``seq``, ``prev_hash``, ``body``)."""
-    return hashlib.sha256(f"{seq}\n{prev_hash}\n{body}".encode()).hexdigest()
+def entry_hash(
+    seq: int, prev_hash: str, kind: str, when: float, decision_id: str, body: str
+) -> str:
+    """The chain hash of one entry: hex SHA-256 over every column of the row (``seq``,
+    ``prev_hash``, ``kind``, ``time`` as ``repr``, ``decision_id``, ``body``), so no
+    column can be edited without breaking the chain."""
+    text = f"{seq}\n{prev_hash}\n{kind}\n{when!r}\n{decision_id}\n{body}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _body(record: DecisionRecord) -> bytes:
@@ -89,7 +101,7 @@ def _body(record: DecisionRecord) -> bytes:
         else None
     )
     if record.document is not None:
-        body["input"] = redact_document(record.document)
+        body["input"] = redact_document(without_large_body(record.document))
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
@@ -154,7 +166,7 @@ class AuditTrail:
         *,
         retention_days: float | None = 30.0,
         max_records: int | None = 1_000_000,
-        queue_size: int = 100_000,
+        queue_size: int = 20_000,
         on_state: Callable[[bool, int, int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -178,6 +190,7 @@ class AuditTrail:
         self._lost_since: float | None = None
         self._lost_lock = threading.Lock()
         self._last_prune = 0.0
+        self._head_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -185,6 +198,10 @@ class AuditTrail:
     def record(self, record: DecisionRecord) -> None:
         """Queue ``record`` for the writer; never blocks, never raises. The body is built
         on the writer thread, off the request path."""
+        if record.document is not None:  # a queued entry must not pin a large body
+            slim = without_large_body(record.document)
+            if slim is not record.document:
+                record = dataclasses.replace(record, document=slim)
         self._put("decision", record.timestamp, record.decision_id, record)
 
     def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
@@ -202,10 +219,20 @@ class AuditTrail:
                 self._lost_since = self._lost_since or when
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush what is queued and stop the writer."""
+        """Flush what is queued, log the head, and stop the writer."""
         self._queue.put(None)
         self._thread.join(timeout_s)
+        self._log_head()
         self._conn.close()
+
+    def _log_head(self) -> None:
+        """Log the chain head, the anchor ``verify --head`` checks a file against."""
+        self._head_logged = self._clock()
+        if self._seq:
+            log.info(
+                "audit head",
+                extra={"audit_db": str(self.path), "seq": self._seq, "hash": self._hash},
+            )
 
     # -- writer thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -265,7 +292,7 @@ class AuditTrail:
                 rows = []
                 for kind, when, entry_id, text in texts:
                     seq += 1
-                    digest = entry_hash(seq, prev, text)
+                    digest = entry_hash(seq, prev, kind, when, entry_id, text)
                     rows.append((seq, kind, when, entry_id, text, prev, digest))
                     prev = digest
                 self._conn.executemany(
@@ -291,6 +318,8 @@ class AuditTrail:
             return
         self._seq, self._hash = seq, prev
         self.written += len(batch)
+        if self._clock() - self._head_logged > _HEAD_LOG_EVERY_S:
+            self._log_head()
         if self.degraded:
             self.degraded = False
             log.warning(
@@ -382,25 +411,28 @@ class VerifyReport:
     problem: str | None = None
 
 
-def verify(conn: sqlite3.Connection) -> VerifyReport:
+def verify(conn: sqlite3.Connection, *, head: tuple[int, str] | None = None) -> VerifyReport:
     """Walk the chain from the anchor (or genesis) to the recorded head; report the first
     entry whose seq, link or hash is wrong, or a head that does not match the last entry
-    (a truncated or extended tail)."""
+    (a truncated or extended tail). ``head`` is ``(seq, hash)`` recorded elsewhere (an
+    ``audit head`` log line): the chain must still hold that entry with that hash."""
     anchor = _meta(conn, "anchor")
-    head = _meta(conn, "head")
+    stored = _meta(conn, "head")
     expected_seq = int(anchor["seq"]) + 1 if anchor else 1
     prev = str(anchor["hash"]) if anchor else GENESIS
     count, first, last = 0, None, None
-    rows = conn.execute("SELECT seq, decision_id, body, prev_hash, hash FROM audit ORDER BY seq")
-    head_seq = int(head["seq"]) if head is not None else None
-    for seq, decision_id, body, prev_hash, digest in rows:
+    rows = conn.execute(
+        "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit ORDER BY seq"
+    )
+    head_seq = int(stored["seq"]) if stored is not None else None
+    for seq, kind, when, decision_id, body, prev_hash, digest in rows:
         first = first if first is not None else seq
         problem = None
         if seq != expected_seq:
             problem = f"expected entry {expected_seq} here: entries are missing"
         elif prev_hash != prev:
             problem = "prev_hash does not match the previous entry's hash"
-        elif entry_hash(seq, prev_hash, body) != digest:
+        elif entry_hash(seq, prev_hash, kind, when, decision_id, body) != digest:
             problem = "hash does not match the entry's contents (edited)"
         elif head_seq is not None and seq > head_seq:
             problem = f"entry is past the recorded head ({head_seq}): entries were added"
@@ -409,7 +441,11 @@ def verify(conn: sqlite3.Connection) -> VerifyReport:
         prev, expected_seq, last, count = digest, seq + 1, seq, count + 1
     # The chain must end exactly at the head (or at the anchor, when retention pruned all).
     end_seq = expected_seq - 1
-    if head is not None and (head_seq != end_seq or head["hash"] != prev):
+    if head is not None:
+        problem = _external_head_problem(conn, head, end_seq)
+        if problem is not None:
+            return VerifyReport(False, count, first, last, head[0], None, problem)
+    if stored is not None and (head_seq != end_seq or stored["hash"] != prev):
         return VerifyReport(
             False,
             count,
@@ -421,3 +457,24 @@ def verify(conn: sqlite3.Connection) -> VerifyReport:
             "entries were removed from the end",
         )
     return VerifyReport(True, count, first, last)
+
+
+def _external_head_problem(
+    conn: sqlite3.Connection, head: tuple[int, str], end_seq: int
+) -> str | None:
+    """Why the chain does not hold the externally recorded ``head``, or None."""
+    seq, digest = head
+    if seq > end_seq:
+        return (
+            f"the recorded head is entry {seq} but the chain ends at {end_seq}: entries "
+            "were removed from the end (and the head rewritten)"
+        )
+    row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+    if row is None:
+        anchor = _meta(conn, "anchor")
+        if anchor and int(anchor["seq"]) == seq and anchor["hash"] == digest:
+            return None  # pruned by retention, and the anchor vouches for it
+        return f"entry {seq} of the recorded head is no longer in the chain"
+    if row[0] != digest:
+        return f"entry {seq} does not have the recorded head's hash: the chain was rewritten"
+    return None

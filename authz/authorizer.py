@@ -64,11 +64,14 @@ DRY_RUN_HEADER: Final = "x-authz-dry-run"
 FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
 # Request header (to the upstream) on a request allowed in bypass mode.
 MODE_HEADER: Final = "x-authz-mode"
-# The failures a fail-open path turns into an allow: OPA could not be asked or answered
-# with an error. An undefined or malformed decision (a policy bug) always fails closed.
+# The failures a fail-open path turns into an allow: OPA could not be asked, or did not
+# answer in time. Anything OPA did answer is enforced: a deny (even a late one), an
+# undefined or malformed decision and an evaluation error (a policy bug) fail closed.
 FAIL_OPEN_CODES: Final = frozenset(
-    {"opa_unavailable", "opa_circuit_open", "opa_timeout", "opa_error", "deadline_exceeded"}
+    {"opa_unavailable", "opa_circuit_open", "opa_timeout", "deadline_exceeded"}
 )
+# Request headers in authz's own namespace: only a decision may set them.
+_OWN_PREFIX: Final = "x-authz-"
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +167,36 @@ class Authorizer:
         mode = self._control.mode
         trace = _Trace(self._default_path)
         if mode is Mode.BYPASS:
-            response = _allow(decision_id, headers=((MODE_HEADER, "bypass"),))
+            response = _allow(
+                decision_id,
+                headers=((MODE_HEADER, "bypass"),),
+                remove=self._unenforced_removals(request),
+            )
             return self._finish(request, response, trace, mode, started, decision_id, allowed=True)
         budget = self._timeout_s
         if time_remaining_s is not None:
             budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
         try:
-            response = await self._decide(request, trace, budget, started, decision_id)
+            try:
+                response = await self._decide(request, trace, budget, started, decision_id)
+            except AuthzError:
+                raise
+            except Exception as exc:  # a bug, or input no code path expected: deny, log
+                log.exception("unexpected error deciding", extra={"decision_id": decision_id})
+                raise AuthzError(f"unexpected {type(exc).__name__}") from exc
             allowed = response.HasField("ok_response")
         except AuthzError as error:
             trace.error = error
-            if error.code in FAIL_OPEN_CODES and trace.path in self._fail_open_paths:
+            opa_never_answered = trace.evaluation is None
+            if (
+                error.code in FAIL_OPEN_CODES
+                and opa_never_answered
+                and trace.path in self._fail_open_paths
+            ):
                 response = _allow(
                     decision_id,
                     headers=((FAIL_OPEN_HEADER, error.code),),
-                    remove=self._credential_headers,
+                    remove=self._unenforced_removals(request),
                 )
                 return self._finish(
                     request,
@@ -197,7 +215,7 @@ class Authorizer:
             response = _allow(
                 decision_id,
                 response_headers=((DRY_RUN_HEADER, marker),),
-                remove=self._credential_headers,
+                remove=self._unenforced_removals(request),
             )
             allowed = True
         return self._finish(request, response, trace, mode, started, decision_id, allowed=allowed)
@@ -228,8 +246,11 @@ class Authorizer:
             trace.document = build_input(
                 request, self._credential_headers, parse_request_body=self._parse_body
             )
-            # 3. Ask OPA, within the budget.
-            trace.evaluation = await self._engine.evaluate(trace.path, trace.document, budget)
+            # 3. Ask OPA, within what is left of the budget.
+            remaining = budget - (self._clock() - started)
+            if remaining <= 0:
+                raise DeadlineExceeded("the budget was spent before OPA could be asked")
+            trace.evaluation = await self._engine.evaluate(trace.path, trace.document, remaining)
             # 4. Parse OPA's result once into a typed Decision.
             decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
             if cache is not None:
@@ -250,6 +271,14 @@ class Authorizer:
             decision = self._inject_credential(decision, decision.credential)
         # 8. Decision -> CheckResponse.
         return build_response(decision, decision_id)
+
+    def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
+        """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps
+        from the upstream: the credential headers (for authz, never for the upstream) and
+        every client-sent header in authz's own ``x-authz-`` namespace (only a decision
+        may set those; an upstream trusts them)."""
+        own = {h for h in request.attributes.request.http.headers if h.startswith(_OWN_PREFIX)}
+        return self._credential_headers | own
 
     async def _rate_limit(
         self, decision: Decision, ref: RateLimitRef, limiter: Limiter
@@ -388,14 +417,15 @@ def _allow(
     remove: Iterable[str] = (),
 ) -> external_auth_pb2.CheckResponse:
     """An allow no policy decided (bypass, a suppressed deny, fail-open) with marker
-    headers. ``remove`` names headers kept from the upstream: the credential headers,
-    which are for authz, never for the upstream."""
+    headers; ``remove`` names the request headers kept from the upstream (a marker header
+    it sets is never removed)."""
+    marked = {name for name, _ in headers}
     return build_response(
         Decision(
             allowed=True,
             headers=headers,
             response_headers_to_add=response_headers,
-            request_headers_to_remove=tuple(sorted(remove)),
+            request_headers_to_remove=tuple(sorted(set(remove) - marked)),
         ),
         decision_id,
     )

@@ -12,7 +12,9 @@ decision's own ``cache_ttl_s``; ``0`` makes a decision uncacheable, e.g. when a 
 expires soon), and are dropped whenever the bundle revision changes (seen in an OPA
 answer's provenance, or by the bundle watcher) or the overrides change. What is cached is
 the policy's decision only: rate limiting, credential injection and the enforcement mode
-still apply to every request.
+still apply to every request. Entries keep the input for the audit trail, without a body
+over 8 KB (the key holds a digest of the body), so an entry stays small whatever the
+request.
 
 Policies whose decision depends on anything outside the key (the request id, tracing
 headers, the source port, the time beyond the TTL) must set ``cache_ttl_s: 0``.
@@ -20,6 +22,7 @@ headers, the source port, the time beyond the TTL) must set ``cache_ttl_s: 0``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -30,6 +33,7 @@ from typing import Any, Final
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.decision import Decision
+from authz.input import without_large_body
 from authz.policy import Evaluation
 
 __all__ = ["VOLATILE_HEADERS", "CachedDecision", "DecisionCache", "cache_key"]
@@ -69,6 +73,9 @@ def cache_key(
     attributes = request.attributes
     http = attributes.request.http
     source = attributes.source
+    body = b""
+    if http.body or http.raw_body:  # a digest, so a large body is not kept in the key
+        body = hashlib.sha256(http.body.encode() + b"\0" + http.raw_body).digest()
     return (
         path,
         tuple(sorted(attributes.context_extensions.items())),
@@ -78,8 +85,16 @@ def cache_key(
         http.scheme,
         http.protocol,
         tuple(sorted((k, v) for k, v in http.headers.items() if k not in volatile)),
-        http.body,
-        http.raw_body,
+        # Envoy's raw form (encode_raw_headers): the headers, credentials included, are
+        # only here, never in ``headers``.
+        tuple(
+            sorted(
+                (h.key.lower(), h.value, h.raw_value)
+                for h in http.header_map.headers
+                if h.key.lower() not in volatile
+            )
+        ),
+        body,
         source.address.socket_address.address,
         source.principal,
     )
@@ -157,11 +172,18 @@ class DecisionCache:
         )
         if ttl <= 0:
             return
+        now = self._clock()
         self._entries[key] = CachedDecision(
-            decision, evaluation, document, decision_id, self._clock() + ttl
+            decision, evaluation, without_large_body(document), decision_id, now + ttl
         )
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        # Drop expired entries from the old end too, so memory follows the live set.
+        for _ in range(2):
+            oldest = next(iter(self._entries.values()), None)
+            if oldest is None or oldest.expires_at > now:
+                break
             self._entries.popitem(last=False)
 
     def observe_revision(self, revision: str) -> None:

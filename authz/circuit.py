@@ -62,7 +62,8 @@ class CircuitBreaker:
             if self._clock() < self._open_until:
                 raise CircuitOpen("OPA circuit is open after repeated failures")
             self._transition(HALF_OPEN)
-        if self.state == HALF_OPEN:
+        probe = self.state == HALF_OPEN
+        if probe:
             if self._probing:
                 raise CircuitOpen("OPA circuit is half open; a probe is in flight")
             self._probing = True
@@ -72,23 +73,25 @@ class CircuitBreaker:
             self._failed()
             raise
         except OpaTimeout:
-            self._probing = False  # neither healthy nor down: no change
-            raise
+            raise  # neither healthy nor down: no change
         except Exception:
             self._succeeded()  # OPA answered; the answer is someone else's problem
             raise
+        finally:
+            # Whatever ended the probe (an answer, an error, or the caller cancelling the
+            # Check), the next query may probe again: never a probe "in flight" forever.
+            if probe:
+                self._probing = False
         self._succeeded()
         return evaluation
 
     def _failed(self) -> None:
-        self._probing = False
         self._failures += 1
         if self.state == HALF_OPEN or self._failures >= self._threshold:
             self._open_until = self._clock() + self._reset_timeout_s
             self._transition(OPEN)
 
     def _succeeded(self) -> None:
-        self._probing = False
         self._failures = 0
         if self.state != CLOSED:
             self._transition(CLOSED)

@@ -9,7 +9,7 @@
     authz secrets generate               build the egress secrets file from env / .env
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
     authz audit tail [--limit N]         print the last audit entries (JSON lines)
-    authz audit verify                   check the hash chain; exit 1 naming the first bad entry
+    authz audit verify [--head SEQ:HASH] check the hash chain; exit 1 naming the first bad entry
     authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle
 
 Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
@@ -166,8 +166,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
     conn = _open_audit(args)
     if conn is None:
         return 2
+    head = None
+    if args.head:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            print("error: --head expects SEQ:HASH (from an 'audit head' log line)", file=sys.stderr)
+            return 2
+        head = (int(seq), digest)
     with contextlib.closing(conn):
-        report = audit.verify(conn)
+        report = audit.verify(conn, head=head)
     if report.ok:
         span = f"entries {report.first_seq}..{report.last_seq}" if report.entries else "no entries"
         print(f"ok: {report.entries} entries, chain intact ({span})")
@@ -295,6 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--input", action="store_true", help="include the recorded input")
     tail.set_defaults(func=_audit_tail)
     verify = audit_commands.add_parser("verify", help="check the hash chain", parents=[where])
+    verify.add_argument(
+        "--head", help="SEQ:HASH from an 'audit head' log line: the chain must still hold it"
+    )
     verify.set_defaults(func=_audit_verify)
     replay_ = audit_commands.add_parser(
         "replay", help="re-evaluate recorded inputs against another bundle", parents=[where]

@@ -23,12 +23,12 @@ import base64
 import email.parser
 import email.policy
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
+import orjson
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
@@ -38,15 +38,19 @@ from authz.errors import RequestError
 
 __all__ = [
     "INPUT_VERSION",
+    "MAX_JSON_DEPTH",
     "build_input",
     "mask_credential",
     "message_to_input",
     "parse_body",
     "parse_path",
     "parse_query",
+    "without_large_body",
 ]
 
 INPUT_VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
+# Deepest JSON body nesting accepted (the input document adds a few levels around it).
+MAX_JSON_DEPTH: Final = 200
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _STRUCT_TYPES: Final = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
@@ -133,11 +137,28 @@ def _truncated(headers: Mapping[str, str], length: int) -> bool:
 
 
 def _json(payload: bytes, what: str) -> Any:
-    # Invalid UTF-8 becomes U+FFFD, as Go's encoding/json does.
+    """Strict JSON (RFC 8259, as Go's encoding/json: no NaN, no lone surrogates); invalid
+    UTF-8 becomes U+FFFD first, as Go does. Nesting deeper than :data:`MAX_JSON_DEPTH`
+    is refused: the input document must stay encodable (orjson stops at 255 levels)."""
     try:
-        return json.loads(payload.decode("utf-8", errors="replace"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"{what} is not valid JSON: {exc.__class__.__name__}") from None
+        value = orjson.loads(payload.decode("utf-8", errors="replace"))
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"{what} is not valid JSON: {exc.msg}") from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None:
@@ -267,3 +288,25 @@ def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[s
         entry.pop("rawValue", None)
         entry["value"] = masked
     return credentials
+
+
+# The parts of an input document that carry the request body.
+_BODY_FIELDS: Final = ("body", "rawBody")
+
+
+def without_large_body(document: Mapping[str, Any], limit: int = 8192) -> Mapping[str, Any]:
+    """``document`` itself when its request body is at most ``limit`` bytes; otherwise a
+    copy without the body (``attributes.request.http.body``/``rawBody``, ``parsed_body``)
+    and with ``body_omitted`` set to the body's size. For what is kept after the decision
+    (decision cache, audit trail): a large body must not pin memory or disk per request."""
+    http = document.get("attributes", {}).get("request", {}).get("http", {})
+    size = sum(len(http.get(name, "")) for name in _BODY_FIELDS)
+    if size <= limit:
+        return document
+    slim_http = {k: v for k, v in http.items() if k not in _BODY_FIELDS}
+    request = {**document["attributes"]["request"], "http": slim_http}
+    attributes = {**document["attributes"], "request": request}
+    slim = {k: v for k, v in document.items() if k != "parsed_body"}
+    slim["attributes"] = attributes
+    slim["body_omitted"] = size
+    return slim

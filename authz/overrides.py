@@ -151,7 +151,9 @@ def parse_override_request(
 class OverrideStore:
     """The active overrides; persisted to ``path`` (JSON, mode 0600) when given, pushed to
     OPA by ``push(document)`` (an async callable raising PolicyError on failure).
-    ``clock`` is Unix seconds. ``on_change(count)`` reports the active count (metrics)."""
+    ``clock`` is Unix seconds. ``on_change(count)`` reports the active count at every
+    local change (metrics); ``on_pushed()`` runs once OPA holds a changed list (clear the
+    decision cache then: not before, or decisions taken meanwhile would be kept)."""
 
     def __init__(
         self,
@@ -160,12 +162,15 @@ class OverrideStore:
         path: Path | None = None,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[int], None] | None = None,
+        on_pushed: Callable[[], None] | None = None,
     ) -> None:
         self._push = push
+        self._on_pushed = on_pushed
         self._path = path
         self._clock = clock
         self._on_change = on_change
         self._items: dict[str, Override] = {}
+        self._pushed: dict[str, Any] | None = None
         if path is not None and path.exists():
             self._load(path)
 
@@ -228,7 +233,14 @@ class OverrideStore:
             self._changed()
         # Pushed on every sync: OPA keeps pushed data in memory only, so a restarted OPA
         # gets the overrides back within one interval.
-        await self._push(self.document())
+        document = self.document()
+        await self._push(document)
+        if document != self._pushed:
+            # OPA now holds a new list: decisions taken against the old one (cached while
+            # the push was in flight, or after a failed push) are stale.
+            self._pushed = document
+            if self._on_pushed is not None:
+                self._on_pushed()
 
     async def watch(self, interval_s: float) -> None:
         """Call :meth:`sync` every ``interval_s`` seconds until cancelled."""

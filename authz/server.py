@@ -154,15 +154,15 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         else None
     )
 
-    def overrides_changed(active: int) -> None:
-        metrics.overrides_active.set(active)
+    def overrides_pushed() -> None:
         if cache is not None:
             cache.clear("overrides changed")
 
     overrides = OverrideStore(
         OpaOverrideWriter(opa),
         path=settings.overrides_file,
-        on_change=overrides_changed,
+        on_change=metrics.overrides_active.set,
+        on_pushed=overrides_pushed,
     )
     if cache is not None:
         metrics.watch_cache(lambda: (cache.hits, cache.misses, len(cache)))

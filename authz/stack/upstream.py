@@ -59,10 +59,12 @@ CREDENTIALS_FILE_VERSION: Final = 1
 class ServiceCredential:
     """What the stand-in expects from one service's callers: ``header`` (lowercase name)
     equal to ``value`` (the formatted credential; ``None`` when the credentials file has
-    no secret for the service, so every call is refused)."""
+    no secret for the service, so every call is refused). A service without a credential
+    (``header`` None, like a public API) expects none: a call carrying any credential
+    header is refused, since one can only come from a leak."""
 
     service: str
-    header: str
+    header: str | None
     value: str | None
 
     def __repr__(self) -> str:
@@ -94,6 +96,9 @@ def load_services(
         if not host:
             raise ValueError(f"service {name!r}: base_url has no host")
         credential = spec.get("credential")
+        if credential is None:
+            by_host[host.lower()] = ServiceCredential(name, None, None)
+            continue
         header = credential.get("header") if isinstance(credential, Mapping) else None
         template = credential.get("format") if isinstance(credential, Mapping) else None
         if not isinstance(header, str) or not header:
@@ -138,6 +143,8 @@ def _hostname(authority: str) -> str:
 
 
 def _credential_ok(request: web.Request, expected: ServiceCredential) -> bool:
+    if expected.header is None:
+        return not any(name.lower() in MASKED_HEADERS for name in request.headers)
     sent = request.headers.getall(expected.header, [])
     if expected.value is None or len(sent) != 1:
         return False
@@ -186,7 +193,7 @@ def create_app(
     app = web.Application()
     app[_NAME] = name
     app[_SERVICES] = dict(services or {})
-    app[_MASKED] = MASKED_HEADERS | {s.header for s in app[_SERVICES].values()}
+    app[_MASKED] = MASKED_HEADERS | {s.header for s in app[_SERVICES].values() if s.header}
     app.router.add_get("/healthz", _healthz)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app

@@ -52,7 +52,7 @@ method_allowed if method in service.allowed_methods
 
 path_allowed if {
 	some pattern in service.allowed_paths
-	glob.match(pattern, ["/"], lib.request_path)
+	lib.match_path(pattern)
 }
 
 overrides := lib.overrides_for("authz/egress/decision", "sandbox_id", sandbox_id)
@@ -137,13 +137,21 @@ allow := object.union(
 		"rate_limit": {
 			"tier": sandbox.tier,
 			"key": concat(":", ["sandbox", sandbox_id, service_name]),
-			"requests_per_minute": tier.rate_limit.requests_per_minute,
+			"requests_per_minute": requests_per_minute,
 		},
 		"identity": decision_identity,
 		"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier},
 	},
 	credential,
 )
+
+# A tier that grants no service has no rate to speak of (0 per minute); a call an override
+# lets through uses data.egress.override_rate_limit instead, or it would always be a 429.
+requests_per_minute := tier.rate_limit.requests_per_minute if {
+	tier.rate_limit.requests_per_minute != 0
+} else := data.egress.override_rate_limit.requests_per_minute if {
+	excepted
+} else := 0
 
 # By reference only: the secrets file entry named after the service.
 credential := {"credential": {

@@ -290,3 +290,28 @@ test_denies_name_the_sandbox_and_the_tier_only_once_proven if {
 	bad.identity == {"sandbox_id": "sb-standard", "service": "openai"}
 	not decide("sb-nope", "x", "openai", "GET", "/v1/models").identity
 }
+
+# -- security review ------------------------------------------------------------------------
+
+# README: an allow override "lets it through the tier/method/path rules it matched". For
+# a sandbox on the `default` tier (no services) the decision still carries the tier's
+# rate limit, requests_per_minute 0, so authz answers 429 rate_limited to every request
+# the override allowed: overrides cannot help exactly the sandboxes that need them.
+test_allow_override_is_usable_on_the_default_tier if {
+	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-default", "service": "openai"})}
+	d := decide_with("sb-default", "t-default", "openai", "GET", "/v1/models", o)
+	d.allowed
+	d.reason == "allowed_by_override"
+	d.rate_limit.requests_per_minute != 0
+}
+
+# README: authz "injects the real credential from a secrets file the sandbox never sees".
+# httpbin's allowed paths (/get, /post, /anything/**) answer with the request's headers,
+# so the injected Authorization: Bearer <secret> comes back to the sandbox in the body.
+test_echo_service_is_given_no_credential if {
+	every path in ["/get", "/anything/x"] {
+		d := decide("sb-restricted", "t-restricted", "httpbin", "GET", path)
+		d.allowed
+		not d.credential
+	}
+}

@@ -44,7 +44,7 @@ expired if {
 # general one (/api/v1/**) restricts it.
 matching_rules := [rule |
 	some rule in data.gateway.path_rules
-	glob.match(rule.pattern, ["/"], lib.request_path)
+	lib.match_path(rule.pattern)
 	method_matches(rule.methods)
 ]
 

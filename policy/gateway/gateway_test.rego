@@ -245,3 +245,24 @@ test_override_bounds_the_cache if {
 	d.cache_ttl_s <= 3600
 	d.cache_ttl_s > 3590
 }
+
+# -- path parameters and case (security review) ------------------------------------------
+
+# /api/v1/admin/** is admin-only. A ';' path parameter makes the segment "admin;x", so no
+# admin rule matches and /api/v1/** lets a user (or viewer) through. Envoy forwards the
+# path unchanged (normalize_path leaves ';' alone); servlet containers and Spring strip
+# ';...' from each segment and serve /api/v1/admin/users.
+test_path_parameters_do_not_escape_the_admin_rule if {
+	d := decide("GET", "/api/v1/admin;x/users", api_key("k-user"))
+	not d.allowed
+}
+
+test_path_parameter_on_the_last_admin_segment if {
+	d := decide("DELETE", "/api/v1/admin;/users/7", api_key("k-user"))
+	not d.allowed
+}
+
+test_path_case_cannot_escape_the_admin_rule if {
+	d := decide("GET", "/api/v1/Admin/users", api_key("k-user"))
+	d.reason == "role_not_allowed"
+}

@@ -15,14 +15,24 @@ unauthorized(reason, presented) := object.union(deny(401, reason), {"headers": {
 } else := object.union(deny(401, reason), {"headers": {"www-authenticate": `Bearer realm="authz"`}})
 
 # The request path rebuilt from input.parsed_path (percent-decoded, as the plugin builds
-# it), so matching never sees a query string or encoded characters.
-request_path := concat("/", ["", concat("/", input.parsed_path)])
+# it), so matching never sees a query string or encoded characters; lowercased, and so
+# are the patterns it is matched against (match_path), so `/api/v1/Admin/x` cannot miss
+# an admin rule on its way to a case-insensitive upstream.
+request_path := lower(concat("/", ["", concat("/", input.parsed_path)]))
+
+match_path(pattern) if glob.match(lower(pattern), ["/"], request_path)
 
 # Dot segments must never reach path matching (Envoy normalizes them first; this is the
-# second line of defense).
+# second line of defense), nor path parameters: `/admin;x/users` misses an `/admin/**`
+# rule, while servlet containers and Spring strip `;x` and serve /admin/users.
 bad_path if {
 	some segment in input.parsed_path
 	segment in {".", ".."}
+}
+
+bad_path if {
+	some segment in input.parsed_path
+	contains(segment, ";")
 }
 
 # Client-sent headers under our identity prefix that a decision does not set itself:
@@ -51,7 +61,7 @@ override_matches_request(match) if {
 
 path_matches(match) if not match.path
 
-path_matches(match) if glob.match(match.path, ["/"], request_path)
+path_matches(match) if match_path(match.path)
 
 method_matches(match) if not match.methods
 

@@ -24,17 +24,20 @@ class FakeEngine:
         *,
         delay_s: float = 0.0,
         revision: str = "rev-test",
+        record: bool = True,
     ) -> None:
         self._answer = answer
         self._delay_s = delay_s
         self._revision = revision
         self.calls: list[tuple[str, Mapping[str, Any], float]] = []
+        self._record = record  # False: keep no documents (memory measurements)
         self.closed = False
 
     async def evaluate(
         self, path: str, document: Mapping[str, Any], timeout_s: float
     ) -> Evaluation:
-        self.calls.append((path, document, timeout_s))
+        if self._record:
+            self.calls.append((path, document, timeout_s))
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
         result = self._answer(path, document) if callable(self._answer) else self._answer

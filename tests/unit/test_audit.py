@@ -178,8 +178,12 @@ def test_entries_are_chained_in_seq_order(
         assert entry.prev_hash == prev
         body = orjson.dumps(dict(entry.body), option=orjson.OPT_SORT_KEYS).decode()
         # The documented formula, so an external verifier can recompute the chain.
-        expected = hashlib.sha256(f"{entry.seq}\n{prev}\n{body}".encode()).hexdigest()
-        assert entry.hash == expected == entry_hash(entry.seq, prev, body)
+        text = f"{entry.seq}\n{prev}\n{entry.kind}\n{entry.time!r}\n{entry.decision_id}\n{body}"
+        expected = hashlib.sha256(text.encode()).hexdigest()
+        assert entry.hash == expected
+        assert expected == entry_hash(
+            entry.seq, prev, entry.kind, entry.time, entry.decision_id, body
+        )
         prev = entry.hash
     assert trail.written == 3
     assert (trail.degraded, trail.failed) == (False, 0)
@@ -442,7 +446,14 @@ def forge_row(conn: sqlite3.Connection, seq: int, prev_hash: str, decision_id: s
     conn.execute(
         "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
         "VALUES (?, 'decision', ?, ?, ?, ?, ?)",
-        (seq, T0, decision_id, body, prev_hash, entry_hash(seq, prev_hash, body)),
+        (
+            seq,
+            T0,
+            decision_id,
+            body,
+            prev_hash,
+            entry_hash(seq, prev_hash, "decision", T0, decision_id, body),
+        ),
     )
 
 

@@ -176,7 +176,8 @@ async def test_budget_stays_inside_the_callers_deadline(
 ) -> None:
     engine = FakeEngine(True)
     await make(engine).check(check_request(), remaining)
-    assert engine.calls[0][2] == pytest.approx(expected_budget)
+    # What is left of the budget when OPA is asked: a little less than the whole.
+    assert expected_budget - 0.05 < engine.calls[0][2] <= expected_budget
 
 
 async def test_deadline_already_spent_denies_503() -> None:
@@ -421,7 +422,7 @@ async def test_mode_switch_applies_to_the_next_request() -> None:
     [
         (OpaUnavailable("down"), True),
         (OpaTimeout("slow"), True),
-        (OpaResponseError("HTTP 500"), True),
+        (OpaResponseError("HTTP 500"), False),  # OPA answered: a policy error stays closed
         (UndefinedDecision("nothing"), False),
         ({"allowed": 1}, False),
         (DENY, False),

@@ -11,7 +11,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from authz.stack.upstream import MASK, create_app, load_credentials, load_services
+from authz.stack.upstream import (
+    MASK,
+    ServiceCredential,
+    create_app,
+    load_credentials,
+    load_services,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -217,7 +223,7 @@ def test_load_services_accepts_the_real_services_data() -> None:
     ("spec", "message"),
     [
         ({"base_url": "nohost"}, "base_url has no host"),
-        ({"base_url": "https://a.example"}, "credential.header"),
+        ({"base_url": "https://a.example", "credential": {}}, "credential.header"),
         ({"base_url": "https://a.example", "credential": {"format": "{secret}"}}, "header"),
         ({"base_url": "https://a.example", "credential": {"header": "h"}}, "credential.format"),
         (
@@ -226,7 +232,7 @@ def test_load_services_accepts_the_real_services_data() -> None:
         ),
         ("https://a.example", "must be an object"),
     ],
-    ids=["no-host", "no-credential", "no-header", "no-format", "format-without-secret", "str"],
+    ids=["no-host", "empty-credential", "no-header", "no-format", "format-without-secret", "str"],
 )
 def test_load_services_errors(spec: object, message: str) -> None:
     with pytest.raises(ValueError, match=f"service 's': .*{message}"):
@@ -256,3 +262,16 @@ def test_load_credentials_errors_never_show_a_secret(tmp_path: Path, content: ob
     with pytest.raises(ValueError, match=str(path)) as info:
         load_credentials(path)
     assert "sk-openai-123" not in str(info.value)
+
+
+async def test_a_service_without_credential_refuses_any_credential_header() -> None:
+    services = load_services({"echo": {"base_url": "https://echo.example"}}, {})
+    assert services == {"echo.example": ServiceCredential("echo", None, None)}
+    async with TestClient(TestServer(create_app("standin", services))) as client:
+        clean = await client.get("/get", headers={"Host": "echo.example"})
+        assert clean.status == 200
+        assert (await clean.json())["credential_ok"] is True
+        leaked = await client.get(
+            "/get", headers={"Host": "echo.example", "Authorization": "Bearer x"}
+        )
+        assert leaked.status == 401

@@ -12,3 +12,23 @@ mask contains "/input/attributes/request/http/rawBody"
 mask contains "/input/parsed_body"
 
 mask contains "/input/attributes/request/http/headers/cookie"
+
+# Query strings may carry credentials (?api_key=...): the request path (and its :path
+# header) are dropped whenever they hold a query, and so are the credential-carrying
+# parameters authz masks in its own audit trail (authz/logs.py SENSITIVE_QUERY_PARAMS).
+mask contains "/input/attributes/request/http/path" if contains(input.input.attributes.request.http.path, "?")
+
+mask contains "/input/attributes/request/http/headers/:path" if {
+	contains(input.input.attributes.request.http.headers[":path"], "?")
+}
+
+mask contains concat("/", ["/input/parsed_query", name]) if {
+	some name, _ in input.input.parsed_query
+	lower(name) in sensitive_query_params
+}
+
+sensitive_query_params := {
+	"api_key", "apikey", "api-key", "key", "token", "access_token", "id_token",
+	"refresh_token", "client_secret", "secret", "password", "sig", "signature",
+	"x-api-key", "code",
+}
