@@ -80,15 +80,6 @@ _HCM: Final = f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectio
 _NAMESPACE: Final = "authz"
 
 
-def _socket(address: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": address, "port_value": port}}
-
-
-def _endpoints(cluster: str, address: str, port: int) -> dict[str, Any]:
-    endpoint = {"endpoint": {"address": _socket(address, port)}}
-    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [endpoint]}]}
-
-
 def _read_only_admin_listener(port: int) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
@@ -120,7 +111,7 @@ def _read_only_admin_listener(port: int) -> dict[str, Any]:
     }
     return {
         "name": "admin_read_only",
-        "address": _socket("0.0.0.0", port),
+        "address": egress_envoy.socket_address("0.0.0.0", port),
         "filter_chains": [
             {
                 "filters": [
@@ -141,7 +132,7 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
     loopback address), or a listener named ``admin_read_only`` already present.
     """
     result = copy.deepcopy(dict(config))
-    result["admin"] = {"address": _socket("127.0.0.1", INTERNAL_ADMIN_PORT)}
+    result["admin"] = {"address": egress_envoy.socket_address("127.0.0.1", INTERNAL_ADMIN_PORT)}
     resources = result["static_resources"]
     for listener in resources["listeners"]:
         if listener["name"] == "admin_read_only":
@@ -159,7 +150,7 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
         host, port = DNS_ADDRESSES[name]
         cluster["type"] = "STRICT_DNS"
         cluster["dns_lookup_family"] = "V4_PREFERRED"
-        cluster["load_assignment"] = _endpoints(name, host, port)
+        cluster["load_assignment"] = egress_envoy.load_assignment(name, host, port)
         if name == "authz":
             cluster["health_checks"] = [
                 {
@@ -176,7 +167,9 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
             "name": "admin",
             "type": "STATIC",
             "connect_timeout": "0.25s",
-            "load_assignment": _endpoints("admin", "127.0.0.1", INTERNAL_ADMIN_PORT),
+            "load_assignment": egress_envoy.load_assignment(
+                "admin", "127.0.0.1", INTERNAL_ADMIN_PORT
+            ),
         }
     )
     return result

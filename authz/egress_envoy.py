@@ -38,9 +38,11 @@ __all__ = [
     "ROUTE_TIMEOUT",
     "Upstream",
     "generate",
+    "load_assignment",
     "main",
     "parse_base_url",
     "render",
+    "socket_address",
 ]
 
 DECISION_PATH: Final = "authz/egress/decision"
@@ -185,7 +187,7 @@ def generate(
         clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
     virtual_hosts.append(_catch_all_virtual_host())
     return {
-        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
+        "admin": {"address": socket_address("127.0.0.1", admin_port)},
         "static_resources": {
             "listeners": [_listener(listen_address, listen_port, virtual_hosts)],
             "clusters": clusters,
@@ -228,12 +230,14 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _socket_address(address: str, port: int) -> dict[str, Any]:
+def socket_address(address: str, port: int) -> dict[str, Any]:
+    """An Envoy v3 ``config.core.v3.Address`` (socket address) as a dict."""
     return {"socket_address": {"address": address, "port_value": port}}
 
 
-def _load_assignment(cluster: str, address: str, port: int) -> dict[str, Any]:
-    endpoint = {"endpoint": {"address": _socket_address(address, port)}}
+def load_assignment(cluster: str, address: str, port: int) -> dict[str, Any]:
+    """An Envoy v3 ``ClusterLoadAssignment`` with one endpoint, as a dict."""
+    endpoint = {"endpoint": {"address": socket_address(address, port)}}
     return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [endpoint]}]}
 
 
@@ -372,7 +376,7 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
     }
     return {
         "name": "egress",
-        "address": _socket_address(address, port),
+        "address": socket_address(address, port),
         "filter_chains": [
             {
                 "filters": [
@@ -394,7 +398,7 @@ def _authz_cluster(address: tuple[str, int]) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": _load_assignment("authz", *address),
+        "load_assignment": load_assignment("authz", *address),
     }
 
 
@@ -416,7 +420,7 @@ def _service_cluster(
         cluster["type"] = "LOGICAL_DNS"
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     cluster["connect_timeout"] = UPSTREAM_CONNECT_TIMEOUT
-    cluster["load_assignment"] = _load_assignment(cluster_name, address, port)
+    cluster["load_assignment"] = load_assignment(cluster_name, address, port)
     if upstream.tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
