@@ -184,7 +184,6 @@ def test_render_ends_with_the_ratio_line() -> None:
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")  # the bench extra; scripts/bench installs it
     from bench.report import plot
 
     path = plot(RESULTS, [500, 1000], tmp_path / "latency.png")
