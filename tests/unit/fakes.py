@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
@@ -12,6 +13,13 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from authz.errors import PolicyError
 from authz.policy import Evaluation
 from authz.record import DecisionRecord
+
+if TYPE_CHECKING:
+    from authz.authorizer import Authorizer
+
+# A 63 KB JSON body (under the gateway's max_request_bytes, 65536) that parses into
+# 21,000 objects: the costliest body an anonymous client can send.
+LARGE_JSON_BODY = "[" + ",".join(["{}"] * 21000) + "]"
 
 
 class FakeEngine:
@@ -93,3 +101,23 @@ def check_request(
             context_extensions=dict(context_extensions or {}),
         )
     )
+
+
+async def bytes_retained_per_check(authorizer: Authorizer, n: int = 100) -> float:
+    """Bytes still allocated (tracemalloc) per anonymous POST of :data:`LARGE_JSON_BODY`
+    after ``n`` checks through ``authorizer``, each to a distinct path."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            await authorizer.check(
+                check_request(
+                    method="POST",
+                    path=f"/api/v1/items/{i}",
+                    body=LARGE_JSON_BODY,
+                    headers={"content-type": "application/json"},
+                )
+            )
+        return (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()

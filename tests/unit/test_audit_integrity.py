@@ -86,10 +86,8 @@ async def test_audit_queue_memory_is_bounded(
     # that is ~1.6 MB, so a full queue is ~160 GB. The writer needs ~4 ms per such entry
     # (it re-serializes the body twice), slower than authz handles them, so a flood of
     # such requests grows the queue until the process is killed.
-    import tracemalloc
-
     from authz.authorizer import Authorizer
-    from tests.unit.fakes import FakeEngine, check_request
+    from tests.unit.fakes import FakeEngine, bytes_retained_per_check
 
     monkeypatch.setattr(audit, "_FLUSH_S", 3.0)  # a slow disk: the writer is behind
     trail = AuditTrail(tmp_path / "audit.db", retention_days=None, max_records=None)
@@ -102,23 +100,9 @@ async def test_audit_queue_memory_is_bounded(
         timeout_s=5.0,
         sinks=[trail],
     )
-    body = "[" + ",".join(["{}"] * 21000) + "]"
-    n = 100
-    tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
-        for i in range(n):
-            await authorizer.check(
-                check_request(
-                    method="POST",
-                    path=f"/api/v1/items/{i}",
-                    body=body,
-                    headers={"content-type": "application/json"},
-                )
-            )
-        per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
+        per_entry = await bytes_retained_per_check(authorizer)
     finally:
-        tracemalloc.stop()
         monkeypatch.setattr(audit, "_FLUSH_S", 0.02)
     projected_gb = per_entry * 100_000 / 1e9  # AuditTrail's default queue_size
     try:

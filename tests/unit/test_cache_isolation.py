@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import tracemalloc
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +11,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz.authorizer import Authorizer
 from authz.cache import DecisionCache
-from tests.unit.fakes import FakeEngine, check_request
+from tests.unit.fakes import LARGE_JSON_BODY, FakeEngine, bytes_retained_per_check
 
 PATH = "authz/gateway/decision"
 GOOD_KEY = "ak_demo_admin_0001"
@@ -84,24 +83,9 @@ async def test_cache_memory_is_bounded_for_unauthenticated_requests() -> None:
         timeout_s=5.0,
         cache=cache,
     )
-    body = "[" + ",".join(["{}"] * 21000) + "]"
-    assert len(body) < 65536
+    assert len(LARGE_JSON_BODY) < 65536
     n = 100
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for i in range(n):
-            await authorizer.check(
-                check_request(
-                    method="POST",
-                    path=f"/api/v1/items/{i}",
-                    body=body,
-                    headers={"content-type": "application/json"},
-                )
-            )
-        per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
-    finally:
-        tracemalloc.stop()
+    per_entry = await bytes_retained_per_check(authorizer, n)
     assert len(cache) <= n
     projected_gb = per_entry * 10_000 / 1e9
     assert projected_gb < 1.0, f"a full default cache would hold {projected_gb:.1f} GB"
