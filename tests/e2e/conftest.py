@@ -14,6 +14,7 @@ machine and fails the session without one. Unset (the default), no Docker is nee
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -210,8 +211,9 @@ def authz_processes(
                 f"authz-{i}",
                 [sys.executable, "-m", "authz", "serve"],
                 tmp / f"authz-{i}.log",
-                lambda p=admin_port, ready=wait_ready: http_ok(
-                    f"http://127.0.0.1:{p}/{'readyz' if ready else 'healthz'}"
+                functools.partial(
+                    http_ok,
+                    f"http://127.0.0.1:{admin_port}/{'readyz' if wait_ready else 'healthz'}",
                 ),
                 env={
                     **os.environ,
@@ -260,7 +262,7 @@ def check_all(
             )
         finally:
             for channel in channels:
-                await channel.close()
+                await channel.close(grace=None)
         return [
             200 if r.HasField("ok_response") else int(r.denied_response.status.code)
             for r in replies

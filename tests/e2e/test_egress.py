@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -200,8 +201,9 @@ def test_secrets_file_reloads_without_restart(e2e: Env) -> None:
     assert resp.json()["credential_ok"] is True
 
 
-def _poll(call: object, status: int, timeout_s: float = 10.0) -> httpx.Response:
-    assert callable(call)
+def _poll(
+    call: Callable[[], httpx.Response], status: int, timeout_s: float = 10.0
+) -> httpx.Response:
     deadline = time.monotonic() + timeout_s
     while True:
         resp = call()

@@ -9,6 +9,7 @@ Tool paths come from ``AUTHZ_PROMTOOL_BIN`` / ``AUTHZ_COMPOSECHECK_BIN`` or, uns
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -160,7 +161,7 @@ def deploy_envoys(
             f"envoy-{name}",
             [envoy_bin, "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1"],
             base / f"envoy-{name}.log",
-            lambda port=admin: http_ok(f"http://127.0.0.1:{port}/ready"),
+            functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
         )
         processes.append(process)
         process.start()

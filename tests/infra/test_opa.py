@@ -7,6 +7,7 @@ to free loopback ports, against a local bundle server. Keys are generated per se
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -266,6 +267,10 @@ def _readyz(admin_port: int) -> tuple[int, str]:
     return status, raw.decode()
 
 
+def _more_failed_loads(opa: Opa, before: int) -> bool:
+    return opa.failed_loads() > before
+
+
 def test_signed_bundle_lifecycle(
     production: tuple[Opa, Path],
     authz_process: tuple[Process, int],
@@ -287,7 +292,7 @@ def test_signed_bundle_lifecycle(
     ):
         before = opa.failed_loads()
         _publish(bundles[bad], served)
-        wait_for(lambda before=before: opa.failed_loads() > before, what=f"{bad} refused")
+        wait_for(functools.partial(_more_failed_loads, opa, before), what=f"{bad} refused")
         assert reason in opa.process.log_tail(200), bad
         assert opa.revision() == "r1", bad
         # The tampered bundle would demote the admin key; the decision is unchanged.

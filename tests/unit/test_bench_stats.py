@@ -56,10 +56,12 @@ def test_percentile_rejects(values: list[float], q: float) -> None:
         percentile(values, q)
 
 
-def _records(rate: int, seconds: int, latency_ms: float, codes: dict[int, int] | None = None):
+def _records(
+    rate: int, seconds: int, latency_ms: float, codes: dict[int, int] | None = None
+) -> list[Record]:
     """``rate * seconds`` requests evenly spaced from t=0, each answered after
     ``latency_ms``; ``codes`` overrides the status of the first requests."""
-    out = []
+    out: list[Record] = []
     overrides = [code for code, n in (codes or {}).items() for _ in range(n)]
     for i in range(rate * seconds):
         code = overrides[i] if i < len(overrides) else 200

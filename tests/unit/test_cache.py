@@ -19,7 +19,9 @@ class Clock:
 
 def key(**kwargs: object) -> object:
     headers = {"x-api-key": "sha", "x-request-id": "r1", "traceparent": "t1"}
-    headers.update(kwargs.pop("headers", {}))  # type: ignore[arg-type]
+    extra = kwargs.pop("headers", {})
+    assert isinstance(extra, dict)
+    headers.update(extra)
     return cache_key("authz/gateway/decision", check_request(headers=headers, **kwargs))  # type: ignore[arg-type]
 
 
@@ -49,7 +51,7 @@ def test_key_differs_per_decision_path() -> None:
 
 
 def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str = "r1") -> None:
-    cache.put(k, Decision(allowed=True, cache_ttl_s=ttl), Evaluation(True, {"b": rev}), {}, "d1")  # type: ignore[arg-type]
+    cache.put(k, Decision(allowed=True, cache_ttl_s=ttl), Evaluation(True, {"b": rev}), {}, "d1")
 
 
 def test_ttl_and_counters() -> None:

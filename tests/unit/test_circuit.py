@@ -39,7 +39,8 @@ class Clock:
 
 
 async def test_opens_after_threshold_fails_fast_then_probes_and_closes() -> None:
-    engine, clock, states = Switch(), Clock(), []
+    engine, clock = Switch(), Clock()
+    states: list[str] = []
     breaker = CircuitBreaker(
         engine, failure_threshold=3, reset_timeout_s=5, clock=clock, on_state_change=states.append
     )

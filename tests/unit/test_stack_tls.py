@@ -21,7 +21,7 @@ def load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def sans(files: TlsFiles) -> tuple[set[str], set[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+def sans(files: TlsFiles) -> tuple[set[str], set[object]]:
     ext = load(files.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return set(ext.get_values_for_type(x509.DNSName)), set(ext.get_values_for_type(x509.IPAddress))
 
