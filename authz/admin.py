@@ -13,9 +13,13 @@ Admin API, ``Authorization: Bearer <AUTHZ_ADMIN_TOKEN>`` required (403
 ``admin_api_disabled`` when no token is configured, 401 on a wrong one); every change is
 logged and audited with the optional ``X-Authz-Actor`` header as the actor:
 
-- ``GET /admin/mode``, ``POST /admin/mode`` ``{"mode": "dry-run", "reason": "..."}``
-- ``GET /admin/overrides``, ``POST /admin/overrides`` (see :mod:`authz.overrides`),
-  ``DELETE /admin/overrides/{id}``
+- ``GET /v1/mode``, ``POST /v1/mode`` ``{"mode": "dry-run", "reason": "..."}``
+- ``GET /v1/overrides``, ``POST /v1/overrides`` (see :mod:`authz.overrides`),
+  ``DELETE /v1/overrides/{id}``
+- ``POST /v1/preview``: what would be decided for a key or sandbox and a request, and
+  from what (see :mod:`authz.preview`); 4xx/5xx with the failure code when OPA cannot say
+- ``POST /v1/reload``: re-read the settings and the secrets file, ask OPA for the active
+  bundle now, empty the decision cache; answers what it found (:data:`Reloader`)
 
 Errors are JSON ``{"error": code, "message": ...}``.
 """
@@ -33,15 +37,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.control import Control, parse_mode
-from authz.errors import ConfigError, PolicyError
+from authz.errors import AuthzError, ConfigError, PolicyError, RequestError
 from authz.metrics import Metrics
 from authz.overrides import OverrideStore, parse_override_request
 from authz.policy import OpaClient
+from authz.response import FAILURE_STATUS
 from authz.secrets import Secret
 
 __all__ = [
     "AdminAction",
+    "Previewer",
     "ReadinessCheck",
+    "Reloader",
     "create_admin_app",
     "opa_bundles_check",
     "start_admin",
@@ -51,6 +58,11 @@ __all__ = [
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
 # Called for every admin change: (action, fields) -> logged and audited by the server.
 AdminAction = Callable[[str, Mapping[str, Any]], None]
+# POST /v1/preview: the request body -> the answer; raises ConfigError (400),
+# RequestError (400) or PolicyError (its FAILURE_STATUS).
+Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
+# POST /v1/reload: the actor -> what was reloaded (JSON-ready).
+Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
 _CHECK_TIMEOUT_S: Final = 1.0
 _MAX_BODY: Final = 16 * 1024
 
@@ -128,6 +140,8 @@ def create_admin_app(
     overrides: OverrideStore | None = None,
     token: Secret | None = None,
     on_action: AdminAction | None = None,
+    preview: Previewer | None = None,
+    reload: Reloader | None = None,
 ) -> web.Application:
     """The admin application. ``before_scrape`` runs before every ``/metrics`` answer
     (refreshing gauges, warning about bypass mode)."""
@@ -227,15 +241,52 @@ def create_admin_app(
         )
         return web.json_response({"deleted": override_id, "pushed": pushed})
 
+    async def preview_(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if preview is None:
+            return _error(404, "not_found", "preview is not enabled")
+        try:
+            answer = await preview(await _json_body(request))
+        except (ConfigError, RequestError) as exc:
+            return _error(400, "invalid_request", str(exc))
+        except PolicyError as exc:
+            return _error(FAILURE_STATUS.get(exc.code, 500), exc.code, str(exc))
+        log.info(
+            "admin preview",
+            extra={
+                "actor": admin.actor(request),
+                "decision_path": answer.get("decision_path"),
+                "allowed": answer.get("allowed"),
+                "reason": answer.get("reason"),
+                "source": answer.get("source"),
+            },
+        )
+        return web.json_response(answer)
+
+    async def reload_(request: web.Request) -> web.Response:
+        if (denied := admin.authorized(request)) is not None:
+            return denied
+        if reload is None:
+            return _error(404, "not_found", "reload is not enabled")
+        try:
+            result = await reload(admin.actor(request))
+        except AuthzError as exc:
+            return _error(500, exc.code, str(exc))
+        admin.audit("reload", {"actor": admin.actor(request), **result})
+        return web.json_response(result)
+
     app = web.Application(client_max_size=_MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_)
-    app.router.add_get("/admin/mode", get_mode)
-    app.router.add_post("/admin/mode", set_mode)
-    app.router.add_get("/admin/overrides", list_overrides)
-    app.router.add_post("/admin/overrides", add_override)
-    app.router.add_delete("/admin/overrides/{override_id}", delete_override)
+    app.router.add_get("/v1/mode", get_mode)
+    app.router.add_post("/v1/mode", set_mode)
+    app.router.add_get("/v1/overrides", list_overrides)
+    app.router.add_post("/v1/overrides", add_override)
+    app.router.add_delete("/v1/overrides/{override_id}", delete_override)
+    app.router.add_post("/v1/preview", preview_)
+    app.router.add_post("/v1/reload", reload_)
     return app
 
 

@@ -376,6 +376,7 @@ class Authorizer:
             policy_reason=policy.reason_code if policy is not None else None,
             tier=rate_limit.tier if rate_limit is not None else None,
             override_id=decision.override_id if decision is not None else None,
+            source=decision.source if decision is not None else None,
             cached_from=trace.cached_from,
             revision=evaluation.revision if evaluation is not None else "",
             identity=decision.identity if decision is not None else {},

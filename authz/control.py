@@ -1,6 +1,6 @@
 """Runtime control: the enforcement mode, switchable without a restart.
 
-Modes (``AUTHZ_MODE``, the admin API ``POST /admin/mode``, or SIGHUP re-reading the
+Modes (``AUTHZ_MODE``, the admin API ``POST /v1/mode``, or SIGHUP re-reading the
 settings):
 
 - ``enforce`` (default): decisions are enforced.

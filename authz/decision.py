@@ -4,7 +4,7 @@ Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean
 object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
 ``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
-authz extensions ``reason``, ``rate_limit``, ``identity``, ``credential``,
+authz extensions ``reason``, ``source``, ``rate_limit``, ``identity``, ``credential``,
 ``override`` and ``cache_ttl_s`` (``docs/contract.md``).
 Unknown fields are ignored, as the plugin does.
 
@@ -93,6 +93,9 @@ class Decision:
     credential: CredentialRef | None = None
     override_id: str | None = None
     cache_ttl_s: float | None = None
+    # What the decision came from (snake_case): policy_rule, namespace_default, override,
+    # deny in the shipped policies.
+    source: str | None = None
 
     @property
     def reason_code(self) -> str:
@@ -312,6 +315,13 @@ def parse_decision(result: Any) -> Decision:
         if not _REASON.fullmatch(reason):
             raise InvalidDecision(f"reason {reason[:64]!r} is not a snake_case code")
         fields["reason"] = reason
+    if "source" in result:
+        source = result["source"]
+        if not isinstance(source, str):
+            raise _type_error("source", "string", source)
+        if not _REASON.fullmatch(source):
+            raise InvalidDecision(f"source {source[:64]!r} is not a snake_case code")
+        fields["source"] = source
     if "rate_limit" in result:
         fields["rate_limit"] = _rate_limit(result["rate_limit"])
     if "identity" in result:

@@ -92,7 +92,7 @@ def parse_override_request(
     body: Any, *, actor: str, now: float, new_id: Callable[[], str] | None = None
 ) -> Override:
     """Validate an admin API request body into an Override. Raises ConfigError naming the
-    field and the bad value. Body: ``{"effect", "decision_path", "match", "ttl_s",
+    field and the bad value. Body: ``{"effect", "decision_path", "match", "ttl_seconds",
     "reason"}``."""
     if not isinstance(body, dict):
         raise ConfigError("override: expected a JSON object")
@@ -127,9 +127,9 @@ def parse_override_request(
         and all(isinstance(m, str) and _METHOD.fullmatch(m) for m in match["methods"])
     ):
         raise ConfigError(f"override.match.methods={match.get('methods')!r}: expected [GET, ...]")
-    ttl = body.get("ttl_s")
+    ttl = body.get("ttl_seconds")
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= MAX_TTL_S:
-        raise ConfigError(f"override.ttl_s={ttl!r}: expected 1..{MAX_TTL_S} seconds")
+        raise ConfigError(f"override.ttl_seconds={ttl!r}: expected 1..{MAX_TTL_S} seconds")
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
         raise ConfigError(

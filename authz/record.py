@@ -52,6 +52,7 @@ class DecisionRecord:
     policy_reason: str | None = None
     tier: str | None = None
     override_id: str | None = None
+    source: str | None = None
     cached_from: str | None = None
     revision: str = ""
     identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
@@ -112,6 +113,8 @@ class DecisionRecord:
             fields["tier"] = self.tier
         if self.override_id is not None:
             fields["override_id"] = self.override_id
+        if self.source is not None:
+            fields["source"] = self.source
         if self.cached_from is not None:
             fields["cached_from"] = self.cached_from
         for key, value in self.identity.items():

@@ -35,6 +35,7 @@ from authz.logs import DecisionLog
 from authz.metrics import Metrics, MetricsSink
 from authz.overrides import OpaOverrideWriter, OverrideStore
 from authz.policy import OpaClient, PolicyEngine
+from authz.preview import parse_preview_request, preview
 from authz.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.record import DecisionSink
 from authz.secrets import SecretStore
@@ -215,6 +216,22 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         if audit is not None:
             audit.admin(action, fields, entry_id=str(fields.get("id", action)))
 
+    async def preview_decision(body: Any) -> Mapping[str, Any]:
+        request = parse_preview_request(body, default_decision_path=settings.default_decision_path)
+        return await preview(
+            breaker,
+            request,
+            credential_headers=settings.credential_headers,
+            timeout_s=settings.decision_timeout_s,
+        )
+
+    async def reload_now(actor: str) -> Mapping[str, Any]:
+        result = _reload(reload, control, secrets, on_action, actor=actor)
+        changed = await watcher.poll_once()
+        if cache is not None:
+            cache.clear("admin reload")
+        return {**result, "revision": watcher.revision, "bundle_changed": changed}
+
     admin_app = create_admin_app(
         checks,
         metrics=metrics,
@@ -223,6 +240,8 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         overrides=overrides,
         token=settings.admin_token,
         on_action=on_action,
+        preview=preview_decision,
+        reload=reload_now,
     )
     admin_host, _, admin_port = settings.admin_addr.rpartition(":")
     runner, bound_admin = await start_admin(admin_app, admin_host, int(admin_port))
@@ -283,28 +302,39 @@ def _reload(
     control: Control,
     secrets: SecretStore | None,
     on_action: Callable[[str, Mapping[str, Any]], None],
-) -> None:
-    """SIGHUP: re-read the settings (the mode applies at once) and the secrets file."""
-    log.info("SIGHUP: reloading")
+    *,
+    actor: str = "sighup",
+) -> dict[str, Any]:
+    """SIGHUP and ``POST /v1/reload``: re-read the settings (the mode applies at once) and
+    the secrets file. Returns ``{"mode": str, "settings": "reloaded" | "refused" |
+    "not_configured", "secrets": "reloaded" | "unchanged" | "failed" | "not_configured"}``."""
+    log.info("reloading", extra={"actor": actor})
+    result: dict[str, Any] = {"settings": "not_configured", "secrets": "not_configured"}
     if secrets is not None:
-        secrets.refresh()
-    if reload is None:
-        return
-    try:
-        new = reload()
-        if new.mode is not control.mode:
-            previous = control.set_mode(new.mode, actor="sighup", reason="settings reloaded")
-            on_action(
-                "set_mode",
-                {
-                    "mode": new.mode.value,
-                    "previous": previous.value,
-                    "actor": "sighup",
-                    "reason": "settings reloaded",
-                },
-            )
-    except ConfigError as exc:
-        log.error("reload refused; keeping the running settings", extra={"error": str(exc)})
+        reread = secrets.refresh()
+        result["secrets"] = (
+            "failed" if not secrets.loaded else "reloaded" if reread else "unchanged"
+        )
+    if reload is not None:
+        try:
+            new = reload()
+            result["settings"] = "reloaded"
+            if new.mode is not control.mode:
+                previous = control.set_mode(new.mode, actor=actor, reason="settings reloaded")
+                on_action(
+                    "set_mode",
+                    {
+                        "mode": new.mode.value,
+                        "previous": previous.value,
+                        "actor": actor,
+                        "reason": "settings reloaded",
+                    },
+                )
+        except ConfigError as exc:
+            result["settings"] = "refused"
+            log.error("reload refused; keeping the running settings", extra={"error": str(exc)})
+    result["mode"] = control.mode.value
+    return result
 
 
 def _circuit_changed(metrics: Metrics, state: str) -> None:

@@ -4,7 +4,8 @@
 # and service=<name> in context_extensions). Data: data.egress.services (the services
 # config, also the source of the egress Envoy config), data.egress.tiers,
 # data.egress.sandboxes (keyed by sandbox id; tokens only as SHA-256 digests),
-# data.egress.identity (header names; mode "token", or "header" for trusted networks).
+# data.egress.identity (header names; mode "token", or "header" for trusted networks),
+# data.egress.namespaces (defaults for the sandboxes of a namespace, e.g. "labs/agents").
 #
 # On allow the decision names the credential to inject by reference (the service name);
 # authz resolves it from its secrets file. OPA never sees a credential value.
@@ -28,7 +29,12 @@ service_name := input.attributes.contextExtensions.service if {
 
 service := data.egress.services[service_name]
 
-sandbox_id := headers[identity.id_header]
+# authz's admin preview (POST /v1/preview) names the sandbox, whose identity then counts
+# as proven (no token). Only authz's preview sets input.preview; an input built from an
+# Envoy CheckRequest never has it.
+sandbox_id := input.preview.sandbox_id if {
+	input.preview.sandbox_id
+} else := headers[identity.id_header]
 
 sandbox := data.egress.sandboxes[sandbox_id]
 
@@ -38,11 +44,28 @@ header_only if identity.mode == "header"
 
 token_ok if header_only
 
+previewed if input.preview.sandbox_id == sandbox_id
+
+token_ok if previewed
+
 token_ok if token_digest == sandbox.token_sha256
 
 enabled if sandbox.enabled == true
 
-tier := data.egress.tiers[sandbox.tier]
+# A sandbox may belong to a namespace whose default tier applies unless the sandbox's own
+# entry names one.
+namespace_defaults := data.egress.namespaces[sandbox.namespace]
+
+sandbox_tier := sandbox.tier
+
+sandbox_tier := namespace_defaults.tier if not sandbox.tier
+
+tier := data.egress.tiers[sandbox_tier]
+
+# Where the allow came from (the decision's "source", shown by authz's preview API).
+allow_source := "namespace_default" if not sandbox.tier
+
+else := "policy_rule"
 
 service_in_tier if "*" in tier.services
 
@@ -83,7 +106,10 @@ cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
 	count(ttls) > 0
 } else := {}
 
-decision_identity := {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier} if {
+decision_identity := object.union(
+	{"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox_tier},
+	{"namespace": sandbox.namespace | is_string(sandbox.namespace)},
+) if {
 	token_ok
 } else := {"sandbox_id": sandbox_id, "service": service_name}
 
@@ -93,6 +119,7 @@ verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	not sandbox
 } else := lib.unauthorized("missing_sandbox_token", false) if {
 	not header_only
+	not previewed
 	not token_digest
 } else := lib.unauthorized("invalid_sandbox_token", true) if {
 	not token_ok
@@ -100,11 +127,11 @@ verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	not enabled
 } else := lib.deny(403, "unknown_service") if {
 	not service
-} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked}) if {
+} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked, "source": "override"}) if {
 	blocked
 } else := lib.deny(400, "invalid_path") if {
 	lib.bad_path
-} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted}) if {
+} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted, "source": "override"}) if {
 	not authorized
 	excepted
 } else := lib.deny(403, "service_not_allowed") if {
@@ -133,14 +160,15 @@ allow := object.union(
 	{
 		"allowed": true,
 		"reason": "allowed",
+		"source": allow_source,
 		"request_headers_to_remove": sort(headers_to_remove),
 		"rate_limit": {
-			"tier": sandbox.tier,
+			"tier": sandbox_tier,
 			"key": concat(":", ["sandbox", sandbox_id, service_name]),
 			"requests_per_minute": requests_per_minute,
 		},
 		"identity": decision_identity,
-		"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox.tier},
+		"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox_tier},
 	},
 	credential,
 )

@@ -315,3 +315,64 @@ test_echo_service_is_given_no_credential if {
 		not d.credential
 	}
 }
+
+# Namespaces: a sandbox without its own tier gets its namespace's default tier.
+ns_sandboxes := {
+	"sb-ns": {"namespace": "labs/agents", "enabled": true, "token_sha256": crypto.sha256("t-ns")},
+	"sb-ns-own": {"namespace": "labs/agents", "tier": "premium", "enabled": true, "token_sha256": crypto.sha256("t-ns-own")},
+}
+
+ns_decide(id, token, service, method, path) := d if {
+	d := egress.decision with input as req(id, token, service, method, path, {})
+		with data.egress.sandboxes as ns_sandboxes
+		with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
+}
+
+test_namespace_default_tier_applies if {
+	d := ns_decide("sb-ns", "t-ns", "openai", "POST", "/v1/chat/completions")
+	d.allowed
+	d.source == "namespace_default"
+	d.rate_limit.tier == "standard"
+	d.identity == {"sandbox_id": "sb-ns", "service": "openai", "tier": "standard", "namespace": "labs/agents"}
+	ns_decide("sb-ns", "t-ns", "slack", "POST", "/api/chat.postMessage").reason == "service_not_allowed"
+}
+
+test_sandbox_own_tier_wins_over_namespace if {
+	d := ns_decide("sb-ns-own", "t-ns-own", "slack", "POST", "/api/chat.postMessage")
+	d.allowed
+	d.source == "policy_rule"
+	d.rate_limit.tier == "premium"
+}
+
+test_egress_deny_source if {
+	decide("sb-standard", "wrong", "openai", "GET", "/v1/models").source == "deny"
+	decide("sb-standard", "t-standard", "openai", "GET", "/v1/models").source == "policy_rule"
+}
+
+test_unknown_sandbox_namespace_is_a_bundle_warning if {
+	w := data.authz.meta.warnings with data.egress.sandboxes as ns_sandboxes with data.egress.namespaces as {}
+	w == {
+		`sandbox "sb-ns" names namespace "labs/agents", which data.egress.namespaces does not define`,
+		`sandbox "sb-ns-own" names namespace "labs/agents", which data.egress.namespaces does not define`,
+	}
+}
+
+# -- authz's admin preview (input.preview) ---------------------------------------------------
+
+preview_decide(id, service, method, path) := d if {
+	i := object.union(req(null, null, service, method, path, {}), {"preview": {"sandbox_id": id}})
+	d := egress.decision with input as i with data.egress.sandboxes as sandboxes
+}
+
+test_preview_takes_the_sandbox_as_proven if {
+	d := preview_decide("sb-standard", "openai", "GET", "/v1/models")
+	d.allowed
+	d.identity.tier == "standard"
+	preview_decide("sb-standard", "slack", "POST", "/api/chat.postMessage").reason == "service_not_allowed"
+	preview_decide("sb-off", "openai", "GET", "/v1/models").reason == "sandbox_disabled"
+	preview_decide("sb-nope", "openai", "GET", "/v1/models").reason == "unknown_sandbox"
+}
+
+test_without_preview_the_token_is_required if {
+	decide("sb-standard", null, "openai", "GET", "/v1/models").reason == "missing_sandbox_token"
+}

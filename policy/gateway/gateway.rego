@@ -2,7 +2,8 @@
 #
 # Query: data.authz.gateway.decision (the gateway route's decision_path is
 # authz/gateway/decision). Data: data.gateway.api_keys (keyed by the SHA-256 digest of the
-# key, never the key), data.gateway.path_rules, data.gateway.rate_limit_tiers.
+# key, never the key), data.gateway.path_rules, data.gateway.rate_limit_tiers,
+# data.gateway.namespaces (defaults for the keys of a namespace, e.g. "labs/research").
 #
 # authz replaces credential headers by digests before OPA sees them (docs/contract.md):
 # input.credentials["x-api-key"] / input.credentials.authorization hold the hex digests.
@@ -27,7 +28,44 @@ key_digest := input.credentials.authorization if {
 	startswith(lower(headers.authorization), "bearer ")
 }
 
+# authz's admin preview (POST /v1/preview) asks what a key would be allowed: the admin
+# names the key by id and the identity counts as proven. Only authz's preview sets
+# input.preview; an input built from an Envoy CheckRequest never has it.
+key_digest := preview_digest if {
+	not input.credentials["x-api-key"]
+	not input.credentials.authorization
+	input.preview.key_id
+}
+
+# An id no key has: a digest no key has either (the preview then says invalid_api_key).
+preview_digest := digest if {
+	some digest, entry in data.gateway.api_keys
+	entry.id == input.preview.key_id
+} else := ""
+
 key := data.gateway.api_keys[key_digest]
+
+# A key may belong to a namespace; the namespace's defaults (role, rate_limit_tier) apply
+# unless the key's own entry sets them.
+namespace_defaults := data.gateway.namespaces[key.namespace]
+
+role := key.role
+
+role := namespace_defaults.role if not key.role
+
+tier := key.rate_limit_tier
+
+tier := namespace_defaults.rate_limit_tier if not key.rate_limit_tier
+
+# Where the allow came from (the decision's "source", shown by authz's preview API):
+# the key's own entry, or its namespace's defaults for role or tier.
+from_namespace if not key.role
+
+from_namespace if not key.rate_limit_tier
+
+allow_source := "namespace_default" if from_namespace
+
+else := "policy_rule"
 
 enabled if key.enabled == true
 
@@ -62,7 +100,7 @@ excepted := lib.first_override(overrides, "allow")
 
 role_matches(roles) if "*" in roles
 
-role_matches(roles) if key.role in roles
+role_matches(roles) if role in roles
 
 # Every decision about a known key names it (the decision log's key_id), denies included.
 decision := object.union(verdict, object.union({"identity": decision_identity}, cache_hint)) if {
@@ -80,7 +118,10 @@ expiries contains time.parse_rfc3339_ns(key.expires_at) if key.expires_at
 
 expiries contains o.expires_at_ns if some o in overrides
 
-decision_identity := {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier}
+decision_identity := object.union(
+	{"key_id": key.id, "role": role, "tier": tier},
+	{name: value | some name in {"namespace", "expires_at"}; value := key[name]; is_string(value)},
+)
 
 verdict := lib.unauthorized("missing_api_key", false) if {
 	not key_digest
@@ -90,11 +131,11 @@ verdict := lib.unauthorized("missing_api_key", false) if {
 	not enabled
 } else := lib.unauthorized("expired_api_key", true) if {
 	expired
-} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked}) if {
+} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked, "source": "override"}) if {
 	blocked
 } else := lib.deny(400, "invalid_path") if {
 	lib.bad_path
-} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted}) if {
+} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted, "source": "override"}) if {
 	not role_allowed
 	excepted
 } else := lib.deny(403, "path_not_allowed") if {
@@ -106,11 +147,12 @@ verdict := lib.unauthorized("missing_api_key", false) if {
 allow := {
 	"allowed": true,
 	"reason": "allowed",
+	"source": allow_source,
 	# Set for the upstream; authz overwrites any client-sent header of the same name.
 	"headers": {
 		"x-authz-key-id": key.id,
-		"x-authz-role": key.role,
-		"x-authz-tier": key.rate_limit_tier,
+		"x-authz-role": role,
+		"x-authz-tier": tier,
 	},
 	# The key never reaches the upstream, nor do forged identity headers.
 	"request_headers_to_remove": array.concat(
@@ -118,10 +160,10 @@ allow := {
 		lib.forged_identity_headers(identity_prefix, identity_headers),
 	),
 	"rate_limit": {
-		"tier": key.rate_limit_tier,
+		"tier": tier,
 		"key": concat(":", ["key", key.id]),
-		"requests_per_minute": data.gateway.rate_limit_tiers[key.rate_limit_tier].requests_per_minute,
+		"requests_per_minute": data.gateway.rate_limit_tiers[tier].requests_per_minute,
 	},
 	"identity": decision_identity,
-	"dynamic_metadata": {"key_id": key.id, "role": key.role, "tier": key.rate_limit_tier},
+	"dynamic_metadata": {"key_id": key.id, "role": role, "tier": tier},
 }

@@ -266,3 +266,110 @@ test_path_case_cannot_escape_the_admin_rule if {
 	d := decide("GET", "/api/v1/Admin/users", api_key("k-user"))
 	d.reason == "role_not_allowed"
 }
+
+# Namespaces: a key inherits its namespace's role and tier unless its own entry sets them.
+ns_keys := {
+	crypto.sha256("k-ns"): {"id": "key-ns", "enabled": true, "namespace": "labs/research"},
+	crypto.sha256("k-ns-own"): {
+		"id": "key-ns-own", "enabled": true, "namespace": "labs/research",
+		"role": "admin", "rate_limit_tier": "premium",
+	},
+	crypto.sha256("k-ns-tier"): {"id": "key-ns-tier", "enabled": true, "namespace": "labs/research", "role": "user"},
+	crypto.sha256("k-ns-unknown"): {"id": "key-ns-unknown", "enabled": true, "namespace": "labs/nowhere"},
+	crypto.sha256("k-exp"): {
+		"id": "key-exp", "enabled": true, "role": "user", "rate_limit_tier": "default",
+		"expires_at": "2200-01-01T00:00:00Z",
+	},
+}
+
+namespaces := {"labs/research": {"role": "viewer", "rate_limit_tier": "standard"}}
+
+ns_decide(method, path, k) := d if {
+	d := gateway.decision with input as req(method, path, api_key(k), {})
+		with data.gateway.api_keys as ns_keys
+		with data.gateway.namespaces as namespaces
+}
+
+test_namespace_defaults_apply if {
+	d := ns_decide("GET", "/api/v1/items", "k-ns")
+	d.allowed
+	d.source == "namespace_default"
+	d.identity == {"key_id": "key-ns", "role": "viewer", "tier": "standard", "namespace": "labs/research"}
+	d.headers["x-authz-role"] == "viewer"
+	d.rate_limit.tier == "standard"
+	d.rate_limit.requests_per_minute == 120
+}
+
+test_namespace_default_role_still_limits_paths if {
+	d := ns_decide("POST", "/api/v1/items", "k-ns")
+	not d.allowed
+	d.reason == "role_not_allowed"
+	d.source == "deny"
+}
+
+test_key_own_rule_wins_over_namespace if {
+	d := ns_decide("GET", "/api/v1/admin/users", "k-ns-own")
+	d.allowed
+	d.source == "policy_rule"
+	d.identity.role == "admin"
+	d.rate_limit.tier == "premium"
+}
+
+test_key_own_role_namespace_tier if {
+	d := ns_decide("POST", "/api/v1/items", "k-ns-tier")
+	d.allowed
+	d.source == "namespace_default"
+	d.identity.role == "user"
+	d.rate_limit.tier == "standard"
+}
+
+test_unknown_namespace_without_own_role_is_denied if {
+	d := ns_decide("GET", "/api/v1/items", "k-ns-unknown")
+	not d.allowed
+	d.http_status == 403
+}
+
+test_identity_carries_expiry if {
+	d := ns_decide("GET", "/api/v1/items", "k-exp")
+	d.source == "policy_rule"
+	d.identity.expires_at == "2200-01-01T00:00:00Z"
+	not d.identity.namespace
+}
+
+test_source_of_override_decisions if {
+	allow := {"o1": ovr("o1", "allow", {"key_id": "key-viewer"}, future_ns)}
+	decide_with("POST", "/api/v1/items", api_key("k-viewer"), allow).source == "override"
+	block := {"o2": ovr("o2", "deny", {"key_id": "key-viewer"}, future_ns)}
+	decide_with("GET", "/api/v1/items", api_key("k-viewer"), block).source == "override"
+	decide("GET", "/api/v1/items", api_key("k-viewer")).source == "policy_rule"
+	decide("GET", "/api/v1/items", {}).source == "deny"
+}
+
+test_unknown_namespace_is_a_bundle_warning if {
+	w := data.authz.meta.warnings with data.gateway.api_keys as ns_keys with data.gateway.namespaces as namespaces
+	w == {`api key "key-ns-unknown" names namespace "labs/nowhere", which data.gateway.namespaces does not define`}
+}
+
+# -- authz's admin preview (input.preview) ---------------------------------------------------
+
+preview_req(method, path, key_id) := object.union(req(method, path, {}, {}), {"preview": {"key_id": key_id}})
+
+test_preview_finds_the_key_by_id if {
+	d := gateway.decision with input as preview_req("GET", "/api/v1/admin/users", "key-admin") with data.gateway.api_keys as keys
+	d.allowed
+	d.identity.key_id == "key-admin"
+	d.source == "policy_rule"
+	gateway.decision.reason == "role_not_allowed" with input as preview_req("GET", "/api/v1/admin/users", "key-user")
+		with data.gateway.api_keys as keys
+	gateway.decision.reason == "invalid_api_key" with input as preview_req("GET", "/api/v1/status", "key-nope")
+		with data.gateway.api_keys as keys
+	gateway.decision.reason == "disabled_api_key" with input as preview_req("GET", "/api/v1/status", "key-disabled")
+		with data.gateway.api_keys as keys
+}
+
+test_presented_key_wins_over_preview if {
+	i := object.union(req("GET", "/api/v1/admin/users", api_key("k-viewer"), {}), {"preview": {"key_id": "key-admin"}})
+	d := gateway.decision with input as i with data.gateway.api_keys as keys
+	d.identity.key_id == "key-viewer"
+	not d.allowed
+}

@@ -13,3 +13,19 @@ warnings contains msg if {
 	not mode in {"token", "header"}
 	msg := sprintf("egress identity mode %q is unknown; sandbox tokens are required", [mode])
 }
+
+# A key or sandbox naming a namespace the data does not define: it gets no defaults, so
+# a key without its own role or tier is denied everything.
+warnings contains msg if {
+	some key in data.gateway.api_keys
+	key.namespace
+	not data.gateway.namespaces[key.namespace]
+	msg := sprintf("api key %q names namespace %q, which data.gateway.namespaces does not define", [key.id, key.namespace])
+}
+
+warnings contains msg if {
+	some id, sandbox in data.egress.sandboxes
+	sandbox.namespace
+	not data.egress.namespaces[sandbox.namespace]
+	msg := sprintf("sandbox %q names namespace %q, which data.egress.namespaces does not define", [id, sandbox.namespace])
+}

@@ -5,7 +5,7 @@
 package authz.lib
 
 # A deny with a stable snake_case reason code and an HTTP status.
-deny(status, reason) := {"allowed": false, "http_status": status, "reason": reason}
+deny(status, reason) := {"allowed": false, "http_status": status, "reason": reason, "source": "deny"}
 
 # A 401 that tells the client how to authenticate (RFC 6750 section 3). `error` is only
 # sent when a credential was presented and rejected.

@@ -14,7 +14,7 @@ def test_dry_run_never_forwards_forged_identity_headers(e2e: Env) -> None:
     # an anonymous client's X-Authz-Role: admin reaches the upstream, which the README
     # tells to trust x-authz-* ("client-sent values ... are overwritten or removed").
     forged = {"x-authz-key-id": "key-admin", "x-authz-role": "admin", "x-authz-tier": "unlimited"}
-    switched = e2e.admin.post("/admin/mode", json={"mode": "dry-run", "reason": "review"})
+    switched = e2e.admin.post("/v1/mode", json={"mode": "dry-run", "reason": "review"})
     assert switched.status_code == 200
     try:
         resp = e2e.gateway.get("/api/v1/admin/users", headers=forged)  # no API key at all
@@ -22,7 +22,7 @@ def test_dry_run_never_forwards_forged_identity_headers(e2e: Env) -> None:
         assert resp.headers["x-authz-dry-run"].startswith("would-deny; reason=missing_api_key")
         upstream = resp.json()["headers"]
     finally:
-        e2e.admin.post("/admin/mode", json={"mode": "enforce", "reason": "review done"})
+        e2e.admin.post("/v1/mode", json={"mode": "enforce", "reason": "review done"})
     leaked = {k: upstream[k] for k in forged if k in upstream}
     assert leaked == {}, f"upstream received forged identity headers: {leaked}"
 
@@ -58,12 +58,12 @@ def test_allow_override_works_for_a_default_tier_sandbox(e2e: Env) -> None:
     headers = e2e.sandbox_headers("sb-default", "openai")
     assert e2e.egress.get("/v1/models", headers=headers).status_code == 403
     created = e2e.admin.post(
-        "/admin/overrides",
+        "/v1/overrides",
         json={
             "effect": "allow",
             "decision_path": "authz/egress/decision",
             "match": {"sandbox_id": "sb-default", "service": "openai"},
-            "ttl_s": 600,
+            "ttl_seconds": 600,
             "reason": "review: onboarding sandbox needs openai for an hour",
         },
     )
@@ -71,5 +71,5 @@ def test_allow_override_works_for_a_default_tier_sandbox(e2e: Env) -> None:
     try:
         resp = e2e.egress.get("/v1/models", headers=headers)
     finally:
-        e2e.admin.delete(f"/admin/overrides/{created.json()['id']}")
+        e2e.admin.delete(f"/v1/overrides/{created.json()['id']}")
     assert resp.status_code == 200, resp.text

@@ -60,16 +60,16 @@ def test_metrics_expose_decisions_and_bundle_revision(e2e: Env) -> None:
 
 
 def test_admin_api_needs_the_token(e2e: Env) -> None:
-    url = f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/admin/mode"
+    url = f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/v1/mode"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
-    assert e2e.admin.get("/admin/mode").json() == {"mode": "enforce"}
+    assert e2e.admin.get("/v1/mode").json() == {"mode": "enforce"}
 
 
 def test_dry_run_rollout_logs_what_it_would_block(e2e: Env) -> None:
     viewer = {"x-api-key": e2e.keys["viewer"]}
     assert e2e.gateway.post("/api/v1/items", headers=viewer).status_code == 403
-    switched = e2e.admin.post("/admin/mode", json={"mode": "dry-run", "reason": "e2e rollout"})
+    switched = e2e.admin.post("/v1/mode", json={"mode": "dry-run", "reason": "e2e rollout"})
     assert switched.json() == {"mode": "dry-run", "previous": "enforce"}
     try:
         resp = e2e.gateway.post("/api/v1/items", headers=viewer)
@@ -90,27 +90,27 @@ def test_dry_run_rollout_logs_what_it_would_block(e2e: Env) -> None:
         ok = e2e.gateway.get("/api/v1/status", headers=viewer)
         assert "x-authz-dry-run" not in ok.headers
     finally:
-        e2e.admin.post("/admin/mode", json={"mode": "enforce", "reason": "e2e done"})
+        e2e.admin.post("/v1/mode", json={"mode": "enforce", "reason": "e2e done"})
     assert e2e.gateway.post("/api/v1/items", headers=viewer).status_code == 403
 
 
 def test_bypass_is_refused_at_runtime_without_the_startup_flag(e2e: Env) -> None:
-    resp = e2e.admin.post("/admin/mode", json={"mode": "bypass", "reason": "debug"})
+    resp = e2e.admin.post("/v1/mode", json={"mode": "bypass", "reason": "debug"})
     assert resp.status_code == 400
     assert "AUTHZ_ALLOW_BYPASS" in resp.json()["message"]
-    assert e2e.admin.get("/admin/mode").json() == {"mode": "enforce"}
+    assert e2e.admin.get("/v1/mode").json() == {"mode": "enforce"}
 
 
 def test_ttl_override_grants_then_expires(e2e: Env) -> None:
     user = {"x-api-key": e2e.keys["user"]}
     assert e2e.gateway.get("/api/v1/admin/reports", headers=user).status_code == 403
     created = e2e.admin.post(
-        "/admin/overrides",
+        "/v1/overrides",
         json={
             "effect": "allow",
             "decision_path": "authz/gateway/decision",
             "match": {"key_id": "key-user", "path": "/api/v1/admin/reports", "methods": ["GET"]},
-            "ttl_s": 3,
+            "ttl_seconds": 3,
             "reason": "INC-42 on-call needs the report",
         },
     )
@@ -123,24 +123,24 @@ def test_ttl_override_grants_then_expires(e2e: Env) -> None:
     assert (line["reason"], line["override_id"]) == ("allowed_by_override", override["id"])
     # Scoped: another admin path stays forbidden.
     assert e2e.gateway.get("/api/v1/admin/users", headers=user).status_code == 403
-    listed = e2e.admin.get("/admin/overrides").json()["overrides"]
+    listed = e2e.admin.get("/v1/overrides").json()["overrides"]
     assert [o["id"] for o in listed] == [override["id"]]
     deadline = time.monotonic() + 10
     while e2e.gateway.get("/api/v1/admin/reports", headers=user).status_code == 200:
         assert time.monotonic() < deadline, "override did not expire"
         time.sleep(0.2)
-    assert e2e.admin.get("/admin/overrides").json()["overrides"] == []
+    assert e2e.admin.get("/v1/overrides").json()["overrides"] == []
 
 
 def test_block_override_and_delete(e2e: Env) -> None:
     viewer = {"x-api-key": e2e.keys["viewer"]}
     created = e2e.admin.post(
-        "/admin/overrides",
+        "/v1/overrides",
         json={
             "effect": "deny",
             "decision_path": "authz/gateway/decision",
             "match": {"key_id": "key-viewer"},
-            "ttl_s": 600,
+            "ttl_seconds": 600,
             "reason": "key leaked in a ticket",
         },
     ).json()
@@ -149,7 +149,7 @@ def test_block_override_and_delete(e2e: Env) -> None:
         assert resp.status_code == 403
         assert resp.json()["error"] == "blocked_by_override"
     finally:
-        assert e2e.admin.delete(f"/admin/overrides/{created['id']}").status_code == 200
+        assert e2e.admin.delete(f"/v1/overrides/{created['id']}").status_code == 200
     assert e2e.gateway.get("/api/v1/status", headers=viewer).status_code == 200
 
 
@@ -325,12 +325,12 @@ def test_bypass_when_confirmed_allows_everything_and_nags(e2e: Env, tmp_path: Pa
 def test_override_survives_an_authz_restart(e2e: Env) -> None:
     user = {"x-api-key": e2e.keys["user"]}
     created = e2e.admin.post(
-        "/admin/overrides",
+        "/v1/overrides",
         json={
             "effect": "allow",
             "decision_path": "authz/gateway/decision",
             "match": {"key_id": "key-user", "path": "/api/v1/admin/audit", "methods": ["GET"]},
-            "ttl_s": 600,
+            "ttl_seconds": 600,
             "reason": "survives restarts",
         },
     ).json()
@@ -338,9 +338,77 @@ def test_override_survives_an_authz_restart(e2e: Env) -> None:
         assert e2e.gateway.get("/api/v1/admin/audit", headers=user).status_code == 200
         with e2e.stack.stopped("authz"):
             pass  # stopped, then started again from its overrides file
-        listed = e2e.admin.get("/admin/overrides").json()["overrides"]
+        listed = e2e.admin.get("/v1/overrides").json()["overrides"]
         assert created["id"] in [o["id"] for o in listed]
         fresh = f"/api/v1/admin/audit?n={time.monotonic_ns()}"  # not from any cache
         assert e2e.gateway.get(fresh, headers=user).status_code == 200
     finally:
-        e2e.admin.delete(f"/admin/overrides/{created['id']}")
+        e2e.admin.delete(f"/v1/overrides/{created['id']}")
+
+
+def test_preview_says_what_would_be_decided_and_from_what(e2e: Env) -> None:
+    def preview(**body: object) -> dict[str, object]:
+        resp = e2e.admin.post("/v1/preview", json=body)
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    denied = preview(key_id="key-user", path="/api/v1/admin/reports")
+    assert (denied["allowed"], denied["reason"], denied["source"]) == (
+        False,
+        "role_not_allowed",
+        "deny",
+    )
+    assert denied["http_status"] == 403
+    assert denied["revision"]
+    allowed = preview(key_id="key-user", method="POST", path="/api/v1/items")
+    assert (allowed["allowed"], allowed["source"], allowed["identity"]) == (
+        True,
+        "policy_rule",
+        {"key_id": "key-user", "role": "user", "tier": "unlimited"},
+    )
+    assert preview(key_id="key-nobody", path="/api/v1/status")["reason"] == "invalid_api_key"
+    sandbox = preview(sandbox_id="sb-standard", service="openai", path="/v1/models")
+    assert (sandbox["allowed"], sandbox["source"]) == (True, "policy_rule")
+    assert sandbox["rate_limit"] == {
+        "tier": "standard",
+        "key": "sandbox:sb-standard:openai",
+        "requests_per_minute": 60,
+    }
+    slack = preview(sandbox_id="sb-standard", service="slack", path="/api/chat.postMessage")
+    assert (slack["allowed"], slack["reason"]) == (False, "service_not_allowed")
+    # An override is the source while it lasts.
+    created = e2e.admin.post(
+        "/v1/overrides",
+        json={
+            "effect": "allow",
+            "decision_path": "authz/gateway/decision",
+            "match": {"key_id": "key-user", "path": "/api/v1/admin/reports"},
+            "ttl_seconds": 600,
+            "reason": "preview test",
+        },
+    ).json()
+    try:
+        granted = preview(key_id="key-user", path="/api/v1/admin/reports")
+        assert (granted["allowed"], granted["source"], granted["override_id"]) == (
+            True,
+            "override",
+            created["id"],
+        )
+    finally:
+        e2e.admin.delete(f"/v1/overrides/{created['id']}")
+    bad = e2e.admin.post("/v1/preview", json={"key_id": "key-user"})
+    assert (bad.status_code, bad.json()["error"]) == (400, "invalid_request")
+    assert "preview.path" in bad.json()["message"]
+
+
+def test_reload_endpoint_reports_the_bundle_and_secrets(e2e: Env) -> None:
+    resp = e2e.admin.post("/v1/reload", headers={"x-authz-actor": "e2e"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["mode"] == "enforce"
+    assert body["secrets"] in {"reloaded", "unchanged"}
+    assert body["revision"]
+    assert body["bundle_changed"] is False
+    assert (
+        httpx.post(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/v1/reload").status_code == 401
+    )

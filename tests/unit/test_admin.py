@@ -18,7 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from authz import admin
 from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
 from authz.control import Control, Mode
-from authz.errors import OpaUnavailable, PolicyError
+from authz.errors import (
+    ConfigError,
+    InvalidDecision,
+    OpaUnavailable,
+    PolicyError,
+    RequestError,
+    UndefinedDecision,
+)
 from authz.metrics import Metrics
 from authz.overrides import OverrideStore
 from authz.policy import OpaClient
@@ -274,13 +281,40 @@ async def test_metrics_not_enabled() -> None:
 # --- admin API authentication ------------------------------------------------------------
 
 ADMIN_ROUTES = [
-    ("GET", "/admin/mode"),
-    ("POST", "/admin/mode"),
-    ("GET", "/admin/overrides"),
-    ("POST", "/admin/overrides"),
-    ("DELETE", "/admin/overrides/ovr-1"),
+    ("GET", "/v1/mode"),
+    ("POST", "/v1/mode"),
+    ("GET", "/v1/overrides"),
+    ("POST", "/v1/overrides"),
+    ("DELETE", "/v1/overrides/ovr-1"),
+    ("POST", "/v1/preview"),
+    ("POST", "/v1/reload"),
 ]
 ROUTE_IDS = [f"{method} {path}" for method, path in ADMIN_ROUTES]
+
+
+class FakePreview:
+    """The preview callback: records bodies; answers ``answer`` or raises ``error``."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.bodies: list[Any] = []
+        self.error = error
+
+    async def __call__(self, body: Any) -> Mapping[str, Any]:
+        self.bodies.append(body)
+        if self.error is not None:
+            raise self.error
+        return {"allowed": False, "reason": "role_not_allowed", "source": "deny"}
+
+
+class FakeReload:
+    """The reload callback: records actors."""
+
+    def __init__(self) -> None:
+        self.actors: list[str] = []
+
+    async def __call__(self, actor: str) -> Mapping[str, Any]:
+        self.actors.append(actor)
+        return {"mode": "enforce", "secrets": "reloaded", "revision": "r2"}
 
 
 def full_admin(token: Secret | None, **kwargs: Any) -> dict[str, Any]:
@@ -288,6 +322,8 @@ def full_admin(token: Secret | None, **kwargs: Any) -> dict[str, Any]:
         "control": Control(),
         "overrides": OverrideStore(FakeOpaPush()),
         "token": token,
+        "preview": FakePreview(),
+        "reload": FakeReload(),
         **kwargs,
     }
 
@@ -332,13 +368,13 @@ async def test_admin_api_wrong_or_missing_bearer(
     assert settings["control"].mode is Mode.ENFORCE
 
 
-# --- /admin/mode -------------------------------------------------------------------------
+# --- /v1/mode -------------------------------------------------------------------------
 
 
 async def test_get_mode() -> None:
     control = Control(Mode.DRY_RUN)
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN)) as client:
-        resp = await client.get("/admin/mode", headers=AUTH)
+        resp = await client.get("/v1/mode", headers=AUTH)
         assert (resp.status, await resp.json()) == (200, {"mode": "dry-run"})
 
 
@@ -346,12 +382,12 @@ async def test_set_mode_dry_run() -> None:
     control, actions = Control(), Actions()
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
         resp = await client.post(
-            "/admin/mode",
+            "/v1/mode",
             headers={**AUTH, "X-Authz-Actor": "bob"},
             json={"mode": "dry-run", "reason": "rolling out policy v2"},
         )
         assert (resp.status, await resp.json()) == (200, {"mode": "dry-run", "previous": "enforce"})
-        assert (await (await client.get("/admin/mode", headers=AUTH)).json()) == {"mode": "dry-run"}
+        assert (await (await client.get("/v1/mode", headers=AUTH)).json()) == {"mode": "dry-run"}
     assert control.mode is Mode.DRY_RUN
     assert actions.calls == [
         (
@@ -369,9 +405,7 @@ async def test_set_mode_dry_run() -> None:
 async def test_set_mode_default_actor_and_back_to_enforce() -> None:
     control, actions = Control(Mode.DRY_RUN), Actions()
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
-        resp = await client.post(
-            "/admin/mode", headers=AUTH, json={"mode": "enforce", "reason": "ok"}
-        )
+        resp = await client.post("/v1/mode", headers=AUTH, json={"mode": "enforce", "reason": "ok"})
         assert (await resp.json()) == {"mode": "enforce", "previous": "dry-run"}
     assert control.mode is Mode.ENFORCE
     assert actions.calls[0][1]["actor"] == "admin"
@@ -392,7 +426,7 @@ async def test_set_mode_default_actor_and_back_to_enforce() -> None:
 async def test_set_mode_invalid(payload: Any, fragment: str) -> None:
     control, actions = Control(), Actions()
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
-        resp = await client.post("/admin/mode", headers=AUTH, json=payload)
+        resp = await client.post("/v1/mode", headers=AUTH, json=payload)
         assert resp.status == 400
         answer = await resp.json()
     assert answer["error"] == "invalid_request"
@@ -410,7 +444,7 @@ async def test_set_mode_body_not_json(data: bytes) -> None:
     control = Control()
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN)) as client:
         resp = await client.post(
-            "/admin/mode", headers={**AUTH, "Content-Type": "application/json"}, data=data
+            "/v1/mode", headers={**AUTH, "Content-Type": "application/json"}, data=data
         )
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_request"
@@ -420,9 +454,7 @@ async def test_set_mode_body_not_json(data: bytes) -> None:
 async def test_set_mode_bypass_refused_unless_allowed() -> None:
     control, actions = Control(allow_bypass=False), Actions()
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
-        resp = await client.post(
-            "/admin/mode", headers=AUTH, json={"mode": "bypass", "reason": "x"}
-        )
+        resp = await client.post("/v1/mode", headers=AUTH, json={"mode": "bypass", "reason": "x"})
         assert resp.status == 400
         assert "AUTHZ_ALLOW_BYPASS" in (await resp.json())["message"]
     assert control.mode is Mode.ENFORCE
@@ -433,7 +465,7 @@ async def test_set_mode_bypass_when_allowed() -> None:
     control = Control(allow_bypass=True)
     async with admin_api(control=control, token=Secret(ADMIN_TOKEN)) as client:
         resp = await client.post(
-            "/admin/mode", headers=AUTH, json={"mode": "bypass", "reason": "debugging"}
+            "/v1/mode", headers=AUTH, json={"mode": "bypass", "reason": "debugging"}
         )
         assert (resp.status, await resp.json()) == (200, {"mode": "bypass", "previous": "enforce"})
     assert control.mode is Mode.BYPASS
@@ -441,20 +473,18 @@ async def test_set_mode_bypass_when_allowed() -> None:
 
 async def test_mode_without_control_is_not_found() -> None:
     async with admin_api(token=Secret(ADMIN_TOKEN)) as client:
-        assert (await client.get("/admin/mode", headers=AUTH)).status == 404
-        resp = await client.post(
-            "/admin/mode", headers=AUTH, json={"mode": "enforce", "reason": "x"}
-        )
+        assert (await client.get("/v1/mode", headers=AUTH)).status == 404
+        resp = await client.post("/v1/mode", headers=AUTH, json={"mode": "enforce", "reason": "x"})
         assert resp.status == 404
 
 
-# --- /admin/overrides --------------------------------------------------------------------
+# --- /v1/overrides --------------------------------------------------------------------
 
 OVERRIDE = {
     "effect": "allow",
     "decision_path": "authz/gateway/decision",
     "match": {"key_id": "key-oncall", "path": "/api/v1/admin/**", "methods": ["GET"]},
-    "ttl_s": 3600,
+    "ttl_seconds": 3600,
     "reason": "INC-123",
 }
 
@@ -465,7 +495,7 @@ async def test_override_add_list_delete() -> None:
     async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
         before = time.time()
         resp = await client.post(
-            "/admin/overrides", headers={**AUTH, "X-Authz-Actor": "carol"}, json=OVERRIDE
+            "/v1/overrides", headers={**AUTH, "X-Authz-Actor": "carol"}, json=OVERRIDE
         )
         assert resp.status == 201
         added = await resp.json()
@@ -479,12 +509,12 @@ async def test_override_add_list_delete() -> None:
             override_id: {k: v for k, v in added.items() if k != "pushed"}
         }
 
-        listed = await (await client.get("/admin/overrides", headers=AUTH)).json()
+        listed = await (await client.get("/v1/overrides", headers=AUTH)).json()
         assert [o["id"] for o in listed["overrides"]] == [override_id]
 
-        resp = await client.delete(f"/admin/overrides/{override_id}", headers=AUTH)
+        resp = await client.delete(f"/v1/overrides/{override_id}", headers=AUTH)
         assert (resp.status, await resp.json()) == (200, {"deleted": override_id, "pushed": True})
-        listed = await (await client.get("/admin/overrides", headers=AUTH)).json()
+        listed = await (await client.get("/v1/overrides", headers=AUTH)).json()
         assert listed == {"overrides": []}
     assert push.documents[-1] == {}
     assert [action for action, _ in actions.calls] == ["add_override", "delete_override"]
@@ -498,7 +528,7 @@ async def test_override_add_when_opa_is_down_is_kept() -> None:
     push.error = OpaUnavailable("connection refused")
     store = OverrideStore(push)
     async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN)) as client:
-        resp = await client.post("/admin/overrides", headers=AUTH, json=OVERRIDE)
+        resp = await client.post("/v1/overrides", headers=AUTH, json=OVERRIDE)
         assert resp.status == 201
         added = await resp.json()
     assert added["pushed"] is False
@@ -509,7 +539,7 @@ async def test_override_delete_unknown() -> None:
     actions = Actions()
     store = OverrideStore(FakeOpaPush())
     async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
-        resp = await client.delete("/admin/overrides/ovr-nope", headers=AUTH)
+        resp = await client.delete("/v1/overrides/ovr-nope", headers=AUTH)
         assert resp.status == 404
         assert (await resp.json())["error"] == "not_found"
     assert actions.calls == []
@@ -518,7 +548,7 @@ async def test_override_delete_unknown() -> None:
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"ttl_s": 0}, "override.ttl_s"),
+        ({"ttl_seconds": 0}, "override.ttl_seconds"),
         ({"effect": "permit"}, "override.effect"),
         ({"match": {}}, "override.match"),
         ({"match": {"key_id": "k", "methods": ["get"]}}, "override.match.methods"),
@@ -531,7 +561,7 @@ async def test_override_add_invalid_names_field(changes: dict[str, Any], field: 
     push, actions = FakeOpaPush(), Actions()
     store = OverrideStore(push)
     async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
-        resp = await client.post("/admin/overrides", headers=AUTH, json={**OVERRIDE, **changes})
+        resp = await client.post("/v1/overrides", headers=AUTH, json={**OVERRIDE, **changes})
         assert resp.status == 400
         answer = await resp.json()
     assert answer["error"] == "invalid_request"
@@ -543,7 +573,7 @@ async def test_override_add_body_not_json() -> None:
     store = OverrideStore(FakeOpaPush())
     async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN)) as client:
         resp = await client.post(
-            "/admin/overrides", headers={**AUTH, "Content-Type": "application/json"}, data="{x"
+            "/v1/overrides", headers={**AUTH, "Content-Type": "application/json"}, data="{x"
         )
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_request"
@@ -554,7 +584,7 @@ async def test_override_add_body_too_large() -> None:
     store = OverrideStore(FakeOpaPush())
     big = {**OVERRIDE, "reason": "r" * (64 * 1024)}
     async with admin_api(overrides=store, token=Secret(ADMIN_TOKEN)) as client:
-        resp = await client.post("/admin/overrides", headers=AUTH, json=big)
+        resp = await client.post("/v1/overrides", headers=AUTH, json=big)
         assert resp.status in (400, 413)
         await resp.read()
 
@@ -562,7 +592,7 @@ async def test_override_add_body_too_large() -> None:
             yield json.dumps(big).encode()
 
         resp = await client.post(
-            "/admin/overrides",
+            "/v1/overrides",
             headers={**AUTH, "Content-Type": "application/json"},
             data=chunks(),
         )
@@ -572,7 +602,71 @@ async def test_override_add_body_too_large() -> None:
 
 async def test_overrides_not_enabled() -> None:
     async with admin_api(token=Secret(ADMIN_TOKEN)) as client:
-        assert (await client.get("/admin/overrides", headers=AUTH)).status == 404
-        resp = await client.post("/admin/overrides", headers=AUTH, json=OVERRIDE)
+        assert (await client.get("/v1/overrides", headers=AUTH)).status == 404
+        resp = await client.post("/v1/overrides", headers=AUTH, json=OVERRIDE)
         assert resp.status == 404
-        assert (await client.delete("/admin/overrides/x", headers=AUTH)).status == 404
+        assert (await client.delete("/v1/overrides/x", headers=AUTH)).status == 404
+
+
+# --- /v1/preview and /v1/reload -------------------------------------------------------
+
+
+async def test_preview_answers_and_logs_nothing_secret() -> None:
+    previewer = FakePreview()
+    body = {"key_id": "key-user", "method": "GET", "path": "/api/v1/admin/users"}
+    async with admin_api(preview=previewer, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post("/v1/preview", headers=AUTH, json=body)
+        assert resp.status == 200
+        assert await resp.json() == {
+            "allowed": False,
+            "reason": "role_not_allowed",
+            "source": "deny",
+        }
+    assert previewer.bodies == [body]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (ConfigError("preview.path=None: expected a /path"), 400, "invalid_request"),
+        (RequestError("malformed query"), 400, "invalid_request"),
+        (OpaUnavailable("connection refused"), 503, "opa_unavailable"),
+        (UndefinedDecision("no decision"), 403, "undefined_decision"),
+        (InvalidDecision("expected allowed"), 500, "invalid_decision"),
+    ],
+    ids=["bad-body", "bad-request", "opa-down", "undefined", "malformed-decision"],
+)
+async def test_preview_failures(error: Exception, status: int, code: str) -> None:
+    async with admin_api(preview=FakePreview(error), token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post("/v1/preview", headers=AUTH, json={"key_id": "k"})
+        assert resp.status == status
+        assert (await resp.json())["error"] == code
+
+
+async def test_preview_body_not_json() -> None:
+    previewer = FakePreview()
+    async with admin_api(preview=previewer, token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post("/v1/preview", headers=AUTH, data=b"{nope")
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "invalid_request"
+    assert previewer.bodies == []
+
+
+async def test_reload_runs_and_is_audited() -> None:
+    reloader, actions = FakeReload(), Actions()
+    async with admin_api(reload=reloader, token=Secret(ADMIN_TOKEN), on_action=actions) as client:
+        resp = await client.post("/v1/reload", headers={**AUTH, "X-Authz-Actor": "alice"})
+        assert resp.status == 200
+        assert await resp.json() == {"mode": "enforce", "secrets": "reloaded", "revision": "r2"}
+    assert reloader.actors == ["alice"]
+    assert actions.calls == [
+        ("reload", {"actor": "alice", "mode": "enforce", "secrets": "reloaded", "revision": "r2"})
+    ]
+
+
+@pytest.mark.parametrize("path", ["/v1/preview", "/v1/reload"])
+async def test_preview_and_reload_not_enabled(path: str) -> None:
+    async with admin_api(token=Secret(ADMIN_TOKEN)) as client:
+        resp = await client.post(path, headers=AUTH, json={})
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "not_found"

@@ -194,6 +194,8 @@ TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
     ("dynamic_metadata", [], "dynamic_metadata", "object", "array"),
     ("reason", 7, "reason", "string", "number"),
     ("reason", None, "reason", "string", "null"),
+    ("source", 1, "source", "string", "number"),
+    ("source", ["override"], "source", "string", "array"),
     ("rate_limit", "premium", "rate_limit", "object", "string"),
     ("rate_limit", {"key": "k"}, "rate_limit.tier", "string", "null"),
     ("rate_limit", {"tier": 1, "key": "k"}, "rate_limit.tier", "string", "number"),
@@ -314,6 +316,25 @@ def test_snake_case_reason_is_accepted(reason: str) -> None:
 def test_non_snake_case_reason_is_rejected(reason: str) -> None:
     with pytest.raises(InvalidDecision, match="is not a snake_case code"):
         parse_decision({"allowed": False, "reason": reason})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"allowed": True, "source": "namespace_default"}, "namespace_default"),
+        ({"allowed": False, "source": "override"}, "override"),
+        ({"allowed": True}, None),
+        (True, None),
+    ],
+    ids=["namespace-default", "override", "absent", "boolean-form"],
+)
+def test_source(raw: object, expected: str | None) -> None:
+    assert parse_decision(raw).source == expected
+
+
+def test_non_snake_case_source_is_rejected() -> None:
+    with pytest.raises(InvalidDecision, match="source 'Policy Rule' is not a snake_case code"):
+        parse_decision({"allowed": True, "source": "Policy Rule"})
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def body(**changes: Any) -> dict[str, Any]:
         "effect": "allow",
         "decision_path": GATEWAY,
         "match": {"key_id": "key-oncall", "path": "/api/v1/admin/**", "methods": ["GET"]},
-        "ttl_s": 3600,
+        "ttl_seconds": 3600,
         "reason": "INC-123",
     }
     base.update(changes)
@@ -75,9 +75,9 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         },
     ),
     ("key-only", body(match={"key_id": "k"}), {"match": {"key_id": "k"}}),
-    ("ttl-float", body(ttl_s=1.5), {"expires_at": T0 + 1.5}),
-    ("ttl-min", body(ttl_s=1), {"expires_at": T0 + 1}),
-    ("ttl-max", body(ttl_s=MAX_TTL_S), {"expires_at": T0 + MAX_TTL_S}),
+    ("ttl-float", body(ttl_seconds=1.5), {"expires_at": T0 + 1.5}),
+    ("ttl-min", body(ttl_seconds=1), {"expires_at": T0 + 1}),
+    ("ttl-max", body(ttl_seconds=MAX_TTL_S), {"expires_at": T0 + MAX_TTL_S}),
     (
         "reason-trimmed",
         body(reason="  INC-9 compromised key \n"),
@@ -161,12 +161,12 @@ INVALID: list[tuple[str, Any, str]] = [
     ("methods-empty", body(match={"key_id": "k", "methods": []}), "override.match.methods"),
     ("methods-string", body(match={"key_id": "k", "methods": "GET"}), "override.match.methods"),
     ("methods-digit", body(match={"key_id": "k", "methods": ["G3T"]}), "override.match.methods"),
-    ("ttl-missing", body(ttl_s=None), "override.ttl_s"),
-    ("ttl-zero", body(ttl_s=0), "override.ttl_s=0"),
-    ("ttl-negative", body(ttl_s=-5), "override.ttl_s=-5"),
-    ("ttl-too-big", body(ttl_s=MAX_TTL_S + 1), f"override.ttl_s={MAX_TTL_S + 1}"),
-    ("ttl-bool", body(ttl_s=True), "override.ttl_s=True"),
-    ("ttl-string", body(ttl_s="3600"), "override.ttl_s='3600'"),
+    ("ttl-missing", body(ttl_seconds=None), "override.ttl_seconds"),
+    ("ttl-zero", body(ttl_seconds=0), "override.ttl_seconds=0"),
+    ("ttl-negative", body(ttl_seconds=-5), "override.ttl_seconds=-5"),
+    ("ttl-too-big", body(ttl_seconds=MAX_TTL_S + 1), f"override.ttl_seconds={MAX_TTL_S + 1}"),
+    ("ttl-bool", body(ttl_seconds=True), "override.ttl_seconds=True"),
+    ("ttl-string", body(ttl_seconds="3600"), "override.ttl_seconds='3600'"),
     ("reason-missing", body(reason=None), "override.reason"),
     ("reason-blank", body(reason="   "), "override.reason"),
     ("reason-not-string", body(reason=123), "override.reason"),
@@ -187,7 +187,7 @@ def test_parse_invalid_names_the_field(raw: Any, field: str) -> None:
 
 
 def test_opa_document() -> None:
-    override = parse(body(ttl_s=90.5))
+    override = parse(body(ttl_seconds=90.5))
     document = override.opa_document()
     assert set(document) == {
         "id",
@@ -223,7 +223,7 @@ def test_opa_document() -> None:
 
 
 def test_opa_document_expiry_is_utc() -> None:
-    document = parse(body(ttl_s=60), now=0.0).opa_document()
+    document = parse(body(ttl_seconds=60), now=0.0).opa_document()
     assert document["expires_at"] == datetime(1970, 1, 1, 0, 1, tzinfo=UTC).isoformat()
     assert document["expires_at_ns"] == 60 * 10**9
 
@@ -253,7 +253,7 @@ class Clock:
 
 
 def override(override_id: str, ttl_s: float = 3600, key_id: str = "key-a") -> Override:
-    raw = body(match={"key_id": key_id}, ttl_s=ttl_s)
+    raw = body(match={"key_id": key_id}, ttl_seconds=ttl_s)
     return parse(raw, now=Clock()(), new_id=override_id)
 
 

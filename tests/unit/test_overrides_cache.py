@@ -51,7 +51,7 @@ async def test_deny_override_is_not_masked_by_decisions_cached_while_it_was_push
             "effect": "deny",
             "decision_path": PATH,
             "match": {"key_id": "key-leaked"},
-            "ttl_s": 600,
+            "ttl_seconds": 600,
             "reason": "key leaked",
         },
         actor="oncall",

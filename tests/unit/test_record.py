@@ -124,10 +124,11 @@ def test_log_fields_values() -> None:
         ({"fail_open": True}, {"fail_open": True}),
         ({"tier": "premium"}, {"tier": "premium"}),
         ({"override_id": "ovr-1"}, {"override_id": "ovr-1"}),
+        ({"source": "namespace_default"}, {"source": "namespace_default"}),
         ({"error": "OPA gave no answer"}, {"error": "OPA gave no answer"}),
         ({"policy_allowed": None}, {}),
     ],
-    ids=["fail-open", "tier", "override", "error", "no-policy"],
+    ids=["fail-open", "tier", "override", "source", "error", "no-policy"],
 )
 def test_optional_fields(overrides: dict[str, Any], expected: dict[str, Any]) -> None:
     fields = record(**overrides).log_fields()
