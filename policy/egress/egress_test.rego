@@ -235,9 +235,21 @@ test_shipped_sandboxes_well_formed if {
 	every id, sb in object.get(data.egress, "sandboxes", {}) {
 		regex.match(`^[A-Za-z0-9._-]+$`, id)
 		regex.match(`^[0-9a-f]{64}$`, sb.token_sha256)
-		data.egress.tiers[sb.tier]
+		data.egress.tiers[sandbox_tier(sb)]
 		is_boolean(sb.enabled)
 	}
+}
+
+# A sandbox's own tier, else its namespace's default.
+sandbox_tier(sb) := sb.tier
+
+sandbox_tier(sb) := data.egress.namespaces[sb.namespace].tier if not sb.tier
+
+test_shipped_data_check_accepts_namespace_defaults if {
+	test_shipped_sandboxes_well_formed with data.egress.sandboxes as ns_sandboxes
+		with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
+	not test_shipped_sandboxes_well_formed with data.egress.sandboxes as ns_sandboxes
+		with data.egress.namespaces as {}
 }
 
 # -- TTL overrides -------------------------------------------------------------------------

@@ -142,11 +142,32 @@ test_shipped_keys_well_formed if {
 		regex.match(`^[0-9a-f]{64}$`, digest)
 		is_string(k.id)
 		is_boolean(k.enabled)
-		k.role in data.gateway.roles
-		data.gateway.rate_limit_tiers[k.rate_limit_tier]
+		effective(k, "role") in data.gateway.roles
+		data.gateway.rate_limit_tiers[effective(k, "rate_limit_tier")]
 		valid_expiry(k)
 	}
 }
+
+# A key's own field, else its namespace's default.
+effective(k, field) := k[field]
+
+effective(k, field) := data.gateway.namespaces[k.namespace][field] if not k[field]
+
+test_shipped_namespaces_well_formed if {
+	every ns in object.get(data.gateway, "namespaces", {}) {
+		object.get(ns, "role", data.gateway.roles[0]) in data.gateway.roles
+		data.gateway.rate_limit_tiers[object.get(ns, "rate_limit_tier", "default")]
+	}
+}
+
+test_shipped_data_check_accepts_namespace_defaults if {
+	test_shipped_keys_well_formed with data.gateway.api_keys as ns_keys_known
+		with data.gateway.namespaces as namespaces
+	not test_shipped_keys_well_formed with data.gateway.api_keys as ns_keys
+		with data.gateway.namespaces as namespaces
+}
+
+ns_keys_known := object.filter(ns_keys, [crypto.sha256("k-ns"), crypto.sha256("k-ns-own"), crypto.sha256("k-ns-tier")])
 
 valid_expiry(k) if not k.expires_at
 
