@@ -5,6 +5,8 @@
     authz serve [--config FILE]          run the ext_authz gRPC server (default command)
     authz key new                        print a new API key and its digest
     authz key hash                       read a key on stdin, print its SHA-256 digest
+    authz keys health --bundle FILE      expired/expiring/disabled/unused keys; exit 1 if any
+                                         needs action (``keys`` and ``key`` are the same)
     authz sandbox new --id ID --tier T   print a new sandbox token and its data entry
     authz secrets generate               build the egress secrets file from env / .env
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
@@ -25,13 +27,14 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
 
-from authz import audit, config, keys, logs, secrets
+from authz import audit, config, hygiene, keys, logs, secrets
 from authz.errors import ConfigError
 
 __all__ = ["main"]
@@ -87,6 +90,49 @@ def _key_hash(_: argparse.Namespace) -> int:
         return 2
     print(keys.digest(key))
     return 0
+
+
+def _keys_health(args: argparse.Namespace) -> int:
+    now = args.now if args.now is not None else time.time()
+    try:
+        api_keys = hygiene.load_api_keys(args.bundle)
+        last_seen = hygiene.read_last_seen(args.audit) if args.audit is not None else None
+        report = hygiene.assess(
+            api_keys,
+            now=now,
+            last_seen=last_seen,
+            expiring_days=args.expiring_days,
+            unused_days=args.unused_days,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(hygiene.report_json(report), indent=2))
+    else:
+        print(hygiene.report_text(report))
+    return 1 if report.needs_action else 0
+
+
+def _days(*, positive: bool) -> Callable[[str], float]:
+    def conv(text: str) -> float:
+        try:
+            days = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+        if not (days > 0 if positive else days >= 0) or days == float("inf"):
+            bound = "> 0" if positive else ">= 0"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of days {bound}")
+        return days
+
+    return conv
+
+
+def _rfc3339(text: str) -> float:
+    when = hygiene.parse_rfc3339(text)
+    if when is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time")
+    return when
 
 
 def _sandbox_new(args: argparse.Namespace) -> int:
@@ -245,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML settings file (AUTHZ_* env wins)")
     serve.set_defaults(func=_serve)
 
-    key = commands.add_parser("key", help="API key helpers")
+    key = commands.add_parser("key", aliases=["keys"], help="API key helpers")
     key_commands = key.add_subparsers(dest="key_command", required=True)
     new = key_commands.add_parser(
         "new", help="generate a key; prints the data.json entry (key itself on stderr)"
@@ -257,6 +303,34 @@ def _parser() -> argparse.ArgumentParser:
     new.set_defaults(func=_key_new)
     hash_ = key_commands.add_parser("hash", help="SHA-256 digest of the key read from stdin")
     hash_.set_defaults(func=_key_hash)
+    health = key_commands.add_parser(
+        "health",
+        help="report expired, expiring, disabled and unused keys; exit 1 when any needs action",
+    )
+    health.add_argument(
+        "--bundle",
+        type=Path,
+        required=True,
+        help="bundle .tar.gz, bundle/data directory, or data.json holding data.gateway.api_keys",
+    )
+    health.add_argument(
+        "--audit", type=Path, help="audit database: keys without a recent decision are unused"
+    )
+    health.add_argument(
+        "--expiring-days",
+        type=_days(positive=False),
+        default=config.DEFAULT_KEY_EXPIRY_WARNING_DAYS,
+        help="a key expiring within this many days is 'expiring' (default: %(default)g)",
+    )
+    health.add_argument(
+        "--unused-days",
+        type=_days(positive=True),
+        default=30.0,
+        help="with --audit: no decision in this many days is 'unused' (default: %(default)g)",
+    )
+    health.add_argument("--now", type=_rfc3339, help="assess as of this RFC 3339 time")
+    health.add_argument("--json", action="store_true", help="print the report as JSON")
+    health.set_defaults(func=_keys_health)
 
     sandbox = commands.add_parser("sandbox", help="sandbox identity helpers")
     sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_DECISION_PATH",
     "DEFAULT_DECISION_TIMEOUT_MS",
     "DEFAULT_GRPC_ADDR",
+    "DEFAULT_KEY_EXPIRY_WARNING_DAYS",
     "DEFAULT_OPA_URL",
     "ENV_PREFIX",
     "Settings",
@@ -64,6 +65,8 @@ DEFAULT_AUDIT_MAX_RECORDS: Final = 1_000_000
 DEFAULT_OVERRIDES_FILE: Final = Path("authz-overrides.json")
 DEFAULT_DECISION_CACHE_TTL_S: Final = 5.0
 DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
+# An allowed key whose expires_at is this close gets an "api key expiring" warning.
+DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -113,6 +116,7 @@ class Settings:
     decision_cache_ttl_s: float = DEFAULT_DECISION_CACHE_TTL_S
     decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
     decision_cache_ignore_headers: tuple[str, ...] = ()
+    key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
 
     @property
     def decision_timeout_s(self) -> float:
@@ -221,6 +225,16 @@ def _cache_ttl(key: str, value: Any) -> float:
     return number
 
 
+def _days(key: str, value: Any) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: expected a number of days") from None
+    if not 0 <= number < math.inf:
+        raise ConfigError(f"{key}={value!r}: expected a non-negative number of days")
+    return number
+
+
 def _decision_paths(key: str, value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
     return tuple(parse_decision_path(key, str(i).strip()) for i in items if str(i).strip())
@@ -286,6 +300,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_cache_ttl_s": _cache_ttl,
     "decision_cache_max_entries": _int_in(1, 10_000_000),
     "decision_cache_ignore_headers": _headers,
+    "key_expiry_warning_days": _days,
 }
 
 

@@ -33,6 +33,7 @@ mode                                       gauge      mode
 overrides_active                           gauge      -
 decision_cache_lookups_total               counter    result (hit, miss)
 decision_cache_entries                     gauge      -
+expiring_key_decisions_total               counter    path
 build_info                                 info       version
 =========================================  =========  =================================
 """
@@ -166,6 +167,12 @@ class Metrics:
         )
         self.mode = Gauge("authz_mode", "1 for the active enforcement mode.", ("mode",), registry=r)
         self.overrides_active = Gauge("authz_overrides_active", "Active TTL overrides.", registry=r)
+        self.expiring_key_decisions = Counter(
+            "authz_expiring_key_decisions",
+            "Allowed decisions for a key whose expires_at is within the warning window.",
+            ("path",),
+            registry=r,
+        )
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")

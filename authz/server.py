@@ -31,6 +31,7 @@ from authz.circuit import CLOSED, OPEN, CircuitBreaker
 from authz.config import Settings
 from authz.control import Control
 from authz.errors import ConfigError
+from authz.expiry import KeyExpiryWatch
 from authz.logs import DecisionLog
 from authz.metrics import Metrics, MetricsSink
 from authz.overrides import OpaOverrideWriter, OverrideStore
@@ -167,7 +168,10 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     )
     if cache is not None:
         metrics.watch_cache(lambda: (cache.hits, cache.misses, len(cache)))
-    sinks: list[DecisionSink] = [MetricsSink(metrics)]
+    sinks: list[DecisionSink] = [
+        MetricsSink(metrics),
+        KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions),
+    ]
     if settings.decision_log:
         sinks.append(DecisionLog())
     if audit is not None:

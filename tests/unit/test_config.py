@@ -546,3 +546,45 @@ def test_redis_backend_requires_redis_url(environ: dict[str, str]) -> None:
 def test_memory_backend_needs_no_redis_url() -> None:
     settings = load({"AUTHZ_RATE_LIMIT_BACKEND": "memory"})
     assert (settings.rate_limit_backend, settings.redis_url) == ("memory", None)
+
+
+# --- key_expiry_warning_days ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("14", 14.0), ("0", 0.0), ("0.5", 0.5), (" 30 ", 30.0), ("365", 365.0)],
+    ids=["14", "zero-turns-it-off", "fraction", "spaces", "a-year"],
+)
+def test_key_expiry_warning_days(value: str, expected: float) -> None:
+    settings = load({"AUTHZ_KEY_EXPIRY_WARNING_DAYS": value})
+    assert settings.key_expiry_warning_days == expected
+
+
+def test_key_expiry_warning_days_default_and_file(tmp_path: Path) -> None:
+    assert load({}).key_expiry_warning_days == 14.0
+    path = write(tmp_path, "key_expiry_warning_days: 7\n")
+    assert load({}, path).key_expiry_warning_days == 7.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("-1", "non-negative number of days"),
+        ("inf", "non-negative number of days"),
+        ("nan", "non-negative number of days"),
+        ("two weeks", "expected a number of days"),
+        ("", "expected a number of days"),
+    ],
+    ids=["negative", "infinite", "nan", "words", "empty"],
+)
+def test_bad_key_expiry_warning_days_names_key_and_value(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_KEY_EXPIRY_WARNING_DAYS": value})
+    assert str(caught.value).startswith(f"AUTHZ_KEY_EXPIRY_WARNING_DAYS={value!r}: ")
+    assert expected in str(caught.value)
+
+
+def test_bad_key_expiry_warning_days_in_file_names_file_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"authz\.yaml:key_expiry_warning_days=True"):
+        load({}, write(tmp_path, "key_expiry_warning_days: true\n"))
