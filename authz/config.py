@@ -165,14 +165,23 @@ def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
     return conv
 
 
-def _positive_float(key: str, value: Any) -> float:
-    try:
-        number = float(str(value))
-    except ValueError:
-        raise ConfigError(f"{key}={value!r}: expected a number of seconds") from None
-    if not 0 <= number < math.inf:
-        raise ConfigError(f"{key}={value!r}: expected a non-negative number")
-    return number
+def _non_negative(unit: str) -> Callable[[str, Any], float]:
+    """A converter to a finite number >= 0 of ``unit`` (seconds, days)."""
+
+    def conv(key: str, value: Any) -> float:
+        try:
+            number = float(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected a number of {unit}") from None
+        if not 0 <= number < math.inf:
+            raise ConfigError(f"{key}={value!r}: expected a non-negative number of {unit}")
+        return number
+
+    return conv
+
+
+_positive_float = _non_negative("seconds")
+_days = _non_negative("days")
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -222,16 +231,6 @@ def _cache_ttl(key: str, value: Any) -> float:
     number = _positive_float(key, value)
     if number > 3600:
         raise ConfigError(f"{key}={value!r}: expected 0..3600 seconds (0 disables the cache)")
-    return number
-
-
-def _days(key: str, value: Any) -> float:
-    try:
-        number = float(str(value))
-    except ValueError:
-        raise ConfigError(f"{key}={value!r}: expected a number of days") from None
-    if not 0 <= number < math.inf:
-        raise ConfigError(f"{key}={value!r}: expected a non-negative number of days")
     return number
 
 
@@ -294,7 +293,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "circuit_reset_timeout_s": _interval,
     "admin_token": _secret,
     "audit_db": _path,
-    "audit_retention_days": _positive_float,
+    "audit_retention_days": _days,
     "audit_max_records": _int_in(1, 1_000_000_000),
     "overrides_file": _path,
     "decision_cache_ttl_s": _cache_ttl,

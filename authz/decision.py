@@ -257,6 +257,15 @@ def _credential(raw: Any) -> CredentialRef:
     return CredentialRef(ref=ref, header=_header_name("credential.header", header), format=fmt)
 
 
+def _code(name: str, raw: Any) -> str:
+    """A stable snake_case code (``reason``, ``source``)."""
+    if not isinstance(raw, str):
+        raise _type_error(name, "string", raw)
+    if not _REASON.fullmatch(raw):
+        raise InvalidDecision(f"{name} {raw[:64]!r} is not a snake_case code")
+    return raw
+
+
 def _identity(raw: Any) -> Mapping[str, str]:
     if not isinstance(raw, dict):
         raise _type_error("identity", "object", raw)
@@ -308,20 +317,9 @@ def parse_decision(result: Any) -> Decision:
         if not isinstance(result["dynamic_metadata"], dict):
             raise _type_error("dynamic_metadata", "object", result["dynamic_metadata"])
         fields["dynamic_metadata"] = MappingProxyType(dict(result["dynamic_metadata"]))
-    if "reason" in result:
-        reason = result["reason"]
-        if not isinstance(reason, str):
-            raise _type_error("reason", "string", reason)
-        if not _REASON.fullmatch(reason):
-            raise InvalidDecision(f"reason {reason[:64]!r} is not a snake_case code")
-        fields["reason"] = reason
-    if "source" in result:
-        source = result["source"]
-        if not isinstance(source, str):
-            raise _type_error("source", "string", source)
-        if not _REASON.fullmatch(source):
-            raise InvalidDecision(f"source {source[:64]!r} is not a snake_case code")
-        fields["source"] = source
+    for name in ("reason", "source"):
+        if name in result:
+            fields[name] = _code(name, result[name])
     if "rate_limit" in result:
         fields["rate_limit"] = _rate_limit(result["rate_limit"])
     if "identity" in result:
