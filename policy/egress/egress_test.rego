@@ -241,15 +241,16 @@ test_shipped_sandboxes_well_formed if {
 }
 
 # A sandbox's own tier, else its namespace's default.
-sandbox_tier(sb) := sb.tier
+sandbox_tier(sb) := object.get(sb, "tier", object.get(egress_namespaces, [object.get(sb, "namespace", ""), "tier"], null))
 
-sandbox_tier(sb) := data.egress.namespaces[sb.namespace].tier if not sb.tier
+egress_namespaces := data.egress.namespaces
 
-test_shipped_data_check_accepts_namespace_defaults if {
-	test_shipped_sandboxes_well_formed with data.egress.sandboxes as ns_sandboxes
-		with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
-	not test_shipped_sandboxes_well_formed with data.egress.sandboxes as ns_sandboxes
-		with data.egress.namespaces as {}
+egress_namespaces := {} if not data.egress.namespaces
+
+test_data_check_takes_the_tier_from_the_namespace if {
+	sandbox_tier({"tier": "premium", "namespace": "labs/agents"}) == "premium" with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
+	sandbox_tier({"namespace": "labs/agents"}) == "standard" with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
+	sandbox_tier({"namespace": "labs/agents"}) == null with data.egress.namespaces as {}
 }
 
 # -- TTL overrides -------------------------------------------------------------------------

@@ -555,3 +555,29 @@ def test_broken_opa_config_is_rejected(
         [opa_bin, *args], capture_output=True, text=True, timeout=30, check=False
     )
     assert result.returncode != 0, result.stderr[-500:]
+
+
+def test_build_refuses_data_failing_the_policy_data_checks(tmp_path: Path) -> None:
+    # A key whose role no path rule knows: the shipped data checks (opa test on the merged
+    # tree) fail and the build stops, printing the failing test once.
+    overlay = tmp_path / "data/gateway/api_keys"
+    overlay.mkdir(parents=True)
+    entry = {"id": "key-x", "enabled": True, "role": "wizard", "rate_limit_tier": "default"}
+    (overlay / "data.json").write_text(json.dumps({digest("ak_x"): entry}))
+    result = subprocess.run(
+        [
+            str(ROOT / "scripts/build-policy-bundle"),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "policy tests failed" in result.stderr
+    assert result.stderr.count("test_shipped_keys_well_formed: FAIL") == 1
+    assert not (tmp_path / "out/authz.tar.gz").exists()
