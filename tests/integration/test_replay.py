@@ -40,7 +40,7 @@ from authz.input import build_input
 from authz.keys import digest, generate_key
 from authz.policy import OpaClient
 from authz.record import DecisionRecord
-from authz.replay import ReplayChange, describe, opa_serving, replay
+from authz.replay import ReplayChange, ReplayReport, describe, opa_serving, replay
 from authz.stack.supervisor import free_port, http_ok
 from tests.unit.fakes import check_request
 
@@ -270,6 +270,16 @@ def seq_of(path: Path, decision_id: str) -> int:
 # --- replay() ----------------------------------------------------------------------------
 
 
+async def replay_on(bundle: Path, audit_db: Path, opa_bin: str) -> ReplayReport:
+    """Replay ``audit_db`` against ``bundle`` served by a fresh OPA."""
+    with opa_serving(bundle, opa_bin, free_port()) as url:
+        client = OpaClient(url)
+        try:
+            return await replay(entries(audit_db), client)
+        finally:
+            await client.close()
+
+
 async def test_replay_against_v2_reports_the_changes(audit_db: Path, v2_client: OpaClient) -> None:
     report = await replay(entries(audit_db), v2_client)
     # Skipped: the admin entry, the bypass decision (no input), the OPA failure (no policy).
@@ -288,24 +298,14 @@ async def test_replay_against_v2_reports_the_changes(audit_db: Path, v2_client: 
 async def test_replay_against_the_recorded_bundle_changes_nothing(
     audit_db: Path, bundles: Bundles, opa_bin: str
 ) -> None:
-    with opa_serving(bundles.v1, opa_bin, free_port()) as url:
-        client = OpaClient(url)
-        try:
-            report = await replay(entries(audit_db), client)
-        finally:
-            await client.close()
+    report = await replay_on(bundles.v1, audit_db, opa_bin)
     assert (report.evaluated, report.unchanged, report.changed, report.errors) == (5, 5, [], 0)
 
 
 async def test_replay_counts_errors_as_changes(
     audit_db: Path, bundles: Bundles, opa_bin: str
 ) -> None:
-    with opa_serving(bundles.other, opa_bin, free_port()) as url:
-        client = OpaClient(url)
-        try:
-            report = await replay(entries(audit_db), client)
-        finally:
-            await client.close()
+    report = await replay_on(bundles.other, audit_db, opa_bin)
     assert (report.evaluated, report.unchanged, report.errors) == (5, 0, 5)
     assert {c.after for c in report.changed} == {"error (undefined_decision)"}
     assert [c.before for c in report.changed] == list(V1.values())

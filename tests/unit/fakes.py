@@ -22,6 +22,17 @@ if TYPE_CHECKING:
 LARGE_JSON_BODY = "[" + ",".join(["{}"] * 21000) + "]"
 
 
+class ManualClock:
+    """A clock the test moves by setting ``now`` (seconds; monotonic or Unix, as the code
+    under test expects)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeEngine:
     """A PolicyEngine answering from ``answer(path, document)``: a JSON result, or a
     PolicyError instance to raise. Records every call."""

@@ -22,21 +22,12 @@ from authz.errors import ConfigError
 from authz.logs import redact_document
 from authz.record import DecisionRecord
 from authz.secrets import MASK
+from tests.unit.fakes import ManualClock
 
 T0 = 1_700_000_000.0
 SECRET = "SECRET"
 DIGEST = "d" * 64
 DEADLINE_S = 5.0
-
-
-class FakeClock:
-    """A settable clock (Unix seconds) for the writer's pruning schedule and admin times."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
@@ -123,12 +114,12 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-def trail_factory(db: Path, clock: FakeClock) -> Iterator[TrailFactory]:
+def trail_factory(db: Path, clock: ManualClock) -> Iterator[TrailFactory]:
     """Opens AuditTrails on ``db`` with the fake clock; closes every one at the end."""
     opened: list[AuditTrail] = []
 
@@ -155,7 +146,7 @@ def fill(trail: AuditTrail, db: Path, count: int, start: int = 1) -> None:
 
 
 def test_entries_are_chained_in_seq_order(
-    trail_factory: TrailFactory, db: Path, clock: FakeClock
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
 ) -> None:
     states: list[tuple[bool, int, int]] = []
     trail = trail_factory(on_state=lambda *state: states.append(state))
@@ -191,7 +182,7 @@ def test_entries_are_chained_in_seq_order(
     assert states[-1] == (False, 3, 0)
 
 
-def test_admin_entry_body(trail_factory: TrailFactory, db: Path, clock: FakeClock) -> None:
+def test_admin_entry_body(trail_factory: TrailFactory, db: Path, clock: ManualClock) -> None:
     clock.now = T0 + 42
     trail = trail_factory()
     trail.admin("add_override", {"id": "ovr-1", "actor": "alice", "pushed": True}, "ovr-1")
@@ -580,7 +571,7 @@ def test_verify_names_a_forged_entry_appended_after_the_head(
 
 
 def test_max_records_prunes_the_oldest_and_chain_still_verifies(
-    trail_factory: TrailFactory, db: Path, clock: FakeClock
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
 ) -> None:
     # The writer prunes once its clock is 60 s past the last pruning (initially 0): a
     # clock frozen at 30 s never prunes, 61 s later it must.
@@ -612,7 +603,7 @@ def test_max_records_prunes_the_oldest_and_chain_still_verifies(
 
 
 def test_retention_days_prunes_old_entries(
-    trail_factory: TrailFactory, db: Path, clock: FakeClock
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
 ) -> None:
     trail = trail_factory(retention_days=1, max_records=None)
     fill(trail, db, 4)  # recorded at T0+1 .. T0+4
@@ -626,7 +617,7 @@ def test_retention_days_prunes_old_entries(
 
 
 def test_retention_pruning_every_entry_still_verifies(
-    trail_factory: TrailFactory, db: Path, clock: FakeClock
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
 ) -> None:
     # An idle service: every stored entry is past retention and is pruned. That is not
     # tampering; the anchor and the head both record the last pruned entry.
@@ -645,7 +636,7 @@ def test_retention_pruning_every_entry_still_verifies(
 
 
 def test_locked_database_degrades_then_recovers_with_a_gap_entry(
-    trail_factory: TrailFactory, db: Path, clock: FakeClock
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
 ) -> None:
     states: list[tuple[bool, int, int]] = []
     trail = trail_factory(on_state=lambda *state: states.append(state))

@@ -10,7 +10,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from authz.authorizer import Authorizer
 from authz.control import Control, Mode
 from authz.errors import OpaUnavailable
-from tests.unit.fakes import FakeEngine, check_request
+from tests.unit.fakes import FakeEngine, ManualClock, check_request
 
 PATH = "authz/gateway/decision"
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-sandbox-token")
@@ -85,19 +85,10 @@ async def test_bypass_never_forwards_the_client_credentials() -> None:
     assert "x-sandbox-token" not in seen
 
 
-class _Clock:
-    """perf_counter stand-in, moved by the engine."""
-
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class _SlowDeny(FakeEngine):
     """OPA answers a deny, 0.35 s after being asked (budget: 0.3 s)."""
 
-    def __init__(self, clock: _Clock) -> None:
+    def __init__(self, clock: ManualClock) -> None:
         super().__init__(DENY)
         self._clock = clock
 
@@ -112,7 +103,7 @@ async def test_a_late_policy_deny_never_fails_open() -> None:
     # code is in FAIL_OPEN_CODES: on a fail-open path the known deny becomes an allow.
     # README: fail-open is for "OPA unreachable, slow, or answering an error"; a decision
     # OPA actually gave must be enforced.
-    clock = _Clock()
+    clock = ManualClock()
     authorizer = make(_SlowDeny(clock), fail_open_paths=(PATH,), clock=clock)
     outcome = await authorizer.check(check_request(headers={"x-api-key": "wrong"}))
     assert outcome.record.policy_allowed is False

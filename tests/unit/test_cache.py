@@ -7,14 +7,7 @@ import pytest
 from authz.cache import DecisionCache, cache_key
 from authz.decision import Decision
 from authz.policy import Evaluation
-from tests.unit.fakes import check_request
-
-
-class Clock:
-    now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fakes import ManualClock, check_request
 
 
 def key(**kwargs: object) -> object:
@@ -55,7 +48,7 @@ def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str =
 
 
 def test_ttl_and_counters() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     cache = DecisionCache(ttl_s=5, clock=clock)
     assert cache.get("k") is None
     put(cache, "k")
@@ -73,7 +66,7 @@ def test_ttl_and_counters() -> None:
     ids=["uncacheable", "shorter", "capped-by-config"],
 )
 def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: float) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     cache = DecisionCache(ttl_s=5, clock=clock)
     put(cache, "k", ttl=decision_ttl)
     start = clock.now
@@ -85,7 +78,7 @@ def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: floa
 
 
 def test_lru_bound() -> None:
-    cache = DecisionCache(max_entries=2, clock=Clock())
+    cache = DecisionCache(max_entries=2, clock=ManualClock(100.0))
     put(cache, "a")
     put(cache, "b")
     assert cache.get("a") is not None  # a is now the most recent
@@ -96,7 +89,7 @@ def test_lru_bound() -> None:
 
 
 def test_new_bundle_revision_drops_everything() -> None:
-    cache = DecisionCache(clock=Clock())
+    cache = DecisionCache(clock=ManualClock(100.0))
     put(cache, "a", rev="r1")
     put(cache, "b", rev="r2")
     assert cache.get("a") is None
@@ -106,7 +99,7 @@ def test_new_bundle_revision_drops_everything() -> None:
 
 
 def test_clear() -> None:
-    cache = DecisionCache(clock=Clock())
+    cache = DecisionCache(clock=ManualClock(100.0))
     put(cache, "a")
     cache.clear("overrides changed")
     assert len(cache) == 0

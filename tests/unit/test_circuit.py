@@ -10,6 +10,7 @@ import pytest
 from authz.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from authz.errors import CircuitOpen, OpaTimeout, OpaUnavailable, UndefinedDecision
 from authz.policy import Evaluation
+from tests.unit.fakes import ManualClock
 
 
 class Switch:
@@ -31,15 +32,8 @@ class Switch:
         return None
 
 
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_opens_after_threshold_fails_fast_then_probes_and_closes() -> None:
-    engine, clock = Switch(), Clock()
+    engine, clock = Switch(), ManualClock()
     states: list[str] = []
     breaker = CircuitBreaker(
         engine, failure_threshold=3, reset_timeout_s=5, clock=clock, on_state_change=states.append
@@ -60,7 +54,7 @@ async def test_opens_after_threshold_fails_fast_then_probes_and_closes() -> None
 
 
 async def test_failed_probe_reopens() -> None:
-    engine, clock = Switch(), Clock()
+    engine, clock = Switch(), ManualClock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
     engine.failure = OpaUnavailable("refused")
     with pytest.raises(OpaUnavailable):

@@ -10,6 +10,7 @@ from typing import Any
 from authz.circuit import CircuitBreaker
 from authz.errors import OpaUnavailable
 from authz.policy import Evaluation
+from tests.unit.fakes import ManualClock
 
 
 class Engine:
@@ -32,20 +33,13 @@ class Engine:
         return None
 
 
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_cancelled_probe_does_not_leave_the_circuit_half_open_forever() -> None:
     # grpc.aio cancels the Check coroutine when Envoy resets the stream (the downstream
     # client went away). If that happens to the half-open probe, CancelledError
     # (a BaseException) skips every handler in CircuitBreaker.evaluate, `_probing` stays
     # True and every later query raises CircuitOpen("a probe is in flight") forever,
     # although OPA is healthy again.
-    engine, clock = Engine(), Clock()
+    engine, clock = Engine(), ManualClock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
     with contextlib.suppress(OpaUnavailable):
         await breaker.evaluate("p", {}, 1)
@@ -75,7 +69,7 @@ async def test_client_cancelling_the_grpc_probe_call_wedges_the_breaker() -> Non
     from authz.server import create_server
     from tests.unit.fakes import check_request
 
-    engine, clock = Engine(), Clock()
+    engine, clock = Engine(), ManualClock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
     authorizer = Authorizer(
         breaker, default_decision_path="a/b", credential_headers=(), timeout_s=5.0
@@ -105,7 +99,7 @@ async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
     # OPEN, so the pod stays ready while every Check is denied opa_circuit_open.
     from authz.server import _opa_check
 
-    engine, clock = Engine(), Clock()
+    engine, clock = Engine(), ManualClock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
     with contextlib.suppress(OpaUnavailable):
         await breaker.evaluate("p", {}, 1)

@@ -22,6 +22,7 @@ from authz.overrides import (
     OverrideStore,
     parse_override_request,
 )
+from tests.unit.fakes import ManualClock
 
 T0 = 1_700_000_000.25
 GATEWAY = "authz/gateway/decision"
@@ -244,17 +245,9 @@ class FakeOpa:
         self.documents.append(json.loads(json.dumps(document)))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def override(override_id: str, ttl_s: float = 3600, key_id: str = "key-a") -> Override:
     raw = body(match={"key_id": key_id}, ttl_seconds=ttl_s)
-    return parse(raw, now=Clock()(), new_id=override_id)
+    return parse(raw, now=ManualClock(T0)(), new_id=override_id)
 
 
 def file_names(directory: Path) -> list[str]:
@@ -267,11 +260,11 @@ def opa() -> FakeOpa:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
-async def test_add_pushes_the_document(opa: FakeOpa, clock: Clock) -> None:
+async def test_add_pushes_the_document(opa: FakeOpa, clock: ManualClock) -> None:
     store = OverrideStore(opa.push, clock=clock)
     first = override("ovr-1")
     assert await store.add(first) is True
@@ -283,7 +276,7 @@ async def test_add_pushes_the_document(opa: FakeOpa, clock: Clock) -> None:
     assert store.document() == opa.documents[-1]
 
 
-async def test_remove(opa: FakeOpa, clock: Clock) -> None:
+async def test_remove(opa: FakeOpa, clock: ManualClock) -> None:
     store = OverrideStore(opa.push, clock=clock)
     first, second = override("ovr-1"), override("ovr-2")
     await store.add(first)
@@ -296,7 +289,9 @@ async def test_remove(opa: FakeOpa, clock: Clock) -> None:
     assert len(opa.documents) == pushes  # nothing changed, nothing pushed
 
 
-async def test_expired_entries_are_excluded_and_dropped_at_sync(opa: FakeOpa, clock: Clock) -> None:
+async def test_expired_entries_are_excluded_and_dropped_at_sync(
+    opa: FakeOpa, clock: ManualClock
+) -> None:
     counts: list[int] = []
     store = OverrideStore(opa.push, clock=clock, on_change=counts.append)
     short, long = override("ovr-short", ttl_s=60), override("ovr-long", ttl_s=600)
@@ -320,7 +315,7 @@ async def test_expired_entries_are_excluded_and_dropped_at_sync(opa: FakeOpa, cl
     ids=["unavailable", "response-error"],
 )
 async def test_push_failure_keeps_the_override_for_a_later_sync(
-    opa: FakeOpa, clock: Clock, error: PolicyError
+    opa: FakeOpa, clock: ManualClock, error: PolicyError
 ) -> None:
     store = OverrideStore(opa.push, clock=clock)
     kept = override("ovr-1")
@@ -334,7 +329,7 @@ async def test_push_failure_keeps_the_override_for_a_later_sync(
     assert opa.documents == [{"ovr-1": kept.opa_document()}]
 
 
-async def test_remove_with_push_failure_reports_it(opa: FakeOpa, clock: Clock) -> None:
+async def test_remove_with_push_failure_reports_it(opa: FakeOpa, clock: ManualClock) -> None:
     store = OverrideStore(opa.push, clock=clock)
     first = override("ovr-1")
     await store.add(first)
@@ -346,7 +341,7 @@ async def test_remove_with_push_failure_reports_it(opa: FakeOpa, clock: Clock) -
     assert opa.documents[-1] == {}
 
 
-async def test_watch_pushes_periodically(opa: FakeOpa, clock: Clock) -> None:
+async def test_watch_pushes_periodically(opa: FakeOpa, clock: ManualClock) -> None:
     # OPA keeps pushed data in memory only: the list is pushed again and again.
     three = asyncio.Event()
 
@@ -372,7 +367,7 @@ async def test_watch_pushes_periodically(opa: FakeOpa, clock: Clock) -> None:
 
 
 async def test_persisted_with_mode_0600_and_reloaded(
-    opa: FakeOpa, clock: Clock, tmp_path: Path
+    opa: FakeOpa, clock: ManualClock, tmp_path: Path
 ) -> None:
     path = tmp_path / "overrides.json"
     store = OverrideStore(opa.push, path=path, clock=clock)
@@ -396,7 +391,9 @@ async def test_persisted_with_mode_0600_and_reloaded(
     assert other.documents == [store.document()]
 
 
-async def test_removal_and_expiry_are_persisted(opa: FakeOpa, clock: Clock, tmp_path: Path) -> None:
+async def test_removal_and_expiry_are_persisted(
+    opa: FakeOpa, clock: ManualClock, tmp_path: Path
+) -> None:
     path = tmp_path / "overrides.json"
     store = OverrideStore(opa.push, path=path, clock=clock)
     await store.add(override("ovr-gone", ttl_s=60))
@@ -411,7 +408,7 @@ async def test_removal_and_expiry_are_persisted(opa: FakeOpa, clock: Clock, tmp_
 
 
 async def test_existing_file_is_rewritten_with_mode_0600(
-    opa: FakeOpa, clock: Clock, tmp_path: Path
+    opa: FakeOpa, clock: ManualClock, tmp_path: Path
 ) -> None:
     path = tmp_path / "overrides.json"
     path.write_text('{"overrides": []}', encoding="utf-8")
@@ -422,7 +419,7 @@ async def test_existing_file_is_rewritten_with_mode_0600(
 
 
 async def test_unwritable_file_does_not_fail_add(
-    opa: FakeOpa, clock: Clock, tmp_path: Path
+    opa: FakeOpa, clock: ManualClock, tmp_path: Path
 ) -> None:
     store = OverrideStore(opa.push, path=tmp_path / "missing" / "overrides.json", clock=clock)
     assert await store.add(override("ovr-1")) is True
@@ -449,7 +446,7 @@ def test_corrupt_file_raises_config_error(opa: FakeOpa, tmp_path: Path, text: st
     assert str(path) in str(caught.value)
 
 
-async def test_on_change_reports_active_count(opa: FakeOpa, clock: Clock) -> None:
+async def test_on_change_reports_active_count(opa: FakeOpa, clock: ManualClock) -> None:
     counts: list[int] = []
     store = OverrideStore(opa.push, clock=clock, on_change=counts.append)
     await store.add(override("ovr-1", ttl_s=10))

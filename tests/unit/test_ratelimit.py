@@ -8,14 +8,7 @@ import math
 import pytest
 
 from authz.ratelimit import MemoryLimiter, Quota, RateLimitResult, gcra
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fakes import ManualClock
 
 
 def run(limiter: MemoryLimiter, key: str, quota: Quota, n: int) -> list[bool]:
@@ -52,7 +45,7 @@ def test_quota_burst(rpm: int, burst: int | None, burst_s: float, expected: int)
 
 
 def test_burst_then_smooth_refill() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     quota = Quota(60, 10)  # one per second, ten at once
     assert run(limiter, "k", quota, 12) == [True] * 10 + [False] * 2
@@ -65,7 +58,7 @@ def test_burst_then_smooth_refill() -> None:
 
 
 def test_sustained_rate_is_the_limit_not_more() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     quota = Quota(60, 10)
     allowed = 0
@@ -77,7 +70,7 @@ def test_sustained_rate_is_the_limit_not_more() -> None:
 
 
 def test_full_bucket_after_idle_and_no_credit_beyond_burst() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     quota = Quota(60, 3)
     assert run(limiter, "k", quota, 3) == [True] * 3
@@ -86,7 +79,7 @@ def test_full_bucket_after_idle_and_no_credit_beyond_burst() -> None:
 
 
 def test_keys_are_independent() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     quota = Quota(60, 2)
     assert run(limiter, "a", quota, 3) == [True, True, False]
@@ -94,14 +87,14 @@ def test_keys_are_independent() -> None:
 
 
 def test_unlimited_and_zero() -> None:
-    limiter = MemoryLimiter(clock=Clock())
+    limiter = MemoryLimiter(clock=ManualClock(1000.0))
     assert run(limiter, "k", Quota(-1, 1), 1000) == [True] * 1000
     assert run(limiter, "k", Quota(0, 1), 3) == [False] * 3
     assert len(limiter) == 0
 
 
 def test_remaining_reset_and_retry_after() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     quota = Quota(60, 3)
     first = limiter.check_now("k", quota)
@@ -118,7 +111,7 @@ def test_remaining_reset_and_retry_after() -> None:
 
 
 def test_changed_quota_applies_to_the_same_bucket() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     assert run(limiter, "k", Quota(60, 2), 3) == [True, True, False]
     clock.now += 0.1
@@ -129,7 +122,7 @@ def test_changed_quota_applies_to_the_same_bucket() -> None:
 
 
 def test_sweep_drops_expired_buckets_only() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock, sweep_every=1_000_000, max_keys=3)
     quota = Quota(60, 1)
     for key in ("a", "b", "c"):
@@ -141,7 +134,7 @@ def test_sweep_drops_expired_buckets_only() -> None:
 
 
 def test_concurrent_checks_are_exact() -> None:
-    limiter = MemoryLimiter(clock=Clock())
+    limiter = MemoryLimiter(clock=ManualClock(1000.0))
     quota = Quota(50, 50)
 
     async def main() -> list[RateLimitResult]:
@@ -169,13 +162,13 @@ def test_gcra_step(tat: int, now: int, expected: tuple[bool, int, int, int]) -> 
 
 @pytest.mark.parametrize("rpm", [7, 50, 600, 999, 1000, 60000], ids=str)
 def test_a_full_burst_is_exact_for_any_rate(rpm: int) -> None:
-    limiter = MemoryLimiter(clock=Clock())
+    limiter = MemoryLimiter(clock=ManualClock(1000.0))
     quota = Quota(rpm, rpm)
     assert sum(run(limiter, "k", quota, rpm + 5)) == rpm
 
 
 def test_headers_allowed_and_denied() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     limiter = MemoryLimiter(clock=clock)
     quota = Quota(60, 2)
     ok = dict(limiter.check_now("k", quota).headers())
