@@ -10,11 +10,15 @@ body, source IP (not port) and principal. Two requests with equal keys get equal
 Entries are bounded (LRU, ``max_entries``), expire after a TTL (``ttl_s``, or the
 decision's own ``cache_ttl_s``; ``0`` makes a decision uncacheable, e.g. when a key
 expires soon), and are dropped whenever the bundle revision changes (seen in an OPA
-answer's provenance, or by the bundle watcher) or the overrides change. What is cached is
-the policy's decision only: rate limiting, credential injection and the enforcement mode
-still apply to every request. Entries keep the input for the audit trail, without a body
-over 8 KB (the key holds a digest of the body), so an entry stays small whatever the
-request.
+answer's provenance, or by the bundle watcher's probe every second) or the overrides
+change. An entry is reused only while the active revision is *confirmed*: OPA reported
+it within the last ``confirm_s`` seconds. So a revoked key (a new bundle) is refused as
+soon as authz sees the new revision, and if OPA stops answering, reuse stops within
+``confirm_s`` (every request then asks OPA, and fails closed) instead of lasting a TTL.
+What is cached is the policy's decision only: rate limiting, credential injection and the
+enforcement mode still apply to every request. Entries keep the input for the audit
+trail, without a body over 8 KB (the key holds a digest of the body), so an entry stays
+small whatever the request.
 
 Policies whose decision depends on anything outside the key (the request id, tracing
 headers, the source port, the time beyond the TTL) must set ``cache_ttl_s: 0``.
@@ -116,8 +120,10 @@ class CachedDecision:
 class DecisionCache:
     """Bounded TTL LRU of policy decisions. ``ignore_headers`` adds deployment-specific
     per-request headers (a correlation id, a load generator's sequence number) to
-    :data:`VOLATILE_HEADERS`. ``clock`` is monotonic seconds. ``hits``, ``misses`` and
-    ``clears`` are counters for metrics."""
+    :data:`VOLATILE_HEADERS`. ``ttl_s`` caps an entry's life and ``confirm_s`` is how
+    recently the revision must have been confirmed (:meth:`observe_revision`) for any entry
+    to be reused, both in seconds. ``clock`` is monotonic seconds. ``hits``, ``misses``
+    and ``clears`` are counters for metrics."""
 
     def key(self, path: str, request: external_auth_pb2.CheckRequest) -> Hashable:
         """:func:`cache_key` with this cache's volatile headers."""
@@ -127,7 +133,8 @@ class DecisionCache:
         self,
         *,
         max_entries: int = 10_000,
-        ttl_s: float = 5.0,
+        ttl_s: float = 60.0,
+        confirm_s: float = 5.0,
         ignore_headers: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -135,8 +142,10 @@ class DecisionCache:
         self._entries: OrderedDict[Hashable, CachedDecision] = OrderedDict()
         self._max_entries = max_entries
         self._ttl_s = ttl_s
+        self._confirm_s = confirm_s
         self._clock = clock
         self._revision: str | None = None
+        self._confirmed_at = float("-inf")
         self.hits = 0
         self.misses = 0
         self.clears = 0
@@ -145,9 +154,14 @@ class DecisionCache:
         return len(self._entries)
 
     def get(self, key: Hashable) -> CachedDecision | None:
-        """The live entry for ``key`` (refreshing its LRU position), or None."""
+        """The live entry for ``key`` (refreshing its LRU position), or None (also while
+        the revision is unconfirmed)."""
         entry = self._entries.get(key)
-        if entry is None or entry.expires_at <= self._clock():
+        now = self._clock()
+        if entry is not None and now - self._confirmed_at > self._confirm_s:
+            self.misses += 1  # kept: the next confirmation of the same revision revives it
+            return None
+        if entry is None or entry.expires_at <= now:
             if entry is not None:
                 del self._entries[key]
             self.misses += 1
@@ -187,7 +201,9 @@ class DecisionCache:
             self._entries.popitem(last=False)
 
     def observe_revision(self, revision: str) -> None:
-        """Note the active bundle revision; a change drops every entry."""
+        """Note the active bundle revision, as OPA just reported it (which confirms it for
+        ``confirm_s`` seconds); a change drops every entry."""
+        self._confirmed_at = self._clock()
         if revision != self._revision:
             if self._revision is not None:
                 self.clear(f"bundle revision {revision}")

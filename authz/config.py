@@ -54,7 +54,9 @@ DEFAULT_OPA_POOL_SIZE: Final = 64
 DEFAULT_SHUTDOWN_GRACE_S: Final = 5.0
 DEFAULT_LOG_LEVEL: Final = "INFO"
 DEFAULT_SECRETS_RELOAD_INTERVAL_S: Final = 1.0
-DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 5.0
+# The bundle watcher's revision probe: how soon a new bundle (a revoked key) reaches the
+# decision cache.
+DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 1.0
 DEFAULT_RATE_LIMIT_BURST_S: Final = 10.0
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 DEFAULT_CIRCUIT_FAILURE_THRESHOLD: Final = 5
@@ -63,7 +65,11 @@ DEFAULT_AUDIT_DB: Final = Path("authz-audit.db")
 DEFAULT_AUDIT_RETENTION_DAYS: Final = 30.0
 DEFAULT_AUDIT_MAX_RECORDS: Final = 1_000_000
 DEFAULT_OVERRIDES_FILE: Final = Path("authz-overrides.json")
-DEFAULT_DECISION_CACHE_TTL_S: Final = 5.0
+# Entries are dropped on every new bundle revision, so the TTL only bounds what the
+# bundle cannot announce (policies shorten it for keys and overrides that expire sooner).
+DEFAULT_DECISION_CACHE_TTL_S: Final = 60.0
+# Reuse stops when OPA has not confirmed the active revision for this long.
+DEFAULT_DECISION_CACHE_CONFIRM_S: Final = 5.0
 DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
 # An allowed key whose expires_at is this close gets an "api key expiring" warning.
 DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
@@ -114,6 +120,7 @@ class Settings:
     audit_max_records: int = DEFAULT_AUDIT_MAX_RECORDS
     overrides_file: Path | None = DEFAULT_OVERRIDES_FILE
     decision_cache_ttl_s: float = DEFAULT_DECISION_CACHE_TTL_S
+    decision_cache_confirm_s: float = DEFAULT_DECISION_CACHE_CONFIRM_S
     decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
     decision_cache_ignore_headers: tuple[str, ...] = ()
     key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
@@ -297,6 +304,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_max_records": _int_in(1, 1_000_000_000),
     "overrides_file": _path,
     "decision_cache_ttl_s": _cache_ttl,
+    "decision_cache_confirm_s": _interval,
     "decision_cache_max_entries": _int_in(1, 10_000_000),
     "decision_cache_ignore_headers": _headers,
     "key_expiry_warning_days": _days,
@@ -352,6 +360,15 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(
             "AUTHZ_MODE='bypass': refused; bypass allows every request without evaluation. "
             "Set AUTHZ_ALLOW_BYPASS=true to confirm (local debugging only)"
+        )
+    if (
+        settings.decision_cache_ttl_s > 0
+        and settings.decision_cache_confirm_s <= settings.bundle_poll_interval_s
+    ):
+        raise ConfigError(
+            f"AUTHZ_DECISION_CACHE_CONFIRM_S={settings.decision_cache_confirm_s:g}: must be "
+            f"longer than AUTHZ_BUNDLE_POLL_INTERVAL_S={settings.bundle_poll_interval_s:g} "
+            "(the probe that confirms the bundle revision), or no decision is ever reused"
         )
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(

@@ -149,6 +149,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     cache = (
         DecisionCache(
             ttl_s=settings.decision_cache_ttl_s,
+            confirm_s=settings.decision_cache_confirm_s,
             max_entries=settings.decision_cache_max_entries,
             ignore_headers=settings.decision_cache_ignore_headers,
         )
@@ -183,7 +184,8 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     watcher = BundleWatcher(
         opa,
         interval_s=settings.bundle_poll_interval_s,
-        on_activation=lambda revision: _bundle_activated(metrics, revision, cache),
+        on_revision=cache.observe_revision if cache is not None else None,
+        on_activation=lambda revision: _bundle_activated(metrics, revision),
     )
     stopping = asyncio.Event()
     tasks = [
@@ -347,11 +349,9 @@ def _circuit_changed(metrics: Metrics, state: str) -> None:
     log.log(level, "OPA circuit breaker %s", state, extra={"state": state})
 
 
-def _bundle_activated(metrics: Metrics, revision: str, cache: DecisionCache | None) -> None:
+def _bundle_activated(metrics: Metrics, revision: str) -> None:
     metrics.bundle.info({"revision": revision})
     metrics.bundle_activations.inc()
-    if cache is not None:
-        cache.observe_revision(revision)
 
 
 def _secrets_reloaded(metrics: Metrics, ok: bool) -> None:

@@ -180,14 +180,24 @@ def test_opa_down_fails_closed_then_recovers(e2e: Env) -> None:
     assert e2e.gateway.get("/api/v1/status", headers=headers).status_code == 200
     with e2e.stack.stopped("opa"):
         # A request the decision cache cannot answer (a fresh query string) must be
-        # decided by OPA, which is down: fail closed. (A request identical to one decided
-        # in the last few seconds may still be answered from the cache.)
+        # decided by OPA, which is down: fail closed.
         resp = e2e.gateway.get(f"/api/v1/status?n={uuid.uuid4()}", headers=headers)
         assert resp.status_code == 503
         assert _error(resp) == "opa_unavailable"
         ready = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"]["opa"]["ok"] is False
+        # The request decided just before may be reused only while OPA confirms the
+        # bundle revision: within AUTHZ_DECISION_CACHE_CONFIRM_S (5 s) of OPA going
+        # silent it fails closed too, though its 60 s TTL has not run out.
+        stopped_at = time.monotonic()
+        while time.monotonic() - stopped_at < 10:
+            resp = e2e.gateway.get("/api/v1/status", headers=headers)
+            if resp.status_code != 200:
+                break
+            time.sleep(0.25)
+        assert resp.status_code == 503
+        assert _error(resp) == "opa_unavailable"
     assert e2e.gateway.get("/api/v1/status", headers=headers).status_code == 200
     ready = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/readyz")
     assert ready.status_code == 200

@@ -49,7 +49,7 @@ def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str =
 
 def test_ttl_and_counters() -> None:
     clock = ManualClock(100.0)
-    cache = DecisionCache(ttl_s=5, clock=clock)
+    cache = DecisionCache(ttl_s=5, confirm_s=3600, clock=clock)
     assert cache.get("k") is None
     put(cache, "k")
     assert cache.get("k") is not None
@@ -67,7 +67,7 @@ def test_ttl_and_counters() -> None:
 )
 def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: float) -> None:
     clock = ManualClock(100.0)
-    cache = DecisionCache(ttl_s=5, clock=clock)
+    cache = DecisionCache(ttl_s=5, confirm_s=3600, clock=clock)
     put(cache, "k", ttl=decision_ttl)
     start = clock.now
     if alive_at is not None:
@@ -75,6 +75,32 @@ def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: floa
         assert cache.get("k") is not None
     clock.now = start + dead_at
     assert cache.get("k") is None
+
+
+def test_reuse_needs_a_recently_confirmed_revision() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=60, confirm_s=5, clock=clock)
+    put(cache, "k")  # an OPA answer confirms its revision
+    clock.now += 4.9
+    assert cache.get("k") is not None
+    clock.now += 0.2  # OPA silent for 5.1 s: no reuse, though the TTL has 55 s left
+    assert cache.get("k") is None
+    cache.observe_revision("r1")  # the watcher's probe confirms the same revision
+    assert cache.get("k") is not None
+    clock.now += 30
+    cache.observe_revision("r1")
+    assert cache.get("k") is not None
+    clock.now += 31  # confirmed, but past the TTL
+    cache.observe_revision("r1")
+    assert cache.get("k") is None
+
+
+def test_nothing_is_reused_before_any_confirmation() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(confirm_s=5, clock=clock)
+    assert cache.get("k") is None
+    put(cache, "k")
+    assert cache.get("k") is not None
 
 
 def test_lru_bound() -> None:

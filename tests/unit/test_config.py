@@ -588,3 +588,37 @@ def test_bad_key_expiry_warning_days_names_key_and_value(value: str, expected: s
 def test_bad_key_expiry_warning_days_in_file_names_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"authz\.yaml:key_expiry_warning_days=True"):
         load({}, write(tmp_path, "key_expiry_warning_days: true\n"))
+
+
+def test_decision_cache_defaults_rest_on_the_revision_probe() -> None:
+    settings = load({})
+    # Entries are dropped on a new revision, which the probe sees within a second; the
+    # confirmation window outlasts several probes.
+    assert settings.bundle_poll_interval_s == 1.0
+    assert settings.decision_cache_confirm_s == 5.0
+    assert settings.decision_cache_ttl_s == 60.0
+    assert load({"AUTHZ_DECISION_CACHE_CONFIRM_S": "2.5"}).decision_cache_confirm_s == 2.5
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"AUTHZ_DECISION_CACHE_CONFIRM_S": "1"},
+        {"AUTHZ_DECISION_CACHE_CONFIRM_S": "3", "AUTHZ_BUNDLE_POLL_INTERVAL_S": "10"},
+    ],
+    ids=["equal", "shorter"],
+)
+def test_confirm_window_must_outlast_the_probe_interval(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ)
+    message = str(caught.value)
+    assert (
+        f"AUTHZ_DECISION_CACHE_CONFIRM_S={float(environ['AUTHZ_DECISION_CACHE_CONFIRM_S']):g}"
+        in message
+    )
+    assert "AUTHZ_BUNDLE_POLL_INTERVAL_S" in message
+
+
+def test_confirm_window_is_free_when_the_cache_is_off() -> None:
+    settings = load({"AUTHZ_DECISION_CACHE_TTL_S": "0", "AUTHZ_DECISION_CACHE_CONFIRM_S": "1"})
+    assert settings.decision_cache_confirm_s == 1.0

@@ -32,11 +32,13 @@ allow if {
 }
 
 # The data API paths authz POSTs (with ?provenance): the two decision paths its Envoy
-# routes name (context_extensions decision_path) and the policy warnings it logs at each
-# bundle activation. A route with another decision_path needs its path added here.
+# routes name (context_extensions decision_path), the constant it probes every second
+# for the active bundle revision, and the policy warnings it logs at each bundle
+# activation. A route with another decision_path needs its path added here.
 decision_paths := {
 	["v1", "data", "authz", "gateway", "decision"],
 	["v1", "data", "authz", "egress", "decision"],
+	["v1", "data", "authz", "meta", "live"],
 	["v1", "data", "authz", "meta", "warnings"],
 }
 

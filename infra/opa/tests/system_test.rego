@@ -22,6 +22,7 @@ test_probes_and_metrics_need_no_token if {
 test_authz_decision_paths if {
 	allowed("POST", ["v1", "data", "authz", "gateway", "decision"], token)
 	allowed("POST", ["v1", "data", "authz", "egress", "decision"], token)
+	allowed("POST", ["v1", "data", "authz", "meta", "live"], token)
 	allowed("POST", ["v1", "data", "authz", "meta", "warnings"], token)
 }
 
