@@ -101,12 +101,14 @@ class Options:
     profile_load: float = 0.8
     seed: int = 1
     # No decision log (the plugin logs none either). vegeta numbers every request in an
-    # X-Vegeta-Seq header; like a deployment's own correlation-id header, authz's decision
-    # cache is told to ignore it (request ids and tracing headers it ignores by default).
+    # X-Vegeta-Seq header and names the step in X-Vegeta-Attack (a new value each step,
+    # which would start every step with an empty cache); like a deployment's own
+    # correlation-id header, authz's decision cache is told to ignore both (request ids
+    # and tracing headers it ignores by default).
     authz_env: Mapping[str, str] = field(
         default_factory=lambda: {
             "AUTHZ_DECISION_LOG": "false",
-            "AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-vegeta-seq",
+            "AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-vegeta-seq,x-vegeta-attack",
         }
     )
     keep_run: bool = False
