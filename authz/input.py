@@ -63,26 +63,56 @@ def message_to_input(message: Message) -> dict[str, Any]:
     """Convert a protobuf message to a JSON-ready dict the way the plugin's ``protomap``
     does: JSON field names, only populated fields, recursing into messages, maps and
     lists; ``Struct`` values become plain JSON; bytes become base64 strings."""
-    if message.DESCRIPTOR.full_name in _STRUCT_TYPES:
+    descriptor = message.DESCRIPTOR
+    if descriptor.full_name in _STRUCT_TYPES:
         result = MessageToDict(message)
         return result if isinstance(result, dict) else {"value": result}
+    plans = _PLANS.get(descriptor)
+    if plans is None:
+        plans = _PLANS[descriptor] = {}
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        name = field.json_name
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            out[name] = {str(k): _scalar_or_message(value_field, v) for k, v in value.items()}
-        elif field.is_repeated:
-            out[name] = [_scalar_or_message(field, item) for item in value]
+        plan = plans.get(field.number)
+        if plan is None:
+            plan = plans[field.number] = _plan(field)
+        name, shape, kind = plan
+        if shape == _MAP:
+            if kind == _SCALAR:
+                out[name] = {str(k): v for k, v in value.items()}
+            else:
+                out[name] = {str(k): _convert(kind, v) for k, v in value.items()}
+        elif shape == _LIST:
+            out[name] = [_convert(kind, item) for item in value]
         else:
-            out[name] = _scalar_or_message(field, value)
+            out[name] = value if kind == _SCALAR else _convert(kind, value)
     return out
 
 
-def _scalar_or_message(field: FieldDescriptor, value: Any) -> Any:
+# How each field converts, worked out once per field (descriptor lookups such as
+# GetOptions() cost more than the conversion): (JSON name, shape, kind of the values).
+_SINGLE, _LIST, _MAP = 0, 1, 2
+_SCALAR, _BYTES, _MESSAGE = 0, 1, 2
+_PLANS: dict[Any, dict[int, tuple[str, int, int]]] = {}
+
+
+def _plan(field: FieldDescriptor) -> tuple[str, int, int]:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return field.json_name, _MAP, _kind(field.message_type.fields_by_name["value"])
+    return field.json_name, _LIST if field.is_repeated else _SINGLE, _kind(field)
+
+
+def _kind(field: FieldDescriptor) -> int:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return message_to_input(value)
+        return _MESSAGE
     if field.type == FieldDescriptor.TYPE_BYTES:
+        return _BYTES
+    return _SCALAR
+
+
+def _convert(kind: int, value: Any) -> Any:
+    if kind == _MESSAGE:
+        return message_to_input(value)
+    if kind == _BYTES:
         return base64.b64encode(value).decode("ascii")
     return value
 
