@@ -9,7 +9,9 @@ body, source IP (not port) and principal. Two requests with equal keys get equal
 
 Entries are bounded (LRU, ``max_entries``), expire after a TTL (``ttl_s``, or the
 decision's own ``cache_ttl_s``; ``0`` makes a decision uncacheable, e.g. when a key
-expires soon), and are dropped whenever the bundle revision changes (seen in an OPA
+expires soon; each entry's life is shortened by a random share of up to ``jitter``, so
+the entries of a cold start do not all expire in the same second and send their requests
+to OPA at once), and are dropped whenever the bundle revision changes (seen in an OPA
 answer's provenance, or by the bundle watcher's probe every second) or the overrides
 change. An entry is reused only while the active revision is *confirmed*: OPA reported
 it within the last ``confirm_s`` seconds. So a revoked key (a new bundle) is refused as
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -122,8 +125,9 @@ class DecisionCache:
     per-request headers (a correlation id, a load generator's sequence number) to
     :data:`VOLATILE_HEADERS`. ``ttl_s`` caps an entry's life and ``confirm_s`` is how
     recently the revision must have been confirmed (:meth:`observe_revision`) for any entry
-    to be reused, both in seconds. ``clock`` is monotonic seconds. ``hits``, ``misses``
-    and ``clears`` are counters for metrics."""
+    to be reused, both in seconds; ``jitter`` (0..1) is the largest share of its TTL an
+    entry loses at random (``rng`` gives 0..1; ValueError outside 0..1). ``clock`` is
+    monotonic seconds. ``hits``, ``misses`` and ``clears`` are counters for metrics."""
 
     def key(self, path: str, request: external_auth_pb2.CheckRequest) -> Hashable:
         """:func:`cache_key` with this cache's volatile headers."""
@@ -135,15 +139,21 @@ class DecisionCache:
         max_entries: int = 10_000,
         ttl_s: float = 60.0,
         confirm_s: float = 5.0,
+        jitter: float = 0.2,
         ignore_headers: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"jitter must be within 0..1, got {jitter}")
         self.volatile = VOLATILE_HEADERS | {h.lower() for h in ignore_headers}
         self._entries: OrderedDict[Hashable, CachedDecision] = OrderedDict()
         self._max_entries = max_entries
         self._ttl_s = ttl_s
         self._confirm_s = confirm_s
+        self._jitter = jitter
         self._clock = clock
+        self._rng = rng
         self._revision: str | None = None
         self._confirmed_at = float("-inf")
         self.hits = 0
@@ -187,6 +197,7 @@ class DecisionCache:
         if ttl <= 0:
             return
         now = self._clock()
+        ttl *= 1.0 - self._jitter * self._rng()
         self._entries[key] = CachedDecision(
             decision, evaluation, without_large_body(document), decision_id, now + ttl
         )

@@ -49,7 +49,7 @@ def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str =
 
 def test_ttl_and_counters() -> None:
     clock = ManualClock(100.0)
-    cache = DecisionCache(ttl_s=5, confirm_s=3600, clock=clock)
+    cache = DecisionCache(ttl_s=5, confirm_s=3600, jitter=0, clock=clock)
     assert cache.get("k") is None
     put(cache, "k")
     assert cache.get("k") is not None
@@ -67,7 +67,7 @@ def test_ttl_and_counters() -> None:
 )
 def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: float) -> None:
     clock = ManualClock(100.0)
-    cache = DecisionCache(ttl_s=5, confirm_s=3600, clock=clock)
+    cache = DecisionCache(ttl_s=5, confirm_s=3600, jitter=0, clock=clock)
     put(cache, "k", ttl=decision_ttl)
     start = clock.now
     if alive_at is not None:
@@ -79,7 +79,7 @@ def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: floa
 
 def test_reuse_needs_a_recently_confirmed_revision() -> None:
     clock = ManualClock(100.0)
-    cache = DecisionCache(ttl_s=60, confirm_s=5, clock=clock)
+    cache = DecisionCache(ttl_s=60, confirm_s=5, jitter=0, clock=clock)
     put(cache, "k")  # an OPA answer confirms its revision
     clock.now += 4.9
     assert cache.get("k") is not None
@@ -93,6 +93,36 @@ def test_reuse_needs_a_recently_confirmed_revision() -> None:
     clock.now += 31  # confirmed, but past the TTL
     cache.observe_revision("r1")
     assert cache.get("k") is None
+
+
+@pytest.mark.parametrize(("draw", "life"), [(0.0, 60.0), (0.5, 54.0), (1.0, 48.0)])
+def test_jitter_shortens_each_life_by_up_to_its_share(draw: float, life: float) -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=60, confirm_s=3600, jitter=0.2, clock=clock, rng=lambda: draw)
+    put(cache, "k")
+    clock.now = 100.0 + life - 0.01
+    assert cache.get("k") is not None
+    clock.now = 100.0 + life + 0.01
+    assert cache.get("k") is None
+
+
+def test_jitter_spreads_a_cold_start_over_its_share_of_the_ttl() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=60, confirm_s=3600, max_entries=1000, clock=clock)
+    for i in range(1000):
+        put(cache, i)
+    alive = []
+    for at in (47.9, 50.0, 54.0, 58.0, 60.1):
+        clock.now = 100.0 + at
+        alive.append(sum(1 for i in range(1000) if cache.get(i) is not None))
+    assert alive[0] == 1000  # nothing expires before 80% of the TTL
+    assert 1000 > alive[1] > alive[2] > alive[3] > 0  # then a few at a time
+    assert alive[4] == 0
+
+
+def test_jitter_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        DecisionCache(jitter=1.5)
 
 
 def test_nothing_is_reused_before_any_confirmation() -> None:
