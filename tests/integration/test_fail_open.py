@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from authz.authorizer import Authorizer
 from authz.policy import OpaClient
-from authz.stack.supervisor import free_port, http_ok
+from tests.integration.opa_server import running_opa
 from tests.unit.fakes import check_request
 
 # A policy bug of the most ordinary kind: two rules for one complete value that both
@@ -35,31 +33,8 @@ PATH = "authz/review/decision"
 def opa_url(opa_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base = tmp_path_factory.mktemp("opa-review")
     (base / "policy.rego").write_text(POLICY, encoding="utf-8")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            opa_bin,
-            "run",
-            "--server",
-            f"--addr=127.0.0.1:{port}",
-            "--skip-version-check",
-            "--log-level=error",
-            str(base / "policy.rego"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not http_ok(f"{url}/health"):
-            assert proc.poll() is None, "OPA exited"
-            assert time.monotonic() < deadline, "OPA did not start"
-            time.sleep(0.05)
+    with running_opa(opa_bin, str(base / "policy.rego"), log_path=base / "opa.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def test_policy_conflict_error_never_fails_open(opa_url: str) -> None:

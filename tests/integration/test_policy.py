@@ -17,7 +17,8 @@ from aiohttp import web
 from authz.errors import OpaResponseError, OpaTimeout, OpaUnavailable, UndefinedDecision
 from authz.policy import OpaClient
 from authz.secrets import Secret
-from authz.stack.supervisor import free_port, http_ok
+from authz.stack.supervisor import free_port
+from tests.integration.opa_server import running_opa
 
 POLICY = """\
 package authz.test
@@ -37,7 +38,6 @@ conflict := 1 if input.x == 1
 conflict := 2 if input.x == 1
 """
 REVISION = "r1"
-OPA_START_TIMEOUT_S = 20.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,38 +60,10 @@ def opa_url(opa_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         check=False,
     )
     assert built.returncode == 0, built.stderr
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = base / "opa.log"
-    with log_path.open("w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            [
-                opa_bin,
-                "run",
-                "--server",
-                f"--addr=127.0.0.1:{port}",
-                "--skip-version-check",
-                "--log-level=error",
-                "--bundle",
-                str(bundle),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + OPA_START_TIMEOUT_S
-            while not http_ok(f"{url}/health?bundles"):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"OPA did not become ready:\n{log_path.read_text()}")
-                time.sleep(0.05)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with running_opa(
+        opa_bin, "--bundle", str(bundle), log_path=base / "opa.log", ready_path="/health?bundles"
+    ) as url:
+        yield url
 
 
 @pytest.fixture

@@ -33,12 +33,9 @@ class Engine:
         return None
 
 
-async def test_cancelled_probe_does_not_leave_the_circuit_half_open_forever() -> None:
-    # grpc.aio cancels the Check coroutine when Envoy resets the stream (the downstream
-    # client went away). If that happens to the half-open probe, CancelledError
-    # (a BaseException) skips every handler in CircuitBreaker.evaluate, `_probing` stays
-    # True and every later query raises CircuitOpen("a probe is in flight") forever,
-    # although OPA is healthy again.
+async def breaker_after_a_cancelled_probe() -> CircuitBreaker:
+    """A breaker whose half-open probe was cancelled mid-flight, OPA healthy again and an
+    hour gone by: it must ask OPA again."""
     engine, clock = Engine(), ManualClock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
     with contextlib.suppress(OpaUnavailable):
@@ -49,9 +46,18 @@ async def test_cancelled_probe_does_not_leave_the_circuit_half_open_forever() ->
     await asyncio.sleep(0.01)
     probe.cancel()
     await asyncio.gather(probe, return_exceptions=True)
-    # OPA is back; an hour later the breaker must ask it again.
-    engine.hang, engine.down = False, False
+    engine.hang, engine.down = False, False  # OPA is back
     clock.now = 3600.0
+    return breaker
+
+
+async def test_cancelled_probe_does_not_leave_the_circuit_half_open_forever() -> None:
+    # grpc.aio cancels the Check coroutine when Envoy resets the stream (the downstream
+    # client went away). If that happens to the half-open probe, CancelledError
+    # (a BaseException) skips every handler in CircuitBreaker.evaluate, `_probing` stays
+    # True and every later query raises CircuitOpen("a probe is in flight") forever,
+    # although OPA is healthy again.
+    breaker = await breaker_after_a_cancelled_probe()
     result = await breaker.evaluate("p", {}, 1)
     assert result.result is True
 
@@ -99,18 +105,7 @@ async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
     # OPEN, so the pod stays ready while every Check is denied opa_circuit_open.
     from authz.server import _opa_check
 
-    engine, clock = Engine(), ManualClock()
-    breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
-    with contextlib.suppress(OpaUnavailable):
-        await breaker.evaluate("p", {}, 1)
-    clock.now = 5.0
-    engine.hang = True
-    probe = asyncio.create_task(breaker.evaluate("p", {}, 1))
-    await asyncio.sleep(0.01)
-    probe.cancel()
-    await asyncio.gather(probe, return_exceptions=True)
-    engine.hang, engine.down = False, False
-    clock.now = 3600.0
+    breaker = await breaker_after_a_cancelled_probe()
 
     async def opa_healthy() -> tuple[bool, str]:
         return True, "bundles activated"
