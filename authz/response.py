@@ -10,7 +10,8 @@ Differences, deliberate:
 - Every header authz sets on the upstream request uses ``append_action:
   OVERWRITE_IF_EXISTS_OR_ADD`` for its first value (then ``APPEND_IF_EXISTS_OR_ADD`` for
   further values of the same name), so a client-sent header of the same name never
-  survives next to the policy's (see ``shared/REFERENCE.md``: an unset action appends).
+  survives next to the policy's (Envoy's ``config.core.v3.HeaderValueOption``: an unset
+  ``append_action`` is ``APPEND_IF_EXISTS_OR_ADD``, so a client value would stay).
 - A deny without a body gets a JSON body ``{"error": <reason>, "decision_id": ...}``.
 - Failures never become gRPC errors: :func:`error_response` denies with the status from
   :data:`FAILURE_STATUS` (Authorino's ``statusCodeMapping``), so the outcome never depends

@@ -2,7 +2,7 @@
 
 Allow/deny shapes follow opa-envoy-plugin ``internal/internal.go``; header append actions,
 the JSON deny body and fail-closed error responses follow ``docs/contract.md`` and
-``shared/REFERENCE.md``.
+Envoy's ``config.core.v3.HeaderValueOption`` (an unset ``append_action`` appends).
 """
 
 from __future__ import annotations

@@ -1,0 +1,207 @@
+"""Why authz uses the libraries it does, measured: ``scripts/bench-deps``.
+
+Two choices against a library named for the job, each measured in one run as a ratio to
+what authz uses (the numbers and the reasons are recorded in ``docs/dependencies.md``):
+
+- **The OPA query** (one small ``POST /v1/data/<path>`` per cache miss): authz's
+  :class:`authz.policy.OpaClient` (aiohttp, a kept-alive pool, orjson) against
+  ``httpx.AsyncClient`` and ``opa-python-client``'s ``AsyncOpaClient.query_rule``, all
+  against the same real OPA (``AUTHZ_OPA_BIN``) on 127.0.0.1 with a one-rule policy.
+  Measured: client CPU seconds per query (``time.process_time``), rounds interleaved so
+  a noisy machine slows every client alike.
+- **Envoy's protobuf messages**: ``xds-protos`` (protobuf's upb runtime, the code Envoy's
+  own ``.proto`` files compile to with grpcio-tools) against ``envoy-data-plane``
+  (betterproto2 dataclasses): CPU per CheckRequest parse.
+
+Run with the packages of the comparison installed (``scripts/bench-deps`` makes a venv of
+its own for them; they are not dependencies of authz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+_POLICY = """package bench
+import rego.v1
+default decision := {"allowed": false}
+decision := {"allowed": true, "headers": {"x-authz-key-id": input.key}} if {
+	startswith(input.key, "k")
+}
+"""
+_INPUT: dict[str, Any] = {
+    "key": "key-123",
+    "attributes": {
+        "request": {
+            "http": {
+                "method": "GET",
+                "path": "/api/v1/items?limit=10",
+                "headers": {f"x-header-{i}": "v" * 24 for i in range(12)},
+            }
+        }
+    },
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_opa(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    opa = os.environ.get("AUTHZ_OPA_BIN") or shutil.which("opa")
+    if not opa:
+        raise SystemExit("bench-deps: set AUTHZ_OPA_BIN to an OPA binary")
+    (workdir / "bench.rego").write_text(_POLICY)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            opa,
+            "run",
+            "--server",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "error",
+            str(workdir / "bench.rego"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("bench-deps: OPA did not start")
+
+
+async def _cpu_per_call(call: Callable[[], Awaitable[Any]], n: int) -> float:
+    for _ in range(50):  # warm the pool and the caches
+        await call()
+    started = time.process_time()
+    for _ in range(n):
+        await call()
+    return (time.process_time() - started) / n
+
+
+async def _opa_clients(port: int, n: int, rounds: int) -> dict[str, float]:
+    """Median client CPU seconds per query, by client."""
+    import httpx
+    import orjson
+    from opa_client.opa_async import AsyncOpaClient
+
+    from authz.policy import OpaClient
+
+    url = f"http://127.0.0.1:{port}"
+    authz_client = OpaClient(url, pool_size=8)
+    httpx_client = httpx.AsyncClient(base_url=url)
+    opa_py = AsyncOpaClient(host="127.0.0.1", port=port)
+    await opa_py._init_session()  # what its __aenter__ does
+
+    async def with_authz() -> Any:
+        return (await authz_client.evaluate("bench/decision", _INPUT, 5.0)).result
+
+    async def with_httpx() -> Any:
+        resp = await httpx_client.post(
+            "/v1/data/bench/decision",
+            content=orjson.dumps({"input": _INPUT}),
+            headers={"content-type": "application/json"},
+        )
+        return orjson.loads(resp.content)["result"]
+
+    async def with_opa_python_client() -> Any:
+        return (await opa_py.query_rule(_INPUT, "bench", "decision"))["result"]
+
+    clients = {
+        "authz OpaClient (aiohttp + orjson)": with_authz,
+        "httpx.AsyncClient + orjson": with_httpx,
+        "opa-python-client AsyncOpaClient": with_opa_python_client,
+    }
+    for call in clients.values():  # every client must get the same answer
+        assert await call() == {"allowed": True, "headers": {"x-authz-key-id": "key-123"}}
+    samples: dict[str, list[float]] = {name: [] for name in clients}
+    for _ in range(rounds):
+        for name, call in clients.items():
+            samples[name].append(await _cpu_per_call(call, n))
+    await authz_client.close()
+    await httpx_client.aclose()
+    await opa_py.close_connection()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _protobuf_parsers(n: int, rounds: int) -> dict[str, float]:
+    """Median CPU seconds per CheckRequest parse, by library."""
+    from envoy.service.auth.v3 import external_auth_pb2
+    from envoy_data_plane.envoy.service.auth.v3 import CheckRequest as DataPlaneCheckRequest
+
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.host = "GET", "/api/v1/items?limit=10", "api.example.com"
+    for i in range(12):
+        http.headers[f"x-header-{i}"] = "v" * 24
+    http.headers["x-api-key"] = "k" * 40
+    request.attributes.context_extensions["decision_path"] = "authz/gateway/decision"
+    request.attributes.source.address.socket_address.address = "10.0.0.1"
+    payload = request.SerializeToString()
+    assert DataPlaneCheckRequest.parse(payload).attributes.request.http.headers["x-api-key"]
+
+    parsers: dict[str, Callable[[], Any]] = {
+        "xds-protos (protobuf upb)": lambda: external_auth_pb2.CheckRequest.FromString(payload),
+        "envoy-data-plane (betterproto2)": lambda: DataPlaneCheckRequest.parse(payload),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in parsers}
+    for _ in range(rounds):
+        for name, parse in parsers.items():
+            started = time.process_time()
+            for _ in range(n):
+                parse()
+            samples[name].append((time.process_time() - started) / n)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _print(title: str, results: dict[str, float]) -> None:
+    baseline = next(iter(results.values()))
+    print(f"\n{title}")
+    for name, value in results.items():
+        print(f"  {name:<40} {value * 1e6:9.1f} us CPU   x{value / baseline:5.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both comparisons and print CPU per operation with ratios to authz's choice."""
+    parser = argparse.ArgumentParser(prog="bench-deps", description=__doc__.split("\n")[0])
+    parser.add_argument("--queries", type=int, default=2000, help="OPA queries per round")
+    parser.add_argument("--parses", type=int, default=20000, help="parses per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = _start_opa(Path(tmp))
+        try:
+            opa = asyncio.run(_opa_clients(port, args.queries, args.rounds))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    _print("OPA query, client CPU per call (ratio to authz's OpaClient)", opa)
+    _print(
+        "CheckRequest parse, CPU per call (ratio to xds-protos)",
+        _protobuf_parsers(args.parses, args.rounds),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
