@@ -1,7 +1,7 @@
 """Why authz uses the libraries it does, measured: ``scripts/bench-deps``.
 
 Two choices against a library named for the job, each measured in one run as a ratio to
-what authz uses (the numbers and the reasons are recorded in ``docs/dependencies.md``):
+what authz uses (the numbers and the reasons are recorded in ``docs/decisions.md``):
 
 - **The OPA query** (one small ``POST /v1/data/<path>`` per cache miss): authz's
   :class:`authz.policy.OpaClient` (aiohttp, a kept-alive pool, orjson) against
