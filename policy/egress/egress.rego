@@ -142,9 +142,15 @@ verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	not path_allowed
 } else := allow
 
-# Sandbox identity, any x-sandbox-*/x-authz-* header, and every credential a sandbox might
-# send: the upstream gets only the credential authz injects.
+# Sandbox identity, any x-sandbox-*/x-authz-* header, every credential a sandbox might
+# send (data.egress.strip_headers lists authz.headers' credential and forwarding headers,
+# a unit test keeps them equal; input.credentials names every header authz hashed, which
+# AUTHZ_CREDENTIAL_HEADERS may extend), and client-sent forwarding and method-override
+# headers: the upstream gets only the credential authz injects, and learns neither the
+# sandbox's address nor a method other than the one checked here.
 headers_to_remove contains name if some name in data.egress.strip_headers
+
+headers_to_remove contains name if some name, _ in input.credentials
 
 headers_to_remove contains identity.id_header
 

@@ -160,6 +160,35 @@ test_allow_injects_by_reference_and_strips_sandbox_headers if {
 	d.identity == {"sandbox_id": "sb-standard", "service": "anthropic", "tier": "standard"}
 }
 
+# One list of credentials (authz.headers): whatever authz hashed (input.credentials, which
+# AUTHZ_CREDENTIAL_HEADERS may extend) is stripped, and so are client-sent forwarding and
+# method-override headers: a third party learns neither the sandbox's address nor a
+# method other than the one the policy checked.
+test_allow_strips_every_credential_and_forwarding_header if {
+	sent := {
+		"api-key": "sha256:00",
+		"x-goog-api-key": "sha256:00",
+		"proxy-authorization": "Basic sha256:00",
+		"x-upstream-token": "sha256:00",
+		"forwarded": "for=10.0.0.1;host=internal",
+		"x-forwarded-for": "10.0.0.1",
+		"x-forwarded-host": "internal.example",
+		"x-forwarded-proto": "https",
+		"x-real-ip": "10.0.0.1",
+		"x-http-method-override": "DELETE",
+		"x-method-override": "DELETE",
+		"accept": "application/json",
+	}
+	hashed := {"x-upstream-token": "00", "api-key": "00", "x-goog-api-key": "00", "proxy-authorization": "00"}
+	r := object.union(req("sb-standard", "t-standard", "openai", "GET", "/v1/models", sent), {"credentials": hashed})
+	d := egress.decision with input as r with data.egress.sandboxes as sandboxes
+	d.allowed
+	every name, _ in object.remove(sent, ["accept"]) {
+		name in d.request_headers_to_remove
+	}
+	not "accept" in d.request_headers_to_remove
+}
+
 test_no_secret_or_token_in_decision if {
 	d := decide("sb-standard", "t-standard", "openai", "GET", "/v1/models")
 	not contains(json.marshal(d), crypto.sha256("t-standard"))

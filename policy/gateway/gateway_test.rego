@@ -122,6 +122,17 @@ test_allow_sets_identity_and_strips_key if {
 	d.identity.key_id == "key-user"
 }
 
+# One list of credentials (authz.headers): whatever authz hashed (input.credentials) is a
+# credential the upstream must not get, not only the gateway's own two headers.
+test_allow_strips_every_credential_authz_hashed if {
+	hashed := {"api-key": "00", "x-goog-api-key": "00", "cookie": "00", "x-upstream-token": "00"}
+	d := decide("GET", "/api/v1/items", object.union(api_key("k-user"), hashed))
+	d.allowed
+	every name, _ in hashed {
+		name in d.request_headers_to_remove
+	}
+}
+
 test_forged_identity_headers_removed_or_overwritten if {
 	forged := {"x-authz-key-id": "key-admin", "x-authz-role": "admin", "x-authz-extra": "1"}
 	d := gateway.decision with input as req("GET", "/api/v1/status", api_key("k-viewer"), forged)
