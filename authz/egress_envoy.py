@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from authz.headers import FORWARDING_HEADERS
+
 __all__ = [
     "DECISION_PATH",
     "DEFAULT_CA_FILE",
@@ -164,7 +166,9 @@ def generate(
     ``api-v3/config/route/v3/route_components.proto`` (RouteAction.host_rewrite_literal,
     prefix_rewrite, timeout; DirectResponseAction);
     ``api-v3/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto``
-    (normalize_path, merge_slashes, path_with_escaped_slashes_action);
+    (normalize_path, merge_slashes, path_with_escaped_slashes_action, use_remote_address,
+    xff_num_trusted_hops, skip_xff_append); ``api-v3/config/route/v3/route.proto``
+    (RouteConfiguration.request_headers_to_remove);
     ``api-v3/extensions/transport_sockets/tls/v3/tls.proto`` (UpstreamTlsContext.sni) and
     ``.../tls/v3/common.proto`` (CertificateValidationContext.trusted_ca,
     match_typed_subject_alt_names); ``intro/arch_overview/upstream/service_discovery``
@@ -215,6 +219,7 @@ def render(
 # - failure_mode_allow: false, status_on_error 503: if authz is unreachable, deny.
 # - path normalization as on the gateway: the policy and the router see the same path.
 # - no with_request_body: egress bodies are large prompts; the policy decides on headers.
+# - client-sent forwarding and method-override headers (authz.headers) are removed.
 """
     return header + yaml.safe_dump(generate(services), sort_keys=False, width=100)
 
@@ -352,6 +357,8 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "use_remote_address": True,
+        # No proxy in front is trusted: a client's forwarding headers say nothing.
+        "xff_num_trusted_hops": 0,
         "request_timeout": ROUTE_TIMEOUT,
         # Third-party APIs need not learn the sandboxes' addresses.
         "skip_xff_append": True,
@@ -359,8 +366,11 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
         "route_config": {
             "name": "egress",
             "virtual_hosts": virtual_hosts,
-            # Added by Envoy for external clients (use_remote_address): the sandbox's address.
-            "request_headers_to_remove": ["x-envoy-external-address"],
+            # x-envoy-external-address: added by Envoy for external clients
+            # (use_remote_address), the sandbox's address. The sandbox's own forwarding and
+            # method-override headers (authz.headers) go too, whatever authz decided: a
+            # third party learns neither its address nor a method other than the checked one.
+            "request_headers_to_remove": ["x-envoy-external-address", *FORWARDING_HEADERS],
         },
         "http_filters": [
             _ext_authz_filter(),
