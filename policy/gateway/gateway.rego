@@ -79,10 +79,12 @@ expired if {
 
 # Path rules are ordered, like firewall rules: the first rule whose pattern and methods
 # match the request governs it, so a specific rule (/api/v1/admin/**) placed before a
-# general one (/api/v1/**) restricts it.
+# general one (/api/v1/**) restricts it. A rule matches the path as written or as an
+# upstream may read it (lib.normalized_path): /api/v1/admin.json, /api/v1/admin./x and
+# /api/v1/admin%20/x are the admin rule's.
 matching_rules := [rule |
 	some rule in data.gateway.path_rules
-	lib.match_path(rule.pattern)
+	lib.match_path_any_spelling(rule.pattern)
 	method_matches(rule.methods)
 ]
 

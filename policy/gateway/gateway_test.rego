@@ -302,6 +302,69 @@ test_path_case_cannot_escape_the_admin_rule if {
 	d.reason == "role_not_allowed"
 }
 
+# /api/v1/admin.json, /api/v1/admin%20/x and /api/v1/admin./x were allowed for a viewer
+# through /api/v1/**: upstreams read a format suffix (Rails, Spring), trim whitespace and
+# trailing dots (Windows, IIS) and serve the admin resource. A path rule matches a segment
+# as written or normalized (lib.normalized_path); paths are percent-decoded here, as in
+# input.parsed_path. (issue #13, finding 10)
+admin_spellings := [
+	"/api/v1/admin.json",
+	"/api/v1/admin.json/users",
+	"/api/v1/admin /x",
+	"/api/v1/admin\t/x",
+	"/api/v1/admin\u00a0/x",
+	"/api/v1/admin\u0000/x",
+	"/api/v1/admin./x",
+	"/api/v1/admin. ./x",
+	"/api/v1/ admin/x",
+	"/api/v1/ADMIN.Json",
+	"/api/v1/admin..",
+]
+
+test_every_spelling_of_admin_is_the_admin_rule if {
+	every path in admin_spellings {
+		d := decide("GET", path, api_key("k-viewer"))
+		print(path, d.reason) # shown for the failing case
+		d.reason == "role_not_allowed"
+		decide("GET", path, api_key("k-admin")).allowed
+	}
+}
+
+# A segment of only dots, whitespace or control characters is refused: an upstream that
+# trims it may find a dot segment (".. " -> "..") or an empty one, and resolve the path to
+# another resource than the one matched.
+test_segments_of_dots_and_whitespace_are_invalid if {
+	every path in ["/api/v1/x/.. /admin/users", "/api/v1/x/. /admin", "/api/v1/x/.../admin", "/api/v1/ /x", "/api/v1/x/\t"] {
+		d := decide("GET", path, api_key("k-viewer"))
+		print(path, d.reason) # shown for the failing case
+		d.reason == "invalid_path"
+	}
+}
+
+test_normalized_matching_keeps_ordinary_paths if {
+	every path in ["/api/v1/items/7.json", "/api/v1/items/a.b.c", "/api/v1/.well-known/x", "/api/v1/administrators"] {
+		decide("GET", path, api_key("k-viewer")).allowed
+	}
+	decide("GET", "/api/v1/status.json", api_key("k-viewer")).allowed
+}
+
+# A deny override on the admin paths blocks every spelling of them too.
+test_deny_override_covers_every_spelling if {
+	o := {"o1": ovr("o1", "deny", {"key_id": "key-admin", "path": "/api/v1/admin/**"}, future_ns)}
+	every path in ["/api/v1/admin/x", "/api/v1/admin./x", "/api/v1/admin.json/x", "/api/v1/admin /x"] {
+		decide_with("GET", path, api_key("k-admin"), o).reason == "blocked_by_override"
+	}
+}
+
+test_override_naming_an_unknown_key_is_a_bundle_warning if {
+	o := {
+		"o1": ovr("o1", "allow", {"key_id": "key-gone"}, future_ns),
+		"o2": ovr("o2", "deny", {"key_id": "key-user"}, future_ns),
+	}
+	w := data.authz.meta.warnings with data.gateway.api_keys as keys with data.overrides as o
+	w == {`override "o1" names api key "key-gone", which data.gateway.api_keys does not define`}
+}
+
 # Namespaces: a key inherits its namespace's role and tier unless its own entry sets them.
 ns_keys := {
 	crypto.sha256("k-ns"): {"id": "key-ns", "enabled": true, "namespace": "labs/research"},

@@ -117,6 +117,11 @@ def test_disabled_sandbox(e2e: Env) -> None:
         ("github", "GET", "/repos/../user/keys", 403, "path_not_allowed"),
         ("openai", "GET", "/v1/models", 200, None),
         ("openai", "GET", "/v1/models/gpt-x", 200, None),
+        ("github", "POST", "/repos/acme/widgets/issues", 200, None),
+        ("github", "PATCH", "/repos/acme/widgets", 403, "path_denied"),
+        ("github", "POST", "/repos/acme/widgets/hooks", 403, "path_denied"),
+        ("github", "POST", "/repos/acme/widgets/keys", 403, "path_denied"),
+        ("github", "POST", "/repos/acme/widgets/forks", 403, "path_not_allowed"),
     ],
     ids=[
         "unknown-service",
@@ -127,6 +132,11 @@ def test_disabled_sandbox(e2e: Env) -> None:
         "github-dotdot",
         "models",
         "model",
+        "github-open-issue",
+        "github-settings",
+        "github-hook",
+        "github-deploy-key",
+        "github-fork",
     ],
 )
 def test_method_and_path_rules(

@@ -177,8 +177,24 @@ def test_forwarding_headers_are_the_gateways_own(e2e: Env) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/api/v1/status/../admin/users", "/api/v1/./admin/users", "/api/v1//admin/users"],
-    ids=["dotdot", "dot", "double-slash"],
+    [
+        "/api/v1/status/../admin/users",
+        "/api/v1/./admin/users",
+        "/api/v1//admin/users",
+        "/api/v1/admin.json",
+        "/api/v1/admin%20/x",
+        "/api/v1/admin./x",
+        "/api/v1/Admin%09/users",
+    ],
+    ids=[
+        "dotdot",
+        "dot",
+        "double-slash",
+        "format-suffix",
+        "encoded-space",
+        "trailing-dot",
+        "encoded-tab",
+    ],
 )
 def test_path_tricks_cannot_reach_admin(e2e: Env, path: str) -> None:
     resp = e2e.gateway.get(path, headers={"x-api-key": e2e.keys["viewer"]})
