@@ -20,6 +20,7 @@ import yaml
 
 from authz.control import Mode, parse_mode
 from authz.errors import ConfigError
+from authz.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
 from authz.secrets import Secret
 
 __all__ = [
@@ -44,12 +45,8 @@ DEFAULT_DECISION_PATH: Final = "authz/gateway/decision"
 # Envoy's ext_authz timeout in infra/envoy is 500 ms; our whole budget stays inside it
 # so authz, not Envoy, decides what the client sees when OPA is slow.
 DEFAULT_DECISION_TIMEOUT_MS: Final = 300
-DEFAULT_CREDENTIAL_HEADERS: Final = (
-    "x-api-key",
-    "authorization",
-    "proxy-authorization",
-    "x-sandbox-token",
-)
+# The one list (authz.headers): AUTHZ_CREDENTIAL_HEADERS adds to it, never removes.
+DEFAULT_CREDENTIAL_HEADERS: Final = CREDENTIAL_HEADERS
 DEFAULT_OPA_POOL_SIZE: Final = 64
 DEFAULT_SHUTDOWN_GRACE_S: Final = 5.0
 DEFAULT_LOG_LEVEL: Final = "INFO"
@@ -76,6 +73,10 @@ DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_NEVER_IGNORED: Final = (
+    "{name!r} is a credential or identity header (authz.headers, AUTHZ_CREDENTIAL_HEADERS); "
+    "the decision cache key always includes it"
+)
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 _SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
 
@@ -211,6 +212,24 @@ def _headers(key: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _credential_headers(key: str, value: Any) -> tuple[str, ...]:
+    # Added to the one list, in order, without duplicates: a deployment may hash one more
+    # header but can never make a credential travel in clear.
+    added = _headers(key, value)
+    return tuple(dict.fromkeys((*DEFAULT_CREDENTIAL_HEADERS, *added)))
+
+
+def _cache_ignore_headers(key: str, value: Any) -> tuple[str, ...]:
+    # Left out of the cache key, two callers with different credentials (or claimed
+    # identities) would share one cached decision. Headers added by
+    # AUTHZ_CREDENTIAL_HEADERS are checked once both are read (_check_consistency).
+    names = _headers(key, value)
+    for name in names:
+        if name in DEFAULT_CREDENTIAL_HEADERS or name in IDENTITY_HEADERS:
+            raise ConfigError(f"{key}={value!r}: {_NEVER_IGNORED.format(name=name)}")
+    return names
+
+
 def _log_level(key: str, value: Any) -> str:
     level = str(value).upper()
     if level not in _LOG_LEVELS:
@@ -279,7 +298,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "opa_pool_size": _int_in(1, 4096),
     "default_decision_path": lambda k, v: parse_decision_path(k, str(v)),
     "decision_timeout_ms": _int_in(1, 60_000),
-    "credential_headers": _headers,
+    "credential_headers": _credential_headers,
     "parse_body": _bool,
     "shutdown_grace_s": _positive_float,
     "log_level": _log_level,
@@ -306,7 +325,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_cache_ttl_s": _cache_ttl,
     "decision_cache_confirm_s": _interval,
     "decision_cache_max_entries": _int_in(1, 10_000_000),
-    "decision_cache_ignore_headers": _headers,
+    "decision_cache_ignore_headers": _cache_ignore_headers,
     "key_expiry_warning_days": _days,
 }
 
@@ -354,8 +373,13 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
 
 
 def _check_consistency(settings: Settings) -> None:
-    if not settings.credential_headers:
-        raise ConfigError("AUTHZ_CREDENTIAL_HEADERS='': at least one header is required")
+    for name in settings.decision_cache_ignore_headers:
+        if name in settings.credential_headers:
+            value = ",".join(settings.decision_cache_ignore_headers)
+            raise ConfigError(
+                f"AUTHZ_DECISION_CACHE_IGNORE_HEADERS={value!r}: "
+                + _NEVER_IGNORED.format(name=name)
+            )
     if settings.mode is Mode.BYPASS and not settings.allow_bypass:
         raise ConfigError(
             "AUTHZ_MODE='bypass': refused; bypass allows every request without evaluation. "

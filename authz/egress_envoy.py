@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+
 __all__ = [
     "DECISION_PATH",
     "DEFAULT_CA_FILE",
@@ -62,6 +64,8 @@ _NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
 _SERVICE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A DNS name (underscores tolerated: they exist in real DNS, if not in host names).
 _HOST_NAME: Final = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+# RFC 9110 section 5.1 field-name token, lowercase (as ext_authz sets it).
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
 _TYPE: Final = "type.googleapis.com/envoy.extensions"
@@ -138,8 +142,10 @@ def generate(
 ) -> dict[str, Any]:
     """The egress Envoy's complete v3 bootstrap as a plain (YAML/JSON-dumpable) dict.
 
-    ``services``: service name -> spec; only ``spec["base_url"]`` is read here (the rest
-    is the policy's). Per service: a virtual host with domains ``[name, name:*]`` whose
+    ``services``: service name -> spec; only ``spec["base_url"]`` and
+    ``spec["credential"]["header"]`` are read here (the rest is the policy's). Per service:
+    a virtual host with domains ``[name, name:*]`` that removes every credential and
+    identity header (``authz.headers``) but the credential header, and whose
     one route (prefix ``/``) goes to cluster ``service_<name>`` with ``Host`` rewritten to
     the base_url's authority, the base_url's path prefixed, a 120 s timeout, and
     ext_authz ``context_extensions`` ``{decision_path, service: name}``. A catch-all
@@ -164,7 +170,9 @@ def generate(
     ``api-v3/config/route/v3/route_components.proto`` (RouteAction.host_rewrite_literal,
     prefix_rewrite, timeout; DirectResponseAction);
     ``api-v3/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto``
-    (normalize_path, merge_slashes, path_with_escaped_slashes_action);
+    (normalize_path, merge_slashes, path_with_escaped_slashes_action, use_remote_address,
+    xff_num_trusted_hops, skip_xff_append); ``api-v3/config/route/v3/route.proto``
+    (RouteConfiguration.request_headers_to_remove);
     ``api-v3/extensions/transport_sockets/tls/v3/tls.proto`` (UpstreamTlsContext.sni) and
     ``.../tls/v3/common.proto`` (CertificateValidationContext.trusted_ca,
     match_typed_subject_alt_names); ``intro/arch_overview/upstream/service_discovery``
@@ -183,7 +191,7 @@ def generate(
         if not isinstance(spec, Mapping):
             raise ValueError(f"egress service {name!r}: must be an object, got {spec!r}")
         upstream = parse_base_url(name, spec.get("base_url"))
-        virtual_hosts.append(_service_virtual_host(name, upstream))
+        virtual_hosts.append(_service_virtual_host(name, upstream, _credential_header(name, spec)))
         clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
     virtual_hosts.append(_catch_all_virtual_host())
     return {
@@ -215,6 +223,8 @@ def render(
 # - failure_mode_allow: false, status_on_error 503: if authz is unreachable, deny.
 # - path normalization as on the gateway: the policy and the router see the same path.
 # - no with_request_body: egress bodies are large prompts; the policy decides on headers.
+# - client-sent forwarding and method-override headers (authz.headers) are removed, and so
+#   is every credential and identity header but the one authz injects the credential into.
 """
     return header + yaml.safe_dump(generate(services), sort_keys=False, width=100)
 
@@ -252,7 +262,26 @@ def _check_settings(service: str) -> dict[str, Any]:
     }
 
 
-def _service_virtual_host(name: str, upstream: Upstream) -> dict[str, Any]:
+def _credential_header(service: str, spec: Mapping[str, Any]) -> str | None:
+    """The header the service's credential is injected into (``credential.header``), or
+    None for a service without a credential. Raises ValueError naming the field."""
+    credential = spec.get("credential")
+    if credential is None:
+        return None
+    if not isinstance(credential, Mapping):
+        raise ValueError(f"egress service {service!r}: credential must be an object")
+    header = credential.get("header")
+    if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+        raise ValueError(
+            f"egress service {service!r}: credential.header must be a lowercase header "
+            f"name, got {header!r}"
+        )
+    return header
+
+
+def _service_virtual_host(
+    name: str, upstream: Upstream, credential_header: str | None
+) -> dict[str, Any]:
     action: dict[str, Any] = {
         "cluster": f"service_{name}",
         "host_rewrite_literal": upstream.authority,
@@ -260,9 +289,14 @@ def _service_virtual_host(name: str, upstream: Upstream) -> dict[str, Any]:
     }
     if upstream.path:
         action["prefix_rewrite"] = f"{upstream.path}/"
+    # Whatever authz decided (an allow no policy decided included), the service gets no
+    # credential or identity header from the sandbox; only the one authz injects (set by
+    # ext_authz before the router applies these removals).
+    removed = [h for h in (*CREDENTIAL_HEADERS, *IDENTITY_HEADERS) if h != credential_header]
     return {
         "name": f"service_{name}",
         "domains": [name, f"{name}:*"],
+        "request_headers_to_remove": removed,
         "routes": [
             {
                 "match": {"prefix": "/"},
@@ -352,6 +386,8 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "use_remote_address": True,
+        # No proxy in front is trusted: a client's forwarding headers say nothing.
+        "xff_num_trusted_hops": 0,
         "request_timeout": ROUTE_TIMEOUT,
         # Third-party APIs need not learn the sandboxes' addresses.
         "skip_xff_append": True,
@@ -359,8 +395,11 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
         "route_config": {
             "name": "egress",
             "virtual_hosts": virtual_hosts,
-            # Added by Envoy for external clients (use_remote_address): the sandbox's address.
-            "request_headers_to_remove": ["x-envoy-external-address"],
+            # x-envoy-external-address: added by Envoy for external clients
+            # (use_remote_address), the sandbox's address. The sandbox's own forwarding and
+            # method-override headers (authz.headers) go too, whatever authz decided: a
+            # third party learns neither its address nor a method other than the checked one.
+            "request_headers_to_remove": ["x-envoy-external-address", *FORWARDING_HEADERS],
         },
         "http_filters": [
             _ext_authz_filter(),

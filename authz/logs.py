@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
+from authz.headers import CREDENTIAL_HEADERS
 from authz.record import DecisionRecord
 from authz.secrets import MASK
 
@@ -36,16 +38,11 @@ __all__ = [
 ]
 
 DECISION_LOGGER: Final = "authz.decision"
-SENSITIVE_HEADERS: Final = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "x-sandbox-token",
-    }
-)
+# The one credential list (authz.headers), plus the response-side cookie.
+SENSITIVE_HEADERS: Final = frozenset(CREDENTIAL_HEADERS) | {"set-cookie"}
+# What authz.input.mask_credential puts in place of a credential: safe to store, and
+# replay needs it. Anything else in a sensitive header is masked.
+_DIGEST_FORM: Final = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+ )?sha256:[0-9a-f]{64}")
 # Query parameters that commonly carry credentials; their values are masked wherever an
 # input document is stored (audit trail).
 SENSITIVE_QUERY_PARAMS: Final = frozenset(
@@ -91,12 +88,17 @@ def _redact_query(target: str) -> str:
     return f"{path}?{'&'.join(parts)}"
 
 
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and _DIGEST_FORM.fullmatch(value) is not None
+
+
 def redact_document(document: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of an input document safe to store: the values of sensitive query
     parameters (:data:`SENSITIVE_QUERY_PARAMS`) masked in ``attributes.request.http.path``,
-    the ``:path`` header and ``parsed_query``, and sensitive headers masked (credential
-    headers are already digests; this also covers e.g. ``cookie``). The original is not
-    modified."""
+    the ``:path`` header and ``parsed_query``, and the value of every
+    :data:`SENSITIVE_HEADERS` header masked in ``headers`` and ``headerMap`` unless it is
+    the digest form :func:`authz.input.mask_credential` writes (``sha256:<hex>``, with an
+    optional auth scheme). The original is not modified."""
     copy: dict[str, Any] = orjson.loads(orjson.dumps(document))
     http = copy.get("attributes", {}).get("request", {}).get("http", {})
     if isinstance(http.get("path"), str):
@@ -106,16 +108,14 @@ def redact_document(document: Mapping[str, Any]) -> dict[str, Any]:
         for name, value in list(headers.items()):
             if name == ":path" and isinstance(value, str):
                 headers[name] = _redact_query(value)
-            elif name in ("cookie", "set-cookie", "proxy-authorization") and not str(
-                value
-            ).startswith("sha256:"):
+            elif name in SENSITIVE_HEADERS and not _is_digest(value):
                 headers[name] = MASK
     # Envoy's raw form (encode_raw_headers): [{"key", "value" | "rawValue" (base64)}].
     for entry in http.get("headerMap", {}).get("headers", ()):
         if not isinstance(entry, dict):
             continue
         name = str(entry.get("key", "")).lower()
-        if name != ":path" and name not in ("cookie", "set-cookie", "proxy-authorization"):
+        if name != ":path" and name not in SENSITIVE_HEADERS:
             continue
         raw = entry.pop("rawValue", None)
         value = (
@@ -123,7 +123,7 @@ def redact_document(document: Mapping[str, Any]) -> dict[str, Any]:
         )
         if name == ":path":
             entry["value"] = _redact_query(value)
-        elif not value.startswith("sha256:"):
+        elif not _is_digest(value):
             entry["value"] = MASK
     query = copy.get("parsed_query")
     if isinstance(query, dict):

@@ -93,7 +93,8 @@ def parse_override_request(
 ) -> Override:
     """Validate an admin API request body into an Override. Raises ConfigError naming the
     field and the bad value. Body: ``{"effect", "decision_path", "match", "ttl_seconds",
-    "reason"}``."""
+    "reason"}``. An ``allow`` override naming a ``sandbox_id`` must name its ``service``
+    (the egress policy ignores one that does not); a ``deny`` may block every service."""
     if not isinstance(body, dict):
         raise ConfigError("override: expected a JSON object")
     effect = body.get("effect")
@@ -115,6 +116,11 @@ def parse_override_request(
             isinstance(match[name], str) and _ID_FIELD.fullmatch(match[name])
         ):
             raise ConfigError(f"override.match.{name}={match[name]!r}: not an id")
+    if effect == "allow" and "sandbox_id" in match and "service" not in match:
+        # Without one the sandbox could reach every configured service (least privilege).
+        raise ConfigError(
+            "override.match.service: an allow override for a sandbox must name the service"
+        )
     if "path" in match and not (
         isinstance(match["path"], str)
         and match["path"].startswith("/")

@@ -73,24 +73,43 @@ service_in_tier if service_name in tier.services
 
 method_allowed if method in service.allowed_methods
 
+# A service may narrow the paths of some methods (paths_by_method, e.g. GitHub's short
+# write set); the others use allowed_paths. Paths granted match exactly as written.
+method_paths := service.paths_by_method[method]
+
+method_paths := service.allowed_paths if not service.paths_by_method[method]
+
 path_allowed if {
-	some pattern in service.allowed_paths
+	some pattern in method_paths
 	lib.match_path(pattern)
+}
+
+# What a service never allows, whatever the tier or an override says (denied_paths:
+# [{methods, paths}], "*" for every method). Matched under every spelling of the path.
+path_denied if {
+	some rule in service.denied_paths
+	some allowed_method in rule.methods
+	allowed_method in {"*", method}
+	some pattern in rule.paths
+	lib.match_path_any_spelling(pattern)
 }
 
 overrides := lib.overrides_for("authz/egress/decision", "sandbox_id", sandbox_id)
 
-# An override may name a service: then it applies to that service only.
+# A deny override may name a service (then it blocks that service only) or not (every
+# service). An allow override opens the one service it names: one without (authz's admin
+# API refuses it) opens nothing.
 service_overrides := {o | some o in overrides; object.get(o.match, "service", service_name) == service_name}
 
 blocked := lib.first_override(service_overrides, "deny")
 
-excepted := lib.first_override(service_overrides, "allow")
+excepted := lib.first_override({o | some o in overrides; o.match.service == service_name}, "allow")
 
 authorized if {
 	service_in_tier
 	method_allowed
 	path_allowed
+	not path_denied
 }
 
 # Every decision about a known sandbox names it (the decision log's sandbox_id), denies
@@ -133,18 +152,27 @@ verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	lib.bad_path
 } else := object.union(allow, {"reason": "allowed_by_override", "override": excepted, "source": "override"}) if {
 	not authorized
+	not path_denied
 	excepted
 } else := lib.deny(403, "service_not_allowed") if {
 	not service_in_tier
 } else := lib.deny(403, "method_not_allowed") if {
 	not method_allowed
+} else := lib.deny(403, "path_denied") if {
+	path_denied
 } else := lib.deny(403, "path_not_allowed") if {
 	not path_allowed
 } else := allow
 
-# Sandbox identity, any x-sandbox-*/x-authz-* header, and every credential a sandbox might
-# send: the upstream gets only the credential authz injects.
+# Sandbox identity, any x-sandbox-*/x-authz-* header, every credential a sandbox might
+# send (data.egress.strip_headers lists authz.headers' credential and forwarding headers,
+# a unit test keeps them equal; input.credentials names every header authz hashed, which
+# AUTHZ_CREDENTIAL_HEADERS may extend), and client-sent forwarding and method-override
+# headers: the upstream gets only the credential authz injects, and learns neither the
+# sandbox's address nor a method other than the one checked here.
 headers_to_remove contains name if some name in data.egress.strip_headers
+
+headers_to_remove contains name if some name, _ in input.credentials
 
 headers_to_remove contains identity.id_header
 

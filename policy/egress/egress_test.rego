@@ -160,6 +160,35 @@ test_allow_injects_by_reference_and_strips_sandbox_headers if {
 	d.identity == {"sandbox_id": "sb-standard", "service": "anthropic", "tier": "standard"}
 }
 
+# One list of credentials (authz.headers): whatever authz hashed (input.credentials, which
+# AUTHZ_CREDENTIAL_HEADERS may extend) is stripped, and so are client-sent forwarding and
+# method-override headers: a third party learns neither the sandbox's address nor a
+# method other than the one the policy checked.
+test_allow_strips_every_credential_and_forwarding_header if {
+	sent := {
+		"api-key": "sha256:00",
+		"x-goog-api-key": "sha256:00",
+		"proxy-authorization": "Basic sha256:00",
+		"x-upstream-token": "sha256:00",
+		"forwarded": "for=10.0.0.1;host=internal",
+		"x-forwarded-for": "10.0.0.1",
+		"x-forwarded-host": "internal.example",
+		"x-forwarded-proto": "https",
+		"x-real-ip": "10.0.0.1",
+		"x-http-method-override": "DELETE",
+		"x-method-override": "DELETE",
+		"accept": "application/json",
+	}
+	hashed := {"x-upstream-token": "00", "api-key": "00", "x-goog-api-key": "00", "proxy-authorization": "00"}
+	r := object.union(req("sb-standard", "t-standard", "openai", "GET", "/v1/models", sent), {"credentials": hashed})
+	d := egress.decision with input as r with data.egress.sandboxes as sandboxes
+	d.allowed
+	every name, _ in object.remove(sent, ["accept"]) {
+		name in d.request_headers_to_remove
+	}
+	not "accept" in d.request_headers_to_remove
+}
+
 test_no_secret_or_token_in_decision if {
 	d := decide("sb-standard", "t-standard", "openai", "GET", "/v1/models")
 	not contains(json.marshal(d), crypto.sha256("t-standard"))
@@ -205,6 +234,19 @@ test_shipped_services_well_formed if {
 			startswith(p, "/")
 		}
 		valid_credential(s)
+		every m, paths in object.get(s, "paths_by_method", {}) {
+			m in s.allowed_methods
+			every p in paths {
+				startswith(p, "/")
+			}
+		}
+		every rule in object.get(s, "denied_paths", []) {
+			count(rule.methods) > 0
+			count(rule.paths) > 0
+			every p in rule.paths {
+				startswith(p, "/")
+			}
+		}
 	}
 	every _, t in data.egress.tiers {
 		is_number(t.rate_limit.requests_per_minute)
@@ -388,4 +430,94 @@ test_preview_takes_the_sandbox_as_proven if {
 
 test_without_preview_the_token_is_required if {
 	decide("sb-standard", null, "openai", "GET", "/v1/models").reason == "missing_sandbox_token"
+}
+
+# -- least privilege in the shipped data (issue #13, finding 10) ------------------------------
+
+# GitHub: read, plus a short named write set (issues, issue comments, pull requests, PR
+# comments and reviews). Deploy keys, hooks, transfer, collaborators, Actions secrets and
+# repository settings (PATCH /repos/{o}/{r}: e.g. making a repository public) are denied
+# outright, whatever the tier. [name, sandbox, method, path, status, reason]
+github_cases := [
+	["read repo", "sb-standard", "GET", "/repos/a/b", 200, "allowed"],
+	["read issues", "sb-standard", "GET", "/repos/a/b/issues", 200, "allowed"],
+	["read contents", "sb-standard", "GET", "/repos/a/b/contents/README.md", 200, "allowed"],
+	["open issue", "sb-standard", "POST", "/repos/a/b/issues", 200, "allowed"],
+	["edit issue", "sb-standard", "PATCH", "/repos/a/b/issues/1", 200, "allowed"],
+	["comment on issue", "sb-standard", "POST", "/repos/a/b/issues/1/comments", 200, "allowed"],
+	["edit issue comment", "sb-standard", "PATCH", "/repos/a/b/issues/comments/9", 200, "allowed"],
+	["open pull request", "sb-standard", "POST", "/repos/a/b/pulls", 200, "allowed"],
+	["edit pull request", "sb-standard", "PATCH", "/repos/a/b/pulls/3", 200, "allowed"],
+	["review pull request", "sb-standard", "POST", "/repos/a/b/pulls/3/reviews", 200, "allowed"],
+	["comment on pull request", "sb-standard", "POST", "/repos/a/b/pulls/3/comments", 200, "allowed"],
+	["edit pull request comment", "sb-standard", "PATCH", "/repos/a/b/pulls/comments/9", 200, "allowed"],
+	["add deploy key", "sb-standard", "POST", "/repos/a/b/keys", 403, "path_denied"],
+	["list deploy keys", "sb-standard", "GET", "/repos/a/b/keys", 403, "path_denied"],
+	["read deploy key", "sb-standard", "GET", "/repos/a/b/keys/1", 403, "path_denied"],
+	["add hook", "sb-standard", "POST", "/repos/a/b/hooks", 403, "path_denied"],
+	["edit hook", "sb-standard", "PATCH", "/repos/a/b/hooks/1/config", 403, "path_denied"],
+	["transfer", "sb-standard", "POST", "/repos/a/b/transfer", 403, "path_denied"],
+	["list collaborators", "sb-standard", "GET", "/repos/a/b/collaborators", 403, "path_denied"],
+	["collaborator permission", "sb-standard", "GET", "/repos/a/b/collaborators/x/permission", 403, "path_denied"],
+	["list actions secrets", "sb-standard", "GET", "/repos/a/b/actions/secrets", 403, "path_denied"],
+	["actions public key", "sb-standard", "GET", "/repos/a/b/actions/secrets/public-key", 403, "path_denied"],
+	["repository settings", "sb-standard", "PATCH", "/repos/a/b", 403, "path_denied"],
+	["settings as admin tier", "sb-admin", "PATCH", "/repos/a/b", 403, "path_denied"],
+	["hook as admin tier", "sb-admin", "POST", "/repos/a/b/hooks", 403, "path_denied"],
+	["hook with a suffix", "sb-standard", "POST", "/repos/a/b/hooks.json", 403, "path_denied"],
+	["hook with a trailing dot", "sb-standard", "POST", "/repos/a/b/hooks./1", 403, "path_denied"],
+	["settings case", "sb-standard", "GET", "/REPOS/a/b/Keys", 403, "path_denied"],
+	["fork", "sb-standard", "POST", "/repos/a/b/forks", 403, "path_not_allowed"],
+	["create ref", "sb-standard", "POST", "/repos/a/b/git/refs", 403, "path_not_allowed"],
+	["merge pull request", "sb-standard", "PUT", "/repos/a/b/pulls/3/merge", 403, "method_not_allowed"],
+	["edit repository contents", "sb-standard", "PATCH", "/repos/a/b/contents/x", 403, "path_not_allowed"],
+	["edit a release", "sb-standard", "PATCH", "/repos/a/b/releases/1", 403, "path_not_allowed"],
+]
+
+test_github_is_read_plus_a_named_write_set if {
+	every c in github_cases {
+		d := decide(c[1], concat("-", ["t", substring(c[1], 3, -1)]), "github", c[2], c[3])
+		status := object.get(d, "http_status", 200)
+		print(c[0], status, d.reason) # shown for the failing case
+		status == c[4]
+		d.reason == c[5]
+	}
+}
+
+# An explicit deny is not an exception an override can lift.
+test_allow_override_cannot_lift_an_explicit_deny if {
+	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard", "service": "github", "path": "/repos/a/b/hooks"})}
+	d := decide_with("sb-standard", "t-standard", "github", "POST", "/repos/a/b/hooks", o)
+	d.reason == "path_denied"
+	d.http_status == 403
+}
+
+# An allow override names the one service it opens (authz's admin API refuses one
+# without): one left without a service, e.g. in an older overrides file, opens nothing.
+test_allow_override_without_a_service_opens_nothing if {
+	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard"})}
+	decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", o).reason == "service_not_allowed"
+	decide_with("sb-standard", "t-standard", "openai", "POST", "/v1/files", o).reason == "path_not_allowed"
+}
+
+test_deny_override_without_a_service_blocks_every_service if {
+	o := {"o1": eovr("o1", "deny", {"sandbox_id": "sb-standard"})}
+	every service in ["openai", "github"] {
+		decide_with("sb-standard", "t-standard", service, "GET", "/user", o).reason == "blocked_by_override"
+	}
+}
+
+test_override_naming_an_unknown_sandbox_or_service_is_a_bundle_warning if {
+	o := {
+		"o1": eovr("o1", "deny", {"sandbox_id": "sb-gone"}),
+		"o2": eovr("o2", "allow", {"sandbox_id": "sb-standard", "service": "gitlab"}),
+		"o3": eovr("o3", "allow", {"sandbox_id": "sb-standard"}),
+		"o4": eovr("o4", "allow", {"sandbox_id": "sb-standard", "service": "openai"}),
+	}
+	w := data.authz.meta.warnings with data.egress.sandboxes as sandboxes with data.overrides as o
+	w == {
+		`override "o1" names sandbox "sb-gone", which data.egress.sandboxes does not define`,
+		`override "o2" names service "gitlab", which data.egress.services does not define`,
+		`override "o3" allows sandbox "sb-standard" without naming a service: the egress policy ignores it`,
+	}
 }

@@ -79,10 +79,12 @@ expired if {
 
 # Path rules are ordered, like firewall rules: the first rule whose pattern and methods
 # match the request governs it, so a specific rule (/api/v1/admin/**) placed before a
-# general one (/api/v1/**) restricts it.
+# general one (/api/v1/**) restricts it. A rule matches the path as written or as an
+# upstream may read it (lib.normalized_path): /api/v1/admin.json, /api/v1/admin./x and
+# /api/v1/admin%20/x are the admin rule's.
 matching_rules := [rule |
 	some rule in data.gateway.path_rules
-	lib.match_path(rule.pattern)
+	lib.match_path_any_spelling(rule.pattern)
 	method_matches(rule.methods)
 ]
 
@@ -144,6 +146,12 @@ verdict := lib.unauthorized("missing_api_key", false) if {
 	not role_allowed
 } else := allow
 
+headers_to_remove contains name if some name in ["x-api-key", "authorization"]
+
+headers_to_remove contains name if some name, _ in input.credentials
+
+headers_to_remove contains name if some name in lib.forged_identity_headers(identity_prefix, identity_headers)
+
 allow := {
 	"allowed": true,
 	"reason": "allowed",
@@ -154,11 +162,10 @@ allow := {
 		"x-authz-role": role,
 		"x-authz-tier": tier,
 	},
-	# The key never reaches the upstream, nor do forged identity headers.
-	"request_headers_to_remove": array.concat(
-		["x-api-key", "authorization"],
-		lib.forged_identity_headers(identity_prefix, identity_headers),
-	),
+	# The key never reaches the upstream, nor does any other credential authz hashed
+	# (input.credentials: authz.headers' list plus AUTHZ_CREDENTIAL_HEADERS), nor forged
+	# identity headers. Forwarding headers are Envoy's (use_remote_address, route config).
+	"request_headers_to_remove": sort(headers_to_remove),
 	"rate_limit": {
 		"tier": tier,
 		"key": concat(":", ["key", key.id]),

@@ -122,6 +122,17 @@ test_allow_sets_identity_and_strips_key if {
 	d.identity.key_id == "key-user"
 }
 
+# One list of credentials (authz.headers): whatever authz hashed (input.credentials) is a
+# credential the upstream must not get, not only the gateway's own two headers.
+test_allow_strips_every_credential_authz_hashed if {
+	hashed := {"api-key": "00", "x-goog-api-key": "00", "cookie": "00", "x-upstream-token": "00"}
+	d := decide("GET", "/api/v1/items", object.union(api_key("k-user"), hashed))
+	d.allowed
+	every name, _ in hashed {
+		name in d.request_headers_to_remove
+	}
+}
+
 test_forged_identity_headers_removed_or_overwritten if {
 	forged := {"x-authz-key-id": "key-admin", "x-authz-role": "admin", "x-authz-extra": "1"}
 	d := gateway.decision with input as req("GET", "/api/v1/status", api_key("k-viewer"), forged)
@@ -289,6 +300,69 @@ test_path_parameter_on_the_last_admin_segment if {
 test_path_case_cannot_escape_the_admin_rule if {
 	d := decide("GET", "/api/v1/Admin/users", api_key("k-user"))
 	d.reason == "role_not_allowed"
+}
+
+# /api/v1/admin.json, /api/v1/admin%20/x and /api/v1/admin./x were allowed for a viewer
+# through /api/v1/**: upstreams read a format suffix (Rails, Spring), trim whitespace and
+# trailing dots (Windows, IIS) and serve the admin resource. A path rule matches a segment
+# as written or normalized (lib.normalized_path); paths are percent-decoded here, as in
+# input.parsed_path. (issue #13, finding 10)
+admin_spellings := [
+	"/api/v1/admin.json",
+	"/api/v1/admin.json/users",
+	"/api/v1/admin /x",
+	"/api/v1/admin\t/x",
+	"/api/v1/admin\u00a0/x",
+	"/api/v1/admin\u0000/x",
+	"/api/v1/admin./x",
+	"/api/v1/admin. ./x",
+	"/api/v1/ admin/x",
+	"/api/v1/ADMIN.Json",
+	"/api/v1/admin..",
+]
+
+test_every_spelling_of_admin_is_the_admin_rule if {
+	every path in admin_spellings {
+		d := decide("GET", path, api_key("k-viewer"))
+		print(path, d.reason) # shown for the failing case
+		d.reason == "role_not_allowed"
+		decide("GET", path, api_key("k-admin")).allowed
+	}
+}
+
+# A segment of only dots, whitespace or control characters is refused: an upstream that
+# trims it may find a dot segment (".. " -> "..") or an empty one, and resolve the path to
+# another resource than the one matched.
+test_segments_of_dots_and_whitespace_are_invalid if {
+	every path in ["/api/v1/x/.. /admin/users", "/api/v1/x/. /admin", "/api/v1/x/.../admin", "/api/v1/ /x", "/api/v1/x/\t"] {
+		d := decide("GET", path, api_key("k-viewer"))
+		print(path, d.reason) # shown for the failing case
+		d.reason == "invalid_path"
+	}
+}
+
+test_normalized_matching_keeps_ordinary_paths if {
+	every path in ["/api/v1/items/7.json", "/api/v1/items/a.b.c", "/api/v1/.well-known/x", "/api/v1/administrators"] {
+		decide("GET", path, api_key("k-viewer")).allowed
+	}
+	decide("GET", "/api/v1/status.json", api_key("k-viewer")).allowed
+}
+
+# A deny override on the admin paths blocks every spelling of them too.
+test_deny_override_covers_every_spelling if {
+	o := {"o1": ovr("o1", "deny", {"key_id": "key-admin", "path": "/api/v1/admin/**"}, future_ns)}
+	every path in ["/api/v1/admin/x", "/api/v1/admin./x", "/api/v1/admin.json/x", "/api/v1/admin /x"] {
+		decide_with("GET", path, api_key("k-admin"), o).reason == "blocked_by_override"
+	}
+}
+
+test_override_naming_an_unknown_key_is_a_bundle_warning if {
+	o := {
+		"o1": ovr("o1", "allow", {"key_id": "key-gone"}, future_ns),
+		"o2": ovr("o2", "deny", {"key_id": "key-user"}, future_ns),
+	}
+	w := data.authz.meta.warnings with data.gateway.api_keys as keys with data.overrides as o
+	w == {`override "o1" names api key "key-gone", which data.gateway.api_keys does not define`}
 }
 
 # Namespaces: a key inherits its namespace's role and tier unless its own entry sets them.

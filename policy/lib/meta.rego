@@ -33,3 +33,43 @@ warnings contains msg if {
 	not data.egress.namespaces[sandbox.namespace]
 	msg := sprintf("sandbox %q names namespace %q, which data.egress.namespaces does not define", [id, sandbox.namespace])
 }
+
+# An unexpired TTL override (data.overrides, pushed by authz) naming a key, sandbox or
+# service the bundle does not define: it does nothing now, and would apply to whatever
+# later takes that id. An allow for a sandbox without a service is ignored by the egress
+# policy (authz's admin API refuses one; an older overrides file may hold one).
+live_overrides[id] := o if {
+	some id, o in data.overrides
+	time.now_ns() < o.expires_at_ns
+}
+
+gateway_key_ids contains key.id if some key in data.gateway.api_keys
+
+warnings contains msg if {
+	some id, o in live_overrides
+	key_id := o.match.key_id
+	not gateway_key_ids[key_id]
+	msg := sprintf("override %q names api key %q, which data.gateway.api_keys does not define", [id, key_id])
+}
+
+warnings contains msg if {
+	some id, o in live_overrides
+	sandbox_id := o.match.sandbox_id
+	not data.egress.sandboxes[sandbox_id]
+	msg := sprintf("override %q names sandbox %q, which data.egress.sandboxes does not define", [id, sandbox_id])
+}
+
+warnings contains msg if {
+	some id, o in live_overrides
+	service := o.match.service
+	not data.egress.services[service]
+	msg := sprintf("override %q names service %q, which data.egress.services does not define", [id, service])
+}
+
+warnings contains msg if {
+	some id, o in live_overrides
+	o.effect == "allow"
+	sandbox_id := o.match.sandbox_id
+	not o.match.service
+	msg := sprintf("override %q allows sandbox %q without naming a service: the egress policy ignores it", [id, sandbox_id])
+}

@@ -22,12 +22,36 @@ request_path := lower(concat("/", ["", concat("/", input.parsed_path)]))
 
 match_path(pattern) if glob.match(lower(pattern), ["/"], request_path)
 
+# The request path as an upstream may read it: each segment lowercased, without leading
+# whitespace (Unicode spaces and control characters too), without trailing whitespace and
+# dots (Windows and IIS drop them), and without a format suffix (`admin.json`: Rails,
+# Spring's suffix matching). A rule that must cover a resource under every spelling
+# (a first-match path rule, a deny) matches with match_path_any_spelling; one that grants
+# (egress allowed_paths, an allow override) with match_path, exactly as written.
+normalized_path := lower(concat("/", ["", concat("/", [normalized_segment(s) | some s in input.parsed_path])]))
+
+normalized_segment(segment) := regex.replace(trimmed, `^([^.]+)\..*$`, "$1") if {
+	leading := regex.replace(segment, `^[\s\p{Z}\x00-\x1f\x7f]+`, "")
+	trimmed := regex.replace(leading, `[\s\p{Z}\x00-\x1f\x7f.]+$`, "")
+}
+
+match_path_any_spelling(pattern) if match_path(pattern)
+
+match_path_any_spelling(pattern) if glob.match(lower(pattern), ["/"], normalized_path)
+
 # Dot segments must never reach path matching (Envoy normalizes them first; this is the
 # second line of defense), nor path parameters: `/admin;x/users` misses an `/admin/**`
-# rule, while servlet containers and Spring strip `;x` and serve /admin/users.
+# rule, while servlet containers and Spring strip `;x` and serve /admin/users. Nor a
+# segment of only dots, whitespace and control characters: an upstream that trims it
+# finds a dot segment (`.. ` -> `..`) or an empty one and resolves the path elsewhere.
 bad_path if {
 	some segment in input.parsed_path
 	segment in {".", ".."}
+}
+
+bad_path if {
+	some segment in input.parsed_path
+	regex.match(`^[\s\p{Z}\x00-\x1f\x7f.]+$`, segment)
 }
 
 bad_path if {
@@ -45,23 +69,32 @@ forged_identity_headers(prefix, kept) := [name |
 
 # TTL overrides granted through authz's admin API (data.overrides, pushed by authz, outside
 # the bundle). `overrides_for(path, field, id)` are the unexpired ones for this decision
-# path and identity that match the request's path and method.
+# path and identity that match the request's path and method. A deny's path matches every
+# spelling of it (match_path_any_spelling), an allow's only as written.
 overrides_for(decision_path, id_field, id) := {o |
 	some o in data.overrides
 	o.decision_path == decision_path
 	o.match[id_field] == id
 	time.now_ns() < o.expires_at_ns
-	override_matches_request(o.match)
+	override_matches_request(o)
 }
 
-override_matches_request(match) if {
-	path_matches(match)
-	method_matches(match)
+override_matches_request(o) if {
+	path_matches(o)
+	method_matches(o.match)
 }
 
-path_matches(match) if not match.path
+path_matches(o) if not o.match.path
 
-path_matches(match) if match_path(match.path)
+path_matches(o) if {
+	o.effect == "allow"
+	match_path(o.match.path)
+}
+
+path_matches(o) if {
+	o.effect != "allow"
+	match_path_any_spelling(o.match.path)
+}
 
 method_matches(match) if not match.methods
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
 from tests.e2e.conftest import SANDBOX_SPECS, SERVICES, Env
 
 pytestmark = pytest.mark.e2e
@@ -116,6 +117,11 @@ def test_disabled_sandbox(e2e: Env) -> None:
         ("github", "GET", "/repos/../user/keys", 403, "path_not_allowed"),
         ("openai", "GET", "/v1/models", 200, None),
         ("openai", "GET", "/v1/models/gpt-x", 200, None),
+        ("github", "POST", "/repos/acme/widgets/issues", 200, None),
+        ("github", "PATCH", "/repos/acme/widgets", 403, "path_denied"),
+        ("github", "POST", "/repos/acme/widgets/hooks", 403, "path_denied"),
+        ("github", "POST", "/repos/acme/widgets/keys", 403, "path_denied"),
+        ("github", "POST", "/repos/acme/widgets/forks", 403, "path_not_allowed"),
     ],
     ids=[
         "unknown-service",
@@ -126,6 +132,11 @@ def test_disabled_sandbox(e2e: Env) -> None:
         "github-dotdot",
         "models",
         "model",
+        "github-open-issue",
+        "github-settings",
+        "github-hook",
+        "github-deploy-key",
+        "github-fork",
     ],
 )
 def test_method_and_path_rules(
@@ -169,6 +180,25 @@ def test_credential_injected_and_sandbox_headers_stripped(e2e: Env) -> None:
     assert e2e.secrets["anthropic"] not in resp.text
     assert e2e.secrets["anthropic"] not in _all_logs(e2e)
     assert e2e.tokens["sb-standard"] not in _all_logs(e2e)
+
+
+def test_no_credential_or_forwarding_header_reaches_a_third_party(e2e: Env) -> None:
+    # Issue #13, findings 6 and 7: every header of the one credential list, and client-sent
+    # X-Forwarded-For, X-Real-IP, Forwarded, X-Forwarded-Host and method overrides, reached
+    # third-party services (the README says they do not).
+    sent = {name: "203.0.113.9" for name in FORWARDING_HEADERS}
+    sent.update({name: f"sandbox-{name}" for name in CREDENTIAL_HEADERS})
+    sent.update(e2e.sandbox_headers("sb-standard", "openai"))
+    resp = e2e.egress.post("/v1/chat/completions", headers=sent, json={"m": 1})
+    assert resp.status_code == 200, resp.text
+    seen = resp.json()
+    assert seen["method"] == "POST"
+    assert seen["credential_ok"] is True  # the injected authorization, nothing else
+    upstream = seen["headers"]
+    assert [name for name in FORWARDING_HEADERS if name in upstream] == []
+    assert [n for n in CREDENTIAL_HEADERS if n in upstream and n != "authorization"] == []
+    assert "203.0.113.9" not in resp.text
+    assert "sandbox-" not in resp.text
 
 
 def test_secrets_file_reloads_without_restart(e2e: Env) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
 from tests.e2e.conftest import Env
 
 pytestmark = pytest.mark.e2e
@@ -110,10 +112,89 @@ def test_forged_identity_headers_are_overwritten_or_removed(e2e: Env) -> None:
     assert "x-authz-anything" not in upstream
 
 
+def _audit_body(e2e: Env, decision_id: str, timeout_s: float = 5.0) -> str:
+    """The audit row of ``decision_id`` as stored (read-only; the writer batches)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = sqlite3.connect(f"file:{e2e.stack.run_dir / 'audit.db'}?mode=ro", uri=True)
+        try:
+            row = conn.execute(
+                "SELECT body FROM audit WHERE decision_id = ?", (decision_id,)
+            ).fetchone()
+        finally:
+            conn.close()
+        if row is not None:
+            return str(row[0])
+        assert time.monotonic() < deadline, f"no audit row for {decision_id}"
+        time.sleep(0.1)
+
+
+def test_every_credential_header_is_kept_from_upstream_opa_and_audit(e2e: Env) -> None:
+    # Issue #13, finding 6: api-key and x-goog-api-key were stripped by the egress policy
+    # as credentials, yet reached OPA and the audit trail in clear.
+    sent = {
+        name: f"{name}-{uuid.uuid4().hex}"
+        for name in CREDENTIAL_HEADERS
+        if name not in ("x-api-key", "authorization")
+    }
+    resp = e2e.gateway.get("/api/v1/items", headers={"x-api-key": e2e.keys["user"], **sent})
+    assert resp.status_code == 200, resp.text
+    upstream = resp.json()["headers"]
+    assert [name for name in sent if name in upstream] == []
+    stored = _audit_body(e2e, upstream["x-authz-decision-id"])
+    log = (e2e.stack.run_dir / "logs/authz.log").read_text(errors="replace")
+    for name, value in sent.items():
+        assert value not in stored, f"{name} stored in the audit trail in clear"
+        assert value not in log, f"{name} logged in clear"
+
+
+def test_forwarding_headers_are_the_gateways_own(e2e: Env) -> None:
+    # Issue #13, finding 7: a client chose what the upstream believed about its address,
+    # host and method. Envoy (use_remote_address, xff_num_trusted_hops 0) sets
+    # x-forwarded-for to the address it saw and x-forwarded-proto to the listener's scheme.
+    sent = {name: "203.0.113.9" for name in FORWARDING_HEADERS}
+    sent.update(
+        {
+            "forwarded": "for=203.0.113.9;host=internal.example;proto=https",
+            "x-forwarded-host": "internal.example",
+            "x-forwarded-proto": "https",
+            "x-http-method-override": "DELETE",
+        }
+    )
+    resp = e2e.gateway.post("/api/v1/items", headers={"x-api-key": e2e.keys["user"], **sent})
+    assert resp.status_code == 200, resp.text
+    seen = resp.json()
+    assert seen["method"] == "POST"
+    upstream = seen["headers"]
+    assert upstream["x-forwarded-for"] == "127.0.0.1"
+    assert upstream["x-forwarded-proto"] == "http"
+    kept_by_envoy = {"x-forwarded-for", "x-forwarded-proto"}
+    assert [name for name in FORWARDING_HEADERS if name in upstream] == sorted(
+        kept_by_envoy, key=FORWARDING_HEADERS.index
+    )
+    assert "203.0.113.9" not in json.dumps(upstream)
+
+
 @pytest.mark.parametrize(
     "path",
-    ["/api/v1/status/../admin/users", "/api/v1/./admin/users", "/api/v1//admin/users"],
-    ids=["dotdot", "dot", "double-slash"],
+    [
+        "/api/v1/status/../admin/users",
+        "/api/v1/./admin/users",
+        "/api/v1//admin/users",
+        "/api/v1/admin.json",
+        "/api/v1/admin%20/x",
+        "/api/v1/admin./x",
+        "/api/v1/Admin%09/users",
+    ],
+    ids=[
+        "dotdot",
+        "dot",
+        "double-slash",
+        "format-suffix",
+        "encoded-space",
+        "trailing-dot",
+        "encoded-tab",
+    ],
 )
 def test_path_tricks_cannot_reach_admin(e2e: Env, path: str) -> None:
     resp = e2e.gateway.get(path, headers={"x-api-key": e2e.keys["viewer"]})

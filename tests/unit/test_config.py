@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from authz.config import Settings, load, parse_decision_path
+from authz.config import DEFAULT_CREDENTIAL_HEADERS, Settings, load, parse_decision_path
 from authz.control import Mode
 from authz.errors import ConfigError
+from authz.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
 from authz.secrets import Secret
 
 TOKEN = "opa-t0ken-5f4e3d2c1b0a"
@@ -92,9 +93,9 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AUTHZ_DECISION_TIMEOUT_MS", "150", "decision_timeout_ms", 150),
     (
         "AUTHZ_CREDENTIAL_HEADERS",
-        "X-Api-Key, Authorization ,,",
+        "X-Upstream-Token, Authorization ,,",
         "credential_headers",
-        ("x-api-key", "authorization"),
+        (*CREDENTIAL_HEADERS, "x-upstream-token"),
     ),
     ("AUTHZ_PARSE_BODY", "false", "parse_body", False),
     ("AUTHZ_PARSE_BODY", "0", "parse_body", False),
@@ -129,7 +130,7 @@ def test_yaml_file(tmp_path: Path) -> None:
         "grpc_addr: 0.0.0.0:9000\n"
         "opa_pool_size: 16\n"
         "decision_timeout_ms: 250\n"
-        "credential_headers: [X-Api-Key, authorization]\n"
+        "credential_headers: [X-Upstream-Token, authorization]\n"
         "parse_body: false\n"
         "shutdown_grace_s: 2\n"
         f"opa_token: {TOKEN}\n",
@@ -138,12 +139,87 @@ def test_yaml_file(tmp_path: Path) -> None:
     assert settings.grpc_addr == "0.0.0.0:9000"
     assert settings.opa_pool_size == 16
     assert settings.decision_timeout_ms == 250
-    assert settings.credential_headers == ("x-api-key", "authorization")
+    assert settings.credential_headers == (*CREDENTIAL_HEADERS, "x-upstream-token")
     assert settings.parse_body is False
     assert settings.shutdown_grace_s == 2.0
     assert settings.opa_token == Secret(TOKEN)
     # Keys the file does not set keep their defaults.
     assert settings.admin_addr == Settings().admin_addr
+
+
+# --- credential headers: authz.headers.CREDENTIAL_HEADERS is the one list (issue #13, 6) ---
+
+
+def test_credential_headers_default_is_the_one_list() -> None:
+    # Api-Key and X-Goog-Api-Key were stripped by the egress policy as credentials, yet
+    # sent to OPA and to the audit trail in clear: the default was a second list.
+    assert DEFAULT_CREDENTIAL_HEADERS == CREDENTIAL_HEADERS
+    assert load({}).credential_headers == CREDENTIAL_HEADERS
+
+
+CREDENTIAL_HEADER_SETTINGS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("only-defaults", "x-api-key,authorization", ()),
+    ("adds-one", "x-upstream-token", ("x-upstream-token",)),
+    ("adds-without-duplicates", "X-Upstream-Token,cookie,x-upstream-token", ("x-upstream-token",)),
+    ("empty-adds-nothing", " , ", ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "added"),
+    [case[1:] for case in CREDENTIAL_HEADER_SETTINGS],
+    ids=[case[0] for case in CREDENTIAL_HEADER_SETTINGS],
+)
+def test_credential_headers_setting_only_adds_to_the_one_list(
+    tmp_path: Path, value: str, added: tuple[str, ...]
+) -> None:
+    assert load({"AUTHZ_CREDENTIAL_HEADERS": value}).credential_headers == (
+        *CREDENTIAL_HEADERS,
+        *added,
+    )
+    listed = [name for name in value.split(",") if name.strip()]
+    from_file = load({}, write(tmp_path, f"credential_headers: {listed!r}\n"))
+    assert from_file.credential_headers == (*CREDENTIAL_HEADERS, *added)
+
+
+IGNORED_CREDENTIALS: list[tuple[str, dict[str, str], str]] = [
+    # (id, environment, the header the message names)
+    ("x-api-key", {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-request-id,X-Api-Key"}, "x-api-key"),
+    ("api-key", {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "api-key"}, "api-key"),
+    ("goog", {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-goog-api-key"}, "x-goog-api-key"),
+    ("cookie", {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "cookie"}, "cookie"),
+    (
+        "added-credential",
+        {
+            "AUTHZ_CREDENTIAL_HEADERS": "x-upstream-token",
+            "AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-upstream-token",
+        },
+        "x-upstream-token",
+    ),
+    *[(name, {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": name}, name) for name in IDENTITY_HEADERS],
+]
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [case[1:] for case in IGNORED_CREDENTIALS],
+    ids=[case[0] for case in IGNORED_CREDENTIALS],
+)
+def test_decision_cache_never_ignores_a_credential_or_identity_header(
+    environ: dict[str, str], named: str
+) -> None:
+    # Ignored in the cache key, two callers with different keys would share a decision.
+    with pytest.raises(ConfigError) as caught:
+        load(environ)
+    message = str(caught.value)
+    value = environ["AUTHZ_DECISION_CACHE_IGNORE_HEADERS"]
+    assert message.startswith(f"AUTHZ_DECISION_CACHE_IGNORE_HEADERS={value!r}: ")
+    assert repr(named) in message
+
+
+def test_decision_cache_may_ignore_other_headers() -> None:
+    settings = load({"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-request-id,traceparent"})
+    assert settings.decision_cache_ignore_headers == ("x-request-id", "traceparent")
 
 
 @pytest.mark.parametrize("text", ["", "# nothing here\n"], ids=["empty", "comment-only"])
@@ -191,7 +267,6 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("AUTHZ_DEFAULT_DECISION_PATH", "", "OPA data path"),
     ("AUTHZ_CREDENTIAL_HEADERS", "x-api-key,bad header", "not a header name"),
     ("AUTHZ_CREDENTIAL_HEADERS", "x:y", "not a header name"),
-    ("AUTHZ_CREDENTIAL_HEADERS", " , ", "at least one header"),
     ("AUTHZ_PARSE_BODY", "maybe", "true or false"),
     ("AUTHZ_DECISION_LOG", "", "true or false"),
     ("AUTHZ_UVLOOP", "2", "true or false"),
@@ -215,8 +290,7 @@ def test_bad_environment_value_names_key_and_value(
         load({variable: value})
     message = str(caught.value)
     assert variable in message
-    if value.strip(" ,"):  # an all-separator header list is reported as empty
-        assert repr(value) in message
+    assert repr(value) in message
     assert expected in message
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from authz import egress_envoy
 from authz.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
+from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES_FILE = ROOT / "policy/egress/data.json"
@@ -265,6 +266,56 @@ def test_connection_manager_normalizes_paths() -> None:
     assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
 
 
+def test_egress_removes_every_forwarding_header() -> None:
+    # Issue #13, finding 7: client-sent X-Forwarded-For, X-Real-IP, Forwarded,
+    # X-Forwarded-Host and method overrides reached third parties. Removed by the route
+    # config, so even an allow the policy did not decide (bypass, fail-open) cannot pass
+    # them; Envoy adds no x-forwarded-for of its own (skip_xff_append).
+    manager = hcm(generate(real_services()))
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+    assert manager["skip_xff_append"] is True
+    removed = manager["route_config"]["request_headers_to_remove"]
+    assert set(FORWARDING_HEADERS) <= set(removed)
+    assert "request_headers_to_add" not in manager["route_config"]
+
+
+@pytest.mark.parametrize("name", sorted(real_services()), ids=sorted(real_services()))
+def test_service_gets_no_sandbox_credential_or_identity_header(name: str) -> None:
+    # Issue #13, finding 7: dry-run, bypass and fail-open allows (no policy decided them)
+    # forwarded x-sandbox-id, cookie and api-key. Envoy removes every credential and
+    # identity header on its way to the service, except the header authz injects the
+    # service's credential into (set by ext_authz before the router applies these).
+    services = real_services()
+    removed = virtual_host(generate(services), f"service_{name}")["request_headers_to_remove"]
+    injected = services[name].get("credential", {}).get("header")
+    expected = {*CREDENTIAL_HEADERS, *IDENTITY_HEADERS} - {injected}
+    assert set(removed) == expected
+
+
+def test_gateway_sets_its_own_forwarding_headers() -> None:
+    # The gateway's upstream learns the client's address from Envoy: x-forwarded-for is
+    # overwritten with the connection's address, x-forwarded-proto is Envoy's (it
+    # overwrites a client's value when it trusts no hop), the rest are removed.
+    manager = hcm(gateway())
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+    route_config = manager["route_config"]
+    assert set(route_config["request_headers_to_remove"]) == set(FORWARDING_HEADERS) - {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+    }
+    assert route_config["request_headers_to_add"] == [
+        {
+            "header": {
+                "key": "x-forwarded-for",
+                "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            },
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+
+
 def test_access_log_fields() -> None:
     [log] = hcm(generate({}))["access_log"]
     fields = log["typed_config"]["log_format"]["json_format"]
@@ -308,6 +359,21 @@ def test_access_log_fields() -> None:
             {"a.example": ("localhost", 9443)},
             "'s': override for 'a.example' must be an IP address",
         ),
+        (
+            {"s": {"base_url": "https://a.example", "credential": {"header": ""}}},
+            {},
+            "'s': credential.header must be a lowercase header name",
+        ),
+        (
+            {"s": {"base_url": "https://a.example", "credential": {"header": "X-Api-Key"}}},
+            {},
+            "'s': credential.header must be a lowercase header name",
+        ),
+        (
+            {"s": {"base_url": "https://a.example", "credential": "x-api-key"}},
+            {},
+            "'s': credential must be an object",
+        ),
     ],
     ids=[
         "ftp",
@@ -331,6 +397,9 @@ def test_access_log_fields() -> None:
         "name-star",
         "name-empty",
         "override-not-ip",
+        "credential-header-empty",
+        "credential-header-uppercase",
+        "credential-not-object",
     ],
 )
 def test_bad_services_raise_naming_service_and_field(

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from authz import logs
-from authz.logs import DecisionLog, JsonFormatter, redact_headers
+from authz.headers import CREDENTIAL_HEADERS
+from authz.logs import DecisionLog, JsonFormatter, redact_document, redact_headers
 from authz.record import DecisionRecord
 from authz.secrets import MASK
 
@@ -75,6 +76,66 @@ def test_redact_headers(
     original = dict(headers)
     assert redact_headers(headers, extra) == expected
     assert headers == original  # a copy; the caller's map is untouched
+
+
+@pytest.mark.parametrize("name", CREDENTIAL_HEADERS, ids=CREDENTIAL_HEADERS)
+def test_redact_headers_masks_every_credential_header(name: str) -> None:
+    # One list (authz.headers): api-key and x-goog-api-key were stripped on egress as
+    # credentials but missing here.
+    assert name in logs.SENSITIVE_HEADERS
+    assert redact_headers({name.title(): "secret-value", "accept": "*/*"}) == {
+        name.title(): MASK,
+        "accept": "*/*",
+    }
+
+
+# --- redact_document -------------------------------------------------------------------
+
+DIGEST = "0" * 63 + "1"
+
+
+def _document(headers: dict[str, str]) -> dict[str, Any]:
+    entries = [{"key": name, "value": value} for name, value in headers.items()]
+    http = {"path": "/", "headers": dict(headers), "headerMap": {"headers": entries}}
+    return {"attributes": {"request": {"http": http}}}
+
+
+def _stored(document: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    http = document["attributes"]["request"]["http"]
+    return http["headers"], {e["key"]: e["value"] for e in http["headerMap"]["headers"]}
+
+
+@pytest.mark.parametrize("name", CREDENTIAL_HEADERS, ids=CREDENTIAL_HEADERS)
+def test_redact_document_masks_every_credential_header_in_clear(name: str) -> None:
+    # A credential header authz did not hash (e.g. a document built with fewer credential
+    # headers) never reaches the audit trail in clear, in either header form.
+    stored = redact_document(_document({name: "secret-value", "accept": "*/*"}))
+    for headers in _stored(stored):
+        assert headers == {name: MASK, "accept": "*/*"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [f"sha256:{DIGEST}", f"Bearer sha256:{DIGEST}", f"Basic sha256:{DIGEST}"],
+    ids=["digest", "bearer-digest", "basic-digest"],
+)
+@pytest.mark.parametrize("name", CREDENTIAL_HEADERS, ids=CREDENTIAL_HEADERS)
+def test_redact_document_keeps_credential_digests(name: str, value: str) -> None:
+    # What authz.input put in place of the credential stays: replay needs the digest.
+    stored = redact_document(_document({name: value}))
+    for headers in _stored(stored):
+        assert headers == {name: value}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [f"sha256:{DIGEST} trailing", f"sha256:{DIGEST[:-1]}", f"Bearer x sha256:{DIGEST}", "sha256:"],
+    ids=["trailing-text", "short", "two-words", "empty-digest"],
+)
+def test_redact_document_masks_what_only_looks_like_a_digest(value: str) -> None:
+    stored = redact_document(_document({"cookie": value}))
+    for headers in _stored(stored):
+        assert headers == {"cookie": MASK}
 
 
 # --- JsonFormatter ---------------------------------------------------------------------

@@ -90,6 +90,12 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"match": {"key_id": "Key_1.a:b-c", "methods": ["GET", "POST", "DELETE"]}},
     ),
     ("reason-500-chars", body(reason="r" * 500), {"reason": "r" * 500}),
+    (
+        # Blocking a sandbox everywhere needs no service; allowing one does (below).
+        "egress-deny-every-service",
+        body(effect="deny", decision_path=EGRESS, match={"sandbox_id": "sb-team-a-1"}),
+        {"effect": "deny", "match": {"sandbox_id": "sb-team-a-1"}},
+    ),
 ]
 
 
@@ -172,6 +178,18 @@ INVALID: list[tuple[str, Any, str]] = [
     ("reason-blank", body(reason="   "), "override.reason"),
     ("reason-not-string", body(reason=123), "override.reason"),
     ("reason-too-long", body(reason="r" * 501), "override.reason"),
+    # Issue #13, finding 10: an egress allow override without a service let the sandbox
+    # reach every service.
+    (
+        "egress-allow-without-service",
+        body(decision_path=EGRESS, match={"sandbox_id": "sb-team-a-1"}),
+        "override.match.service",
+    ),
+    (
+        "egress-allow-empty-service",
+        body(decision_path=EGRESS, match={"sandbox_id": "sb-team-a-1", "service": ""}),
+        "override.match.service",
+    ),
 ]
 
 
