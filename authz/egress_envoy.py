@@ -399,7 +399,11 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
             # (use_remote_address), the sandbox's address. The sandbox's own forwarding and
             # method-override headers (authz.headers) go too, whatever authz decided: a
             # third party learns neither its address nor a method other than the checked one.
-            "request_headers_to_remove": ["x-envoy-external-address", *FORWARDING_HEADERS],
+            "request_headers_to_remove": [
+                "x-envoy-external-address",
+                "x-forwarded-proto",  # not a FORWARDING_HEADER (the gateway keeps Envoy's)
+                *FORWARDING_HEADERS,
+            ],
         },
         "http_filters": [
             _ext_authz_filter(),

@@ -10,7 +10,9 @@
   (RFC 7239 ``Forwarded``, the de-facto ``X-Forwarded-*``/``X-Real-IP``, and the
   ``X-HTTP-Method-Override`` family): a client must not choose what an upstream believes
   about its address, host or method. Envoy sets its own ``x-forwarded-for`` where it is
-  configured to (``use_remote_address``).
+  configured to (``use_remote_address``). ``x-forwarded-proto`` is not listed: an edge
+  Envoy (``use_remote_address: true``) overwrites it with the scheme it saw, so removing
+  it would only drop Envoy's own value.
 
 All names are lowercase (HTTP/2 and Envoy's ext_authz ``headers`` map use lowercase).
 """
@@ -41,7 +43,6 @@ FORWARDING_HEADERS: Final = (
     "forwarded",
     "x-forwarded-for",
     "x-forwarded-host",
-    "x-forwarded-proto",
     "x-forwarded-port",
     "x-forwarded-prefix",
     "x-real-ip",

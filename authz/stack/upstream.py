@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from authz.headers import CREDENTIAL_HEADERS
+
 __all__ = [
     "MASK",
     "MASKED_HEADERS",
@@ -49,9 +51,7 @@ __all__ = [
 
 MASK: Final = "**********"
 # Masked in every echo, whatever the services say.
-MASKED_HEADERS: Final = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "cookie", "x-sandbox-token"}
-)
+MASKED_HEADERS: Final = frozenset(CREDENTIAL_HEADERS)
 CREDENTIALS_FILE_VERSION: Final = 1
 
 
