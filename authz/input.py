@@ -56,7 +56,10 @@ _STRUCT_TYPES: Final = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
 )
 _SCHEMED_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
-_SCHEME: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S.*)$")
+_SCHEME: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +([^ \t].*)$", re.DOTALL)
+# RFC 9110 section 5.5: optional whitespace around a field value is SP and HTAB only;
+# any other (Unicode) whitespace is part of the value.
+_OWS: Final = " \t"
 
 
 def message_to_input(message: Message) -> dict[str, Any]:
@@ -253,13 +256,14 @@ def mask_credential(header: str, value: str) -> tuple[str, str]:
     ``proxy-authorization`` in ``<scheme> <credentials>`` form (RFC 9110 section 11.4),
     of ``<credentials>``, and the masked value keeps the scheme (``Bearer sha256:<hex>``)
     so a policy can still check it; for any other header, of the whole trimmed value,
-    masked as ``sha256:<hex>``."""
-    credential = value.strip()
+    masked as ``sha256:<hex>``. Only RFC 9110 optional whitespace (SP, HTAB) is trimmed:
+    a key padded with U+00A0 or U+2003 hashes as the padded value, so it never matches."""
+    credential = value.strip(_OWS)
     scheme = ""
     if header in _SCHEMED_HEADERS:
         match = _SCHEME.fullmatch(credential)
         if match:
-            scheme, credential = match.group(1) + " ", match.group(2).strip()
+            scheme, credential = match.group(1) + " ", match.group(2).strip(_OWS)
     digest = hashlib.sha256(credential.encode("utf-8")).hexdigest()
     return digest, f"{scheme}sha256:{digest}"
 
