@@ -20,8 +20,7 @@ caller turns into a precise deny.
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
+import binascii
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -33,12 +32,20 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from authz.errors import RequestError
 
 __all__ = [
     "INPUT_VERSION",
+    "MAX_BODY_BYTES",
+    "MAX_FORM_FIELDS",
     "MAX_JSON_DEPTH",
+    "MAX_MULTIPART_HEADER_BYTES",
+    "MAX_MULTIPART_PARTS",
+    "MAX_PART_HEADERS",
+    "MAX_PART_HEADER_BYTES",
     "build_input",
     "mask_credential",
     "message_to_input",
@@ -51,6 +58,20 @@ __all__ = [
 INPUT_VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
 # Deepest JSON body nesting accepted (the input document adds a few levels around it).
 MAX_JSON_DEPTH: Final = 200
+# Body parsing runs before any credential is checked, so every parser is linear in its
+# input and capped (issue 13): a hostile body costs a small constant multiple of a normal
+# one. A longer body is not parsed (truncated_body); more parts, fields or part headers
+# than below are a RequestError. MAX_BODY_BYTES is the gateway's with_request_body
+# max_request_bytes (infra/envoy/envoy-gateway.yaml).
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_MULTIPART_PARTS: Final = 100
+MAX_FORM_FIELDS: Final = 1000
+# Per multipart part: header lines, and bytes of one header line (name, colon, value).
+MAX_PART_HEADERS: Final = 8
+MAX_PART_HEADER_BYTES: Final = 1024
+# Header names and values of all parts together: header parameters cost about 0.4 us per
+# byte to parse, data about 1 ns (docs/performance.md, "Request bodies").
+MAX_MULTIPART_HEADER_BYTES: Final = 16 * 1024
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _STRUCT_TYPES: Final = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
@@ -140,15 +161,22 @@ def parse_path(path: str) -> list[str]:
     return _unescape(raw_path, plus_as_space=False, what="path").lstrip("/").split("/")
 
 
-def parse_query(query: str, what: str = "query") -> dict[str, list[str]]:
+def parse_query(
+    query: str, what: str = "query", max_fields: int | None = None
+) -> dict[str, list[str]]:
     """``input.parsed_query`` as Go's ``url.ParseQuery``: ``&``-separated pairs, ``+`` is a
     space, repeated keys collect values in order, a key without ``=`` maps to ``[""]``.
-    Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both).
+    Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both),
+    or on more than ``max_fields`` pairs (None: no cap).
     """
     result: dict[str, list[str]] = {}
+    count = 0
     for pair in query.split("&"):
         if not pair:
             continue
+        count += 1
+        if max_fields is not None and count > max_fields:
+            raise RequestError(f"the {what} has more than {max_fields} fields")
         if ";" in pair:
             raise RequestError(f"invalid semicolon separator in the {what}")
         key, _, value = pair.partition("=")
@@ -194,59 +222,173 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+class _Part:
+    """One multipart part as the parser streams it: its headers, then its data."""
+
+    __slots__ = ("data", "header_name", "header_value", "headers")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+        self.data = bytearray()
+
+
 def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None:
-    parser = email.parser.BytesParser(policy=email.policy.HTTP)
-    document = b"Content-Type: " + content_type.encode("latin-1", errors="replace") + b"\r\n\r\n"
-    message = parser.parsebytes(document + payload)
-    if message.get_param("boundary") is None:
+    """``parsed_body`` of a multipart/form-data body (RFC 7578), as the plugin's Go
+    ``mime/multipart`` reading: each part whose Content-Disposition is ``form-data`` with a
+    ``name`` gives a value (JSON when the part's Content-Type says application/json, else
+    text, invalid UTF-8 replaced); quoted-printable parts are decoded. None when the
+    Content-Type has no boundary. Bodies whose first delimiter line ends in a bare LF are
+    read in LF mode, as Go does. Raises RequestError for a malformed body or one over the
+    part and header caps (MAX_MULTIPART_PARTS, MAX_PART_HEADERS, MAX_PART_HEADER_BYTES,
+    MAX_MULTIPART_HEADER_BYTES).
+
+    python-multipart (the parser Starlette uses) does the work: a state machine that
+    finds delimiters with ``bytes.find``, so the cost is linear in the body."""
+    _, params = parse_options_header(content_type.encode("latin-1", errors="replace"))
+    boundary = params.get(b"boundary")
+    if boundary is None:
         return None
-    if message.defects:
-        raise RequestError(f"malformed multipart body: {type(message.defects[0]).__name__}")
+    if not boundary:
+        raise RequestError("multipart body has an empty boundary")
+    delimiter = b"--" + boundary
+    if not payload.startswith(delimiter):
+        # A preamble before the first delimiter line is ignored (RFC 2046 section 5.1.1).
+        found = payload.find(b"\n" + delimiter)
+        if found < 0:
+            raise RequestError("multipart body has no delimiter line")
+        payload = payload[found + 1 :]
+    end_of_line = len(delimiter)
+    lf_mode = payload[end_of_line : end_of_line + 1] == b"\n"
+    if lf_mode:
+        # Go's multipart.Reader switches to bare-LF lines when the first delimiter line
+        # ends in LF. Doubling every LF into CRLF is undone exactly on each value below.
+        payload = payload.replace(b"\n", b"\r\n")
+    parts: list[_Part] = []
+    ended = False
+    header_bytes = 0
+
+    def count_header_bytes(size: int) -> None:
+        nonlocal header_bytes
+        header_bytes += size
+        if header_bytes > MAX_MULTIPART_HEADER_BYTES:
+            raise RequestError(
+                f"multipart part headers exceed {MAX_MULTIPART_HEADER_BYTES} bytes in total"
+            )
+
+    def on_part_begin() -> None:
+        if len(parts) >= MAX_MULTIPART_PARTS:
+            raise RequestError(f"multipart body has more than {MAX_MULTIPART_PARTS} parts")
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        count_header_bytes(end - start)
+        parts[-1].header_name += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        count_header_bytes(end - start)
+        parts[-1].header_value += data[start:end]
+
+    def on_header_end() -> None:
+        part = parts[-1]
+        name = part.header_name.decode("latin-1").lower()
+        part.headers.setdefault(name, part.header_value.decode("utf-8", errors="replace"))
+        part.header_name.clear()
+        part.header_value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].data += data[start:end]
+
+    def on_end() -> None:
+        nonlocal ended
+        ended = True
+
+    try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_part_data": on_part_data,
+                "on_end": on_end,
+            },
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
+        parser.write(payload)
+        parser.finalize()
+    except FormParserError as exc:
+        raise RequestError(f"malformed multipart body: {exc}") from None
+    if not ended:
+        raise RequestError("multipart body has no closing delimiter")
     values: dict[str, list[Any]] = {}
-    for part in message.iter_parts():
-        if part.get_content_disposition() != "form-data":
+    for part in parts:
+        name = _form_name(part.headers.get("content-disposition", ""))
+        if not name:
             continue
-        name = part.get_param("name", header="content-disposition")
-        if not name or not isinstance(name, str):
-            continue
-        raw = part.get_payload(decode=True)
-        data = raw if isinstance(raw, bytes) else b""
-        if "application/json" in part.get("content-type", ""):
+        data = bytes(part.data)
+        if lf_mode:
+            data = data.replace(b"\r\n", b"\n")
+        encoding = part.headers.get("content-transfer-encoding", "").strip(_OWS).lower()
+        if encoding == "quoted-printable":
+            data = binascii.a2b_qp(data)
+        if "application/json" in part.headers.get("content-type", ""):
             values.setdefault(name, []).append(_json(data, f"multipart field {name!r}"))
         else:
             values.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
     return values
 
 
+def _form_name(disposition: str) -> str:
+    """The ``name`` parameter of a ``form-data`` Content-Disposition (RFC 7578 section
+    4.2), as Go's ``Part.FormName``; ``""`` for any other disposition or none."""
+    kind, params = parse_options_header(disposition.encode("utf-8"))
+    if kind != b"form-data":
+        return ""
+    return params.get(b"name", b"").decode("utf-8", errors="replace")
+
+
 def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
     """``(input.parsed_body, input.truncated_body)`` for JSON, form-urlencoded and
     multipart bodies, as the plugin's ``getParsedBody``. A body is truncated when Envoy set
     ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what was sent; then
-    it is not parsed. Other content types give ``(None, False)``. Raises RequestError for
-    a body that does not parse."""
+    it is not parsed. A body over MAX_BODY_BYTES is not parsed either and counts as
+    truncated. Other content types give ``(None, False)``. Raises RequestError for a body
+    that does not parse or that exceeds a cap (JSON depth, form fields, multipart parts
+    and part headers: see the ``MAX_*`` constants)."""
     if headers.get("x-envoy-auth-partial-body") == "true":
         return None, True
     content_type = headers.get("content-type")
     if content_type is None:
+        return None, False
+    if "application/json" in content_type:
+        parse = _json_body
+    elif "application/x-www-form-urlencoded" in content_type:
+        parse = _form_body
+    elif "multipart/form-data" in content_type:
+        parse = _multipart
+    else:
         return None, False
     # Work on bytes: content-length counts bytes (Go's len(body)), and a multipart file
     # part may be binary.
     payload = body.encode("utf-8") if body else raw_body
     if not payload:
         return None, False
-    if "application/json" in content_type:
-        if _truncated(headers, len(payload)):
-            return None, True
-        return _json(payload, "request body"), False
-    if "application/x-www-form-urlencoded" in content_type:
-        if _truncated(headers, len(payload)):
-            return None, True
-        return parse_query(payload.decode("utf-8", errors="replace"), "form body"), False
-    if "multipart/form-data" in content_type:
-        if _truncated(headers, len(payload)):
-            return None, True
-        return _multipart(content_type, payload), False
-    return None, False
+    if _truncated(headers, len(payload)) or len(payload) > MAX_BODY_BYTES:
+        return None, True
+    return parse(content_type, payload), False
+
+
+def _json_body(content_type: str, payload: bytes) -> Any:
+    return _json(payload, "request body")
+
+
+def _form_body(content_type: str, payload: bytes) -> dict[str, list[str]]:
+    text = payload.decode("utf-8", errors="replace")
+    return parse_query(text, "form body", MAX_FORM_FIELDS)
 
 
 def mask_credential(header: str, value: str) -> tuple[str, str]:
