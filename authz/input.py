@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -72,6 +73,9 @@ MAX_PART_HEADER_BYTES: Final = 1024
 # Header names and values of all parts together: header parameters cost about 0.4 us per
 # byte to parse, data about 1 ns (docs/performance.md, "Request bodies").
 MAX_MULTIPART_HEADER_BYTES: Final = 16 * 1024
+# python-multipart logs a WARNING for every malformed body it sees: a caller without a
+# key could fill the log. The RequestError's message reaches the decision log instead.
+logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _STRUCT_TYPES: Final = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}

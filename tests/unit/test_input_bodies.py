@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -267,3 +268,12 @@ def test_multipart_headers_over_the_total_cap_are_refused() -> None:
     assert parse(MULTIPART, multipart_of(*parts)) == ({"a": ["x"] * fits}, False)
     with pytest.raises(RequestError, match=f"exceed {MAX_MULTIPART_HEADER_BYTES} bytes"):
         parse(MULTIPART, multipart_of(*parts, disposition + b"\r\n\r\nx"))
+
+
+def test_malformed_multipart_logs_nothing_itself(caplog: pytest.LogCaptureFixture) -> None:
+    # python-multipart logs a WARNING per malformed body; a caller without a key could fill
+    # the log with them. The decision log already records the RequestError's message.
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(RequestError):
+        parse(MULTIPART, b"--foo\r\nno colon here\r\n\r\nx\r\n--foo--\r\n")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
