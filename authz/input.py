@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import logging
 import re
@@ -36,7 +37,7 @@ from google.protobuf.message import Message
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from authz.errors import RequestError
+from authz.errors import DecisionPathError, RequestError
 
 __all__ = [
     "INPUT_VERSION",
@@ -47,6 +48,8 @@ __all__ = [
     "MAX_MULTIPART_PARTS",
     "MAX_PART_HEADERS",
     "MAX_PART_HEADER_BYTES",
+    "PARSE_BODY_EXTENSION",
+    "BodyParsing",
     "build_input",
     "mask_credential",
     "message_to_input",
@@ -57,6 +60,27 @@ __all__ = [
 ]
 
 INPUT_VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
+# The context_extensions key an Envoy route sets to "true" to have its body parsed.
+PARSE_BODY_EXTENSION: Final = "parse_body"
+
+
+class BodyParsing(enum.StrEnum):
+    """Where ``input.parsed_body`` is filled (``AUTHZ_PARSE_BODY``). Envoy sends a body
+    only where ``with_request_body`` is set; authz parses it:
+
+    - ``route``: only where the route's ``context_extensions`` has ``parse_body: "true"``;
+    - ``always``: wherever Envoy sent one (opa-envoy-plugin's behaviour);
+    - ``never``: nowhere.
+
+    Where a body is not parsed, neither ``parsed_body`` nor ``truncated_body`` is in the
+    input (as the plugin's ``skip_request_body_parse``); the raw body still is.
+    """
+
+    ROUTE = "route"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
 # Deepest JSON body nesting accepted (the input document adds a few levels around it).
 MAX_JSON_DEPTH: Final = 200
 # Body parsing runs before any credential is checked, so every parser is linear in its
@@ -418,13 +442,15 @@ def build_input(
     request: external_auth_pb2.CheckRequest,
     credential_headers: Iterable[str],
     *,
-    parse_request_body: bool = True,
+    parse_request_body: BodyParsing | bool = True,
 ) -> dict[str, Any]:
     """Build the OPA input document for ``request``.
 
     ``credential_headers`` are lowercase header names whose values are hashed (see module
-    docstring). Returns a fresh JSON-ready dict; raises RequestError on a malformed path,
-    query or body."""
+    docstring). ``parse_request_body`` says where the body is parsed (:class:`BodyParsing`;
+    True and False, the old boolean, mean ``always`` and ``never``). Returns a fresh
+    JSON-ready dict; raises RequestError on a malformed path, query or body, and
+    DecisionPathError when the route's ``parse_body`` is neither "true" nor "false"."""
     document = message_to_input(request)
     http = request.attributes.request.http
     path = http.path
@@ -432,7 +458,7 @@ def build_input(
     document["version"] = dict(INPUT_VERSION)
     document["parsed_path"] = parse_path(raw_path)
     document["parsed_query"] = parse_query(raw_query)
-    if parse_request_body:
+    if _wants_body(parse_request_body, request.attributes.context_extensions):
         headers = http.headers
         document["parsed_body"], document["truncated_body"] = parse_body(
             headers, http.body, http.raw_body
@@ -442,6 +468,21 @@ def build_input(
         document["source_principal"] = principal
     document["credentials"] = _hash_credentials(document, frozenset(credential_headers))
     return document
+
+
+def _wants_body(mode: BodyParsing | bool, extensions: Mapping[str, str]) -> bool:
+    if mode is True or mode is BodyParsing.ALWAYS:
+        return True
+    if mode is False or mode is BodyParsing.NEVER:
+        return False
+    asked = extensions.get(PARSE_BODY_EXTENSION)
+    if asked is None or asked == "false":
+        return False
+    if asked == "true":
+        return True
+    raise DecisionPathError(
+        f"context_extensions {PARSE_BODY_EXTENSION}={asked!r}: expected 'true' or 'false'"
+    )
 
 
 def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[str, str]:

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from authz.authorizer import Authorizer
+from authz.config import load
 from authz.control import Control, Mode
-from authz.errors import RequestError
+from authz.errors import ConfigError, DecisionPathError, RequestError
 from authz.input import (
     MAX_BODY_BYTES,
     MAX_FORM_FIELDS,
@@ -17,6 +18,8 @@ from authz.input import (
     MAX_MULTIPART_PARTS,
     MAX_PART_HEADER_BYTES,
     MAX_PART_HEADERS,
+    BodyParsing,
+    build_input,
     parse_body,
 )
 from authz.policy import OpaClient
@@ -277,3 +280,95 @@ def test_malformed_multipart_logs_nothing_itself(caplog: pytest.LogCaptureFixtur
     with pytest.raises(RequestError):
         parse(MULTIPART, b"--foo\r\nno colon here\r\n\r\nx\r\n--foo--\r\n")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# --- a body is parsed only where the route asks (issue 13: bounded work before auth) ----
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def document_with(
+    mode: BodyParsing | bool, extensions: dict[str, str] | None = None, body: str = '{"a": 1}'
+) -> dict[str, Any]:
+    request = check_request(
+        method="POST", headers=JSON_HEADERS, body=body, context_extensions=extensions
+    )
+    return build_input(request, ("x-api-key",), parse_request_body=mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "extensions", "parsed"),
+    [
+        (BodyParsing.ROUTE, None, False),
+        (BodyParsing.ROUTE, {"parse_body": "false"}, False),
+        (BodyParsing.ROUTE, {"parse_body": "true"}, True),
+        (BodyParsing.ALWAYS, None, True),
+        (BodyParsing.ALWAYS, {"parse_body": "false"}, True),
+        (BodyParsing.NEVER, {"parse_body": "true"}, False),
+        (True, None, True),  # the old boolean: every body, as opa-envoy-plugin
+        (False, {"parse_body": "true"}, False),
+    ],
+    ids=[
+        "route-not-asked",
+        "route-says-false",
+        "route-asks",
+        "always",
+        "always-ignores-route",
+        "never-ignores-route",
+        "bool-true-is-always",
+        "bool-false-is-never",
+    ],
+)
+def test_body_is_parsed_only_where_the_mode_and_route_say(
+    mode: BodyParsing | bool, extensions: dict[str, str] | None, parsed: bool
+) -> None:
+    document = document_with(mode, extensions)
+    if parsed:
+        assert (document["parsed_body"], document["truncated_body"]) == ({"a": 1}, False)
+    else:  # as opa-envoy-plugin's skip_request_body_parse: neither key is set
+        assert "parsed_body" not in document
+        assert "truncated_body" not in document
+    # The body itself still reaches the policy as Envoy sent it.
+    assert document["attributes"]["request"]["http"]["body"] == '{"a": 1}'
+
+
+def test_hostile_body_on_a_route_that_does_not_ask_is_never_parsed() -> None:
+    hostile = multipart_of(field("a", b"x", b"Content-Type: text/plain" + b"(" * 5000))
+    request = check_request(
+        method="POST", headers={"content-type": MULTIPART}, body=hostile.decode("latin-1")
+    )
+    document = build_input(request, (), parse_request_body=BodyParsing.ROUTE)
+    assert "parsed_body" not in document
+
+
+@pytest.mark.parametrize("value", ["yes", "True", "1", ""], ids=repr)
+def test_route_parse_body_other_than_true_or_false_is_a_route_error(value: str) -> None:
+    with pytest.raises(DecisionPathError) as caught:
+        document_with(BodyParsing.ROUTE, {"parse_body": value})
+    assert f"parse_body={value!r}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("route", BodyParsing.ROUTE),
+        ("Always", BodyParsing.ALWAYS),
+        ("never", BodyParsing.NEVER),
+        ("true", BodyParsing.ALWAYS),  # the old boolean setting keeps its meaning
+        ("false", BodyParsing.NEVER),
+    ],
+)
+def test_parse_body_setting(value: str, expected: BodyParsing) -> None:
+    assert load({"AUTHZ_PARSE_BODY": value}).parse_body is expected
+
+
+def test_parse_body_setting_defaults_to_route() -> None:
+    assert load({}).parse_body is BodyParsing.ROUTE
+
+
+@pytest.mark.parametrize("value", ["sometimes", "", "routes"])
+def test_bad_parse_body_setting_names_key_and_value(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_PARSE_BODY": value})
+    assert f"AUTHZ_PARSE_BODY={value!r}" in str(caught.value)
+    assert "route, always or never" in str(caught.value)
