@@ -86,8 +86,8 @@ MAX_JSON_DEPTH: Final = 200
 # Body parsing runs before any credential is checked, so every parser is linear in its
 # input and capped (issue 13): a hostile body costs a small constant multiple of a normal
 # one. A longer body is not parsed (truncated_body); more parts, fields or part headers
-# than below are a RequestError. MAX_BODY_BYTES is the gateway's with_request_body
-# max_request_bytes (infra/envoy/envoy-gateway.yaml).
+# than below are a RequestError. MAX_BODY_BYTES is the max_request_bytes of the
+# with_request_body a route sets to send its body (infra/envoy/envoy-gateway.yaml, README).
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_MULTIPART_PARTS: Final = 100
 MAX_FORM_FIELDS: Final = 1000
