@@ -270,10 +270,12 @@ def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None
     Content-Type has no boundary. Bodies whose first delimiter line ends in a bare LF are
     read in LF mode, as Go does. Raises RequestError for a malformed body or one over the
     part and header caps (MAX_MULTIPART_PARTS, MAX_PART_HEADERS, MAX_PART_HEADER_BYTES,
-    MAX_MULTIPART_HEADER_BYTES).
+    which also bounds ``content_type``, and MAX_MULTIPART_HEADER_BYTES).
 
     python-multipart (the parser Starlette uses) does the work: a state machine that
     finds delimiters with ``bytes.find``, so the cost is linear in the body."""
+    if len(content_type) > MAX_PART_HEADER_BYTES:
+        raise RequestError(f"multipart Content-Type is over {MAX_PART_HEADER_BYTES} bytes")
     _, params = parse_options_header(content_type.encode("latin-1", errors="replace"))
     boundary = params.get(b"boundary")
     if boundary is None:
