@@ -21,6 +21,7 @@ import yaml
 from authz.control import Mode, parse_mode
 from authz.errors import ConfigError
 from authz.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
+from authz.input import BodyParsing
 from authz.secrets import Secret
 
 __all__ = [
@@ -97,7 +98,7 @@ class Settings:
     default_decision_path: str = DEFAULT_DECISION_PATH
     decision_timeout_ms: int = DEFAULT_DECISION_TIMEOUT_MS
     credential_headers: tuple[str, ...] = DEFAULT_CREDENTIAL_HEADERS
-    parse_body: bool = True
+    parse_body: BodyParsing = BodyParsing.ROUTE
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log_level: str = DEFAULT_LOG_LEVEL
     decision_log: bool = True
@@ -228,6 +229,18 @@ def _cache_ignore_headers(key: str, value: Any) -> tuple[str, ...]:
         if name in DEFAULT_CREDENTIAL_HEADERS or name in IDENTITY_HEADERS:
             raise ConfigError(f"{key}={value!r}: {_NEVER_IGNORED.format(name=name)}")
     return names
+def _body_parsing(key: str, value: Any) -> BodyParsing:
+    """``route``, ``always`` or ``never`` (:class:`~authz.input.BodyParsing`); the old
+    boolean values keep their meaning (true: every body, false: none)."""
+    text = str(value).strip().lower()
+    try:
+        return BodyParsing(text)
+    except ValueError:
+        pass
+    try:
+        return BodyParsing.ALWAYS if _bool(key, value) else BodyParsing.NEVER
+    except ConfigError:
+        raise ConfigError(f"{key}={value!r}: expected route, always or never") from None
 
 
 def _log_level(key: str, value: Any) -> str:
@@ -299,7 +312,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "default_decision_path": lambda k, v: parse_decision_path(k, str(v)),
     "decision_timeout_ms": _int_in(1, 60_000),
     "credential_headers": _credential_headers,
-    "parse_body": _bool,
+    "parse_body": _body_parsing,
     "shutdown_grace_s": _positive_float,
     "log_level": _log_level,
     "decision_log": _bool,

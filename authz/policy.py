@@ -12,17 +12,26 @@ closed with a precise code:
 - connection refused/reset, DNS, TLS          -> :class:`OpaUnavailable`
 - no answer within the budget                 -> :class:`OpaTimeout`
 - non-200 answer, or a body that is not JSON  -> :class:`OpaResponseError`
+- a body over :data:`MAX_ANSWER_BYTES` (as sent or once inflated), an undecodable gzip
+  body, or an unknown ``Content-Encoding``    -> :class:`OpaResponseError`
 - a 200 answer without ``result``             -> :class:`UndefinedDecision`
 
 The hot-path client is aiohttp over a kept-alive pool: measured 4-5x faster than httpx for
 this one-small-POST-per-request pattern (``shared/REFERENCE.md``). ``unix:///path`` URLs
 talk to an OPA listening on a unix socket (``opa run --addr unix:///path``).
+
+Answers are asked for uncompressed (``Accept-Encoding: identity``): OPA gzips a body of
+``server.encoding.gzip.min_length`` bytes or more (default 1024) when the client accepts
+gzip (https://www.openpolicyagent.org/docs/configuration#server), which buys nothing on
+loopback and costs CPU on both sides (``docs/performance.md``, "OPA answers"). A gzip body
+sent anyway (a proxy, another OPA setup) is still inflated, never beyond the cap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,9 +43,17 @@ import orjson
 from authz.errors import OpaResponseError, OpaTimeout, OpaUnavailable, UndefinedDecision
 from authz.secrets import Secret
 
-__all__ = ["Evaluation", "OpaClient", "PolicyEngine"]
+__all__ = ["MAX_ANSWER_BYTES", "Evaluation", "OpaClient", "PolicyEngine"]
 
-_JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+# The largest OPA answer read, in bytes, as sent and once inflated: a decision is a few
+# hundred bytes; one echoing a whole 64 KiB request body fits many times over.
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
+_JSON_HEADERS: Final = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",
+}
+_READ_CHUNK: Final = 64 * 1024
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 
@@ -123,7 +140,7 @@ class OpaClient:
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.request(method, f"{self._base}{path}", data=body) as resp:
-                    return resp.status, await resp.read()
+                    return resp.status, await _read_answer(resp)
         except TimeoutError:
             raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
         except aiohttp.ClientError as exc:
@@ -167,6 +184,38 @@ class OpaClient:
     async def close(self) -> None:
         """Close the pool."""
         await self._session.close()
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
+    """The body of ``resp``, inflated when gzip'd; at most MAX_ANSWER_BYTES either way.
+    Raises OpaResponseError for a larger body, a gzip body that does not inflate (corrupt,
+    truncated, trailing bytes) or a Content-Encoding other than gzip or identity."""
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise OpaResponseError(f"OPA answered with an unsupported Content-Encoding {encoding!r}")
+    if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+        raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes")
+    raw = bytearray()
+    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+        raw += chunk
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes")
+    return _gunzip(bytes(raw)) if encoding == "gzip" else bytes(raw)
+
+
+def _gunzip(raw: bytes) -> bytes:
+    """Inflate one gzip member (RFC 1952), stopping past MAX_ANSWER_BYTES of output so a
+    small body that inflates to gigabytes costs no more than the cap."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer
+    try:
+        data = inflater.decompress(raw, MAX_ANSWER_BYTES + 1)
+    except zlib.error as exc:
+        raise OpaResponseError(f"OPA's gzip answer does not inflate: {exc}") from None
+    if len(data) > MAX_ANSWER_BYTES or inflater.unconsumed_tail:
+        raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes inflated")
+    if not inflater.eof or inflater.unused_data:
+        raise OpaResponseError("OPA's gzip answer is truncated or has trailing bytes")
+    return data
 
 
 def _expect(status: int, ok: tuple[int, ...], what: str, payload: bytes) -> None:

@@ -38,17 +38,20 @@ def test_path_parameters_cannot_slip_past_a_path_rule(e2e: Env) -> None:
     assert resp.status_code != 200, f"reached the upstream as {resp.json()['path']!r}"
 
 
-def test_deeply_nested_json_body_is_a_logged_invalid_request(e2e: Env) -> None:
+def test_deeply_nested_json_body_is_never_a_server_error(e2e: Env) -> None:
     # A 600-byte JSON body nested 300 deep: orjson refuses to serialize the input
-    # (255 levels), the TypeError escapes Authorizer.check, and the client gets a 500
+    # (255 levels), the TypeError escaped Authorizer.check, and the client got a 500
     # internal_error with no decision-log line or audit entry for the decision id.
+    # Since issue 13 the shipped gateway route sends authz no body at all, so the policy
+    # decides on the headers (user may POST); a route that asks for the body answers
+    # 400 invalid_request (tests/unit/test_input_bodies.py).
     body = "[" * 300 + "]" * 300
     resp = e2e.gateway.post(
         "/api/v1/items",
         content=body,
         headers={"x-api-key": e2e.keys["user"], "content-type": "application/json"},
     )
-    assert (resp.status_code, resp.json()["error"]) == (400, "invalid_request")
+    assert resp.status_code == 200, resp.text
 
 
 def test_allow_override_works_for_a_default_tier_sandbox(e2e: Env) -> None:

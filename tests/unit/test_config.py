@@ -16,6 +16,7 @@ from authz.config import DEFAULT_CREDENTIAL_HEADERS, Settings, load, parse_decis
 from authz.control import Mode
 from authz.errors import ConfigError
 from authz.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
+from authz.input import BodyParsing
 from authz.secrets import Secret
 
 TOKEN = "opa-t0ken-5f4e3d2c1b0a"
@@ -41,7 +42,8 @@ def test_defaults() -> None:
     assert settings.decision_timeout_s == settings.decision_timeout_ms / 1000
     assert {"x-api-key", "authorization", "x-sandbox-token"} <= set(settings.credential_headers)
     assert all(name == name.lower() for name in settings.credential_headers)
-    assert settings.parse_body is True
+    # Issue 13: a body is parsed only where a route asks (context_extensions parse_body).
+    assert settings.parse_body is BodyParsing.ROUTE
     assert settings.log_level == "INFO"
     assert settings.decision_log is True
 
@@ -97,8 +99,9 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
         "credential_headers",
         (*CREDENTIAL_HEADERS, "x-upstream-token"),
     ),
-    ("AUTHZ_PARSE_BODY", "false", "parse_body", False),
-    ("AUTHZ_PARSE_BODY", "0", "parse_body", False),
+    ("AUTHZ_PARSE_BODY", "false", "parse_body", BodyParsing.NEVER),
+    ("AUTHZ_PARSE_BODY", "0", "parse_body", BodyParsing.NEVER),
+    ("AUTHZ_PARSE_BODY", "always", "parse_body", BodyParsing.ALWAYS),
     ("AUTHZ_DECISION_LOG", "off", "decision_log", False),
     ("AUTHZ_UVLOOP", "No", "uvloop", False),
     ("AUTHZ_UVLOOP", "yes", "uvloop", True),
@@ -140,7 +143,7 @@ def test_yaml_file(tmp_path: Path) -> None:
     assert settings.opa_pool_size == 16
     assert settings.decision_timeout_ms == 250
     assert settings.credential_headers == (*CREDENTIAL_HEADERS, "x-upstream-token")
-    assert settings.parse_body is False
+    assert settings.parse_body is BodyParsing.NEVER
     assert settings.shutdown_grace_s == 2.0
     assert settings.opa_token == Secret(TOKEN)
     # Keys the file does not set keep their defaults.
@@ -267,7 +270,7 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("AUTHZ_DEFAULT_DECISION_PATH", "", "OPA data path"),
     ("AUTHZ_CREDENTIAL_HEADERS", "x-api-key,bad header", "not a header name"),
     ("AUTHZ_CREDENTIAL_HEADERS", "x:y", "not a header name"),
-    ("AUTHZ_PARSE_BODY", "maybe", "true or false"),
+    ("AUTHZ_PARSE_BODY", "maybe", "route, always or never"),
     ("AUTHZ_DECISION_LOG", "", "true or false"),
     ("AUTHZ_UVLOOP", "2", "true or false"),
     ("AUTHZ_SHUTDOWN_GRACE_S", "soon", "number"),

@@ -775,3 +775,33 @@ def test_mask_credential_digest(name: str, value: str, hashed: str) -> None:
     assert digest == hashlib.sha256(hashed.encode()).hexdigest()
     assert masked.endswith(f"sha256:{digest}")
     assert hashed not in masked
+
+
+# RFC 9110 section 5.5: a field value's leading/trailing optional whitespace is SP or HTAB
+# only. Other Unicode whitespace (str.strip() removes it) is part of the value, so a key
+# padded with U+00A0 or U+2003 must not hash to the key itself.
+UNICODE_SPACES = ["\u00a0", "\u2003", "\u3000", "\x0b", "\x0c", "\x85"]
+
+
+@pytest.mark.parametrize("space", UNICODE_SPACES, ids=lambda s: f"U+{ord(s):04X}")
+@pytest.mark.parametrize(
+    ("name", "template"),
+    [
+        ("x-api-key", "{s}{key}"),
+        ("x-api-key", "{key}{s}"),
+        ("authorization", "Bearer {key}{s}"),
+        ("authorization", "Bearer {s}{key}"),
+        ("authorization", "{s}Bearer {key}"),
+    ],
+    ids=["key-leading", "key-trailing", "bearer-trailing", "bearer-leading", "scheme-leading"],
+)
+def test_mask_credential_trims_only_rfc9110_whitespace(
+    name: str, template: str, space: str
+) -> None:
+    padded = template.format(s=space, key=API_KEY)
+    digest, _ = mask_credential(name, padded)
+    assert digest != sha256(API_KEY)
+    # SP around the same key is optional whitespace (HTAB too, but RFC 9110 section 11.4
+    # puts only SP between the scheme and the credentials): trimmed.
+    digest, _ = mask_credential(name, template.format(s=" ", key=API_KEY))
+    assert digest == sha256(API_KEY)
