@@ -12,9 +12,10 @@ JSON, never part of a bundle, never sent to OPA::
 ``<ref>`` is what a decision's ``credential.ref`` names (the service name). The file is
 read at startup (a missing or malformed file is a :class:`~authz.errors.ConfigError`) and
 re-read whenever its modification time, size or inode changes. At runtime a file that
-disappears or stops parsing makes every credential unavailable (each affected request is
-denied 503 ``credential_unavailable``) until a good file is back: fail closed, never a
-stale or missing credential forwarded. An entry that is not a non-empty string makes only
+disappears, is not UTF-8 or stops parsing (or any other failure of the re-read) makes every
+credential unavailable (each affected request is denied 503 ``credential_unavailable``,
+and readiness is red) until a good file is back: fail closed, never a stale or missing
+credential forwarded. The watcher itself never stops on an exception. An entry that is not a non-empty string makes only
 that reference unavailable.
 """
 
@@ -118,6 +119,22 @@ def _parse(text: str, where: str) -> _Loaded:
     return _Loaded(secrets, frozenset(invalid))
 
 
+def _read(path: Path) -> _Loaded:
+    """Read and parse the secrets file. Raises OSError, or ConfigError naming the file for
+    anything wrong with its content (never quoting it: it holds secrets)."""
+    where = repr(str(path))
+    data = path.read_bytes()
+    try:
+        return _parse(data.decode("utf-8"), where)
+    except UnicodeDecodeError as exc:
+        # The position only: the exception carries the file's bytes.
+        raise ConfigError(f"secrets file {where}: not UTF-8 (byte {exc.start})") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # e.g. RecursionError on deeply nested JSON
+        raise ConfigError(f"secrets file {where}: cannot be read ({type(exc).__name__})") from None
+
+
 class SecretStore:
     """Credentials from the secrets file at ``path``, reloaded when it changes.
 
@@ -141,7 +158,7 @@ class SecretStore:
         unreadable or malformed. Warns when the file is readable by group or others."""
         try:
             info = path.stat()
-            text = path.read_text(encoding="utf-8")
+            loaded = _read(path)
         except OSError as exc:
             raise ConfigError(f"secrets file {str(path)!r}: {exc.strerror}") from None
         # Group read is allowed (Kubernetes mounts Secrets 0440 with fsGroup); anything
@@ -151,7 +168,6 @@ class SecretStore:
                 "secrets file is accessible to others or group-writable; chmod 600 it",
                 extra={"secrets_file": str(path), "mode": oct(stat.S_IMODE(info.st_mode))},
             )
-        loaded = _parse(text, repr(str(path)))
         return cls(path, loaded, _signature(info))
 
     @property
@@ -191,12 +207,15 @@ class SecretStore:
         self._signature = signature
         self.reloads += 1
         try:
-            self._loaded = _parse(self.path.read_text(encoding="utf-8"), repr(str(self.path)))
+            self._loaded = _read(self.path)
         except (OSError, ConfigError) as exc:
             self._fail(str(exc), signature)  # not re-read until it changes again
             return True
-        if self.on_reload is not None:
-            self.on_reload(True)
+        except Exception as exc:  # any failure fails closed, never kills the watcher
+            # The type only: a message may quote the file.
+            self._fail(f"cannot be read ({type(exc).__name__})", signature)
+            return True
+        self._report(True)
         log.info(
             "secrets file reloaded",
             extra={"secrets_file": str(self.path), "references": sorted(self.references)},
@@ -204,21 +223,34 @@ class SecretStore:
         return True
 
     def _fail(self, reason: str, signature: tuple[int, int, int] | None = None) -> None:
+        # Unload first: whatever fails after this line, no stale secret is served.
         self._loaded = None
         self._signature = signature
         self.reload_failures += 1
-        if self.on_reload is not None:
-            self.on_reload(False)
         log.error(
             "secrets unavailable; egress requests needing a credential are denied",
             extra={"secrets_file": str(self.path), "error": reason},
         )
+        self._report(False)
+
+    def _report(self, ok: bool) -> None:
+        if self.on_reload is None:
+            return
+        try:
+            self.on_reload(ok)
+        except Exception:  # a metrics hook must never stop the watcher
+            log.exception("secrets on_reload hook failed")
 
     async def watch(self, interval_s: float) -> None:
-        """Call :meth:`refresh` every ``interval_s`` seconds until cancelled."""
+        """Call :meth:`refresh` every ``interval_s`` seconds until cancelled. Never dies of
+        an exception: an unexpected one unloads every credential (fail closed, readiness
+        red through :attr:`loaded`) and the next pass re-reads the file."""
         while True:
             await asyncio.sleep(interval_s)
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # the watcher must outlive any bug
+                self._fail(f"watcher error ({type(exc).__name__})")
 
 
 def _signature(info: os.stat_result) -> tuple[int, int, int]:
