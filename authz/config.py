@@ -23,6 +23,7 @@ from authz.errors import ConfigError
 from authz.secrets import Secret
 
 __all__ = [
+    "ADMIN_TOKEN_MIN_CHARS",
     "DEFAULT_ADMIN_ADDR",
     "DEFAULT_CREDENTIAL_HEADERS",
     "DEFAULT_DECISION_PATH",
@@ -73,6 +74,9 @@ DEFAULT_DECISION_CACHE_CONFIRM_S: Final = 5.0
 DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
 # An allowed key whose expires_at is this close gets an "api key expiring" warning.
 DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
+# The admin token is a bearer secret for mode switches and overrides: at least 32
+# characters (e.g. ``secrets.token_urlsafe(32)``, 43 characters, 256 bits).
+ADMIN_TOKEN_MIN_CHARS: Final = 32
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -271,6 +275,22 @@ def _secret(key: str, value: Any) -> Secret | None:
     return Secret(text) if text else None
 
 
+def _admin_token(key: str, value: Any) -> Secret | None:
+    # Never quote the value, not even a wrong one: it may be the real token mistyped.
+    text = str(value)
+    if not text:
+        return None  # the admin API stays disabled
+    # Stripped: the admin API strips what a client sends, so padding could never match.
+    text = text.strip()
+    if len(text) < ADMIN_TOKEN_MIN_CHARS:
+        raise ConfigError(
+            f"{key}=<redacted>: expected at least {ADMIN_TOKEN_MIN_CHARS} characters "
+            f"(not counting surrounding whitespace), got {len(text)}; generate one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return Secret(text)
+
+
 _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "grpc_addr": _addr,
     "admin_addr": _addr,
@@ -298,7 +318,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "fail_open_paths": _decision_paths,
     "circuit_failure_threshold": _int_in(1, 1000),
     "circuit_reset_timeout_s": _interval,
-    "admin_token": _secret,
+    "admin_token": _admin_token,
     "audit_db": _path,
     "audit_retention_days": _days,
     "audit_max_records": _int_in(1, 1_000_000_000),
