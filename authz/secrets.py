@@ -15,8 +15,8 @@ re-read whenever its modification time, size or inode changes. At runtime a file
 disappears, is not UTF-8 or stops parsing (or any other failure of the re-read) makes every
 credential unavailable (each affected request is denied 503 ``credential_unavailable``,
 and readiness is red) until a good file is back: fail closed, never a stale or missing
-credential forwarded. The watcher itself never stops on an exception. An entry that is not a non-empty string makes only
-that reference unavailable.
+credential forwarded. The watcher itself never stops on an exception. An entry that is
+not a non-empty string makes only that reference unavailable.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from authz.errors import ConfigError, CredentialError
+from authz.files import write_private
 
 __all__ = [
     "ENV_PREFIX",
@@ -259,7 +260,7 @@ def _signature(info: os.stat_result) -> tuple[int, int, int]:
 
 def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:
     """Write ``credentials`` (ref -> secret) as a secrets file at ``path`` with mode 0600,
-    atomically (a temporary file in the same directory, then rename). Raises ConfigError
+    atomically and durably (:func:`~authz.files.write_private`). Raises ConfigError
     for a bad reference or an empty value (naming the reference, never the value)."""
     for ref, value in credentials.items():
         if not _REF.fullmatch(ref):
@@ -271,17 +272,7 @@ def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:
         "credentials": dict(sorted(credentials.items())),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
 
 def env_name(ref: str) -> str:

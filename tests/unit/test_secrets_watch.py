@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from authz import secrets as secrets_module
 from authz.authorizer import Authorizer
 from authz.errors import ConfigError, CredentialError
-from authz.secrets import SecretStore
+from authz.secrets import SecretStore, write_secrets_file
 from authz.server import _secrets_check
 from tests.unit.fakes import FakeEngine, check_request
 
@@ -187,3 +188,22 @@ def test_unreadable_file_at_startup_is_a_config_error_naming_the_file(
         SecretStore.open(path)
     assert str(path) in str(failed.value)
     assert OLD not in str(failed.value)
+
+
+def test_write_secrets_file_is_fsynced_renamed_and_the_directory_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.json"
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_secrets_file(path, {"openai": OLD})
+    assert synced == ["file", "dir"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["s.json"]
+    assert SecretStore.open(path).get("openai").reveal() == OLD
