@@ -260,7 +260,10 @@ def create_admin_app(
             )
         except ConfigError as exc:
             return _error(400, "invalid_request", str(exc))
-        pushed = await overrides.add(override)  # if not, the periodic sync pushes it
+        try:
+            pushed = await overrides.add(override)  # if not, the periodic sync pushes it
+        except ConfigError as exc:  # the cap on active overrides
+            return _error(409, "too_many_overrides", str(exc))
         document = override.opa_document()
         admin.audit("add_override", {**document, "pushed": pushed})
         return web.json_response({**document, "pushed": pushed}, status=201)

@@ -42,6 +42,7 @@ from authz.errors import ConfigError, PolicyError
 from authz.files import write_private
 
 __all__ = [
+    "MAX_ACTIVE_OVERRIDES",
     "MAX_TTL_S",
     "OPA_DATA_PATH",
     "OpaOverrideWriter",
@@ -52,6 +53,10 @@ __all__ = [
 
 OPA_DATA_PATH: Final = "overrides"
 MAX_TTL_S: Final = 7 * 86400
+# Overrides are a few temporary exceptions; the cap bounds memory, the file and the OPA
+# writes of every sync (one PUT per entry). A request body is at most 16 KiB, so at most
+# about 16 MiB in all.
+MAX_ACTIVE_OVERRIDES: Final = 1000
 _MATCH_KEYS: Final = frozenset({"key_id", "sandbox_id", "service", "path", "methods"})
 _ID_FIELD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _METHOD: Final = re.compile(r"[A-Z]{1,16}")
@@ -257,7 +262,15 @@ class OverrideStore:
 
     async def add(self, override: Override) -> bool:
         """Keep ``override``, persist it and push the list to OPA. Returns whether OPA was
-        updated; if not, the periodic :meth:`sync` pushes it when OPA answers again."""
+        updated; if not, the periodic :meth:`sync` pushes it when OPA answers again.
+        Raises ConfigError when :data:`MAX_ACTIVE_OVERRIDES` are active already (and
+        ``override`` replaces none of them)."""
+        active = self.active()
+        if len(active) >= MAX_ACTIVE_OVERRIDES and override.id not in {o.id for o in active}:
+            raise ConfigError(
+                f"{MAX_ACTIVE_OVERRIDES} active overrides already: delete one or wait for "
+                "one to expire"
+            )
         self._items[override.id] = override
         self._changed()
         return await self.sync()
@@ -277,6 +290,9 @@ class OverrideStore:
             await self._sync()
         except PolicyError as exc:
             log.warning("cannot push overrides to OPA", extra={"code": exc.code})
+            return False
+        except Exception:  # any bug: retried at the next sync, never ends the loop
+            log.exception("cannot push overrides to OPA")
             return False
         return True
 
@@ -300,7 +316,9 @@ class OverrideStore:
                 self._on_pushed()
 
     async def watch(self, interval_s: float) -> None:
-        """Call :meth:`sync` every ``interval_s`` seconds until cancelled."""
+        """Call :meth:`sync` every ``interval_s`` seconds until cancelled; a failed sync
+        (whatever the error) is retried at the next one, so a restarted OPA always gets
+        the overrides back."""
         while True:
             await self.sync()
             await asyncio.sleep(interval_s)
