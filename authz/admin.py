@@ -70,6 +70,8 @@ Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
 _CHECK_TIMEOUT_S: Final = 1.0
 _MAX_BODY: Final = 16 * 1024
+# As for an override's reason (authz.overrides): it goes to every log line and audit row.
+_MAX_REASON: Final = 500
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +227,12 @@ def create_admin_app(
             if not isinstance(body, dict):
                 raise ConfigError("expected a JSON object")
             mode = parse_mode("mode", body.get("mode"))
-            reason = str(body.get("reason") or "").strip()
-            if not reason:
-                raise ConfigError("reason: a reason is required")
+            reason = body.get("reason")
+            if not isinstance(reason, str) or not reason.strip() or len(reason) > _MAX_REASON:
+                raise ConfigError(
+                    f"reason: a reason is required (a string of at most {_MAX_REASON} characters)"
+                )
+            reason = reason.strip()
             previous = control.set_mode(mode, actor=admin.actor(request), reason=reason)
         except ConfigError as exc:
             return _error(400, "invalid_request", str(exc))

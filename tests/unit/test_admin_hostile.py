@@ -212,3 +212,32 @@ async def test_json_charset_parameter_is_ignored_json_is_utf8(charset: str) -> N
         got, body = await send(admin.port, post("/v1/mode", MODE, AUTH, content_type))
         assert got == 200, body
         assert admin.control.mode is Mode.DRY_RUN
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"mode": "dry-run", "reason": {"a": 1}},
+        {"mode": "dry-run", "reason": ["INC-1"]},
+        {"mode": "dry-run", "reason": 5},
+        {"mode": "dry-run", "reason": "r" * 501},
+        {"mode": {"dry-run": 1}, "reason": "INC-1"},
+        {"mode": ["dry-run"], "reason": "INC-1"},
+        {"mode": None, "reason": "INC-1"},
+    ],
+    ids=[
+        "reason-object",
+        "reason-list",
+        "reason-number",
+        "reason-too-long",
+        "mode-object",
+        "mode-list",
+        "mode-null",
+    ],
+)
+async def test_set_mode_refuses_ill_typed_fields_with_400(body: dict[str, Any]) -> None:
+    async with running_admin() as admin:
+        got, answer = await send(admin.port, post("/v1/mode", json.dumps(body).encode(), AUTH))
+        assert (got, json.loads(answer)["error"]) == (400, "invalid_request"), answer
+        assert admin.control.mode is Mode.ENFORCE
+        assert admin.actions == []
