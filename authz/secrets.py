@@ -10,8 +10,10 @@ JSON, never part of a bundle, never sent to OPA::
     {"version": 1, "credentials": {"<ref>": "<secret>", ...}}
 
 ``<ref>`` is what a decision's ``credential.ref`` names (the service name). The file is
-read at startup (a missing or malformed file is a :class:`~authz.errors.ConfigError`) and
-re-read whenever its modification time, size or inode changes. At runtime a file that
+read at startup (a missing or malformed file is a :class:`~authz.errors.ConfigError`),
+then re-read every reload interval and re-parsed whenever its content changes (compared by
+SHA-256: a same-size rewrite within one file-system timestamp tick keeps the mtime, size
+and inode). A file over :data:`MAX_FILE_BYTES` is malformed. At runtime a file that
 disappears, is not UTF-8 or stops parsing (or any other failure of the re-read) makes every
 credential unavailable (each affected request is denied 503 ``credential_unavailable``,
 and readiness is red) until a good file is back: fail closed, never a stale or missing
@@ -22,9 +24,9 @@ not a non-empty string makes only that reference unavailable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-import os
 import re
 import stat
 from collections.abc import Callable, Mapping
@@ -38,6 +40,7 @@ from authz.files import write_private
 __all__ = [
     "ENV_PREFIX",
     "MASK",
+    "MAX_FILE_BYTES",
     "SECRETS_FILE_VERSION",
     "Secret",
     "SecretStore",
@@ -47,6 +50,8 @@ __all__ = [
 ]
 
 MASK: Final = "**********"
+# A secrets file holds a few credentials; anything larger is a mistake, refused unread.
+MAX_FILE_BYTES: Final = 1024 * 1024
 SECRETS_FILE_VERSION: Final = 1
 ENV_PREFIX: Final = "EGRESS_SECRET_"
 _REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -120,20 +125,25 @@ def _parse(text: str, where: str) -> _Loaded:
     return _Loaded(secrets, frozenset(invalid))
 
 
-def _read(path: Path) -> _Loaded:
-    """Read and parse the secrets file. Raises OSError, or ConfigError naming the file for
-    anything wrong with its content (never quoting it: it holds secrets)."""
-    where = repr(str(path))
-    data = path.read_bytes()
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, at most ``MAX_FILE_BYTES + 1`` of them. Raises OSError."""
+    with path.open("rb") as handle:
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
+def _load(data: bytes, where: str) -> _Loaded:
+    """Parse the secrets file's bytes. Raises ConfigError naming the file for anything
+    wrong with its content (never quoting it: it holds secrets); anything else that
+    raises is not the content's fault."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"secrets file {where}: larger than {MAX_FILE_BYTES} bytes")
     try:
         return _parse(data.decode("utf-8"), where)
     except UnicodeDecodeError as exc:
         # The position only: the exception carries the file's bytes.
         raise ConfigError(f"secrets file {where}: not UTF-8 (byte {exc.start})") from None
-    except ConfigError:
-        raise
-    except Exception as exc:  # e.g. RecursionError on deeply nested JSON
-        raise ConfigError(f"secrets file {where}: cannot be read ({type(exc).__name__})") from None
+    except RecursionError:  # json's recursive parser on deeply nested arrays or objects
+        raise ConfigError(f"secrets file {where}: nested too deeply") from None
 
 
 class SecretStore:
@@ -144,12 +154,14 @@ class SecretStore:
     ``reloads`` and ``reload_failures`` count reload attempts for metrics.
     """
 
-    def __init__(self, path: Path, loaded: _Loaded, signature: tuple[int, int, int]) -> None:
+    def __init__(self, path: Path, loaded: _Loaded, digest: bytes) -> None:
         self.path = path
         # Called with True/False after every re-read (metrics); set by the server.
         self.on_reload: Callable[[bool], None] | None = None
         self._loaded: _Loaded | None = loaded
-        self._signature: tuple[int, int, int] | None = signature
+        # SHA-256 of the bytes last parsed: a change is seen whatever the mtime, size and
+        # inode do (a same-size rewrite within one timestamp tick keeps all three).
+        self._digest: bytes | None = digest
         self.reloads = 0
         self.reload_failures = 0
 
@@ -159,9 +171,17 @@ class SecretStore:
         unreadable or malformed. Warns when the file is readable by group or others."""
         try:
             info = path.stat()
-            loaded = _read(path)
+            data = _read_bytes(path)
         except OSError as exc:
             raise ConfigError(f"secrets file {str(path)!r}: {exc.strerror}") from None
+        try:
+            loaded = _load(data, repr(str(path)))
+        except ConfigError:
+            raise
+        except Exception as exc:  # the type only: a message may quote the file
+            raise ConfigError(
+                f"secrets file {str(path)!r}: cannot be read ({type(exc).__name__})"
+            ) from None
         # Group read is allowed (Kubernetes mounts Secrets 0440 with fsGroup); anything
         # for others, or group write, is not.
         if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
@@ -169,7 +189,7 @@ class SecretStore:
                 "secrets file is accessible to others or group-writable; chmod 600 it",
                 extra={"secrets_file": str(path), "mode": oct(stat.S_IMODE(info.st_mode))},
             )
-        return cls(path, loaded, _signature(info))
+        return cls(path, loaded, hashlib.sha256(data).digest())
 
     @property
     def loaded(self) -> bool:
@@ -193,28 +213,30 @@ class SecretStore:
         return secret
 
     def refresh(self) -> bool:
-        """Re-read the file if it changed (mtime, size or inode). Returns True when it was
-        re-read (successfully or not). Never raises."""
+        """Re-read the file (at most ``MAX_FILE_BYTES + 1`` bytes) and re-parse it if its
+        content changed. Returns True when it was re-parsed (successfully or not), or
+        found missing. Never raises."""
         try:
-            info = self.path.stat()
+            data = _read_bytes(self.path)
         except OSError:
             if self._loaded is None:
                 return False  # already failed; nothing new to report
             self._fail("secrets file disappeared")
             return True
-        signature = _signature(info)
-        if signature == self._signature:
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
             return False
-        self._signature = signature
+        self._digest = digest
         self.reloads += 1
         try:
-            self._loaded = _read(self.path)
-        except (OSError, ConfigError) as exc:
-            self._fail(str(exc), signature)  # not re-read until it changes again
+            self._loaded = _load(data, repr(str(self.path)))
+        except ConfigError as exc:
+            self._fail(str(exc), digest)  # not re-parsed until it changes again
             return True
         except Exception as exc:  # any failure fails closed, never kills the watcher
-            # The type only: a message may quote the file.
-            self._fail(f"cannot be read ({type(exc).__name__})", signature)
+            # The type only: a message may quote the file. Not the content's fault (a bug,
+            # MemoryError): retried at the next pass.
+            self._fail(f"cannot be read ({type(exc).__name__})")
             return True
         self._report(True)
         log.info(
@@ -223,10 +245,10 @@ class SecretStore:
         )
         return True
 
-    def _fail(self, reason: str, signature: tuple[int, int, int] | None = None) -> None:
+    def _fail(self, reason: str, digest: bytes | None = None) -> None:
         # Unload first: whatever fails after this line, no stale secret is served.
         self._loaded = None
-        self._signature = signature
+        self._digest = digest
         self.reload_failures += 1
         log.error(
             "secrets unavailable; egress requests needing a credential are denied",
@@ -252,10 +274,6 @@ class SecretStore:
                 self.refresh()
             except Exception as exc:  # the watcher must outlive any bug
                 self._fail(f"watcher error ({type(exc).__name__})")
-
-
-def _signature(info: os.stat_result) -> tuple[int, int, int]:
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
 def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:

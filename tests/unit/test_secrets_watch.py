@@ -175,7 +175,7 @@ async def test_watcher_fails_closed_when_refresh_itself_raises(
     ("content", "message"),
     [
         (b'{"version": 1, "credentials": {"openai": "\xff' + OLD.encode() + b'"}}', "not UTF-8"),
-        (b"[" * 100_000 + b"]" * 100_000, "cannot be read"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
     ids=["invalid-utf8", "deep-nesting"],
 )
@@ -207,3 +207,53 @@ def test_write_secrets_file_is_fsynced_renamed_and_the_directory_fsynced(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert os.listdir(tmp_path) == ["s.json"]
     assert SecretStore.open(path).get("openai").reveal() == OLD
+
+
+def _rewrite_in_place_keeping_signature(path: Path, data: bytes) -> None:
+    """Overwrite ``path`` in place (same inode) with ``data`` of the same size and put its
+    mtime back: a change the (mtime, size, inode) signature cannot see, as two writes
+    within one kernel timestamp tick give."""
+    info = path.stat()
+    assert len(data) == info.st_size
+    with path.open("r+b") as handle:
+        handle.write(data)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (
+        info.st_mtime_ns,
+        info.st_size,
+        info.st_ino,
+    )
+
+
+@pytest.mark.parametrize(
+    ("replacement", "loaded"),
+    [(_good(NEW), True), (_good(OLD).replace(b'"version"', b'"versi\xffn"'), False)],
+    ids=["rotated", "broken"],
+)
+def test_a_change_the_file_signature_misses_is_still_seen(
+    tmp_path: Path, replacement: bytes, loaded: bool
+) -> None:
+    path = tmp_path / "s.json"
+    _write(path, _good(OLD))
+    store = SecretStore.open(path)
+    _rewrite_in_place_keeping_signature(path, replacement)
+    assert store.refresh() is True
+    assert store.loaded is loaded
+    if loaded:
+        assert store.get("openai").reveal() == NEW
+    else:
+        with pytest.raises(CredentialError):
+            store.get("openai")
+
+
+def test_a_secrets_file_over_the_size_cap_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    _write(path, _good(OLD))
+    store = SecretStore.open(path)
+    padding = b" " * (secrets_module.MAX_FILE_BYTES + 1)
+    _write(path, _good(NEW) + padding)
+    assert store.refresh() is True
+    assert not store.loaded
+    with pytest.raises(ConfigError, match="larger than"):
+        SecretStore.open(path)
