@@ -80,6 +80,8 @@ ADMIN_TOKEN_MIN_CHARS: Final = 32
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 _SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
 
@@ -287,6 +289,12 @@ def _admin_token(key: str, value: Any) -> Secret | None:
             f"{key}=<redacted>: expected at least {ADMIN_TOKEN_MIN_CHARS} characters "
             f"(not counting surrounding whitespace), got {len(text)}; generate one with "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        # Anything else cannot be sent as an Authorization: Bearer value.
+        raise ConfigError(
+            f"{key}=<redacted>: expected RFC 6750 bearer token characters only "
+            "(A-Z a-z 0-9 - . _ ~ + /, then optional '=' padding)"
         )
     return Secret(text)
 

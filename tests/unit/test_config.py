@@ -480,11 +480,36 @@ def test_admin_token_shorter_than_32_characters_is_refused_without_printing_it(
     assert not token.strip() or token.strip() not in message
 
 
-@pytest.mark.parametrize("token", ["k" * 32, ADMIN_TOKEN], ids=["32-chars", "longer"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "k" * 20 + " " + "k" * 20,
+        "k" * 40 + "é",
+        "k" * 40 + "\udcff",  # an invalid UTF-8 byte in the environment (surrogateescape)
+        "k" * 40 + "\x00",
+        "k" * 40 + "=k",
+    ],
+    ids=["inner-space", "non-ascii", "undecodable-byte", "nul", "padding-not-at-end"],
+)
+def test_admin_token_outside_the_rfc_6750_bearer_syntax_is_refused_without_printing_it(
+    token: str,
+) -> None:
+    with pytest.raises(ConfigError, match="RFC 6750") as caught:
+        load({"AUTHZ_ADMIN_TOKEN": token})
+    message = str(caught.value)
+    assert "AUTHZ_ADMIN_TOKEN=<redacted>" in message
+    assert "k" * 20 not in message
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["k" * 32, ADMIN_TOKEN, "aZ09-._~+/" * 4 + "==", "  " + "k" * 32 + "\n"],
+    ids=["32-chars", "longer", "every-b64token-char", "surrounding-whitespace-stripped"],
+)
 def test_admin_token_of_32_characters_or_more_is_accepted(token: str) -> None:
     settings = load({"AUTHZ_ADMIN_TOKEN": token})
     assert settings.admin_token is not None
-    assert settings.admin_token.reveal() == token
+    assert settings.admin_token.reveal() == token.strip()
 
 
 def test_admin_token_masked_in_environment_errors() -> None:
