@@ -21,7 +21,11 @@ logged and audited with the optional ``X-Authz-Actor`` header as the actor:
 - ``POST /v1/reload``: re-read the settings and the secrets file, ask OPA for the active
   bundle now, empty the decision cache; answers what it found (:data:`Reloader`)
 
-Errors are JSON ``{"error": code, "message": ...}``.
+Errors are JSON ``{"error": code, "message": ...}``. A malformed request is a 4xx, never
+a 5xx: a body over 16 KiB is 413 ``body_too_large``; a body that is not UTF-8 JSON (RFC
+8259), an ``X-Authz-Actor`` that is not printable UTF-8, or a bad field is 400
+``invalid_request``; an ``Authorization`` header that is not the token, whatever its
+bytes, is 401.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -65,6 +70,8 @@ Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
 _CHECK_TIMEOUT_S: Final = 1.0
 _MAX_BODY: Final = 16 * 1024
+# As for an override's reason (authz.overrides): it goes to every log line and audit row.
+_MAX_REASON: Final = 500
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +105,15 @@ class _Admin:
     on_action: AdminAction | None
 
     def authorized(self, request: web.Request) -> web.Response | None:
-        """None when the bearer token matches; otherwise the error response."""
+        """None when the bearer token matches and the request's ``X-Authz-Actor`` is
+        usable; otherwise the error response (403, 401, or 400 for a bad actor)."""
         if self.token is None or not self.token:
             return _error(403, "admin_api_disabled", "set AUTHZ_ADMIN_TOKEN to enable")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        matches = hmac.compare_digest(given.strip().encode(), self.token.reveal().encode())
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: invalid bytes come
+        # back as lone surrogates, which surrogateescape turns back into the sent bytes.
+        sent = given.strip().encode("utf-8", "surrogateescape")
+        matches = hmac.compare_digest(sent, self.token.reveal().encode())
         if scheme.lower() != "bearer" or not matches:
             return _error(
                 401,
@@ -110,10 +121,15 @@ class _Admin:
                 "admin token required",
                 **{"WWW-Authenticate": 'Bearer realm="authz-admin"'},
             )
+        actor = request.headers.get("X-Authz-Actor", "")
+        if not actor.isprintable():  # control characters, or bytes that are not UTF-8
+            return _error(400, "invalid_request", "X-Authz-Actor: expected printable UTF-8 text")
         return None
 
     @staticmethod
     def actor(request: web.Request) -> str:
+        """The ``X-Authz-Actor`` header (checked by :meth:`authorized`), cut to 64
+        characters; ``admin`` when absent."""
         return request.headers.get("X-Authz-Actor", "admin")[:64] or "admin"
 
     def audit(self, action: str, fields: Mapping[str, Any]) -> None:
@@ -122,13 +138,37 @@ class _Admin:
             self.on_action(action, fields)
 
 
+class _BodyTooLarge(Exception):
+    """The request body is over ``_MAX_BODY`` bytes (answered 413 ``body_too_large``)."""
+
+
 async def _json_body(request: web.Request) -> Any:
+    """The request body parsed as JSON (RFC 8259: UTF-8 whatever the Content-Type's
+    charset, no NaN, no lone surrogates) by orjson, which is linear and caps nesting at
+    1024 levels. Raises _BodyTooLarge over ``_MAX_BODY`` bytes (declared or read),
+    ConfigError for anything that is not such JSON."""
     if request.content_length is not None and request.content_length > _MAX_BODY:
-        raise ConfigError("request body too large")
+        raise _BodyTooLarge
     try:
-        return await request.json()
-    except ValueError:
-        raise ConfigError("request body is not JSON") from None
+        data = await request.read()  # aiohttp stops reading at client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        raise _BodyTooLarge from None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names the position, never the content.
+        raise ConfigError(f"request body is not UTF-8 JSON ({exc})") from None
+
+
+@web.middleware
+async def _body_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An over-large body is 413 ``body_too_large`` (JSON) on every route."""
+    try:
+        return await handler(request)
+    except (_BodyTooLarge, web.HTTPRequestEntityTooLarge):
+        return _error(413, "body_too_large", f"the request body is over {_MAX_BODY} bytes")
 
 
 def create_admin_app(
@@ -187,9 +227,12 @@ def create_admin_app(
             if not isinstance(body, dict):
                 raise ConfigError("expected a JSON object")
             mode = parse_mode("mode", body.get("mode"))
-            reason = str(body.get("reason") or "").strip()
-            if not reason:
-                raise ConfigError("reason: a reason is required")
+            reason = body.get("reason")
+            if not isinstance(reason, str) or not reason.strip() or len(reason) > _MAX_REASON:
+                raise ConfigError(
+                    f"reason: a reason is required (a string of at most {_MAX_REASON} characters)"
+                )
+            reason = reason.strip()
             previous = control.set_mode(mode, actor=admin.actor(request), reason=reason)
         except ConfigError as exc:
             return _error(400, "invalid_request", str(exc))
@@ -222,7 +265,10 @@ def create_admin_app(
             )
         except ConfigError as exc:
             return _error(400, "invalid_request", str(exc))
-        pushed = await overrides.add(override)  # if not, the periodic sync pushes it
+        try:
+            pushed = await overrides.add(override)  # if not, the periodic sync pushes it
+        except ConfigError as exc:  # the cap on active overrides
+            return _error(409, "too_many_overrides", str(exc))
         document = override.opa_document()
         admin.audit("add_override", {**document, "pushed": pushed})
         return web.json_response({**document, "pushed": pushed}, status=201)
@@ -276,7 +322,7 @@ def create_admin_app(
         admin.audit("reload", {"actor": admin.actor(request), **result})
         return web.json_response(result)
 
-    app = web.Application(client_max_size=_MAX_BODY)
+    app = web.Application(client_max_size=_MAX_BODY, middlewares=[_body_errors])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_)

@@ -25,6 +25,7 @@ from authz.input import BodyParsing
 from authz.secrets import Secret
 
 __all__ = [
+    "ADMIN_TOKEN_MIN_CHARS",
     "DEFAULT_ADMIN_ADDR",
     "DEFAULT_CREDENTIAL_HEADERS",
     "DEFAULT_DECISION_PATH",
@@ -71,6 +72,9 @@ DEFAULT_DECISION_CACHE_CONFIRM_S: Final = 5.0
 DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
 # An allowed key whose expires_at is this close gets an "api key expiring" warning.
 DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
+# The admin token is a bearer secret for mode switches and overrides: at least 32
+# characters (e.g. ``secrets.token_urlsafe(32)``, 43 characters, 256 bits).
+ADMIN_TOKEN_MIN_CHARS: Final = 32
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -78,6 +82,8 @@ _NEVER_IGNORED: Final = (
     "{name!r} is a credential or identity header (authz.headers, AUTHZ_CREDENTIAL_HEADERS); "
     "the decision cache key always includes it"
 )
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 _SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
 
@@ -229,6 +235,8 @@ def _cache_ignore_headers(key: str, value: Any) -> tuple[str, ...]:
         if name in DEFAULT_CREDENTIAL_HEADERS or name in IDENTITY_HEADERS:
             raise ConfigError(f"{key}={value!r}: {_NEVER_IGNORED.format(name=name)}")
     return names
+
+
 def _body_parsing(key: str, value: Any) -> BodyParsing:
     """``route``, ``always`` or ``never`` (:class:`~authz.input.BodyParsing`); the old
     boolean values keep their meaning (true: every body, false: none)."""
@@ -303,6 +311,28 @@ def _secret(key: str, value: Any) -> Secret | None:
     return Secret(text) if text else None
 
 
+def _admin_token(key: str, value: Any) -> Secret | None:
+    # Never quote the value, not even a wrong one: it may be the real token mistyped.
+    text = str(value)
+    if not text:
+        return None  # the admin API stays disabled
+    # Stripped: the admin API strips what a client sends, so padding could never match.
+    text = text.strip()
+    if len(text) < ADMIN_TOKEN_MIN_CHARS:
+        raise ConfigError(
+            f"{key}=<redacted>: expected at least {ADMIN_TOKEN_MIN_CHARS} characters "
+            f"(not counting surrounding whitespace), got {len(text)}; generate one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        # Anything else cannot be sent as an Authorization: Bearer value.
+        raise ConfigError(
+            f"{key}=<redacted>: expected RFC 6750 bearer token characters only "
+            "(A-Z a-z 0-9 - . _ ~ + /, then optional '=' padding)"
+        )
+    return Secret(text)
+
+
 _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "grpc_addr": _addr,
     "admin_addr": _addr,
@@ -330,7 +360,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "fail_open_paths": _decision_paths,
     "circuit_failure_threshold": _int_in(1, 1000),
     "circuit_reset_timeout_s": _interval,
-    "admin_token": _secret,
+    "admin_token": _admin_token,
     "audit_db": _path,
     "audit_retention_days": _days,
     "audit_max_records": _int_in(1, 1_000_000_000),

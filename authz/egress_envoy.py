@@ -152,7 +152,8 @@ def generate(
     virtual host answers 404 directly, after ext_authz has been asked with ``service:
     ""`` (so the policy names the reason). https clusters validate the upstream
     certificate against ``ca_file`` (a PEM bundle path) with SNI and a DNS SAN equal to
-    the host; http clusters are plaintext.
+    the host; http clusters (only for services without a credential: one with a
+    credential and an http base_url is refused) are plaintext.
 
     ``overrides``: base_url host -> (IP address, port), for tests and the local stack's
     stand-in; an overridden cluster is STATIC on that address (SNI and SAN stay the real
@@ -161,8 +162,9 @@ def generate(
     beside the listener); ``authz_address``: authz's gRPC (IP, port), an HTTP/2 cluster.
 
     Raises ValueError naming the service and field for a bad service name, a spec that
-    is not an object, a bad ``base_url`` (:func:`parse_base_url`), or an override
-    address that is not an IP address.
+    is not an object, a bad ``base_url`` (:func:`parse_base_url`), an ``http`` base_url
+    for a service with a ``credential`` (the secret would travel in clear), or an
+    override address that is not an IP address.
 
     Envoy v3 API references (https://www.envoyproxy.io/docs/envoy/latest/):
     ``api-v3/extensions/filters/http/ext_authz/v3/ext_authz.proto`` (ExtAuthz,
@@ -191,6 +193,14 @@ def generate(
         if not isinstance(spec, Mapping):
             raise ValueError(f"egress service {name!r}: must be an object, got {spec!r}")
         upstream = parse_base_url(name, spec.get("base_url"))
+        if spec.get("credential") is not None and not upstream.tls:
+            # authz injects the credential into the request Envoy forwards: over plain
+            # http it would cross the network in clear.
+            raise ValueError(
+                f"egress service {name!r}: base_url {spec['base_url']!r} is plain http but "
+                "the service has a credential, which must never cross a hop in clear: "
+                "use an https base_url"
+            )
         virtual_hosts.append(_service_virtual_host(name, upstream, _credential_header(name, spec)))
         clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
     virtual_hosts.append(_catch_all_virtual_host())

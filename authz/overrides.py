@@ -26,20 +26,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+import orjson
+
 from authz.config import parse_decision_path
 from authz.errors import ConfigError, PolicyError
+from authz.files import write_private
 
 __all__ = [
+    "MAX_ACTIVE_OVERRIDES",
     "MAX_TTL_S",
     "OPA_DATA_PATH",
     "OpaOverrideWriter",
@@ -50,6 +53,10 @@ __all__ = [
 
 OPA_DATA_PATH: Final = "overrides"
 MAX_TTL_S: Final = 7 * 86400
+# Overrides are a few temporary exceptions; the cap bounds memory, the file and the OPA
+# writes of every sync (one PUT per entry). A request body is at most 16 KiB, so at most
+# about 16 MiB in all.
+MAX_ACTIVE_OVERRIDES: Final = 1000
 _MATCH_KEYS: Final = frozenset({"key_id", "sandbox_id", "service", "path", "methods"})
 _ID_FIELD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _METHOD: Final = re.compile(r"[A-Z]{1,16}")
@@ -154,8 +161,53 @@ def parse_override_request(
     )
 
 
+_FIELDS: Final = frozenset(f.name for f in fields(Override))
+# datetime's range ends in year 9999: a later expiry could not be rendered for OPA.
+_MAX_TIME: Final = 253_402_300_799.0
+
+
+def _persisted(item: Any) -> Override:
+    """An entry of the overrides file as :meth:`OverrideStore._changed` wrote it
+    (``asdict(Override)``), checked so that nothing read from disk can fail later.
+    Raises TypeError or ValueError naming the field (never quoting more than 64
+    characters of a value)."""
+    if not isinstance(item, dict):
+        raise TypeError("expected an object")
+    if set(item) - _FIELDS or _FIELDS - {"extra"} - set(item):
+        raise ValueError(f"expected the fields {sorted(_FIELDS)}, got {sorted(item)[:16]}")
+    for name in ("id", "effect", "decision_path", "reason", "actor"):
+        if not isinstance(item[name], str):
+            raise TypeError(f"{name}: expected a string")
+    if not _ID_FIELD.fullmatch(item["id"]):
+        raise ValueError(f"id={item['id'][:64]!r}: not an id")
+    if item["effect"] not in ("allow", "deny"):
+        raise ValueError(f"effect={item['effect'][:64]!r}: expected 'allow' or 'deny'")
+    parse_decision_path("decision_path", item["decision_path"][:256])
+    for name in ("created_at", "expires_at"):
+        value = item[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name}: expected a number of Unix seconds")
+        if not 0 <= value <= _MAX_TIME:
+            raise ValueError(f"{name}={value!r}: out of range")
+    match = item["match"]
+    if not isinstance(match, dict) or not ({"key_id", "sandbox_id"} & set(match)):
+        raise ValueError("match: expected an object with key_id or sandbox_id")
+    if set(match) - _MATCH_KEYS:
+        raise ValueError(f"match: unknown field(s) {sorted(set(match) - _MATCH_KEYS)[:8]}")
+    for name in ("key_id", "sandbox_id", "service", "path"):
+        if name in match and not isinstance(match[name], str):
+            raise TypeError(f"match.{name}: expected a string")
+    methods = match.get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise TypeError("match.methods: expected a list of strings")
+    if not isinstance(item.get("extra", {}), dict):
+        raise TypeError("extra: expected an object")
+    return Override(**item)
+
+
 class OverrideStore:
-    """The active overrides; persisted to ``path`` (JSON, mode 0600) when given, pushed to
+    """The active overrides; persisted to ``path`` (JSON, mode 0600, replaced atomically
+    and fsynced at every change: :func:`~authz.files.write_private`) when given, pushed to
     OPA by ``push(document)`` (an async callable raising PolicyError on failure).
     ``clock`` is Unix seconds. ``on_change(count)`` reports the active count at every
     local change (metrics); ``on_pushed()`` runs once OPA holds a changed list (clear the
@@ -181,17 +233,27 @@ class OverrideStore:
             self._load(path)
 
     def _load(self, path: Path) -> None:
+        """Read the persisted list. Raises ConfigError (one line, naming the file) when it
+        cannot be read, is not UTF-8 JSON (parsed by orjson: linear, nesting capped) or
+        holds an entry that is not a well-formed override."""
+        where = f"overrides file {str(path)!r}"
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            for item in raw.get("overrides", []):
-                override = Override(**item)
-                if override.effect not in ("allow", "deny") or not (
-                    "key_id" in override.match or "sandbox_id" in override.match
-                ):
-                    raise ValueError(f"override {override.id!r} is malformed")
-                self._items[override.id] = override
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"overrides file {str(path)!r}: {exc}") from None
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid UTF-8 JSON ({exc})") from None
+        items = raw.get("overrides", []) if isinstance(raw, dict) else None
+        if not isinstance(items, list):
+            raise ConfigError(f'{where}: expected {{"overrides": [...]}}')
+        for index, item in enumerate(items):
+            try:
+                override = _persisted(item)
+            except (ConfigError, TypeError, ValueError) as exc:
+                raise ConfigError(f"{where}: entry {index}: {exc}") from None
+            self._items[override.id] = override
 
     def active(self) -> list[Override]:
         """Unexpired overrides, oldest first."""
@@ -206,7 +268,15 @@ class OverrideStore:
 
     async def add(self, override: Override) -> bool:
         """Keep ``override``, persist it and push the list to OPA. Returns whether OPA was
-        updated; if not, the periodic :meth:`sync` pushes it when OPA answers again."""
+        updated; if not, the periodic :meth:`sync` pushes it when OPA answers again.
+        Raises ConfigError when :data:`MAX_ACTIVE_OVERRIDES` are active already (and
+        ``override`` replaces none of them)."""
+        active = self.active()
+        if len(active) >= MAX_ACTIVE_OVERRIDES and override.id not in {o.id for o in active}:
+            raise ConfigError(
+                f"{MAX_ACTIVE_OVERRIDES} active overrides already: delete one or wait for "
+                "one to expire"
+            )
         self._items[override.id] = override
         self._changed()
         return await self.sync()
@@ -226,6 +296,9 @@ class OverrideStore:
             await self._sync()
         except PolicyError as exc:
             log.warning("cannot push overrides to OPA", extra={"code": exc.code})
+            return False
+        except Exception:  # any bug: retried at the next sync, never ends the loop
+            log.exception("cannot push overrides to OPA")
             return False
         return True
 
@@ -249,7 +322,9 @@ class OverrideStore:
                 self._on_pushed()
 
     async def watch(self, interval_s: float) -> None:
-        """Call :meth:`sync` every ``interval_s`` seconds until cancelled."""
+        """Call :meth:`sync` every ``interval_s`` seconds until cancelled; a failed sync
+        (whatever the error) is retried at the next one, so a restarted OPA always gets
+        the overrides back."""
         while True:
             await self.sync()
             await asyncio.sleep(interval_s)
@@ -260,14 +335,15 @@ class OverrideStore:
         if self._path is None:
             return
         data = {"overrides": [asdict(o) for o in self._items.values()]}
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=2)
-            os.replace(tmp, self._path)
+            # Atomic and durable: a crash leaves the old list or the new one, never a torn
+            # file that would stop authz from starting.
+            write_private(self._path, json.dumps(data, indent=2).encode("utf-8"))
         except OSError as exc:
-            log.error("cannot persist overrides", extra={"error": str(exc)})
+            log.error(
+                "cannot persist overrides",
+                extra={"overrides_file": str(self._path), "error": str(exc)},
+            )
 
 
 class OpaDataClient(Protocol):

@@ -10,20 +10,23 @@ JSON, never part of a bundle, never sent to OPA::
     {"version": 1, "credentials": {"<ref>": "<secret>", ...}}
 
 ``<ref>`` is what a decision's ``credential.ref`` names (the service name). The file is
-read at startup (a missing or malformed file is a :class:`~authz.errors.ConfigError`) and
-re-read whenever its modification time, size or inode changes. At runtime a file that
-disappears or stops parsing makes every credential unavailable (each affected request is
-denied 503 ``credential_unavailable``) until a good file is back: fail closed, never a
-stale or missing credential forwarded. An entry that is not a non-empty string makes only
-that reference unavailable.
+read at startup (a missing or malformed file is a :class:`~authz.errors.ConfigError`),
+then re-read every reload interval and re-parsed whenever its content changes (compared by
+SHA-256: a same-size rewrite within one file-system timestamp tick keeps the mtime, size
+and inode). A file over :data:`MAX_FILE_BYTES` is malformed. At runtime a file that
+disappears, is not UTF-8 or stops parsing (or any other failure of the re-read) makes every
+credential unavailable (each affected request is denied 503 ``credential_unavailable``,
+and readiness is red) until a good file is back: fail closed, never a stale or missing
+credential forwarded. The watcher itself never stops on an exception. An entry that is
+not a non-empty string makes only that reference unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-import os
 import re
 import stat
 from collections.abc import Callable, Mapping
@@ -32,10 +35,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from authz.errors import ConfigError, CredentialError
+from authz.files import write_private
 
 __all__ = [
     "ENV_PREFIX",
     "MASK",
+    "MAX_FILE_BYTES",
     "SECRETS_FILE_VERSION",
     "Secret",
     "SecretStore",
@@ -45,6 +50,8 @@ __all__ = [
 ]
 
 MASK: Final = "**********"
+# A secrets file holds a few credentials; anything larger is a mistake, refused unread.
+MAX_FILE_BYTES: Final = 1024 * 1024
 SECRETS_FILE_VERSION: Final = 1
 ENV_PREFIX: Final = "EGRESS_SECRET_"
 _REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -118,6 +125,27 @@ def _parse(text: str, where: str) -> _Loaded:
     return _Loaded(secrets, frozenset(invalid))
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, at most ``MAX_FILE_BYTES + 1`` of them. Raises OSError."""
+    with path.open("rb") as handle:
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
+def _load(data: bytes, where: str) -> _Loaded:
+    """Parse the secrets file's bytes. Raises ConfigError naming the file for anything
+    wrong with its content (never quoting it: it holds secrets); anything else that
+    raises is not the content's fault."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"secrets file {where}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return _parse(data.decode("utf-8"), where)
+    except UnicodeDecodeError as exc:
+        # The position only: the exception carries the file's bytes.
+        raise ConfigError(f"secrets file {where}: not UTF-8 (byte {exc.start})") from None
+    except RecursionError:  # json's recursive parser on deeply nested arrays or objects
+        raise ConfigError(f"secrets file {where}: nested too deeply") from None
+
+
 class SecretStore:
     """Credentials from the secrets file at ``path``, reloaded when it changes.
 
@@ -126,12 +154,14 @@ class SecretStore:
     ``reloads`` and ``reload_failures`` count reload attempts for metrics.
     """
 
-    def __init__(self, path: Path, loaded: _Loaded, signature: tuple[int, int, int]) -> None:
+    def __init__(self, path: Path, loaded: _Loaded, digest: bytes) -> None:
         self.path = path
         # Called with True/False after every re-read (metrics); set by the server.
         self.on_reload: Callable[[bool], None] | None = None
         self._loaded: _Loaded | None = loaded
-        self._signature: tuple[int, int, int] | None = signature
+        # SHA-256 of the bytes last parsed: a change is seen whatever the mtime, size and
+        # inode do (a same-size rewrite within one timestamp tick keeps all three).
+        self._digest: bytes | None = digest
         self.reloads = 0
         self.reload_failures = 0
 
@@ -141,9 +171,17 @@ class SecretStore:
         unreadable or malformed. Warns when the file is readable by group or others."""
         try:
             info = path.stat()
-            text = path.read_text(encoding="utf-8")
+            data = _read_bytes(path)
         except OSError as exc:
             raise ConfigError(f"secrets file {str(path)!r}: {exc.strerror}") from None
+        try:
+            loaded = _load(data, repr(str(path)))
+        except ConfigError:
+            raise
+        except Exception as exc:  # the type only: a message may quote the file
+            raise ConfigError(
+                f"secrets file {str(path)!r}: cannot be read ({type(exc).__name__})"
+            ) from None
         # Group read is allowed (Kubernetes mounts Secrets 0440 with fsGroup); anything
         # for others, or group write, is not.
         if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
@@ -151,8 +189,7 @@ class SecretStore:
                 "secrets file is accessible to others or group-writable; chmod 600 it",
                 extra={"secrets_file": str(path), "mode": oct(stat.S_IMODE(info.st_mode))},
             )
-        loaded = _parse(text, repr(str(path)))
-        return cls(path, loaded, _signature(info))
+        return cls(path, loaded, hashlib.sha256(data).digest())
 
     @property
     def loaded(self) -> bool:
@@ -176,58 +213,72 @@ class SecretStore:
         return secret
 
     def refresh(self) -> bool:
-        """Re-read the file if it changed (mtime, size or inode). Returns True when it was
-        re-read (successfully or not). Never raises."""
+        """Re-read the file (at most ``MAX_FILE_BYTES + 1`` bytes) and re-parse it if its
+        content changed. Returns True when it was re-parsed (successfully or not), or
+        found missing. Never raises."""
         try:
-            info = self.path.stat()
+            data = _read_bytes(self.path)
         except OSError:
             if self._loaded is None:
                 return False  # already failed; nothing new to report
             self._fail("secrets file disappeared")
             return True
-        signature = _signature(info)
-        if signature == self._signature:
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
             return False
-        self._signature = signature
+        self._digest = digest
         self.reloads += 1
         try:
-            self._loaded = _parse(self.path.read_text(encoding="utf-8"), repr(str(self.path)))
-        except (OSError, ConfigError) as exc:
-            self._fail(str(exc), signature)  # not re-read until it changes again
+            self._loaded = _load(data, repr(str(self.path)))
+        except ConfigError as exc:
+            self._fail(str(exc), digest)  # not re-parsed until it changes again
             return True
-        if self.on_reload is not None:
-            self.on_reload(True)
+        except Exception as exc:  # any failure fails closed, never kills the watcher
+            # The type only: a message may quote the file. Not the content's fault (a bug,
+            # MemoryError): retried at the next pass.
+            self._fail(f"cannot be read ({type(exc).__name__})")
+            return True
+        self._report(True)
         log.info(
             "secrets file reloaded",
             extra={"secrets_file": str(self.path), "references": sorted(self.references)},
         )
         return True
 
-    def _fail(self, reason: str, signature: tuple[int, int, int] | None = None) -> None:
+    def _fail(self, reason: str, digest: bytes | None = None) -> None:
+        # Unload first: whatever fails after this line, no stale secret is served.
         self._loaded = None
-        self._signature = signature
+        self._digest = digest
         self.reload_failures += 1
-        if self.on_reload is not None:
-            self.on_reload(False)
         log.error(
             "secrets unavailable; egress requests needing a credential are denied",
             extra={"secrets_file": str(self.path), "error": reason},
         )
+        self._report(False)
+
+    def _report(self, ok: bool) -> None:
+        if self.on_reload is None:
+            return
+        try:
+            self.on_reload(ok)
+        except Exception:  # a metrics hook must never stop the watcher
+            log.exception("secrets on_reload hook failed")
 
     async def watch(self, interval_s: float) -> None:
-        """Call :meth:`refresh` every ``interval_s`` seconds until cancelled."""
+        """Call :meth:`refresh` every ``interval_s`` seconds until cancelled. Never dies of
+        an exception: an unexpected one unloads every credential (fail closed, readiness
+        red through :attr:`loaded`) and the next pass re-reads the file."""
         while True:
             await asyncio.sleep(interval_s)
-            self.refresh()
-
-
-def _signature(info: os.stat_result) -> tuple[int, int, int]:
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
+            try:
+                self.refresh()
+            except Exception as exc:  # the watcher must outlive any bug
+                self._fail(f"watcher error ({type(exc).__name__})")
 
 
 def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:
     """Write ``credentials`` (ref -> secret) as a secrets file at ``path`` with mode 0600,
-    atomically (a temporary file in the same directory, then rename). Raises ConfigError
+    atomically and durably (:func:`~authz.files.write_private`). Raises ConfigError
     for a bad reference or an empty value (naming the reference, never the value)."""
     for ref, value in credentials.items():
         if not _REF.fullmatch(ref):
@@ -239,17 +290,7 @@ def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:
         "credentials": dict(sorted(credentials.items())),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
 
 def env_name(ref: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from authz.config import DEFAULT_CREDENTIAL_HEADERS, Settings, load, parse_decision_path
 from authz.control import Mode
@@ -389,7 +390,7 @@ def test_settings_are_frozen() -> None:
 
 # --- day-2 settings: mode, fail-open paths, circuit breaker, admin, audit, Redis ---------
 
-ADMIN_TOKEN = "adm-t0ken-0a1b2c3d4e5f"
+ADMIN_TOKEN = "adm-t0ken-0a1b2c3d4e5f-6a7b8c9d0e1f2a3b"
 REDIS_PASSWORD = "r3dis-pw-9z8y7x"
 REDIS_URL = f"redis://:{REDIS_PASSWORD}@redis.internal:6379/0"
 
@@ -532,6 +533,60 @@ def test_admin_token_masked_in_file_errors(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load({}, write(tmp_path, text))
     assert ADMIN_TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["%", "short-admin-token", "adm-t0ken-0a1b2c3d4e5f", "k" * 31, " " * 40, "ab" * 15 + "\n\t"],
+    ids=["1-char", "17-chars", "22-chars", "31-chars", "blank", "padded-to-32"],
+)
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_admin_token_shorter_than_32_characters_is_refused_without_printing_it(
+    tmp_path: Path, token: str, source: str
+) -> None:
+    if source == "env":
+        environ, path, key = {"AUTHZ_ADMIN_TOKEN": token}, None, "AUTHZ_ADMIN_TOKEN"
+    else:
+        environ, key = {}, "admin_token"
+        path = write(tmp_path, yaml.safe_dump({"admin_token": token}))
+    with pytest.raises(ConfigError, match="at least 32 characters") as caught:
+        load(environ, path)
+    message = str(caught.value)
+    assert key in message
+    assert "<redacted>" in message
+    assert not token.strip() or token.strip() not in message
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "k" * 20 + " " + "k" * 20,
+        "k" * 40 + "é",
+        "k" * 40 + "\udcff",  # an invalid UTF-8 byte in the environment (surrogateescape)
+        "k" * 40 + "\x00",
+        "k" * 40 + "=k",
+    ],
+    ids=["inner-space", "non-ascii", "undecodable-byte", "nul", "padding-not-at-end"],
+)
+def test_admin_token_outside_the_rfc_6750_bearer_syntax_is_refused_without_printing_it(
+    token: str,
+) -> None:
+    with pytest.raises(ConfigError, match="RFC 6750") as caught:
+        load({"AUTHZ_ADMIN_TOKEN": token})
+    message = str(caught.value)
+    assert "AUTHZ_ADMIN_TOKEN=<redacted>" in message
+    assert "k" * 20 not in message
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["k" * 32, ADMIN_TOKEN, "aZ09-._~+/" * 4 + "==", "  " + "k" * 32 + "\n"],
+    ids=["32-chars", "longer", "every-b64token-char", "surrounding-whitespace-stripped"],
+)
+def test_admin_token_of_32_characters_or_more_is_accepted(token: str) -> None:
+    settings = load({"AUTHZ_ADMIN_TOKEN": token})
+    assert settings.admin_token is not None
+    assert settings.admin_token.reveal() == token.strip()
 
 
 def test_admin_token_masked_in_environment_errors() -> None:

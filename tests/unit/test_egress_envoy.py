@@ -28,8 +28,12 @@ def real_services() -> dict[str, Any]:
     return services
 
 
-def svc(base_url: object) -> dict[str, Any]:
-    return {"base_url": base_url, "credential": {"header": "authorization", "format": "{secret}"}}
+def svc(base_url: object, *, credential: bool = True) -> dict[str, Any]:
+    """A service spec; an http one has no credential (the generator refuses that)."""
+    spec: dict[str, Any] = {"base_url": base_url}
+    if credential:
+        spec["credential"] = {"header": "authorization", "format": "{secret}"}
+    return spec
 
 
 def hcm(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,7 +152,9 @@ def test_service_cluster_and_route(
     host_rewrite: str,
     prefix_rewrite: str | None,
 ) -> None:
-    config = generate({"svc": svc(base_url)}, overrides=overrides, ca_file="/ca.pem")
+    config = generate(
+        {"svc": svc(base_url, credential=tls)}, overrides=overrides, ca_file="/ca.pem"
+    )
     c = cluster(config, "service_svc")
     assert c["type"] == kind
     assert endpoint(c) == address
@@ -506,7 +512,7 @@ def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path
     shutil.copy(egress_envoy.DEFAULT_CA_FILE, ca)
     services = {
         **real_services(),
-        "plain": svc("http://internal.example:8080/api"),
+        "plain": svc("http://internal.example:8080/api", credential=False),
         "prefixed": svc("https://prefixed.example/v2"),
     }
     config = generate(

@@ -1,0 +1,41 @@
+"""Durable, private file replacement for the small state files authz writes (the
+overrides file, the egress secrets file).
+
+:func:`write_private` follows the POSIX recipe for an atomic, durable replace: write a
+temporary file in the same directory, ``fsync`` it, ``rename`` it over the target
+(atomic within one file system, POSIX ``rename(2)``), then ``fsync`` the directory so the
+rename itself survives a crash. A reader (or authz after a crash) sees the old file or
+the new one, never a torn mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_private"]
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably, mode 0600 (whatever the
+    umask or an earlier file's mode). Raises OSError; when it does before the rename,
+    ``path`` is unchanged and no temporary file is left behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
