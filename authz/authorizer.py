@@ -8,7 +8,9 @@ audit trail.
 
 It fails closed: any :class:`~authz.errors.AuthzError` becomes a deny through
 :func:`~authz.response.error_response`, unless the decision path is configured to fail
-open and the error is an OPA failure (then an allow marked ``x-authz-fail-open``). The
+open and OPA could not be reached (the error's ``fail_open_eligible``: OPA unavailable or
+its circuit open; never a timeout or authz's own deadline), then an allow marked
+``x-authz-fail-open``. The
 enforcement mode (:mod:`authz.control`) applies last: ``dry-run`` turns a deny into an
 allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
 """
@@ -30,6 +32,7 @@ from authz.config import parse_decision_path
 from authz.control import Control, Mode
 from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
 from authz.errors import (
+    FAIL_OPEN_CODES,
     AuthzError,
     ConfigError,
     CredentialError,
@@ -64,12 +67,6 @@ DRY_RUN_HEADER: Final = "x-authz-dry-run"
 FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
 # Request header (to the upstream) on a request allowed in bypass mode.
 MODE_HEADER: Final = "x-authz-mode"
-# The failures a fail-open path turns into an allow: OPA could not be asked, or did not
-# answer in time. Anything OPA did answer is enforced: a deny (even a late one), an
-# undefined or malformed decision and an evaluation error (a policy bug) fail closed.
-FAIL_OPEN_CODES: Final = frozenset(
-    {"opa_unavailable", "opa_circuit_open", "opa_timeout", "deadline_exceeded"}
-)
 # Request headers in authz's own namespace: only a decision may set them.
 _OWN_PREFIX: Final = "x-authz-"
 
@@ -187,12 +184,9 @@ class Authorizer:
             allowed = response.HasField("ok_response")
         except AuthzError as error:
             trace.error = error
-            opa_never_answered = trace.evaluation is None
-            if (
-                error.code in FAIL_OPEN_CODES
-                and opa_never_answered
-                and trace.path in self._fail_open_paths
-            ):
+            # Only OPA unreachable or its circuit open (errors.FAIL_OPEN_CODES): a
+            # timeout or a spent budget may be authz's own doing, or a caller's.
+            if error.fail_open_eligible and trace.path in self._fail_open_paths:
                 response = _allow(
                     decision_id,
                     headers=((FAIL_OPEN_HEADER, error.code),),
