@@ -162,7 +162,15 @@ class Authorizer:
         started = self._clock()
         decision_id = self._new_id()
         mode = self._control.mode
+        # 1. Route -> decision path (Envoy's per-route context_extensions), before
+        #    anything else: every outcome, bypass and a spent budget included, is
+        #    recorded, counted and failed open or closed on the route's own path.
         trace = _Trace(self._default_path)
+        path_error: DecisionPathError | None = None
+        try:
+            trace.path = self._decision_path(request.attributes.context_extensions)
+        except DecisionPathError as exc:
+            path_error = exc  # recorded on the default path (a metric label stays valid)
         if mode is Mode.BYPASS:
             response = _allow(
                 decision_id,
@@ -175,6 +183,8 @@ class Authorizer:
             budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
         try:
             try:
+                if path_error is not None:
+                    raise path_error
                 response = await self._decide(request, trace, budget, started, decision_id)
             except AuthzError:
                 raise
@@ -225,8 +235,6 @@ class Authorizer:
         """The pipeline proper; raises AuthzError when no decision can be made."""
         if budget <= 0:
             raise DeadlineExceeded("no time left for a decision when the request arrived")
-        # 1. Route -> decision path (Envoy's per-route context_extensions).
-        trace.path = self._decision_path(request.attributes.context_extensions)
         cache = self._cache
         key = cache.key(trace.path, request) if cache is not None else None
         cached = cache.get(key) if cache is not None else None

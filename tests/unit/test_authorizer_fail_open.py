@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from authz.authorizer import FAIL_OPEN_CODES, FAIL_OPEN_HEADER, Authorizer
+from authz.control import Control, Mode
 from authz.errors import AuthzError, OpaUnavailable, PolicyError
 from authz.input import build_input
 from tests.unit.fakes import (
@@ -126,3 +127,35 @@ def test_fail_open_codes_come_from_the_error_tree() -> None:
         code = "opa_refused"
 
     assert Refused("x").fail_open_eligible
+
+
+# -- finding 2: the route's decision path, before anything else ---------------------------
+
+
+async def test_budget_spent_on_arrival_is_decided_on_the_routes_path() -> None:
+    # The budget <= 0 check ran before the route's path was read: the record (decision
+    # log, metrics, audit) and the fail-open check named the default path.
+    outcome = await make(FakeEngine(ALLOW), fail_open_paths=(PATH,)).check(
+        check_request(context_extensions={"decision_path": EGRESS}), 0.005
+    )
+    assert outcome.record.decision_path == EGRESS
+    assert not outcome.response.HasField("ok_response")
+
+
+async def test_bypass_records_the_routes_path() -> None:
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    outcome = await make(FakeEngine(ALLOW), control=control).check(
+        check_request(context_extensions={"decision_path": EGRESS})
+    )
+    assert outcome.response.HasField("ok_response")
+    assert outcome.record.decision_path == EGRESS
+
+
+async def test_bypass_with_an_invalid_route_path_records_the_default_path() -> None:
+    # A label value must be a valid path; bypass still allows (it decides nothing).
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    outcome = await make(FakeEngine(ALLOW), control=control).check(
+        check_request(context_extensions={"decision_path": "../x"})
+    )
+    assert outcome.response.HasField("ok_response")
+    assert outcome.record.decision_path == PATH
