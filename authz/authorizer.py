@@ -39,6 +39,7 @@ from authz.errors import (
     DeadlineExceeded,
     DecisionPathError,
 )
+from authz.headers import OWN_PREFIX, UNENFORCED_REMOVALS
 from authz.input import build_input
 from authz.policy import Evaluation, PolicyEngine
 from authz.ratelimit import Limiter, Quota
@@ -67,8 +68,6 @@ DRY_RUN_HEADER: Final = "x-authz-dry-run"
 FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
 # Request header (to the upstream) on a request allowed in bypass mode.
 MODE_HEADER: Final = "x-authz-mode"
-# Request headers in authz's own namespace: only a decision may set them.
-_OWN_PREFIX: Final = "x-authz-"
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,7 @@ class Authorizer:
         self._engine = engine
         self._default_path = default_decision_path
         self._credential_headers = frozenset(credential_headers)
+        self._unenforced_base = UNENFORCED_REMOVALS | self._credential_headers
         self._timeout_s = timeout_s
         self._parse_body = parse_body
         self._limiter = limiter
@@ -276,11 +276,16 @@ class Authorizer:
 
     def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
         """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps
-        from the upstream: the credential headers (for authz, never for the upstream) and
-        every client-sent header in authz's own ``x-authz-`` namespace (only a decision
-        may set those; an upstream trusts them)."""
-        own = {h for h in request.attributes.request.http.headers if h.startswith(_OWN_PREFIX)}
-        return self._credential_headers | own
+        from the upstream: exactly what an enforced allow strips. That is
+        :data:`authz.headers.UNENFORCED_REMOVALS` (credential, identity, forwarding and
+        method-override headers), the configured credential headers (for authz, never for
+        the upstream) and every client-sent header in authz's own ``x-authz-`` namespace
+        (only a decision may set those; an upstream trusts them), whether Envoy sent the
+        headers in ``headers`` or, with ``encode_raw_headers``, in ``header_map``."""
+        http = request.attributes.request.http
+        names = [*http.headers, *(h.key.lower() for h in http.header_map.headers)]
+        own = {name for name in names if name.startswith(OWN_PREFIX)}
+        return self._unenforced_base | own
 
     async def _rate_limit(
         self, decision: Decision, ref: RateLimitRef, limiter: Limiter
