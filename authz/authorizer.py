@@ -10,7 +10,10 @@ It fails closed: any :class:`~authz.errors.AuthzError` becomes a deny through
 :func:`~authz.response.error_response`, unless the decision path is configured to fail
 open and OPA could not be reached (the error's ``fail_open_eligible``: OPA unavailable or
 its circuit open; never a timeout or authz's own deadline), then an allow marked
-``x-authz-fail-open``. The
+``x-authz-fail-open``: at most ``fail_open_max_per_s`` per decision path per second
+(beyond it the request fails closed with the original error), each one counted
+(``authz_fail_open_total``), audited (``fail_open``) and logged (a WARNING line at most
+once per path per second, counting the allows it did not log). The
 enforcement mode (:mod:`authz.control`) applies last: ``dry-run`` turns a deny into an
 allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -28,7 +32,7 @@ from typing import Any, Final, Protocol
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.cache import DecisionCache
-from authz.config import parse_decision_path
+from authz.config import DEFAULT_FAIL_OPEN_MAX_PER_S, parse_decision_path
 from authz.control import Control, Mode
 from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
 from authz.errors import (
@@ -109,7 +113,8 @@ class Authorizer:
     (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
     says; ``credentials`` resolves the credential a decision names for injection (None:
     no secrets file, so such decisions deny 503); ``control`` holds the enforcement mode;
-    ``fail_open_paths`` are the decision paths allowed when OPA fails; ``cache`` (None:
+    ``fail_open_paths`` are the decision paths allowed when OPA cannot be reached, at most
+    ``fail_open_max_per_s`` requests per path per second; ``cache`` (None:
     none) reuses recent policy decisions for identical requests; ``sinks`` receive
     every :class:`DecisionRecord` (a sink that raises is logged and skipped, never fails
     the request); ``timeout_s`` is the decision budget in seconds; ``clock`` (seconds,
@@ -129,6 +134,7 @@ class Authorizer:
         credentials: CredentialSource | None = None,
         control: Control | None = None,
         fail_open_paths: Iterable[str] = (),
+        fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S,
         cache: DecisionCache | None = None,
         sinks: Iterable[DecisionSink] = (),
         clock: Callable[[], float] = time.perf_counter,
@@ -146,6 +152,7 @@ class Authorizer:
         self._credentials = credentials
         self._control = control if control is not None else Control()
         self._fail_open_paths = frozenset(fail_open_paths)
+        self._fail_open_gate = _FailOpenGate(fail_open_max_per_s)
         self._cache = cache
         self._sinks = tuple(sinks)
         self._clock = clock
@@ -196,7 +203,11 @@ class Authorizer:
             trace.error = error
             # Only OPA unreachable or its circuit open (errors.FAIL_OPEN_CODES): a
             # timeout or a spent budget may be authz's own doing, or a caller's.
-            if error.fail_open_eligible and trace.path in self._fail_open_paths:
+            if (
+                error.fail_open_eligible
+                and trace.path in self._fail_open_paths
+                and self._fail_open_gate.admit(trace.path, error.code, self._clock())
+            ):
                 response = _allow(
                     decision_id,
                     headers=((FAIL_OPEN_HEADER, error.code),),
@@ -211,6 +222,11 @@ class Authorizer:
                     decision_id,
                     allowed=True,
                     fail_open=True,
+                )
+            if error.fail_open_eligible and trace.path in self._fail_open_paths:
+                trace.error = type(error)(
+                    f"{error} (fail-open cap of {self._fail_open_gate.max_per_s} "
+                    "per second reached on this path)"
                 )
             response, allowed = error_response(error, decision_id), False
         if mode is Mode.DRY_RUN and not allowed:
@@ -395,6 +411,69 @@ class Authorizer:
             error=str(trace.error) if trace.error is not None else None,
             document=trace.document,
         )
+
+
+@dataclass(slots=True)
+class _Second:
+    """One decision path's fail-open allows within one clock second."""
+
+    second: int
+    allowed: int = 0
+    logged: bool = False
+    cap_logged: bool = False
+
+
+class _FailOpenGate:
+    """Caps fail-open allows at ``max_per_s`` per decision path per clock second, and
+    logs them loudly but boundedly: per path and second, one WARNING for the first allow
+    (with ``suppressed``: the allows since the path's previous line that were not
+    logged) and one for the first refusal over the cap (with ``refused``, likewise).
+    Holds one small entry per fail-open path (the configured list bounds it)."""
+
+    def __init__(self, max_per_s: int) -> None:
+        self.max_per_s = max_per_s
+        self._seconds: dict[str, _Second] = {}
+        self._unlogged: dict[str, int] = {}
+        self._unlogged_refusals: dict[str, int] = {}
+
+    def admit(self, path: str, code: str, now: float) -> bool:
+        """Whether one more fail-open allow on ``path`` (``now``: seconds) fits the cap;
+        ``code`` is the error's, for the log line."""
+        second = math.floor(now)
+        window = self._seconds.get(path)
+        if window is None or window.second != second:
+            window = self._seconds[path] = _Second(second)
+        if window.allowed >= self.max_per_s:
+            refused = self._unlogged_refusals.get(path, 0) + 1
+            if window.cap_logged:
+                self._unlogged_refusals[path] = refused
+            else:
+                window.cap_logged = True
+                self._unlogged_refusals[path] = 0
+                log.warning(
+                    "fail-open cap reached: OPA unreachable, request denied",
+                    extra={
+                        "decision_path": path,
+                        "code": code,
+                        "max_per_s": self.max_per_s,
+                        "refused": refused,
+                    },
+                )
+            return False
+        window.allowed += 1
+        if window.logged:
+            self._unlogged[path] = self._unlogged.get(path, 0) + 1
+        else:
+            window.logged = True
+            log.warning(
+                "fail-open allow: OPA unreachable, request allowed without a decision",
+                extra={
+                    "decision_path": path,
+                    "code": code,
+                    "suppressed": self._unlogged.pop(path, 0),
+                },
+            )
+        return True
 
 
 def _request_fields(request: external_auth_pb2.CheckRequest) -> tuple[str, str, str]:

@@ -73,6 +73,9 @@ DEFAULT_DECISION_CACHE_CONFIRM_S: Final = 5.0
 DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
 # An allowed key whose expires_at is this close gets an "api key expiring" warning.
 DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
+# pipeline (issue #13): most fail-open allows per decision path per second; over it,
+# requests fail closed while OPA is unreachable.
+DEFAULT_FAIL_OPEN_MAX_PER_S: Final = 50
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -124,6 +127,8 @@ class Settings:
     decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
     decision_cache_ignore_headers: tuple[str, ...] = ()
     key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
+    # pipeline (issue #13)
+    fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S
 
     @property
     def decision_timeout_s(self) -> float:
@@ -308,6 +313,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_cache_max_entries": _int_in(1, 10_000_000),
     "decision_cache_ignore_headers": _headers,
     "key_expiry_warning_days": _days,
+    # pipeline (issue #13)
+    "fail_open_max_per_s": _int_in(1, 1_000_000),
 }
 
 

@@ -104,6 +104,7 @@ def build_authorizer(
         credentials=credentials,
         control=control,
         fail_open_paths=settings.fail_open_paths,
+        fail_open_max_per_s=settings.fail_open_max_per_s,
         cache=cache,
         sinks=sinks,
     )

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from authz.audit import AuditTrail, connect, read_entries
 from authz.authorizer import FAIL_OPEN_CODES, FAIL_OPEN_HEADER, Authorizer
+from authz.config import DEFAULT_FAIL_OPEN_MAX_PER_S, Settings, load
 from authz.control import Control, Mode
-from authz.errors import AuthzError, OpaUnavailable, PolicyError
+from authz.errors import AuthzError, ConfigError, OpaUnavailable, PolicyError
 from authz.input import build_input
+from authz.metrics import Metrics, MetricsSink
+from authz.server import build_authorizer
 from tests.unit.fakes import (
     FakeEngine,
     ManualClock,
@@ -159,3 +165,119 @@ async def test_bypass_with_an_invalid_route_path_records_the_default_path() -> N
     )
     assert outcome.response.HasField("ok_response")
     assert outcome.record.decision_path == PATH
+
+
+# -- every fail-open allow is capped and loud ---------------------------------------------
+
+
+def _capped(clock: ManualClock, max_per_s: int = 3, **kwargs: Any) -> Authorizer:
+    return make(
+        FakeEngine(OpaUnavailable("refused")), clock=clock, fail_open_max_per_s=max_per_s, **kwargs
+    )
+
+
+async def _allowed(authorizer: Authorizer, n: int, path: str = PATH) -> list[bool]:
+    request = check_request(context_extensions={"decision_path": path})
+    return [(await authorizer.check(request)).record.fail_open for _ in range(n)]
+
+
+async def test_fail_open_allows_are_capped_per_path_per_second() -> None:
+    # OPA down and a fail-open path: without a cap, every request an attacker sends
+    # while OPA is down is allowed unchecked.
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock)
+    assert await _allowed(authorizer, 5) == [True, True, True, False, False]
+    assert await _allowed(authorizer, 2, EGRESS) == [True, True]  # its own budget
+    clock.now = 100.9
+    assert await _allowed(authorizer, 1) == [False]
+    clock.now = 101.0
+    assert await _allowed(authorizer, 4) == [True, True, True, False]
+
+
+async def test_fail_open_over_the_cap_fails_closed_with_the_original_error() -> None:
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock, max_per_s=1)
+    await authorizer.check(check_request())
+    outcome = await authorizer.check(check_request())
+    assert not outcome.response.HasField("ok_response")
+    assert outcome.response.denied_response.status.code == 503
+    assert (outcome.record.reason, outcome.record.fail_open) == ("opa_unavailable", False)
+    assert outcome.record.error is not None
+    assert "fail-open cap" in outcome.record.error
+
+
+async def test_every_fail_open_allow_is_counted_and_audited(tmp_path: Path) -> None:
+    metrics = Metrics()
+    trail = AuditTrail(tmp_path / "audit.db")
+    authorizer = _capped(ManualClock(100.0), sinks=[MetricsSink(metrics), trail])
+    try:
+        await _allowed(authorizer, 5, EGRESS)
+    finally:
+        trail.close()
+    counted = metrics.registry.get_sample_value(
+        "authz_fail_open_total", {"path": EGRESS, "code": "opa_unavailable"}
+    )
+    assert counted == 3
+    conn = connect(tmp_path / "audit.db")
+    try:
+        audited = [e.body.get("fail_open", False) for e in read_entries(conn, kind="decision")]
+    finally:
+        conn.close()
+    assert audited == [True, True, True, False, False]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.WARNING and "fail-open" in r.msg]
+
+
+def _extra(record: logging.LogRecord, *names: str) -> tuple[Any, ...]:
+    """The ``extra`` fields ``names`` of a log record."""
+    return tuple(getattr(record, name) for name in names)
+
+
+async def test_fail_open_warnings_are_rate_limited_per_path_and_count_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock, max_per_s=50)
+    with caplog.at_level(logging.WARNING, logger="authz.authorizer"):
+        await _allowed(authorizer, 5)
+        await _allowed(authorizer, 2, EGRESS)
+        first = _warnings(caplog)
+        clock.now = 101.5
+        await _allowed(authorizer, 1)
+    assert [_extra(r, "decision_path", "suppressed") for r in first] == [(PATH, 0), (EGRESS, 0)]
+    last = _warnings(caplog)[-1]
+    assert _extra(last, "decision_path", "suppressed", "code") == (PATH, 4, "opa_unavailable")
+
+
+async def test_fail_open_cap_reached_is_logged_once_per_path_per_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock, max_per_s=1)
+    with caplog.at_level(logging.WARNING, logger="authz.authorizer"):
+        await _allowed(authorizer, 10)
+    capped = [r for r in _warnings(caplog) if "cap" in r.msg]
+    assert len(capped) == 1
+    assert _extra(capped[0], "decision_path", "refused") == (PATH, 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, DEFAULT_FAIL_OPEN_MAX_PER_S), ("7", 7), ("0", ConfigError), ("x", ConfigError)],
+    ids=["default", "seven", "zero", "not-a-number"],
+)
+def test_fail_open_max_per_s_setting(value: str | None, expected: int | type[ConfigError]) -> None:
+    environ = {} if value is None else {"AUTHZ_FAIL_OPEN_MAX_PER_S": value}
+    if isinstance(expected, int):
+        assert load(environ).fail_open_max_per_s == expected
+    else:
+        with pytest.raises(ConfigError, match="AUTHZ_FAIL_OPEN_MAX_PER_S"):
+            load(environ)
+
+
+async def test_build_authorizer_applies_the_fail_open_cap() -> None:
+    settings = Settings(fail_open_paths=(PATH,), fail_open_max_per_s=1)
+    authorizer = build_authorizer(settings, FakeEngine(OpaUnavailable("refused")), [])
+    assert await _allowed(authorizer, 2) == [True, False]
