@@ -251,19 +251,21 @@ class Authorizer:
         """The pipeline proper; raises AuthzError when no decision can be made."""
         if budget <= 0:
             raise DeadlineExceeded("no time left for a decision when the request arrived")
+        # 2. CheckRequest -> input document (credentials hashed, never in clear).
+        trace.document = build_input(
+            request, self._credential_headers, parse_request_body=self._parse_body
+        )
         cache = self._cache
-        key = cache.key(trace.path, request) if cache is not None else None
-        cached = cache.get(key) if cache is not None else None
+        key = cache.key(trace.path, trace.document) if cache is not None else None
+        cached = cache.get(key) if cache is not None and key is not None else None
         if cached is not None:
-            # 2-4. An identical request was just decided by the same bundle: reuse it.
-            trace.document, trace.evaluation = dict(cached.document), cached.evaluation
+            # 3-4. The same input was just decided by the same bundle: reuse it.
+            trace.evaluation = cached.evaluation
             trace.cached_from = cached.decision_id
             decision = trace.policy = trace.decision = cached.decision
         else:
-            # 2. CheckRequest -> input document (credentials hashed, never in clear).
-            trace.document = build_input(
-                request, self._credential_headers, parse_request_body=self._parse_body
-            )
+            # A clear (new bundle, overrides) during the evaluation voids its decision.
+            generation = cache.generation if cache is not None else 0
             # 3. Ask OPA, within what is left of the budget.
             remaining = budget - (self._clock() - started)
             if remaining <= 0:
@@ -271,9 +273,8 @@ class Authorizer:
             trace.evaluation = await self._engine.evaluate(trace.path, trace.document, remaining)
             # 4. Parse OPA's result once into a typed Decision.
             decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
-            if cache is not None:
-                reused = dataclasses.replace(trace.evaluation, duration_s=0.0)
-                cache.put(key, decision, reused, trace.document, decision_id)
+            if cache is not None and key is not None:
+                cache.put(key, decision, trace.evaluation, decision_id, generation=generation)
         # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
         if self._clock() - started > budget:
             raise DeadlineExceeded("the decision arrived after the deadline")

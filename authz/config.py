@@ -76,6 +76,8 @@ DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
 # pipeline (issue #13): most fail-open allows per decision path per second; over it,
 # requests fail closed while OPA is unreachable.
 DEFAULT_FAIL_OPEN_MAX_PER_S: Final = 50
+# pipeline (issue #13): the decision cache's bound in (accounted) bytes, 64 MiB.
+DEFAULT_DECISION_CACHE_MAX_BYTES: Final = 64 * 1024 * 1024
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -129,6 +131,7 @@ class Settings:
     key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
     # pipeline (issue #13)
     fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S
+    decision_cache_max_bytes: int = DEFAULT_DECISION_CACHE_MAX_BYTES
 
     @property
     def decision_timeout_s(self) -> float:
@@ -315,6 +318,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "key_expiry_warning_days": _days,
     # pipeline (issue #13)
     "fail_open_max_per_s": _int_in(1, 1_000_000),
+    "decision_cache_max_bytes": _int_in(1, 1 << 40),
 }
 
 
