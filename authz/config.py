@@ -20,6 +20,7 @@ import yaml
 
 from authz.control import Mode, parse_mode
 from authz.errors import ConfigError
+from authz.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
 from authz.secrets import Secret
 
 __all__ = [
@@ -384,4 +385,15 @@ def _check_consistency(settings: Settings) -> None:
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(
             "AUTHZ_RATE_LIMIT_BACKEND='redis': AUTHZ_REDIS_URL is required (redis://host:port/0)"
+        )
+    # pipeline (issue #13): a credential or identity header left out of the decision
+    # cache key would let one caller's decision serve another's request.
+    who = {*CREDENTIAL_HEADERS, *IDENTITY_HEADERS, *settings.credential_headers}
+    named = sorted(who.intersection(settings.decision_cache_ignore_headers))
+    if named:
+        ignored = ",".join(settings.decision_cache_ignore_headers)
+        raise ConfigError(
+            f"AUTHZ_DECISION_CACHE_IGNORE_HEADERS={ignored!r}: "
+            f"{', '.join(named)} name the caller (credential or identity headers) and are "
+            "never left out of the decision cache key"
         )

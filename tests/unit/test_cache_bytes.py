@@ -337,3 +337,22 @@ async def test_an_evaluation_in_flight_across_a_clear_never_puts_its_decision_ba
     again = await authorizer.check(request)
     assert again.record.cached_from is None
     assert len(engine.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("ignored", "credentials"),
+    [("X-Api-Key", None), ("x-sandbox-id", None), ("x-tenant-key", "x-api-key,x-tenant-key")],
+    ids=["shipped-credential", "identity", "configured-credential"],
+)
+def test_ignore_headers_setting_refuses_credential_and_identity_headers(
+    ignored: str, credentials: str | None
+) -> None:
+    # Finding 9: AUTHZ_DECISION_CACHE_IGNORE_HEADERS accepted credential headers.
+    environ = {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": f"x-correlation-id,{ignored}"}
+    if credentials is not None:
+        environ["AUTHZ_CREDENTIAL_HEADERS"] = credentials
+    with pytest.raises(
+        ConfigError, match=f"AUTHZ_DECISION_CACHE_IGNORE_HEADERS.*{ignored.lower()}"
+    ):
+        load(environ)
+    assert load({"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-correlation-id"})
