@@ -8,7 +8,12 @@ audit trail.
 
 It fails closed: any :class:`~authz.errors.AuthzError` becomes a deny through
 :func:`~authz.response.error_response`, unless the decision path is configured to fail
-open and the error is an OPA failure (then an allow marked ``x-authz-fail-open``). The
+open and OPA could not be reached (the error's ``fail_open_eligible``: OPA unavailable or
+its circuit open; never a timeout or authz's own deadline), then an allow marked
+``x-authz-fail-open``: at most ``fail_open_max_per_s`` per decision path per second
+(beyond it the request fails closed with the original error), each one counted
+(``authz_fail_open_total``), audited (``fail_open``) and logged (a WARNING line at most
+once per path per second, counting the allows it did not log). The
 enforcement mode (:mod:`authz.control`) applies last: ``dry-run`` turns a deny into an
 allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -26,17 +32,19 @@ from typing import Any, Final, Protocol
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.cache import DecisionCache
-from authz.config import parse_decision_path
+from authz.config import DEFAULT_FAIL_OPEN_MAX_PER_S, parse_decision_path
 from authz.control import Control, Mode
 from authz.decision import CredentialRef, Decision, RateLimitRef, parse_decision
 from authz.errors import (
+    FAIL_OPEN_CODES,
     AuthzError,
     ConfigError,
     CredentialError,
     DeadlineExceeded,
     DecisionPathError,
 )
-from authz.input import build_input
+from authz.headers import OWN_PREFIX, UNENFORCED_REMOVALS
+from authz.input import BodyParsing, build_input
 from authz.policy import Evaluation, PolicyEngine
 from authz.ratelimit import Limiter, Quota
 from authz.record import DecisionRecord, DecisionSink
@@ -64,14 +72,6 @@ DRY_RUN_HEADER: Final = "x-authz-dry-run"
 FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
 # Request header (to the upstream) on a request allowed in bypass mode.
 MODE_HEADER: Final = "x-authz-mode"
-# The failures a fail-open path turns into an allow: OPA could not be asked, or did not
-# answer in time. Anything OPA did answer is enforced: a deny (even a late one), an
-# undefined or malformed decision and an evaluation error (a policy bug) fail closed.
-FAIL_OPEN_CODES: Final = frozenset(
-    {"opa_unavailable", "opa_circuit_open", "opa_timeout", "deadline_exceeded"}
-)
-# Request headers in authz's own namespace: only a decision may set them.
-_OWN_PREFIX: Final = "x-authz-"
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class Authorizer:
     (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
     says; ``credentials`` resolves the credential a decision names for injection (None:
     no secrets file, so such decisions deny 503); ``control`` holds the enforcement mode;
-    ``fail_open_paths`` are the decision paths allowed when OPA fails; ``cache`` (None:
+    ``fail_open_paths`` are the decision paths allowed when OPA cannot be reached, at most
+    ``fail_open_max_per_s`` requests per path per second; ``cache`` (None:
     none) reuses recent policy decisions for identical requests; ``sinks`` receive
     every :class:`DecisionRecord` (a sink that raises is logged and skipped, never fails
     the request); ``timeout_s`` is the decision budget in seconds; ``clock`` (seconds,
@@ -127,12 +128,13 @@ class Authorizer:
         default_decision_path: str,
         credential_headers: Iterable[str],
         timeout_s: float,
-        parse_body: bool = True,
+        parse_body: BodyParsing | bool = BodyParsing.ROUTE,
         limiter: Limiter | None = None,
         burst_s: float = 10.0,
         credentials: CredentialSource | None = None,
         control: Control | None = None,
         fail_open_paths: Iterable[str] = (),
+        fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S,
         cache: DecisionCache | None = None,
         sinks: Iterable[DecisionSink] = (),
         clock: Callable[[], float] = time.perf_counter,
@@ -142,6 +144,7 @@ class Authorizer:
         self._engine = engine
         self._default_path = default_decision_path
         self._credential_headers = frozenset(credential_headers)
+        self._unenforced_base = UNENFORCED_REMOVALS | self._credential_headers
         self._timeout_s = timeout_s
         self._parse_body = parse_body
         self._limiter = limiter
@@ -149,6 +152,7 @@ class Authorizer:
         self._credentials = credentials
         self._control = control if control is not None else Control()
         self._fail_open_paths = frozenset(fail_open_paths)
+        self._fail_open_gate = _FailOpenGate(fail_open_max_per_s)
         self._cache = cache
         self._sinks = tuple(sinks)
         self._clock = clock
@@ -165,7 +169,15 @@ class Authorizer:
         started = self._clock()
         decision_id = self._new_id()
         mode = self._control.mode
+        # 1. Route -> decision path (Envoy's per-route context_extensions), before
+        #    anything else: every outcome, bypass and a spent budget included, is
+        #    recorded, counted and failed open or closed on the route's own path.
         trace = _Trace(self._default_path)
+        path_error: DecisionPathError | None = None
+        try:
+            trace.path = self._decision_path(request.attributes.context_extensions)
+        except DecisionPathError as exc:
+            path_error = exc  # recorded on the default path (a metric label stays valid)
         if mode is Mode.BYPASS:
             response = _allow(
                 decision_id,
@@ -178,6 +190,8 @@ class Authorizer:
             budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
         try:
             try:
+                if path_error is not None:
+                    raise path_error
                 response = await self._decide(request, trace, budget, started, decision_id)
             except AuthzError:
                 raise
@@ -187,11 +201,12 @@ class Authorizer:
             allowed = response.HasField("ok_response")
         except AuthzError as error:
             trace.error = error
-            opa_never_answered = trace.evaluation is None
+            # Only OPA unreachable or its circuit open (errors.FAIL_OPEN_CODES): a
+            # timeout or a spent budget may be authz's own doing, or a caller's.
             if (
-                error.code in FAIL_OPEN_CODES
-                and opa_never_answered
+                error.fail_open_eligible
                 and trace.path in self._fail_open_paths
+                and self._fail_open_gate.admit(trace.path, error.code, self._clock())
             ):
                 response = _allow(
                     decision_id,
@@ -207,6 +222,11 @@ class Authorizer:
                     decision_id,
                     allowed=True,
                     fail_open=True,
+                )
+            if error.fail_open_eligible and trace.path in self._fail_open_paths:
+                trace.error = type(error)(
+                    f"{error} (fail-open cap of {self._fail_open_gate.max_per_s} "
+                    "per second reached on this path)"
                 )
             response, allowed = error_response(error, decision_id), False
         if mode is Mode.DRY_RUN and not allowed:
@@ -231,21 +251,21 @@ class Authorizer:
         """The pipeline proper; raises AuthzError when no decision can be made."""
         if budget <= 0:
             raise DeadlineExceeded("no time left for a decision when the request arrived")
-        # 1. Route -> decision path (Envoy's per-route context_extensions).
-        trace.path = self._decision_path(request.attributes.context_extensions)
+        # 2. CheckRequest -> input document (credentials hashed, never in clear).
+        trace.document = build_input(
+            request, self._credential_headers, parse_request_body=self._parse_body
+        )
         cache = self._cache
-        key = cache.key(trace.path, request) if cache is not None else None
-        cached = cache.get(key) if cache is not None else None
+        key = cache.key(trace.path, trace.document) if cache is not None else None
+        cached = cache.get(key) if cache is not None and key is not None else None
         if cached is not None:
-            # 2-4. An identical request was just decided by the same bundle: reuse it.
-            trace.document, trace.evaluation = dict(cached.document), cached.evaluation
+            # 3-4. The same input was just decided by the same bundle: reuse it.
+            trace.evaluation = cached.evaluation
             trace.cached_from = cached.decision_id
             decision = trace.policy = trace.decision = cached.decision
         else:
-            # 2. CheckRequest -> input document (credentials hashed, never in clear).
-            trace.document = build_input(
-                request, self._credential_headers, parse_request_body=self._parse_body
-            )
+            # A clear (new bundle, overrides) during the evaluation voids its decision.
+            generation = cache.generation if cache is not None else 0
             # 3. Ask OPA, within what is left of the budget.
             remaining = budget - (self._clock() - started)
             if remaining <= 0:
@@ -253,9 +273,8 @@ class Authorizer:
             trace.evaluation = await self._engine.evaluate(trace.path, trace.document, remaining)
             # 4. Parse OPA's result once into a typed Decision.
             decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
-            if cache is not None:
-                reused = dataclasses.replace(trace.evaluation, duration_s=0.0)
-                cache.put(key, decision, reused, trace.document, decision_id)
+            if cache is not None and key is not None:
+                cache.put(key, decision, trace.evaluation, decision_id, generation=generation)
         # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
         if self._clock() - started > budget:
             raise DeadlineExceeded("the decision arrived after the deadline")
@@ -274,11 +293,16 @@ class Authorizer:
 
     def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
         """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps
-        from the upstream: the credential headers (for authz, never for the upstream) and
-        every client-sent header in authz's own ``x-authz-`` namespace (only a decision
-        may set those; an upstream trusts them)."""
-        own = {h for h in request.attributes.request.http.headers if h.startswith(_OWN_PREFIX)}
-        return self._credential_headers | own
+        from the upstream: exactly what an enforced allow strips. That is
+        :data:`authz.headers.UNENFORCED_REMOVALS` (credential, identity, forwarding and
+        method-override headers), the configured credential headers (for authz, never for
+        the upstream) and every client-sent header in authz's own ``x-authz-`` namespace
+        (only a decision may set those; an upstream trusts them), whether Envoy sent the
+        headers in ``headers`` or, with ``encode_raw_headers``, in ``header_map``."""
+        http = request.attributes.request.http
+        names = [*http.headers, *(h.key.lower() for h in http.header_map.headers)]
+        own = {name for name in names if name.startswith(OWN_PREFIX)}
+        return self._unenforced_base | own
 
     async def _rate_limit(
         self, decision: Decision, ref: RateLimitRef, limiter: Limiter
@@ -388,6 +412,69 @@ class Authorizer:
             error=str(trace.error) if trace.error is not None else None,
             document=trace.document,
         )
+
+
+@dataclass(slots=True)
+class _Second:
+    """One decision path's fail-open allows within one clock second."""
+
+    second: int
+    allowed: int = 0
+    logged: bool = False
+    cap_logged: bool = False
+
+
+class _FailOpenGate:
+    """Caps fail-open allows at ``max_per_s`` per decision path per clock second, and
+    logs them loudly but boundedly: per path and second, one WARNING for the first allow
+    (with ``suppressed``: the allows since the path's previous line that were not
+    logged) and one for the first refusal over the cap (with ``refused``, likewise).
+    Holds one small entry per fail-open path (the configured list bounds it)."""
+
+    def __init__(self, max_per_s: int) -> None:
+        self.max_per_s = max_per_s
+        self._seconds: dict[str, _Second] = {}
+        self._unlogged: dict[str, int] = {}
+        self._unlogged_refusals: dict[str, int] = {}
+
+    def admit(self, path: str, code: str, now: float) -> bool:
+        """Whether one more fail-open allow on ``path`` (``now``: seconds) fits the cap;
+        ``code`` is the error's, for the log line."""
+        second = math.floor(now)
+        window = self._seconds.get(path)
+        if window is None or window.second != second:
+            window = self._seconds[path] = _Second(second)
+        if window.allowed >= self.max_per_s:
+            refused = self._unlogged_refusals.get(path, 0) + 1
+            if window.cap_logged:
+                self._unlogged_refusals[path] = refused
+            else:
+                window.cap_logged = True
+                self._unlogged_refusals[path] = 0
+                log.warning(
+                    "fail-open cap reached: OPA unreachable, request denied",
+                    extra={
+                        "decision_path": path,
+                        "code": code,
+                        "max_per_s": self.max_per_s,
+                        "refused": refused,
+                    },
+                )
+            return False
+        window.allowed += 1
+        if window.logged:
+            self._unlogged[path] = self._unlogged.get(path, 0) + 1
+        else:
+            window.logged = True
+            log.warning(
+                "fail-open allow: OPA unreachable, request allowed without a decision",
+                extra={
+                    "decision_path": path,
+                    "code": code,
+                    "suppressed": self._unlogged.pop(path, 0),
+                },
+            )
+        return True
 
 
 def _request_fields(request: external_auth_pb2.CheckRequest) -> tuple[str, str, str]:

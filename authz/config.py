@@ -75,6 +75,11 @@ DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
 # The admin token is a bearer secret for mode switches and overrides: at least 32
 # characters (e.g. ``secrets.token_urlsafe(32)``, 43 characters, 256 bits).
 ADMIN_TOKEN_MIN_CHARS: Final = 32
+# Most fail-open allows per decision path per second; over it,
+# requests fail closed while OPA is unreachable.
+DEFAULT_FAIL_OPEN_MAX_PER_S: Final = 50
+# The decision cache's bound in (accounted) bytes, 64 MiB.
+DEFAULT_DECISION_CACHE_MAX_BYTES: Final = 64 * 1024 * 1024
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -132,6 +137,9 @@ class Settings:
     decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
     decision_cache_ignore_headers: tuple[str, ...] = ()
     key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
+    # Hostile callers (issue #13): fail-open cap, cache byte bound.
+    fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S
+    decision_cache_max_bytes: int = DEFAULT_DECISION_CACHE_MAX_BYTES
 
     @property
     def decision_timeout_s(self) -> float:
@@ -370,6 +378,9 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_cache_max_entries": _int_in(1, 10_000_000),
     "decision_cache_ignore_headers": _cache_ignore_headers,
     "key_expiry_warning_days": _days,
+    # Hostile callers (issue #13): fail-open cap, cache byte bound.
+    "fail_open_max_per_s": _int_in(1, 1_000_000),
+    "decision_cache_max_bytes": _int_in(1, 1 << 40),
 }
 
 

@@ -20,11 +20,23 @@ and (later) metric labels, so they never change once released::
 
 ``response.FAILURE_STATUS`` maps each code to the HTTP status of the deny that Envoy
 sends; ``Check`` never lets one of these escape as a gRPC error.
+
+``fail_open_eligible`` (a class attribute, inherited) says whether a fail-open decision
+path may turn the error into an allow. Only :class:`OpaUnavailable` (and so
+:class:`CircuitOpen`) sets it: OPA could not be reached, which nothing a caller sends can
+cause. :class:`OpaTimeout` is not eligible: its budget is the request's, which authz's
+own work (parsing a body, queueing, waiting for a pooled connection) spends too, so a
+caller could buy a timeout; neither is :class:`DeadlineExceeded` nor anything OPA
+answered. :data:`FAIL_OPEN_CODES` is derived from the tree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import ClassVar
+
 __all__ = [
+    "FAIL_OPEN_CODES",
     "AuthzError",
     "CircuitOpen",
     "ConfigError",
@@ -48,6 +60,8 @@ class AuthzError(Exception):
 
     code: str = "internal_error"
     public_message: str = "internal error"
+    # True only where OPA itself failed (see the module docstring); never per instance.
+    fail_open_eligible: ClassVar[bool] = False
 
 
 class ConfigError(AuthzError):
@@ -101,10 +115,11 @@ class PolicyError(AuthzError):
 
 
 class OpaUnavailable(PolicyError):
-    """OPA refused or dropped the connection."""
+    """OPA refused or dropped the connection. Fail-open eligible (as its subclasses)."""
 
     code = "opa_unavailable"
     public_message = "authorization service unavailable"
+    fail_open_eligible = True
 
 
 class CircuitOpen(OpaUnavailable):
@@ -141,3 +156,15 @@ class InvalidDecision(PolicyError):
 
     code = "invalid_decision"
     public_message = "policy returned an invalid decision"
+
+
+def _tree(cls: type[AuthzError]) -> Iterator[type[AuthzError]]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _tree(sub)
+
+
+# The codes a fail-open decision path turns into an allow, read off the tree above.
+FAIL_OPEN_CODES: frozenset[str] = frozenset(
+    cls.code for cls in _tree(AuthzError) if cls.fail_open_eligible
+)

@@ -33,6 +33,9 @@ mode                                       gauge      mode
 overrides_active                           gauge      -
 decision_cache_lookups_total               counter    result (hit, miss)
 decision_cache_entries                     gauge      -
+decision_cache_bytes                       gauge      -
+decision_cache_max_bytes                   gauge      -
+decision_cache_stale_puts_total            counter    -
 expiring_key_decisions_total               counter    path
 build_info                                 info       version
 =========================================  =========  =================================
@@ -41,7 +44,7 @@ build_info                                 info       version
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -56,6 +59,9 @@ from prometheus_client.registry import Collector
 
 from authz import __version__
 from authz.record import DecisionRecord
+
+if TYPE_CHECKING:
+    from authz.cache import DecisionCache
 
 # No ``*_created`` series: they double the series count and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -178,10 +184,16 @@ class Metrics:
         self.set_mode("enforce")
         self.set_circuit_state("closed")
 
-    def watch_cache(self, stats: Callable[[], tuple[int, int, int]]) -> None:
-        """Expose the decision cache: ``stats()`` -> (hits, misses, entries), read at
-        scrape time (the hot path only bumps plain integers)."""
-        self.registry.register(_CacheCollector(stats))
+    def watch_decision_cache(self, cache: DecisionCache) -> None:
+        """Expose ``cache``, read at scrape time: lookups (hit, miss), entries, accounted
+        bytes and their bound, and puts dropped because a clear happened during their
+        evaluation (``authz_decision_cache_stale_puts_total``)."""
+        self.registry.register(
+            _CacheCollector(
+                lambda: (cache.hits, cache.misses, len(cache)),
+                extra=lambda: (cache.bytes, cache.max_bytes, cache.dropped_stale),
+            )
+        )
 
     def set_mode(self, mode: str) -> None:
         """Mark ``mode`` (one of :data:`MODES`) as the active one."""
@@ -195,8 +207,13 @@ class Metrics:
 
 
 class _CacheCollector(Collector):
-    def __init__(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], tuple[int, int, int]],
+        extra: Callable[[], tuple[int, int, int]] | None = None,
+    ) -> None:
         self._stats = stats
+        self._extra = extra  # (bytes, max bytes, stale puts), when known
 
     def collect(self) -> Iterable[Metric]:
         hits, misses, entries = self._stats()
@@ -208,6 +225,20 @@ class _CacheCollector(Collector):
         yield lookups
         yield GaugeMetricFamily(
             "authz_decision_cache_entries", "Decisions in the cache.", value=entries
+        )
+        if self._extra is None:
+            return
+        held, bound, stale = self._extra()
+        yield GaugeMetricFamily(
+            "authz_decision_cache_bytes", "Accounted bytes of the cached decisions.", value=held
+        )
+        yield GaugeMetricFamily(
+            "authz_decision_cache_max_bytes", "The cache's bound in bytes.", value=bound
+        )
+        yield CounterMetricFamily(
+            "authz_decision_cache_stale_puts",
+            "Decisions not cached because a clear happened during their evaluation.",
+            value=stale,
         )
 
 

@@ -104,6 +104,7 @@ def build_authorizer(
         credentials=credentials,
         control=control,
         fail_open_paths=settings.fail_open_paths,
+        fail_open_max_per_s=settings.fail_open_max_per_s,
         cache=cache,
         sinks=sinks,
     )
@@ -146,16 +147,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
     limiter = build_limiter(settings)
     audit = _audit_trail(settings, metrics)
-    cache = (
-        DecisionCache(
-            ttl_s=settings.decision_cache_ttl_s,
-            confirm_s=settings.decision_cache_confirm_s,
-            max_entries=settings.decision_cache_max_entries,
-            ignore_headers=settings.decision_cache_ignore_headers,
-        )
-        if settings.decision_cache_ttl_s > 0
-        else None
-    )
+    cache = DecisionCache.from_settings(settings) if settings.decision_cache_ttl_s > 0 else None
 
     def overrides_pushed() -> None:
         if cache is not None:
@@ -168,7 +160,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         on_pushed=overrides_pushed,
     )
     if cache is not None:
-        metrics.watch_cache(lambda: (cache.hits, cache.misses, len(cache)))
+        metrics.watch_decision_cache(cache)
     sinks: list[DecisionSink] = [
         MetricsSink(metrics),
         KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions),

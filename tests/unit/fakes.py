@@ -132,3 +132,16 @@ async def bytes_retained_per_check(authorizer: Authorizer, n: int = 100) -> floa
         return (tracemalloc.get_traced_memory()[0] - before) / n
     finally:
         tracemalloc.stop()
+
+
+def multipart_body(boundary: str, *, parts: int) -> str:
+    """A ``multipart/form-data`` body (RFC 7578) with ``boundary`` and ``parts`` small
+    text fields: the shape of finding 1's body bomb (issue #13), at any size."""
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="f{{i}}"\r\n\r\nv\r\n'
+    return "".join(part.format(i=i) for i in range(parts)) + f"--{boundary}--\r\n"
+
+
+def upstream_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    """The request headers an allow sets for the upstream (``ok_response.headers``)."""
+    assert response.HasField("ok_response"), "expected an allow"
+    return {o.header.key: o.header.value for o in response.ok_response.headers}

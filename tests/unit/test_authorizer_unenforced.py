@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.authorizer import Authorizer
 from authz.control import Control, Mode
 from authz.errors import OpaUnavailable
+from authz.headers import UNENFORCED_REMOVALS
 from tests.unit.fakes import FakeEngine, ManualClock, check_request
 
 PATH = "authz/gateway/decision"
+EGRESS = "authz/egress/decision"
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-sandbox-token")
 DENY = {"allowed": False, "http_status": 401, "reason": "invalid_api_key"}
 
@@ -110,3 +113,57 @@ async def test_a_late_policy_deny_never_fails_open() -> None:
     assert not outcome.response.HasField("ok_response"), (
         f"policy deny turned into a fail-open allow ({outcome.record.reason})"
     )
+
+
+# Finding 7 (issue #13): what every header an enforced allow strips, sent by a client.
+HOSTILE = {
+    **{name: "client-value" for name in UNENFORCED_REMOVALS},
+    "x-my-credential": "configured-credential",
+    "x-authz-anything": "forged",
+}
+UNENFORCED = [
+    (Control(Mode.DRY_RUN), (), DENY),
+    (Control(), (EGRESS,), OpaUnavailable("down")),
+    (Control(Mode.BYPASS, allow_bypass=True), (), DENY),
+]
+UNENFORCED_IDS = ["dry-run", "fail-open", "bypass"]
+
+
+@pytest.mark.parametrize(("control", "fail_open_paths", "answer"), UNENFORCED, ids=UNENFORCED_IDS)
+async def test_unenforced_allows_strip_what_enforced_ones_strip(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    # Dry-run, bypass and fail-open egress allows forwarded x-sandbox-id, cookie and
+    # api-key (and x-forwarded-for, x-http-method-override) to the third party.
+    authorizer = make(
+        FakeEngine(answer),
+        control=control,
+        fail_open_paths=fail_open_paths,
+        credential_headers=(*CREDENTIAL_HEADERS, "x-my-credential"),
+    )
+    request = check_request(headers=HOSTILE, context_extensions={"decision_path": EGRESS})
+    outcome = await authorizer.check(request)
+    seen = upstream_sees(outcome.response, {**HOSTILE})
+    leaked = sorted(name for name in HOSTILE if seen.get(name) == HOSTILE[name])
+    assert leaked == [], f"an unenforced allow forwards {leaked}"
+
+
+@pytest.mark.parametrize(("control", "fail_open_paths", "answer"), UNENFORCED, ids=UNENFORCED_IDS)
+async def test_unenforced_allows_strip_raw_header_map_names_too(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    # With encode_raw_headers, Envoy sends the headers only in header_map (any case).
+    request = check_request(context_extensions={"decision_path": EGRESS})
+    request.attributes.request.http.headers.clear()
+    request.attributes.request.http.header_map.CopyFrom(
+        base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key="X-Authz-Role", raw_value=b"admin"),
+                base_pb2.HeaderValue(key="x-sandbox-id", raw_value=b"sb-1"),
+            ]
+        )
+    )
+    authorizer = make(FakeEngine(answer), control=control, fail_open_paths=fail_open_paths)
+    outcome = await authorizer.check(request)
+    removed = set(outcome.response.ok_response.headers_to_remove)
+    assert {"x-authz-role", "x-sandbox-id"} <= removed

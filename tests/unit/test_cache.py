@@ -6,16 +6,18 @@ import pytest
 
 from authz.cache import DecisionCache, cache_key
 from authz.decision import Decision
+from authz.input import build_input
 from authz.policy import Evaluation
 from tests.unit.fakes import ManualClock, check_request
 
 
-def key(**kwargs: object) -> object:
+def key(**kwargs: object) -> bytes:
     headers = {"x-api-key": "sha", "x-request-id": "r1", "traceparent": "t1"}
     extra = kwargs.pop("headers", {})
     assert isinstance(extra, dict)
     headers.update(extra)
-    return cache_key("authz/gateway/decision", check_request(headers=headers, **kwargs))  # type: ignore[arg-type]
+    request = check_request(headers=headers, **kwargs)  # type: ignore[arg-type]
+    return cache_key("authz/gateway/decision", build_input(request, ("x-api-key",)))
 
 
 def test_key_ignores_request_ids_and_tracing() -> None:
@@ -39,24 +41,31 @@ def test_key_changes_with_anything_a_policy_may_read(change: dict[str, object]) 
 
 
 def test_key_differs_per_decision_path() -> None:
-    request = check_request()
-    assert cache_key("a/b", request) != cache_key("a/c", request)
+    document = build_input(check_request(), ())
+    assert cache_key("a/b", document) != cache_key("a/c", document)
 
 
 def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str = "r1") -> None:
-    cache.put(k, Decision(allowed=True, cache_ttl_s=ttl), Evaluation(True, {"b": rev}), {}, "d1")
+    decision = Decision(allowed=True, cache_ttl_s=ttl, identity={"key_id": "k1"})
+    evaluation = Evaluation(True, {"b": rev})
+    cache.put(as_key(k), decision, evaluation, "d1", generation=cache.generation)
+
+
+def as_key(k: object) -> bytes:
+    """A test's short key name as the bytes keys the cache holds."""
+    return str(k).encode()
 
 
 def test_ttl_and_counters() -> None:
     clock = ManualClock(100.0)
     cache = DecisionCache(ttl_s=5, confirm_s=3600, jitter=0, clock=clock)
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
     put(cache, "k")
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
     clock.now += 4.9
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
     clock.now += 0.2
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
     assert (cache.hits, cache.misses) == (2, 2)
 
 
@@ -72,9 +81,9 @@ def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: floa
     start = clock.now
     if alive_at is not None:
         clock.now = start + alive_at
-        assert cache.get("k") is not None
+        assert cache.get(as_key("k")) is not None
     clock.now = start + dead_at
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
 
 
 def test_reuse_needs_a_recently_confirmed_revision() -> None:
@@ -82,17 +91,17 @@ def test_reuse_needs_a_recently_confirmed_revision() -> None:
     cache = DecisionCache(ttl_s=60, confirm_s=5, jitter=0, clock=clock)
     put(cache, "k")  # an OPA answer confirms its revision
     clock.now += 4.9
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
     clock.now += 0.2  # OPA silent for 5.1 s: no reuse, though the TTL has 55 s left
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
     cache.observe_revision("r1")  # the watcher's probe confirms the same revision
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
     clock.now += 30
     cache.observe_revision("r1")
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
     clock.now += 31  # confirmed, but past the TTL
     cache.observe_revision("r1")
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
 
 
 @pytest.mark.parametrize(("draw", "life"), [(0.0, 60.0), (0.5, 54.0), (1.0, 48.0)])
@@ -101,9 +110,9 @@ def test_jitter_shortens_each_life_by_up_to_its_share(draw: float, life: float) 
     cache = DecisionCache(ttl_s=60, confirm_s=3600, jitter=0.2, clock=clock, rng=lambda: draw)
     put(cache, "k")
     clock.now = 100.0 + life - 0.01
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
     clock.now = 100.0 + life + 0.01
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
 
 
 def test_jitter_spreads_a_cold_start_over_its_share_of_the_ttl() -> None:
@@ -114,7 +123,7 @@ def test_jitter_spreads_a_cold_start_over_its_share_of_the_ttl() -> None:
     alive = []
     for at in (47.9, 50.0, 54.0, 58.0, 60.1):
         clock.now = 100.0 + at
-        alive.append(sum(1 for i in range(1000) if cache.get(i) is not None))
+        alive.append(sum(1 for i in range(1000) if cache.get(as_key(i)) is not None))
     assert alive[0] == 1000  # nothing expires before 80% of the TTL
     assert 1000 > alive[1] > alive[2] > alive[3] > 0  # then a few at a time
     assert alive[4] == 0
@@ -128,30 +137,30 @@ def test_jitter_out_of_range_is_refused() -> None:
 def test_nothing_is_reused_before_any_confirmation() -> None:
     clock = ManualClock(100.0)
     cache = DecisionCache(confirm_s=5, clock=clock)
-    assert cache.get("k") is None
+    assert cache.get(as_key("k")) is None
     put(cache, "k")
-    assert cache.get("k") is not None
+    assert cache.get(as_key("k")) is not None
 
 
 def test_lru_bound() -> None:
     cache = DecisionCache(max_entries=2, clock=ManualClock(100.0))
     put(cache, "a")
     put(cache, "b")
-    assert cache.get("a") is not None  # a is now the most recent
+    assert cache.get(as_key("a")) is not None  # a is now the most recent
     put(cache, "c")
     assert len(cache) == 2
-    assert cache.get("b") is None
-    assert cache.get("a") is not None
+    assert cache.get(as_key("b")) is None
+    assert cache.get(as_key("a")) is not None
 
 
 def test_new_bundle_revision_drops_everything() -> None:
     cache = DecisionCache(clock=ManualClock(100.0))
     put(cache, "a", rev="r1")
     put(cache, "b", rev="r2")
-    assert cache.get("a") is None
-    assert cache.get("b") is not None
+    assert cache.get(as_key("a")) is None
+    assert cache.get(as_key("b")) is not None
     cache.observe_revision("r3")
-    assert cache.get("b") is None
+    assert cache.get(as_key("b")) is None
 
 
 def test_clear() -> None:
@@ -164,7 +173,8 @@ def test_clear() -> None:
 
 def test_configured_headers_are_ignored_too() -> None:
     cache = DecisionCache(ignore_headers=["X-Vegeta-Seq"])
-    a = cache.key("p", check_request(headers={"x-vegeta-seq": "1"}))
-    b = cache.key("p", check_request(headers={"x-vegeta-seq": "2"}))
+    one = build_input(check_request(headers={"x-vegeta-seq": "1"}), ())
+    a = cache.key("p", one)
+    b = cache.key("p", build_input(check_request(headers={"x-vegeta-seq": "2"}), ()))
     assert a == b
-    assert DecisionCache().key("p", check_request(headers={"x-vegeta-seq": "1"})) != a
+    assert DecisionCache().key("p", one) != a

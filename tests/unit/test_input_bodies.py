@@ -52,6 +52,7 @@ async def test_unserializable_json_body_is_an_invalid_request_decision(
         default_decision_path=PATH,
         credential_headers=("x-api-key",),
         timeout_s=5.0,
+        parse_body=BodyParsing.ALWAYS,
         control=Control(mode),
         sinks=[sink],
     )
@@ -178,6 +179,7 @@ async def test_hostile_multipart_without_a_key_is_a_400_deny(body: bytes) -> Non
         default_decision_path=PATH,
         credential_headers=("x-api-key",),
         timeout_s=5.0,
+        parse_body=BodyParsing.ALWAYS,
         sinks=[sink],
     )
     request = check_request(
