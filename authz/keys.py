@@ -44,9 +44,11 @@ def generate_key(prefix: str = KEY_PREFIX) -> str:
 
 
 def digest(key: str) -> str:
-    """Lowercase hex SHA-256 of ``key`` (stripped of surrounding whitespace), as stored in
-    bundle data and as found in ``input.credentials``."""
-    return hashlib.sha256(key.strip().encode("utf-8")).hexdigest()
+    """Lowercase hex SHA-256 of ``key``, as stored in bundle data and as found in
+    ``input.credentials``. Only SP and HTAB (RFC 9110 section 5.5, what the input trims)
+    and line endings (a key read from a file or stdin) are stripped around it; other
+    Unicode whitespace is part of the key, as it is in a request."""
+    return hashlib.sha256(key.strip(" \t\r\n").encode("utf-8")).hexdigest()
 
 
 def lint_data(data: Any, where: str = "data") -> list[str]:

@@ -30,8 +30,10 @@ KEY_NOT_DIGEST = "a key is not a SHA-256 hex digest (plaintext API key?)"
         (f"  {PLAINTEXT}\n", PLAINTEXT),
         ("", ""),
         ("clé", "clé"),
+        (f"\t{PLAINTEXT}\r\n", PLAINTEXT),
+        (f"\u00a0{PLAINTEXT}\u2003", f"\u00a0{PLAINTEXT}\u2003"),
     ],
-    ids=["plain", "stripped", "empty", "non-ascii"],
+    ids=["plain", "stripped", "empty", "non-ascii", "tab-crlf", "unicode-space-kept"],
 )
 def test_digest_is_hex_sha256_of_the_stripped_key(key: str, hashed: str) -> None:
     assert digest(key) == hashlib.sha256(hashed.encode("utf-8")).hexdigest()
