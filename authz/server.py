@@ -13,8 +13,10 @@ import asyncio
 import gc
 import logging
 import signal
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import grpc
@@ -28,7 +30,7 @@ from authz.authorizer import Authorizer, CredentialSource
 from authz.bundle import BundleWatcher
 from authz.cache import DecisionCache
 from authz.circuit import CLOSED, OPEN, CircuitBreaker
-from authz.config import Settings
+from authz.config import Settings, is_loopback_host
 from authz.control import Control
 from authz.errors import ConfigError
 from authz.expiry import KeyExpiryWatch
@@ -48,6 +50,7 @@ __all__ = [
     "build_authorizer",
     "build_limiter",
     "create_server",
+    "grpc_server_credentials",
     "serve",
 ]
 
@@ -109,17 +112,74 @@ def build_authorizer(
     )
 
 
-async def create_server(authorizer: Authorizer, addr: str) -> AuthzServer:
+def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The gRPC listener's mTLS credentials from ``AUTHZ_GRPC_TLS_CERT`` (PEM chain),
+    ``AUTHZ_GRPC_TLS_KEY`` (its PEM private key) and ``AUTHZ_GRPC_TLS_CLIENT_CA`` (PEM CA
+    certificates; a client must present a certificate issued by one of them: Envoy's),
+    or None when the settings ask for none (plaintext, which config allows only on
+    loopback or with ``AUTHZ_GRPC_ALLOW_PLAINTEXT``).
+
+    The files are read and checked once, here: an unreadable file, a certificate and key
+    that are not PEM or do not match, or a CA file without a certificate raises
+    ConfigError naming the key and the path (never the key material). Built with
+    ``grpc.ssl_server_credentials(..., require_client_auth=True)`` (grpc's Python API:
+    https://grpc.github.io/grpc/python/grpc.html#create-server-credentials)."""
+    if (
+        settings.grpc_tls_cert is None
+        or settings.grpc_tls_key is None
+        or settings.grpc_tls_client_ca is None
+    ):
+        return None
+    cert = _read_tls_file("AUTHZ_GRPC_TLS_CERT", settings.grpc_tls_cert)
+    key = _read_tls_file("AUTHZ_GRPC_TLS_KEY", settings.grpc_tls_key)
+    client_ca = _read_tls_file("AUTHZ_GRPC_TLS_CLIENT_CA", settings.grpc_tls_client_ca)
+    # The standard library's TLS parses PEM and matches key and certificate with precise
+    # errors; grpc would only fail later, at bind time, without saying which file.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.grpc_tls_cert, settings.grpc_tls_key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"AUTHZ_GRPC_TLS_CERT={str(settings.grpc_tls_cert)!r}, "
+            f"AUTHZ_GRPC_TLS_KEY={str(settings.grpc_tls_key)!r}: not a PEM certificate "
+            f"chain and its matching private key ({exc.reason or exc.strerror})"
+        ) from None
+    try:
+        context.load_verify_locations(cadata=client_ca.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise ConfigError(
+            f"AUTHZ_GRPC_TLS_CLIENT_CA={str(settings.grpc_tls_client_ca)!r}: "
+            "no PEM CA certificate in it"
+        ) from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=True
+    )
+
+
+def _read_tls_file(key: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read: {exc.strerror}") from None
+
+
+async def create_server(
+    authorizer: Authorizer, addr: str, credentials: grpc.ServerCredentials | None = None
+) -> AuthzServer:
     """Build and start a grpc.aio server on ``addr`` (``host:port``; port 0 = any free)
-    serving Check and ``grpc.health.v1.Health``. Raises RuntimeError if the address
-    cannot be bound."""
+    serving Check and ``grpc.health.v1.Health``, over TLS with ``credentials``
+    (:func:`grpc_server_credentials`) or plaintext without. Raises RuntimeError if the
+    address cannot be bound."""
     server = grpc.aio.server(options=_GRPC_OPTIONS)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(authorizer), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(addr)
+    if credentials is None:
+        port = server.add_insecure_port(addr)
+    else:
+        port = server.add_secure_port(addr, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {addr!r}")
     await server.start()
@@ -134,6 +194,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     ConfigError before serving anything when a file it needs (secrets, audit database,
     overrides) is unusable."""
     _tune_gc()
+    grpc_credentials = grpc_server_credentials(settings)
     metrics = Metrics()
     secrets = SecretStore.open(settings.secrets_file) if settings.secrets_file else None
     opa = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
@@ -180,7 +241,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     authorizer = build_authorizer(
         settings, breaker, sinks, secrets, limiter, control=control, cache=cache
     )
-    grpc_server = await create_server(authorizer, settings.grpc_addr)
+    grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
     watcher = BundleWatcher(
         opa,
         interval_s=settings.bundle_poll_interval_s,
@@ -260,6 +321,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         extra={
             "grpc_addr": settings.grpc_addr,
             "grpc_port": grpc_server.port,
+            "grpc_mtls": grpc_credentials is not None,
             "admin_port": bound_admin,
             "opa_url": settings.opa_url,
             "default_decision_path": settings.default_decision_path,
@@ -273,6 +335,12 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             "decision_cache_ttl_s": settings.decision_cache_ttl_s,
         },
     )
+    if grpc_credentials is None and not is_loopback_host(settings.grpc_addr.rpartition(":")[0]):
+        log.warning(
+            "gRPC listener is plaintext on a non-loopback address (AUTHZ_GRPC_ALLOW_PLAINTEXT): "
+            "credentials cross the network in clear",
+            extra={"grpc_addr": settings.grpc_addr},
+        )
     if settings.fail_open_paths:
         log.warning(
             "fail-open paths allow requests when OPA fails",
