@@ -6,12 +6,15 @@ certificate, a client certificate from another CA), while Envoy's certificate wo
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from authz.stack.supervisor import Ports, Stack
 from authz.stack.tls import Leaf, ensure_pki
 from tests.e2e.conftest import Env, authz_channel
 from tests.unit.fakes import check_request
@@ -85,3 +88,30 @@ def test_through_envoy_the_sandbox_never_sees_the_credential(e2e: Env) -> None:
     assert resp.status_code == 200, resp.text
     assert e2e.secrets["openai"] not in resp.text
     assert e2e.secrets["openai"] not in repr(resp.headers)
+
+
+def test_local_stack_offers_tls_listeners(e2e: Env, repo_root: Path, tmp_path: Path) -> None:
+    """``scripts/up --tls``: the gateway and egress listeners speak TLS with a certificate
+    from the stack's CA (and refuse plaintext); requests behave as over plain HTTP."""
+    stack = Stack(
+        repo_root,
+        tmp_path / "run",
+        e2e.bundle_dir,
+        Ports.free(),
+        secrets_file=e2e.secrets_file,
+        tls_listeners=True,
+    )
+    with stack:
+        ca = ssl.create_default_context(cafile=stack.mtls_dir / "ca.crt")
+        gateway = f"https://localhost:{stack.ports.gateway}"
+        egress = f"https://localhost:{stack.ports.egress}"
+        viewer = {"x-api-key": e2e.keys["viewer"]}
+        assert httpx.get(f"{gateway}/api/v1/status", headers=viewer, verify=ca).status_code == 200
+        assert httpx.get(f"{gateway}/api/v1/status", verify=ca).status_code == 401
+        resp = httpx.get(
+            f"{egress}/v1/models", headers=e2e.sandbox_headers("sb-premium", "openai"), verify=ca
+        )
+        assert resp.status_code == 200, resp.text
+        for url in (f"{gateway}/api/v1/status", f"{egress}/v1/models"):
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url.replace("https://", "http://"), headers=viewer, timeout=5)
