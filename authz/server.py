@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -119,41 +119,82 @@ def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None
     or None when the settings ask for none (plaintext, which config allows only on
     loopback or with ``AUTHZ_GRPC_ALLOW_PLAINTEXT``).
 
-    The files are read and checked once, here: an unreadable file, a certificate and key
-    that are not PEM or do not match, or a CA file without a certificate raises
-    ConfigError naming the key and the path (never the key material). Built with
-    ``grpc.ssl_server_credentials(..., require_client_auth=True)`` (grpc's Python API:
-    https://grpc.github.io/grpc/python/grpc.html#create-server-credentials)."""
+    The files are read and checked here: an unreadable file, a certificate and key that
+    are not PEM or do not match, or a CA file without a certificate raises ConfigError
+    naming the key and the path (never the key material). They are reloaded when they
+    change (:class:`_TlsFiles`, checked at each new connection), so a renewed
+    certificate needs no restart; a bad renewal is logged and the previous files stay in
+    use. Client authentication is always required. Built with grpc's
+    ``dynamic_ssl_server_credentials`` (https://grpc.github.io/grpc/python/grpc.html#
+    create-server-credentials)."""
     if (
         settings.grpc_tls_cert is None
         or settings.grpc_tls_key is None
         or settings.grpc_tls_client_ca is None
     ):
         return None
-    cert = _read_tls_file("AUTHZ_GRPC_TLS_CERT", settings.grpc_tls_cert)
-    key = _read_tls_file("AUTHZ_GRPC_TLS_KEY", settings.grpc_tls_key)
-    client_ca = _read_tls_file("AUTHZ_GRPC_TLS_CLIENT_CA", settings.grpc_tls_client_ca)
-    # The standard library's TLS parses PEM and matches key and certificate with precise
-    # errors; grpc would only fail later, at bind time, without saying which file.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(settings.grpc_tls_cert, settings.grpc_tls_key)
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"AUTHZ_GRPC_TLS_CERT={str(settings.grpc_tls_cert)!r}, "
-            f"AUTHZ_GRPC_TLS_KEY={str(settings.grpc_tls_key)!r}: not a PEM certificate "
-            f"chain and its matching private key ({exc.reason or exc.strerror})"
-        ) from None
-    try:
-        context.load_verify_locations(cadata=client_ca.decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError, ValueError):
-        raise ConfigError(
-            f"AUTHZ_GRPC_TLS_CLIENT_CA={str(settings.grpc_tls_client_ca)!r}: "
-            "no PEM CA certificate in it"
-        ) from None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=True
+    files = _TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
+    # grpc documents None as "keep the current configuration"; its stubs do not.
+    fetch = cast("Callable[[], grpc.ServerCertificateConfiguration]", files.fetch)
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial, fetch, require_client_authentication=True
     )
+
+
+class _TlsFiles:
+    """The listener's certificate, key and client CA, re-read when one of them changes
+    (size, mtime or inode: a Kubernetes Secret update swaps a symlink)."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path) -> None:
+        self._paths = (cert, key, client_ca)
+        self.initial = self._load()  # first: its errors name the setting
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [path.stat() for path in self._paths]
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert_path, key_path, ca_path = self._paths
+        cert = _read_tls_file("AUTHZ_GRPC_TLS_CERT", cert_path)
+        key = _read_tls_file("AUTHZ_GRPC_TLS_KEY", key_path)
+        client_ca = _read_tls_file("AUTHZ_GRPC_TLS_CLIENT_CA", ca_path)
+        # The standard library's TLS parses PEM and matches key and certificate with
+        # precise errors; grpc would only fail later, without saying which file.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"AUTHZ_GRPC_TLS_CERT={str(cert_path)!r}, AUTHZ_GRPC_TLS_KEY="
+                f"{str(key_path)!r}: not a PEM certificate chain and its matching private "
+                f"key ({exc.reason or exc.strerror})"
+            ) from None
+        try:
+            context.load_verify_locations(cadata=client_ca.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError):
+            raise ConfigError(
+                f"AUTHZ_GRPC_TLS_CLIENT_CA={str(ca_path)!r}: no PEM CA certificate in it"
+            ) from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc's certificate_configuration_fetcher: called for each new connection; a
+        new configuration when the files changed and are valid, else None (keep)."""
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return None
+            self._stamp = stamp  # one attempt (and one log line) per change
+            config = self._load()
+        except (OSError, ConfigError) as exc:
+            log.error(
+                "gRPC TLS files changed but cannot be used; keeping the previous ones",
+                extra={"error": str(exc)},
+            )
+            return None
+        log.info("gRPC TLS certificates reloaded")
+        return config
 
 
 def _read_tls_file(key: str, path: Path) -> bytes:

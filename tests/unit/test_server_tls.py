@@ -166,3 +166,52 @@ def test_serve_refuses_a_plaintext_listener_off_loopback_with_exit_2(tmp_path: P
     message = json.loads(lines[0])["msg"]
     assert f"AUTHZ_GRPC_ADDR='0.0.0.0:{port}'" in message
     assert "AUTHZ_GRPC_ALLOW_PLAINTEXT" in message
+
+
+def _copy_leaf(source: LeafFiles, target: Path) -> None:
+    """Replace ``target``'s files as a renewal does: new files renamed into place."""
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        tmp = target / f".{name}.new"
+        tmp.write_bytes((source.directory / name).read_bytes())
+        tmp.replace(target / name)
+
+
+async def _answers(pki: dict[str, LeafFiles], client: str, port: int) -> bool:
+    async with _tls_channel(pki, client, port) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        try:
+            response = await stub.Check(check_request(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.HasField("ok_response"))
+
+
+async def test_renewed_certificates_are_used_without_a_restart(
+    pki: dict[str, LeafFiles], tmp_path: Path
+) -> None:
+    """A renewal (new CA, new certificates) written over the files takes effect for new
+    connections; a broken renewal is refused and the working files stay in use."""
+    served = tmp_path / "served"
+    served.mkdir()
+    _copy_leaf(pki["authz"], served)
+    settings = load(
+        {
+            "AUTHZ_GRPC_TLS_CERT": str(served / "tls.crt"),
+            "AUTHZ_GRPC_TLS_KEY": str(served / "tls.key"),
+            "AUTHZ_GRPC_TLS_CLIENT_CA": str(served / "ca.crt"),
+        }
+    )
+    renewed = ensure_pki(tmp_path / "renewed", LEAVES)
+    server = await create_server(_authorizer(), "127.0.0.1:0", grpc_server_credentials(settings))
+    try:
+        assert await _answers(pki, "envoy-client", server.port)
+        _copy_leaf(renewed["authz"], served)
+        # Envoy's new client certificate (and trust in authz's new one) works; the old
+        # one, from the CA no longer trusted, does not.
+        clients = {**pki, "renewed-client": renewed["envoy-client"], "authz": renewed["authz"]}
+        assert await _answers(clients, "renewed-client", server.port)
+        assert not await _answers(clients, "envoy-client", server.port)
+        (served / "tls.key").write_text("not a key\n")
+        assert await _answers(clients, "renewed-client", server.port)
+    finally:
+        await server.stop(0)
