@@ -11,9 +11,12 @@ service that uses it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -426,3 +429,44 @@ def test_envoys_mount_their_certificates(projects: dict[str, Any], combo: str) -
             leaf, file = _tls_leaf_paths(project, name, path)
             assert leaf in DEPLOYMENT_LEAVES
             assert file in ("tls.crt", "tls.key", "ca.crt")
+
+
+def _name(spec: str) -> str:
+    """The normalized distribution name of a requirement (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ (]", spec, maxsplit=1)[0]).lower()
+
+
+def _with_requirements(names: set[str]) -> set[str]:
+    """``names`` and everything they require (installed here), extras excluded."""
+    closure, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [_name(spec) for spec in requires if "extra ==" not in spec]
+    return closure
+
+
+def test_tls_init_needs_only_runtime_dependencies() -> None:
+    """The image holds pyproject's runtime dependencies only (the Dockerfile installs
+    ``.``, no extras): every distribution ``python -m authz.stack.tls`` imports is one of
+    them or what they require."""
+    probe = (
+        "import json, sys, importlib.metadata as m; import authz.stack.tls; "
+        "top = {n.split('.')[0] for n in sys.modules if not n.startswith('_')}; "
+        "dists = m.packages_distributions(); "
+        "print(json.dumps(sorted({d for t in top for d in dists.get(t, [])})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    imported = {_name(name) for name in json.loads(result.stdout)}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _with_requirements({_name(spec) for spec in project["dependencies"]})
+    assert "cryptography" in imported  # the probe sees third-party imports
+    assert imported - {"authz"} <= runtime
