@@ -185,8 +185,9 @@ def ensure_pki(
     Idempotent: the files are reused when every leaf's certificate has exactly its SANs
     and usage, is signed by ``ca.crt``, matches its key and both stay valid for another
     day at ``now`` (UTC, default the current time); otherwise everything is reissued from
-    a new CA (90 days). ``owners``: leaf name -> (uid, gid) that owns that leaf's key and
-    directory (for a deployment where each service runs as its own user; needs root).
+    a new CA (90 days). ``owners``: leaf name -> (uid, gid) that owns that leaf's files
+    (for a deployment where each service runs as its own user; needs CAP_CHOWN, and to
+    reuse them on the next run, reading others' keys: CAP_DAC_READ_SEARCH).
     ``directory`` is created mode 0755 (it holds public certificates; keys are 0600).
     Raises ValueError for a bad leaf name or DNS name, OSError when a file cannot be
     written or chowned."""
@@ -213,7 +214,7 @@ def ensure_pki(
         _write(directory / "ca.crt", ca_pem, 0o644)
     for name, (uid, gid) in (owners or {}).items():
         leaf = files[name]
-        for path in (leaf.directory, leaf.key, leaf.cert, leaf.ca):
+        for path in (leaf.key, leaf.cert, leaf.ca):
             os.chown(path, uid, gid)
     return files
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import stat
 import subprocess
 import sys
@@ -133,3 +134,17 @@ def test_command_rejects_bad_arguments(tmp_path: Path, args: list[str]) -> None:
     )
     assert result.returncode == 2
     assert not (tmp_path / "tls").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_owners_get_their_leaf_files_and_reuse_still_works(tmp_path: Path) -> None:
+    """Compose's tls-init gives each key to the uid that reads it; the next run reuses
+    the files (a reissue would strand running proxies on the old CA)."""
+    files = ensure_pki(tmp_path / "pki", LEAVES, owners={"authz": (12345, 23456)})
+    for path in (files["authz"].key, files["authz"].cert, files["authz"].ca):
+        assert (path.stat().st_uid, path.stat().st_gid) == (12345, 23456)
+    assert files["envoy-client"].key.stat().st_uid == os.geteuid()
+    before = _snapshot(files)
+    assert (
+        _snapshot(ensure_pki(tmp_path / "pki", LEAVES, owners={"authz": (12345, 23456)})) == before
+    )
