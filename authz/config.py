@@ -8,6 +8,7 @@ value raises :class:`~authz.errors.ConfigError` naming the key and the value.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_OPA_URL",
     "ENV_PREFIX",
     "Settings",
+    "is_loopback_host",
     "load",
     "parse_decision_path",
 ]
@@ -140,6 +142,17 @@ class Settings:
     # Hostile callers (issue #13): fail-open cap, cache byte bound.
     fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S
     decision_cache_max_bytes: int = DEFAULT_DECISION_CACHE_MAX_BYTES
+    # -- transport security (issue 13, finding 5) --
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None
+    grpc_allow_plaintext: bool = False
+    opa_allow_plaintext: bool = False
+
+    @property
+    def grpc_tls(self) -> bool:
+        """True when the gRPC listener is mTLS (certificate, key and client CA set)."""
+        return None not in (self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_client_ca)
 
     @property
     def decision_timeout_s(self) -> float:
@@ -155,6 +168,19 @@ def parse_decision_path(key: str, value: str) -> str:
             f"{key}={value!r}: expected an OPA data path like 'authz/gateway/decision'"
         )
     return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (``127.0.0.0/8``, ``::1``; IPv6 may
+    be bracketed). Any other name is not loopback: what it resolves to is not ours to know.
+    ``0.0.0.0`` and ``[::]`` (every interface) are not loopback."""
+    text = host.strip().lower().removeprefix("[").removesuffix("]")
+    if text == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
 
 
 def _addr(key: str, value: str) -> str:
@@ -381,6 +407,12 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     # Hostile callers (issue #13): fail-open cap, cache byte bound.
     "fail_open_max_per_s": _int_in(1, 1_000_000),
     "decision_cache_max_bytes": _int_in(1, 1 << 40),
+    # -- transport security (issue 13, finding 5) --
+    "grpc_tls_cert": _path,
+    "grpc_tls_key": _path,
+    "grpc_tls_client_ca": _path,
+    "grpc_allow_plaintext": _bool,
+    "opa_allow_plaintext": _bool,
 }
 
 
@@ -423,6 +455,7 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
             raise ConfigError(str(exc).replace(repr(value), repr(shown))) from None
     settings = Settings(**values)
     _check_consistency(settings)
+    _check_transport(settings)
     return settings
 
 
@@ -451,4 +484,42 @@ def _check_consistency(settings: Settings) -> None:
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(
             "AUTHZ_RATE_LIMIT_BACKEND='redis': AUTHZ_REDIS_URL is required (redis://host:port/0)"
+        )
+
+
+_GRPC_TLS_KEYS: Final = ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca")
+
+
+def _check_transport(settings: Settings) -> None:
+    """No credential in clear on a network hop: the gRPC listener (every raw API key and
+    sandbox token arrives on it, every injected secret leaves on it) is mTLS or bound to
+    loopback, and OPA (it receives the same input) is reached over TLS, loopback or a
+    unix socket; each unless explicitly allowed."""
+    given = [name for name in _GRPC_TLS_KEYS if getattr(settings, name) is not None]
+    if given and len(given) != len(_GRPC_TLS_KEYS):
+        missing = [ENV_PREFIX + n.upper() for n in _GRPC_TLS_KEYS if n not in given]
+        shown = ", ".join(f"{ENV_PREFIX}{n.upper()}={str(getattr(settings, n))!r}" for n in given)
+        raise ConfigError(
+            f"{', '.join(missing)} not set ({shown}): the gRPC listener's mTLS needs "
+            "AUTHZ_GRPC_TLS_CERT, AUTHZ_GRPC_TLS_KEY and AUTHZ_GRPC_TLS_CLIENT_CA together"
+        )
+    host = settings.grpc_addr.rpartition(":")[0]
+    if not settings.grpc_tls and not settings.grpc_allow_plaintext and not is_loopback_host(host):
+        raise ConfigError(
+            f"AUTHZ_GRPC_ADDR={settings.grpc_addr!r}: refusing a plaintext gRPC listener on a "
+            "non-loopback address (whoever reaches it reads the credentials authz injects); "
+            "set AUTHZ_GRPC_TLS_CERT, AUTHZ_GRPC_TLS_KEY and AUTHZ_GRPC_TLS_CLIENT_CA (mTLS "
+            "with Envoy), or AUTHZ_GRPC_ALLOW_PLAINTEXT=true to accept the risk"
+        )
+    opa = urlsplit(settings.opa_url)
+    if (
+        opa.scheme == "http"
+        and not settings.opa_allow_plaintext
+        and not is_loopback_host(opa.hostname or "")
+    ):
+        raise ConfigError(
+            f"AUTHZ_OPA_URL={settings.opa_url!r}: refusing plaintext HTTP to a non-loopback "
+            "host (every decision input, API keys and sandbox tokens included, would cross "
+            "the network in clear); use https://, a loopback address (an OPA sidecar) or "
+            "unix:///path, or set AUTHZ_OPA_ALLOW_PLAINTEXT=true to accept the risk"
         )

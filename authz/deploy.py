@@ -22,6 +22,10 @@ What differs from the local Envoy configs, and only this:
   ``docker compose --scale``): :data:`DNS_ADDRESSES`;
 - the authz cluster health-checks each endpoint over gRPC (``grpc.health.v1``), so a
   replica that is draining (health NOT_SERVING after SIGTERM) stops getting Checks;
+- the gateway and egress listeners speak TLS (:data:`authz.egress_envoy.LISTENER_TLS_DIRS`:
+  ``/etc/envoy-tls/envoy-gateway`` and ``/etc/envoy-tls/envoy-egress``, ``tls.crt`` and
+  ``tls.key``, mounted from a Secret or Compose's generated certificates). Envoy -> authz
+  is mTLS already in the local configs (``/etc/envoy-tls/envoy-client``), unchanged here;
 - Envoy's admin API binds ``127.0.0.1:9900`` inside the container (its POST endpoints,
   ``/quitquitquit`` and the like, stay unreachable), and a read-only listener on the
   admin port (9901 gateway, 9902 egress) proxies ``GET`` of :data:`READ_ONLY_ADMIN_PATHS`
@@ -129,7 +133,9 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
 
     Raises ValueError naming a cluster on 127.0.0.1 that :data:`DNS_ADDRESSES` does not
     map (a new local cluster must be given a DNS name here, never silently keep a
-    loopback address), or a listener named ``admin_read_only`` already present.
+    loopback address), a listener without a certificate directory in
+    :data:`authz.egress_envoy.LISTENER_TLS_DIRS`, or a listener named
+    ``admin_read_only`` already present.
     """
     result = copy.deepcopy(dict(config))
     result["admin"] = {"address": egress_envoy.socket_address("127.0.0.1", INTERNAL_ADMIN_PORT)}
@@ -138,6 +144,14 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
         if listener["name"] == "admin_read_only":
             raise ValueError("listener 'admin_read_only' is reserved for the admin proxy")
         listener["address"]["socket_address"]["address"] = "0.0.0.0"
+        directory = egress_envoy.LISTENER_TLS_DIRS.get(listener["name"])
+        if directory is None:
+            raise ValueError(
+                f"listener {listener['name']!r} has no TLS certificate: give it a directory "
+                "in authz.egress_envoy.LISTENER_TLS_DIRS (no plaintext listener on 0.0.0.0)"
+            )
+        for chain in listener["filter_chains"]:
+            chain["transport_socket"] = egress_envoy.downstream_transport_socket(directory)
     for cluster in resources["clusters"]:
         name = cluster["name"]
         if cluster.get("type") != "STATIC":
@@ -182,8 +196,10 @@ def _header(source: str, what: str) -> str:
 # The same command with --check (run by the tests) fails when this file drifts.
 #
 # {what}
-# Differences from the local stack's config (authz/deploy.py): listeners on 0.0.0.0;
+# Differences from the local stack's config (authz/deploy.py): listeners on 0.0.0.0 with
+# TLS (certificate in /etc/envoy-tls/envoy-<proxy>/tls.crt, tls.key);
 # clusters by DNS name (STRICT_DNS): authz:9191 (gRPC health-checked), upstream-api:8090;
+# Envoy -> authz is mTLS as locally (/etc/envoy-tls/envoy-client: tls.crt, tls.key, ca.crt);
 # admin API on 127.0.0.1:9900 only, and a read-only listener on the admin port for
 # GET /ready, /stats (/stats/prometheus), /clusters, /server_info.
 """
@@ -227,11 +243,12 @@ def outputs(root: Path) -> dict[str, str]:
     egress = containerize(egress_local, admin_port=ADMIN_PORTS["egress"])
     gateway_text = _header(
         GATEWAY_SOURCE,
-        "Envoy API gateway for containers (Compose, Kubernetes): :8080 -> authz -> upstream-api.",
+        "Envoy API gateway for containers (Compose, Kubernetes): https :8080 -> authz -> "
+        "upstream-api.",
     ) + _dump(gateway)
     egress_text = _header(
         f"{EGRESS_SOURCE} (.services)",
-        "Envoy egress proxy for containers: :8443, Host: <service> -> authz -> the service.",
+        "Envoy egress proxy for containers: https :8443, Host: <service> -> authz -> the service.",
     ) + _dump(egress)
     envoy_maps = [
         _configmap("envoy-gateway", {"envoy.yaml": gateway_text}, COMPOSE_GATEWAY),

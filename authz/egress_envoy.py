@@ -33,12 +33,18 @@ import yaml
 from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
 
 __all__ = [
+    "AUTHZ_CLIENT_TLS_DIR",
+    "AUTHZ_TLS_NAME",
     "DECISION_PATH",
     "DEFAULT_CA_FILE",
     "DEFAULT_OUT",
     "DEFAULT_SERVICES",
+    "ENVOY_TLS_DIR",
+    "LISTENER_TLS_DIRS",
     "ROUTE_TIMEOUT",
     "Upstream",
+    "authz_transport_socket",
+    "downstream_transport_socket",
     "generate",
     "load_assignment",
     "main",
@@ -58,6 +64,21 @@ ROUTE_TIMEOUT: Final = "120s"
 # answers when OPA is slow (same as the gateway).
 EXT_AUTHZ_TIMEOUT: Final = "0.5s"
 UPSTREAM_CONNECT_TIMEOUT: Final = "5s"
+# Envoy's own TLS files as deployments mount them: one directory per kubernetes.io/tls
+# Secret (tls.crt, tls.key, ca.crt; cert-manager's layout). The local stack relocates the
+# directory to its run directory (authz.stack.envoy.relocate_tls).
+ENVOY_TLS_DIR: Final = "/etc/envoy-tls"
+# The client certificate Envoy presents to authz, and the CA authz's certificate must
+# chain to.
+AUTHZ_CLIENT_TLS_DIR: Final = f"{ENVOY_TLS_DIR}/envoy-client"
+# SNI sent to authz and the DNS SAN its certificate must carry: the Compose service and
+# Kubernetes Service name.
+AUTHZ_TLS_NAME: Final = "authz"
+# Listener name -> its server certificate's directory (TLS on the listeners: Compose,
+# Kubernetes, and the local stack with --tls).
+LISTENER_TLS_DIRS: Final[Mapping[str, str]] = MappingProxyType(
+    {"gateway": f"{ENVOY_TLS_DIR}/envoy-gateway", "egress": f"{ENVOY_TLS_DIR}/envoy-egress"}
+)
 
 _NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
 # A service name is what sandboxes send as Host: one lowercase DNS label.
@@ -226,7 +247,9 @@ def render(
 # The same command with --check (run by the tests) fails when this file drifts.
 #
 # Egress Envoy: sandboxes call 127.0.0.1:8443 with `Host: <service>`. ext_authz (authz, gRPC
-# 127.0.0.1:9191; context_extensions decision_path authz/egress/decision and service) decides
+# over mTLS 127.0.0.1:9191: Envoy's client certificate from /etc/envoy-tls/envoy-client,
+# authz's certificate checked for the SAN "authz"; context_extensions decision_path
+# authz/egress/decision and service) decides
 # and injects the service's credential; the request then goes to the service's base_url over
 # TLS (SNI; certificate checked against the system CA bundle and the host's DNS SAN).
 # Unknown services get a 404 after authz has denied them. Admin on 127.0.0.1:9902.
@@ -440,6 +463,62 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
     }
 
 
+def authz_transport_socket() -> dict[str, Any]:
+    """The ext_authz cluster's mTLS, as a v3 ``TransportSocket`` dict: Envoy presents the
+    client certificate in :data:`AUTHZ_CLIENT_TLS_DIR` and accepts authz only with a
+    certificate from that directory's ``ca.crt`` carrying the DNS SAN
+    :data:`AUTHZ_TLS_NAME` (also the SNI); ALPN h2 (gRPC). Identical in the gateway's
+    committed config (tests/unit/test_egress_envoy.py). Envoy reference:
+    ``api-v3/extensions/transport_sockets/tls/v3/tls.proto`` (UpstreamTlsContext) and
+    ``.../tls/v3/common.proto`` (CommonTlsContext.tls_certificates, validation_context)."""
+    directory = AUTHZ_CLIENT_TLS_DIR
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": AUTHZ_TLS_NAME,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": f"{directory}/tls.crt"},
+                        "private_key": {"filename": f"{directory}/tls.key"},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": f"{directory}/ca.crt"},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": AUTHZ_TLS_NAME}}
+                    ],
+                },
+            },
+        },
+    }
+
+
+def downstream_transport_socket(directory: str) -> dict[str, Any]:
+    """A listener's TLS, as a v3 ``TransportSocket`` dict: the server certificate
+    ``directory/tls.crt`` and key ``directory/tls.key``, ALPN h2 and http/1.1, TLS 1.2 at
+    least. Envoy reference: ``api-v3/extensions/transport_sockets/tls/v3/tls.proto``
+    (DownstreamTlsContext)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPE}.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": f"{directory}/tls.crt"},
+                        "private_key": {"filename": f"{directory}/tls.key"},
+                    }
+                ],
+            },
+        },
+    }
+
+
 def _authz_cluster(address: tuple[str, int]) -> dict[str, Any]:
     return {
         "name": "authz",
@@ -452,6 +531,9 @@ def _authz_cluster(address: tuple[str, int]) -> dict[str, Any]:
             }
         },
         "load_assignment": load_assignment("authz", *address),
+        # Every raw API key and sandbox token goes to authz, every injected secret comes
+        # back: mTLS both ways (authz refuses callers without this client certificate).
+        "transport_socket": authz_transport_socket(),
     }
 
 

@@ -13,9 +13,11 @@ import asyncio
 import gc
 import logging
 import signal
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, cast
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -28,7 +30,7 @@ from authz.authorizer import Authorizer, CredentialSource
 from authz.bundle import BundleWatcher
 from authz.cache import DecisionCache
 from authz.circuit import CLOSED, OPEN, CircuitBreaker
-from authz.config import Settings
+from authz.config import Settings, is_loopback_host
 from authz.control import Control
 from authz.errors import ConfigError
 from authz.expiry import KeyExpiryWatch
@@ -48,6 +50,7 @@ __all__ = [
     "build_authorizer",
     "build_limiter",
     "create_server",
+    "grpc_server_credentials",
     "serve",
 ]
 
@@ -110,17 +113,115 @@ def build_authorizer(
     )
 
 
-async def create_server(authorizer: Authorizer, addr: str) -> AuthzServer:
+def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The gRPC listener's mTLS credentials from ``AUTHZ_GRPC_TLS_CERT`` (PEM chain),
+    ``AUTHZ_GRPC_TLS_KEY`` (its PEM private key) and ``AUTHZ_GRPC_TLS_CLIENT_CA`` (PEM CA
+    certificates; a client must present a certificate issued by one of them: Envoy's),
+    or None when the settings ask for none (plaintext, which config allows only on
+    loopback or with ``AUTHZ_GRPC_ALLOW_PLAINTEXT``).
+
+    The files are read and checked here: an unreadable file, a certificate and key that
+    are not PEM or do not match, or a CA file without a certificate raises ConfigError
+    naming the key and the path (never the key material). They are reloaded when they
+    change (:class:`_TlsFiles`, checked at each new connection), so a renewed
+    certificate needs no restart; a bad renewal is logged and the previous files stay in
+    use. Client authentication is always required. Built with grpc's
+    ``dynamic_ssl_server_credentials`` (https://grpc.github.io/grpc/python/grpc.html#
+    create-server-credentials)."""
+    if (
+        settings.grpc_tls_cert is None
+        or settings.grpc_tls_key is None
+        or settings.grpc_tls_client_ca is None
+    ):
+        return None
+    files = _TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
+    # grpc documents None as "keep the current configuration"; its stubs do not.
+    fetch = cast("Callable[[], grpc.ServerCertificateConfiguration]", files.fetch)
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial, fetch, require_client_authentication=True
+    )
+
+
+class _TlsFiles:
+    """The listener's certificate, key and client CA, re-read when one of them changes
+    (size, mtime or inode: a Kubernetes Secret update swaps a symlink)."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path) -> None:
+        self._paths = (cert, key, client_ca)
+        self.initial = self._load()  # first: its errors name the setting
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [path.stat() for path in self._paths]
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert_path, key_path, ca_path = self._paths
+        cert = _read_tls_file("AUTHZ_GRPC_TLS_CERT", cert_path)
+        key = _read_tls_file("AUTHZ_GRPC_TLS_KEY", key_path)
+        client_ca = _read_tls_file("AUTHZ_GRPC_TLS_CLIENT_CA", ca_path)
+        # The standard library's TLS parses PEM and matches key and certificate with
+        # precise errors; grpc would only fail later, without saying which file.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"AUTHZ_GRPC_TLS_CERT={str(cert_path)!r}, AUTHZ_GRPC_TLS_KEY="
+                f"{str(key_path)!r}: not a PEM certificate chain and its matching private "
+                f"key ({exc.reason or exc.strerror})"
+            ) from None
+        try:
+            context.load_verify_locations(cadata=client_ca.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError):
+            raise ConfigError(
+                f"AUTHZ_GRPC_TLS_CLIENT_CA={str(ca_path)!r}: no PEM CA certificate in it"
+            ) from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc's certificate_configuration_fetcher: called for each new connection; a
+        new configuration when the files changed and are valid, else None (keep)."""
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return None
+            self._stamp = stamp  # one attempt (and one log line) per change
+            config = self._load()
+        except (OSError, ConfigError) as exc:
+            log.error(
+                "gRPC TLS files changed but cannot be used; keeping the previous ones",
+                extra={"error": str(exc)},
+            )
+            return None
+        log.info("gRPC TLS certificates reloaded")
+        return config
+
+
+def _read_tls_file(key: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read: {exc.strerror}") from None
+
+
+async def create_server(
+    authorizer: Authorizer, addr: str, credentials: grpc.ServerCredentials | None = None
+) -> AuthzServer:
     """Build and start a grpc.aio server on ``addr`` (``host:port``; port 0 = any free)
-    serving Check and ``grpc.health.v1.Health``. Raises RuntimeError if the address
-    cannot be bound."""
+    serving Check and ``grpc.health.v1.Health``, over TLS with ``credentials``
+    (:func:`grpc_server_credentials`) or plaintext without. Raises RuntimeError if the
+    address cannot be bound."""
     server = grpc.aio.server(options=_GRPC_OPTIONS)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(authorizer), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(addr)
+    if credentials is None:
+        port = server.add_insecure_port(addr)
+    else:
+        port = server.add_secure_port(addr, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {addr!r}")
     await server.start()
@@ -135,6 +236,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     ConfigError before serving anything when a file it needs (secrets, audit database,
     overrides) is unusable."""
     _tune_gc()
+    grpc_credentials = grpc_server_credentials(settings)
     metrics = Metrics()
     secrets = SecretStore.open(settings.secrets_file) if settings.secrets_file else None
     opa = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
@@ -172,7 +274,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     authorizer = build_authorizer(
         settings, breaker, sinks, secrets, limiter, control=control, cache=cache
     )
-    grpc_server = await create_server(authorizer, settings.grpc_addr)
+    grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
     watcher = BundleWatcher(
         opa,
         interval_s=settings.bundle_poll_interval_s,
@@ -252,6 +354,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         extra={
             "grpc_addr": settings.grpc_addr,
             "grpc_port": grpc_server.port,
+            "grpc_mtls": grpc_credentials is not None,
             "admin_port": bound_admin,
             "opa_url": settings.opa_url,
             "default_decision_path": settings.default_decision_path,
@@ -265,6 +368,12 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             "decision_cache_ttl_s": settings.decision_cache_ttl_s,
         },
     )
+    if grpc_credentials is None and not is_loopback_host(settings.grpc_addr.rpartition(":")[0]):
+        log.warning(
+            "gRPC listener is plaintext on a non-loopback address (AUTHZ_GRPC_ALLOW_PLAINTEXT): "
+            "credentials cross the network in clear",
+            extra={"grpc_addr": settings.grpc_addr},
+        )
     if settings.fail_open_paths:
         log.warning(
             "fail-open paths allow requests when OPA fails",

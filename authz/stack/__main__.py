@@ -20,16 +20,20 @@ from authz.stack.supervisor import Ports, Stack, StackError
 
 def _banner(stack: Stack) -> str:
     p = stack.ports
-    gw = f"http://127.0.0.1:{p.gateway}"
-    eg = f"http://127.0.0.1:{p.egress}"
+    scheme = "https" if stack.tls_listeners else "http"
+    gw = f"{scheme}://127.0.0.1:{p.gateway}"
+    eg = f"{scheme}://127.0.0.1:{p.egress}"
     base = {"gateway": gw, "egress": eg}
+    ca = stack.mtls_dir / "ca.crt"
+    curl = f"curl -i --cacert {ca}" if stack.tls_listeners else "curl -i"
 
     def examples(proxy: str) -> str:
         lines = []
         for example in EXAMPLES:
             if example.proxy == proxy:
                 outcome = f"{example.status} {example.error or ''}".strip()
-                lines.append(f"  {example.curl(base[proxy])}\n      # -> {outcome}")
+                command = example.curl(base[proxy]).replace("curl -i", curl, 1)
+                lines.append(f"  {command}\n      # -> {outcome}")
         return "\n".join(lines)
 
     return f"""
@@ -37,7 +41,8 @@ authz local stack is up (logs: {stack.run_dir / "logs"})
 
   gateway (Envoy)     {gw}   admin http://127.0.0.1:{p.gateway_admin}
   egress  (Envoy)     {eg}   admin http://127.0.0.1:{p.egress_admin}
-  authz (ext_authz)   127.0.0.1:{p.authz_grpc} (gRPC)   admin http://127.0.0.1:{p.authz_admin}/readyz
+  authz (ext_authz)   127.0.0.1:{p.authz_grpc} (gRPC, mTLS: Envoy's client certificate; CA {ca})
+                      admin http://127.0.0.1:{p.authz_admin}/readyz
   OPA                 http://127.0.0.1:{p.opa}
   demo upstream       http://127.0.0.1:{p.upstream}
   egress stand-in     https://127.0.0.1:{p.standin} (plays every service's host; CA {stack.tls.ca})
@@ -71,6 +76,12 @@ def main() -> int:
         action="store_true",
         help="start redis-server and use it as authz's shared rate-limit backend",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on the gateway and egress listeners too (https://127.0.0.1, certificates "
+        "from the stack's local CA, <run-dir>/mtls/ca.crt); Envoy -> authz is always mTLS",
+    )
     args = parser.parse_args()
     root = args.root.resolve()
     bundle_dir = args.bundle_dir or root / "build/bundles"
@@ -88,6 +99,7 @@ def main() -> int:
         Ports(),
         secrets_file=secrets_file,
         redis=args.redis,
+        tls_listeners=args.tls,
     )
     try:
         stack.start()

@@ -7,7 +7,10 @@ gateway -> Envoy egress), waiting for each to be ready, and stops them in revers
 Children get ``PR_SET_PDEATHSIG`` so they die with the supervisor even if it is killed
 hard: no orphans.
 
-All processes bind 127.0.0.1. Logs go to ``<run_dir>/logs/<name>.log``.
+All processes bind 127.0.0.1. Logs go to ``<run_dir>/logs/<name>.log``. Envoy -> authz
+is mTLS, as in every deployment: the certificates come from a throwaway CA in
+``<run_dir>/mtls`` (:data:`STACK_LEAVES`); ``tls_listeners`` also puts TLS on the
+gateway and egress listeners (the same certificates' CA, ``<run_dir>/mtls/ca.crt``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from authz.stack import envoy, tls
 
 __all__ = [
     "EGRESS_SERVICES",
+    "STACK_LEAVES",
     "Ports",
     "Process",
     "Stack",
@@ -51,6 +55,12 @@ HOST: Final = "127.0.0.1"
 # The egress services (relative to the repository root): the stand-in plays their hosts.
 EGRESS_SERVICES: Final = "policy/egress/data.json"
 _PR_SET_PDEATHSIG: Final = 1
+# The deployment's certificates the stack needs: authz's server certificate, Envoy's
+# client certificate, the two listeners' (used with tls_listeners only).
+STACK_LEAVES: Final = {
+    name: tls.DEPLOYMENT_LEAVES[name]
+    for name in ("authz", "envoy-client", "envoy-gateway", "envoy-egress")
+}
 
 
 class StackError(RuntimeError):
@@ -212,8 +222,12 @@ class Stack:
 
     ``root`` is the repository (for ``infra/`` and ``policy/egress/data.json``);
     ``bundle_dir`` holds ``authz.tar.gz`` (built by ``scripts/build-policy-bundle``);
-    ``run_dir`` receives logs, rendered configs and ``tls/`` (a local CA and the
-    stand-in's certificate for every egress service host). ``authz_env`` adds ``AUTHZ_*``
+    ``run_dir`` receives logs, rendered configs, ``tls/`` (a local CA and the
+    stand-in's certificate for every egress service host) and ``mtls/`` (another CA,
+    authz's server and Envoy's client certificates: authz requires the client certificate
+    on its gRPC port, Envoy requires authz's). ``tls_listeners``: the gateway and egress
+    listeners speak TLS too (certificates for ``localhost``/``127.0.0.1`` from
+    ``mtls/ca.crt``). ``authz_env`` adds ``AUTHZ_*``
     settings for the authz process. ``secrets_file`` (authz's egress secrets file, JSON
     ``{"version": 1, "credentials": {service: secret}}``) goes to authz as
     ``AUTHZ_SECRETS_FILE`` and to the stand-in, which then checks the credential each
@@ -239,6 +253,7 @@ class Stack:
         secrets_file: Path | None = None,
         redis: bool = False,
         wrap: Callable[[Process], Process] | None = None,
+        tls_listeners: bool = False,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -247,6 +262,9 @@ class Stack:
         self.secrets_file = secrets_file
         self.redis = redis
         self.tls = tls.TlsFiles(run_dir / "tls")
+        self.mtls_dir = run_dir / "mtls"
+        self.mtls = {name: tls.LeafFiles(self.mtls_dir / name) for name in STACK_LEAVES}
+        self.tls_listeners = tls_listeners
         self._authz_env = dict(authz_env or {})
         self._envoy_concurrency = envoy_concurrency
         # Replaces process definitions before start (authz.stack.containers runs OPA and
@@ -356,6 +374,7 @@ class Stack:
         opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
         envoy_bin = find_binary("envoy", "AUTHZ_ENVOY_BIN")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        tls.ensure_pki(self.mtls_dir, STACK_LEAVES)
         gateway_yaml = self.run_dir / "envoy-gateway.yaml"
         gateway_yaml.write_text(
             envoy.render(
@@ -363,6 +382,8 @@ class Stack:
                 admin_port=p.gateway_admin,
                 listeners={"gateway": p.gateway},
                 clusters={"authz": (HOST, p.authz_grpc), "upstream_api": (HOST, p.upstream)},
+                tls_dir=self.mtls_dir,
+                tls_listeners=["gateway"] if self.tls_listeners else [],
             ),
             encoding="utf-8",
         )
@@ -384,6 +405,8 @@ class Stack:
             )
         except (ValueError, AttributeError) as exc:
             raise StackError(f"bad egress services in {EGRESS_SERVICES}: {exc}") from exc
+        envoy.secure_listeners(egress_config, ["egress"] if self.tls_listeners else [])
+        envoy.relocate_tls(egress_config, self.mtls_dir)
         egress_yaml = self.run_dir / "envoy-egress.yaml"
         egress_yaml.write_text(yaml.safe_dump(egress_config, sort_keys=False), encoding="utf-8")
         secrets_env: dict[str, str] = {}
@@ -405,6 +428,10 @@ class Stack:
                 "AUTHZ_OPA_URL": f"http://{HOST}:{p.opa}",
                 "AUTHZ_AUDIT_DB": str(self.run_dir / "audit.db"),
                 "AUTHZ_OVERRIDES_FILE": str(self.run_dir / "overrides.json"),
+                # mTLS: only a client with Envoy's certificate gets an answer.
+                "AUTHZ_GRPC_TLS_CERT": str(self.mtls["authz"].cert),
+                "AUTHZ_GRPC_TLS_KEY": str(self.mtls["authz"].key),
+                "AUTHZ_GRPC_TLS_CLIENT_CA": str(self.mtls["authz"].ca),
                 **secrets_env,
                 **self._authz_env,
             },

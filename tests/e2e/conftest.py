@@ -6,6 +6,10 @@ bundle is built with the key and sandbox digests by ``scripts/build-policy-bundl
 <tmp overlay>`` into a temporary bundle directory that the stack's bundle server serves
 to OPA; the secrets file is written with ``authz.secrets.write_secrets_file``.
 
+Envoy -> authz is mTLS, as in every deployment (the stack's ``mtls/`` CA): a test that
+talks to the stack's authz directly uses :func:`authz_channel` with Envoy's client
+certificate.
+
 ``AUTHZ_E2E_CONTAINERS=1`` runs OPA and both Envoys from their images (testcontainers,
 ``authz.stack.containers``) instead of local binaries; it needs a Docker engine on this
 machine and fails the session without one. Unset (the default), no Docker is needed.
@@ -237,6 +241,26 @@ def authz_processes(
     finally:
         for process in started:
             process.stop()
+
+
+def authz_channel(e2e: Env, *, client: Path | None = None, tls: bool = True) -> grpc.Channel:
+    """A blocking channel to the stack's authz gRPC port: TLS trusting the stack's CA and
+    expecting authz's SAN ("authz", as Envoy does), presenting the client certificate in
+    the ``client`` directory (``tls.crt``, ``tls.key``; default Envoy's; a directory
+    without them: no client certificate); ``tls=False``: plaintext."""
+    target = f"127.0.0.1:{e2e.stack.ports.authz_grpc}"
+    if not tls:
+        return grpc.insecure_channel(target)
+    directory = client if client is not None else e2e.stack.mtls["envoy-client"].directory
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    credentials = grpc.ssl_channel_credentials(
+        e2e.stack.mtls["authz"].ca.read_bytes(),
+        private_key=key.read_bytes() if key.exists() else None,
+        certificate_chain=cert.read_bytes() if cert.exists() else None,
+    )
+    return grpc.secure_channel(
+        target, credentials, options=(("grpc.ssl_target_name_override", "authz"),)
+    )
 
 
 def check_all(

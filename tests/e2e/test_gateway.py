@@ -8,13 +8,12 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
-from tests.e2e.conftest import Env
+from tests.e2e.conftest import Env, authz_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -261,7 +260,7 @@ def _wait_for_line(path: Path, needle: str, timeout_s: float = 5.0) -> str:
 
 
 def test_grpc_health_serving(e2e: Env) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{e2e.stack.ports.authz_grpc}") as channel:
+    with authz_channel(e2e) as channel:  # mTLS with Envoy's client certificate
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "envoy.service.auth.v3.Authorization"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)

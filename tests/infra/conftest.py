@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authz.stack import envoy
 from authz.stack.supervisor import Process, free_port, http_ok
+from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,18 +98,29 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
     return write_key_pair(tmp_path_factory.mktemp("keys"), "bundle-signing")
 
 
+def deployment_tls(directory: Path) -> Path:
+    """The deployment's certificates (``python -m authz.stack.tls``'s layout, what
+    Compose generates and the Kubernetes Secrets hold) issued into ``directory``, for
+    running or validating the shipped Envoy configs with their TLS files relocated there
+    (:func:`authz.stack.envoy.relocate_tls`)."""
+    ensure_pki(directory, DEPLOYMENT_LEAVES)
+    return directory
+
+
 def http_get(
     url: str,
     headers: dict[str, str] | None = None,
     *,
     method: str = "GET",
     body: bytes | None = None,
+    ca_file: Path | None = None,
 ) -> tuple[int, bytes]:
     """(status, body) of one request (GET unless ``method``); HTTP errors are returned,
-    not raised."""
+    not raised. An https ``url`` is verified against ``ca_file``."""
     request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    context = ssl.create_default_context(cafile=ca_file) if ca_file is not None else None
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -125,11 +138,13 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str =
 
 @dataclass(frozen=True)
 class DeployEnvoy:
-    """A deployment Envoy config running on free ports (listener, read-only admin)."""
+    """A deployment Envoy config running on free ports (listener, read-only admin); the
+    listener speaks TLS with a certificate from ``ca`` (SAN ``localhost``)."""
 
     name: str
     listener: int
     admin: int
+    ca: Path
 
 
 @pytest.fixture(scope="session")
@@ -139,8 +154,9 @@ def deploy_envoys(
     """infra/compose/envoy/envoy-{gateway,egress}.yaml running, each on free ports (same
     file; only ports, the internal admin port and loopback listeners changed). Their DNS
     upstreams do not resolve here, so requests get ext_authz errors (503): enough for
-    every stat to exist."""
+    every stat to exist. Their TLS files are issued for the test (:func:`deployment_tls`)."""
     base = tmp_path_factory.mktemp("deploy-envoy")
+    tls_dir = deployment_tls(base / "tls")
     running: dict[str, DeployEnvoy] = {}
     processes: list[Process] = []
     for name, listener_name in (("gateway", "gateway"), ("egress", "egress")):
@@ -152,6 +168,7 @@ def deploy_envoys(
                 admin_port=internal,
                 listeners={listener_name: listener, "admin_read_only": admin},
                 clusters={"admin": ("127.0.0.1", internal)},
+                tls_dir=tls_dir,
             )
         )
         for item in rendered["static_resources"]["listeners"]:  # loopback only in tests
@@ -166,7 +183,7 @@ def deploy_envoys(
         processes.append(process)
         process.start()
         process.wait_ready(30)
-        running[name] = DeployEnvoy(name, listener, admin)
+        running[name] = DeployEnvoy(name, listener, admin, tls_dir / "ca.crt")
     try:
         yield running
     finally:

@@ -11,8 +11,12 @@ service that uses it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +25,9 @@ import pytest
 import yaml
 
 from authz import deploy
+from authz.config import Settings, load
+from authz.errors import ConfigError
+from authz.stack.tls import DEPLOYMENT_LEAVES
 from tests.infra.conftest import ROOT
 
 COMPOSE = ROOT / "infra/compose"
@@ -88,6 +95,7 @@ def test_combinations_load(projects: dict[str, Any]) -> None:
         "opa",
         "bundle-server",
         "upstream-api",
+        "tls-init",
     }
     assert "redis" in projects["production+redis"]["services"]
     assert {"prometheus", "grafana", "loki", "promtail"} <= set(
@@ -136,15 +144,25 @@ def _services(projects: dict[str, Any], *names: str) -> list[tuple[str, str, dic
     ]
 
 
+# Run once and exit (the certificates), never restarted.
+ONE_SHOT = {"tls-init"}
+
+
 def test_healthchecks_and_start_order(projects: dict[str, Any]) -> None:
     """Every long-running service has a healthcheck, and every dependency waits for the
-    dependency to be healthy (upstream-api on authz: started, as it only shares the image)."""
+    dependency to be healthy (upstream-api on authz: started, as it only shares the image;
+    a one-shot service: completed successfully)."""
     for combo, name, service in _services(projects, *COMBINATIONS):
+        if name in ONE_SHOT:
+            assert service["restart"] == "no", f"{combo}/{name}"
+            continue
         if name != "promtail":  # its image has no HTTP client; Loki's health covers the path
             assert service.get("healthcheck", {}).get("test"), f"{combo}/{name}"
         for dependency, spec in (service.get("depends_on") or {}).items():
             shares_image = (name, dependency) == ("upstream-api", "authz")
             expected = "service_started" if shares_image else "service_healthy"
+            if dependency in ONE_SHOT:
+                expected = "service_completed_successfully"
             assert spec["condition"] == expected, f"{combo}/{name} -> {dependency}"
 
 
@@ -308,3 +326,147 @@ def test_grafana_provisioning_paths_match_the_mounts(projects: dict[str, Any]) -
     config = yaml.safe_load((ROOT / "infra/monitoring/prometheus/prometheus.yml").read_text())
     for rule_file in config["rule_files"]:
         assert f"/etc/prometheus/{rule_file}" in mounted
+
+
+def _tls_leaf_paths(project: dict[str, Any], name: str, value: str) -> tuple[str, str]:
+    """(leaf, file) of ``value``, a path inside the volume "tls" as ``name`` mounts it."""
+    (mount,) = [v for v in project["services"][name]["volumes"] if v.get("source") == "tls"]
+    assert mount["read_only"] is True, name
+    relative = Path(value).relative_to(mount["target"])
+    leaf, file = relative.parts
+    return leaf, file
+
+
+def test_tls_init_issues_every_certificate_the_services_use(projects: dict[str, Any]) -> None:
+    """tls-init writes the volume "tls" (python -m authz.stack.tls); each private key is
+    owned by the uid of the service that reads it (keys are 0600)."""
+    for combo in COMBINATIONS:
+        project = projects[combo]
+        init = project["services"]["tls-init"]
+        assert init["entrypoint"][:3] == ["python", "-m", "authz.stack.tls"]
+        owners = dict(
+            arg.removeprefix("--owner=").split("=")
+            for arg in init["entrypoint"]
+            if "--owner" in arg
+        )
+        assert set(owners) == set(DEPLOYMENT_LEAVES), combo
+        assert owners["authz"].startswith("10001:"), combo  # the image's user (Dockerfile)
+        assert owners["opa"] == project["services"]["opa"]["user"], combo
+        for proxy in ("envoy-client", "envoy-gateway", "envoy-egress"):
+            assert owners[proxy].startswith("101:"), combo  # the Envoy image's user
+        assert [v["target"] for v in init["volumes"] if v.get("source") == "tls"] == ["/tls"]
+
+
+def _authz_settings(project: dict[str, Any]) -> Settings:
+    """authz's settings in the project: the image's ENV (Dockerfile: AUTHZ_GRPC_ADDR on
+    every interface) overlaid with the service's environment, through authz's own rules."""
+    environment = {"AUTHZ_GRPC_ADDR": "0.0.0.0:9191", **project["services"]["authz"]["environment"]}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "AUTHZ_GRPC_ADDR=0.0.0.0:9191" in dockerfile
+    return load(environment)
+
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_authz_requires_envoys_client_certificate(projects: dict[str, Any], combo: str) -> None:
+    """authz's gRPC port is mTLS in every Compose stack (authz always requires the client
+    certificate when AUTHZ_GRPC_TLS_* are set), with files tls-init issues."""
+    project = projects[combo]
+    environment = project["services"]["authz"]["environment"]
+    assert "AUTHZ_GRPC_ALLOW_PLAINTEXT" not in environment
+    settings = _authz_settings(project)
+    assert settings.grpc_tls
+    for key, expected in (
+        ("AUTHZ_GRPC_TLS_CERT", ("authz", "tls.crt")),
+        ("AUTHZ_GRPC_TLS_KEY", ("authz", "tls.key")),
+        ("AUTHZ_GRPC_TLS_CLIENT_CA", ("authz", "ca.crt")),
+    ):
+        assert _tls_leaf_paths(project, "authz", environment[key]) == expected, key
+
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_authz_reaches_opa_over_tls(projects: dict[str, Any], combo: str) -> None:
+    """Every decision input (API keys, sandbox tokens) goes to OPA: https to OPA's TLS
+    listener, its certificate checked against tls-init's CA (SAN "opa")."""
+    project = projects[combo]
+    environment = project["services"]["authz"]["environment"]
+    assert "AUTHZ_OPA_ALLOW_PLAINTEXT" not in environment
+    settings = _authz_settings(project)
+    url = urlsplit(settings.opa_url)
+    assert (url.scheme, url.hostname) == ("https", "opa")
+    assert _tls_leaf_paths(project, "authz", environment["SSL_CERT_FILE"]) == ("opa", "ca.crt")
+    command = project["services"]["opa"]["command"]
+    assert "--addr=https://0.0.0.0:8181" in command
+    assert not [arg for arg in command if arg.startswith("--addr=") and "https://" not in arg]
+    for flag, expected in (
+        ("--tls-cert-file=", ("opa", "tls.crt")),
+        ("--tls-private-key-file=", ("opa", "tls.key")),
+    ):
+        (value,) = [arg.removeprefix(flag) for arg in command if arg.startswith(flag)]
+        assert _tls_leaf_paths(project, "opa", value) == expected
+
+
+def test_plaintext_opa_would_be_refused(projects: dict[str, Any]) -> None:
+    """The check above can fail: authz's own rules refuse the old http://opa:8181."""
+    environment = dict(projects["production"]["services"]["authz"]["environment"])
+    environment["AUTHZ_OPA_URL"] = "http://opa:8181"
+    with pytest.raises(ConfigError, match="AUTHZ_OPA_URL"):
+        load(environment)
+
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_envoys_mount_their_certificates(projects: dict[str, Any], combo: str) -> None:
+    """The proxies' configs read /etc/envoy-tls/<leaf>/...: the volume "tls" is mounted
+    there, and every leaf they name is one tls-init issues."""
+    project = projects[combo]
+    for proxy in ("gateway", "egress"):
+        name = f"envoy-{proxy}"
+        if name not in project["services"]:
+            continue
+        text = (ROOT / f"infra/compose/envoy/envoy-{proxy}.yaml").read_text()
+        files = set(re.findall(r"/etc/envoy-tls/[a-z-]+/[a-z.]+", text))
+        assert files, name
+        for path in files:
+            leaf, file = _tls_leaf_paths(project, name, path)
+            assert leaf in DEPLOYMENT_LEAVES
+            assert file in ("tls.crt", "tls.key", "ca.crt")
+
+
+def _name(spec: str) -> str:
+    """The normalized distribution name of a requirement (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ (]", spec, maxsplit=1)[0]).lower()
+
+
+def _with_requirements(names: set[str]) -> set[str]:
+    """``names`` and everything they require (installed here), extras excluded."""
+    closure, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [_name(spec) for spec in requires if "extra ==" not in spec]
+    return closure
+
+
+def test_tls_init_needs_only_runtime_dependencies() -> None:
+    """The image holds pyproject's runtime dependencies only (the Dockerfile installs
+    ``.``, no extras): every distribution ``python -m authz.stack.tls`` imports is one of
+    them or what they require."""
+    probe = (
+        "import json, sys, importlib.metadata as m; import authz.stack.tls; "
+        "top = {n.split('.')[0] for n in sys.modules if not n.startswith('_')}; "
+        "dists = m.packages_distributions(); "
+        "print(json.dumps(sorted({d for t in top for d in dists.get(t, [])})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    imported = {_name(name) for name in json.loads(result.stdout)}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _with_requirements({_name(spec) for spec in project["dependencies"]})
+    assert "cryptography" in imported  # the probe sees third-party imports
+    assert imported - {"authz"} <= runtime

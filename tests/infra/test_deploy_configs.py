@@ -82,6 +82,11 @@ def _undo_containerize(config: dict[str, Any], local: dict[str, Any]) -> dict[st
     for listener in resources["listeners"]:
         assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
         listener["address"] = local_listeners[listener["name"]]["address"]
+        tls = egress_envoy.downstream_transport_socket(
+            egress_envoy.LISTENER_TLS_DIRS[listener["name"]]
+        )
+        for chain in listener["filter_chains"]:
+            assert chain.pop("transport_socket") == tls
     local_clusters = {item["name"]: item for item in local["static_resources"]["clusters"]}
     for cluster in resources["clusters"]:
         name = cluster["name"]
@@ -123,6 +128,36 @@ def test_k8s_configmaps_embed_the_compose_configs() -> None:
     opa = yaml.safe_load((ROOT / deploy.K8S_OPA).read_text(encoding="utf-8"))
     assert opa["data"]["opa.yaml"] == (ROOT / "infra/opa/opa-file.yaml").read_text()
     assert sorted(opa["data"]) == ["opa.yaml", "system.authz.rego", "system.log.rego"]
+
+
+@pytest.mark.parametrize("generated", [deploy.COMPOSE_GATEWAY, deploy.COMPOSE_EGRESS])
+def test_deploy_listeners_speak_tls(generated: str) -> None:
+    """Clients' API keys and sandboxes' tokens arrive on these listeners: TLS on every
+    one but the read-only admin listener (which carries no credential)."""
+    listeners = _load(ROOT / generated)["static_resources"]["listeners"]
+    secured = set()
+    for listener in listeners:
+        for chain in listener["filter_chains"]:
+            socket = chain.get("transport_socket", {}).get("typed_config", {})
+            if listener["name"] == "admin_read_only":
+                assert not socket
+                continue
+            assert socket["@type"].endswith("tls.v3.DownstreamTlsContext")
+            (certificate,) = socket["common_tls_context"]["tls_certificates"]
+            directory = egress_envoy.LISTENER_TLS_DIRS[listener["name"]]
+            assert certificate["private_key"] == {"filename": f"{directory}/tls.key"}
+            secured.add(listener["name"])
+    assert secured & {"gateway", "egress"}
+
+
+def test_a_listener_without_a_certificate_is_refused() -> None:
+    """A new local listener cannot reach the deployments as plaintext on 0.0.0.0."""
+    config = _load(LOCAL_GATEWAY)
+    extra = copy.deepcopy(config["static_resources"]["listeners"][0])
+    extra["name"] = "new_listener"
+    config["static_resources"]["listeners"].append(extra)
+    with pytest.raises(ValueError, match="new_listener"):
+        deploy.containerize(config, admin_port=9901)
 
 
 def test_an_unmapped_local_cluster_is_refused() -> None:

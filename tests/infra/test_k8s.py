@@ -13,8 +13,10 @@ configs' DNS names are Services.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -22,6 +24,8 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
 from authz import deploy
+from authz.config import is_loopback_host, load
+from authz.errors import ConfigError
 from tests.infra.conftest import ROOT
 
 K8S = ROOT / "infra/k8s"
@@ -244,9 +248,80 @@ def test_envoy_pods_mount_the_generated_configs(
 ) -> None:
     for proxy in ("gateway", "egress"):
         spec = resources[("Deployment", f"envoy-{proxy}")]["spec"]["template"]["spec"]
-        (volume,) = spec["volumes"]
+        (volume,) = [v for v in spec["volumes"] if "configMap" in v]
         assert volume["configMap"]["name"] == f"envoy-{proxy}"
         args = spec["containers"][0]["args"]
         assert args[:2] == ["-c", "/etc/envoy/envoy.yaml"]
         port = deploy.ADMIN_PORTS[proxy]
         assert {p["containerPort"] for p in spec["containers"][0]["ports"]} >= {port}
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _secret_file(spec: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file ``path`` as the container sees it."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for mount in container["volumeMounts"]:
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(directory) and "secret" in volumes[mount["name"]]:
+            assert mount.get("readOnly") is True, mount
+            secret = volumes[mount["name"]]["secret"]
+            relative = path.removeprefix(directory)
+            (item,) = [i for i in secret["items"] if i["path"] == relative]
+            return secret["secretName"], item["key"]
+    raise AssertionError(f"{container['name']}: nothing mounts {path}")
+
+
+def test_authz_requires_envoys_client_certificate() -> None:
+    """authz's gRPC port is mTLS (AUTHZ_GRPC_TLS_*: authz then always requires the client
+    certificate), from the Secret authz-grpc-tls; authz's own rules accept the settings."""
+    spec = _authz_deployment()["spec"]["template"]["spec"]
+    authz = next(c for c in spec["containers"] if c["name"] == "authz")
+    env = _env(authz)
+    assert "AUTHZ_GRPC_ALLOW_PLAINTEXT" not in env
+    assert "AUTHZ_OPA_ALLOW_PLAINTEXT" not in env
+    settings = load(env)
+    assert settings.grpc_addr == "0.0.0.0:9191"
+    assert settings.grpc_tls
+    assert is_loopback_host(urlsplit(settings.opa_url).hostname or "")  # the OPA sidecar
+    for key, secret_key in (
+        ("AUTHZ_GRPC_TLS_CERT", "tls.crt"),
+        ("AUTHZ_GRPC_TLS_KEY", "tls.key"),
+        ("AUTHZ_GRPC_TLS_CLIENT_CA", "ca.crt"),
+    ):
+        assert _secret_file(spec, authz, env[key]) == ("authz-grpc-tls", secret_key), key
+
+
+def test_plaintext_authz_would_be_refused() -> None:
+    """The check above can fail: without the TLS settings authz refuses 0.0.0.0."""
+    spec = _authz_deployment()["spec"]["template"]["spec"]
+    authz = next(c for c in spec["containers"] if c["name"] == "authz")
+    env = {k: v for k, v in _env(authz).items() if not k.startswith("AUTHZ_GRPC_TLS_")}
+    with pytest.raises(ConfigError, match=re.escape("AUTHZ_GRPC_ADDR='0.0.0.0:9191'")):
+        load(env)
+
+
+def test_envoy_pods_mount_their_tls_secrets(
+    resources: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """Every TLS file the proxies' configs name (/etc/envoy-tls/...) is a key of a Secret
+    mounted there: the client certificate for authz and the listener's certificate."""
+    expected = {
+        "envoy-client": "authz-envoy-client-tls",
+        "envoy-gateway": "envoy-gateway-tls",
+        "envoy-egress": "envoy-egress-tls",
+    }
+    for proxy in ("gateway", "egress"):
+        spec = resources[("Deployment", f"envoy-{proxy}")]["spec"]["template"]["spec"]
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
+        config = (ROOT / f"infra/compose/envoy/envoy-{proxy}.yaml").read_text()
+        files = set(re.findall(r"/etc/envoy-tls/[a-z-]+/[a-z.]+", config))
+        leaves = {path.split("/")[3] for path in files}
+        assert leaves == {"envoy-client", f"envoy-{proxy}"}
+        for path in files:
+            secret, key = _secret_file(spec, spec["containers"][0], path)
+            assert secret == expected[path.split("/")[3]]
+            assert key == path.rsplit("/", 1)[1]
+            assert resources[("Secret", secret)]["type"] == "kubernetes.io/tls"

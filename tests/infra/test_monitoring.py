@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram, Info, Summary
 from authz.metrics import Metrics
 from authz.record import DecisionRecord
 from authz.stack.supervisor import Process, free_port, http_ok
-from tests.infra.conftest import ROOT, DeployEnvoy, KeyPair, http_get
+from tests.infra.conftest import ROOT, DeployEnvoy, KeyPair, deployment_tls, http_get
 from tests.infra.test_opa import build_bundle, compose_command
 
 MONITORING = ROOT / "infra/monitoring"
@@ -150,7 +150,9 @@ def envoy_metrics(deploy_envoys: dict[str, DeployEnvoy]) -> dict[str, set[str] |
     """Both deployment Envoys' /stats/prometheus, after one request each."""
     exposed: dict[str, set[str] | None] = {}
     for proxy in deploy_envoys.values():
-        http_get(f"http://127.0.0.1:{proxy.listener}/api/v1/status", {"host": "openai"})
+        # The listeners speak TLS (certificate for localhost).
+        url = f"https://localhost:{proxy.listener}/api/v1/status"
+        http_get(url, {"host": "openai"}, ca_file=proxy.ca)
         _, raw = http_get(f"http://127.0.0.1:{proxy.admin}/stats/prometheus")
         for name, labels in _scraped(raw.decode()).items():
             known = exposed.setdefault(name, set())
@@ -182,8 +184,10 @@ def opa_metrics(
         lambda: http_ok(f"http://127.0.0.1:{bundle_port}/healthz"),
         cwd=ROOT,
     )
+    tls_dir = deployment_tls(base / "tls")  # what tls-init writes to the volume "tls"
     args = [
-        arg.replace("/config/opa.yaml", str(ROOT / "infra/opa/opa.yaml"))
+        arg.replace("/tls/", f"{tls_dir}/")  # first: ROOT may contain "/tls/" (a worktree)
+        .replace("/config/opa.yaml", str(ROOT / "infra/opa/opa.yaml"))
         .replace("/policy/system", str(ROOT / "infra/opa/system"))
         .replace("/keys/bundle-signing.pub.pem", str(signing_keys.public))
         .replace("0.0.0.0:8181", f"127.0.0.1:{api}")
@@ -202,7 +206,8 @@ def opa_metrics(
         server.wait_ready(15)
         opa.start()
         opa.wait_ready(20)
-        http_get(f"http://127.0.0.1:{api}/v1/data")  # one (denied) request
+        # One (denied) request; the API speaks TLS only.
+        http_get(f"https://127.0.0.1:{api}/v1/data", ca_file=tls_dir / "ca.crt")
         for _ in range(100):
             _, raw = http_get(f"http://127.0.0.1:{diag}/metrics")
             if b"bundle_failed_load_counter{" in raw:

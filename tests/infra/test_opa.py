@@ -30,6 +30,7 @@ from authz.stack.supervisor import Process, free_port, http_ok
 from tests.infra.conftest import (
     ROOT,
     KeyPair,
+    deployment_tls,
     http_get,
     nginx_bundle_server,
     wait_for,
@@ -96,20 +97,29 @@ def _map_args(args: list[str], paths: dict[str, str], api: int, diag: int) -> li
     for arg in args:
         for container_path, local in paths.items():
             arg = arg.replace(container_path, local)
-        arg = re.sub(r"=(0\.0\.0\.0|127\.0\.0\.1):8181$", f"=127.0.0.1:{api}", arg)
-        arg = re.sub(r"=0\.0\.0\.0:8282$", f"=127.0.0.1:{diag}", arg)
+        arg = re.sub(
+            r"=(https?://)?(0\.0\.0\.0|127\.0\.0\.1):8181$", rf"=\g<1>127.0.0.1:{api}", arg
+        )
+        arg = re.sub(r"=(https?://)?0\.0\.0\.0:8282$", rf"=\g<1>127.0.0.1:{diag}", arg)
         mapped.append(arg)
     return mapped
 
 
 @dataclass
 class Opa:
-    """A running OPA: REST API and diagnostic ports, its token and process."""
+    """A running OPA: REST API (TLS, certificate from ``ca``) and diagnostic ports, its
+    token and process."""
 
     api: int
     diag: int
     token: str
     process: Process
+    ca: Path
+
+    @property
+    def base(self) -> str:
+        """The REST API's URL (https: Compose's OPA speaks TLS only)."""
+        return f"https://127.0.0.1:{self.api}"
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.token}"}
@@ -126,10 +136,11 @@ class Opa:
             }
         }
         status, raw = http_get(
-            f"http://127.0.0.1:{self.api}{GATEWAY_DECISION}?provenance",
+            f"{self.base}{GATEWAY_DECISION}?provenance",
             self.headers(),
             method="POST",
             body=json.dumps(body).encode(),
+            ca_file=self.ca,
         )
         assert status == 200, raw
         answer: dict[str, Any] = json.loads(raw)
@@ -193,6 +204,7 @@ def production(
     """Bundle server (nginx) + OPA as in docker-compose.yaml (signed bundles, token auth,
     system.authz), serving r1. Yields OPA and the served bundle's path."""
     base = tmp_path_factory.mktemp("opa")
+    tls_dir = deployment_tls(base / "tls")  # what tls-init writes to the volume "tls"
     served_dir = base / "served"
     served_dir.mkdir()
     served = served_dir / "authz.tar.gz"
@@ -201,6 +213,8 @@ def production(
     args = _map_args(
         compose_command("opa"),
         {
+            # First: the repository's own path may contain "/tls/" (a worktree).
+            "/tls/": f"{tls_dir}/",
             "/config/opa.yaml": str(ROOT / "infra/opa/opa.yaml"),
             "/policy/system": str(ROOT / "infra/opa/system"),
             "/keys/bundle-signing.pub.pem": str(keys["good"].public),
@@ -227,7 +241,7 @@ def production(
         opa.start()
         try:
             opa.wait_ready(20)
-            yield Opa(api, diag, token, opa), served
+            yield Opa(api, diag, token, opa, tls_dir / "ca.crt"), served
         finally:
             opa.stop()
 
@@ -247,7 +261,9 @@ def authz_process(
         env={
             "AUTHZ_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
             "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
-            "AUTHZ_OPA_URL": f"http://127.0.0.1:{opa.api}",
+            # As in Compose: https, OPA's certificate trusted through SSL_CERT_FILE.
+            "AUTHZ_OPA_URL": opa.base,
+            "SSL_CERT_FILE": str(opa.ca),
             "AUTHZ_OPA_TOKEN": opa.token,
             "AUTHZ_BUNDLE_POLL_INTERVAL_S": "0.2",
             "AUTHZ_UVLOOP": "false",
@@ -312,11 +328,14 @@ def test_api_is_locked_down(production: tuple[Opa, Path]) -> None:
     """Only authz's token queries decisions and writes overrides; nobody dumps data or
     policies, or writes elsewhere; probes and metrics need no token."""
     opa, _ = production
-    base = f"http://127.0.0.1:{opa.api}"
+    base, ca = opa.base, opa.ca
     token = opa.headers()
-    assert http_get(f"{base}/health?bundles")[0] == 200
-    assert http_get(f"{base}/metrics")[0] == 200
+    assert http_get(f"{base}/health?bundles", ca_file=ca)[0] == 200
+    assert http_get(f"{base}/metrics", ca_file=ca)[0] == 200
     assert http_get(f"http://127.0.0.1:{opa.diag}/health")[0] == 200
+    # The REST API speaks TLS only: plaintext (where decision inputs would be in clear)
+    # is refused.
+    assert http_get(f"http://127.0.0.1:{opa.api}/health")[0] == 400
     denied = [
         ("GET", "/v1/data", token),
         ("GET", "/v1/data/gateway/api_keys", token),
@@ -331,11 +350,11 @@ def test_api_is_locked_down(production: tuple[Opa, Path]) -> None:
         ("PUT", "/v1/data/overrides", {}),
     ]
     for method, path, headers in denied:
-        status, _ = http_get(f"{base}{path}", headers, method=method, body=b"{}")
+        status, _ = http_get(f"{base}{path}", headers, method=method, body=b"{}", ca_file=ca)
         assert status in (401, 403), (method, path, status)
-    status, _ = http_get(f"{base}/v1/data/overrides", token, method="PUT", body=b"{}")
+    status, _ = http_get(f"{base}/v1/data/overrides", token, method="PUT", body=b"{}", ca_file=ca)
     assert status == 204
-    status, raw = http_get(f"{base}/v1/data/overrides", token)
+    status, raw = http_get(f"{base}/v1/data/overrides", token, ca_file=ca)
     assert status == 200
     assert json.loads(raw)["result"] == {}
 
@@ -359,10 +378,11 @@ def test_decision_log_is_on_console_and_masked(production: tuple[Opa, Path]) -> 
         }
     }
     status, _ = http_get(
-        f"http://127.0.0.1:{opa.api}{GATEWAY_DECISION}",
+        f"{opa.base}{GATEWAY_DECISION}",
         opa.headers(),
         method="POST",
         body=json.dumps(body).encode(),
+        ca_file=opa.ca,
     )
     assert status == 200
 

@@ -73,15 +73,15 @@ class RecordingEnviron(Mapping[str, str]):
 
 
 def test_environment_is_the_parameter_only() -> None:
-    environ = RecordingEnviron({"AUTHZ_GRPC_ADDR": "0.0.0.0:7000", "GRPC_ADDR": "1.1.1.1:1"})
-    assert load(environ).grpc_addr == "0.0.0.0:7000"
+    environ = RecordingEnviron({"AUTHZ_GRPC_ADDR": "127.0.0.2:7000", "GRPC_ADDR": "1.1.1.1:1"})
+    assert load(environ).grpc_addr == "127.0.0.2:7000"
     assert "AUTHZ_GRPC_ADDR" in environ.looked_up
     assert all(key.startswith("AUTHZ_") for key in environ.looked_up)
 
 
 ENV_CASES: list[tuple[str, str, str, Any]] = [
     # (variable, value, Settings attribute, converted value)
-    ("AUTHZ_GRPC_ADDR", "0.0.0.0:9000", "grpc_addr", "0.0.0.0:9000"),
+    ("AUTHZ_GRPC_ADDR", "localhost:9000", "grpc_addr", "localhost:9000"),
     ("AUTHZ_GRPC_ADDR", "[::1]:9000", "grpc_addr", "[::1]:9000"),
     ("AUTHZ_ADMIN_ADDR", "localhost:0", "admin_addr", "localhost:0"),
     ("AUTHZ_OPA_URL", "https://opa.internal:8443/", "opa_url", "https://opa.internal:8443"),
@@ -132,6 +132,7 @@ def test_yaml_file(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "grpc_addr: 0.0.0.0:9000\n"
+        "grpc_allow_plaintext: true\n"
         "opa_pool_size: 16\n"
         "decision_timeout_ms: 250\n"
         "credential_headers: [X-Upstream-Token, authorization]\n"
@@ -232,7 +233,7 @@ def test_empty_yaml_file_gives_defaults(tmp_path: Path, text: str) -> None:
 
 
 def test_environment_wins_over_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "grpc_addr: 0.0.0.0:9000\nopa_pool_size: 16\n")
+    path = write(tmp_path, "grpc_addr: 127.0.0.2:9000\nopa_pool_size: 16\n")
     settings = load({"AUTHZ_GRPC_ADDR": "127.0.0.1:7000"}, path)
     assert settings.grpc_addr == "127.0.0.1:7000"
     assert settings.opa_pool_size == 16

@@ -16,6 +16,8 @@ import yaml
 from authz import egress_envoy
 from authz.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
 from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.stack.envoy import relocate_tls
+from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES_FILE = ROOT / "policy/egress/data.json"
@@ -264,6 +266,28 @@ def test_ext_authz_filter_is_the_gateways() -> None:
 
 def test_authz_cluster_is_the_gateways() -> None:
     assert cluster(generate({}), "authz") == cluster(gateway(), "authz")
+
+
+def test_authz_cluster_is_mtls_checking_authzs_san() -> None:
+    """Envoy -> authz carries every credential: TLS with Envoy's client certificate, and
+    authz's certificate must carry the SAN "authz" and chain to the mounted CA."""
+    socket = cluster(generate({}), "authz")["transport_socket"]
+    context = socket["typed_config"]
+    assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
+    assert context["sni"] == "authz"
+    common = context["common_tls_context"]
+    directory = egress_envoy.AUTHZ_CLIENT_TLS_DIR
+    assert common["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": f"{directory}/tls.crt"},
+            "private_key": {"filename": f"{directory}/tls.key"},
+        }
+    ]
+    validation = common["validation_context"]
+    assert validation["trusted_ca"] == {"filename": f"{directory}/ca.crt"}
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "authz"}}
+    ]
 
 
 def test_connection_manager_normalizes_paths() -> None:
@@ -522,6 +546,9 @@ def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path
         ca_file=str(ca),
         overrides={"api.openai.com": ("127.0.0.1", 9443), "internal.example": ("127.0.0.1", 1)},
     )
+    # The mTLS files to authz must exist: issue them and point the config at them.
+    ensure_pki(tmp_path / "tls", DEPLOYMENT_LEAVES)
+    relocate_tls(config, tmp_path / "tls")
     path = tmp_path / "envoy-variant.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz.stack.envoy import render
+from authz.stack.envoy import relocate_tls, render
 
 GATEWAY = Path("infra/envoy/envoy-gateway.yaml")
 
@@ -141,3 +141,44 @@ def test_render_unknown_name_raises(
 ) -> None:
     with pytest.raises(KeyError, match=missing):
         render(repo_root / GATEWAY, admin_port=1, listeners=listeners, clusters=clusters)
+
+
+def test_render_moves_the_tls_files_and_secures_listeners(repo_root: Path, tmp_path: Path) -> None:
+    """The local stack's TLS: every file under /etc/envoy-tls moves to the run directory
+    (the mTLS client certificate to authz), and ``tls_listeners`` get the listener
+    certificate; nothing else changes."""
+    source = repo_root / GATEWAY
+    original = load(source)
+    plain = yaml.safe_load(render(source, admin_port=9901, listeners={}, clusters={}))
+    assert plain == original
+    rendered = yaml.safe_load(
+        render(
+            source,
+            admin_port=9901,
+            listeners={},
+            clusters={},
+            tls_dir=tmp_path,
+            tls_listeners=["gateway"],
+        )
+    )
+    common = by_name(rendered, "clusters", "authz")["transport_socket"]["typed_config"][
+        "common_tls_context"
+    ]
+    assert common["tls_certificates"][0]["certificate_chain"] == {
+        "filename": str(tmp_path / "envoy-client/tls.crt")
+    }
+    assert common["validation_context"]["trusted_ca"] == {
+        "filename": str(tmp_path / "envoy-client/ca.crt")
+    }
+    (chain,) = by_name(rendered, "listeners", "gateway")["filter_chains"]
+    listener_tls = chain.pop("transport_socket")["typed_config"]
+    assert listener_tls["@type"].endswith("DownstreamTlsContext")
+    assert listener_tls["common_tls_context"]["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": str(tmp_path / "envoy-gateway/tls.crt")},
+            "private_key": {"filename": str(tmp_path / "envoy-gateway/tls.key")},
+        }
+    ]
+    assert "/etc/envoy-tls" not in yaml.safe_dump(rendered)
+    relocate_tls(original, tmp_path)
+    assert rendered == original
