@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -127,9 +128,25 @@ class AuditEntry:
     hash: str
 
 
+def _owner_only(path: Path) -> None:
+    """Create ``path`` mode 0600 if missing, and make it (and an existing ``-wal``/``-shm``)
+    0600: decisions name keys, sandboxes and request paths. SQLite's unix VFS creates the
+    ``-wal`` and ``-shm`` files with the database file's permissions (``robust_open`` /
+    ``findCreateFileMode`` in ``os_unix.c``), so the database's mode carries over."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)
+
+
 def connect(path: Path, *, timeout_s: float = 0.5) -> sqlite3.Connection:
-    """Open (creating if needed) the audit database at ``path``: WAL journal, the schema
-    applied. Raises sqlite3.Error / OSError when it cannot be opened."""
+    """Open (creating if needed, mode 0600) the audit database at ``path``: WAL journal,
+    the schema applied. Raises sqlite3.Error / OSError when it cannot be opened."""
+    _owner_only(path)
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
