@@ -29,12 +29,12 @@ audit trail. Retention (``retention_days``, ``max_records``) prunes the oldest r
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -75,9 +75,17 @@ CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _BATCH: Final = 500
+# A batch is also cut at this many (charged) bytes: one transaction's share of the WAL.
+_BATCH_BYTES: Final = 4 * 1024 * 1024
 # (kind, time, decision id, body or the record to build it from on the writer thread)
 _Item = tuple[str, float, str, "bytes | DecisionRecord"]
+# How long a caught-up writer lets entries accumulate before committing them.
 _FLUSH_S: Final = 0.2
+DEFAULT_QUEUE_SIZE: Final = 20_000
+DEFAULT_QUEUE_MAX_BYTES: Final = 32 * 1024 * 1024
+# What a queued entry is charged beyond its variable-size parts: the record, the
+# document's fixed fields, the queue slot.
+_ENTRY_OVERHEAD: Final = 1024
 _PRUNE_EVERY_S: Final = 60.0
 _HEAD_LOG_EVERY_S: Final = 60.0
 
@@ -167,14 +175,72 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: Mapping[str, Any]) -> N
     )
 
 
+def _charge(record: DecisionRecord) -> int:
+    """Bytes a queued record is charged: a fixed overhead plus the variable-size parts it
+    pins (request path, header names and values, body), counted without copying."""
+    size = _ENTRY_OVERHEAD + len(record.path)
+    if record.document is not None:
+        http = record.document.get("attributes", {}).get("request", {}).get("http", {})
+        size += len(http.get("path", "")) * 2  # parsed_path and parsed_query repeat it
+        size += len(http.get("body", "")) * 2 + len(http.get("rawBody", ""))
+        for name, value in http.get("headers", {}).items():
+            size += len(name) + len(value)
+        for entry in http.get("headerMap", {}).get("headers", ()):
+            size += sum(len(str(v)) for v in entry.values())
+    return size
+
+
+class _ByteQueue:
+    """A FIFO bounded by entry count and by charged bytes; never blocks the producer.
+    ``put`` returns False (and keeps nothing) when either bound would be passed; the
+    stop marker of ``close`` is always accepted."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._items: collections.deque[tuple[_Item | None, int]] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: _Item | None, size: int) -> bool:
+        with self._ready:
+            if item is not None and (
+                len(self._items) >= self._max_entries or self.bytes + size > self._max_bytes
+            ):
+                return False
+            self._items.append((item, size))
+            self.bytes += size
+            self._ready.notify()
+            return True
+
+    def get(self, timeout_s: float) -> tuple[bool, _Item | None, int]:
+        """``(True, item, size)`` for the oldest entry (waiting up to ``timeout_s``), or
+        ``(False, None, 0)`` when none came."""
+        with self._ready:
+            if not self._items and not self._ready.wait_for(lambda: self._items, timeout_s):
+                return False, None, 0
+            item, size = self._items.popleft()
+            self.bytes -= size
+            return True, item, size
+
+
 class AuditTrail:
     """A :class:`~authz.record.DecisionSink` appending every record to the database at
     ``path``. Raises ConfigError at construction if the database cannot be opened.
 
     ``retention_days`` and ``max_records`` bound the store (None: unbounded);
-    ``queue_size`` bounds the entries waiting for the writer (beyond it they are dropped
-    and counted like a failed write). ``on_state(degraded, written, failed)`` is called
-    after every batch for metrics.
+    ``queue_size`` (entries) and ``queue_max_bytes`` (charged bytes: a fixed overhead
+    per entry plus the path, headers and body it pins) bound what waits for the writer;
+    beyond either an entry is dropped and counted like a failed write (a ``gap`` entry
+    records it). ``on_state(degraded, written, failed)`` is called after every batch for
+    metrics. ``clock`` (Unix seconds) and ``sleep`` are injectable for tests.
+
+    The writer takes a backlog (a full batch or more waiting) at once, batch after
+    batch; only when it is caught up does it sleep ``_FLUSH_S`` so that entries
+    accumulate into one transaction instead of one commit each.
     """
 
     def __init__(
@@ -183,9 +249,11 @@ class AuditTrail:
         *,
         retention_days: float | None = 30.0,
         max_records: int | None = 1_000_000,
-        queue_size: int = 20_000,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
         on_state: Callable[[bool, int, int], None] | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.path = path
         try:
@@ -197,9 +265,10 @@ class AuditTrail:
         self._hash = str(head["hash"]) if head else GENESIS
         self._retention_s = retention_days * 86400 if retention_days else None
         self._max_records = max_records
-        self._queue: queue.Queue[_Item | None] = queue.Queue(queue_size)
+        self._queue = _ByteQueue(queue_size, queue_max_bytes)
         self._on_state = on_state
         self._clock = clock
+        self._sleep = sleep
         self.degraded = False
         self.written = 0
         self.failed = 0
@@ -212,6 +281,11 @@ class AuditTrail:
         self._thread.start()
 
     # -- producer side (event loop) -----------------------------------------------------
+    @property
+    def queued_bytes(self) -> int:
+        """Charged bytes of the entries waiting for the writer."""
+        return self._queue.bytes
+
     def record(self, record: DecisionRecord) -> None:
         """Queue ``record`` for the writer; never blocks, never raises. The body is built
         on the writer thread, off the request path."""
@@ -219,17 +293,17 @@ class AuditTrail:
             slim = without_large_body(record.document)
             if slim is not record.document:
                 record = dataclasses.replace(record, document=slim)
-        self._put("decision", record.timestamp, record.decision_id, record)
+        self._put("decision", record.timestamp, record.decision_id, record, _charge(record))
 
     def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
         """Queue an admin action (mode switch, override) as an entry of kind ``admin``."""
         body = orjson.dumps({"action": action, **fields}, option=orjson.OPT_SORT_KEYS)
-        self._put("admin", self._clock(), entry_id, body)
+        self._put("admin", self._clock(), entry_id, body, _ENTRY_OVERHEAD + len(body))
 
-    def _put(self, kind: str, when: float, entry_id: str, body: bytes | DecisionRecord) -> None:
-        try:
-            self._queue.put_nowait((kind, when, entry_id, body))
-        except queue.Full:
+    def _put(
+        self, kind: str, when: float, entry_id: str, body: bytes | DecisionRecord, size: int
+    ) -> None:
+        if not self._queue.put((kind, when, entry_id, body), size):
             with self._lost_lock:
                 self.failed += 1
                 self._lost += 1
@@ -237,7 +311,7 @@ class AuditTrail:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush what is queued, log the head, and stop the writer."""
-        self._queue.put(None)
+        self._queue.put(None, 0)
         self._thread.join(timeout_s)
         self._log_head()
         self._conn.close()
@@ -263,25 +337,27 @@ class AuditTrail:
                 return
 
     def _next_batch(self) -> tuple[list[_Item], bool]:
-        """Up to ``_BATCH`` queued entries (waiting at most ``_FLUSH_S`` for the first),
-        and whether close() asked to stop."""
+        """Up to ``_BATCH`` queued entries (at most ``_BATCH_BYTES``; waiting at most
+        ``_FLUSH_S`` for the first), and whether close() asked to stop. With a full batch
+        already waiting (a backlog) it returns at once; with fewer, the writer is caught
+        up and sleeps ``_FLUSH_S`` first: waking (and committing) per entry would cost a
+        transaction and two GIL hand-offs with the event loop for every request."""
         batch: list[_Item] = []
-        try:
-            item = self._queue.get(timeout=_FLUSH_S)
-        except queue.Empty:
+        got, item, size = self._queue.get(_FLUSH_S)
+        if not got:
             return batch, False
-        # Let entries accumulate: waking (and committing) per entry would cost a
-        # transaction and two GIL hand-offs with the event loop for every request.
-        time.sleep(_FLUSH_S)
+        if item is not None and len(self._queue) < _BATCH - 1:
+            self._sleep(_FLUSH_S)
+        charged = 0
         while True:
             if item is None:
                 return batch, True
             batch.append(item)
-            if len(batch) >= _BATCH:
+            charged += size
+            if len(batch) >= _BATCH or charged >= _BATCH_BYTES:
                 return batch, False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+            got, item, size = self._queue.get(0)
+            if not got:
                 return batch, False
 
     def _write(self, batch: list[_Item]) -> None:

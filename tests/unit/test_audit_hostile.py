@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from authz import audit
-from authz.audit import AuditTrail
+from authz.audit import AuditTrail, read_entries, verify
 from tests.unit.test_audit import decision, wait_until
 
 
@@ -66,3 +67,91 @@ def test_audit_database_and_its_wal_and_shm_are_owner_only(tmp_path: Path, exist
     finally:
         trail.close()
     assert modes == {"audit.db": 0o600, "audit.db-wal": 0o600, "audit.db-shm": 0o600}
+
+
+# --- finding 9: the writer drains a backlog without sleeping; its queue is bounded in bytes --
+
+
+def _held_writer() -> tuple[list[float], threading.Event, Callable[[float], None]]:
+    """A sleep for the writer that records each call; the first call holds the writer
+    until the event is set (so the test can build a backlog), later ones return at once."""
+    sleeps: list[float] = []
+    release = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        release.wait(10)
+
+    return sleeps, release, sleep
+
+
+def test_writer_drains_a_backlog_without_sleeping(tmp_path: Path) -> None:
+    sleeps, release, sleep = _held_writer()
+    backlog = 4 * audit._BATCH
+    trail = AuditTrail(
+        tmp_path / "audit.db",
+        retention_days=None,
+        max_records=None,
+        queue_size=2 * backlog,
+        sleep=sleep,
+    )
+    try:
+        trail.record(decision(1))
+        wait_until(lambda: bool(sleeps), "the caught-up writer to wait for more entries")
+        for n in range(2, backlog + 1):
+            trail.record(decision(n))
+        release.set()
+        wait_until(lambda: trail.written >= backlog, f"{backlog} entries written")
+    finally:
+        trail.close()
+    # One wait while the writer was idle (one entry queued); none for the 4-batch backlog.
+    assert sleeps == [audit._FLUSH_S]
+    assert trail.failed == 0
+
+
+def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
+    sleeps, release, sleep = _held_writer()
+    limit = 64 * 1024
+    trail = AuditTrail(
+        tmp_path / "audit.db",
+        retention_days=None,
+        max_records=None,
+        queue_size=100_000,
+        queue_max_bytes=limit,
+        sleep=sleep,
+    )
+    recorded = 1000
+    peak = 0
+    try:
+        trail.record(decision(1))
+        wait_until(lambda: bool(sleeps), "the writer to be held")
+        for n in range(2, recorded + 1):
+            trail.record(
+                decision(
+                    n,
+                    document={
+                        "attributes": {
+                            "request": {
+                                "http": {
+                                    "method": "GET",
+                                    "path": "/x",
+                                    "headers": {"user-agent": "u" * 512},
+                                }
+                            }
+                        }
+                    },
+                )
+            )
+            peak = max(peak, trail.queued_bytes)
+        release.set()
+        wait_until(lambda: trail.written + trail.failed >= recorded, "every entry accounted")
+    finally:
+        trail.close()
+    assert 0 < peak <= limit
+    assert trail.failed > 0, "the byte bound never dropped an entry"
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        entries = list(read_entries(conn))
+        assert verify(conn).ok
+    lost = sum(e.body["lost"] for e in entries if e.kind == "gap")
+    assert lost == trail.failed
+    assert sum(1 for e in entries if e.kind == "decision") + lost == recorded
