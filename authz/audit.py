@@ -2,9 +2,9 @@
 
 Each row of table ``audit`` is one entry: ``seq`` (1, 2, 3, ... without gaps), ``kind``
 (``decision``, ``admin`` for admin actions, ``gap`` for entries lost while the store was
-degraded), ``time`` (Unix seconds), ``decision_id``, ``body`` (canonical JSON: the
-decision-log fields plus the policy decision and the redacted input, keys sorted),
-``prev_hash`` and ``hash``::
+degraded, ``anchor`` for a retention prune moving the anchor), ``time`` (Unix
+seconds), ``decision_id``, ``body`` (canonical JSON: the decision-log fields plus the
+policy decision and the redacted input, keys sorted), ``prev_hash`` and ``hash``::
 
     hash = sha256("<seq>\\n<prev_hash>\\n<kind>\\n<time>\\n<decision_id>\\n<body>")
     (hex; the first prev_hash is 64 "0"; time as Python's repr of the float)
@@ -18,6 +18,15 @@ head back: the writer therefore also logs the head (``audit head`` log line with
 and ``hash``, at most once a minute and at shutdown), and ``verify(head=...)`` /
 ``authz audit verify --head SEQ:HASH`` checks the file against a head taken from the
 shipped logs. It is tamper *evident*, not tamper proof.
+
+Retention deletes the oldest rows and moves the anchor; each move is recorded as an
+``anchor`` entry chained after the head (body ``{"from": previous anchor, "to": new
+anchor, "deleted": n}``, anchors as ``{"seq", "hash"}``; the first move's ``from`` is
+``{"seq": 0, "hash": GENESIS}``) and logged (``audit anchor moved``). :func:`verify`
+checks that consecutive moves follow each other and that the stored anchor is where
+the last one put it, so rows deleted and an anchor moved by hand are detected; forging
+a move means appending to the chain, which ``--head`` from the logs catches as for any
+rewritten tail.
 
 Writes happen on one background thread, in batches, so a Check never waits for the disk.
 A full disk, a locked database or any SQLite error degrades the trail to log-only (the
@@ -276,9 +285,33 @@ class AuditTrail:
         self._lost_since: float | None = None
         self._lost_lock = threading.Lock()
         self._last_prune = 0.0
+        self.prunes = 0
         self._head_logged = 0.0
+        try:
+            self._adopt_anchor()
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
+
+    def _adopt_anchor(self) -> None:
+        """A store pruned before anchor moves were recorded has an anchor and no ``anchor``
+        entry; record one (``"from": null``) once, so it verifies from here on. The
+        ``anchor_moves`` meta key marks a store whose moves are all recorded."""
+        if _meta(self._conn, "anchor_moves") is not None:
+            return
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            anchor = _meta(self._conn, "anchor")
+            if anchor is not None and _meta(self._conn, "anchor_moves") is None:
+                body = _move_body(None, anchor, 0)
+                self._seq, self._hash = self._append([("anchor", self._clock(), "", body)])
+                log.warning(
+                    "audit anchor adopted: pruned before anchor moves were recorded",
+                    extra={"audit_db": str(self.path), "anchor": anchor, "seq": self._seq},
+                )
+            _set_meta(self._conn, "anchor_moves", {"recorded": True})
 
     # -- producer side (event loop) -----------------------------------------------------
     @property
@@ -377,23 +410,7 @@ class AuditTrail:
         try:
             with self._conn:  # one transaction
                 self._conn.execute("BEGIN IMMEDIATE")
-                # The head is read under the write lock: another authz process sharing this
-                # file may have appended since our last batch; chain onto its entries.
-                head = _meta(self._conn, "head")
-                seq = int(head["seq"]) if head else self._seq
-                prev = str(head["hash"]) if head else self._hash
-                rows = []
-                for kind, when, entry_id, text in texts:
-                    seq += 1
-                    digest = entry_hash(seq, prev, kind, when, entry_id, text)
-                    rows.append((seq, kind, when, entry_id, text, prev, digest))
-                    prev = digest
-                self._conn.executemany(
-                    "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                _set_meta(self._conn, "head", {"seq": seq, "hash": prev})
+                seq, prev = self._append(texts)
         except sqlite3.Error as exc:
             self._rollback()
             with self._lost_lock:
@@ -425,6 +442,28 @@ class AuditTrail:
                 self._lost_since = None
         self._report()
 
+    def _append(self, texts: list[tuple[str, float, str, str]]) -> tuple[int, str]:
+        """Chain ``(kind, time, id, body)`` entries onto the head and move the head; inside
+        the caller's write transaction. Returns the new head ``(seq, hash)``."""
+        # The head is read under the write lock: another authz process sharing this
+        # file may have appended since our last batch; chain onto its entries.
+        head = _meta(self._conn, "head")
+        seq = int(head["seq"]) if head else self._seq
+        prev = str(head["hash"]) if head else self._hash
+        rows = []
+        for kind, when, entry_id, text in texts:
+            seq += 1
+            digest = entry_hash(seq, prev, kind, when, entry_id, text)
+            rows.append((seq, kind, when, entry_id, text, prev, digest))
+            prev = digest
+        self._conn.executemany(
+            "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        _set_meta(self._conn, "head", {"seq": seq, "hash": prev})
+        return seq, prev
+
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("ROLLBACK")
@@ -437,32 +476,90 @@ class AuditTrail:
                 log.exception("audit state callback failed")
 
     def _prune(self) -> None:
+        """Delete the oldest entries past retention (``retention_days``, ``max_records``)
+        and move the anchor, recording the move as an ``anchor`` entry chained after the
+        head (so the move itself is under the hash chain) and logging it."""
         self._last_prune = self._clock()
-        cutoff_seq = 0
         try:
-            if self._retention_s is not None:
-                row = self._conn.execute(
-                    "SELECT MAX(seq) FROM audit WHERE time < ?",
-                    (self._clock() - self._retention_s,),
-                ).fetchone()
-                cutoff_seq = max(cutoff_seq, int(row[0] or 0))
-            if self._max_records is not None:
-                cutoff_seq = max(cutoff_seq, self._seq - self._max_records)
-            if cutoff_seq <= 0:
-                return
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
-                row = self._conn.execute(
-                    "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
-                    (cutoff_seq,),
-                ).fetchone()
-                if row is None:
-                    return
-                self._conn.execute("DELETE FROM audit WHERE seq <= ?", (row[0],))
-                _set_meta(self._conn, "anchor", {"seq": row[0], "hash": row[1]})
+                moved = self._move_anchor()
         except sqlite3.Error as exc:
             self._rollback()
             log.warning("audit retention pruning failed", extra={"error": str(exc)})
+            return
+        finally:
+            self.prunes += 1
+        if moved is not None:
+            self._announce_move(*moved)
+
+    def _cutoff(self, head_seq: int, anchor_seq: int) -> int:
+        """The last seq retention removes (<= ``anchor_seq``: nothing to remove)."""
+        cutoff = anchor_seq
+        if self._retention_s is not None:
+            row = self._conn.execute(
+                "SELECT MAX(seq) FROM audit WHERE time < ?",
+                (self._clock() - self._retention_s,),
+            ).fetchone()
+            cutoff = max(cutoff, int(row[0] or 0))
+        if self._max_records is not None and head_seq - anchor_seq > self._max_records:
+            # Room for the anchor entry itself: max_records entries after the move, and
+            # an idle store does not prune again (no churn of anchor entries).
+            cutoff = max(cutoff, head_seq - self._max_records + 1)
+        return cutoff
+
+    def _move_anchor(self) -> tuple[dict[str, Any], dict[str, Any], int, int, str] | None:
+        """Inside a write transaction: prune and record the move. Returns ``(previous
+        anchor, new anchor, entries deleted, move entry seq, its hash)`` or None."""
+        head = _meta(self._conn, "head")
+        if head is None:
+            return None
+        previous = _meta(self._conn, "anchor") or {"seq": 0, "hash": GENESIS}
+        cutoff = self._cutoff(int(head["seq"]), int(previous["seq"]))
+        if cutoff <= int(previous["seq"]):
+            return None
+        row = self._conn.execute(
+            "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1", (cutoff,)
+        ).fetchone()
+        if row is None:
+            return None
+        anchor = {"seq": int(row[0]), "hash": str(row[1])}
+        deleted = self._conn.execute("DELETE FROM audit WHERE seq <= ?", (row[0],)).rowcount
+        _set_meta(self._conn, "anchor", anchor)
+        body = _move_body(previous, anchor, deleted)
+        seq, digest = self._append([("anchor", self._clock(), "", body)])
+        self._seq, self._hash = seq, digest
+        return previous, anchor, deleted, seq, digest
+
+    def _announce_move(
+        self,
+        previous: Mapping[str, Any],
+        anchor: Mapping[str, Any],
+        deleted: int,
+        seq: int,
+        digest: str,
+    ) -> None:
+        """One log line per anchor move: the new and the previous anchor and the move's
+        own entry (``seq``/``hash``, usable as ``verify --head``)."""
+        log.info(
+            "audit anchor moved",
+            extra={
+                "audit_db": str(self.path),
+                "anchor": dict(anchor),
+                "previous": dict(previous),
+                "deleted": deleted,
+                "seq": seq,
+                "hash": digest,
+            },
+        )
+
+
+def _move_body(previous: Mapping[str, Any] | None, anchor: Mapping[str, Any], deleted: int) -> str:
+    """The body of an ``anchor`` entry: ``{"from": previous anchor or null (adopted from a
+    store written before moves were recorded), "to": new anchor, "deleted": count}``."""
+    return orjson.dumps(
+        {"from": previous, "to": anchor, "deleted": deleted}, option=orjson.OPT_SORT_KEYS
+    ).decode()
 
 
 # -- reading, verifying ---------------------------------------------------------------
@@ -518,6 +615,7 @@ def verify(conn: sqlite3.Connection, *, head: tuple[int, str] | None = None) -> 
         "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit ORDER BY seq"
     )
     head_seq = int(stored["seq"]) if stored is not None else None
+    last_move: tuple[int, Any] | None = None  # (seq, body["to"]) of the newest anchor entry
     for seq, kind, when, decision_id, body, prev_hash, digest in rows:
         first = first if first is not None else seq
         problem = None
@@ -529,9 +627,16 @@ def verify(conn: sqlite3.Connection, *, head: tuple[int, str] | None = None) -> 
             problem = "hash does not match the entry's contents (edited)"
         elif head_seq is not None and seq > head_seq:
             problem = f"entry is past the recorded head ({head_seq}): entries were added"
+        elif kind == "anchor":
+            problem = _move_problem(seq, body, last_move)
+            last_move = (seq, orjson.loads(body)["to"]) if problem is None else last_move
         if problem is not None:
             return VerifyReport(False, count, first, last, seq, decision_id, problem)
         prev, expected_seq, last, count = digest, seq + 1, seq, count + 1
+    problem = _anchor_problem(anchor, last_move)
+    if problem is not None:
+        at = int(anchor["seq"]) if anchor else None
+        return VerifyReport(False, count, first, last, at, None, problem)
     # The chain must end exactly at the head (or at the anchor, when retention pruned all).
     end_seq = expected_seq - 1
     if head is not None:
@@ -550,6 +655,50 @@ def verify(conn: sqlite3.Connection, *, head: tuple[int, str] | None = None) -> 
             "entries were removed from the end",
         )
     return VerifyReport(True, count, first, last)
+
+
+def _move_problem(seq: int, body: str, last_move: tuple[int, Any] | None) -> str | None:
+    """Why the ``anchor`` entry ``seq`` is not a valid next anchor move, or None. A move
+    goes forward, to an entry before its own, from where the previous move went (the
+    first surviving move may come from anywhere: earlier moves were pruned with it)."""
+    try:
+        move = orjson.loads(body)
+        to, source = move["to"], move["from"]
+        to_seq = int(to["seq"])
+        ok = isinstance(to["hash"], str) and (source is None or isinstance(source, dict))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return "anchor move entry is malformed"
+    if not ok or not 0 < to_seq < seq:
+        return "anchor move entry is malformed"
+    if last_move is not None and source != last_move[1]:
+        return (
+            f"anchor move does not start where the move in entry {last_move[0]} "
+            f"ended (entry {last_move[1].get('seq')})"
+        )
+    if source is not None and int(source.get("seq", -1)) >= to_seq:
+        return "anchor move does not go forward"
+    return None
+
+
+def _anchor_problem(
+    anchor: Mapping[str, Any] | None, last_move: tuple[int, Any] | None
+) -> str | None:
+    """Why the stored anchor is not where the recorded anchor moves put it, or None."""
+    if anchor is None:
+        return None  # nothing pruned: the chain must start at entry 1 (checked above)
+    stored = {"seq": int(anchor["seq"]), "hash": str(anchor["hash"])}
+    if last_move is None:
+        return (
+            f"the anchor is at entry {stored['seq']} but no anchor move is recorded: "
+            "the oldest entries were deleted and the anchor moved by hand"
+        )
+    if last_move[1] != stored:
+        return (
+            f"the anchor is at entry {stored['seq']} but the last recorded anchor move "
+            f"(entry {last_move[0]}) moved it to entry {last_move[1].get('seq')}: the "
+            "oldest entries were deleted and the anchor moved by hand"
+        )
+    return None
 
 
 def _external_head_problem(

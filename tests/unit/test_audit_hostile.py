@@ -5,6 +5,7 @@ anchor moved by hand is caught by ``verify``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
@@ -12,10 +13,12 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from authz import audit
 from authz.audit import AuditTrail, read_entries, verify
+from tests.unit.fakes import ManualClock
 from tests.unit.test_audit import decision, wait_until
 
 
@@ -155,3 +158,108 @@ def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
     lost = sum(e.body["lost"] for e in entries if e.kind == "gap")
     assert lost == trail.failed
     assert sum(1 for e in entries if e.kind == "decision") + lost == recorded
+
+
+# --- finding 9: anchor moves are recorded, logged and checked -----------------------------
+
+
+def _prune_now(trail: AuditTrail, clock: ManualClock) -> None:
+    """Move the writer's clock past its pruning interval and wait for a pruning pass."""
+    before = trail.prunes
+    clock.now += 61
+    wait_until(lambda: trail.prunes > before, "a pruning pass")
+
+
+def _move_anchor_by_hand(conn: sqlite3.Connection, to_seq: int) -> None:
+    """What someone able to write the file does to erase the oldest entries unnoticed."""
+    digest = conn.execute("SELECT hash FROM audit WHERE seq = ?", (to_seq,)).fetchone()[0]
+    conn.execute("DELETE FROM audit WHERE seq <= ?", (to_seq,))
+    conn.execute(
+        "INSERT INTO audit_meta (key, value) VALUES ('anchor', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (orjson.dumps({"seq": to_seq, "hash": digest}).decode(),),
+    )
+
+
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["never-pruned", "after-a-prune"])
+def test_anchor_moved_by_hand_fails_verify_naming_the_anchor(
+    tmp_path: Path, pruned_before: bool
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=8, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        if pruned_before:
+            _prune_now(trail, clock)
+    finally:
+        trail.close()
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        assert verify(conn).ok
+        first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
+        _move_anchor_by_hand(conn, first + 2)
+        report = verify(conn)
+    assert not report.ok, "entries erased by moving the anchor verify as intact"
+    assert report.problem is not None
+    assert "anchor" in report.problem
+
+
+def test_every_prune_records_and_logs_its_anchor_move(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=4, clock=clock)
+    caplog.set_level(logging.INFO, logger="authz.audit")
+    try:
+        for start in (1, 11):
+            for n in range(start, start + 10):
+                trail.record(decision(n))
+            target = start + 9
+            wait_until(lambda: trail.written >= target, "a round of entries written")  # noqa: B023
+            _prune_now(trail, clock)
+    finally:
+        trail.close()
+    moves = [r for r in caplog.records if r.getMessage() == "audit anchor moved"]
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        entries = list(read_entries(conn))
+        report = verify(conn)
+        # The last move's log line names its own entry: usable as an external head.
+        last = moves[-1]
+        by_head = verify(conn, head=(last.__dict__["seq"], last.__dict__["hash"]))
+    assert report.ok, report.problem
+    assert by_head.ok, by_head.problem
+    assert len(entries) <= 4
+    assert [len(moves), sum(e.kind == "anchor" for e in entries)] == [2, 1]
+    first, second = (m.__dict__ for m in moves)
+    assert first["previous"] == {"seq": 0, "hash": audit.GENESIS}
+    assert second["previous"] == first["anchor"]
+    (recorded,) = [e for e in entries if e.kind == "anchor"]
+    assert recorded.body["from"] == second["previous"]
+    assert recorded.body["to"] == second["anchor"]
+    assert (recorded.seq, recorded.hash) == (second["seq"], second["hash"])
+
+
+def test_store_pruned_before_moves_were_recorded_is_adopted_once(tmp_path: Path) -> None:
+    # A store from before anchor moves were recorded: an anchor, no anchor entry, no
+    # "anchor_moves" marker. Opening it records the anchor once ("from": null), loudly.
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    for n in range(1, 7):
+        trail.record(decision(n))
+    wait_until(lambda: trail.written >= 6, "6 entries written")
+    trail.close()
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        _move_anchor_by_hand(conn, 2)
+        conn.execute("DELETE FROM audit_meta WHERE key = 'anchor_moves'")
+        assert not verify(conn).ok
+    AuditTrail(db, retention_days=None, max_records=None).close()
+    AuditTrail(db, retention_days=None, max_records=None).close()
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        moves = [e.body for e in read_entries(conn, kind="anchor")]
+        report = verify(conn)
+    assert report.ok, report.problem
+    assert moves == [{"from": None, "to": moves[0]["to"], "deleted": 0}]
+    assert moves[0]["to"]["seq"] == 2
