@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -247,7 +248,13 @@ def _audit_replay(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with contextlib.closing(conn):
-        entries = list(audit.read_entries(conn, last=args.limit, kind="decision"))
+        # Rows keep credential digests, not headers: put back the masked headers OPA saw.
+        entries = [
+            dataclasses.replace(entry, body={**entry.body, "input": audit.replay_input(doc)})
+            if isinstance(doc := entry.body.get("input"), dict)
+            else entry
+            for entry in audit.read_entries(conn, last=args.limit, kind="decision")
+        ]
 
     async def run(url: str) -> Any:
         client = OpaClient(url)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -20,6 +20,7 @@ import yaml
 
 from authz.control import Mode, parse_mode
 from authz.errors import ConfigError
+from authz.headers import CREDENTIAL_HEADERS
 from authz.secrets import Secret
 
 __all__ = [
@@ -73,6 +74,22 @@ DEFAULT_DECISION_CACHE_CONFIRM_S: Final = 5.0
 DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
 # An allowed key whose expires_at is this close gets an "api key expiring" warning.
 DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
+# Audit rows (README "Audit trail"): the request headers a row keeps (a trailing "*"
+# makes a prefix; never a credential header), the largest body kept (0: none), and the
+# byte caps on one value and on a whole row.
+DEFAULT_AUDIT_HEADERS: Final = (
+    ":authority",
+    "host",
+    "user-agent",
+    "content-type",
+    "content-length",
+    "x-request-id",
+    "x-sandbox-id",
+    "x-envoy-*",
+)
+DEFAULT_AUDIT_BODY_MAX_BYTES: Final = 0
+DEFAULT_AUDIT_VALUE_MAX_BYTES: Final = 1024
+DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -124,6 +141,11 @@ class Settings:
     decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
     decision_cache_ignore_headers: tuple[str, ...] = ()
     key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
+    # audit trail (issue #13): what a row keeps, in bytes
+    audit_headers: tuple[str, ...] = DEFAULT_AUDIT_HEADERS
+    audit_body_max_bytes: int = DEFAULT_AUDIT_BODY_MAX_BYTES
+    audit_value_max_bytes: int = DEFAULT_AUDIT_VALUE_MAX_BYTES
+    audit_row_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES
 
     @property
     def decision_timeout_s(self) -> float:
@@ -209,6 +231,30 @@ def _headers(key: str, value: Any) -> tuple[str, ...]:
         if not _HEADER_NAME_RE.fullmatch(name):
             raise ConfigError(f"{key}={value!r}: {name!r} is not a header name")
     return names
+
+
+def _audit_headers(key: str, value: Any) -> tuple[str, ...]:
+    """Header names, each optionally ending in ``*`` (a prefix). None may name or match a
+    credential header (:data:`authz.headers.CREDENTIAL_HEADERS`): the audit trail never
+    stores one."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    for name in names:
+        if not _HEADER_NAME_RE.fullmatch(name.removesuffix("*")):
+            raise ConfigError(f"{key}={value!r}: {name!r} is not a header name or prefix*")
+        matched = audit_header_matches(name, CREDENTIAL_HEADERS)
+        if matched:
+            raise ConfigError(
+                f"{key}={value!r}: {name!r} would store the credential header {matched[0]!r}"
+            )
+    return names
+
+
+def audit_header_matches(pattern: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` an audit header pattern (a name, or a prefix ending in ``*``) matches."""
+    if pattern.endswith("*"):
+        return [n for n in names if n.startswith(pattern[:-1])]
+    return [n for n in names if n == pattern]
 
 
 def _log_level(key: str, value: Any) -> str:
@@ -308,6 +354,11 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_cache_max_entries": _int_in(1, 10_000_000),
     "decision_cache_ignore_headers": _headers,
     "key_expiry_warning_days": _days,
+    # audit trail (issue #13)
+    "audit_headers": _audit_headers,
+    "audit_body_max_bytes": _int_in(0, 1024 * 1024),
+    "audit_value_max_bytes": _int_in(64, 64 * 1024),
+    "audit_row_max_bytes": _int_in(4096, 4 * 1024 * 1024),
 }
 
 
@@ -369,6 +420,23 @@ def _check_consistency(settings: Settings) -> None:
             f"AUTHZ_DECISION_CACHE_CONFIRM_S={settings.decision_cache_confirm_s:g}: must be "
             f"longer than AUTHZ_BUNDLE_POLL_INTERVAL_S={settings.bundle_poll_interval_s:g} "
             "(the probe that confirms the bundle revision), or no decision is ever reused"
+        )
+    for pattern in settings.audit_headers:
+        matched = audit_header_matches(pattern, settings.credential_headers)
+        if matched:
+            raise ConfigError(
+                f"AUTHZ_AUDIT_HEADERS={','.join(settings.audit_headers)!r}: {pattern!r} would "
+                f"store the credential header {matched[0]!r} (AUTHZ_CREDENTIAL_HEADERS)"
+            )
+    if settings.audit_value_max_bytes * 4 > settings.audit_row_max_bytes:
+        raise ConfigError(
+            f"AUTHZ_AUDIT_VALUE_MAX_BYTES={settings.audit_value_max_bytes}: at most a quarter "
+            f"of AUTHZ_AUDIT_ROW_MAX_BYTES={settings.audit_row_max_bytes}"
+        )
+    if settings.audit_body_max_bytes * 2 > settings.audit_row_max_bytes:
+        raise ConfigError(
+            f"AUTHZ_AUDIT_BODY_MAX_BYTES={settings.audit_body_max_bytes}: at most half of "
+            f"AUTHZ_AUDIT_ROW_MAX_BYTES={settings.audit_row_max_bytes}"
         )
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(

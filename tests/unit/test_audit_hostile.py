@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sqlite3
 import stat
+import string
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-from authz import audit
+from authz import audit, config
 from authz.audit import AuditTrail, read_entries, verify
-from tests.unit.fakes import ManualClock
+from authz.errors import ConfigError
+from authz.input import build_input
+from authz.record import DecisionRecord
+from tests.unit.fakes import ManualClock, check_request
 from tests.unit.test_audit import decision, wait_until
 
 
@@ -263,3 +269,216 @@ def test_store_pruned_before_moves_were_recorded_is_adopted_once(tmp_path: Path)
     assert report.ok, report.problem
     assert moves == [{"from": None, "to": moves[0]["to"], "deleted": 0}]
     assert moves[0]["to"]["seq"] == 2
+
+
+# --- finding 4: an audit row is a size-capped projection of the request -------------------
+
+# Credentials a hostile request carries: none may reach the store in any form but a digest.
+CREDENTIALS = {
+    "authorization": "Bearer tok-SECRET-bearer",
+    "x-api-key": "ak-SECRET-key",
+    "cookie": "session=SECRET-cookie",
+    "api-key": "SECRET-api-key",  # in CREDENTIAL_HEADERS, not in the configured hashed list
+    "x-goog-api-key": "SECRET-goog",
+    "proxy-authorization": "Basic SECRET-proxy",
+    "x-sandbox-token": "SECRET-sandbox",
+}
+
+
+def _hostile_record(rng: random.Random) -> tuple[DecisionRecord, int]:
+    """A decision on a request with 55 KB of random headers, a 4 KB user-agent, every
+    credential header and a 60 KB JSON body; and the body's size."""
+    junk = {f"x-junk-{i}": "".join(rng.choices(string.ascii_letters, k=1000)) for i in range(55)}
+    body = orjson.dumps({"data": "".join(rng.choices(string.ascii_letters, k=60 * 1024))})
+    headers = {
+        **junk,
+        **CREDENTIALS,
+        "user-agent": "u" * 4000,
+        "content-type": "application/json",
+        "x-request-id": "req-1",
+        "x-envoy-attempt-count": "1",
+        "x-sandbox-id": "sb-1",
+    }
+    request = check_request(
+        method="POST", path="/api/v1/items", headers=headers, body=body.decode()
+    )
+    document = build_input(request, config.DEFAULT_CREDENTIAL_HEADERS)
+    return decision(1, document=document), len(body)
+
+
+def _stored_row(db: Path) -> tuple[int, dict[str, Any], str]:
+    """``(row bytes, body, body text)`` of the one stored decision: every column counted."""
+    with sqlite3.connect(db) as conn:
+        row = conn.execute(
+            "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit "
+            "WHERE kind = 'decision'"
+        ).fetchone()
+    size = sum(len(str(column).encode()) for column in row)
+    return size, orjson.loads(row[4]), row[4]
+
+
+def test_row_for_huge_headers_and_body_stays_under_the_row_cap(tmp_path: Path) -> None:
+    record, body_size = _hostile_record(random.Random(13))  # noqa: S311 (test data)
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(record)
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    size, body, text = _stored_row(db)
+    assert size <= config.DEFAULT_AUDIT_ROW_MAX_BYTES
+    assert "x-junk" not in text
+    assert "SECRET" not in text
+    http = body["input"]["attributes"]["request"]["http"]
+    assert not {"body", "rawBody"} & set(http)
+    assert "parsed_body" not in body["input"]
+    assert body["input"]["body_omitted"] == body_size
+    assert body["input"]["headers_omitted"]["count"] >= 55 + len(CREDENTIALS)
+    headers = http["headers"]
+    assert {"x-request-id", "x-envoy-attempt-count", "x-sandbox-id", "content-type"} <= set(headers)
+    assert not set(CREDENTIALS) & set(headers)
+    # The 4 KB user-agent: cut to the value cap, the cut marked with the original size.
+    agent = headers["user-agent"]
+    assert len(agent.encode()) <= config.DEFAULT_AUDIT_VALUE_MAX_BYTES
+    assert agent.startswith("u" * 100)
+    assert agent.endswith(audit.truncation_marker(4000))
+    # What the policy keyed on survives as digests (for replay), never as values.
+    assert set(body["input"]["credentials"]) == set(config.DEFAULT_CREDENTIAL_HEADERS)
+
+
+def test_ordinary_row_keeps_the_request_shape_replay_needs(tmp_path: Path) -> None:
+    request = check_request(
+        path="/api/v1/items?page=2",
+        headers={"x-api-key": "ak-SECRET-key", "x-request-id": "r-1", "accept": "*/*"},
+    )
+    document = build_input(request, config.DEFAULT_CREDENTIAL_HEADERS)
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(decision(1, document=document))
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    size, body, text = _stored_row(db)
+    assert size < 2048
+    assert "SECRET" not in text
+    stored = body["input"]
+    assert stored["parsed_path"] == ["api", "v1", "items"]
+    assert stored["parsed_query"] == {"page": ["2"]}
+    assert stored["attributes"]["request"]["http"]["path"] == "/api/v1/items?page=2"
+    assert stored["attributes"]["request"]["http"]["headers"] == {
+        ":authority": "gateway",
+        "x-request-id": "r-1",
+    }
+    sent = document["attributes"]["request"]["http"]["headers"]
+    omitted = {k: v for k, v in sent.items() if k not in (":authority", "x-request-id")}
+    assert sorted(omitted) == [":method", ":path", "accept", "x-api-key"]
+    assert stored["headers_omitted"] == {
+        "count": 4,
+        "bytes": sum(len(k) + len(v) for k, v in omitted.items()),
+    }
+    assert stored["credentials"] == document["credentials"]
+
+
+def _record_for(**parts: Any) -> DecisionRecord:
+    """A decision whose document is built from ``check_request(**parts)``; ``identity``
+    and ``metadata`` (metadataContext) are put on the record/document as given."""
+    identity = parts.pop("identity", {"key_id": "key-1"})
+    metadata = parts.pop("metadata", None)
+    document = build_input(check_request(**parts), config.DEFAULT_CREDENTIAL_HEADERS)
+    if metadata is not None:
+        document["attributes"]["metadataContext"] = metadata
+    return decision(1, document=document, identity=identity)
+
+
+HUGE_QUERY = "/x?" + "&".join(f"k{i}={'v' * 100}" for i in range(500))
+
+
+@pytest.mark.parametrize(
+    ("parts", "shed"),
+    [
+        ({"path": HUGE_QUERY}, "parsed_query"),
+        ({"headers": {f"x-envoy-{i}": "e" * 900 for i in range(60)}}, None),
+        ({"identity": {f"claim_{i}": "c" * 900 for i in range(60)}}, "input"),
+        ({"metadata": {"filter": {f"m{i}": "m" * 900 for i in range(60)}}}, "metadataContext"),
+        ({"path": "/" + "p" * 60_000}, None),
+    ],
+    ids=["huge-query", "many-prefix-headers", "huge-identity", "huge-metadata", "huge-path"],
+)
+def test_every_hostile_shape_stays_under_the_row_cap(
+    tmp_path: Path, parts: dict[str, Any], shed: str | None
+) -> None:
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(_record_for(**parts))
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    size, body, _ = _stored_row(db)
+    assert size <= config.DEFAULT_AUDIT_ROW_MAX_BYTES
+    assert body["decision_id"] == "d-1"
+    if shed == "input":
+        assert body["input"] is None
+        assert body["omitted"]["input"] > 0
+    elif shed is not None:
+        assert body["input"]["omitted"][shed] > config.DEFAULT_AUDIT_ROW_MAX_BYTES // 2
+        assert body["input"]["attributes"]["request"]["http"]["method"] == "GET"
+
+
+def test_replay_input_puts_back_the_masked_credentials_the_policy_saw(tmp_path: Path) -> None:
+    document = build_input(
+        check_request(headers={"authorization": "Bearer tok-SECRET"}),
+        config.DEFAULT_CREDENTIAL_HEADERS,
+    )
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(decision(1, document=document))
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    _, body, text = _stored_row(db)
+    assert "authorization" not in body["input"]["attributes"]["request"]["http"]["headers"]
+    replayed = audit.replay_input(body["input"])["attributes"]["request"]["http"]["headers"]
+    seen = document["attributes"]["request"]["http"]["headers"]
+    assert replayed["authorization"] == seen["authorization"]
+    assert seen["authorization"].startswith("Bearer sha256:")
+    assert "SECRET" not in text
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"AUTHZ_AUDIT_HEADERS": "user-agent,x-api-key"}, "x-api-key"),
+        ({"AUTHZ_AUDIT_HEADERS": "cookie"}, "cookie"),
+        ({"AUTHZ_AUDIT_HEADERS": "x-goog-*"}, "x-goog-api-key"),
+        ({"AUTHZ_AUDIT_HEADERS": "*"}, "AUTHZ_AUDIT_HEADERS"),
+        (
+            {"AUTHZ_CREDENTIAL_HEADERS": "x-api-key,x-team-key", "AUTHZ_AUDIT_HEADERS": "x-team-*"},
+            "x-team-key",
+        ),
+        ({"AUTHZ_AUDIT_HEADERS": "user agent"}, "user agent"),
+        ({"AUTHZ_AUDIT_VALUE_MAX_BYTES": "4096"}, "AUTHZ_AUDIT_VALUE_MAX_BYTES"),
+        ({"AUTHZ_AUDIT_ROW_MAX_BYTES": "1000"}, "AUTHZ_AUDIT_ROW_MAX_BYTES"),
+        ({"AUTHZ_AUDIT_BODY_MAX_BYTES": "8192"}, "AUTHZ_AUDIT_BODY_MAX_BYTES"),
+    ],
+    ids=[
+        "credential-name",
+        "cookie",
+        "prefix-matching-a-credential",
+        "everything",
+        "configured-credential",
+        "not-a-header-name",
+        "value-cap-over-a-quarter-row",
+        "row-cap-too-small",
+        "body-cap-over-half-row",
+    ],
+)
+def test_audit_settings_refuse_credential_headers_and_bad_caps(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(environ)
+    assert named in str(caught.value)
