@@ -59,6 +59,7 @@ import orjson
 from authz.config import (
     DEFAULT_AUDIT_BODY_MAX_BYTES,
     DEFAULT_AUDIT_HEADERS,
+    DEFAULT_AUDIT_MAX_BYTES,
     DEFAULT_AUDIT_ROW_MAX_BYTES,
     DEFAULT_AUDIT_VALUE_MAX_BYTES,
 )
@@ -69,6 +70,7 @@ from authz.record import DecisionRecord
 
 __all__ = [
     "GENESIS",
+    "VOLUME_HEADROOM_BYTES",
     "AuditEntry",
     "AuditTrail",
     "Projection",
@@ -78,6 +80,7 @@ __all__ = [
     "replay_input",
     "truncation_marker",
     "verify",
+    "volume_bytes",
 ]
 
 GENESIS: Final = "0" * 64
@@ -97,6 +100,12 @@ CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 _BATCH: Final = 500
 # A batch is also cut at this many (charged) bytes: one transaction's share of the WAL.
 _BATCH_BYTES: Final = 4 * 1024 * 1024
+_MIB: Final = 1024 * 1024
+# The -shm file (32 KiB per 4096 WAL frames' index) and what else the bound leaves room for.
+_SHM_RESERVE: Final = 64 * 1024
+# What the store's volume needs beyond max_bytes: a batch written past the last check,
+# the overrides file beside the database, slack for the filesystem.
+VOLUME_HEADROOM_BYTES: Final = 64 * _MIB
 # (kind, time, decision id, body or the record to build it from on the writer thread)
 _Item = tuple[str, float, str, "bytes | DecisionRecord"]
 # How long a caught-up writer lets entries accumulate before committing them.
@@ -428,11 +437,24 @@ def _owner_only(path: Path) -> None:
             os.chmod(f"{path}{suffix}", 0o600)
 
 
+def volume_bytes(max_bytes: int) -> int:
+    """Bytes a volume holding an audit store bounded at ``max_bytes`` needs:
+    ``max_bytes`` plus :data:`VOLUME_HEADROOM_BYTES`. The Kubernetes manifest's data
+    volume is sized with this (checked by ``tests/infra/test_audit_volume.py``)."""
+    return max_bytes + VOLUME_HEADROOM_BYTES
+
+
 def connect(path: Path, *, timeout_s: float = 0.5) -> sqlite3.Connection:
     """Open (creating if needed, mode 0600) the audit database at ``path``: WAL journal,
     the schema applied. Raises sqlite3.Error / OSError when it cannot be opened."""
     _owner_only(path)
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+    # Before the first table: lets a store over its byte bound give free pages back
+    # (incremental_vacuum); a no-op on an existing file.
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # Deleted rows are zeroed within their pages but freed pages are not rewritten: a
+    # prune does not copy the pruned bytes into the WAL (SQLite's "secure_delete").
+    conn.execute("PRAGMA secure_delete=FAST")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
@@ -532,11 +554,30 @@ class AuditTrail:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         projection: Projection | None = None,
+        max_bytes: int | None = DEFAULT_AUDIT_MAX_BYTES,
     ) -> None:
         self.path = path
         self._projector = _Projector(projection or Projection())
+        self._max_bytes = max_bytes
+        self._batch_bytes = _BATCH_BYTES
+        self._wal_limit = self._data_budget = 0
+        if max_bytes is not None:
+            if max_bytes < _MIB:
+                raise ConfigError(f"audit max_bytes={max_bytes}: expected at least {_MIB}")
+            # Room for the WAL and two batches past a check; the rows get the rest.
+            self._wal_limit = min(max(max_bytes // 8, 256 * 1024), 64 * _MIB)
+            self._batch_bytes = min(_BATCH_BYTES, max_bytes // 32)
+            self._data_budget = max_bytes - self._wal_limit - 2 * self._batch_bytes - _SHM_RESERVE
+        self._vacuum_warned = False
         try:
             self._conn = connect(path)
+            if max_bytes is not None:
+                # A checkpoint once the WAL holds half its room; the WAL file is cut
+                # back to that size after it (SQLite's journal_size_limit).
+                page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+                half = self._wal_limit // 2
+                self._conn.execute(f"PRAGMA wal_autocheckpoint={max(8, half // page_size)}")
+                self._conn.execute(f"PRAGMA journal_size_limit={half}")
             head = _meta(self._conn, "head")
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
@@ -638,7 +679,7 @@ class AuditTrail:
                 return
 
     def _next_batch(self) -> tuple[list[_Item], bool]:
-        """Up to ``_BATCH`` queued entries (at most ``_BATCH_BYTES``; waiting at most
+        """Up to ``_BATCH`` queued entries (and about ``_batch_bytes``; waiting at most
         ``_FLUSH_S`` for the first), and whether close() asked to stop. With a full batch
         already waiting (a backlog) it returns at once; with fewer, the writer is caught
         up and sleeps ``_FLUSH_S`` first: waking (and committing) per entry would cost a
@@ -655,7 +696,7 @@ class AuditTrail:
                 return batch, True
             batch.append(item)
             charged += size
-            if len(batch) >= _BATCH or charged >= _BATCH_BYTES:
+            if len(batch) >= _BATCH or charged >= self._batch_bytes:
                 return batch, False
             got, item, size = self._queue.get(0)
             if not got:
@@ -681,6 +722,7 @@ class AuditTrail:
             for kind, when, entry_id, body in entries
         ]
         try:
+            self._check_wal()
             with self._conn:  # one transaction
                 self._conn.execute("BEGIN IMMEDIATE")
                 seq, prev = self._append(texts)
@@ -714,6 +756,68 @@ class AuditTrail:
             if not self._lost:
                 self._lost_since = None
         self._report()
+        self._enforce_max_bytes()
+
+    # -- the byte bound ------------------------------------------------------------------
+    def _wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return 0
+
+    def _check_wal(self) -> None:
+        """Before a write: a WAL past its room (a long reader held off checkpoints) is
+        checkpointed and cut back; if it cannot be, the write fails (degraded, then a
+        gap entry) rather than the store outgrowing ``max_bytes``."""
+        if self._max_bytes is None or self._wal_bytes() <= self._wal_limit:
+            return
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._wal_bytes() > self._wal_limit:
+            raise sqlite3.OperationalError(
+                f"audit WAL over its {self._wal_limit} bytes (a reader holds it): not writing"
+            )
+
+    def _pages(self) -> tuple[int, int, int]:
+        """``(page_size, page_count, freelist_count)`` of the database."""
+        size, count, free = (
+            int(self._conn.execute(f"PRAGMA {name}").fetchone()[0])
+            for name in ("page_size", "page_count", "freelist_count")
+        )
+        return size, count, free
+
+    def _enforce_max_bytes(self) -> None:
+        """After a write: prune the oldest rows when the rows' pages outgrow their share of
+        ``max_bytes`` (down to 90% of it), give back free pages of a file over the bound,
+        and checkpoint a WAL past half its room."""
+        if self._max_bytes is None:
+            return
+        try:
+            page_size, pages, free = self._pages()
+            used = (pages - free) * page_size
+            if used > self._data_budget:
+                self._prune(excess_bytes=used - self._data_budget * 9 // 10, used_bytes=used)
+                page_size, pages, free = self._pages()
+            if pages * page_size + self._wal_bytes() > self._max_bytes and free:
+                self._give_back(free)
+            if self._wal_bytes() > self._wal_limit // 2:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("audit byte bound not enforced", extra={"error": str(exc)})
+
+    def _give_back(self, free: int) -> None:
+        """Return free pages to the filesystem, a batch's worth at a time (a store made
+        under a larger bound); only an ``auto_vacuum=INCREMENTAL`` file can."""
+        if int(self._conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
+            page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+            pages = min(free, max(1, self._batch_bytes // page_size))
+            self._conn.execute(f"PRAGMA incremental_vacuum({pages})")
+        elif not self._vacuum_warned:
+            self._vacuum_warned = True
+            log.warning(
+                "audit database larger than AUTHZ_AUDIT_MAX_BYTES and made without "
+                "auto_vacuum: its free pages are reused, not given back (VACUUM it offline)",
+                extra={"audit_db": str(self.path), "max_bytes": self._max_bytes},
+            )
 
     def _append(self, texts: list[tuple[str, float, str, str]]) -> tuple[int, str]:
         """Chain ``(kind, time, id, body)`` entries onto the head and move the head; inside
@@ -748,15 +852,16 @@ class AuditTrail:
             except Exception:
                 log.exception("audit state callback failed")
 
-    def _prune(self) -> None:
-        """Delete the oldest entries past retention (``retention_days``, ``max_records``)
+    def _prune(self, excess_bytes: int = 0, used_bytes: int = 0) -> None:
+        """Delete the oldest entries past retention (``retention_days``, ``max_records``,
+        and about ``excess_bytes`` of the ``used_bytes`` rows hold, for ``max_bytes``)
         and move the anchor, recording the move as an ``anchor`` entry chained after the
         head (so the move itself is under the hash chain) and logging it."""
         self._last_prune = self._clock()
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
-                moved = self._move_anchor()
+                moved = self._move_anchor(excess_bytes, used_bytes)
         except sqlite3.Error as exc:
             self._rollback()
             log.warning("audit retention pruning failed", extra={"error": str(exc)})
@@ -766,9 +871,14 @@ class AuditTrail:
         if moved is not None:
             self._announce_move(*moved)
 
-    def _cutoff(self, head_seq: int, anchor_seq: int) -> int:
+    def _cutoff(self, head_seq: int, anchor_seq: int, excess_bytes: int, used_bytes: int) -> int:
         """The last seq retention removes (<= ``anchor_seq``: nothing to remove)."""
         cutoff = anchor_seq
+        rows = head_seq - anchor_seq
+        if excess_bytes > 0 and rows > 0:
+            # Rows are of similar size: the average over the store (index included).
+            per_row = max(1, used_bytes // rows)
+            cutoff = max(cutoff, anchor_seq + min(rows, -(-excess_bytes // per_row)))
         if self._retention_s is not None:
             row = self._conn.execute(
                 "SELECT MAX(seq) FROM audit WHERE time < ?",
@@ -781,14 +891,16 @@ class AuditTrail:
             cutoff = max(cutoff, head_seq - self._max_records + 1)
         return cutoff
 
-    def _move_anchor(self) -> tuple[dict[str, Any], dict[str, Any], int, int, str] | None:
+    def _move_anchor(
+        self, excess_bytes: int, used_bytes: int
+    ) -> tuple[dict[str, Any], dict[str, Any], int, int, str] | None:
         """Inside a write transaction: prune and record the move. Returns ``(previous
         anchor, new anchor, entries deleted, move entry seq, its hash)`` or None."""
         head = _meta(self._conn, "head")
         if head is None:
             return None
         previous = _meta(self._conn, "anchor") or {"seq": 0, "hash": GENESIS}
-        cutoff = self._cutoff(int(head["seq"]), int(previous["seq"]))
+        cutoff = self._cutoff(int(head["seq"]), int(previous["seq"]), excess_bytes, used_bytes)
         if cutoff <= int(previous["seq"]):
             return None
         row = self._conn.execute(

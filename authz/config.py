@@ -90,6 +90,10 @@ DEFAULT_AUDIT_HEADERS: Final = (
 DEFAULT_AUDIT_BODY_MAX_BYTES: Final = 0
 DEFAULT_AUDIT_VALUE_MAX_BYTES: Final = 1024
 DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
+# The audit store's bound on disk (database + WAL + shared memory). With the headroom of
+# authz.audit.volume_bytes it fills the Kubernetes data volume (infra/k8s/authz.yaml,
+# emptyDir sizeLimit 1Gi; tests/infra/test_audit_volume.py keeps them equal).
+DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -146,6 +150,7 @@ class Settings:
     audit_body_max_bytes: int = DEFAULT_AUDIT_BODY_MAX_BYTES
     audit_value_max_bytes: int = DEFAULT_AUDIT_VALUE_MAX_BYTES
     audit_row_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
 
     @property
     def decision_timeout_s(self) -> float:
@@ -359,6 +364,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_body_max_bytes": _int_in(0, 1024 * 1024),
     "audit_value_max_bytes": _int_in(64, 64 * 1024),
     "audit_row_max_bytes": _int_in(4096, 4 * 1024 * 1024),
+    "audit_max_bytes": _int_in(16 * 1024 * 1024, 1024**4),
 }
 
 

@@ -386,6 +386,7 @@ def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
             # Also any header configured as a credential (AUTHZ_CREDENTIAL_HEADERS).
             never=Projection().never | frozenset(settings.credential_headers),
         ),
+        max_bytes=settings.audit_max_bytes,
     )
 
 

@@ -463,6 +463,7 @@ def test_replay_input_puts_back_the_masked_credentials_the_policy_saw(tmp_path: 
         ({"AUTHZ_AUDIT_VALUE_MAX_BYTES": "4096"}, "AUTHZ_AUDIT_VALUE_MAX_BYTES"),
         ({"AUTHZ_AUDIT_ROW_MAX_BYTES": "1000"}, "AUTHZ_AUDIT_ROW_MAX_BYTES"),
         ({"AUTHZ_AUDIT_BODY_MAX_BYTES": "8192"}, "AUTHZ_AUDIT_BODY_MAX_BYTES"),
+        ({"AUTHZ_AUDIT_MAX_BYTES": str(1024 * 1024)}, "AUTHZ_AUDIT_MAX_BYTES"),
     ],
     ids=[
         "credential-name",
@@ -474,6 +475,7 @@ def test_replay_input_puts_back_the_masked_credentials_the_policy_saw(tmp_path: 
         "value-cap-over-a-quarter-row",
         "row-cap-too-small",
         "body-cap-over-half-row",
+        "store-bound-under-16-mib",
     ],
 )
 def test_audit_settings_refuse_credential_headers_and_bad_caps(
@@ -482,3 +484,41 @@ def test_audit_settings_refuse_credential_headers_and_bad_caps(
     with pytest.raises(ConfigError) as caught:
         config.load(environ)
     assert named in str(caught.value)
+
+
+# --- finding 4: the store is bounded in bytes, WAL included --------------------------------
+
+
+def _store_bytes(db: Path) -> int:
+    """The database's size as SQLite counts it (page_count * page_size) plus the WAL and
+    shared-memory files on disk."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    extra = sum(p.stat().st_size for p in (Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists())
+    return int(pages * page_size) + extra
+
+
+def test_store_stays_under_max_bytes_including_the_wal(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    limit = 2 * 1024 * 1024
+    trail = AuditTrail(db, retention_days=None, max_records=None, max_bytes=limit)
+    sizes = []
+    agent = {"user-agent": "a" * 1000}
+    try:
+        for round_ in range(10):  # ~10 x 400 rows of ~1.5 KB: three times the bound
+            for _ in range(400):
+                trail.record(_record_for(headers=agent))
+            target = (round_ + 1) * 400
+            wait_until(lambda: trail.written >= target, f"{target} entries written")  # noqa: B023
+            sizes.append(_store_bytes(db))
+    finally:
+        trail.close()
+    assert max(sizes) <= limit, sizes
+    with sqlite3.connect(db) as conn:
+        report = verify(conn)
+        moves = list(read_entries(conn, kind="anchor"))
+    assert report.ok, report.problem
+    assert moves, "the byte bound never pruned"
+    assert report.entries < 4000
+    assert _store_bytes(db) <= limit
