@@ -143,6 +143,9 @@ _CORE_FIELDS: Final = frozenset(
         "type", "decision_id", "time", "decision_path", "revision", "mode", "result",
         "decision", "reason", "http_status", "request_id", "method", "path", "duration_ms",
         "opa_ms", "policy_result", "fail_open", "error", "policy", "input", "omitted",
+        # who: what `keys health` and `audit replay` report by
+        "key_id", "role", "tier", "sandbox_id", "service", "override_id", "source",
+        "cached_from",
     }
 )  # fmt: skip
 _CORE_VALUE_MAX: Final = 128
@@ -181,6 +184,15 @@ def _cut(text: str, limit: int) -> str:
     marker = truncation_marker(len(raw))
     keep = raw[: max(0, limit - len(marker))].decode("utf-8", "ignore")
     return keep + marker
+
+
+def _capped(value: Any, limit: int) -> Any:
+    """:func:`_cap_values`, skipping the walk when the whole of ``value`` fits in ``limit``
+    bytes as JSON (then no string in it can be longer): most rows. ``value`` must be the
+    caller's own copy (it may be returned as is)."""
+    if len(orjson.dumps(value, default=str)) <= limit:
+        return value
+    return _cap_values(value, limit)
 
 
 def _cap_values(value: Any, limit: int) -> Any:
@@ -327,9 +339,9 @@ class _Projector:
             if record.policy_allowed is not None
             else None
         )
-        body = _cap_values(body, limit)
+        body = _capped(body, limit)
         if record.document is not None:
-            document: dict[str, Any] = _cap_values(redact_document(record.document), limit)
+            document: dict[str, Any] = _capped(redact_document(record.document), limit)
             http = document.get("attributes", {}).get("request", {}).get("http")
             if isinstance(http, dict):
                 omitted = dict(document.get("headers_omitted") or {})
