@@ -5,6 +5,7 @@ anchor moved by hand is caught by ``verify``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -21,11 +22,12 @@ import pytest
 
 from authz import audit, config
 from authz.audit import AuditTrail, read_entries, verify
+from authz.cli import main
 from authz.errors import ConfigError
 from authz.input import build_input
 from authz.record import DecisionRecord
 from tests.unit.fakes import ManualClock, check_request
-from tests.unit.test_audit import decision, wait_until
+from tests.unit.test_audit import decision, reader, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +160,7 @@ def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
         trail.close()
     assert 0 < peak <= limit
     assert trail.failed > 0, "the byte bound never dropped an entry"
-    with sqlite3.connect(tmp_path / "audit.db") as conn:
+    with reader(tmp_path / "audit.db") as conn:
         entries = list(read_entries(conn))
         assert verify(conn).ok
     lost = sum(e.body["lost"] for e in entries if e.kind == "gap")
@@ -202,7 +204,7 @@ def test_anchor_moved_by_hand_fails_verify_naming_the_anchor(
             _prune_now(trail, clock)
     finally:
         trail.close()
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with reader(db) as conn:
         assert verify(conn).ok
         first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
         _move_anchor_by_hand(conn, first + 2)
@@ -229,7 +231,7 @@ def test_every_prune_records_and_logs_its_anchor_move(
     finally:
         trail.close()
     moves = [r for r in caplog.records if r.getMessage() == "audit anchor moved"]
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with reader(db) as conn:
         entries = list(read_entries(conn))
         report = verify(conn)
         # The last move's log line names its own entry: usable as an external head.
@@ -257,13 +259,13 @@ def test_store_pruned_before_moves_were_recorded_is_adopted_once(tmp_path: Path)
         trail.record(decision(n))
     wait_until(lambda: trail.written >= 6, "6 entries written")
     trail.close()
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with reader(db) as conn:
         _move_anchor_by_hand(conn, 2)
         conn.execute("DELETE FROM audit_meta WHERE key = 'anchor_moves'")
         assert not verify(conn).ok
     AuditTrail(db, retention_days=None, max_records=None).close()
     AuditTrail(db, retention_days=None, max_records=None).close()
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with reader(db) as conn:
         moves = [e.body for e in read_entries(conn, kind="anchor")]
         report = verify(conn)
     assert report.ok, report.problem
@@ -308,7 +310,7 @@ def _hostile_record(rng: random.Random) -> tuple[DecisionRecord, int]:
 
 def _stored_row(db: Path) -> tuple[int, dict[str, Any], str]:
     """``(row bytes, body, body text)`` of the one stored decision: every column counted."""
-    with sqlite3.connect(db) as conn:
+    with reader(db) as conn:
         row = conn.execute(
             "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit "
             "WHERE kind = 'decision'"
@@ -492,7 +494,7 @@ def test_audit_settings_refuse_credential_headers_and_bad_caps(
 def _store_bytes(db: Path) -> int:
     """The database's size as SQLite counts it (page_count * page_size) plus the WAL and
     shared-memory files on disk."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     extra = sum(p.stat().st_size for p in (Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists())
@@ -515,10 +517,34 @@ def test_store_stays_under_max_bytes_including_the_wal(tmp_path: Path) -> None:
     finally:
         trail.close()
     assert max(sizes) <= limit, sizes
-    with sqlite3.connect(db) as conn:
+    with reader(db) as conn:
         report = verify(conn)
         moves = list(read_entries(conn, kind="anchor"))
     assert report.ok, report.problem
     assert moves, "the byte bound never pruned"
     assert report.entries < 4000
     assert _store_bytes(db) <= limit
+
+
+def test_cli_verify_exits_1_naming_a_hand_moved_anchor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=5, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        _prune_now(trail, clock)
+    finally:
+        trail.close()
+    assert main(["audit", "--db", str(db), "verify"]) == 0
+    with reader(db) as conn:
+        first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
+        _move_anchor_by_hand(conn, first + 1)
+    capsys.readouterr()
+    assert main(["audit", "--db", str(db), "verify"]) == 1
+    err = capsys.readouterr().err
+    assert f"BROKEN at entry {first + 1}" in err
+    assert "anchor moved by hand" in err
