@@ -25,16 +25,18 @@ Retention deletes the oldest rows and moves the anchor; each move is recorded as
 anchor, "deleted": n}``, anchors as ``{"seq", "hash"}``; the first move's ``from`` is
 ``{"seq": 0, "hash": GENESIS}``) and logged (``audit anchor moved``). :func:`verify`
 checks that consecutive moves follow each other and that the stored anchor is where
-the last one put it, so rows deleted and an anchor moved by hand are detected; forging
-a move means appending to the chain, which ``--head`` from the logs catches as for any
-rewritten tail.
+the last one put it, so rows deleted and an anchor moved by hand are detected. Forging
+a move takes appending an ``anchor`` entry to the chain: every genuine one has its log
+line (compare ``authz audit tail --kind anchor`` with the shipped ``audit anchor moved``
+lines), and the head logged after it vouches for it like for any other entry.
 
 Writes happen on one background thread, in batches, so a Check never waits for the disk.
 A full disk, a locked database or any SQLite error degrades the trail to log-only (the
 decision log still has every decision): ``degraded`` is set (metric
 ``authz_audit_degraded``), failures are counted, and when writes succeed again a ``gap``
 entry records how many entries were lost and when. A request never fails because of the
-audit trail. Retention (``retention_days``, ``max_records``) prunes the oldest rows.
+audit trail. Retention (``retention_days``, ``max_records``, ``max_bytes``) prunes the
+oldest rows.
 """
 
 from __future__ import annotations

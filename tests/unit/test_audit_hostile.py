@@ -548,3 +548,24 @@ def test_cli_verify_exits_1_naming_a_hand_moved_anchor(
     err = capsys.readouterr().err
     assert f"BROKEN at entry {first + 1}" in err
     assert "anchor moved by hand" in err
+
+
+def test_cli_tail_kind_anchor_lists_the_anchor_moves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=5, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        _prune_now(trail, clock)
+    finally:
+        trail.close()
+    capsys.readouterr()
+    assert main(["audit", "--db", str(db), "tail", "--kind", "anchor"]) == 0
+    lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["kind"], line["from"]["seq"], line["to"]["seq"]) for line in lines] == [
+        ("anchor", 0, 6)
+    ]
