@@ -363,7 +363,8 @@ def _fit(body: dict[str, Any], budget: int) -> str:
     """``body`` as canonical JSON within ``budget`` bytes: input fields shed in
     ``_SHED_ORDER`` (named with their size in ``input.omitted``), then the whole input
     (``omitted.input``), then every non-core field (``omitted.fields``), then core values
-    cut to ``_CORE_VALUE_MAX``."""
+    cut to ``_CORE_VALUE_MAX``, and last only the outcome (``omitted.row``; the decision
+    id and time are columns of the row anyway)."""
     text = _dumps(body)
     if len(text.encode()) <= budget:
         return text
@@ -393,7 +394,15 @@ def _fit(body: dict[str, Any], budget: int) -> str:
     text = _dumps(body)
     if len(text.encode()) <= budget:
         return text
-    return _dumps(_cap_values(body, _CORE_VALUE_MAX))
+    text = _dumps(_cap_values(body, _CORE_VALUE_MAX))
+    if len(text.encode()) <= budget:
+        return text
+    # Only fixed-size fields are left (row_max_bytes is at least 4096).
+    minimal: dict[str, Any] = {
+        k: body[k] for k in ("type", "result", "decision", "http_status") if k in body
+    }
+    minimal["omitted"] = {"row": len(text.encode())}
+    return _dumps(minimal)
 
 
 def replay_input(document: Mapping[str, Any]) -> dict[str, Any]:
