@@ -559,6 +559,10 @@ class AuditTrail:
     beyond either an entry is dropped and counted like a failed write (a ``gap`` entry
     records it). ``on_state(degraded, written, failed)`` is called after every batch for
     metrics. ``clock`` (Unix seconds) and ``sleep`` are injectable for tests.
+    ``projection`` decides what a decision row keeps of the request (:class:`Projection`,
+    defaults from :mod:`authz.config`). ``max_bytes`` bounds the database, its WAL and
+    shared-memory file together (None: unbounded; at least 1 MiB): after each batch the
+    oldest rows are pruned (an anchor move) when the rows' pages pass their share.
 
     The writer takes a backlog (a full batch or more waiting) at once, batch after
     batch; only when it is caught up does it sleep ``_FLUSH_S`` so that entries
@@ -657,7 +661,12 @@ class AuditTrail:
         """Queue ``record`` for the writer; never blocks, never raises. The body is built
         on the writer thread, off the request path."""
         if record.document is not None:  # a queued entry pins only what the row keeps
-            record = dataclasses.replace(record, document=self._projector.slim(record.document))
+            try:
+                slim: Mapping[str, Any] | None = self._projector.slim(record.document)
+            except Exception:  # an odd document costs its input, never the entry
+                log.exception("audit input for %s not projected", record.decision_id)
+                slim = None
+            record = dataclasses.replace(record, document=slim)
         self._put("decision", record.timestamp, record.decision_id, record, _charge(record))
 
     def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
