@@ -10,7 +10,7 @@
     authz sandbox new --id ID --tier T   print a new sandbox token and its data entry
     authz secrets generate               build the egress secrets file from env / .env
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
-    authz audit tail [--limit N]         print the last audit entries (JSON lines)
+    authz audit tail [--limit N] [--kind K]  print the last audit entries (JSON lines)
     authz audit verify [--head SEQ:HASH] check the hash chain; exit 1 naming the first bad entry
     authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -200,7 +201,7 @@ def _audit_tail(args: argparse.Namespace) -> int:
     if conn is None:
         return 2
     with contextlib.closing(conn):
-        for entry in audit.read_entries(conn, last=args.limit):
+        for entry in audit.read_entries(conn, last=args.limit, kind=args.kind):
             body = dict(entry.body)
             if not args.input:
                 body.pop("input", None)
@@ -247,7 +248,13 @@ def _audit_replay(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with contextlib.closing(conn):
-        entries = list(audit.read_entries(conn, last=args.limit, kind="decision"))
+        # Rows keep credential digests, not headers: put back the masked headers OPA saw.
+        entries = [
+            dataclasses.replace(entry, body={**entry.body, "input": audit.replay_input(doc)})
+            if isinstance(doc := entry.body.get("input"), dict)
+            else entry
+            for entry in audit.read_entries(conn, last=args.limit, kind="decision")
+        ]
 
     async def run(url: str) -> Any:
         client = OpaClient(url)
@@ -374,6 +381,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--limit", type=int, default=20)
     tail.add_argument("--input", action="store_true", help="include the recorded input")
+    tail.add_argument(
+        "--kind",
+        choices=["decision", "admin", "gap", "anchor"],
+        help="only entries of this kind (anchor: retention's anchor moves)",
+    )
     tail.set_defaults(func=_audit_tail)
     verify = audit_commands.add_parser("verify", help="check the hash chain", parents=[where])
     verify.add_argument(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -82,6 +82,26 @@ ADMIN_TOKEN_MIN_CHARS: Final = 32
 DEFAULT_FAIL_OPEN_MAX_PER_S: Final = 50
 # The decision cache's bound in (accounted) bytes, 64 MiB.
 DEFAULT_DECISION_CACHE_MAX_BYTES: Final = 64 * 1024 * 1024
+# Audit rows (README "Audit trail"): the request headers a row keeps (a trailing "*"
+# makes a prefix; never a credential header), the largest body kept (0: none), and the
+# byte caps on one value and on a whole row.
+DEFAULT_AUDIT_HEADERS: Final = (
+    ":authority",
+    "host",
+    "user-agent",
+    "content-type",
+    "content-length",
+    "x-request-id",
+    "x-sandbox-id",
+    "x-envoy-*",
+)
+DEFAULT_AUDIT_BODY_MAX_BYTES: Final = 0
+DEFAULT_AUDIT_VALUE_MAX_BYTES: Final = 1024
+DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
+# The audit store's bound on disk (database + WAL + shared memory). With the headroom of
+# authz.audit.volume_bytes it fills the Kubernetes data volume (infra/k8s/authz.yaml,
+# emptyDir sizeLimit 1Gi; tests/infra/test_audit_volume.py keeps them equal).
+DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -142,12 +162,18 @@ class Settings:
     # Hostile callers (issue #13): fail-open cap, cache byte bound.
     fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S
     decision_cache_max_bytes: int = DEFAULT_DECISION_CACHE_MAX_BYTES
-    # -- transport security (issue 13, finding 5) --
+    # Transport security: mTLS on the gRPC port, plaintext only where told.
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
     grpc_tls_client_ca: Path | None = None
     grpc_allow_plaintext: bool = False
     opa_allow_plaintext: bool = False
+    # Audit trail: what a row keeps, in bytes.
+    audit_headers: tuple[str, ...] = DEFAULT_AUDIT_HEADERS
+    audit_body_max_bytes: int = DEFAULT_AUDIT_BODY_MAX_BYTES
+    audit_value_max_bytes: int = DEFAULT_AUDIT_VALUE_MAX_BYTES
+    audit_row_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
 
     @property
     def grpc_tls(self) -> bool:
@@ -285,6 +311,30 @@ def _body_parsing(key: str, value: Any) -> BodyParsing:
         raise ConfigError(f"{key}={value!r}: expected route, always or never") from None
 
 
+def _audit_headers(key: str, value: Any) -> tuple[str, ...]:
+    """Header names, each optionally ending in ``*`` (a prefix). None may name or match a
+    credential header (:data:`authz.headers.CREDENTIAL_HEADERS`): the audit trail never
+    stores one."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    for name in names:
+        if not _HEADER_NAME_RE.fullmatch(name.removesuffix("*")):
+            raise ConfigError(f"{key}={value!r}: {name!r} is not a header name or prefix*")
+        matched = audit_header_matches(name, CREDENTIAL_HEADERS)
+        if matched:
+            raise ConfigError(
+                f"{key}={value!r}: {name!r} would store the credential header {matched[0]!r}"
+            )
+    return names
+
+
+def audit_header_matches(pattern: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` an audit header pattern (a name, or a prefix ending in ``*``) matches."""
+    if pattern.endswith("*"):
+        return [n for n in names if n.startswith(pattern[:-1])]
+    return [n for n in names if n == pattern]
+
+
 def _log_level(key: str, value: Any) -> str:
     level = str(value).upper()
     if level not in _LOG_LEVELS:
@@ -407,12 +457,18 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     # Hostile callers (issue #13): fail-open cap, cache byte bound.
     "fail_open_max_per_s": _int_in(1, 1_000_000),
     "decision_cache_max_bytes": _int_in(1, 1 << 40),
-    # -- transport security (issue 13, finding 5) --
+    # Transport security: mTLS on the gRPC port, plaintext only where told.
     "grpc_tls_cert": _path,
     "grpc_tls_key": _path,
     "grpc_tls_client_ca": _path,
-    "grpc_allow_plaintext": _bool,
+    # Audit trail: what a row keeps, in bytes.
     "opa_allow_plaintext": _bool,
+    # audit trail (issue #13)
+    "audit_headers": _audit_headers,
+    "audit_body_max_bytes": _int_in(0, 1024 * 1024),
+    "audit_value_max_bytes": _int_in(64, 64 * 1024),
+    "audit_row_max_bytes": _int_in(4096, 4 * 1024 * 1024),
+    "audit_max_bytes": _int_in(16 * 1024 * 1024, 1024**4),
 }
 
 
@@ -480,6 +536,23 @@ def _check_consistency(settings: Settings) -> None:
             f"AUTHZ_DECISION_CACHE_CONFIRM_S={settings.decision_cache_confirm_s:g}: must be "
             f"longer than AUTHZ_BUNDLE_POLL_INTERVAL_S={settings.bundle_poll_interval_s:g} "
             "(the probe that confirms the bundle revision), or no decision is ever reused"
+        )
+    for pattern in settings.audit_headers:
+        matched = audit_header_matches(pattern, settings.credential_headers)
+        if matched:
+            raise ConfigError(
+                f"AUTHZ_AUDIT_HEADERS={','.join(settings.audit_headers)!r}: {pattern!r} would "
+                f"store the credential header {matched[0]!r} (AUTHZ_CREDENTIAL_HEADERS)"
+            )
+    if settings.audit_value_max_bytes * 4 > settings.audit_row_max_bytes:
+        raise ConfigError(
+            f"AUTHZ_AUDIT_VALUE_MAX_BYTES={settings.audit_value_max_bytes}: at most a quarter "
+            f"of AUTHZ_AUDIT_ROW_MAX_BYTES={settings.audit_row_max_bytes}"
+        )
+    if settings.audit_body_max_bytes * 2 > settings.audit_row_max_bytes:
+        raise ConfigError(
+            f"AUTHZ_AUDIT_BODY_MAX_BYTES={settings.audit_body_max_bytes}: at most half of "
+            f"AUTHZ_AUDIT_ROW_MAX_BYTES={settings.audit_row_max_bytes}"
         )
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(

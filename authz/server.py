@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
-from authz.audit import AuditTrail
+from authz.audit import AuditTrail, Projection
 from authz.authorizer import Authorizer, CredentialSource
 from authz.bundle import BundleWatcher
 from authz.cache import DecisionCache
@@ -479,6 +479,15 @@ def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
         retention_days=settings.audit_retention_days or None,
         max_records=settings.audit_max_records,
         on_state=on_state,
+        projection=Projection(
+            headers=settings.audit_headers,
+            body_max_bytes=settings.audit_body_max_bytes,
+            value_max_bytes=settings.audit_value_max_bytes,
+            row_max_bytes=settings.audit_row_max_bytes,
+            # Also any header configured as a credential (AUTHZ_CREDENTIAL_HEADERS).
+            never=Projection().never | frozenset(settings.credential_headers),
+        ),
+        max_bytes=settings.audit_max_bytes,
     )
 
 

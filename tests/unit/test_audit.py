@@ -19,7 +19,6 @@ import pytest
 from authz import audit
 from authz.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
 from authz.errors import ConfigError
-from authz.logs import redact_document
 from authz.record import DecisionRecord
 from authz.secrets import MASK
 from tests.unit.fakes import ManualClock
@@ -75,6 +74,31 @@ def secret_document() -> dict[str, Any]:
         "parsed_path": ["x"],
         "parsed_query": {"api_key": [SECRET], "page": ["2"]},
         "credentials": {"x-api-key": DIGEST},
+    }
+
+
+def projected_secret_document() -> dict[str, Any]:
+    """What a row keeps of :func:`secret_document` (README "Audit trail"): allow-listed
+    headers only (the others counted), sensitive query values masked, digests kept."""
+    sent = secret_document()["attributes"]["request"]["http"]["headers"]
+    omitted = [name for name in sent if name != "x-request-id"]
+    return {
+        "attributes": {
+            "request": {
+                "http": {
+                    "method": "GET",
+                    "path": f"/x?api_key={MASK}&page=2",
+                    "headers": {"x-request-id": "req-1"},
+                }
+            }
+        },
+        "parsed_path": ["x"],
+        "parsed_query": {"api_key": [MASK], "page": ["2"]},
+        "credentials": {"x-api-key": DIGEST},
+        "headers_omitted": {
+            "count": len(omitted),
+            "bytes": sum(len(name) + len(sent[name]) for name in omitted),
+        },
     }
 
 
@@ -303,8 +327,7 @@ def test_decision_body_is_log_fields_policy_and_redacted_input(
         [entry] = read_entries(conn)
     expected = {**record.log_fields(), "policy": policy}
     if stores_input:
-        assert record.document is not None
-        expected["input"] = redact_document(record.document)
+        expected["input"] = projected_secret_document()
     assert entry.body == expected
     assert (entry.decision_id, entry.time) == (record.decision_id, record.timestamp)
 
@@ -323,11 +346,10 @@ def test_secrets_in_query_and_cookie_never_stored(trail_factory: TrailFactory, d
         assert SECRET.encode() not in file.read_bytes(), file.name
     http = entry.body["input"]["attributes"]["request"]["http"]
     assert http["path"] == f"/x?api_key={MASK}&page=2"
-    assert http["headers"][":path"] == f"/x?api_key={MASK}&page=2"
-    assert http["headers"]["cookie"] == MASK
-    # Digests and harmless values are kept: replay needs them.
-    assert http["headers"]["x-api-key"] == f"sha256:{DIGEST}"
+    # Not allow-listed: neither the :path copy of the query, nor any credential header.
+    assert set(http["headers"]) == {"x-request-id"}
     assert entry.body["input"]["parsed_query"] == {"api_key": [MASK], "page": ["2"]}
+    # Digests are kept: replay needs what the policy keyed on.
     assert entry.body["input"]["credentials"] == {"x-api-key": DIGEST}
     # The caller's document is left as it was.
     assert document == secret_document()
@@ -584,22 +606,27 @@ def test_max_records_prunes_the_oldest_and_chain_still_verifies(
     clock.now += 61
     wait_until(lambda: count_rows(db) == 3, "pruning to 3 rows")
     with reader(db) as conn:
-        assert [e.seq for e in read_entries(conn)] == [8, 9, 10]
+        # The 3 kept entries include the anchor move's own entry (11).
+        assert [(e.seq, e.kind) for e in read_entries(conn)] == [
+            (9, "decision"),
+            (10, "decision"),
+            (11, "anchor"),
+        ]
         report = verify(conn)
-    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 3, 8, 10)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 3, 9, 11)
 
     fill(trail, db, 2, start=11)  # the chain goes on from the anchor
     trail.close()
     with reader(db) as conn:
         report = verify(conn)
         assert report.ok
-        assert (report.first_seq, report.last_seq) == (8, 12)
+        assert (report.first_seq, report.last_seq) == (9, 13)
         # Removing the first kept row is still caught, relative to the anchor.
-        conn.execute("DELETE FROM audit WHERE seq = 8")
+        conn.execute("DELETE FROM audit WHERE seq = 9")
         broken = verify(conn)
-    assert (broken.ok, broken.broken_seq) == (False, 9)
+    assert (broken.ok, broken.broken_seq) == (False, 10)
     assert broken.problem is not None
-    assert "expected entry 8 here" in broken.problem
+    assert "expected entry 9 here" in broken.problem
 
 
 def test_retention_days_prunes_old_entries(
@@ -608,28 +635,34 @@ def test_retention_days_prunes_old_entries(
     trail = trail_factory(retention_days=1, max_records=None)
     fill(trail, db, 4)  # recorded at T0+1 .. T0+4
     clock.now = T0 + 86400 + 2.5  # entries 1 and 2 are now older than a day
-    wait_until(lambda: count_rows(db) == 2, "pruning to 2 rows")
+    wait_until(lambda: count_rows(db) == 3, "pruning to 2 rows and the anchor move")
     trail.close()
     with reader(db) as conn:
-        assert [e.seq for e in read_entries(conn)] == [3, 4]
+        assert [(e.seq, e.kind) for e in read_entries(conn)] == [
+            (3, "decision"),
+            (4, "decision"),
+            (5, "anchor"),
+        ]
         report = verify(conn)
-    assert (report.ok, report.first_seq, report.last_seq) == (True, 3, 4)
+    assert (report.ok, report.first_seq, report.last_seq) == (True, 3, 5)
 
 
 def test_retention_pruning_every_entry_still_verifies(
     trail_factory: TrailFactory, db: Path, clock: ManualClock
 ) -> None:
     # An idle service: every stored entry is past retention and is pruned. That is not
-    # tampering; the anchor and the head both record the last pruned entry.
+    # tampering; the anchor records the last pruned entry, and the move's own entry is
+    # all that is left.
     trail = trail_factory(retention_days=1, max_records=None)
     fill(trail, db, 3)
     clock.now = T0 + 2 * 86400
-    wait_until(lambda: count_rows(db) == 0, "pruning every row")
+    wait_until(lambda: trail.prunes > 0 and count_rows(db) == 1, "pruning every row")
     trail.close()
     with reader(db) as conn:
+        assert [(e.seq, e.kind) for e in read_entries(conn)] == [(4, "anchor")]
         report = verify(conn)
     assert report.ok, report.problem
-    assert report.entries == 0
+    assert report.entries == 1
 
 
 # --- degradation -------------------------------------------------------------------------
