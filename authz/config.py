@@ -461,9 +461,9 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "grpc_tls_cert": _path,
     "grpc_tls_key": _path,
     "grpc_tls_client_ca": _path,
-    # Audit trail: what a row keeps, in bytes.
+    "grpc_allow_plaintext": _bool,
     "opa_allow_plaintext": _bool,
-    # audit trail (issue #13)
+    # Audit trail: what a row keeps, in bytes.
     "audit_headers": _audit_headers,
     "audit_body_max_bytes": _int_in(0, 1024 * 1024),
     "audit_value_max_bytes": _int_in(64, 64 * 1024),
