@@ -84,6 +84,8 @@ DECISION_ID_HEADER: Final = "x-authz-decision-id"
 # attacker would aim a bypass at.
 ADMIN_PATH: Final = "/api/v1/admin/users"
 _TOKEN_CHARS: Final = string.ascii_letters + string.digits
+# Longest header value in one line.
+_MAX_LINE: Final = HEADERS_LIMIT - _HEADROOM
 _MULTIPART: Final = "multipart/form-data; boundary="
 
 
@@ -243,10 +245,14 @@ def header_flood(
 def huge_header(
     rng: random.Random, size: int = HEADERS_LIMIT - _HEADROOM, path: str = ADMIN_PATH
 ) -> HostileRequest:
-    """One header whose value is ``size`` random bytes (default: just under Envoy's
-    60 KiB; above it Envoy answers 431: kind ``huge_header_over_limit``)."""
+    """Header values of ``size`` random bytes in all (default: just under Envoy's 60 KiB;
+    above it Envoy answers 431: kind ``huge_header_over_limit``), in one header up to
+    ``_MAX_LINE`` bytes and in as few as needed above (some clients, vegeta among them,
+    read a header line into a 64 KiB buffer)."""
     kind = "huge_header" if size <= HEADERS_LIMIT - _HEADROOM else "huge_header_over_limit"
-    return HostileRequest(kind, "GET", path, (("x-huge", _token(rng, size)),))
+    chunks = [_token(rng, min(_MAX_LINE, size - at)) for at in range(0, size, _MAX_LINE)]
+    names = ["x-huge", *(f"x-huge-{i}" for i in range(2, len(chunks) + 1))]
+    return HostileRequest(kind, "GET", path, tuple(zip(names, chunks, strict=True)))
 
 
 # -- cache and store fillers ----------------------------------------------------------
