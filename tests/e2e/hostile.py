@@ -24,6 +24,7 @@ body files) and :class:`Slowloris` (sockets, a thread).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import socket
@@ -54,6 +55,7 @@ __all__ = [
     "distinct_keyless",
     "egress_bogus_sandbox",
     "fillers",
+    "for_egress",
     "form_pairs_bomb",
     "gateway_mix",
     "header_flood",
@@ -276,30 +278,50 @@ def bogus_api_key(
     return HostileRequest("bogus_api_key", "GET", path, tuple(headers))
 
 
+def _bogus_identity(rng: random.Random, known_sandboxes: Sequence[str]) -> list[tuple[str, str]]:
+    """A sandbox identity that is not one: a random id, or (half the time, when
+    ``known_sandboxes`` is given) a real id; a random token either way."""
+    sandbox = (
+        rng.choice(known_sandboxes)
+        if known_sandboxes and rng.random() < 0.5
+        else f"sb-{_token(rng, 12).lower()}"
+    )
+    return [("x-sandbox-id", sandbox), ("x-sandbox-token", f"sbt_{_token(rng, 32)}")]
+
+
 def egress_bogus_sandbox(
     rng: random.Random,
     services: Sequence[str],
     known_sandboxes: Sequence[str] = (),
     header_bytes: int = 32 * 1024,
 ) -> HostileRequest:
-    """An egress call to one of ``services`` with a sandbox identity that is not one: a
-    random id and token, or (half the time, when ``known_sandboxes`` is given) a real id
-    with a random token; plus distinct random headers."""
-    sandbox = (
-        rng.choice(known_sandboxes)
-        if known_sandboxes and rng.random() < 0.5
-        else f"sb-{_token(rng, 12).lower()}"
-    )
-    headers = [
-        ("x-sandbox-id", sandbox),
-        ("x-sandbox-token", f"sbt_{_token(rng, 32)}"),
-        *_random_headers(rng, header_bytes, 2048),
-    ]
+    """An egress call to one of ``services`` with a bogus sandbox identity
+    (:func:`_bogus_identity`) and distinct random headers."""
+    headers = [*_bogus_identity(rng, known_sandboxes), *_random_headers(rng, header_bytes, 2048)]
     return HostileRequest(
         "egress_bogus_sandbox",
         "GET",
         "/v1/models",
         tuple(headers),
+        host=rng.choice(services),
+        proxy="egress",
+    )
+
+
+def for_egress(
+    request: HostileRequest,
+    rng: random.Random,
+    services: Sequence[str],
+    known_sandboxes: Sequence[str] = (),
+) -> HostileRequest:
+    """``request`` sent to the egress instead: to one of ``services`` (an allowed path of
+    the shipped OpenAI service for a POST, ``/v1/models`` otherwise), with a bogus
+    sandbox identity before its own headers; kind ``egress_<kind>``."""
+    return dataclasses.replace(
+        request,
+        kind=f"egress_{request.kind}",
+        path="/v1/chat/completions" if request.method == "POST" else "/v1/models",
+        headers=(*_bogus_identity(rng, known_sandboxes), *request.headers),
         host=rng.choice(services),
         proxy="egress",
     )

@@ -21,6 +21,7 @@ assertions run, so only one campaign's processes exist at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -283,13 +284,26 @@ def _cycle(items: list[HostileRequest]) -> Iterator[HostileRequest]:
 
 
 def _fill(rng: random.Random, count: int) -> Iterator[HostileRequest]:
-    """Gateway fillers with every FILL_EGRESS_SHARE-th request an egress bogus sandbox."""
-    gateway = hostile.fillers(rng, count)
+    """Fillers (``hostile.fillers``); every FILL_EGRESS_SHARE-th request goes to the egress
+    instead, with a bogus sandbox identity: alternately the next of a second fillers
+    stream and a plain bogus sandbox call."""
+    gateway, egress = hostile.fillers(rng, count), hostile.fillers(rng, count)
+    known = tuple(SANDBOX_SPECS)
     for i in range(count):
-        if i % FILL_EGRESS_SHARE == FILL_EGRESS_SHARE - 1:
-            yield hostile.egress_bogus_sandbox(rng, SERVICES, tuple(SANDBOX_SPECS))
-        else:
+        if i % FILL_EGRESS_SHARE != FILL_EGRESS_SHARE - 1:
             yield next(gateway)
+        elif (i // FILL_EGRESS_SHARE) % 2:
+            yield hostile.egress_bogus_sandbox(rng, SERVICES, known)
+        else:
+            yield hostile.for_egress(next(egress), rng, SERVICES, known)
+
+
+def _bombs(rng: random.Random) -> Iterator[HostileRequest]:
+    """Every body bomb in turn at the gateway, and each also at the egress (with a bogus
+    sandbox identity; the egress sends authz no body, so there it is only bytes)."""
+    gateway = hostile.bombs()
+    egress = [hostile.for_egress(bomb, rng, SERVICES, tuple(SANDBOX_SPECS)) for bomb in gateway]
+    return _cycle([*gateway, *egress])
 
 
 def _slow_clients(env: Env, tally: Tally) -> tuple[Slowloris, Slowloris]:
@@ -309,15 +323,20 @@ def _slow_clients(env: Env, tally: Tally) -> tuple[Slowloris, Slowloris]:
 
 
 def enforce_campaign(env: Env, campaign: Campaign) -> None:
-    """Fill caches and stores, then body bombs; slow clients throughout."""
+    """Each body bomb once on an idle authz (so each answer is that bomb's own), then fill
+    caches and stores, then body bombs back to back; slow clients throughout."""
     rng = random.Random(13)  # noqa: S311 (reproducible load, not security)
     gateway_slow, egress_slow = _slow_clients(env, campaign.hostile)
     with gateway_slow, egress_slow:
+        # The costliest bomb last: authz goes on working on a request Envoy gave up on.
+        probes = sorted(hostile.bombs(), key=lambda b: b.kind == "multipart_params")
+        idle = [dataclasses.replace(b, kind=f"{b.kind} (idle)") for b in probes]
+        campaign.phases["probe_s"] = hammer(env, iter(idle), 1, BOMB_S, campaign.hostile)
         campaign.phases["fill_s"] = hammer(
             env, _fill(rng, FILL_COUNT), FILL_WORKERS, FILL_S, campaign.hostile
         )
         campaign.phases["bombs_s"] = hammer(
-            env, _cycle(hostile.bombs()), BOMB_WORKERS, BOMB_S, campaign.hostile
+            env, _bombs(rng), BOMB_WORKERS, BOMB_S, campaign.hostile
         )
 
 
