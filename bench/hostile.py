@@ -87,7 +87,7 @@ def allowed(hostile_step: Mapping[str, Any] | None) -> int:
 def format_hostile(result: Mapping[str, Any]) -> str:
     """The hostile step's summary line, e.g. ``hostile/quiet throughput 0.97, p99 1.4x
     (legitimate 100 rps, hostile 10 rps: 110 sent, 0 allowed, codes {...}; 20 slow
-    clients)``; ``result``
+    clients; authz RSS 64 -> 66 MB)``; ``result``
     is ``results["hostile"]`` as ``bench.run`` saves it."""
     values = hostile_ratios(_step(result, "quiet"), _step(result, "loaded"))
     throughput, p99 = values["hostile/quiet throughput"], values["hostile/quiet p99"]
@@ -101,8 +101,14 @@ def format_hostile(result: Mapping[str, Any]) -> str:
         f" rps: {bad.get('requests', 0)} sent, {allowed(bad)} allowed, codes "
         f"{bad.get('codes', {})}; {slow.get('opened', 0)} slow clients"
         + (f", answered {answers}" if answers else "")
-        + ")"
+        + f"; authz RSS {_rss_mb(result, 'memory_before')} -> {_rss_mb(result, 'memory_after')}"
+        " MB)"
     )
+
+
+def _rss_mb(result: Mapping[str, Any], when: str) -> str:
+    kb = _number(result.get(when), "authz", "rss_kb")
+    return NA if kb is None else f"{kb / 1024:.0f}"
 
 
 def _step(result: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:

@@ -236,6 +236,8 @@ RESULT: dict[str, Any] = {
     "loaded": {"step": _step(97.0, 5.6)},
     "hostile": {"requests": 110, "codes": {"200": 1, "401": 100, "431": 9}},
     "slow": {"opened": 20, "answers": {}},
+    "memory_before": {"authz": {"rss_kb": 64 * 1024}},
+    "memory_after": {"authz": {"rss_kb": 66 * 1024 + 100}},
 }
 
 
@@ -259,7 +261,8 @@ def test_allowed_counts_2xx_hostile_answers() -> None:
 def test_hostile_line() -> None:
     assert format_hostile(RESULT) == (
         "hostile/quiet throughput 0.97, p99 1.4x (legitimate 100 rps, hostile 10 rps: 110 "
-        "sent, 1 allowed, codes {'200': 1, '401': 100, '431': 9}; 20 slow clients)"
+        "sent, 1 allowed, codes {'200': 1, '401': 100, '431': 9}; 20 slow clients; "
+        "authz RSS 64 -> 66 MB)"
     )
     assert format_hostile({}).startswith("hostile/quiet throughput n/a, p99 n/a")
 
@@ -306,3 +309,16 @@ def test_hostile_step_options_from_the_command_line() -> None:
     assert (opts.hostile_rate, opts.hostile_legit_rate, opts.hostile_step_s) == (5, 50, 3.0)
     with pytest.raises(SystemExit):
         parse_args(["--only", "search"])
+
+
+def test_for_egress_keeps_the_attack_and_adds_a_bogus_identity() -> None:
+    rng = _rng()
+    bomb = hostile.multipart_params_bomb(4096)
+    moved = hostile.for_egress(bomb, rng, ["openai"], ["sb-admin"])
+    assert (moved.kind, moved.proxy, moved.host) == ("egress_multipart_params", "egress", "openai")
+    assert (moved.method, moved.path, moved.body) == ("POST", "/v1/chat/completions", bomb.body)
+    assert [name for name, _ in moved.headers[:2]] == ["x-sandbox-id", "x-sandbox-token"]
+    assert moved.headers[2:] == bomb.headers
+    flood = hostile.for_egress(hostile.header_flood(rng), rng, ["openai"])
+    assert flood.path == "/v1/models"
+    assert len(flood.headers) < HEADERS_COUNT_LIMIT
