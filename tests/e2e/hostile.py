@@ -463,17 +463,18 @@ def hunt_deadline(
     *,
     start: int = 16 * 1024,
     path: str = ADMIN_PATH,
+    kind: str = "hunted multipart_params",
 ) -> int:
     """For ``seconds``, send :func:`multipart_params_bomb` one at a time, resizing it as
     an attacker would to find the window where authz answers after its own decision
     budget ran out but before Envoy gives up on it: grow by 15% after an answer from
     authz (cheap enough to decide), shrink by 10% after one from Envoy (authz took too
-    long), keep the size after an allow. Counts every outcome in ``tally``; returns the
-    last size."""
+    long), keep the size after an allow. Counts every outcome in ``tally`` as ``kind``;
+    returns the last size."""
     size = start
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        outcome = send(client, multipart_params_bomb(size, path))
+        outcome = send(client, dataclasses.replace(multipart_params_bomb(size, path), kind=kind))
         tally.add(outcome)
         if outcome.origin == "authz":
             size = min(BODY_LIMIT, int(size * 1.15))

@@ -21,6 +21,7 @@ assertions run, so only one campaign's processes exist at a time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
@@ -34,10 +35,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from authz.keys import SANDBOX_TOKEN_PREFIX, generate_key
 from authz.stack import containers
-from authz.stack.supervisor import Ports, Stack
+from authz.stack.supervisor import Ports, Process, Stack
 from bench import procstat
 from tests.e2e import hostile
 from tests.e2e.conftest import BURST_S, KEY_SPECS, SANDBOX_SPECS, SERVICES, Env
@@ -128,10 +130,43 @@ class Campaign:
 # -- the stack ----------------------------------------------------------------------
 
 
+# A gateway route that sends authz the body and asks it to parse it (README "Request
+# bodies"): the shipped gateway has none, a deployment whose policy reads parsed_body
+# adds one. The attack suite adds it so body bombs reach authz's parsers. Under
+# /api/v1/admin/, so the policy denies it to anyone but an admin key.
+BODY_ROUTE = "/api/v1/admin/upload"
+_EXT_AUTHZ = "envoy.filters.http.ext_authz"
+
+
+class BodyRouteStack(Stack):
+    """The local stack, its gateway with :data:`BODY_ROUTE` in front of the catch-all
+    route: the same decision path, plus ``parse_body: "true"`` and the body buffered
+    (64 KiB, partial allowed)."""
+
+    def _define(self) -> list[Process]:
+        processes = super()._define()
+        path = self.run_dir / "envoy-gateway.yaml"
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        (listener,) = config["static_resources"]["listeners"]
+        (hcm,) = listener["filter_chains"][0]["filters"]
+        routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        route = copy.deepcopy(routes[-1])
+        route["match"] = {"prefix": BODY_ROUTE}
+        settings = route["typed_per_filter_config"][_EXT_AUTHZ]["check_settings"]
+        settings["context_extensions"]["parse_body"] = "true"
+        settings["with_request_body"] = {
+            "max_request_bytes": hostile.BODY_LIMIT,
+            "allow_partial_message": True,
+        }
+        routes.insert(0, route)
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return processes
+
+
 @contextmanager
 def running_env(repo_root: Path, base: Path, authz_env: dict[str, str]) -> Iterator[Env]:
     """A stack like the session's ``e2e`` fixture (same keys, sandboxes, secrets and
-    settings) plus ``authz_env``, in ``base``."""
+    settings) plus ``authz_env`` and :data:`BODY_ROUTE`, in ``base``."""
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
     admin_token = generate_key("adm_")
@@ -139,7 +174,7 @@ def running_env(repo_root: Path, base: Path, authz_env: dict[str, str]) -> Itera
         runtime = containers.from_env(os.environ, root=repo_root, run_dir=base / "run")
     except containers.ContainersUnavailable as exc:
         pytest.fail(str(exc))
-    stack = Stack(
+    stack = BodyRouteStack(
         repo_root,
         base / "run",
         base / "bundles",
@@ -319,10 +354,20 @@ def _fill(rng: random.Random, count: int) -> Iterator[HostileRequest]:
             yield hostile.for_egress(next(egress), rng, SERVICES, known)
 
 
+def _gateway_bombs() -> list[HostileRequest]:
+    """Every body bomb at the shipped route (its body need not reach authz) and at
+    :data:`BODY_ROUTE` (kind ``<kind> (parsed)``: authz parses it)."""
+    parsed = [
+        dataclasses.replace(bomb, kind=f"{bomb.kind} (parsed)")
+        for bomb in hostile.bombs(BODY_ROUTE)
+    ]
+    return [*hostile.bombs(), *parsed]
+
+
 def _bombs(rng: random.Random) -> Iterator[HostileRequest]:
-    """Every body bomb in turn at the gateway, and each also at the egress (with a bogus
-    sandbox identity; the egress sends authz no body, so there it is only bytes)."""
-    gateway = hostile.bombs()
+    """:func:`_gateway_bombs` in turn, and each also at the egress (with a bogus sandbox
+    identity; the egress sends authz no body, so there it is only bytes)."""
+    gateway = _gateway_bombs()
     egress = [hostile.for_egress(bomb, rng, SERVICES, tuple(SANDBOX_SPECS)) for bomb in gateway]
     return _cycle([*gateway, *egress])
 
@@ -349,8 +394,8 @@ def enforce_campaign(env: Env, campaign: Campaign) -> None:
     rng = random.Random(13)  # noqa: S311 (reproducible load, not security)
     gateway_slow, egress_slow = _slow_clients(env, campaign.hostile)
     with gateway_slow, egress_slow:
-        # The costliest bomb last: authz goes on working on a request Envoy gave up on.
-        probes = sorted(hostile.bombs(), key=lambda b: b.kind == "multipart_params")
+        # The costliest bombs last: authz goes on working on a request Envoy gave up on.
+        probes = sorted(_gateway_bombs(), key=lambda b: b.kind.startswith("multipart_params"))
         idle = [dataclasses.replace(b, kind=f"{b.kind} (idle)") for b in probes]
         with campaign.phase("probe"):
             hammer(env, iter(idle), 1, BOMB_S, campaign.hostile)
@@ -362,14 +407,16 @@ def enforce_campaign(env: Env, campaign: Campaign) -> None:
 
 
 def fail_open_campaign(env: Env, campaign: Campaign) -> None:
-    """Body bombs and a keyless flood at the admin path: anything that runs authz out of
-    time must still be a deny. First a multipart bomb resized until it costs more than
-    authz's decision budget (300 ms) but less than Envoy's ext_authz timeout (500 ms), the
-    window where authz itself answers after its budget ran out (``hostile.hunt_deadline``);
-    then every bomb and the flood at once."""
+    """Body bombs and a keyless flood at the admin paths: anything that runs authz out of
+    time must still be a deny. First a multipart bomb at :data:`BODY_ROUTE` resized until
+    it costs more than authz's decision budget (300 ms) but less than Envoy's ext_authz
+    timeout (500 ms), the window where authz itself answers after its budget ran out
+    (``hostile.hunt_deadline``); then every bomb and the flood at once."""
     rng = random.Random(14)  # noqa: S311 (reproducible load, not security)
     with campaign.phase("hunt"), httpx.Client(base_url=str(env.gateway.base_url)) as client:
-        hostile.hunt_deadline(client, HUNT_S, campaign.hostile)
+        hostile.hunt_deadline(
+            client, HUNT_S, campaign.hostile, path=BODY_ROUTE, kind="hunted multipart (parsed)"
+        )
     keyless = HostileRequest("keyless", "POST", hostile.ADMIN_PATH, (("x-attack", "1"),), b"{}")
     flood = threading.Thread(
         target=hammer,
@@ -379,7 +426,7 @@ def fail_open_campaign(env: Env, campaign: Campaign) -> None:
     )
     with campaign.phase("bombs and flood"):
         flood.start()
-        hammer(env, _cycle(hostile.bombs()), BOMB_WORKERS, BOMB_S, campaign.hostile)
+        hammer(env, _cycle(_gateway_bombs()), BOMB_WORKERS, BOMB_S, campaign.hostile)
         flood.join(timeout=BOMB_S + 30)
 
 
