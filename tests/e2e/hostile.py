@@ -63,6 +63,7 @@ __all__ = [
     "hunt_deadline",
     "json_depth_bomb",
     "json_wide_bomb",
+    "malformed_query",
     "multipart_boundary_lines",
     "multipart_nested_comments",
     "multipart_params_bomb",
@@ -270,6 +271,17 @@ def distinct_keyless(
     )
 
 
+def malformed_query(
+    rng: random.Random, header_bytes: int = 48 * 1024, path: str = ADMIN_PATH
+) -> HostileRequest:
+    """No credential, a query with a bad percent-escape (``%zz``: RFC 3986 section 2.1
+    wants two hex digits), so authz refuses it before any policy (400 invalid_request),
+    and distinct random headers as :func:`distinct_keyless`: the error path's cost and
+    what it keeps."""
+    headers = tuple(_random_headers(rng, header_bytes, 4096))
+    return HostileRequest("malformed_query", "GET", f"{path}?q=%zz{_token(rng, 8)}", headers)
+
+
 def bogus_api_key(
     rng: random.Random, header_bytes: int = 16 * 1024, path: str = ADMIN_PATH
 ) -> HostileRequest:
@@ -347,13 +359,15 @@ def bombs(path: str = ADMIN_PATH) -> list[HostileRequest]:
 
 
 def fillers(rng: random.Random, count: int, path: str = ADMIN_PATH) -> Iterator[HostileRequest]:
-    """``count`` gateway requests that fill caches and stores: in every ten, six distinct
-    keyless, two bogus keys, one header flood and one huge header (every third of those
-    just over Envoy's limit)."""
+    """``count`` gateway requests that fill caches and stores: in every ten, five distinct
+    keyless, one malformed query, two bogus keys, one header flood and one huge header
+    (every third of those just over Envoy's limit)."""
     for i in range(count):
         slot = i % 10
-        if slot < 6:
+        if slot < 5:
             yield distinct_keyless(rng, path=path)
+        elif slot == 5:
+            yield malformed_query(rng, path=path)
         elif slot < 8:
             yield bogus_api_key(rng, path=path)
         elif slot == 8:

@@ -150,7 +150,8 @@ def test_egress_bogus_sandbox_uses_known_ids_with_random_tokens() -> None:
 def test_fillers_and_mix_proportions() -> None:
     fill = Counter(r.kind for r in hostile.fillers(_rng(), 30))
     assert fill == {
-        "distinct_keyless": 18,
+        "distinct_keyless": 15,
+        "malformed_query": 3,
         "bogus_api_key": 6,
         "header_flood": 3,
         "huge_header": 2,
@@ -322,3 +323,12 @@ def test_for_egress_keeps_the_attack_and_adds_a_bogus_identity() -> None:
     flood = hostile.for_egress(hostile.header_flood(rng), rng, ["openai"])
     assert flood.path == "/v1/models"
     assert len(flood.headers) < HEADERS_COUNT_LIMIT
+
+
+def test_malformed_query_has_a_bad_escape_and_distinct_headers() -> None:
+    rng = _rng()
+    first, second = hostile.malformed_query(rng), hostile.malformed_query(rng)
+    assert first.path.startswith("/api/v1/admin/users?q=%zz")
+    assert first.path != second.path
+    assert first.headers != second.headers
+    assert 40 * 1024 <= first.header_bytes <= 48 * 1024
