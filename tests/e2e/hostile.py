@@ -327,12 +327,13 @@ def for_egress(
     known_sandboxes: Sequence[str] = (),
 ) -> HostileRequest:
     """``request`` sent to the egress instead: to one of ``services`` (an allowed path of
-    the shipped OpenAI service for a POST, ``/v1/models`` otherwise), with a bogus
-    sandbox identity before its own headers; kind ``egress_<kind>``."""
+    the shipped OpenAI service for a POST, ``/v1/models`` otherwise; its query kept), with
+    a bogus sandbox identity before its own headers; kind ``egress_<kind>``."""
     return dataclasses.replace(
         request,
         kind=f"egress_{request.kind}",
-        path="/v1/chat/completions" if request.method == "POST" else "/v1/models",
+        path=("/v1/chat/completions" if request.method == "POST" else "/v1/models")
+        + request.path[len(request.path.split("?", 1)[0]) :],
         headers=(*_bogus_identity(rng, known_sandboxes), *request.headers),
         host=rng.choice(services),
         proxy="egress",

@@ -68,6 +68,13 @@ FILL_COUNT = 2_000
 FILL_EGRESS_SHARE = 5  # one in five fill requests goes to the egress
 FILL_WORKERS = 6
 FILL_S = 25.0
+# Error phase: requests authz refuses before asking OPA (a malformed query with 48 KB of
+# distinct headers), ERROR_COUNT or ERROR_S seconds. Measured at cbe0096, and again with
+# the cache and audit fixes of #13 merged: 1,000 of them raise authz's RSS by about
+# 115 MiB, which a full gc.collect() gives back (cyclic garbage pinning each request;
+# authz/server.py raises the GC thresholds), so this many cross RSS_BOUND_KB.
+ERROR_COUNT = 1_500
+ERROR_S = 15.0
 # Bomb phase: every body bomb in turn from BOMB_WORKERS connections for BOMB_S seconds.
 BOMB_WORKERS = 3
 BOMB_S = 10.0
@@ -354,6 +361,17 @@ def _fill(rng: random.Random, count: int) -> Iterator[HostileRequest]:
             yield hostile.for_egress(next(egress), rng, SERVICES, known)
 
 
+def _errors(rng: random.Random, count: int) -> Iterator[HostileRequest]:
+    """``count`` malformed queries with distinct big headers, every FILL_EGRESS_SHARE-th
+    at the egress (with a bogus sandbox identity)."""
+    known = tuple(SANDBOX_SPECS)
+    for i in range(count):
+        request = hostile.malformed_query(rng)
+        if i % FILL_EGRESS_SHARE == FILL_EGRESS_SHARE - 1:
+            request = hostile.for_egress(request, rng, SERVICES, known)
+        yield request
+
+
 def _gateway_bombs() -> list[HostileRequest]:
     """Every body bomb at the shipped route (its body need not reach authz) and at
     :data:`BODY_ROUTE` (kind ``<kind> (parsed)``: authz parses it)."""
@@ -390,7 +408,8 @@ def _slow_clients(env: Env, tally: Tally) -> tuple[Slowloris, Slowloris]:
 
 def enforce_campaign(env: Env, campaign: Campaign) -> None:
     """Each body bomb once on an idle authz (so each answer is that bomb's own), then fill
-    caches and stores, then body bombs back to back; slow clients throughout."""
+    caches and stores, then requests authz refuses before any policy (its error path),
+    then body bombs back to back; slow clients throughout."""
     rng = random.Random(13)  # noqa: S311 (reproducible load, not security)
     gateway_slow, egress_slow = _slow_clients(env, campaign.hostile)
     with gateway_slow, egress_slow:
@@ -402,6 +421,8 @@ def enforce_campaign(env: Env, campaign: Campaign) -> None:
             time.sleep(SETTLE_S)  # authz may still be parsing the last one
         with campaign.phase("fill"):
             hammer(env, _fill(rng, FILL_COUNT), FILL_WORKERS, FILL_S, campaign.hostile)
+        with campaign.phase("errors"):
+            hammer(env, _errors(rng, ERROR_COUNT), FILL_WORKERS, ERROR_S, campaign.hostile)
         with campaign.phase("bombs"):
             hammer(env, _bombs(rng), BOMB_WORKERS, BOMB_S, campaign.hostile)
 

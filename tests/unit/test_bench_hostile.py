@@ -332,3 +332,9 @@ def test_malformed_query_has_a_bad_escape_and_distinct_headers() -> None:
     assert first.path != second.path
     assert first.headers != second.headers
     assert 40 * 1024 <= first.header_bytes <= 48 * 1024
+
+
+def test_for_egress_keeps_the_query() -> None:
+    rng = _rng()
+    moved = hostile.for_egress(hostile.malformed_query(rng), rng, ["openai"])
+    assert moved.path.startswith("/v1/models?q=%zz")
