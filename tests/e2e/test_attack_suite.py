@@ -69,13 +69,13 @@ FILL_EGRESS_SHARE = 5  # one in five fill requests goes to the egress
 FILL_WORKERS = 6
 FILL_S = 25.0
 # Error phase: requests authz refuses before asking OPA (a malformed query with 48 KB of
-# distinct headers), ERROR_COUNT or ERROR_S seconds. Measured at cbe0096, and again with
-# the cache and audit fixes of #13 merged: 1,000 of them raise authz's RSS by about
-# 115 MiB until a full gc.collect() (each error leaves a reference cycle, the error's
-# traceback -> Authorizer.check's frame -> its _Trace -> the error, that pins the
-# CheckRequest; authz/server.py raises the GC thresholds, so such garbage waits for a
-# rare full collection). How much is pinned at once depends on when collections run;
-# this many crossed RSS_BOUND_KB in every run there.
+# distinct headers, half of them with a 64 KiB body), ERROR_COUNT or ERROR_S seconds.
+# Measured at cbe0096, and again with the cache and audit fixes of #13 merged: 1,000
+# malformed queries with headers only raise authz's RSS by about 115 MiB until a full
+# gc.collect() (each error leaves a reference cycle, the error's traceback ->
+# Authorizer.check's frame -> its _Trace -> the error, that pins the CheckRequest;
+# authz/server.py raises the GC thresholds, so such garbage waits for a rare full
+# collection). How much is pinned at once depends on when collections run.
 ERROR_COUNT = 2_500
 ERROR_S = 20.0
 # Bomb phase: every body bomb in turn from BOMB_WORKERS connections for BOMB_S seconds.
@@ -365,14 +365,26 @@ def _fill(rng: random.Random, count: int) -> Iterator[HostileRequest]:
 
 
 def _errors(rng: random.Random, count: int) -> Iterator[HostileRequest]:
-    """``count`` malformed queries with distinct big headers, every FILL_EGRESS_SHARE-th
-    at the egress (with a bogus sandbox identity)."""
+    """``count`` malformed queries with distinct big headers: in turn at the shipped
+    route, at :data:`BODY_ROUTE` with a 64 KiB JSON body (kind ``malformed_query
+    (parsed)``), and every FILL_EGRESS_SHARE-th at the egress (with a bogus sandbox
+    identity)."""
     known = tuple(SANDBOX_SPECS)
+    body = hostile.json_wide_bomb().body
     for i in range(count):
-        request = hostile.malformed_query(rng)
         if i % FILL_EGRESS_SHARE == FILL_EGRESS_SHARE - 1:
-            request = hostile.for_egress(request, rng, SERVICES, known)
-        yield request
+            yield hostile.for_egress(hostile.malformed_query(rng), rng, SERVICES, known)
+        elif i % 2:
+            request = hostile.malformed_query(rng, path=BODY_ROUTE)
+            yield dataclasses.replace(
+                request,
+                kind="malformed_query (parsed)",
+                method="POST",
+                headers=(("content-type", "application/json"), *request.headers),
+                body=body,
+            )
+        else:
+            yield hostile.malformed_query(rng)
 
 
 def _gateway_bombs() -> list[HostileRequest]:
