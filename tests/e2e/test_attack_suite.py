@@ -53,7 +53,8 @@ pytestmark = pytest.mark.e2e
 # cache, the audit queue and gRPC buffers under load, so the bound is 192 MiB, well under
 # the 512 Mi limit of infra/k8s/authz.yaml. At d547c5b the fill phase takes authz to
 # about 295 MiB (about 130 KB per distinct 48 KB-header request kept in the cache, issue
-# #13 finding 3).
+# #13 finding 3). With the cache and audit fixes merged and that cycle broken, both
+# campaigns peaked at 75-79 MiB.
 RSS_BOUND_KB = (64 + 128) * 1024
 LEGIT_MIN_SUCCESS = 0.95
 # The legitimate client: a steady, modest rate of an allowed request.
@@ -72,10 +73,11 @@ FILL_S = 25.0
 # distinct headers, half of them with a 64 KiB body), ERROR_COUNT or ERROR_S seconds.
 # Measured at cbe0096, and again with the cache and audit fixes of #13 merged: 1,000
 # malformed queries with headers only raise authz's RSS by about 115 MiB until a full
-# gc.collect() (each error leaves a reference cycle, the error's traceback ->
-# Authorizer.check's frame -> its _Trace -> the error, that pins the CheckRequest;
-# authz/server.py raises the GC thresholds, so such garbage waits for a rare full
-# collection). How much is pinned at once depends on when collections run.
+# gc.collect(): Authorizer.check keeps the error in the decision's _Trace, and the
+# error's traceback (or a chained exception's, through the frames' f_back) reaches that
+# _Trace again, a cycle that pins the CheckRequest; authz/server.py raises the GC
+# thresholds, so such garbage waits for a rare full collection. How much is pinned at
+# once depends on when collections run.
 ERROR_COUNT = 2_500
 ERROR_S = 20.0
 # Bomb phase: every body bomb in turn from BOMB_WORKERS connections for BOMB_S seconds.
