@@ -47,14 +47,14 @@ from tests.e2e.hostile import HostileRequest, Slowloris, Tally
 
 pytestmark = pytest.mark.e2e
 
-# authz's peak RSS (VmHWM) must stay under this fixed bound. Baseline, measured on main at
-# d547c5b on a 2-core machine: 60-61 MiB after start-up and 2 s of legitimate traffic
-# (each campaign prints the baseline it read). Margin: 128 MiB for a byte-bounded decision
-# cache, the audit queue and gRPC buffers under load, so the bound is 192 MiB, well under
-# the 512 Mi limit of infra/k8s/authz.yaml. At d547c5b the fill phase takes authz to
-# about 295 MiB (about 130 KB per distinct 48 KB-header request kept in the cache, issue
-# #13 finding 3). With the cache and audit fixes merged and that cycle broken, both
-# campaigns peaked at 75-79 MiB.
+# authz's peak RSS (VmHWM) must stay under this fixed bound. Baseline, measured at
+# cbe0096 (main before #13's fixes) on a 2-core machine: 60-61 MiB after start-up and 2 s
+# of legitimate traffic (each campaign prints the baseline it read). Margin: 128 MiB for
+# the byte-bounded decision cache, the audit queue and gRPC buffers under load, so the
+# bound is 192 MiB, well under the 512 Mi limit of infra/k8s/authz.yaml. At cbe0096 the
+# enforce campaign takes authz to 290-360 MiB (about 130 KB per distinct 48 KB-header
+# request kept in the cache, #13 finding 3). With the cache and audit fixes merged and
+# the cycle described at ERROR_COUNT broken, both campaigns peaked at 75-79 MiB.
 RSS_BOUND_KB = (64 + 128) * 1024
 LEGIT_MIN_SUCCESS = 0.95
 # The legitimate client: a steady, modest rate of an allowed request.
