@@ -7,9 +7,10 @@ reproducible, and sent either by :func:`send` (httpx, in the tests) or written a
 the repository's Envoy configs let through to authz, so the bytes reach authz rather than
 being refused by Envoy, except the ``*_over_limit`` kinds, which probe Envoy's own limits:
 
-- bodies: the gateway sends authz up to 65,536 bytes of body (``with_request_body.
-  max_request_bytes`` in ``infra/envoy/envoy-gateway.yaml``); the egress sends none
-  (``authz/egress_envoy.py``);
+- bodies: a gateway route that asks for the body gets up to 65,536 bytes of it
+  (``with_request_body.max_request_bytes``: the gateway filter's own setting before
+  issue #13, the per-route setting the README's "Request bodies" shows since; the attack
+  suite's body route uses it); the egress sends authz none (``authz/egress_envoy.py``);
 - headers: Envoy's HTTP connection manager accepts at most 60 KiB of request headers
   (``max_request_headers_kb``) and 100 headers (``max_headers_count``) by default, and
   answers 431 above either (Envoy's ``HttpConnectionManager`` and ``HttpProtocolOptions``
@@ -72,7 +73,7 @@ __all__ = [
     "vegeta_targets",
 ]
 
-# Body bytes the gateway Envoy buffers and sends to authz (infra/envoy/envoy-gateway.yaml).
+# Body bytes Envoy buffers and sends authz on a gateway route that asks for the body.
 BODY_LIMIT: Final = 65_536
 # Envoy's default max_request_headers_kb (60 KiB) and max_headers_count (100).
 HEADERS_LIMIT: Final = 60 * 1024
