@@ -1,7 +1,8 @@
 """``python -m bench``: run the benchmark (``scripts/bench`` installs the tools first).
 
 Prints progress on stderr, then the tables and, as the last line, the ratios
-``authz/peer throughput``, ``authz/peer p99 at 1000 rps``, ``authz/limit throughput``.
+``authz/peer throughput``, ``authz/peer p99 at 1000 rps``, ``authz/limit throughput``
+(``--only hostile``: the hostile step's ``hostile/quiet throughput ..., p99 ...x``).
 Saves ``<out>/results-<stamp>.json`` and ``<out>/latency-<stamp>.png``.
 """
 
@@ -68,6 +69,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distinct-keys", type=int, help=f"distinct-key bundle ({d.distinct_keys})")
     p.add_argument("--envoy-concurrency", type=int, help="Envoy --concurrency, all setups (1)")
     p.add_argument("--no-profile", dest="profile", action="store_false", default=None)
+    p.add_argument(
+        "--only",
+        choices=("hostile",),
+        help="run one step alone: hostile = legitimate throughput and p99 with and without "
+        "hostile load (authz only, one bundle)",
+    )
+    p.add_argument("--hostile-legit-rate", type=int, help=f"legit rps ({d.hostile_legit_rate})")
+    p.add_argument("--hostile-rate", type=int, help=f"hostile rps ({d.hostile_rate})")
+    p.add_argument("--hostile-step-s", type=float, help=f"hostile phase s ({d.hostile_step_s:g})")
+    p.add_argument("--hostile-slow", type=int, help=f"slow connections ({d.hostile_slow})")
     p.add_argument("--keep-run", action="store_true", default=None, help="keep bundles, targets")
     p.add_argument(
         "--authz-ref",
@@ -127,6 +138,11 @@ def options(args: argparse.Namespace) -> Options:
             "keep_run",
             "authz_ref",
             "wait_quiet_s",
+            "only",
+            "hostile_legit_rate",
+            "hostile_rate",
+            "hostile_step_s",
+            "hostile_slow",
         )
         if getattr(args, name) is not None
     }

@@ -6,7 +6,9 @@ The results document, as far as this module reads it::
         "fixed": {"<rate>": {"step": Step.to_json(), "cpu_per_1k": {role: s}}},
         "search": {"skewed": {"max_rps": int | None, ...}, "distinct": {...}},
         "memory": {role: {"rss_kb", "hwm_kb"}}}},
-     "scale": {"<setup>": {"<keys>": {"step": Step.to_json(), "memory": {...}}}}}
+     "scale": {"<setup>": {"<keys>": {"step": Step.to_json(), "memory": {...}}}},
+     "hostile": {"quiet": {"step": ...}, "loaded": {"step": ...}, "hostile": Step.to_json(),
+                 "legit_rate", "hostile_rate", "slow": {...}}}
 
 Missing parts (a setup skipped or failed) print as ``n/a``; ratios need both sides.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+
+from bench.hostile import format_hostile, hostile_ratios
 
 __all__ = [
     "RATIO_NAMES",
@@ -40,6 +44,8 @@ RATIO_NAMES: Final = (
 )
 DECIDER_ROLES: Final = ("authz", "opa", "peer")
 PLOT_PERCENTILES: Final = ("p50", "p90", "p99", "p99.9")
+# The parts of a results document that hold load steps.
+_STEP_SECTIONS: Final = ("setups", "scale", "profile", "hostile")
 
 
 def _get(data: Any, *path: str) -> Any:
@@ -208,7 +214,7 @@ def noisy_steps(results: Mapping[str, Any], threshold: float) -> list[dict[str, 
     cores: ``[{"step": name, "foreign_cpu_cores": x}]``, worst first."""
     noisy = [
         {"step": rec["step"].get("name"), "foreign_cpu_cores": rec["foreign_cpu_cores"]}
-        for rec in _steps({k: v for k, v in results.items() if k in ("setups", "scale", "profile")})
+        for rec in _steps({k: v for k, v in results.items() if k in _STEP_SECTIONS})
         if rec["foreign_cpu_cores"] > threshold
     ]
     return sorted(noisy, key=lambda item: -float(item["foreign_cpu_cores"]))
@@ -249,7 +255,13 @@ def ratios(results: Mapping[str, Any]) -> dict[str, float | None]:
             for s in (sizes[-1], sizes[0])
         ]
         out[f"authz p50 {sizes[-1]:,}/{sizes[0]:,} keys"] = _div(p50[0], p50[1])
+    if isinstance(results.get("hostile"), Mapping):
+        out.update(_hostile_ratios(results["hostile"]))
     return out
+
+
+def _hostile_ratios(hostile: Mapping[str, Any]) -> dict[str, float | None]:
+    return hostile_ratios(_get(hostile, "quiet", "step"), _get(hostile, "loaded", "step"))
 
 
 def format_ratios(values: Mapping[str, float | None], names: Sequence[str]) -> str:
@@ -327,7 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def render(results: Mapping[str, Any]) -> str:
     """The whole text report of ``results``: tables, warnings, errors and, as the last
-    line, the headline ratios."""
+    line, the headline ratios; a run of the hostile step only (``--only hostile``) ends
+    with the hostile step's line instead."""
+    hostile = results.get("hostile")
+    hostile_line = format_hostile(hostile) if isinstance(hostile, Mapping) else None
+    if not results.get("setups") and hostile_line is not None:
+        failed = [f"FAILED {e['setup']}: {e['error']}" for e in results.get("errors", [])]
+        return "hostile step:\n\n" + "\n".join([*failed, hostile_line])
     rates = [int(r) for r in (results.get("options") or {}).get("rates", [500, 1000])]
     parts = [format_setup_table(results, rates)]
     if results.get("scale"):
@@ -360,6 +378,8 @@ def render(results: Mapping[str, Any]) -> str:
             f"note: at 1000 rps some requests failed ({errors} errors): there p99 measures "
             "overload (Envoy's 500 ms ext_authz timeout), not decision latency"
         )
+    if hostile_line is not None:
+        lines.append(hostile_line)
     extra = [name for name in values if name not in RATIO_NAMES]
     lines.append(format_ratios(values, extra).replace("ratios:", "more ratios:"))
     lines.append(format_ratios(values, RATIO_NAMES))

@@ -15,8 +15,12 @@ skewed workload (Zipf over ``hot_keys`` of them):
 
 Then, for the decider setups, the all-distinct-keys workload on the ``distinct_keys``
 bundle (every request a key not used before in that setup) and the scale step on each
-other bundle size. Each step also records the CPU the rest of the machine used meanwhile
-(``foreign_cpu_cores``): the machine is shared, and a busy neighbour skews a step.
+other bundle size. Last, with the authz setup in the run (or alone, ``only="hostile"``),
+the hostile step on a fresh authz setup (``bench.hostile``): the skewed workload at
+``hostile_legit_rate`` alone, then beside hostile requests at ``hostile_rate`` and
+``hostile_slow`` slow clients; its ratios are loaded over quiet. Each step also records
+the CPU the rest of the machine used meanwhile (``foreign_cpu_cores``): the machine is
+shared, and a busy neighbour skews a step.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,9 +46,10 @@ from typing import Any, Final
 import authz
 from authz.stack.supervisor import StackError
 from bench import procstat, report
-from bench.load import Attack, run_attack
+from bench.hostile import format_hostile, hostile_ratios, write_hostile_targets
+from bench.load import Attack, LoadRun, run_attack
 from bench.profile import format_profile, parse_collapsed, summarize_profile
-from bench.rig import SETUPS, Binaries, Rig, Running
+from bench.rig import HOST, SETUPS, Binaries, Rig, Running
 from bench.search import Bisection
 from bench.stats import Step, sustained
 from bench.workload import (
@@ -54,6 +60,7 @@ from bench.workload import (
     write_targets,
     zipf_sequence,
 )
+from tests.e2e.hostile import Slowloris, Tally
 
 __all__ = ["DEFAULT", "QUICK", "Bench", "Options"]
 
@@ -117,9 +124,20 @@ class Options:
     # Before each setup starts, wait up to this long for the rest of the machine to go
     # quiet (other processes below QUIET_CORES for a few seconds).
     wait_quiet_s: float = 0.0
+    # The hostile step (bench.hostile), on a fresh authz setup: the legitimate skewed load
+    # at hostile_legit_rate rps for hostile_step_s seconds alone, then again beside
+    # hostile requests at hostile_rate rps and hostile_slow slow clients.
+    hostile_legit_rate: int = 100
+    hostile_rate: int = 10
+    hostile_step_s: float = 10.0
+    hostile_slow: int = 20
+    # "hostile": run that step only (one bundle, the authz setup).
+    only: str | None = None
 
     def bundle_sizes(self) -> list[int]:
         """Every bundle size the run needs."""
+        if self.only == "hostile":
+            return [self.keys]
         sizes = {self.keys, *self.scale_sizes}
         if any(s in DECIDERS for s in self.setups):
             sizes.add(self.distinct_keys)
@@ -135,6 +153,7 @@ QUICK: Final = replace(
     search_step_s=2.0,
     search_steps=3,
     profile_s=3.0,
+    hostile_step_s=5.0,
 )
 
 
@@ -497,6 +516,65 @@ class Bench:
         self.results["profile"] = {"rate": rate, "step": step, "raw": str(raw), **summary}
         log("authz profile:\n" + format_profile(summary))
 
+    def _hostile_session(self, rig: Rig) -> None:
+        """The hostile step (bench.hostile) on a fresh authz setup."""
+        o = self.opt
+        with rig.setup("authz", f"keys-{o.keys}") as running:
+            self._sanity(running)
+            self._warmup(running, self.skewed)
+            legit = self._targets(running, "hostile-legit", self.skewed)
+            count = int(o.hostile_rate * o.hostile_step_s * 1.2) + 10
+            hostile = write_hostile_targets(
+                self.run_dir / "targets" / f"{running.name}-hostile.txt", running.url, count
+            )
+            rate = o.hostile_legit_rate
+            out: dict[str, Any] = {
+                "legit_rate": rate,
+                "hostile_rate": o.hostile_rate,
+                "slow_clients": o.hostile_slow,
+                "memory_before": self._memory(running),
+            }
+            self.results["hostile"] = out
+            time.sleep(SETTLE_S)
+            _, out["quiet"] = self._step(
+                running, f"legit-{rate}-quiet", rate, o.hostile_step_s, legit
+            )
+            time.sleep(SETTLE_S)
+            attack = Attack(f"{running.name}-hostile", o.hostile_rate, o.hostile_step_s, hostile)
+            done: list[LoadRun | BaseException] = []
+
+            def send_hostile() -> None:
+                try:
+                    done.append(run_attack(self.bin.vegeta, attack, self.run_dir / "results"))
+                except BaseException as exc:  # re-raised in the main thread below
+                    done.append(exc)
+
+            port = int(running.url.rsplit(":", 1)[1])
+            tally = Tally()
+            sender = threading.Thread(target=send_hostile, name="hostile", daemon=True)
+            with Slowloris(HOST, port, o.hostile_slow, tally, interval_s=0.2) as slow:
+                sender.start()
+                _, loaded = self._step(
+                    running, f"legit-{rate}-under-attack", rate, o.hostile_step_s, legit
+                )
+                sender.join(timeout=o.hostile_step_s + 60)
+            if not done:
+                raise RuntimeError("the hostile vegeta did not finish")
+            if isinstance(done[0], BaseException):
+                raise RuntimeError(f"hostile load failed: {done[0]}") from done[0]
+            run = done[0]
+            # The hostile vegeta ran beside the step: its CPU is ours, not a neighbour's.
+            loaded["foreign_cpu_cores"] = round(
+                max(0.0, loaded["foreign_cpu_cores"] - run.loadgen_cpu_s / o.hostile_step_s), 3
+            )
+            loaded["hostile_loadgen_cpu_s"] = run.loadgen_cpu_s
+            out["loaded"] = loaded
+            out["hostile"] = run.step.to_json()
+            out["slow"] = {"opened": slow.opened, "answers": tally.matching(lambda _: True)}
+            out["memory_after"] = self._memory(running)
+            out["ratios"] = hostile_ratios(out["quiet"]["step"], loaded["step"])
+            log(format_hostile(out))
+
     # -- the run ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Build, measure, save; returns the results document."""
@@ -517,7 +595,7 @@ class Bench:
         )
         with rig:
             self._shared_pids = [p for p in rig.shared_pids() if p]
-            for setup in o.setups:
+            for setup in () if o.only == "hostile" else o.setups:
                 if setup == "peer" and self.bin.peer is None:
                     self._error(setup, "no opa-envoy-plugin binary (see scripts/bench --help)")
                     continue
@@ -528,6 +606,8 @@ class Bench:
                 for size in o.scale_sizes:
                     if size not in (o.keys, o.distinct_keys):
                         self._guarded(setup, partial(self._scale_session, rig, setup, size))
+            if o.only == "hostile" or "authz" in o.setups:
+                self._guarded("authz", partial(self._hostile_session, rig))
         self.results["ratios"] = report.ratios(self.results)
         self.results["noisy_steps"] = report.noisy_steps(self.results, FOREIGN_CPU_WARN)
         self.results["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -556,6 +636,8 @@ class Bench:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"results-{self.stamp}.json"
         path.write_text(json.dumps(self.results, indent=1, default=str), encoding="utf-8")
+        if not self.results["setups"]:  # the hostile step alone: nothing to draw
+            return path, None
         try:
             png = report.plot(
                 self.results, self.opt.rates, self.out_dir / f"latency-{self.stamp}.png"
