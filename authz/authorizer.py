@@ -200,6 +200,10 @@ class Authorizer:
                 raise AuthzError(f"unexpected {type(exc).__name__}") from exc
             allowed = response.HasField("ok_response")
         except AuthzError as error:
+            # Kept for the record, without its traceback and chain: they reach this frame
+            # and the CheckRequest again, a cycle that pins every refused request until a
+            # full collection (rare: the server raises the GC thresholds).
+            error.__traceback__ = error.__context__ = error.__cause__ = None
             trace.error = error
             # Only OPA unreachable or its circuit open (errors.FAIL_OPEN_CODES): a
             # timeout or a spent budget may be authz's own doing, or a caller's.

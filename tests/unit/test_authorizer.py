@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -498,3 +499,35 @@ async def test_cache_never_holds_failures() -> None:
     await authorizer.check(check_request())
     await authorizer.check(check_request())
     assert len(engine.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("engine", "request_kwargs"),
+    [
+        (FakeEngine({"allowed": True}), {"path": "/api/v1/items?a=%zz"}),
+        (FakeEngine(OpaUnavailable("refused")), {}),
+        (FakeEngine({"allowed": "yes"}), {}),
+        (FakeEngine(lambda path, doc: 1 / 0), {}),
+    ],
+    ids=["malformed-request", "opa-unavailable", "invalid-decision", "unexpected-error"],
+)
+async def test_a_refused_check_leaves_no_reference_cycle(
+    engine: FakeEngine, request_kwargs: dict[str, Any]
+) -> None:
+    # A refused request must be freed when its check returns, not at the next full
+    # collection: the server raises the GC thresholds, so anything a cycle pins (the
+    # error's traceback -> frames -> the CheckRequest) stays until then, and a keyless
+    # flood of refused requests grows memory by their size (issue #13, finding 3).
+    authorizer = make(engine)
+    await authorizer.check(check_request(**request_kwargs))  # warm lazy imports, plans
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            outcome = await authorizer.check(check_request(**request_kwargs))
+            assert not outcome.response.HasField("ok_response")
+        del outcome
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
