@@ -32,8 +32,8 @@ from typing import Any, Final
 
 import yaml
 
-from authz.stack import envoy
-from authz.stack.supervisor import Process, StackError, free_port, http_ok
+from authz.stack import envoy, tls
+from authz.stack.supervisor import STACK_LEAVES, Process, StackError, free_port, http_ok
 
 __all__ = [
     "HOST",
@@ -131,11 +131,15 @@ def gateway_config(
     admin_port: int,
     upstream_port: int,
     authz_port: int | None,
+    tls_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The gateway Envoy config ``source`` on the given ports, without access logs;
     ``authz_port`` None removes ext_authz entirely (the filter and the per-route
-    settings), else the ``authz`` cluster points there. Raises KeyError when the file
-    does not have the ``gateway`` listener or the ``authz``/``upstream_api`` clusters."""
+    settings), else the ``authz`` cluster points there: over mTLS with the files under
+    ``tls_dir`` (:func:`authz.stack.tls.ensure_pki`'s layout), as shipped, or plaintext
+    when ``tls_dir`` is None (the peer, opa-envoy-plugin, serves plaintext gRPC). Raises
+    KeyError when the file does not have the ``gateway`` listener or the
+    ``authz``/``upstream_api`` clusters."""
     config: dict[str, Any] = yaml.safe_load(
         envoy.render(
             source,
@@ -145,9 +149,14 @@ def gateway_config(
                 "authz": (HOST, authz_port or 1),
                 "upstream_api": (HOST, upstream_port),
             },
+            tls_dir=tls_dir,
         )
     )
     resources = config["static_resources"]
+    if tls_dir is None:
+        for cluster in resources["clusters"]:
+            if cluster["name"] == "authz":
+                cluster.pop("transport_socket", None)
     for listener in resources["listeners"]:
         for chain in listener["filter_chains"]:
             for item in chain["filters"]:
@@ -356,6 +365,9 @@ class Rig:
                 opa, opa_port = self._opa(f"{tag}-opa", self.bin.opa, bundle, None)
                 running.processes["opa"] = self._start(opa, stack)
                 authz_port, admin_port = free_port(), free_port()
+                # Envoy -> authz over mTLS, as shipped (the TLS cost is part of the setup).
+                mtls_dir = self.run_dir / "mtls"
+                server = tls.ensure_pki(mtls_dir, STACK_LEAVES)["authz"]
                 workdir = self.run_dir / f"{tag}-authz"
                 workdir.mkdir(parents=True, exist_ok=True)
                 running.processes["authz"] = self._start(
@@ -368,6 +380,9 @@ class Rig:
                             "AUTHZ_GRPC_ADDR": f"{HOST}:{authz_port}",
                             "AUTHZ_ADMIN_ADDR": f"{HOST}:{admin_port}",
                             "AUTHZ_OPA_URL": f"http://{HOST}:{opa_port}",
+                            "AUTHZ_GRPC_TLS_CERT": str(server.cert),
+                            "AUTHZ_GRPC_TLS_KEY": str(server.key),
+                            "AUTHZ_GRPC_TLS_CLIENT_CA": str(server.ca),
                             **self.authz_env,
                         },
                         # Files authz may write relative to its cwd stay in the run dir.
@@ -382,6 +397,7 @@ class Rig:
                 admin_port=admin,
                 upstream_port=self.upstream_port,
                 authz_port=authz_port,
+                tls_dir=self.run_dir / "mtls" if name == "authz" else None,
             )
             running.processes["envoy"] = self._start(self._envoy(tag, config, admin), stack)
             running.url = f"http://{HOST}:{port}"
