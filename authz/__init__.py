@@ -8,7 +8,7 @@ orchestrated by ``authorizer`` and served by ``servicer``/``server``.
 
 from __future__ import annotations
 
-from authz.errors import AuthzError
+from authz.core.errors import AuthzError
 
 __all__ = ["AuthzError", "__version__"]
 

@@ -1,7 +1,7 @@
-"""``python -m authz`` runs :func:`authz.cli.main`."""
+"""``python -m authz`` runs :func:`authz.tools.cli.main`."""
 
 import sys
 
-from authz.cli import main
+from authz.tools.cli import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@ Not a test (numbers, no assertions); the numbers go to ``docs/performance.md``::
 
     python -m bench.body_parsing [--repeat 5]
 
-Each body is parsed ``--repeat`` times by :func:`authz.input.parse_body` and by the
+Each body is parsed ``--repeat`` times by :func:`authz.core.input.parse_body` and by the
 multipart parser authz used before (``email.parser`` with ``email.policy.HTTP``, kept
 below verbatim as the baseline); the table gives the median CPU seconds
 (``time.process_time``) of one parse and what came out (a value, "not parsed" for a
@@ -21,13 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from authz.input import MAX_BODY_BYTES, parse_body
+from authz.core.input import MAX_BODY_BYTES, parse_body
 
 CONTENT_TYPE = "multipart/form-data; boundary=foo"
 
 
 def _before(content_type: str, payload: bytes) -> Any:
-    """authz.input._multipart before issue 13 (without its JSON branch)."""
+    """authz.core.input._multipart before issue 13 (without its JSON branch)."""
     parser = email.parser.BytesParser(policy=email.policy.HTTP)
     document = b"Content-Type: " + content_type.encode("latin-1", errors="replace") + b"\r\n\r\n"
     message = parser.parsebytes(document + payload)

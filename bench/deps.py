@@ -4,7 +4,7 @@ Two choices against a library named for the job, each measured in one run as a r
 what authz uses (the numbers and the reasons are recorded in ``docs/decisions.md``):
 
 - **The OPA query** (one small ``POST /v1/data/<path>`` per cache miss): authz's
-  :class:`authz.policy.OpaClient` (aiohttp, a kept-alive pool, orjson) against
+  :class:`authz.core.opa.OpaClient` (aiohttp, a kept-alive pool, orjson) against
   ``httpx.AsyncClient`` and ``opa-python-client``'s ``AsyncOpaClient.query_rule``, all
   against the same real OPA (``AUTHZ_OPA_BIN``) on 127.0.0.1 with a one-rule policy.
   Measured: client CPU seconds per query (``time.process_time``), rounds interleaved so
@@ -105,7 +105,7 @@ async def _opa_clients(port: int, n: int, rounds: int) -> dict[str, float]:
     import orjson
     from opa_client.opa_async import AsyncOpaClient
 
-    from authz.policy import OpaClient
+    from authz.core.opa import OpaClient
 
     url = f"http://127.0.0.1:{port}"
     authz_client = OpaClient(url, pool_size=8)

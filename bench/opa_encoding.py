@@ -6,7 +6,7 @@ Not a test (numbers, no assertions); the numbers go to ``docs/performance.md``::
 
 Starts a real OPA (``AUTHZ_OPA_BIN`` or ``opa`` on PATH) on a free 127.0.0.1 port with a
 one-rule policy that echoes ``input.who`` in the decision, then sends ``--requests``
-sequential evaluations per case from :class:`authz.policy.OpaClient`, once with
+sequential evaluations per case from :class:`authz.core.opa.OpaClient`, once with
 ``Accept-Encoding: identity`` (what the client sends) and once with ``gzip`` (what aiohttp
 sends by default), for a small decision (about 100 bytes, below OPA's 1024-byte gzip
 threshold) and a 5 KB one. CPU is ``utime + stime`` of this process and of OPA
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from authz.policy import OpaClient
+from authz.core.opa import OpaClient
 from authz.stack.supervisor import find_binary, free_port, http_ok
 from bench.procstat import read_cpu_seconds
 

@@ -2,13 +2,13 @@
 
 ``py-spy record --format raw`` writes collapsed stacks, one line per distinct stack:
 ``frame;frame;...;leaf <count>``, each frame ``function (path:line)`` with ``path``
-relative to its ``sys.path`` entry (``authz/input.py``, ``aiohttp/client.py``).
+relative to its ``sys.path`` entry (``authz/core/input.py``, ``aiohttp/client.py``).
 
 Two views, both as shares of the active samples (samples whose leaf is a thread
 waiting on a lock or queue are counted apart as idle):
 
-- **by stage**: each sample goes to the innermost authz frame's file (``authz/input.py``
-  is input building, ``authz/policy.py`` the OPA call, ...), or, with no authz frame on
+- **by stage**: each sample goes to the innermost authz frame's file (``authz/core/input.py``
+  is input building, ``authz/core/opa.py`` the OPA call, ...), or, with no authz frame on
   the stack, to the library of its leaf (gRPC machinery, the event loop, ...);
 - **by library, inclusive**: the share of samples with a frame of that library anywhere
   on the stack (json under the OPA client counts for json *and* for the OPA call).
@@ -28,13 +28,13 @@ _FRAME: Final = re.compile(r"^(?P<func>.*?) \((?P<path>[^()]*?)(?::\d+)?\)$")
 
 # authz files -> stage names (innermost authz frame wins).
 STAGES: Final = {
-    "authz/input.py": "input building (CheckRequest -> input)",
-    "authz/policy.py": "OPA call (aiohttp, JSON)",
-    "authz/decision.py": "decision parsing",
-    "authz/response.py": "response building",
-    "authz/ratelimit.py": "rate limiting",
-    "authz/servicer.py": "gRPC servicer",
-    "authz/authorizer.py": "pipeline glue (authorizer)",
+    "authz/core/input.py": "input building (CheckRequest -> input)",
+    "authz/core/opa.py": "OPA call (aiohttp, JSON)",
+    "authz/core/decision.py": "decision parsing",
+    "authz/core/response.py": "response building",
+    "authz/core/ratelimit.py": "rate limiting",
+    "authz/runtime/servicer.py": "gRPC servicer",
+    "authz/core/authorizer.py": "pipeline glue (authorizer)",
 }
 # Library path prefixes, first match wins.
 LIBRARIES: Final = (
@@ -60,7 +60,7 @@ _NATIVE_LOOP: Final = frozenset(
 )
 NATIVE_LOOP_STAGE: Final = "native under the event loop (uvloop I/O, grpc.aio Cython/C-core)"
 # Frames every sample of the main thread has: never a stage.
-_ENTRY_POINTS: Final = frozenset({"authz/cli.py", "authz/__main__.py"})
+_ENTRY_POINTS: Final = frozenset({"authz/tools/cli.py", "authz/__main__.py"})
 _IDLE_LEAVES: Final = frozenset(
     {("threading.py", "wait"), ("threading.py", "Condition.wait"), ("queue.py", "Queue.get")}
 )

@@ -3,7 +3,7 @@
 Keys are deterministic (``bench_key(i)``), so key ``i`` is the same in every bundle size:
 the 100-key bundle holds the first 100 keys of the 100,000-key bundle, and a request
 stream over keys ``0..99`` is valid against every size. Bundle data stores only the
-SHA-256 digest of each key (``authz.keys.digest``), in the format of
+SHA-256 digest of each key (``authz.tools.keys.digest``), in the format of
 ``infra/demo/bundle-data/gateway/api_keys/data.json``.
 
 Streams are lists of key indices:
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from authz.keys import digest
+from authz.tools.keys import digest
 
 __all__ = [
     "BENCH_PATH",

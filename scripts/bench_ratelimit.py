@@ -25,9 +25,9 @@ import redis.asyncio
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz.authorizer import Authorizer
-from authz.policy import Evaluation
-from authz.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from authz.core.authorizer import Authorizer
+from authz.core.opa import Evaluation
+from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 
 
 class InstantEngine:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from authz.egress_envoy import ENVOY_TLS_DIR, LISTENER_TLS_DIRS, downstream_transport_socket
+from authz.tools.egress_envoy import ENVOY_TLS_DIR, LISTENER_TLS_DIRS, downstream_transport_socket
 
 __all__ = ["ENVOY_TLS_DIR", "relocate_tls", "render", "secure_listeners"]
 
@@ -39,7 +39,7 @@ def relocate_tls(config: Any, directory: Path) -> Any:
 
 
 def secure_listeners(config: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """``config`` with TLS (:func:`authz.egress_envoy.downstream_transport_socket`, the
+    """``config`` with TLS (:func:`authz.tools.egress_envoy.downstream_transport_socket`, the
     certificate in ``LISTENER_TLS_DIRS[name]``) on every filter chain of each named
     listener; changed in place and returned. Raises KeyError naming a listener that has
     no certificate directory or that the config does not define."""

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from authz.headers import CREDENTIAL_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS
 
 __all__ = [
     "MASK",

@@ -15,10 +15,10 @@ credential_headers := {"x-api-key", "authorization", "proxy-authorization", "x-s
 
 schemed_headers := {"authorization", "proxy-authorization"}
 
-# authz.input._SCHEME: "<scheme> <credentials>" (RFC 9110 section 11.4).
+# authz.core.input._SCHEME: "<scheme> <credentials>" (RFC 9110 section 11.4).
 scheme_pattern := "^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\\S.*)$"
 
-# header name -> hex digest, as authz.input.mask_credential: of the credentials after
+# header name -> hex digest, as authz.core.input.mask_credential: of the credentials after
 # the scheme for a schemed authorization header, else of the whole trimmed value.
 credentials[name] := digest(name, trim_space(value)) if {
 	some name in credential_headers

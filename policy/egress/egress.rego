@@ -165,7 +165,7 @@ verdict := lib.unauthorized("missing_sandbox_id", false) if {
 } else := allow
 
 # Sandbox identity, any x-sandbox-*/x-authz-* header, every credential a sandbox might
-# send (data.egress.strip_headers lists authz.headers' credential and forwarding headers,
+# send (data.egress.strip_headers lists authz.core.headers' credential and forwarding headers,
 # a unit test keeps them equal; input.credentials names every header authz hashed, which
 # AUTHZ_CREDENTIAL_HEADERS may extend), and client-sent forwarding and method-override
 # headers: the upstream gets only the credential authz injects, and learns neither the

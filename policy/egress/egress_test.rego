@@ -160,7 +160,7 @@ test_allow_injects_by_reference_and_strips_sandbox_headers if {
 	d.identity == {"sandbox_id": "sb-standard", "service": "anthropic", "tier": "standard"}
 }
 
-# One list of credentials (authz.headers): whatever authz hashed (input.credentials, which
+# One list of credentials (authz.core.headers): whatever authz hashed (input.credentials, which
 # AUTHZ_CREDENTIAL_HEADERS may extend) is stripped, and so are client-sent forwarding and
 # method-override headers: a third party learns neither the sandbox's address nor a
 # method other than the one the policy checked.

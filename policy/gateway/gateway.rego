@@ -163,7 +163,7 @@ allow := {
 		"x-authz-tier": tier,
 	},
 	# The key never reaches the upstream, nor does any other credential authz hashed
-	# (input.credentials: authz.headers' list plus AUTHZ_CREDENTIAL_HEADERS), nor forged
+	# (input.credentials: authz.core.headers' list plus AUTHZ_CREDENTIAL_HEADERS), nor forged
 	# identity headers. Forwarding headers are Envoy's (use_remote_address, route config).
 	"request_headers_to_remove": sort(headers_to_remove),
 	"rate_limit": {

@@ -122,7 +122,7 @@ test_allow_sets_identity_and_strips_key if {
 	d.identity.key_id == "key-user"
 }
 
-# One list of credentials (authz.headers): whatever authz hashed (input.credentials) is a
+# One list of credentials (authz.core.headers): whatever authz hashed (input.credentials) is a
 # credential the upstream must not get, not only the gateway's own two headers.
 test_allow_strips_every_credential_authz_hashed if {
 	hashed := {"api-key": "00", "x-goog-api-key": "00", "cookie": "00", "x-upstream-token": "00"}

@@ -4,7 +4,7 @@ HTTPS egress stand-in, as processes on free ports.
 Keys, sandbox tokens and egress secrets are generated at test time (never committed): a
 bundle is built with the key and sandbox digests by ``scripts/build-policy-bundle --data
 <tmp overlay>`` into a temporary bundle directory that the stack's bundle server serves
-to OPA; the secrets file is written with ``authz.secrets.write_secrets_file``.
+to OPA; the secrets file is written with ``authz.runtime.secrets.write_secrets_file``.
 
 Envoy -> authz is mTLS, as in every deployment (the stack's ``mtls/`` CA): a test that
 talks to the stack's authz directly uses :func:`authz_channel` with Envoy's client
@@ -33,10 +33,10 @@ import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from authz.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
-from authz.secrets import write_secrets_file
+from authz.runtime.secrets import write_secrets_file
 from authz.stack import containers
 from authz.stack.supervisor import Ports, Process, Stack, free_port, http_ok
+from authz.tools.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
 from tests.unit.fakes import check_request
 
 pytestmark = pytest.mark.e2e

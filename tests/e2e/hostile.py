@@ -10,7 +10,7 @@ being refused by Envoy, except the ``*_over_limit`` kinds, which probe Envoy's o
 - bodies: a gateway route that asks for the body gets up to 65,536 bytes of it
   (``with_request_body.max_request_bytes``: the gateway filter's own setting before
   issue #13, the per-route setting the README's "Request bodies" shows since; the attack
-  suite's body route uses it); the egress sends authz none (``authz/egress_envoy.py``);
+  suite's body route uses it); the egress sends authz none (``authz/tools/egress_envoy.py``);
 - headers: Envoy's HTTP connection manager accepts at most 60 KiB of request headers
   (``max_request_headers_kb``) and 100 headers (``max_headers_count``) by default, and
   answers 431 above either (Envoy's ``HttpConnectionManager`` and ``HttpProtocolOptions``
@@ -81,7 +81,7 @@ HEADERS_COUNT_LIMIT: Final = 100
 # Room kept under HEADERS_LIMIT for the request line, Host, Content-Type and what the
 # client library adds (user-agent, accept, content-length, ...).
 _HEADROOM: Final = 2 * 1024
-# authz sets it on every deny it answers (authz/response.py); Envoy's own answers (431,
+# authz sets it on every deny it answers (authz/core/response.py); Envoy's own answers (431,
 # 413, 503 after an ext_authz timeout) lack it.
 DECISION_ID_HEADER: Final = "x-authz-decision-id"
 # A gateway path only an admin key may use (policy/gateway/data.json): the target an

@@ -37,9 +37,9 @@ import httpx
 import pytest
 import yaml
 
-from authz.keys import SANDBOX_TOKEN_PREFIX, generate_key
 from authz.stack import containers
 from authz.stack.supervisor import Ports, Process, Stack
+from authz.tools.keys import SANDBOX_TOKEN_PREFIX, generate_key
 from bench import procstat
 from tests.e2e import hostile
 from tests.e2e.conftest import BURST_S, KEY_SPECS, SANDBOX_SPECS, SERVICES, Env
@@ -75,7 +75,7 @@ FILL_S = 25.0
 # malformed queries with headers only raise authz's RSS by about 115 MiB until a full
 # gc.collect(): Authorizer.check keeps the error in the decision's _Trace, and the
 # error's traceback (or a chained exception's, through the frames' f_back) reaches that
-# _Trace again, a cycle that pins the CheckRequest; authz/server.py raises the GC
+# _Trace again, a cycle that pins the CheckRequest; authz/runtime/server.py raises the GC
 # thresholds, so such garbage waits for a rare full collection. How much is pinned at
 # once depends on when collections run.
 ERROR_COUNT = 2_500

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
 from tests.e2e.conftest import SANDBOX_SPECS, SERVICES, Env
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
 from tests.e2e.conftest import Env, authz_channel
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,6 @@
 """The Kubernetes data volume is sized from the audit store's byte bound (issue #13,
 finding 4): the ``emptyDir`` holding ``AUTHZ_AUDIT_DB`` has ``sizeLimit`` equal to
-:func:`authz.audit.volume_bytes` of ``AUTHZ_AUDIT_MAX_BYTES`` as the pod gets it (the
+:func:`authz.runtime.audit.volume_bytes` of ``AUTHZ_AUDIT_MAX_BYTES`` as the pod gets it (the
 manifest's env, else the image's ``ENV``, else the default), so the two cannot drift and
 the store can never fill the volume (the kubelet evicts a pod whose emptyDir outgrows it).
 """
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz import audit, config
+from authz.runtime import audit, config
 from tests.infra.conftest import ROOT
 
 MANIFEST = ROOT / "infra/k8s/authz.yaml"
@@ -67,7 +67,7 @@ def _volume_problem(deployment: dict[str, Any]) -> str | None:
         return (
             f"volume {volume['name']!r} sizeLimit {limit} is {_quantity(limit)} bytes; "
             f"AUTHZ_AUDIT_MAX_BYTES={max_bytes} needs exactly {needed} "
-            f"({needed // 1024**2}Mi, authz.audit.volume_bytes)"
+            f"({needed // 1024**2}Mi, authz.runtime.audit.volume_bytes)"
         )
     return None
 

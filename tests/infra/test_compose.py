@@ -24,10 +24,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from authz import deploy
-from authz.config import Settings, load
-from authz.errors import ConfigError
+from authz.core.errors import ConfigError
+from authz.runtime.config import Settings, load
 from authz.stack.tls import DEPLOYMENT_LEAVES
+from authz.tools import deploy
 from tests.infra.conftest import ROOT
 
 COMPOSE = ROOT / "infra/compose"

@@ -1,6 +1,6 @@
 """The Compose/Kubernetes Envoy configs are generated from the local ones and never drift.
 
-``authz.deploy`` rewrites the local stack's configs for containers; these tests pin what
+``authz.tools.deploy`` rewrites the local stack's configs for containers; these tests pin what
 may differ (addresses, cluster discovery, the admin listener) and that nothing else does,
 and run the generated configs in a real Envoy.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from authz import deploy, egress_envoy
 from authz.stack.supervisor import free_port
+from authz.tools import deploy, egress_envoy
 from tests.infra.conftest import ROOT, DeployEnvoy, http_get
 
 LOCAL_GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
@@ -32,7 +32,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _run_deploy(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "authz.deploy", *args],
+        [sys.executable, "-m", "authz.tools.deploy", *args],
         capture_output=True,
         text=True,
         check=False,

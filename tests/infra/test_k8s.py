@@ -23,9 +23,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
-from authz import deploy
-from authz.config import is_loopback_host, load
-from authz.errors import ConfigError
+from authz.core.errors import ConfigError
+from authz.runtime.config import is_loopback_host, load
+from authz.tools import deploy
 from tests.infra.conftest import ROOT
 
 K8S = ROOT / "infra/k8s"

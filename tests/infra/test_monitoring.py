@@ -2,7 +2,7 @@
 dashboard, Loki/promtail labels.
 
 Every metric a dashboard panel or an alert names must exist where it is scraped: authz's
-names come from ``authz.metrics.Metrics`` (the one place authz defines them), Envoy's
+names come from ``authz.runtime.metrics.Metrics`` (the one place authz defines them), Envoy's
 from a real Envoy running the deployment configs, OPA's from a real OPA running the
 deployment config. Label matchers and grouping labels must exist on those metrics too.
 PromQL syntax is checked by promtool (each panel query as a recording rule).
@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info, Summary
 
-from authz.metrics import Metrics
-from authz.record import DecisionRecord
+from authz.core.record import DecisionRecord
+from authz.runtime.metrics import Metrics
 from authz.stack.supervisor import Process, free_port, http_ok
 from tests.infra.conftest import ROOT, DeployEnvoy, KeyPair, deployment_tls, http_get
 from tests.infra.test_opa import build_bundle, compose_command

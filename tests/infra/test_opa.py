@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from authz import deploy
-from authz.keys import digest
 from authz.stack.supervisor import Process, free_port, http_ok
+from authz.tools import deploy
+from authz.tools.keys import digest
 from tests.infra.conftest import (
     ROOT,
     KeyPair,

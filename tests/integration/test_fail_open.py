@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from authz.authorizer import FAIL_OPEN_HEADER, Authorizer
-from authz.input import build_input
-from authz.policy import OpaClient
+from authz.core.authorizer import FAIL_OPEN_HEADER, Authorizer
+from authz.core.input import build_input
+from authz.core.opa import OpaClient
 from authz.stack.supervisor import free_port
 from tests.integration.opa_server import running_opa
 from tests.unit.fakes import check_request, multipart_body, upstream_headers
@@ -87,7 +87,7 @@ class _SlowParseClock:
             self.offset += 0.5
             return build_input(*args, **kwargs)
 
-        monkeypatch.setattr("authz.authorizer.build_input", slow_build)
+        monkeypatch.setattr("authz.core.authorizer.build_input", slow_build)
 
     def __call__(self) -> float:
         return time.perf_counter() + self.offset

@@ -25,13 +25,13 @@ from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz.authorizer import Authorizer
-from authz.config import load
-from authz.headers import CREDENTIAL_HEADERS
-from authz.keys import digest
-from authz.policy import OpaClient
-from authz.secrets import Secret
-from authz.server import build_authorizer
+from authz.core.authorizer import Authorizer
+from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.opa import OpaClient
+from authz.core.secret import Secret
+from authz.runtime.config import load
+from authz.runtime.server import build_authorizer
+from authz.tools.keys import digest
 from tests.integration.opa_server import running_opa
 from tests.unit.fakes import check_request
 

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from authz.errors import OpaResponseError, OpaTimeout, OpaUnavailable, UndefinedDecision
-from authz.policy import OpaClient
-from authz.secrets import Secret
+from authz.core.errors import OpaResponseError, OpaTimeout, OpaUnavailable, UndefinedDecision
+from authz.core.opa import OpaClient
+from authz.core.secret import Secret
 from authz.stack.supervisor import free_port
 from tests.integration.opa_server import running_opa
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from authz.errors import RateLimitUnavailable
-from authz.ratelimit import MemoryLimiter, Quota, RedisLimiter
+from authz.core.errors import RateLimitUnavailable
+from authz.core.ratelimit import MemoryLimiter, Quota, RedisLimiter
 from tests.conftest import RedisServer
 
 

@@ -1,4 +1,4 @@
-"""authz.replay and ``authz audit replay/verify/tail`` on a real OPA.
+"""authz.tools.replay and ``authz audit replay/verify/tail`` on a real OPA.
 
 Two bundles are built from the repository's policy/ by scripts/build-policy-bundle with
 generated keys as a data overlay; they differ only in the keys' data:
@@ -32,16 +32,16 @@ from typing import Any
 
 import pytest
 
-from authz.audit import AuditEntry, AuditTrail, read_entries
-from authz.cli import main
-from authz.config import DEFAULT_CREDENTIAL_HEADERS
-from authz.decision import parse_decision
-from authz.input import build_input
-from authz.keys import digest, generate_key
-from authz.policy import OpaClient
-from authz.record import DecisionRecord
-from authz.replay import ReplayChange, ReplayReport, describe, opa_serving, replay
+from authz.core.decision import parse_decision
+from authz.core.input import build_input
+from authz.core.opa import OpaClient
+from authz.core.record import DecisionRecord
+from authz.runtime.audit import AuditEntry, AuditTrail, read_entries
+from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS
 from authz.stack.supervisor import free_port, http_ok
+from authz.tools.cli import main
+from authz.tools.keys import digest, generate_key
+from authz.tools.replay import ReplayChange, ReplayReport, describe, opa_serving, replay
 from tests.unit.fakes import check_request
 
 GATEWAY = "authz/gateway/decision"

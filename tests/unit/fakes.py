@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz.errors import PolicyError
-from authz.policy import Evaluation
-from authz.record import DecisionRecord
+from authz.core.errors import PolicyError
+from authz.core.opa import Evaluation
+from authz.core.record import DecisionRecord
 
 if TYPE_CHECKING:
-    from authz.authorizer import Authorizer
+    from authz.core.authorizer import Authorizer
 
 # A 63 KB JSON body (under the gateway's max_request_bytes, 65536) that parses into
 # 21,000 objects: the costliest body an anonymous client can send.

@@ -15,10 +15,7 @@ import pytest
 from aiohttp import test_utils, web
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz import admin
-from authz.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
-from authz.control import Control, Mode
-from authz.errors import (
+from authz.core.errors import (
     ConfigError,
     InvalidDecision,
     OpaUnavailable,
@@ -26,10 +23,13 @@ from authz.errors import (
     RequestError,
     UndefinedDecision,
 )
-from authz.metrics import Metrics
-from authz.overrides import OverrideStore
-from authz.policy import OpaClient
-from authz.secrets import Secret
+from authz.core.mode import Control, Mode
+from authz.core.opa import OpaClient
+from authz.core.secret import Secret
+from authz.runtime import admin
+from authz.runtime.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.runtime.metrics import Metrics
+from authz.runtime.overrides import OverrideStore
 from authz.stack.supervisor import free_port
 
 

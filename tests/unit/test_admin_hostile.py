@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from authz.admin import create_admin_app, start_admin
-from authz.control import Control, Mode
-from authz.overrides import OverrideStore
-from authz.secrets import Secret
+from authz.core.mode import Control, Mode
+from authz.core.secret import Secret
+from authz.runtime.admin import create_admin_app, start_admin
+from authz.runtime.overrides import OverrideStore
 
 TOKEN = "adm-t0ken-" + "5f4e3d2c1b0a" * 3
 AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()

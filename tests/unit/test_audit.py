@@ -1,4 +1,4 @@
-"""authz.audit: the hash-chained SQLite audit trail (write, read back, verify, tamper,
+"""authz.runtime.audit: the hash-chained SQLite audit trail (write, read back, verify, tamper,
 retention, degradation and recovery)."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 import pytest
 
-from authz import audit
-from authz.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
-from authz.errors import ConfigError
-from authz.record import DecisionRecord
-from authz.secrets import MASK
+from authz.core.errors import ConfigError
+from authz.core.record import DecisionRecord
+from authz.core.secret import MASK
+from authz.runtime import audit
+from authz.runtime.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
 from tests.unit.fakes import ManualClock
 
 T0 = 1_700_000_000.0
@@ -356,7 +356,7 @@ def test_secrets_in_query_and_cookie_never_stored(trail_factory: TrailFactory, d
 
 
 def header_map_document(raw: bool) -> dict[str, Any]:
-    """Envoy's ``header_map`` form (``encode_raw_headers: true``), which authz.input
+    """Envoy's ``header_map`` form (``encode_raw_headers: true``), which authz.core.input
     supports: the cookie and the ``:path`` (with its query) are in the entries."""
     target = f"/x?api_key={SECRET}"
     pairs = [(":path", target), ("cookie", f"session={SECRET}")]

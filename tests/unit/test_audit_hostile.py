@@ -1,4 +1,4 @@
-"""authz.audit under hostile callers (issue #13, findings 4 and 9): the database file is
+"""authz.runtime.audit under hostile callers (issue #13, findings 4 and 9): the database file is
 owner-only, the writer drains a backlog without sleeping and bounds its queue in bytes,
 rows are a size-capped projection of the request, the store is bounded in bytes, and an
 anchor moved by hand is caught by ``verify``."""
@@ -20,12 +20,12 @@ from typing import Any
 import orjson
 import pytest
 
-from authz import audit, config
-from authz.audit import AuditTrail, read_entries, verify
-from authz.cli import main
-from authz.errors import ConfigError
-from authz.input import build_input
-from authz.record import DecisionRecord
+from authz.core.errors import ConfigError
+from authz.core.input import build_input
+from authz.core.record import DecisionRecord
+from authz.runtime import audit, config
+from authz.runtime.audit import AuditTrail, read_entries, verify
+from authz.tools.cli import main
 from tests.unit.fakes import ManualClock, check_request
 from tests.unit.test_audit import decision, reader, wait_until
 
@@ -220,7 +220,7 @@ def test_every_prune_records_and_logs_its_anchor_move(
     db = tmp_path / "audit.db"
     clock = ManualClock(30.0)
     trail = AuditTrail(db, retention_days=None, max_records=4, clock=clock)
-    caplog.set_level(logging.INFO, logger="authz.audit")
+    caplog.set_level(logging.INFO, logger="authz.runtime.audit")
     try:
         for start in (1, 11):
             for n in range(start, start + 10):

@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from authz import audit
-from authz.audit import AuditTrail, read_entries, verify
+from authz.runtime import audit
+from authz.runtime.audit import AuditTrail, read_entries, verify
 from tests.unit.test_audit import decision, wait_until
 
 
@@ -86,7 +86,7 @@ async def test_audit_queue_memory_is_bounded(
     # that is ~1.6 MB, so a full queue is ~160 GB. The writer needs ~4 ms per such entry
     # (it re-serializes the body twice), slower than authz handles them, so a flood of
     # such requests grows the queue until the process is killed.
-    from authz.authorizer import Authorizer
+    from authz.core.authorizer import Authorizer
     from tests.unit.fakes import FakeEngine, bytes_retained_per_check
 
     monkeypatch.setattr(audit, "_FLUSH_S", 3.0)  # a slow disk: the writer is behind

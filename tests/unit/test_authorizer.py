@@ -12,10 +12,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from authz.authorizer import Authorizer
-from authz.cache import DecisionCache
-from authz.control import Control, Mode
-from authz.errors import (
+from authz.core.authorizer import Authorizer
+from authz.core.cache import DecisionCache
+from authz.core.errors import (
     CredentialError,
     InvalidDecision,
     OpaResponseError,
@@ -24,8 +23,9 @@ from authz.errors import (
     RateLimitUnavailable,
     UndefinedDecision,
 )
-from authz.ratelimit import MemoryLimiter, Quota, RateLimitResult
-from authz.secrets import Secret
+from authz.core.mode import Control, Mode
+from authz.core.ratelimit import MemoryLimiter, Quota, RateLimitResult
+from authz.core.secret import Secret
 from tests.unit.fakes import FakeEngine, ListSink, check_request
 
 DEFAULT_PATH = "authz/gateway/decision"

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from authz.audit import AuditTrail, connect, read_entries
-from authz.authorizer import FAIL_OPEN_CODES, FAIL_OPEN_HEADER, Authorizer
-from authz.config import DEFAULT_FAIL_OPEN_MAX_PER_S, Settings, load
-from authz.control import Control, Mode
-from authz.errors import AuthzError, ConfigError, OpaUnavailable, PolicyError
-from authz.input import build_input
-from authz.metrics import Metrics, MetricsSink
-from authz.server import build_authorizer
+from authz.core.authorizer import FAIL_OPEN_CODES, FAIL_OPEN_HEADER, Authorizer
+from authz.core.errors import AuthzError, ConfigError, OpaUnavailable, PolicyError
+from authz.core.input import build_input
+from authz.core.mode import Control, Mode
+from authz.runtime.audit import AuditTrail, connect, read_entries
+from authz.runtime.config import DEFAULT_FAIL_OPEN_MAX_PER_S, Settings, load
+from authz.runtime.metrics import Metrics, MetricsSink
+from authz.runtime.server import build_authorizer
 from tests.unit.fakes import (
     FakeEngine,
     ManualClock,
@@ -68,7 +68,7 @@ def slow_parse(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
         clock.now += 0.5
         return build_input(*args, **kwargs)
 
-    monkeypatch.setattr("authz.authorizer.build_input", slow_build)
+    monkeypatch.setattr("authz.core.authorizer.build_input", slow_build)
     return clock
 
 
@@ -242,7 +242,7 @@ async def test_fail_open_warnings_are_rate_limited_per_path_and_count_the_rest(
 ) -> None:
     clock = ManualClock(100.0)
     authorizer = _capped(clock, max_per_s=50)
-    with caplog.at_level(logging.WARNING, logger="authz.authorizer"):
+    with caplog.at_level(logging.WARNING, logger="authz.core.authorizer"):
         await _allowed(authorizer, 5)
         await _allowed(authorizer, 2, EGRESS)
         first = _warnings(caplog)
@@ -258,7 +258,7 @@ async def test_fail_open_cap_reached_is_logged_once_per_path_per_second(
 ) -> None:
     clock = ManualClock(100.0)
     authorizer = _capped(clock, max_per_s=1)
-    with caplog.at_level(logging.WARNING, logger="authz.authorizer"):
+    with caplog.at_level(logging.WARNING, logger="authz.core.authorizer"):
         await _allowed(authorizer, 10)
     capped = [r for r in _warnings(caplog) if "cap" in r.msg]
     assert len(capped) == 1

@@ -8,10 +8,10 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.authorizer import Authorizer
-from authz.control import Control, Mode
-from authz.errors import OpaUnavailable
-from authz.headers import UNENFORCED_REMOVALS
+from authz.core.authorizer import Authorizer
+from authz.core.errors import OpaUnavailable
+from authz.core.headers import UNENFORCED_REMOVALS
+from authz.core.mode import Control, Mode
 from tests.unit.fakes import FakeEngine, ManualClock, check_request
 
 PATH = "authz/gateway/decision"

@@ -16,12 +16,12 @@ from bench.profile import (
 MAIN = ";".join(
     [
         "_run_module_as_main (<frozen runpy>:198)",
-        "main (authz/cli.py:311)",
+        "main (authz/tools/cli.py:311)",
         "Runner.run (asyncio/runners.py:118)",
     ]
 )
-CHECK = f"{MAIN};Authorizer.check (authz/authorizer.py:168)"
-OPA = f"{CHECK};OpaClient.evaluate (authz/policy.py:128)"
+CHECK = f"{MAIN};Authorizer.check (authz/core/authorizer.py:168)"
+OPA = f"{CHECK};OpaClient.evaluate (authz/core/opa.py:128)"
 IDLE = ";".join(
     [
         "Thread._bootstrap (threading.py:1002)",
@@ -31,10 +31,10 @@ IDLE = ";".join(
     ]
 )
 RAW = f"""\
-{CHECK};build_input (authz/input.py:230);MessageToDict (google/protobuf/json_format.py:1) 30
+{CHECK};build_input (authz/core/input.py:230);MessageToDict (google/protobuf/json_format.py:1) 30
 {OPA};dumps (json/__init__.py:231) 20
 {OPA};ClientSession._request (aiohttp/client.py:619) 10
-{MAIN};Authorizer.check (authz/authorizer.py:170) 10
+{MAIN};Authorizer.check (authz/core/authorizer.py:170) 10
 {MAIN} 30
 {IDLE} 50
 not a sample line
@@ -58,7 +58,7 @@ def test_parse_collapsed() -> None:
         ("aiohttp/client.py", "aiohttp"),
         ("json/encoder.py", "json"),
         ("asyncio/runners.py", "asyncio/uvloop"),
-        ("authz/input.py", "authz"),
+        ("authz/core/input.py", "authz"),
         ("<frozen runpy>", "other"),
     ],
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.keys import digest, lint_data
+from authz.tools.keys import digest, lint_data
 from bench.workload import (
     BENCH_TIER,
     DistinctStream,

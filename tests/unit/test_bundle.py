@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from authz.bundle import PROBE_PATH, WARNINGS_PATH, BundleWatcher
-from authz.errors import OpaUnavailable, UndefinedDecision
-from authz.policy import Evaluation
+from authz.core.errors import OpaUnavailable, UndefinedDecision
+from authz.core.opa import Evaluation
+from authz.runtime.bundle_watch import PROBE_PATH, WARNINGS_PATH, BundleWatcher
 
 
 class Scripted:
@@ -50,7 +50,7 @@ async def test_probes_the_revision_and_reads_warnings_once_per_activation(
     confirmed: list[str] = []
     activated: list[str] = []
     watcher = BundleWatcher(engine, on_revision=confirmed.append, on_activation=activated.append)
-    with caplog.at_level(logging.INFO, logger="authz.bundle"):
+    with caplog.at_level(logging.INFO, logger="authz.runtime.bundle_watch"):
         assert await watcher.poll_once() is True
         assert await watcher.poll_once() is False
         assert watcher.revision == "r1"
@@ -75,7 +75,7 @@ async def test_opa_errors_are_logged_once_and_never_raise(
     engine = Scripted(OpaUnavailable("x"), OpaUnavailable("x"), ev("r1"), ev("r1", []))
     confirmed: list[str] = []
     watcher = BundleWatcher(engine, on_revision=confirmed.append)
-    with caplog.at_level(logging.WARNING, logger="authz.bundle"):
+    with caplog.at_level(logging.WARNING, logger="authz.runtime.bundle_watch"):
         assert await watcher.poll_once() is False
         assert await watcher.poll_once() is False
     assert len(caplog.records) == 1
@@ -91,7 +91,7 @@ async def test_unreadable_warnings_still_activate_the_revision(
 ) -> None:
     engine = Scripted(ev("r1"), OpaUnavailable("x"))
     watcher = BundleWatcher(engine)
-    with caplog.at_level(logging.INFO, logger="authz.bundle"):
+    with caplog.at_level(logging.INFO, logger="authz.runtime.bundle_watch"):
         assert await watcher.poll_once() is True
     assert watcher.revision == "r1"
     assert watcher.warnings == ()
@@ -113,7 +113,7 @@ async def test_a_bundle_without_the_probe_is_probed_through_its_warnings(
     )
     confirmed: list[str] = []
     watcher = BundleWatcher(engine, on_revision=confirmed.append)
-    with caplog.at_level(logging.WARNING, logger="authz.bundle"):
+    with caplog.at_level(logging.WARNING, logger="authz.runtime.bundle_watch"):
         assert await watcher.poll_once() is True
         assert await watcher.poll_once() is False
     assert confirmed == ["old", "old"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from authz.cache import DecisionCache, cache_key
-from authz.decision import Decision
-from authz.input import build_input
-from authz.policy import Evaluation
+from authz.core.cache import DecisionCache, cache_key
+from authz.core.decision import Decision
+from authz.core.input import build_input
+from authz.core.opa import Evaluation
 from tests.unit.fakes import ManualClock, check_request
 
 

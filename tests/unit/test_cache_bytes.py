@@ -12,13 +12,13 @@ import orjson
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.authorizer import Authorizer
-from authz.cache import DEFAULT_MAX_BYTES, DecisionCache, cache_key
-from authz.config import DEFAULT_DECISION_CACHE_MAX_BYTES, load
-from authz.decision import Decision
-from authz.errors import ConfigError
-from authz.input import build_input
-from authz.policy import Evaluation
+from authz.core.authorizer import Authorizer
+from authz.core.cache import DEFAULT_MAX_BYTES, DecisionCache, cache_key
+from authz.core.decision import Decision
+from authz.core.errors import ConfigError
+from authz.core.input import build_input
+from authz.core.opa import Evaluation
+from authz.runtime.config import DEFAULT_DECISION_CACHE_MAX_BYTES, load
 from tests.unit.fakes import FakeEngine, ManualClock, check_request
 
 PATH = "authz/gateway/decision"

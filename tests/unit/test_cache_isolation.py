@@ -9,8 +9,8 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz.authorizer import Authorizer
-from authz.cache import DecisionCache
+from authz.core.authorizer import Authorizer
+from authz.core.cache import DecisionCache
 from tests.unit.fakes import LARGE_JSON_BODY, FakeEngine, bytes_retained_per_check
 
 PATH = "authz/gateway/decision"
@@ -29,7 +29,7 @@ def _gateway(path: str, document: Mapping[str, Any]) -> Any:
 
 def raw_header_request(api_key: str) -> external_auth_pb2.CheckRequest:
     """A CheckRequest as Envoy sends it with ext_authz ``encode_raw_headers: true``:
-    headers only in ``header_map`` (raw values), ``headers`` left empty. authz.input
+    headers only in ``header_map`` (raw values), ``headers`` left empty. authz.core.input
     supports this form (it hashes credentials found there)."""
     request = external_auth_pb2.CheckRequest()
     http = request.attributes.request.http

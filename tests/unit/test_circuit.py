@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from authz.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from authz.errors import CircuitOpen, OpaTimeout, OpaUnavailable, UndefinedDecision
-from authz.policy import Evaluation
+from authz.core.errors import CircuitOpen, OpaTimeout, OpaUnavailable, UndefinedDecision
+from authz.core.opa import Evaluation
+from authz.runtime.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from tests.unit.fakes import ManualClock
 
 

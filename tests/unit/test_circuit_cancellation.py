@@ -7,9 +7,9 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from authz.circuit import CircuitBreaker
-from authz.errors import OpaUnavailable
-from authz.policy import Evaluation
+from authz.core.errors import OpaUnavailable
+from authz.core.opa import Evaluation
+from authz.runtime.circuit import CircuitBreaker
 from tests.unit.fakes import ManualClock
 
 
@@ -71,8 +71,8 @@ async def test_client_cancelling_the_grpc_probe_call_wedges_the_breaker() -> Non
     import grpc
     from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-    from authz.authorizer import Authorizer
-    from authz.server import create_server
+    from authz.core.authorizer import Authorizer
+    from authz.runtime.server import create_server
     from tests.unit.fakes import check_request
 
     engine, clock = Engine(), ManualClock()
@@ -103,7 +103,7 @@ async def test_client_cancelling_the_grpc_probe_call_wedges_the_breaker() -> Non
 async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
     # While the breaker is stuck half open (above), /readyz's opa check only fails for
     # OPEN, so the pod stays ready while every Check is denied opa_circuit_open.
-    from authz.server import _opa_check
+    from authz.runtime.server import _opa_check
 
     breaker = await breaker_after_a_cancelled_probe()
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-import authz.server
-from authz.cli import main
-from authz.config import Settings
-from authz.keys import KEY_PREFIX, digest
+import authz.runtime.server
+from authz.runtime.config import Settings
+from authz.tools.cli import main
+from authz.tools.keys import KEY_PREFIX, digest
 
 DIGEST = hashlib.sha256(b"ak_example").hexdigest()
 PLAINTEXT_KEY = "ak_plaintextDoNotPrintMe0123456789"
@@ -195,7 +195,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Settings]]:
     async def fake_serve(settings: Settings, reload: object = None) -> None:
         calls.append(settings)
 
-    monkeypatch.setattr(authz.server, "serve", fake_serve)
+    monkeypatch.setattr(authz.runtime.server, "serve", fake_serve)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield calls

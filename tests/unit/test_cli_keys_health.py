@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from authz.cli import main
-from authz.hygiene import DAY_S
+from authz.core.rfc3339 import DAY_S
+from authz.tools.cli import main
 from tests.unit.test_hygiene import NOW, decision, digest, entry, iso, write_audit, write_bundle
 
 NOW_TEXT = iso(NOW)

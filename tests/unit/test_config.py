@@ -1,4 +1,4 @@
-"""authz.config: defaults < YAML file < AUTHZ_* environment; every bad value names its key.
+"""authz.runtime.config: defaults < YAML file < AUTHZ_* environment; every bad value names its key.
 
 The environment is always passed in as a mapping; these tests never read or write
 ``os.environ``.
@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-from authz.config import DEFAULT_CREDENTIAL_HEADERS, Settings, load, parse_decision_path
-from authz.control import Mode
-from authz.errors import ConfigError
-from authz.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
-from authz.input import BodyParsing
-from authz.secrets import Secret
+from authz.core.errors import ConfigError
+from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
+from authz.core.input import BodyParsing
+from authz.core.mode import Mode
+from authz.core.opa import parse_decision_path
+from authz.core.secret import Secret
+from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS, Settings, load
 
 TOKEN = "opa-t0ken-5f4e3d2c1b0a"
 
@@ -152,7 +153,7 @@ def test_yaml_file(tmp_path: Path) -> None:
     assert settings.admin_addr == Settings().admin_addr
 
 
-# --- credential headers: authz.headers.CREDENTIAL_HEADERS is the one list (issue #13, 6) ---
+# --- credential headers: authz.core.headers.CREDENTIAL_HEADERS is the one list (issue #13, 6) ---
 
 
 def test_credential_headers_default_is_the_one_list() -> None:

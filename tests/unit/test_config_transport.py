@@ -1,4 +1,4 @@
-"""authz.config transport rules (issue 13, finding 5): no credential in clear on a hop.
+"""authz.runtime.config transport rules (issue 13, finding 5): no credential in clear on a hop.
 
 The gRPC listener is mTLS (certificate, key and client CA together) or bound to loopback;
 OPA is reached over https, loopback or a unix socket; each unless explicitly allowed.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from authz.config import is_loopback_host, load
-from authz.errors import ConfigError
+from authz.core.errors import ConfigError
+from authz.runtime.config import is_loopback_host, load
 
 TLS = {
     "AUTHZ_GRPC_TLS_CERT": "/run/authz/tls/tls.crt",

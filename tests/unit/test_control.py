@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from authz.control import Control, Mode, parse_mode
-from authz.errors import ConfigError
+from authz.core.errors import ConfigError
+from authz.core.mode import Control, Mode, parse_mode
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_bypass_refused_unless_allowed() -> None:
 def test_changes_are_reported_and_bypass_is_loud(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[Mode] = []
     control = Control(allow_bypass=True, on_change=seen.append)
-    with caplog.at_level(logging.INFO, logger="authz.control"):
+    with caplog.at_level(logging.INFO, logger="authz.core.mode"):
         assert control.set_mode(Mode.BYPASS, actor="admin", reason="debug") is Mode.ENFORCE
         control.warn_if_bypass()
         control.set_mode(Mode.ENFORCE, actor="admin", reason="done")

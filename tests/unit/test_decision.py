@@ -1,4 +1,4 @@
-"""authz.decision: OPA's result -> Decision.
+"""authz.core.decision: OPA's result -> Decision.
 
 Forms and error wording follow opa-envoy-plugin ``envoyauth/response.go`` (``expected
 allowed to be of type 'boolean' but got ...``), with JSON type names; the extension fields
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from authz.decision import CredentialRef, Decision, RateLimitRef, json_type, parse_decision
-from authz.errors import InvalidDecision
+from authz.core.decision import CredentialRef, Decision, RateLimitRef, json_type, parse_decision
+from authz.core.errors import InvalidDecision
 
 
 @pytest.mark.parametrize("allowed", [True, False], ids=["allow", "deny"])

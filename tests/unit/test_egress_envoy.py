@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from authz import egress_envoy
-from authz.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
-from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
 from authz.stack.envoy import relocate_tls
 from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
+from authz.tools import egress_envoy
+from authz.tools.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES_FILE = ROOT / "policy/egress/data.json"
@@ -458,7 +458,7 @@ def test_parse_base_url() -> None:
 def test_committed_config_is_generated_from_the_services() -> None:
     """Drift: infra/envoy/envoy-egress.yaml is exactly the generator's output."""
     assert COMMITTED.read_text(encoding="utf-8") == render(real_services()), (
-        "infra/envoy/envoy-egress.yaml is stale: run python -m authz.egress_envoy"
+        "infra/envoy/envoy-egress.yaml is stale: run python -m authz.tools.egress_envoy"
     )
 
 
@@ -483,7 +483,7 @@ def test_check_passes_on_the_repository(monkeypatch: pytest.MonkeyPatch) -> None
 def test_render_header_names_the_command() -> None:
     text = render({}, source="a/data.json", out="b/envoy.yaml")
     assert text.startswith("# GENERATED from a/data.json")
-    assert "python -m authz.egress_envoy --services a/data.json --out b/envoy.yaml" in text
+    assert "python -m authz.tools.egress_envoy --services a/data.json --out b/envoy.yaml" in text
     body = yaml.safe_load(text)
     assert body == generate({})
 

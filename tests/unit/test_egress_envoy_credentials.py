@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from authz.egress_envoy import generate, main
+from authz.tools.egress_envoy import generate, main
 
 CREDENTIAL = {"header": "authorization", "format": "Bearer {secret}"}
 

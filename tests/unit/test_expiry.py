@@ -1,4 +1,4 @@
-"""authz.expiry: the runtime "api key expiring" warning (once per key per hour, bounded)
+"""authz.runtime.expiry: the runtime "api key expiring" warning (once per key per hour, bounded)
 and the authz_expiring_key_decisions_total counter, with the clock injected through the
 decision records."""
 
@@ -9,18 +9,18 @@ from typing import Any
 
 import pytest
 
-from authz.authorizer import Authorizer
-from authz.control import Control, Mode
-from authz.expiry import _PARSED_MAX, WARN_INTERVAL_S, KeyExpiryWatch, _parse_cached
-from authz.hygiene import DAY_S
-from authz.metrics import Metrics
-from authz.record import DecisionRecord
+from authz.core.authorizer import Authorizer
+from authz.core.mode import Control, Mode
+from authz.core.record import DecisionRecord
+from authz.core.rfc3339 import DAY_S
+from authz.runtime.expiry import _PARSED_MAX, WARN_INTERVAL_S, KeyExpiryWatch, _parse_cached
+from authz.runtime.metrics import Metrics
 from tests.unit.fakes import FakeEngine, check_request
 from tests.unit.test_hygiene import NOW, iso
 
 GATEWAY = "authz/gateway/decision"
 EGRESS = "authz/egress/decision"
-LOGGER = "authz.expiry"
+LOGGER = "authz.runtime.expiry"
 
 
 def record(

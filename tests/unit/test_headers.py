@@ -1,4 +1,4 @@
-"""authz.headers is the one list of credential, identity and forwarding headers: the
+"""authz.core.headers is the one list of credential, identity and forwarding headers: the
 shipped policy data and every other list derived from it cannot drift from it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
 
 ROOT = Path(__file__).resolve().parents[2]
 EGRESS_DATA = ROOT / "policy/egress/data.json"

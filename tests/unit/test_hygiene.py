@@ -1,4 +1,4 @@
-"""authz.hygiene: key statuses at an injected time, window boundaries, invalid expiry
+"""authz.tools.key_health: key statuses at an injected time, window boundaries, invalid expiry
 dates, unused keys from last-seen times, bundle/data loading and the audit last-seen
 query."""
 
@@ -16,21 +16,20 @@ from typing import Any
 
 import pytest
 
-from authz.audit import AuditTrail
-from authz.errors import ConfigError
-from authz.hygiene import (
-    DAY_S,
+from authz.core.errors import ConfigError
+from authz.core.record import DecisionRecord
+from authz.core.rfc3339 import DAY_S, parse_rfc3339
+from authz.runtime.audit import AuditTrail
+from authz.tools.key_health import (
     HealthReport,
     Status,
     assess,
     load_api_keys,
     load_data,
-    parse_rfc3339,
     read_last_seen,
     report_json,
     report_text,
 )
-from authz.record import DecisionRecord
 
 # 2026-01-01T00:00:00Z
 NOW = 1_767_225_600.0

@@ -1,4 +1,4 @@
-"""authz.input: CheckRequest -> OPA input document.
+"""authz.core.input: CheckRequest -> OPA input document.
 
 Expected values follow opa-envoy-plugin (``envoyauth/request.go``, ``request_test.go``,
 ``protomap_test.go``): Go's ``url.PathUnescape`` / ``url.ParseQuery`` semantics, body
@@ -18,8 +18,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.json_format import ParseDict
 
-from authz.errors import RequestError
-from authz.input import build_input, mask_credential
+from authz.core.errors import RequestError
+from authz.core.input import build_input, mask_credential
 
 # The default credential headers of docs/contract.md plus proxy-authorization.
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-sandbox-token")

@@ -7,11 +7,9 @@ from typing import Any
 
 import pytest
 
-from authz.authorizer import Authorizer
-from authz.config import load
-from authz.control import Control, Mode
-from authz.errors import ConfigError, DecisionPathError, RequestError
-from authz.input import (
+from authz.core.authorizer import Authorizer
+from authz.core.errors import ConfigError, DecisionPathError, RequestError
+from authz.core.input import (
     MAX_BODY_BYTES,
     MAX_FORM_FIELDS,
     MAX_MULTIPART_HEADER_BYTES,
@@ -23,7 +21,9 @@ from authz.input import (
     build_input,
     parse_body,
 )
-from authz.policy import OpaClient
+from authz.core.mode import Control, Mode
+from authz.core.opa import OpaClient
+from authz.runtime.config import load
 from tests.unit.fakes import ListSink, check_request
 
 PATH = "authz/gateway/decision"

@@ -1,4 +1,4 @@
-"""authz.keys: key generation, digests, and the plaintext-credential lint for bundle data."""
+"""authz.tools.keys: key generation, digests, and the plaintext-credential lint for bundle data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from authz.input import mask_credential
-from authz.keys import KEY_PREFIX, digest, generate_key, lint_data
+from authz.core.input import mask_credential
+from authz.tools.keys import KEY_PREFIX, digest, generate_key, lint_data
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAINTEXT = "ak_Zq3v9XlT0pR7mN2bW8yK4cJ6hF1dS5gA"

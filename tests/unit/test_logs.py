@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from authz import logs
-from authz.headers import CREDENTIAL_HEADERS
-from authz.logs import DecisionLog, JsonFormatter, redact_document, redact_headers
-from authz.record import DecisionRecord
-from authz.secrets import MASK
+from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.record import DecisionRecord
+from authz.core.secret import MASK
+from authz.runtime import logs
+from authz.runtime.logs import DecisionLog, JsonFormatter, redact_document, redact_headers
 
 # --- redact_headers --------------------------------------------------------------------
 
@@ -80,7 +80,7 @@ def test_redact_headers(
 
 @pytest.mark.parametrize("name", CREDENTIAL_HEADERS, ids=CREDENTIAL_HEADERS)
 def test_redact_headers_masks_every_credential_header(name: str) -> None:
-    # One list (authz.headers): api-key and x-goog-api-key were stripped on egress as
+    # One list (authz.core.headers): api-key and x-goog-api-key were stripped on egress as
     # credentials but missing here.
     assert name in logs.SENSITIVE_HEADERS
     assert redact_headers({name.title(): "secret-value", "accept": "*/*"}) == {
@@ -121,7 +121,7 @@ def test_redact_document_masks_every_credential_header_in_clear(name: str) -> No
 )
 @pytest.mark.parametrize("name", CREDENTIAL_HEADERS, ids=CREDENTIAL_HEADERS)
 def test_redact_document_keeps_credential_digests(name: str, value: str) -> None:
-    # What authz.input put in place of the credential stays: replay needs the digest.
+    # What authz.core.input put in place of the credential stays: replay needs the digest.
     stored = redact_document(_document({name: value}))
     for headers in _stored(stored):
         assert headers == {name: value}

@@ -1,4 +1,4 @@
-"""authz.metrics: every metric on its own registry, and MetricsSink counting decisions
+"""authz.runtime.metrics: every metric on its own registry, and MetricsSink counting decisions
 (labels, durations, OPA errors, fail-open, dry-run suppressions, rate-limit rejections)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from authz import __version__
-from authz.metrics import CIRCUIT_STATES, MODES, Metrics, MetricsSink
-from authz.record import DecisionRecord
+from authz.core.record import DecisionRecord
+from authz.runtime.metrics import CIRCUIT_STATES, MODES, Metrics, MetricsSink
 
 GATEWAY = "authz/gateway/decision"
 EGRESS = "authz/egress/decision"

@@ -1,11 +1,11 @@
-"""authz.metrics: the decision cache's bounds are visible (issue #13, finding 3)."""
+"""authz.runtime.metrics: the decision cache's bounds are visible (issue #13, finding 3)."""
 
 from __future__ import annotations
 
-from authz.cache import DecisionCache
-from authz.decision import Decision
-from authz.metrics import Metrics
-from authz.policy import Evaluation
+from authz.core.cache import DecisionCache
+from authz.core.decision import Decision
+from authz.core.opa import Evaluation
+from authz.runtime.metrics import Metrics
 from tests.unit.fakes import ManualClock
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from authz.hygiene import DAY_S
+from authz.core.rfc3339 import DAY_S
 from tests.unit.test_hygiene import decision, digest, entry, iso, write_audit, write_bundle
 
 

@@ -1,4 +1,4 @@
-"""authz.overrides: request validation, the document pushed to OPA, and the store
+"""authz.runtime.overrides: request validation, the document pushed to OPA, and the store
 (push, expiry, push failures, persistence, change reports)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from authz.errors import ConfigError, OpaResponseError, OpaUnavailable, PolicyError
-from authz.overrides import (
+from authz.core.errors import ConfigError, OpaResponseError, OpaUnavailable, PolicyError
+from authz.runtime.overrides import (
     MAX_TTL_S,
     OpaOverrideWriter,
     Override,

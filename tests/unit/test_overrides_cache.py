@@ -7,9 +7,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from authz.authorizer import Authorizer
-from authz.cache import DecisionCache
-from authz.overrides import OverrideStore, parse_override_request
+from authz.core.authorizer import Authorizer
+from authz.core.cache import DecisionCache
+from authz.runtime.overrides import OverrideStore, parse_override_request
 from tests.unit.fakes import FakeEngine, check_request
 
 PATH = "authz/gateway/decision"

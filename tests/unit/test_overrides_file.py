@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from authz.errors import ConfigError
-from authz.overrides import Override, OverrideStore, parse_override_request
+from authz.core.errors import ConfigError
+from authz.runtime.overrides import Override, OverrideStore, parse_override_request
 from authz.stack.supervisor import free_port
 
 T0 = 1_700_000_000.0

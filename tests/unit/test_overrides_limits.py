@@ -14,10 +14,15 @@ from typing import Any
 import pytest
 from aiohttp import test_utils, web
 
-from authz.admin import create_admin_app
-from authz.errors import ConfigError
-from authz.overrides import MAX_ACTIVE_OVERRIDES, Override, OverrideStore, parse_override_request
-from authz.secrets import Secret
+from authz.core.errors import ConfigError
+from authz.core.secret import Secret
+from authz.runtime.admin import create_admin_app
+from authz.runtime.overrides import (
+    MAX_ACTIVE_OVERRIDES,
+    Override,
+    OverrideStore,
+    parse_override_request,
+)
 
 T0 = 1_700_000_000.0
 TOKEN = "adm-t0ken-" + "0123456789abcdef" * 2

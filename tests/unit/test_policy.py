@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from authz.policy import Evaluation
+from authz.core.opa import Evaluation
 
 
 @pytest.mark.parametrize(

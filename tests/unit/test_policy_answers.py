@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from authz.errors import OpaResponseError
-from authz.policy import MAX_ANSWER_BYTES, OpaClient
+from authz.core.errors import OpaResponseError
+from authz.core.opa import MAX_ANSWER_BYTES, OpaClient
 
 OPA_GZIP_MIN_LENGTH = 1024  # OPA's default server.encoding.gzip.min_length
 

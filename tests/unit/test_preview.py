@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from authz.errors import ConfigError, OpaTimeout, RequestError, UndefinedDecision
-from authz.preview import (
+from authz.core.errors import ConfigError, OpaTimeout, RequestError, UndefinedDecision
+from authz.runtime.preview import (
     EGRESS_DECISION_PATH,
     PreviewRequest,
     parse_preview_request,

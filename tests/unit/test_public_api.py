@@ -31,7 +31,12 @@ def test_version_matches_the_installed_distribution() -> None:
 
 
 def test_the_request_path_modules_are_found() -> None:
-    assert {"authz.input", "authz.decision", "authz.response", "authz.config"} <= set(modules())
+    assert {
+        "authz.core.input",
+        "authz.core.decision",
+        "authz.core.response",
+        "authz.runtime.config",
+    } <= set(modules())
 
 
 @pytest.mark.parametrize(("name", "is_package"), sorted(modules().items()), ids=sorted(modules()))

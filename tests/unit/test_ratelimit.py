@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from authz.ratelimit import MemoryLimiter, Quota, RateLimitResult, gcra
+from authz.core.ratelimit import MemoryLimiter, Quota, RateLimitResult, gcra
 from tests.unit.fakes import ManualClock
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from authz.record import DecisionRecord
+from authz.core.record import DecisionRecord
 
 QUERY_SECRET = "sk-query-secret-0123"
 HEADER_SECRET = "COOKIESECRET0123456789"
@@ -21,7 +21,7 @@ def document(
     path: str = f"/api/v1/items?api_key={QUERY_SECRET}&page=2",
     http_id: str | None = "envoy-id-1",
 ) -> dict[str, Any]:
-    """An input document as authz.input builds it (credential headers already digests)."""
+    """An input document as authz.core.input builds it (credential headers already digests)."""
     http: dict[str, Any] = {
         "method": "POST",
         "path": path,

@@ -1,4 +1,4 @@
-"""authz.response: Decision -> CheckResponse, and the failure-status table.
+"""authz.core.response: Decision -> CheckResponse, and the failure-status table.
 
 Allow/deny shapes follow opa-envoy-plugin ``internal/internal.go``; header append actions,
 the JSON deny body and fail-closed error responses follow ``docs/contract.md`` and
@@ -18,10 +18,10 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.json_format import MessageToDict
 from google.rpc import code_pb2
 
-from authz import errors
-from authz.decision import Decision, RateLimitRef, parse_decision
-from authz.errors import AuthzError
-from authz.response import FAILURE_STATUS, build_response, error_response, status_for
+from authz.core import errors
+from authz.core.decision import Decision, RateLimitRef, parse_decision
+from authz.core.errors import AuthzError
+from authz.core.response import FAILURE_STATUS, build_response, error_response, status_for
 
 DECISION_ID = "6f1c2b8e-3d4a-4f5b-9c6d-7e8f9a0b1c2d"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -1,4 +1,4 @@
-"""authz.secrets.Secret: the value prints masked everywhere and is reachable only by reveal()."""
+"""authz.runtime.secrets.Secret: the value prints masked everywhere; only reveal() gives it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from authz.errors import ConfigError, CredentialError
-from authz.secrets import (
+from authz.core.errors import ConfigError, CredentialError
+from authz.runtime.secrets import (
     MASK,
     Secret,
     SecretStore,
@@ -187,7 +187,7 @@ def test_permissive_file_warns(
     path = tmp_path / "s.json"
     write(path, good(openai=CRED))
     path.chmod(mode)
-    with caplog.at_level(logging.WARNING, logger="authz.secrets"):
+    with caplog.at_level(logging.WARNING, logger="authz.runtime.secrets"):
         SecretStore.open(path)
     assert ("chmod 600" in caplog.text) is warns
     assert CRED not in caplog.text
@@ -212,7 +212,7 @@ def test_runtime_failure_denies_everything_until_fixed(
     write(path, good(openai=CRED))
     store = SecretStore.open(path)
     bump(path, "{broken")
-    with caplog.at_level(logging.ERROR, logger="authz.secrets"):
+    with caplog.at_level(logging.ERROR, logger="authz.runtime.secrets"):
         assert store.refresh() is True
     assert not store.loaded
     with pytest.raises(CredentialError, match="missing or malformed"):

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from authz import secrets as secrets_module
-from authz.authorizer import Authorizer
-from authz.errors import ConfigError, CredentialError
-from authz.secrets import SecretStore, write_secrets_file
-from authz.server import _secrets_check
+from authz.core.authorizer import Authorizer
+from authz.core.errors import ConfigError, CredentialError
+from authz.runtime import secrets as secrets_module
+from authz.runtime.secrets import SecretStore, write_secrets_file
+from authz.runtime.server import _secrets_check
 from tests.unit.fakes import FakeEngine, check_request
 
 OLD = "old-cred-value-0123456789"

@@ -18,8 +18,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz.authorizer import Authorizer
-from authz.server import AUTHZ_SERVICE, create_server
+from authz.core.authorizer import Authorizer
+from authz.runtime.server import AUTHZ_SERVICE, create_server
 from authz.stack.supervisor import free_port, http_ok
 from tests.unit.fakes import FakeEngine, check_request
 

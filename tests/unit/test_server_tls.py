@@ -14,10 +14,10 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from authz.authorizer import Authorizer
-from authz.config import Settings, load
-from authz.errors import ConfigError
-from authz.server import create_server, grpc_server_credentials
+from authz.core.authorizer import Authorizer
+from authz.core.errors import ConfigError
+from authz.runtime.config import Settings, load
+from authz.runtime.server import create_server, grpc_server_credentials
 from authz.stack.supervisor import free_port
 from authz.stack.tls import Leaf, LeafFiles, ensure_pki
 from tests.unit.fakes import FakeEngine, check_request

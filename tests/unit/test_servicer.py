@@ -7,8 +7,8 @@ from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.authorizer import Authorizer
-from authz.servicer import AuthorizationServicer
+from authz.core.authorizer import Authorizer
+from authz.runtime.servicer import AuthorizationServicer
 from tests.unit.fakes import FakeEngine, check_request
 
 

@@ -15,7 +15,7 @@ mask contains "/input/attributes/request/http/headers/cookie"
 
 # Query strings may carry credentials (?api_key=...): the request path (and its :path
 # header) are dropped whenever they hold a query, and so are the credential-carrying
-# parameters authz masks in its own audit trail (authz/logs.py SENSITIVE_QUERY_PARAMS).
+# parameters authz masks in its own audit trail (authz/runtime/logs.py SENSITIVE_QUERY_PARAMS).
 mask contains "/input/attributes/request/http/path" if contains(input.input.attributes.request.http.path, "?")
 
 mask contains "/input/attributes/request/http/headers/:path" if {

@@ -1,0 +1,525 @@
+"""The decision pipeline: CheckRequest -> input -> OPA -> Decision -> CheckResponse.
+
+:meth:`Authorizer.check` reads like the flow it implements, one comment per phase; every
+step lives in its own module (``input``, ``policy``, ``decision``, ``ratelimit``,
+``secrets``, ``response``). Each call returns an :class:`Outcome`: the CheckResponse for
+Envoy and a :class:`~authz.core.record.DecisionRecord` for the decision log, metrics and
+audit trail.
+
+It fails closed: any :class:`~authz.core.errors.AuthzError` becomes a deny through
+:func:`~authz.core.response.error_response`, unless the decision path is configured to fail
+open and OPA could not be reached (the error's ``fail_open_eligible``: OPA unavailable or
+its circuit open; never a timeout or authz's own deadline), then an allow marked
+``x-authz-fail-open``: at most ``fail_open_max_per_s`` per decision path per second
+(beyond it the request fails closed with the original error), each one counted
+(``authz_fail_open_total``), audited (``fail_open``) and logged (a WARNING line at most
+once per path per second, counting the allows it did not log). The
+enforcement mode (:mod:`authz.core.mode`) applies last: ``dry-run`` turns a deny into an
+allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from authz.core.cache import DecisionCache
+from authz.core.decision import CredentialRef, Decision, RateLimitRef, parse_decision
+from authz.core.errors import (
+    FAIL_OPEN_CODES,
+    AuthzError,
+    ConfigError,
+    CredentialError,
+    DeadlineExceeded,
+    DecisionPathError,
+)
+from authz.core.headers import OWN_PREFIX, UNENFORCED_REMOVALS
+from authz.core.input import BodyParsing, build_input
+from authz.core.mode import Control, Mode
+from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
+from authz.core.ratelimit import Limiter, Quota
+from authz.core.record import DecisionRecord, DecisionSink
+from authz.core.response import build_response, error_response, status_for
+from authz.core.secret import Secret
+
+__all__ = [
+    "DECISION_PATH_KEY",
+    "DRY_RUN_HEADER",
+    "FAIL_OPEN_CODES",
+    "FAIL_OPEN_HEADER",
+    "MODE_HEADER",
+    "Authorizer",
+    "CredentialSource",
+    "Outcome",
+]
+
+# The context_extensions key an Envoy route sets to pick its decision path.
+DECISION_PATH_KEY: Final = "decision_path"
+# Time kept back from Envoy's deadline so our deny reaches Envoy before it gives up.
+_DEADLINE_MARGIN_S: Final = 0.010
+# Most fail-open allows per decision path per second (AUTHZ_FAIL_OPEN_MAX_PER_S); over it,
+# requests fail closed while OPA is unreachable.
+DEFAULT_FAIL_OPEN_MAX_PER_S: Final = 50
+# Response header (to the client) on a deny that dry-run suppressed.
+DRY_RUN_HEADER: Final = "x-authz-dry-run"
+# Request header (to the upstream) on a request allowed because OPA failed (fail-open).
+FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
+# Request header (to the upstream) on a request allowed in bypass mode.
+MODE_HEADER: Final = "x-authz-mode"
+
+log = logging.getLogger(__name__)
+
+
+class CredentialSource(Protocol):
+    """Resolves a credential reference to its secret (the egress secrets file)."""
+
+    def get(self, ref: str) -> Secret:
+        """The secret for ``ref``; raises CredentialError when it cannot be resolved."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one Check produced: the CheckResponse and its decision record."""
+
+    response: external_auth_pb2.CheckResponse
+    record: DecisionRecord
+
+
+@dataclass(slots=True)
+class _Trace:
+    """What the pipeline got to, for the record."""
+
+    path: str
+    document: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
+    policy: Decision | None = None
+    decision: Decision | None = None
+    error: AuthzError | None = None
+    cached_from: str | None = None
+
+
+class Authorizer:
+    """Runs the decision pipeline for one CheckRequest at a time (safe to share across
+    concurrent calls; holds no per-request state).
+
+    ``engine`` answers OPA queries; ``limiter`` enforces the decision's ``rate_limit``
+    (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
+    says; ``credentials`` resolves the credential a decision names for injection (None:
+    no secrets file, so such decisions deny 503); ``control`` holds the enforcement mode;
+    ``fail_open_paths`` are the decision paths allowed when OPA cannot be reached, at most
+    ``fail_open_max_per_s`` requests per path per second; ``cache`` (None:
+    none) reuses recent policy decisions for identical requests; ``sinks`` receive
+    every :class:`DecisionRecord` (a sink that raises is logged and skipped, never fails
+    the request); ``timeout_s`` is the decision budget in seconds; ``clock`` (seconds,
+    monotonic) and ``new_id`` (a decision id) are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        *,
+        default_decision_path: str,
+        credential_headers: Iterable[str],
+        timeout_s: float,
+        parse_body: BodyParsing | bool = BodyParsing.ROUTE,
+        limiter: Limiter | None = None,
+        burst_s: float = 10.0,
+        credentials: CredentialSource | None = None,
+        control: Control | None = None,
+        fail_open_paths: Iterable[str] = (),
+        fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S,
+        cache: DecisionCache | None = None,
+        sinks: Iterable[DecisionSink] = (),
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self._engine = engine
+        self._default_path = default_decision_path
+        self._credential_headers = frozenset(credential_headers)
+        self._unenforced_base = UNENFORCED_REMOVALS | self._credential_headers
+        self._timeout_s = timeout_s
+        self._parse_body = parse_body
+        self._limiter = limiter
+        self._burst_s = burst_s
+        self._credentials = credentials
+        self._control = control if control is not None else Control()
+        self._fail_open_paths = frozenset(fail_open_paths)
+        self._fail_open_gate = _FailOpenGate(fail_open_max_per_s)
+        self._cache = cache
+        self._sinks = tuple(sinks)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._new_id = new_id
+        self._valid_paths: set[str] = {default_decision_path}
+
+    async def check(
+        self, request: external_auth_pb2.CheckRequest, time_remaining_s: float | None = None
+    ) -> Outcome:
+        """Decide ``request``. ``time_remaining_s`` is the caller's deadline (gRPC
+        ``context.time_remaining()``), or None for none; the budget is the smaller of it
+        (minus a small margin) and the configured timeout."""
+        started = self._clock()
+        decision_id = self._new_id()
+        mode = self._control.mode
+        # 1. Route -> decision path (Envoy's per-route context_extensions), before
+        #    anything else: every outcome, bypass and a spent budget included, is
+        #    recorded, counted and failed open or closed on the route's own path.
+        trace = _Trace(self._default_path)
+        path_error: DecisionPathError | None = None
+        try:
+            trace.path = self._decision_path(request.attributes.context_extensions)
+        except DecisionPathError as exc:
+            path_error = exc  # recorded on the default path (a metric label stays valid)
+        if mode is Mode.BYPASS:
+            response = _allow(
+                decision_id,
+                headers=((MODE_HEADER, "bypass"),),
+                remove=self._unenforced_removals(request),
+            )
+            return self._finish(request, response, trace, mode, started, decision_id, allowed=True)
+        budget = self._timeout_s
+        if time_remaining_s is not None:
+            budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
+        try:
+            try:
+                if path_error is not None:
+                    raise path_error
+                response = await self._decide(request, trace, budget, started, decision_id)
+            except AuthzError:
+                raise
+            except Exception as exc:  # a bug, or input no code path expected: deny, log
+                log.exception("unexpected error deciding", extra={"decision_id": decision_id})
+                raise AuthzError(f"unexpected {type(exc).__name__}") from exc
+            allowed = response.HasField("ok_response")
+        except AuthzError as error:
+            # Kept for the record, without its traceback and chain: they reach this frame
+            # and the CheckRequest again, a cycle that pins every refused request until a
+            # full collection (rare: the server raises the GC thresholds).
+            error.__traceback__ = error.__context__ = error.__cause__ = None
+            trace.error = error
+            # Only OPA unreachable or its circuit open (errors.FAIL_OPEN_CODES): a
+            # timeout or a spent budget may be authz's own doing, or a caller's.
+            if (
+                error.fail_open_eligible
+                and trace.path in self._fail_open_paths
+                and self._fail_open_gate.admit(trace.path, error.code, self._clock())
+            ):
+                response = _allow(
+                    decision_id,
+                    headers=((FAIL_OPEN_HEADER, error.code),),
+                    remove=self._unenforced_removals(request),
+                )
+                return self._finish(
+                    request,
+                    response,
+                    trace,
+                    mode,
+                    started,
+                    decision_id,
+                    allowed=True,
+                    fail_open=True,
+                )
+            if error.fail_open_eligible and trace.path in self._fail_open_paths:
+                trace.error = type(error)(
+                    f"{error} (fail-open cap of {self._fail_open_gate.max_per_s} "
+                    "per second reached on this path)"
+                )
+            response, allowed = error_response(error, decision_id), False
+        if mode is Mode.DRY_RUN and not allowed:
+            reason, status = _reason_and_status(trace)
+            marker = f"would-deny; reason={reason}; status={status}"
+            response = _allow(
+                decision_id,
+                response_headers=((DRY_RUN_HEADER, marker),),
+                remove=self._unenforced_removals(request),
+            )
+            allowed = True
+        return self._finish(request, response, trace, mode, started, decision_id, allowed=allowed)
+
+    async def _decide(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        trace: _Trace,
+        budget: float,
+        started: float,
+        decision_id: str,
+    ) -> external_auth_pb2.CheckResponse:
+        """The pipeline proper; raises AuthzError when no decision can be made."""
+        if budget <= 0:
+            raise DeadlineExceeded("no time left for a decision when the request arrived")
+        # 2. CheckRequest -> input document (credentials hashed, never in clear).
+        trace.document = build_input(
+            request, self._credential_headers, parse_request_body=self._parse_body
+        )
+        cache = self._cache
+        key = cache.key(trace.path, trace.document) if cache is not None else None
+        cached = cache.get(key) if cache is not None and key is not None else None
+        if cached is not None:
+            # 3-4. The same input was just decided by the same bundle: reuse it.
+            trace.evaluation = cached.evaluation
+            trace.cached_from = cached.decision_id
+            decision = trace.policy = trace.decision = cached.decision
+        else:
+            # A clear (new bundle, overrides) during the evaluation voids its decision.
+            generation = cache.generation if cache is not None else 0
+            # 3. Ask OPA, within what is left of the budget.
+            remaining = budget - (self._clock() - started)
+            if remaining <= 0:
+                raise DeadlineExceeded("the budget was spent before OPA could be asked")
+            trace.evaluation = await self._engine.evaluate(trace.path, trace.document, remaining)
+            # 4. Parse OPA's result once into a typed Decision.
+            decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
+            if cache is not None and key is not None:
+                cache.put(key, decision, trace.evaluation, decision_id, generation=generation)
+        # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
+        if self._clock() - started > budget:
+            raise DeadlineExceeded("the decision arrived after the deadline")
+        # 6. Rate limit: count this request in the bucket the decision names.
+        limiter = self._limiter
+        if decision.allowed and decision.rate_limit is not None and limiter is not None:
+            decision = trace.decision = await self._rate_limit(
+                decision, decision.rate_limit, limiter
+            )
+        # 7. Resolve the credential the decision names, by reference: the secret comes
+        #    from the secrets file and never went to OPA.
+        if decision.allowed and decision.credential is not None:
+            decision = self._inject_credential(decision, decision.credential)
+        # 8. Decision -> CheckResponse.
+        return build_response(decision, decision_id)
+
+    def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
+        """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps
+        from the upstream: exactly what an enforced allow strips. That is
+        :data:`authz.core.headers.UNENFORCED_REMOVALS` (credential, identity, forwarding and
+        method-override headers), the configured credential headers (for authz, never for
+        the upstream) and every client-sent header in authz's own ``x-authz-`` namespace
+        (only a decision may set those; an upstream trusts them), whether Envoy sent the
+        headers in ``headers`` or, with ``encode_raw_headers``, in ``header_map``."""
+        http = request.attributes.request.http
+        names = [*http.headers, *(h.key.lower() for h in http.header_map.headers)]
+        own = {name for name in names if name.startswith(OWN_PREFIX)}
+        return self._unenforced_base | own
+
+    async def _rate_limit(
+        self, decision: Decision, ref: RateLimitRef, limiter: Limiter
+    ) -> Decision:
+        """``decision`` with rate-limit headers for the client, or a 429 deny."""
+        quota = Quota.of(ref.requests_per_minute, ref.burst, self._burst_s)
+        result = await limiter.check(ref.key, quota)
+        headers = result.headers()
+        if result.allowed:
+            return dataclasses.replace(
+                decision, response_headers_to_add=(*decision.response_headers_to_add, *headers)
+            )
+        return Decision(
+            allowed=False,
+            form="object",
+            headers=headers,
+            http_status=429,
+            reason="rate_limited",
+            rate_limit=ref,
+            identity=decision.identity,
+            dynamic_metadata=decision.dynamic_metadata,
+            override_id=decision.override_id,
+        )
+
+    def _inject_credential(self, decision: Decision, ref: CredentialRef) -> Decision:
+        """``decision`` with the credential header set (replacing any the policy set)."""
+        if self._credentials is None:
+            raise CredentialError(f"credential {ref.ref!r} requested but no secrets file is set")
+        value = ref.format.replace("{secret}", self._credentials.get(ref.ref).reveal())
+        headers = tuple(h for h in decision.headers if h[0] != ref.header)
+        return dataclasses.replace(decision, headers=(*headers, (ref.header, value)))
+
+    def _decision_path(self, extensions: Mapping[str, str]) -> str:
+        path = extensions.get(DECISION_PATH_KEY)
+        if path is None:
+            return self._default_path
+        if path not in self._valid_paths:
+            try:
+                parse_decision_path(DECISION_PATH_KEY, path)
+            except ConfigError as exc:
+                raise DecisionPathError(str(exc)) from None
+            if len(self._valid_paths) < 1024:  # routes are few; never grow unbounded
+                self._valid_paths.add(path)
+        return path
+
+    def _finish(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        response: external_auth_pb2.CheckResponse,
+        trace: _Trace,
+        mode: Mode,
+        started: float,
+        decision_id: str,
+        *,
+        allowed: bool,
+        fail_open: bool = False,
+    ) -> Outcome:
+        record = self._record(request, trace, mode, started, decision_id, allowed, fail_open)
+        for sink in self._sinks:
+            try:
+                sink.record(record)
+            except Exception:  # a broken log sink must never fail a request
+                log.exception("decision sink %s failed", type(sink).__name__)
+        return Outcome(response, record)
+
+    def _record(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        trace: _Trace,
+        mode: Mode,
+        started: float,
+        decision_id: str,
+        allowed: bool,
+        fail_open: bool,
+    ) -> DecisionRecord:
+        reason, status = _reason_and_status(trace)
+        decision, policy, evaluation = trace.decision, trace.policy, trace.evaluation
+        request_id, method, path = _request_fields(request)
+        if mode is Mode.BYPASS:
+            reason, status, decided = "bypass", 200, True
+        else:
+            decided = decision.allowed if decision is not None and trace.error is None else False
+        rate_limit = decision.rate_limit if decision is not None else None
+        return DecisionRecord(
+            decision_id=decision_id,
+            timestamp=self._wall_clock(),
+            decision_path=trace.path,
+            allowed=allowed,
+            reason=reason,
+            http_status=status,
+            decision_allowed=decided,
+            mode=mode.value,
+            fail_open=fail_open,
+            policy_allowed=policy.allowed if policy is not None else None,
+            policy_reason=policy.reason_code if policy is not None else None,
+            tier=rate_limit.tier if rate_limit is not None else None,
+            override_id=decision.override_id if decision is not None else None,
+            source=decision.source if decision is not None else None,
+            cached_from=trace.cached_from,
+            revision=evaluation.revision if evaluation is not None else "",
+            identity=decision.identity if decision is not None else {},
+            request_id=request_id,
+            method=method,
+            path=path,
+            duration_s=self._clock() - started,
+            opa_duration_s=evaluation.duration_s if evaluation is not None else 0.0,
+            error=str(trace.error) if trace.error is not None else None,
+            document=trace.document,
+        )
+
+
+@dataclass(slots=True)
+class _Second:
+    """One decision path's fail-open allows within one clock second."""
+
+    second: int
+    allowed: int = 0
+    logged: bool = False
+    cap_logged: bool = False
+
+
+class _FailOpenGate:
+    """Caps fail-open allows at ``max_per_s`` per decision path per clock second, and
+    logs them loudly but boundedly: per path and second, one WARNING for the first allow
+    (with ``suppressed``: the allows since the path's previous line that were not
+    logged) and one for the first refusal over the cap (with ``refused``, likewise).
+    Holds one small entry per fail-open path (the configured list bounds it)."""
+
+    def __init__(self, max_per_s: int) -> None:
+        self.max_per_s = max_per_s
+        self._seconds: dict[str, _Second] = {}
+        self._unlogged: dict[str, int] = {}
+        self._unlogged_refusals: dict[str, int] = {}
+
+    def admit(self, path: str, code: str, now: float) -> bool:
+        """Whether one more fail-open allow on ``path`` (``now``: seconds) fits the cap;
+        ``code`` is the error's, for the log line."""
+        second = math.floor(now)
+        window = self._seconds.get(path)
+        if window is None or window.second != second:
+            window = self._seconds[path] = _Second(second)
+        if window.allowed >= self.max_per_s:
+            refused = self._unlogged_refusals.get(path, 0) + 1
+            if window.cap_logged:
+                self._unlogged_refusals[path] = refused
+            else:
+                window.cap_logged = True
+                self._unlogged_refusals[path] = 0
+                log.warning(
+                    "fail-open cap reached: OPA unreachable, request denied",
+                    extra={
+                        "decision_path": path,
+                        "code": code,
+                        "max_per_s": self.max_per_s,
+                        "refused": refused,
+                    },
+                )
+            return False
+        window.allowed += 1
+        if window.logged:
+            self._unlogged[path] = self._unlogged.get(path, 0) + 1
+        else:
+            window.logged = True
+            log.warning(
+                "fail-open allow: OPA unreachable, request allowed without a decision",
+                extra={
+                    "decision_path": path,
+                    "code": code,
+                    "suppressed": self._unlogged.pop(path, 0),
+                },
+            )
+        return True
+
+
+def _request_fields(request: external_auth_pb2.CheckRequest) -> tuple[str, str, str]:
+    """``(request_id, method, path without query)`` of the request itself. The request id
+    is Envoy's ``x-request-id`` (it ties the decision to the access log line)."""
+    http = request.attributes.request.http
+    request_id = http.headers.get("x-request-id") or http.id
+    return request_id, http.method, http.path.split("?", 1)[0]
+
+
+def _reason_and_status(trace: _Trace) -> tuple[str, int]:
+    """The decision's reason code and HTTP status (an error's, if one stopped it)."""
+    if trace.error is not None:
+        return trace.error.code, status_for(trace.error.code)
+    decision = trace.decision
+    if decision is None:
+        return "internal_error", 500
+    if decision.allowed:
+        return decision.reason_code, 200
+    return decision.reason_code, decision.http_status or 403
+
+
+def _allow(
+    decision_id: str,
+    *,
+    headers: tuple[tuple[str, str], ...] = (),
+    response_headers: tuple[tuple[str, str], ...] = (),
+    remove: Iterable[str] = (),
+) -> external_auth_pb2.CheckResponse:
+    """An allow no policy decided (bypass, a suppressed deny, fail-open) with marker
+    headers; ``remove`` names the request headers kept from the upstream (a marker header
+    it sets is never removed)."""
+    marked = {name for name, _ in headers}
+    return build_response(
+        Decision(
+            allowed=True,
+            headers=headers,
+            response_headers_to_add=response_headers,
+            request_headers_to_remove=tuple(sorted(set(remove) - marked)),
+        ),
+        decision_id,
+    )

@@ -1,0 +1,351 @@
+"""Decision cache: skip OPA for a request whose input is identical to one it has just
+decided.
+
+A policy decision is a function of the input document and the bundle (and, for a few
+policies, the clock). The cache key (:func:`cache_key`) is the SHA-256 digest of the
+decision path and the canonical JSON of the whole input document the policy sees
+(:func:`authz.core.input.build_input`: every field Envoy sent, destination port, TLS SNI, peer
+certificate, ``metadata_context`` and route metadata included; credentials only as their
+digests), with the parts unique to each request removed (:data:`VOLATILE_HEADERS`:
+request ids and tracing, in ``headers`` and in ``headerMap``; ``attributes.request.time``;
+``attributes.request.http.id``; the source port). Canonical: orjson with sorted keys, so
+two equal documents give equal bytes. Two requests with equal keys get equal inputs (but
+for those volatile parts), so they get the same decision from the same bundle; the key
+can only be computed after the input is built (``docs/performance.md`` has the cost).
+
+The cache is bounded in bytes (``max_bytes``) as well as in entries (``max_entries``),
+LRU. An entry holds the decision, the evaluation's revision and the deciding decision id,
+never the input document (a hit records its own request's document), so its size follows
+OPA's answer, not what the client sent; :func:`entry_size` accounts it conservatively
+(measured against tracemalloc in ``tests/unit/test_cache_bytes.py``).
+
+Not cached:
+
+- a decision without ``identity``: a deny for a missing or unknown credential (the
+  shipped policies name the key or sandbox in every decision about a known one), or an
+  anonymous allow. Anyone can send distinct anonymous requests for free, so caching them
+  would only let a flood of keyless requests evict the entries of identified callers;
+- a decision with ``cache_ttl_s: 0`` (e.g. when a key expires soon);
+- a decision evaluated across a :meth:`DecisionCache.clear` (bundle revision, overrides,
+  admin reload): :attr:`DecisionCache.generation` is read before the evaluation starts
+  and :meth:`DecisionCache.put` drops the decision if it changed, so no clear can be
+  undone by an evaluation that was in flight.
+
+Entries expire after a TTL (``ttl_s``, or the decision's own ``cache_ttl_s``; each
+entry's life is shortened by a random share of up to ``jitter``, so the entries of a cold
+start do not all expire in the same second and send their requests to OPA at once), and
+are dropped whenever the bundle revision changes (seen in an OPA answer's provenance, or
+by the bundle watcher's probe every second) or the overrides change. An entry is reused
+only while the active revision is *confirmed*: OPA reported it within the last
+``confirm_s`` seconds. So a revoked key (a new bundle) is refused as soon as authz sees
+the new revision, and if OPA stops answering, reuse stops within ``confirm_s`` (every
+request then asks OPA, and fails closed) instead of lasting a TTL. What is cached is the
+policy's decision only: rate limiting, credential injection and the enforcement mode
+still apply to every request.
+
+Policies whose decision depends on anything outside the key (the request id, tracing
+headers, the source port, the time beyond the TTL) must set ``cache_ttl_s: 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from authz.core.decision import Decision
+from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
+from authz.core.opa import Evaluation
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "VOLATILE_HEADERS",
+    "CachedDecision",
+    "DecisionCache",
+    "cache_key",
+    "entry_size",
+]
+
+# The byte bound's default (AUTHZ_DECISION_CACHE_MAX_BYTES), 64 MiB.
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+# Accounted per entry besides OPA's answer: the 32-byte key and its OrderedDict slot, the
+# entry, Decision and Evaluation objects, the revisions map and the decision id
+# (measured: ~1 KB for the smallest decision).
+ENTRY_OVERHEAD: Final = 1024
+# Names a deployment may never leave out of the key: who the caller is.
+_NEVER_VOLATILE: Final = frozenset(CREDENTIAL_HEADERS + IDENTITY_HEADERS)
+
+# Headers unique to each request: never part of the key.
+VOLATILE_HEADERS: Final = frozenset(
+    {
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "b3",
+        "x-amzn-trace-id",
+        "x-cloud-trace-context",
+        "x-datadog-trace-id",
+        "x-datadog-parent-id",
+        "x-datadog-sampling-priority",
+        "x-envoy-expected-rq-timeout-ms",
+        "x-client-trace-id",
+    }
+)
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(
+    path: str, document: Mapping[str, Any], volatile: frozenset[str] = VOLATILE_HEADERS
+) -> bytes:
+    """The cache key of input ``document`` for decision ``path``: SHA-256 (32 bytes) over
+    the path, a NUL, and the canonical JSON (orjson, sorted keys) of the document without
+    its volatile parts (the ``volatile`` headers, the request time and id, the source
+    port). Raises TypeError (orjson.JSONEncodeError) for a document JSON cannot hold."""
+    canonical = orjson.dumps(_stable(document, volatile), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(path.encode() + b"\0" + canonical).digest()
+
+
+def _stable(document: Mapping[str, Any], volatile: frozenset[str]) -> Mapping[str, Any]:
+    """``document`` without what is unique to each request, copying only the dicts on
+    the way to what is removed (the rest is shared, not copied)."""
+    attributes = document.get("attributes")
+    if not isinstance(attributes, Mapping):
+        return document
+    attributes = dict(attributes)
+    request = attributes.get("request")
+    if isinstance(request, Mapping):
+        request = {k: v for k, v in request.items() if k != "time"}
+        http = request.get("http")
+        if isinstance(http, Mapping):
+            http = {k: v for k, v in http.items() if k != "id"}
+            headers = http.get("headers")
+            if isinstance(headers, Mapping):
+                http["headers"] = {k: v for k, v in headers.items() if k.lower() not in volatile}
+            header_map = http.get("headerMap")
+            if isinstance(header_map, Mapping) and isinstance(header_map.get("headers"), list):
+                entries = [
+                    h
+                    for h in header_map["headers"]
+                    if not (isinstance(h, Mapping) and str(h.get("key", "")).lower() in volatile)
+                ]
+                http["headerMap"] = {**header_map, "headers": entries}
+            request["http"] = http
+        attributes["request"] = request
+    source = attributes.get("source")
+    if isinstance(source, Mapping):
+        address = source.get("address")
+        socket = address.get("socketAddress") if isinstance(address, Mapping) else None
+        if isinstance(address, Mapping) and isinstance(socket, Mapping):
+            stable_socket = {k: v for k, v in socket.items() if k != "portValue"}
+            attributes["source"] = {
+                **source,
+                "address": {**address, "socketAddress": stable_socket},
+            }
+    return {**document, "attributes": attributes}
+
+
+def entry_size(key: bytes, evaluation: Evaluation) -> int:
+    """Bytes accounted for one entry: :data:`ENTRY_OVERHEAD`, the key, and twice the
+    memory of OPA's decoded answer (``sys.getsizeof`` over every JSON node), which bounds
+    the parsed :class:`~authz.core.decision.Decision` built from it (measured at 35-55% of this
+    total over headers, metadata and identity of every size)."""
+    return (
+        ENTRY_OVERHEAD
+        + len(key)
+        + 2 * _footprint(evaluation.result)
+        + _footprint(dict(evaluation.revisions))
+    )
+
+
+def _footprint(value: Any) -> int:
+    """``sys.getsizeof`` summed over a decoded JSON value and everything in it."""
+    total, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        total += sys.getsizeof(node)
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class CachedDecision:
+    """A cached policy decision, the evaluation it came from (its revision, for the
+    record; without OPA's raw answer), the decision id that evaluated it, when it
+    expires (monotonic seconds) and its accounted size in bytes (:func:`entry_size`)."""
+
+    decision: Decision
+    evaluation: Evaluation
+    decision_id: str
+    expires_at: float
+    size: int
+
+
+class DecisionCache:
+    """Bounded TTL LRU of policy decisions, keyed by :func:`cache_key`.
+
+    ``max_bytes`` bounds the entries' accounted size (:func:`entry_size`) and
+    ``max_entries`` their number; the least recently used go first. ``ignore_headers``
+    adds deployment-specific per-request headers (a correlation id, a load generator's
+    sequence number) to :data:`VOLATILE_HEADERS`; credential and identity headers
+    (:mod:`authz.core.headers`) are never ignored. ``ttl_s`` caps an entry's life and
+    ``confirm_s`` is how recently the revision must have been confirmed
+    (:meth:`observe_revision`) for any entry to be reused, both in seconds; ``jitter``
+    (0..1) is the largest share of its TTL an entry loses at random (``rng`` gives 0..1).
+    ``clock`` is monotonic seconds. Raises ValueError for a jitter outside 0..1 or a
+    bound below 1. ``hits``, ``misses``, ``clears`` and ``dropped_stale`` (puts dropped
+    because a clear happened during their evaluation) are counters for metrics;
+    ``bytes`` is the accounted size of the entries held."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        ttl_s: float = 60.0,
+        confirm_s: float = 5.0,
+        jitter: float = 0.2,
+        ignore_headers: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"jitter must be within 0..1, got {jitter}")
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError(f"bounds must be at least 1, got {max_entries}, {max_bytes}")
+        self.volatile = (VOLATILE_HEADERS | {h.lower() for h in ignore_headers}) - _NEVER_VOLATILE
+        self._entries: OrderedDict[bytes, CachedDecision] = OrderedDict()
+        self._max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._confirm_s = confirm_s
+        self._jitter = jitter
+        self._clock = clock
+        self._rng = rng
+        self._revision: str | None = None
+        self._confirmed_at = float("-inf")
+        self._generation = 0
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.clears = 0
+        self.dropped_stale = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every :meth:`clear`; read it before an evaluation starts and pass it
+        to :meth:`put`."""
+        return self._generation
+
+    def key(self, path: str, document: Mapping[str, Any]) -> bytes | None:
+        """:func:`cache_key` with this cache's volatile headers, or None (uncacheable)
+        for a document JSON cannot hold."""
+        try:
+            return cache_key(path, document, self.volatile)
+        except TypeError:  # orjson.JSONEncodeError: OPA could not be sent it either
+            return None
+
+    def get(self, key: bytes) -> CachedDecision | None:
+        """The live entry for ``key`` (refreshing its LRU position), or None (also while
+        the revision is unconfirmed)."""
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is not None and now - self._confirmed_at > self._confirm_s:
+            self.misses += 1  # kept: the next confirmation of the same revision revives it
+            return None
+        if entry is None or entry.expires_at <= now:
+            if entry is not None:
+                self._drop(key)
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(
+        self,
+        key: bytes,
+        decision: Decision,
+        evaluation: Evaluation,
+        decision_id: str,
+        *,
+        generation: int,
+    ) -> None:
+        """Cache ``decision``, evaluated from a state read at ``generation``
+        (:attr:`generation` before the evaluation started), unless a clear happened since
+        (dropped, counted in ``dropped_stale``), it names no identity, it is uncacheable
+        (``cache_ttl_s`` 0), or its size alone exceeds ``max_bytes``. An evaluation from
+        another bundle revision than the cached ones drops them all first. Then the least
+        recently used entries go until both bounds hold."""
+        if generation != self._generation:
+            self.dropped_stale += 1
+            return
+        self.observe_revision(evaluation.revision)
+        if not decision.identity:
+            return
+        ttl = (
+            self._ttl_s if decision.cache_ttl_s is None else min(decision.cache_ttl_s, self._ttl_s)
+        )
+        if ttl <= 0:
+            return
+        size = entry_size(key, evaluation)
+        if size > self.max_bytes:
+            return
+        now = self._clock()
+        ttl *= 1.0 - self._jitter * self._rng()
+        if key in self._entries:
+            self._drop(key)
+        reused = dataclasses.replace(evaluation, result=None, duration_s=0.0)
+        self._entries[key] = CachedDecision(decision, reused, decision_id, now + ttl, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes or len(self._entries) > self._max_entries:
+            self._drop(next(iter(self._entries)))
+        # Drop expired entries from the old end too, so memory follows the live set.
+        for _ in range(2):
+            oldest = next(iter(self._entries.items()), None)
+            if oldest is None or oldest[1].expires_at > now:
+                break
+            self._drop(oldest[0])
+
+    def _drop(self, key: bytes) -> None:
+        self.bytes -= self._entries.pop(key).size
+
+    def observe_revision(self, revision: str) -> None:
+        """Note the active bundle revision, as OPA just reported it (which confirms it for
+        ``confirm_s`` seconds); a change drops every entry."""
+        self._confirmed_at = self._clock()
+        if revision != self._revision:
+            if self._revision is not None:
+                self.clear(f"bundle revision {revision}")
+            self._revision = revision
+
+    def clear(self, why: str) -> None:
+        """Drop every entry (bundle activation, overrides changed, ...) and bump
+        :attr:`generation`, so no evaluation in flight can put a decision back."""
+        if self._entries:
+            log.info("decision cache cleared", extra={"why": why, "entries": len(self._entries)})
+        self._entries.clear()
+        self.bytes = 0
+        self._generation += 1
+        self.clears += 1

@@ -1,0 +1,336 @@
+"""OPA's result -> a frozen, typed :class:`Decision`, parsed once.
+
+Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean, or an
+object with ``allowed`` (required) and the optional ``headers``,
+``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
+``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
+authz extensions ``reason``, ``source``, ``rate_limit``, ``identity``, ``credential``,
+``override`` and ``cache_ttl_s`` (``docs/contract.md``).
+Unknown fields are ignored, as the plugin does.
+
+Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
+e.g. ``expected allowed to be of type 'boolean' but got 'string'``. Header names and values
+are also checked for syntax (RFC 9110 token names; no CR, LF or NUL in values) so a policy
+can never make Envoy emit a malformed or smuggled header.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+from envoy.type.v3 import http_status_pb2
+
+from authz.core.errors import InvalidDecision
+
+__all__ = [
+    "CredentialRef",
+    "Decision",
+    "Header",
+    "RateLimitRef",
+    "json_type",
+    "parse_decision",
+]
+
+Header = tuple[str, str]
+_TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
+_REASON: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_REF: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ENVOY_STATUSES: Final = frozenset(
+    v
+    for v in http_status_pb2.StatusCode.values()
+    if v != 0  # 0 is "Empty"
+)
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRef:
+    """Which tier applies and the bucket key (never a raw credential).
+
+    ``requests_per_minute`` (required) is the tier's limit as the bundle data states it
+    (-1 means unlimited, 0 means no requests); ``burst`` is the bucket size in requests
+    (None: the configured default, ``rate_limit_burst_s`` seconds worth)."""
+
+    tier: str
+    key: str
+    requests_per_minute: int
+    burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRef:
+    """A credential to inject, by reference: ``ref`` names an entry of the secrets file
+    (never the value); the upstream request gets header ``header`` set to ``format`` with
+    ``{secret}`` replaced by the resolved secret, e.g. ``Bearer {secret}``."""
+
+    ref: str
+    header: str
+    format: str = "{secret}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy decision. Headers keep the policy's order; names are lowercased."""
+
+    allowed: bool
+    form: Literal["boolean", "object"] = "boolean"
+    headers: tuple[Header, ...] = ()
+    response_headers_to_add: tuple[Header, ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    query_parameters_to_set: tuple[tuple[str, str], ...] = ()
+    query_parameters_to_remove: tuple[str, ...] = ()
+    body: str | None = None
+    http_status: int | None = None
+    dynamic_metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    reason: str | None = None
+    rate_limit: RateLimitRef | None = None
+    identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    credential: CredentialRef | None = None
+    override_id: str | None = None
+    cache_ttl_s: float | None = None
+    # What the decision came from (snake_case): policy_rule, namespace_default, override,
+    # deny in the shipped policies.
+    source: str | None = None
+
+    @property
+    def reason_code(self) -> str:
+        """The policy's ``reason``, or ``allowed`` / ``denied`` when it gave none."""
+        return self.reason or ("allowed" if self.allowed else "denied")
+
+
+def json_type(value: Any) -> str:
+    """The JSON type name of a decoded JSON value: boolean, number, string, array,
+    object or null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
+    return InvalidDecision(
+        f"expected {name} to be of type '{expected}' but got '{json_type(value)}'"
+    )
+
+
+def _header_name(field_name: str, name: str) -> str:
+    if not _TOKEN.fullmatch(name):
+        raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
+    return name.lower()
+
+
+def _header_value(field_name: str, name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _type_error(f"{field_name}[{name!r}] value", "string", value)
+    if _BAD_VALUE.search(value):
+        raise InvalidDecision(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
+    return value
+
+
+def _headers(field_name: str, raw: Any) -> tuple[Header, ...]:
+    """``{name: str | [str]}`` or a list of such objects -> ordered (name, value) pairs."""
+    if isinstance(raw, dict):
+        objects = [raw]
+    elif isinstance(raw, list):
+        objects = raw
+    else:
+        raise _type_error(field_name, "object", raw)
+    out: list[Header] = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise _type_error(field_name, "object", obj)
+        for name, value in obj.items():
+            key = _header_name(field_name, name)
+            values = value if isinstance(value, list) else [value]
+            out.extend((key, _header_value(field_name, name, v)) for v in values)
+    return tuple(out)
+
+
+def _strings(field_name: str, raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise _type_error(field_name, "array", raw)
+    for item in raw:
+        if not isinstance(item, str):
+            raise _type_error(f"{field_name} value", "string", item)
+    return tuple(raw)
+
+
+def _query_to_set(raw: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        raise _type_error("query_parameters_to_set", "object", raw)
+    out: list[tuple[str, str]] = []
+    for key, value in raw.items():
+        if isinstance(value, str):
+            out.append((key, value))
+        elif isinstance(value, list):
+            for item in value:
+                if not isinstance(item, str):
+                    raise _type_error(f"query_parameters_to_set[{key!r}] value", "string", item)
+                out.append((key, item))
+        else:
+            raise _type_error(f"query_parameters_to_set[{key!r}]", "string or array", value)
+    return tuple(out)
+
+
+def _http_status(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _type_error("http_status", "number", raw)
+    if isinstance(raw, float) and not raw.is_integer():
+        raise InvalidDecision(f"http_status {raw!r} is not an integer")
+    status = int(raw)
+    if status not in _ENVOY_STATUSES:
+        raise InvalidDecision(f"invalid HTTP status code {status}")
+    return status
+
+
+def _rate_limit(raw: Any) -> RateLimitRef:
+    if not isinstance(raw, dict):
+        raise _type_error("rate_limit", "object", raw)
+    tier, key = raw.get("tier"), raw.get("key")
+    if not isinstance(tier, str):
+        raise _type_error("rate_limit.tier", "string", tier)
+    if not isinstance(key, str):
+        raise _type_error("rate_limit.key", "string", key)
+    if not tier or not key:
+        raise InvalidDecision("rate_limit.tier and rate_limit.key must not be empty")
+    requests_per_minute = _optional_int(raw, "requests_per_minute", minimum=-1)
+    if requests_per_minute is None:
+        raise _type_error("rate_limit.requests_per_minute", "number", None)
+    return RateLimitRef(
+        tier=tier,
+        key=key,
+        requests_per_minute=requests_per_minute,
+        burst=_optional_int(raw, "burst", minimum=1),
+    )
+
+
+def _optional_int(raw: Mapping[str, Any], name: str, *, minimum: int) -> int | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(f"rate_limit.{name}", "number", value)
+    if value != int(value) or value < minimum:
+        raise InvalidDecision(f"rate_limit.{name} must be an integer >= {minimum}")
+    return int(value)
+
+
+def _override_id(raw: Any) -> str:
+    if not isinstance(raw, dict):
+        raise _type_error("override", "object", raw)
+    override_id = raw.get("id")
+    if not isinstance(override_id, str):
+        raise _type_error("override.id", "string", override_id)
+    if not _REF.fullmatch(override_id):
+        raise InvalidDecision(f"override.id {override_id[:64]!r} is not an override id")
+    return override_id
+
+
+def _credential(raw: Any) -> CredentialRef:
+    if not isinstance(raw, dict):
+        raise _type_error("credential", "object", raw)
+    ref, header, fmt = raw.get("ref"), raw.get("header"), raw.get("format", "{secret}")
+    if not isinstance(ref, str):
+        raise _type_error("credential.ref", "string", ref)
+    if not _REF.fullmatch(ref):
+        raise InvalidDecision(f"credential.ref {ref[:64]!r} is not a secret reference")
+    if not isinstance(header, str):
+        raise _type_error("credential.header", "string", header)
+    if not isinstance(fmt, str):
+        raise _type_error("credential.format", "string", fmt)
+    if fmt.count("{secret}") != 1 or _BAD_VALUE.search(fmt):
+        raise InvalidDecision("credential.format must contain {secret} exactly once")
+    return CredentialRef(ref=ref, header=_header_name("credential.header", header), format=fmt)
+
+
+def _code(name: str, raw: Any) -> str:
+    """A stable snake_case code (``reason``, ``source``)."""
+    if not isinstance(raw, str):
+        raise _type_error(name, "string", raw)
+    if not _REASON.fullmatch(raw):
+        raise InvalidDecision(f"{name} {raw[:64]!r} is not a snake_case code")
+    return raw
+
+
+def _identity(raw: Any) -> Mapping[str, str]:
+    if not isinstance(raw, dict):
+        raise _type_error("identity", "object", raw)
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise _type_error(f"identity.{key}", "string", value)
+    return MappingProxyType(dict(raw))
+
+
+def parse_decision(result: Any) -> Decision:
+    """Parse the ``result`` member of OPA's ``POST /v1/data`` answer.
+
+    Returns a :class:`Decision`; raises :class:`InvalidDecision` for any other type at the
+    top level, a missing or non-boolean ``allowed``, or a field of the wrong type."""
+    if isinstance(result, bool):
+        return Decision(allowed=result)
+    if not isinstance(result, dict):
+        raise InvalidDecision(f"illegal value for policy evaluation result: '{json_type(result)}'")
+    if "allowed" not in result:
+        raise InvalidDecision('unable to determine evaluation result: missing "allowed" key')
+    allowed = result["allowed"]
+    if not isinstance(allowed, bool):
+        raise _type_error("allowed", "boolean", allowed)
+    fields: dict[str, Any] = {"allowed": allowed, "form": "object"}
+    if "headers" in result:
+        fields["headers"] = _headers("headers", result["headers"])
+    if "response_headers_to_add" in result:
+        fields["response_headers_to_add"] = _headers(
+            "response_headers_to_add", result["response_headers_to_add"]
+        )
+    if "request_headers_to_remove" in result:
+        fields["request_headers_to_remove"] = tuple(
+            _header_name("request_headers_to_remove", name)
+            for name in _strings("request_headers_to_remove", result["request_headers_to_remove"])
+        )
+    if "query_parameters_to_set" in result:
+        fields["query_parameters_to_set"] = _query_to_set(result["query_parameters_to_set"])
+    if "query_parameters_to_remove" in result:
+        fields["query_parameters_to_remove"] = _strings(
+            "query_parameters_to_remove", result["query_parameters_to_remove"]
+        )
+    if "body" in result:
+        if not isinstance(result["body"], str):
+            raise _type_error("body", "string", result["body"])
+        fields["body"] = result["body"]
+    if "http_status" in result:
+        fields["http_status"] = _http_status(result["http_status"])
+    if "dynamic_metadata" in result:
+        if not isinstance(result["dynamic_metadata"], dict):
+            raise _type_error("dynamic_metadata", "object", result["dynamic_metadata"])
+        fields["dynamic_metadata"] = MappingProxyType(dict(result["dynamic_metadata"]))
+    for name in ("reason", "source"):
+        if name in result:
+            fields[name] = _code(name, result[name])
+    if "rate_limit" in result:
+        fields["rate_limit"] = _rate_limit(result["rate_limit"])
+    if "identity" in result:
+        fields["identity"] = _identity(result["identity"])
+    if "credential" in result:
+        fields["credential"] = _credential(result["credential"])
+    if "override" in result:
+        fields["override_id"] = _override_id(result["override"])
+    if "cache_ttl_s" in result:
+        ttl = result["cache_ttl_s"]
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise _type_error("cache_ttl_s", "number", ttl)
+        fields["cache_ttl_s"] = max(0.0, float(ttl))
+    return Decision(**fields)

@@ -1,0 +1,59 @@
+"""The header lists every part of authz agrees on, defined once.
+
+- :data:`CREDENTIAL_HEADERS`: the one list of credential headers. It drives hashing (the
+  OPA input carries ``sha256:<hex>`` in their place, ``authz.core.input``), stripping (no
+  allow, enforced or not, forwards them to an upstream unless a decision sets the header
+  itself, e.g. an injected credential) and redaction (decision log and audit trail).
+  ``AUTHZ_CREDENTIAL_HEADERS`` may add names; it never removes these.
+- :data:`IDENTITY_HEADERS`: who the caller claims to be (the sandbox id); never forwarded.
+- :data:`FORWARDING_HEADERS`: client-sent proxy and method-override headers
+  (RFC 7239 ``Forwarded``, the de-facto ``X-Forwarded-*``/``X-Real-IP``, and the
+  ``X-HTTP-Method-Override`` family): a client must not choose what an upstream believes
+  about its address, host or method. Envoy sets its own ``x-forwarded-for`` where it is
+  configured to (``use_remote_address``). ``x-forwarded-proto`` is not listed: an edge
+  Envoy (``use_remote_address: true``) overwrites it with the scheme it saw, so removing
+  it would only drop Envoy's own value.
+
+All names are lowercase (HTTP/2 and Envoy's ext_authz ``headers`` map use lowercase).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "FORWARDING_HEADERS",
+    "IDENTITY_HEADERS",
+    "OWN_PREFIX",
+    "UNENFORCED_REMOVALS",
+]
+
+CREDENTIAL_HEADERS: Final = (
+    "x-api-key",
+    "authorization",
+    "proxy-authorization",
+    "x-sandbox-token",
+    "api-key",
+    "x-goog-api-key",
+    "cookie",
+)
+IDENTITY_HEADERS: Final = ("x-sandbox-id",)
+FORWARDING_HEADERS: Final = (
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
+# Request headers in authz's own namespace: only a decision may set them.
+OWN_PREFIX: Final = "x-authz-"
+# What an allow no policy decided (bypass, a suppressed deny, fail-open) removes, besides
+# the configured credential headers and every client-sent ``x-authz-*`` header.
+UNENFORCED_REMOVALS: Final = frozenset(CREDENTIAL_HEADERS + IDENTITY_HEADERS + FORWARDING_HEADERS)

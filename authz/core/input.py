@@ -1,0 +1,538 @@
+"""CheckRequest -> OPA input document, exactly as opa-envoy-plugin builds it.
+
+Follows opa-envoy-plugin ``envoyauth/request.go`` (``RequestToInput``) and
+``envoyauth/protomap.go``: ``input.attributes`` is the CheckRequest's attributes with
+protobuf JSON field names, only the fields Envoy set, integers as numbers, bytes as
+base64, enums as numbers, messages (e.g. timestamps) as objects, ``Struct`` as plain JSON;
+then ``version``, ``parsed_path``, ``parsed_query``, ``parsed_body``, ``truncated_body``
+and ``source_principal``.
+
+One addition (``docs/contract.md``): credentials never reach OPA in clear. Each configured
+credential header is replaced in ``attributes.request.http.headers`` by
+``"sha256:<hex>"`` (``"Bearer sha256:<hex>"`` for a schemed ``authorization``) and its
+digest is listed in ``input.credentials``.
+
+Everything here is a pure function of its arguments. Malformed parts of the request
+(bad percent-encoding, a body that does not parse) raise :class:`RequestError`, which the
+caller turns into a precise deny.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+import orjson
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from authz.core.errors import DecisionPathError, RequestError
+
+__all__ = [
+    "INPUT_VERSION",
+    "MAX_BODY_BYTES",
+    "MAX_FORM_FIELDS",
+    "MAX_JSON_DEPTH",
+    "MAX_MULTIPART_HEADER_BYTES",
+    "MAX_MULTIPART_PARTS",
+    "MAX_PART_HEADERS",
+    "MAX_PART_HEADER_BYTES",
+    "MAX_QUERY_FIELDS",
+    "PARSE_BODY_EXTENSION",
+    "BodyParsing",
+    "build_input",
+    "mask_credential",
+    "message_to_input",
+    "parse_body",
+    "parse_path",
+    "parse_query",
+    "without_large_body",
+]
+
+INPUT_VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
+# The context_extensions key an Envoy route sets to "true" to have its body parsed.
+PARSE_BODY_EXTENSION: Final = "parse_body"
+
+
+class BodyParsing(enum.StrEnum):
+    """Where ``input.parsed_body`` is filled (``AUTHZ_PARSE_BODY``). Envoy sends a body
+    only where ``with_request_body`` is set; authz parses it:
+
+    - ``route``: only where the route's ``context_extensions`` has ``parse_body: "true"``;
+    - ``always``: wherever Envoy sent one (opa-envoy-plugin's behaviour);
+    - ``never``: nowhere.
+
+    Where a body is not parsed, neither ``parsed_body`` nor ``truncated_body`` is in the
+    input (as the plugin's ``skip_request_body_parse``); the raw body still is.
+    """
+
+    ROUTE = "route"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+# Deepest JSON body nesting accepted (the input document adds a few levels around it).
+MAX_JSON_DEPTH: Final = 200
+# Body parsing runs before any credential is checked, so every parser is linear in its
+# input and capped (issue 13): a hostile body costs a small constant multiple of a normal
+# one. A longer body is not parsed (truncated_body); more parts, fields or part headers
+# than below are a RequestError. MAX_BODY_BYTES is the max_request_bytes of the
+# with_request_body a route sets to send its body (infra/envoy/envoy-gateway.yaml, README).
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_MULTIPART_PARTS: Final = 100
+MAX_FORM_FIELDS: Final = 1000
+# The URL query is parsed on every route: 30,000 fields (60 KB) cost about 19 ms.
+MAX_QUERY_FIELDS: Final = 1000
+# Per multipart part: header lines, and bytes of one header line (name, colon, value).
+MAX_PART_HEADERS: Final = 8
+MAX_PART_HEADER_BYTES: Final = 1024
+# Header names and values of all parts together: header parameters cost about 0.4 us per
+# byte to parse, data about 1 ns (docs/performance.md, "Request bodies").
+MAX_MULTIPART_HEADER_BYTES: Final = 16 * 1024
+# python-multipart logs a WARNING for every malformed body it sees: a caller without a
+# key could fill the log. The RequestError's message reaches the decision log instead.
+logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_STRUCT_TYPES: Final = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+_SCHEMED_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
+_SCHEME: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +([^ \t].*)$", re.DOTALL)
+# RFC 9110 section 5.5: optional whitespace around a field value is SP and HTAB only;
+# any other (Unicode) whitespace is part of the value.
+_OWS: Final = " \t"
+
+
+def message_to_input(message: Message) -> dict[str, Any]:
+    """Convert a protobuf message to a JSON-ready dict the way the plugin's ``protomap``
+    does: JSON field names, only populated fields, recursing into messages, maps and
+    lists; ``Struct`` values become plain JSON; bytes become base64 strings."""
+    descriptor = message.DESCRIPTOR
+    if descriptor.full_name in _STRUCT_TYPES:
+        result = MessageToDict(message)
+        return result if isinstance(result, dict) else {"value": result}
+    plans = _PLANS.get(descriptor)
+    if plans is None:
+        plans = _PLANS[descriptor] = {}
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        plan = plans.get(field.number)
+        if plan is None:
+            plan = plans[field.number] = _plan(field)
+        name, shape, kind = plan
+        if shape == _MAP:
+            if kind == _SCALAR:
+                out[name] = {str(k): v for k, v in value.items()}
+            else:
+                out[name] = {str(k): _convert(kind, v) for k, v in value.items()}
+        elif shape == _LIST:
+            out[name] = [_convert(kind, item) for item in value]
+        else:
+            out[name] = value if kind == _SCALAR else _convert(kind, value)
+    return out
+
+
+# How each field converts, worked out once per field (descriptor lookups such as
+# GetOptions() cost more than the conversion): (JSON name, shape, kind of the values).
+_SINGLE, _LIST, _MAP = 0, 1, 2
+_SCALAR, _BYTES, _MESSAGE = 0, 1, 2
+_PLANS: dict[Any, dict[int, tuple[str, int, int]]] = {}
+
+
+def _plan(field: FieldDescriptor) -> tuple[str, int, int]:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return field.json_name, _MAP, _kind(field.message_type.fields_by_name["value"])
+    return field.json_name, _LIST if field.is_repeated else _SINGLE, _kind(field)
+
+
+def _kind(field: FieldDescriptor) -> int:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _MESSAGE
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return _BYTES
+    return _SCALAR
+
+
+def _convert(kind: int, value: Any) -> Any:
+    if kind == _MESSAGE:
+        return message_to_input(value)
+    if kind == _BYTES:
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def _unescape(text: str, *, plus_as_space: bool, what: str) -> str:
+    """Go's ``url.PathUnescape``/``QueryUnescape``: reject a ``%`` not followed by two hex
+    digits; decode UTF-8 with replacement so the result is always JSON-encodable. The
+    error names ``what`` (path, query) but never quotes the text: it may carry a key."""
+    if _BAD_ESCAPE.search(text):
+        raise RequestError(f"invalid percent-encoding in the {what}")
+    if plus_as_space:
+        text = text.replace("+", " ")
+    return unquote_to_bytes(text).decode("utf-8", errors="replace")
+
+
+def parse_path(path: str) -> list[str]:
+    """``input.parsed_path``: the path before ``?``, percent-decoded, leading slashes
+    trimmed, split on ``/`` (after decoding, as Go's ``url.PathUnescape`` then ``Split``):
+    ``"//a/b%2Fc"`` -> ``["a", "b", "c"]``; ``"/"`` -> ``[""]``.
+    Raises RequestError on invalid percent-encoding."""
+    raw_path = path.split("?", 1)[0]
+    return _unescape(raw_path, plus_as_space=False, what="path").lstrip("/").split("/")
+
+
+def parse_query(
+    query: str, what: str = "query", max_fields: int | None = None
+) -> dict[str, list[str]]:
+    """``input.parsed_query`` as Go's ``url.ParseQuery``: ``&``-separated pairs, ``+`` is a
+    space, repeated keys collect values in order, a key without ``=`` maps to ``[""]``.
+    Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both),
+    or on more than ``max_fields`` pairs (None: no cap).
+    """
+    result: dict[str, list[str]] = {}
+    count = 0
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        count += 1
+        if max_fields is not None and count > max_fields:
+            raise RequestError(f"the {what} has more than {max_fields} fields")
+        if ";" in pair:
+            raise RequestError(f"invalid semicolon separator in the {what}")
+        key, _, value = pair.partition("=")
+        result.setdefault(_unescape(key, plus_as_space=True, what=what), []).append(
+            _unescape(value, plus_as_space=True, what=what)
+        )
+    return result
+
+
+def _truncated(headers: Mapping[str, str], length: int) -> bool:
+    declared = headers.get("content-length")
+    if declared is None:
+        return False
+    try:
+        expected = int(declared, 10)
+    except ValueError:
+        raise RequestError(f"invalid content-length {declared[:32]!r}") from None
+    return expected != -1 and expected > length
+
+
+def _json(payload: bytes, what: str) -> Any:
+    """Strict JSON (RFC 8259, as Go's encoding/json: no NaN, no lone surrogates); invalid
+    UTF-8 becomes U+FFFD first, as Go does. Nesting deeper than :data:`MAX_JSON_DEPTH`
+    is refused: the input document must stay encodable (orjson stops at 255 levels)."""
+    try:
+        value = orjson.loads(payload.decode("utf-8", errors="replace"))
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"{what} is not valid JSON: {exc.msg}") from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+class _Part:
+    """One multipart part as the parser streams it: its headers, then its data."""
+
+    __slots__ = ("data", "header_name", "header_value", "headers")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+        self.data = bytearray()
+
+
+def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None:
+    """``parsed_body`` of a multipart/form-data body (RFC 7578), as the plugin's Go
+    ``mime/multipart`` reading: each part whose Content-Disposition is ``form-data`` with a
+    ``name`` gives a value (JSON when the part's Content-Type says application/json, else
+    text, invalid UTF-8 replaced); quoted-printable parts are decoded. None when the
+    Content-Type has no boundary. Bodies whose first delimiter line ends in a bare LF are
+    read in LF mode, as Go does. Raises RequestError for a malformed body or one over the
+    part and header caps (MAX_MULTIPART_PARTS, MAX_PART_HEADERS, MAX_PART_HEADER_BYTES,
+    which also bounds ``content_type``, and MAX_MULTIPART_HEADER_BYTES).
+
+    python-multipart (the parser Starlette uses) does the work: a state machine that
+    finds delimiters with ``bytes.find``, so the cost is linear in the body."""
+    if len(content_type) > MAX_PART_HEADER_BYTES:
+        raise RequestError(f"multipart Content-Type is over {MAX_PART_HEADER_BYTES} bytes")
+    _, params = parse_options_header(content_type.encode("latin-1", errors="replace"))
+    boundary = params.get(b"boundary")
+    if boundary is None:
+        return None
+    if not boundary:
+        raise RequestError("multipart body has an empty boundary")
+    delimiter = b"--" + boundary
+    if not payload.startswith(delimiter):
+        # A preamble before the first delimiter line is ignored (RFC 2046 section 5.1.1).
+        found = payload.find(b"\n" + delimiter)
+        if found < 0:
+            raise RequestError("multipart body has no delimiter line")
+        payload = payload[found + 1 :]
+    end_of_line = len(delimiter)
+    lf_mode = payload[end_of_line : end_of_line + 1] == b"\n"
+    if lf_mode:
+        # Go's multipart.Reader switches to bare-LF lines when the first delimiter line
+        # ends in LF. Doubling every LF into CRLF is undone exactly on each value below.
+        payload = payload.replace(b"\n", b"\r\n")
+    parts: list[_Part] = []
+    ended = False
+    header_bytes = 0
+
+    def count_header_bytes(size: int) -> None:
+        nonlocal header_bytes
+        header_bytes += size
+        if header_bytes > MAX_MULTIPART_HEADER_BYTES:
+            raise RequestError(
+                f"multipart part headers exceed {MAX_MULTIPART_HEADER_BYTES} bytes in total"
+            )
+
+    def on_part_begin() -> None:
+        if len(parts) >= MAX_MULTIPART_PARTS:
+            raise RequestError(f"multipart body has more than {MAX_MULTIPART_PARTS} parts")
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        count_header_bytes(end - start)
+        parts[-1].header_name += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        count_header_bytes(end - start)
+        parts[-1].header_value += data[start:end]
+
+    def on_header_end() -> None:
+        part = parts[-1]
+        name = part.header_name.decode("latin-1").lower()
+        part.headers.setdefault(name, part.header_value.decode("utf-8", errors="replace"))
+        part.header_name.clear()
+        part.header_value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].data += data[start:end]
+
+    def on_end() -> None:
+        nonlocal ended
+        ended = True
+
+    try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_part_data": on_part_data,
+                "on_end": on_end,
+            },
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
+        parser.write(payload)
+        parser.finalize()
+    except FormParserError as exc:
+        raise RequestError(f"malformed multipart body: {exc}") from None
+    if not ended:
+        raise RequestError("multipart body has no closing delimiter")
+    values: dict[str, list[Any]] = {}
+    for part in parts:
+        name = _form_name(part.headers.get("content-disposition", ""))
+        if not name:
+            continue
+        data = bytes(part.data)
+        if lf_mode:
+            data = data.replace(b"\r\n", b"\n")
+        encoding = part.headers.get("content-transfer-encoding", "").strip(_OWS).lower()
+        if encoding == "quoted-printable":
+            data = binascii.a2b_qp(data)
+        if "application/json" in part.headers.get("content-type", ""):
+            values.setdefault(name, []).append(_json(data, f"multipart field {name!r}"))
+        else:
+            values.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
+    return values
+
+
+def _form_name(disposition: str) -> str:
+    """The ``name`` parameter of a ``form-data`` Content-Disposition (RFC 7578 section
+    4.2), as Go's ``Part.FormName``; ``""`` for any other disposition or none."""
+    kind, params = parse_options_header(disposition.encode("utf-8"))
+    if kind != b"form-data":
+        return ""
+    return params.get(b"name", b"").decode("utf-8", errors="replace")
+
+
+def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
+    """``(input.parsed_body, input.truncated_body)`` for JSON, form-urlencoded and
+    multipart bodies, as the plugin's ``getParsedBody``. A body is truncated when Envoy set
+    ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what was sent; then
+    it is not parsed. A body over MAX_BODY_BYTES is not parsed either and counts as
+    truncated. Other content types give ``(None, False)``. Raises RequestError for a body
+    that does not parse or that exceeds a cap (JSON depth, form fields, multipart parts
+    and part headers: see the ``MAX_*`` constants)."""
+    if headers.get("x-envoy-auth-partial-body") == "true":
+        return None, True
+    content_type = headers.get("content-type")
+    if content_type is None:
+        return None, False
+    if "application/json" in content_type:
+        parse = _json_body
+    elif "application/x-www-form-urlencoded" in content_type:
+        parse = _form_body
+    elif "multipart/form-data" in content_type:
+        parse = _multipart
+    else:
+        return None, False
+    # Work on bytes: content-length counts bytes (Go's len(body)), and a multipart file
+    # part may be binary.
+    payload = body.encode("utf-8") if body else raw_body
+    if not payload:
+        return None, False
+    if _truncated(headers, len(payload)) or len(payload) > MAX_BODY_BYTES:
+        return None, True
+    return parse(content_type, payload), False
+
+
+def _json_body(content_type: str, payload: bytes) -> Any:
+    return _json(payload, "request body")
+
+
+def _form_body(content_type: str, payload: bytes) -> dict[str, list[str]]:
+    text = payload.decode("utf-8", errors="replace")
+    return parse_query(text, "form body", MAX_FORM_FIELDS)
+
+
+def mask_credential(header: str, value: str) -> tuple[str, str]:
+    """``(digest, masked value)`` for the credential header ``header`` = ``value``.
+
+    The digest is the lowercase hex SHA-256 of the credential: for ``authorization`` and
+    ``proxy-authorization`` in ``<scheme> <credentials>`` form (RFC 9110 section 11.4),
+    of ``<credentials>``, and the masked value keeps the scheme (``Bearer sha256:<hex>``)
+    so a policy can still check it; for any other header, of the whole trimmed value,
+    masked as ``sha256:<hex>``. Only RFC 9110 optional whitespace (SP, HTAB) is trimmed:
+    a key padded with U+00A0 or U+2003 hashes as the padded value, so it never matches."""
+    credential = value.strip(_OWS)
+    scheme = ""
+    if header in _SCHEMED_HEADERS:
+        match = _SCHEME.fullmatch(credential)
+        if match:
+            scheme, credential = match.group(1) + " ", match.group(2).strip(_OWS)
+    digest = hashlib.sha256(credential.encode("utf-8")).hexdigest()
+    return digest, f"{scheme}sha256:{digest}"
+
+
+def build_input(
+    request: external_auth_pb2.CheckRequest,
+    credential_headers: Iterable[str],
+    *,
+    parse_request_body: BodyParsing | bool = True,
+) -> dict[str, Any]:
+    """Build the OPA input document for ``request``.
+
+    ``credential_headers`` are lowercase header names whose values are hashed (see module
+    docstring). ``parse_request_body`` says where the body is parsed (:class:`BodyParsing`;
+    True and False, the old boolean, mean ``always`` and ``never``). Returns a fresh
+    JSON-ready dict; raises RequestError on a malformed path, query or body, and
+    DecisionPathError when the route's ``parse_body`` is neither "true" nor "false"."""
+    document = message_to_input(request)
+    http = request.attributes.request.http
+    path = http.path
+    raw_path, _, raw_query = path.partition("?")
+    document["version"] = dict(INPUT_VERSION)
+    document["parsed_path"] = parse_path(raw_path)
+    document["parsed_query"] = parse_query(raw_query, max_fields=MAX_QUERY_FIELDS)
+    if _wants_body(parse_request_body, request.attributes.context_extensions):
+        headers = http.headers
+        document["parsed_body"], document["truncated_body"] = parse_body(
+            headers, http.body, http.raw_body
+        )
+    principal = request.attributes.source.principal
+    if principal:
+        document["source_principal"] = principal
+    document["credentials"] = _hash_credentials(document, frozenset(credential_headers))
+    return document
+
+
+def _wants_body(mode: BodyParsing | bool, extensions: Mapping[str, str]) -> bool:
+    if mode is True or mode is BodyParsing.ALWAYS:
+        return True
+    if mode is False or mode is BodyParsing.NEVER:
+        return False
+    asked = extensions.get(PARSE_BODY_EXTENSION)
+    if asked is None or asked == "false":
+        return False
+    if asked == "true":
+        return True
+    raise DecisionPathError(
+        f"context_extensions {PARSE_BODY_EXTENSION}={asked!r}: expected 'true' or 'false'"
+    )
+
+
+def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[str, str]:
+    """Replace credential header values in ``document`` (both the ``headers`` map and
+    Envoy's raw ``headerMap`` form) by their masked form; return ``{name: hex}``."""
+    http = document.get("attributes", {}).get("request", {}).get("http", {})
+    credentials: dict[str, str] = {}
+    headers = http.get("headers")
+    if headers:
+        for name in names:
+            value = headers.get(name)
+            if value is not None:
+                credentials[name], headers[name] = mask_credential(name, value)
+    for entry in http.get("headerMap", {}).get("headers", ()):
+        name = str(entry.get("key", "")).lower()
+        if name not in names:
+            continue
+        if "rawValue" in entry:
+            value = base64.b64decode(entry["rawValue"]).decode("utf-8", errors="replace")
+        else:
+            value = entry.get("value", "")
+        digest, masked = mask_credential(name, value)
+        credentials.setdefault(name, digest)
+        entry.pop("rawValue", None)
+        entry["value"] = masked
+    return credentials
+
+
+# The parts of an input document that carry the request body.
+_BODY_FIELDS: Final = ("body", "rawBody")
+
+
+def without_large_body(document: Mapping[str, Any], limit: int = 8192) -> Mapping[str, Any]:
+    """``document`` itself when its request body is at most ``limit`` bytes; otherwise a
+    copy without the body (``attributes.request.http.body``/``rawBody``, ``parsed_body``)
+    and with ``body_omitted`` set to the body's size. For what is kept after the decision
+    (decision cache, audit trail): a large body must not pin memory or disk per request."""
+    http = document.get("attributes", {}).get("request", {}).get("http", {})
+    size = sum(len(http.get(name, "")) for name in _BODY_FIELDS)
+    if size <= limit:
+        return document
+    slim_http = {k: v for k, v in http.items() if k not in _BODY_FIELDS}
+    request = {**document["attributes"]["request"], "http": slim_http}
+    attributes = {**document["attributes"], "request": request}
+    slim = {k: v for k, v in document.items() if k != "parsed_body"}
+    slim["attributes"] = attributes
+    slim["body_omitted"] = size
+    return slim

@@ -1,0 +1,275 @@
+"""The OPA query: POST an input document to OPA's REST data API and get its result back.
+
+Follows OPA's REST API (https://www.openpolicyagent.org/docs/rest-api#get-a-document-with-input):
+``POST /v1/data/<path>?provenance`` with body ``{"input": ...}`` answers
+``{"result": ..., "provenance": {"bundles": {<name>: {"revision": ...}}}}``; no ``result``
+means nothing is defined at the path. Provenance gives the exact bundle revision that
+produced each decision, for the decision log.
+
+Transport and protocol failures become typed :mod:`authz.core.errors`, so the caller can fail
+closed with a precise code:
+
+- connection refused/reset, DNS, TLS          -> :class:`OpaUnavailable`
+- no answer within the budget                 -> :class:`OpaTimeout`
+- non-200 answer, or a body that is not JSON  -> :class:`OpaResponseError`
+- a body over :data:`MAX_ANSWER_BYTES` (as sent or once inflated), an undecodable gzip
+  body, or an unknown ``Content-Encoding``    -> :class:`OpaResponseError`
+- a 200 answer without ``result``             -> :class:`UndefinedDecision`
+
+The hot-path client is aiohttp over a kept-alive pool: measured 4-5x faster than httpx for
+this one-small-POST-per-request pattern (``shared/REFERENCE.md``). ``unix:///path`` URLs
+talk to an OPA listening on a unix socket (``opa run --addr unix:///path``).
+
+Answers are asked for uncompressed (``Accept-Encoding: identity``): OPA gzips a body of
+``server.encoding.gzip.min_length`` bytes or more (default 1024) when the client accepts
+gzip (https://www.openpolicyagent.org/docs/configuration#server), which buys nothing on
+loopback and costs CPU on both sides (``docs/performance.md``, "OPA answers"). A gzip body
+sent anyway (a proxy, another OPA setup) is still inflated, never beyond the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Protocol
+
+import aiohttp
+import orjson
+
+from authz.core.errors import (
+    ConfigError,
+    OpaResponseError,
+    OpaTimeout,
+    OpaUnavailable,
+    UndefinedDecision,
+)
+from authz.core.secret import Secret
+
+__all__ = ["MAX_ANSWER_BYTES", "Evaluation", "OpaClient", "PolicyEngine"]
+
+# The largest OPA answer read, in bytes, as sent and once inflated: a decision is a few
+# hundred bytes; one echoing a whole 64 KiB request body fits many times over.
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
+_JSON_HEADERS: Final = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",
+}
+_READ_CHUNK: Final = 64 * 1024
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+
+_DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_decision_path(key: str, value: str) -> str:
+    """Validate an OPA data path such as ``authz/gateway/decision`` (no leading slash,
+    identifier segments). Returns it unchanged; raises ConfigError naming ``key``."""
+    if not _DECISION_PATH_RE.fullmatch(value):
+        raise ConfigError(
+            f"{key}={value!r}: expected an OPA data path like 'authz/gateway/decision'"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """OPA's answer for one query.
+
+    ``result`` is the decoded JSON ``result`` (any JSON type; :mod:`authz.core.decision` checks
+    its shape). ``revisions`` maps bundle name to revision, from OPA's provenance.
+    ``duration_s`` is the wall time of the OPA round trip, in seconds.
+    """
+
+    result: Any
+    revisions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    duration_s: float = 0.0
+
+    @property
+    def revision(self) -> str:
+        """One string for logs: the revision of the only bundle, or ``name=rev`` pairs
+        joined by ``,`` when several bundles are active; ``""`` when none."""
+        if len(self.revisions) == 1:
+            return next(iter(self.revisions.values()))
+        return ",".join(f"{k}={v}" for k, v in sorted(self.revisions.items()))
+
+
+class PolicyEngine(Protocol):
+    """Evaluates a decision path against an input document (OPA, or a fake in tests)."""
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        """Evaluate ``data.<path with / as .>`` with ``input = document`` within
+        ``timeout_s`` seconds. Raises the :class:`~authz.core.errors.PolicyError` subclasses
+        listed in this module's docstring."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class OpaClient:
+    """aiohttp client for one OPA server. Create inside a running event loop.
+
+    ``url`` is ``http(s)://host:port`` or ``unix:///path/to/socket``; ``token`` is sent as
+    ``Authorization: Bearer`` when OPA's API requires token authentication; ``pool_size``
+    bounds concurrent connections (each kept alive for ``keepalive_s`` seconds).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: Secret | None = None,
+        pool_size: int = 64,
+        keepalive_s: float = 60.0,
+    ) -> None:
+        headers = dict(_JSON_HEADERS)
+        if token:
+            headers["Authorization"] = f"Bearer {token.reveal()}"
+        connector: aiohttp.BaseConnector
+        if url.startswith("unix://"):
+            connector = aiohttp.UnixConnector(
+                path=url.removeprefix("unix://"), limit=pool_size, keepalive_timeout=keepalive_s
+            )
+            self._base = "http://opa"
+        else:
+            connector = aiohttp.TCPConnector(
+                limit=pool_size, limit_per_host=pool_size, keepalive_timeout=keepalive_s
+            )
+            self._base = url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def _send(
+        self, method: str, path: str, timeout_s: float, body: bytes | None = None
+    ) -> tuple[int, bytes]:
+        """One request to OPA -> (HTTP status, body). The one place transport failures
+        become typed errors: OpaTimeout past ``timeout_s``, OpaUnavailable otherwise."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.request(method, f"{self._base}{path}", data=body) as resp:
+                    return resp.status, await _read_answer(resp)
+        except TimeoutError:
+            raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        """POST ``{"input": document}`` to ``/v1/data/<path>?provenance``; see
+        :meth:`PolicyEngine.evaluate` for the errors raised."""
+        started = time.perf_counter()
+        status, payload = await self._send(
+            "POST", f"/v1/data/{path}?provenance", timeout_s, orjson.dumps({"input": document})
+        )
+        return _parse_answer(status, payload, time.perf_counter() - started)
+
+    async def get(self, path: str, timeout_s: float) -> tuple[int, Any]:
+        """GET an OPA endpoint (``/health?bundles``, ...) -> (HTTP status, decoded JSON or
+        None). Raises OpaUnavailable or OpaTimeout like :meth:`evaluate`."""
+        status, payload = await self._send("GET", path, timeout_s)
+        try:
+            return status, orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            return status, None
+
+    async def put_data(self, path: str, value: Any, timeout_s: float) -> None:
+        """``PUT /v1/data/<path>`` with ``value`` (OPA's data API: create or replace a
+        document outside the bundle roots). Raises OpaUnavailable, OpaTimeout, or
+        OpaResponseError for any answer but 204."""
+        status, payload = await self._send(
+            "PUT", f"/v1/data/{path}", timeout_s, orjson.dumps(value)
+        )
+        _expect(status, (204,), f"PUT {path}", payload)
+
+    async def delete_data(self, path: str, timeout_s: float) -> None:
+        """``DELETE /v1/data/<path>``; an absent document (404) is fine. Raises
+        OpaUnavailable, OpaTimeout, or OpaResponseError for any other answer but 204."""
+        status, payload = await self._send("DELETE", f"/v1/data/{path}", timeout_s)
+        _expect(status, (204, 404), f"DELETE {path}", payload)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._session.close()
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
+    """The body of ``resp``, inflated when gzip'd; at most MAX_ANSWER_BYTES either way.
+    Raises OpaResponseError for a larger body, a gzip body that does not inflate (corrupt,
+    truncated, trailing bytes) or a Content-Encoding other than gzip or identity."""
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise OpaResponseError(f"OPA answered with an unsupported Content-Encoding {encoding!r}")
+    if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+        raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes")
+    raw = bytearray()
+    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+        raw += chunk
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes")
+    return _gunzip(bytes(raw)) if encoding == "gzip" else bytes(raw)
+
+
+def _gunzip(raw: bytes) -> bytes:
+    """Inflate one gzip member (RFC 1952), stopping past MAX_ANSWER_BYTES of output so a
+    small body that inflates to gigabytes costs no more than the cap."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer
+    try:
+        data = inflater.decompress(raw, MAX_ANSWER_BYTES + 1)
+    except zlib.error as exc:
+        raise OpaResponseError(f"OPA's gzip answer does not inflate: {exc}") from None
+    if len(data) > MAX_ANSWER_BYTES or inflater.unconsumed_tail:
+        raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes inflated")
+    if not inflater.eof or inflater.unused_data:
+        raise OpaResponseError("OPA's gzip answer is truncated or has trailing bytes")
+    return data
+
+
+def _expect(status: int, ok: tuple[int, ...], what: str, payload: bytes) -> None:
+    if status not in ok:
+        detail = payload[:200].decode(errors="replace")
+        raise OpaResponseError(f"OPA answered HTTP {status} to {what}: {detail}")
+
+
+def _parse_answer(status: int, payload: bytes, duration_s: float) -> Evaluation:
+    """OPA's HTTP answer -> Evaluation; raises OpaResponseError / UndefinedDecision."""
+    try:
+        answer = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise OpaResponseError(f"OPA answered HTTP {status} with a body that is not JSON") from None
+    if status != 200:
+        code = answer.get("code") if isinstance(answer, dict) else None
+        message = answer.get("message") if isinstance(answer, dict) else None
+        raise OpaResponseError(f"OPA answered HTTP {status}: {code}: {message}")
+    if not isinstance(answer, dict):
+        raise OpaResponseError("OPA answered with a JSON value that is not an object")
+    if "result" not in answer:
+        raise UndefinedDecision("no decision is defined at this path (result is undefined)")
+    return Evaluation(answer["result"], _revisions(answer.get("provenance")), duration_s)
+
+
+def _revisions(provenance: Any) -> Mapping[str, str]:
+    if not isinstance(provenance, dict):
+        return _EMPTY
+    bundles = provenance.get("bundles")
+    if not isinstance(bundles, dict):
+        return _EMPTY
+    return MappingProxyType(
+        {
+            str(name): str(info.get("revision", ""))
+            for name, info in bundles.items()
+            if isinstance(info, dict)
+        }
+    )

@@ -1,0 +1,133 @@
+"""DecisionRecord: what one decision was, for the decision log, metrics and audit trail.
+
+One record per Check, built by :mod:`authz.core.authorizer` whatever the outcome. The record
+holds only low-risk values: the input document it keeps has credential headers already
+replaced by digests (:mod:`authz.core.input`), and :meth:`DecisionRecord.log_fields` never
+includes the input, headers or query strings.
+
+Three answers can differ, and the record keeps each:
+
+- the **policy** decision: what OPA said (``policy_allowed``/``policy_reason``; None
+  when OPA gave no usable decision);
+- the **decision**: what authz decides to enforce after rate limiting and failures
+  (``decision_allowed``, ``reason``, ``http_status``);
+- the **result** sent to Envoy (``allowed``): the decision, unless the mode is
+  ``dry-run`` (a deny is suppressed), ``bypass``, or the path fails open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final, Protocol
+
+__all__ = ["DecisionRecord", "DecisionSink"]
+
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One decision. ``timestamp`` is Unix seconds; durations are seconds.
+
+    ``reason`` is a stable snake_case code: the decision's reason (the policy's, or
+    ``rate_limited``, or an :class:`~authz.core.errors.AuthzError` code when no decision could
+    be made, with the log-only detail in ``error``). ``mode`` is the enforcement mode
+    (``enforce``, ``dry-run``, ``bypass``); ``fail_open`` is true when an OPA failure was
+    allowed by the path's failure policy.
+    """
+
+    decision_id: str
+    timestamp: float
+    decision_path: str
+    allowed: bool
+    reason: str
+    http_status: int
+    decision_allowed: bool | None = None
+    mode: str = "enforce"
+    fail_open: bool = False
+    policy_allowed: bool | None = None
+    policy_reason: str | None = None
+    tier: str | None = None
+    override_id: str | None = None
+    source: str | None = None
+    cached_from: str | None = None
+    revision: str = ""
+    identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    request_id: str = ""
+    method: str = ""
+    path: str = ""
+    duration_s: float = 0.0
+    opa_duration_s: float = 0.0
+    error: str | None = None
+    document: Mapping[str, Any] | None = None
+
+    @property
+    def enforced_allowed(self) -> bool:
+        """What authz decided (before dry-run or fail-open turned it into an allow)."""
+        return self.allowed if self.decision_allowed is None else self.decision_allowed
+
+    @property
+    def suppressed(self) -> bool:
+        """True when a deny was not enforced (dry-run, bypass or fail-open)."""
+        return self.allowed and not self.enforced_allowed
+
+    @staticmethod
+    def request_fields(document: Mapping[str, Any] | None) -> tuple[str, str, str]:
+        """``(request_id, method, path without query)`` from an input document. The
+        request id is Envoy's ``x-request-id`` (it ties the decision to the access log
+        line), else the CheckRequest's id."""
+        if document is None:
+            return "", "", ""
+        http = document.get("attributes", {}).get("request", {}).get("http", {})
+        request_id = str(http.get("headers", {}).get("x-request-id") or http.get("id", ""))
+        return request_id, str(http.get("method", "")), str(http.get("path", "")).split("?", 1)[0]
+
+    def log_fields(self) -> dict[str, Any]:
+        """The decision-log line as a JSON-ready dict, ``{"type": "decision", ...}``; it never
+        holds the input, headers or query string. Identity fields cannot replace these."""
+        fields: dict[str, Any] = {
+            "type": "decision",
+            "decision_id": self.decision_id,
+            "time": datetime.fromtimestamp(self.timestamp, UTC).isoformat(timespec="milliseconds"),
+            "decision_path": self.decision_path,
+            "revision": self.revision,
+            "mode": self.mode,
+            "result": "allow" if self.allowed else "deny",
+            "decision": "allow" if self.enforced_allowed else "deny",
+            "reason": self.reason,
+            "http_status": self.http_status,
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "duration_ms": round(self.duration_s * 1000, 3),
+            "opa_ms": round(self.opa_duration_s * 1000, 3),
+        }
+        if self.policy_allowed is not None:
+            fields["policy_result"] = "allow" if self.policy_allowed else "deny"
+        if self.fail_open:
+            fields["fail_open"] = True
+        if self.tier is not None:
+            fields["tier"] = self.tier
+        if self.override_id is not None:
+            fields["override_id"] = self.override_id
+        if self.source is not None:
+            fields["source"] = self.source
+        if self.cached_from is not None:
+            fields["cached_from"] = self.cached_from
+        for key, value in self.identity.items():
+            if key not in fields and key != "error":  # a policy cannot fake core fields
+                fields[key] = value
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields
+
+
+class DecisionSink(Protocol):
+    """Receives every decision record (decision log, metrics, audit trail)."""
+
+    def record(self, record: DecisionRecord) -> None:
+        """Take one record; must not block the event loop for long."""
+        ...

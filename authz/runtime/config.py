@@ -1,0 +1,588 @@
+"""Settings, read once at startup into a frozen object.
+
+Sources, later ones win: the named defaults below, an optional YAML file (keys as in
+:class:`Settings`), then ``AUTHZ_<KEY>`` environment variables. The environment is a
+parameter (Starlette's ``Config`` pattern) so tests never touch ``os.environ``. Every bad
+value raises :class:`~authz.core.errors.ConfigError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+
+from authz.core import authorizer, cache
+from authz.core.errors import ConfigError
+from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
+from authz.core.input import BodyParsing
+from authz.core.mode import Mode, parse_mode
+from authz.core.opa import parse_decision_path
+from authz.core.secret import Secret
+
+__all__ = [
+    "ADMIN_TOKEN_MIN_CHARS",
+    "DEFAULT_ADMIN_ADDR",
+    "DEFAULT_CREDENTIAL_HEADERS",
+    "DEFAULT_DECISION_PATH",
+    "DEFAULT_DECISION_TIMEOUT_MS",
+    "DEFAULT_GRPC_ADDR",
+    "DEFAULT_KEY_EXPIRY_WARNING_DAYS",
+    "DEFAULT_OPA_URL",
+    "ENV_PREFIX",
+    "Settings",
+    "is_loopback_host",
+    "load",
+]
+
+ENV_PREFIX: Final = "AUTHZ_"
+DEFAULT_GRPC_ADDR: Final = "127.0.0.1:9191"
+DEFAULT_ADMIN_ADDR: Final = "127.0.0.1:9192"
+DEFAULT_OPA_URL: Final = "http://127.0.0.1:8181"
+DEFAULT_DECISION_PATH: Final = "authz/gateway/decision"
+# Envoy's ext_authz timeout in infra/envoy is 500 ms; our whole budget stays inside it
+# so authz, not Envoy, decides what the client sees when OPA is slow.
+DEFAULT_DECISION_TIMEOUT_MS: Final = 300
+# The one list (authz.core.headers): AUTHZ_CREDENTIAL_HEADERS adds to it, never removes.
+DEFAULT_CREDENTIAL_HEADERS: Final = CREDENTIAL_HEADERS
+DEFAULT_OPA_POOL_SIZE: Final = 64
+DEFAULT_SHUTDOWN_GRACE_S: Final = 5.0
+DEFAULT_LOG_LEVEL: Final = "INFO"
+DEFAULT_SECRETS_RELOAD_INTERVAL_S: Final = 1.0
+# The bundle watcher's revision probe: how soon a new bundle (a revoked key) reaches the
+# decision cache.
+DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 1.0
+DEFAULT_RATE_LIMIT_BURST_S: Final = 10.0
+DEFAULT_REDIS_TIMEOUT_MS: Final = 50
+DEFAULT_CIRCUIT_FAILURE_THRESHOLD: Final = 5
+DEFAULT_CIRCUIT_RESET_TIMEOUT_S: Final = 5.0
+DEFAULT_AUDIT_DB: Final = Path("authz-audit.db")
+DEFAULT_AUDIT_RETENTION_DAYS: Final = 30.0
+DEFAULT_AUDIT_MAX_RECORDS: Final = 1_000_000
+DEFAULT_OVERRIDES_FILE: Final = Path("authz-overrides.json")
+# Entries are dropped on every new bundle revision, so the TTL only bounds what the
+# bundle cannot announce (policies shorten it for keys and overrides that expire sooner).
+DEFAULT_DECISION_CACHE_TTL_S: Final = 60.0
+# Reuse stops when OPA has not confirmed the active revision for this long.
+DEFAULT_DECISION_CACHE_CONFIRM_S: Final = 5.0
+DEFAULT_DECISION_CACHE_MAX_ENTRIES: Final = 10_000
+# An allowed key whose expires_at is this close gets an "api key expiring" warning.
+DEFAULT_KEY_EXPIRY_WARNING_DAYS: Final = 14.0
+# The admin token is a bearer secret for mode switches and overrides: at least 32
+# characters (e.g. ``secrets.token_urlsafe(32)``, 43 characters, 256 bits).
+ADMIN_TOKEN_MIN_CHARS: Final = 32
+# Most fail-open allows per decision path per second; over it, requests fail closed while
+# OPA is unreachable.
+DEFAULT_FAIL_OPEN_MAX_PER_S: Final = authorizer.DEFAULT_FAIL_OPEN_MAX_PER_S
+# The decision cache's bound in (accounted) bytes.
+DEFAULT_DECISION_CACHE_MAX_BYTES: Final = cache.DEFAULT_MAX_BYTES
+# Audit rows (README "Audit trail"): the request headers a row keeps (a trailing "*"
+# makes a prefix; never a credential header), the largest body kept (0: none), and the
+# byte caps on one value and on a whole row.
+DEFAULT_AUDIT_HEADERS: Final = (
+    ":authority",
+    "host",
+    "user-agent",
+    "content-type",
+    "content-length",
+    "x-request-id",
+    "x-sandbox-id",
+    "x-envoy-*",
+)
+DEFAULT_AUDIT_BODY_MAX_BYTES: Final = 0
+DEFAULT_AUDIT_VALUE_MAX_BYTES: Final = 1024
+DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
+# The audit store's bound on disk (database + WAL + shared memory). With the headroom of
+# authz.runtime.audit.volume_bytes it fills the Kubernetes data volume (infra/k8s/authz.yaml,
+# emptyDir sizeLimit 1Gi; tests/infra/test_audit_volume.py keeps them equal).
+DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
+
+_HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_NEVER_IGNORED: Final = (
+    "{name!r} is a credential or identity header (authz.core.headers, AUTHZ_CREDENTIAL_HEADERS); "
+    "the decision cache key always includes it"
+)
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+_SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """authz settings. Addresses are ``host:port``; times in the unit their name says.
+
+    ``opa_token`` is sent as ``Authorization: Bearer`` to OPA when OPA's REST API is
+    locked down with token authentication; it prints masked.
+    """
+
+    grpc_addr: str = DEFAULT_GRPC_ADDR
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    opa_url: str = DEFAULT_OPA_URL
+    opa_token: Secret | None = None
+    opa_pool_size: int = DEFAULT_OPA_POOL_SIZE
+    default_decision_path: str = DEFAULT_DECISION_PATH
+    decision_timeout_ms: int = DEFAULT_DECISION_TIMEOUT_MS
+    credential_headers: tuple[str, ...] = DEFAULT_CREDENTIAL_HEADERS
+    parse_body: BodyParsing = BodyParsing.ROUTE
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    log_level: str = DEFAULT_LOG_LEVEL
+    decision_log: bool = True
+    uvloop: bool = True
+    secrets_file: Path | None = None
+    secrets_reload_interval_s: float = DEFAULT_SECRETS_RELOAD_INTERVAL_S
+    bundle_poll_interval_s: float = DEFAULT_BUNDLE_POLL_INTERVAL_S
+    rate_limit_backend: str = "memory"
+    rate_limit_burst_s: float = DEFAULT_RATE_LIMIT_BURST_S
+    redis_url: Secret | None = None
+    redis_failure_mode: str = "fallback"
+    redis_timeout_ms: int = DEFAULT_REDIS_TIMEOUT_MS
+    mode: Mode = Mode.ENFORCE
+    allow_bypass: bool = False
+    fail_open_paths: tuple[str, ...] = ()
+    circuit_failure_threshold: int = DEFAULT_CIRCUIT_FAILURE_THRESHOLD
+    circuit_reset_timeout_s: float = DEFAULT_CIRCUIT_RESET_TIMEOUT_S
+    admin_token: Secret | None = None
+    audit_db: Path | None = DEFAULT_AUDIT_DB
+    audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
+    audit_max_records: int = DEFAULT_AUDIT_MAX_RECORDS
+    overrides_file: Path | None = DEFAULT_OVERRIDES_FILE
+    decision_cache_ttl_s: float = DEFAULT_DECISION_CACHE_TTL_S
+    decision_cache_confirm_s: float = DEFAULT_DECISION_CACHE_CONFIRM_S
+    decision_cache_max_entries: int = DEFAULT_DECISION_CACHE_MAX_ENTRIES
+    decision_cache_ignore_headers: tuple[str, ...] = ()
+    key_expiry_warning_days: float = DEFAULT_KEY_EXPIRY_WARNING_DAYS
+    # Hostile callers (issue #13): fail-open cap, cache byte bound.
+    fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S
+    decision_cache_max_bytes: int = DEFAULT_DECISION_CACHE_MAX_BYTES
+    # Transport security: mTLS on the gRPC port, plaintext only where told.
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None
+    grpc_allow_plaintext: bool = False
+    opa_allow_plaintext: bool = False
+    # Audit trail: what a row keeps, in bytes.
+    audit_headers: tuple[str, ...] = DEFAULT_AUDIT_HEADERS
+    audit_body_max_bytes: int = DEFAULT_AUDIT_BODY_MAX_BYTES
+    audit_value_max_bytes: int = DEFAULT_AUDIT_VALUE_MAX_BYTES
+    audit_row_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+
+    @property
+    def grpc_tls(self) -> bool:
+        """True when the gRPC listener is mTLS (certificate, key and client CA set)."""
+        return None not in (self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_client_ca)
+
+    @property
+    def decision_timeout_s(self) -> float:
+        """The decision budget in seconds."""
+        return self.decision_timeout_ms / 1000.0
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (``127.0.0.0/8``, ``::1``; IPv6 may
+    be bracketed). Any other name is not loopback: what it resolves to is not ours to know.
+    ``0.0.0.0`` and ``[::]`` (every interface) are not loopback."""
+    text = host.strip().lower().removeprefix("[").removesuffix("]")
+    if text == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def _addr(key: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}={value!r}: expected host:port")
+    return value
+
+
+def _url(key: str, value: str) -> str:
+    if value.startswith("unix:///"):
+        return value  # OPA listening on a unix socket (opa run --addr unix:///path)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise ConfigError(
+            f"{key}={value!r}: expected an http(s) URL without a query, or unix:///path"
+        )
+    return value.rstrip("/")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def conv(key: str, value: Any) -> int:
+        try:
+            number = int(str(value), 10)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
+        if not lo <= number <= hi:
+            raise ConfigError(f"{key}={value!r}: expected {lo}..{hi}")
+        return number
+
+    return conv
+
+
+def _non_negative(unit: str) -> Callable[[str, Any], float]:
+    """A converter to a finite number >= 0 of ``unit`` (seconds, days)."""
+
+    def conv(key: str, value: Any) -> float:
+        try:
+            number = float(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected a number of {unit}") from None
+        if not 0 <= number < math.inf:
+            raise ConfigError(f"{key}={value!r}: expected a non-negative number of {unit}")
+        return number
+
+    return conv
+
+
+_positive_float = _non_negative("seconds")
+_days = _non_negative("days")
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}={value!r}: expected true or false")
+
+
+def _headers(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    for name in names:
+        if not _HEADER_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{key}={value!r}: {name!r} is not a header name")
+    return names
+
+
+def _credential_headers(key: str, value: Any) -> tuple[str, ...]:
+    # Added to the one list, in order, without duplicates: a deployment may hash one more
+    # header but can never make a credential travel in clear.
+    added = _headers(key, value)
+    return tuple(dict.fromkeys((*DEFAULT_CREDENTIAL_HEADERS, *added)))
+
+
+def _cache_ignore_headers(key: str, value: Any) -> tuple[str, ...]:
+    # Left out of the cache key, two callers with different credentials (or claimed
+    # identities) would share one cached decision. Headers added by
+    # AUTHZ_CREDENTIAL_HEADERS are checked once both are read (_check_consistency).
+    names = _headers(key, value)
+    for name in names:
+        if name in DEFAULT_CREDENTIAL_HEADERS or name in IDENTITY_HEADERS:
+            raise ConfigError(f"{key}={value!r}: {_NEVER_IGNORED.format(name=name)}")
+    return names
+
+
+def _body_parsing(key: str, value: Any) -> BodyParsing:
+    """``route``, ``always`` or ``never`` (:class:`~authz.core.input.BodyParsing`); the old
+    boolean values keep their meaning (true: every body, false: none)."""
+    text = str(value).strip().lower()
+    try:
+        return BodyParsing(text)
+    except ValueError:
+        pass
+    try:
+        return BodyParsing.ALWAYS if _bool(key, value) else BodyParsing.NEVER
+    except ConfigError:
+        raise ConfigError(f"{key}={value!r}: expected route, always or never") from None
+
+
+def _audit_headers(key: str, value: Any) -> tuple[str, ...]:
+    """Header names, each optionally ending in ``*`` (a prefix). None may name or match a
+    credential header (:data:`authz.core.headers.CREDENTIAL_HEADERS`): the audit trail never
+    stores one."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    for name in names:
+        if not _HEADER_NAME_RE.fullmatch(name.removesuffix("*")):
+            raise ConfigError(f"{key}={value!r}: {name!r} is not a header name or prefix*")
+        matched = audit_header_matches(name, CREDENTIAL_HEADERS)
+        if matched:
+            raise ConfigError(
+                f"{key}={value!r}: {name!r} would store the credential header {matched[0]!r}"
+            )
+    return names
+
+
+def audit_header_matches(pattern: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` an audit header pattern (a name, or a prefix ending in ``*``) matches."""
+    if pattern.endswith("*"):
+        return [n for n in names if n.startswith(pattern[:-1])]
+    return [n for n in names if n == pattern]
+
+
+def _log_level(key: str, value: Any) -> str:
+    level = str(value).upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"{key}={value!r}: expected one of {sorted(_LOG_LEVELS)}")
+    return level
+
+
+def _path(key: str, value: Any) -> Path | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    if "\x00" in text:
+        raise ConfigError(f"{key}={value!r}: not a file path")
+    return Path(text)
+
+
+def _interval(key: str, value: Any) -> float:
+    number = _positive_float(key, value)
+    if not 0.05 <= number <= 3600:
+        raise ConfigError(f"{key}={value!r}: expected 0.05..3600 seconds")
+    return number
+
+
+def _cache_ttl(key: str, value: Any) -> float:
+    number = _positive_float(key, value)
+    if number > 3600:
+        raise ConfigError(f"{key}={value!r}: expected 0..3600 seconds (0 disables the cache)")
+    return number
+
+
+def _decision_paths(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    return tuple(parse_decision_path(key, str(i).strip()) for i in items if str(i).strip())
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def conv(key: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+        return text
+
+    return conv
+
+
+def _redis_url(key: str, value: Any) -> Secret | None:
+    # May carry a password: kept as a Secret, and errors never quote it.
+    text = str(value).strip()
+    if not text:
+        return None
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{key}=<redacted>: expected a redis://, rediss:// or unix:// URL")
+    return Secret(text)
+
+
+def _secret(key: str, value: Any) -> Secret | None:
+    text = str(value)
+    return Secret(text) if text else None
+
+
+def _admin_token(key: str, value: Any) -> Secret | None:
+    # Never quote the value, not even a wrong one: it may be the real token mistyped.
+    text = str(value)
+    if not text:
+        return None  # the admin API stays disabled
+    # Stripped: the admin API strips what a client sends, so padding could never match.
+    text = text.strip()
+    if len(text) < ADMIN_TOKEN_MIN_CHARS:
+        raise ConfigError(
+            f"{key}=<redacted>: expected at least {ADMIN_TOKEN_MIN_CHARS} characters "
+            f"(not counting surrounding whitespace), got {len(text)}; generate one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        # Anything else cannot be sent as an Authorization: Bearer value.
+        raise ConfigError(
+            f"{key}=<redacted>: expected RFC 6750 bearer token characters only "
+            "(A-Z a-z 0-9 - . _ ~ + /, then optional '=' padding)"
+        )
+    return Secret(text)
+
+
+_CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
+    "grpc_addr": _addr,
+    "admin_addr": _addr,
+    "opa_url": _url,
+    "opa_token": _secret,
+    "opa_pool_size": _int_in(1, 4096),
+    "default_decision_path": lambda k, v: parse_decision_path(k, str(v)),
+    "decision_timeout_ms": _int_in(1, 60_000),
+    "credential_headers": _credential_headers,
+    "parse_body": _body_parsing,
+    "shutdown_grace_s": _positive_float,
+    "log_level": _log_level,
+    "decision_log": _bool,
+    "uvloop": _bool,
+    "secrets_file": _path,
+    "secrets_reload_interval_s": _interval,
+    "bundle_poll_interval_s": _interval,
+    "rate_limit_backend": _choice("memory", "redis"),
+    "rate_limit_burst_s": _interval,
+    "redis_url": _redis_url,
+    "redis_failure_mode": _choice("fallback", "deny"),
+    "redis_timeout_ms": _int_in(1, 10_000),
+    "mode": parse_mode,
+    "allow_bypass": _bool,
+    "fail_open_paths": _decision_paths,
+    "circuit_failure_threshold": _int_in(1, 1000),
+    "circuit_reset_timeout_s": _interval,
+    "admin_token": _admin_token,
+    "audit_db": _path,
+    "audit_retention_days": _days,
+    "audit_max_records": _int_in(1, 1_000_000_000),
+    "overrides_file": _path,
+    "decision_cache_ttl_s": _cache_ttl,
+    "decision_cache_confirm_s": _interval,
+    "decision_cache_max_entries": _int_in(1, 10_000_000),
+    "decision_cache_ignore_headers": _cache_ignore_headers,
+    "key_expiry_warning_days": _days,
+    # Hostile callers (issue #13): fail-open cap, cache byte bound.
+    "fail_open_max_per_s": _int_in(1, 1_000_000),
+    "decision_cache_max_bytes": _int_in(1, 1 << 40),
+    # Transport security: mTLS on the gRPC port, plaintext only where told.
+    "grpc_tls_cert": _path,
+    "grpc_tls_key": _path,
+    "grpc_tls_client_ca": _path,
+    "grpc_allow_plaintext": _bool,
+    "opa_allow_plaintext": _bool,
+    # Audit trail: what a row keeps, in bytes.
+    "audit_headers": _audit_headers,
+    "audit_body_max_bytes": _int_in(0, 1024 * 1024),
+    "audit_value_max_bytes": _int_in(64, 64 * 1024),
+    "audit_row_max_bytes": _int_in(4096, 4 * 1024 * 1024),
+    "audit_max_bytes": _int_in(16 * 1024 * 1024, 1024**4),
+}
+
+
+def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
+    """Build :class:`Settings` from defaults, the YAML file at ``path`` and ``environ``.
+
+    Raises ConfigError for an unreadable/invalid file, an unknown key in the file, or a
+    value that does not convert; the message names the key (``AUTHZ_X`` for the
+    environment, ``file:key`` for the file) and the value (masked for ``opa_token``).
+    """
+    raw: dict[str, tuple[str, Any]] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            # Only the position: PyYAML's message quotes the line, which may hold a token.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r}: invalid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+        for key, value in loaded.items():
+            if key not in _CONVERTERS:
+                raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}")
+            raw[key] = (f"{path.name}:{key}", value)
+    for name in _CONVERTERS:
+        env_key = ENV_PREFIX + name.upper()
+        if env_key in environ:
+            raw[name] = (env_key, environ[env_key])
+    values: dict[str, Any] = {}
+    for name, (where, value) in raw.items():
+        shown = "<redacted>" if name in _SECRET_KEYS else value
+        try:
+            values[name] = _CONVERTERS[name](where, value)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(repr(value), repr(shown))) from None
+    settings = Settings(**values)
+    _check_consistency(settings)
+    _check_transport(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    for name in settings.decision_cache_ignore_headers:
+        if name in settings.credential_headers:
+            value = ",".join(settings.decision_cache_ignore_headers)
+            raise ConfigError(
+                f"AUTHZ_DECISION_CACHE_IGNORE_HEADERS={value!r}: "
+                + _NEVER_IGNORED.format(name=name)
+            )
+    if settings.mode is Mode.BYPASS and not settings.allow_bypass:
+        raise ConfigError(
+            "AUTHZ_MODE='bypass': refused; bypass allows every request without evaluation. "
+            "Set AUTHZ_ALLOW_BYPASS=true to confirm (local debugging only)"
+        )
+    if (
+        settings.decision_cache_ttl_s > 0
+        and settings.decision_cache_confirm_s <= settings.bundle_poll_interval_s
+    ):
+        raise ConfigError(
+            f"AUTHZ_DECISION_CACHE_CONFIRM_S={settings.decision_cache_confirm_s:g}: must be "
+            f"longer than AUTHZ_BUNDLE_POLL_INTERVAL_S={settings.bundle_poll_interval_s:g} "
+            "(the probe that confirms the bundle revision), or no decision is ever reused"
+        )
+    for pattern in settings.audit_headers:
+        matched = audit_header_matches(pattern, settings.credential_headers)
+        if matched:
+            raise ConfigError(
+                f"AUTHZ_AUDIT_HEADERS={','.join(settings.audit_headers)!r}: {pattern!r} would "
+                f"store the credential header {matched[0]!r} (AUTHZ_CREDENTIAL_HEADERS)"
+            )
+    if settings.audit_value_max_bytes * 4 > settings.audit_row_max_bytes:
+        raise ConfigError(
+            f"AUTHZ_AUDIT_VALUE_MAX_BYTES={settings.audit_value_max_bytes}: at most a quarter "
+            f"of AUTHZ_AUDIT_ROW_MAX_BYTES={settings.audit_row_max_bytes}"
+        )
+    if settings.audit_body_max_bytes * 2 > settings.audit_row_max_bytes:
+        raise ConfigError(
+            f"AUTHZ_AUDIT_BODY_MAX_BYTES={settings.audit_body_max_bytes}: at most half of "
+            f"AUTHZ_AUDIT_ROW_MAX_BYTES={settings.audit_row_max_bytes}"
+        )
+    if settings.rate_limit_backend == "redis" and settings.redis_url is None:
+        raise ConfigError(
+            "AUTHZ_RATE_LIMIT_BACKEND='redis': AUTHZ_REDIS_URL is required (redis://host:port/0)"
+        )
+
+
+_GRPC_TLS_KEYS: Final = ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca")
+
+
+def _check_transport(settings: Settings) -> None:
+    """No credential in clear on a network hop: the gRPC listener (every raw API key and
+    sandbox token arrives on it, every injected secret leaves on it) is mTLS or bound to
+    loopback, and OPA (it receives the same input) is reached over TLS, loopback or a
+    unix socket; each unless explicitly allowed."""
+    given = [name for name in _GRPC_TLS_KEYS if getattr(settings, name) is not None]
+    if given and len(given) != len(_GRPC_TLS_KEYS):
+        missing = [ENV_PREFIX + n.upper() for n in _GRPC_TLS_KEYS if n not in given]
+        shown = ", ".join(f"{ENV_PREFIX}{n.upper()}={str(getattr(settings, n))!r}" for n in given)
+        raise ConfigError(
+            f"{', '.join(missing)} not set ({shown}): the gRPC listener's mTLS needs "
+            "AUTHZ_GRPC_TLS_CERT, AUTHZ_GRPC_TLS_KEY and AUTHZ_GRPC_TLS_CLIENT_CA together"
+        )
+    host = settings.grpc_addr.rpartition(":")[0]
+    if not settings.grpc_tls and not settings.grpc_allow_plaintext and not is_loopback_host(host):
+        raise ConfigError(
+            f"AUTHZ_GRPC_ADDR={settings.grpc_addr!r}: refusing a plaintext gRPC listener on a "
+            "non-loopback address (whoever reaches it reads the credentials authz injects); "
+            "set AUTHZ_GRPC_TLS_CERT, AUTHZ_GRPC_TLS_KEY and AUTHZ_GRPC_TLS_CLIENT_CA (mTLS "
+            "with Envoy), or AUTHZ_GRPC_ALLOW_PLAINTEXT=true to accept the risk"
+        )
+    opa = urlsplit(settings.opa_url)
+    if (
+        opa.scheme == "http"
+        and not settings.opa_allow_plaintext
+        and not is_loopback_host(opa.hostname or "")
+    ):
+        raise ConfigError(
+            f"AUTHZ_OPA_URL={settings.opa_url!r}: refusing plaintext HTTP to a non-loopback "
+            "host (every decision input, API keys and sandbox tokens included, would cross "
+            "the network in clear); use https://, a loopback address (an OPA sidecar) or "
+            "unix:///path, or set AUTHZ_OPA_ALLOW_PLAINTEXT=true to accept the risk"
+        )

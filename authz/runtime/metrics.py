@@ -1,0 +1,280 @@
+"""Every Prometheus metric authz exposes, in one place (prometheus-client).
+
+Served on the admin port at ``GET /metrics`` (text exposition format). Labels are low
+cardinality by construction: ``path`` is a decision path from the Envoy config, ``reason``
+and ``code`` are the stable snake_case codes of :mod:`authz.core.errors` and the policies,
+``result`` is ``allow``/``deny``, ``mode`` one of three, ``tier`` a bundle tier name.
+Never a key, sandbox id, request path or revision in a label (the revision is the value
+of an info metric, one series at a time).
+
+Metric names (``authz_`` prefix):
+
+=========================================  =========  =================================
+name                                       type       labels
+=========================================  =========  =================================
+decisions_total                            counter    path, result, reason, mode
+decision_duration_seconds                  histogram  path
+opa_duration_seconds                       histogram  path
+opa_errors_total                           counter    code
+opa_circuit_state                          gauge      state (closed, open, half_open)
+fail_open_total                            counter    path, code
+dry_run_suppressed_total                   counter    path, reason
+rate_limit_rejections_total                counter    path, tier
+rate_limit_backend_available               gauge      backend
+bundle_info                                info       revision
+bundle_activations_total                   counter    -
+secrets_loaded                             gauge      -
+secrets_reloads_total                      counter    -
+secrets_reload_failures_total              counter    -
+audit_records_total                        counter    -
+audit_write_failures_total                 counter    -
+audit_degraded                             gauge      -
+mode                                       gauge      mode
+overrides_active                           gauge      -
+decision_cache_lookups_total               counter    result (hit, miss)
+decision_cache_entries                     gauge      -
+decision_cache_bytes                       gauge      -
+decision_cache_max_bytes                   gauge      -
+decision_cache_stale_puts_total            counter    -
+expiring_key_decisions_total               counter    path
+build_info                                 info       version
+=========================================  =========  =================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from authz import __version__
+from authz.core.record import DecisionRecord
+
+if TYPE_CHECKING:
+    from authz.core.cache import DecisionCache
+
+# No ``*_created`` series: they double the series count and nobody graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+__all__ = ["CIRCUIT_STATES", "MODES", "Metrics", "MetricsSink"]
+
+# Decision latency buckets in seconds: sub-millisecond to the 500 ms ext_authz timeout.
+_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+CIRCUIT_STATES: Final = ("closed", "open", "half_open")
+MODES: Final = ("enforce", "dry-run", "bypass")
+
+
+class Metrics:
+    """All authz metrics on their own registry (tests create as many as they like)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "authz_decisions",
+            "Decisions by decision path, result, reason code and mode.",
+            ("path", "result", "reason", "mode"),
+            registry=r,
+        )
+        self.decision_duration = Histogram(
+            "authz_decision_duration_seconds",
+            "Time from Check received to response built.",
+            ("path",),
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.opa_duration = Histogram(
+            "authz_opa_duration_seconds",
+            "Time spent waiting for OPA per decision.",
+            ("path",),
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.opa_errors = Counter(
+            "authz_opa_errors", "OPA failures by error code.", ("code",), registry=r
+        )
+        self.circuit_state = Gauge(
+            "authz_opa_circuit_state",
+            "1 for the OPA circuit breaker's current state.",
+            ("state",),
+            registry=r,
+        )
+        self.fail_open = Counter(
+            "authz_fail_open",
+            "Requests allowed because OPA failed on a fail-open path.",
+            ("path", "code"),
+            registry=r,
+        )
+        self.dry_run_suppressed = Counter(
+            "authz_dry_run_suppressed",
+            "Denies suppressed in dry-run mode.",
+            ("path", "reason"),
+            registry=r,
+        )
+        self.rate_limit_rejections = Counter(
+            "authz_rate_limit_rejections",
+            "Requests denied 429 by tier.",
+            ("path", "tier"),
+            registry=r,
+        )
+        self.rate_limit_backend_available = Gauge(
+            "authz_rate_limit_backend_available",
+            "1 while the rate-limit backend answers.",
+            ("backend",),
+            registry=r,
+        )
+        self.bundle = Info("authz_bundle", "The active OPA bundle revision.", registry=r)
+        self.bundle_activations = Counter(
+            "authz_bundle_activations", "Bundle revision changes seen.", registry=r
+        )
+        self.secrets_loaded = Gauge(
+            "authz_secrets_loaded", "1 while the egress secrets file is loaded.", registry=r
+        )
+        self.secrets_reloads = Counter(
+            "authz_secrets_reloads", "Secrets file re-reads after a change.", registry=r
+        )
+        self.secrets_reload_failures = Counter(
+            "authz_secrets_reload_failures", "Secrets file re-reads that failed.", registry=r
+        )
+        self.audit_records = Counter(
+            "authz_audit_records", "Decisions appended to the audit trail.", registry=r
+        )
+        self.audit_write_failures = Counter(
+            "authz_audit_write_failures", "Audit trail writes that failed.", registry=r
+        )
+        self.audit_degraded = Gauge(
+            "authz_audit_degraded",
+            "1 while the audit trail is degraded to log-only.",
+            registry=r,
+        )
+        self.mode = Gauge("authz_mode", "1 for the active enforcement mode.", ("mode",), registry=r)
+        self.overrides_active = Gauge("authz_overrides_active", "Active TTL overrides.", registry=r)
+        self.expiring_key_decisions = Counter(
+            "authz_expiring_key_decisions",
+            "Allowed decisions for a key whose expires_at is within the warning window.",
+            ("path",),
+            registry=r,
+        )
+        self.build = Info("authz_build", "authz version.", registry=r)
+        self.build.info({"version": __version__})
+        self.set_mode("enforce")
+        self.set_circuit_state("closed")
+
+    def watch_decision_cache(self, cache: DecisionCache) -> None:
+        """Expose ``cache``, read at scrape time: lookups (hit, miss), entries, accounted
+        bytes and their bound, and puts dropped because a clear happened during their
+        evaluation (``authz_decision_cache_stale_puts_total``)."""
+        self.registry.register(
+            _CacheCollector(
+                lambda: (cache.hits, cache.misses, len(cache)),
+                extra=lambda: (cache.bytes, cache.max_bytes, cache.dropped_stale),
+            )
+        )
+
+    def set_mode(self, mode: str) -> None:
+        """Mark ``mode`` (one of :data:`MODES`) as the active one."""
+        for name in MODES:
+            self.mode.labels(name).set(1 if name == mode else 0)
+
+    def set_circuit_state(self, state: str) -> None:
+        """Mark ``state`` (one of :data:`CIRCUIT_STATES`) as the circuit's current one."""
+        for name in CIRCUIT_STATES:
+            self.circuit_state.labels(name).set(1 if name == state else 0)
+
+
+class _CacheCollector(Collector):
+    def __init__(
+        self,
+        stats: Callable[[], tuple[int, int, int]],
+        extra: Callable[[], tuple[int, int, int]] | None = None,
+    ) -> None:
+        self._stats = stats
+        self._extra = extra  # (bytes, max bytes, stale puts), when known
+
+    def collect(self) -> Iterable[Metric]:
+        hits, misses, entries = self._stats()
+        lookups = CounterMetricFamily(
+            "authz_decision_cache_lookups", "Decision cache lookups.", labels=["result"]
+        )
+        lookups.add_metric(["hit"], hits)
+        lookups.add_metric(["miss"], misses)
+        yield lookups
+        yield GaugeMetricFamily(
+            "authz_decision_cache_entries", "Decisions in the cache.", value=entries
+        )
+        if self._extra is None:
+            return
+        held, bound, stale = self._extra()
+        yield GaugeMetricFamily(
+            "authz_decision_cache_bytes", "Accounted bytes of the cached decisions.", value=held
+        )
+        yield GaugeMetricFamily(
+            "authz_decision_cache_max_bytes", "The cache's bound in bytes.", value=bound
+        )
+        yield CounterMetricFamily(
+            "authz_decision_cache_stale_puts",
+            "Decisions not cached because a clear happened during their evaluation.",
+            value=stale,
+        )
+
+
+# Reason codes that mean OPA itself failed (counted in authz_opa_errors_total).
+_OPA_ERROR_CODES: Final = frozenset(
+    {
+        "opa_unavailable",
+        "opa_circuit_open",
+        "opa_timeout",
+        "opa_error",
+        "undefined_decision",
+        "invalid_decision",
+    }
+)
+
+
+class MetricsSink:
+    """A :class:`~authz.core.record.DecisionSink` counting every decision into ``metrics``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def record(self, record: DecisionRecord) -> None:
+        """Count ``record``: decisions, latency, OPA share and errors, fail-open,
+        dry-run suppressions and rate-limit rejections."""
+        m, path = self._m, record.decision_path
+        result = "allow" if record.allowed else "deny"
+        m.decisions.labels(path, result, record.reason, record.mode).inc()
+        m.decision_duration.labels(path).observe(record.duration_s)
+        if record.opa_duration_s:
+            m.opa_duration.labels(path).observe(record.opa_duration_s)
+        if record.reason in _OPA_ERROR_CODES:
+            m.opa_errors.labels(record.reason).inc()
+        if record.fail_open:
+            m.fail_open.labels(path, record.reason).inc()
+        elif record.suppressed and record.mode == "dry-run":
+            m.dry_run_suppressed.labels(path, record.reason).inc()
+        if record.reason == "rate_limited" and not record.allowed:  # enforced, not dry-run
+            m.rate_limit_rejections.labels(path, record.tier or "").inc()

@@ -1,0 +1,418 @@
+"""Command line: argument parsing only; every command calls into a module.
+
+::
+
+    authz serve [--config FILE]          run the ext_authz gRPC server (default command)
+    authz key new                        print a new API key and its digest
+    authz key hash                       read a key on stdin, print its SHA-256 digest
+    authz keys health --bundle FILE      expired/expiring/disabled/unused keys; exit 1 if any
+                                         needs action (``keys`` and ``key`` are the same)
+    authz sandbox new --id ID --tier T   print a new sandbox token and its data entry
+    authz secrets generate               build the egress secrets file from env / .env
+    authz lint-data FILE...              refuse bundle data holding plaintext credentials
+    authz audit tail [--limit N] [--kind K]  print the last audit entries (JSON lines)
+    authz audit verify [--head SEQ:HASH] check the hash chain; exit 1 naming the first bad entry
+    authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle
+
+Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from authz.core.errors import ConfigError
+from authz.core.rfc3339 import parse_rfc3339
+from authz.runtime import audit, config, logs, secrets
+from authz.tools import key_health as hygiene
+from authz.tools import keys
+
+__all__ = ["main"]
+
+log = logging.getLogger("authz")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = config.load(os.environ, args.config)
+    except ConfigError as exc:
+        logs.configure("INFO")
+        log.error("invalid configuration: %s", exc, extra={"code": exc.code})
+        return 2
+    logs.configure(settings.log_level)
+    from authz.runtime.server import serve  # imported late: grpc is slow to import
+
+    if settings.uvloop:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    else:
+        runner = asyncio.Runner()
+    with runner:
+        try:
+            runner.run(serve(settings, lambda: config.load(os.environ, args.config)))
+        except ConfigError as exc:  # e.g. the secrets file, read before serving
+            log.error("invalid configuration: %s", exc, extra={"code": exc.code})
+            return 2
+    return 0
+
+
+def _key_new(args: argparse.Namespace) -> int:
+    key = keys.generate_key()
+    entry = {
+        keys.digest(key): {
+            "id": args.id,
+            "enabled": True,
+            "role": args.role,
+            "rate_limit_tier": args.tier,
+            **({"expires_at": args.expires_at} if args.expires_at else {}),
+        }
+    }
+    print(f"api key (shown once, store it now): {key}", file=sys.stderr)
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+def _key_hash(_: argparse.Namespace) -> int:
+    key = sys.stdin.readline()
+    if not key.strip():
+        print("error: no key on stdin", file=sys.stderr)
+        return 2
+    print(keys.digest(key))
+    return 0
+
+
+def _keys_health(args: argparse.Namespace) -> int:
+    now = args.now if args.now is not None else time.time()
+    try:
+        api_keys = hygiene.load_api_keys(args.bundle)
+        last_seen = hygiene.read_last_seen(args.audit) if args.audit is not None else None
+        report = hygiene.assess(
+            api_keys,
+            now=now,
+            last_seen=last_seen,
+            expiring_days=args.expiring_days,
+            unused_days=args.unused_days,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(hygiene.report_json(report), indent=2))
+    else:
+        print(hygiene.report_text(report))
+    return 1 if report.needs_action else 0
+
+
+def _days(*, positive: bool) -> Callable[[str], float]:
+    def conv(text: str) -> float:
+        try:
+            days = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+        if not (days > 0 if positive else days >= 0) or days == float("inf"):
+            bound = "> 0" if positive else ">= 0"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of days {bound}")
+        return days
+
+    return conv
+
+
+def _rfc3339(text: str) -> float:
+    when = parse_rfc3339(text)
+    if when is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time")
+    return when
+
+
+def _sandbox_new(args: argparse.Namespace) -> int:
+    token = keys.generate_key(keys.SANDBOX_TOKEN_PREFIX)
+    entry = {args.id: {"tier": args.tier, "enabled": True, "token_sha256": keys.digest(token)}}
+    print(f"sandbox token (shown once, give it to the sandbox): {token}", file=sys.stderr)
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+def _secrets_generate(args: argparse.Namespace) -> int:
+    environ: dict[str, str] = {}
+    if args.env_file is not None:
+        if not args.env_file.is_file():
+            print(f"error: no env file at {args.env_file}", file=sys.stderr)
+            return 2
+        environ.update({k: v for k, v in dotenv_values(args.env_file).items() if v is not None})
+    environ.update(os.environ)  # the process environment wins over the file
+    try:
+        services = json.loads(args.services.read_text(encoding="utf-8"))["services"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: cannot read services from {args.services}: {exc}", file=sys.stderr)
+        return 2
+    refs = sorted(name for name, svc in services.items() if svc.get("credential"))
+    found, missing = secrets.collect_credentials(refs, environ)
+    try:
+        secrets.write_secrets_file(args.out, found)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Names only: a secret value is never printed.
+    print(f"wrote {len(found)} credentials to {args.out} (mode 0600): {', '.join(found) or '-'}")
+    for ref in missing:
+        print(
+            f"warning: no {secrets.env_name(ref)}; {ref} requests will be denied 503",
+            file=sys.stderr,
+        )
+    return 1 if missing and args.require_all else 0
+
+
+def _audit_db(args: argparse.Namespace) -> Path | None:
+    if args.db is not None:
+        return Path(args.db)
+    try:
+        return config.load(os.environ, args.config).audit_db
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _open_audit(args: argparse.Namespace) -> sqlite3.Connection | None:
+    path = _audit_db(args)
+    if path is None:
+        print("error: no audit database (AUTHZ_AUDIT_DB or --db)", file=sys.stderr)
+        return None
+    if not path.is_file():
+        print(f"error: no audit database at {path}", file=sys.stderr)
+        return None
+    # Read-only: the tools never write the trail.
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    conn = _open_audit(args)
+    if conn is None:
+        return 2
+    with contextlib.closing(conn):
+        for entry in audit.read_entries(conn, last=args.limit, kind=args.kind):
+            body = dict(entry.body)
+            if not args.input:
+                body.pop("input", None)
+            print(json.dumps({"seq": entry.seq, "kind": entry.kind, **body}, sort_keys=True))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    conn = _open_audit(args)
+    if conn is None:
+        return 2
+    head = None
+    if args.head:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            print("error: --head expects SEQ:HASH (from an 'audit head' log line)", file=sys.stderr)
+            return 2
+        head = (int(seq), digest)
+    with contextlib.closing(conn):
+        report = audit.verify(conn, head=head)
+    if report.ok:
+        span = f"entries {report.first_seq}..{report.last_seq}" if report.entries else "no entries"
+        print(f"ok: {report.entries} entries, chain intact ({span})")
+        return 0
+    who = f" (decision {report.broken_decision_id})" if report.broken_decision_id else ""
+    print(f"BROKEN at entry {report.broken_seq}{who}: {report.problem}", file=sys.stderr)
+    return 1
+
+
+def _audit_replay(args: argparse.Namespace) -> int:
+    conn = _open_audit(args)
+    if conn is None:
+        return 2
+    if not args.bundle.is_file():
+        print(f"error: no bundle at {args.bundle}", file=sys.stderr)
+        return 2
+    from authz.core.opa import OpaClient
+    from authz.tools.launch import LaunchError, find_binary, free_port
+    from authz.tools.replay import describe, opa_serving, replay
+
+    try:
+        opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.closing(conn):
+        # Rows keep credential digests, not headers: put back the masked headers OPA saw.
+        entries = [
+            dataclasses.replace(entry, body={**entry.body, "input": audit.replay_input(doc)})
+            if isinstance(doc := entry.body.get("input"), dict)
+            else entry
+            for entry in audit.read_entries(conn, last=args.limit, kind="decision")
+        ]
+
+    async def run(url: str) -> Any:
+        client = OpaClient(url)
+        try:
+            return await replay(entries, client)
+        finally:
+            await client.close()
+
+    try:
+        with opa_serving(args.bundle, opa_bin, free_port()) as url:
+            report = asyncio.run(run(url))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    for change in report.changed:
+        print(describe(change))
+    return 0
+
+
+def _lint_data(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            print(f"{path}: cannot read JSON: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        for problem in keys.lint_data(data, where=str(path)):
+            print(problem, file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="authz", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the ext_authz gRPC server")
+    serve.add_argument("--config", type=Path, help="YAML settings file (AUTHZ_* env wins)")
+    serve.set_defaults(func=_serve)
+
+    key = commands.add_parser("key", aliases=["keys"], help="API key helpers")
+    key_commands = key.add_subparsers(dest="key_command", required=True)
+    new = key_commands.add_parser(
+        "new", help="generate a key; prints the data.json entry (key itself on stderr)"
+    )
+    new.add_argument("--id", required=True, help="key id, e.g. key-team-a")
+    new.add_argument("--role", required=True, help="role, e.g. viewer, user, admin")
+    new.add_argument("--tier", default="default", help="rate_limit_tier (default: default)")
+    new.add_argument("--expires-at", help="RFC 3339 time, e.g. 2027-01-01T00:00:00Z")
+    new.set_defaults(func=_key_new)
+    hash_ = key_commands.add_parser("hash", help="SHA-256 digest of the key read from stdin")
+    hash_.set_defaults(func=_key_hash)
+    health = key_commands.add_parser(
+        "health",
+        help="report expired, expiring, disabled and unused keys; exit 1 when any needs action",
+    )
+    health.add_argument(
+        "--bundle",
+        type=Path,
+        required=True,
+        help="bundle .tar.gz, bundle/data directory, or data.json holding data.gateway.api_keys",
+    )
+    health.add_argument(
+        "--audit", type=Path, help="audit database: keys without a recent decision are unused"
+    )
+    health.add_argument(
+        "--expiring-days",
+        type=_days(positive=False),
+        default=config.DEFAULT_KEY_EXPIRY_WARNING_DAYS,
+        help="a key expiring within this many days is 'expiring' (default: %(default)g)",
+    )
+    health.add_argument(
+        "--unused-days",
+        type=_days(positive=True),
+        default=30.0,
+        help="with --audit: no decision in this many days is 'unused' (default: %(default)g)",
+    )
+    health.add_argument("--now", type=_rfc3339, help="assess as of this RFC 3339 time")
+    health.add_argument("--json", action="store_true", help="print the report as JSON")
+    health.set_defaults(func=_keys_health)
+
+    sandbox = commands.add_parser("sandbox", help="sandbox identity helpers")
+    sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    sandbox_new = sandbox_commands.add_parser(
+        "new", help="generate a sandbox token; prints the data entry (token on stderr)"
+    )
+    sandbox_new.add_argument("--id", required=True, help="sandbox id, e.g. sb-team-a-1")
+    sandbox_new.add_argument("--tier", default="default", help="egress tier (default: default)")
+    sandbox_new.set_defaults(func=_sandbox_new)
+
+    secrets_ = commands.add_parser("secrets", help="egress secrets file helpers")
+    secrets_commands = secrets_.add_subparsers(dest="secrets_command", required=True)
+    generate = secrets_commands.add_parser(
+        "generate",
+        help="write the secrets file from EGRESS_SECRET_<SERVICE> variables (env or .env)",
+    )
+    generate.add_argument("--env-file", type=Path, help="a .env file (environment wins)")
+    generate.add_argument("--out", type=Path, required=True, help="secrets file to write")
+    generate.add_argument(
+        "--services",
+        type=Path,
+        default=Path("policy/egress/data.json"),
+        help="services config naming the credentials (default: policy/egress/data.json)",
+    )
+    generate.add_argument(
+        "--require-all", action="store_true", help="exit 1 if any credential is missing"
+    )
+    generate.set_defaults(func=_secrets_generate)
+
+    # --db / --config work before or after the subcommand (authz audit verify --db X).
+    # Given after the subcommand, they must not reset a value given before it: SUPPRESS.
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--db", default=argparse.SUPPRESS, help="audit database")
+    where.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
+    audit_ = commands.add_parser("audit", help="the tamper-evident audit trail")
+    audit_.add_argument("--db", help="audit database (default: AUTHZ_AUDIT_DB / settings)")
+    audit_.add_argument("--config", type=Path, help="YAML settings file")
+    audit_commands = audit_.add_subparsers(dest="audit_command", required=True)
+    tail = audit_commands.add_parser(
+        "tail", help="print the last entries as JSON lines", parents=[where]
+    )
+    tail.add_argument("--limit", type=int, default=20)
+    tail.add_argument("--input", action="store_true", help="include the recorded input")
+    tail.add_argument(
+        "--kind",
+        choices=["decision", "admin", "gap", "anchor"],
+        help="only entries of this kind (anchor: retention's anchor moves)",
+    )
+    tail.set_defaults(func=_audit_tail)
+    verify = audit_commands.add_parser("verify", help="check the hash chain", parents=[where])
+    verify.add_argument(
+        "--head", help="SEQ:HASH from an 'audit head' log line: the chain must still hold it"
+    )
+    verify.set_defaults(func=_audit_verify)
+    replay_ = audit_commands.add_parser(
+        "replay", help="re-evaluate recorded inputs against another bundle", parents=[where]
+    )
+    replay_.add_argument("--bundle", type=Path, required=True, help="bundle .tar.gz to compare")
+    replay_.add_argument("--limit", type=int, default=None, help="only the last N decisions")
+    replay_.set_defaults(func=_audit_replay)
+
+    lint = commands.add_parser("lint-data", help="refuse plaintext credentials in data")
+    lint.add_argument("files", nargs="+", type=Path)
+    lint.set_defaults(func=_lint_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``authz`` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]  # `authz [--config FILE]` means `authz serve ...`
+    args = _parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,626 @@
+"""Generate the egress Envoy's bootstrap from the egress services data.
+
+Sandboxes call the egress Envoy (``127.0.0.1:8443``) by service name (``Host: openai``).
+Envoy asks authz (ext_authz, ``decision_path: authz/egress/decision``, ``service:
+<name>``), which decides and injects the service's credential, then forwards the request
+to the service's ``base_url`` over TLS with SNI and certificate validation. The services
+(``policy/egress/data.json`` -> ``.services``) are the single source of truth: the
+committed ``infra/envoy/envoy-egress.yaml`` is this module's output, and
+``python -m authz.tools.egress_envoy --check`` (run by the tests) fails when it drifts::
+
+    python -m authz.tools.egress_envoy [--services policy/egress/data.json]
+                                 [--out infra/envoy/envoy-egress.yaml] [--check]
+
+Exit codes: 0 written / up to date, 1 drift (``--check``), 2 bad services data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+
+from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+
+__all__ = [
+    "AUTHZ_CLIENT_TLS_DIR",
+    "AUTHZ_TLS_NAME",
+    "DECISION_PATH",
+    "DEFAULT_CA_FILE",
+    "DEFAULT_OUT",
+    "DEFAULT_SERVICES",
+    "ENVOY_TLS_DIR",
+    "LISTENER_TLS_DIRS",
+    "ROUTE_TIMEOUT",
+    "Upstream",
+    "authz_transport_socket",
+    "downstream_transport_socket",
+    "generate",
+    "load_assignment",
+    "main",
+    "parse_base_url",
+    "render",
+    "socket_address",
+]
+
+DECISION_PATH: Final = "authz/egress/decision"
+DEFAULT_CA_FILE: Final = "/etc/ssl/certs/ca-certificates.crt"
+DEFAULT_SERVICES: Final = "policy/egress/data.json"
+DEFAULT_OUT: Final = "infra/envoy/envoy-egress.yaml"
+# Whole-response budget per request: LLM completions are slow. Envoy's route timeout spans
+# end of request -> end of response, so a streamed answer longer than this is cut.
+ROUTE_TIMEOUT: Final = "120s"
+# ext_authz budget: above authz's own decision budget (300 ms) so authz, not Envoy,
+# answers when OPA is slow (same as the gateway).
+EXT_AUTHZ_TIMEOUT: Final = "0.5s"
+UPSTREAM_CONNECT_TIMEOUT: Final = "5s"
+# Envoy's own TLS files as deployments mount them: one directory per kubernetes.io/tls
+# Secret (tls.crt, tls.key, ca.crt; cert-manager's layout). The local stack relocates the
+# directory to its run directory (authz.stack.envoy.relocate_tls).
+ENVOY_TLS_DIR: Final = "/etc/envoy-tls"
+# The client certificate Envoy presents to authz, and the CA authz's certificate must
+# chain to.
+AUTHZ_CLIENT_TLS_DIR: Final = f"{ENVOY_TLS_DIR}/envoy-client"
+# SNI sent to authz and the DNS SAN its certificate must carry: the Compose service and
+# Kubernetes Service name.
+AUTHZ_TLS_NAME: Final = "authz"
+# Listener name -> its server certificate's directory (TLS on the listeners: Compose,
+# Kubernetes, and the local stack with --tls).
+LISTENER_TLS_DIRS: Final[Mapping[str, str]] = MappingProxyType(
+    {"gateway": f"{ENVOY_TLS_DIR}/envoy-gateway", "egress": f"{ENVOY_TLS_DIR}/envoy-egress"}
+)
+
+_NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
+# A service name is what sandboxes send as Host: one lowercase DNS label.
+_SERVICE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A DNS name (underscores tolerated: they exist in real DNS, if not in host names).
+_HOST_NAME: Final = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+# RFC 9110 section 5.1 field-name token, lowercase (as ext_authz sets it).
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
+_TYPE: Final = "type.googleapis.com/envoy.extensions"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A service's ``base_url``, parsed: ``scheme`` ("http"/"https"), ``host`` (lowercase,
+    no brackets), ``port`` and ``path`` ("" or "/prefix", no trailing slash)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def tls(self) -> bool:
+        """True for https."""
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        """The Host header to send: the host (bracketed if IPv6), plus ``:port`` when the
+        port is not the scheme's default (RFC 9110 section 7.2)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+
+def parse_base_url(service: str, base_url: object) -> Upstream:
+    """Parse ``base_url`` of ``service`` (RFC 3986 URL, ``http`` or ``https``).
+
+    Raises ValueError naming the service and the ``base_url`` field when it is not a
+    string, its scheme is not http/https, it has no or an invalid host, a bad port, user info
+    (credentials never go in URLs), a query or a fragment, or when an https URL names an
+    IP address (SNI and the certificate check need a DNS name).
+    """
+    where = f"egress service {service!r}: base_url"
+    if not isinstance(base_url, str) or not base_url:
+        raise ValueError(f"{where} must be a non-empty string, got {base_url!r}")
+    try:
+        parts = urlsplit(base_url)
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
+        raise ValueError(f"{where} is not a URL ({exc}): {base_url!r}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"{where} must be an http or https URL, got {base_url!r}")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError(f"{where} has no host: {base_url!r}")
+    if not (_is_ip(host) or _HOST_NAME.fullmatch(host)):
+        raise ValueError(f"{where} has an invalid host {host!r}: {base_url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{where} must not carry user info: {base_url!r}")
+    if parts.query or parts.fragment or base_url.endswith(("?", "#")):
+        raise ValueError(f"{where} must not have a query or fragment: {base_url!r}")
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise ValueError(f"{where} has an invalid port: {base_url!r}") from None
+    if scheme == "https" and _is_ip(host):
+        raise ValueError(f"{where} must name a DNS host for TLS (SNI, SAN): {base_url!r}")
+    return Upstream(scheme, host, port, parts.path.rstrip("/"))
+
+
+def generate(
+    services: Mapping[str, Any],
+    *,
+    listen_port: int = 8443,
+    admin_port: int = 9902,
+    authz_address: tuple[str, int] = ("127.0.0.1", 9191),
+    ca_file: str = DEFAULT_CA_FILE,
+    overrides: Mapping[str, tuple[str, int]] = _NO_OVERRIDES,
+    listen_address: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """The egress Envoy's complete v3 bootstrap as a plain (YAML/JSON-dumpable) dict.
+
+    ``services``: service name -> spec; only ``spec["base_url"]`` and
+    ``spec["credential"]["header"]`` are read here (the rest is the policy's). Per service:
+    a virtual host with domains ``[name, name:*]`` that removes every credential and
+    identity header (``authz.core.headers``) but the credential header, and whose
+    one route (prefix ``/``) goes to cluster ``service_<name>`` with ``Host`` rewritten to
+    the base_url's authority, the base_url's path prefixed, a 120 s timeout, and
+    ext_authz ``context_extensions`` ``{decision_path, service: name}``. A catch-all
+    virtual host answers 404 directly, after ext_authz has been asked with ``service:
+    ""`` (so the policy names the reason). https clusters validate the upstream
+    certificate against ``ca_file`` (a PEM bundle path) with SNI and a DNS SAN equal to
+    the host; http clusters (only for services without a credential: one with a
+    credential and an http base_url is refused) are plaintext.
+
+    ``overrides``: base_url host -> (IP address, port), for tests and the local stack's
+    stand-in; an overridden cluster is STATIC on that address (SNI and SAN stay the real
+    host), others are LOGICAL_DNS on the base_url's host and port. ``listen_port`` /
+    ``listen_address``: the listener; ``admin_port``: admin on 127.0.0.1 (never exposed
+    beside the listener); ``authz_address``: authz's gRPC (IP, port), an HTTP/2 cluster.
+
+    Raises ValueError naming the service and field for a bad service name, a spec that
+    is not an object, a bad ``base_url`` (:func:`parse_base_url`), an ``http`` base_url
+    for a service with a ``credential`` (the secret would travel in clear), or an
+    override address that is not an IP address.
+
+    Envoy v3 API references (https://www.envoyproxy.io/docs/envoy/latest/):
+    ``api-v3/extensions/filters/http/ext_authz/v3/ext_authz.proto`` (ExtAuthz,
+    ExtAuthzPerRoute.check_settings.context_extensions);
+    ``api-v3/config/route/v3/route_components.proto`` (RouteAction.host_rewrite_literal,
+    prefix_rewrite, timeout; DirectResponseAction);
+    ``api-v3/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto``
+    (normalize_path, merge_slashes, path_with_escaped_slashes_action, use_remote_address,
+    xff_num_trusted_hops, skip_xff_append); ``api-v3/config/route/v3/route.proto``
+    (RouteConfiguration.request_headers_to_remove);
+    ``api-v3/extensions/transport_sockets/tls/v3/tls.proto`` (UpstreamTlsContext.sni) and
+    ``.../tls/v3/common.proto`` (CertificateValidationContext.trusted_ca,
+    match_typed_subject_alt_names); ``intro/arch_overview/upstream/service_discovery``
+    (STATIC, LOGICAL_DNS); ``configuration/observability/access_log/usage`` (command
+    operators ``%PATH(NQ:ORIG_OR_PATH)%``, ``%DYNAMIC_METADATA(...)%``).
+    """
+    virtual_hosts: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = [_authz_cluster(authz_address)]
+    for name in sorted(services):
+        spec = services[name]
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
+            raise ValueError(
+                f"egress service {name!r}: the name must be one lowercase DNS label "
+                "(a-z, 0-9, '-'); sandboxes send it as Host"
+            )
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"egress service {name!r}: must be an object, got {spec!r}")
+        upstream = parse_base_url(name, spec.get("base_url"))
+        if spec.get("credential") is not None and not upstream.tls:
+            # authz injects the credential into the request Envoy forwards: over plain
+            # http it would cross the network in clear.
+            raise ValueError(
+                f"egress service {name!r}: base_url {spec['base_url']!r} is plain http but "
+                "the service has a credential, which must never cross a hop in clear: "
+                "use an https base_url"
+            )
+        virtual_hosts.append(_service_virtual_host(name, upstream, _credential_header(name, spec)))
+        clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
+    virtual_hosts.append(_catch_all_virtual_host())
+    return {
+        "admin": {"address": socket_address("127.0.0.1", admin_port)},
+        "static_resources": {
+            "listeners": [_listener(listen_address, listen_port, virtual_hosts)],
+            "clusters": clusters,
+        },
+    }
+
+
+def render(
+    services: Mapping[str, Any], *, source: str = DEFAULT_SERVICES, out: str = DEFAULT_OUT
+) -> str:
+    """``generate(services)`` (default ports, system CA bundle) as YAML text, under a
+    header saying it is generated from ``source`` (the services file) into ``out`` and
+    by which command. Deterministic: the same arguments give the same text."""
+    command = f"python -m authz.tools.egress_envoy --services {source} --out {out}"
+    header = f"""\
+# GENERATED from {source} (.services): do not edit. Regenerate with
+#   {command}
+# The same command with --check (run by the tests) fails when this file drifts.
+#
+# Egress Envoy: sandboxes call 127.0.0.1:8443 with `Host: <service>`. ext_authz (authz, gRPC
+# over mTLS 127.0.0.1:9191: Envoy's client certificate from /etc/envoy-tls/envoy-client,
+# authz's certificate checked for the SAN "authz"; context_extensions decision_path
+# authz/egress/decision and service) decides
+# and injects the service's credential; the request then goes to the service's base_url over
+# TLS (SNI; certificate checked against the system CA bundle and the host's DNS SAN).
+# Unknown services get a 404 after authz has denied them. Admin on 127.0.0.1:9902.
+# - failure_mode_allow: false, status_on_error 503: if authz is unreachable, deny.
+# - path normalization as on the gateway: the policy and the router see the same path.
+# - no with_request_body: egress bodies are large prompts; the policy decides on headers.
+# - client-sent forwarding and method-override headers (authz.core.headers) are removed, and so
+#   is every credential and identity header but the one authz injects the credential into.
+"""
+    return header + yaml.safe_dump(generate(services), sort_keys=False, width=100)
+
+
+# -- pieces of the bootstrap ------------------------------------------------------------
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def socket_address(address: str, port: int) -> dict[str, Any]:
+    """An Envoy v3 ``config.core.v3.Address`` (socket address) as a dict."""
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def load_assignment(cluster: str, address: str, port: int) -> dict[str, Any]:
+    """An Envoy v3 ``ClusterLoadAssignment`` with one endpoint, as a dict."""
+    endpoint = {"endpoint": {"address": socket_address(address, port)}}
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [endpoint]}]}
+
+
+def _check_settings(service: str) -> dict[str, Any]:
+    return {
+        _EXT_AUTHZ: {
+            "@type": f"{_TYPE}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {
+                "context_extensions": {"decision_path": DECISION_PATH, "service": service}
+            },
+        }
+    }
+
+
+def _credential_header(service: str, spec: Mapping[str, Any]) -> str | None:
+    """The header the service's credential is injected into (``credential.header``), or
+    None for a service without a credential. Raises ValueError naming the field."""
+    credential = spec.get("credential")
+    if credential is None:
+        return None
+    if not isinstance(credential, Mapping):
+        raise ValueError(f"egress service {service!r}: credential must be an object")
+    header = credential.get("header")
+    if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+        raise ValueError(
+            f"egress service {service!r}: credential.header must be a lowercase header "
+            f"name, got {header!r}"
+        )
+    return header
+
+
+def _service_virtual_host(
+    name: str, upstream: Upstream, credential_header: str | None
+) -> dict[str, Any]:
+    action: dict[str, Any] = {
+        "cluster": f"service_{name}",
+        "host_rewrite_literal": upstream.authority,
+        "timeout": ROUTE_TIMEOUT,
+    }
+    if upstream.path:
+        action["prefix_rewrite"] = f"{upstream.path}/"
+    # Whatever authz decided (an allow no policy decided included), the service gets no
+    # credential or identity header from the sandbox; only the one authz injects (set by
+    # ext_authz before the router applies these removals).
+    removed = [h for h in (*CREDENTIAL_HEADERS, *IDENTITY_HEADERS) if h != credential_header]
+    return {
+        "name": f"service_{name}",
+        "domains": [name, f"{name}:*"],
+        "request_headers_to_remove": removed,
+        "routes": [
+            {
+                "match": {"prefix": "/"},
+                "route": action,
+                "typed_per_filter_config": _check_settings(name),
+            }
+        ],
+    }
+
+
+def _catch_all_virtual_host() -> dict[str, Any]:
+    # Reached only when authz allowed an unknown service (a policy bug): still a 404.
+    return {
+        "name": "unknown_service",
+        "domains": ["*"],
+        "routes": [
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {
+                    "status": 404,
+                    "body": {"inline_string": '{"error": "unknown_service"}'},
+                },
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "content-type", "value": "application/json"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+                "typed_per_filter_config": _check_settings(""),
+            }
+        ],
+    }
+
+
+def _access_log() -> dict[str, Any]:
+    metadata = "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{})%"
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": f"{_TYPE}.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {
+                "json_format": {
+                    "time": "%START_TIME%",
+                    "proxy": "egress",
+                    "service": metadata.format("service"),
+                    "sandbox_id": metadata.format("sandbox_id"),
+                    "decision_id": metadata.format("decision_id"),
+                    "method": "%REQ(:METHOD)%",
+                    # No query string: it may carry credentials.
+                    "path": "%PATH(NQ:ORIG_OR_PATH)%",
+                    "status": "%RESPONSE_CODE%",
+                    "flags": "%RESPONSE_FLAGS%",
+                    "duration_ms": "%DURATION%",
+                    "bytes_received": "%BYTES_RECEIVED%",
+                    "bytes_sent": "%BYTES_SENT%",
+                    "upstream": "%UPSTREAM_HOST%",
+                    "request_id": "%REQ(X-REQUEST-ID)%",
+                }
+            },
+        },
+    }
+
+
+def _ext_authz_filter() -> dict[str, Any]:
+    # As the gateway's, without with_request_body (egress bodies are large prompts).
+    return {
+        "name": _EXT_AUTHZ,
+        "typed_config": {
+            "@type": f"{_TYPE}.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "include_peer_certificate": True,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": "authz"},
+                "timeout": EXT_AUTHZ_TIMEOUT,
+            },
+        },
+    }
+
+
+def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> dict[str, Any]:
+    hcm = {
+        "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "egress",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "use_remote_address": True,
+        # No proxy in front is trusted: a client's forwarding headers say nothing.
+        "xff_num_trusted_hops": 0,
+        "request_timeout": ROUTE_TIMEOUT,
+        # Third-party APIs need not learn the sandboxes' addresses.
+        "skip_xff_append": True,
+        "access_log": [_access_log()],
+        "route_config": {
+            "name": "egress",
+            "virtual_hosts": virtual_hosts,
+            # x-envoy-external-address: added by Envoy for external clients
+            # (use_remote_address), the sandbox's address. The sandbox's own forwarding and
+            # method-override headers (authz.core.headers) go too, whatever authz decided: a
+            # third party learns neither its address nor a method other than the checked one.
+            "request_headers_to_remove": [
+                "x-envoy-external-address",
+                "x-forwarded-proto",  # not a FORWARDING_HEADER (the gateway keeps Envoy's)
+                *FORWARDING_HEADERS,
+            ],
+        },
+        "http_filters": [
+            _ext_authz_filter(),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": f"{_TYPE}.filters.http.router.v3.Router",
+                    # No x-envoy-* request headers to third parties.
+                    "suppress_envoy_headers": True,
+                },
+            },
+        ],
+    }
+    return {
+        "name": "egress",
+        "address": socket_address(address, port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def authz_transport_socket() -> dict[str, Any]:
+    """The ext_authz cluster's mTLS, as a v3 ``TransportSocket`` dict: Envoy presents the
+    client certificate in :data:`AUTHZ_CLIENT_TLS_DIR` and accepts authz only with a
+    certificate from that directory's ``ca.crt`` carrying the DNS SAN
+    :data:`AUTHZ_TLS_NAME` (also the SNI); ALPN h2 (gRPC). Identical in the gateway's
+    committed config (tests/unit/test_egress_envoy.py). Envoy reference:
+    ``api-v3/extensions/transport_sockets/tls/v3/tls.proto`` (UpstreamTlsContext) and
+    ``.../tls/v3/common.proto`` (CommonTlsContext.tls_certificates, validation_context)."""
+    directory = AUTHZ_CLIENT_TLS_DIR
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": AUTHZ_TLS_NAME,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": f"{directory}/tls.crt"},
+                        "private_key": {"filename": f"{directory}/tls.key"},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": f"{directory}/ca.crt"},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": AUTHZ_TLS_NAME}}
+                    ],
+                },
+            },
+        },
+    }
+
+
+def downstream_transport_socket(directory: str) -> dict[str, Any]:
+    """A listener's TLS, as a v3 ``TransportSocket`` dict: the server certificate
+    ``directory/tls.crt`` and key ``directory/tls.key``, ALPN h2 and http/1.1, TLS 1.2 at
+    least. Envoy reference: ``api-v3/extensions/transport_sockets/tls/v3/tls.proto``
+    (DownstreamTlsContext)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPE}.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": f"{directory}/tls.crt"},
+                        "private_key": {"filename": f"{directory}/tls.key"},
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _authz_cluster(address: tuple[str, int]) -> dict[str, Any]:
+    return {
+        "name": "authz",
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": f"{_TYPE}.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": load_assignment("authz", *address),
+        # Every raw API key and sandbox token goes to authz, every injected secret comes
+        # back: mTLS both ways (authz refuses callers without this client certificate).
+        "transport_socket": authz_transport_socket(),
+    }
+
+
+def _service_cluster(
+    name: str, upstream: Upstream, ca_file: str, override: tuple[str, int] | None
+) -> dict[str, Any]:
+    cluster_name = f"service_{name}"
+    cluster: dict[str, Any] = {"name": cluster_name}
+    if override is not None:
+        address, port = override
+        if not _is_ip(address):
+            raise ValueError(
+                f"egress service {name!r}: override for {upstream.host!r} must be an IP "
+                f"address (STATIC cluster), got {address!r}"
+            )
+        cluster["type"] = "STATIC"
+    else:
+        address, port = upstream.host, upstream.port
+        cluster["type"] = "LOGICAL_DNS"
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    cluster["connect_timeout"] = UPSTREAM_CONNECT_TIMEOUT
+    cluster["load_assignment"] = load_assignment(cluster_name, address, port)
+    if upstream.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": f"{_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": upstream.host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": ca_file},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": upstream.host}}
+                        ],
+                    }
+                },
+            },
+        }
+    return cluster
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write (or with ``--check`` compare) the egress Envoy config; see the module
+    docstring for usage and exit codes."""
+    parser = argparse.ArgumentParser(
+        prog="python -m authz.tools.egress_envoy",
+        description="generate the egress Envoy config from the egress services data",
+    )
+    parser.add_argument("--services", default=DEFAULT_SERVICES, help="egress data.json")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="Envoy config to write")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if --out differs from the generated config"
+    )
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(Path(args.services).read_text(encoding="utf-8"))
+        services = data.get("services") if isinstance(data, dict) else None
+        if not isinstance(services, dict):
+            raise ValueError(f"{args.services}: .services must be an object")
+        text = render(services, source=args.services, out=args.out)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.check:
+        try:
+            current: str | None = out.read_text(encoding="utf-8")
+        except OSError:
+            current = None
+        if current != text:
+            print(
+                f"{out} is out of date with {args.services}: run "
+                f"python -m authz.tools.egress_envoy --services {args.services} --out {out}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
