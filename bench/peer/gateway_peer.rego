@@ -34,6 +34,8 @@ digest(name, value) := crypto.sha256(trim_space(m[2])) if {
 # would also mask them ("sha256:<hex>", keeping an Authorization scheme), which changes no
 # decision of the gateway policy (it reads only the scheme; gateway_peer_test.rego checks
 # the decisions are the same) and would cost the peer a copy of the whole input.
+# METADATA
+# entrypoint: true
 decision := d if {
 	d := gateway.decision with input.credentials as credentials
 }

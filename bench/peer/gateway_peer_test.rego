@@ -6,11 +6,15 @@ import data.authz.gateway_peer
 
 keys := {crypto.sha256("k-user"): {"id": "key-user", "enabled": true, "role": "user", "rate_limit_tier": "unlimited"}}
 
-http(headers) := {"method": "GET", "path": "/api/v1/items/1", "headers": object.union({"host": "gw", ":path": "/api/v1/items/1"}, headers)}
+http_request(headers) := {
+	"method": "GET",
+	"path": "/api/v1/items/1",
+	"headers": object.union({"host": "gw", ":path": "/api/v1/items/1"}, headers),
+}
 
 # What the plugin passes: the raw headers, no input.credentials.
 raw(headers) := {
-	"attributes": {"request": {"http": http(headers)}},
+	"attributes": {"request": {"http": http_request(headers)}},
 	"parsed_path": ["api", "v1", "items", "1"],
 	"parsed_query": {},
 }
@@ -39,7 +43,8 @@ test_bearer if {
 test_unknown_key if {
 	u := crypto.sha256("nope")
 	same({"x-api-key": "nope"}, {"x-api-key": concat("", ["sha256:", u])}, {"x-api-key": u})
-	gateway_peer.decision.reason == "invalid_api_key" with input as raw({"x-api-key": "nope"}) with data.gateway.api_keys as keys
+	gateway_peer.decision.reason == "invalid_api_key" with input as raw({"x-api-key": "nope"})
+		with data.gateway.api_keys as keys
 }
 
 test_missing_key if {
@@ -48,5 +53,9 @@ test_missing_key if {
 }
 
 test_forged_identity_header_removed if {
-	same({"x-api-key": "k-user", "x-authz-admin": "1"}, {"x-api-key": concat("", ["sha256:", d]), "x-authz-admin": "1"}, {"x-api-key": d})
+	same(
+		{"x-api-key": "k-user", "x-authz-admin": "1"},
+		{"x-api-key": concat("", ["sha256:", d]), "x-authz-admin": "1"},
+		{"x-api-key": d},
+	)
 }

@@ -33,6 +33,8 @@ service := data.egress.services[service_name]
 # as proven (no token). Only authz's preview sets input.preview; an input built from an
 # Envoy CheckRequest never has it.
 sandbox_id := input.preview.sandbox_id if {
+	# Not redundant: a false sandbox_id falls through to the header.
+	# regal ignore:redundant-existence-check
 	input.preview.sandbox_id
 } else := headers[identity.id_header]
 
@@ -42,9 +44,9 @@ token_digest := input.credentials[identity.token_header]
 
 header_only if identity.mode == "header"
 
-token_ok if header_only
-
 previewed if input.preview.sandbox_id == sandbox_id
+
+token_ok if header_only
 
 token_ok if previewed
 
@@ -63,9 +65,9 @@ sandbox_tier := namespace_defaults.tier if not sandbox.tier
 tier := data.egress.tiers[sandbox_tier]
 
 # Where the allow came from (the decision's "source", shown by authz's preview API).
-allow_source := "namespace_default" if not sandbox.tier
+default allow_source := "policy_rule"
 
-else := "policy_rule"
+allow_source := "namespace_default" if not sandbox.tier
 
 service_in_tier if "*" in tier.services
 
@@ -99,7 +101,10 @@ overrides := lib.overrides_for("authz/egress/decision", "sandbox_id", sandbox_id
 # A deny override may name a service (then it blocks that service only) or not (every
 # service). An allow override opens the one service it names: one without (authz's admin
 # API refuses it) opens nothing.
-service_overrides := {o | some o in overrides; object.get(o.match, "service", service_name) == service_name}
+service_overrides contains o if {
+	some o in overrides
+	object.get(o.match, "service", service_name) == service_name
+}
 
 blocked := lib.first_override(service_overrides, "deny")
 
@@ -114,16 +119,20 @@ authorized if {
 
 # Every decision about a known sandbox names it (the decision log's sandbox_id), denies
 # included; the tier only once the token has proven the sandbox.
-decision := object.union(verdict, object.union({"identity": decision_identity}, cache_hint)) if {
+# METADATA
+# entrypoint: true
+decision := object.union_n([verdict, {"identity": decision_identity}, cache_hint]) if {
 	sandbox
 } else := verdict
 
 # A decision that changes when an override expires says how long it holds (authz's
 # decision cache).
+default cache_hint := {}
+
 cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
 	ttls := [ttl | some o in overrides; ttl := (o.expires_at_ns - time.now_ns()) / 1000000000]
 	count(ttls) > 0
-} else := {}
+}
 
 decision_identity := object.union(
 	{"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox_tier},
@@ -132,6 +141,8 @@ decision_identity := object.union(
 	token_ok
 } else := {"sandbox_id": sandbox_id, "service": service_name}
 
+# One ordered chain: the first failing check names the deny, so it reads top to bottom.
+# regal ignore:rule-length
 verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	not sandbox_id
 } else := lib.unauthorized("unknown_sandbox", true) if {
@@ -203,17 +214,21 @@ allow := object.union(
 
 # A tier that grants no service has no rate to speak of (0 per minute); a call an override
 # lets through uses data.egress.override_rate_limit instead, or it would always be a 429.
+default requests_per_minute := 0
+
 requests_per_minute := tier.rate_limit.requests_per_minute if {
 	tier.rate_limit.requests_per_minute != 0
 } else := data.egress.override_rate_limit.requests_per_minute if {
 	excepted
-} else := 0
+}
 
 # By reference only: the secrets file entry named after the service.
+default credential := {}
+
 credential := {"credential": {
 	"ref": service_name,
 	"header": service.credential.header,
 	"format": service.credential.format,
 }} if {
 	service.credential
-} else := {}
+}

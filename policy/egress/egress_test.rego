@@ -20,10 +20,7 @@ req(id, token, service, method, path, extra) := {
 			"method": method,
 			"path": path,
 			"host": service,
-			"headers": object.union(
-				object.union({"host": service}, sandbox_headers(id, token)),
-				extra,
-			),
+			"headers": object.union_n([{"host": service}, sandbox_headers(id, token), extra]),
 		}},
 		"contextExtensions": {"decision_path": "authz/egress/decision", "service": service},
 	},
@@ -107,7 +104,10 @@ cases := [
 	["openai query ignored", "sb-standard", "t-standard", "openai", "GET", "/v1/models?x=/v1/files", 200, "allowed"],
 	["openai dotdot", "sb-standard", "t-standard", "openai", "GET", "/v1/models/../files", 400, "invalid_path"],
 	["anthropic messages", "sb-standard", "t-standard", "anthropic", "POST", "/v1/messages", 200, "allowed"],
-	["anthropic batches", "sb-standard", "t-standard", "anthropic", "POST", "/v1/messages/batches", 403, "path_not_allowed"],
+	[
+		"anthropic batches", "sb-standard", "t-standard", "anthropic", "POST", "/v1/messages/batches",
+		403, "path_not_allowed",
+	],
 	["anthropic put", "sb-standard", "t-standard", "anthropic", "PUT", "/v1/messages", 403, "method_not_allowed"],
 	["github deep repo", "sb-standard", "t-standard", "github", "PATCH", "/repos/a/b/issues/1", 200, "allowed"],
 	["github org repos", "sb-standard", "t-standard", "github", "GET", "/orgs/acme/repos", 200, "allowed"],
@@ -152,7 +152,11 @@ test_allow_injects_by_reference_and_strips_sandbox_headers if {
 		with data.egress.sandboxes as sandboxes
 	d.allowed
 	d.credential == {"ref": "anthropic", "header": "x-api-key", "format": "{secret}"}
-	every name in ["x-sandbox-id", "x-sandbox-token", "authorization", "x-api-key", "cookie", "x-sandbox-trace", "x-authz-role"] {
+	removed := [
+		"x-sandbox-id", "x-sandbox-token", "authorization", "x-api-key", "cookie", "x-sandbox-trace",
+		"x-authz-role",
+	]
+	every name in removed {
 		name in d.request_headers_to_remove
 	}
 	not "accept" in d.request_headers_to_remove
@@ -258,7 +262,7 @@ valid_credential(s) if not s.credential
 
 valid_credential(s) if {
 	regex.match(`^[a-z0-9-]+$`, s.credential.header)
-	count(indexof_n(s.credential.format, "{secret}")) == 1
+	strings.count(s.credential.format, "{secret}") == 1
 }
 
 test_tiers_name_known_services if {
@@ -283,15 +287,19 @@ test_shipped_sandboxes_well_formed if {
 }
 
 # A sandbox's own tier, else its namespace's default.
-sandbox_tier(sb) := object.get(sb, "tier", object.get(egress_namespaces, [object.get(sb, "namespace", ""), "tier"], null))
+sandbox_tier(sb) := object.get(
+	sb, "tier",
+	object.get(egress_namespaces, [object.get(sb, "namespace", ""), "tier"], null),
+)
+
+default egress_namespaces := {}
 
 egress_namespaces := data.egress.namespaces
 
-egress_namespaces := {} if not data.egress.namespaces
-
 test_data_check_takes_the_tier_from_the_namespace if {
-	sandbox_tier({"tier": "premium", "namespace": "labs/agents"}) == "premium" with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
-	sandbox_tier({"namespace": "labs/agents"}) == "standard" with data.egress.namespaces as {"labs/agents": {"tier": "standard"}}
+	agents := {"labs/agents": {"tier": "standard"}}
+	sandbox_tier({"tier": "premium", "namespace": "labs/agents"}) == "premium" with data.egress.namespaces as agents
+	sandbox_tier({"namespace": "labs/agents"}) == "standard" with data.egress.namespaces as agents
 	sandbox_tier({"namespace": "labs/agents"}) == null with data.egress.namespaces as {}
 }
 
@@ -374,7 +382,10 @@ test_echo_service_is_given_no_credential if {
 # Namespaces: a sandbox without its own tier gets its namespace's default tier.
 ns_sandboxes := {
 	"sb-ns": {"namespace": "labs/agents", "enabled": true, "token_sha256": crypto.sha256("t-ns")},
-	"sb-ns-own": {"namespace": "labs/agents", "tier": "premium", "enabled": true, "token_sha256": crypto.sha256("t-ns-own")},
+	"sb-ns-own": {
+		"namespace": "labs/agents", "tier": "premium", "enabled": true,
+		"token_sha256": crypto.sha256("t-ns-own"),
+	},
 }
 
 ns_decide(id, token, service, method, path) := d if {

@@ -38,10 +38,12 @@ key_digest := preview_digest if {
 }
 
 # An id no key has: a digest no key has either (the preview then says invalid_api_key).
+default preview_digest := ""
+
 preview_digest := digest if {
 	some digest, entry in data.gateway.api_keys
 	entry.id == input.preview.key_id
-} else := ""
+}
 
 key := data.gateway.api_keys[key_digest]
 
@@ -63,9 +65,9 @@ from_namespace if not key.role
 
 from_namespace if not key.rate_limit_tier
 
-allow_source := "namespace_default" if from_namespace
+default allow_source := "policy_rule"
 
-else := "policy_rule"
+allow_source := "namespace_default" if from_namespace
 
 enabled if key.enabled == true
 
@@ -105,16 +107,20 @@ role_matches(roles) if "*" in roles
 role_matches(roles) if role in roles
 
 # Every decision about a known key names it (the decision log's key_id), denies included.
-decision := object.union(verdict, object.union({"identity": decision_identity}, cache_hint)) if {
+# METADATA
+# entrypoint: true
+decision := object.union_n([verdict, {"identity": decision_identity}, cache_hint]) if {
 	key.id
 } else := verdict
 
 # authz may reuse a decision for identical requests (its decision cache); a decision that
 # changes when the key or an override expires says how long it holds.
+default cache_hint := {}
+
 cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
 	ttls := [ttl | some ns in expiries; ttl := (ns - time.now_ns()) / 1000000000]
 	count(ttls) > 0
-} else := {}
+}
 
 expiries contains time.parse_rfc3339_ns(key.expires_at) if key.expires_at
 

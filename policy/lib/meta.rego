@@ -5,8 +5,23 @@ package authz.meta
 
 # authz probes this every second (with provenance) for the active bundle revision: a
 # constant, so the probe costs OPA next to nothing.
+# METADATA
+# entrypoint: true
 live := true
 
+# An unexpired TTL override (data.overrides, pushed by authz) naming a key, sandbox or
+# service the bundle does not define: it does nothing now, and would apply to whatever
+# later takes that id. An allow for a sandbox without a service is ignored by the egress
+# policy (authz's admin API refuses one; an older overrides file may hold one).
+live_overrides[id] := o if {
+	some id, o in data.overrides
+	time.now_ns() < o.expires_at_ns
+}
+
+gateway_key_ids contains key.id if some key in data.gateway.api_keys
+
+# METADATA
+# entrypoint: true
 warnings contains msg if {
 	data.egress.identity.mode == "header"
 	msg := "egress sandbox identity is header-only: x-sandbox-token is not checked (INSECURE; trusted networks only)"
@@ -34,17 +49,6 @@ warnings contains msg if {
 	msg := sprintf("sandbox %q names namespace %q, which data.egress.namespaces does not define", [id, sandbox.namespace])
 }
 
-# An unexpired TTL override (data.overrides, pushed by authz) naming a key, sandbox or
-# service the bundle does not define: it does nothing now, and would apply to whatever
-# later takes that id. An allow for a sandbox without a service is ignored by the egress
-# policy (authz's admin API refuses one; an older overrides file may hold one).
-live_overrides[id] := o if {
-	some id, o in data.overrides
-	time.now_ns() < o.expires_at_ns
-}
-
-gateway_key_ids contains key.id if some key in data.gateway.api_keys
-
 warnings contains msg if {
 	some id, o in live_overrides
 	key_id := o.match.key_id
@@ -71,5 +75,8 @@ warnings contains msg if {
 	o.effect == "allow"
 	sandbox_id := o.match.sandbox_id
 	not o.match.service
-	msg := sprintf("override %q allows sandbox %q without naming a service: the egress policy ignores it", [id, sandbox_id])
+	msg := sprintf(
+		"override %q allows sandbox %q without naming a service: the egress policy ignores it",
+		[id, sandbox_id],
+	)
 }

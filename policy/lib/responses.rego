@@ -10,7 +10,7 @@ deny(status, reason) := {"allowed": false, "http_status": status, "reason": reas
 # A 401 that tells the client how to authenticate (RFC 6750 section 3). `error` is only
 # sent when a credential was presented and rejected.
 unauthorized(reason, presented) := object.union(deny(401, reason), {"headers": {"www-authenticate": challenge}}) if {
-	presented
+	presented == true
 	challenge := `Bearer realm="authz", error="invalid_token"`
 } else := object.union(deny(401, reason), {"headers": {"www-authenticate": `Bearer realm="authz"`}})
 

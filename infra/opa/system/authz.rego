@@ -12,6 +12,8 @@
 # /v1/query, /v1/compile, /v1/config, /v1/status, PUT/PATCH/DELETE outside overrides.
 package system.authz
 
+# METADATA
+# entrypoint: true
 default allow := false
 
 allow if {
@@ -20,13 +22,13 @@ allow if {
 }
 
 allow if {
-	authz_client
+	caller_is_authz
 	input.method == "POST"
 	input.path in decision_paths
 }
 
 allow if {
-	authz_client
+	caller_is_authz
 	input.method in {"GET", "PUT", "DELETE"}
 	array.slice(input.path, 0, 3) == ["v1", "data", "overrides"]
 }
@@ -44,7 +46,7 @@ decision_paths := {
 
 # The token comes from OPA's environment (never from a file in the repository). A short
 # or unset token authorizes nobody.
-authz_client if {
+caller_is_authz if {
 	token := object.get(opa.runtime().env, "AUTHZ_OPA_TOKEN", "")
 	count(token) >= 32
 	input.identity == token

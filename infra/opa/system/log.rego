@@ -5,6 +5,8 @@
 # See https://www.openpolicyagent.org/docs/management-decision-logs#masking-sensitive-data
 package system.log
 
+# METADATA
+# entrypoint: true
 mask contains "/input/attributes/request/http/body"
 
 mask contains "/input/attributes/request/http/rawBody"
