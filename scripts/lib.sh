@@ -39,8 +39,8 @@ COMPOSECHECK_BIN="$AUTHZ_CACHE/composecheck-$COMPOSECHECK_HASH/composecheck"
 export PROMETHEUS_VERSION PROMTOOL_BIN COMPOSECHECK_BIN
 # Regal, the Rego linter (scripts/test lints policy/, bench/peer/, infra/opa/system/ with
 # .regal/config.yaml), built from its Go module with the OPA its go.mod names (v0.42.0:
-# OPA v1.18.2, which parses every policy here; forced onto OPA v1.22.2 it does not compile,
-# as that OPA requires gobwas/glob v1.0.0, whose API Regal's pkg/config does not use).
+# OPA v1.18.2, which parses every policy here; forced onto OPA v1.22.2 it does not compile:
+# that OPA requires gobwas/glob v1.0.0, which lacks the glob.Glob type Regal uses).
 REGAL_VERSION="${REGAL_VERSION:-v0.42.0}"
 REGAL_BIN="${REGAL_BIN:-$AUTHZ_CACHE/regal-$REGAL_VERSION/regal}"
 export REGAL_VERSION REGAL_BIN
