@@ -44,7 +44,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from authz.core.errors import AuthzError, ConfigError, PolicyError, RequestError
 from authz.core.mode import Control, parse_mode
 from authz.core.opa import OpaClient
-from authz.core.response import FAILURE_STATUS
 from authz.core.secret import Secret
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import OverrideStore, parse_override_request
@@ -64,7 +63,7 @@ ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
 # Called for every admin change: (action, fields) -> logged and audited by the server.
 AdminAction = Callable[[str, Mapping[str, Any]], None]
 # POST /v1/preview: the request body -> the answer; raises ConfigError (400),
-# RequestError (400) or PolicyError (its FAILURE_STATUS).
+# RequestError (400) or PolicyError (its class's http_status).
 Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 # POST /v1/reload: the actor -> what was reloaded (JSON-ready).
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
@@ -297,7 +296,7 @@ def create_admin_app(
         except (ConfigError, RequestError) as exc:
             return _error(400, "invalid_request", str(exc))
         except PolicyError as exc:
-            return _error(FAILURE_STATUS.get(exc.code, 500), exc.code, str(exc))
+            return _error(exc.http_status, exc.code, str(exc))
         log.info(
             "admin preview",
             extra={
