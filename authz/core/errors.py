@@ -79,6 +79,7 @@ __all__ = [
 
 
 # -- the tables, read off the tree ----------------------------------------------------------
+# Defined before the classes: creating each class below clears the cache of meanings().
 
 
 @dataclass(frozen=True, slots=True)
