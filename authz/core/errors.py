@@ -1,74 +1,170 @@
-"""One exception tree for authz; every class carries a stable snake_case ``code``.
+"""One exception tree for authz; every class carries what its failure means.
 
-The codes double as the ``reason`` in decision logs, the ``error`` field of deny bodies
-and (later) metric labels, so they never change once released::
+Each class declares its stable snake_case ``code`` (the ``reason`` in decision logs, the
+``error`` field of deny bodies and admin answers, the ``code`` label of the metrics: it
+never changes once released), the ``http_status`` of the answer, whether a fail-open
+decision path may turn it into an allow (``fail_open_eligible``) and whether it counts as
+an OPA failure (``opa_error``, counted in ``authz_opa_errors_total``). Every table of
+codes (:func:`meanings`, :data:`FAIL_OPEN_CODES`, :func:`opa_error_codes`,
+``response.status_for``, the metrics) is read off the tree, so adding a failure is one new
+class here. Subclasses inherit; a subclass that keeps its parent's code keeps its
+meaning::
 
-    AuthzError                      internal_error
-    ├── ConfigError                 config_error          (startup only; never per request)
-    ├── RequestError                invalid_request       (malformed CheckRequest / body)
-    ├── DecisionPathError           invalid_decision_path (bad context_extensions path)
-    ├── DeadlineExceeded            deadline_exceeded     (budget spent before a decision)
-    ├── CredentialError             credential_unavailable (secret for injection missing)
-    ├── RateLimitUnavailable        rate_limit_unavailable (shared limiter down, strict mode)
-    └── PolicyError                 policy_error
-        ├── OpaUnavailable          opa_unavailable       (connect/reset/refused)
-        │   └── CircuitOpen         opa_circuit_open      (breaker open: not even tried)
-        ├── OpaTimeout              opa_timeout           (no answer within the budget)
-        ├── OpaResponseError        opa_error             (non-200 or non-JSON answer)
-        ├── UndefinedDecision       undefined_decision    (no ``result`` at the path)
-        └── InvalidDecision         invalid_decision      (result of the wrong shape)
+    class                           code                    status  fail-open  opa_error
+    AuthzError                      internal_error          500
+    ├── ConfigError                 config_error            500     settings: startup only, exit 2
+    ├── DataFileError               invalid_data_file       500     a tool's input file: exit 2
+    ├── RequestError                invalid_request         400     malformed CheckRequest / body
+    │   └── AdminRequestError       invalid_request         400     malformed admin API body
+    │       └── TooManyOverrides    too_many_overrides      409     override cap reached
+    ├── DecisionPathError           invalid_decision_path   500     bad context_extensions path
+    ├── DeadlineExceeded            deadline_exceeded       503     budget spent before a decision
+    ├── CredentialError             credential_unavailable  503     secret for injection missing
+    ├── RateLimitUnavailable        rate_limit_unavailable  503     shared limiter down, strict
+    └── PolicyError                 policy_error            500
+        ├── OpaUnavailable          opa_unavailable         503     yes        yes
+        │   └── CircuitOpen         opa_circuit_open        503     yes        yes
+        ├── OpaTimeout              opa_timeout             503                yes
+        ├── OpaResponseError        opa_error               500                yes
+        ├── UndefinedDecision       undefined_decision      403                yes
+        └── InvalidDecision         invalid_decision        500                yes
 
-``response.FAILURE_STATUS`` maps each code to the HTTP status of the deny that Envoy
-sends; ``Check`` never lets one of these escape as a gRPC error.
+Three kinds of bad input, three classes: a setting (:class:`ConfigError`, startup refuses
+to run, exit 2), a body sent to the admin API (:class:`AdminRequestError`, answered with
+its status; never a ConfigError per request), and a data file an offline tool reads
+(:class:`DataFileError`, the tool exits 2). ``Check`` never lets an error escape as a gRPC
+error: ``response.error_response`` denies with the class's ``http_status``.
 
-``fail_open_eligible`` (a class attribute, inherited) says whether a fail-open decision
-path may turn the error into an allow. Only :class:`OpaUnavailable` (and so
-:class:`CircuitOpen`) sets it: OPA could not be reached, which nothing a caller sends can
-cause. :class:`OpaTimeout` is not eligible: its budget is the request's, which authz's
-own work (parsing a body, queueing, waiting for a pooled connection) spends too, so a
-caller could buy a timeout; neither is :class:`DeadlineExceeded` nor anything OPA
-answered. :data:`FAIL_OPEN_CODES` is derived from the tree.
+``fail_open_eligible``: only :class:`OpaUnavailable` (and so :class:`CircuitOpen`) sets
+it: OPA could not be reached, which nothing a caller sends can cause. :class:`OpaTimeout`
+is not eligible: its budget is the request's, which authz's own work (parsing a body,
+queueing, waiting for a pooled connection) spends too, so a caller could buy a timeout;
+neither is :class:`DeadlineExceeded` nor anything OPA answered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import ClassVar
+import functools
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 __all__ = [
     "FAIL_OPEN_CODES",
+    "AdminRequestError",
     "AuthzError",
     "CircuitOpen",
     "ConfigError",
     "CredentialError",
+    "DataFileError",
     "DeadlineExceeded",
     "DecisionPathError",
     "InvalidDecision",
+    "Meaning",
     "OpaResponseError",
     "OpaTimeout",
     "OpaUnavailable",
     "PolicyError",
     "RateLimitUnavailable",
     "RequestError",
+    "TooManyOverrides",
     "UndefinedDecision",
+    "error_classes",
+    "fail_open_codes",
+    "meanings",
+    "opa_error_codes",
 ]
+
+
+# -- the tables, read off the tree ----------------------------------------------------------
+# Defined before the classes: creating each class below clears the cache of meanings().
+
+
+@dataclass(frozen=True, slots=True)
+class Meaning:
+    """What a failure ``code`` means: the HTTP status of its answer, whether a fail-open
+    path may allow it, whether it counts as an OPA error."""
+
+    http_status: int
+    fail_open_eligible: bool
+    opa_error: bool
+
+
+def error_classes(root: type[AuthzError] | None = None) -> Iterator[type[AuthzError]]:
+    """``root`` (default :class:`AuthzError`) and every subclass, direct or not, currently
+    defined; parents first."""
+    top = AuthzError if root is None else root
+    yield top
+    for sub in top.__subclasses__():
+        yield from error_classes(sub)
+
+
+@functools.cache
+def meanings() -> Mapping[str, Meaning]:
+    """Failure code -> :class:`Meaning`, for every class of the tree (cached until a
+    subclass is defined or collected). Raises TypeError naming the classes when two give
+    one code different meanings."""
+    table: dict[str, tuple[type[AuthzError], Meaning]] = {}
+    for cls in error_classes():
+        meaning = Meaning(cls.http_status, cls.fail_open_eligible, cls.opa_error)
+        first = table.setdefault(cls.code, (cls, meaning))
+        if first[1] != meaning:
+            raise TypeError(
+                f"error code {cls.code!r}: {first[0].__qualname__} says {first[1]}, "
+                f"{cls.__qualname__} says {meaning}"
+            )
+    return MappingProxyType({code: meaning for code, (_, meaning) in table.items()})
+
+
+def fail_open_codes() -> frozenset[str]:
+    """The codes a fail-open decision path may turn into an allow."""
+    return frozenset(code for code, m in meanings().items() if m.fail_open_eligible)
+
+
+def opa_error_codes() -> frozenset[str]:
+    """The codes counted as OPA failures (``authz_opa_errors_total``)."""
+    return frozenset(code for code, m in meanings().items() if m.opa_error)
 
 
 class AuthzError(Exception):
     """Base of every authz error. ``code`` is stable; ``public_message`` is safe to send
-    to the client (it never contains input values), ``str(err)`` is for logs."""
+    to the client (it never contains input values), ``str(err)`` is for logs.
+    ``http_status``, ``fail_open_eligible`` and ``opa_error`` are what the code means (see
+    the module docstring); they are class attributes, never set per instance."""
 
-    code: str = "internal_error"
-    public_message: str = "internal error"
-    # True only where OPA itself failed (see the module docstring); never per instance.
+    code: ClassVar[str] = "internal_error"
+    public_message: ClassVar[str] = "internal error"
+    http_status: ClassVar[int] = 500
+    # True only where OPA itself could not be reached (see the module docstring).
     fail_open_eligible: ClassVar[bool] = False
+    # True where OPA failed to give a usable answer (authz_opa_errors_total).
+    opa_error: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The derived tables follow the live tree: a new class, or one collected (a
+        # class a test defined), invalidates them.
+        meanings.cache_clear()
+        weakref.finalize(cls, meanings.cache_clear)
 
 
 class ConfigError(AuthzError):
-    """A configuration key holds a bad value; the message names the key and the value."""
+    """A setting holds a bad value; the message names the key and the value. Raised while
+    reading settings (startup, a settings reload); the process refuses to start (exit 2)."""
 
     code = "config_error"
     public_message = "configuration error"
+
+
+class DataFileError(AuthzError):
+    """A data file an offline tool reads (a bundle, its ``data.json``, an audit database,
+    the egress services file) cannot be used; the message names the file and the place.
+    The tool exits 2."""
+
+    code = "invalid_data_file"
+    public_message = "a data file cannot be used"
 
 
 class RequestError(AuthzError):
@@ -77,6 +173,22 @@ class RequestError(AuthzError):
 
     code = "invalid_request"
     public_message = "malformed request"
+    http_status = 400
+
+
+class AdminRequestError(RequestError):
+    """A request to the admin API cannot be carried out as sent: a body that is not JSON,
+    or a field the message names with its (shortened) value. Answered with
+    ``http_status`` and ``code`` by the admin app in one place."""
+
+
+class TooManyOverrides(AdminRequestError):
+    """A new override would exceed the cap on active overrides (409 Conflict: the body is
+    fine, the current state refuses it)."""
+
+    code = "too_many_overrides"
+    public_message = "too many active overrides"
+    http_status = 409
 
 
 class DecisionPathError(AuthzError):
@@ -91,6 +203,7 @@ class DeadlineExceeded(AuthzError):
 
     code = "deadline_exceeded"
     public_message = "authorization timed out"
+    http_status = 503
 
 
 class CredentialError(AuthzError):
@@ -98,6 +211,7 @@ class CredentialError(AuthzError):
 
     code = "credential_unavailable"
     public_message = "credential for this service is unavailable"
+    http_status = 503
 
 
 class RateLimitUnavailable(AuthzError):
@@ -105,6 +219,7 @@ class RateLimitUnavailable(AuthzError):
 
     code = "rate_limit_unavailable"
     public_message = "rate limiting is unavailable"
+    http_status = 503
 
 
 class PolicyError(AuthzError):
@@ -119,7 +234,9 @@ class OpaUnavailable(PolicyError):
 
     code = "opa_unavailable"
     public_message = "authorization service unavailable"
+    http_status = 503
     fail_open_eligible = True
+    opa_error = True
 
 
 class CircuitOpen(OpaUnavailable):
@@ -134,6 +251,8 @@ class OpaTimeout(PolicyError):
 
     code = "opa_timeout"
     public_message = "authorization service timed out"
+    http_status = 503
+    opa_error = True
 
 
 class OpaResponseError(PolicyError):
@@ -141,13 +260,17 @@ class OpaResponseError(PolicyError):
 
     code = "opa_error"
     public_message = "policy evaluation failed"
+    opa_error = True
 
 
 class UndefinedDecision(PolicyError):
-    """OPA's answer has no ``result``: nothing is defined at the decision path."""
+    """OPA's answer has no ``result``: nothing is defined at the decision path. 403: the
+    same answer as a policy deny."""
 
     code = "undefined_decision"
     public_message = "no policy decision for this request"
+    http_status = 403
+    opa_error = True
 
 
 class InvalidDecision(PolicyError):
@@ -156,15 +279,8 @@ class InvalidDecision(PolicyError):
 
     code = "invalid_decision"
     public_message = "policy returned an invalid decision"
+    opa_error = True
 
 
-def _tree(cls: type[AuthzError]) -> Iterator[type[AuthzError]]:
-    yield cls
-    for sub in cls.__subclasses__():
-        yield from _tree(sub)
-
-
-# The codes a fail-open decision path turns into an allow, read off the tree above.
-FAIL_OPEN_CODES: frozenset[str] = frozenset(
-    cls.code for cls in _tree(AuthzError) if cls.fail_open_eligible
-)
+# The codes a fail-open decision path turns into an allow (the classes above).
+FAIL_OPEN_CODES: frozenset[str] = fail_open_codes()

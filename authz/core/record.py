@@ -74,17 +74,6 @@ class DecisionRecord:
         """True when a deny was not enforced (dry-run, bypass or fail-open)."""
         return self.allowed and not self.enforced_allowed
 
-    @staticmethod
-    def request_fields(document: Mapping[str, Any] | None) -> tuple[str, str, str]:
-        """``(request_id, method, path without query)`` from an input document. The
-        request id is Envoy's ``x-request-id`` (it ties the decision to the access log
-        line), else the CheckRequest's id."""
-        if document is None:
-            return "", "", ""
-        http = document.get("attributes", {}).get("request", {}).get("http", {})
-        request_id = str(http.get("headers", {}).get("x-request-id") or http.get("id", ""))
-        return request_id, str(http.get("method", "")), str(http.get("path", "")).split("?", 1)[0]
-
     def log_fields(self) -> dict[str, Any]:
         """The decision-log line as a JSON-ready dict, ``{"type": "decision", ...}``; it never
         holds the input, headers or query string. Identity fields cannot replace these."""

@@ -1,4 +1,4 @@
-"""Decision -> CheckResponse, and the one table mapping failure codes to HTTP statuses.
+"""Decision -> CheckResponse; an error -> the deny its class says.
 
 Follows opa-envoy-plugin ``internal/internal.go`` (``check``): an allow becomes an
 ``OkHttpResponse`` with ``headers``, ``headers_to_remove``, ``response_headers_to_add``
@@ -13,9 +13,9 @@ Differences, deliberate:
   survives next to the policy's (Envoy's ``config.core.v3.HeaderValueOption``: an unset
   ``append_action`` is ``APPEND_IF_EXISTS_OR_ADD``, so a client value would stay).
 - A deny without a body gets a JSON body ``{"error": <reason>, "decision_id": ...}``.
-- Failures never become gRPC errors: :func:`error_response` denies with the status from
-  :data:`FAILURE_STATUS` (Authorino's ``statusCodeMapping``), so the outcome never depends
-  on Envoy's ``failure_mode_allow``.
+- Failures never become gRPC errors: :func:`error_response` denies with the status the
+  error's class declares (``http_status`` in :mod:`authz.core.errors`; Authorino's
+  ``statusCodeMapping``), so the outcome never depends on Envoy's ``failure_mode_allow``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from authz.core.decision import Decision, Header
-from authz.core.errors import AuthzError
+from authz.core.errors import AuthzError, meanings
 
 __all__ = [
     "DECISION_ID_HEADER",
     "DEFAULT_DENY_STATUS",
-    "FAILURE_STATUS",
     "build_response",
     "error_response",
     "status_for",
@@ -45,31 +44,16 @@ __all__ = [
 DEFAULT_DENY_STATUS: Final = 403
 DECISION_ID_HEADER: Final = "x-authz-decision-id"
 
-# The one place that says what a client sees when no decision could be made.
-FAILURE_STATUS: Final[Mapping[str, int]] = {
-    "invalid_request": 400,
-    "undefined_decision": 403,
-    "invalid_decision": 500,
-    "invalid_decision_path": 500,
-    "policy_error": 500,
-    "opa_error": 500,
-    "internal_error": 500,
-    "opa_unavailable": 503,
-    "opa_circuit_open": 503,
-    "opa_timeout": 503,
-    "deadline_exceeded": 503,
-    "credential_unavailable": 503,
-    "rate_limit_unavailable": 503,
-}
-
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND: Final = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 _JSON: Final = "application/json"
 
 
 def status_for(code: str) -> int:
-    """HTTP status for a failure ``code`` (an :class:`AuthzError` code); 500 if unknown."""
-    return FAILURE_STATUS.get(code, 500)
+    """HTTP status for a failure ``code``: the ``http_status`` of the
+    :class:`~authz.core.errors.AuthzError` class that declares it; 500 if no class does."""
+    meaning = meanings().get(code)
+    return 500 if meaning is None else meaning.http_status
 
 
 def _header_options(headers: Iterable[Header]) -> list[base_pb2.HeaderValueOption]:
@@ -165,11 +149,11 @@ def _error_body(code: str, message: str | None, decision_id: str) -> str:
 
 
 def error_response(error: AuthzError, decision_id: str) -> external_auth_pb2.CheckResponse:
-    """Fail closed: a deny for ``error`` with the status from :data:`FAILURE_STATUS` and a
+    """Fail closed: a deny for ``error`` with its class's ``http_status`` and a
     JSON body ``{"error": code, "message": public message, "decision_id": id}``. The body
     never holds ``str(error)``, which may quote request values."""
     return _denied(
-        status_for(error.code),
+        error.http_status,
         [("content-type", _JSON), (DECISION_ID_HEADER, decision_id)],
         _error_body(error.code, error.public_message, decision_id),
         decision_id,

@@ -24,8 +24,9 @@ logged and audited with the optional ``X-Authz-Actor`` header as the actor:
 Errors are JSON ``{"error": code, "message": ...}``. A malformed request is a 4xx, never
 a 5xx: a body over 16 KiB is 413 ``body_too_large``; a body that is not UTF-8 JSON (RFC
 8259), an ``X-Authz-Actor`` that is not printable UTF-8, or a bad field is 400
-``invalid_request``; an ``Authorization`` header that is not the token, whatever its
-bytes, is 401.
+``invalid_request`` (:class:`~authz.core.errors.AdminRequestError`); an override over the
+cap is 409 ``too_many_overrides``; an ``Authorization`` header that is not the token,
+whatever its bytes, is 401.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from authz.core.errors import AuthzError, ConfigError, PolicyError, RequestError
+from authz.core.errors import AdminRequestError, AuthzError, ConfigError, PolicyError, RequestError
 from authz.core.mode import Control, parse_mode
 from authz.core.opa import OpaClient
-from authz.core.response import FAILURE_STATUS
 from authz.core.secret import Secret
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import OverrideStore, parse_override_request
@@ -63,8 +63,8 @@ __all__ = [
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
 # Called for every admin change: (action, fields) -> logged and audited by the server.
 AdminAction = Callable[[str, Mapping[str, Any]], None]
-# POST /v1/preview: the request body -> the answer; raises ConfigError (400),
-# RequestError (400) or PolicyError (its FAILURE_STATUS).
+# POST /v1/preview: the request body -> the answer; raises AdminRequestError or
+# RequestError (400) or PolicyError (each answered with its class's http_status).
 Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 # POST /v1/reload: the actor -> what was reloaded (JSON-ready).
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
@@ -146,7 +146,7 @@ async def _json_body(request: web.Request) -> Any:
     """The request body parsed as JSON (RFC 8259: UTF-8 whatever the Content-Type's
     charset, no NaN, no lone surrogates) by orjson, which is linear and caps nesting at
     1024 levels. Raises _BodyTooLarge over ``_MAX_BODY`` bytes (declared or read),
-    ConfigError for anything that is not such JSON."""
+    AdminRequestError for anything that is not such JSON."""
     if request.content_length is not None and request.content_length > _MAX_BODY:
         raise _BodyTooLarge
     try:
@@ -157,18 +157,24 @@ async def _json_body(request: web.Request) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         # orjson's message names the position, never the content.
-        raise ConfigError(f"request body is not UTF-8 JSON ({exc})") from None
+        raise AdminRequestError(f"request body is not UTF-8 JSON ({exc})") from None
 
 
 @web.middleware
 async def _body_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """An over-large body is 413 ``body_too_large`` (JSON) on every route."""
+    """An over-large body is 413 ``body_too_large`` (JSON) on every route; a request the
+    caller got wrong (:class:`~authz.core.errors.RequestError`: an admin body, a preview's
+    request) is answered here, for every route, with its class's ``http_status`` and
+    ``code`` (400 ``invalid_request``, 409 ``too_many_overrides``) and the message, which
+    names the field."""
     try:
         return await handler(request)
     except (_BodyTooLarge, web.HTTPRequestEntityTooLarge):
         return _error(413, "body_too_large", f"the request body is over {_MAX_BODY} bytes")
+    except RequestError as exc:
+        return _error(exc.http_status, exc.code, str(exc))
 
 
 def create_admin_app(
@@ -222,20 +228,21 @@ def create_admin_app(
             return denied
         if control is None:
             return _error(404, "not_found", "no mode control")
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise AdminRequestError("expected a JSON object")
+        reason = body.get("reason")
         try:
-            body = await _json_body(request)
-            if not isinstance(body, dict):
-                raise ConfigError("expected a JSON object")
+            # The parser and the bypass guard are the settings' too: ConfigError there.
             mode = parse_mode("mode", body.get("mode"))
-            reason = body.get("reason")
             if not isinstance(reason, str) or not reason.strip() or len(reason) > _MAX_REASON:
-                raise ConfigError(
+                raise AdminRequestError(
                     f"reason: a reason is required (a string of at most {_MAX_REASON} characters)"
                 )
             reason = reason.strip()
             previous = control.set_mode(mode, actor=admin.actor(request), reason=reason)
         except ConfigError as exc:
-            return _error(400, "invalid_request", str(exc))
+            raise AdminRequestError(str(exc)) from None
         admin.audit(
             "set_mode",
             {
@@ -259,16 +266,11 @@ def create_admin_app(
             return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
-        try:
-            override = parse_override_request(
-                await _json_body(request), actor=admin.actor(request), now=time.time()
-            )
-        except ConfigError as exc:
-            return _error(400, "invalid_request", str(exc))
-        try:
-            pushed = await overrides.add(override)  # if not, the periodic sync pushes it
-        except ConfigError as exc:  # the cap on active overrides
-            return _error(409, "too_many_overrides", str(exc))
+        override = parse_override_request(
+            await _json_body(request), actor=admin.actor(request), now=time.time()
+        )
+        # TooManyOverrides (409) at the cap; if not pushed, the periodic sync pushes it.
+        pushed = await overrides.add(override)
         document = override.opa_document()
         admin.audit("add_override", {**document, "pushed": pushed})
         return web.json_response({**document, "pushed": pushed}, status=201)
@@ -294,10 +296,8 @@ def create_admin_app(
             return _error(404, "not_found", "preview is not enabled")
         try:
             answer = await preview(await _json_body(request))
-        except (ConfigError, RequestError) as exc:
-            return _error(400, "invalid_request", str(exc))
         except PolicyError as exc:
-            return _error(FAILURE_STATUS.get(exc.code, 500), exc.code, str(exc))
+            return _error(exc.http_status, exc.code, str(exc))
         log.info(
             "admin preview",
             extra={

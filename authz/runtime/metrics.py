@@ -58,6 +58,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from authz import __version__
+from authz.core.errors import meanings
 from authz.core.record import DecisionRecord
 
 if TYPE_CHECKING:
@@ -242,19 +243,6 @@ class _CacheCollector(Collector):
         )
 
 
-# Reason codes that mean OPA itself failed (counted in authz_opa_errors_total).
-_OPA_ERROR_CODES: Final = frozenset(
-    {
-        "opa_unavailable",
-        "opa_circuit_open",
-        "opa_timeout",
-        "opa_error",
-        "undefined_decision",
-        "invalid_decision",
-    }
-)
-
-
 class MetricsSink:
     """A :class:`~authz.core.record.DecisionSink` counting every decision into ``metrics``."""
 
@@ -270,7 +258,8 @@ class MetricsSink:
         m.decision_duration.labels(path).observe(record.duration_s)
         if record.opa_duration_s:
             m.opa_duration.labels(path).observe(record.opa_duration_s)
-        if record.reason in _OPA_ERROR_CODES:
+        failure = meanings().get(record.reason)  # None for a decision's own reason
+        if failure is not None and failure.opa_error:
             m.opa_errors.labels(record.reason).inc()
         if record.fail_open:
             m.fail_open.labels(path, record.reason).inc()

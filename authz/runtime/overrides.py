@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from authz.core.errors import ConfigError, PolicyError
+from authz.core.errors import AdminRequestError, ConfigError, PolicyError, TooManyOverrides
 from authz.core.opa import parse_decision_path
 from authz.runtime.files import write_private
 
@@ -98,34 +98,37 @@ class Override:
 def parse_override_request(
     body: Any, *, actor: str, now: float, new_id: Callable[[], str] | None = None
 ) -> Override:
-    """Validate an admin API request body into an Override. Raises ConfigError naming the
-    field and the bad value. Body: ``{"effect", "decision_path", "match", "ttl_seconds",
+    """Validate an admin API request body into an Override. Raises AdminRequestError naming
+    the field and the bad value. Body: ``{"effect", "decision_path", "match", "ttl_seconds",
     "reason"}``. An ``allow`` override naming a ``sandbox_id`` must name its ``service``
     (the egress policy ignores one that does not); a ``deny`` may block every service."""
     if not isinstance(body, dict):
-        raise ConfigError("override: expected a JSON object")
+        raise AdminRequestError("override: expected a JSON object")
     effect = body.get("effect")
     if effect not in ("allow", "deny"):
-        raise ConfigError(f"override.effect={effect!r}: expected 'allow' or 'deny'")
-    decision_path = parse_decision_path(
-        "override.decision_path", str(body.get("decision_path", ""))
-    )
+        raise AdminRequestError(f"override.effect={effect!r}: expected 'allow' or 'deny'")
+    try:  # the settings' parser, so ConfigError
+        decision_path = parse_decision_path(
+            "override.decision_path", str(body.get("decision_path", ""))
+        )
+    except ConfigError as exc:
+        raise AdminRequestError(str(exc)) from None
     match = body.get("match")
     if not isinstance(match, dict) or not match:
-        raise ConfigError("override.match: expected an object with key_id or sandbox_id")
+        raise AdminRequestError("override.match: expected an object with key_id or sandbox_id")
     unknown = set(match) - _MATCH_KEYS
     if unknown:
-        raise ConfigError(f"override.match: unknown field(s) {sorted(unknown)}")
+        raise AdminRequestError(f"override.match: unknown field(s) {sorted(unknown)}")
     if ("key_id" in match) == ("sandbox_id" in match):
-        raise ConfigError("override.match: exactly one of key_id or sandbox_id is required")
+        raise AdminRequestError("override.match: exactly one of key_id or sandbox_id is required")
     for name in ("key_id", "sandbox_id", "service"):
         if name in match and not (
             isinstance(match[name], str) and _ID_FIELD.fullmatch(match[name])
         ):
-            raise ConfigError(f"override.match.{name}={match[name]!r}: not an id")
+            raise AdminRequestError(f"override.match.{name}={match[name]!r}: not an id")
     if effect == "allow" and "sandbox_id" in match and "service" not in match:
         # Without one the sandbox could reach every configured service (least privilege).
-        raise ConfigError(
+        raise AdminRequestError(
             "override.match.service: an allow override for a sandbox must name the service"
         )
     if "path" in match and not (
@@ -133,19 +136,21 @@ def parse_override_request(
         and match["path"].startswith("/")
         and len(match["path"]) <= 256
     ):
-        raise ConfigError(f"override.match.path={match.get('path')!r}: expected a /path glob")
+        raise AdminRequestError(f"override.match.path={match.get('path')!r}: expected a /path glob")
     if "methods" in match and not (
         isinstance(match["methods"], list)
         and match["methods"]
         and all(isinstance(m, str) and _METHOD.fullmatch(m) for m in match["methods"])
     ):
-        raise ConfigError(f"override.match.methods={match.get('methods')!r}: expected [GET, ...]")
+        raise AdminRequestError(
+            f"override.match.methods={match.get('methods')!r}: expected [GET, ...]"
+        )
     ttl = body.get("ttl_seconds")
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= MAX_TTL_S:
-        raise ConfigError(f"override.ttl_seconds={ttl!r}: expected 1..{MAX_TTL_S} seconds")
+        raise AdminRequestError(f"override.ttl_seconds={ttl!r}: expected 1..{MAX_TTL_S} seconds")
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
-        raise ConfigError(
+        raise AdminRequestError(
             "override.reason: a non-empty reason (at most 500 characters) is required"
         )
     override_id = (new_id or (lambda: "ovr-" + secrets.token_hex(6)))()
@@ -269,11 +274,11 @@ class OverrideStore:
     async def add(self, override: Override) -> bool:
         """Keep ``override``, persist it and push the list to OPA. Returns whether OPA was
         updated; if not, the periodic :meth:`sync` pushes it when OPA answers again.
-        Raises ConfigError when :data:`MAX_ACTIVE_OVERRIDES` are active already (and
+        Raises TooManyOverrides when :data:`MAX_ACTIVE_OVERRIDES` are active already (and
         ``override`` replaces none of them)."""
         active = self.active()
         if len(active) >= MAX_ACTIVE_OVERRIDES and override.id not in {o.id for o in active}:
-            raise ConfigError(
+            raise TooManyOverrides(
                 f"{MAX_ACTIVE_OVERRIDES} active overrides already: delete one or wait for "
                 "one to expire"
             )

@@ -40,7 +40,7 @@ from typing import Any, Final
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz.core.decision import Decision, parse_decision
-from authz.core.errors import ConfigError
+from authz.core.errors import AdminRequestError, ConfigError
 from authz.core.input import build_input
 from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
 
@@ -82,11 +82,11 @@ def _show(value: Any) -> str:
 
 
 def parse_preview_request(body: Any, *, default_decision_path: str) -> PreviewRequest:
-    """Validate a ``POST /v1/preview`` body. Raises ConfigError naming the field and the
+    """Validate a ``POST /v1/preview`` body. Raises AdminRequestError naming the field and the
     bad value; ``default_decision_path`` applies to a key (a sandbox defaults to
     :data:`EGRESS_DECISION_PATH`)."""
     if not isinstance(body, dict):
-        raise ConfigError("preview: expected a JSON object")
+        raise AdminRequestError("preview: expected a JSON object")
     unknown = set(body) - {
         "key_id",
         "sandbox_id",
@@ -98,35 +98,42 @@ def parse_preview_request(body: Any, *, default_decision_path: str) -> PreviewRe
         "body",
     }
     if unknown:
-        raise ConfigError(f"preview: unknown field(s) {sorted(unknown)}")
+        raise AdminRequestError(f"preview: unknown field(s) {sorted(unknown)}")
     if ("key_id" in body) == ("sandbox_id" in body):
-        raise ConfigError("preview: exactly one of key_id or sandbox_id is required")
+        raise AdminRequestError("preview: exactly one of key_id or sandbox_id is required")
     kind = "key_id" if "key_id" in body else "sandbox_id"
     ident = body[kind]
     if not isinstance(ident, str) or not _ID.fullmatch(ident):
-        raise ConfigError(f"preview.{kind}={_show(ident)}: not an id")
+        raise AdminRequestError(f"preview.{kind}={_show(ident)}: not an id")
     method = body.get("method", "GET")
     if not isinstance(method, str) or not _METHOD.fullmatch(method):
-        raise ConfigError(f"preview.method={_show(method)}: expected GET, POST, ...")
+        raise AdminRequestError(f"preview.method={_show(method)}: expected GET, POST, ...")
     path = body.get("path")
     if not isinstance(path, str) or not path.startswith("/") or len(path) > 2048:
-        raise ConfigError(f"preview.path={_show(path)}: expected a /path")
+        raise AdminRequestError(f"preview.path={_show(path)}: expected a /path")
     service = body.get("service", "")
     if not isinstance(service, str) or (service and not _ID.fullmatch(service)):
-        raise ConfigError(f"preview.service={_show(service)}: not a service name")
+        raise AdminRequestError(f"preview.service={_show(service)}: not a service name")
     default = EGRESS_DECISION_PATH if kind == "sandbox_id" else default_decision_path
-    decision_path = parse_decision_path(
-        "preview.decision_path", str(body.get("decision_path", default))
-    )
+    try:  # the settings' parser, so ConfigError
+        decision_path = parse_decision_path(
+            "preview.decision_path", str(body.get("decision_path", default))
+        )
+    except ConfigError as exc:
+        raise AdminRequestError(str(exc)) from None
     headers = body.get("headers", {})
     if not isinstance(headers, dict) or len(headers) > _MAX_HEADERS:
-        raise ConfigError(f"preview.headers: expected an object of at most {_MAX_HEADERS}")
+        raise AdminRequestError(f"preview.headers: expected an object of at most {_MAX_HEADERS}")
     for name, value in headers.items():
         if not _HEADER_NAME.fullmatch(name) or not isinstance(value, str) or "\n" in value:
-            raise ConfigError(f"preview.headers[{_show(name)}]: expected a lowercase name: str")
+            raise AdminRequestError(
+                f"preview.headers[{_show(name)}]: expected a lowercase name: str"
+            )
     payload = body.get("body", "")
     if not isinstance(payload, str) or len(payload) > _MAX_BODY:
-        raise ConfigError(f"preview.body: expected a string of at most {_MAX_BODY} characters")
+        raise AdminRequestError(
+            f"preview.body: expected a string of at most {_MAX_BODY} characters"
+        )
     return PreviewRequest(
         decision_path=decision_path,
         identity=(kind, ident),

@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from authz.core.decision import json_type
-from authz.core.errors import ConfigError
+from authz.core.errors import DataFileError
 from authz.core.rfc3339 import DAY_S, parse_rfc3339
 
 __all__ = [
@@ -156,7 +156,7 @@ def assess(
     are Unix seconds; None for ``last_seen`` skips the ``unused`` check (no audit store).
     ``expiring_days`` and ``unused_days`` are days (fractions allowed, >= 0).
 
-    Raises ConfigError for data the policy cannot use, naming the entry by a shortened
+    Raises DataFileError for data the policy cannot use, naming the entry by a shortened
     digest: ``api_keys`` not an object, an entry not an object, an ``id`` missing, empty
     or not a string, two entries with the same id, an ``enabled`` or ``namespace`` of the
     wrong type. A bad ``expires_at`` is a finding (``invalid_expiry``), not an error.
@@ -165,7 +165,7 @@ def assess(
     if expiring_days < 0 or unused_days < 0:
         raise ValueError("expiring_days and unused_days must be >= 0")
     if not isinstance(api_keys, Mapping):
-        raise ConfigError(f"api_keys: expected an object but got {json_type(api_keys)}")
+        raise DataFileError(f"api_keys: expected an object but got {json_type(api_keys)}")
     expiring_until = now + expiring_days * DAY_S
     unused_before = now - unused_days * DAY_S
     seen_ids: dict[str, str] = {}
@@ -173,7 +173,7 @@ def assess(
     for digest, entry in api_keys.items():
         key_id, enabled, namespace = _entry_fields(digest, entry)
         if key_id in seen_ids:
-            raise ConfigError(
+            raise DataFileError(
                 f"api_keys: id {key_id!r} is used by two entries "
                 f"({short_digest(seen_ids[key_id])} and {short_digest(digest)})"
             )
@@ -208,19 +208,19 @@ def assess(
 
 
 def _entry_fields(digest: str, entry: Any) -> tuple[str, bool, str | None]:
-    """``(id, enabled, namespace)`` of one entry; ConfigError naming it when malformed."""
+    """``(id, enabled, namespace)`` of one entry; DataFileError naming it when malformed."""
     where = f"api_keys[{short_digest(digest)}]"
     if not isinstance(entry, Mapping):
-        raise ConfigError(f"{where}: expected an object but got {json_type(entry)}")
+        raise DataFileError(f"{where}: expected an object but got {json_type(entry)}")
     key_id = entry.get("id")
     if not isinstance(key_id, str) or not key_id:
-        raise ConfigError(f"{where}: expected a non-empty string id but got {key_id!r}")
+        raise DataFileError(f"{where}: expected a non-empty string id but got {key_id!r}")
     enabled = entry.get("enabled", False)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"{where} ({key_id}): expected enabled to be a boolean")
+        raise DataFileError(f"{where} ({key_id}): expected enabled to be a boolean")
     namespace = entry.get("namespace")
     if namespace is not None and not isinstance(namespace, str):
-        raise ConfigError(f"{where} ({key_id}): expected namespace to be a string")
+        raise DataFileError(f"{where} ({key_id}): expected namespace to be a string")
     return key_id, enabled, namespace
 
 
@@ -236,11 +236,11 @@ def load_data(path: Path) -> dict[str, Any]:
       ``infra/demo/bundle-data``): every ``**/data.json`` the same way;
     - a ``.json`` file: the data root itself.
 
-    Raises ConfigError naming the file: missing, unreadable, not gzip/tar, invalid JSON,
+    Raises DataFileError naming the file: missing, unreadable, not gzip/tar, invalid JSON,
     or two files that set the same leaf differently.
     """
     if not path.exists():
-        raise ConfigError(f"{path}: no such file or directory")
+        raise DataFileError(f"{path}: no such file or directory")
     root: dict[str, Any] = {}
     if path.is_dir():
         for file in sorted(path.rglob("data.json")):
@@ -257,18 +257,18 @@ def load_data(path: Path) -> dict[str, Any]:
 
 def load_api_keys(path: Path) -> Mapping[str, Any]:
     """``data.gateway.api_keys`` from ``path`` (see :func:`load_data` for what ``path``
-    may be). Raises ConfigError naming the file when it cannot be read or holds no
+    may be). Raises DataFileError naming the file when it cannot be read or holds no
     ``data.gateway.api_keys`` (a bundle built without key data)."""
     node: Any = load_data(path)
     for part in API_KEYS_PATH:
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(
+            raise DataFileError(
                 f"{path}: no data.{'.'.join(API_KEYS_PATH)} (a bundle built without key "
                 "data? scripts/build-policy-bundle --data DIR adds it)"
             )
         node = node[part]
     if not isinstance(node, dict):
-        raise ConfigError(
+        raise DataFileError(
             f"{path}: data.{'.'.join(API_KEYS_PATH)} is {json_type(node)}, not an object"
         )
     return node
@@ -282,14 +282,16 @@ def _bundle_members(path: Path) -> Iterator[tuple[str, Any]]:
                 if not member.isfile() or PurePosixPath(member.name).name != "data.json":
                     continue
                 if member.size > _MAX_DATA_BYTES:
-                    raise ConfigError(f"{path}:{member.name}: larger than {_MAX_DATA_BYTES} bytes")
+                    raise DataFileError(
+                        f"{path}:{member.name}: larger than {_MAX_DATA_BYTES} bytes"
+                    )
                 handle = bundle.extractfile(member)
                 if handle is None:
                     continue
                 with handle:
                     yield member.name, _read_json(handle.read, f"{path}:{member.name}")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ConfigError(f"{path}: not a readable bundle (.tar.gz): {exc}") from None
+        raise DataFileError(f"{path}: not a readable bundle (.tar.gz): {exc}") from None
 
 
 def _read_json(read: Callable[[], bytes], where: str) -> Any:
@@ -297,9 +299,9 @@ def _read_json(read: Callable[[], bytes], where: str) -> Any:
         raw = read()
         return json.load(io.BytesIO(raw)) if raw.strip() else {}
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        raise DataFileError(f"{where}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ConfigError(f"{where}: invalid JSON: {exc}") from None
+        raise DataFileError(f"{where}: invalid JSON: {exc}") from None
 
 
 def _merge_at(root: dict[str, Any], parts: Iterable[str], value: Any, where: str) -> None:
@@ -309,16 +311,16 @@ def _merge_at(root: dict[str, Any], parts: Iterable[str], value: Any, where: str
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{where}: data.{'.'.join(path)} conflicts with another file")
+            raise DataFileError(f"{where}: data.{'.'.join(path)} conflicts with another file")
         node = child
     if not path:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: the data root must be an object")
+            raise DataFileError(f"{where}: the data root must be an object")
         _merge(root, value, where, ())
     elif isinstance(node.get(path[-1]), dict) and isinstance(value, dict):
         _merge(node[path[-1]], value, where, path)
     elif path[-1] in node:
-        raise ConfigError(f"{where}: data.{'.'.join(path)} conflicts with another file")
+        raise DataFileError(f"{where}: data.{'.'.join(path)} conflicts with another file")
     else:
         node[path[-1]] = value
 
@@ -328,7 +330,9 @@ def _merge(into: dict[str, Any], other: Mapping[str, Any], where: str, at: tuple
         if isinstance(into.get(name), dict) and isinstance(value, dict):
             _merge(into[name], value, where, (*at, name))
         elif name in into:
-            raise ConfigError(f"{where}: data.{'.'.join((*at, name))} conflicts with another file")
+            raise DataFileError(
+                f"{where}: data.{'.'.join((*at, name))} conflicts with another file"
+            )
         else:
             into[name] = value
 
@@ -353,10 +357,10 @@ def read_last_seen(path: Path, *, timeout_s: float = 5.0) -> dict[str, float]:
 
     Opens the database read-only (``mode=ro``): the running writer is not disturbed and
     the file is never created or changed. Waits up to ``timeout_s`` for a lock. Raises
-    ConfigError naming the file when it is missing, not SQLite, or has no audit table.
+    DataFileError naming the file when it is missing, not SQLite, or has no audit table.
     """
     if not path.is_file():
-        raise ConfigError(f"{path}: no audit database")
+        raise DataFileError(f"{path}: no audit database")
     uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=timeout_s)
@@ -365,7 +369,7 @@ def read_last_seen(path: Path, *, timeout_s: float = 5.0) -> dict[str, float]:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise ConfigError(f"{path}: cannot read the audit trail: {exc}") from None
+        raise DataFileError(f"{path}: cannot read the audit trail: {exc}") from None
     return {key_id: float(when) for key_id, when in rows if isinstance(key_id, str)}
 
 

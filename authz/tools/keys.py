@@ -8,12 +8,23 @@ is what ``scripts/build-policy-bundle`` runs to refuse data that holds a plainte
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["KEY_PREFIX", "SANDBOX_TOKEN_PREFIX", "digest", "generate_key", "lint_data"]
+from authz.core.errors import DataFileError
+
+__all__ = [
+    "KEY_PREFIX",
+    "SANDBOX_TOKEN_PREFIX",
+    "digest",
+    "generate_key",
+    "lint_data",
+    "lint_file",
+]
 
 KEY_PREFIX: Final = "ak_"
 SANDBOX_TOKEN_PREFIX: Final = "sbt_"  # noqa: S105 (a prefix, not a token)
@@ -62,6 +73,16 @@ def lint_data(data: Any, where: str = "data") -> list[str]:
     - any string value starting with a known credential prefix (``ak_``, ``sk-``, ...).
     """
     return list(_lint(data, where))
+
+
+def lint_file(path: Path) -> list[str]:
+    """:func:`lint_data` of the JSON file at ``path``, its problems named from ``path``.
+    Raises DataFileError naming the file when it cannot be read or is not JSON (RFC 8259)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise DataFileError(f"{path}: cannot read JSON: {exc}") from None
+    return lint_data(data, where=str(path))
 
 
 def _credential_field(name: str) -> bool:

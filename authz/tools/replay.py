@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from authz.core.decision import parse_decision
-from authz.core.errors import PolicyError
+from authz.core.errors import DataFileError, PolicyError
 from authz.core.opa import PolicyEngine
 from authz.runtime.audit import AuditEntry
 
@@ -68,6 +68,27 @@ class ReplayReport:
         )
 
 
+def _recorded(entry: AuditEntry) -> tuple[str, str]:
+    """``(decision path, outcome)`` a decision entry recorded. Raises DataFileError naming
+    the entry when the row is not what authz writes (a hand-edited or foreign trail)."""
+    body, where = entry.body, f"audit entry {entry.seq}"
+    path = body.get("decision_path")
+    if not isinstance(path, str):
+        raise DataFileError(f"{where}: decision_path: expected a string, got {path!r:.64}")
+    policy = body.get("policy")
+    reason = policy.get("reason") if isinstance(policy, Mapping) else None
+    if (
+        not isinstance(policy, Mapping)
+        or "allowed" not in policy
+        or not (reason is None or isinstance(reason, str))
+    ):
+        raise DataFileError(
+            f"{where}: policy: expected an object with allowed and a string reason, "
+            f"got {policy!r:.64}"
+        )
+    return path, _outcome(bool(policy["allowed"]), reason)
+
+
 def _outcome(allowed: bool, reason: str | None) -> str:
     return f"{'allow' if allowed else 'deny'} ({reason or ('allowed' if allowed else 'denied')})"
 
@@ -76,7 +97,8 @@ async def replay(
     entries: Iterable[AuditEntry], engine: PolicyEngine, timeout_s: float = 5.0
 ) -> ReplayReport:
     """Re-evaluate each decision entry's input with ``engine``; compare with its recorded
-    policy decision."""
+    policy decision. Raises DataFileError naming the first entry whose recorded decision
+    path or policy decision is malformed."""
     report = ReplayReport()
     for entry in entries:
         body = entry.body
@@ -85,17 +107,15 @@ async def replay(
         if entry.kind != "decision" or not isinstance(document, dict) or not policy:
             report.skipped += 1
             continue
+        decision_path, before = _recorded(entry)
         report.evaluated += 1
         try:
-            evaluation = await engine.evaluate(body["decision_path"], document, timeout_s)
+            evaluation = await engine.evaluate(decision_path, document, timeout_s)
             decision = parse_decision(evaluation.result)
         except PolicyError as exc:
             report.errors += 1
-            after = f"error ({exc.code})"
-            before = _outcome(bool(policy["allowed"]), policy.get("reason"))
-            report.changed.append(_change(entry, before, after))
+            report.changed.append(_change(entry, before, f"error ({exc.code})"))
             continue
-        before = _outcome(bool(policy["allowed"]), policy.get("reason"))
         after = _outcome(decision.allowed, decision.reason_code)
         if before == after:
             report.unchanged += 1

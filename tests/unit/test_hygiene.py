@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from authz.core.errors import ConfigError
+from authz.core.errors import DataFileError
 from authz.core.record import DecisionRecord
 from authz.core.rfc3339 import DAY_S, parse_rfc3339
 from authz.runtime.audit import AuditTrail
@@ -334,7 +334,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ids=[case[0] for case in MALFORMED],
 )
 def test_malformed_data_names_the_entry_not_the_digest(api_keys: Any, message: str) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(DataFileError) as caught:
         assess(api_keys, now=NOW)
     text = str(caught.value)
     assert message in text
@@ -531,7 +531,7 @@ def test_load_errors_name_the_file(tmp_path: Path, content: Any, message: str) -
         path.write_bytes(content)
     elif content is not None:
         write_bundle(path, content)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(DataFileError) as caught:
         load_api_keys(path)
     assert str(path) in str(caught.value)
     assert message in str(caught.value)
@@ -540,7 +540,7 @@ def test_load_errors_name_the_file(tmp_path: Path, content: Any, message: str) -
 def test_invalid_json_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "data.json"
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match=r"data\.json: invalid JSON"):
+    with pytest.raises(DataFileError, match=r"data\.json: invalid JSON"):
         load_api_keys(path)
 
 
@@ -616,7 +616,7 @@ def test_read_last_seen_is_read_only(tmp_path: Path) -> None:
     read_last_seen(db)
     assert db.read_bytes() == before
     missing = tmp_path / "missing.db"
-    with pytest.raises(ConfigError, match="no audit database"):
+    with pytest.raises(DataFileError, match="no audit database"):
         read_last_seen(missing)
     assert not missing.exists()
 
@@ -629,7 +629,7 @@ def test_read_last_seen_is_read_only(tmp_path: Path) -> None:
 def test_read_last_seen_errors_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "audit.db"
     path.write_bytes(content)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(DataFileError) as caught:
         read_last_seen(path)
     assert str(path) in str(caught.value)
     assert message in str(caught.value)

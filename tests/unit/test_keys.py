@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from authz.core.errors import DataFileError
 from authz.core.input import mask_credential
-from authz.tools.keys import KEY_PREFIX, digest, generate_key, lint_data
+from authz.tools.keys import KEY_PREFIX, digest, generate_key, lint_data, lint_file
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAINTEXT = "ak_Zq3v9XlT0pR7mN2bW8yK4cJ6hF1dS5gA"
@@ -210,6 +211,37 @@ def test_lint_data_names_the_source() -> None:
     assert lint_data({"token": "x"}, where="bundle/data.json") == [
         f"bundle/data.json.token: {NOT_DIGEST}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("content", "problems"),
+    [
+        ('{"token": "x"}', [f"token: {NOT_DIGEST}"]),
+        (json.dumps({"token": DIGEST}), []),
+        ("{}", []),
+    ],
+    ids=["plaintext", "digest", "empty-object"],
+)
+def test_lint_file_lints_the_file_and_names_it(
+    tmp_path: Path, content: str, problems: list[str]
+) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(content, encoding="utf-8")
+    assert lint_file(path) == [f"{path}.{problem}" for problem in problems]
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"\xff\xfe{}", None], ids=["not-json", "not-utf8", "missing"]
+)
+def test_lint_file_refuses_an_unreadable_file_naming_it(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataFileError, match="cannot read JSON") as caught:
+        lint_file(path)
+    assert str(caught.value).startswith(f"{path}: ")
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from authz.core.errors import ConfigError, OpaResponseError, OpaUnavailable, PolicyError
+from authz.core.errors import (
+    AdminRequestError,
+    ConfigError,
+    OpaResponseError,
+    OpaUnavailable,
+    PolicyError,
+)
 from authz.runtime.overrides import (
     MAX_TTL_S,
     OpaOverrideWriter,
@@ -196,8 +202,11 @@ INVALID: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize(
     ("raw", "field"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID]
 )
-def test_parse_invalid_names_the_field(raw: Any, field: str) -> None:
-    with pytest.raises(ConfigError) as caught:
+def test_a_bad_override_body_is_an_admin_request_error_naming_the_field(
+    raw: Any, field: str
+) -> None:
+    # AdminRequestError (400 on the admin API), never ConfigError: settings stay startup's.
+    with pytest.raises(AdminRequestError) as caught:
         parse(raw)
     assert field in str(caught.value)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import test_utils, web
 
-from authz.core.errors import ConfigError
+from authz.core.errors import TooManyOverrides
 from authz.core.secret import Secret
 from authz.runtime.admin import create_admin_app
 from authz.runtime.overrides import (
@@ -86,7 +86,7 @@ async def test_active_overrides_are_capped() -> None:
     store = OverrideStore(_ok, clock=lambda: now[0])
     for index in range(MAX_ACTIVE_OVERRIDES):
         store._items[f"ovr-{index}"] = _override(f"ovr-{index}", ttl_s=60 + index)
-    with pytest.raises(ConfigError, match=f"{MAX_ACTIVE_OVERRIDES} active overrides"):
+    with pytest.raises(TooManyOverrides, match=f"{MAX_ACTIVE_OVERRIDES} active overrides"):
         await store.add(_override("ovr-new"))
     assert len(store.active()) == MAX_ACTIVE_OVERRIDES
     # Replacing one is fine, and expiry makes room again.

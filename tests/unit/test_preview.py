@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from authz.core.errors import ConfigError, OpaTimeout, RequestError, UndefinedDecision
+from authz.core.errors import AdminRequestError, OpaTimeout, RequestError, UndefinedDecision
 from authz.runtime.preview import (
     EGRESS_DECISION_PATH,
     PreviewRequest,
@@ -82,8 +82,11 @@ def test_sandbox_defaults_to_the_egress_path() -> None:
         "unknown-field",
     ],
 )
-def test_invalid_requests_name_the_field(body: Any, message: str) -> None:
-    with pytest.raises(ConfigError) as info:
+def test_a_bad_preview_body_is_an_admin_request_error_naming_the_field(
+    body: Any, message: str
+) -> None:
+    # AdminRequestError (400 on the admin API), never ConfigError: settings stay startup's.
+    with pytest.raises(AdminRequestError) as info:
         parse(body)
     assert message in str(info.value)
 

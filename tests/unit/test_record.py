@@ -1,4 +1,4 @@
-"""DecisionRecord: request fields, the log line (never input, headers or query), and the
+"""DecisionRecord: the log line (never input, headers or query), and the
 three answers it keeps apart (policy, decision, result)."""
 
 from __future__ import annotations
@@ -15,27 +15,20 @@ HEADER_SECRET = "COOKIESECRET0123456789"
 DIGEST = "a" * 64
 
 
-def document(
-    headers: dict[str, str] | None = None,
-    *,
-    path: str = f"/api/v1/items?api_key={QUERY_SECRET}&page=2",
-    http_id: str | None = "envoy-id-1",
-) -> dict[str, Any]:
-    """An input document as authz.core.input builds it (credential headers already digests)."""
+def document() -> dict[str, Any]:
+    """An input document as authz.core.input builds it (credential headers already
+    digests), with a secret in the query string and in a cookie."""
     http: dict[str, Any] = {
+        "id": "envoy-id-1",
         "method": "POST",
-        "path": path,
+        "path": f"/api/v1/items?api_key={QUERY_SECRET}&page=2",
         "host": "api.example",
-        "headers": headers
-        if headers is not None
-        else {
+        "headers": {
             "authorization": f"sha256:{DIGEST}",
             "cookie": f"session={HEADER_SECRET}",
             "x-request-id": "req-123",
         },
     }
-    if http_id is not None:
-        http["id"] = http_id
     return {
         "attributes": {"request": {"http": http}},
         "parsed_query": {"api_key": [QUERY_SECRET], "page": ["2"]},
@@ -45,7 +38,6 @@ def document(
 
 def record(**overrides: Any) -> DecisionRecord:
     doc = overrides.pop("document", document())
-    request_id, method, path = DecisionRecord.request_fields(doc)
     fields: dict[str, Any] = {
         "decision_id": "d-1",
         "timestamp": 0.0,
@@ -58,41 +50,16 @@ def record(**overrides: Any) -> DecisionRecord:
         "policy_reason": "allowed",
         "revision": "r7",
         "identity": {"key_id": "key-admin", "role": "admin"},
-        "request_id": request_id,
-        "method": method,
-        "path": path,
+        # As the authorizer fills them from the CheckRequest: no query string.
+        "request_id": "req-123",
+        "method": "POST",
+        "path": "/api/v1/items",
         "duration_s": 0.0123456,
         "opa_duration_s": 0.0025,
         "document": doc,
     }
     fields.update(overrides)
     return DecisionRecord(**fields)
-
-
-@pytest.mark.parametrize(
-    ("headers", "http_id", "expected"),
-    [
-        ({"x-request-id": "req-1"}, "envoy-1", "req-1"),
-        ({}, "envoy-1", "envoy-1"),
-        ({}, None, ""),
-    ],
-    ids=["x-request-id-wins", "envoy-id", "none"],
-)
-def test_request_id(headers: dict[str, str], http_id: str | None, expected: str) -> None:
-    assert DecisionRecord.request_fields(document(headers, http_id=http_id))[0] == expected
-
-
-@pytest.mark.parametrize(
-    ("raw_path", "expected"),
-    [("/a/b?x=1", "/a/b"), ("/a/b", "/a/b"), ("/?", "/"), ("", "")],
-    ids=["query", "no-query", "empty-query", "empty"],
-)
-def test_path_has_no_query(raw_path: str, expected: str) -> None:
-    assert DecisionRecord.request_fields(document(path=raw_path))[2] == expected
-
-
-def test_request_fields_without_document() -> None:
-    assert DecisionRecord.request_fields(None) == ("", "", "")
 
 
 def test_log_fields_values() -> None:
