@@ -47,7 +47,7 @@ from authz.core.mode import Control, Mode
 from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
 from authz.core.ratelimit import Limiter, Quota
 from authz.core.record import DecisionRecord, DecisionSink
-from authz.core.response import build_response, error_response, status_for
+from authz.core.response import build_response, error_response
 from authz.core.secret import Secret
 
 __all__ = [
@@ -494,7 +494,7 @@ def _request_fields(request: external_auth_pb2.CheckRequest) -> tuple[str, str, 
 def _reason_and_status(trace: _Trace) -> tuple[str, int]:
     """The decision's reason code and HTTP status (an error's, if one stopped it)."""
     if trace.error is not None:
-        return trace.error.code, status_for(trace.error.code)
+        return trace.error.code, trace.error.http_status
     decision = trace.decision
     if decision is None:
         return "internal_error", 500

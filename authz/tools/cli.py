@@ -35,7 +35,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from authz.core.errors import ConfigError
+from authz.core.errors import ConfigError, DataFileError
 from authz.core.rfc3339 import parse_rfc3339
 from authz.runtime import audit, config, logs, secrets
 from authz.tools import key_health as hygiene
@@ -108,7 +108,7 @@ def _keys_health(args: argparse.Namespace) -> int:
             expiring_days=args.expiring_days,
             unused_days=args.unused_days,
         )
-    except ConfigError as exc:
+    except (ConfigError, DataFileError) as exc:  # the audit store; the bundle's data
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -269,7 +269,7 @@ def _audit_replay(args: argparse.Namespace) -> int:
     try:
         with opa_serving(args.bundle, opa_bin, free_port()) as url:
             report = asyncio.run(run(url))
-    except RuntimeError as exc:
+    except (RuntimeError, DataFileError) as exc:  # OPA would not serve; a malformed entry
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

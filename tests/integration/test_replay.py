@@ -183,7 +183,9 @@ async def decide_all(url: str, docs: list[tuple[str, dict[str, Any]]]) -> list[D
         for n, (decision_id, document) in enumerate(docs, start=1):
             evaluation = await client.evaluate(GATEWAY, document, 5.0)
             decision = parse_decision(evaluation.result)
-            request_id, method, path = DecisionRecord.request_fields(document)
+            http = document["attributes"]["request"]["http"]
+            request_id = str(http["headers"].get("x-request-id") or http.get("id", ""))
+            method, path = http["method"], http["path"].split("?", 1)[0]
             records.append(
                 DecisionRecord(
                     decision_id=decision_id,

@@ -16,7 +16,7 @@ from aiohttp import test_utils, web
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz.core.errors import (
-    ConfigError,
+    AdminRequestError,
     InvalidDecision,
     OpaUnavailable,
     PolicyError,
@@ -628,7 +628,7 @@ async def test_preview_answers_and_logs_nothing_secret() -> None:
 @pytest.mark.parametrize(
     ("error", "status", "code"),
     [
-        (ConfigError("preview.path=None: expected a /path"), 400, "invalid_request"),
+        (AdminRequestError("preview.path=None: expected a /path"), 400, "invalid_request"),
         (RequestError("malformed query"), 400, "invalid_request"),
         (OpaUnavailable("connection refused"), 503, "opa_unavailable"),
         (UndefinedDecision("no decision"), 403, "undefined_decision"),
