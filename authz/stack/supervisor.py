@@ -418,6 +418,9 @@ class Stack:
     replaces each process definition before start (``authz.stack.containers`` runs OPA
     and Envoy as containers with it). ``restart``: how a child that exits is restarted
     once the stack is up (:class:`Supervisor`; None: it stays down).
+    ``gateway_body_routes``: routes added to the gateway that send authz the request body
+    and ask it to parse it (:class:`authz.stack.envoy.BodyRoute`; the shipped gateway
+    has none).
 
     The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
     service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
@@ -438,6 +441,7 @@ class Stack:
         wrap: Callable[[Process], Process] | None = None,
         tls_listeners: bool = False,
         restart: Backoff | None = DEFAULT_BACKOFF,
+        gateway_body_routes: Sequence[envoy.BodyRoute] = (),
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -455,6 +459,7 @@ class Stack:
         # Envoy as containers this way); None runs every process locally.
         self._wrap = wrap
         self._supervisor = Supervisor(backoff=restart)
+        self._gateway_body_routes = tuple(gateway_body_routes)
 
     @property
     def processes(self) -> dict[str, Process]:
@@ -578,6 +583,7 @@ class Stack:
                 clusters={"authz": (HOST, p.authz_grpc), "upstream_api": (HOST, p.upstream)},
                 tls_dir=self.mtls_dir,
                 tls_listeners=["gateway"] if self.tls_listeners else [],
+                body_routes=self._gateway_body_routes,
             ),
             encoding="utf-8",
         )
