@@ -289,7 +289,7 @@ class Supervisor:
     it runs until :meth:`stop`, which stops the children first.
     """
 
-    def __init__(self, *, backoff: Backoff | None = DEFAULT_BACKOFF, poll_s: float = 0.1) -> None:
+    def __init__(self, *, backoff: Backoff | None = DEFAULT_BACKOFF, poll_s: float = 0.25) -> None:
         self.backoff = backoff
         self.poll_s = poll_s
         self.processes: dict[str, Process] = {}

@@ -134,6 +134,34 @@ def test_a_child_that_keeps_crashing_is_restarted_with_doubling_delays(
     ]
 
 
+def test_a_child_that_cannot_be_started_again_is_retried_until_it_can(
+    supervisor: Supervisor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart that fails (the binary is gone) is one more attempt, logged with the
+    reason; the watcher survives it and starts the child once the binary is back."""
+    binary = tmp_path / "sleeper"
+    binary.write_text("#!/bin/sh\nexec sleep 600\n")
+    binary.chmod(0o755)
+    sleeper = Process("sleeper", [str(binary)], tmp_path / "logs/sleeper.log", lambda: True)
+    supervisor.start([sleeper], timeout_s=WAIT_S)
+    caplog.set_level(logging.INFO, logger="authz.stack")
+    binary.rename(tmp_path / "sleeper.away")
+    first = sleeper.pid
+    assert first is not None
+    os.kill(first, signal.SIGTERM)
+    wait_for(lambda: len(supervisor.restarts) >= 3, "two failed restarts")
+    (tmp_path / "sleeper.away").rename(binary)
+    wait_for(lambda: sleeper.running and sleeper.pid != first, "the child back")
+    crash, failed, *_ = supervisor.restarts
+    assert (crash.exit_code, crash.attempt, crash.reason) == (-signal.SIGTERM, 1, "")
+    assert (failed.exit_code, failed.attempt) == (None, 2)
+    assert "No such file" in failed.reason
+    lines = [r.getMessage() for r in caplog.records if r.name == "authz.stack"]
+    assert lines[:2] == [crash.line(), failed.line()]
+    assert failed.line().startswith("sleeper could not be restarted ([Errno 2] No such file")
+    assert failed.line().endswith("; restart 2 in 0.1 s")
+
+
 def test_stop_during_a_pending_restart_leaves_no_process_or_thread_behind(
     tmp_path: Path,
 ) -> None:
@@ -144,6 +172,7 @@ def test_stop_during_a_pending_restart_leaves_no_process_or_thread_behind(
     first, _ = http_child("first", tmp_path)
     flaky = flaky_child(tmp_path)
     pids: list[int] = []
+    threads_before = set(threading.enumerate())  # other stacks may run in this session
     try:
         sup.start([first, flaky], timeout_s=WAIT_S)
         pids = [p for p in (first.pid, flaky.pid) if p is not None]
@@ -155,7 +184,7 @@ def test_stop_during_a_pending_restart_leaves_no_process_or_thread_behind(
     assert all(gone(pid) for pid in pids)
     assert not first.running
     assert not flaky.running
-    assert not [t for t in threading.enumerate() if t.name.startswith("stack-supervisor")]
+    assert set(threading.enumerate()) - threads_before == set()
     time.sleep(backoff.initial_s + 5 * POLL_S)  # past the moment the restart was due
     assert not flaky.running
     assert flaky.pid == pids[1]
