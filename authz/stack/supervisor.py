@@ -348,10 +348,10 @@ class Supervisor:
         try:
             yield process
         finally:
-            process.start()
             try:
+                process.start()
                 process.wait_ready(timeout_s)
-            finally:
+            finally:  # watched again even if it failed to come back
                 with self._lock:
                     if watch is not None:
                         watch.held, watch.restart_at, watch.attempt = False, None, 0
