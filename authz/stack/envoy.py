@@ -5,20 +5,85 @@ ports. :func:`render` rewrites the admin port, listener ports (by listener name)
 cluster endpoints (by cluster name) so tests can run the same file on free ports, and
 moves the TLS files from where deployments mount them (:data:`ENVOY_TLS_DIR`) to a local
 directory (:func:`relocate_tls`); :func:`secure_listeners` puts the deployments' listener
-TLS on named listeners (the local stack's ``--tls``).
+TLS on named listeners (the local stack's ``--tls``); :func:`add_body_routes` adds routes
+that send authz the request body (:class:`BodyRoute`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
+from authz.core.input import MAX_BODY_BYTES
 from authz.tools.egress_envoy import ENVOY_TLS_DIR, LISTENER_TLS_DIRS, downstream_transport_socket
 
-__all__ = ["ENVOY_TLS_DIR", "relocate_tls", "render", "secure_listeners"]
+__all__ = [
+    "ENVOY_TLS_DIR",
+    "BodyRoute",
+    "add_body_routes",
+    "relocate_tls",
+    "render",
+    "secure_listeners",
+]
+
+_HCM: Final = "envoy.filters.network.http_connection_manager"
+_EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyRoute:
+    """A gateway route whose policy reads ``input.parsed_body`` (README "Request
+    bodies"): requests whose path starts with ``prefix`` go where the catch-all route
+    sends them, with its ext_authz settings plus ``parse_body: "true"`` and
+    ``with_request_body`` (Envoy's ext_authz ``BufferSettings``: buffer at most
+    ``max_request_bytes`` bytes of the body; ``allow_partial_message``: a longer body is
+    sent cut, not refused with 413). The default limit is what authz parses at most."""
+
+    prefix: str
+    max_request_bytes: int = MAX_BODY_BYTES
+    allow_partial_message: bool = True
+
+
+def add_body_routes(
+    config: dict[str, Any], routes: Sequence[BodyRoute], listener: str = "gateway"
+) -> dict[str, Any]:
+    """``config`` with one route per :class:`BodyRoute` in front of every route of the
+    named listener's first virtual host, in the order given, each a copy of its last
+    route (the catch-all, ``prefix: "/"``) with the body settings; changed in place and
+    returned. Raises KeyError naming a listener the config does not define, ValueError
+    when its last route is not a catch-all with ext_authz check settings."""
+    if not routes:
+        return config
+    by_listener = {item["name"]: item for item in config["static_resources"]["listeners"]}
+    (hcm,) = [f for f in by_listener[listener]["filter_chains"][0]["filters"] if f["name"] == _HCM]
+    existing: list[dict[str, Any]] = hcm["typed_config"]["route_config"]["virtual_hosts"][0][
+        "routes"
+    ]
+    catch_all = existing[-1]
+    settings = catch_all.get("typed_per_filter_config", {}).get(_EXT_AUTHZ, {})
+    if catch_all.get("match") != {"prefix": "/"} or "check_settings" not in settings:
+        raise ValueError(
+            f"listener {listener}: the last route is not a catch-all (prefix /) with ext_authz "
+            f"check_settings to copy: {catch_all.get('match')}"
+        )
+    added = []
+    for body in routes:
+        route = copy.deepcopy(catch_all)
+        route["match"] = {"prefix": body.prefix}
+        check = route["typed_per_filter_config"][_EXT_AUTHZ]["check_settings"]
+        check.setdefault("context_extensions", {})["parse_body"] = "true"
+        check["with_request_body"] = {
+            "max_request_bytes": body.max_request_bytes,
+            "allow_partial_message": body.allow_partial_message,
+        }
+        added.append(route)
+    existing[:0] = added
+    return config
 
 
 def relocate_tls(config: Any, directory: Path) -> Any:
@@ -62,12 +127,14 @@ def render(
     clusters: Mapping[str, tuple[str, int]],
     tls_dir: Path | None = None,
     tls_listeners: Iterable[str] = (),
+    body_routes: Sequence[BodyRoute] = (),
 ) -> str:
     """``source`` with its admin port, the named listeners' ports and the named clusters'
     (address, port) replaced; ``tls_listeners`` get TLS (:func:`secure_listeners`) and,
-    with ``tls_dir``, the TLS files move there (:func:`relocate_tls`). Raises KeyError
-    naming a listener or cluster that the file does not define (so a renamed one cannot
-    silently keep its old port)."""
+    with ``tls_dir``, the TLS files move there (:func:`relocate_tls`); ``body_routes`` are
+    added to the ``gateway`` listener (:func:`add_body_routes`). Raises KeyError naming a
+    listener or cluster that the file does not define (so a renamed one cannot silently
+    keep its old port), ValueError from :func:`add_body_routes`."""
     config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
@@ -81,6 +148,7 @@ def render(
                 socket = endpoint["endpoint"]["address"]["socket_address"]
                 socket["address"], socket["port_value"] = address, port
     secure_listeners(config, tls_listeners)
+    add_body_routes(config, body_routes)
     if tls_dir is not None:
         relocate_tls(config, tls_dir)
     return yaml.safe_dump(config, sort_keys=False)

@@ -7,6 +7,16 @@ gateway -> Envoy egress), waiting for each to be ready, and stops them in revers
 Children get ``PR_SET_PDEATHSIG`` so they die with the supervisor even if it is killed
 hard: no orphans.
 
+Once everything is ready, a :class:`Supervisor` thread restarts a child that exits, as
+Docker's ``unless-stopped`` restart policy does (restart whatever the exit code, except
+a child the user stopped; a doubling delay between restarts, Docker Engine API
+``RestartPolicy``,
+https://docs.docker.com/reference/api/engine/version/v1.57/schemas/RestartPolicy/): by
+default 0.5 s doubling to 10 s, back to 0.5 s once the child ran 10 s
+(:data:`DEFAULT_BACKOFF`). Each restart is one warning line on the ``authz.stack``
+logger; the other children keep serving, so authz can be watched failing closed while
+OPA is down and recovering when it is back.
+
 All processes bind 127.0.0.1. Logs go to ``<run_dir>/logs/<name>.log``. Envoy -> authz
 is mTLS, as in every deployment: the certificates come from a throwaway CA in
 ``<run_dir>/mtls`` (:data:`STACK_LEAVES`); ``tls_listeners`` also puts TLS on the
@@ -18,14 +28,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Final, Self
@@ -37,12 +50,16 @@ from authz.tools import egress_envoy
 from authz.tools.launch import LaunchError, find_binary, free_port, http_ok
 
 __all__ = [
+    "DEFAULT_BACKOFF",
     "EGRESS_SERVICES",
     "STACK_LEAVES",
+    "Backoff",
     "Ports",
     "Process",
+    "Restart",
     "Stack",
     "StackError",
+    "Supervisor",
     "find_binary",
     "free_port",
     "http_ok",
@@ -62,10 +79,20 @@ STACK_LEAVES: Final = {
 }
 
 
+# Resolved once here: the child must not dlopen between fork and exec (another thread
+# of the parent, the supervisor's, may have held the loader's lock at the fork).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_LOG = logging.getLogger("authz.stack")
+# Restarts remembered for tests and callers (a child crash-looping at the 10 s cap adds
+# 360 an hour): the oldest are dropped.
+_RESTARTS_KEPT: Final = 1_000
+
+
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel for SIGTERM when we die.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Runs in the child between fork and exec: ask the kernel for SIGTERM when the
+    # thread that forked us dies (the supervisor's, for a restarted child; it lives as
+    # long as the stack).
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +137,20 @@ class Process:
 
     @property
     def pid(self) -> int | None:
-        """The OS process id while running."""
+        """The OS process id of the last start (also after it exited)."""
         return self._popen.pid if self._popen is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status once the process exited (negative: killed by that signal, as
+        ``subprocess.Popen.returncode``); None while running or never started."""
+        return self._popen.poll() if self._popen is not None else None
 
     def start(self) -> None:
         """Spawn the process (appending to its log)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:  # a restart: the previous run's handle
+            self._log.close()
         self._log = self.log_path.open("ab")
         self._popen = subprocess.Popen(
             list(self.argv),
@@ -161,6 +196,208 @@ class Process:
         return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """When to restart a crashed child: attempt ``n`` (1, 2, ... since the last stable
+    run) waits ``initial_s * factor ** (n - 1)`` seconds, at most ``cap_s``; a child that
+    ran ``stable_s`` seconds or more before it exited starts over at attempt 1. Raises
+    ValueError naming the field for a policy that would spin (``initial_s`` <= 0) or
+    shrink (``factor`` < 1, ``cap_s`` < ``initial_s``, ``stable_s`` < 0)."""
+
+    initial_s: float = 0.5
+    factor: float = 2.0
+    cap_s: float = 10.0
+    stable_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "initial_s": self.initial_s > 0,
+            "factor": self.factor >= 1,
+            "cap_s": self.cap_s >= self.initial_s,
+            "stable_s": self.stable_s >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"Backoff.{name}={getattr(self, name)!r} is out of range")
+
+    def next_attempt(self, previous: int, up_s: float) -> int:
+        """The attempt number of a restart after a child that had reached attempt
+        ``previous`` (0: never restarted) ran ``up_s`` seconds and exited."""
+        return 1 if previous < 1 or up_s >= self.stable_s else previous + 1
+
+    def delay_s(self, attempt: int) -> float:
+        """Seconds to wait before restart ``attempt`` (>= 1)."""
+        # The exponent is bounded so a long crash loop cannot overflow the float.
+        return min(self.cap_s, self.initial_s * self.factor ** min(attempt - 1, 64))
+
+
+DEFAULT_BACKOFF: Final = Backoff()
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """One restart decided by the :class:`Supervisor`: ``name`` exited with
+    ``exit_code`` (negative: killed by that signal; None: unknown, a container, or the
+    restart itself failed), restart number ``attempt`` follows after ``delay_s`` seconds.
+    ``at``: when the exit was seen (``time.monotonic()``). ``reason``: why a restart
+    could not start the child, if that is what happened."""
+
+    name: str
+    exit_code: int | None
+    attempt: int
+    delay_s: float
+    at: float
+    reason: str = ""
+
+    def line(self) -> str:
+        """The log line, e.g. ``opa exited with code -9 (SIGKILL); restart 1 in 0.5 s``."""
+        if self.reason:
+            what = f"could not be restarted ({self.reason})"
+        elif self.exit_code is None:
+            what = "exited"
+        elif self.exit_code < 0:
+            what = f"exited with code {self.exit_code} ({_signal_name(-self.exit_code)})"
+        else:
+            what = f"exited with code {self.exit_code}"
+        return f"{self.name} {what}; restart {self.attempt} in {self.delay_s:g} s"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclass(slots=True)
+class _Watch:
+    process: Process
+    started_at: float
+    attempt: int = 0
+    restart_at: float | None = None  # set while a restart waits for its delay
+    held: bool = False  # stopped on purpose (Supervisor.paused): not restarted
+
+
+class Supervisor:
+    """Starts processes in order, restarts one that exits (:class:`Backoff`, one
+    :meth:`Restart.line` warning on the ``authz.stack`` logger each), stops them in
+    reverse. ``backoff=None``: no restarts (a child that exits stays down).
+    ``poll_s``: how often the watcher thread looks at the children (seconds).
+
+    Thread-safe: the watcher thread and the caller share one lock. Children restarted by
+    the watcher are forked from it, so their ``PR_SET_PDEATHSIG`` fires when it ends:
+    it runs until :meth:`stop`, which stops the children first.
+    """
+
+    def __init__(self, *, backoff: Backoff | None = DEFAULT_BACKOFF, poll_s: float = 0.25) -> None:
+        self.backoff = backoff
+        self.poll_s = poll_s
+        self.processes: dict[str, Process] = {}
+        self._watches: dict[str, _Watch] = {}
+        self._restarts: deque[Restart] = deque(maxlen=_RESTARTS_KEPT)
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def restarts(self) -> list[Restart]:
+        """Every restart decided so far, oldest first (the last 1,000)."""
+        with self._lock:
+            return list(self._restarts)
+
+    def start(self, processes: Iterable[Process], timeout_s: float) -> None:
+        """Start each process and wait until it is ready (``Process.wait_ready``) before
+        the next; then watch them all. On any failure stop what was started and raise
+        (StackError: a process exited early or was not ready in ``timeout_s`` s)."""
+        try:
+            for process in processes:
+                self.processes[process.name] = process
+                process.start()
+                process.wait_ready(timeout_s)
+                self._watches[process.name] = _Watch(process, time.monotonic())
+        except BaseException:
+            self.stop()
+            raise
+        if self.backoff is not None:
+            self._thread = threading.Thread(
+                target=self._watch, name="stack-supervisor", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching, then stop every process, last started first (a pending restart
+        never happens). Idempotent."""
+        self._closing.set()
+        with self._lock:  # waits for a restart in progress
+            for process in reversed(list(self.processes.values())):
+                process.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def paused(self, name: str, timeout_s: float = 30.0) -> Iterator[Process]:
+        """Stop ``name`` for the duration of the block (not restarted meanwhile), then
+        start it again and wait until it is ready (raises StackError if it is not within
+        ``timeout_s`` seconds)."""
+        process = self.processes[name]
+        watch = self._watches.get(name)
+        with self._lock:
+            if watch is not None:
+                watch.held = True
+            process.stop()
+        try:
+            yield process
+        finally:
+            try:
+                process.start()
+                process.wait_ready(timeout_s)
+            finally:  # watched again even if it failed to come back
+                with self._lock:
+                    if watch is not None:
+                        watch.held, watch.restart_at, watch.attempt = False, None, 0
+                        watch.started_at = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._closing.wait(self.poll_s):
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                for watch in self._watches.values():
+                    try:
+                        self._check(watch, time.monotonic())
+                    except Exception:  # never let the watcher die: its children would
+                        _LOG.exception("supervising %s failed", watch.process.name)
+
+    def _check(self, watch: _Watch, now: float) -> None:
+        if watch.held:
+            return
+        process = watch.process
+        if watch.restart_at is None:
+            if not process.running:
+                self._crashed(watch, now, process.exit_code)
+            return
+        if now < watch.restart_at:
+            return
+        watch.restart_at = None
+        try:
+            process.stop()  # releases the last run (its log, a container)
+            process.start()
+        except Exception as exc:
+            watch.started_at = now  # it never ran: the next attempt, not a reset
+            self._crashed(watch, now, None, reason=str(exc) or type(exc).__name__)
+            return
+        watch.started_at = now
+
+    def _crashed(self, watch: _Watch, now: float, code: int | None, reason: str = "") -> None:
+        assert self.backoff is not None  # the watcher runs only with a backoff
+        watch.attempt = self.backoff.next_attempt(watch.attempt, now - watch.started_at)
+        delay = self.backoff.delay_s(watch.attempt)
+        restart = Restart(watch.process.name, code, watch.attempt, delay, now, reason)
+        self._restarts.append(restart)
+        _LOG.warning("%s", restart.line())
+        watch.restart_at = now + delay
+
+
 class Stack:
     """OPA + authz + Envoy gateway and egress + demo upstream + egress stand-in + bundle
     server on 127.0.0.1.
@@ -179,7 +416,11 @@ class Stack:
     call carries as the real API would. ``redis`` starts a redis-server (from the
     machine's packages) and points authz's shared rate-limit backend at it. ``wrap``
     replaces each process definition before start (``authz.stack.containers`` runs OPA
-    and Envoy as containers with it).
+    and Envoy as containers with it). ``restart``: how a child that exits is restarted
+    once the stack is up (:class:`Supervisor`; None: it stays down).
+    ``gateway_body_routes``: routes added to the gateway that send authz the request body
+    and ask it to parse it (:class:`authz.stack.envoy.BodyRoute`; the shipped gateway
+    has none).
 
     The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
     service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
@@ -199,6 +440,8 @@ class Stack:
         redis: bool = False,
         wrap: Callable[[Process], Process] | None = None,
         tls_listeners: bool = False,
+        restart: Backoff | None = DEFAULT_BACKOFF,
+        gateway_body_routes: Sequence[envoy.BodyRoute] = (),
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -215,7 +458,18 @@ class Stack:
         # Replaces process definitions before start (authz.stack.containers runs OPA and
         # Envoy as containers this way); None runs every process locally.
         self._wrap = wrap
-        self.processes: dict[str, Process] = {}
+        self._supervisor = Supervisor(backoff=restart)
+        self._gateway_body_routes = tuple(gateway_body_routes)
+
+    @property
+    def processes(self) -> dict[str, Process]:
+        """The processes started so far by name, in start order."""
+        return self._supervisor.processes
+
+    @property
+    def restarts(self) -> list[Restart]:
+        """Every restart of a crashed child so far, oldest first."""
+        return self._supervisor.restarts
 
     # -- process definitions -------------------------------------------------------
     def _log(self, name: str) -> Path:
@@ -329,6 +583,7 @@ class Stack:
                 clusters={"authz": (HOST, p.authz_grpc), "upstream_api": (HOST, p.upstream)},
                 tls_dir=self.mtls_dir,
                 tls_listeners=["gateway"] if self.tls_listeners else [],
+                body_routes=self._gateway_body_routes,
             ),
             encoding="utf-8",
         )
@@ -421,21 +676,14 @@ class Stack:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
-        """Start every process in order, each ready before the next starts. On failure,
+        """Start every process in order, each ready before the next starts (within
+        ``timeout_s`` seconds), then restart any that exits (``restart``). On failure,
         stop what was started and raise StackError."""
-        try:
-            for process in self._define():
-                self.processes[process.name] = process
-                process.start()
-                process.wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self._supervisor.start(self._define(), timeout_s)
 
     def stop(self) -> None:
-        """Stop every process, last started first."""
-        for process in reversed(list(self.processes.values())):
-            process.stop()
+        """Stop every process, last started first; no restart happens after this."""
+        self._supervisor.stop()
 
     def __getitem__(self, name: str) -> Process:
         return self.processes[name]
@@ -449,12 +697,7 @@ class Stack:
 
     @contextlib.contextmanager
     def stopped(self, name: str, timeout_s: float = 30.0) -> Iterator[Process]:
-        """Stop ``name`` for the duration of the block, then start it again and wait
-        until it is ready (for outage tests)."""
-        process = self.processes[name]
-        process.stop()
-        try:
+        """Stop ``name`` for the duration of the block (it is not restarted meanwhile),
+        then start it again and wait until it is ready (for outage tests)."""
+        with self._supervisor.paused(name, timeout_s) as process:
             yield process
-        finally:
-            process.start()
-            process.wait_ready(timeout_s)

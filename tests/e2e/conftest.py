@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.runtime.secrets import write_secrets_file
 from authz.stack import containers
+from authz.stack.envoy import BodyRoute
 from authz.stack.supervisor import Ports, Process, Stack, free_port, http_ok
 from authz.tools.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
 from tests.unit.fakes import check_request
@@ -148,27 +149,41 @@ class Env:
         return result.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="session")
-def e2e(
-    repo_root: Path, tmp_path_factory: pytest.TempPathFactory, opa_bin: str, envoy_bin: str
+@contextmanager
+def running_env(
+    root: Path,
+    base: Path,
+    *,
+    authz_env: Mapping[str, str] | None = None,
+    gateway_body_routes: Sequence[BodyRoute] = (),
 ) -> Iterator[Env]:
-    """The whole gateway stack, started once for the session."""
-    base = tmp_path_factory.mktemp("e2e")
+    """The whole stack on free ports, everything it writes under ``base``: fresh keys
+    (:data:`KEY_SPECS`), sandbox tokens (:data:`SANDBOX_SPECS`), egress secrets
+    (:data:`SERVICES`) and admin token, a bundle built with their digests; authz runs
+    with :data:`BURST_S` and the admin token, plus ``authz_env``;
+    ``gateway_body_routes`` go to :class:`Stack`. OPA and both Envoys are containers
+    with ``AUTHZ_E2E_CONTAINERS=1`` (the test fails without a Docker engine). Yields once
+    every process is ready; stops the stack and closes the clients on exit."""
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
     admin_token = generate_key("adm_")
     try:
-        runtime = containers.from_env(os.environ, root=repo_root, run_dir=base / "run")
+        runtime = containers.from_env(os.environ, root=root, run_dir=base / "run")
     except containers.ContainersUnavailable as exc:
         pytest.fail(str(exc))
     stack = Stack(
-        repo_root,
+        root,
         base / "run",
         base / "bundles",
         ports,
         secrets_file=secrets_file,
-        authz_env={"AUTHZ_RATE_LIMIT_BURST_S": BURST_S, "AUTHZ_ADMIN_TOKEN": admin_token},
+        authz_env={
+            "AUTHZ_RATE_LIMIT_BURST_S": BURST_S,
+            "AUTHZ_ADMIN_TOKEN": admin_token,
+            **(authz_env or {}),
+        },
         wrap=None if runtime is None else runtime.wrap,
+        gateway_body_routes=gateway_body_routes,
     )
     env = Env(
         stack,
@@ -187,16 +202,28 @@ def e2e(
             timeout=5.0,
         ),
     )
-    for client in (env.gateway, env.egress):
-        client.event_hooks["response"] = [env.record]
-    env.write_keys()
-    env.write_secrets()
-    env.build_bundle(repo_root)
-    with stack:
+    try:
+        env.write_keys()
+        env.write_secrets()
+        env.build_bundle(root)
+        with stack:
+            yield env
+    finally:
+        env.gateway.close()
+        env.egress.close()
+        env.admin.close()
+
+
+@pytest.fixture(scope="session")
+def e2e(
+    repo_root: Path, tmp_path_factory: pytest.TempPathFactory, opa_bin: str, envoy_bin: str
+) -> Iterator[Env]:
+    """The whole gateway stack (:func:`running_env`), started once for the session; the
+    gateway and egress clients keep every response (:meth:`Env.record`)."""
+    with running_env(repo_root, tmp_path_factory.mktemp("e2e")) as env:
+        for client in (env.gateway, env.egress):
+            client.event_hooks["response"] = [env.record]
         yield env
-    env.gateway.close()
-    env.egress.close()
-    env.admin.close()
 
 
 @contextmanager

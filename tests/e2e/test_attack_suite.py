@@ -1,10 +1,11 @@
 """Attack suite: hostile callers cannot exhaust authz or slip past it (issue #13).
 
 Each campaign starts its own stack (OPA + authz + both Envoys + upstream, 127.0.0.1 free
-ports, as the session's ``e2e`` fixture builds it), runs a legitimate client (the
-``user`` API key, GET of an allowed path at a fixed rate) and, meanwhile, hostile traffic
-without any valid credential (``tests/e2e/hostile.py``), stops the stack, and hands its
-counts to the tests, each of which checks one invariant:
+ports, built by ``running_env`` as the session's ``e2e`` fixture is, plus
+:data:`BODY_ROUTE`), runs a legitimate client (the ``user`` API key, GET of an allowed
+path at a fixed rate) and, meanwhile, hostile traffic without any valid credential
+(``tests/e2e/hostile.py``), stops the stack, and hands its counts to the tests, each of
+which checks one invariant:
 
 - authz's peak resident set (``VmHWM`` of ``/proc/<pid>/status``) stays under a fixed
   bound;
@@ -21,9 +22,7 @@ assertions run, so only one campaign's processes exist at a time.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
 import random
 import threading
 import time
@@ -35,14 +34,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from authz.stack import containers
-from authz.stack.supervisor import Ports, Process, Stack
-from authz.tools.keys import SANDBOX_TOKEN_PREFIX, generate_key
+from authz.stack.envoy import BodyRoute
 from bench import procstat
 from tests.e2e import hostile
-from tests.e2e.conftest import BURST_S, KEY_SPECS, SANDBOX_SPECS, SERVICES, Env
+from tests.e2e.conftest import SANDBOX_SPECS, SERVICES, Env, running_env
 from tests.e2e.hostile import HostileRequest, Slowloris, Tally
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +103,9 @@ class Campaign:
     rss_baseline_kb: int = 0
     rss_peak_kb: int = 0
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Restarts of a crashed stack process (Restart.line()): the stack restarts one, which
+    # could hide an authz crash from the other invariants (a new pid, a short outage).
+    restarts: list[str] = field(default_factory=list)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -135,6 +134,7 @@ class Campaign:
             lines.append(
                 f"  phase {name} ({end - start:.1f} s): legitimate {dict(sorted(during.items()))}"
             )
+        lines.extend(f"stack restart: {line}" for line in self.restarts)
         lines.append(f"hostile ({self.hostile.total}), kind status origin: count")
         return "\n".join(lines) + "\n" + self.hostile.table()
 
@@ -147,85 +147,9 @@ class Campaign:
 # adds one. The attack suite adds it so body bombs reach authz's parsers. Under
 # /api/v1/admin/, so the policy denies it to anyone but an admin key.
 BODY_ROUTE = "/api/v1/admin/upload"
-_EXT_AUTHZ = "envoy.filters.http.ext_authz"
-
-
-class BodyRouteStack(Stack):
-    """The local stack, its gateway with :data:`BODY_ROUTE` in front of the catch-all
-    route: the same decision path, plus ``parse_body: "true"`` and the body buffered
-    (64 KiB, partial allowed)."""
-
-    def _define(self) -> list[Process]:
-        processes = super()._define()
-        path = self.run_dir / "envoy-gateway.yaml"
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        (listener,) = config["static_resources"]["listeners"]
-        (hcm,) = listener["filter_chains"][0]["filters"]
-        routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-        route = copy.deepcopy(routes[-1])
-        route["match"] = {"prefix": BODY_ROUTE}
-        settings = route["typed_per_filter_config"][_EXT_AUTHZ]["check_settings"]
-        settings["context_extensions"]["parse_body"] = "true"
-        settings["with_request_body"] = {
-            "max_request_bytes": hostile.BODY_LIMIT,
-            "allow_partial_message": True,
-        }
-        routes.insert(0, route)
-        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        return processes
-
-
-@contextmanager
-def running_env(repo_root: Path, base: Path, authz_env: dict[str, str]) -> Iterator[Env]:
-    """A stack like the session's ``e2e`` fixture (same keys, sandboxes, secrets and
-    settings) plus ``authz_env`` and :data:`BODY_ROUTE`, in ``base``."""
-    ports = Ports.free()
-    secrets_file = base / "secrets/egress.json"
-    admin_token = generate_key("adm_")
-    try:
-        runtime = containers.from_env(os.environ, root=repo_root, run_dir=base / "run")
-    except containers.ContainersUnavailable as exc:
-        pytest.fail(str(exc))
-    stack = BodyRouteStack(
-        repo_root,
-        base / "run",
-        base / "bundles",
-        ports,
-        secrets_file=secrets_file,
-        authz_env={
-            "AUTHZ_RATE_LIMIT_BURST_S": BURST_S,
-            "AUTHZ_ADMIN_TOKEN": admin_token,
-            **authz_env,
-        },
-        wrap=None if runtime is None else runtime.wrap,
-    )
-    env = Env(
-        stack,
-        keys={name: generate_key() for name in KEY_SPECS},
-        tokens={sandbox: generate_key(SANDBOX_TOKEN_PREFIX) for sandbox in SANDBOX_SPECS},
-        secrets={service: f"{service}-{generate_key('secret_')}" for service in SERVICES},
-        secrets_file=secrets_file,
-        overlay=base / "overlay",
-        bundle_dir=base / "bundles",
-        gateway=httpx.Client(base_url=f"http://127.0.0.1:{ports.gateway}", timeout=5.0),
-        egress=httpx.Client(base_url=f"http://127.0.0.1:{ports.egress}", timeout=5.0),
-        admin_token=admin_token,
-        admin=httpx.Client(
-            base_url=f"http://127.0.0.1:{ports.authz_admin}",
-            headers={"authorization": f"Bearer {admin_token}", "x-authz-actor": "e2e"},
-            timeout=5.0,
-        ),
-    )
-    env.write_keys()
-    env.write_secrets()
-    env.build_bundle(repo_root)
-    try:
-        with stack:
-            yield env
-    finally:
-        env.gateway.close()
-        env.egress.close()
-        env.admin.close()
+# The same decision path as the catch-all, plus parse_body and the body buffered (64 KiB,
+# partial allowed).
+GATEWAY_BODY_ROUTES = (BodyRoute(BODY_ROUTE, hostile.BODY_LIMIT, allow_partial_message=True),)
 
 
 def authz_pid(env: Env) -> int:
@@ -486,7 +410,10 @@ def campaign(
     name: str = request.param
     authz_env, attack = CAMPAIGNS[name]
     result = Campaign(name)
-    with running_env(repo_root, tmp_path_factory.mktemp(f"attack-{name}"), authz_env) as env:
+    base = tmp_path_factory.mktemp(f"attack-{name}")
+    with running_env(
+        repo_root, base, authz_env=authz_env, gateway_body_routes=GATEWAY_BODY_ROUTES
+    ) as env:
         pid = authz_pid(env)
         with LegitClient(str(env.gateway.base_url), env.keys["user"]) as legit:
             time.sleep(WARMUP_S)
@@ -495,6 +422,7 @@ def campaign(
                 attack(env, result)
             result.rss_peak_kb = rss.peak_kb
         result.legit = legit.answers
+        result.restarts = [restart.line() for restart in env.stack.restarts]
     print(result.report())
     return result
 
@@ -516,6 +444,10 @@ def test_no_request_without_a_valid_credential_is_ever_allowed(campaign: Campaig
     assert campaign.hostile.total > 0, campaign.report()
     allowed = campaign.hostile.matching(lambda o: o.allowed)
     assert allowed == {}, campaign.report()
+
+
+def test_no_stack_process_crashes_under_attack(campaign: Campaign) -> None:
+    assert campaign.restarts == [], campaign.report()
 
 
 def test_client_garbage_never_gets_a_5xx(campaign: Campaign) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from authz.stack.envoy import relocate_tls, render
+from authz.core.input import MAX_BODY_BYTES
+from authz.stack.envoy import BodyRoute, relocate_tls, render
 
 GATEWAY = Path("infra/envoy/envoy-gateway.yaml")
 
@@ -182,3 +183,56 @@ def test_render_moves_the_tls_files_and_secures_listeners(repo_root: Path, tmp_p
     assert "/etc/envoy-tls" not in yaml.safe_dump(rendered)
     relocate_tls(original, tmp_path)
     assert rendered == original
+
+
+def gateway_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    (chain,) = by_name(config, "listeners", "gateway")["filter_chains"]
+    (hcm,) = chain["filters"]
+    routes: list[dict[str, Any]] = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    return routes
+
+
+def test_body_routes_ask_for_the_body_in_front_of_the_catch_all(repo_root: Path) -> None:
+    """Each BodyRoute is the catch-all route (same cluster, same decision path) for its
+    prefix, plus ``parse_body: "true"`` and ``with_request_body`` (README "Request
+    bodies"), in front of every other route, in the order given; nothing else changes."""
+    source = repo_root / GATEWAY
+    original = load(source)
+    rendered = yaml.safe_load(
+        render(
+            source,
+            admin_port=9901,
+            listeners={},
+            clusters={},
+            body_routes=[BodyRoute("/api/v1/admin/upload"), BodyRoute("/small", 1024, False)],
+        )
+    )
+    upload, small, *rest = gateway_routes(rendered)
+    assert rest == gateway_routes(original)
+    catch_all = gateway_routes(original)[-1]
+    for route, prefix, limit, partial in (
+        (upload, "/api/v1/admin/upload", MAX_BODY_BYTES, True),
+        (small, "/small", 1024, False),
+    ):
+        expected_route = copy.deepcopy(catch_all)
+        expected_route["match"] = {"prefix": prefix}
+        settings = expected_route["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
+            "check_settings"
+        ]
+        settings["context_extensions"]["parse_body"] = "true"
+        settings["with_request_body"] = {
+            "max_request_bytes": limit,
+            "allow_partial_message": partial,
+        }
+        assert route == expected_route
+    gateway_routes(rendered)[:2] = []
+    assert rendered == original
+
+
+def test_body_routes_refuse_a_gateway_without_a_catch_all_route(tmp_path: Path) -> None:
+    config = load(Path(__file__).resolve().parents[2] / GATEWAY)
+    gateway_routes(config)[-1]["match"] = {"prefix": "/api/"}
+    source = tmp_path / "gateway.yaml"
+    source.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(ValueError, match="catch-all"):
+        render(source, admin_port=1, listeners={}, clusters={}, body_routes=[BodyRoute("/x")])
