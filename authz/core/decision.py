@@ -25,6 +25,7 @@ from typing import Any, Final, Literal
 from envoy.type.v3 import http_status_pb2
 
 from authz.core.errors import InvalidDecision
+from authz.core.headers import is_token
 
 __all__ = [
     "CredentialRef",
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 Header = tuple[str, str]
-_TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
 _REASON: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _REF: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -128,7 +128,7 @@ def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
 
 
 def _header_name(field_name: str, name: str) -> str:
-    if not _TOKEN.fullmatch(name):
+    if not is_token(name):
         raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
     return name.lower()
 

@@ -15,10 +15,16 @@
   it would only drop Envoy's own value.
 
 All names are lowercase (HTTP/2 and Envoy's ext_authz ``headers`` map use lowercase).
+
+The syntax of a header field name (and of an auth scheme) is RFC 9110's ``token``
+(https://www.rfc-editor.org/rfc/rfc9110#section-5.6.2), written here once:
+:data:`TCHAR` / :data:`TOKEN` for patterns that embed it, :func:`is_token` and
+:func:`is_header_name` (a lowercase token) for checks.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 __all__ = [
@@ -26,8 +32,39 @@ __all__ = [
     "FORWARDING_HEADERS",
     "IDENTITY_HEADERS",
     "OWN_PREFIX",
+    "TCHAR",
+    "TOKEN",
     "UNENFORCED_REMOVALS",
+    "is_header_name",
+    "is_token",
 ]
+
+# RFC 9110 section 5.6.2: tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" /
+# "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA; token = 1*tchar. A regular-expression
+# character class (one tchar) and the token, for patterns that embed them.
+TCHAR: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+TOKEN: Final = TCHAR + "+"
+_TOKEN_RE: Final = re.compile(TOKEN)
+_LOWER_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+
+def is_token(text: str, max_length: int | None = None) -> bool:
+    """True when ``text`` is an RFC 9110 ``token`` (section 5.6.2: one or more tchar,
+    ASCII only) of at most ``max_length`` characters (no limit when None)."""
+    if max_length is not None and len(text) > max_length:
+        return False
+    return _TOKEN_RE.fullmatch(text) is not None
+
+
+def is_header_name(name: str, max_length: int | None = None) -> bool:
+    """True when ``name`` is a lowercase header field name: an RFC 9110 ``token``
+    (section 5.6.2, field-name = token) without uppercase letters, as HTTP/2 (RFC 9113
+    section 8.2.1) and Envoy's ext_authz ``headers`` map carry them; at most
+    ``max_length`` characters (no limit when None)."""
+    if max_length is not None and len(name) > max_length:
+        return False
+    return _LOWER_TOKEN_RE.fullmatch(name) is not None
+
 
 CREDENTIAL_HEADERS: Final = (
     "x-api-key",

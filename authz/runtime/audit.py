@@ -59,7 +59,7 @@ from typing import Any, Final
 import orjson
 
 from authz.core.errors import ConfigError
-from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, TCHAR
 from authz.core.record import DecisionRecord
 from authz.runtime.config import (
     DEFAULT_AUDIT_BODY_MAX_BYTES,
@@ -167,7 +167,7 @@ _SHED_ORDER: Final = (
     (("attributes", "request", "http", "headers"), "headers"),
     (("attributes", "contextExtensions"), "contextExtensions"),
 )
-_SCHEME_RE: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) sha256:[0-9a-f]{64}$")
+_SCHEME_RE: Final = re.compile(rf"^({TCHAR}{{1,32}}) sha256:[0-9a-f]{{64}}$")
 
 
 def truncation_marker(size: int) -> str:

@@ -30,7 +30,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.core.headers import (
+    CREDENTIAL_HEADERS,
+    FORWARDING_HEADERS,
+    IDENTITY_HEADERS,
+    is_header_name,
+)
 
 __all__ = [
     "AUTHZ_CLIENT_TLS_DIR",
@@ -85,8 +90,6 @@ _NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
 _SERVICE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A DNS name (underscores tolerated: they exist in real DNS, if not in host names).
 _HOST_NAME: Final = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
-# RFC 9110 section 5.1 field-name token, lowercase (as ext_authz sets it).
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
 _TYPE: Final = "type.googleapis.com/envoy.extensions"
@@ -304,7 +307,7 @@ def _credential_header(service: str, spec: Mapping[str, Any]) -> str | None:
     if not isinstance(credential, Mapping):
         raise ValueError(f"egress service {service!r}: credential must be an object")
     header = credential.get("header")
-    if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+    if not isinstance(header, str) or not is_header_name(header):
         raise ValueError(
             f"egress service {service!r}: credential.header must be a lowercase header "
             f"name, got {header!r}"
