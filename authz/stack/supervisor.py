@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ import yaml
 from authz.stack import envoy, tls
 from authz.tools import egress_envoy
 from authz.tools.launch import LaunchError, find_binary, free_port, http_ok
+from authz.tools.services import ServicesError, read_services, specs
 
 __all__ = [
     "EGRESS_SERVICES",
@@ -283,14 +283,10 @@ class Stack:
         )
 
     def _egress_services(self) -> dict[str, Any]:
-        path = self.root / EGRESS_SERVICES
         try:
-            services = json.loads(path.read_text(encoding="utf-8"))["services"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StackError(f"cannot read the egress services from {path}: {exc!r}") from exc
-        if not isinstance(services, dict):
-            raise StackError(f"{path}: .services must be an object")
-        return services
+            return dict(specs(read_services(self.root / EGRESS_SERVICES)))
+        except ServicesError as exc:
+            raise StackError(str(exc)) from exc
 
     def _standin(self, services_hosts: list[str]) -> Process:
         p = self.ports

@@ -40,6 +40,7 @@ from authz.core.rfc3339 import parse_rfc3339
 from authz.runtime import audit, config, logs, secrets
 from authz.tools import key_health as hygiene
 from authz.tools import keys
+from authz.tools.services import ServicesError, read_services
 
 __all__ = ["main"]
 
@@ -156,11 +157,11 @@ def _secrets_generate(args: argparse.Namespace) -> int:
         environ.update({k: v for k, v in dotenv_values(args.env_file).items() if v is not None})
     environ.update(os.environ)  # the process environment wins over the file
     try:
-        services = json.loads(args.services.read_text(encoding="utf-8"))["services"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: cannot read services from {args.services}: {exc}", file=sys.stderr)
+        egress = read_services(args.services)
+    except ServicesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    refs = sorted(name for name, svc in services.items() if svc.get("credential"))
+    refs = sorted(name for name, service in egress.items() if service.credential)
     found, missing = secrets.collect_credentials(refs, environ)
     try:
         secrets.write_secrets_file(args.out, found)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any, Final
 
 import yaml
 
-from authz.tools import egress_envoy
+from authz.tools import egress_envoy, services
 
 __all__ = [
     "ADMIN_PORTS",
@@ -223,12 +222,8 @@ def _configmap(name: str, data: Mapping[str, str], source: str) -> dict[str, Any
     }
 
 
-def _egress_services(root: Path) -> dict[str, Any]:
-    data = json.loads((root / EGRESS_SOURCE).read_text(encoding="utf-8"))
-    services = data.get("services") if isinstance(data, dict) else None
-    if not isinstance(services, dict):
-        raise ValueError(f"{EGRESS_SOURCE}: .services must be an object")
-    return services
+def _egress_services(root: Path) -> dict[str, Mapping[str, Any]]:
+    return services.specs(services.read_services(root / EGRESS_SOURCE))
 
 
 def outputs(root: Path) -> dict[str, str]:
