@@ -34,6 +34,7 @@ import yaml
 
 from authz.stack import envoy, tls
 from authz.stack.supervisor import STACK_LEAVES, Process, StackError, free_port, http_ok
+from authz.tools.launch import opa_launch
 
 __all__ = [
     "HOST",
@@ -326,22 +327,14 @@ class Rig:
             plugin_addr=plugin_addr,
         )
         path = self._write(f"{name}-opa.yaml", config)
-        health = "/health?bundles" + ("&plugins" if plugin_addr else "")
-        process = Process(
-            name,
-            [
-                binary,
-                "run",
-                "--server",
-                f"--addr={HOST}:{port}",
-                f"--config-file={path}",
-                "--log-format=json",
-                "--log-level=error",
-            ],
-            self._log(name),
-            lambda: http_ok(f"http://{HOST}:{port}{health}"),
+        launch = opa_launch(
+            binary,
+            port,
+            f"--config-file={path}",
+            "--log-format=json",
+            ready_path="/health?bundles" + ("&plugins" if plugin_addr else ""),
         )
-        return process, port
+        return Process(name, launch.argv, self._log(name), launch.ready), port
 
     # -- per setup ---------------------------------------------------------------
     @contextmanager
