@@ -31,6 +31,7 @@ from authz.core.headers import (
     IDENTITY_HEADERS,
     is_header_name,
 )
+from authz.tools.generated import is_stale, write_generated
 from authz.tools.services import (
     DEFAULT_SERVICES,
     Upstream,
@@ -532,11 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     if args.check:
-        try:
-            current: str | None = out.read_text(encoding="utf-8")
-        except OSError:
-            current = None
-        if current != text:
+        if is_stale(out, text):
             print(
                 f"{out} is out of date with {args.services}: run "
                 f"python -m authz.tools.egress_envoy --services {args.services} --out {out}",
@@ -544,10 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    write_generated(out, text)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
