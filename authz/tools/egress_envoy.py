@@ -29,15 +29,14 @@ from authz.core.headers import (
     CREDENTIAL_HEADERS,
     FORWARDING_HEADERS,
     IDENTITY_HEADERS,
-    is_header_name,
 )
 from authz.tools.generated import is_stale, write_generated
 from authz.tools.services import (
     DEFAULT_SERVICES,
     Upstream,
     is_ip,
-    is_service_name,
     parse_base_url,
+    parse_service,
     read_services,
     specs,
 )
@@ -106,8 +105,9 @@ def generate(
 ) -> dict[str, Any]:
     """The egress Envoy's complete v3 bootstrap as a plain (YAML/JSON-dumpable) dict.
 
-    ``services``: service name -> spec; only ``spec["base_url"]`` and
-    ``spec["credential"]["header"]`` are read here (the rest is the policy's). Per service:
+    ``services``: service name -> spec (checked by
+    :func:`authz.tools.services.parse_service`); only ``spec["base_url"]`` and
+    ``spec["credential"]["header"]`` shape the config (the rest is the policy's). Per service:
     a virtual host with domains ``[name, name:*]`` that removes every credential and
     identity header (``authz.core.headers``) but the credential header, and whose
     one route (prefix ``/``) goes to cluster ``service_<name>`` with ``Host`` rewritten to
@@ -125,9 +125,9 @@ def generate(
     ``listen_address``: the listener; ``admin_port``: admin on 127.0.0.1 (never exposed
     beside the listener); ``authz_address``: authz's gRPC (IP, port), an HTTP/2 cluster.
 
-    Raises ValueError naming the service and field for a bad service name, a spec that
-    is not an object, a bad ``base_url`` (:func:`parse_base_url`), an ``http`` base_url
-    for a service with a ``credential`` (the secret would travel in clear), or an
+    Raises ValueError naming the service and field for a bad service
+    (:func:`authz.tools.services.parse_service`: name, spec, ``base_url``, an ``http``
+    base_url for a service with a ``credential``, the credential's fields), or an
     override address that is not an IP address.
 
     Envoy v3 API references (https://www.envoyproxy.io/docs/envoy/latest/):
@@ -148,24 +148,10 @@ def generate(
     virtual_hosts: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = [_authz_cluster(authz_address)]
     for name in sorted(services):
-        spec = services[name]
-        if not is_service_name(name):
-            raise ValueError(
-                f"egress service {name!r}: the name must be one lowercase DNS label "
-                "(a-z, 0-9, '-'); sandboxes send it as Host"
-            )
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"egress service {name!r}: must be an object, got {spec!r}")
-        upstream = parse_base_url(name, spec.get("base_url"))
-        if spec.get("credential") is not None and not upstream.tls:
-            # authz injects the credential into the request Envoy forwards: over plain
-            # http it would cross the network in clear.
-            raise ValueError(
-                f"egress service {name!r}: base_url {spec['base_url']!r} is plain http but "
-                "the service has a credential, which must never cross a hop in clear: "
-                "use an https base_url"
-            )
-        virtual_hosts.append(_service_virtual_host(name, upstream, _credential_header(name, spec)))
+        service = parse_service(name, services[name])
+        upstream = service.upstream
+        header = service.credential.header if service.credential is not None else None
+        virtual_hosts.append(_service_virtual_host(name, upstream, header))
         clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
     virtual_hosts.append(_catch_all_virtual_host())
     return {
@@ -228,23 +214,6 @@ def _check_settings(service: str) -> dict[str, Any]:
             },
         }
     }
-
-
-def _credential_header(service: str, spec: Mapping[str, Any]) -> str | None:
-    """The header the service's credential is injected into (``credential.header``), or
-    None for a service without a credential. Raises ValueError naming the field."""
-    credential = spec.get("credential")
-    if credential is None:
-        return None
-    if not isinstance(credential, Mapping):
-        raise ValueError(f"egress service {service!r}: credential must be an object")
-    header = credential.get("header")
-    if not isinstance(header, str) or not is_header_name(header):
-        raise ValueError(
-            f"egress service {service!r}: credential.header must be a lowercase header "
-            f"name, got {header!r}"
-        )
-    return header
 
 
 def _service_virtual_host(

@@ -150,9 +150,10 @@ def parse_base_url(service: str, base_url: object) -> Upstream:
 def parse_service(name: object, spec: object) -> Service:
     """One entry of ``services``, typed. Raises ValueError naming the service and the
     field: a name that is not one lowercase DNS label, a spec that is not an object, a bad
-    ``base_url`` (:func:`parse_base_url`), a ``credential`` that is not an object, whose
-    ``header`` is not a lowercase header name (RFC 9110 token) or whose ``format`` is not
-    a string containing ``{secret}``."""
+    ``base_url`` (:func:`parse_base_url`), a ``credential`` (of any shape) with a plain
+    ``http`` base_url (the secret would travel in clear), a ``credential`` that is not
+    an object, whose ``header`` is not a lowercase header name (RFC 9110 token) or whose
+    ``format`` is not a string containing ``{secret}``."""
     if not is_service_name(name):
         raise ValueError(
             f"egress service {name!r}: the name must be one lowercase DNS label "
@@ -164,6 +165,14 @@ def parse_service(name: object, spec: object) -> Service:
     upstream = parse_base_url(name, spec.get("base_url"))
     raw = spec.get("credential")
     credential = None
+    if raw is not None and not upstream.tls:
+        # authz injects the credential into the request Envoy forwards: over plain http it
+        # would cross the network in clear. Checked first: any credential at all counts.
+        raise ValueError(
+            f"egress service {name!r}: base_url {spec['base_url']!r} is plain http but the "
+            "service has a credential, which must never cross a hop in clear: use an https "
+            "base_url"
+        )
     if raw is not None:
         if not isinstance(raw, Mapping):
             raise ValueError(f"egress service {name!r}: credential must be an object")

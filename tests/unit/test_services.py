@@ -60,6 +60,10 @@ BAD = {
     "spec-not-object": ({"services": {"a": "https://a.example"}}, "'a': must be an object"),
     "no-base-url": ({"services": {"a": {}}}, "'a': base_url"),
     "base-url-query": ({"services": {"a": {"base_url": "https://a.example/?q"}}}, "'a': base_url"),
+    "http-with-credential": (
+        {"services": {"a": {**GOOD, "base_url": "http://a.example", "credential": {}}}},
+        "'a': base_url 'http://a.example' is plain http",
+    ),
     "credential-not-object": (
         {"services": {"a": {"base_url": "https://a.example", "credential": "k"}}},
         "'a': credential must be an object",
