@@ -36,6 +36,7 @@ __all__ = [
     "TOKEN",
     "UNENFORCED_REMOVALS",
     "is_header_name",
+    "is_safe_field_value",
     "is_token",
 ]
 
@@ -46,6 +47,7 @@ TCHAR: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
 TOKEN: Final = TCHAR + "+"
 _TOKEN_RE: Final = re.compile(TOKEN)
 _LOWER_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_UNSAFE_VALUE_RE: Final = re.compile(r"[\r\n\x00]")
 
 
 def is_token(text: str, max_length: int | None = None) -> bool:
@@ -94,3 +96,10 @@ OWN_PREFIX: Final = "x-authz-"
 # What an allow no policy decided (bypass, a suppressed deny, fail-open) removes, besides
 # the configured credential headers and every client-sent ``x-authz-*`` header.
 UNENFORCED_REMOVALS: Final = frozenset(CREDENTIAL_HEADERS + IDENTITY_HEADERS + FORWARDING_HEADERS)
+
+
+def is_safe_field_value(value: str) -> bool:
+    """False when ``value`` contains CR, LF or NUL: RFC 9110 section 5.5 calls such field
+    values invalid and dangerous (a recipient may split the header or the message there),
+    so a value authz sets or injects must never carry one."""
+    return _UNSAFE_VALUE_RE.search(value) is None

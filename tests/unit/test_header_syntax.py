@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.core.headers import TCHAR, TOKEN, is_header_name, is_token
+from authz.core.headers import TCHAR, TOKEN, is_header_name, is_safe_field_value, is_token
 
 AUTHZ = Path(__file__).resolve().parents[2] / "authz"
 
@@ -82,3 +82,22 @@ def test_no_module_writes_the_tchar_class_again() -> None:
         if path.name != "headers.py" and spelled in path.read_text(encoding="utf-8")
     )
     assert copies == []
+
+
+@pytest.mark.parametrize(
+    ("value", "safe"),
+    [
+        ("Bearer abc", True),
+        ("", True),
+        ("tab\tinside", True),
+        ("caf\u00e9", True),
+        ("a\rb", False),
+        ("a\nb", False),
+        ("a\r\nX-Injected: 1", False),
+        ("a\x00b", False),
+        ("trailing\n", False),
+    ],
+    ids=["plain", "empty", "htab", "non-ascii", "cr", "lf", "crlf-injection", "nul", "trailing-lf"],
+)
+def test_field_value_is_unsafe_exactly_with_cr_lf_or_nul(value: str, safe: bool) -> None:
+    assert is_safe_field_value(value) is safe
