@@ -33,8 +33,8 @@ from typing import Any, Final
 import yaml
 
 from authz.stack import envoy, tls
-from authz.stack.supervisor import STACK_LEAVES, Process, StackError, free_port, http_ok
-from authz.tools.launch import opa_launch
+from authz.stack.supervisor import STACK_LEAVES, Process, StackError
+from authz.tools.launch import HOST, free_port, http_ok, opa_launch
 
 __all__ = [
     "HOST",
@@ -47,7 +47,6 @@ __all__ = [
     "upstream_config",
 ]
 
-HOST: Final = "127.0.0.1"
 SETUPS: Final = ("limit", "peer", "authz")
 PEER_DECISION_PATH: Final = "authz/gateway_peer/decision"
 _HCM: Final = "envoy.filters.network.http_connection_manager"
