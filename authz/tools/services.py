@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 from urllib.parse import urlsplit
 
 from authz.core.headers import is_header_name
@@ -105,7 +105,7 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def is_service_name(name: object) -> bool:
+def is_service_name(name: object) -> TypeGuard[str]:
     """True when ``name`` is a string and one lowercase DNS label (RFC 1035: a-z, 0-9,
     '-', at most 63 characters, no leading or trailing '-')."""
     return isinstance(name, str) and _SERVICE_NAME.fullmatch(name) is not None
@@ -159,7 +159,6 @@ def parse_service(name: object, spec: object) -> Service:
             f"egress service {name!r}: the name must be one lowercase DNS label "
             "(a-z, 0-9, '-'); sandboxes send it as Host"
         )
-    assert isinstance(name, str)  # is_service_name checked it
     if not isinstance(spec, Mapping):
         raise ValueError(f"egress service {name!r}: must be an object, got {spec!r}")
     upstream = parse_base_url(name, spec.get("base_url"))
