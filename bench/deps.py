@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from authz.tools import launch as launcher
 
 _POLICY = """package bench
 import rego.v1
@@ -52,42 +50,6 @@ _INPUT: dict[str, Any] = {
         }
     },
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_opa(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    opa = os.environ.get("AUTHZ_OPA_BIN") or shutil.which("opa")
-    if not opa:
-        raise SystemExit("bench-deps: set AUTHZ_OPA_BIN to an OPA binary")
-    (workdir / "bench.rego").write_text(_POLICY)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            opa,
-            "run",
-            "--server",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "error",
-            str(workdir / "bench.rego"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("bench-deps: OPA did not start")
 
 
 async def _cpu_per_call(call: Callable[[], Awaitable[Any]], n: int) -> float:
@@ -188,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parses", type=int, default=20000, help="parses per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    try:
+        opa_bin = launcher.find_binary("opa", "AUTHZ_OPA_BIN")
+    except launcher.LaunchError as exc:
+        raise SystemExit(f"bench-deps: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port = _start_opa(Path(tmp))
-        try:
+        (Path(tmp) / "bench.rego").write_text(_POLICY, encoding="utf-8")
+        port = launcher.free_port()
+        launch = launcher.opa_launch(opa_bin, port, str(Path(tmp) / "bench.rego"))
+        with launcher.started(launch, Path(tmp) / "opa.log", timeout_s=20):
             opa = asyncio.run(_opa_clients(port, args.queries, args.rounds))
-        finally:
-            proc.terminate()
-            proc.wait(10)
     _print("OPA query, client CPU per call (ratio to authz's OpaClient)", opa)
     _print(
         "CheckRequest parse, CPU per call (ratio to xds-protos)",

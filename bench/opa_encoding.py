@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from authz.core.opa import OpaClient
-from authz.stack.supervisor import find_binary, free_port, http_ok
+from authz.tools.launch import find_binary, free_port, opa_launch, started
 from bench.procstat import read_cpu_seconds
 
 POLICY = 'package bench\n\ndecision := {"allowed": true, "echo": input.who}\n'
@@ -60,20 +59,8 @@ def main() -> None:
         policy = Path(tmp) / "bench.rego"
         policy.write_text(POLICY, encoding="utf-8")
         port = free_port()
-        opa = subprocess.Popen(
-            [
-                opa_bin,
-                "run",
-                "--server",
-                f"--addr=127.0.0.1:{port}",
-                "--log-level=error",
-                "--skip-version-check",
-                str(policy),
-            ],
-        )
-        try:
-            while not http_ok(f"http://127.0.0.1:{port}/health"):
-                time.sleep(0.05)
+        launch = opa_launch(opa_bin, port, str(policy))
+        with started(launch, Path(tmp) / "opa.log") as opa:
             print(
                 "| answer | Accept-Encoding | authz client CPU µs/req | OPA CPU µs/req "
                 "| wall µs/req |"
@@ -88,9 +75,6 @@ def main() -> None:
                             )
                         )
                     )
-        finally:
-            opa.terminate()
-            opa.wait(timeout=10)
 
 
 if __name__ == "__main__":

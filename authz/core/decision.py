@@ -25,6 +25,8 @@ from typing import Any, Final, Literal
 from envoy.type.v3 import http_status_pb2
 
 from authz.core.errors import InvalidDecision
+from authz.core.headers import is_safe_field_value, is_token
+from authz.core.secret import is_secret_ref
 
 __all__ = [
     "CredentialRef",
@@ -36,10 +38,8 @@ __all__ = [
 ]
 
 Header = tuple[str, str]
-_TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
 _REASON: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_REF: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_OVERRIDE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ENVOY_STATUSES: Final = frozenset(
     v
     for v in http_status_pb2.StatusCode.values()
@@ -128,7 +128,7 @@ def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
 
 
 def _header_name(field_name: str, name: str) -> str:
-    if not _TOKEN.fullmatch(name):
+    if not is_token(name):
         raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
     return name.lower()
 
@@ -136,7 +136,7 @@ def _header_name(field_name: str, name: str) -> str:
 def _header_value(field_name: str, name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _type_error(f"{field_name}[{name!r}] value", "string", value)
-    if _BAD_VALUE.search(value):
+    if not is_safe_field_value(value):
         raise InvalidDecision(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
     return value
 
@@ -235,7 +235,7 @@ def _override_id(raw: Any) -> str:
     override_id = raw.get("id")
     if not isinstance(override_id, str):
         raise _type_error("override.id", "string", override_id)
-    if not _REF.fullmatch(override_id):
+    if not _OVERRIDE_ID.fullmatch(override_id):
         raise InvalidDecision(f"override.id {override_id[:64]!r} is not an override id")
     return override_id
 
@@ -246,13 +246,13 @@ def _credential(raw: Any) -> CredentialRef:
     ref, header, fmt = raw.get("ref"), raw.get("header"), raw.get("format", "{secret}")
     if not isinstance(ref, str):
         raise _type_error("credential.ref", "string", ref)
-    if not _REF.fullmatch(ref):
+    if not is_secret_ref(ref):
         raise InvalidDecision(f"credential.ref {ref[:64]!r} is not a secret reference")
     if not isinstance(header, str):
         raise _type_error("credential.header", "string", header)
     if not isinstance(fmt, str):
         raise _type_error("credential.format", "string", fmt)
-    if fmt.count("{secret}") != 1 or _BAD_VALUE.search(fmt):
+    if fmt.count("{secret}") != 1 or not is_safe_field_value(fmt):
         raise InvalidDecision("credential.format must contain {secret} exactly once")
     return CredentialRef(ref=ref, header=_header_name("credential.header", header), format=fmt)
 

@@ -15,10 +15,16 @@
   it would only drop Envoy's own value.
 
 All names are lowercase (HTTP/2 and Envoy's ext_authz ``headers`` map use lowercase).
+
+The syntax of a header field name (and of an auth scheme) is RFC 9110's ``token``
+(https://www.rfc-editor.org/rfc/rfc9110#section-5.6.2), written here once:
+:data:`TCHAR` / :data:`TOKEN` for patterns that embed it, :func:`is_token` and
+:func:`is_header_name` (a lowercase token) for checks.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 __all__ = [
@@ -26,8 +32,41 @@ __all__ = [
     "FORWARDING_HEADERS",
     "IDENTITY_HEADERS",
     "OWN_PREFIX",
+    "TCHAR",
+    "TOKEN",
     "UNENFORCED_REMOVALS",
+    "is_header_name",
+    "is_safe_field_value",
+    "is_token",
 ]
+
+# RFC 9110 section 5.6.2: tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" /
+# "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA; token = 1*tchar. A regular-expression
+# character class (one tchar) and the token, for patterns that embed them.
+TCHAR: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+TOKEN: Final = TCHAR + "+"
+_TOKEN_RE: Final = re.compile(TOKEN)
+_LOWER_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_UNSAFE_VALUE_RE: Final = re.compile(r"[\r\n\x00]")
+
+
+def is_token(text: str, max_length: int | None = None) -> bool:
+    """True when ``text`` is an RFC 9110 ``token`` (section 5.6.2: one or more tchar,
+    ASCII only) of at most ``max_length`` characters (no limit when None)."""
+    if max_length is not None and len(text) > max_length:
+        return False
+    return _TOKEN_RE.fullmatch(text) is not None
+
+
+def is_header_name(name: str, max_length: int | None = None) -> bool:
+    """True when ``name`` is a lowercase header field name: an RFC 9110 ``token``
+    (section 5.6.2, field-name = token) without uppercase letters, as HTTP/2 (RFC 9113
+    section 8.2.1) and Envoy's ext_authz ``headers`` map carry them; at most
+    ``max_length`` characters (no limit when None)."""
+    if max_length is not None and len(name) > max_length:
+        return False
+    return _LOWER_TOKEN_RE.fullmatch(name) is not None
+
 
 CREDENTIAL_HEADERS: Final = (
     "x-api-key",
@@ -57,3 +96,10 @@ OWN_PREFIX: Final = "x-authz-"
 # What an allow no policy decided (bypass, a suppressed deny, fail-open) removes, besides
 # the configured credential headers and every client-sent ``x-authz-*`` header.
 UNENFORCED_REMOVALS: Final = frozenset(CREDENTIAL_HEADERS + IDENTITY_HEADERS + FORWARDING_HEADERS)
+
+
+def is_safe_field_value(value: str) -> bool:
+    """False when ``value`` contains CR, LF or NUL: RFC 9110 section 5.5 calls such field
+    values invalid and dangerous (a recipient may split the header or the message there),
+    so a value authz sets or injects must never carry one."""
+    return _UNSAFE_VALUE_RE.search(value) is None

@@ -38,6 +38,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from authz.core.errors import DecisionPathError, RequestError
+from authz.core.headers import TOKEN
 
 __all__ = [
     "INPUT_VERSION",
@@ -108,7 +109,7 @@ _STRUCT_TYPES: Final = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
 )
 _SCHEMED_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
-_SCHEME: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +([^ \t].*)$", re.DOTALL)
+_SCHEME: Final = re.compile(rf"^({TOKEN}) +([^ \t].*)$", re.DOTALL)
 # RFC 9110 section 5.5: optional whitespace around a field value is SP and HTAB only;
 # any other (Unicode) whitespace is part of the value.
 _OWS: Final = " \t"

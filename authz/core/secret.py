@@ -2,15 +2,28 @@
 
 Starlette's ``datastructures.Secret`` pattern: ``repr``/``str`` give :data:`MASK`;
 only :meth:`Secret.reveal` gives the value, called where it goes on the wire.
+
+:func:`is_secret_ref` is the syntax of a secret's name, written once: the keys of the
+egress secrets file (``authz.runtime.secrets``) and the ``credential.ref`` a policy
+decision names (``authz.core.decision``) must agree on it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
-__all__ = ["MASK", "Secret"]
+__all__ = ["MASK", "Secret", "is_secret_ref"]
 
 MASK: Final = "**********"
+# 1-128 characters: letters, digits, '_', '.', '-'; the first a letter or digit.
+_REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def is_secret_ref(text: str) -> bool:
+    """True when ``text`` names a secret: 1 to 128 ASCII letters, digits, ``_``, ``.``
+    or ``-``, starting with a letter or digit (e.g. ``openai``, ``github.app-1``)."""
+    return _REF.fullmatch(text) is not None
 
 
 class Secret:

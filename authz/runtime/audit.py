@@ -58,8 +58,8 @@ from typing import Any, Final
 
 import orjson
 
-from authz.core.errors import ConfigError
-from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.errors import ConfigError, DataFileError
+from authz.core.headers import CREDENTIAL_HEADERS, TCHAR
 from authz.core.record import DecisionRecord
 from authz.runtime.config import (
     DEFAULT_AUDIT_BODY_MAX_BYTES,
@@ -79,6 +79,7 @@ __all__ = [
     "VerifyReport",
     "entry_hash",
     "read_entries",
+    "read_last_seen",
     "replay_input",
     "truncation_marker",
     "verify",
@@ -167,7 +168,7 @@ _SHED_ORDER: Final = (
     (("attributes", "request", "http", "headers"), "headers"),
     (("attributes", "contextExtensions"), "contextExtensions"),
 )
-_SCHEME_RE: Final = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) sha256:[0-9a-f]{64}$")
+_SCHEME_RE: Final = re.compile(rf"^({TCHAR}{{1,32}}) sha256:[0-9a-f]{{64}}$")
 
 
 def truncation_marker(size: int) -> str:
@@ -1002,6 +1003,40 @@ def read_entries(
         args = (kind, kind)
     for seq, entry_kind, when, decision_id, body, prev_hash, digest in conn.execute(sql, args):
         yield AuditEntry(seq, entry_kind, when, decision_id, orjson.loads(body), prev_hash, digest)
+
+
+# One pass over the trail: the newest decision per key id. json_valid guards the few rows
+# an attacker (or a bug) may have left unparseable; verify reports those separately.
+_LAST_SEEN_SQL: Final = """
+SELECT json_extract(CASE WHEN json_valid(body) THEN body END, '$.key_id') AS key_id,
+       max(time)
+FROM audit
+WHERE kind = 'decision'
+GROUP BY 1
+HAVING key_id IS NOT NULL
+"""
+
+
+def read_last_seen(path: Path, *, timeout_s: float = 5.0) -> dict[str, float]:
+    """Key id -> Unix seconds of the newest ``decision`` entry naming it (``key_id`` of
+    the decision body), from the audit database at ``path``.
+
+    Opens the database read-only (``mode=ro``): the running writer is not disturbed and
+    the file is never created or changed. Waits up to ``timeout_s`` for a lock. Raises
+    DataFileError naming the file when it is missing, not SQLite, or has no audit table.
+    """
+    if not path.is_file():
+        raise DataFileError(f"{path}: no audit database")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout_s)
+        try:
+            rows = conn.execute(_LAST_SEEN_SQL).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise DataFileError(f"{path}: cannot read the audit trail: {exc}") from None
+    return {key_id: float(when) for key_id, when in rows if isinstance(key_id, str)}
 
 
 @dataclass(frozen=True, slots=True)

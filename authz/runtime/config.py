@@ -21,7 +21,7 @@ import yaml
 
 from authz.core import authorizer, cache
 from authz.core.errors import ConfigError
-from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS, is_header_name
 from authz.core.input import BodyParsing
 from authz.core.mode import Mode, parse_mode
 from authz.core.opa import parse_decision_path
@@ -104,7 +104,6 @@ DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
 # emptyDir sizeLimit 1Gi; tests/infra/test_audit_volume.py keeps them equal).
 DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
 
-_HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 _NEVER_IGNORED: Final = (
     "{name!r} is a credential or identity header (authz.core.headers, AUTHZ_CREDENTIAL_HEADERS); "
     "the decision cache key always includes it"
@@ -264,7 +263,7 @@ def _headers(key: str, value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
     names = tuple(str(item).strip().lower() for item in items if str(item).strip())
     for name in names:
-        if not _HEADER_NAME_RE.fullmatch(name):
+        if not is_header_name(name):
             raise ConfigError(f"{key}={value!r}: {name!r} is not a header name")
     return names
 
@@ -308,7 +307,7 @@ def _audit_headers(key: str, value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list) else str(value).split(",")
     names = tuple(str(item).strip().lower() for item in items if str(item).strip())
     for name in names:
-        if not _HEADER_NAME_RE.fullmatch(name.removesuffix("*")):
+        if not is_header_name(name.removesuffix("*")):
             raise ConfigError(f"{key}={value!r}: {name!r} is not a header name or prefix*")
         matched = audit_header_matches(name, CREDENTIAL_HEADERS)
         if matched:

@@ -22,7 +22,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.headers import CREDENTIAL_HEADERS, TOKEN
 from authz.core.record import DecisionRecord
 from authz.core.secret import MASK
 
@@ -42,7 +42,7 @@ DECISION_LOGGER: Final = "authz.core.decision"
 SENSITIVE_HEADERS: Final = frozenset(CREDENTIAL_HEADERS) | {"set-cookie"}
 # What authz.core.input.mask_credential puts in place of a credential: safe to store, and
 # replay needs it. Anything else in a sensitive header is masked.
-_DIGEST_FORM: Final = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+ )?sha256:[0-9a-f]{64}")
+_DIGEST_FORM: Final = re.compile(rf"(?:{TOKEN} )?sha256:[0-9a-f]{{64}}")
 # Query parameters that commonly carry credentials; their values are masked wherever an
 # input document is stored (audit trail).
 SENSITIVE_QUERY_PARAMS: Final = frozenset(

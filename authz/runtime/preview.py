@@ -41,6 +41,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz.core.decision import Decision, parse_decision
 from authz.core.errors import AdminRequestError, ConfigError
+from authz.core.headers import is_header_name
 from authz.core.input import build_input
 from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
 
@@ -56,8 +57,8 @@ __all__ = [
 EGRESS_DECISION_PATH: Final = "authz/egress/decision"
 _ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 _METHOD: Final = re.compile(r"[A-Z]{1,16}")
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]{1,128}")
 _MAX_HEADERS: Final = 64
+_MAX_HEADER_NAME: Final = 128
 _MAX_BODY: Final = 8192
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -125,7 +126,11 @@ def parse_preview_request(body: Any, *, default_decision_path: str) -> PreviewRe
     if not isinstance(headers, dict) or len(headers) > _MAX_HEADERS:
         raise AdminRequestError(f"preview.headers: expected an object of at most {_MAX_HEADERS}")
     for name, value in headers.items():
-        if not _HEADER_NAME.fullmatch(name) or not isinstance(value, str) or "\n" in value:
+        if (
+            not is_header_name(name, _MAX_HEADER_NAME)
+            or not isinstance(value, str)
+            or "\n" in value
+        ):
             raise AdminRequestError(
                 f"preview.headers[{_show(name)}]: expected a lowercase name: str"
             )

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from authz.core.errors import ConfigError, CredentialError
-from authz.core.secret import MASK, Secret
+from authz.core.headers import is_safe_field_value
+from authz.core.secret import MASK, Secret, is_secret_ref
 from authz.runtime.files import write_private
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
 MAX_FILE_BYTES: Final = 1024 * 1024
 SECRETS_FILE_VERSION: Final = 1
 ENV_PREFIX: Final = "EGRESS_SECRET_"
-_REF: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_BAD_VALUE: Final = re.compile(r"[\r\n\x00]")
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +83,9 @@ def _parse(text: str, where: str) -> _Loaded:
     secrets: dict[str, Secret] = {}
     invalid: set[str] = set()
     for ref, value in credentials.items():
-        if not _REF.fullmatch(ref):
+        if not is_secret_ref(ref):
             raise ConfigError(f"secrets file {where}: {ref[:64]!r} is not a valid reference")
-        if isinstance(value, str) and value and not _BAD_VALUE.search(value):
+        if isinstance(value, str) and value and is_safe_field_value(value):
             secrets[ref] = Secret(value)
         else:
             invalid.add(ref)
@@ -253,9 +252,9 @@ def write_secrets_file(path: Path, credentials: Mapping[str, str]) -> None:
     atomically and durably (:func:`~authz.runtime.files.write_private`). Raises ConfigError
     for a bad reference or an empty value (naming the reference, never the value)."""
     for ref, value in credentials.items():
-        if not _REF.fullmatch(ref):
+        if not is_secret_ref(ref):
             raise ConfigError(f"{ref[:64]!r} is not a valid secret reference")
-        if not value or _BAD_VALUE.search(value):
+        if not value or not is_safe_field_value(value):
             raise ConfigError(f"the secret for {ref!r} is empty or contains CR, LF or NUL")
     document: dict[str, Any] = {
         "version": SECRETS_FILE_VERSION,

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,7 +45,15 @@ import yaml
 
 from authz.stack import envoy, tls
 from authz.tools import egress_envoy
-from authz.tools.launch import LaunchError, find_binary, free_port, http_ok
+from authz.tools.launch import (
+    LaunchError,
+    find_binary,
+    free_port,
+    http_ok,
+    opa_launch,
+    redis_launch,
+)
+from authz.tools.services import ServicesError, read_services, specs
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -502,49 +508,19 @@ class Stack:
         )
 
     def _redis(self) -> Process:
-        port = self.ports.redis
         workdir = self.run_dir / "redis"
         workdir.mkdir(parents=True, exist_ok=True)
         binary = shutil.which("redis-server")
         if binary is None:
             raise StackError("redis-server not found (scripts/install-deps installs it)")
-
-        def ready() -> bool:
-            try:
-                with socket.create_connection((HOST, port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    return conn.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        return Process(
-            "redis",
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                HOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            self._log("redis"),
-            ready,
-        )
+        launch = redis_launch(binary, self.ports.redis, workdir)
+        return Process("redis", launch.argv, self._log("redis"), launch.ready)
 
     def _egress_services(self) -> dict[str, Any]:
-        path = self.root / EGRESS_SERVICES
         try:
-            services = json.loads(path.read_text(encoding="utf-8"))["services"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StackError(f"cannot read the egress services from {path}: {exc!r}") from exc
-        if not isinstance(services, dict):
-            raise StackError(f"{path}: .services must be an object")
-        return services
+            return dict(specs(read_services(self.root / EGRESS_SERVICES)))
+        except ServicesError as exc:
+            raise StackError(str(exc)) from exc
 
     def _standin(self, services_hosts: list[str]) -> Process:
         p = self.ports
@@ -637,6 +613,14 @@ class Stack:
             },
             cwd=self.root,
         )
+        opa = opa_launch(
+            opa_bin,
+            p.opa,
+            f"--config-file={self.root / 'infra/opa/opa-local.yaml'}",
+            f"--set=services.bundles.url=http://{HOST}:{p.bundles}/bundles",
+            "--log-format=json",
+            ready_path="/health?bundles",
+        )
         processes = [
             self._python(
                 "bundles",
@@ -645,21 +629,7 @@ class Stack:
                 f"--port={p.bundles}",
                 ready=f"http://{HOST}:{p.bundles}/healthz",
             ),
-            Process(
-                "opa",
-                [
-                    opa_bin,
-                    "run",
-                    "--server",
-                    f"--addr={HOST}:{p.opa}",
-                    f"--config-file={self.root / 'infra/opa/opa-local.yaml'}",
-                    f"--set=services.bundles.url=http://{HOST}:{p.bundles}/bundles",
-                    "--log-format=json",
-                    "--log-level=error",
-                ],
-                self._log("opa"),
-                lambda: http_ok(f"http://{HOST}:{p.opa}/health?bundles"),
-            ),
+            Process("opa", opa.argv, self._log("opa"), opa.ready),
             self._python(
                 "upstream",
                 "authz.stack.upstream",

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from authz.core.headers import CREDENTIAL_HEADERS
+from authz.tools.services import read_services, specs
 
 __all__ = [
     "MASK",
@@ -225,10 +226,8 @@ def main() -> None:
     services: dict[str, ServiceCredential] = {}
     if args.services is not None:
         try:
-            data = json.loads(args.services.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
-                raise ValueError(f"{args.services}: .services must be an object")
-            services = load_services(data["services"], load_credentials(args.credentials))
+            egress = specs(read_services(args.services))
+            services = load_services(egress, load_credentials(args.credentials))
         except (OSError, ValueError) as exc:
             parser.error(f"cannot load services/credentials: {exc}")
     context = _ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None

@@ -38,8 +38,8 @@ from dotenv import dotenv_values
 from authz.core.errors import ConfigError, DataFileError
 from authz.core.rfc3339 import parse_rfc3339
 from authz.runtime import audit, config, logs, secrets
-from authz.tools import key_health as hygiene
-from authz.tools import keys
+from authz.tools import bundle_data, key_health, key_health_report, keys
+from authz.tools.services import ServicesError, read_services
 
 __all__ = ["main"]
 
@@ -99,9 +99,9 @@ def _key_hash(_: argparse.Namespace) -> int:
 def _keys_health(args: argparse.Namespace) -> int:
     now = args.now if args.now is not None else time.time()
     try:
-        api_keys = hygiene.load_api_keys(args.bundle)
-        last_seen = hygiene.read_last_seen(args.audit) if args.audit is not None else None
-        report = hygiene.assess(
+        api_keys = bundle_data.load_api_keys(args.bundle)
+        last_seen = audit.read_last_seen(args.audit) if args.audit is not None else None
+        report = key_health.assess(
             api_keys,
             now=now,
             last_seen=last_seen,
@@ -112,9 +112,9 @@ def _keys_health(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(hygiene.report_json(report), indent=2))
+        print(json.dumps(key_health_report.report_json(report), indent=2))
     else:
-        print(hygiene.report_text(report))
+        print(key_health_report.report_text(report))
     return 1 if report.needs_action else 0
 
 
@@ -156,11 +156,11 @@ def _secrets_generate(args: argparse.Namespace) -> int:
         environ.update({k: v for k, v in dotenv_values(args.env_file).items() if v is not None})
     environ.update(os.environ)  # the process environment wins over the file
     try:
-        services = json.loads(args.services.read_text(encoding="utf-8"))["services"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: cannot read services from {args.services}: {exc}", file=sys.stderr)
+        egress = read_services(args.services)
+    except ServicesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    refs = sorted(name for name, svc in services.items() if svc.get("credential"))
+    refs = sorted(name for name, service in egress.items() if service.credential)
     found, missing = secrets.collect_credentials(refs, environ)
     try:
         secrets.write_secrets_file(args.out, found)

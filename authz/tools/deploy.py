@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,7 +45,8 @@ from typing import Any, Final
 
 import yaml
 
-from authz.tools import egress_envoy
+from authz.tools import egress_envoy, services
+from authz.tools.generated import is_stale, write_generated
 
 __all__ = [
     "ADMIN_PORTS",
@@ -223,12 +223,8 @@ def _configmap(name: str, data: Mapping[str, str], source: str) -> dict[str, Any
     }
 
 
-def _egress_services(root: Path) -> dict[str, Any]:
-    data = json.loads((root / EGRESS_SOURCE).read_text(encoding="utf-8"))
-    services = data.get("services") if isinstance(data, dict) else None
-    if not isinstance(services, dict):
-        raise ValueError(f"{EGRESS_SOURCE}: .services must be an object")
-    return services
+def _egress_services(root: Path) -> dict[str, Mapping[str, Any]]:
+    return services.specs(services.read_services(root / EGRESS_SOURCE))
 
 
 def outputs(root: Path) -> dict[str, str]:
@@ -274,13 +270,6 @@ def outputs(root: Path) -> dict[str, str]:
     }
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None = None) -> int:
     """Write (or with ``--check`` compare) every generated file; see the module docstring
     for usage and exit codes. ``out`` receives the messages (default: stderr)."""
@@ -301,14 +290,10 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None
     for relative, text in generated.items():
         path = args.root / relative
         if args.check:
-            try:
-                current: str | None = path.read_text(encoding="utf-8")
-            except OSError:
-                current = None
-            if current != text:
+            if is_stale(path, text):
                 stale.append(relative)
         else:
-            _write(path, text)
+            write_generated(path, text)
             say(f"wrote {relative}")
     if stale:
         say(f"out of date (run python -m authz.tools.deploy): {', '.join(stale)}")

@@ -17,20 +17,29 @@ Exit codes: 0 written / up to date, 1 drift (``--check``), 2 bad services data.
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
-import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import yaml
 
-from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.core.headers import (
+    CREDENTIAL_HEADERS,
+    FORWARDING_HEADERS,
+    IDENTITY_HEADERS,
+)
+from authz.tools.generated import is_stale, write_generated
+from authz.tools.services import (
+    DEFAULT_SERVICES,
+    Upstream,
+    is_ip,
+    parse_base_url,
+    parse_service,
+    read_services,
+    specs,
+)
 
 __all__ = [
     "AUTHZ_CLIENT_TLS_DIR",
@@ -55,7 +64,6 @@ __all__ = [
 
 DECISION_PATH: Final = "authz/egress/decision"
 DEFAULT_CA_FILE: Final = "/etc/ssl/certs/ca-certificates.crt"
-DEFAULT_SERVICES: Final = "policy/egress/data.json"
 DEFAULT_OUT: Final = "infra/envoy/envoy-egress.yaml"
 # Whole-response budget per request: LLM completions are slow. Envoy's route timeout spans
 # end of request -> end of response, so a streamed answer longer than this is cut.
@@ -81,74 +89,8 @@ LISTENER_TLS_DIRS: Final[Mapping[str, str]] = MappingProxyType(
 )
 
 _NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
-# A service name is what sandboxes send as Host: one lowercase DNS label.
-_SERVICE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-# A DNS name (underscores tolerated: they exist in real DNS, if not in host names).
-_HOST_NAME: Final = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
-# RFC 9110 section 5.1 field-name token, lowercase (as ext_authz sets it).
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
 _TYPE: Final = "type.googleapis.com/envoy.extensions"
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """A service's ``base_url``, parsed: ``scheme`` ("http"/"https"), ``host`` (lowercase,
-    no brackets), ``port`` and ``path`` ("" or "/prefix", no trailing slash)."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-    @property
-    def tls(self) -> bool:
-        """True for https."""
-        return self.scheme == "https"
-
-    @property
-    def authority(self) -> str:
-        """The Host header to send: the host (bracketed if IPv6), plus ``:port`` when the
-        port is not the scheme's default (RFC 9110 section 7.2)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
-
-
-def parse_base_url(service: str, base_url: object) -> Upstream:
-    """Parse ``base_url`` of ``service`` (RFC 3986 URL, ``http`` or ``https``).
-
-    Raises ValueError naming the service and the ``base_url`` field when it is not a
-    string, its scheme is not http/https, it has no or an invalid host, a bad port, user info
-    (credentials never go in URLs), a query or a fragment, or when an https URL names an
-    IP address (SNI and the certificate check need a DNS name).
-    """
-    where = f"egress service {service!r}: base_url"
-    if not isinstance(base_url, str) or not base_url:
-        raise ValueError(f"{where} must be a non-empty string, got {base_url!r}")
-    try:
-        parts = urlsplit(base_url)
-    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
-        raise ValueError(f"{where} is not a URL ({exc}): {base_url!r}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise ValueError(f"{where} must be an http or https URL, got {base_url!r}")
-    host = (parts.hostname or "").lower()
-    if not host:
-        raise ValueError(f"{where} has no host: {base_url!r}")
-    if not (_is_ip(host) or _HOST_NAME.fullmatch(host)):
-        raise ValueError(f"{where} has an invalid host {host!r}: {base_url!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{where} must not carry user info: {base_url!r}")
-    if parts.query or parts.fragment or base_url.endswith(("?", "#")):
-        raise ValueError(f"{where} must not have a query or fragment: {base_url!r}")
-    try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
-    except ValueError:
-        raise ValueError(f"{where} has an invalid port: {base_url!r}") from None
-    if scheme == "https" and _is_ip(host):
-        raise ValueError(f"{where} must name a DNS host for TLS (SNI, SAN): {base_url!r}")
-    return Upstream(scheme, host, port, parts.path.rstrip("/"))
 
 
 def generate(
@@ -163,8 +105,9 @@ def generate(
 ) -> dict[str, Any]:
     """The egress Envoy's complete v3 bootstrap as a plain (YAML/JSON-dumpable) dict.
 
-    ``services``: service name -> spec; only ``spec["base_url"]`` and
-    ``spec["credential"]["header"]`` are read here (the rest is the policy's). Per service:
+    ``services``: service name -> spec (checked by
+    :func:`authz.tools.services.parse_service`); only ``spec["base_url"]`` and
+    ``spec["credential"]["header"]`` shape the config (the rest is the policy's). Per service:
     a virtual host with domains ``[name, name:*]`` that removes every credential and
     identity header (``authz.core.headers``) but the credential header, and whose
     one route (prefix ``/``) goes to cluster ``service_<name>`` with ``Host`` rewritten to
@@ -182,9 +125,9 @@ def generate(
     ``listen_address``: the listener; ``admin_port``: admin on 127.0.0.1 (never exposed
     beside the listener); ``authz_address``: authz's gRPC (IP, port), an HTTP/2 cluster.
 
-    Raises ValueError naming the service and field for a bad service name, a spec that
-    is not an object, a bad ``base_url`` (:func:`parse_base_url`), an ``http`` base_url
-    for a service with a ``credential`` (the secret would travel in clear), or an
+    Raises ValueError naming the service and field for a bad service
+    (:func:`authz.tools.services.parse_service`: name, spec, ``base_url``, an ``http``
+    base_url for a service with a ``credential``, the credential's fields), or an
     override address that is not an IP address.
 
     Envoy v3 API references (https://www.envoyproxy.io/docs/envoy/latest/):
@@ -205,24 +148,10 @@ def generate(
     virtual_hosts: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = [_authz_cluster(authz_address)]
     for name in sorted(services):
-        spec = services[name]
-        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
-            raise ValueError(
-                f"egress service {name!r}: the name must be one lowercase DNS label "
-                "(a-z, 0-9, '-'); sandboxes send it as Host"
-            )
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"egress service {name!r}: must be an object, got {spec!r}")
-        upstream = parse_base_url(name, spec.get("base_url"))
-        if spec.get("credential") is not None and not upstream.tls:
-            # authz injects the credential into the request Envoy forwards: over plain
-            # http it would cross the network in clear.
-            raise ValueError(
-                f"egress service {name!r}: base_url {spec['base_url']!r} is plain http but "
-                "the service has a credential, which must never cross a hop in clear: "
-                "use an https base_url"
-            )
-        virtual_hosts.append(_service_virtual_host(name, upstream, _credential_header(name, spec)))
+        service = parse_service(name, services[name])
+        upstream = service.upstream
+        header = service.credential.header if service.credential is not None else None
+        virtual_hosts.append(_service_virtual_host(name, upstream, header))
         clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
     virtual_hosts.append(_catch_all_virtual_host())
     return {
@@ -265,14 +194,6 @@ def render(
 # -- pieces of the bootstrap ------------------------------------------------------------
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def socket_address(address: str, port: int) -> dict[str, Any]:
     """An Envoy v3 ``config.core.v3.Address`` (socket address) as a dict."""
     return {"socket_address": {"address": address, "port_value": port}}
@@ -293,23 +214,6 @@ def _check_settings(service: str) -> dict[str, Any]:
             },
         }
     }
-
-
-def _credential_header(service: str, spec: Mapping[str, Any]) -> str | None:
-    """The header the service's credential is injected into (``credential.header``), or
-    None for a service without a credential. Raises ValueError naming the field."""
-    credential = spec.get("credential")
-    if credential is None:
-        return None
-    if not isinstance(credential, Mapping):
-        raise ValueError(f"egress service {service!r}: credential must be an object")
-    header = credential.get("header")
-    if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
-        raise ValueError(
-            f"egress service {service!r}: credential.header must be a lowercase header "
-            f"name, got {header!r}"
-        )
-    return header
 
 
 def _service_virtual_host(
@@ -544,7 +448,7 @@ def _service_cluster(
     cluster: dict[str, Any] = {"name": cluster_name}
     if override is not None:
         address, port = override
-        if not _is_ip(address):
+        if not is_ip(address):
             raise ValueError(
                 f"egress service {name!r}: override for {upstream.host!r} must be an IP "
                 f"address (STATIC cluster), got {address!r}"
@@ -592,21 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        data = json.loads(Path(args.services).read_text(encoding="utf-8"))
-        services = data.get("services") if isinstance(data, dict) else None
-        if not isinstance(services, dict):
-            raise ValueError(f"{args.services}: .services must be an object")
-        text = render(services, source=args.services, out=args.out)
-    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        text = render(specs(read_services(args.services)), source=args.services, out=args.out)
+    except ValueError as exc:  # ServicesError, or a generator refusal
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if args.check:
-        try:
-            current: str | None = out.read_text(encoding="utf-8")
-        except OSError:
-            current = None
-        if current != text:
+        if is_stale(out, text):
             print(
                 f"{out} is out of date with {args.services}: run "
                 f"python -m authz.tools.egress_envoy --services {args.services} --out {out}",
@@ -614,10 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    write_generated(out, text)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

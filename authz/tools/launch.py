@@ -1,23 +1,43 @@
-"""Starting local helper processes: a free port, a readiness probe, a binary's path.
+"""Starting local helper processes: a free port, a readiness probe, a binary's path, and
+the one way to start OPA (:func:`opa_launch`) and Redis (:func:`redis_launch`).
 
 Used by the tools that start a process of their own (``authz audit replay`` starts an
-OPA) and by the local stack (:mod:`authz.stack`), so neither imports the other.
+OPA), by the local stack (:mod:`authz.stack`), the benchmark rig and the tests, so none
+imports another and each starts OPA and Redis the same way. A :class:`Launch` says how
+(argv, URL, readiness); :func:`started` runs one until a block ends (the local stack
+supervises its processes itself, from the same :class:`Launch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["HOST", "LaunchError", "find_binary", "free_port", "http_ok"]
+__all__ = [
+    "HOST",
+    "Launch",
+    "LaunchError",
+    "find_binary",
+    "free_port",
+    "http_ok",
+    "opa_launch",
+    "redis_launch",
+    "redis_ping",
+    "started",
+]
 
 HOST: Final = "127.0.0.1"
 
@@ -74,3 +94,106 @@ def find_binary(name: str, env_var: str) -> str:
     if found is None:
         raise LaunchError(f"{name} not found (set {env_var}, or run ./scripts/install-deps)")
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How to start one helper process on 127.0.0.1: ``name`` (for messages and logs),
+    ``argv``, ``url`` (where clients reach it) and ``ready`` (true once it serves)."""
+
+    name: str
+    argv: tuple[str, ...]
+    url: str
+    ready: Callable[[], bool]
+
+
+def opa_launch(binary: str, port: int, *args: str, ready_path: str = "/health") -> Launch:
+    """``opa run --server`` on 127.0.0.1:``port`` with ``args`` appended (``--bundle``,
+    ``--config-file``, ``--set``, ``--log-format``, policy and data paths), errors-only
+    logging and no version check (no call to the internet). Ready once GET
+    ``ready_path`` answers 2xx: ``/health`` (serving), ``/health?bundles`` (every bundle
+    activated), ``/health?bundles&plugins`` (and every plugin up); see
+    https://www.openpolicyagent.org/docs/rest-api#health-api."""
+    url = f"http://{HOST}:{port}"
+    argv = (
+        binary,
+        "run",
+        "--server",
+        f"--addr={HOST}:{port}",
+        "--skip-version-check",
+        "--log-level=error",
+        *args,
+    )
+    return Launch("OPA", argv, url, lambda: http_ok(f"{url}{ready_path}"))
+
+
+def redis_launch(binary: str, port: int, workdir: Path) -> Launch:
+    """``redis-server`` on 127.0.0.1:``port`` without persistence (no RDB snapshots, no
+    AOF; ``workdir`` is its working directory). Ready once it answers ``PING``; its URL
+    is ``redis://127.0.0.1:<port>/0``."""
+    argv = (
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    )
+    return Launch("redis-server", argv, f"redis://{HOST}:{port}/0", lambda: redis_ping(port))
+
+
+def redis_ping(port: int, timeout_s: float = 0.2) -> bool:
+    """True when a Redis on 127.0.0.1:``port`` answers ``PING`` with ``+PONG`` (RESP,
+    https://redis.io/docs/latest/develop/reference/protocol-spec/) within ``timeout_s``."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout_s) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def started(
+    launch: Launch, log_path: Path, timeout_s: float = 30.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``launch`` (output to ``log_path``, truncated) until the block ends; yields the
+    process once ``launch.ready()``, polled every 50 ms. Raises LaunchError when it exits
+    first (``"<name> exited early"``) or is not ready within ``timeout_s`` seconds; the
+    message ends with the log's tail. On leaving: SIGTERM, up to 10 s, then SIGKILL."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            list(launch.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not launch.ready():
+                if proc.poll() is not None:
+                    raise LaunchError(f"{launch.name} exited early\n{_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise LaunchError(
+                        f"{launch.name} not ready after {timeout_s:.0f}s\n{_tail(log_path)}"
+                    )
+                time.sleep(0.05)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -10,11 +10,7 @@ and overrides are not replayed: this compares policies.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +19,7 @@ from authz.core.decision import parse_decision
 from authz.core.errors import DataFileError, PolicyError
 from authz.core.opa import PolicyEngine
 from authz.runtime.audit import AuditEntry
+from authz.tools.launch import opa_launch, started
 
 __all__ = ["ReplayChange", "ReplayReport", "describe", "opa_serving", "replay"]
 
@@ -140,43 +137,13 @@ def _change(entry: AuditEntry, before: str, after: str) -> ReplayChange:
 
 @contextlib.contextmanager
 def opa_serving(bundle: Path, opa_bin: str, port: int, timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``opa run --server`` with ``bundle`` on 127.0.0.1:``port`` until the block ends;
-    yields its URL once the bundle is active. Raises RuntimeError if OPA does not come up
-    (the message ends with OPA's output)."""
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(
-            [
-                opa_bin,
-                "run",
-                "--server",
-                f"--addr=127.0.0.1:{port}",
-                "--bundle",
-                str(bundle),
-                "--log-level=error",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    out.seek(0)
-                    raise RuntimeError(f"OPA exited: {out.read().decode(errors='replace')}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health?bundles", timeout=1) as resp:  # noqa: S310
-                        if resp.status == 200:
-                            break
-                except (urllib.error.URLError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("OPA did not activate the bundle in time")
-                time.sleep(0.05)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    """Run ``opa run --server`` with ``bundle`` on 127.0.0.1:``port`` until the block ends
+    (:func:`authz.tools.launch.opa_launch`); yields its URL once the bundle is active.
+    Raises LaunchError (a RuntimeError) if OPA does not come up: ``"OPA exited early"``
+    or ``"OPA not ready after Ns"``, the message ending with OPA's output."""
+    launch = opa_launch(opa_bin, port, "--bundle", str(bundle), ready_path="/health?bundles")
+    with tempfile.TemporaryDirectory() as tmp, started(launch, Path(tmp) / "opa.log", timeout_s):
+        yield launch.url
 
 
 def describe(change: ReplayChange) -> str:
