@@ -161,6 +161,17 @@ def _days(*, positive: bool) -> Callable[[str], float]:
     return conv
 
 
+def _count(text: str) -> int:
+    """A ``--limit``: a whole number >= 1 (SQLite would read -1 as no limit at all)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1")
+    return count
+
+
 def _rfc3339(text: str) -> float:
     when = parse_rfc3339(text)
     if when is None:
@@ -269,19 +280,19 @@ def _audit_replay(args: argparse.Namespace) -> int:
     conn = _open_audit(args)
     if conn is None:
         return 2
-    if not args.bundle.is_file():
-        print(f"error: no bundle at {args.bundle}", file=sys.stderr)
-        return 2
     from authz.core.opa import OpaClient
     from authz.tools.launch import LaunchError, find_binary, free_port
     from authz.tools.replay import ReplayReport, describe, opa_serving, replay
 
-    try:
-        opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     with contextlib.closing(conn):
+        if not args.bundle.is_file():
+            print(f"error: no bundle at {args.bundle}", file=sys.stderr)
+            return 2
+        try:
+            opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         # Rows keep credential digests, not headers: put back the masked headers OPA saw.
         entries = [
             dataclasses.replace(entry, body={**entry.body, "input": audit.replay_input(doc)})
@@ -502,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[where],
     )
     tail.add_argument(
-        "--limit", type=int, default=20, help="how many entries, newest last (default: 20)"
+        "--limit", type=_count, default=20, help="how many entries, newest last (default: 20)"
     )
     tail.add_argument("--input", action="store_true", help="include the recorded input")
     tail.add_argument(
@@ -539,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[where],
     )
     replay_.add_argument("--bundle", type=Path, required=True, help="bundle .tar.gz to compare")
-    replay_.add_argument("--limit", type=int, default=None, help="only the last N decisions")
+    replay_.add_argument("--limit", type=_count, default=None, help="only the last N decisions")
     replay_.add_argument("--json", action="store_true", help="print the report as JSON")
     replay_.set_defaults(func=_audit_replay)
 

@@ -431,3 +431,23 @@ def test_every_verb_documents_its_exit_codes(
     epilog = out[out.index("exit codes:") :].splitlines()[1:]
     documented = {int(line.split()[0]) for line in epilog if re.match(r"  \d  \S", line)}
     assert documented == CODES[path]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "tail", "--limit", "0"],
+        ["audit", "tail", "--limit", "-1"],
+        ["audit", "tail", "--limit", "many"],
+        ["audit", "replay", "--bundle", "b.tar.gz", "--limit", "0"],
+    ],
+    ids=["tail-zero", "tail-negative", "tail-not-a-number", "replay-zero"],
+)
+def test_limit_must_be_a_positive_count(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLite reads LIMIT -1 as "no limit": a typo must not turn into the whole trail.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "--limit" in capsys.readouterr().err
