@@ -186,3 +186,18 @@ def test_generate_egress_secrets_names_a_missing_relative_file(tmp_path: Path) -
     assert result.returncode == 2
     assert "no env file at absent.env" in result.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_generate_egress_secrets_help_installs_nothing(
+    fake_checkout: tuple[Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    root, log, env = fake_checkout
+    script = root / "scripts/generate-egress-secrets"
+    shutil.copy2(ROOT / "scripts/generate-egress-secrets", script)
+    env = {**env, "AUTHZ_VENV": str(tmp_path / "no-venv-yet")}
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "Usage: scripts/generate-egress-secrets" in result.stdout
+    assert not log.exists()  # install-deps was not run
