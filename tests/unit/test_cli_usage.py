@@ -113,7 +113,7 @@ def test_top_level_help_describes_authz_not_the_module(capsys: pytest.CaptureFix
     assert cli.DESCRIPTION in text
     assert "argument parsing only" not in out  # the module docstring is for readers of cli.py
     for name, (summary, _) in _subcommands(cli.build_parser()).items():
-        assert f"{name}" in out
+        assert re.search(rf"^    {re.escape(name)}\b", out, re.MULTILINE), name
         assert " ".join(summary.split()) in text
     assert "exit codes:" in out
 
