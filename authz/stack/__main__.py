@@ -12,10 +12,13 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from authz.stack.demo import EXAMPLES
 from authz.stack.supervisor import Ports, Stack, StackError
+from authz.tools.usage import exit_codes, paragraph
 
 
 def _banner(stack: Stack) -> str:
@@ -59,12 +62,44 @@ Stop with Ctrl-C.
 """
 
 
-def main() -> int:
-    """Start the stack, print the banner, wait for a signal, stop."""
-    parser = argparse.ArgumentParser(description="run the authz local stack")
-    parser.add_argument("--root", type=Path, default=Path.cwd())
-    parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--bundle-dir", type=Path, default=None)
+PROG: Final = "python -m authz.stack"
+EXIT_CODES: Final = (
+    (0, "stopped by Ctrl-C/SIGTERM"),
+    (1, "the stack failed to start, or stopped on a failure"),
+    (2, "bad usage, or no policy bundle (run scripts/up, which builds it)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (``scripts/up`` passes its options through)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=paragraph(
+            "run the authz local stack (OPA, authz, both Envoys, a demo upstream, the "
+            "egress stand-in) on 127.0.0.1 until Ctrl-C/SIGTERM; scripts/up builds the "
+            "bundle and the secrets file first"
+        ),
+        epilog=exit_codes(EXIT_CODES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path.cwd(),
+        help="repository checkout: policy/, infra/ (default: the current directory)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where logs, certificates and state go (default: <root>/.run)",
+    )
+    parser.add_argument(
+        "--bundle-dir",
+        type=Path,
+        default=None,
+        help="directory holding authz.tar.gz (default: <root>/build/bundles)",
+    )
     parser.add_argument(
         "--secrets-file",
         type=Path,
@@ -82,7 +117,13 @@ def main() -> int:
         help="TLS on the gateway and egress listeners too (https://127.0.0.1, certificates "
         "from the stack's local CA, <run-dir>/mtls/ca.crt); Envoy -> authz is always mTLS",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the stack, print the banner, wait for a signal, stop. ``argv`` defaults to
+    ``sys.argv[1:]``; returns the exit code (:data:`EXIT_CODES`)."""
+    args = build_parser().parse_args(argv)
     root = args.root.resolve()
     bundle_dir = args.bundle_dir or root / "build/bundles"
     if not (bundle_dir / "authz.tar.gz").is_file():

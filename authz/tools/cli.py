@@ -12,9 +12,17 @@
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
     authz audit tail [--limit N] [--kind K]  print the last audit entries (JSON lines)
     authz audit verify [--head SEQ:HASH] check the hash chain; exit 1 naming the first bad entry
-    authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle
+    authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle;
+                                         exit 1 when a decision changes (a CI gate)
+    authz generate deploy                the Compose/Kubernetes configs (authz.tools.deploy)
+    authz generate egress-envoy          the egress Envoy config (authz.tools.egress_envoy)
 
-Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
+``--help`` at every level prints :data:`DESCRIPTION` or the verb's one-line description and
+its exit codes (:data:`EXIT_CODES` overall: 0 success, 1 a check found something, 2 bad usage
+or a check could not run). ``--json`` (``keys health``, ``audit verify``, ``audit replay``)
+prints one JSON document on stdout; ``audit tail`` always prints JSON lines. The local
+stack is not a verb: it is ``python -m authz.stack`` (``scripts/up``), which the runtime
+wheel's command line must not import.
 """
 
 from __future__ import annotations
@@ -31,17 +39,38 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Final
 
 from dotenv import dotenv_values
 
+from authz import __version__
 from authz.core.errors import ConfigError, DataFileError
 from authz.core.rfc3339 import parse_rfc3339
 from authz.runtime import audit, config, logs, secrets
-from authz.tools import bundle_data, key_health, key_health_report, keys
+from authz.tools import bundle_data, deploy, egress_envoy, key_health, key_health_report, keys
 from authz.tools.services import ServicesError, read_services
+from authz.tools.usage import exit_codes, paragraph
 
-__all__ = ["main"]
+__all__ = ["DESCRIPTION", "EXIT_CODES", "build_parser", "main"]
+
+DESCRIPTION: Final = (
+    "authz: an Envoy ext_authz (v3) policy-decision service backed by OPA, and its operator "
+    "tools: API keys and sandbox tokens, the egress secrets file, the audit trail, and the "
+    "generated Envoy and deployment configs."
+)
+EXIT_CODES: Final = exit_codes(
+    (
+        (0, "success; for a check: nothing found"),
+        (
+            1,
+            "a check found something: a key needs action (keys health), a credential is "
+            "missing (secrets generate --require-all), data holds a plaintext credential "
+            "(lint-data), the audit chain is broken (audit verify), a decision changes "
+            "(audit replay), a generated file is stale (generate ... --check)",
+        ),
+        (2, "bad usage or configuration, or a check could not run (a missing file, OPA)"),
+    )
+)
 
 log = logging.getLogger("authz")
 
@@ -130,6 +159,17 @@ def _days(*, positive: bool) -> Callable[[str], float]:
         return days
 
     return conv
+
+
+def _count(text: str) -> int:
+    """A ``--limit``: a whole number >= 1 (SQLite would read -1 as no limit at all)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1")
+    return count
 
 
 def _rfc3339(text: str) -> float:
@@ -225,32 +265,34 @@ def _audit_verify(args: argparse.Namespace) -> int:
         head = (int(seq), digest)
     with contextlib.closing(conn):
         report = audit.verify(conn, head=head)
-    if report.ok:
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    elif report.ok:
         span = f"entries {report.first_seq}..{report.last_seq}" if report.entries else "no entries"
         print(f"ok: {report.entries} entries, chain intact ({span})")
-        return 0
-    who = f" (decision {report.broken_decision_id})" if report.broken_decision_id else ""
-    print(f"BROKEN at entry {report.broken_seq}{who}: {report.problem}", file=sys.stderr)
-    return 1
+    else:
+        who = f" (decision {report.broken_decision_id})" if report.broken_decision_id else ""
+        print(f"BROKEN at entry {report.broken_seq}{who}: {report.problem}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _audit_replay(args: argparse.Namespace) -> int:
     conn = _open_audit(args)
     if conn is None:
         return 2
-    if not args.bundle.is_file():
-        print(f"error: no bundle at {args.bundle}", file=sys.stderr)
-        return 2
     from authz.core.opa import OpaClient
     from authz.tools.launch import LaunchError, find_binary, free_port
-    from authz.tools.replay import describe, opa_serving, replay
+    from authz.tools.replay import ReplayReport, describe, opa_serving, replay
 
-    try:
-        opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     with contextlib.closing(conn):
+        if not args.bundle.is_file():
+            print(f"error: no bundle at {args.bundle}", file=sys.stderr)
+            return 2
+        try:
+            opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         # Rows keep credential digests, not headers: put back the masked headers OPA saw.
         entries = [
             dataclasses.replace(entry, body={**entry.body, "input": audit.replay_input(doc)})
@@ -259,7 +301,7 @@ def _audit_replay(args: argparse.Namespace) -> int:
             for entry in audit.read_entries(conn, last=args.limit, kind="decision")
         ]
 
-    async def run(url: str) -> Any:
+    async def run(url: str) -> ReplayReport:
         client = OpaClient(url)
         try:
             return await replay(entries, client)
@@ -272,10 +314,14 @@ def _audit_replay(args: argparse.Namespace) -> int:
     except (RuntimeError, DataFileError) as exc:  # OPA would not serve; a malformed entry
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report.summary())
-    for change in report.changed:
-        print(describe(change))
-    return 0
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(report.summary())
+        for change in report.changed:
+            print(describe(change))
+    # A CI gate: any difference (an evaluation error included) fails the job.
+    return 1 if report.changed else 0
 
 
 def _lint_data(args: argparse.Namespace) -> int:
@@ -293,29 +339,84 @@ def _lint_data(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="authz", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command")
+def _verb(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    *,
+    codes: Sequence[tuple[int, str]] = (),
+    aliases: Sequence[str] = (),
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    """Add command ``name``: ``summary`` is its line in the parent's listing and the
+    description of its own ``--help``, ``codes`` its ``exit codes:`` epilog."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=paragraph(summary),
+        epilog=exit_codes(codes) if codes else None,
+        aliases=list(aliases),
+        parents=list(parents),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
-    serve = commands.add_parser("serve", help="run the ext_authz gRPC server")
+
+_USAGE_ERROR: Final = (2, "bad usage")
+_PRINTED: Final = ((0, "printed"), _USAGE_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``authz`` argument parser: every verb with its one-line description, option
+    help and exit codes (what ``--help`` prints at each level)."""
+    parser = argparse.ArgumentParser(
+        prog="authz",
+        description=paragraph(DESCRIPTION),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"authz {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    serve = _verb(
+        commands,
+        "serve",
+        "run the ext_authz gRPC server (the default command)",
+        codes=((0, "stopped by SIGTERM/SIGINT"), (2, "invalid configuration")),
+    )
     serve.add_argument("--config", type=Path, help="YAML settings file (AUTHZ_* env wins)")
     serve.set_defaults(func=_serve)
 
-    key = commands.add_parser("key", aliases=["keys"], help="API key helpers")
-    key_commands = key.add_subparsers(dest="key_command", required=True)
-    new = key_commands.add_parser(
-        "new", help="generate a key; prints the data.json entry (key itself on stderr)"
+    key = _verb(commands, "key", "API key helpers: new, hash, health", aliases=["keys"])
+    key_commands = key.add_subparsers(
+        dest="key_command", required=True, title="commands", metavar="COMMAND"
+    )
+    new = _verb(
+        key_commands,
+        "new",
+        "generate an API key; print its data.json entry (the key itself on stderr)",
+        codes=_PRINTED,
     )
     new.add_argument("--id", required=True, help="key id, e.g. key-team-a")
     new.add_argument("--role", required=True, help="role, e.g. viewer, user, admin")
     new.add_argument("--tier", default="default", help="rate_limit_tier (default: default)")
     new.add_argument("--expires-at", help="RFC 3339 time, e.g. 2027-01-01T00:00:00Z")
     new.set_defaults(func=_key_new)
-    hash_ = key_commands.add_parser("hash", help="SHA-256 digest of the key read from stdin")
+    hash_ = _verb(
+        key_commands,
+        "hash",
+        "print the SHA-256 digest of the key read from stdin",
+        codes=((0, "printed"), (2, "no key on stdin")),
+    )
     hash_.set_defaults(func=_key_hash)
-    health = key_commands.add_parser(
+    health = _verb(
+        key_commands,
         "health",
-        help="report expired, expiring, disabled and unused keys; exit 1 when any needs action",
+        "report expired, expiring, disabled and unused API keys",
+        codes=(
+            (0, "no key needs action (disabled keys are listed, never a failure)"),
+            (1, "a key is expired, expiring, unused or has an invalid expires_at"),
+            (2, "could not run: unreadable bundle or audit database, bad usage"),
+        ),
     )
     health.add_argument(
         "--bundle",
@@ -342,20 +443,33 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true", help="print the report as JSON")
     health.set_defaults(func=_keys_health)
 
-    sandbox = commands.add_parser("sandbox", help="sandbox identity helpers")
-    sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
-    sandbox_new = sandbox_commands.add_parser(
-        "new", help="generate a sandbox token; prints the data entry (token on stderr)"
+    sandbox = _verb(commands, "sandbox", "sandbox identity helpers: new")
+    sandbox_commands = sandbox.add_subparsers(
+        dest="sandbox_command", required=True, title="commands", metavar="COMMAND"
+    )
+    sandbox_new = _verb(
+        sandbox_commands,
+        "new",
+        "generate a sandbox token; print its data entry (the token on stderr)",
+        codes=_PRINTED,
     )
     sandbox_new.add_argument("--id", required=True, help="sandbox id, e.g. sb-team-a-1")
     sandbox_new.add_argument("--tier", default="default", help="egress tier (default: default)")
     sandbox_new.set_defaults(func=_sandbox_new)
 
-    secrets_ = commands.add_parser("secrets", help="egress secrets file helpers")
-    secrets_commands = secrets_.add_subparsers(dest="secrets_command", required=True)
-    generate = secrets_commands.add_parser(
+    secrets_ = _verb(commands, "secrets", "egress secrets file helpers: generate")
+    secrets_commands = secrets_.add_subparsers(
+        dest="secrets_command", required=True, title="commands", metavar="COMMAND"
+    )
+    generate = _verb(
+        secrets_commands,
         "generate",
-        help="write the secrets file from EGRESS_SECRET_<SERVICE> variables (env or .env)",
+        "write the egress secrets file from EGRESS_SECRET_<SERVICE> variables (env or .env)",
+        codes=(
+            (0, "written (a missing credential is a warning)"),
+            (1, "with --require-all: a credential is missing (the file is still written)"),
+            (2, "could not run: unreadable env file or services, unwritable --out"),
+        ),
     )
     generate.add_argument("--env-file", type=Path, help="a .env file (environment wins)")
     generate.add_argument("--out", type=Path, required=True, help="secrets file to write")
@@ -370,19 +484,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(func=_secrets_generate)
 
+    lint = _verb(
+        commands,
+        "lint-data",
+        "refuse bundle data holding plaintext credentials",
+        codes=((0, "clean"), (1, "a file holds a plaintext credential or is not JSON")),
+    )
+    lint.add_argument("files", nargs="+", type=Path, help="JSON data files to check")
+    lint.set_defaults(func=_lint_data)
+
     # --db / --config work before or after the subcommand (authz audit verify --db X).
     # Given after the subcommand, they must not reset a value given before it: SUPPRESS.
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--db", default=argparse.SUPPRESS, help="audit database")
     where.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
-    audit_ = commands.add_parser("audit", help="the tamper-evident audit trail")
+    audit_ = _verb(commands, "audit", "the tamper-evident audit trail: tail, verify, replay")
     audit_.add_argument("--db", help="audit database (default: AUTHZ_AUDIT_DB / settings)")
     audit_.add_argument("--config", type=Path, help="YAML settings file")
-    audit_commands = audit_.add_subparsers(dest="audit_command", required=True)
-    tail = audit_commands.add_parser(
-        "tail", help="print the last entries as JSON lines", parents=[where]
+    audit_commands = audit_.add_subparsers(
+        dest="audit_command", required=True, title="commands", metavar="COMMAND"
     )
-    tail.add_argument("--limit", type=int, default=20)
+    no_db = (2, "could not run: no audit database")
+    tail = _verb(
+        audit_commands,
+        "tail",
+        "print the last entries, one JSON object per line",
+        codes=((0, "printed"), no_db),
+        parents=[where],
+    )
+    tail.add_argument(
+        "--limit", type=_count, default=20, help="how many entries, newest last (default: 20)"
+    )
     tail.add_argument("--input", action="store_true", help="include the recorded input")
     tail.add_argument(
         "--kind",
@@ -390,29 +522,61 @@ def _parser() -> argparse.ArgumentParser:
         help="only entries of this kind (anchor: retention's anchor moves)",
     )
     tail.set_defaults(func=_audit_tail)
-    verify = audit_commands.add_parser("verify", help="check the hash chain", parents=[where])
+    verify = _verb(
+        audit_commands,
+        "verify",
+        "check the hash chain from the anchor to the head",
+        codes=(
+            (0, "the chain is intact"),
+            (1, "the chain is broken; the first bad entry is named"),
+            (2, "could not run: no audit database, bad --head"),
+        ),
+        parents=[where],
+    )
     verify.add_argument(
         "--head", help="SEQ:HASH from an 'audit head' log line: the chain must still hold it"
     )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=_audit_verify)
-    replay_ = audit_commands.add_parser(
-        "replay", help="re-evaluate recorded inputs against another bundle", parents=[where]
+    replay_ = _verb(
+        audit_commands,
+        "replay",
+        "re-evaluate recorded inputs against another bundle; show each decision that changes",
+        codes=(
+            (0, "no decision changes"),
+            (1, "a decision changes (an input the bundle cannot evaluate counts as changed)"),
+            (2, "could not run: no audit database or bundle, OPA did not start"),
+        ),
+        parents=[where],
     )
     replay_.add_argument("--bundle", type=Path, required=True, help="bundle .tar.gz to compare")
-    replay_.add_argument("--limit", type=int, default=None, help="only the last N decisions")
+    replay_.add_argument("--limit", type=_count, default=None, help="only the last N decisions")
+    replay_.add_argument("--json", action="store_true", help="print the report as JSON")
     replay_.set_defaults(func=_audit_replay)
 
-    lint = commands.add_parser("lint-data", help="refuse plaintext credentials in data")
-    lint.add_argument("files", nargs="+", type=Path)
-    lint.set_defaults(func=_lint_data)
+    generators = _verb(
+        commands, "generate", "generate Envoy and deployment configs from their sources"
+    )
+    generator_commands = generators.add_subparsers(
+        dest="generate_command", required=True, title="commands", metavar="COMMAND"
+    )
+    for name, module in (("deploy", deploy), ("egress-envoy", egress_envoy)):
+        tool = _verb(
+            generator_commands,
+            name,
+            module.SUMMARY,
+            codes=module.EXIT_CODES,
+            parents=[module.arguments()],
+        )
+        tool.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``authz`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]  # `authz [--config FILE]` means `authz serve ...`
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result

@@ -4,7 +4,8 @@ The local stack's files are the sources of truth; every deployment file derived 
 is this module's output, committed, and ``python -m authz.tools.deploy --check`` (run by the
 tests) fails when one drifts::
 
-    python -m authz.tools.deploy [--root .] [--check]
+    authz generate deploy [--root .] [--check]
+    python -m authz.tools.deploy [--root .] [--check]     (the same)
 
 - ``infra/compose/envoy/envoy-gateway.yaml`` from ``infra/envoy/envoy-gateway.yaml``
   (a structured rewrite, :func:`containerize`);
@@ -47,15 +48,21 @@ import yaml
 
 from authz.tools import egress_envoy, services
 from authz.tools.generated import is_stale, write_generated
+from authz.tools.usage import exit_codes, paragraph
 
 __all__ = [
     "ADMIN_PORTS",
     "DNS_ADDRESSES",
+    "EXIT_CODES",
     "INTERNAL_ADMIN_PORT",
     "READ_ONLY_ADMIN_PATHS",
+    "SUMMARY",
+    "arguments",
+    "build_parser",
     "containerize",
     "main",
     "outputs",
+    "run",
 ]
 
 GATEWAY_SOURCE: Final = "infra/envoy/envoy-gateway.yaml"
@@ -66,6 +73,15 @@ COMPOSE_GATEWAY: Final = "infra/compose/envoy/envoy-gateway.yaml"
 COMPOSE_EGRESS: Final = "infra/compose/envoy/envoy-egress.yaml"
 K8S_ENVOY: Final = "infra/k8s/generated/configmap-envoy.yaml"
 K8S_OPA: Final = "infra/k8s/generated/configmap-opa.yaml"
+
+# The command line (python -m authz.tools.deploy, authz generate deploy).
+PROG: Final = "python -m authz.tools.deploy"
+SUMMARY: Final = "generate the Compose and Kubernetes configs from the local ones"
+EXIT_CODES: Final = (
+    (0, "written, or with --check up to date"),
+    (1, "with --check: a generated file is stale or missing"),
+    (2, "could not run: a source is missing or malformed"),
+)
 
 # Cluster name -> (DNS name, port) in Compose and Kubernetes (same names in both: the
 # Compose services and the Kubernetes Services are called so).
@@ -270,17 +286,39 @@ def outputs(root: Path) -> dict[str, str]:
     }
 
 
-def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None = None) -> int:
-    """Write (or with ``--check`` compare) every generated file; see the module docstring
-    for usage and exit codes. ``out`` receives the messages (default: stderr)."""
-    say = out or (lambda text: print(text, file=sys.stderr))
-    parser = argparse.ArgumentParser(
-        prog="python -m authz.tools.deploy",
-        description="generate the Compose and Kubernetes configs from the local ones",
+def arguments() -> argparse.ArgumentParser:
+    """The options (``--root``, ``--check``) as a parent parser (no ``--help``), shared by
+    :func:`main` and ``authz generate deploy``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="repository root holding the sources (default: the current directory)",
     )
-    parser.add_argument("--root", type=Path, default=Path("."), help="repository root")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if a file is stale"
+    )
+    return parser
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of :func:`main`: :data:`SUMMARY`, :func:`arguments` and
+    :data:`EXIT_CODES` under ``prog``."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=paragraph(SUMMARY),
+        epilog=exit_codes(EXIT_CODES),
+        parents=[arguments()],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def run(args: argparse.Namespace, *, out: Callable[[str], None] | None = None) -> int:
+    """Write (or with ``args.check`` compare) every generated file under ``args.root``;
+    returns the exit code (:data:`EXIT_CODES`). ``out`` receives the messages (default:
+    stderr)."""
+    say = out or (lambda text: print(text, file=sys.stderr))
     try:
         generated = outputs(args.root)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -296,9 +334,15 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None
             write_generated(path, text)
             say(f"wrote {relative}")
     if stale:
-        say(f"out of date (run python -m authz.tools.deploy): {', '.join(stale)}")
+        say(f"out of date (run authz generate deploy): {', '.join(stale)}")
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None = None) -> int:
+    """``python -m authz.tools.deploy``: parse ``argv`` (default: ``sys.argv[1:]``) and
+    :func:`run`; see the module docstring for usage and exit codes."""
+    return run(build_parser().parse_args(argv), out=out)
 
 
 if __name__ == "__main__":

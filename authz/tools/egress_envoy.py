@@ -8,8 +8,9 @@ to the service's ``base_url`` over TLS with SNI and certificate validation. The 
 committed ``infra/envoy/envoy-egress.yaml`` is this module's output, and
 ``python -m authz.tools.egress_envoy --check`` (run by the tests) fails when it drifts::
 
-    python -m authz.tools.egress_envoy [--services policy/egress/data.json]
-                                 [--out infra/envoy/envoy-egress.yaml] [--check]
+    authz generate egress-envoy [--services policy/egress/data.json]
+                                [--out infra/envoy/envoy-egress.yaml] [--check]
+    python -m authz.tools.egress_envoy ...      (the same)
 
 Exit codes: 0 written / up to date, 1 drift (``--check``), 2 bad services data.
 """
@@ -40,6 +41,7 @@ from authz.tools.services import (
     read_services,
     specs,
 )
+from authz.tools.usage import exit_codes, paragraph
 
 __all__ = [
     "AUTHZ_CLIENT_TLS_DIR",
@@ -49,16 +51,21 @@ __all__ = [
     "DEFAULT_OUT",
     "DEFAULT_SERVICES",
     "ENVOY_TLS_DIR",
+    "EXIT_CODES",
     "LISTENER_TLS_DIRS",
     "ROUTE_TIMEOUT",
+    "SUMMARY",
     "Upstream",
+    "arguments",
     "authz_transport_socket",
+    "build_parser",
     "downstream_transport_socket",
     "generate",
     "load_assignment",
     "main",
     "parse_base_url",
     "render",
+    "run",
     "socket_address",
 ]
 
@@ -482,19 +489,51 @@ def _service_cluster(
 # -- command line -----------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write (or with ``--check`` compare) the egress Envoy config; see the module
-    docstring for usage and exit codes."""
-    parser = argparse.ArgumentParser(
-        prog="python -m authz.tools.egress_envoy",
-        description="generate the egress Envoy config from the egress services data",
-    )
-    parser.add_argument("--services", default=DEFAULT_SERVICES, help="egress data.json")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="Envoy config to write")
+PROG: Final = "python -m authz.tools.egress_envoy"
+SUMMARY: Final = "generate the egress Envoy config from the egress services data"
+EXIT_CODES: Final = (
+    (0, "written, or with --check up to date"),
+    (1, "with --check: --out differs from the generated config or is missing"),
+    (2, "could not run: the services data is missing or malformed"),
+)
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The options (``--services``, ``--out``, ``--check``) as a parent parser (no
+    ``--help``), shared by :func:`main` and ``authz generate egress-envoy``. Relative paths
+    are relative to the current directory."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if --out differs from the generated config"
+        "--services",
+        default=DEFAULT_SERVICES,
+        help="egress services data, a data.json with .services (default: %(default)s)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="Envoy config to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if --out differs from the generated config",
+    )
+    return parser
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of :func:`main`: :data:`SUMMARY`, :func:`arguments` and
+    :data:`EXIT_CODES` under ``prog``."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=paragraph(SUMMARY),
+        epilog=exit_codes(EXIT_CODES),
+        parents=[arguments()],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write (or with ``args.check`` compare) the egress Envoy config ``args.out`` from
+    ``args.services``; returns the exit code (:data:`EXIT_CODES`)."""
     try:
         text = render(specs(read_services(args.services)), source=args.services, out=args.out)
     except ValueError as exc:  # ServicesError, or a generator refusal
@@ -505,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_stale(out, text):
             print(
                 f"{out} is out of date with {args.services}: run "
-                f"python -m authz.tools.egress_envoy --services {args.services} --out {out}",
+                f"authz generate egress-envoy --services {args.services} --out {out}",
                 file=sys.stderr,
             )
             return 1
@@ -513,6 +552,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_generated(out, text)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m authz.tools.egress_envoy``: parse ``argv`` (default: ``sys.argv[1:]``)
+    and :func:`run`; see the module docstring for usage and exit codes."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

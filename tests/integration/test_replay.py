@@ -463,7 +463,8 @@ def test_cli_replay(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("AUTHZ_OPA_BIN", opa_bin)
-    assert main(["audit", "--db", str(audit_db), "replay", "--bundle", str(bundles.v2)]) == 0
+    # Decisions change: exit 1, so the command can gate a CI job.
+    assert main(["audit", "--db", str(audit_db), "replay", "--bundle", str(bundles.v2)]) == 1
     lines = capsys.readouterr().out.splitlines()
     # Only decision entries are replayed: the admin entry is not even counted.
     assert lines[0] == V2_SUMMARY.format(skipped=2)
