@@ -540,7 +540,7 @@ def build_limiter(settings: Settings) -> Limiter:
     # connections are dead, and the first use of each must reconnect, not fail the check.
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.redis_url.reveal(),
-        max_connections=settings.opa_pool_size,
+        max_connections=settings.redis_pool_size,
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,

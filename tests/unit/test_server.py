@@ -19,7 +19,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.core.authorizer import Authorizer
-from authz.runtime.server import AUTHZ_SERVICE, create_server
+from authz.core.errors import ConfigError
+from authz.core.ratelimit import RedisLimiter
+from authz.runtime.config import DEFAULT_REDIS_POOL_SIZE, load
+from authz.runtime.server import AUTHZ_SERVICE, build_limiter, create_server
 from authz.stack.supervisor import free_port, http_ok
 from tests.unit.fakes import FakeEngine, check_request
 
@@ -99,3 +102,31 @@ def test_sigterm_shuts_the_process_down_cleanly(tmp_path: Path) -> None:
     messages = [line["msg"] for line in lines]
     assert messages.index("authz serving") < messages.index("shutting down")
     assert messages[-1] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"AUTHZ_OPA_POOL_SIZE": "7"}, DEFAULT_REDIS_POOL_SIZE),
+        ({"AUTHZ_OPA_POOL_SIZE": "7", "AUTHZ_REDIS_POOL_SIZE": "3"}, 3),
+    ],
+    ids=["default-not-the-opa-pool", "own-setting"],
+)
+async def test_redis_pool_is_sized_by_its_own_setting(
+    environ: dict[str, str], expected: int
+) -> None:
+    settings = load(
+        {"AUTHZ_RATE_LIMIT_BACKEND": "redis", "AUTHZ_REDIS_URL": "redis://127.0.0.1:1/0", **environ}
+    )
+    limiter = build_limiter(settings)
+    try:
+        assert isinstance(limiter, RedisLimiter)
+        assert limiter._redis.connection_pool.max_connections == expected
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.parametrize("value", ["0", "x", "100000"], ids=["zero", "not-int", "too-large"])
+def test_redis_pool_size_refuses_bad_values_naming_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"AUTHZ_REDIS_POOL_SIZE={value!r}"):
+        load({"AUTHZ_REDIS_POOL_SIZE": value})
