@@ -5,7 +5,7 @@ Open (probes and Prometheus):
 - ``GET /healthz`` -> 200 ``{"status": "ok"}`` while the process serves at all.
 - ``GET /readyz``  -> 200 when every readiness check passes, else 503; the body names each
   check: ``{"status": "ready"|"not_ready", "checks": {name: {"ok": bool, "detail": str}}}``.
-  Checks are plain async callables (:data:`ReadinessCheck`) the server composes (OPA
+  Checks are plain async callables (:mod:`authz.runtime.readiness`) the server composes (OPA
   reachable with its bundles activated, the bundle revision, secrets loaded, ...).
 - ``GET /metrics`` -> Prometheus text format (:mod:`authz.runtime.metrics`).
 
@@ -43,24 +43,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.core.errors import AuthzError, ConfigError, PolicyError, RequestError
 from authz.core.mode import Control, parse_mode
-from authz.core.opa import OpaClient
 from authz.core.response import FAILURE_STATUS
 from authz.core.secret import Secret
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import OverrideStore, parse_override_request
+from authz.runtime.readiness import ReadinessCheck
 
 __all__ = [
     "AdminAction",
     "Previewer",
-    "ReadinessCheck",
     "Reloader",
     "create_admin_app",
-    "opa_bundles_check",
     "start_admin",
 ]
 
-# A check returns (ok, detail); detail is a short human string, never a secret.
-ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
 # Called for every admin change: (action, fields) -> logged and audited by the server.
 AdminAction = Callable[[str, Mapping[str, Any]], None]
 # POST /v1/preview: the request body -> the answer; raises ConfigError (400),
@@ -68,29 +64,11 @@ AdminAction = Callable[[str, Mapping[str, Any]], None]
 Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 # POST /v1/reload: the actor -> what was reloaded (JSON-ready).
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
-_CHECK_TIMEOUT_S: Final = 1.0
 _MAX_BODY: Final = 16 * 1024
 # As for an override's reason (authz.runtime.overrides): it goes to every log line and audit row.
 _MAX_REASON: Final = 500
 
 log = logging.getLogger(__name__)
-
-
-def opa_bundles_check(client: OpaClient) -> ReadinessCheck:
-    """Ready when OPA answers ``GET /health?bundles`` with 200: reachable, and every
-    configured bundle activated at least once (OPA's health API)."""
-
-    async def check() -> tuple[bool, str]:
-        try:
-            status, body = await client.get("/health?bundles", _CHECK_TIMEOUT_S)
-        except PolicyError as exc:
-            return False, exc.code
-        if status == 200:
-            return True, "bundles activated"
-        error = body.get("error", "") if isinstance(body, dict) else ""
-        return False, f"OPA health HTTP {status} {error}".strip()
-
-    return check
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> web.Response:

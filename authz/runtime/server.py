@@ -31,16 +31,25 @@ from authz.core.mode import Control
 from authz.core.opa import OpaClient, PolicyEngine
 from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.core.record import DecisionSink
-from authz.runtime.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.audit import AuditTrail, Projection
 from authz.runtime.bundle_watch import BundleWatcher
-from authz.runtime.circuit import CLOSED, OPEN, CircuitBreaker
+from authz.runtime.circuit import CLOSED, CircuitBreaker
 from authz.runtime.config import Settings, is_loopback_host
 from authz.runtime.expiry import KeyExpiryWatch
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics, MetricsSink
 from authz.runtime.overrides import OpaOverrideWriter, OverrideStore
 from authz.runtime.preview import parse_preview_request, preview
+from authz.runtime.readiness import (
+    ReadinessCheck,
+    bundle_check,
+    opa_bundles_check,
+    opa_check,
+    redis_check,
+    secrets_check,
+    serving_check,
+)
 from authz.runtime.secrets import SecretStore
 from authz.runtime.servicer import AuthorizationServicer
 
@@ -293,18 +302,15 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             asyncio.create_task(secrets.watch(settings.secrets_reload_interval_s), name="secrets")
         )
 
-    async def not_stopping() -> tuple[bool, str]:
-        return (not stopping.is_set(), "shutting down" if stopping.is_set() else "serving")
-
     checks: dict[str, ReadinessCheck] = {
-        "serving": not_stopping,
-        "opa": _opa_check(opa_bundles_check(opa), breaker),
-        "bundle": _bundle_check(watcher),
+        "serving": serving_check(stopping.is_set),
+        "opa": opa_check(opa_bundles_check(opa), breaker),
+        "bundle": bundle_check(watcher),
     }
     if secrets is not None:
-        checks["secrets"] = _secrets_check(secrets)
+        checks["secrets"] = secrets_check(secrets)
     if isinstance(limiter, RedisLimiter):
-        checks["rate_limit"] = _redis_check(limiter, settings.redis_failure_mode)
+        checks["rate_limit"] = redis_check(limiter, settings.redis_failure_mode)
 
     def before_scrape() -> None:
         control.warn_if_bypass()
@@ -491,25 +497,6 @@ def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
     )
 
 
-def _opa_check(health: ReadinessCheck, breaker: CircuitBreaker) -> ReadinessCheck:
-    async def check() -> tuple[bool, str]:
-        if breaker.state == OPEN:
-            return False, "circuit open"
-        ok, detail = await health()
-        return ok, f"{detail}; circuit {breaker.state}"
-
-    return check
-
-
-def _bundle_check(watcher: BundleWatcher) -> ReadinessCheck:
-    async def check() -> tuple[bool, str]:
-        if watcher.revision is None:
-            return False, "no bundle revision seen yet"
-        return True, f"revision {watcher.revision}"
-
-    return check
-
-
 def decision_cache(settings: Settings) -> DecisionCache | None:
     """The decision cache the ``AUTHZ_DECISION_CACHE_*`` settings describe; None when
     its TTL is 0 (caching off)."""
@@ -552,22 +539,3 @@ def build_limiter(settings: Settings) -> Limiter:
     if settings.redis_failure_mode == "deny":
         return RedisLimiter(client, on_failure="deny", timeout_s=timeout_s)
     return RedisLimiter(client, on_failure="fallback", timeout_s=timeout_s)
-
-
-def _redis_check(limiter: RedisLimiter, mode: str) -> ReadinessCheck:
-    # In fallback mode an unreachable Redis degrades the limit, not readiness.
-    async def check() -> tuple[bool, str]:
-        if limiter.available:
-            return True, "redis"
-        return mode != "deny", f"redis unreachable ({mode})"
-
-    return check
-
-
-def _secrets_check(secrets: SecretStore) -> ReadinessCheck:
-    async def check() -> tuple[bool, str]:
-        if secrets.loaded:
-            return True, f"{len(secrets.references)} credentials"
-        return False, "secrets file missing or malformed"
-
-    return check

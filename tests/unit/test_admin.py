@@ -26,10 +26,11 @@ from authz.core.errors import (
 from authz.core.mode import Control, Mode
 from authz.core.opa import OpaClient
 from authz.core.secret import Secret
-from authz.runtime import admin
-from authz.runtime.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.runtime import readiness
+from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import OverrideStore
+from authz.runtime.readiness import ReadinessCheck, opa_bundles_check
 from authz.stack.supervisor import free_port
 
 
@@ -175,7 +176,7 @@ async def test_opa_bundles_check_unreachable() -> None:
 
 
 async def test_opa_bundles_check_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admin, "_CHECK_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(readiness, "_CHECK_TIMEOUT_S", 0.05)
     async with fake_opa(200, b"{}", delay_s=0.5) as client:
         assert await opa_bundles_check(client)() == (False, "opa_timeout")
 
