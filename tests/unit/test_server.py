@@ -51,19 +51,27 @@ async def test_check_and_health_over_grpc() -> None:
         await server.stop(0)
 
 
-async def test_stop_marks_not_serving_first_and_drains_in_flight_calls() -> None:
-    server = await create_server(_authorizer(FakeEngine(True, delay_s=0.3)), "127.0.0.1:0")
+async def test_stop_marks_not_serving_before_draining_in_flight_calls() -> None:
+    # Observed from outside, as Envoy or a load balancer would: a health Watch opened
+    # before stop() must see NOT_SERVING while a Check is still in flight, and that
+    # Check must still be answered within the grace period.
+    server = await create_server(_authorizer(FakeEngine(True, delay_s=1.0)), "127.0.0.1:0")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=AUTHZ_SERVICE))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         in_flight = asyncio.ensure_future(stub.Check(check_request(), timeout=5))
-        await asyncio.sleep(0.1)
-        await server.health.enter_graceful_shutdown()
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=AUTHZ_SERVICE))
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await server.stop(2.0)
+        await asyncio.sleep(0.1)  # the Check is now inside the (slow) engine
+        stopping = asyncio.ensure_future(server.stop(1.5))
+        update = await asyncio.wait_for(watch.read(), timeout=1.0)
+        assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not in_flight.done()  # announced before the drain, not after it
         response = await in_flight
         assert response.HasField("ok_response")
+        await stopping
+        watch.cancel()
 
 
 def test_sigterm_shuts_the_process_down_cleanly(tmp_path: Path) -> None:
