@@ -55,7 +55,7 @@ async def test_stop_marks_not_serving_before_draining_in_flight_calls() -> None:
     # Observed from outside, as Envoy or a load balancer would: a health Watch opened
     # before stop() must see NOT_SERVING while a Check is still in flight, and that
     # Check must still be answered within the grace period.
-    server = await create_server(_authorizer(FakeEngine(True, delay_s=1.0)), "127.0.0.1:0")
+    server = await create_server(_authorizer(FakeEngine(True, delay_s=0.6)), "127.0.0.1:0")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=AUTHZ_SERVICE))
