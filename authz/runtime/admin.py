@@ -9,7 +9,8 @@ Open (probes and Prometheus):
   reachable with its bundles activated, the bundle revision, secrets loaded, ...).
 - ``GET /metrics`` -> Prometheus text format (:mod:`authz.runtime.metrics`).
 
-Admin API, ``Authorization: Bearer <AUTHZ_ADMIN_TOKEN>`` required (403
+Admin API: every route under ``/v1/``, ``Authorization: Bearer <AUTHZ_ADMIN_TOKEN>``
+required, checked by one middleware before any handler runs (403
 ``admin_api_disabled`` when no token is configured, 401 on a wrong one); every change is
 logged and audited with the optional ``X-Authz-Actor`` header as the actor:
 
@@ -39,6 +40,7 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.core.errors import AuthzError, ConfigError, PolicyError, RequestError
@@ -65,6 +67,8 @@ Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 # POST /v1/reload: the actor -> what was reloaded (JSON-ready).
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
 _MAX_BODY: Final = 16 * 1024
+# Every route under this prefix is the admin API: token required (_authenticate).
+_ADMIN_API: Final = "/v1/"
 # As for an override's reason (authz.runtime.overrides): it goes to every log line and audit row.
 _MAX_REASON: Final = 500
 
@@ -106,7 +110,8 @@ class _Admin:
 
     @staticmethod
     def actor(request: web.Request) -> str:
-        """The ``X-Authz-Actor`` header (checked by :meth:`authorized`), cut to 64
+        """The ``X-Authz-Actor`` header (checked by :meth:`authorized` in the
+        middleware before any handler runs), cut to 64
         characters; ``admin`` when absent."""
         return request.headers.get("X-Authz-Actor", "admin")[:64] or "admin"
 
@@ -114,6 +119,24 @@ class _Admin:
         log.warning("admin action", extra={"action": action, **fields})
         if self.on_action is not None:
             self.on_action(action, fields)
+
+
+def _authenticate(admin: _Admin) -> Middleware:
+    """The admin API's one authentication point: every route under ``/v1/`` (those added
+    later too) needs the bearer token and a usable ``X-Authz-Actor`` (see
+    :meth:`_Admin.authorized`) before its handler runs; ``/healthz``, ``/readyz`` and
+    ``/metrics`` stay open. A path or method no route serves keeps its 404/405."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        routed = request.match_info.http_exception is None
+        if routed and request.path.startswith(_ADMIN_API):
+            denied = admin.authorized(request)
+            if denied is not None:
+                return denied
+        return await handler(request)
+
+    return authenticate
 
 
 class _BodyTooLarge(Exception):
@@ -139,9 +162,7 @@ async def _json_body(request: web.Request) -> Any:
 
 
 @web.middleware
-async def _body_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _body_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """An over-large body is 413 ``body_too_large`` (JSON) on every route."""
     try:
         return await handler(request)
@@ -189,15 +210,11 @@ def create_admin_app(
         )
 
     async def get_mode(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if control is None:
             return _error(404, "not_found", "no mode control")
         return web.json_response({"mode": control.mode.value})
 
     async def set_mode(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if control is None:
             return _error(404, "not_found", "no mode control")
         try:
@@ -226,15 +243,11 @@ def create_admin_app(
         return web.json_response({"mode": mode.value, "previous": previous.value})
 
     async def list_overrides(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         return web.json_response({"overrides": [o.opa_document() for o in overrides.active()]})
 
     async def add_override(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         try:
@@ -252,8 +265,6 @@ def create_admin_app(
         return web.json_response({**document, "pushed": pushed}, status=201)
 
     async def delete_override(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         override_id = request.match_info["override_id"]
@@ -266,8 +277,6 @@ def create_admin_app(
         return web.json_response({"deleted": override_id, "pushed": pushed})
 
     async def preview_(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if preview is None:
             return _error(404, "not_found", "preview is not enabled")
         try:
@@ -289,8 +298,6 @@ def create_admin_app(
         return web.json_response(answer)
 
     async def reload_(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if reload is None:
             return _error(404, "not_found", "reload is not enabled")
         try:
@@ -300,7 +307,9 @@ def create_admin_app(
         admin.audit("reload", {"actor": admin.actor(request), **result})
         return web.json_response(result)
 
-    app = web.Application(client_max_size=_MAX_BODY, middlewares=[_body_errors])
+    app = web.Application(
+        client_max_size=_MAX_BODY, middlewares=[_body_errors, _authenticate(admin)]
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_)

@@ -369,6 +369,50 @@ async def test_admin_api_wrong_or_missing_bearer(
     assert settings["control"].mode is Mode.ENFORCE
 
 
+@pytest.mark.parametrize(
+    ("token", "authorization", "status"),
+    [
+        (None, f"Bearer {ADMIN_TOKEN}", 403),
+        (Secret(ADMIN_TOKEN), None, 401),
+        (Secret(ADMIN_TOKEN), "Bearer wrong", 401),
+        (Secret(ADMIN_TOKEN), f"Bearer {ADMIN_TOKEN}", 200),
+    ],
+    ids=["disabled", "missing", "wrong", "right"],
+)
+async def test_every_v1_route_is_authenticated_even_one_without_its_own_check(
+    token: Secret | None, authorization: str | None, status: int
+) -> None:
+    # Authentication is one middleware over /v1/, so a route added without any check of
+    # its own is still refused without the token.
+    called: list[str] = []
+
+    async def extra(request: web.Request) -> web.Response:
+        called.append(request.path)
+        return web.json_response({"ok": True})
+
+    app = create_admin_app({}, **full_admin(token))
+    app.router.add_get("/v1/extra", extra)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    client: test_utils.TestClient[web.Request, web.Application]
+    async with test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.get("/v1/extra", headers=headers)
+        assert resp.status == status
+    assert called == (["/v1/extra"] if status == 200 else [])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/v1/nothing-here", 404), ("PUT", "/v1/mode", 405)],
+    ids=["unknown-path", "wrong-method"],
+)
+async def test_admin_routing_errors_come_before_authentication(
+    method: str, path: str, status: int
+) -> None:
+    async with admin_api(**full_admin(Secret(ADMIN_TOKEN))) as client:
+        resp = await client.request(method, path)
+        assert resp.status == status
+
+
 # --- /v1/mode -------------------------------------------------------------------------
 
 
