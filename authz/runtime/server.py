@@ -1,10 +1,16 @@
-"""Transport: build the grpc.aio server (Check + standard health), run it, shut it down.
+"""The service's lifecycle: wire the components from :class:`Settings`, serve, shut down.
 
-Follows grpc's ``helloworld/async_greeter_server_with_graceful_shutdown.py``:
-:func:`create_server` builds and starts a server (port 0 picks a free port, for tests);
-:func:`serve` runs the whole process until SIGTERM/SIGINT, then marks health NOT_SERVING
-first (so Envoy and load balancers stop sending), drains in-flight calls for
-``shutdown_grace_s`` seconds, and closes the OPA pool.
+Follows grpc's ``helloworld/async_greeter_server_with_graceful_shutdown.py``
+(https://github.com/grpc/grpc/tree/master/examples/python/helloworld):
+:func:`create_server` builds and starts the grpc.aio server (Check + standard health;
+port 0 picks a free port, for tests). :func:`build_runtime` is the one wiring function:
+it builds every component and registers each one's close on an
+:class:`contextlib.AsyncExitStack` as soon as it exists. :func:`serve` and :func:`run`
+drive that stack: a start that fails at any step raises :class:`StartupError` (one line;
+``run`` logs it and returns exit code 2) with everything already built closed; a started
+server runs until SIGTERM/SIGINT, then marks health NOT_SERVING first (so Envoy and load
+balancers stop sending), drains in-flight calls for ``shutdown_grace_s`` seconds, and the
+stack closes the rest.
 """
 
 from __future__ import annotations
