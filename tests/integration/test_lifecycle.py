@@ -4,10 +4,12 @@ stops through the same exit stack."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -209,6 +211,33 @@ async def test_a_failed_start_exits_2_with_one_line_and_leaves_nothing_open(
     assert all(client._session.closed for client in opened.opa)
     assert all(closed == [True] for _, closed in opened.limiters)
     for addr in (settings.grpc_addr, settings.admin_addr):  # no listener left behind
+        host, _, port = addr.rpartition(":")
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, int(port)))
+
+
+@pytest.mark.usefixtures("grpc_poller_running")
+async def test_a_started_runtime_stops_through_its_exit_stack_leaving_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = _Opened(monkeypatch)
+    env = _base_env(tmp_path)
+    settings = load(env)
+    before = set(threading.enumerate())
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await server.build_runtime(settings, stack)
+        assert "audit-writer" in {t.name for t in threading.enumerate()}
+        serving = asyncio.ensure_future(runtime.serve_until_signalled())
+        await asyncio.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the runtime, not the test runner
+        await asyncio.wait_for(serving, timeout=10)
+        assert runtime.stopping.is_set()
+    leftover = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert leftover == []
+    assert [client._session.closed for client in opened.opa] == [True]
+    assert [closed for _, closed in opened.limiters] == [[True]]
+    for addr in (settings.grpc_addr, settings.admin_addr):
         host, _, port = addr.rpartition(":")
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
