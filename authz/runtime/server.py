@@ -245,12 +245,16 @@ async def create_server(
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if credentials is None:
-        port = server.add_insecure_port(addr)
-    else:
-        port = server.add_secure_port(addr, credentials)
-    if port == 0:
-        raise RuntimeError(f"cannot bind gRPC address {addr!r}")
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(addr)
+        else:
+            port = server.add_secure_port(addr, credentials)
+        if port == 0:
+            raise RuntimeError(f"cannot bind gRPC address {addr!r}")
+    except RuntimeError:
+        await server.stop(None)  # release the core server now, not at garbage collection
+        raise
     await server.start()
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -439,39 +443,28 @@ async def _build(
         checks["secrets"] = secrets_check(secrets)
     if isinstance(limiter, RedisLimiter):
         checks["rate_limit"] = redis_check(limiter, settings.redis_failure_mode)
-    on_action = _audit_action(audit)
-
-    def before_scrape() -> None:
-        control.warn_if_bypass()
-        if isinstance(limiter, RedisLimiter):
-            metrics.rate_limit_backend_available.labels("redis").set(int(limiter.available))
-
-    async def preview_decision(body: Any) -> Mapping[str, Any]:
-        request = parse_preview_request(body, default_decision_path=settings.default_decision_path)
-        return await preview(
-            breaker,
-            request,
-            credential_headers=settings.credential_headers,
-            timeout_s=settings.decision_timeout_s,
-        )
-
-    async def reload_now(actor: str) -> Mapping[str, Any]:
-        result = reload_settings(reload, control, secrets, on_action, actor=actor)
-        changed = await watcher.poll_once()
-        if cache is not None:
-            cache.clear("admin reload")
-        return {**result, "revision": watcher.revision, "bundle_changed": changed}
-
+    hooks = _AdminHooks(
+        settings,
+        control,
+        breaker,
+        limiter,
+        metrics,
+        watcher,
+        cache,
+        secrets,
+        on_action=_audit_action(audit),
+        reload=reload,
+    )
     admin_app = create_admin_app(
         checks,
         metrics=metrics,
-        before_scrape=before_scrape,
+        before_scrape=hooks.before_scrape,
         control=control,
         overrides=overrides,
         token=settings.admin_token,
-        on_action=on_action,
-        preview=preview_decision,
-        reload=reload_now,
+        on_action=hooks.on_action,
+        preview=hooks.preview,
+        reload=hooks.reload_now,
     )
     admin_host, _, admin_port = settings.admin_addr.rpartition(":")
     try:
@@ -496,6 +489,52 @@ async def _build(
         stopping=stopping,
         reload=reload,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _AdminHooks:
+    """What the admin server calls back into: the scrape hook, preview and reload."""
+
+    settings: Settings
+    control: Control
+    engine: CircuitBreaker
+    limiter: Limiter
+    metrics: Metrics
+    watcher: BundleWatcher
+    cache: DecisionCache | None
+    secrets: SecretStore | None
+    on_action: Callable[[str, Mapping[str, Any]], None]
+    reload: Callable[[], Settings] | None
+
+    def before_scrape(self) -> None:
+        """Refresh what a scrape reads: the bypass warning, Redis availability."""
+        self.control.warn_if_bypass()
+        if isinstance(self.limiter, RedisLimiter):
+            available = int(self.limiter.available)
+            self.metrics.rate_limit_backend_available.labels("redis").set(available)
+
+    async def preview(self, body: Any) -> Mapping[str, Any]:
+        """``POST /v1/preview`` (:mod:`authz.runtime.preview`)."""
+        request = parse_preview_request(
+            body, default_decision_path=self.settings.default_decision_path
+        )
+        return await preview(
+            self.engine,
+            request,
+            credential_headers=self.settings.credential_headers,
+            timeout_s=self.settings.decision_timeout_s,
+        )
+
+    async def reload_now(self, actor: str) -> Mapping[str, Any]:
+        """``POST /v1/reload``: :func:`reload_settings`, ask OPA for the active bundle
+        now, and empty the decision cache."""
+        result = reload_settings(
+            self.reload, self.control, self.secrets, self.on_action, actor=actor
+        )
+        changed = await self.watcher.poll_once()
+        if self.cache is not None:
+            self.cache.clear("admin reload")
+        return {**result, "revision": self.watcher.revision, "bundle_changed": changed}
 
 
 async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
