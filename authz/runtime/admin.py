@@ -162,7 +162,9 @@ async def _json_body(request: web.Request) -> Any:
 
 
 @web.middleware
-async def _body_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _body_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """An over-large body is 413 ``body_too_large`` (JSON) on every route."""
     try:
         return await handler(request)
