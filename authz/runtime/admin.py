@@ -5,11 +5,12 @@ Open (probes and Prometheus):
 - ``GET /healthz`` -> 200 ``{"status": "ok"}`` while the process serves at all.
 - ``GET /readyz``  -> 200 when every readiness check passes, else 503; the body names each
   check: ``{"status": "ready"|"not_ready", "checks": {name: {"ok": bool, "detail": str}}}``.
-  Checks are plain async callables (:data:`ReadinessCheck`) the server composes (OPA
+  Checks are plain async callables (:mod:`authz.runtime.readiness`) the server composes (OPA
   reachable with its bundles activated, the bundle revision, secrets loaded, ...).
 - ``GET /metrics`` -> Prometheus text format (:mod:`authz.runtime.metrics`).
 
-Admin API, ``Authorization: Bearer <AUTHZ_ADMIN_TOKEN>`` required (403
+Admin API: every route under ``/v1/``, ``Authorization: Bearer <AUTHZ_ADMIN_TOKEN>``
+required, checked by one middleware before any handler runs (403
 ``admin_api_disabled`` when no token is configured, 401 on a wrong one); every change is
 logged and audited with the optional ``X-Authz-Actor`` header as the actor:
 
@@ -40,27 +41,24 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.core.errors import AdminRequestError, AuthzError, ConfigError, PolicyError, RequestError
 from authz.core.mode import Control, parse_mode
-from authz.core.opa import OpaClient
 from authz.core.secret import Secret
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import OverrideStore, parse_override_request
+from authz.runtime.readiness import ReadinessCheck
 
 __all__ = [
     "AdminAction",
     "Previewer",
-    "ReadinessCheck",
     "Reloader",
     "create_admin_app",
-    "opa_bundles_check",
     "start_admin",
 ]
 
-# A check returns (ok, detail); detail is a short human string, never a secret.
-ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
 # Called for every admin change: (action, fields) -> logged and audited by the server.
 AdminAction = Callable[[str, Mapping[str, Any]], None]
 # POST /v1/preview: the request body -> the answer; raises AdminRequestError or
@@ -68,29 +66,13 @@ AdminAction = Callable[[str, Mapping[str, Any]], None]
 Previewer = Callable[[Any], Awaitable[Mapping[str, Any]]]
 # POST /v1/reload: the actor -> what was reloaded (JSON-ready).
 Reloader = Callable[[str], Awaitable[Mapping[str, Any]]]
-_CHECK_TIMEOUT_S: Final = 1.0
 _MAX_BODY: Final = 16 * 1024
+# Every route under this prefix is the admin API: token required (_authenticate).
+_ADMIN_API: Final = "/v1/"
 # As for an override's reason (authz.runtime.overrides): it goes to every log line and audit row.
 _MAX_REASON: Final = 500
 
 log = logging.getLogger(__name__)
-
-
-def opa_bundles_check(client: OpaClient) -> ReadinessCheck:
-    """Ready when OPA answers ``GET /health?bundles`` with 200: reachable, and every
-    configured bundle activated at least once (OPA's health API)."""
-
-    async def check() -> tuple[bool, str]:
-        try:
-            status, body = await client.get("/health?bundles", _CHECK_TIMEOUT_S)
-        except PolicyError as exc:
-            return False, exc.code
-        if status == 200:
-            return True, "bundles activated"
-        error = body.get("error", "") if isinstance(body, dict) else ""
-        return False, f"OPA health HTTP {status} {error}".strip()
-
-    return check
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -128,7 +110,8 @@ class _Admin:
 
     @staticmethod
     def actor(request: web.Request) -> str:
-        """The ``X-Authz-Actor`` header (checked by :meth:`authorized`), cut to 64
+        """The ``X-Authz-Actor`` header (checked by :meth:`authorized` in the
+        middleware before any handler runs), cut to 64
         characters; ``admin`` when absent."""
         return request.headers.get("X-Authz-Actor", "admin")[:64] or "admin"
 
@@ -136,6 +119,24 @@ class _Admin:
         log.warning("admin action", extra={"action": action, **fields})
         if self.on_action is not None:
             self.on_action(action, fields)
+
+
+def _authenticate(admin: _Admin) -> Middleware:
+    """The admin API's one authentication point: every route under ``/v1/`` (those added
+    later too) needs the bearer token and a usable ``X-Authz-Actor`` (see
+    :meth:`_Admin.authorized`) before its handler runs; ``/healthz``, ``/readyz`` and
+    ``/metrics`` stay open. A path or method no route serves keeps its 404/405."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        routed = request.match_info.http_exception is None
+        if routed and request.path.startswith(_ADMIN_API):
+            denied = admin.authorized(request)
+            if denied is not None:
+                return denied
+        return await handler(request)
+
+    return authenticate
 
 
 class _BodyTooLarge(Exception):
@@ -217,15 +218,11 @@ def create_admin_app(
         )
 
     async def get_mode(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if control is None:
             return _error(404, "not_found", "no mode control")
         return web.json_response({"mode": control.mode.value})
 
     async def set_mode(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if control is None:
             return _error(404, "not_found", "no mode control")
         body = await _json_body(request)
@@ -255,15 +252,11 @@ def create_admin_app(
         return web.json_response({"mode": mode.value, "previous": previous.value})
 
     async def list_overrides(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         return web.json_response({"overrides": [o.opa_document() for o in overrides.active()]})
 
     async def add_override(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         override = parse_override_request(
@@ -276,8 +269,6 @@ def create_admin_app(
         return web.json_response({**document, "pushed": pushed}, status=201)
 
     async def delete_override(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         override_id = request.match_info["override_id"]
@@ -290,8 +281,6 @@ def create_admin_app(
         return web.json_response({"deleted": override_id, "pushed": pushed})
 
     async def preview_(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if preview is None:
             return _error(404, "not_found", "preview is not enabled")
         try:
@@ -311,8 +300,6 @@ def create_admin_app(
         return web.json_response(answer)
 
     async def reload_(request: web.Request) -> web.Response:
-        if (denied := admin.authorized(request)) is not None:
-            return denied
         if reload is None:
             return _error(404, "not_found", "reload is not enabled")
         try:
@@ -322,7 +309,9 @@ def create_admin_app(
         admin.audit("reload", {"actor": admin.actor(request), **result})
         return web.json_response(result)
 
-    app = web.Application(client_max_size=_MAX_BODY, middlewares=[_body_errors])
+    app = web.Application(
+        client_max_size=_MAX_BODY, middlewares=[_body_errors, _authenticate(admin)]
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_)

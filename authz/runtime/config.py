@@ -61,6 +61,9 @@ DEFAULT_SECRETS_RELOAD_INTERVAL_S: Final = 1.0
 DEFAULT_BUNDLE_POLL_INTERVAL_S: Final = 1.0
 DEFAULT_RATE_LIMIT_BURST_S: Final = 10.0
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
+# Connections to Redis (one Lua call per limited check); a burst waits for a free one
+# within AUTHZ_REDIS_TIMEOUT_MS.
+DEFAULT_REDIS_POOL_SIZE: Final = 32
 DEFAULT_CIRCUIT_FAILURE_THRESHOLD: Final = 5
 DEFAULT_CIRCUIT_RESET_TIMEOUT_S: Final = 5.0
 DEFAULT_AUDIT_DB: Final = Path("authz-audit.db")
@@ -173,6 +176,8 @@ class Settings:
     audit_value_max_bytes: int = DEFAULT_AUDIT_VALUE_MAX_BYTES
     audit_row_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES
     audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    # Lifecycle: the Redis pool has its own size, not the OPA pool's.
+    redis_pool_size: int = DEFAULT_REDIS_POOL_SIZE
 
     @property
     def grpc_tls(self) -> bool:
@@ -458,6 +463,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_value_max_bytes": _int_in(64, 64 * 1024),
     "audit_row_max_bytes": _int_in(4096, 4 * 1024 * 1024),
     "audit_max_bytes": _int_in(16 * 1024 * 1024, 1024**4),
+    # Lifecycle: the Redis pool has its own size, not the OPA pool's.
+    "redis_pool_size": _int_in(1, 4096),
 }
 
 

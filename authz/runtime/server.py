@@ -1,20 +1,30 @@
-"""Transport: build the grpc.aio server (Check + standard health), run it, shut it down.
+"""The service's lifecycle: wire the components from :class:`Settings`, serve, shut down.
 
-Follows grpc's ``helloworld/async_greeter_server_with_graceful_shutdown.py``:
-:func:`create_server` builds and starts a server (port 0 picks a free port, for tests);
-:func:`serve` runs the whole process until SIGTERM/SIGINT, then marks health NOT_SERVING
-first (so Envoy and load balancers stop sending), drains in-flight calls for
-``shutdown_grace_s`` seconds, and closes the OPA pool.
+Follows grpc's ``helloworld/async_greeter_server_with_graceful_shutdown.py``
+(https://github.com/grpc/grpc/tree/master/examples/python/helloworld):
+:func:`create_server` builds and starts the grpc.aio server (Check + standard health;
+port 0 picks a free port, for tests). :func:`build_runtime` is the one wiring function:
+it builds every component and registers each one's close on an
+:class:`contextlib.AsyncExitStack` as soon as it exists. :func:`serve` and :func:`run`
+drive that stack: a start that fails at any step raises :class:`StartupError` (one line;
+``run`` logs it and returns exit code 2) with everything already built closed; a started
+server runs until SIGTERM/SIGINT, then marks health NOT_SERVING first (so Envoy and load
+balancers stop sending), drains in-flight calls for ``shutdown_grace_s`` seconds, and the
+stack closes the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+import socket
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
@@ -31,26 +41,41 @@ from authz.core.mode import Control
 from authz.core.opa import OpaClient, PolicyEngine
 from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.core.record import DecisionSink
-from authz.runtime.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.audit import AuditTrail, Projection
 from authz.runtime.bundle_watch import BundleWatcher
-from authz.runtime.circuit import CLOSED, OPEN, CircuitBreaker
+from authz.runtime.circuit import CLOSED, CircuitBreaker
 from authz.runtime.config import Settings, is_loopback_host
 from authz.runtime.expiry import KeyExpiryWatch
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics, MetricsSink
 from authz.runtime.overrides import OpaOverrideWriter, OverrideStore
 from authz.runtime.preview import parse_preview_request, preview
+from authz.runtime.readiness import (
+    ReadinessCheck,
+    bundle_check,
+    opa_bundles_check,
+    opa_check,
+    redis_check,
+    secrets_check,
+    serving_check,
+)
 from authz.runtime.secrets import SecretStore
 from authz.runtime.servicer import AuthorizationServicer
 
 __all__ = [
     "AUTHZ_SERVICE",
     "AuthzServer",
+    "Runtime",
+    "StartupError",
     "build_authorizer",
     "build_limiter",
+    "build_runtime",
     "create_server",
+    "decision_cache",
     "grpc_server_credentials",
+    "reload_settings",
+    "run",
     "serve",
 ]
 
@@ -66,6 +91,8 @@ _GRPC_OPTIONS: Final = (
 
 # How often the overrides list is re-pushed to OPA (it keeps pushed data in memory only).
 _OVERRIDES_SYNC_S: Final = 5.0
+# How long a Redis that must be reachable (failure mode deny) may take to answer at startup.
+_REDIS_STARTUP_S: Final = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -218,51 +245,164 @@ async def create_server(
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if credentials is None:
-        port = server.add_insecure_port(addr)
-    else:
-        port = server.add_secure_port(addr, credentials)
-    if port == 0:
-        raise RuntimeError(f"cannot bind gRPC address {addr!r}")
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(addr)
+        else:
+            port = server.add_secure_port(addr, credentials)
+        if port == 0:
+            raise RuntimeError(f"cannot bind gRPC address {addr!r}")
+    except RuntimeError:
+        await server.stop(None)  # release the core server now, not at garbage collection
+        raise
     await server.start()
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return AuthzServer(server, port, health)
 
 
-async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    """Run authz until SIGTERM or SIGINT, then shut down gracefully. ``reload`` re-reads
-    the settings on SIGHUP (the mode switches, the secrets file is re-read). Raises
-    ConfigError before serving anything when a file it needs (secrets, audit database,
-    overrides) is unusable."""
-    _tune_gc()
+class StartupError(ConfigError):
+    """authz cannot start: a port in use, an unreadable file, a dependency that must be
+    reachable and is not. The message is one line naming what failed (the setting, its
+    value unless secret, and why). A :class:`ConfigError`, so whoever handles a bad
+    configuration (the CLI: one line on stderr, exit 2) handles this too."""
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The running components :func:`build_runtime` wired from the settings. Each one's
+    close is already registered on the exit stack it was built on."""
+
+    settings: Settings
+    metrics: Metrics
+    control: Control
+    engine: CircuitBreaker
+    limiter: Limiter
+    audit: AuditTrail | None
+    secrets: SecretStore | None
+    watcher: BundleWatcher
+    grpc: AuthzServer
+    grpc_tls: bool
+    admin_port: int
+    stopping: asyncio.Event
+    reload: Callable[[], Settings] | None = None
+
+    async def serve_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT (SIGHUP reloads, see :func:`reload_settings`),
+        then: readiness and gRPC health NOT_SERVING first (Envoy and load balancers stop
+        sending), then drain in-flight calls for ``shutdown_grace_s`` seconds. What is left
+        (admin, watchers, pools, the audit writer) closes with the exit stack."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        try:
+            self._log_started()
+            await self.stopping.wait()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+
+    def _sighup(self) -> None:
+        reload_settings(self.reload, self.control, self.secrets, _audit_action(self.audit))
+
+    def _log_started(self) -> None:
+        settings = self.settings
+        log.info(
+            "authz serving",
+            extra={
+                "grpc_addr": settings.grpc_addr,
+                "grpc_port": self.grpc.port,
+                "grpc_mtls": self.grpc_tls,
+                "admin_port": self.admin_port,
+                "opa_url": settings.opa_url,
+                "default_decision_path": settings.default_decision_path,
+                "decision_timeout_ms": settings.decision_timeout_ms,
+                "mode": self.control.mode.value,
+                "fail_open_paths": list(settings.fail_open_paths),
+                "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
+                "audit_db": str(settings.audit_db) if settings.audit_db else None,
+                "rate_limit_backend": settings.rate_limit_backend,
+                "admin_api": settings.admin_token is not None,
+                "decision_cache_ttl_s": settings.decision_cache_ttl_s,
+            },
+        )
+        if not self.grpc_tls and not is_loopback_host(settings.grpc_addr.rpartition(":")[0]):
+            log.warning(
+                "gRPC listener is plaintext on a non-loopback address "
+                "(AUTHZ_GRPC_ALLOW_PLAINTEXT): credentials cross the network in clear",
+                extra={"grpc_addr": settings.grpc_addr},
+            )
+        if settings.fail_open_paths:
+            log.warning(
+                "fail-open paths allow requests when OPA fails",
+                extra={"fail_open_paths": list(settings.fail_open_paths)},
+            )
+
+
+async def build_runtime(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    reload: Callable[[], Settings] | None = None,
+) -> Runtime:
+    """Build and start every component ``settings`` describe, registering each one's
+    close on ``stack`` as soon as it exists, so a failure at any step leaves nothing
+    open once the stack unwinds. ``reload`` re-reads the settings (SIGHUP,
+    ``POST /v1/reload``).
+
+    Order: the listen addresses are checked first (a port in use fails before anything
+    starts or logs), then the files (TLS, secrets, audit database, overrides), the OPA
+    and Redis clients, the gRPC server, the watchers, and the admin server last.
+
+    Raises :class:`StartupError` (one line naming what failed) for a port in use, an
+    unusable file, or Redis unreachable with ``AUTHZ_REDIS_FAILURE_MODE=deny``; a
+    :class:`ConfigError` from a file reader is re-raised as one."""
+    try:
+        return await _build(settings, stack, reload)
+    except StartupError:
+        raise
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+
+
+async def _build(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    reload: Callable[[], Settings] | None,
+) -> Runtime:
+    _check_bindable("AUTHZ_GRPC_ADDR", settings.grpc_addr)
+    _check_bindable("AUTHZ_ADMIN_ADDR", settings.admin_addr)
     grpc_credentials = grpc_server_credentials(settings)
     metrics = Metrics()
     secrets = SecretStore.open(settings.secrets_file) if settings.secrets_file else None
+    audit = _audit_trail(settings, metrics)
+    if audit is not None:
+        stack.push_async_callback(_in_own_thread, audit.close, "audit-close")
     opa = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
+    stack.push_async_callback(opa.close)
     breaker = CircuitBreaker(
         opa,
         failure_threshold=settings.circuit_failure_threshold,
         reset_timeout_s=settings.circuit_reset_timeout_s,
         on_state_change=lambda state: _circuit_changed(metrics, state),
     )
-    control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
     limiter = build_limiter(settings)
-    audit = _audit_trail(settings, metrics)
+    stack.push_async_callback(limiter.close)
+    if isinstance(limiter, RedisLimiter) and settings.redis_failure_mode == "deny":
+        await _require_redis(settings)
     cache = decision_cache(settings)
-
-    def overrides_pushed() -> None:
-        if cache is not None:
-            cache.clear("overrides changed")
-
+    if cache is not None:
+        metrics.watch_decision_cache(cache)
     overrides = OverrideStore(
         OpaOverrideWriter(opa),
         path=settings.overrides_file,
         on_change=metrics.overrides_active.set,
-        on_pushed=overrides_pushed,
+        on_pushed=(lambda: cache.clear("overrides changed")) if cache is not None else None,
     )
-    if cache is not None:
-        metrics.watch_decision_cache(cache)
+    control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
     sinks: list[DecisionSink] = [
         MetricsSink(metrics),
         KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions),
@@ -274,123 +414,264 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     authorizer = build_authorizer(
         settings, breaker, sinks, secrets, limiter, control=control, cache=cache
     )
-    grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
+    try:
+        grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
+    except RuntimeError as exc:  # lost a race for the port since _check_bindable
+        raise StartupError(f"AUTHZ_GRPC_ADDR={settings.grpc_addr!r}: {exc}") from None
+    stack.push_async_callback(grpc_server.stop, 0)  # a no-op once drained on a signal
+
     watcher = BundleWatcher(
         opa,
         interval_s=settings.bundle_poll_interval_s,
         on_revision=cache.observe_revision if cache is not None else None,
         on_activation=lambda revision: _bundle_activated(metrics, revision),
     )
-    stopping = asyncio.Event()
-    tasks = [
-        asyncio.create_task(watcher.run(), name="bundle-watcher"),
-        asyncio.create_task(overrides.watch(_OVERRIDES_SYNC_S), name="overrides"),
-    ]
+    _background(stack, watcher.run(), "bundle-watcher")
+    _background(stack, overrides.watch(_OVERRIDES_SYNC_S), "overrides")
     if secrets is not None:
         secrets.on_reload = lambda ok: _secrets_reloaded(metrics, ok)
         metrics.secrets_loaded.set(1)
-        tasks.append(
-            asyncio.create_task(secrets.watch(settings.secrets_reload_interval_s), name="secrets")
-        )
+        _background(stack, secrets.watch(settings.secrets_reload_interval_s), "secrets")
 
-    async def not_stopping() -> tuple[bool, str]:
-        return (not stopping.is_set(), "shutting down" if stopping.is_set() else "serving")
-
+    stopping = asyncio.Event()
     checks: dict[str, ReadinessCheck] = {
-        "serving": not_stopping,
-        "opa": _opa_check(opa_bundles_check(opa), breaker),
-        "bundle": _bundle_check(watcher),
+        "serving": serving_check(stopping.is_set),
+        "opa": opa_check(opa_bundles_check(opa), breaker),
+        "bundle": bundle_check(watcher),
     }
     if secrets is not None:
-        checks["secrets"] = _secrets_check(secrets)
+        checks["secrets"] = secrets_check(secrets)
     if isinstance(limiter, RedisLimiter):
-        checks["rate_limit"] = _redis_check(limiter, settings.redis_failure_mode)
+        checks["rate_limit"] = redis_check(limiter, settings.redis_failure_mode)
+    hooks = _AdminHooks(
+        settings,
+        control,
+        breaker,
+        limiter,
+        metrics,
+        watcher,
+        cache,
+        secrets,
+        on_action=_audit_action(audit),
+        reload=reload,
+    )
+    admin_app = create_admin_app(
+        checks,
+        metrics=metrics,
+        before_scrape=hooks.before_scrape,
+        control=control,
+        overrides=overrides,
+        token=settings.admin_token,
+        on_action=hooks.on_action,
+        preview=hooks.preview,
+        reload=hooks.reload_now,
+    )
+    admin_host, _, admin_port = settings.admin_addr.rpartition(":")
+    try:
+        runner, bound_admin = await start_admin(admin_app, admin_host, int(admin_port))
+    except OSError as exc:  # lost a race for the port since _check_bindable
+        raise StartupError(
+            f"AUTHZ_ADMIN_ADDR={settings.admin_addr!r}: cannot listen ({exc.strerror})"
+        ) from None
+    stack.push_async_callback(runner.cleanup)
+    return Runtime(
+        settings=settings,
+        metrics=metrics,
+        control=control,
+        engine=breaker,
+        limiter=limiter,
+        audit=audit,
+        secrets=secrets,
+        watcher=watcher,
+        grpc=grpc_server,
+        grpc_tls=grpc_credentials is not None,
+        admin_port=bound_admin,
+        stopping=stopping,
+        reload=reload,
+    )
 
-    def before_scrape() -> None:
-        control.warn_if_bypass()
 
-        if isinstance(limiter, RedisLimiter):
-            metrics.rate_limit_backend_available.labels("redis").set(int(limiter.available))
+@dataclass(frozen=True, slots=True)
+class _AdminHooks:
+    """What the admin server calls back into: the scrape hook, preview and reload."""
+
+    settings: Settings
+    control: Control
+    engine: CircuitBreaker
+    limiter: Limiter
+    metrics: Metrics
+    watcher: BundleWatcher
+    cache: DecisionCache | None
+    secrets: SecretStore | None
+    on_action: Callable[[str, Mapping[str, Any]], None]
+    reload: Callable[[], Settings] | None
+
+    def before_scrape(self) -> None:
+        """Refresh what a scrape reads: the bypass warning, Redis availability."""
+        self.control.warn_if_bypass()
+        if isinstance(self.limiter, RedisLimiter):
+            available = int(self.limiter.available)
+            self.metrics.rate_limit_backend_available.labels("redis").set(available)
+
+    async def preview(self, body: Any) -> Mapping[str, Any]:
+        """``POST /v1/preview`` (:mod:`authz.runtime.preview`)."""
+        request = parse_preview_request(
+            body, default_decision_path=self.settings.default_decision_path
+        )
+        return await preview(
+            self.engine,
+            request,
+            credential_headers=self.settings.credential_headers,
+            timeout_s=self.settings.decision_timeout_s,
+        )
+
+    async def reload_now(self, actor: str) -> Mapping[str, Any]:
+        """``POST /v1/reload``: :func:`reload_settings`, ask OPA for the active bundle
+        now, and empty the decision cache."""
+        result = reload_settings(
+            self.reload, self.control, self.secrets, self.on_action, actor=actor
+        )
+        changed = await self.watcher.poll_once()
+        if self.cache is not None:
+            self.cache.clear("admin reload")
+        return {**result, "revision": self.watcher.revision, "bundle_changed": changed}
+
+
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """Run authz until SIGTERM or SIGINT, then shut down gracefully; everything
+    :func:`build_runtime` built is closed on the way out, whether startup completed or
+    not. Raises :class:`StartupError` (a ConfigError) when it cannot start."""
+    _tune_gc()
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await build_runtime(settings, stack, reload)
+        await runtime.serve_until_signalled()
+    log.info("stopped")
+
+
+async def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """:func:`serve`, as a process exit code: 0 after a signalled shutdown, 2 when authz
+    cannot start (one error line naming what failed, nothing left open)."""
+    try:
+        await serve(settings, reload)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc, extra={"code": exc.code})
+        return 2
+    return 0
+
+
+def _check_bindable(key: str, addr: str) -> None:
+    """Raise StartupError when ``addr`` (``host:port``) cannot be listened on (a port in
+    use, an address not on this host). Binds and closes a socket per resolved address,
+    as the listeners do (SO_REUSEADDR, no SO_REUSEPORT), and passes when one binds; the
+    gRPC core would otherwise print its own multi-line error before ours. Port 0 passes."""
+    host, _, port_text = addr.rpartition(":")
+    port = int(port_text)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"{key}={addr!r}: cannot resolve ({exc.strerror})") from None
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                error = exc
+                continue
+            return
+    reason = error.strerror if error is not None else "no address"
+    raise StartupError(f"{key}={addr!r}: cannot listen ({reason})")
+
+
+async def _require_redis(settings: Settings) -> None:
+    """With ``AUTHZ_REDIS_FAILURE_MODE=deny`` every limited check fails while Redis is
+    down, so an unreachable Redis at startup is a startup failure. Pings with a client of
+    its own (closed here) for up to ``_REDIS_STARTUP_S`` seconds."""
+    import redis.asyncio  # only needed with the redis backend
+    import redis.exceptions
+
+    assert settings.redis_url is not None  # config requires it for the redis backend
+    client = redis.asyncio.Redis.from_url(
+        settings.redis_url.reveal(),
+        socket_timeout=_REDIS_STARTUP_S,
+        socket_connect_timeout=_REDIS_STARTUP_S,
+    )
+    deadline = time.monotonic() + _REDIS_STARTUP_S
+    try:
+        while True:
+            try:
+                await client.ping()
+                return
+            except (redis.exceptions.RedisError, OSError):
+                if time.monotonic() >= deadline:
+                    break
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+    raise StartupError(
+        "AUTHZ_REDIS_URL=<redacted>: unreachable, and AUTHZ_REDIS_FAILURE_MODE='deny' "
+        "would deny every rate-limited request"
+    )
+
+
+async def _in_own_thread(blocking: Callable[[], None], name: str) -> None:
+    """Run ``blocking`` (a close that flushes and joins) off the event loop on a thread of
+    its own that has ended when this returns; the loop's default executor would keep its
+    worker thread alive after authz stopped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def target() -> None:
+        try:
+            blocking()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, done, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, None)
+
+    thread = threading.Thread(target=target, name=name)
+    thread.start()
+    try:
+        await done
+    finally:
+        thread.join()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the awaiting coroutine was cancelled
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _background(
+    stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+) -> None:
+    """Run ``work`` as a task cancelled (and awaited) when ``stack`` unwinds."""
+    task = asyncio.create_task(work, name=name)
+
+    async def cancel() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(cancel)
+
+
+def _audit_action(audit: AuditTrail | None) -> Callable[[str, Mapping[str, Any]], None]:
+    """Every admin change (and SIGHUP's) as an audit entry, when there is an audit trail."""
 
     def on_action(action: str, fields: Mapping[str, Any]) -> None:
         if audit is not None:
             audit.admin(action, fields, entry_id=str(fields.get("id", action)))
 
-    async def preview_decision(body: Any) -> Mapping[str, Any]:
-        request = parse_preview_request(body, default_decision_path=settings.default_decision_path)
-        return await preview(
-            breaker,
-            request,
-            credential_headers=settings.credential_headers,
-            timeout_s=settings.decision_timeout_s,
-        )
-
-    async def reload_now(actor: str) -> Mapping[str, Any]:
-        result = _reload(reload, control, secrets, on_action, actor=actor)
-        changed = await watcher.poll_once()
-        if cache is not None:
-            cache.clear("admin reload")
-        return {**result, "revision": watcher.revision, "bundle_changed": changed}
-
-    admin_app = create_admin_app(
-        checks,
-        metrics=metrics,
-        before_scrape=before_scrape,
-        control=control,
-        overrides=overrides,
-        token=settings.admin_token,
-        on_action=on_action,
-        preview=preview_decision,
-        reload=reload_now,
-    )
-    admin_host, _, admin_port = settings.admin_addr.rpartition(":")
-    runner, bound_admin = await start_admin(admin_app, admin_host, int(admin_port))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(reload, control, secrets, on_action))
-    log.info(
-        "authz serving",
-        extra={
-            "grpc_addr": settings.grpc_addr,
-            "grpc_port": grpc_server.port,
-            "grpc_mtls": grpc_credentials is not None,
-            "admin_port": bound_admin,
-            "opa_url": settings.opa_url,
-            "default_decision_path": settings.default_decision_path,
-            "decision_timeout_ms": settings.decision_timeout_ms,
-            "mode": control.mode.value,
-            "fail_open_paths": list(settings.fail_open_paths),
-            "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
-            "audit_db": str(settings.audit_db) if settings.audit_db else None,
-            "rate_limit_backend": settings.rate_limit_backend,
-            "admin_api": settings.admin_token is not None,
-            "decision_cache_ttl_s": settings.decision_cache_ttl_s,
-        },
-    )
-    if grpc_credentials is None and not is_loopback_host(settings.grpc_addr.rpartition(":")[0]):
-        log.warning(
-            "gRPC listener is plaintext on a non-loopback address (AUTHZ_GRPC_ALLOW_PLAINTEXT): "
-            "credentials cross the network in clear",
-            extra={"grpc_addr": settings.grpc_addr},
-        )
-    if settings.fail_open_paths:
-        log.warning(
-            "fail-open paths allow requests when OPA fails",
-            extra={"fail_open_paths": list(settings.fail_open_paths)},
-        )
-    await stopping.wait()
-    log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
-    await grpc_server.stop(settings.shutdown_grace_s)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await runner.cleanup()
-    await breaker.close()
-    await limiter.close()
-    if audit is not None:
-        await asyncio.to_thread(audit.close)
-    log.info("stopped")
+    return on_action
 
 
 def _tune_gc() -> None:
@@ -404,7 +685,7 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def _reload(
+def reload_settings(
     reload: Callable[[], Settings] | None,
     control: Control,
     secrets: SecretStore | None,
@@ -491,25 +772,6 @@ def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
     )
 
 
-def _opa_check(health: ReadinessCheck, breaker: CircuitBreaker) -> ReadinessCheck:
-    async def check() -> tuple[bool, str]:
-        if breaker.state == OPEN:
-            return False, "circuit open"
-        ok, detail = await health()
-        return ok, f"{detail}; circuit {breaker.state}"
-
-    return check
-
-
-def _bundle_check(watcher: BundleWatcher) -> ReadinessCheck:
-    async def check() -> tuple[bool, str]:
-        if watcher.revision is None:
-            return False, "no bundle revision seen yet"
-        return True, f"revision {watcher.revision}"
-
-    return check
-
-
 def decision_cache(settings: Settings) -> DecisionCache | None:
     """The decision cache the ``AUTHZ_DECISION_CACHE_*`` settings describe; None when
     its TTL is 0 (caching off)."""
@@ -540,7 +802,7 @@ def build_limiter(settings: Settings) -> Limiter:
     # connections are dead, and the first use of each must reconnect, not fail the check.
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.redis_url.reveal(),
-        max_connections=settings.opa_pool_size,
+        max_connections=settings.redis_pool_size,
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -552,22 +814,3 @@ def build_limiter(settings: Settings) -> Limiter:
     if settings.redis_failure_mode == "deny":
         return RedisLimiter(client, on_failure="deny", timeout_s=timeout_s)
     return RedisLimiter(client, on_failure="fallback", timeout_s=timeout_s)
-
-
-def _redis_check(limiter: RedisLimiter, mode: str) -> ReadinessCheck:
-    # In fallback mode an unreachable Redis degrades the limit, not readiness.
-    async def check() -> tuple[bool, str]:
-        if limiter.available:
-            return True, "redis"
-        return mode != "deny", f"redis unreachable ({mode})"
-
-    return check
-
-
-def _secrets_check(secrets: SecretStore) -> ReadinessCheck:
-    async def check() -> tuple[bool, str]:
-        if secrets.loaded:
-            return True, f"{len(secrets.references)} credentials"
-        return False, "secrets file missing or malformed"
-
-    return check

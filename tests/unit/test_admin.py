@@ -26,10 +26,11 @@ from authz.core.errors import (
 from authz.core.mode import Control, Mode
 from authz.core.opa import OpaClient
 from authz.core.secret import Secret
-from authz.runtime import admin
-from authz.runtime.admin import ReadinessCheck, create_admin_app, opa_bundles_check, start_admin
+from authz.runtime import readiness
+from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import OverrideStore
+from authz.runtime.readiness import ReadinessCheck, opa_bundles_check
 from authz.stack.supervisor import free_port
 
 
@@ -175,7 +176,7 @@ async def test_opa_bundles_check_unreachable() -> None:
 
 
 async def test_opa_bundles_check_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admin, "_CHECK_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(readiness, "_CHECK_TIMEOUT_S", 0.05)
     async with fake_opa(200, b"{}", delay_s=0.5) as client:
         assert await opa_bundles_check(client)() == (False, "opa_timeout")
 
@@ -366,6 +367,50 @@ async def test_admin_api_wrong_or_missing_bearer(
     assert ADMIN_TOKEN not in text
     assert actions.calls == []
     assert settings["control"].mode is Mode.ENFORCE
+
+
+@pytest.mark.parametrize(
+    ("token", "authorization", "status"),
+    [
+        (None, f"Bearer {ADMIN_TOKEN}", 403),
+        (Secret(ADMIN_TOKEN), None, 401),
+        (Secret(ADMIN_TOKEN), "Bearer wrong", 401),
+        (Secret(ADMIN_TOKEN), f"Bearer {ADMIN_TOKEN}", 200),
+    ],
+    ids=["disabled", "missing", "wrong", "right"],
+)
+async def test_every_v1_route_is_authenticated_even_one_without_its_own_check(
+    token: Secret | None, authorization: str | None, status: int
+) -> None:
+    # Authentication is one middleware over /v1/, so a route added without any check of
+    # its own is still refused without the token.
+    called: list[str] = []
+
+    async def extra(request: web.Request) -> web.Response:
+        called.append(request.path)
+        return web.json_response({"ok": True})
+
+    app = create_admin_app({}, **full_admin(token))
+    app.router.add_get("/v1/extra", extra)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    client: test_utils.TestClient[web.Request, web.Application]
+    async with test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.get("/v1/extra", headers=headers)
+        assert resp.status == status
+    assert called == (["/v1/extra"] if status == 200 else [])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/v1/nothing-here", 404), ("PUT", "/v1/mode", 405)],
+    ids=["unknown-path", "wrong-method"],
+)
+async def test_admin_routing_errors_come_before_authentication(
+    method: str, path: str, status: int
+) -> None:
+    async with admin_api(**full_admin(Secret(ADMIN_TOKEN))) as client:
+        resp = await client.request(method, path)
+        assert resp.status == status
 
 
 # --- /v1/mode -------------------------------------------------------------------------

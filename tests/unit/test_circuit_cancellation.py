@@ -103,14 +103,14 @@ async def test_client_cancelling_the_grpc_probe_call_wedges_the_breaker() -> Non
 async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
     # While the breaker is stuck half open (above), /readyz's opa check only fails for
     # OPEN, so the pod stays ready while every Check is denied opa_circuit_open.
-    from authz.runtime.server import _opa_check
+    from authz.runtime.readiness import opa_check
 
     breaker = await breaker_after_a_cancelled_probe()
 
     async def opa_healthy() -> tuple[bool, str]:
         return True, "bundles activated"
 
-    ok, detail = await _opa_check(opa_healthy, breaker)()
+    ok, detail = await opa_check(opa_healthy, breaker)()
     wedged = True
     try:
         await breaker.evaluate("p", {}, 1)

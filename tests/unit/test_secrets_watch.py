@@ -19,8 +19,8 @@ import pytest
 from authz.core.authorizer import Authorizer
 from authz.core.errors import ConfigError, CredentialError
 from authz.runtime import secrets as secrets_module
+from authz.runtime.readiness import secrets_check
 from authz.runtime.secrets import SecretStore, write_secrets_file
-from authz.runtime.server import _secrets_check
 from tests.unit.fakes import FakeEngine, check_request
 
 OLD = "old-cred-value-0123456789"
@@ -109,7 +109,7 @@ async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_deni
     path = tmp_path / "s.json"
     _write(path, _good(OLD))
     store = SecretStore.open(path)
-    ready = _secrets_check(store)
+    ready = secrets_check(store)
     egress = {
         "allowed": True,
         "reason": "allowed",

@@ -19,7 +19,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.core.authorizer import Authorizer
-from authz.runtime.server import AUTHZ_SERVICE, create_server
+from authz.core.errors import ConfigError
+from authz.core.ratelimit import RedisLimiter
+from authz.runtime.config import DEFAULT_REDIS_POOL_SIZE, load
+from authz.runtime.server import AUTHZ_SERVICE, build_limiter, create_server
 from authz.stack.supervisor import free_port, http_ok
 from tests.unit.fakes import FakeEngine, check_request
 
@@ -48,19 +51,27 @@ async def test_check_and_health_over_grpc() -> None:
         await server.stop(0)
 
 
-async def test_stop_marks_not_serving_first_and_drains_in_flight_calls() -> None:
-    server = await create_server(_authorizer(FakeEngine(True, delay_s=0.3)), "127.0.0.1:0")
+async def test_stop_marks_not_serving_before_draining_in_flight_calls() -> None:
+    # Observed from outside, as Envoy or a load balancer would: a health Watch opened
+    # before stop() must see NOT_SERVING while a Check is still in flight, and that
+    # Check must still be answered within the grace period.
+    server = await create_server(_authorizer(FakeEngine(True, delay_s=0.6)), "127.0.0.1:0")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=AUTHZ_SERVICE))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         in_flight = asyncio.ensure_future(stub.Check(check_request(), timeout=5))
-        await asyncio.sleep(0.1)
-        await server.health.enter_graceful_shutdown()
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=AUTHZ_SERVICE))
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await server.stop(2.0)
+        await asyncio.sleep(0.1)  # the Check is now inside the (slow) engine
+        stopping = asyncio.ensure_future(server.stop(1.5))
+        update = await asyncio.wait_for(watch.read(), timeout=1.0)
+        assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not in_flight.done()  # announced before the drain, not after it
         response = await in_flight
         assert response.HasField("ok_response")
+        await stopping
+        watch.cancel()
 
 
 def test_sigterm_shuts_the_process_down_cleanly(tmp_path: Path) -> None:
@@ -99,3 +110,31 @@ def test_sigterm_shuts_the_process_down_cleanly(tmp_path: Path) -> None:
     messages = [line["msg"] for line in lines]
     assert messages.index("authz serving") < messages.index("shutting down")
     assert messages[-1] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"AUTHZ_OPA_POOL_SIZE": "7"}, DEFAULT_REDIS_POOL_SIZE),
+        ({"AUTHZ_OPA_POOL_SIZE": "7", "AUTHZ_REDIS_POOL_SIZE": "3"}, 3),
+    ],
+    ids=["default-not-the-opa-pool", "own-setting"],
+)
+async def test_redis_pool_is_sized_by_its_own_setting(
+    environ: dict[str, str], expected: int
+) -> None:
+    settings = load(
+        {"AUTHZ_RATE_LIMIT_BACKEND": "redis", "AUTHZ_REDIS_URL": "redis://127.0.0.1:1/0", **environ}
+    )
+    limiter = build_limiter(settings)
+    try:
+        assert isinstance(limiter, RedisLimiter)
+        assert limiter._redis.connection_pool.max_connections == expected
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.parametrize("value", ["0", "x", "100000"], ids=["zero", "not-int", "too-large"])
+def test_redis_pool_size_refuses_bad_values_naming_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"AUTHZ_REDIS_POOL_SIZE={value!r}"):
+        load({"AUTHZ_REDIS_POOL_SIZE": value})
