@@ -1,19 +1,17 @@
-"""Shared test helpers: the repository root and the pinned OPA / Envoy binaries."""
+"""Fixtures every suite may use: the repository root, the pinned OPA / Envoy binaries, a
+redis-server; and the order hook that runs tests marked ``runs_last`` after all others."""
 
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from authz.stack.supervisor import StackError, find_binary, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+from tests.helpers.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -40,51 +38,6 @@ def envoy_bin() -> str:
         pytest.fail(f"{exc}: run ./scripts/test, which installs it")
 
 
-class RedisServer:
-    """A throwaway redis-server on 127.0.0.1 (no persistence) that can be stopped and
-    started again on the same port, for outage tests."""
-
-    def __init__(self, binary: str, port: int, workdir: Path) -> None:
-        self.binary, self.port, self.workdir = binary, port, workdir
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-        self._proc = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A running redis-server (from the machine's packages; scripts/install-deps adds it)."""
@@ -95,3 +48,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests marked ``runs_last`` after every other selected test, keeping the
+    order within each group: a check of what the whole session left behind (the e2e
+    no-secrets scan) must not depend on its file's name. ``trylast`` so that no other
+    plugin reorders after this."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz.core.errors import PolicyError
+from authz.core.errors import OpaUnavailable, PolicyError
 from authz.core.opa import Evaluation
 from authz.core.record import DecisionRecord
 
@@ -66,6 +66,27 @@ class FakeEngine:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class FlakyEngine:
+    """A PolicyEngine that fails (OpaUnavailable) while ``down`` and, while ``hang`` is
+    set, blocks until cancelled; otherwise it allows. Starts down."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.hang = False
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.down:
+            raise OpaUnavailable("refused")
+        return Evaluation(True)
+
+    async def close(self) -> None:
+        return None
 
 
 class ListSink:
@@ -136,7 +157,7 @@ async def bytes_retained_per_check(authorizer: Authorizer, n: int = 100) -> floa
 
 def multipart_body(boundary: str, *, parts: int) -> str:
     """A ``multipart/form-data`` body (RFC 7578) with ``boundary`` and ``parts`` small
-    text fields: the shape of finding 1's body bomb (issue #13), at any size."""
+    text fields: the costliest body shape to parse per byte, at any size."""
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="f{{i}}"\r\n\r\nv\r\n'
     return "".join(part.format(i=i) for i in range(parts)) + f"--{boundary}--\r\n"
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from authz.runtime import audit, config
-from tests.infra.conftest import ROOT
+from tests.helpers.infra import ROOT
 
 MANIFEST = ROOT / "infra/k8s/authz.yaml"
 DOCKERFILE = ROOT / "Dockerfile"

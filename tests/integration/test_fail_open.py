@@ -13,8 +13,8 @@ from authz.core.authorizer import FAIL_OPEN_HEADER, Authorizer
 from authz.core.input import build_input
 from authz.core.opa import OpaClient
 from authz.stack.supervisor import free_port
-from tests.integration.opa_server import running_opa
-from tests.unit.fakes import check_request, multipart_body, upstream_headers
+from tests.helpers.fakes import check_request, multipart_body, upstream_headers
+from tests.helpers.opa_server import running_opa
 
 # A policy bug of the most ordinary kind: two rules for one complete value that both
 # hold for some client-chosen input (here: a request carrying both headers).

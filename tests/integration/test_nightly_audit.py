@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from authz.core.rfc3339 import DAY_S
-from tests.unit.test_hygiene import decision, digest, entry, iso, write_audit, write_bundle
+from tests.helpers.key_health import decision, digest, entry, iso, write_audit, write_bundle
 
 
 def setup(tmp_path: Path, *entries: dict[str, Any]) -> tuple[Path, Path]:

@@ -18,7 +18,7 @@ from authz.core.errors import OpaResponseError, OpaTimeout, OpaUnavailable, Unde
 from authz.core.opa import OpaClient
 from authz.core.secret import Secret
 from authz.stack.supervisor import free_port
-from tests.integration.opa_server import running_opa
+from tests.helpers.opa_server import running_opa
 
 POLICY = """\
 package authz.test

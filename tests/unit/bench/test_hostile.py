@@ -27,6 +27,7 @@ from tests.e2e.hostile import (
     Outcome,
     Tally,
 )
+from tests.helpers.bench_results import RESULTS
 
 
 def _rng() -> random.Random:
@@ -275,8 +276,6 @@ def test_report_of_the_hostile_step_alone_ends_with_its_line() -> None:
 
 
 def test_full_report_keeps_the_headline_ratios_last_and_shows_the_hostile_line() -> None:
-    from tests.unit.test_bench_report import RESULTS
-
     lines = render({**RESULTS, "hostile": RESULT}).splitlines()
     assert lines[-1].startswith("ratios: authz/peer throughput")
     assert "hostile/quiet throughput 0.97" in lines[-2]  # in "more ratios"

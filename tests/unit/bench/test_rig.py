@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.rig import PEER_DECISION_PATH, gateway_config, opa_config, upstream_config
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
 
 

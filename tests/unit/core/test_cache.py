@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz.core.authorizer import Authorizer
 from authz.core.cache import DEFAULT_MAX_BYTES, DecisionCache, cache_key
@@ -19,7 +20,13 @@ from authz.core.errors import ConfigError
 from authz.core.input import build_input
 from authz.core.opa import Evaluation
 from authz.runtime.config import DEFAULT_DECISION_CACHE_MAX_BYTES, load
-from tests.unit.fakes import FakeEngine, ManualClock, check_request
+from tests.helpers.fakes import (
+    LARGE_JSON_BODY,
+    FakeEngine,
+    ManualClock,
+    bytes_retained_per_check,
+    check_request,
+)
 
 PATH = "authz/gateway/decision"
 GOOD_KEY = "ak_good_0001"
@@ -356,3 +363,257 @@ def test_ignore_headers_setting_refuses_credential_and_identity_headers(
     ):
         load(environ)
     assert load({"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-correlation-id"})
+
+
+# ----------------------------------------------------------------------------------------
+# Decision cache: keys ignore only per-request noise; TTL, LRU, revision and clears.
+
+
+def key(**kwargs: object) -> bytes:
+    headers = {"x-api-key": "sha", "x-request-id": "r1", "traceparent": "t1"}
+    extra = kwargs.pop("headers", {})
+    assert isinstance(extra, dict)
+    headers.update(extra)
+    request = check_request(headers=headers, **kwargs)  # type: ignore[arg-type]
+    return cache_key("authz/gateway/decision", build_input(request, ("x-api-key",)))
+
+
+def test_key_ignores_request_ids_and_tracing() -> None:
+    assert key() == key(headers={"x-request-id": "r2", "traceparent": "t2", "x-b3-traceid": "x"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"headers": {"x-api-key": "other"}},
+        {"headers": {"x-authz-role": "admin"}},
+        {"method": "POST"},
+        {"path": "/api/v1/other"},
+        {"body": "{}"},
+        {"context_extensions": {"decision_path": "authz/egress/decision"}},
+    ],
+    ids=["credential", "extra-header", "method", "path", "body", "route"],
+)
+def test_key_changes_with_anything_a_policy_may_read(change: dict[str, object]) -> None:
+    assert key() != key(**change)
+
+
+def test_key_differs_per_decision_path() -> None:
+    document = build_input(check_request(), ())
+    assert cache_key("a/b", document) != cache_key("a/c", document)
+
+
+def put(cache: DecisionCache, k: object, *, ttl: float | None = None, rev: str = "r1") -> None:
+    decision = Decision(allowed=True, cache_ttl_s=ttl, identity={"key_id": "k1"})
+    evaluation = Evaluation(True, {"b": rev})
+    cache.put(as_key(k), decision, evaluation, "d1", generation=cache.generation)
+
+
+def as_key(k: object) -> bytes:
+    """A test's short key name as the bytes keys the cache holds."""
+    return str(k).encode()
+
+
+def test_ttl_and_counters() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=5, confirm_s=3600, jitter=0, clock=clock)
+    assert cache.get(as_key("k")) is None
+    put(cache, "k")
+    assert cache.get(as_key("k")) is not None
+    clock.now += 4.9
+    assert cache.get(as_key("k")) is not None
+    clock.now += 0.2
+    assert cache.get(as_key("k")) is None
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("decision_ttl", "alive_at", "dead_at"),
+    [(0, None, 0.0), (2, 1.9, 2.1), (60, 4.9, 5.1)],
+    ids=["uncacheable", "shorter", "capped-by-config"],
+)
+def test_decision_ttl(decision_ttl: float, alive_at: float | None, dead_at: float) -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=5, confirm_s=3600, jitter=0, clock=clock)
+    put(cache, "k", ttl=decision_ttl)
+    start = clock.now
+    if alive_at is not None:
+        clock.now = start + alive_at
+        assert cache.get(as_key("k")) is not None
+    clock.now = start + dead_at
+    assert cache.get(as_key("k")) is None
+
+
+def test_reuse_needs_a_recently_confirmed_revision() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=60, confirm_s=5, jitter=0, clock=clock)
+    put(cache, "k")  # an OPA answer confirms its revision
+    clock.now += 4.9
+    assert cache.get(as_key("k")) is not None
+    clock.now += 0.2  # OPA silent for 5.1 s: no reuse, though the TTL has 55 s left
+    assert cache.get(as_key("k")) is None
+    cache.observe_revision("r1")  # the watcher's probe confirms the same revision
+    assert cache.get(as_key("k")) is not None
+    clock.now += 30
+    cache.observe_revision("r1")
+    assert cache.get(as_key("k")) is not None
+    clock.now += 31  # confirmed, but past the TTL
+    cache.observe_revision("r1")
+    assert cache.get(as_key("k")) is None
+
+
+@pytest.mark.parametrize(("draw", "life"), [(0.0, 60.0), (0.5, 54.0), (1.0, 48.0)])
+def test_jitter_shortens_each_life_by_up_to_its_share(draw: float, life: float) -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=60, confirm_s=3600, jitter=0.2, clock=clock, rng=lambda: draw)
+    put(cache, "k")
+    clock.now = 100.0 + life - 0.01
+    assert cache.get(as_key("k")) is not None
+    clock.now = 100.0 + life + 0.01
+    assert cache.get(as_key("k")) is None
+
+
+def test_jitter_spreads_a_cold_start_over_its_share_of_the_ttl() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(ttl_s=60, confirm_s=3600, max_entries=1000, clock=clock)
+    for i in range(1000):
+        put(cache, i)
+    alive = []
+    for at in (47.9, 50.0, 54.0, 58.0, 60.1):
+        clock.now = 100.0 + at
+        alive.append(sum(1 for i in range(1000) if cache.get(as_key(i)) is not None))
+    assert alive[0] == 1000  # nothing expires before 80% of the TTL
+    assert 1000 > alive[1] > alive[2] > alive[3] > 0  # then a few at a time
+    assert alive[4] == 0
+
+
+def test_jitter_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        DecisionCache(jitter=1.5)
+
+
+def test_nothing_is_reused_before_any_confirmation() -> None:
+    clock = ManualClock(100.0)
+    cache = DecisionCache(confirm_s=5, clock=clock)
+    assert cache.get(as_key("k")) is None
+    put(cache, "k")
+    assert cache.get(as_key("k")) is not None
+
+
+def test_lru_bound() -> None:
+    cache = DecisionCache(max_entries=2, clock=ManualClock(100.0))
+    put(cache, "a")
+    put(cache, "b")
+    assert cache.get(as_key("a")) is not None  # a is now the most recent
+    put(cache, "c")
+    assert len(cache) == 2
+    assert cache.get(as_key("b")) is None
+    assert cache.get(as_key("a")) is not None
+
+
+def test_new_bundle_revision_drops_everything() -> None:
+    cache = DecisionCache(clock=ManualClock(100.0))
+    put(cache, "a", rev="r1")
+    put(cache, "b", rev="r2")
+    assert cache.get(as_key("a")) is None
+    assert cache.get(as_key("b")) is not None
+    cache.observe_revision("r3")
+    assert cache.get(as_key("b")) is None
+
+
+def test_clear() -> None:
+    cache = DecisionCache(clock=ManualClock(100.0))
+    put(cache, "a")
+    cache.clear("overrides changed")
+    assert len(cache) == 0
+    assert cache.clears == 1
+
+
+def test_configured_headers_are_ignored_too() -> None:
+    cache = DecisionCache(ignore_headers=["X-Vegeta-Seq"])
+    one = build_input(check_request(headers={"x-vegeta-seq": "1"}), ())
+    a = cache.key("p", one)
+    b = cache.key("p", build_input(check_request(headers={"x-vegeta-seq": "2"}), ()))
+    assert a == b
+    assert DecisionCache().key("p", one) != a
+
+
+# ----------------------------------------------------------------------------------------
+# Decision cache: identity isolation and memory bounds (found in review).
+
+
+DEMO_KEY = "ak_demo_admin_0001"
+
+
+def _gateway(path: str, document: Mapping[str, Any]) -> Any:
+    """The gateway policy's shape: allow only the one good key's digest."""
+    if (
+        document.get("credentials", {}).get("x-api-key")
+        == hashlib.sha256(DEMO_KEY.encode()).hexdigest()
+    ):
+        return {"allowed": True, "reason": "allowed"}
+    return {"allowed": False, "http_status": 401, "reason": "invalid_api_key"}
+
+
+def raw_header_request(api_key: str) -> external_auth_pb2.CheckRequest:
+    """A CheckRequest as Envoy sends it with ext_authz ``encode_raw_headers: true``:
+    headers only in ``header_map`` (raw values), ``headers`` left empty. authz.core.input
+    supports this form (it hashes credentials found there)."""
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.host, http.scheme = "GET", "/api/v1/admin/users", "gw", "http"
+    http.header_map.CopyFrom(
+        base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key=":path", raw_value=b"/api/v1/admin/users"),
+                base_pb2.HeaderValue(key="x-api-key", raw_value=api_key.encode()),
+            ]
+        )
+    )
+    request.attributes.source.CopyFrom(attribute_context_pb2.AttributeContext.Peer())
+    request.attributes.source.address.socket_address.address = "10.0.0.1"
+    return request
+
+
+async def test_cache_key_covers_raw_header_map() -> None:
+    # cache_key() hashes http.headers only; with encode_raw_headers the credentials live
+    # in http.header_map, which the key ignores. A request with a wrong key then reuses
+    # the admin's cached allow.
+    authorizer = Authorizer(
+        FakeEngine(_gateway),
+        default_decision_path=PATH,
+        credential_headers=("x-api-key",),
+        timeout_s=0.3,
+        cache=DecisionCache(),
+    )
+    admin = await authorizer.check(raw_header_request(DEMO_KEY))
+    assert admin.response.HasField("ok_response")
+    attacker = await authorizer.check(raw_header_request("wrong"))
+    assert not attacker.response.HasField("ok_response"), (
+        f"wrong key allowed from the cache (cached_from={attacker.record.cached_from})"
+    )
+
+
+async def test_cache_memory_is_bounded_for_unauthenticated_requests() -> None:
+    # Every decision is cached, unauthenticated denies included, with the full input
+    # document (request body, parsed body) and the body again in the key. Expired
+    # entries are only dropped when the same key is looked up again or the LRU bound
+    # (10,000 entries by default) pushes them out, so the memory stays. A JSON body of
+    # 63 KB (under the gateway's max_request_bytes 65536) like [{},{},...] costs about
+    # 1.6 MB per entry: 10,000 anonymous requests pin ~16 GB.
+    cache = DecisionCache()  # defaults, as the server builds it
+    authorizer = Authorizer(
+        FakeEngine(
+            {"allowed": False, "http_status": 401, "reason": "missing_api_key"}, record=False
+        ),
+        default_decision_path=PATH,
+        credential_headers=("x-api-key",),
+        timeout_s=5.0,
+        cache=cache,
+    )
+    assert len(LARGE_JSON_BODY) < 65536
+    n = 100
+    per_entry = await bytes_retained_per_check(authorizer, n)
+    assert len(cache) <= n
+    projected_gb = per_entry * 10_000 / 1e9
+    assert projected_gb < 1.0, f"a full default cache would hold {projected_gb:.1f} GB"

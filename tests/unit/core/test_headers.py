@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 EGRESS_DATA = ROOT / "policy/egress/data.json"
 # RFC 9110 section 5.1 field-name token, lowercase as HTTP/2 and Envoy send it.
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from authz.core.ratelimit import MemoryLimiter, Quota, RateLimitResult, gcra
-from tests.unit.fakes import ManualClock
+from tests.helpers.fakes import ManualClock
 
 
 def run(limiter: MemoryLimiter, key: str, quota: Quota, n: int) -> list[bool]:

@@ -1,4 +1,5 @@
-"""Circuit breaker: a cancelled half-open probe must not wedge it (found in review)."""
+"""The OPA circuit breaker: opens after repeated failures, probes, closes; a cancelled
+half-open probe never leaves it stuck, and readiness sees a breaker that fails fast."""
 
 from __future__ import annotations
 
@@ -7,36 +8,18 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from authz.core.errors import OpaUnavailable
+import pytest
+
+from authz.core.errors import CircuitOpen, OpaTimeout, OpaUnavailable, UndefinedDecision
 from authz.core.opa import Evaluation
-from authz.runtime.circuit import CircuitBreaker
-from tests.unit.fakes import ManualClock
-
-
-class Engine:
-    """Fails while ``down``; while ``hang`` is set, blocks until cancelled."""
-
-    def __init__(self) -> None:
-        self.down = True
-        self.hang = False
-
-    async def evaluate(
-        self, path: str, document: Mapping[str, Any], timeout_s: float
-    ) -> Evaluation:
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.down:
-            raise OpaUnavailable("refused")
-        return Evaluation(True)
-
-    async def close(self) -> None:
-        return None
+from authz.runtime.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from tests.helpers.fakes import FlakyEngine, ManualClock
 
 
 async def breaker_after_a_cancelled_probe() -> CircuitBreaker:
     """A breaker whose half-open probe was cancelled mid-flight, OPA healthy again and an
     hour gone by: it must ask OPA again."""
-    engine, clock = Engine(), ManualClock()
+    engine, clock = FlakyEngine(), ManualClock()
     breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
     with contextlib.suppress(OpaUnavailable):
         await breaker.evaluate("p", {}, 1)
@@ -53,56 +36,17 @@ async def breaker_after_a_cancelled_probe() -> CircuitBreaker:
 
 async def test_cancelled_probe_does_not_leave_the_circuit_half_open_forever() -> None:
     # grpc.aio cancels the Check coroutine when Envoy resets the stream (the downstream
-    # client went away). If that happens to the half-open probe, CancelledError
-    # (a BaseException) skips every handler in CircuitBreaker.evaluate, `_probing` stays
-    # True and every later query raises CircuitOpen("a probe is in flight") forever,
+    # client went away). CancelledError is a BaseException: the probe flag must be
+    # cleared for it too, or every later query is CircuitOpen("a probe is in flight")
     # although OPA is healthy again.
     breaker = await breaker_after_a_cancelled_probe()
     result = await breaker.evaluate("p", {}, 1)
     assert result.result is True
 
 
-async def test_client_cancelling_the_grpc_probe_call_wedges_the_breaker() -> None:
-    # The same through the real gRPC server: the client (Envoy, when its downstream
-    # disconnects) cancels the Check that carries the probe; afterwards every Check is
-    # denied opa_circuit_open although OPA answers again.
-    import json
-
-    import grpc
-    from envoy.service.auth.v3 import external_auth_pb2_grpc
-
-    from authz.core.authorizer import Authorizer
-    from authz.runtime.server import create_server
-    from tests.unit.fakes import check_request
-
-    engine, clock = Engine(), ManualClock()
-    breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
-    authorizer = Authorizer(
-        breaker, default_decision_path="a/b", credential_headers=(), timeout_s=5.0
-    )
-    server = await create_server(authorizer, "127.0.0.1:0")
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            first = await stub.Check(check_request(), timeout=2)
-            assert json.loads(first.denied_response.body)["error"] == "opa_unavailable"
-            clock.now = 5.0
-            engine.hang = True
-            call = stub.Check(check_request(), timeout=2)
-            await asyncio.sleep(0.2)
-            call.cancel()
-            await asyncio.sleep(0.2)
-            engine.hang, engine.down = False, False
-            clock.now = 3600.0
-            later = await stub.Check(check_request(), timeout=2)
-            assert later.HasField("ok_response"), later.denied_response.body
-    finally:
-        await server.stop(0)
-
-
 async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
-    # While the breaker is stuck half open (above), /readyz's opa check only fails for
-    # OPEN, so the pod stays ready while every Check is denied opa_circuit_open.
+    # Readiness and the breaker agree: the pod is never ready while every query through
+    # the breaker fails fast (a breaker stuck half open would be such a case).
     from authz.runtime.server import _opa_check
 
     breaker = await breaker_after_a_cancelled_probe()
@@ -118,3 +62,88 @@ async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
     except OpaUnavailable:
         pass
     assert not (ok and wedged), f"ready ({detail}) while every query fails fast"
+
+
+# ----------------------------------------------------------------------------------------
+# Opens after repeated failures, probes, closes.
+
+
+class Switch:
+    """An engine whose next answers are set by the test."""
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+        self.calls = 0
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        self.calls += 1
+        if self.failure is not None:
+            raise self.failure
+        return Evaluation(True)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_opens_after_threshold_fails_fast_then_probes_and_closes() -> None:
+    engine, clock = Switch(), ManualClock()
+    states: list[str] = []
+    breaker = CircuitBreaker(
+        engine, failure_threshold=3, reset_timeout_s=5, clock=clock, on_state_change=states.append
+    )
+    engine.failure = OpaUnavailable("refused")
+    for _ in range(3):
+        with pytest.raises(OpaUnavailable):
+            await breaker.evaluate("p", {}, 1)
+    assert breaker.state == OPEN
+    with pytest.raises(CircuitOpen):
+        await breaker.evaluate("p", {}, 1)
+    assert engine.calls == 3  # OPA not hammered while open
+    clock.now = 5.0
+    engine.failure = None
+    assert (await breaker.evaluate("p", {}, 1)).result is True
+    assert breaker.state == CLOSED
+    assert states == [OPEN, HALF_OPEN, CLOSED]
+
+
+async def test_failed_probe_reopens() -> None:
+    engine, clock = Switch(), ManualClock()
+    breaker = CircuitBreaker(engine, failure_threshold=1, reset_timeout_s=5, clock=clock)
+    engine.failure = OpaUnavailable("refused")
+    with pytest.raises(OpaUnavailable):
+        await breaker.evaluate("p", {}, 1)
+    clock.now = 5.0
+    with pytest.raises(OpaUnavailable):
+        await breaker.evaluate("p", {}, 1)
+    assert breaker.state == OPEN
+    clock.now = 9.0
+    with pytest.raises(CircuitOpen):
+        await breaker.evaluate("p", {}, 1)
+
+
+async def test_policy_answers_count_as_healthy() -> None:
+    engine = Switch()
+    breaker = CircuitBreaker(engine, failure_threshold=2)
+    engine.failure = OpaUnavailable("x")
+    with pytest.raises(OpaUnavailable):
+        await breaker.evaluate("p", {}, 1)
+    engine.failure = UndefinedDecision("nothing here")
+    with pytest.raises(UndefinedDecision):
+        await breaker.evaluate("p", {}, 1)
+    engine.failure = OpaUnavailable("x")
+    with pytest.raises(OpaUnavailable):
+        await breaker.evaluate("p", {}, 1)
+    assert breaker.state == CLOSED  # the undefined answer reset the count
+
+
+async def test_timeouts_never_open_the_circuit() -> None:
+    engine = Switch()
+    breaker = CircuitBreaker(engine, failure_threshold=2)
+    engine.failure = OpaTimeout("slow under load")
+    for _ in range(10):
+        with pytest.raises(OpaTimeout):
+            await breaker.evaluate("p", {}, 1)
+    assert breaker.state == CLOSED
+    assert engine.calls == 10

@@ -15,8 +15,8 @@ from authz.core.record import DecisionRecord
 from authz.core.rfc3339 import DAY_S
 from authz.runtime.expiry import _PARSED_MAX, WARN_INTERVAL_S, KeyExpiryWatch, _parse_cached
 from authz.runtime.metrics import Metrics
-from tests.unit.fakes import FakeEngine, check_request
-from tests.unit.test_hygiene import NOW, iso
+from tests.helpers.fakes import FakeEngine, check_request
+from tests.helpers.key_health import NOW, iso
 
 GATEWAY = "authz/gateway/decision"
 EGRESS = "authz/egress/decision"

@@ -9,7 +9,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.core.authorizer import Authorizer
 from authz.runtime.servicer import AuthorizationServicer
-from tests.unit.fakes import FakeEngine, check_request
+from tests.helpers.fakes import FakeEngine, check_request
 
 
 class _Context:

@@ -18,8 +18,7 @@ from authz.stack.upstream import (
     load_credentials,
     load_services,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 SERVICES: dict[str, Any] = {
     "openai": {

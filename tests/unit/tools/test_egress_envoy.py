@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,28 +13,13 @@ import pytest
 import yaml
 
 from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
-from authz.stack.envoy import relocate_tls
-from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 from authz.tools import egress_envoy
 from authz.tools.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
+from tests.helpers import ROOT
+from tests.helpers.egress import SERVICES_FILE, real_services, svc
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVICES_FILE = ROOT / "policy/egress/data.json"
 COMMITTED = ROOT / "infra/envoy/envoy-egress.yaml"
 GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
-
-
-def real_services() -> dict[str, Any]:
-    services: dict[str, Any] = json.loads(SERVICES_FILE.read_text(encoding="utf-8"))["services"]
-    return services
-
-
-def svc(base_url: object, *, credential: bool = True) -> dict[str, Any]:
-    """A service spec; an http one has no credential (the generator refuses that)."""
-    spec: dict[str, Any] = {"base_url": base_url}
-    if credential:
-        spec["credential"] = {"header": "authorization", "format": "{secret}"}
-    return spec
 
 
 def hcm(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -529,33 +513,71 @@ def test_bad_services_file_exits_2(
     assert not out.exists()
 
 
-def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path) -> None:
-    """Overrides (STATIC), http, path prefixes and a custom CA are valid Envoy configs too
-    (tests/infra validates only the committed file)."""
-    ca = tmp_path / "ca.pem"
-    shutil.copy(egress_envoy.DEFAULT_CA_FILE, ca)
+# ----------------------------------------------------------------------------------------
+# A service with a credential is only reached over TLS: an ``http://`` base_url for it is
+# refused by the generator, naming the service and the URL.
+#
+# Finding 9 of issue #13: an ``http://`` base_url was accepted for a service with a
+# credential, so the injected secret would cross a hop in clear.
+
+
+CREDENTIAL = {"header": "authorization", "format": "Bearer {secret}"}
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://api.example.com",
+        "HTTP://api.example.com:8080/v1",
+        "http://10.0.0.7",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8090",
+    ],
+    ids=["dns", "upper-case-port-path", "ip", "loopback", "ipv6"],
+)
+@pytest.mark.parametrize(
+    "credential",
+    [CREDENTIAL, {}, {"header": "x-api-key"}],
+    ids=["full", "empty-object", "partial"],
+)
+def test_plain_http_base_url_is_refused_for_a_service_with_a_credential(
+    base_url: str, credential: dict[str, Any]
+) -> None:
     services = {
-        **real_services(),
-        "plain": svc("http://internal.example:8080/api", credential=False),
-        "prefixed": svc("https://prefixed.example/v2"),
+        "ok": {"base_url": "https://ok.example.com", "credential": CREDENTIAL},
+        "leaky": {"base_url": base_url, "credential": credential},
     }
-    config = generate(
-        services,
-        listen_port=18443,
-        admin_port=19902,
-        ca_file=str(ca),
-        overrides={"api.openai.com": ("127.0.0.1", 9443), "internal.example": ("127.0.0.1", 1)},
-    )
-    # The mTLS files to authz must exist: issue them and point the config at them.
-    ensure_pki(tmp_path / "tls", DEPLOYMENT_LEAVES)
-    relocate_tls(config, tmp_path / "tls")
-    path = tmp_path / "envoy-variant.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(ValueError, match="credential") as caught:
+        generate(services)
+    message = str(caught.value)
+    assert message.startswith("egress service 'leaky': ")
+    assert repr(base_url) in message
+    assert "https" in message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"base_url": "http://internal.example:8080"},
+        {"base_url": "http://internal.example:8080", "credential": None},
+        {"base_url": "https://api.example.com", "credential": CREDENTIAL},
+    ],
+    ids=["http-no-credential", "http-null-credential", "https-credential"],
+)
+def test_plain_http_is_allowed_only_without_a_credential(spec: dict[str, Any]) -> None:
+    config = generate({"svc": spec})
+    clusters = [c["name"] for c in config["static_resources"]["clusters"]]
+    assert "service_svc" in clusters
+
+
+def test_generator_command_exits_2_naming_the_service_and_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {"services": {"leaky": {"base_url": "http://api.example.com", "credential": CREDENTIAL}}}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    out = tmp_path / "envoy.yaml"
+    assert main(["--services", str(tmp_path / "data.json"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "egress service 'leaky'" in err
+    assert "'http://api.example.com'" in err
+    assert not out.exists()
