@@ -1,6 +1,8 @@
-"""Runs last in the session: no secret value ever came back in a response or reached a
-log line during the whole end-to-end run (egress credentials, API keys, sandbox tokens,
-the admin token)."""
+"""No secret value ever came back in a response or reached a log line during the whole
+end-to-end run (egress credentials, API keys, sandbox tokens, the admin token).
+
+Marked ``runs_last``: tests/conftest.py runs it after every other selected test, whatever
+the file names, so it scans everything the session's stack logged and answered."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 
 from tests.e2e.conftest import Env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.runs_last]
 
 
 def test_no_secret_in_any_response_or_log_line(e2e: Env) -> None:
