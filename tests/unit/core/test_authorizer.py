@@ -1,4 +1,8 @@
-"""The decision pipeline, with OPA replaced by a fake engine."""
+"""authz.core.authorizer: the decision pipeline, with OPA replaced by a fake engine.
+
+Outcomes and their records, the budget, credentials, rate limits, modes; fail-open only
+for an OPA that could not be asked, capped and loud; allows no policy decided (dry-run,
+bypass, fail-open) strip what enforced allows strip."""
 
 from __future__ import annotations
 
@@ -562,11 +566,12 @@ async def test_a_refused_check_leaves_no_reference_cycle(
 
 
 # ----------------------------------------------------------------------------------------
-# Authorizer: fail-open covers only an OPA that failed (issue #13, findings 1 and 2).
+# Fail-open covers only an OPA that could not be asked: never authz's own deadline, a
+# malformed request or a decision OPA gave.
 
 
 EGRESS = "authz/egress/decision"
-# The request of finding 1: no credential at all, to an admin route, with a body.
+# No credential at all, to an admin route, with a body: what fail-open must never let by.
 ADMIN_POST: dict[str, Any] = {
     "method": "POST",
     "path": "/api/v1/admin/users",
@@ -613,9 +618,8 @@ def slow_parse(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
 async def test_fail_open_never_covers_a_body_that_burns_the_budget(
     slow_parse: ManualClock,
 ) -> None:
-    # Finding 1: the parse spends the request's own 300 ms budget before OPA is asked;
-    # DeadlineExceeded counted as "OPA did not answer", so the anonymous admin POST
-    # reached the upstream with x-authz-fail-open: deadline_exceeded.
+    # The parse spends the request's own 300 ms budget before OPA is asked: that is
+    # authz's deadline, not OPA failing, so the anonymous admin POST is denied.
     engine = FakeEngine(ALLOW)
     outcome = await make_fail_open(engine, clock=slow_parse).check(check_request(**ADMIN_POST))
     assert engine.calls == []
@@ -675,12 +679,12 @@ def test_fail_open_codes_come_from_the_error_tree() -> None:
     assert Refused("x").fail_open_eligible
 
 
-# -- finding 2: the route's decision path, before anything else ---------------------------
+# -- the route's decision path is read before anything else ------------------------------
 
 
 async def test_budget_spent_on_arrival_is_decided_on_the_routes_path() -> None:
-    # The budget <= 0 check ran before the route's path was read: the record (decision
-    # log, metrics, audit) and the fail-open check named the default path.
+    # The record (decision log, metrics, audit) and the fail-open check name the route's
+    # path even when the budget is spent before anything else is done.
     outcome = await make_fail_open(FakeEngine(ALLOW), fail_open_paths=(DEFAULT_PATH,)).check(
         check_request(context_extensions={"decision_path": EGRESS}), 0.005
     )
@@ -831,7 +835,8 @@ async def test_build_authorizer_applies_the_fail_open_cap() -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Authorizer: allows no policy decided, and late answers (found in review).
+# Allows no policy decided (dry-run, bypass, fail-open) forward nothing an enforced allow
+# strips; a decision OPA gave late is still enforced.
 
 
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-sandbox-token")
@@ -882,10 +887,9 @@ async def test_unenforced_allows_never_forward_forged_identity_headers(
     control: Control, fail_open_paths: tuple[str, ...], answer: Any
 ) -> None:
     # README (Gateway): "client-sent values of these [x-authz-key-id, -role, -tier], and
-    # any other x-authz-* header, are overwritten or removed". An allow that no policy
-    # decided (dry-run suppressing a deny, fail-open, bypass) only strips the credential
-    # headers, so an unauthenticated client's forged x-authz-role: admin reaches an
-    # upstream that trusts it.
+    # any other x-authz-* header, are overwritten or removed". That holds for an allow no
+    # policy decided (dry-run suppressing a deny, fail-open, bypass) too: an
+    # unauthenticated client's forged x-authz-role: admin never reaches the upstream.
     authorizer = make_unenforced(
         FakeEngine(answer), control=control, fail_open_paths=fail_open_paths
     )
@@ -896,10 +900,9 @@ async def test_unenforced_allows_never_forward_forged_identity_headers(
 
 
 async def test_bypass_never_forwards_the_client_credentials() -> None:
-    # dry-run and fail-open remove the credential headers ("for authz, never for the
-    # upstream"); bypass forwards X-API-Key / Authorization / X-Sandbox-Token as sent,
-    # so on egress a sandbox token goes to the third-party API, on the gateway the API
-    # key goes to the upstream (README: the key is stripped before the upstream).
+    # Credential headers are "for authz, never for the upstream", in bypass as in
+    # dry-run and fail-open: on egress a sandbox token must not reach the third-party
+    # API, on the gateway the API key must not reach the upstream (README).
     control = Control(Mode.BYPASS, allow_bypass=True)
     sent = {"x-api-key": "ak_live_secret", "x-sandbox-token": "sbt_secret"}
     outcome = await make_unenforced(FakeEngine(DENY_INVALID_KEY), control=control).check(
@@ -923,11 +926,10 @@ class _SlowDeny(FakeEngine):
 
 
 async def test_a_late_policy_deny_never_fails_open() -> None:
-    # OPA answered: this sandbox/key is denied. The answer came in just past the budget
-    # (a busy OPA, or an attacker loading it), so step 5 raises DeadlineExceeded, whose
-    # code is in FAIL_OPEN_CODES: on a fail-open path the known deny becomes an allow.
-    # README: fail-open is for "OPA unreachable, slow, or answering an error"; a decision
-    # OPA actually gave must be enforced.
+    # OPA answered: this sandbox/key is denied, just past the budget (a busy OPA, or an
+    # attacker loading it). On a fail-open path the late deny stays a deny: fail-open is
+    # for an OPA that could not be asked (README, Failures); a decision OPA actually gave
+    # is enforced.
     clock = ManualClock()
     authorizer = make_unenforced(_SlowDeny(clock), fail_open_paths=(DEFAULT_PATH,), clock=clock)
     outcome = await authorizer.check(check_request(headers={"x-api-key": "wrong"}))
@@ -937,7 +939,7 @@ async def test_a_late_policy_deny_never_fails_open() -> None:
     )
 
 
-# Finding 7 (issue #13): what every header an enforced allow strips, sent by a client.
+# Every header an enforced allow strips, sent by a client.
 HOSTILE = {
     **{name: "client-value" for name in UNENFORCED_REMOVALS},
     "x-my-credential": "configured-credential",
@@ -955,8 +957,8 @@ UNENFORCED_IDS = ["dry-run", "fail-open", "bypass"]
 async def test_unenforced_allows_strip_what_enforced_ones_strip(
     control: Control, fail_open_paths: tuple[str, ...], answer: Any
 ) -> None:
-    # Dry-run, bypass and fail-open egress allows forwarded x-sandbox-id, cookie and
-    # api-key (and x-forwarded-for, x-http-method-override) to the third party.
+    # Dry-run, bypass and fail-open egress allows strip x-sandbox-id, cookie, api-key,
+    # x-forwarded-for and x-http-method-override as an enforced allow does.
     authorizer = make_unenforced(
         FakeEngine(answer),
         control=control,

@@ -1,5 +1,6 @@
-"""Decision cache keyed by the canonical input, bounded in bytes, never undone by an
-evaluation in flight (issue #13, findings 3 and 9)."""
+"""authz.core.cache: the decision cache keyed by the canonical input (every field a policy
+reads, credentials in any header form; per-request noise aside), bounded in bytes, never
+undone by an evaluation in flight; TTL, jitter, LRU, revision and clears."""
 
 from __future__ import annotations
 
@@ -132,8 +133,8 @@ MUTATIONS = {
 def test_key_changes_with_every_input_field_a_policy_reads(
     mutate: Callable[[external_auth_pb2.CheckRequest], None],
 ) -> None:
-    # Finding 3: the key left out destination port, SNI, peer certificate,
-    # metadata_context and route metadata: two inputs a policy tells apart shared an entry.
+    # Destination port, SNI, peer certificate, metadata_context and route metadata
+    # included: two inputs a policy tells apart never share an entry.
     base = check_request(headers={"x-api-key": GOOD_KEY})
     assert key_of(base) != key_of(_set(mutate)())
 
@@ -162,8 +163,7 @@ def test_key_is_a_sha256_digest_per_decision_path() -> None:
 
 @pytest.mark.parametrize("header", ["x-api-key", "x-sandbox-id"], ids=["credential", "identity"])
 def test_ignored_headers_never_cover_a_credential_or_identity(header: str) -> None:
-    # Finding 9: AUTHZ_DECISION_CACHE_IGNORE_HEADERS accepted credential headers, so two
-    # callers' requests shared one entry.
+    # An ignored credential header would let two callers' requests share one entry.
     cache = DecisionCache(ignore_headers=[header])
     alice = cache.key(PATH, document(check_request(headers={header: "alice"})))
     mallory = cache.key(PATH, document(check_request(headers={header: "mallory"})))
@@ -183,9 +183,8 @@ def _junk_headers(seed: str, total: int) -> dict[str, str]:
 
 
 async def test_distinct_keyless_requests_with_big_headers_cannot_fill_the_cache() -> None:
-    # Finding 3: every keyless 401 was cached with its headers in the key, bounded by
-    # count only: ~4,000 distinct keyless requests OOM a 512 Mi pod, and they evict the
-    # entries of legitimate callers.
+    # A keyless 401 cached with its headers in the key, bounded by count only, would let
+    # ~4,000 distinct keyless requests OOM a 512 Mi pod and evict legitimate callers.
     cache = DecisionCache(max_bytes=1 << 20)
     authorizer = authorizer_over(cache)
     legitimate = check_request(headers={"x-api-key": GOOD_KEY})
@@ -322,8 +321,8 @@ def test_a_put_from_before_a_clear_is_dropped() -> None:
 
 
 async def test_an_evaluation_in_flight_across_a_clear_never_puts_its_decision_back() -> None:
-    # Finding 9: an override granted (cache cleared) while OPA was evaluating with the
-    # old overrides: the old decision was put back and served until the TTL.
+    # An override granted (cache cleared) while OPA evaluates with the old overrides:
+    # the old decision must not be put back and served until the TTL.
     cache = DecisionCache()
 
     def clearing(path: str, doc: Mapping[str, Any]) -> Any:
@@ -354,7 +353,6 @@ async def test_an_evaluation_in_flight_across_a_clear_never_puts_its_decision_ba
 def test_ignore_headers_setting_refuses_credential_and_identity_headers(
     ignored: str, credentials: str | None
 ) -> None:
-    # Finding 9: AUTHZ_DECISION_CACHE_IGNORE_HEADERS accepted credential headers.
     environ = {"AUTHZ_DECISION_CACHE_IGNORE_HEADERS": f"x-correlation-id,{ignored}"}
     if credentials is not None:
         environ["AUTHZ_CREDENTIAL_HEADERS"] = credentials
@@ -366,7 +364,7 @@ def test_ignore_headers_setting_refuses_credential_and_identity_headers(
 
 
 # ----------------------------------------------------------------------------------------
-# Decision cache: keys ignore only per-request noise; TTL, LRU, revision and clears.
+# Keys ignore only per-request noise; TTL, LRU, revision and clears.
 
 
 def key(**kwargs: object) -> bytes:
@@ -539,7 +537,8 @@ def test_configured_headers_are_ignored_too() -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Decision cache: identity isolation and memory bounds (found in review).
+# A caller's identity is in the key in every header form; memory stays bounded for
+# anonymous requests.
 
 
 DEMO_KEY = "ak_demo_admin_0001"
@@ -576,9 +575,9 @@ def raw_header_request(api_key: str) -> external_auth_pb2.CheckRequest:
 
 
 async def test_cache_key_covers_raw_header_map() -> None:
-    # cache_key() hashes http.headers only; with encode_raw_headers the credentials live
-    # in http.header_map, which the key ignores. A request with a wrong key then reuses
-    # the admin's cached allow.
+    # With encode_raw_headers the credentials live in http.header_map only: the key
+    # covers them there too, so a request with a wrong key never reuses the admin's
+    # cached allow.
     authorizer = Authorizer(
         FakeEngine(_gateway),
         default_decision_path=PATH,
@@ -595,12 +594,9 @@ async def test_cache_key_covers_raw_header_map() -> None:
 
 
 async def test_cache_memory_is_bounded_for_unauthenticated_requests() -> None:
-    # Every decision is cached, unauthenticated denies included, with the full input
-    # document (request body, parsed body) and the body again in the key. Expired
-    # entries are only dropped when the same key is looked up again or the LRU bound
-    # (10,000 entries by default) pushes them out, so the memory stays. A JSON body of
-    # 63 KB (under the gateway's max_request_bytes 65536) like [{},{},...] costs about
-    # 1.6 MB per entry: 10,000 anonymous requests pin ~16 GB.
+    # A JSON body of 63 KB (under the gateway's max_request_bytes 65536) like
+    # [{},{},...] parses into ~1.6 MB of objects: were anonymous denies cached with
+    # their input document, a full default cache (10,000 entries) would pin ~16 GB.
     cache = DecisionCache()  # defaults, as the server builds it
     authorizer = Authorizer(
         FakeEngine(

@@ -42,8 +42,9 @@ def test_header_lists_do_not_overlap() -> None:
     ids=["credentials", "forwarding"],
 )
 def test_egress_policy_strips_every_listed_header(names: tuple[str, ...]) -> None:
-    # Issue #13, findings 6 and 7: the egress policy's strip list was a second list of
-    # credentials, and forwarded X-Forwarded-For/Forwarded/X-Real-IP to third parties.
+    # The egress policy's strip list covers the one list of credentials, identity and
+    # forwarding headers: no credential and no X-Forwarded-For/Forwarded/X-Real-IP
+    # reaches a third party.
     strip = json.loads(EGRESS_DATA.read_text(encoding="utf-8"))["strip_headers"]
     assert set(names) <= set(strip), sorted(set(names) - set(strip))
 

@@ -828,7 +828,7 @@ def test_mask_credential_trims_only_rfc9110_whitespace(
 
 
 # ----------------------------------------------------------------------------------------
-# Input building: bodies that must be a 400, never an escape (found in review).
+# Bodies that cannot be parsed or serialized are a 400 decision, never an escape.
 
 
 PATH = "authz/gateway/decision"
@@ -846,9 +846,8 @@ async def test_unserializable_json_body_is_an_invalid_request_decision(
     # README: "invalid_request 400: path/query/body of the request cannot be parsed".
     # A JSON body nested deeper than orjson's 255 levels (or json's recursion limit), or
     # holding a lone surrogate escape (json.loads accepts it, orjson.dumps refuses it),
-    # raises JSONEncodeError / RecursionError, which are not AuthzError: Authorizer.check
-    # raises, the servicer answers a bare 500 internal_error, and no decision record
-    # (decision log, metrics, audit trail) is written. In dry-run the request is blocked.
+    # is such a body: a recorded invalid_request decision (decision log, metrics, audit
+    # trail), never a bare 500, and in dry-run it is not blocked.
     sink = ListSink()
     # The real client; nothing listens on port 1, but it never gets that far.
     engine = OpaClient("http://127.0.0.1:1")
@@ -875,13 +874,12 @@ async def test_unserializable_json_body_is_an_invalid_request_decision(
         assert outcome.response.HasField("ok_response")
 
 
-# --- bounded work before authentication (issue 13 finding 1) ----------------------------
-# input.py parsed multipart bodies with email.parser: a crafted 32-64 KB body cost
-# 0.35-0.8 s of CPU on the event loop before any credential was looked at (quadratic in
-# a part's header), and a header of nested comments raised RecursionError (a 500). The
-# parser is now python-multipart (linear: it scans with bytes.find) behind caps on the
-# bytes parsed, the parts, each part's headers, and form fields; over a cap is a precise
-# 400 or, for the size, "not parsed" (truncated_body).
+# --- bounded work before authentication ------------------------------------------------
+# Body parsing runs before any credential is looked at, so it is linear in the body
+# (python-multipart scans with bytes.find; email.parser is quadratic in a part's header
+# and recurses on nested comments) and capped: the bytes parsed, the parts, each part's
+# headers, and form fields. Over a cap is a precise 400 or, for the size, "not parsed"
+# (truncated_body).
 
 
 def multipart_of(*parts: bytes) -> bytes:
@@ -1087,7 +1085,7 @@ def test_malformed_multipart_logs_nothing_itself(caplog: pytest.LogCaptureFixtur
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-# --- a body is parsed only where the route asks (issue 13: bounded work before auth) ----
+# --- a body is parsed only where the route asks (bounded work before authentication) ---
 
 JSON_HEADERS = {"content-type": "application/json"}
 

@@ -1,4 +1,4 @@
-"""Control: the enforcement mode and the bypass guard."""
+"""authz.core.mode.Control: the enforcement mode and the bypass guard."""
 
 from __future__ import annotations
 

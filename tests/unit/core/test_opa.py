@@ -1,4 +1,7 @@
-"""Evaluation.revision: one log string from OPA's provenance bundles."""
+"""authz.core.opa.Evaluation: ``revision``, one log string from OPA's provenance bundles.
+
+The OPA HTTP client against real and stand-in servers: tests/integration/test_opa_client.py
+and tests/integration/test_policy.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """authz.runtime.audit: the hash-chained SQLite audit trail (write, read back, verify, tamper,
-retention, degradation and recovery)."""
+retention, degradation and recovery); under hostile callers, an owner-only file, a
+writer that drains a backlog without sleeping, bounded in bytes (queue, rows, store),
+anchor moves recorded and checked; integrity of every column a reader trusts."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
+from authz.core.authorizer import Authorizer
 from authz.core.errors import ConfigError
 from authz.core.input import build_input
 from authz.core.record import DecisionRecord
@@ -28,7 +31,7 @@ from authz.core.secret import MASK
 from authz.runtime import audit, config
 from authz.runtime.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
 from authz.tools.cli import main
-from tests.helpers.fakes import ManualClock, check_request
+from tests.helpers.fakes import FakeEngine, ManualClock, bytes_retained_per_check, check_request
 
 T0 = 1_700_000_000.0
 SECRET = "SECRET"
@@ -835,10 +838,10 @@ def test_two_processes_sharing_one_file_keep_one_chain(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# authz.runtime.audit under hostile callers (issue #13, findings 4 and 9): the database file is
-# owner-only, the writer drains a backlog without sleeping and bounds its queue in bytes,
-# rows are a size-capped projection of the request, the store is bounded in bytes, and an
-# anchor moved by hand is caught by ``verify``.
+# Under hostile callers: the database file is owner-only, the writer drains a backlog
+# without sleeping and bounds its queue in bytes, rows are a size-capped projection of
+# the request, the store is bounded in bytes, and an anchor moved by hand is caught by
+# ``verify``.
 
 
 @pytest.fixture
@@ -855,7 +858,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-# --- finding 4: the database file is 0600 ---------------------------------------------------
+# --- the database file is 0600 ---------------------------------------------------------
 
 
 def _old_world_readable_db(path: Path) -> None:
@@ -886,7 +889,7 @@ def test_audit_database_and_its_wal_and_shm_are_owner_only(tmp_path: Path, exist
     assert modes == {"audit.db": 0o600, "audit.db-wal": 0o600, "audit.db-shm": 0o600}
 
 
-# --- finding 9: the writer drains a backlog without sleeping; its queue is bounded in bytes --
+# --- the writer drains a backlog without sleeping; its queue is bounded in bytes ---------
 
 
 def _held_writer() -> tuple[list[float], threading.Event, Callable[[float], None]]:
@@ -974,7 +977,7 @@ def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
     assert sum(1 for e in entries if e.kind == "decision") + lost == recorded
 
 
-# --- finding 9: anchor moves are recorded, logged and checked -----------------------------
+# --- anchor moves are recorded, logged and checked --------------------------------------
 
 
 def _prune_now(trail: AuditTrail, clock: ManualClock) -> None:
@@ -1079,7 +1082,7 @@ def test_store_pruned_before_moves_were_recorded_is_adopted_once(tmp_path: Path)
     assert moves[0]["to"]["seq"] == 2
 
 
-# --- finding 4: an audit row is a size-capped projection of the request -------------------
+# --- an audit row is a size-capped projection of the request ----------------------------
 
 # Credentials a hostile request carries: none may reach the store in any form but a digest.
 CREDENTIALS = {
@@ -1294,7 +1297,7 @@ def test_audit_settings_refuse_credential_headers_and_bad_caps(
     assert named in str(caught.value)
 
 
-# --- finding 4: the store is bounded in bytes, WAL included --------------------------------
+# --- the store is bounded in bytes, WAL included ----------------------------------------
 
 
 def _store_bytes(db: Path) -> int:
@@ -1378,7 +1381,7 @@ def test_cli_tail_kind_anchor_lists_the_anchor_moves(
 
 
 # ----------------------------------------------------------------------------------------
-# Audit trail integrity claims and memory bounds (found in review).
+# Integrity of every column a reader trusts, tail deletion, and the queue's memory.
 #
 # README: "hash-chained so that any edit, re-ordering or deletion is detectable".
 
@@ -1393,11 +1396,10 @@ def _filled(db: Path) -> None:
 
 
 def test_columns_outside_the_hash_cannot_be_edited_undetected(tmp_path: Path) -> None:
-    # entry_hash covers seq, prev_hash and body only; kind, time and decision_id are
-    # stored beside it and trusted by `audit tail` (kind), `audit replay` (kind =
-    # 'decision'), verify's report (decision_id) and retention (time < cutoff). Editing
-    # them passes verify: e.g. dating an entry 40 days back makes the next retention
-    # pass delete it and move the anchor, erasing it without a trace.
+    # kind, time and decision_id are stored beside the hashed body and trusted by
+    # `audit tail` (kind), `audit replay` (kind = 'decision'), verify's report
+    # (decision_id) and retention (time < cutoff): an edit to any of them fails verify,
+    # or dating an entry 40 days back would let retention erase it without a trace.
     db = tmp_path / "audit.db"
     _filled(db)
     conn = sqlite3.connect(db, isolation_level=None)
@@ -1442,14 +1444,10 @@ def test_tail_deletion_is_detectable(tmp_path: Path) -> None:
 async def test_audit_queue_memory_is_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The writer queue is bounded by count (queue_size=100,000), but each queued
-    # DecisionRecord pins its whole input document: request body plus parsed body. For
-    # an anonymous request with a 63 KB JSON body (under the gateway's max_request_bytes)
-    # that is ~1.6 MB, so a full queue is ~160 GB. The writer needs ~4 ms per such entry
-    # (it re-serializes the body twice), slower than authz handles them, so a flood of
-    # such requests grows the queue until the process is killed.
-    from authz.core.authorizer import Authorizer
-    from tests.helpers.fakes import FakeEngine, bytes_retained_per_check
+    # A queued DecisionRecord that pinned its whole input document (request body plus
+    # parsed body) would hold ~1.6 MB for an anonymous request with a 63 KB JSON body
+    # (under the gateway's max_request_bytes): with the writer behind (a slow disk), a
+    # flood of such requests would grow the queue until the process is killed.
 
     monkeypatch.setattr(audit, "_FLUSH_S", 3.0)  # a slow disk: the writer is behind
     trail = AuditTrail(tmp_path / "audit.db", retention_days=None, max_records=None)

@@ -1,4 +1,5 @@
-"""BundleWatcher: revision changes and policy warnings are logged once per activation."""
+"""authz.runtime.bundle_watch.BundleWatcher: revision changes and policy warnings are
+logged once per activation."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ async def test_cancelled_probe_does_not_leave_the_circuit_half_open_forever() ->
     assert result.result is True
 
 
-async def test_readyz_reports_a_wedged_breaker_as_not_ready() -> None:
+async def test_readyz_is_not_ready_while_the_breaker_fails_every_query() -> None:
     # Readiness and the breaker agree: the pod is never ready while every query through
     # the breaker fails fast (a breaker stuck half open would be such a case).
     from authz.runtime.server import _opa_check

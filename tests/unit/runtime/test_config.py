@@ -44,7 +44,7 @@ def test_defaults() -> None:
     assert settings.decision_timeout_s == settings.decision_timeout_ms / 1000
     assert {"x-api-key", "authorization", "x-sandbox-token"} <= set(settings.credential_headers)
     assert all(name == name.lower() for name in settings.credential_headers)
-    # Issue 13: a body is parsed only where a route asks (context_extensions parse_body).
+    # A body is parsed only where a route asks (context_extensions parse_body).
     assert settings.parse_body is BodyParsing.ROUTE
     assert settings.log_level == "INFO"
     assert settings.decision_log is True
@@ -153,12 +153,12 @@ def test_yaml_file(tmp_path: Path) -> None:
     assert settings.admin_addr == Settings().admin_addr
 
 
-# --- credential headers: authz.core.headers.CREDENTIAL_HEADERS is the one list (issue #13, 6) ---
+# --- credential headers: authz.core.headers.CREDENTIAL_HEADERS is the one list ----------
 
 
 def test_credential_headers_default_is_the_one_list() -> None:
-    # Api-Key and X-Goog-Api-Key were stripped by the egress policy as credentials, yet
-    # sent to OPA and to the audit trail in clear: the default was a second list.
+    # What the egress policy strips as a credential (Api-Key, X-Goog-Api-Key, ...) is
+    # also what reaches OPA and the audit trail only as a digest: one list, no second.
     assert DEFAULT_CREDENTIAL_HEADERS == CREDENTIAL_HEADERS
     assert load({}).credential_headers == CREDENTIAL_HEADERS
 
@@ -759,7 +759,7 @@ def test_confirm_window_is_free_when_the_cache_is_off() -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# authz.runtime.config transport rules (issue 13, finding 5): no credential in clear on a hop.
+# Transport rules: no credential in clear on a hop.
 #
 # The gRPC listener is mTLS (certificate, key and client CA together) or bound to loopback;
 # OPA is reached over https, loopback or a unix socket; each unless explicitly allowed.

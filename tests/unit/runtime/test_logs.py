@@ -80,8 +80,8 @@ def test_redact_headers(
 
 @pytest.mark.parametrize("name", CREDENTIAL_HEADERS, ids=CREDENTIAL_HEADERS)
 def test_redact_headers_masks_every_credential_header(name: str) -> None:
-    # One list (authz.core.headers): api-key and x-goog-api-key were stripped on egress as
-    # credentials but missing here.
+    # One list (authz.core.headers): every header stripped on egress as a credential
+    # (api-key and x-goog-api-key too) is masked here.
     assert name in logs.SENSITIVE_HEADERS
     assert redact_headers({name.title(): "secret-value", "accept": "*/*"}) == {
         name.title(): MASK,

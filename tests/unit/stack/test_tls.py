@@ -1,4 +1,5 @@
-"""stack.tls.ensure_certificates: a local CA and a server certificate, reused when they fit."""
+"""authz.stack.tls: a local CA and a server certificate (ensure_certificates), and the
+deployment's certificates from one throwaway CA (ensure_pki), reused while they fit."""
 
 from __future__ import annotations
 
@@ -183,9 +184,9 @@ def test_bad_dns_names(tmp_path: Path, bad: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# stack.tls.ensure_pki and ``python -m authz.stack.tls``: the deployment's certificates
-# (authz's server certificate, Envoy's client certificate, listener certificates) from
-# one throwaway CA, reused while they fit.
+# ensure_pki: the deployment's certificates (authz's server certificate, Envoy's client
+# certificate, listener certificates) from one throwaway CA, reused while they fit. The
+# command (``python -m authz.stack.tls``): tests/integration/test_stack_tls.py.
 
 
 LEAVES = {"authz": Leaf("server", ("authz",)), "envoy-client": Leaf("client", ("envoy",))}

@@ -1,4 +1,5 @@
-"""egress_envoy.generate: the egress Envoy bootstrap from the services data, and its drift check."""
+"""authz.tools.egress_envoy: the egress Envoy bootstrap from the services data, its drift
+check, and TLS for every service with a credential."""
 
 from __future__ import annotations
 
@@ -236,7 +237,7 @@ def gateway() -> dict[str, Any]:
 
 
 def test_ext_authz_filter_is_the_gateways() -> None:
-    # Neither proxy sends authz a body (issue 13: the gateway's routes ask per route).
+    # Neither proxy's filter sends authz a body (the gateway's routes ask per route).
     expected = copy.deepcopy(hcm(gateway())["http_filters"][0])
     assert expected["name"] == "envoy.filters.http.ext_authz"
     assert "with_request_body" not in expected["typed_config"]
@@ -282,10 +283,10 @@ def test_connection_manager_normalizes_paths() -> None:
 
 
 def test_egress_removes_every_forwarding_header() -> None:
-    # Issue #13, finding 7: client-sent X-Forwarded-For, X-Real-IP, Forwarded,
-    # X-Forwarded-Host and method overrides reached third parties. Removed by the route
-    # config, so even an allow the policy did not decide (bypass, fail-open) cannot pass
-    # them; Envoy adds no x-forwarded-for of its own (skip_xff_append).
+    # Client-sent X-Forwarded-For, X-Real-IP, Forwarded, X-Forwarded-Host and method
+    # overrides never reach a third party: removed by the route config, so even an allow
+    # the policy did not decide (bypass, fail-open) cannot pass them; Envoy adds no
+    # x-forwarded-for of its own (skip_xff_append).
     manager = hcm(generate(real_services()))
     assert manager["use_remote_address"] is True
     assert manager["xff_num_trusted_hops"] == 0
@@ -297,10 +298,10 @@ def test_egress_removes_every_forwarding_header() -> None:
 
 @pytest.mark.parametrize("name", sorted(real_services()), ids=sorted(real_services()))
 def test_service_gets_no_sandbox_credential_or_identity_header(name: str) -> None:
-    # Issue #13, finding 7: dry-run, bypass and fail-open allows (no policy decided them)
-    # forwarded x-sandbox-id, cookie and api-key. Envoy removes every credential and
-    # identity header on its way to the service, except the header authz injects the
-    # service's credential into (set by ext_authz before the router applies these).
+    # Even an allow no policy decided (dry-run, bypass, fail-open) forwards no
+    # x-sandbox-id, cookie or api-key: Envoy removes every credential and identity header
+    # on its way to the service, except the header authz injects the service's credential
+    # into (set by ext_authz before the router applies these).
     services = real_services()
     removed = virtual_host(generate(services), f"service_{name}")["request_headers_to_remove"]
     injected = services[name].get("credential", {}).get("header")
@@ -515,10 +516,8 @@ def test_bad_services_file_exits_2(
 
 # ----------------------------------------------------------------------------------------
 # A service with a credential is only reached over TLS: an ``http://`` base_url for it is
-# refused by the generator, naming the service and the URL.
-#
-# Finding 9 of issue #13: an ``http://`` base_url was accepted for a service with a
-# credential, so the injected secret would cross a hop in clear.
+# refused by the generator, naming the service and the URL: the injected secret never
+# crosses a hop in clear.
 
 
 CREDENTIAL = {"header": "authorization", "format": "Bearer {secret}"}
