@@ -1,17 +1,17 @@
-"""Shared test helpers: the repository root and the pinned OPA / Envoy binaries."""
+"""Fixtures every suite may use: the repository root, the pinned OPA / Envoy binaries, a
+redis-server; and the order hook that runs tests marked ``runs_last`` after all others."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from authz.tools.launch import LaunchError, find_binary, free_port, redis_launch, started
-
-ROOT = Path(__file__).resolve().parent.parent
+from authz.tools.launch import LaunchError, find_binary, free_port
+from tests.helpers import ROOT
+from tests.helpers.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -38,28 +38,6 @@ def envoy_bin() -> str:
         pytest.fail(f"{exc}: run ./scripts/test, which installs it")
 
 
-class RedisServer:
-    """A throwaway redis-server on 127.0.0.1 (:func:`authz.tools.launch.redis_launch`: no
-    persistence) that can be stopped and started again on the same port, for outage
-    tests."""
-
-    def __init__(self, binary: str, port: int, workdir: Path) -> None:
-        self.launch = redis_launch(binary, port, workdir)
-        self.port, self.url = port, self.launch.url
-        self._log = workdir / "redis.log"
-        self._running: ExitStack | None = None
-
-    def start(self) -> None:
-        with ExitStack() as stack:
-            stack.enter_context(started(self.launch, self._log, timeout_s=10))
-            self._running = stack.pop_all()
-
-    def stop(self) -> None:
-        if self._running is not None:
-            self._running.close()
-        self._running = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A running redis-server (from the machine's packages; scripts/install-deps adds it)."""
@@ -70,3 +48,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests marked ``runs_last`` after every other selected test, keeping the
+    order within each group: a check of what the whole session left behind (the e2e
+    no-secrets scan) must not depend on its file's name. ``trylast`` so that no other
+    plugin reorders after this."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)

@@ -1,4 +1,4 @@
-"""Attacks on the real stack (Envoy + authz + OPA + upstream), found in review."""
+"""Attacks on the real stack (Envoy + authz + OPA + upstream): each is refused or harmless."""
 
 from __future__ import annotations
 
@@ -40,11 +40,9 @@ def test_path_parameters_cannot_slip_past_a_path_rule(e2e: Env) -> None:
 
 def test_deeply_nested_json_body_is_never_a_server_error(e2e: Env) -> None:
     # A 600-byte JSON body nested 300 deep: orjson refuses to serialize the input
-    # (255 levels), the TypeError escaped Authorizer.check, and the client got a 500
-    # internal_error with no decision-log line or audit entry for the decision id.
-    # Since issue 13 the shipped gateway route sends authz no body at all, so the policy
-    # decides on the headers (user may POST); a route that asks for the body answers
-    # 400 invalid_request (tests/unit/test_input_bodies.py).
+    # (255 levels); never a 500 internal_error. The shipped gateway route sends authz no
+    # body at all, so the policy decides on the headers (user may POST); a route that
+    # asks for the body answers 400 invalid_request (tests/unit/core/test_input.py).
     body = "[" * 300 + "]" * 300
     resp = e2e.gateway.post(
         "/api/v1/items",

@@ -1,8 +1,8 @@
-"""Issue 13, finding 5: the gRPC port gives nothing to a caller without Envoy's client
-certificate. A sandbox that reaches authz directly and asks, with its own valid id and
-token, for the openai route's decision would get ``authorization: Bearer <the real
-secret>`` back; now its connection is refused (plaintext, TLS without a client
-certificate, a client certificate from another CA), while Envoy's certificate works."""
+"""The gRPC port gives nothing to a caller without Envoy's client certificate. A sandbox
+that reached authz directly and asked, with its own valid id and token, for the openai
+route's decision would get ``authorization: Bearer <the real secret>`` back: its
+connection is refused (plaintext, TLS without a client certificate, a client
+certificate from another CA), while Envoy's certificate works."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz.stack.supervisor import Ports, Stack
 from authz.stack.tls import Leaf, ensure_pki
 from tests.e2e.conftest import Env, authz_channel
-from tests.unit.fakes import check_request
+from tests.helpers.fakes import check_request
 
 pytestmark = pytest.mark.e2e
 

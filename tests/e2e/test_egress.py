@@ -183,9 +183,8 @@ def test_credential_injected_and_sandbox_headers_stripped(e2e: Env) -> None:
 
 
 def test_no_credential_or_forwarding_header_reaches_a_third_party(e2e: Env) -> None:
-    # Issue #13, findings 6 and 7: every header of the one credential list, and client-sent
-    # X-Forwarded-For, X-Real-IP, Forwarded, X-Forwarded-Host and method overrides, reached
-    # third-party services (the README says they do not).
+    # README: no header of the one credential list, and no client-sent X-Forwarded-For,
+    # X-Real-IP, Forwarded, X-Forwarded-Host or method override, reaches a third party.
     sent = {name: "203.0.113.9" for name in FORWARDING_HEADERS}
     sent.update({name: f"sandbox-{name}" for name in CREDENTIAL_HEADERS})
     sent.update(e2e.sandbox_headers("sb-standard", "openai"))

@@ -129,8 +129,8 @@ def _audit_body(e2e: Env, decision_id: str, timeout_s: float = 5.0) -> str:
 
 
 def test_every_credential_header_is_kept_from_upstream_opa_and_audit(e2e: Env) -> None:
-    # Issue #13, finding 6: api-key and x-goog-api-key were stripped by the egress policy
-    # as credentials, yet reached OPA and the audit trail in clear.
+    # Every header the egress policy strips as a credential (api-key, x-goog-api-key
+    # too) reaches OPA and the audit trail only as a digest.
     sent = {
         name: f"{name}-{uuid.uuid4().hex}"
         for name in CREDENTIAL_HEADERS
@@ -148,9 +148,9 @@ def test_every_credential_header_is_kept_from_upstream_opa_and_audit(e2e: Env) -
 
 
 def test_forwarding_headers_are_the_gateways_own(e2e: Env) -> None:
-    # Issue #13, finding 7: a client chose what the upstream believed about its address,
-    # host and method. Envoy (use_remote_address, xff_num_trusted_hops 0) sets
-    # x-forwarded-for to the address it saw and x-forwarded-proto to the listener's scheme.
+    # A client never chooses what the upstream believes about its address, host and
+    # method. Envoy (use_remote_address, xff_num_trusted_hops 0) sets x-forwarded-for to
+    # the address it saw and x-forwarded-proto to the listener's scheme.
     sent = {name: "203.0.113.9" for name in FORWARDING_HEADERS}
     sent.update(
         {
@@ -210,11 +210,11 @@ def test_malformed_request_is_denied_never_allowed(e2e: Env, path: str) -> None:
 
 
 def test_shipped_gateway_route_has_authz_parse_no_body(e2e: Env) -> None:
-    # Issue 13 finding 1: the shipped gateway route asks for no body (no with_request_body,
-    # no context_extensions parse_body), so nothing a caller sends in a body is parsed
+    # The shipped gateway route asks for no body (no with_request_body, no
+    # context_extensions parse_body), so nothing a caller sends in a body is parsed
     # before its credential is checked. A body that does not parse is the upstream's
     # business: with a valid key it passes; without one the answer is the missing key.
-    # (Where a route asks, a malformed body is a 400: tests/unit/test_input_bodies.py.)
+    # (Where a route asks, a malformed body is a 400: tests/unit/core/test_input.py.)
     resp = e2e.gateway.post(
         "/api/v1/items",
         headers={"x-api-key": e2e.keys["user"], "content-type": "application/json"},

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from authz.stack.supervisor import http_ok
-from tests.conftest import RedisServer
 from tests.e2e.conftest import Env, authz_processes, check_all
+from tests.helpers.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 

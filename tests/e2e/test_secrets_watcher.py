@@ -1,7 +1,6 @@
 """The running stack's secrets watcher: a secrets file that is not UTF-8 makes authz fail
 closed (egress 503 ``credential_unavailable``, ``/readyz`` red) and a good file brings it
-back, without a restart (finding 9 of issue #13: the watcher died for good and the old
-secret kept being injected)."""
+back, without a restart; the old secret is never injected meanwhile."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fixtures for the deployment-file tests: the pinned validation tools, signing keys, and
-Envoy / OPA processes started from the deployment configs.
+Envoy processes started from the deployment configs (builders: tests/helpers/infra.py).
 
 Tool paths come from ``AUTHZ_PROMTOOL_BIN`` / ``AUTHZ_COMPOSECHECK_BIN`` or, unset, from
 ``scripts/lib.sh`` (the one place their versions are pinned); ``scripts/install-tools``
@@ -8,29 +8,17 @@ Tool paths come from ``AUTHZ_PROMTOOL_BIN`` / ``AUTHZ_COMPOSECHECK_BIN`` or, uns
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import shutil
-import ssl
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authz.stack import envoy
 from authz.stack.supervisor import Process, free_port, http_ok
-from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.infra import ROOT, DeployEnvoy, KeyPair, deployment_tls, write_key_pair
 
 
 def _lib_sh(variable: str) -> str:
@@ -62,89 +50,10 @@ def composecheck_bin() -> str:
     return _tool("AUTHZ_COMPOSECHECK_BIN", "COMPOSECHECK_BIN")
 
 
-@dataclass(frozen=True)
-class KeyPair:
-    """An RSA key pair written as PEM files (private key mode 0600)."""
-
-    private: Path
-    public: Path
-
-
-def write_key_pair(directory: Path, name: str) -> KeyPair:
-    """A fresh RSA-2048 key pair under ``directory`` (generated now, never committed)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    directory.mkdir(parents=True, exist_ok=True)
-    private = directory / f"{name}.key"
-    public = directory / f"{name}.pub.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    private.chmod(0o600)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return KeyPair(private, public)
-
-
 @pytest.fixture(scope="session")
 def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
     """The bundle signing key pair for this session."""
     return write_key_pair(tmp_path_factory.mktemp("keys"), "bundle-signing")
-
-
-def deployment_tls(directory: Path) -> Path:
-    """The deployment's certificates (``python -m authz.stack.tls``'s layout, what
-    Compose generates and the Kubernetes Secrets hold) issued into ``directory``, for
-    running or validating the shipped Envoy configs with their TLS files relocated there
-    (:func:`authz.stack.envoy.relocate_tls`)."""
-    ensure_pki(directory, DEPLOYMENT_LEAVES)
-    return directory
-
-
-def http_get(
-    url: str,
-    headers: dict[str, str] | None = None,
-    *,
-    method: str = "GET",
-    body: bytes | None = None,
-    ca_file: Path | None = None,
-) -> tuple[int, bytes]:
-    """(status, body) of one request (GET unless ``method``); HTTP errors are returned,
-    not raised. An https ``url`` is verified against ``ca_file``."""
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
-    context = ssl.create_default_context(cafile=ca_file) if ca_file is not None else None
-    try:
-        with urllib.request.urlopen(request, timeout=5, context=context) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str = "it") -> None:
-    """Poll ``predicate()`` every 100 ms until true; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
-@dataclass(frozen=True)
-class DeployEnvoy:
-    """A deployment Envoy config running on free ports (listener, read-only admin); the
-    listener speaks TLS with a certificate from ``ca`` (SAN ``localhost``)."""
-
-    name: str
-    listener: int
-    admin: int
-    ca: Path
 
 
 @pytest.fixture(scope="session")
@@ -189,56 +98,3 @@ def deploy_envoys(
     finally:
         for process in processes:
             process.stop()
-
-
-def nginx_binary() -> str:
-    """nginx from the machine's packages (scripts/install-deps installs nginx-light)."""
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("nginx not found: run ./scripts/install-deps (apt nginx-light)")
-
-
-def nginx_config(directory: Path, port: int, bundles: Path, site: str | None = None) -> Path:
-    """A main nginx.conf under ``directory`` that includes the Compose bundle server's site
-    config (infra/compose/nginx/bundles.conf, or ``site`` text) with only its listen
-    address and bundle directory changed: loopback ``port`` and ``bundles``."""
-    text = site if site is not None else (ROOT / "infra/compose/nginx/bundles.conf").read_text()
-    assert "listen 8080;" in text
-    assert "/usr/share/nginx/bundles/" in text
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    text = text.replace("/usr/share/nginx/bundles/", f"{bundles}/")
-    (directory / "site.conf").write_text(text)
-    temp = "\n".join(
-        f"  {kind}_temp_path {directory}/{kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    user = "user root;\n" if os.getuid() == 0 else ""  # workers must read the test's files
-    main = directory / "nginx.conf"
-    main.write_text(
-        f"{user}pid {directory}/nginx.pid;\nerror_log {directory}/error.log warn;\n"
-        f"worker_processes 1;\nevents {{}}\nhttp {{\n  access_log off;\n{temp}\n"
-        f"  include {directory}/site.conf;\n}}\n"
-    )
-    return main
-
-
-@contextlib.contextmanager
-def nginx_bundle_server(base: Path, bundles: Path) -> Iterator[int]:
-    """The Compose bundle server's config running in a real nginx on a free loopback
-    port, serving ``bundles``; yields the port."""
-    port = free_port()
-    base.mkdir(parents=True, exist_ok=True)
-    config = nginx_config(base, port, bundles)
-    process = Process(
-        "nginx",
-        [nginx_binary(), "-p", str(base), "-c", str(config), "-g", "daemon off;"],
-        base / "nginx.log",
-        lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
-    )
-    process.start()
-    try:
-        process.wait_ready(15)
-        yield port
-    finally:
-        process.stop()

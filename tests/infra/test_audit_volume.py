@@ -1,8 +1,9 @@
-"""The Kubernetes data volume is sized from the audit store's byte bound (issue #13,
-finding 4): the ``emptyDir`` holding ``AUTHZ_AUDIT_DB`` has ``sizeLimit`` equal to
-:func:`authz.runtime.audit.volume_bytes` of ``AUTHZ_AUDIT_MAX_BYTES`` as the pod gets it (the
-manifest's env, else the image's ``ENV``, else the default), so the two cannot drift and
-the store can never fill the volume (the kubelet evicts a pod whose emptyDir outgrows it).
+"""The Kubernetes data volume is sized from the audit store's byte bound: the ``emptyDir``
+holding ``AUTHZ_AUDIT_DB`` has ``sizeLimit`` equal to
+:func:`authz.runtime.audit.volume_bytes` of ``AUTHZ_AUDIT_MAX_BYTES`` as the pod gets it
+(the manifest's env, else the image's ``ENV``, else the default), so the two cannot drift
+and the store can never fill the volume (the kubelet evicts a pod whose emptyDir outgrows
+it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from authz.runtime import audit, config
-from tests.infra.conftest import ROOT
+from tests.helpers.infra import ROOT
 
 MANIFEST = ROOT / "infra/k8s/authz.yaml"
 DOCKERFILE = ROOT / "Dockerfile"

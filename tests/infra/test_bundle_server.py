@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from authz.stack.supervisor import free_port
-from tests.infra.conftest import ROOT, http_get, nginx_binary, nginx_bundle_server, nginx_config
+from tests.helpers.infra import ROOT, http_get, nginx_binary, nginx_bundle_server, nginx_config
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from authz.core.errors import ConfigError
 from authz.runtime.config import Settings, load
 from authz.stack.tls import DEPLOYMENT_LEAVES
 from authz.tools import deploy
-from tests.infra.conftest import ROOT
+from tests.helpers.infra import ROOT
 
 COMPOSE = ROOT / "infra/compose"
 PRODUCTION = ("docker-compose.yaml",)

@@ -16,7 +16,7 @@ import pytest
 
 from authz.stack import containers
 from authz.stack.supervisor import Ports, Process, Stack
-from tests.infra.conftest import ROOT
+from tests.helpers.infra import ROOT
 
 
 def test_off_by_default_and_testcontainers_not_imported(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import yaml
 
 from authz.stack.supervisor import free_port
 from authz.tools import deploy, egress_envoy
-from tests.infra.conftest import ROOT, DeployEnvoy, http_get
+from tests.helpers.infra import ROOT, DeployEnvoy, http_get
 
 LOCAL_GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
 LOCAL_EGRESS = ROOT / "infra/envoy/envoy-egress.yaml"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.conftest import ROOT
+from tests.helpers.infra import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 HEALTHCHECK = ROOT / "infra/docker/healthcheck.py"

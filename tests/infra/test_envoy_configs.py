@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from authz.stack.envoy import relocate_tls
-from tests.infra.conftest import deployment_tls
+from tests.helpers.infra import deployment_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "infra").rglob("envoy*.yaml"))

@@ -26,7 +26,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 from authz.core.errors import ConfigError
 from authz.runtime.config import is_loopback_host, load
 from authz.tools import deploy
-from tests.infra.conftest import ROOT
+from tests.helpers.infra import ROOT
 
 K8S = ROOT / "infra/k8s"
 VERSIONS = ("1.29", "1.37")

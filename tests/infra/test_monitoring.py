@@ -25,8 +25,15 @@ from prometheus_client import Counter, Gauge, Histogram, Info, Summary
 from authz.core.record import DecisionRecord
 from authz.runtime.metrics import Metrics
 from authz.stack.supervisor import Process, free_port, http_ok
-from tests.infra.conftest import ROOT, DeployEnvoy, KeyPair, deployment_tls, http_get
-from tests.infra.test_opa import build_bundle, compose_command
+from tests.helpers.infra import (
+    ROOT,
+    DeployEnvoy,
+    KeyPair,
+    build_bundle,
+    compose_command,
+    deployment_tls,
+    http_get,
+)
 
 MONITORING = ROOT / "infra/monitoring"
 PROMETHEUS = MONITORING / "prometheus"

@@ -27,9 +27,11 @@ import yaml
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.tools import deploy
 from authz.tools.keys import digest
-from tests.infra.conftest import (
+from tests.helpers.infra import (
     ROOT,
     KeyPair,
+    build_bundle,
+    compose_command,
     deployment_tls,
     http_get,
     nginx_bundle_server,
@@ -39,30 +41,8 @@ from tests.infra.conftest import (
 
 pytestmark = pytest.mark.e2e
 
-DEMO_DATA = ROOT / "infra/demo/bundle-data"
 DEMO_KEY = "ak_demo_admin_0001"  # public demo key (README), only in the demo overlay
 GATEWAY_DECISION = "/v1/data/authz/gateway/decision"
-
-
-def build_bundle(out: Path, revision: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """scripts/build-policy-bundle with the demo overlay, a fixed revision and ``args``."""
-    return subprocess.run(
-        [
-            str(ROOT / "scripts/build-policy-bundle"),
-            "--data",
-            str(DEMO_DATA),
-            "--out",
-            str(out),
-            "--revision",
-            revision,
-            "--skip-tests",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
 
 
 def _publish(source: Path, served: Path) -> None:
@@ -83,13 +63,6 @@ def _tamper(signed: Path, out: Path) -> None:
                 assert b'"role":"viewer"' in data
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
-
-
-def compose_command(service: str) -> list[str]:
-    """``service``'s command in docker-compose.yaml."""
-    compose = yaml.safe_load((ROOT / "infra/compose/docker-compose.yaml").read_text())
-    command: list[str] = compose["services"][service]["command"]
-    return command
 
 
 def _map_args(args: list[str], paths: dict[str, str], api: int, diag: int) -> list[str]:

@@ -1,5 +1,5 @@
 """Fail-open against a real OPA: only an OPA that cannot be reached fails open; a policy
-bug OPA reports as an error, and authz's own deadline (issue #13, finding 1), stay closed."""
+bug OPA reports as an error, and authz's own deadline, stay closed."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from authz.core.authorizer import FAIL_OPEN_HEADER, Authorizer
 from authz.core.input import build_input
 from authz.core.opa import OpaClient
 from authz.stack.supervisor import free_port
-from tests.integration.opa_server import running_opa
-from tests.unit.fakes import check_request, multipart_body, upstream_headers
+from tests.helpers.fakes import check_request, multipart_body, upstream_headers
+from tests.helpers.opa_server import running_opa
 
 # A policy bug of the most ordinary kind: two rules for one complete value that both
 # hold for some client-chosen input (here: a request carrying both headers).
@@ -68,7 +68,7 @@ async def test_policy_conflict_error_never_fails_open(opa_url: str) -> None:
     assert not both.response.HasField("ok_response"), "a policy conflict error failed open"
 
 
-# Finding 1's request: no credential, an admin route, a multipart body.
+# No credential, an admin route, a multipart body: what fail-open must never let by.
 ADMIN_POST: dict[str, Any] = {
     "method": "POST",
     "path": "/api/v1/admin/users",
@@ -105,9 +105,9 @@ async def test_fail_open_never_covers_authz_deadline(
     timeout_s: float,
     remaining_s: float | None,
 ) -> None:
-    # Issue #13, finding 1: with AUTHZ_FAIL_OPEN_PATHS=<the route's path>, an
-    # unauthenticated POST /api/v1/admin/users whose body burns the budget reached the
-    # upstream with x-authz-fail-open: deadline_exceeded. OPA here is up and would deny.
+    # With AUTHZ_FAIL_OPEN_PATHS=<the route's path>, an unauthenticated POST
+    # /api/v1/admin/users whose body burns the budget is denied, never passed with
+    # x-authz-fail-open: deadline_exceeded. OPA here is up and would deny.
     options: dict[str, Any] = {}
     if slow_parse:
         options["clock"] = _SlowParseClock(monkeypatch)

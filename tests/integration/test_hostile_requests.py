@@ -32,8 +32,8 @@ from authz.core.secret import Secret
 from authz.runtime.config import load
 from authz.runtime.server import build_authorizer
 from authz.tools.keys import digest
-from tests.integration.opa_server import running_opa
-from tests.unit.fakes import check_request
+from tests.helpers.fakes import check_request
+from tests.helpers.opa_server import running_opa
 
 GATEWAY = "authz/gateway/decision"
 EGRESS = "authz/egress/decision"

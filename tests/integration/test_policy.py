@@ -18,7 +18,7 @@ from authz.core.errors import OpaResponseError, OpaTimeout, OpaUnavailable, Unde
 from authz.core.opa import OpaClient
 from authz.core.secret import Secret
 from authz.stack.supervisor import free_port
-from tests.integration.opa_server import running_opa
+from tests.helpers.opa_server import running_opa
 
 POLICY = """\
 package authz.test
@@ -125,8 +125,8 @@ async def test_real_opa_get_data(real_opa: OpaClient) -> None:
 
 @pytest.mark.parametrize("size", [2_000, 200_000], ids=["2KB", "200KB"])
 async def test_real_opa_decision_over_1kib_is_read(real_opa: OpaClient, size: int) -> None:
-    # Issue 13 finding 8: OPA gzips answers of 1 KiB or more for a client that accepts
-    # gzip; such a decision (a large body, many headers) became 500 opa_error.
+    # OPA gzips answers of 1 KiB or more for a client that accepts gzip; such a decision
+    # (a large body, many headers) is read like any other, never a 500 opa_error.
     who = "w" * size
     evaluation = await real_opa.evaluate("authz/test/decision", {"who": who}, 5.0)
     assert evaluation.result["echo"] == who

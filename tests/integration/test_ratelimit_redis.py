@@ -10,7 +10,7 @@ import redis.asyncio
 
 from authz.core.errors import RateLimitUnavailable
 from authz.core.ratelimit import MemoryLimiter, Quota, RedisLimiter
-from tests.conftest import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 
 def connect(url: str) -> redis.asyncio.Redis:

@@ -42,7 +42,7 @@ from authz.stack.supervisor import free_port, http_ok
 from authz.tools.cli import main
 from authz.tools.keys import digest, generate_key
 from authz.tools.replay import ReplayChange, ReplayReport, describe, opa_serving, replay
-from tests.unit.fakes import check_request
+from tests.helpers.fakes import check_request
 
 GATEWAY = "authz/gateway/decision"
 T0 = 1_760_000_000.0

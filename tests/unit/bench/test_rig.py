@@ -1,0 +1,85 @@
+"""The benchmark's Envoy and OPA configs, derived from the repository's own files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.rig import PEER_DECISION_PATH, gateway_config, opa_config, upstream_config
+from tests.helpers import ROOT
+
+GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = config["static_resources"]["listeners"]
+    (item,) = listener["filter_chains"][0]["filters"]
+    hcm: dict[str, Any] = item["typed_config"]
+    return hcm
+
+
+def _endpoint(config: dict[str, Any], cluster: str) -> tuple[str, int]:
+    (found,) = [c for c in config["static_resources"]["clusters"] if c["name"] == cluster]
+    socket = found["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    return socket["socket_address"]["address"], socket["socket_address"]["port_value"]
+
+
+def test_gateway_with_ext_authz() -> None:
+    config = gateway_config(
+        GATEWAY, port=1001, admin_port=1002, upstream_port=1003, authz_port=1004
+    )
+    hcm = _hcm(config)
+    assert "access_log" not in hcm
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    assert _endpoint(config, "authz") == ("127.0.0.1", 1004)
+    assert _endpoint(config, "upstream_api") == ("127.0.0.1", 1003)
+    assert config["admin"]["address"]["socket_address"]["port_value"] == 1002
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 1001}
+
+
+def test_gateway_without_ext_authz_is_otherwise_the_same() -> None:
+    limit = gateway_config(GATEWAY, port=1, admin_port=2, upstream_port=3, authz_port=None)
+    authz = gateway_config(GATEWAY, port=1, admin_port=2, upstream_port=3, authz_port=4)
+    limit_hcm, authz_hcm = _hcm(limit), _hcm(authz)
+    assert [f["name"] for f in limit_hcm["http_filters"]] == ["envoy.filters.http.router"]
+    route = limit_hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert "typed_per_filter_config" not in route
+    assert [c["name"] for c in limit["static_resources"]["clusters"]] == ["upstream_api"]
+    # Path normalization, timeouts etc. are the same in both.
+    for key in (
+        "normalize_path",
+        "merge_slashes",
+        "path_with_escaped_slashes_action",
+        "request_timeout",
+    ):
+        assert limit_hcm[key] == authz_hcm[key]
+
+
+def test_upstream_answers_directly() -> None:
+    config = upstream_config(2001, 2002)
+    route = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["direct_response"]["status"] == 200
+    assert "clusters" not in config["static_resources"]
+
+
+@pytest.mark.parametrize("plugin", [None, "127.0.0.1:3003"], ids=["opa", "peer"])
+def test_opa_config(plugin: str | None) -> None:
+    config = opa_config(
+        ROOT / "infra/opa/opa-local.yaml",
+        bundles_url="http://127.0.0.1:3001/bundles",
+        resource="keys-100.tar.gz",
+        plugin_addr=plugin,
+    )
+    assert config["services"]["bundles"]["url"] == "http://127.0.0.1:3001/bundles"
+    assert config["bundles"]["authz"]["resource"] == "keys-100.tar.gz"
+    if plugin is None:
+        assert "plugins" not in config
+    else:
+        grpc = config["plugins"]["envoy_ext_authz_grpc"]
+        assert grpc["addr"] == plugin
+        assert grpc["path"] == PEER_DECISION_PATH

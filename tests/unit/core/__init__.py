@@ -1,0 +1,1 @@
+"""Unit tests of authz.core: one file per module."""

@@ -1,0 +1,995 @@
+"""authz.core.authorizer: the decision pipeline, with OPA replaced by a fake engine.
+
+Outcomes and their records, the budget, credentials, rate limits, modes; fail-open only
+for an OPA that could not be asked, capped and loud; allows no policy decided (dry-run,
+bypass, fail-open) strip what enforced allows strip."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from google.rpc import code_pb2
+
+from authz.core.authorizer import FAIL_OPEN_CODES, FAIL_OPEN_HEADER, Authorizer
+from authz.core.cache import DecisionCache
+from authz.core.errors import (
+    AuthzError,
+    ConfigError,
+    CredentialError,
+    InvalidDecision,
+    OpaResponseError,
+    OpaTimeout,
+    OpaUnavailable,
+    PolicyError,
+    RateLimitUnavailable,
+    UndefinedDecision,
+)
+from authz.core.headers import UNENFORCED_REMOVALS
+from authz.core.input import build_input
+from authz.core.mode import Control, Mode
+from authz.core.ratelimit import MemoryLimiter, Quota, RateLimitResult
+from authz.core.secret import Secret
+from authz.runtime.audit import AuditTrail, connect, read_entries
+from authz.runtime.config import DEFAULT_FAIL_OPEN_MAX_PER_S, Settings, load
+from authz.runtime.metrics import Metrics, MetricsSink
+from authz.runtime.server import build_authorizer
+from tests.helpers.fakes import (
+    FakeEngine,
+    ListSink,
+    ManualClock,
+    check_request,
+    multipart_body,
+    upstream_headers,
+)
+
+DEFAULT_PATH = "authz/gateway/decision"
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def make(engine: FakeEngine, sink: ListSink | None = None, **kwargs: Any) -> Authorizer:
+    options: dict[str, Any] = {
+        "default_decision_path": DEFAULT_PATH,
+        "credential_headers": ("x-api-key", "authorization"),
+        "timeout_s": 0.3,
+        "sinks": [sink] if sink else [],
+        "new_id": lambda: "00000000-0000-4000-8000-000000000001",
+    }
+    options.update(kwargs)
+    return Authorizer(engine, **options)
+
+
+def status_of(response: external_auth_pb2.CheckResponse) -> int:
+    if response.HasField("ok_response"):
+        return 200
+    return int(response.denied_response.status.code)
+
+
+def error_of(response: external_auth_pb2.CheckResponse) -> str:
+    return str(json.loads(response.denied_response.body)["error"])
+
+
+ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "reason"),
+    [
+        (True, 200, "allowed"),
+        (False, 403, "denied"),
+        (ALLOW, 200, "allowed"),
+        (
+            {"allowed": False, "http_status": 401, "reason": "missing_api_key"},
+            401,
+            "missing_api_key",
+        ),
+        (UndefinedDecision("nothing at path"), 403, "undefined_decision"),
+        ("yes", 500, "invalid_decision"),
+        ({"allowed": "true"}, 500, "invalid_decision"),
+        ({"allowed": True, "headers": {"x-a": 1}}, 500, "invalid_decision"),
+        (OpaUnavailable("refused"), 503, "opa_unavailable"),
+        (OpaTimeout("slow"), 503, "opa_timeout"),
+        (OpaResponseError("HTTP 500"), 500, "opa_error"),
+        (InvalidDecision("bad"), 500, "invalid_decision"),
+    ],
+    ids=[
+        "bool-true",
+        "bool-false",
+        "object-allow",
+        "object-deny",
+        "undefined",
+        "string-result",
+        "allowed-not-bool",
+        "header-not-string",
+        "opa-down",
+        "opa-timeout",
+        "opa-500",
+        "invalid",
+    ],
+)
+async def test_outcomes(answer: Any, status: int, reason: str) -> None:
+    sink = ListSink()
+    outcome = await make(FakeEngine(answer), sink).check(check_request())
+    assert status_of(outcome.response) == status
+    assert outcome.record.reason == reason
+    assert outcome.record.http_status == status
+    assert outcome.record.allowed is (status == 200)
+    assert sink.records == [outcome.record]
+    if status != 200:
+        assert outcome.response.status.code == code_pb2.PERMISSION_DENIED
+        assert error_of(outcome.response) == reason
+    assert outcome.response.dynamic_metadata["decision_id"] == outcome.record.decision_id
+
+
+async def test_error_record_keeps_detail_but_body_does_not() -> None:
+    engine = FakeEngine(OpaResponseError("OPA answered HTTP 500: secret-ish detail"))
+    outcome = await make(engine).check(check_request())
+    assert outcome.record.error is not None
+    assert "secret-ish detail" in outcome.record.error
+    assert "secret-ish detail" not in outcome.response.denied_response.body
+
+
+@pytest.mark.parametrize(
+    ("extensions", "expected_path"),
+    [
+        ({}, DEFAULT_PATH),
+        ({"decision_path": "authz/egress/decision"}, "authz/egress/decision"),
+        ({"other": "x"}, DEFAULT_PATH),
+    ],
+    ids=["default", "per-route", "unrelated-extension"],
+)
+async def test_decision_path_from_context_extensions(
+    extensions: Mapping[str, str], expected_path: str
+) -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(check_request(context_extensions=extensions))
+    assert engine.calls[0][0] == expected_path
+    assert outcome.record.decision_path == expected_path
+
+
+@pytest.mark.parametrize(
+    "bad_path",
+    ["/authz/gateway", "authz//x", "authz/gateway/../secrets", "a b", "", "authz.gateway"],
+    ids=["leading-slash", "empty-segment", "dotdot", "space", "empty", "dots"],
+)
+async def test_invalid_decision_path_denies_without_asking_opa(bad_path: str) -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(
+        check_request(context_extensions={"decision_path": bad_path})
+    )
+    assert engine.calls == []
+    assert status_of(outcome.response) == 500
+    assert error_of(outcome.response) == "invalid_decision_path"
+
+
+async def test_credentials_reach_opa_only_as_digests() -> None:
+    engine = FakeEngine(True)
+    await make(engine).check(
+        check_request(headers={"x-api-key": "ak_secret_value", "authorization": "Bearer tok_1"})
+    )
+    document = engine.calls[0][1]
+    dumped = json.dumps(document)
+    assert "ak_secret_value" not in dumped
+    assert "tok_1" not in dumped
+    assert set(document["credentials"]) == {"x-api-key", "authorization"}
+
+
+async def test_malformed_request_denied_400_without_asking_opa() -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(check_request(path="/api/v1/items%zz"))
+    assert engine.calls == []
+    assert status_of(outcome.response) == 400
+    assert error_of(outcome.response) == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("remaining", "expected_budget"),
+    [(None, 0.3), (10.0, 0.3), (0.2, 0.19)],
+    ids=["no-deadline", "far-deadline", "near-deadline"],
+)
+async def test_budget_stays_inside_the_callers_deadline(
+    remaining: float | None, expected_budget: float
+) -> None:
+    engine = FakeEngine(True)
+    await make(engine).check(check_request(), remaining)
+    # What is left of the budget when OPA is asked: a little less than the whole.
+    assert expected_budget - 0.05 < engine.calls[0][2] <= expected_budget
+
+
+async def test_deadline_already_spent_denies_503() -> None:
+    engine = FakeEngine(True)
+    outcome = await make(engine).check(check_request(), 0.005)
+    assert engine.calls == []
+    assert status_of(outcome.response) == 503
+    assert error_of(outcome.response) == "deadline_exceeded"
+
+
+async def test_an_answer_after_the_deadline_is_a_503_deny() -> None:
+    # OPA is asked within the 0.3 s budget and allows, but its answer arrives 1 s later:
+    # Envoy has given up on the call by then, so the outcome is deadline_exceeded.
+    clock = ManualClock()
+
+    def late_allow(path: str, document: Mapping[str, Any]) -> bool:
+        clock.now += 1.0
+        return True
+
+    engine = FakeEngine(late_allow)
+    outcome = await make(engine, clock=clock).check(check_request())
+    assert len(engine.calls) == 1, "OPA was not asked"
+    assert status_of(outcome.response) == 503
+    assert outcome.record.reason == "deadline_exceeded"
+
+
+async def test_failing_sink_never_fails_the_request() -> None:
+    class Broken:
+        def record(self, record: object) -> None:
+            raise RuntimeError("disk on fire")
+
+    sink = ListSink()
+    authorizer = Authorizer(
+        FakeEngine(True),
+        default_decision_path=DEFAULT_PATH,
+        credential_headers=(),
+        timeout_s=0.3,
+        sinks=[Broken(), sink],
+    )
+    outcome = await authorizer.check(check_request())
+    assert status_of(outcome.response) == 200
+    assert len(sink.records) == 1
+
+
+async def test_record_carries_revision_identity_and_request() -> None:
+    outcome = await make(FakeEngine(ALLOW, revision="r-9")).check(
+        check_request(
+            method="POST", path="/api/v1/items?api_key=zzz", headers={"x-request-id": "req-1"}
+        )
+    )
+    record = outcome.record
+    assert record.revision == "r-9"
+    assert record.identity == {"key_id": "k1"}
+    assert (record.method, record.path, record.request_id) == ("POST", "/api/v1/items", "req-1")
+
+
+class _Secrets:
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def get(self, ref: str) -> Secret:
+        if ref not in self._values:
+            raise CredentialError(f"credential {ref!r} is absent")
+        return Secret(self._values[ref])
+
+
+EGRESS_ALLOW = {
+    "allowed": True,
+    "reason": "allowed",
+    "headers": {"authorization": "Bearer policy-set-value", "x-keep": "1"},
+    "request_headers_to_remove": ["authorization", "x-sandbox-token"],
+    "credential": {"ref": "openai", "header": "authorization", "format": "Bearer {secret}"},
+    "identity": {"sandbox_id": "sb-1", "service": "openai"},
+}
+
+
+def _upstream_headers(response: external_auth_pb2.CheckResponse) -> list[tuple[str, str, int]]:
+    return [(o.header.key, o.header.value, o.append_action) for o in response.ok_response.headers]
+
+
+async def test_credential_is_injected_by_reference() -> None:
+    secret = "sekrit-openai-value"
+    outcome = await make(FakeEngine(EGRESS_ALLOW), credentials=_Secrets({"openai": secret})).check(
+        check_request(headers={"authorization": "Bearer sandbox-sent"})
+    )
+    headers = _upstream_headers(outcome.response)
+    auth = [h for h in headers if h[0] == "authorization"]
+    assert auth == [("authorization", f"Bearer {secret}", OVERWRITE)]
+    assert ("x-keep", "1", OVERWRITE) in headers
+    # Never removed after being set, never in metadata, the record or the log line.
+    assert "authorization" not in outcome.response.ok_response.headers_to_remove
+    assert "x-sandbox-token" in outcome.response.ok_response.headers_to_remove
+    assert secret not in str(outcome.response.dynamic_metadata)
+    assert secret not in repr(outcome.record)
+    assert secret not in json.dumps(outcome.record.log_fields())
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [None, _Secrets({})],
+    ids=["no-secrets-file", "absent-reference"],
+)
+async def test_unresolvable_credential_denies_503(credentials: _Secrets | None) -> None:
+    outcome = await make(FakeEngine(EGRESS_ALLOW), credentials=credentials).check(check_request())
+    assert status_of(outcome.response) == 503
+    assert error_of(outcome.response) == "credential_unavailable"
+    assert outcome.record.reason == "credential_unavailable"
+
+
+async def test_denied_decision_never_resolves_a_credential() -> None:
+    class Exploding:
+        def get(self, ref: str) -> Secret:
+            raise AssertionError("must not be called")
+
+    deny = {**EGRESS_ALLOW, "allowed": False, "reason": "path_not_allowed"}
+    outcome = await make(FakeEngine(deny), credentials=Exploding()).check(check_request())
+    assert status_of(outcome.response) == 403
+
+
+def _limited(rpm: int, burst: int | None = None) -> dict[str, Any]:
+    rate_limit: dict[str, Any] = {"tier": "t", "key": "key:k1", "requests_per_minute": rpm}
+    if burst is not None:
+        rate_limit["burst"] = burst
+    return {**ALLOW, "rate_limit": rate_limit}
+
+
+async def test_rate_limit_allows_the_burst_then_429() -> None:
+    authorizer = make(FakeEngine(_limited(60, 2)), limiter=MemoryLimiter())
+    first = await authorizer.check(check_request())
+    added = {
+        o.header.key: o.header.value for o in first.response.ok_response.response_headers_to_add
+    }
+    assert added["ratelimit-limit"] == "60"
+    assert added["ratelimit-remaining"] == "1"
+    await authorizer.check(check_request())
+    third = await authorizer.check(check_request())
+    assert status_of(third.response) == 429
+    assert error_of(third.response) == "rate_limited"
+    assert third.record.reason == "rate_limited"
+    assert third.record.identity == {"key_id": "k1"}
+    denied = {o.header.key: o.header.value for o in third.response.denied_response.headers}
+    assert denied["retry-after"] == "1"
+
+
+async def test_burst_defaults_to_configured_seconds() -> None:
+    authorizer = make(FakeEngine(_limited(60)), limiter=MemoryLimiter(), burst_s=3.0)
+    statuses = [status_of((await authorizer.check(check_request())).response) for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_unlimited_has_no_headers_and_no_limit() -> None:
+    authorizer = make(FakeEngine(_limited(-1)), limiter=MemoryLimiter())
+    for _ in range(50):
+        outcome = await authorizer.check(check_request())
+        assert status_of(outcome.response) == 200
+        assert list(outcome.response.ok_response.response_headers_to_add) == []
+
+
+async def test_rate_limit_backend_down_in_strict_mode_denies_503() -> None:
+    class Down:
+        async def check(self, key: str, quota: Quota) -> RateLimitResult:
+            raise RateLimitUnavailable("redis down")
+
+        async def close(self) -> None:
+            return None
+
+    outcome = await make(FakeEngine(_limited(60)), limiter=Down()).check(check_request())
+    assert status_of(outcome.response) == 503
+    assert error_of(outcome.response) == "rate_limit_unavailable"
+
+
+async def test_rate_limited_request_never_resolves_a_credential() -> None:
+    class Exploding:
+        def get(self, ref: str) -> Secret:
+            raise AssertionError("must not be called")
+
+    answer = {**EGRESS_ALLOW, "rate_limit": {"tier": "t", "key": "s", "requests_per_minute": 0}}
+    outcome = await make(
+        FakeEngine(answer), limiter=MemoryLimiter(), credentials=Exploding()
+    ).check(check_request())
+    assert status_of(outcome.response) == 429
+
+
+# -- modes and failure policy ----------------------------------------------------------
+
+
+def _response_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in response.ok_response.response_headers_to_add}
+
+
+def _request_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in response.ok_response.headers}
+
+
+DENY = {"allowed": False, "http_status": 403, "reason": "role_not_allowed"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason", "status"),
+    [
+        (DENY, "role_not_allowed", 403),
+        (OpaUnavailable("down"), "opa_unavailable", 503),
+        ({"allowed": "nope"}, "invalid_decision", 500),
+    ],
+    ids=["policy-deny", "opa-down", "bad-decision"],
+)
+async def test_dry_run_allows_and_marks_what_would_have_been_denied(
+    answer: Any, reason: str, status: int
+) -> None:
+    control = Control(Mode.DRY_RUN)
+    outcome = await make(FakeEngine(answer), control=control).check(check_request())
+    assert status_of(outcome.response) == 200
+    marker = _response_headers(outcome.response)["x-authz-dry-run"]
+    assert marker == f"would-deny; reason={reason}; status={status}"
+    record = outcome.record
+    assert (record.allowed, record.decision_allowed, record.mode) == (True, False, "dry-run")
+    assert (record.reason, record.http_status) == (reason, status)
+    assert record.suppressed
+
+
+async def test_dry_run_leaves_allows_alone() -> None:
+    outcome = await make(FakeEngine(ALLOW), control=Control(Mode.DRY_RUN)).check(check_request())
+    assert "x-authz-dry-run" not in _response_headers(outcome.response)
+    assert not outcome.record.suppressed
+
+
+async def test_bypass_never_asks_opa() -> None:
+    engine = FakeEngine(DENY)
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    outcome = await make(engine, control=control).check(check_request())
+    assert engine.calls == []
+    assert status_of(outcome.response) == 200
+    assert _request_headers(outcome.response)["x-authz-mode"] == "bypass"
+    assert (outcome.record.mode, outcome.record.reason) == ("bypass", "bypass")
+
+
+async def test_mode_switch_applies_to_the_next_request() -> None:
+    control = Control()
+    authorizer = make(FakeEngine(DENY), control=control)
+    assert status_of((await authorizer.check(check_request())).response) == 403
+    control.set_mode(Mode.DRY_RUN, actor="test", reason="rollout")
+    assert status_of((await authorizer.check(check_request())).response) == 200
+    control.set_mode(Mode.ENFORCE, actor="test", reason="done")
+    assert status_of((await authorizer.check(check_request())).response) == 403
+
+
+@pytest.mark.parametrize(
+    ("answer", "fail_open"),
+    [
+        (OpaUnavailable("down"), True),
+        (OpaTimeout("slow"), False),  # authz's own slowness spends the same budget
+        (OpaResponseError("HTTP 500"), False),  # OPA answered: a policy error stays closed
+        (UndefinedDecision("nothing"), False),
+        ({"allowed": 1}, False),
+        (DENY, False),
+    ],
+    ids=["unavailable", "timeout", "opa-error", "undefined", "invalid", "deny"],
+)
+async def test_fail_open_only_for_opa_failures_on_listed_paths(
+    answer: Any, fail_open: bool
+) -> None:
+    authorizer = make(FakeEngine(answer), fail_open_paths=[DEFAULT_PATH])
+    outcome = await authorizer.check(check_request())
+    assert (status_of(outcome.response) == 200) is fail_open
+    assert outcome.record.fail_open is fail_open
+    if fail_open:
+        assert _request_headers(outcome.response)["x-authz-fail-open"] == outcome.record.reason
+        assert outcome.record.decision_allowed is False
+
+
+async def test_fail_open_is_per_path() -> None:
+    authorizer = make(FakeEngine(OpaUnavailable("down")), fail_open_paths=["authz/egress/decision"])
+    outcome = await authorizer.check(check_request())
+    assert status_of(outcome.response) == 503
+
+
+async def test_record_keeps_policy_decision_apart_from_rate_limit() -> None:
+    authorizer = make(FakeEngine(_limited(60, 1)), limiter=MemoryLimiter())
+    await authorizer.check(check_request())
+    limited = (await authorizer.check(check_request())).record
+    assert (limited.policy_allowed, limited.policy_reason) == (True, "allowed")
+    assert (limited.decision_allowed, limited.reason, limited.tier) == (False, "rate_limited", "t")
+
+
+@pytest.mark.parametrize(
+    ("control", "fail_open_paths", "answer"),
+    [
+        (Control(Mode.DRY_RUN), (), DENY),
+        (Control(), (DEFAULT_PATH,), OpaUnavailable("down")),
+    ],
+    ids=["dry-run", "fail-open"],
+)
+async def test_unenforced_allows_keep_credentials_from_the_upstream(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    authorizer = make(FakeEngine(answer), control=control, fail_open_paths=fail_open_paths)
+    outcome = await authorizer.check(check_request(headers={"x-api-key": "ak_x"}))
+    assert status_of(outcome.response) == 200
+    removed = set(outcome.response.ok_response.headers_to_remove)
+    assert {"x-api-key", "authorization"} <= removed
+
+
+# -- decision cache ----------------------------------------------------------------------
+
+
+async def test_cache_skips_opa_for_identical_requests_but_not_rate_limits() -> None:
+    engine = FakeEngine(_limited(60, 2))
+    authorizer = make(engine, limiter=MemoryLimiter(), cache=DecisionCache())
+    request = check_request(headers={"x-api-key": "k", "x-request-id": "a"})
+    first = await authorizer.check(request)
+    again = await authorizer.check(check_request(headers={"x-api-key": "k", "x-request-id": "b"}))
+    assert len(engine.calls) == 1
+    assert again.record.cached_from == first.record.decision_id
+    assert again.record.request_id == "b"  # the record is this request's, not the cached one
+    assert again.record.opa_duration_s == 0
+    third = await authorizer.check(check_request(headers={"x-api-key": "k", "x-request-id": "c"}))
+    assert status_of(third.response) == 429  # rate limits still count every request
+    await authorizer.check(check_request(headers={"x-api-key": "other"}))
+    assert len(engine.calls) == 2
+
+
+async def test_cache_never_holds_failures() -> None:
+    engine = FakeEngine(OpaUnavailable("down"))
+    authorizer = make(engine, cache=DecisionCache())
+    await authorizer.check(check_request())
+    await authorizer.check(check_request())
+    assert len(engine.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("engine", "request_kwargs"),
+    [
+        (FakeEngine({"allowed": True}), {"path": "/api/v1/items?a=%zz"}),
+        (FakeEngine(OpaUnavailable("refused")), {}),
+        (FakeEngine({"allowed": "yes"}), {}),
+        (FakeEngine(lambda path, doc: 1 / 0), {}),
+    ],
+    ids=["malformed-request", "opa-unavailable", "invalid-decision", "unexpected-error"],
+)
+async def test_a_refused_check_leaves_no_reference_cycle(
+    engine: FakeEngine, request_kwargs: dict[str, Any]
+) -> None:
+    # A refused request must be freed when its check returns, not at the next full
+    # collection: the server raises the GC thresholds, so anything a cycle pins (the
+    # error's traceback -> frames -> the CheckRequest) stays until then, and a keyless
+    # flood of refused requests grows memory by their size.
+    authorizer = make(engine)
+    await authorizer.check(check_request(**request_kwargs))  # warm lazy imports, plans
+    # Start from no garbage at all: what earlier tests left (matplotlib's, for one) can
+    # take more than one collection to free, and would be counted below otherwise.
+    while gc.collect():
+        pass
+    gc.disable()
+    try:
+        for _ in range(5):
+            outcome = await authorizer.check(check_request(**request_kwargs))
+            assert not outcome.response.HasField("ok_response")
+        del outcome
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Fail-open covers only an OPA that could not be asked: never authz's own deadline, a
+# malformed request or a decision OPA gave.
+
+
+EGRESS = "authz/egress/decision"
+# No credential at all, to an admin route, with a body: what fail-open must never let by.
+ADMIN_POST: dict[str, Any] = {
+    "method": "POST",
+    "path": "/api/v1/admin/users",
+    "headers": {"content-type": "multipart/form-data; boundary=b"},
+    "body": multipart_body("b", parts=200),
+}
+
+
+def make_fail_open(engine: Any, **kwargs: Any) -> Authorizer:
+    options: dict[str, Any] = {
+        "default_decision_path": DEFAULT_PATH,
+        "credential_headers": ("x-api-key", "authorization"),
+        "timeout_s": 0.3,
+        "fail_open_paths": (DEFAULT_PATH, EGRESS),
+    }
+    options.update(kwargs)
+    return Authorizer(engine, **options)
+
+
+def _subclasses(cls: type[AuthzError]) -> Iterator[type[AuthzError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+POLICY_ERRORS: list[type[AuthzError]] = sorted(
+    {PolicyError, *_subclasses(PolicyError)}, key=lambda c: c.code
+)
+
+
+@pytest.fixture
+def slow_parse(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    """A clock on which building the input document (parsing the body) takes 0.5 s."""
+    clock = ManualClock()
+
+    def slow_build(*args: Any, **kwargs: Any) -> Any:
+        clock.now += 0.5
+        return build_input(*args, **kwargs)
+
+    monkeypatch.setattr("authz.core.authorizer.build_input", slow_build)
+    return clock
+
+
+async def test_fail_open_never_covers_a_body_that_burns_the_budget(
+    slow_parse: ManualClock,
+) -> None:
+    # The parse spends the request's own 300 ms budget before OPA is asked: that is
+    # authz's deadline, not OPA failing, so the anonymous admin POST is denied.
+    engine = FakeEngine(ALLOW)
+    outcome = await make_fail_open(engine, clock=slow_parse).check(check_request(**ADMIN_POST))
+    assert engine.calls == []
+    assert outcome.record.reason == "deadline_exceeded"
+    assert not outcome.record.fail_open
+    assert not outcome.response.HasField("ok_response"), "authz's own deadline failed open"
+
+
+async def test_fail_open_never_covers_a_budget_spent_on_arrival() -> None:
+    # Queueing: the request waited so long in authz that Envoy's deadline is past.
+    engine = FakeEngine(ALLOW)
+    outcome = await make_fail_open(engine).check(check_request(**ADMIN_POST), 0.005)
+    assert outcome.record.reason == "deadline_exceeded"
+    assert not outcome.response.HasField("ok_response"), "a queueing delay failed open"
+
+
+@pytest.mark.parametrize("error", POLICY_ERRORS, ids=[c.code for c in POLICY_ERRORS])
+async def test_fail_open_only_when_opa_is_unreachable_or_its_circuit_open(
+    error: type[AuthzError],
+) -> None:
+    # README, Failures: fail open when OPA could not be asked (unreachable, circuit
+    # open). An OPA timeout fails closed: authz's own slowness (a parse, a queue, a full
+    # connection pool) spends the same budget, so a timeout does not prove OPA failed.
+    outcome = await make_fail_open(FakeEngine(error("boom"))).check(check_request(**ADMIN_POST))
+    expected = issubclass(error, OpaUnavailable)
+    assert outcome.response.HasField("ok_response") is expected
+    assert outcome.record.fail_open is expected
+    if expected:
+        assert upstream_headers(outcome.response)[FAIL_OPEN_HEADER] == error.code
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        {"path": "/api/v1/items%zz"},
+        {"headers": {"content-type": "application/json"}, "body": "{"},
+        {"context_extensions": {"decision_path": "../x"}},
+    ],
+    ids=["bad-percent-encoding", "bad-json-body", "bad-decision-path"],
+)
+async def test_fail_open_never_covers_a_malformed_request(request_kwargs: Any) -> None:
+    # The route asks for its body (parse_body), so a malformed one is refused before OPA.
+    engine = FakeEngine(OpaUnavailable("down"))
+    outcome = await make_fail_open(engine, parse_body=True).check(check_request(**request_kwargs))
+    assert not outcome.response.HasField("ok_response")
+    assert not outcome.record.fail_open
+
+
+def test_fail_open_codes_come_from_the_error_tree() -> None:
+    eligible = {c.code for c in _subclasses(AuthzError) if c.fail_open_eligible}
+    assert eligible == FAIL_OPEN_CODES
+    assert {"opa_unavailable", "opa_circuit_open"} == FAIL_OPEN_CODES
+
+    class Refused(OpaUnavailable):  # a new kind of "OPA unreachable" inherits it
+        code = "opa_refused"
+
+    assert Refused("x").fail_open_eligible
+
+
+# -- the route's decision path is read before anything else ------------------------------
+
+
+async def test_budget_spent_on_arrival_is_decided_on_the_routes_path() -> None:
+    # The record (decision log, metrics, audit) and the fail-open check name the route's
+    # path even when the budget is spent before anything else is done.
+    outcome = await make_fail_open(FakeEngine(ALLOW), fail_open_paths=(DEFAULT_PATH,)).check(
+        check_request(context_extensions={"decision_path": EGRESS}), 0.005
+    )
+    assert outcome.record.decision_path == EGRESS
+    assert not outcome.response.HasField("ok_response")
+
+
+async def test_bypass_records_the_routes_path() -> None:
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    outcome = await make_fail_open(FakeEngine(ALLOW), control=control).check(
+        check_request(context_extensions={"decision_path": EGRESS})
+    )
+    assert outcome.response.HasField("ok_response")
+    assert outcome.record.decision_path == EGRESS
+
+
+async def test_bypass_with_an_invalid_route_path_records_the_default_path() -> None:
+    # A label value must be a valid path; bypass still allows (it decides nothing).
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    outcome = await make_fail_open(FakeEngine(ALLOW), control=control).check(
+        check_request(context_extensions={"decision_path": "../x"})
+    )
+    assert outcome.response.HasField("ok_response")
+    assert outcome.record.decision_path == DEFAULT_PATH
+
+
+# -- every fail-open allow is capped and loud ---------------------------------------------
+
+
+def _capped(clock: ManualClock, max_per_s: int = 3, **kwargs: Any) -> Authorizer:
+    return make_fail_open(
+        FakeEngine(OpaUnavailable("refused")), clock=clock, fail_open_max_per_s=max_per_s, **kwargs
+    )
+
+
+async def _allowed(authorizer: Authorizer, n: int, path: str = DEFAULT_PATH) -> list[bool]:
+    request = check_request(context_extensions={"decision_path": path})
+    return [(await authorizer.check(request)).record.fail_open for _ in range(n)]
+
+
+async def test_fail_open_allows_are_capped_per_path_per_second() -> None:
+    # OPA down and a fail-open path: without a cap, every request an attacker sends
+    # while OPA is down is allowed unchecked.
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock)
+    assert await _allowed(authorizer, 5) == [True, True, True, False, False]
+    assert await _allowed(authorizer, 2, EGRESS) == [True, True]  # its own budget
+    clock.now = 100.9
+    assert await _allowed(authorizer, 1) == [False]
+    clock.now = 101.0
+    assert await _allowed(authorizer, 4) == [True, True, True, False]
+
+
+async def test_fail_open_over_the_cap_fails_closed_with_the_original_error() -> None:
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock, max_per_s=1)
+    await authorizer.check(check_request())
+    outcome = await authorizer.check(check_request())
+    assert not outcome.response.HasField("ok_response")
+    assert outcome.response.denied_response.status.code == 503
+    assert (outcome.record.reason, outcome.record.fail_open) == ("opa_unavailable", False)
+    assert outcome.record.error is not None
+    assert "fail-open cap" in outcome.record.error
+
+
+async def test_every_fail_open_allow_is_counted_and_audited(tmp_path: Path) -> None:
+    metrics = Metrics()
+    trail = AuditTrail(tmp_path / "audit.db")
+    authorizer = _capped(ManualClock(100.0), sinks=[MetricsSink(metrics), trail])
+    try:
+        await _allowed(authorizer, 5, EGRESS)
+    finally:
+        trail.close()
+    counted = metrics.registry.get_sample_value(
+        "authz_fail_open_total", {"path": EGRESS, "code": "opa_unavailable"}
+    )
+    assert counted == 3
+    conn = connect(tmp_path / "audit.db")
+    try:
+        audited = [e.body.get("fail_open", False) for e in read_entries(conn, kind="decision")]
+    finally:
+        conn.close()
+    assert audited == [True, True, True, False, False]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.WARNING and "fail-open" in r.msg]
+
+
+def _extra(record: logging.LogRecord, *names: str) -> tuple[Any, ...]:
+    """The ``extra`` fields ``names`` of a log record."""
+    return tuple(getattr(record, name) for name in names)
+
+
+async def test_fail_open_warnings_are_rate_limited_per_path_and_count_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock, max_per_s=50)
+    with caplog.at_level(logging.WARNING, logger="authz.core.authorizer"):
+        await _allowed(authorizer, 5)
+        await _allowed(authorizer, 2, EGRESS)
+        first = _warnings(caplog)
+        clock.now = 101.5
+        await _allowed(authorizer, 1)
+    assert [_extra(r, "decision_path", "suppressed") for r in first] == [
+        (DEFAULT_PATH, 0),
+        (EGRESS, 0),
+    ]
+    last = _warnings(caplog)[-1]
+    assert _extra(last, "decision_path", "suppressed", "code") == (
+        DEFAULT_PATH,
+        4,
+        "opa_unavailable",
+    )
+
+
+async def test_fail_open_cap_reached_is_logged_once_per_path_per_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(100.0)
+    authorizer = _capped(clock, max_per_s=1)
+    with caplog.at_level(logging.WARNING, logger="authz.core.authorizer"):
+        await _allowed(authorizer, 10)
+    capped = [r for r in _warnings(caplog) if "cap" in r.msg]
+    assert len(capped) == 1
+    assert _extra(capped[0], "decision_path", "refused") == (DEFAULT_PATH, 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, DEFAULT_FAIL_OPEN_MAX_PER_S), ("7", 7), ("0", ConfigError), ("x", ConfigError)],
+    ids=["default", "seven", "zero", "not-a-number"],
+)
+def test_fail_open_max_per_s_setting(value: str | None, expected: int | type[ConfigError]) -> None:
+    environ = {} if value is None else {"AUTHZ_FAIL_OPEN_MAX_PER_S": value}
+    if isinstance(expected, int):
+        assert load(environ).fail_open_max_per_s == expected
+    else:
+        with pytest.raises(ConfigError, match="AUTHZ_FAIL_OPEN_MAX_PER_S"):
+            load(environ)
+
+
+async def test_build_authorizer_applies_the_fail_open_cap() -> None:
+    settings = Settings(fail_open_paths=(DEFAULT_PATH,), fail_open_max_per_s=1)
+    authorizer = build_authorizer(settings, FakeEngine(OpaUnavailable("refused")), [])
+    assert await _allowed(authorizer, 2) == [True, False]
+
+
+# ----------------------------------------------------------------------------------------
+# Allows no policy decided (dry-run, bypass, fail-open) forward nothing an enforced allow
+# strips; a decision OPA gave late is still enforced.
+
+
+CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-sandbox-token")
+DENY_INVALID_KEY = {"allowed": False, "http_status": 401, "reason": "invalid_api_key"}
+
+
+def make_unenforced(engine: Any, **kwargs: Any) -> Authorizer:
+    options: dict[str, Any] = {
+        "default_decision_path": DEFAULT_PATH,
+        "credential_headers": CREDENTIAL_HEADERS,
+        "timeout_s": 0.3,
+    }
+    options.update(kwargs)
+    return Authorizer(engine, **options)
+
+
+def upstream_sees(
+    response: external_auth_pb2.CheckResponse, sent: dict[str, str]
+) -> dict[str, str]:
+    """The request headers the upstream receives: what the client sent, minus
+    headers_to_remove, with the OkHttpResponse headers set on top."""
+    assert response.HasField("ok_response")
+    ok = response.ok_response
+    removed = set(ok.headers_to_remove)
+    seen = {k: v for k, v in sent.items() if k not in removed}
+    seen.update({o.header.key: o.header.value for o in ok.headers})
+    return seen
+
+
+FORGED = {
+    "x-api-key": "wrong",
+    "x-authz-key-id": "key-demo-admin",
+    "x-authz-role": "admin",
+    "x-authz-tier": "unlimited",
+}
+
+
+@pytest.mark.parametrize(
+    ("control", "fail_open_paths", "answer"),
+    [
+        (Control(Mode.DRY_RUN), (), DENY_INVALID_KEY),
+        (Control(), (DEFAULT_PATH,), OpaUnavailable("down")),
+        (Control(Mode.BYPASS, allow_bypass=True), (), DENY_INVALID_KEY),
+    ],
+    ids=["dry-run", "fail-open", "bypass"],
+)
+async def test_unenforced_allows_never_forward_forged_identity_headers(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    # README (Gateway): "client-sent values of these [x-authz-key-id, -role, -tier], and
+    # any other x-authz-* header, are overwritten or removed". That holds for an allow no
+    # policy decided (dry-run suppressing a deny, fail-open, bypass) too: an
+    # unauthenticated client's forged x-authz-role: admin never reaches the upstream.
+    authorizer = make_unenforced(
+        FakeEngine(answer), control=control, fail_open_paths=fail_open_paths
+    )
+    outcome = await authorizer.check(check_request(headers=FORGED))
+    seen = upstream_sees(outcome.response, {**FORGED})
+    forged = {k: v for k, v in seen.items() if k in FORGED and k != "x-api-key"}
+    assert forged == {}, f"forged identity headers reach the upstream: {forged}"
+
+
+async def test_bypass_never_forwards_the_client_credentials() -> None:
+    # Credential headers are "for authz, never for the upstream", in bypass as in
+    # dry-run and fail-open: on egress a sandbox token must not reach the third-party
+    # API, on the gateway the API key must not reach the upstream (README).
+    control = Control(Mode.BYPASS, allow_bypass=True)
+    sent = {"x-api-key": "ak_live_secret", "x-sandbox-token": "sbt_secret"}
+    outcome = await make_unenforced(FakeEngine(DENY_INVALID_KEY), control=control).check(
+        check_request(headers=sent)
+    )
+    seen = upstream_sees(outcome.response, {**sent})
+    assert "x-api-key" not in seen
+    assert "x-sandbox-token" not in seen
+
+
+class _SlowDeny(FakeEngine):
+    """OPA answers a deny, 0.35 s after being asked (budget: 0.3 s)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(DENY_INVALID_KEY)
+        self._clock = clock
+
+    async def evaluate(self, path: str, document: Any, timeout_s: float) -> Any:
+        self._clock.now += 0.35
+        return await super().evaluate(path, document, timeout_s)
+
+
+async def test_a_late_policy_deny_never_fails_open() -> None:
+    # OPA answered: this sandbox/key is denied, just past the budget (a busy OPA, or an
+    # attacker loading it). On a fail-open path the late deny stays a deny: fail-open is
+    # for an OPA that could not be asked (README, Failures); a decision OPA actually gave
+    # is enforced.
+    clock = ManualClock()
+    authorizer = make_unenforced(_SlowDeny(clock), fail_open_paths=(DEFAULT_PATH,), clock=clock)
+    outcome = await authorizer.check(check_request(headers={"x-api-key": "wrong"}))
+    assert outcome.record.policy_allowed is False
+    assert not outcome.response.HasField("ok_response"), (
+        f"policy deny turned into a fail-open allow ({outcome.record.reason})"
+    )
+
+
+# Every header an enforced allow strips, sent by a client.
+HOSTILE = {
+    **{name: "client-value" for name in UNENFORCED_REMOVALS},
+    "x-my-credential": "configured-credential",
+    "x-authz-anything": "forged",
+}
+UNENFORCED = [
+    (Control(Mode.DRY_RUN), (), DENY_INVALID_KEY),
+    (Control(), (EGRESS,), OpaUnavailable("down")),
+    (Control(Mode.BYPASS, allow_bypass=True), (), DENY_INVALID_KEY),
+]
+UNENFORCED_IDS = ["dry-run", "fail-open", "bypass"]
+
+
+@pytest.mark.parametrize(("control", "fail_open_paths", "answer"), UNENFORCED, ids=UNENFORCED_IDS)
+async def test_unenforced_allows_strip_what_enforced_ones_strip(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    # Dry-run, bypass and fail-open egress allows strip x-sandbox-id, cookie, api-key,
+    # x-forwarded-for and x-http-method-override as an enforced allow does.
+    authorizer = make_unenforced(
+        FakeEngine(answer),
+        control=control,
+        fail_open_paths=fail_open_paths,
+        credential_headers=(*CREDENTIAL_HEADERS, "x-my-credential"),
+    )
+    request = check_request(headers=HOSTILE, context_extensions={"decision_path": EGRESS})
+    outcome = await authorizer.check(request)
+    seen = upstream_sees(outcome.response, {**HOSTILE})
+    leaked = sorted(name for name in HOSTILE if seen.get(name) == HOSTILE[name])
+    assert leaked == [], f"an unenforced allow forwards {leaked}"
+
+
+@pytest.mark.parametrize(("control", "fail_open_paths", "answer"), UNENFORCED, ids=UNENFORCED_IDS)
+async def test_unenforced_allows_strip_raw_header_map_names_too(
+    control: Control, fail_open_paths: tuple[str, ...], answer: Any
+) -> None:
+    # With encode_raw_headers, Envoy sends the headers only in header_map (any case).
+    request = check_request(context_extensions={"decision_path": EGRESS})
+    request.attributes.request.http.headers.clear()
+    request.attributes.request.http.header_map.CopyFrom(
+        base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key="X-Authz-Role", raw_value=b"admin"),
+                base_pb2.HeaderValue(key="x-sandbox-id", raw_value=b"sb-1"),
+            ]
+        )
+    )
+    authorizer = make_unenforced(
+        FakeEngine(answer), control=control, fail_open_paths=fail_open_paths
+    )
+    outcome = await authorizer.check(request)
+    removed = set(outcome.response.ok_response.headers_to_remove)
+    assert {"x-authz-role", "x-sandbox-id"} <= removed

@@ -1,0 +1,1 @@
+"""Unit tests of authz.runtime: one file per module."""

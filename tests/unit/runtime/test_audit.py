@@ -1,0 +1,1472 @@
+"""authz.runtime.audit: the hash-chained SQLite audit trail (write, read back, verify, tamper,
+retention, degradation and recovery); under hostile callers, an owner-only file, a
+writer that drains a backlog without sleeping, bounded in bytes (queue, rows, store),
+anchor moves recorded and checked; integrity of every column a reader trusts."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import sqlite3
+import stat
+import string
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from authz.core.authorizer import Authorizer
+from authz.core.errors import ConfigError
+from authz.core.input import build_input
+from authz.core.record import DecisionRecord
+from authz.core.secret import MASK
+from authz.runtime import audit, config
+from authz.runtime.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
+from authz.tools.cli import main
+from tests.helpers.fakes import FakeEngine, ManualClock, bytes_retained_per_check, check_request
+
+T0 = 1_700_000_000.0
+SECRET = "SECRET"
+DIGEST = "d" * 64
+DEADLINE_S = 5.0
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
+    """Poll ``predicate`` (the writer flushes every 0.2 s) until true or fail."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def reader(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain second connection, as the CLI tools and an attacker would open."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def count_rows(path: Path) -> int:
+    with reader(path) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+
+
+def secret_document() -> dict[str, Any]:
+    """An input document carrying SECRET in every place redaction must cover."""
+    target = f"/x?api_key={SECRET}&page=2"
+    return {
+        "attributes": {
+            "request": {
+                "http": {
+                    "method": "GET",
+                    "path": target,
+                    "headers": {
+                        ":path": target,
+                        "cookie": f"session={SECRET}",
+                        "x-api-key": f"sha256:{DIGEST}",
+                        "x-request-id": "req-1",
+                    },
+                }
+            }
+        },
+        "parsed_path": ["x"],
+        "parsed_query": {"api_key": [SECRET], "page": ["2"]},
+        "credentials": {"x-api-key": DIGEST},
+    }
+
+
+def projected_secret_document() -> dict[str, Any]:
+    """What a row keeps of :func:`secret_document` (README "Audit trail"): allow-listed
+    headers only (the others counted), sensitive query values masked, digests kept."""
+    sent = secret_document()["attributes"]["request"]["http"]["headers"]
+    omitted = [name for name in sent if name != "x-request-id"]
+    return {
+        "attributes": {
+            "request": {
+                "http": {
+                    "method": "GET",
+                    "path": f"/x?api_key={MASK}&page=2",
+                    "headers": {"x-request-id": "req-1"},
+                }
+            }
+        },
+        "parsed_path": ["x"],
+        "parsed_query": {"api_key": [MASK], "page": ["2"]},
+        "credentials": {"x-api-key": DIGEST},
+        "headers_omitted": {
+            "count": len(omitted),
+            "bytes": sum(len(name) + len(sent[name]) for name in omitted),
+        },
+    }
+
+
+def decision(n: int, **fields: Any) -> DecisionRecord:
+    """Decision number ``n``: id ``d-<n>``, recorded at T0 + n."""
+    values: dict[str, Any] = {
+        "decision_id": f"d-{n}",
+        "timestamp": T0 + n,
+        "decision_path": "authz/gateway/decision",
+        "allowed": False,
+        "reason": "role_not_allowed",
+        "http_status": 403,
+        "policy_allowed": False,
+        "policy_reason": "role_not_allowed",
+        "revision": "rev-1",
+        "identity": {"key_id": "key-viewer", "role": "viewer"},
+        "method": "GET",
+        "path": "/x",
+        "duration_s": 0.002,
+    }
+    values.update(fields)
+    return DecisionRecord(**values)
+
+
+TrailFactory = Callable[..., AuditTrail]
+
+
+@pytest.fixture(autouse=True)
+def quick_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer batches for 0.2 s in production; tests need not wait that long."""
+    monkeypatch.setattr(audit, "_FLUSH_S", 0.02)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def trail_factory(db: Path, clock: ManualClock) -> Iterator[TrailFactory]:
+    """Opens AuditTrails on ``db`` with the fake clock; closes every one at the end."""
+    opened: list[AuditTrail] = []
+
+    def factory(**kwargs: Any) -> AuditTrail:
+        kwargs.setdefault("clock", clock)
+        trail = AuditTrail(kwargs.pop("path", db), **kwargs)
+        opened.append(trail)
+        return trail
+
+    yield factory
+    for trail in opened:
+        trail.close()
+
+
+def fill(trail: AuditTrail, db: Path, count: int, start: int = 1) -> None:
+    """Record decisions ``start..start+count-1`` and wait until they are stored."""
+    before = trail.written
+    for n in range(start, start + count):
+        trail.record(decision(n))
+    wait_until(lambda: trail.written >= before + count, f"{count} entries written")
+
+
+# --- writing and reading back ------------------------------------------------------------
+
+
+def test_entries_are_chained_in_seq_order(
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
+) -> None:
+    states: list[tuple[bool, int, int]] = []
+    trail = trail_factory(on_state=lambda *state: states.append(state))
+    trail.record(decision(1))
+    trail.admin("set_mode", {"mode": "dry-run", "reason": "rollout"}, "adm-1")
+    trail.record(decision(2))
+    trail.close()
+
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+    assert [(e.seq, e.kind, e.decision_id) for e in entries] == [
+        (1, "decision", "d-1"),
+        (2, "admin", "adm-1"),
+        (3, "decision", "d-2"),
+    ]
+    assert [e.time for e in entries] == [T0 + 1, clock.now, T0 + 2]
+    assert GENESIS == "0" * 64
+    prev = GENESIS
+    for entry in entries:
+        assert entry.prev_hash == prev
+        body = orjson.dumps(dict(entry.body), option=orjson.OPT_SORT_KEYS).decode()
+        # The documented formula, so an external verifier can recompute the chain.
+        text = f"{entry.seq}\n{prev}\n{entry.kind}\n{entry.time!r}\n{entry.decision_id}\n{body}"
+        expected = hashlib.sha256(text.encode()).hexdigest()
+        assert entry.hash == expected
+        assert expected == entry_hash(
+            entry.seq, prev, entry.kind, entry.time, entry.decision_id, body
+        )
+        prev = entry.hash
+    assert trail.written == 3
+    assert (trail.degraded, trail.failed) == (False, 0)
+    assert states
+    assert states[-1] == (False, 3, 0)
+
+
+def test_admin_entry_body(trail_factory: TrailFactory, db: Path, clock: ManualClock) -> None:
+    clock.now = T0 + 42
+    trail = trail_factory()
+    trail.admin("add_override", {"id": "ovr-1", "actor": "alice", "pushed": True}, "ovr-1")
+    trail.close()
+    with reader(db) as conn:
+        [entry] = read_entries(conn)
+    assert (entry.kind, entry.time, entry.decision_id) == ("admin", T0 + 42, "ovr-1")
+    assert entry.body == {"action": "add_override", "id": "ovr-1", "actor": "alice", "pushed": True}
+
+
+@pytest.mark.parametrize(
+    ("last", "kind", "seqs"),
+    [
+        (None, None, [1, 2, 3, 4, 5]),
+        (2, None, [4, 5]),
+        (1, None, [5]),
+        (10, None, [1, 2, 3, 4, 5]),
+        (None, "decision", [1, 3, 5]),
+        (None, "admin", [2, 4]),
+        (1, "admin", [4]),
+        (2, "decision", [3, 5]),
+        (None, "gap", []),
+        (0, None, []),
+    ],
+    ids=[
+        "all",
+        "last-2",
+        "last-1",
+        "last-more-than-stored",
+        "decisions",
+        "admins",
+        "last-admin",
+        "last-2-decisions",
+        "no-gaps",
+        "last-0",
+    ],
+)
+def test_read_entries_last_and_kind(
+    trail_factory: TrailFactory, db: Path, last: int | None, kind: str | None, seqs: list[int]
+) -> None:
+    trail = trail_factory()
+    for n in range(1, 6):
+        if n % 2:
+            trail.record(decision(n))
+        else:
+            trail.admin("set_mode", {"n": n}, f"adm-{n}")
+    trail.close()
+    with reader(db) as conn:
+        entries = list(read_entries(conn, last=last, kind=kind))
+    assert [e.seq for e in entries] == seqs
+    assert all(e.kind == ("decision" if e.seq % 2 else "admin") for e in entries)
+
+
+@pytest.mark.parametrize(
+    ("record", "policy", "stores_input"),
+    [
+        (
+            decision(1, document=secret_document()),
+            {"allowed": False, "reason": "role_not_allowed"},
+            True,
+        ),
+        (
+            decision(
+                2,
+                allowed=True,
+                reason="allowed",
+                http_status=200,
+                policy_allowed=True,
+                policy_reason="allowed",
+                tier="default",
+                document=secret_document(),
+            ),
+            {"allowed": True, "reason": "allowed"},
+            True,
+        ),
+        (
+            decision(
+                3,
+                allowed=False,
+                reason="opa_unavailable",
+                http_status=503,
+                policy_allowed=None,
+                policy_reason=None,
+                error="OPA unreachable",
+                document=secret_document(),
+            ),
+            None,
+            True,
+        ),
+        (
+            decision(
+                4,
+                mode="bypass",
+                allowed=True,
+                reason="allowed",
+                http_status=200,
+                policy_allowed=None,
+                policy_reason=None,
+                document=None,
+            ),
+            None,
+            False,
+        ),
+    ],
+    ids=["policy-deny", "policy-allow", "no-policy-decision", "no-input"],
+)
+def test_decision_body_is_log_fields_policy_and_redacted_input(
+    trail_factory: TrailFactory,
+    db: Path,
+    record: DecisionRecord,
+    policy: dict[str, Any] | None,
+    stores_input: bool,
+) -> None:
+    trail = trail_factory()
+    trail.record(record)
+    trail.close()
+    with reader(db) as conn:
+        [entry] = read_entries(conn)
+    expected = {**record.log_fields(), "policy": policy}
+    if stores_input:
+        expected["input"] = projected_secret_document()
+    assert entry.body == expected
+    assert (entry.decision_id, entry.time) == (record.decision_id, record.timestamp)
+
+
+def test_secrets_in_query_and_cookie_never_stored(trail_factory: TrailFactory, db: Path) -> None:
+    document = secret_document()
+    trail = trail_factory()
+    trail.record(decision(1, document=document))
+    trail.close()
+
+    with reader(db) as conn:
+        stored = conn.execute("SELECT * FROM audit").fetchall()
+        [entry] = read_entries(conn)
+    assert SECRET not in repr(stored)
+    for file in db.parent.glob(f"{db.name}*"):  # the database and any WAL left behind
+        assert SECRET.encode() not in file.read_bytes(), file.name
+    http = entry.body["input"]["attributes"]["request"]["http"]
+    assert http["path"] == f"/x?api_key={MASK}&page=2"
+    # Not allow-listed: neither the :path copy of the query, nor any credential header.
+    assert set(http["headers"]) == {"x-request-id"}
+    assert entry.body["input"]["parsed_query"] == {"api_key": [MASK], "page": ["2"]}
+    # Digests are kept: replay needs what the policy keyed on.
+    assert entry.body["input"]["credentials"] == {"x-api-key": DIGEST}
+    # The caller's document is left as it was.
+    assert document == secret_document()
+
+
+def header_map_document(raw: bool) -> dict[str, Any]:
+    """Envoy's ``header_map`` form (``encode_raw_headers: true``), which authz.core.input
+    supports: the cookie and the ``:path`` (with its query) are in the entries."""
+    target = f"/x?api_key={SECRET}"
+    pairs = [(":path", target), ("cookie", f"session={SECRET}")]
+    entries = [
+        {"key": k, "rawValue": base64.b64encode(v.encode()).decode()}
+        if raw
+        else {"key": k, "value": v}
+        for k, v in pairs
+    ]
+    return {
+        "attributes": {
+            "request": {"http": {"method": "GET", "path": "/x", "headerMap": {"headers": entries}}}
+        }
+    }
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["value", "raw-value"])
+def test_secrets_in_header_map_never_stored(
+    trail_factory: TrailFactory, db: Path, raw: bool
+) -> None:
+    trail = trail_factory()
+    trail.record(decision(1, document=header_map_document(raw)))
+    trail.close()
+    with reader(db) as conn:
+        [entry] = read_entries(conn)
+    leaked = []
+    for item in entry.body["input"]["attributes"]["request"]["http"]["headerMap"]["headers"]:
+        value = item.get("value") or base64.b64decode(item.get("rawValue", "")).decode()
+        if SECRET in value:
+            leaked.append(item["key"])
+    assert leaked == []
+
+
+def test_close_flushes_queued_entries(trail_factory: TrailFactory, db: Path) -> None:
+    trail = trail_factory()
+    for n in range(1, 1201):  # more than one writer batch
+        trail.record(decision(n))
+    trail.close()
+    assert count_rows(db) == 1200
+    assert trail.written == 1200
+    with reader(db) as conn:
+        assert verify(conn).ok
+
+
+def test_close_waits_for_a_slow_write(trail_factory: TrailFactory, db: Path) -> None:
+    # The disk is busy (another connection holds the lock for less than the writer's busy
+    # timeout) when close() is called: close() still returns only once the batch is stored.
+    trail = trail_factory()
+    locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in range(1, 51):
+            trail.record(decision(n))
+        release = threading.Timer(0.15, locker.execute, ("ROLLBACK",))
+        release.start()
+        trail.close()
+        release.join()
+    finally:
+        locker.close()
+    assert (trail.degraded, trail.written) == (False, 50)
+    assert count_rows(db) == 50
+
+
+def test_reopened_trail_continues_the_chain(trail_factory: TrailFactory, db: Path) -> None:
+    first = trail_factory()
+    fill(first, db, 3)
+    first.close()
+    second = trail_factory()
+    second.record(decision(4))
+    second.close()
+    with reader(db) as conn:
+        assert [e.seq for e in read_entries(conn)] == [1, 2, 3, 4]
+        report = verify(conn)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 4, 1, 4)
+
+
+# --- verify and tampering ----------------------------------------------------------------
+
+
+def test_verify_intact_chain(trail_factory: TrailFactory, db: Path) -> None:
+    trail = trail_factory()
+    fill(trail, db, 5)
+    with reader(db) as conn:  # while the writer is still open
+        report = verify(conn)
+    assert report.ok
+    assert (report.entries, report.first_seq, report.last_seq) == (5, 1, 5)
+    assert (report.broken_seq, report.problem) == (None, None)
+
+
+def test_verify_empty_store(trail_factory: TrailFactory, db: Path) -> None:
+    trail_factory().close()
+    with reader(db) as conn:
+        report = verify(conn)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 0, None, None)
+
+
+def forge_row(conn: sqlite3.Connection, seq: int, prev_hash: str, decision_id: str) -> None:
+    """Insert a row whose own hash is correct: only the links around it can give it away."""
+    body = orjson.dumps({"decision_id": decision_id, "forged": True}).decode()
+    conn.execute(
+        "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
+        "VALUES (?, 'decision', ?, ?, ?, ?, ?)",
+        (
+            seq,
+            T0,
+            decision_id,
+            body,
+            prev_hash,
+            entry_hash(seq, prev_hash, "decision", T0, decision_id, body),
+        ),
+    )
+
+
+def hash_of(conn: sqlite3.Connection, seq: int) -> str:
+    return str(conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()[0])
+
+
+def edit_body(conn: sqlite3.Connection) -> None:
+    conn.execute("""UPDATE audit SET body = replace(body, '"deny"', '"allow"') WHERE seq = 3""")
+
+
+def edit_last_body(conn: sqlite3.Connection) -> None:
+    conn.execute("""UPDATE audit SET body = replace(body, '"deny"', '"allow"') WHERE seq = 5""")
+
+
+def delete_middle(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq = 3")
+
+
+def delete_first(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq = 1")
+
+
+def delete_last(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq = 5")
+
+
+def delete_last_two(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit WHERE seq >= 4")
+
+
+def delete_all(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM audit")
+
+
+def swap_rows(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE audit SET seq = -1 WHERE seq = 2")
+    conn.execute("UPDATE audit SET seq = 2 WHERE seq = 3")
+    conn.execute("UPDATE audit SET seq = 3 WHERE seq = -1")
+
+
+def replace_with_forged(conn: sqlite3.Connection) -> None:
+    prev = hash_of(conn, 2)
+    conn.execute("DELETE FROM audit WHERE seq = 3")
+    forge_row(conn, 3, prev, "d-3")
+
+
+def change_hash(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE audit SET hash = ? WHERE seq = 3", ("f" * 64,))
+
+
+def change_prev_hash(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE audit SET prev_hash = ? WHERE seq = 4", ("f" * 64,))
+
+
+def change_head(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "UPDATE audit_meta SET value = ? WHERE key = 'head'",
+        (orjson.dumps({"seq": 5, "hash": "f" * 64}).decode(),),
+    )
+
+
+TAMPER_CASES: list[tuple[str, Callable[[sqlite3.Connection], None], int, str | None, str]] = [
+    # (id, tampering, broken seq, broken decision id, fragment of the problem)
+    ("edit-body", edit_body, 3, "d-3", "edited"),
+    ("edit-last-body", edit_last_body, 5, "d-5", "edited"),
+    ("delete-middle", delete_middle, 4, "d-4", "expected entry 3 here"),
+    ("delete-first", delete_first, 2, "d-2", "expected entry 1 here"),
+    ("delete-last", delete_last, 5, None, "head records entry 5 but the chain ends at 4"),
+    ("delete-last-two", delete_last_two, 5, None, "head records entry 5 but the chain ends at 3"),
+    ("delete-all", delete_all, 5, None, "head records entry 5"),
+    ("reorder", swap_rows, 2, "d-3", "prev_hash does not match"),
+    ("forged-row", replace_with_forged, 4, "d-4", "prev_hash does not match"),
+    ("change-hash", change_hash, 3, "d-3", "hash does not match the entry's contents"),
+    ("change-prev-hash", change_prev_hash, 4, "d-4", "prev_hash does not match"),
+    ("change-head", change_head, 5, None, "head records entry 5"),
+]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "broken_seq", "broken_id", "problem"),
+    [case[1:] for case in TAMPER_CASES],
+    ids=[case[0] for case in TAMPER_CASES],
+)
+def test_verify_reports_tampering_at_the_right_entry(
+    trail_factory: TrailFactory,
+    db: Path,
+    tamper: Callable[[sqlite3.Connection], None],
+    broken_seq: int,
+    broken_id: str | None,
+    problem: str,
+) -> None:
+    trail = trail_factory()
+    fill(trail, db, 5)
+    trail.close()
+    with reader(db) as conn:
+        assert verify(conn).ok
+        tamper(conn)
+        report = verify(conn)
+    assert not report.ok
+    assert (report.broken_seq, report.broken_decision_id) == (broken_seq, broken_id)
+    assert report.problem is not None
+    assert problem in report.problem
+
+
+def test_verify_names_a_forged_entry_appended_after_the_head(
+    trail_factory: TrailFactory, db: Path
+) -> None:
+    # A row added after the last real one, with a correct link and hash: only the head
+    # gives it away. The report must name the forged entry, not claim rows were removed.
+    trail = trail_factory()
+    fill(trail, db, 5)
+    trail.close()
+    with reader(db) as conn:
+        forge_row(conn, 6, hash_of(conn, 5), "d-forged")
+        report = verify(conn)
+    assert not report.ok
+    assert report.broken_seq == 6
+    assert report.problem is not None
+    assert "removed" not in report.problem
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+def test_max_records_prunes_the_oldest_and_chain_still_verifies(
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
+) -> None:
+    # The writer prunes once its clock is 60 s past the last pruning (initially 0): a
+    # clock frozen at 30 s never prunes, 61 s later it must.
+    clock.now = 30.0
+    trail = trail_factory(max_records=3, retention_days=None)
+    fill(trail, db, 10)
+    time.sleep(0.3)  # more than one writer cycle
+    assert count_rows(db) == 10
+
+    clock.now += 61
+    wait_until(lambda: count_rows(db) == 3, "pruning to 3 rows")
+    with reader(db) as conn:
+        # The 3 kept entries include the anchor move's own entry (11).
+        assert [(e.seq, e.kind) for e in read_entries(conn)] == [
+            (9, "decision"),
+            (10, "decision"),
+            (11, "anchor"),
+        ]
+        report = verify(conn)
+    assert (report.ok, report.entries, report.first_seq, report.last_seq) == (True, 3, 9, 11)
+
+    fill(trail, db, 2, start=11)  # the chain goes on from the anchor
+    trail.close()
+    with reader(db) as conn:
+        report = verify(conn)
+        assert report.ok
+        assert (report.first_seq, report.last_seq) == (9, 13)
+        # Removing the first kept row is still caught, relative to the anchor.
+        conn.execute("DELETE FROM audit WHERE seq = 9")
+        broken = verify(conn)
+    assert (broken.ok, broken.broken_seq) == (False, 10)
+    assert broken.problem is not None
+    assert "expected entry 9 here" in broken.problem
+
+
+def test_retention_days_prunes_old_entries(
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
+) -> None:
+    trail = trail_factory(retention_days=1, max_records=None)
+    fill(trail, db, 4)  # recorded at T0+1 .. T0+4
+    clock.now = T0 + 86400 + 2.5  # entries 1 and 2 are now older than a day
+    wait_until(lambda: count_rows(db) == 3, "pruning to 2 rows and the anchor move")
+    trail.close()
+    with reader(db) as conn:
+        assert [(e.seq, e.kind) for e in read_entries(conn)] == [
+            (3, "decision"),
+            (4, "decision"),
+            (5, "anchor"),
+        ]
+        report = verify(conn)
+    assert (report.ok, report.first_seq, report.last_seq) == (True, 3, 5)
+
+
+def test_retention_pruning_every_entry_still_verifies(
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
+) -> None:
+    # An idle service: every stored entry is past retention and is pruned. That is not
+    # tampering; the anchor records the last pruned entry, and the move's own entry is
+    # all that is left.
+    trail = trail_factory(retention_days=1, max_records=None)
+    fill(trail, db, 3)
+    clock.now = T0 + 2 * 86400
+    wait_until(lambda: trail.prunes > 0 and count_rows(db) == 1, "pruning every row")
+    trail.close()
+    with reader(db) as conn:
+        assert [(e.seq, e.kind) for e in read_entries(conn)] == [(4, "anchor")]
+        report = verify(conn)
+    assert report.ok, report.problem
+    assert report.entries == 1
+
+
+# --- degradation -------------------------------------------------------------------------
+
+
+def test_locked_database_degrades_then_recovers_with_a_gap_entry(
+    trail_factory: TrailFactory, db: Path, clock: ManualClock
+) -> None:
+    states: list[tuple[bool, int, int]] = []
+    trail = trail_factory(on_state=lambda *state: states.append(state))
+    fill(trail, db, 2)
+
+    # Another process holds the write lock longer than the writer's busy timeout.
+    with reader(db) as locker:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in (3, 4, 5):
+            trail.record(decision(n))  # never raises, never blocks
+        wait_until(lambda: trail.degraded, "degraded")
+        wait_until(lambda: trail.failed == 3, "3 failed entries")
+        # on_state runs after the counters move: wait for it rather than race it.
+        wait_until(lambda: (True, 2, 3) in states, "degraded state reported")
+        trail.record(decision(6))  # still accepted while degraded
+        wait_until(lambda: trail.failed == 4, "4 failed entries")
+        clock.now = T0 + 100
+        locker.execute("ROLLBACK")
+
+    wait_until(lambda: states[-1] == (False, 2, 4), "recovery reported")
+    assert not trail.degraded
+    fill(trail, db, 1, start=7)
+    trail.close()
+
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        report = verify(conn)
+    assert [(e.seq, e.kind, e.decision_id) for e in entries] == [
+        (1, "decision", "d-1"),
+        (2, "decision", "d-2"),
+        (3, "gap", ""),
+        (4, "decision", "d-7"),
+    ]
+    assert entries[2].body == {"lost": 4, "since": T0 + 3, "until": T0 + 100}
+    assert report.ok, report.problem
+
+
+def test_lost_entries_are_all_accounted_for(trail_factory: TrailFactory, db: Path) -> None:
+    # A tiny queue while the writer is stuck on a lock: entries dropped at the queue and
+    # entries lost in failed writes both end up in gap entries.
+    trail = trail_factory(queue_size=2)
+    with reader(db) as locker:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in range(1, 41):
+            trail.record(decision(n))
+            time.sleep(0.01)
+        wait_until(lambda: trail.degraded, "degraded")
+        locker.execute("ROLLBACK")
+    wait_until(lambda: not trail.degraded, "recovery")
+    trail.close()
+
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        assert verify(conn).ok
+    lost = sum(e.body["lost"] for e in entries if e.kind == "gap")
+    stored = sum(1 for e in entries if e.kind == "decision")
+    assert lost > 0
+    assert lost == trail.failed
+    assert stored + lost == 40
+
+
+def test_failing_state_callback_does_not_stop_the_writer(
+    trail_factory: TrailFactory, db: Path
+) -> None:
+    def broken(degraded: bool, written: int, failed: int) -> None:
+        raise RuntimeError("metrics down")
+
+    trail = trail_factory(on_state=broken)
+    fill(trail, db, 2)
+    fill(trail, db, 2, start=3)
+    trail.close()
+    assert count_rows(db) == 4
+
+
+def test_write_error_from_sqlite_degrades(
+    trail_factory: TrailFactory, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any sqlite3.Error in the write (a full disk, an I/O error) degrades the same way.
+    trail = trail_factory()
+    fill(trail, db, 1)
+    real = trail._conn
+    failing = True
+
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def __enter__(self) -> Any:
+            return real.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return real.__exit__(*exc)
+
+        def executemany(self, sql: str, rows: Any) -> Any:
+            if failing:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.executemany(sql, rows)
+
+    monkeypatch.setattr(trail, "_conn", Flaky())
+    trail.record(decision(2))
+    wait_until(lambda: trail.degraded and trail.failed == 1, "degraded")
+    failing = False
+    wait_until(lambda: not trail.degraded, "recovery")
+    monkeypatch.setattr(trail, "_conn", real)
+    trail.close()
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        assert verify(conn).ok
+    assert [e.kind for e in entries] == ["decision", "gap"]
+    assert entries[1].body["lost"] == 1
+
+
+# --- bad paths ---------------------------------------------------------------------------
+
+
+def not_a_database(tmp: Path) -> Path:
+    path = tmp / "garbage.db"
+    path.write_bytes(b"this is not an SQLite file\n" * 100)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_path",
+    [lambda tmp: tmp, lambda tmp: tmp / "missing-dir" / "audit.db", not_a_database],
+    ids=["directory", "missing-directory", "not-a-database"],
+)
+def test_bad_path_raises_config_error_naming_it(
+    tmp_path: Path, make_path: Callable[[Path], Path]
+) -> None:
+    path = make_path(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        AuditTrail(path)
+    assert str(path) in str(caught.value)
+
+
+def test_two_processes_sharing_one_file_keep_one_chain(tmp_path: Path) -> None:
+    # Two trails on one file stand for two authz processes (e.g. compose --scale): each
+    # chains onto whatever the other appended.
+    path = tmp_path / "shared.db"
+    first, second = AuditTrail(path), AuditTrail(path)
+    try:
+        for i in range(6):
+            trail = first if i % 2 == 0 else second
+            trail.admin("noop", {"i": i}, entry_id=f"a{i}")
+            deadline = time.monotonic() + 5
+            while trail.written < (i // 2) + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+    finally:
+        first.close()
+        second.close()
+    conn = sqlite3.connect(path)
+    report = verify(conn)
+    conn.close()
+    assert report.ok, report
+    assert report.entries == 6
+
+
+# ----------------------------------------------------------------------------------------
+# Under hostile callers: the database file is owner-only, the writer drains a backlog
+# without sleeping and bounds its queue in bytes, rows are a size-capped projection of
+# the request, the store is bounded in bytes, and an anchor moved by hand is caught by
+# ``verify``.
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, under which a plain open() creates 0644 files."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- the database file is 0600 ---------------------------------------------------------
+
+
+def _old_world_readable_db(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    path.chmod(0o644)
+
+
+@pytest.mark.parametrize(
+    "existing", [False, True], ids=["created-by-the-trail", "existing-0644-file"]
+)
+@pytest.mark.usefixtures("umask_022")
+def test_audit_database_and_its_wal_and_shm_are_owner_only(tmp_path: Path, existing: bool) -> None:
+    db = tmp_path / "audit.db"
+    if existing:
+        _old_world_readable_db(db)
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        for n in range(1, 4):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 3, "3 entries written")
+        # While the writer has the file open, the WAL and shared-memory files exist too.
+        modes = {p.name: _mode(p) for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"))}
+    finally:
+        trail.close()
+    assert modes == {"audit.db": 0o600, "audit.db-wal": 0o600, "audit.db-shm": 0o600}
+
+
+# --- the writer drains a backlog without sleeping; its queue is bounded in bytes ---------
+
+
+def _held_writer() -> tuple[list[float], threading.Event, Callable[[float], None]]:
+    """A sleep for the writer that records each call; the first call holds the writer
+    until the event is set (so the test can build a backlog), later ones return at once."""
+    sleeps: list[float] = []
+    release = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        release.wait(10)
+
+    return sleeps, release, sleep
+
+
+def test_writer_drains_a_backlog_without_sleeping(tmp_path: Path) -> None:
+    sleeps, release, sleep = _held_writer()
+    backlog = 4 * audit._BATCH
+    trail = AuditTrail(
+        tmp_path / "audit.db",
+        retention_days=None,
+        max_records=None,
+        queue_size=2 * backlog,
+        sleep=sleep,
+    )
+    try:
+        trail.record(decision(1))
+        wait_until(lambda: bool(sleeps), "the caught-up writer to wait for more entries")
+        for n in range(2, backlog + 1):
+            trail.record(decision(n))
+        release.set()
+        wait_until(lambda: trail.written >= backlog, f"{backlog} entries written")
+    finally:
+        trail.close()
+    # One wait while the writer was idle (one entry queued); none for the 4-batch backlog.
+    assert sleeps == [audit._FLUSH_S]
+    assert trail.failed == 0
+
+
+def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
+    sleeps, release, sleep = _held_writer()
+    limit = 64 * 1024
+    trail = AuditTrail(
+        tmp_path / "audit.db",
+        retention_days=None,
+        max_records=None,
+        queue_size=100_000,
+        queue_max_bytes=limit,
+        sleep=sleep,
+    )
+    recorded = 1000
+    peak = 0
+    try:
+        trail.record(decision(1))
+        wait_until(lambda: bool(sleeps), "the writer to be held")
+        for n in range(2, recorded + 1):
+            trail.record(
+                decision(
+                    n,
+                    document={
+                        "attributes": {
+                            "request": {
+                                "http": {
+                                    "method": "GET",
+                                    "path": "/x",
+                                    "headers": {"user-agent": "u" * 512},
+                                }
+                            }
+                        }
+                    },
+                )
+            )
+            peak = max(peak, trail.queued_bytes)
+        release.set()
+        wait_until(lambda: trail.written + trail.failed >= recorded, "every entry accounted")
+    finally:
+        trail.close()
+    assert 0 < peak <= limit
+    assert trail.failed > 0, "the byte bound never dropped an entry"
+    with reader(tmp_path / "audit.db") as conn:
+        entries = list(read_entries(conn))
+        assert verify(conn).ok
+    lost = sum(e.body["lost"] for e in entries if e.kind == "gap")
+    assert lost == trail.failed
+    assert sum(1 for e in entries if e.kind == "decision") + lost == recorded
+
+
+# --- anchor moves are recorded, logged and checked --------------------------------------
+
+
+def _prune_now(trail: AuditTrail, clock: ManualClock) -> None:
+    """Move the writer's clock past its pruning interval and wait for a pruning pass."""
+    before = trail.prunes
+    clock.now += 61
+    wait_until(lambda: trail.prunes > before, "a pruning pass")
+
+
+def _move_anchor_by_hand(conn: sqlite3.Connection, to_seq: int) -> None:
+    """What someone able to write the file does to erase the oldest entries unnoticed."""
+    digest = conn.execute("SELECT hash FROM audit WHERE seq = ?", (to_seq,)).fetchone()[0]
+    conn.execute("DELETE FROM audit WHERE seq <= ?", (to_seq,))
+    conn.execute(
+        "INSERT INTO audit_meta (key, value) VALUES ('anchor', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (orjson.dumps({"seq": to_seq, "hash": digest}).decode(),),
+    )
+
+
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["never-pruned", "after-a-prune"])
+def test_anchor_moved_by_hand_fails_verify_naming_the_anchor(
+    tmp_path: Path, pruned_before: bool
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=8, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        if pruned_before:
+            _prune_now(trail, clock)
+    finally:
+        trail.close()
+    with reader(db) as conn:
+        assert verify(conn).ok
+        first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
+        _move_anchor_by_hand(conn, first + 2)
+        report = verify(conn)
+    assert not report.ok, "entries erased by moving the anchor verify as intact"
+    assert report.problem is not None
+    assert "anchor" in report.problem
+
+
+def test_every_prune_records_and_logs_its_anchor_move(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=4, clock=clock)
+    caplog.set_level(logging.INFO, logger="authz.runtime.audit")
+    try:
+        for start in (1, 11):
+            for n in range(start, start + 10):
+                trail.record(decision(n))
+            target = start + 9
+            wait_until(lambda: trail.written >= target, "a round of entries written")  # noqa: B023
+            _prune_now(trail, clock)
+    finally:
+        trail.close()
+    moves = [r for r in caplog.records if r.getMessage() == "audit anchor moved"]
+    with reader(db) as conn:
+        entries = list(read_entries(conn))
+        report = verify(conn)
+        # The last move's log line names its own entry: usable as an external head.
+        last = moves[-1]
+        by_head = verify(conn, head=(last.__dict__["seq"], last.__dict__["hash"]))
+    assert report.ok, report.problem
+    assert by_head.ok, by_head.problem
+    assert len(entries) <= 4
+    assert [len(moves), sum(e.kind == "anchor" for e in entries)] == [2, 1]
+    first, second = (m.__dict__ for m in moves)
+    assert first["previous"] == {"seq": 0, "hash": audit.GENESIS}
+    assert second["previous"] == first["anchor"]
+    (recorded,) = [e for e in entries if e.kind == "anchor"]
+    assert recorded.body["from"] == second["previous"]
+    assert recorded.body["to"] == second["anchor"]
+    assert (recorded.seq, recorded.hash) == (second["seq"], second["hash"])
+
+
+def test_store_pruned_before_moves_were_recorded_is_adopted_once(tmp_path: Path) -> None:
+    # A store from before anchor moves were recorded: an anchor, no anchor entry, no
+    # "anchor_moves" marker. Opening it records the anchor once ("from": null), loudly.
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    for n in range(1, 7):
+        trail.record(decision(n))
+    wait_until(lambda: trail.written >= 6, "6 entries written")
+    trail.close()
+    with reader(db) as conn:
+        _move_anchor_by_hand(conn, 2)
+        conn.execute("DELETE FROM audit_meta WHERE key = 'anchor_moves'")
+        assert not verify(conn).ok
+    AuditTrail(db, retention_days=None, max_records=None).close()
+    AuditTrail(db, retention_days=None, max_records=None).close()
+    with reader(db) as conn:
+        moves = [e.body for e in read_entries(conn, kind="anchor")]
+        report = verify(conn)
+    assert report.ok, report.problem
+    assert moves == [{"from": None, "to": moves[0]["to"], "deleted": 0}]
+    assert moves[0]["to"]["seq"] == 2
+
+
+# --- an audit row is a size-capped projection of the request ----------------------------
+
+# Credentials a hostile request carries: none may reach the store in any form but a digest.
+CREDENTIALS = {
+    "authorization": "Bearer tok-SECRET-bearer",
+    "x-api-key": "ak-SECRET-key",
+    "cookie": "session=SECRET-cookie",
+    "api-key": "SECRET-api-key",  # in CREDENTIAL_HEADERS, not in the configured hashed list
+    "x-goog-api-key": "SECRET-goog",
+    "proxy-authorization": "Basic SECRET-proxy",
+    "x-sandbox-token": "SECRET-sandbox",
+}
+
+
+def _hostile_record(rng: random.Random) -> tuple[DecisionRecord, int]:
+    """A decision on a request with 55 KB of random headers, a 4 KB user-agent, every
+    credential header and a 60 KB JSON body; and the body's size."""
+    junk = {f"x-junk-{i}": "".join(rng.choices(string.ascii_letters, k=1000)) for i in range(55)}
+    body = orjson.dumps({"data": "".join(rng.choices(string.ascii_letters, k=60 * 1024))})
+    headers = {
+        **junk,
+        **CREDENTIALS,
+        "user-agent": "u" * 4000,
+        "content-type": "application/json",
+        "x-request-id": "req-1",
+        "x-envoy-attempt-count": "1",
+        "x-sandbox-id": "sb-1",
+    }
+    request = check_request(
+        method="POST", path="/api/v1/items", headers=headers, body=body.decode()
+    )
+    document = build_input(request, config.DEFAULT_CREDENTIAL_HEADERS)
+    return decision(1, document=document), len(body)
+
+
+def _stored_row(db: Path) -> tuple[int, dict[str, Any], str]:
+    """``(row bytes, body, body text)`` of the one stored decision: every column counted."""
+    with reader(db) as conn:
+        row = conn.execute(
+            "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit "
+            "WHERE kind = 'decision'"
+        ).fetchone()
+    size = sum(len(str(column).encode()) for column in row)
+    return size, orjson.loads(row[4]), row[4]
+
+
+def test_row_for_huge_headers_and_body_stays_under_the_row_cap(tmp_path: Path) -> None:
+    record, body_size = _hostile_record(random.Random(13))  # noqa: S311 (test data)
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(record)
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    size, body, text = _stored_row(db)
+    assert size <= config.DEFAULT_AUDIT_ROW_MAX_BYTES
+    assert "x-junk" not in text
+    assert "SECRET" not in text
+    http = body["input"]["attributes"]["request"]["http"]
+    assert not {"body", "rawBody"} & set(http)
+    assert "parsed_body" not in body["input"]
+    assert body["input"]["body_omitted"] == body_size
+    assert body["input"]["headers_omitted"]["count"] >= 55 + len(CREDENTIALS)
+    headers = http["headers"]
+    assert {"x-request-id", "x-envoy-attempt-count", "x-sandbox-id", "content-type"} <= set(headers)
+    assert not set(CREDENTIALS) & set(headers)
+    # The 4 KB user-agent: cut to the value cap, the cut marked with the original size.
+    agent = headers["user-agent"]
+    assert len(agent.encode()) <= config.DEFAULT_AUDIT_VALUE_MAX_BYTES
+    assert agent.startswith("u" * 100)
+    assert agent.endswith(audit.truncation_marker(4000))
+    # What the policy keyed on survives as digests (for replay), never as values.
+    assert set(body["input"]["credentials"]) == set(config.DEFAULT_CREDENTIAL_HEADERS)
+
+
+def test_ordinary_row_keeps_the_request_shape_replay_needs(tmp_path: Path) -> None:
+    request = check_request(
+        path="/api/v1/items?page=2",
+        headers={"x-api-key": "ak-SECRET-key", "x-request-id": "r-1", "accept": "*/*"},
+    )
+    document = build_input(request, config.DEFAULT_CREDENTIAL_HEADERS)
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(decision(1, document=document))
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    size, body, text = _stored_row(db)
+    assert size < 2048
+    assert "SECRET" not in text
+    stored = body["input"]
+    assert stored["parsed_path"] == ["api", "v1", "items"]
+    assert stored["parsed_query"] == {"page": ["2"]}
+    assert stored["attributes"]["request"]["http"]["path"] == "/api/v1/items?page=2"
+    assert stored["attributes"]["request"]["http"]["headers"] == {
+        ":authority": "gateway",
+        "x-request-id": "r-1",
+    }
+    sent = document["attributes"]["request"]["http"]["headers"]
+    omitted = {k: v for k, v in sent.items() if k not in (":authority", "x-request-id")}
+    assert sorted(omitted) == [":method", ":path", "accept", "x-api-key"]
+    assert stored["headers_omitted"] == {
+        "count": 4,
+        "bytes": sum(len(k) + len(v) for k, v in omitted.items()),
+    }
+    assert stored["credentials"] == document["credentials"]
+
+
+def _record_for(**parts: Any) -> DecisionRecord:
+    """A decision whose document is built from ``check_request(**parts)``; ``identity``
+    and ``metadata`` (metadataContext) are put on the record/document as given."""
+    identity = parts.pop("identity", {"key_id": "key-1"})
+    metadata = parts.pop("metadata", None)
+    document = build_input(check_request(**parts), config.DEFAULT_CREDENTIAL_HEADERS)
+    if metadata is not None:
+        document["attributes"]["metadataContext"] = metadata
+    return decision(1, document=document, identity=identity)
+
+
+HUGE_QUERY = "/x?" + "&".join(f"k{i}={'v' * 100}" for i in range(500))
+
+
+@pytest.mark.parametrize(
+    ("parts", "shed"),
+    [
+        ({"path": HUGE_QUERY}, "parsed_query"),
+        ({"headers": {f"x-envoy-{i}": "e" * 900 for i in range(60)}}, None),
+        ({"identity": {f"claim_{i}": "c" * 900 for i in range(60)}}, "input"),
+        ({"metadata": {"filter": {f"m{i}": "m" * 900 for i in range(60)}}}, "metadataContext"),
+        ({"path": "/" + "p" * 60_000}, None),
+    ],
+    ids=["huge-query", "many-prefix-headers", "huge-identity", "huge-metadata", "huge-path"],
+)
+def test_every_hostile_shape_stays_under_the_row_cap(
+    tmp_path: Path, parts: dict[str, Any], shed: str | None
+) -> None:
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(_record_for(**parts))
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    size, body, _ = _stored_row(db)
+    assert size <= config.DEFAULT_AUDIT_ROW_MAX_BYTES
+    assert body["decision_id"] == "d-1"
+    if shed == "input":
+        assert body["input"] is None
+        assert body["omitted"]["input"] > 0
+    elif shed is not None:
+        assert body["input"]["omitted"][shed] > config.DEFAULT_AUDIT_ROW_MAX_BYTES // 2
+        assert body["input"]["attributes"]["request"]["http"]["method"] == "GET"
+
+
+def test_replay_input_puts_back_the_masked_credentials_the_policy_saw(tmp_path: Path) -> None:
+    document = build_input(
+        check_request(headers={"authorization": "Bearer tok-SECRET"}),
+        config.DEFAULT_CREDENTIAL_HEADERS,
+    )
+    db = tmp_path / "audit.db"
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    try:
+        trail.record(decision(1, document=document))
+        wait_until(lambda: trail.written >= 1, "the entry written")
+    finally:
+        trail.close()
+    _, body, text = _stored_row(db)
+    assert "authorization" not in body["input"]["attributes"]["request"]["http"]["headers"]
+    replayed = audit.replay_input(body["input"])["attributes"]["request"]["http"]["headers"]
+    seen = document["attributes"]["request"]["http"]["headers"]
+    assert replayed["authorization"] == seen["authorization"]
+    assert seen["authorization"].startswith("Bearer sha256:")
+    assert "SECRET" not in text
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"AUTHZ_AUDIT_HEADERS": "user-agent,x-api-key"}, "x-api-key"),
+        ({"AUTHZ_AUDIT_HEADERS": "cookie"}, "cookie"),
+        ({"AUTHZ_AUDIT_HEADERS": "x-goog-*"}, "x-goog-api-key"),
+        ({"AUTHZ_AUDIT_HEADERS": "*"}, "AUTHZ_AUDIT_HEADERS"),
+        (
+            {"AUTHZ_CREDENTIAL_HEADERS": "x-api-key,x-team-key", "AUTHZ_AUDIT_HEADERS": "x-team-*"},
+            "x-team-key",
+        ),
+        ({"AUTHZ_AUDIT_HEADERS": "user agent"}, "user agent"),
+        ({"AUTHZ_AUDIT_VALUE_MAX_BYTES": "4096"}, "AUTHZ_AUDIT_VALUE_MAX_BYTES"),
+        ({"AUTHZ_AUDIT_ROW_MAX_BYTES": "1000"}, "AUTHZ_AUDIT_ROW_MAX_BYTES"),
+        ({"AUTHZ_AUDIT_BODY_MAX_BYTES": "8192"}, "AUTHZ_AUDIT_BODY_MAX_BYTES"),
+        ({"AUTHZ_AUDIT_MAX_BYTES": str(1024 * 1024)}, "AUTHZ_AUDIT_MAX_BYTES"),
+    ],
+    ids=[
+        "credential-name",
+        "cookie",
+        "prefix-matching-a-credential",
+        "everything",
+        "configured-credential",
+        "not-a-header-name",
+        "value-cap-over-a-quarter-row",
+        "row-cap-too-small",
+        "body-cap-over-half-row",
+        "store-bound-under-16-mib",
+    ],
+)
+def test_audit_settings_refuse_credential_headers_and_bad_caps(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(environ)
+    assert named in str(caught.value)
+
+
+# --- the store is bounded in bytes, WAL included ----------------------------------------
+
+
+def _store_bytes(db: Path) -> int:
+    """The database's size as SQLite counts it (page_count * page_size) plus the WAL and
+    shared-memory files on disk."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    extra = sum(p.stat().st_size for p in (Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists())
+    return int(pages * page_size) + extra
+
+
+def test_store_stays_under_max_bytes_including_the_wal(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    limit = 2 * 1024 * 1024
+    trail = AuditTrail(db, retention_days=None, max_records=None, max_bytes=limit)
+    sizes = []
+    agent = {"user-agent": "a" * 1000}
+    try:
+        for round_ in range(10):  # ~10 x 400 rows of ~1.5 KB: three times the bound
+            for _ in range(400):
+                trail.record(_record_for(headers=agent))
+            target = (round_ + 1) * 400
+            wait_until(lambda: trail.written >= target, f"{target} entries written")  # noqa: B023
+            sizes.append(_store_bytes(db))
+    finally:
+        trail.close()
+    assert max(sizes) <= limit, sizes
+    with reader(db) as conn:
+        report = verify(conn)
+        moves = list(read_entries(conn, kind="anchor"))
+    assert report.ok, report.problem
+    assert moves, "the byte bound never pruned"
+    assert report.entries < 4000
+    assert _store_bytes(db) <= limit
+
+
+def test_cli_verify_exits_1_naming_a_hand_moved_anchor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=5, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        _prune_now(trail, clock)
+    finally:
+        trail.close()
+    assert main(["audit", "--db", str(db), "verify"]) == 0
+    with reader(db) as conn:
+        first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
+        _move_anchor_by_hand(conn, first + 1)
+    capsys.readouterr()
+    assert main(["audit", "--db", str(db), "verify"]) == 1
+    err = capsys.readouterr().err
+    assert f"BROKEN at entry {first + 1}" in err
+    assert "anchor moved by hand" in err
+
+
+def test_cli_tail_kind_anchor_lists_the_anchor_moves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "audit.db"
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=5, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        _prune_now(trail, clock)
+    finally:
+        trail.close()
+    capsys.readouterr()
+    assert main(["audit", "--db", str(db), "tail", "--kind", "anchor"]) == 0
+    lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["kind"], line["from"]["seq"], line["to"]["seq"]) for line in lines] == [
+        ("anchor", 0, 6)
+    ]
+
+
+# ----------------------------------------------------------------------------------------
+# Integrity of every column a reader trusts, tail deletion, and the queue's memory.
+#
+# README: "hash-chained so that any edit, re-ordering or deletion is detectable".
+
+
+def _filled(db: Path) -> None:
+    trail = AuditTrail(db, retention_days=None, max_records=None)
+    for n in range(1, 6):
+        trail.record(decision(n))
+    trail.admin("set_mode", {"mode": "dry-run", "actor": "alice"}, entry_id="set_mode")
+    wait_until(lambda: trail.written >= 6, "6 entries")
+    trail.close()
+
+
+def test_columns_outside_the_hash_cannot_be_edited_undetected(tmp_path: Path) -> None:
+    # kind, time and decision_id are stored beside the hashed body and trusted by
+    # `audit tail` (kind), `audit replay` (kind = 'decision'), verify's report
+    # (decision_id) and retention (time < cutoff): an edit to any of them fails verify,
+    # or dating an entry 40 days back would let retention erase it without a trace.
+    db = tmp_path / "audit.db"
+    _filled(db)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        assert verify(conn).ok
+        conn.execute(
+            "UPDATE audit SET kind = 'decision', decision_id = 'd-x', time = 0 WHERE seq = 6"
+        )
+        entry = list(read_entries(conn))[-1]
+        assert (entry.kind, entry.decision_id, entry.time) == ("decision", "d-x", 0)
+        report = verify(conn)
+    finally:
+        conn.close()
+    assert not report.ok, "edited kind/time/decision_id columns verify as intact"
+
+
+def test_tail_deletion_is_detectable(tmp_path: Path) -> None:
+    # The head is kept in the same file, next to the rows: deleting the last entries and
+    # pointing the head at the new last row (one more UPDATE) verifies as intact on its
+    # own. The writer logs the head ("audit head"); verified against that logged head,
+    # the deletion shows.
+    db = tmp_path / "audit.db"
+    _filled(db)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        logged_head = conn.execute("SELECT seq, hash FROM audit WHERE seq = 6").fetchone()
+        row = conn.execute("SELECT seq, hash FROM audit WHERE seq = 4").fetchone()
+        conn.execute("DELETE FROM audit WHERE seq > 4")
+        conn.execute(
+            "UPDATE audit_meta SET value = ? WHERE key = 'head'",
+            (orjson.dumps({"seq": row[0], "hash": row[1]}).decode(),),
+        )
+        assert verify(conn).ok  # undetectable from inside the file alone
+        report = verify(conn, head=(logged_head[0], logged_head[1]))
+    finally:
+        conn.close()
+    assert not report.ok, "entries 5..6 (incl. the admin mode switch) deleted undetected"
+    assert report.problem is not None
+    assert "removed from the end" in report.problem
+
+
+async def test_audit_queue_memory_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A queued DecisionRecord that pinned its whole input document (request body plus
+    # parsed body) would hold ~1.6 MB for an anonymous request with a 63 KB JSON body
+    # (under the gateway's max_request_bytes): with the writer behind (a slow disk), a
+    # flood of such requests would grow the queue until the process is killed.
+
+    monkeypatch.setattr(audit, "_FLUSH_S", 3.0)  # a slow disk: the writer is behind
+    trail = AuditTrail(tmp_path / "audit.db", retention_days=None, max_records=None)
+    authorizer = Authorizer(
+        FakeEngine(
+            {"allowed": False, "http_status": 401, "reason": "missing_api_key"}, record=False
+        ),
+        default_decision_path="authz/gateway/decision",
+        credential_headers=("x-api-key",),
+        timeout_s=5.0,
+        sinks=[trail],
+    )
+    try:
+        per_entry = await bytes_retained_per_check(authorizer)
+    finally:
+        monkeypatch.setattr(audit, "_FLUSH_S", 0.02)
+    projected_gb = per_entry * 100_000 / 1e9  # AuditTrail's default queue_size
+    try:
+        assert projected_gb < 2.0, f"a full audit queue would pin {projected_gb:.0f} GB"
+    finally:
+        trail.close(timeout_s=60)

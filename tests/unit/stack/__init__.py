@@ -1,0 +1,1 @@
+"""Unit tests of authz.stack: one file per module."""

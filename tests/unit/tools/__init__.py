@@ -1,0 +1,1 @@
+"""Unit tests of authz.tools: one file per module."""

@@ -1,0 +1,582 @@
+"""authz.tools.egress_envoy: the egress Envoy bootstrap from the services data, its drift
+check, and TLS for every service with a credential."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.tools import egress_envoy
+from authz.tools.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
+from tests.helpers import ROOT
+from tests.helpers.egress import SERVICES_FILE, real_services, svc
+
+COMMITTED = ROOT / "infra/envoy/envoy-egress.yaml"
+GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
+
+
+def hcm(config: Mapping[str, Any]) -> dict[str, Any]:
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    [network_filter] = chain["filters"]
+    typed: dict[str, Any] = network_filter["typed_config"]
+    return typed
+
+
+def cluster(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    [found] = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    return dict(found)
+
+
+def virtual_host(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    [found] = [v for v in hcm(config)["route_config"]["virtual_hosts"] if v["name"] == name]
+    return dict(found)
+
+
+def endpoint(c: Mapping[str, Any]) -> tuple[str, int]:
+    [group] = c["load_assignment"]["endpoints"]
+    [lb] = group["lb_endpoints"]
+    sock = lb["endpoint"]["address"]["socket_address"]
+    return sock["address"], sock["port_value"]
+
+
+def context_extensions(route: Mapping[str, Any]) -> dict[str, str]:
+    per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+    assert per_route["@type"].endswith("ext_authz.v3.ExtAuthzPerRoute")
+    extensions: dict[str, str] = per_route["check_settings"]["context_extensions"]
+    return extensions
+
+
+# -- clusters and routes, one row per kind of base_url ---------------------------------
+
+CLUSTER_CASES = [
+    # base_url, overrides, type, endpoint, tls, host_rewrite, prefix_rewrite
+    (
+        "https://api.openai.com",
+        {},
+        "LOGICAL_DNS",
+        ("api.openai.com", 443),
+        True,
+        "api.openai.com",
+        None,
+    ),
+    (
+        "https://API.Example.com:8443/v1/",
+        {},
+        "LOGICAL_DNS",
+        ("api.example.com", 8443),
+        True,
+        "api.example.com:8443",
+        "/v1/",
+    ),
+    (
+        "https://api.openai.com",
+        {"api.openai.com": ("127.0.0.1", 9443)},
+        "STATIC",
+        ("127.0.0.1", 9443),
+        True,
+        "api.openai.com",
+        None,
+    ),
+    (
+        "http://internal.example:8080/base",
+        {},
+        "LOGICAL_DNS",
+        ("internal.example", 8080),
+        False,
+        "internal.example:8080",
+        "/base/",
+    ),
+    ("http://10.0.0.7", {}, "LOGICAL_DNS", ("10.0.0.7", 80), False, "10.0.0.7", None),
+    (
+        "http://[::1]:8090",
+        {"::1": ("127.0.0.1", 1234)},
+        "STATIC",
+        ("127.0.0.1", 1234),
+        False,
+        "[::1]:8090",
+        None,
+    ),
+    (
+        "https://api.openai.com",
+        {"other.example.com": ("127.0.0.1", 9443)},
+        "LOGICAL_DNS",
+        ("api.openai.com", 443),
+        True,
+        "api.openai.com",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "overrides", "kind", "address", "tls", "host_rewrite", "prefix_rewrite"),
+    CLUSTER_CASES,
+    ids=[
+        "https",
+        "https-port-path",
+        "https-override",
+        "http-path",
+        "http-ip",
+        "http-ipv6-override",
+        "unrelated-override",
+    ],
+)
+def test_service_cluster_and_route(
+    base_url: str,
+    overrides: dict[str, tuple[str, int]],
+    kind: str,
+    address: tuple[str, int],
+    tls: bool,
+    host_rewrite: str,
+    prefix_rewrite: str | None,
+) -> None:
+    config = generate(
+        {"svc": svc(base_url, credential=tls)}, overrides=overrides, ca_file="/ca.pem"
+    )
+    c = cluster(config, "service_svc")
+    assert c["type"] == kind
+    assert endpoint(c) == address
+    assert ("dns_lookup_family" in c) == (kind == "LOGICAL_DNS")
+    if kind == "LOGICAL_DNS":
+        assert c["dns_lookup_family"] == "V4_PREFERRED"
+    assert ("transport_socket" in c) == tls
+    [route] = virtual_host(config, "service_svc")["routes"]
+    assert route["match"] == {"prefix": "/"}
+    assert route["route"]["cluster"] == "service_svc"
+    assert route["route"]["host_rewrite_literal"] == host_rewrite
+    assert route["route"].get("prefix_rewrite") == prefix_rewrite
+    assert route["route"]["timeout"] == "120s"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"api.openai.com": ("127.0.0.1", 9443)}],
+    ids=["dns", "override"],
+)
+def test_https_cluster_checks_sni_and_san_of_the_real_host(
+    overrides: dict[str, tuple[str, int]],
+) -> None:
+    config = generate(
+        {"openai": svc("https://api.openai.com")}, overrides=overrides, ca_file="/run/ca.pem"
+    )
+    socket = cluster(config, "service_openai")["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    tls = socket["typed_config"]
+    assert tls["@type"].endswith("transport_sockets.tls.v3.UpstreamTlsContext")
+    assert tls["sni"] == "api.openai.com"
+    assert tls["common_tls_context"]["validation_context"] == {
+        "trusted_ca": {"filename": "/run/ca.pem"},
+        "match_typed_subject_alt_names": [
+            {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}
+        ],
+    }
+
+
+def test_virtual_hosts_per_service_and_catch_all() -> None:
+    services = {"openai": svc("https://api.openai.com"), "b-2": svc("https://b.example")}
+    config = generate(services)
+    hosts = hcm(config)["route_config"]["virtual_hosts"]
+    # Sorted by name, catch-all last (domains must be unique; "*" matches only leftovers).
+    assert [v["name"] for v in hosts] == ["service_b-2", "service_openai", "unknown_service"]
+    for name in services:
+        vhost = virtual_host(config, f"service_{name}")
+        assert vhost["domains"] == [name, f"{name}:*"]
+        [route] = vhost["routes"]
+        assert context_extensions(route) == {"decision_path": DECISION_PATH, "service": name}
+    catch_all = virtual_host(config, "unknown_service")
+    assert catch_all["domains"] == ["*"]
+    [route] = catch_all["routes"]
+    assert "route" not in route
+    assert route["direct_response"]["status"] == 404
+    assert json.loads(route["direct_response"]["body"]["inline_string"]) == {
+        "error": "unknown_service"
+    }
+    assert context_extensions(route) == {"decision_path": DECISION_PATH, "service": ""}
+
+
+def test_no_services_still_denies_through_authz() -> None:
+    config = generate({})
+    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["authz"]
+    [vhost] = hcm(config)["route_config"]["virtual_hosts"]
+    assert vhost["name"] == "unknown_service"
+
+
+def test_ports_and_addresses() -> None:
+    config = generate(
+        {},
+        listen_port=18443,
+        admin_port=19902,
+        listen_address="0.0.0.0",
+        authz_address=("10.1.2.3", 19191),
+    )
+    [listener] = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18443}
+    # Admin stays on loopback whatever the listener binds.
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 19902,
+    }
+    assert endpoint(cluster(config, "authz")) == ("10.1.2.3", 19191)
+
+
+# -- parity with the gateway -----------------------------------------------------------
+
+
+def gateway() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(GATEWAY.read_text(encoding="utf-8"))
+    return loaded
+
+
+def test_ext_authz_filter_is_the_gateways() -> None:
+    # Neither proxy's filter sends authz a body (the gateway's routes ask per route).
+    expected = copy.deepcopy(hcm(gateway())["http_filters"][0])
+    assert expected["name"] == "envoy.filters.http.ext_authz"
+    assert "with_request_body" not in expected["typed_config"]
+    filters = hcm(generate({}))["http_filters"]
+    assert filters[0] == expected
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_authz_cluster_is_the_gateways() -> None:
+    assert cluster(generate({}), "authz") == cluster(gateway(), "authz")
+
+
+def test_authz_cluster_is_mtls_checking_authzs_san() -> None:
+    """Envoy -> authz carries every credential: TLS with Envoy's client certificate, and
+    authz's certificate must carry the SAN "authz" and chain to the mounted CA."""
+    socket = cluster(generate({}), "authz")["transport_socket"]
+    context = socket["typed_config"]
+    assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
+    assert context["sni"] == "authz"
+    common = context["common_tls_context"]
+    directory = egress_envoy.AUTHZ_CLIENT_TLS_DIR
+    assert common["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": f"{directory}/tls.crt"},
+            "private_key": {"filename": f"{directory}/tls.key"},
+        }
+    ]
+    validation = common["validation_context"]
+    assert validation["trusted_ca"] == {"filename": f"{directory}/ca.crt"}
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "authz"}}
+    ]
+
+
+def test_connection_manager_normalizes_paths() -> None:
+    manager = hcm(generate({}))
+    assert manager["normalize_path"] is True
+    assert manager["merge_slashes"] is True
+    assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+
+
+def test_egress_removes_every_forwarding_header() -> None:
+    # Client-sent X-Forwarded-For, X-Real-IP, Forwarded, X-Forwarded-Host and method
+    # overrides never reach a third party: removed by the route config, so even an allow
+    # the policy did not decide (bypass, fail-open) cannot pass them; Envoy adds no
+    # x-forwarded-for of its own (skip_xff_append).
+    manager = hcm(generate(real_services()))
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+    assert manager["skip_xff_append"] is True
+    removed = manager["route_config"]["request_headers_to_remove"]
+    assert set(FORWARDING_HEADERS) <= set(removed)
+    assert "request_headers_to_add" not in manager["route_config"]
+
+
+@pytest.mark.parametrize("name", sorted(real_services()), ids=sorted(real_services()))
+def test_service_gets_no_sandbox_credential_or_identity_header(name: str) -> None:
+    # Even an allow no policy decided (dry-run, bypass, fail-open) forwards no
+    # x-sandbox-id, cookie or api-key: Envoy removes every credential and identity header
+    # on its way to the service, except the header authz injects the service's credential
+    # into (set by ext_authz before the router applies these).
+    services = real_services()
+    removed = virtual_host(generate(services), f"service_{name}")["request_headers_to_remove"]
+    injected = services[name].get("credential", {}).get("header")
+    expected = {*CREDENTIAL_HEADERS, *IDENTITY_HEADERS} - {injected}
+    assert set(removed) == expected
+
+
+def test_gateway_sets_its_own_forwarding_headers() -> None:
+    # The gateway's upstream learns the client's address from Envoy: x-forwarded-for is
+    # overwritten with the connection's address, x-forwarded-proto is Envoy's (it
+    # overwrites a client's value when it trusts no hop), the rest are removed.
+    manager = hcm(gateway())
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+    route_config = manager["route_config"]
+    assert set(route_config["request_headers_to_remove"]) == set(FORWARDING_HEADERS) - {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+    }
+    assert route_config["request_headers_to_add"] == [
+        {
+            "header": {
+                "key": "x-forwarded-for",
+                "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            },
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+
+
+def test_access_log_fields() -> None:
+    [log] = hcm(generate({}))["access_log"]
+    fields = log["typed_config"]["log_format"]["json_format"]
+    gateway_fields = hcm(gateway())["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    assert fields["proxy"] == "egress"
+    assert fields["path"] == "%PATH(NQ:ORIG_OR_PATH)%"
+    for key in ("decision_id", "sandbox_id", "service"):
+        assert fields[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
+    # Everything the gateway logs except its key id.
+    assert set(gateway_fields) - {"key_id"} <= set(fields)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("services", "overrides", "message"),
+    [
+        ({"s": svc("ftp://example.com")}, {}, "'s': base_url must be an http or https URL"),
+        ({"s": svc("example.com/v1")}, {}, "'s': base_url must be an http or https URL"),
+        ({"s": svc("https://")}, {}, "'s': base_url has no host"),
+        ({"s": svc("https://:443/v1")}, {}, "'s': base_url has no host"),
+        ({"s": svc("https://a.example?x=1")}, {}, "'s': base_url must not have a query"),
+        ({"s": svc("https://a.example?")}, {}, "'s': base_url must not have a query"),
+        ({"s": svc("https://a.example/#f")}, {}, "'s': base_url must not have a query"),
+        ({"s": svc("https://u:p@a.example")}, {}, "'s': base_url must not carry user info"),
+        ({"s": svc("https://a.example:99999")}, {}, "'s': base_url has an invalid port"),
+        ({"s": svc("https://[::1")}, {}, "'s': base_url is not a URL"),
+        ({"s": svc("https://exa mple.com")}, {}, "'s': base_url has an invalid host"),
+        ({"s": svc("https://a.example./")}, {}, "'s': base_url has an invalid host"),
+        ({"s": svc("https://10.0.0.1")}, {}, "'s': base_url must name a DNS host"),
+        ({"s": svc(42)}, {}, "'s': base_url must be a non-empty string"),
+        ({"s": svc("")}, {}, "'s': base_url must be a non-empty string"),
+        ({"s": {"display_name": "x"}}, {}, "'s': base_url must be a non-empty string"),
+        ({"s": "https://a.example"}, {}, "'s': must be an object"),
+        ({"Open AI": svc("https://a.example")}, {}, "'Open AI': the name must be"),
+        ({"*": svc("https://a.example")}, {}, r"'\*': the name must be"),
+        ({"": svc("https://a.example")}, {}, "'': the name must be"),
+        (
+            {"s": svc("https://a.example")},
+            {"a.example": ("localhost", 9443)},
+            "'s': override for 'a.example' must be an IP address",
+        ),
+        (
+            {"s": {"base_url": "https://a.example", "credential": {"header": ""}}},
+            {},
+            "'s': credential.header must be a lowercase header name",
+        ),
+        (
+            {"s": {"base_url": "https://a.example", "credential": {"header": "X-Api-Key"}}},
+            {},
+            "'s': credential.header must be a lowercase header name",
+        ),
+        (
+            {"s": {"base_url": "https://a.example", "credential": "x-api-key"}},
+            {},
+            "'s': credential must be an object",
+        ),
+    ],
+    ids=[
+        "ftp",
+        "no-scheme",
+        "no-host",
+        "port-no-host",
+        "query",
+        "empty-query",
+        "fragment",
+        "userinfo",
+        "bad-port",
+        "bad-ipv6",
+        "space-in-host",
+        "trailing-dot",
+        "https-ip",
+        "not-a-string",
+        "empty",
+        "missing",
+        "spec-not-object",
+        "name-space",
+        "name-star",
+        "name-empty",
+        "override-not-ip",
+        "credential-header-empty",
+        "credential-header-uppercase",
+        "credential-not-object",
+    ],
+)
+def test_bad_services_raise_naming_service_and_field(
+    services: dict[str, Any], overrides: dict[str, tuple[str, int]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"egress service {message}"):
+        generate(services, overrides=overrides)
+
+
+def test_parse_base_url() -> None:
+    upstream = parse_base_url("s", "HTTPS://Api.Example.COM/v1//")
+    assert (upstream.scheme, upstream.host, upstream.port, upstream.path) == (
+        "https",
+        "api.example.com",
+        443,
+        "/v1",
+    )
+    assert upstream.tls
+    assert upstream.authority == "api.example.com"
+
+
+# -- the committed config and the command line ------------------------------------------
+
+
+def test_committed_config_is_generated_from_the_services() -> None:
+    """Drift: infra/envoy/envoy-egress.yaml is exactly the generator's output."""
+    assert COMMITTED.read_text(encoding="utf-8") == render(real_services()), (
+        "infra/envoy/envoy-egress.yaml is stale: run python -m authz.tools.egress_envoy"
+    )
+
+
+def test_committed_config_has_every_real_service() -> None:
+    config = yaml.safe_load(COMMITTED.read_text(encoding="utf-8"))
+    for name, spec in real_services().items():
+        host = parse_base_url(name, spec["base_url"]).host
+        c = cluster(config, f"service_{name}")
+        assert endpoint(c) == (host, 443)
+        tls = c["transport_socket"]["typed_config"]
+        assert tls["sni"] == host
+        assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {
+            "filename": egress_envoy.DEFAULT_CA_FILE
+        }
+
+
+def test_check_passes_on_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["--check"]) == 0
+
+
+def test_render_header_names_the_command() -> None:
+    text = render({}, source="a/data.json", out="b/envoy.yaml")
+    assert text.startswith("# GENERATED from a/data.json")
+    assert "python -m authz.tools.egress_envoy --services a/data.json --out b/envoy.yaml" in text
+    body = yaml.safe_load(text)
+    assert body == generate({})
+
+
+def test_write_then_check_then_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SERVICES_FILE, tmp_path / "data.json")
+    args = ["--services", "data.json", "--out", "out/envoy-egress.yaml"]
+    assert main([*args, "--check"]) == 1  # missing file is drift
+    assert main(args) == 0
+    assert main([*args, "--check"]) == 0
+    out = tmp_path / "out/envoy-egress.yaml"
+    assert out.read_text() == render(
+        real_services(), source="data.json", out="out/envoy-egress.yaml"
+    )
+    data = json.loads((tmp_path / "data.json").read_text())
+    data["services"]["openai"]["base_url"] = "https://api.openai.example"
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main([*args, "--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "error:"),
+        ("[]", ".services must be an object"),
+        ('{"services": []}', ".services must be an object"),
+        ('{"services": {"s": {"base_url": "ftp://x"}}}', "egress service 's'"),
+    ],
+    ids=["not-json", "not-object", "services-not-object", "bad-service"],
+)
+def test_bad_services_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    (tmp_path / "data.json").write_text(content)
+    out = tmp_path / "envoy.yaml"
+    assert main(["--services", str(tmp_path / "data.json"), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# A service with a credential is only reached over TLS: an ``http://`` base_url for it is
+# refused by the generator, naming the service and the URL: the injected secret never
+# crosses a hop in clear.
+
+
+CREDENTIAL = {"header": "authorization", "format": "Bearer {secret}"}
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://api.example.com",
+        "HTTP://api.example.com:8080/v1",
+        "http://10.0.0.7",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8090",
+    ],
+    ids=["dns", "upper-case-port-path", "ip", "loopback", "ipv6"],
+)
+@pytest.mark.parametrize(
+    "credential",
+    [CREDENTIAL, {}, {"header": "x-api-key"}],
+    ids=["full", "empty-object", "partial"],
+)
+def test_plain_http_base_url_is_refused_for_a_service_with_a_credential(
+    base_url: str, credential: dict[str, Any]
+) -> None:
+    services = {
+        "ok": {"base_url": "https://ok.example.com", "credential": CREDENTIAL},
+        "leaky": {"base_url": base_url, "credential": credential},
+    }
+    with pytest.raises(ValueError, match="credential") as caught:
+        generate(services)
+    message = str(caught.value)
+    assert message.startswith("egress service 'leaky': ")
+    assert repr(base_url) in message
+    assert "https" in message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"base_url": "http://internal.example:8080"},
+        {"base_url": "http://internal.example:8080", "credential": None},
+        {"base_url": "https://api.example.com", "credential": CREDENTIAL},
+    ],
+    ids=["http-no-credential", "http-null-credential", "https-credential"],
+)
+def test_plain_http_is_allowed_only_without_a_credential(spec: dict[str, Any]) -> None:
+    config = generate({"svc": spec})
+    clusters = [c["name"] for c in config["static_resources"]["clusters"]]
+    assert "service_svc" in clusters
+
+
+def test_generator_command_exits_2_naming_the_service_and_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {"services": {"leaky": {"base_url": "http://api.example.com", "credential": CREDENTIAL}}}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    out = tmp_path / "envoy.yaml"
+    assert main(["--services", str(tmp_path / "data.json"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "egress service 'leaky'" in err
+    assert "'http://api.example.com'" in err
+    assert not out.exists()
