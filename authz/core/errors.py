@@ -13,6 +13,7 @@ meaning::
     class                           code                    status  fail-open  opa_error
     AuthzError                      internal_error          500
     ├── ConfigError                 config_error            500     settings: startup only, exit 2
+    │   └── StartupError            config_error            500     cannot start (port, file)
     ├── DataFileError               invalid_data_file       500     a tool's input file: exit 2
     ├── RequestError                invalid_request         400     malformed CheckRequest / body
     │   └── AdminRequestError       invalid_request         400     malformed admin API body
@@ -69,6 +70,7 @@ __all__ = [
     "PolicyError",
     "RateLimitUnavailable",
     "RequestError",
+    "StartupError",
     "TooManyOverrides",
     "UndefinedDecision",
     "error_classes",
@@ -156,6 +158,13 @@ class ConfigError(AuthzError):
 
     code = "config_error"
     public_message = "configuration error"
+
+
+class StartupError(ConfigError):
+    """authz cannot start: a port in use, an unreadable file, a dependency that must be
+    reachable and is not. The message is one line naming what failed (the setting, its
+    value unless secret, and why). A :class:`ConfigError`, so whoever handles a bad
+    configuration (the CLI: one line on stderr, exit 2) handles this too."""
 
 
 class DataFileError(AuthzError):

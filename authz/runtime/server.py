@@ -36,7 +36,7 @@ from grpc_health.v1._async import HealthServicer
 
 from authz.core.authorizer import Authorizer, CredentialSource
 from authz.core.cache import DecisionCache
-from authz.core.errors import ConfigError
+from authz.core.errors import ConfigError, StartupError
 from authz.core.mode import Control
 from authz.core.opa import OpaClient, PolicyEngine
 from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
@@ -259,13 +259,6 @@ async def create_server(
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return AuthzServer(server, port, health)
-
-
-class StartupError(ConfigError):
-    """authz cannot start: a port in use, an unreadable file, a dependency that must be
-    reachable and is not. The message is one line naming what failed (the setting, its
-    value unless secret, and why). A :class:`ConfigError`, so whoever handles a bad
-    configuration (the CLI: one line on stderr, exit 2) handles this too."""
 
 
 @dataclass(frozen=True, slots=True)

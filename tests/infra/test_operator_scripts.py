@@ -143,7 +143,14 @@ def _generate_secrets(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-SERVICES = {"services": {"mail": {"credential": {"header": "x-api-key", "format": "{secret}"}}}}
+SERVICES = {
+    "services": {
+        "mail": {
+            "base_url": "https://mail.example.com",
+            "credential": {"header": "x-api-key", "format": "{secret}"},
+        }
+    }
+}
 
 
 @pytest.mark.parametrize(

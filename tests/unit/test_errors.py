@@ -28,6 +28,7 @@ from authz.core.errors import (
     PolicyError,
     RateLimitUnavailable,
     RequestError,
+    StartupError,
     TooManyOverrides,
     UndefinedDecision,
     error_classes,
@@ -44,6 +45,7 @@ from authz.runtime.metrics import Metrics, MetricsSink
 TREE: list[tuple[type[AuthzError], str, int, bool, bool]] = [
     (AuthzError, "internal_error", 500, False, False),
     (ConfigError, "config_error", 500, False, False),
+    (StartupError, "config_error", 500, False, False),
     (DataFileError, "invalid_data_file", 500, False, False),
     (RequestError, "invalid_request", 400, False, False),
     (AdminRequestError, "invalid_request", 400, False, False),

@@ -230,7 +230,7 @@ def test_body_routes_ask_for_the_body_in_front_of_the_catch_all(repo_root: Path)
 
 
 def test_body_routes_refuse_a_gateway_without_a_catch_all_route(tmp_path: Path) -> None:
-    config = load(Path(__file__).resolve().parents[2] / GATEWAY)
+    config = load(Path(__file__).resolve().parents[3] / GATEWAY)
     gateway_routes(config)[-1]["match"] = {"prefix": "/api/"}
     source = tmp_path / "gateway.yaml"
     source.write_text(yaml.safe_dump(config), encoding="utf-8")
