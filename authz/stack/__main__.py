@@ -58,14 +58,14 @@ Gateway (API key -> role/path rules; the upstream never sees the key):
 Egress (call a service by name; authz injects the credential the sandbox never holds):
 {examples("egress")}
 
-Stop with Ctrl-C.
+A process that crashes is restarted (0.5 s doubling to 10 s). Stop with Ctrl-C.
 """
 
 
 PROG: Final = "python -m authz.stack"
 EXIT_CODES: Final = (
     (0, "stopped by Ctrl-C/SIGTERM"),
-    (1, "the stack failed to start, or stopped on a failure"),
+    (1, "the stack failed to start"),
     (2, "bad usage, or no policy bundle (run scripts/up, which builds it)"),
 )
 
@@ -149,11 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         print(_banner(stack), flush=True)
+        # A child that exits is restarted by the stack with backoff (one line each on
+        # stderr), so the others keep serving: watch authz fail closed and recover.
         while not stop.wait(0.5):
-            dead = [p.name for p in stack.processes.values() if not p.running]
-            if dead:
-                print(f"process exited: {', '.join(dead)}; stopping", file=sys.stderr)
-                return 1
+            pass
     finally:
         print("stopping...", file=sys.stderr, flush=True)
         stack.stop()
