@@ -3,8 +3,8 @@
 One authz setup, fresh (its caches empty), serves the skewed legitimate workload at a
 fixed rate twice, ``step_s`` seconds each: *quiet* (alone), then *loaded* (while a
 second vegeta sends hostile requests at a fixed rate and slow clients hold connections
-open). The hostile requests are the attack suite's own (``tests/e2e/hostile.py``,
-:func:`~tests.e2e.hostile.gateway_mix`: one in five a body bomb, the rest distinct
+open). The hostile requests are the attack suite's own (``tests/helpers/hostile.py``,
+:func:`~tests.helpers.hostile.gateway_mix`: one in five a body bomb, the rest distinct
 keyless requests with ~48 KB of random headers, unknown keys, header floods and huge
 headers, all without a valid credential). The result, from that one run::
 
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from tests.e2e.hostile import gateway_mix, vegeta_targets
+from tests.helpers.hostile import gateway_mix, vegeta_targets
 
 __all__ = [
     "HOSTILE_SEED",
@@ -40,7 +40,7 @@ NA: Final = "n/a"
 def write_hostile_targets(
     path: Path, url: str, count: int, seed: int = HOSTILE_SEED, body_dir: Path | None = None
 ) -> Path:
-    """Write ``count`` requests of :func:`~tests.e2e.hostile.gateway_mix` (seeded) as a
+    """Write ``count`` requests of :func:`~tests.helpers.hostile.gateway_mix` (seeded) as a
     vegeta ``http`` targets file at ``path`` against gateway base ``url``; bodies go to
     ``body_dir`` (default: ``<path's directory>/bodies``). Returns ``path``."""
     rng = random.Random(seed)  # noqa: S311 (reproducible load, not security)

@@ -60,7 +60,7 @@ from bench.workload import (
     write_targets,
     zipf_sequence,
 )
-from tests.e2e.hostile import Slowloris, Tally
+from tests.helpers.hostile import Slowloris, Tally
 
 __all__ = ["DEFAULT", "QUICK", "Bench", "Options"]
 

@@ -17,7 +17,7 @@ The cache is bounded in bytes (``max_bytes``) as well as in entries (``max_entri
 LRU. An entry holds the decision, the evaluation's revision and the deciding decision id,
 never the input document (a hit records its own request's document), so its size follows
 OPA's answer, not what the client sent; :func:`entry_size` accounts it conservatively
-(measured against tracemalloc in ``tests/unit/test_cache_bytes.py``).
+(measured against tracemalloc in ``tests/unit/core/test_cache.py``).
 
 Not cached:
 

@@ -379,7 +379,7 @@ def authz_transport_socket() -> dict[str, Any]:
     client certificate in :data:`AUTHZ_CLIENT_TLS_DIR` and accepts authz only with a
     certificate from that directory's ``ca.crt`` carrying the DNS SAN
     :data:`AUTHZ_TLS_NAME` (also the SNI); ALPN h2 (gRPC). Identical in the gateway's
-    committed config (tests/unit/test_egress_envoy.py). Envoy reference:
+    committed config (tests/unit/tools/test_egress_envoy.py). Envoy reference:
     ``api-v3/extensions/transport_sockets/tls/v3/tls.proto`` (UpstreamTlsContext) and
     ``.../tls/v3/common.proto`` (CommonTlsContext.tls_certificates, validation_context)."""
     directory = AUTHZ_CLIENT_TLS_DIR

@@ -4,7 +4,7 @@ Each campaign starts its own stack (OPA + authz + both Envoys + upstream, 127.0.
 ports, built by ``running_env`` as the session's ``e2e`` fixture is, plus
 :data:`BODY_ROUTE`), runs a legitimate client (the ``user`` API key, GET of an allowed
 path at a fixed rate) and, meanwhile, hostile traffic without any valid credential
-(``tests/e2e/hostile.py``), stops the stack, and hands its counts to the tests, each of
+(``tests/helpers/hostile.py``), stops the stack, and hands its counts to the tests, each of
 which checks one invariant:
 
 - authz's peak resident set (``VmHWM`` of ``/proc/<pid>/status``) stays under a fixed
@@ -37,9 +37,9 @@ import pytest
 
 from authz.stack.envoy import BodyRoute
 from bench import procstat
-from tests.e2e import hostile
-from tests.e2e.conftest import SANDBOX_SPECS, SERVICES, Env, running_env
-from tests.e2e.hostile import HostileRequest, Slowloris, Tally
+from tests.helpers import hostile
+from tests.helpers.e2e import SANDBOX_SPECS, SERVICES, Env, running_env
+from tests.helpers.hostile import HostileRequest, Slowloris, Tally
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authz.stack.supervisor import Ports, Stack
 from authz.stack.tls import Leaf, ensure_pki
-from tests.e2e.conftest import Env, authz_channel
+from tests.helpers.e2e import Env, authz_channel
 from tests.helpers.fakes import check_request
 
 pytestmark = pytest.mark.e2e

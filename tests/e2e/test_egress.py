@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
-from tests.e2e.conftest import SANDBOX_SPECS, SERVICES, Env
+from tests.helpers.e2e import SANDBOX_SPECS, SERVICES, Env
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
-from tests.e2e.conftest import Env, authz_channel
+from tests.helpers.e2e import Env, authz_channel
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import Env
+from tests.helpers.e2e import Env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runs_last]
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from authz.stack.supervisor import free_port, http_ok
-from tests.e2e.conftest import Env, authz_processes, check_all
+from tests.helpers.e2e import Env, authz_processes, check_all
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from authz.stack.supervisor import http_ok
-from tests.e2e.conftest import Env, authz_processes, check_all
+from tests.helpers.e2e import Env, authz_processes, check_all
 from tests.helpers.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.e2e.conftest import Env
+from tests.helpers.e2e import Env
 
 
 def _poll(

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.e2e.conftest import Env
+from tests.helpers.e2e import Env
 
 pytestmark = pytest.mark.e2e
 

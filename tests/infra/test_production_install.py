@@ -32,7 +32,7 @@ from authz.core.record import DecisionRecord
 from authz.runtime.audit import AuditTrail
 from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS
 from authz.tools.cli import build_parser
-from tests.unit.fakes import check_request
+from tests.helpers.fakes import check_request
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))

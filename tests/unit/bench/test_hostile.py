@@ -1,4 +1,4 @@
-"""The hostile traffic (tests/e2e/hostile.py) and the benchmark's hostile step
+"""The hostile traffic (tests/helpers/hostile.py) and the benchmark's hostile step
 (bench/hostile.py): shapes, sizes within Envoy's limits, reproducibility, vegeta targets,
 ratios and the summary line."""
 
@@ -18,8 +18,9 @@ import pytest
 
 from bench.hostile import allowed, format_hostile, hostile_ratios, write_hostile_targets
 from bench.report import ratios, render
-from tests.e2e import hostile
-from tests.e2e.hostile import (
+from tests.helpers import hostile
+from tests.helpers.bench_results import RESULTS
+from tests.helpers.hostile import (
     BODY_LIMIT,
     HEADERS_COUNT_LIMIT,
     HEADERS_LIMIT,
@@ -27,7 +28,6 @@ from tests.e2e.hostile import (
     Outcome,
     Tally,
 )
-from tests.helpers.bench_results import RESULTS
 
 
 def _rng() -> random.Random:

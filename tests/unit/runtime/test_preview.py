@@ -14,7 +14,7 @@ from authz.runtime.preview import (
     preview,
     preview_input,
 )
-from tests.unit.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine
 
 GATEWAY = "authz/gateway/decision"
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "x-sandbox-token")

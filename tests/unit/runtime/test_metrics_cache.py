@@ -6,7 +6,7 @@ from authz.core.cache import DecisionCache
 from authz.core.decision import Decision
 from authz.core.opa import Evaluation
 from authz.runtime.metrics import Metrics
-from tests.unit.fakes import ManualClock
+from tests.helpers.fakes import ManualClock
 
 
 def test_decision_cache_metrics_show_bytes_entries_and_dropped_puts() -> None:

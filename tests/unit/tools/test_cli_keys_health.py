@@ -11,7 +11,7 @@ import pytest
 
 from authz.core.rfc3339 import DAY_S
 from authz.tools.cli import main
-from tests.unit.test_hygiene import NOW, decision, digest, entry, iso, write_audit, write_bundle
+from tests.helpers.key_health import NOW, decision, digest, entry, iso, write_audit, write_bundle
 
 NOW_TEXT = iso(NOW)
 

@@ -16,7 +16,7 @@ from authz.runtime.audit import AuditEntry
 from authz.tools.key_health import load_api_keys, read_last_seen
 from authz.tools.keys import lint_file
 from authz.tools.replay import replay
-from tests.unit.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine
 
 GATEWAY = "authz/gateway/decision"
 DOCUMENT: dict[str, Any] = {"attributes": {"request": {"http": {"method": "GET"}}}}

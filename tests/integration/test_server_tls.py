@@ -20,7 +20,7 @@ from authz.runtime.config import Settings, load
 from authz.runtime.server import create_server, grpc_server_credentials
 from authz.stack.supervisor import free_port
 from authz.stack.tls import Leaf, LeafFiles, ensure_pki
-from tests.unit.fakes import FakeEngine, check_request
+from tests.helpers.fakes import FakeEngine, check_request
 
 LEAVES = {
     "authz": Leaf("server", ("authz",)),

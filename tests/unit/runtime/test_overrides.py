@@ -28,7 +28,7 @@ from authz.runtime.overrides import (
     OverrideStore,
     parse_override_request,
 )
-from tests.unit.fakes import ManualClock
+from tests.helpers.fakes import ManualClock
 
 T0 = 1_700_000_000.25
 GATEWAY = "authz/gateway/decision"

@@ -4,11 +4,8 @@ query."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import sqlite3
-import tarfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +14,6 @@ from typing import Any
 import pytest
 
 from authz.core.errors import DataFileError
-from authz.core.record import DecisionRecord
 from authz.core.rfc3339 import DAY_S, parse_rfc3339
 from authz.runtime.audit import AuditTrail
 from authz.tools.key_health import (
@@ -30,23 +26,11 @@ from authz.tools.key_health import (
     report_json,
     report_text,
 )
+from tests.helpers.key_health import NOW, decision, digest, entry, iso, write_audit, write_bundle
 
 # 2026-01-01T00:00:00Z
-NOW = 1_767_225_600.0
 WINDOW = 14.0
 UNUSED = 30.0
-
-
-def digest(key_id: str) -> str:
-    return hashlib.sha256(f"ak_{key_id}".encode()).hexdigest()
-
-
-def iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
-
-
-def entry(key_id: str = "key-a", **fields: Any) -> dict[str, Any]:
-    return {"id": key_id, "enabled": True, "role": "user", **fields}
 
 
 # A field value meaning "leave the field out of the entry".
@@ -437,21 +421,6 @@ def test_report_text_without_action() -> None:
 # --- loading bundle data ---------------------------------------------------------------------
 
 
-def write_bundle(path: Path, files: Mapping[str, Any], *, manifest: bool = True) -> Path:
-    """A gzip tar like ``opa build`` writes: members named ``/<dir>/data.json``."""
-    with tarfile.open(path, "w:gz") as bundle:
-        members = dict(files)
-        if manifest:
-            members["/.manifest"] = {"revision": "test", "roots": [""]}
-        for name, value in members.items():
-            raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            bundle.addfile(info, io.BytesIO(raw))
-        bundle.addfile(tarfile.TarInfo("/gateway/gateway.rego"), io.BytesIO(b""))
-    return path
-
-
 KEYS = {digest("key-a"): entry("key-a")}
 
 
@@ -545,28 +514,6 @@ def test_invalid_json_file_names_the_file(tmp_path: Path) -> None:
 
 
 # --- last seen, from a real audit trail ---------------------------------------------------------
-
-
-def decision(key_id: str | None, when: float, *, allowed: bool = True) -> DecisionRecord:
-    return DecisionRecord(
-        decision_id=f"d-{key_id}-{when}",
-        timestamp=when,
-        decision_path="authz/gateway/decision",
-        allowed=allowed,
-        reason="allowed" if allowed else "role_not_allowed",
-        http_status=200 if allowed else 403,
-        identity={"key_id": key_id} if key_id else {},
-    )
-
-
-def write_audit(path: Path, records: list[DecisionRecord], admin: bool = False) -> Path:
-    trail = AuditTrail(path, retention_days=None, max_records=None)
-    for rec in records:
-        trail.record(rec)
-    if admin:  # an admin entry naming a key is not a decision by it
-        trail.admin("override_added", {"key_id": "key-admin-only"}, entry_id="o-1")
-    trail.close()
-    return path
 
 
 def test_read_last_seen(tmp_path: Path) -> None:

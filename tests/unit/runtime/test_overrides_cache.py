@@ -10,7 +10,7 @@ from typing import Any
 from authz.core.authorizer import Authorizer
 from authz.core.cache import DecisionCache
 from authz.runtime.overrides import OverrideStore, parse_override_request
-from tests.unit.fakes import FakeEngine, check_request
+from tests.helpers.fakes import FakeEngine, check_request
 
 PATH = "authz/gateway/decision"
 

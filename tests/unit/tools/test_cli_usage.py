@@ -29,9 +29,9 @@ from authz.runtime.audit import AuditTrail
 from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS
 from authz.tools import cli
 from authz.tools.replay import ReplayChange, ReplayReport
-from tests.unit.fakes import check_request
+from tests.helpers.fakes import check_request
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GATEWAY = "authz/gateway/decision"
 
 # Every leaf command of `authz`, as typed. A new verb must be added here (and so gets the

@@ -24,7 +24,7 @@ from authz.core.ratelimit import RedisLimiter
 from authz.runtime.config import DEFAULT_REDIS_POOL_SIZE, load
 from authz.runtime.server import AUTHZ_SERVICE, build_limiter, create_server
 from authz.stack.supervisor import free_port, http_ok
-from tests.unit.fakes import FakeEngine, check_request
+from tests.helpers.fakes import FakeEngine, check_request
 
 
 def _authorizer(engine: FakeEngine) -> Authorizer:

@@ -14,7 +14,7 @@ from authz.core.errors import DataFileError
 from authz.core.input import mask_credential
 from authz.tools.keys import KEY_PREFIX, digest, generate_key, lint_data, lint_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PLAINTEXT = "ak_Zq3v9XlT0pR7mN2bW8yK4cJ6hF1dS5gA"
 OTHER_PLAINTEXT = "hunter2-correct-horse"
 DIGEST = hashlib.sha256(PLAINTEXT.encode()).hexdigest()

@@ -10,7 +10,7 @@ import pytest
 
 from authz.core.headers import TCHAR, TOKEN, is_header_name, is_safe_field_value, is_token
 
-AUTHZ = Path(__file__).resolve().parents[2] / "authz"
+AUTHZ = Path(__file__).resolve().parents[3] / "authz"
 
 # (text, is a token, is a lowercase header name)
 CASES = [

@@ -17,7 +17,7 @@ from authz.tools.services import (
     specs,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GOOD = {
     "base_url": "https://api.example.com/v1",
     "credential": {"header": "x-k", "format": "{secret}"},
