@@ -6,29 +6,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import test_utils, web
 
+from authz.core.authorizer import Authorizer
+from authz.core.cache import DecisionCache
 from authz.core.errors import (
     AdminRequestError,
     ConfigError,
     OpaResponseError,
     OpaUnavailable,
     PolicyError,
+    TooManyOverrides,
 )
+from authz.core.secret import Secret
+from authz.runtime.admin import create_admin_app
 from authz.runtime.overrides import (
+    MAX_ACTIVE_OVERRIDES,
     MAX_TTL_S,
     OpaOverrideWriter,
     Override,
     OverrideStore,
     parse_override_request,
 )
-from tests.helpers.fakes import ManualClock
+from authz.stack.supervisor import free_port
+from tests.helpers.fakes import FakeEngine, ManualClock, check_request
 
 T0 = 1_700_000_000.25
 GATEWAY = "authz/gateway/decision"
@@ -514,3 +529,330 @@ async def test_writer_puts_each_entry_and_deletes_only_its_own() -> None:
         ("PUT", "overrides/ovr-2"),
     ]
     assert set(opa.data) == {"overrides/other-replica", "overrides/ovr-2"}
+
+
+# --- overrides and the decision cache ----------------------------------------------------
+
+
+PATH = "authz/gateway/decision"
+
+
+async def test_deny_override_is_not_masked_by_decisions_cached_while_it_was_pushed() -> None:
+    # OverrideStore.add() clears the decision cache (on_change) *before* the push to OPA
+    # lands. A request decided in between is answered from the OPA state without the
+    # override and cached; when the push completes nothing clears the cache again, so
+    # the blocked key keeps being allowed from the cache for up to the cache TTL (and
+    # likewise after an add whose push failed, when the periodic sync pushes it later).
+    # README: "deny blocks it at once"; "Entries are dropped when ... an override is
+    # granted".
+    opa_overrides: dict[str, Any] = {}
+    release = asyncio.Event()
+
+    async def push(document: Mapping[str, Any]) -> None:
+        await release.wait()  # the PUT to OPA is in flight
+        opa_overrides.clear()
+        opa_overrides.update(document)
+
+    def policy(path: str, document: Mapping[str, Any]) -> Any:
+        if any(o["effect"] == "deny" for o in opa_overrides.values()):
+            return {"allowed": False, "http_status": 403, "reason": "blocked_by_override"}
+        return {"allowed": True, "reason": "allowed"}
+
+    cache = DecisionCache(ttl_s=5.0)
+    store = OverrideStore(push, on_pushed=lambda: cache.clear("overrides changed"))
+    authorizer = Authorizer(
+        FakeEngine(policy),
+        default_decision_path=PATH,
+        credential_headers=("x-api-key",),
+        timeout_s=1.0,
+        cache=cache,
+    )
+    request = check_request(headers={"x-api-key": "leaked"})
+    override = parse_override_request(
+        {
+            "effect": "deny",
+            "decision_path": PATH,
+            "match": {"key_id": "key-leaked"},
+            "ttl_seconds": 600,
+            "reason": "key leaked",
+        },
+        actor="oncall",
+        now=time.time(),
+        new_id=lambda: "ovr-1",
+    )
+    granting = asyncio.create_task(store.add(override))
+    await asyncio.sleep(0)  # add() has cleared the cache and is pushing
+    during = await authorizer.check(request)  # decided without the override; cached
+    assert during.response.HasField("ok_response")
+    release.set()
+    assert await granting is True  # the admin API answers 201, "pushed": true
+    after = await authorizer.check(request)
+    assert not after.response.HasField("ok_response"), (
+        f"blocked key still allowed from the cache (cached_from={after.record.cached_from})"
+    )
+
+
+# --- the overrides file ------------------------------------------------------------------
+
+
+FILE_T0 = 1_700_000_000.0
+
+
+async def _push(document: dict[str, Any]) -> None:
+    return None
+
+
+def _override(override_id: str, effect: str = "deny") -> Override:
+    body = {
+        "effect": effect,
+        "decision_path": "authz/gateway/decision",
+        "match": {"key_id": "key-a", "path": "/api/v1/**"},
+        "ttl_seconds": 3600,
+        "reason": "INC-1",
+    }
+    return parse_override_request(body, actor="alice", now=FILE_T0, new_id=lambda: override_id)
+
+
+def _entry(**changes: Any) -> dict[str, Any]:
+    """A persisted entry (as the store writes it) with ``changes`` applied."""
+    return {**asdict(_override("ovr-1")), **changes}
+
+
+def _store(path: Path) -> OverrideStore:
+    return OverrideStore(_push, path=path, clock=lambda: FILE_T0)
+
+
+async def test_write_is_fsynced_then_renamed_then_the_directory_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "overrides.json"
+    store = _store(path)
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(info.st_mode) else "file", str(info.st_ino)))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        same_dir = Path(src).parent == Path(dst).parent == tmp_path
+        events.append(("replace", str(os.stat(src).st_ino), str(same_dir)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    await store.add(_override("ovr-1"))
+    written = str(path.stat().st_ino)
+    assert events == [
+        ("fsync", "file", written),
+        ("replace", written, "True"),
+        ("fsync", "dir", str(os.stat(tmp_path).st_ino)),
+    ]
+    assert [o.id for o in _store(path).active()] == ["ovr-1"]
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+async def test_a_failed_write_leaves_the_previous_file_intact_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    path = tmp_path / "overrides.json"
+    store = _store(path)
+    await store.add(_override("ovr-1"))
+    before = path.read_bytes()
+
+    def fail(*_: Any) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, failing, fail)
+    await store.add(_override("ovr-2"))  # kept in memory and pushed; persisting failed
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["overrides.json"]
+    assert [o.id for o in _store(path).active()] == ["ovr-1"]
+
+
+async def test_file_is_0600_even_over_a_stale_world_readable_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "overrides.json"
+    for stale in (f".{path.name}.{os.getpid()}.tmp", f".{path.name}.tmp"):
+        (tmp_path / stale).write_text("stale")
+        (tmp_path / stale).chmod(0o644)
+    store = _store(path)
+    await store.add(_override("ovr-1"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+CORRUPT = [
+    pytest.param(b"", id="empty"),
+    pytest.param(json.dumps({"overrides": [_entry()]}).encode()[:60], id="torn"),
+    pytest.param(b'{"overrides": [\xff]}', id="not-utf8"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deeply-nested"),
+    pytest.param(b'{"overrides": "abc"}', id="overrides-not-a-list"),
+    pytest.param(json.dumps({"overrides": [_entry(match="key_id")]}).encode(), id="match-str"),
+    pytest.param(json.dumps({"overrides": [_entry(match={})]}).encode(), id="match-empty"),
+    pytest.param(
+        json.dumps({"overrides": [_entry(expires_at="tomorrow")]}).encode(), id="expiry-str"
+    ),
+    pytest.param(json.dumps({"overrides": [_entry(created_at=None)]}).encode(), id="created-null"),
+    pytest.param(json.dumps({"overrides": [_entry(effect="maybe")]}).encode(), id="effect"),
+    pytest.param(json.dumps({"overrides": [_entry(id=["x"])]}).encode(), id="id-not-str"),
+    pytest.param(
+        json.dumps({"overrides": [_entry(decision_path="/x.y")]}).encode(), id="decision-path"
+    ),
+    pytest.param(json.dumps({"overrides": [_entry(reason=5)]}).encode(), id="reason-number"),
+    pytest.param(json.dumps({"overrides": [_entry(extra=[])]}).encode(), id="extra-list"),
+    pytest.param(json.dumps({"overrides": [_entry(expires_at=1e20)]}).encode(), id="year-3e12"),
+    pytest.param(json.dumps({"overrides": [_entry(match={"key_id": 5})]}).encode(), id="key-int"),
+    pytest.param(json.dumps({"overrides": [_entry(unknown=1)]}).encode(), id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize("content", CORRUPT)
+def test_corrupt_file_at_startup_is_one_line_config_error_naming_the_file(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "overrides.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        _store(path)
+    message = str(caught.value)
+    assert message.startswith(f"overrides file {str(path)!r}: ")
+    assert "\n" not in message
+    assert len(message) < 400
+
+
+def test_serve_with_a_corrupt_overrides_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "overrides.json"
+    path.write_bytes(b"[" * 100_000)
+    env = {
+        **os.environ,
+        "AUTHZ_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+        "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+        "AUTHZ_OPA_URL": f"http://127.0.0.1:{free_port()}",
+        "AUTHZ_AUDIT_DB": str(tmp_path / "audit.db"),
+        "AUTHZ_OVERRIDES_FILE": str(path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "authz", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    lines = [json.loads(line) for line in output.splitlines()]  # JSON log lines only
+    errors = [line["msg"] for line in lines if line["level"] == "error"]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(f"invalid configuration: overrides file {str(path)!r}: ")
+
+
+async def test_a_good_file_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "overrides.json"
+    store = _store(path)
+    await store.add(_override("ovr-1"))
+    await store.add(_override("ovr-2", effect="allow"))
+    assert _store(path).document() == store.document()
+
+
+# --- limits and the sync loop ------------------------------------------------------------
+
+
+LIMITS_T0 = 1_700_000_000.0
+TOKEN = "adm-t0ken-" + "0123456789abcdef" * 2
+
+
+def _limits_override(override_id: str, ttl_s: float = 3600, now: float = LIMITS_T0) -> Override:
+    body = {
+        "effect": "deny",
+        "decision_path": "authz/gateway/decision",
+        "match": {"key_id": f"key-{override_id}"},
+        "ttl_seconds": ttl_s,
+        "reason": "INC-1",
+    }
+    return parse_override_request(body, actor="alice", now=now, new_id=lambda: override_id)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("bug in the writer"), KeyError("x"), OSError(104, "Connection reset")],
+    ids=["runtime-error", "key-error", "os-error"],
+)
+async def test_sync_loop_survives_any_push_failure_and_pushes_again(error: Exception) -> None:
+    pushed: list[dict[str, Any]] = []
+    failures = [error, error]
+
+    async def push(document: dict[str, Any]) -> None:
+        if failures:
+            raise failures.pop()
+        pushed.append(document)
+
+    store = OverrideStore(push, clock=lambda: LIMITS_T0)
+    store._items["ovr-1"] = _limits_override("ovr-1")  # as if loaded from the file
+    watcher = asyncio.create_task(store.watch(0.01))
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while not pushed:
+            assert not watcher.done(), watcher
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    assert list(pushed[0]) == ["ovr-1"]
+
+
+async def test_sync_reports_an_unexpected_push_failure_as_not_pushed() -> None:
+    async def push(document: dict[str, Any]) -> None:
+        raise RuntimeError("bug")
+
+    store = OverrideStore(push, clock=lambda: LIMITS_T0)
+    assert await store.add(_limits_override("ovr-1")) is False
+    assert [o.id for o in store.active()] == ["ovr-1"]
+
+
+async def _ok(document: dict[str, Any]) -> None:
+    return None
+
+
+async def test_active_overrides_are_capped() -> None:
+    now = [LIMITS_T0]
+    store = OverrideStore(_ok, clock=lambda: now[0])
+    for index in range(MAX_ACTIVE_OVERRIDES):
+        store._items[f"ovr-{index}"] = _limits_override(f"ovr-{index}", ttl_s=60 + index)
+    with pytest.raises(TooManyOverrides, match=f"{MAX_ACTIVE_OVERRIDES} active overrides"):
+        await store.add(_limits_override("ovr-new"))
+    assert len(store.active()) == MAX_ACTIVE_OVERRIDES
+    # Replacing one is fine, and expiry makes room again.
+    await store.add(_limits_override("ovr-0"))
+    now[0] = LIMITS_T0 + 61
+    assert await store.add(_limits_override("ovr-new")) is True
+
+
+@asynccontextmanager
+async def _admin(store: OverrideStore) -> AsyncIterator[test_utils.TestClient[Any, Any]]:
+    app: web.Application = create_admin_app({}, overrides=store, token=Secret(TOKEN))
+    async with test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1")) as client:
+        yield client
+
+
+async def test_admin_answers_409_when_the_override_cap_is_reached() -> None:
+    store = OverrideStore(_ok)  # the real clock, as the admin API stamps with it
+    for index in range(MAX_ACTIVE_OVERRIDES):
+        store._items[f"ovr-{index}"] = _limits_override(f"ovr-{index}", now=time.time())
+    body = {
+        "effect": "deny",
+        "decision_path": "authz/gateway/decision",
+        "match": {"key_id": "k2"},
+        "ttl_seconds": 60,
+        "reason": "INC-2",
+    }
+    async with _admin(store) as client:
+        resp = await client.post(
+            "/v1/overrides", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert resp.status == 409
+        assert (await resp.json())["error"] == "too_many_overrides"
+    assert len(store.active()) == MAX_ACTIVE_OVERRIDES

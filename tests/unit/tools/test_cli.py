@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import importlib
 import io
 import json
 import logging
 import os
+import re
+import sqlite3
 import sys
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import authz
 import authz.runtime.server
-from authz.runtime.config import Settings
+import authz.tools.replay
+from authz.core.input import build_input
+from authz.core.record import DecisionRecord
+from authz.core.rfc3339 import DAY_S
+from authz.runtime.audit import AuditTrail
+from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS, Settings
+from authz.tools import cli
 from authz.tools.cli import main
 from authz.tools.keys import KEY_PREFIX, digest
+from authz.tools.replay import ReplayChange, ReplayReport
+from tests.helpers.fakes import check_request
+from tests.helpers.key_health import NOW, decision, entry, iso, write_audit, write_bundle
+from tests.helpers.key_health import digest as key_digest
 
 DIGEST = hashlib.sha256(b"ak_example").hexdigest()
 PLAINTEXT_KEY = "ak_plaintextDoNotPrintMe0123456789"
@@ -299,3 +316,594 @@ def test_digest_matches_cli_hash(
     monkeypatch.setattr(sys, "stdin", io.StringIO("ak_example\n"))
     assert main(["key", "hash"]) == 0
     assert capsys.readouterr().out.strip() == digest("ak_example") == DIGEST
+
+
+# --- usage, help and exit codes ----------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[3]
+GATEWAY = "authz/gateway/decision"
+
+# Every leaf command of `authz`, as typed. A new verb must be added here (and so gets the
+# checks below): test_verbs_are_the_listed_ones fails until it is.
+VERBS: list[tuple[str, ...]] = [
+    ("serve",),
+    ("key", "new"),
+    ("key", "hash"),
+    ("key", "health"),
+    ("sandbox", "new"),
+    ("secrets", "generate"),
+    ("lint-data",),
+    ("audit", "tail"),
+    ("audit", "verify"),
+    ("audit", "replay"),
+    ("generate", "deploy"),
+    ("generate", "egress-envoy"),
+]
+GROUPS: list[tuple[str, ...]] = [("key",), ("sandbox",), ("secrets",), ("audit",), ("generate",)]
+VERB_IDS = [" ".join(verb) for verb in VERBS]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    """name -> (the one-line help shown in the parent's listing, the subparser); aliases
+    are left out."""
+    found: dict[str, tuple[str, argparse.ArgumentParser]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if name in helps:
+                    found[name] = (helps[name], sub)
+    return found
+
+
+def _walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], str, argparse.ArgumentParser]]:
+    """(path, listing help, parser) for every command under ``parser``, depth first."""
+    for name, (summary, sub) in _subcommands(parser).items():
+        yield (*path, name), summary, sub
+        yield from _walk(sub, (*path, name))
+
+
+def _help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0, err
+    return out
+
+
+# --- descriptions ------------------------------------------------------------------------
+
+
+def test_verbs_are_the_listed_ones() -> None:
+    commands = {path for path, _, sub in _walk(cli.build_parser()) if not _subcommands(sub)}
+    assert commands == set(VERBS)
+
+
+@pytest.mark.parametrize("path", VERBS + GROUPS, ids=VERB_IDS + [g[0] for g in GROUPS])
+def test_every_command_has_a_one_line_description(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    listing = {p: (summary, sub) for p, summary, sub in _walk(cli.build_parser())}
+    summary, sub = listing[path]
+    assert summary, f"{' '.join(path)}: no help= in its parent's listing"
+    assert sub.description, f"{' '.join(path)}: no description="
+    assert "\n" not in summary
+    out = _help_of([*path, "--help"], capsys)
+    assert out.startswith(f"usage: authz {' '.join(path)}")
+    assert " ".join(sub.description.split()) in " ".join(out.split())
+
+
+def test_top_level_help_describes_authz_not_the_module(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _help_of(["--help"], capsys)
+    assert out.startswith("usage: authz")
+    text = " ".join(out.split())
+    assert cli.DESCRIPTION in text
+    assert "argument parsing only" not in out  # the module docstring is for readers of cli.py
+    for name, (summary, _) in _subcommands(cli.build_parser()).items():
+        assert re.search(rf"^    {re.escape(name)}\b", out, re.MULTILINE), name
+        assert " ".join(summary.split()) in text
+    assert "exit codes:" in out
+
+
+def _parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield "authz", cli.build_parser()
+    for path, _, sub in _walk(cli.build_parser()):
+        yield f"authz {' '.join(path)}", sub
+    for module in ("authz.tools.deploy", "authz.tools.egress_envoy", "authz.stack.__main__"):
+        yield module, importlib.import_module(module).build_parser()
+
+
+PARSERS = dict(_parsers())
+
+
+@pytest.mark.parametrize("name", list(PARSERS), ids=list(PARSERS))
+def test_every_option_has_help_text(name: str) -> None:
+    parser = PARSERS[name]
+    missing = [
+        "/".join(action.option_strings) or action.dest
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert missing == [], f"{name}: options without help text"
+
+
+# --- --version ---------------------------------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _help_of(["--version"], capsys)
+    assert out == f"authz {authz.__version__}\n"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert authz.__version__ == pyproject["project"]["version"]
+
+
+# --- the generators and the local stack ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "prog"),
+    [
+        ("authz.tools.deploy", "python -m authz.tools.deploy"),
+        ("authz.tools.egress_envoy", "python -m authz.tools.egress_envoy"),
+        ("authz.stack.__main__", "python -m authz.stack"),
+    ],
+    ids=["deploy", "egress-envoy", "stack"],
+)
+def test_python_m_usage_names_the_command_to_type(
+    module: str, prog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main: Callable[[list[str]], int] = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {prog} ")
+    assert "exit codes:" in out
+
+
+def test_generate_egress_envoy_writes_what_python_m_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from authz.tools import egress_envoy
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_bytes((ROOT / egress_envoy.DEFAULT_SERVICES).read_bytes())
+    args = ["--services", "data.json", "--out", "{out}"]
+    assert egress_envoy.main([a.format(out="direct.yaml") for a in args]) == 0
+    verb = ["generate", "egress-envoy"]
+    assert cli.main([*verb, *(a.format(out="verb.yaml") for a in args), "--check"]) == 1
+    assert cli.main([*verb, *(a.format(out="verb.yaml") for a in args)]) == 0
+    assert cli.main([*verb, *(a.format(out="verb.yaml") for a in args), "--check"]) == 0
+    direct = (tmp_path / "direct.yaml").read_text(encoding="utf-8")
+    assert direct == (tmp_path / "verb.yaml").read_text(encoding="utf-8").replace(
+        "verb.yaml", "direct.yaml"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["generate", "deploy", "--root", str(ROOT), "--check"], 0),
+        (["generate", "deploy", "--root", "{empty}", "--check"], 2),
+        (["generate", "egress-envoy", "--services", "{empty}/none.json"], 2),
+    ],
+    ids=["deploy-up-to-date", "deploy-no-sources", "egress-no-services"],
+)
+def test_generate_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int
+) -> None:
+    assert cli.main([a.format(empty=tmp_path) for a in argv]) == code
+    if code == 2:
+        assert "error:" in capsys.readouterr().err
+
+
+def test_generate_without_a_tool_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate"])
+    assert exc.value.code == 2
+    assert "usage: authz generate" in capsys.readouterr().err
+
+
+# --- audit verify --json -----------------------------------------------------------------
+
+
+def _record(decision_id: str, *, allowed: bool, reason: str) -> DecisionRecord:
+    document = build_input(check_request(), DEFAULT_CREDENTIAL_HEADERS)
+    return DecisionRecord(
+        decision_id=decision_id,
+        timestamp=1_760_000_000.0,
+        decision_path=GATEWAY,
+        allowed=allowed,
+        reason=reason,
+        http_status=200 if allowed else 403,
+        policy_allowed=allowed,
+        policy_reason=reason,
+        document=document,
+    )
+
+
+@pytest.fixture
+def audit_db(tmp_path: Path) -> Path:
+    """An audit trail with two decisions."""
+    path = tmp_path / "audit.db"
+    trail = AuditTrail(path, retention_days=None)
+    trail.record(_record("d-1", allowed=True, reason="allowed"))
+    trail.record(_record("d-2", allowed=False, reason="missing_api_key"))
+    trail.close()
+    return path
+
+
+def _tamper(db: Path) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE audit SET body = replace(body, 'allowed', 'ALLOWED') WHERE seq = 1")
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["intact", "tampered"])
+def test_audit_verify_json(
+    audit_db: Path, capsys: pytest.CaptureFixture[str], tampered: bool
+) -> None:
+    if tampered:
+        _tamper(audit_db)
+    code = cli.main(["audit", "verify", "--db", str(audit_db), "--json"])
+    out, _ = capsys.readouterr()
+    report = json.loads(out)
+    if tampered:
+        assert (code, report["ok"], report["broken_seq"]) == (1, False, 1)
+        assert report["problem"]
+    else:
+        assert (code, report["ok"], report["entries"], report["broken_seq"]) == (0, True, 2, None)
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["intact", "tampered"])
+def test_audit_verify_text_exit_codes(
+    audit_db: Path, capsys: pytest.CaptureFixture[str], tampered: bool
+) -> None:
+    if tampered:
+        _tamper(audit_db)
+    assert cli.main(["audit", "verify", "--db", str(audit_db)]) == (1 if tampered else 0)
+    out, err = capsys.readouterr()
+    assert ("BROKEN at entry 1" in err) is tampered
+    assert out.startswith("ok: 2 entries") is not tampered
+
+
+# --- audit replay: exit codes and --json -------------------------------------------------
+
+
+def _change(decision_id: str, before: str, after: str) -> ReplayChange:
+    return ReplayChange(1, decision_id, "t", GATEWAY, {"key_id": "key-a"}, before, after)
+
+
+UNCHANGED = ReplayReport(evaluated=2, unchanged=2)
+CHANGED = ReplayReport(
+    evaluated=2,
+    unchanged=1,
+    changed=[_change("d-1", "allow (allowed)", "deny (disabled_api_key)")],
+)
+ERRORED = ReplayReport(
+    evaluated=2,
+    unchanged=1,
+    errors=1,
+    changed=[_change("d-1", "allow (allowed)", "error (opa_bad_response)")],
+)
+
+
+@pytest.fixture
+def fake_replay(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., Path]:
+    """Replace the throwaway OPA and the replay with fakes: the CLI's exit code and output
+    are under test here (tests/integration/test_replay.py runs the real thing). Returns a
+    function taking the report to return (or the error OPA's start raises) and giving
+    the bundle path to pass."""
+    bundle = tmp_path / "other.tar.gz"
+    bundle.write_bytes(b"not read by the fakes")
+    monkeypatch.setenv("AUTHZ_OPA_BIN", "/bin/true")
+
+    def arrange(result: ReplayReport | Exception) -> Path:
+        @contextlib.contextmanager
+        def opa_serving(*_: object, **__: object) -> Iterator[str]:
+            if isinstance(result, Exception):
+                raise result
+            yield "http://127.0.0.1:9"
+
+        async def replay(entries: Any, engine: Any, *_: object) -> ReplayReport:
+            assert isinstance(result, ReplayReport)
+            assert [e.decision_id for e in entries] == ["d-1", "d-2"]
+            return result
+
+        monkeypatch.setattr(authz.tools.replay, "opa_serving", opa_serving)
+        monkeypatch.setattr(authz.tools.replay, "replay", replay)
+        return bundle
+
+    return arrange
+
+
+@pytest.mark.parametrize(
+    ("result", "code"),
+    [
+        (UNCHANGED, 0),
+        (CHANGED, 1),
+        (ERRORED, 1),
+        (RuntimeError("OPA exited: bad bundle"), 2),
+    ],
+    ids=["unchanged", "changed", "evaluation-error-counts-as-changed", "opa-did-not-start"],
+)
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_audit_replay_exit_codes(
+    audit_db: Path,
+    fake_replay: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    result: ReplayReport | Exception,
+    code: int,
+    as_json: bool,
+) -> None:
+    bundle = fake_replay(result)
+    argv = ["audit", "--db", str(audit_db), "replay", "--bundle", str(bundle)]
+    assert cli.main([*argv, "--json"] if as_json else argv) == code
+    out, err = capsys.readouterr()
+    if isinstance(result, Exception):
+        assert (out, "OPA exited" in err) == ("", True)
+    elif as_json:
+        report = json.loads(out)
+        assert {k: report[k] for k in ("evaluated", "unchanged", "errors", "skipped")} == {
+            "evaluated": result.evaluated,
+            "unchanged": result.unchanged,
+            "errors": result.errors,
+            "skipped": result.skipped,
+        }
+        assert [(c["decision_id"], c["before"], c["after"]) for c in report["changed"]] == [
+            (c.decision_id, c.before, c.after) for c in result.changed
+        ]
+    else:
+        assert out.splitlines()[0] == result.summary()
+        assert len(out.splitlines()) == 1 + len(result.changed)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "--db", "{db}", "replay", "--bundle", "{missing}"],
+        ["audit", "--db", "{missing}", "replay", "--bundle", "{bundle}"],
+    ],
+    ids=["no-bundle", "no-database"],
+)
+def test_audit_replay_that_cannot_run_exits_2(
+    audit_db: Path,
+    tmp_path: Path,
+    fake_replay: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    bundle = fake_replay(CHANGED)
+    missing = tmp_path / "missing"
+    args = [a.format(db=audit_db, missing=missing, bundle=bundle) for a in argv]
+    assert cli.main([*args, "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, "error:" in err) == ("", True)
+
+
+# --- exit codes documented --------------------------------------------------------------
+
+
+def test_readme_shows_the_exit_codes_of_help() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert cli.EXIT_CODES.strip() in readme
+
+
+# verb -> the exit codes its --help documents: the checks use 1 for "found something".
+CODES = {
+    ("serve",): {0, 2},
+    ("key", "new"): {0, 2},
+    ("key", "hash"): {0, 2},
+    ("key", "health"): {0, 1, 2},
+    ("sandbox", "new"): {0, 2},
+    ("secrets", "generate"): {0, 1, 2},
+    ("lint-data",): {0, 1},
+    ("audit", "tail"): {0, 2},
+    ("audit", "verify"): {0, 1, 2},
+    ("audit", "replay"): {0, 1, 2},
+    ("generate", "deploy"): {0, 1, 2},
+    ("generate", "egress-envoy"): {0, 1, 2},
+}
+
+
+def test_codes_table_covers_every_verb() -> None:
+    assert set(CODES) == set(VERBS)
+
+
+@pytest.mark.parametrize("path", VERBS, ids=VERB_IDS)
+def test_every_verb_documents_its_exit_codes(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _help_of([*path, "--help"], capsys)
+    assert "exit codes:" in out, f"{' '.join(path)} --help has no exit codes"
+    epilog = out[out.index("exit codes:") :].splitlines()[1:]
+    documented = {int(line.split()[0]) for line in epilog if re.match(r"  \d  \S", line)}
+    assert documented == CODES[path]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "tail", "--limit", "0"],
+        ["audit", "tail", "--limit", "-1"],
+        ["audit", "tail", "--limit", "many"],
+        ["audit", "replay", "--bundle", "b.tar.gz", "--limit", "0"],
+    ],
+    ids=["tail-zero", "tail-negative", "tail-not-a-number", "replay-zero"],
+)
+def test_limit_must_be_a_positive_count(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLite reads LIMIT -1 as "no limit": a typo must not turn into the whole trail.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+
+
+# --- keys health -------------------------------------------------------------------------
+
+
+NOW_TEXT = iso(NOW)
+
+
+def bundle(tmp_path: Path, *entries: dict[str, Any]) -> Path:
+    keys = {key_digest(e["id"]): e for e in entries}
+    return write_bundle(
+        tmp_path / "authz.tar.gz",
+        {"/data.json": {"gateway": {"api_keys": keys, "roles": ["user"]}}},
+    )
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["keys", "health", "--now", NOW_TEXT, *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+HEALTHY = (entry("key-a"), entry("key-b", expires_at=iso(NOW + 90 * DAY_S)))
+
+
+@pytest.mark.parametrize(
+    ("entries", "seen", "extra", "code", "status"),
+    [
+        (HEALTHY, ("key-a", "key-b"), (), 0, None),
+        ((*HEALTHY, entry("key-off", enabled=False)), ("key-a", "key-b"), (), 0, "disabled"),
+        (HEALTHY, ("key-a",), (), 1, "unused"),
+        (HEALTHY, ("key-a", "key-b"), ("--expiring-days", "100"), 1, "expiring"),
+        (HEALTHY, ("key-a", "key-b"), ("--now", iso(NOW + 91 * DAY_S)), 1, "expired"),
+        (
+            (*HEALTHY, entry("key-c", expires_at="soon")),
+            ("key-a", "key-b", "key-c"),
+            (),
+            1,
+            "invalid_expiry",
+        ),
+    ],
+    ids=["healthy", "disabled-is-not-actionable", "unused", "expiring", "expired", "invalid"],
+)
+def test_exit_codes(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    entries: tuple[dict[str, Any], ...],
+    seen: tuple[str, ...],
+    extra: tuple[str, ...],
+    code: int,
+    status: str | None,
+) -> None:
+    db = write_audit(tmp_path / "audit.db", [decision(k, NOW - DAY_S) for k in seen])
+    got, out, err = run(capsys, "--bundle", bundle(tmp_path, *entries), "--audit", db, *extra)
+    assert (got, err) == (code, "")
+    verdict = out.rstrip().splitlines()[-1]
+    assert verdict.startswith("ACTION NEEDED") if code else verdict == "no action needed"
+    if status is not None:
+        assert any(line.split()[1:2] == [status] for line in out.splitlines()[2:])
+    for e in entries:
+        assert key_digest(e["id"]) not in out  # keys are named by id only
+        assert key_digest(e["id"])[:16] not in out
+
+
+def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = write_audit(
+        tmp_path / "audit.db",
+        [decision("key-a", NOW - 2 * DAY_S), decision("key-old", NOW - 60 * DAY_S)],
+    )
+    path = bundle(
+        tmp_path,
+        entry("key-a"),
+        entry("key-old"),
+        entry("key-soon", expires_at=iso(NOW + 3 * DAY_S)),
+        entry("key-off", enabled=False),
+    )
+    code, out, _ = run(capsys, "--bundle", path, "--audit", db, "--json", "--unused-days", "45")
+    assert code == 1
+    report = json.loads(out)
+    assert report["now"] == NOW_TEXT
+    assert (report["expiring_days"], report["unused_days"]) == (14.0, 45.0)
+    assert report["needs_action"] is True
+    assert {k["id"]: k["status"] for k in report["keys"]} == {
+        "key-off": "disabled",
+        "key-soon": "expiring",
+        "key-old": "unused",
+        "key-a": "ok",
+    }
+    seen = {k["id"]: k["last_seen"] for k in report["keys"]}
+    assert seen["key-a"] == iso(NOW - 2 * DAY_S)
+    assert seen["key-soon"] is None
+    assert report["counts"]["unused"] == 1
+    assert key_digest("key-a") not in out
+
+
+def test_json_healthy_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--bundle", bundle(tmp_path, entry("key-a")), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert (report["needs_action"], report["unused_checked"]) == (False, False)
+
+
+def test_key_is_an_alias_of_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = bundle(tmp_path, entry("key-a", expires_at=iso(NOW - DAY_S)))
+    assert main(["key", "health", "--bundle", str(path), "--now", NOW_TEXT]) == 1
+    assert "key-a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing-bundle", "no such file or directory"),
+        ("missing-audit", "no audit database"),
+        ("not-a-bundle", "not a readable bundle"),
+        ("no-api-keys", "no data.gateway.api_keys"),
+        ("malformed-entry", "expected a non-empty string id"),
+        ("not-an-audit-db", "cannot read the audit trail"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, message: str
+) -> None:
+    path = bundle(tmp_path, entry("key-a"))
+    db = write_audit(tmp_path / "audit.db", [decision("key-a", NOW)])
+    named = path
+    if setup == "missing-bundle":
+        path = named = tmp_path / "nope.tar.gz"
+    elif setup == "missing-audit":
+        db = named = tmp_path / "nope.db"
+    elif setup == "not-a-bundle":
+        path.write_bytes(b"\x00" * 64)
+    elif setup == "no-api-keys":
+        write_bundle(path, {"/data.json": {"gateway": {"roles": []}}})
+    elif setup == "malformed-entry":
+        write_bundle(path, {"/gateway/api_keys/data.json": {key_digest("x"): {"enabled": True}}})
+        named = Path(key_digest("x")[:8])
+    elif setup == "not-an-audit-db":
+        db.write_bytes(b"garbage" * 100)
+        named = db
+    code, out, err = run(capsys, "--bundle", path, "--audit", db)
+    assert (code, out) == (2, "")
+    assert err.startswith("error: ")
+    assert message in err
+    assert str(named) in err
+    assert key_digest("x") not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["keys", "health"],
+        ["keys", "health", "--bundle", "b", "--expiring-days", "-1"],
+        ["keys", "health", "--bundle", "b", "--expiring-days", "soon"],
+        ["keys", "health", "--bundle", "b", "--unused-days", "0"],
+        ["keys", "health", "--bundle", "b", "--unused-days", "inf"],
+        ["keys", "health", "--bundle", "b", "--now", "2026-01-01"],
+    ],
+    ids=["no-bundle", "negative", "word", "unused-0", "unused-inf", "now-not-rfc3339"],
+)
+def test_keys_health_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+    assert caught.value.code == 2
+    assert "usage:" in capsys.readouterr().err
