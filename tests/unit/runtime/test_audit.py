@@ -30,6 +30,7 @@ from authz.core.record import DecisionRecord
 from authz.core.secret import MASK
 from authz.runtime import audit, config
 from authz.runtime.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
+from authz.runtime.audit import store as audit_store
 from authz.tools.cli import main
 from tests.helpers.fakes import FakeEngine, ManualClock, bytes_retained_per_check, check_request
 
@@ -139,7 +140,7 @@ TrailFactory = Callable[..., AuditTrail]
 @pytest.fixture(autouse=True)
 def quick_flush(monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer batches for 0.2 s in production; tests need not wait that long."""
-    monkeypatch.setattr(audit, "_FLUSH_S", 0.02)
+    monkeypatch.setattr(audit_store, "_FLUSH_S", 0.02)
 
 
 @pytest.fixture
@@ -908,7 +909,7 @@ def _held_writer() -> tuple[list[float], threading.Event, Callable[[float], None
 
 def test_writer_drains_a_backlog_without_sleeping(tmp_path: Path) -> None:
     sleeps, release, sleep = _held_writer()
-    backlog = 4 * audit._BATCH
+    backlog = 4 * audit_store._BATCH
     trail = AuditTrail(
         tmp_path / "audit.db",
         retention_days=None,
@@ -926,7 +927,7 @@ def test_writer_drains_a_backlog_without_sleeping(tmp_path: Path) -> None:
     finally:
         trail.close()
     # One wait while the writer was idle (one entry queued); none for the 4-batch backlog.
-    assert sleeps == [audit._FLUSH_S]
+    assert sleeps == [audit_store._FLUSH_S]
     assert trail.failed == 0
 
 
@@ -1450,7 +1451,7 @@ async def test_audit_queue_memory_is_bounded(
     # (under the gateway's max_request_bytes): with the writer behind (a slow disk), a
     # flood of such requests would grow the queue until the process is killed.
 
-    monkeypatch.setattr(audit, "_FLUSH_S", 3.0)  # a slow disk: the writer is behind
+    monkeypatch.setattr(audit_store, "_FLUSH_S", 3.0)  # a slow disk: the writer is behind
     trail = AuditTrail(tmp_path / "audit.db", retention_days=None, max_records=None)
     authorizer = Authorizer(
         FakeEngine(
@@ -1464,7 +1465,7 @@ async def test_audit_queue_memory_is_bounded(
     try:
         per_entry = await bytes_retained_per_check(authorizer)
     finally:
-        monkeypatch.setattr(audit, "_FLUSH_S", 0.02)
+        monkeypatch.setattr(audit_store, "_FLUSH_S", 0.02)
     projected_gb = per_entry * 100_000 / 1e9  # AuditTrail's default queue_size
     try:
         assert projected_gb < 2.0, f"a full audit queue would pin {projected_gb:.0f} GB"

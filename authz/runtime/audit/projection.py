@@ -1,0 +1,331 @@
+"""What an audit row keeps of a request: a documented, size-capped projection.
+
+See README "Audit trail" for the table of what is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from authz.core.headers import CREDENTIAL_HEADERS, TCHAR
+from authz.core.record import DecisionRecord
+from authz.runtime.config import (
+    DEFAULT_AUDIT_BODY_MAX_BYTES,
+    DEFAULT_AUDIT_HEADERS,
+    DEFAULT_AUDIT_ROW_MAX_BYTES,
+    DEFAULT_AUDIT_VALUE_MAX_BYTES,
+)
+from authz.runtime.logs import redact_document
+
+__all__ = [
+    "Projection",
+    "replay_input",
+    "truncation_marker",
+]
+
+log = logging.getLogger(__name__)
+
+
+# -- what a row keeps: the projection ------------------------------------------------------
+
+# The input fields that carry the request body.
+_BODY_FIELDS: Final = ("body", "rawBody")
+# The columns besides body and decision_id: seq, kind, time and two 64-hex hashes.
+_ROW_OVERHEAD: Final = 200
+# A whole row that still does not fit keeps only these fields, cut to this size.
+_CORE_FIELDS: Final = frozenset(
+    {
+        "type", "decision_id", "time", "decision_path", "revision", "mode", "result",
+        "decision", "reason", "http_status", "request_id", "method", "path", "duration_ms",
+        "opa_ms", "policy_result", "fail_open", "error", "policy", "input", "omitted",
+        # who: what `keys health` and `audit replay` report by
+        "key_id", "role", "tier", "sandbox_id", "service", "override_id", "source",
+        "cached_from",
+    }
+)  # fmt: skip
+_CORE_VALUE_MAX: Final = 128
+# Shed in this order when a row is over its cap: (path in the input, name in "omitted").
+_SHED_ORDER: Final = (
+    (("parsed_body",), "parsed_body"),
+    (("attributes", "request", "http", "body"), "body"),
+    (("attributes", "request", "http", "rawBody"), "rawBody"),
+    (("parsed_query",), "parsed_query"),
+    (("parsed_path",), "parsed_path"),
+    (("attributes", "metadataContext"), "metadataContext"),
+    (("attributes", "routeMetadataContext"), "routeMetadataContext"),
+    (("attributes", "source", "certificate"), "source.certificate"),
+    (("attributes", "destination", "certificate"), "destination.certificate"),
+    (("attributes", "tlsSession"), "tlsSession"),
+    (("attributes", "request", "http", "headerMap"), "headerMap"),
+    (("attributes", "request", "http", "headers"), "headers"),
+    (("attributes", "contextExtensions"), "contextExtensions"),
+)
+_SCHEME_RE: Final = re.compile(rf"^({TCHAR}{{1,32}}) sha256:[0-9a-f]{{64}}$")
+
+
+def truncation_marker(size: int) -> str:
+    """What replaces the end of a value cut to its cap: names the original size (bytes)."""
+    return f"...[truncated from {size} bytes]"
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` if at most ``limit`` UTF-8 bytes, else its longest prefix that fits with
+    the :func:`truncation_marker` appended (a cut never splits a character)."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    marker = truncation_marker(len(raw))
+    keep = raw[: max(0, limit - len(marker))].decode("utf-8", "ignore")
+    return keep + marker
+
+
+def _capped(value: Any, limit: int) -> Any:
+    """:func:`_cap_values`, skipping the walk when the whole of ``value`` fits in ``limit``
+    bytes as JSON (then no string in it can be longer): most rows. ``value`` must be the
+    caller's own copy (it may be returned as is)."""
+    if len(orjson.dumps(value, default=str)) <= limit:
+        return value
+    return _cap_values(value, limit)
+
+
+def _cap_values(value: Any, limit: int) -> Any:
+    """A copy of the JSON ``value`` with every string (keys too) cut to ``limit`` bytes."""
+    if isinstance(value, str):
+        return _cut(value, limit)
+    if isinstance(value, dict):
+        return {_cut(str(k), limit): _cap_values(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_cap_values(item, limit) for item in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """What an audit row keeps of a request (README "Audit trail" has the table).
+
+    ``headers``: lowercase names kept, a trailing ``*`` making a prefix; a name in
+    ``never`` (the credential headers) is never kept, whatever the list says. Kept
+    headers are limited to a quarter of the row (exact names first, in list order, then
+    prefix matches by name); the others are counted in ``headers_omitted``
+    (``{"count", "bytes"}``: names plus values). ``body_max_bytes``: a request body up
+    to this size is kept with its ``parsed_body``; a bigger one (or any, at 0) is left
+    out and ``body_omitted`` records its size. ``value_max_bytes``: every string, key
+    or value, is cut to this many UTF-8 bytes, ending in :func:`truncation_marker`.
+    ``row_max_bytes``: the whole row (every column) stays within this; over it, input
+    fields are shed in a fixed order (``_SHED_ORDER``), each named with its size in
+    ``input.omitted``, then the whole input, then every non-core field. Credential
+    digests (``input.credentials``) are kept: replay needs what the policy keyed on.
+    """
+
+    headers: tuple[str, ...] = DEFAULT_AUDIT_HEADERS
+    body_max_bytes: int = DEFAULT_AUDIT_BODY_MAX_BYTES
+    value_max_bytes: int = DEFAULT_AUDIT_VALUE_MAX_BYTES
+    row_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES
+    never: frozenset[str] = frozenset(CREDENTIAL_HEADERS)
+
+    def header_rank(self) -> tuple[dict[str, int], tuple[str, ...]]:
+        """``({exact name: rank}, prefixes)`` of the allow-list, without ``never``."""
+        exact = [h for h in self.headers if not h.endswith("*") and h not in self.never]
+        prefixes = tuple(h[:-1] for h in self.headers if h.endswith("*"))
+        return {name: i for i, name in enumerate(exact)}, prefixes
+
+
+class _Projector:
+    """Applies a :class:`Projection`: :meth:`slim` on the event loop (cheap: drops what a
+    row never keeps, so a queued entry pins little), :meth:`body` on the writer thread."""
+
+    def __init__(self, projection: Projection) -> None:
+        self.p = projection
+        self._exact, self._prefixes = projection.header_rank()
+        self._never = projection.never
+
+    def _keeps(self, name: str) -> bool:
+        return name in self._exact or (
+            bool(self._prefixes) and name.startswith(self._prefixes) and name not in self._never
+        )
+
+    def slim(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """``document`` without the headers a row does not keep (counted) and without a
+        body it does not keep (its size recorded); credential schemes noted for replay."""
+        attributes = document.get("attributes", {})
+        request = attributes.get("request", {})
+        http = request.get("http", {})
+        omitted_count = omitted_bytes = 0
+        slim_http = {k: v for k, v in http.items() if k not in ("headers", "headerMap")}
+        headers = http.get("headers")
+        if isinstance(headers, Mapping):
+            kept = {}
+            for name, value in headers.items():
+                if self._keeps(name):
+                    kept[name] = value
+                else:
+                    omitted_count += 1
+                    omitted_bytes += len(name) + len(str(value))
+            slim_http["headers"] = kept
+        header_map = http.get("headerMap")
+        if isinstance(header_map, Mapping):
+            entries = []
+            for entry in header_map.get("headers", ()):
+                name = str(entry.get("key", "")).lower() if isinstance(entry, Mapping) else ""
+                if name and self._keeps(name):
+                    entries.append(entry)
+                else:
+                    omitted_count += 1
+                    omitted_bytes += len(orjson.dumps(entry, default=str))
+            slim_http["headerMap"] = {**header_map, "headers": entries}
+        size = sum(len(http.get(name, "")) for name in _BODY_FIELDS)
+        keep_body = 0 < size <= self.p.body_max_bytes
+        if not keep_body:
+            for name in _BODY_FIELDS:
+                slim_http.pop(name, None)
+        slim = {k: v for k, v in document.items() if keep_body or k != "parsed_body"}
+        slim["attributes"] = {**attributes, "request": {**request, "http": slim_http}}
+        if size and not keep_body:
+            slim["body_omitted"] = size
+        if omitted_count:
+            slim["headers_omitted"] = {"count": omitted_count, "bytes": omitted_bytes}
+        schemes = self._schemes(document.get("credentials"), headers)
+        if schemes:
+            slim["credential_schemes"] = schemes
+        return slim
+
+    @staticmethod
+    def _schemes(credentials: Any, headers: Any) -> dict[str, str]:
+        """``{header: scheme}`` of masked ``<scheme> sha256:<hex>`` credentials (RFC 9110
+        section 11.4), so replay can rebuild the masked header from the digest."""
+        if not isinstance(credentials, Mapping) or not isinstance(headers, Mapping):
+            return {}
+        schemes = {}
+        for name in credentials:
+            match = _SCHEME_RE.fullmatch(str(headers.get(name, "")))
+            if match:
+                schemes[name] = match.group(1)
+        return schemes
+
+    def _headers_within(self, http: dict[str, Any], omitted: dict[str, int]) -> None:
+        """Keep headers (already value-capped) up to a quarter of the row: exact names in
+        allow-list order first, then prefix matches by name."""
+        headers = http.get("headers")
+        if not isinstance(headers, dict) or not headers:
+            return
+        budget = self.p.row_max_bytes // 4
+        order = sorted(headers, key=lambda n: (self._exact.get(n, len(self._exact)), n))
+        kept: dict[str, Any] = {}
+        used = 0
+        for name in order:
+            cost = len(name) + len(str(headers[name]).encode()) + 6
+            if used + cost > budget:
+                omitted["count"] = omitted.get("count", 0) + 1
+                omitted["bytes"] = omitted.get("bytes", 0) + cost - 6
+                continue
+            kept[name] = headers[name]
+            used += cost
+        http["headers"] = kept
+
+    def body(self, record: DecisionRecord) -> str:
+        """The row body (canonical JSON) for ``record`` (its document already slimmed),
+        within ``row_max_bytes`` together with the other columns."""
+        limit = self.p.value_max_bytes
+        body = record.log_fields()
+        body["policy"] = (
+            {"allowed": record.policy_allowed, "reason": record.policy_reason}
+            if record.policy_allowed is not None
+            else None
+        )
+        body = _capped(body, limit)
+        if record.document is not None:
+            document: dict[str, Any] = _capped(redact_document(record.document), limit)
+            http = document.get("attributes", {}).get("request", {}).get("http")
+            if isinstance(http, dict):
+                omitted = dict(document.get("headers_omitted") or {})
+                self._headers_within(http, omitted)
+                if omitted:
+                    document["headers_omitted"] = omitted
+            body["input"] = document
+        budget = self.p.row_max_bytes - _ROW_OVERHEAD - len(record.decision_id.encode())
+        return _fit(body, budget)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _fit(body: dict[str, Any], budget: int) -> str:
+    """``body`` as canonical JSON within ``budget`` bytes: input fields shed in
+    ``_SHED_ORDER`` (named with their size in ``input.omitted``), then the whole input
+    (``omitted.input``), then every non-core field (``omitted.fields``), then core values
+    cut to ``_CORE_VALUE_MAX``, and last only the outcome (``omitted.row``; the decision
+    id and time are columns of the row anyway)."""
+    text = _dumps(body)
+    if len(text.encode()) <= budget:
+        return text
+    document = body.get("input")
+    if isinstance(document, dict):
+        shed: dict[str, int] = document.setdefault("omitted", {})
+        for path, name in _SHED_ORDER:
+            *parents, leaf = path
+            holder: Any = document
+            for key in parents:
+                holder = holder.get(key) if isinstance(holder, dict) else None
+            if not isinstance(holder, dict) or leaf not in holder:
+                continue
+            shed[name] = len(_dumps(holder.pop(leaf)).encode())
+            text = _dumps(body)
+            if len(text.encode()) <= budget:
+                return text
+        body["input"] = None
+        body["omitted"] = {"input": len(_dumps(document).encode())}
+        text = _dumps(body)
+        if len(text.encode()) <= budget:
+            return text
+    extra = {k: body.pop(k) for k in list(body) if k not in _CORE_FIELDS}
+    omitted = body.setdefault("omitted", {})
+    if extra:
+        omitted["fields"] = len(_dumps(extra).encode())
+    text = _dumps(body)
+    if len(text.encode()) <= budget:
+        return text
+    text = _dumps(_cap_values(body, _CORE_VALUE_MAX))
+    if len(text.encode()) <= budget:
+        return text
+    # Only fixed-size fields are left (row_max_bytes is at least 4096).
+    minimal: dict[str, Any] = {
+        k: body[k] for k in ("type", "result", "decision", "http_status") if k in body
+    }
+    minimal["omitted"] = {"row": len(text.encode())}
+    return _dumps(minimal)
+
+
+def replay_input(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored input made ready for replay: each credential header the policy saw is put
+    back in its masked form (``sha256:<hex>``, ``<scheme> sha256:<hex>`` for a scheme
+    recorded in ``credential_schemes``) from the digests in ``credentials``; no secret
+    is involved, the row only ever held digests."""
+    copy: dict[str, Any] = orjson.loads(orjson.dumps(document))
+    credentials = copy.get("credentials")
+    http = copy.get("attributes", {}).get("request", {}).get("http")
+    if not isinstance(credentials, dict) or not isinstance(http, dict):
+        return copy
+    schemes = copy.get("credential_schemes") or {}
+    headers = http.setdefault("headers", {})
+    for name, digest in credentials.items():
+        scheme = schemes.get(name) if isinstance(schemes, dict) else None
+        headers[name] = f"{scheme} sha256:{digest}" if scheme else f"sha256:{digest}"
+    return copy
+
+
+def _safe_body(projector: _Projector, record: DecisionRecord) -> bytes:
+    try:
+        return projector.body(record).encode()
+    except Exception as exc:  # never lose the entry (or the batch) over one odd value
+        log.exception("audit body for %s not serializable", record.decision_id)
+        fallback = {"decision_id": record.decision_id, "audit_error": type(exc).__name__}
+        return orjson.dumps(fallback, option=orjson.OPT_SORT_KEYS, default=str)

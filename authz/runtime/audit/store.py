@@ -1,0 +1,542 @@
+"""The audit writer: one background thread appending batches, retention and the byte
+bound, degradation to log-only and gap entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from authz.core.errors import ConfigError
+from authz.core.record import DecisionRecord
+from authz.runtime.audit.chain import (
+    _MIB,
+    GENESIS,
+    _meta,
+    _set_meta,
+    connect,
+    entry_hash,
+)
+from authz.runtime.audit.projection import Projection, _Projector, _safe_body
+from authz.runtime.config import (
+    DEFAULT_AUDIT_MAX_BYTES,
+)
+
+__all__ = [
+    "DEFAULT_QUEUE_MAX_BYTES",
+    "DEFAULT_QUEUE_SIZE",
+    "AuditTrail",
+]
+
+log = logging.getLogger(__name__)
+
+
+_BATCH: Final = 500
+# A batch is also cut at this many (charged) bytes: one transaction's share of the WAL.
+_BATCH_BYTES: Final = 4 * 1024 * 1024
+# The -shm file (32 KiB per 4096 WAL frames' index) and what else the bound leaves room for.
+_SHM_RESERVE: Final = 64 * 1024
+# (kind, time, decision id, body or the record to build it from on the writer thread)
+_Item = tuple[str, float, str, "bytes | DecisionRecord"]
+# How long a caught-up writer lets entries accumulate before committing them.
+_FLUSH_S: Final = 0.2
+DEFAULT_QUEUE_SIZE: Final = 20_000
+DEFAULT_QUEUE_MAX_BYTES: Final = 32 * 1024 * 1024
+# What a queued entry is charged beyond its variable-size parts: the record, the
+# document's fixed fields, the queue slot.
+_ENTRY_OVERHEAD: Final = 1024
+_PRUNE_EVERY_S: Final = 60.0
+_HEAD_LOG_EVERY_S: Final = 60.0
+
+
+def _charge(record: DecisionRecord) -> int:
+    """Bytes a queued record is charged: a fixed overhead plus the variable-size parts it
+    pins (request path, header names and values, body), counted without copying."""
+    size = _ENTRY_OVERHEAD + len(record.path)
+    if record.document is not None:
+        http = record.document.get("attributes", {}).get("request", {}).get("http", {})
+        size += len(http.get("path", "")) * 2  # parsed_path and parsed_query repeat it
+        size += len(http.get("body", "")) * 2 + len(http.get("rawBody", ""))
+        for name, value in http.get("headers", {}).items():
+            size += len(name) + len(value)
+        for entry in http.get("headerMap", {}).get("headers", ()):
+            size += sum(len(str(v)) for v in entry.values())
+    return size
+
+
+class _ByteQueue:
+    """A FIFO bounded by entry count and by charged bytes; never blocks the producer.
+    ``put`` returns False (and keeps nothing) when either bound would be passed; the
+    stop marker of ``close`` is always accepted."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._items: collections.deque[tuple[_Item | None, int]] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: _Item | None, size: int) -> bool:
+        with self._ready:
+            if item is not None and (
+                len(self._items) >= self._max_entries or self.bytes + size > self._max_bytes
+            ):
+                return False
+            self._items.append((item, size))
+            self.bytes += size
+            self._ready.notify()
+            return True
+
+    def get(self, timeout_s: float) -> tuple[bool, _Item | None, int]:
+        """``(True, item, size)`` for the oldest entry (waiting up to ``timeout_s``), or
+        ``(False, None, 0)`` when none came."""
+        with self._ready:
+            if not self._items and not self._ready.wait_for(lambda: self._items, timeout_s):
+                return False, None, 0
+            item, size = self._items.popleft()
+            self.bytes -= size
+            return True, item, size
+
+
+class AuditTrail:
+    """A :class:`~authz.core.record.DecisionSink` appending every record to the database at
+    ``path``. Raises ConfigError at construction if the database cannot be opened.
+
+    ``retention_days`` and ``max_records`` bound the store (None: unbounded);
+    ``queue_size`` (entries) and ``queue_max_bytes`` (charged bytes: a fixed overhead
+    per entry plus the path, headers and body it pins) bound what waits for the writer;
+    beyond either an entry is dropped and counted like a failed write (a ``gap`` entry
+    records it). ``on_state(degraded, written, failed)`` is called after every batch for
+    metrics. ``clock`` (Unix seconds) and ``sleep`` are injectable for tests.
+    ``projection`` decides what a decision row keeps of the request (:class:`Projection`,
+    defaults from :mod:`authz.runtime.config`). ``max_bytes`` bounds the database, its WAL and
+    shared-memory file together (None: unbounded; at least 1 MiB): after each batch the
+    oldest rows are pruned (an anchor move) when the rows' pages pass their share.
+
+    The writer takes a backlog (a full batch or more waiting) at once, batch after
+    batch; only when it is caught up does it sleep ``_FLUSH_S`` so that entries
+    accumulate into one transaction instead of one commit each.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_days: float | None = 30.0,
+        max_records: int | None = 1_000_000,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
+        on_state: Callable[[bool, int, int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        projection: Projection | None = None,
+        max_bytes: int | None = DEFAULT_AUDIT_MAX_BYTES,
+    ) -> None:
+        self.path = path
+        self._projector = _Projector(projection or Projection())
+        self._max_bytes = max_bytes
+        self._batch_bytes = _BATCH_BYTES
+        self._wal_limit = self._data_budget = 0
+        if max_bytes is not None:
+            if max_bytes < _MIB:
+                raise ConfigError(f"audit max_bytes={max_bytes}: expected at least {_MIB}")
+            # Room for the WAL and two batches past a check; the rows get the rest.
+            self._wal_limit = min(max(max_bytes // 8, 256 * 1024), 64 * _MIB)
+            self._batch_bytes = min(_BATCH_BYTES, max_bytes // 32)
+            self._data_budget = max_bytes - self._wal_limit - 2 * self._batch_bytes - _SHM_RESERVE
+        self._vacuum_warned = False
+        try:
+            self._conn = connect(path)
+            if max_bytes is not None:
+                # A checkpoint once the WAL holds half its room; the WAL file is cut
+                # back to that size after it (SQLite's journal_size_limit).
+                page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+                half = self._wal_limit // 2
+                self._conn.execute(f"PRAGMA wal_autocheckpoint={max(8, half // page_size)}")
+                self._conn.execute(f"PRAGMA journal_size_limit={half}")
+            head = _meta(self._conn, "head")
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
+        self._seq = int(head["seq"]) if head else 0
+        self._hash = str(head["hash"]) if head else GENESIS
+        self._retention_s = retention_days * 86400 if retention_days else None
+        self._max_records = max_records
+        self._queue = _ByteQueue(queue_size, queue_max_bytes)
+        self._on_state = on_state
+        self._clock = clock
+        self._sleep = sleep
+        self.degraded = False
+        self.written = 0
+        self.failed = 0
+        self._lost = 0
+        self._lost_since: float | None = None
+        self._lost_lock = threading.Lock()
+        self._last_prune = 0.0
+        self.prunes = 0
+        self._head_logged = 0.0
+        try:
+            self._adopt_anchor()
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def _adopt_anchor(self) -> None:
+        """A store pruned before anchor moves were recorded has an anchor and no ``anchor``
+        entry; record one (``"from": null``) once, so it verifies from here on. The
+        ``anchor_moves`` meta key marks a store whose moves are all recorded."""
+        if _meta(self._conn, "anchor_moves") is not None:
+            return
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            anchor = _meta(self._conn, "anchor")
+            if anchor is not None and _meta(self._conn, "anchor_moves") is None:
+                body = _move_body(None, anchor, 0)
+                self._seq, self._hash = self._append([("anchor", self._clock(), "", body)])
+                log.warning(
+                    "audit anchor adopted: pruned before anchor moves were recorded",
+                    extra={"audit_db": str(self.path), "anchor": anchor, "seq": self._seq},
+                )
+            _set_meta(self._conn, "anchor_moves", {"recorded": True})
+
+    # -- producer side (event loop) -----------------------------------------------------
+    @property
+    def queued_bytes(self) -> int:
+        """Charged bytes of the entries waiting for the writer."""
+        return self._queue.bytes
+
+    def record(self, record: DecisionRecord) -> None:
+        """Queue ``record`` for the writer; never blocks, never raises. The body is built
+        on the writer thread, off the request path."""
+        if record.document is not None:  # a queued entry pins only what the row keeps
+            try:
+                slim: Mapping[str, Any] | None = self._projector.slim(record.document)
+            except Exception:  # an odd document costs its input, never the entry
+                log.exception("audit input for %s not projected", record.decision_id)
+                slim = None
+            record = dataclasses.replace(record, document=slim)
+        self._put("decision", record.timestamp, record.decision_id, record, _charge(record))
+
+    def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
+        """Queue an admin action (mode switch, override) as an entry of kind ``admin``."""
+        body = orjson.dumps({"action": action, **fields}, option=orjson.OPT_SORT_KEYS)
+        self._put("admin", self._clock(), entry_id, body, _ENTRY_OVERHEAD + len(body))
+
+    def _put(
+        self, kind: str, when: float, entry_id: str, body: bytes | DecisionRecord, size: int
+    ) -> None:
+        if not self._queue.put((kind, when, entry_id, body), size):
+            with self._lost_lock:
+                self.failed += 1
+                self._lost += 1
+                self._lost_since = self._lost_since or when
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush what is queued, log the head, and stop the writer."""
+        self._queue.put(None, 0)
+        self._thread.join(timeout_s)
+        self._log_head()
+        self._conn.close()
+
+    def _log_head(self) -> None:
+        """Log the chain head, the anchor ``verify --head`` checks a file against."""
+        self._head_logged = self._clock()
+        if self._seq:
+            log.info(
+                "audit head",
+                extra={"audit_db": str(self.path), "seq": self._seq, "hash": self._hash},
+            )
+
+    # -- writer thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._next_batch()
+            if batch or self._lost:
+                self._write(batch)
+            if self._clock() - self._last_prune > _PRUNE_EVERY_S:
+                self._prune()
+            if stopping:
+                return
+
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        """Up to ``_BATCH`` queued entries (and about ``_batch_bytes``; waiting at most
+        ``_FLUSH_S`` for the first), and whether close() asked to stop. With a full batch
+        already waiting (a backlog) it returns at once; with fewer, the writer is caught
+        up and sleeps ``_FLUSH_S`` first: waking (and committing) per entry would cost a
+        transaction and two GIL hand-offs with the event loop for every request."""
+        batch: list[_Item] = []
+        got, item, size = self._queue.get(_FLUSH_S)
+        if not got:
+            return batch, False
+        if item is not None and len(self._queue) < _BATCH - 1:
+            self._sleep(_FLUSH_S)
+        charged = 0
+        while True:
+            if item is None:
+                return batch, True
+            batch.append(item)
+            charged += size
+            if len(batch) >= _BATCH or charged >= self._batch_bytes:
+                return batch, False
+            got, item, size = self._queue.get(0)
+            if not got:
+                return batch, False
+
+    def _write(self, batch: list[_Item]) -> None:
+        entries = list(batch)
+        with self._lost_lock:
+            lost, lost_since = self._lost, self._lost_since
+        if lost:
+            gap = orjson.dumps(
+                {"lost": lost, "since": lost_since, "until": self._clock()},
+                option=orjson.OPT_SORT_KEYS,
+            )
+            entries.insert(0, ("gap", self._clock(), "", gap))
+        texts = [
+            (
+                kind,
+                when,
+                entry_id,
+                (body if isinstance(body, bytes) else _safe_body(self._projector, body)).decode(),
+            )
+            for kind, when, entry_id, body in entries
+        ]
+        try:
+            self._check_wal()
+            with self._conn:  # one transaction
+                self._conn.execute("BEGIN IMMEDIATE")
+                seq, prev = self._append(texts)
+        except sqlite3.Error as exc:
+            self._rollback()
+            with self._lost_lock:
+                self.failed += len(batch)
+                if not self._lost:
+                    self._lost_since = batch[0][1] if batch else self._clock()
+                self._lost += len(batch)
+            if not self.degraded:
+                self.degraded = True
+                log.error(
+                    "audit trail degraded to log-only (decisions are still in the decision log)",
+                    extra={"audit_db": str(self.path), "error": str(exc)},
+                )
+            self._report()
+            return
+        self._seq, self._hash = seq, prev
+        self.written += len(batch)
+        if self._clock() - self._head_logged > _HEAD_LOG_EVERY_S:
+            self._log_head()
+        if self.degraded:
+            self.degraded = False
+            log.warning(
+                "audit trail recovered; a gap entry records what was lost",
+                extra={"audit_db": str(self.path), "lost": lost},
+            )
+        with self._lost_lock:
+            self._lost -= lost  # entries dropped meanwhile stay counted for the next gap
+            if not self._lost:
+                self._lost_since = None
+        self._report()
+        self._enforce_max_bytes()
+
+    # -- the byte bound ------------------------------------------------------------------
+    def _wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return 0
+
+    def _check_wal(self) -> None:
+        """Before a write: a WAL past its room (a long reader held off checkpoints) is
+        checkpointed and cut back; if it cannot be, the write fails (degraded, then a
+        gap entry) rather than the store outgrowing ``max_bytes``."""
+        if self._max_bytes is None or self._wal_bytes() <= self._wal_limit:
+            return
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._wal_bytes() > self._wal_limit:
+            raise sqlite3.OperationalError(
+                f"audit WAL over its {self._wal_limit} bytes (a reader holds it): not writing"
+            )
+
+    def _pages(self) -> tuple[int, int, int]:
+        """``(page_size, page_count, freelist_count)`` of the database."""
+        size, count, free = (
+            int(self._conn.execute(f"PRAGMA {name}").fetchone()[0])
+            for name in ("page_size", "page_count", "freelist_count")
+        )
+        return size, count, free
+
+    def _enforce_max_bytes(self) -> None:
+        """After a write: prune the oldest rows when the rows' pages outgrow their share of
+        ``max_bytes`` (down to 90% of it), give back free pages of a file over the bound,
+        and checkpoint a WAL past half its room."""
+        if self._max_bytes is None:
+            return
+        try:
+            page_size, pages, free = self._pages()
+            used = (pages - free) * page_size
+            if used > self._data_budget:
+                self._prune(excess_bytes=used - self._data_budget * 9 // 10, used_bytes=used)
+                page_size, pages, free = self._pages()
+            if pages * page_size + self._wal_bytes() > self._max_bytes and free:
+                self._give_back(free)
+            if self._wal_bytes() > self._wal_limit // 2:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("audit byte bound not enforced", extra={"error": str(exc)})
+
+    def _give_back(self, free: int) -> None:
+        """Return free pages to the filesystem, a batch's worth at a time (a store made
+        under a larger bound); only an ``auto_vacuum=INCREMENTAL`` file can."""
+        if int(self._conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
+            page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+            pages = min(free, max(1, self._batch_bytes // page_size))
+            self._conn.execute(f"PRAGMA incremental_vacuum({pages})")
+        elif not self._vacuum_warned:
+            self._vacuum_warned = True
+            log.warning(
+                "audit database larger than AUTHZ_AUDIT_MAX_BYTES and made without "
+                "auto_vacuum: its free pages are reused, not given back (VACUUM it offline)",
+                extra={"audit_db": str(self.path), "max_bytes": self._max_bytes},
+            )
+
+    def _append(self, texts: list[tuple[str, float, str, str]]) -> tuple[int, str]:
+        """Chain ``(kind, time, id, body)`` entries onto the head and move the head; inside
+        the caller's write transaction. Returns the new head ``(seq, hash)``."""
+        # The head is read under the write lock: another authz process sharing this
+        # file may have appended since our last batch; chain onto its entries.
+        head = _meta(self._conn, "head")
+        seq = int(head["seq"]) if head else self._seq
+        prev = str(head["hash"]) if head else self._hash
+        rows = []
+        for kind, when, entry_id, text in texts:
+            seq += 1
+            digest = entry_hash(seq, prev, kind, when, entry_id, text)
+            rows.append((seq, kind, when, entry_id, text, prev, digest))
+            prev = digest
+        self._conn.executemany(
+            "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        _set_meta(self._conn, "head", {"seq": seq, "hash": prev})
+        return seq, prev
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
+
+    def _report(self) -> None:
+        if self._on_state is not None:
+            try:
+                self._on_state(self.degraded, self.written, self.failed)
+            except Exception:
+                log.exception("audit state callback failed")
+
+    def _prune(self, excess_bytes: int = 0, used_bytes: int = 0) -> None:
+        """Delete the oldest entries past retention (``retention_days``, ``max_records``,
+        and about ``excess_bytes`` of the ``used_bytes`` rows hold, for ``max_bytes``)
+        and move the anchor, recording the move as an ``anchor`` entry chained after the
+        head (so the move itself is under the hash chain) and logging it."""
+        self._last_prune = self._clock()
+        try:
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                moved = self._move_anchor(excess_bytes, used_bytes)
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.warning("audit retention pruning failed", extra={"error": str(exc)})
+            return
+        finally:
+            self.prunes += 1
+        if moved is not None:
+            self._announce_move(*moved)
+
+    def _cutoff(self, head_seq: int, anchor_seq: int, excess_bytes: int, used_bytes: int) -> int:
+        """The last seq retention removes (<= ``anchor_seq``: nothing to remove)."""
+        cutoff = anchor_seq
+        rows = head_seq - anchor_seq
+        if excess_bytes > 0 and rows > 0:
+            # Rows are of similar size: the average over the store (index included).
+            per_row = max(1, used_bytes // rows)
+            cutoff = max(cutoff, anchor_seq + min(rows, -(-excess_bytes // per_row)))
+        if self._retention_s is not None:
+            row = self._conn.execute(
+                "SELECT MAX(seq) FROM audit WHERE time < ?",
+                (self._clock() - self._retention_s,),
+            ).fetchone()
+            cutoff = max(cutoff, int(row[0] or 0))
+        if self._max_records is not None and head_seq - anchor_seq > self._max_records:
+            # Room for the anchor entry itself: max_records entries after the move, and
+            # an idle store does not prune again (no churn of anchor entries).
+            cutoff = max(cutoff, head_seq - self._max_records + 1)
+        return cutoff
+
+    def _move_anchor(
+        self, excess_bytes: int, used_bytes: int
+    ) -> tuple[dict[str, Any], dict[str, Any], int, int, str] | None:
+        """Inside a write transaction: prune and record the move. Returns ``(previous
+        anchor, new anchor, entries deleted, move entry seq, its hash)`` or None."""
+        head = _meta(self._conn, "head")
+        if head is None:
+            return None
+        previous = _meta(self._conn, "anchor") or {"seq": 0, "hash": GENESIS}
+        cutoff = self._cutoff(int(head["seq"]), int(previous["seq"]), excess_bytes, used_bytes)
+        if cutoff <= int(previous["seq"]):
+            return None
+        row = self._conn.execute(
+            "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1", (cutoff,)
+        ).fetchone()
+        if row is None:
+            return None
+        anchor = {"seq": int(row[0]), "hash": str(row[1])}
+        deleted = self._conn.execute("DELETE FROM audit WHERE seq <= ?", (row[0],)).rowcount
+        _set_meta(self._conn, "anchor", anchor)
+        body = _move_body(previous, anchor, deleted)
+        seq, digest = self._append([("anchor", self._clock(), "", body)])
+        self._seq, self._hash = seq, digest
+        return previous, anchor, deleted, seq, digest
+
+    def _announce_move(
+        self,
+        previous: Mapping[str, Any],
+        anchor: Mapping[str, Any],
+        deleted: int,
+        seq: int,
+        digest: str,
+    ) -> None:
+        """One log line per anchor move: the new and the previous anchor and the move's
+        own entry (``seq``/``hash``, usable as ``verify --head``)."""
+        log.info(
+            "audit anchor moved",
+            extra={
+                "audit_db": str(self.path),
+                "anchor": dict(anchor),
+                "previous": dict(previous),
+                "deleted": deleted,
+                "seq": seq,
+                "hash": digest,
+            },
+        )
+
+
+def _move_body(previous: Mapping[str, Any] | None, anchor: Mapping[str, Any], deleted: int) -> str:
+    """The body of an ``anchor`` entry: ``{"from": previous anchor or null (adopted from a
+    store written before moves were recorded), "to": new anchor, "deleted": count}``."""
+    return orjson.dumps(
+        {"from": previous, "to": anchor, "deleted": deleted}, option=orjson.OPT_SORT_KEYS
+    ).decode()
