@@ -480,6 +480,19 @@ def test_body_parsing_can_be_skipped() -> None:
 
 
 def test_attributes_use_json_names_and_only_set_fields() -> None:
+    # Passed through as given (Structs and maps of strings):
+    source = {
+        "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 53011}},
+        "service": "dummy",
+        "labels": {"foo": "bar"},
+        "principal": "spiffe://cluster.local/ns/agents/sa/runner",
+    }
+    extensions = {"decision_path": "authz/egress/decision", "route_name": "r1"}
+    metadata = {
+        "filterMetadata": {
+            "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
+        }
+    }
     request = check_request_json(
         {
             "id": "13359530607844510314",
@@ -492,23 +505,14 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
             "size": "12",
             "rawBody": base64.b64encode(b"firstname=foo&lastname=bar").decode(),
         },
-        source={
-            "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 53011}},
-            "service": "dummy",
-            "labels": {"foo": "bar"},
-            "principal": "spiffe://cluster.local/ns/agents/sa/runner",
-        },
+        source=source,
         destination={
             "address": {
                 "socketAddress": {"address": "10.0.0.1", "portValue": 8080, "protocol": "UDP"}
             }
         },
-        contextExtensions={"decision_path": "authz/egress/decision", "route_name": "r1"},
-        metadataContext={
-            "filterMetadata": {
-                "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
-            }
-        },
+        contextExtensions=extensions,
+        metadataContext=metadata,
         tlsSession={"sni": "api.example.com"},
     )
     request.attributes.request.time.FromSeconds(1_700_000_000)
@@ -516,23 +520,14 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
     document = build_input(request, ())
 
     assert document["attributes"] == {
-        "source": {
-            "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 53011}},
-            "service": "dummy",
-            "labels": {"foo": "bar"},
-            "principal": "spiffe://cluster.local/ns/agents/sa/runner",
-        },
+        "source": source,
         # Enums are numbers in protomap (UDP = 1), not protojson's names.
         "destination": {
             "address": {"socketAddress": {"address": "10.0.0.1", "portValue": 8080, "protocol": 1}}
         },
-        "contextExtensions": {"decision_path": "authz/egress/decision", "route_name": "r1"},
+        "contextExtensions": extensions,
         # A Struct is plain JSON, not {"fields": {...: {"stringValue": ...}}}.
-        "metadataContext": {
-            "filterMetadata": {
-                "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
-            }
-        },
+        "metadataContext": metadata,
         "tlsSession": {"sni": "api.example.com"},
         "request": {
             "time": {"seconds": 1_700_000_000},
@@ -625,73 +620,61 @@ def header_map(*entries: tuple[str, str], raw: bool = True) -> dict[str, Any]:
     return {"headers": [{"key": k, "value": v} for k, v in entries]}
 
 
+def _one(
+    case_id: str, http: dict[str, Any], header: str, secret: str
+) -> tuple[str, dict[str, Any], dict[str, str], str]:
+    """A :data:`CREDENTIAL_CASES` row whose only credential is ``header`` carrying
+    ``secret``: ``input.credentials`` holds its digest alone."""
+    return (case_id, http, {header: sha256(secret)}, secret)
+
+
 CREDENTIAL_CASES: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
     # (id, http, expected input.credentials, the secret that must not appear)
-    ("x-api-key", {"headers": {"x-api-key": API_KEY}}, {"x-api-key": sha256(API_KEY)}, API_KEY),
-    (
-        "x-api-key-padded",
-        {"headers": {"x-api-key": f"  {API_KEY} "}},
-        {"x-api-key": sha256(API_KEY)},
-        API_KEY,
-    ),
-    (
-        "bearer",
-        {"headers": {"authorization": f"Bearer {TOKEN}"}},
-        {"authorization": sha256(TOKEN)},
-        TOKEN,
-    ),
-    (
-        "bearer-no-scheme",
-        {"headers": {"authorization": TOKEN}},
-        {"authorization": sha256(TOKEN)},
-        TOKEN,
-    ),
-    (
+    _one("x-api-key", {"headers": {"x-api-key": API_KEY}}, "x-api-key", API_KEY),
+    _one("x-api-key-padded", {"headers": {"x-api-key": f"  {API_KEY} "}}, "x-api-key", API_KEY),
+    _one("bearer", {"headers": {"authorization": f"Bearer {TOKEN}"}}, "authorization", TOKEN),
+    _one("bearer-no-scheme", {"headers": {"authorization": TOKEN}}, "authorization", TOKEN),
+    _one(
         "proxy-authorization",
         {"headers": {"proxy-authorization": f"Bearer {TOKEN}"}},
-        {"proxy-authorization": sha256(TOKEN)},
+        "proxy-authorization",
         TOKEN,
     ),
-    (
-        "x-sandbox-token",
-        {"headers": {"x-sandbox-token": SANDBOX}},
-        {"x-sandbox-token": sha256(SANDBOX)},
-        SANDBOX,
-    ),
+    _one("x-sandbox-token", {"headers": {"x-sandbox-token": SANDBOX}}, "x-sandbox-token", SANDBOX),
     (
         "several",
         {"headers": {"x-api-key": API_KEY, "authorization": f"Bearer {TOKEN}", "accept": "*/*"}},
         {"x-api-key": sha256(API_KEY), "authorization": sha256(TOKEN)},
         TOKEN,
     ),
-    (
+    _one(
         "header-map-raw-value",
         {"headerMap": header_map(("x-api-key", API_KEY))},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
-    (
+    _one(
         "header-map-raw-value-bearer",
         {"headerMap": header_map(("authorization", f"Bearer {TOKEN}"))},
-        {"authorization": sha256(TOKEN)},
+        "authorization",
         TOKEN,
     ),
-    (
+    _one(
         "header-map-value",
         {"headerMap": header_map(("x-api-key", API_KEY), raw=False)},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
-    (
+    _one(
         "header-map-mixed-case-key",
         {"headerMap": header_map(("X-Api-Key", API_KEY))},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
-    (
+    _one(
         "headers-and-header-map",
         {"headers": {"x-api-key": API_KEY}, "headerMap": header_map(("x-api-key", API_KEY))},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
     ("absent", {"headers": {"accept": "*/*"}}, {}, API_KEY),
