@@ -24,7 +24,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,3 +308,17 @@ def check_all(
         ]
 
     return asyncio.run(run())
+
+
+def poll_status(
+    call: Callable[[], httpx.Response], status: int, timeout_s: float = 10.0
+) -> httpx.Response:
+    """Repeat ``call`` every 0.1 s until it answers ``status`` and return that response;
+    after ``timeout_s`` seconds, fail the test with the last response's body."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = call()
+        if resp.status_code == status or time.monotonic() > deadline:
+            assert resp.status_code == status, resp.text
+            return resp
+        time.sleep(0.1)
