@@ -17,6 +17,7 @@ import pytest
 
 from authz.stack.supervisor import free_port, http_ok
 from tests.helpers.e2e import Env, authz_processes, check_all
+from tests.helpers.serve import serve_until_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -301,14 +302,7 @@ def test_sighup_reloads_the_mode(e2e: Env, tmp_path: Path) -> None:
 
 
 def test_bypass_refused_at_startup(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "authz", "serve"],
-        env={**os.environ, "AUTHZ_MODE": "bypass", "AUTHZ_AUDIT_DB": ""},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = serve_until_exit({**os.environ, "AUTHZ_MODE": "bypass", "AUTHZ_AUDIT_DB": ""})
     assert result.returncode == 2
     assert "AUTHZ_ALLOW_BYPASS" in result.stderr
 
