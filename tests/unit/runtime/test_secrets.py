@@ -262,18 +262,28 @@ BREAKAGES: list[tuple[bytes, Callable[[pytest.MonkeyPatch], None]]] = [
 BREAKAGE_IDS = ["invalid-utf8-value", "binary", "nul-bytes", "deep-nesting", "bug", "memory"]
 
 
-@pytest.mark.parametrize(("content", "patch"), BREAKAGES, ids=BREAKAGE_IDS)
+@pytest.fixture(params=BREAKAGES, ids=BREAKAGE_IDS)
+def break_file(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Path], None]:
+    """Each of :data:`BREAKAGES` as a call that breaks the secrets file at its path (the
+    test's ``monkeypatch.undo()`` lifts the patch)."""
+    content, patch = request.param
+
+    def apply(path: Path) -> None:
+        _write(path, content)
+        patch(monkeypatch)
+
+    return apply
+
+
 def test_refresh_fails_closed_on_any_error_and_never_raises(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    content: bytes,
-    patch: Callable[[pytest.MonkeyPatch], None],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_file: Callable[[Path], None]
 ) -> None:
     path, store = _opened(tmp_path)
     reported: list[bool] = []
     store.on_reload = reported.append
-    _write(path, content)
-    patch(monkeypatch)
+    break_file(path)
     assert store.refresh() is True
     assert not store.loaded
     with pytest.raises(CredentialError):
@@ -294,12 +304,8 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.mark.parametrize(("content", "patch"), BREAKAGES, ids=BREAKAGE_IDS)
 async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_denied(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    content: bytes,
-    patch: Callable[[pytest.MonkeyPatch], None],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_file: Callable[[Path], None]
 ) -> None:
     path, store = _opened(tmp_path)
     ready = secrets_check(store)
@@ -318,8 +324,7 @@ async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_deni
     watcher = asyncio.create_task(store.watch(0.01))
     try:
         assert (await ready())[0] is True
-        _write(path, content)
-        patch(monkeypatch)
+        break_file(path)
         await _until(lambda: not store.loaded)
         await asyncio.sleep(0.05)  # several more watcher passes over the bad file
         assert not watcher.done()
