@@ -493,15 +493,19 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
             "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
         }
     }
+    # The string fields of the HTTP request too (size and rawBody, below, change form).
+    http = {
+        "id": "13359530607844510314",
+        "method": "POST",
+        "headers": {":authority": "api.example.com", "accept": "*/*"},
+        "path": "/api/v1/products",
+        "host": "api.example.com",
+        "scheme": "https",
+        "protocol": "HTTP/1.1",
+    }
     request = check_request_json(
         {
-            "id": "13359530607844510314",
-            "method": "POST",
-            "headers": {":authority": "api.example.com", "accept": "*/*"},
-            "path": "/api/v1/products",
-            "host": "api.example.com",
-            "scheme": "https",
-            "protocol": "HTTP/1.1",
+            **http,
             "size": "12",
             "rawBody": base64.b64encode(b"firstname=foo&lastname=bar").decode(),
         },
@@ -532,13 +536,7 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
         "request": {
             "time": {"seconds": 1_700_000_000},
             "http": {
-                "id": "13359530607844510314",
-                "method": "POST",
-                "headers": {":authority": "api.example.com", "accept": "*/*"},
-                "path": "/api/v1/products",
-                "host": "api.example.com",
-                "scheme": "https",
-                "protocol": "HTTP/1.1",
+                **http,
                 # int64 is a number here (protojson would make it the string "12").
                 "size": 12,
                 # Bytes are standard base64 (the value from request_test.go).
