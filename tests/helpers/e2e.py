@@ -99,6 +99,29 @@ class Env:
         """(Re)write the egress secrets file; bumps mtime so authz sees the change."""
         write_secrets_file(self.secrets_file, self.secrets if secrets is None else secrets)
 
+    def add_override(
+        self,
+        effect: str,
+        match: Mapping[str, object],
+        *,
+        reason: str,
+        ttl_seconds: int = 600,
+        decision_path: str = "authz/gateway/decision",
+    ) -> httpx.Response:
+        """``POST /v1/overrides`` on the admin API: ``effect`` (allow, deny) for requests
+        that ``match``, for ``ttl_seconds``; returns the response (201 and the override's
+        JSON when it took)."""
+        return self.admin.post(
+            "/v1/overrides",
+            json={
+                "effect": effect,
+                "decision_path": decision_path,
+                "match": dict(match),
+                "ttl_seconds": ttl_seconds,
+                "reason": reason,
+            },
+        )
+
     def sandbox_headers(self, sandbox: str, service: str) -> dict[str, str]:
         """Headers a sandbox sends to call ``service`` through the egress proxy."""
         return {"host": service, "x-sandbox-id": sandbox, "x-sandbox-token": self.tokens[sandbox]}
