@@ -19,7 +19,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.json_format import ParseDict
 
-from authz.core.authorizer import Authorizer
+from authz.core.authorizer import Authorizer, Outcome
 from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
     MAX_BODY_BYTES,
@@ -815,6 +815,29 @@ def test_mask_credential_trims_only_rfc9110_whitespace(
 PATH = "authz/gateway/decision"
 
 
+async def _check_before_opa(
+    request: external_auth_pb2.CheckRequest, control: Control | None = None
+) -> tuple[Outcome, ListSink]:
+    """``request`` checked by an authorizer that always parses bodies, over the real OPA
+    client to a port nothing listens on (1): for requests decided before OPA is asked.
+    Returns the outcome and the sink that received its record."""
+    sink = ListSink()
+    engine = OpaClient("http://127.0.0.1:1")
+    authorizer = Authorizer(
+        engine,
+        default_decision_path=PATH,
+        credential_headers=("x-api-key",),
+        timeout_s=5.0,
+        parse_body=BodyParsing.ALWAYS,
+        control=control,
+        sinks=[sink],
+    )
+    try:
+        return await authorizer.check(request), sink
+    finally:
+        await engine.close()
+
+
 @pytest.mark.parametrize(
     "body",
     ["[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000, '{"a": "\\ud800"}'],
@@ -829,25 +852,10 @@ async def test_unserializable_json_body_is_an_invalid_request_decision(
     # holding a lone surrogate escape (json.loads accepts it, orjson.dumps refuses it),
     # is such a body: a recorded invalid_request decision (decision log, metrics, audit
     # trail), never a bare 500, and in dry-run it is not blocked.
-    sink = ListSink()
-    # The real client; nothing listens on port 1, but it never gets that far.
-    engine = OpaClient("http://127.0.0.1:1")
-    authorizer = Authorizer(
-        engine,
-        default_decision_path=PATH,
-        credential_headers=("x-api-key",),
-        timeout_s=5.0,
-        parse_body=BodyParsing.ALWAYS,
-        control=Control(mode),
-        sinks=[sink],
-    )
     request = check_request(
         method="POST", path="/api/v1/items", body=body, headers={"content-type": "application/json"}
     )
-    try:
-        outcome = await authorizer.check(request)
-    finally:
-        await engine.close()
+    outcome, sink = await _check_before_opa(request, Control(mode))
     assert len(sink.records) == 1
     if mode is Mode.ENFORCE:
         assert outcome.record.reason == "invalid_request"
@@ -953,26 +961,13 @@ def test_body_over_the_parse_cap_is_not_parsed(content_type: str) -> None:
     ids=["long-part-header", "nested-comments", "1000-parts"],
 )
 async def test_hostile_multipart_without_a_key_is_a_400_deny(body: bytes) -> None:
-    sink = ListSink()
-    engine = OpaClient("http://127.0.0.1:1")  # never reached
-    authorizer = Authorizer(
-        engine,
-        default_decision_path=PATH,
-        credential_headers=("x-api-key",),
-        timeout_s=5.0,
-        parse_body=BodyParsing.ALWAYS,
-        sinks=[sink],
-    )
     request = check_request(
         method="POST",
         path="/api/v1/items",
         body=body.decode("latin-1"),
         headers={"content-type": MULTIPART},
     )
-    try:
-        outcome = await authorizer.check(request)
-    finally:
-        await engine.close()
+    outcome, _ = await _check_before_opa(request)
     assert outcome.record.reason == "invalid_request"
     assert outcome.record.http_status == 400
 
