@@ -18,7 +18,7 @@ from typing import Final
 
 from authz.stack.demo import EXAMPLES
 from authz.stack.supervisor import Ports, Stack, StackError
-from authz.tools.usage import exit_codes, paragraph
+from authz.tools.usage import command_parser
 
 
 def _banner(stack: Stack) -> str:
@@ -72,15 +72,12 @@ EXIT_CODES: Final = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of :func:`main` (``scripts/up`` passes its options through)."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=paragraph(
-            "run the authz local stack (OPA, authz, both Envoys, a demo upstream, the "
-            "egress stand-in) on 127.0.0.1 until Ctrl-C/SIGTERM; scripts/up builds the "
-            "bundle and the secrets file first"
-        ),
-        epilog=exit_codes(EXIT_CODES),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        PROG,
+        "run the authz local stack (OPA, authz, both Envoys, a demo upstream, the "
+        "egress stand-in) on 127.0.0.1 until Ctrl-C/SIGTERM; scripts/up builds the "
+        "bundle and the secrets file first",
+        EXIT_CODES,
     )
     parser.add_argument(
         "--root",

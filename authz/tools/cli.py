@@ -365,6 +365,27 @@ _USAGE_ERROR: Final = (2, "bad usage")
 _PRINTED: Final = ((0, "printed"), _USAGE_ERROR)
 
 
+def _group(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    *,
+    aliases: Sequence[str] = (),
+) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction[argparse.ArgumentParser]]:
+    """Add command ``name`` (:func:`_verb`) that only groups commands: returns it and its
+    required subcommands (dest ``<name>_command``), to add them to."""
+    group = _verb(commands, name, summary, aliases=aliases)
+    subcommands = group.add_subparsers(
+        dest=f"{name}_command", required=True, title="commands", metavar="COMMAND"
+    )
+    return group, subcommands
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--json`` (``args.json``): print the report as JSON, for scripts."""
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``authz`` argument parser: every verb with its one-line description, option
     help and exit codes (what ``--help`` prints at each level)."""
@@ -386,9 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML settings file (AUTHZ_* env wins)")
     serve.set_defaults(func=_serve)
 
-    key = _verb(commands, "key", "API key helpers: new, hash, health", aliases=["keys"])
-    key_commands = key.add_subparsers(
-        dest="key_command", required=True, title="commands", metavar="COMMAND"
+    _, key_commands = _group(
+        commands, "key", "API key helpers: new, hash, health", aliases=["keys"]
     )
     new = _verb(
         key_commands,
@@ -440,13 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --audit: no decision in this many days is 'unused' (default: %(default)g)",
     )
     health.add_argument("--now", type=_rfc3339, help="assess as of this RFC 3339 time")
-    health.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_flag(health)
     health.set_defaults(func=_keys_health)
 
-    sandbox = _verb(commands, "sandbox", "sandbox identity helpers: new")
-    sandbox_commands = sandbox.add_subparsers(
-        dest="sandbox_command", required=True, title="commands", metavar="COMMAND"
-    )
+    _, sandbox_commands = _group(commands, "sandbox", "sandbox identity helpers: new")
     sandbox_new = _verb(
         sandbox_commands,
         "new",
@@ -457,10 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox_new.add_argument("--tier", default="default", help="egress tier (default: default)")
     sandbox_new.set_defaults(func=_sandbox_new)
 
-    secrets_ = _verb(commands, "secrets", "egress secrets file helpers: generate")
-    secrets_commands = secrets_.add_subparsers(
-        dest="secrets_command", required=True, title="commands", metavar="COMMAND"
-    )
+    _, secrets_commands = _group(commands, "secrets", "egress secrets file helpers: generate")
     generate = _verb(
         secrets_commands,
         "generate",
@@ -498,12 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--db", default=argparse.SUPPRESS, help="audit database")
     where.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
-    audit_ = _verb(commands, "audit", "the tamper-evident audit trail: tail, verify, replay")
+    audit_, audit_commands = _group(
+        commands, "audit", "the tamper-evident audit trail: tail, verify, replay"
+    )
     audit_.add_argument("--db", help="audit database (default: AUTHZ_AUDIT_DB / settings)")
     audit_.add_argument("--config", type=Path, help="YAML settings file")
-    audit_commands = audit_.add_subparsers(
-        dest="audit_command", required=True, title="commands", metavar="COMMAND"
-    )
     no_db = (2, "could not run: no audit database")
     tail = _verb(
         audit_commands,
@@ -536,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--head", help="SEQ:HASH from an 'audit head' log line: the chain must still hold it"
     )
-    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_flag(verify)
     verify.set_defaults(func=_audit_verify)
     replay_ = _verb(
         audit_commands,
@@ -551,14 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay_.add_argument("--bundle", type=Path, required=True, help="bundle .tar.gz to compare")
     replay_.add_argument("--limit", type=_count, default=None, help="only the last N decisions")
-    replay_.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_flag(replay_)
     replay_.set_defaults(func=_audit_replay)
 
-    generators = _verb(
+    _, generator_commands = _group(
         commands, "generate", "generate Envoy and deployment configs from their sources"
-    )
-    generator_commands = generators.add_subparsers(
-        dest="generate_command", required=True, title="commands", metavar="COMMAND"
     )
     for name, module in (("deploy", deploy), ("egress-envoy", egress_envoy)):
         tool = _verb(

@@ -47,8 +47,8 @@ from typing import Any, Final
 import yaml
 
 from authz.tools import egress_envoy, services
-from authz.tools.generated import is_stale, write_generated
-from authz.tools.usage import exit_codes, paragraph
+from authz.tools.generated import add_check, sync
+from authz.tools.usage import command_parser
 
 __all__ = [
     "ADMIN_PORTS",
@@ -296,22 +296,14 @@ def arguments() -> argparse.ArgumentParser:
         default=Path("."),
         help="repository root holding the sources (default: the current directory)",
     )
-    parser.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 if a file is stale"
-    )
+    add_check(parser, "write nothing; exit 1 if a file is stale")
     return parser
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line of :func:`main`: :data:`SUMMARY`, :func:`arguments` and
     :data:`EXIT_CODES` under ``prog``."""
-    return argparse.ArgumentParser(
-        prog=prog,
-        description=paragraph(SUMMARY),
-        epilog=exit_codes(EXIT_CODES),
-        parents=[arguments()],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return command_parser(prog, SUMMARY, EXIT_CODES, parents=[arguments()])
 
 
 def run(args: argparse.Namespace, *, out: Callable[[str], None] | None = None) -> int:
@@ -324,15 +316,7 @@ def run(args: argparse.Namespace, *, out: Callable[[str], None] | None = None) -
     except (OSError, ValueError, KeyError, TypeError) as exc:
         say(f"error: {exc}")
         return 2
-    stale = []
-    for relative, text in generated.items():
-        path = args.root / relative
-        if args.check:
-            if is_stale(path, text):
-                stale.append(relative)
-        else:
-            write_generated(path, text)
-            say(f"wrote {relative}")
+    stale = sync(args.root, generated, check=args.check, say=say)
     if stale:
         say(f"out of date (run authz generate deploy): {', '.join(stale)}")
         return 1

@@ -31,7 +31,7 @@ from authz.core.headers import (
     FORWARDING_HEADERS,
     IDENTITY_HEADERS,
 )
-from authz.tools.generated import is_stale, write_generated
+from authz.tools.generated import add_check, sync
 from authz.tools.services import (
     DEFAULT_SERVICES,
     Upstream,
@@ -41,7 +41,7 @@ from authz.tools.services import (
     read_services,
     specs,
 )
-from authz.tools.usage import exit_codes, paragraph
+from authz.tools.usage import command_parser
 
 __all__ = [
     "AUTHZ_CLIENT_TLS_DIR",
@@ -511,24 +511,14 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=DEFAULT_OUT, help="Envoy config to write (default: %(default)s)"
     )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="write nothing; exit 1 if --out differs from the generated config",
-    )
+    add_check(parser, "write nothing; exit 1 if --out differs from the generated config")
     return parser
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line of :func:`main`: :data:`SUMMARY`, :func:`arguments` and
     :data:`EXIT_CODES` under ``prog``."""
-    return argparse.ArgumentParser(
-        prog=prog,
-        description=paragraph(SUMMARY),
-        epilog=exit_codes(EXIT_CODES),
-        parents=[arguments()],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return command_parser(prog, SUMMARY, EXIT_CODES, parents=[arguments()])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -537,21 +527,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         text = render(specs(read_services(args.services)), source=args.services, out=args.out)
     except ValueError as exc:  # ServicesError, or a generator refusal
-        print(f"error: {exc}", file=sys.stderr)
+        _stderr(f"error: {exc}")
         return 2
     out = Path(args.out)
-    if args.check:
-        if is_stale(out, text):
-            print(
-                f"{out} is out of date with {args.services}: run "
-                f"authz generate egress-envoy --services {args.services} --out {out}",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    write_generated(out, text)
-    print(f"wrote {out}", file=sys.stderr)
+    if sync(Path(), {str(out): text}, check=args.check, say=_stderr):
+        _stderr(
+            f"{out} is out of date with {args.services}: run "
+            f"authz generate egress-envoy --services {args.services} --out {out}"
+        )
+        return 1
     return 0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
+import argparse
 import textwrap
 from collections.abc import Sequence
 from typing import Final
 
-__all__ = ["exit_codes", "paragraph"]
+__all__ = ["command_parser", "exit_codes", "paragraph"]
 
 _WIDTH: Final = 79
 
@@ -29,3 +30,22 @@ def exit_codes(codes: Sequence[tuple[int, str]]) -> str:
             meaning, _WIDTH, initial_indent=f"  {code}  ", subsequent_indent=" " * 5
         )
     return "\n".join(lines)
+
+
+def command_parser(
+    prog: str,
+    summary: str,
+    codes: Sequence[tuple[int, str]],
+    *,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    """A top-level parser under ``prog``: ``summary`` as its :func:`paragraph` description,
+    ``codes`` as its :func:`exit_codes` epilog, the options of ``parents`` (parent parsers
+    without ``--help``)."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=paragraph(summary),
+        epilog=exit_codes(codes),
+        parents=list(parents),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

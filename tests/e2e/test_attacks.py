@@ -58,15 +58,11 @@ def test_allow_override_works_for_a_default_tier_sandbox(e2e: Env) -> None:
     # carries that tier's rate limit, 0 per minute, so authz answers 429 every time.
     headers = e2e.sandbox_headers("sb-default", "openai")
     assert e2e.egress.get("/v1/models", headers=headers).status_code == 403
-    created = e2e.admin.post(
-        "/v1/overrides",
-        json={
-            "effect": "allow",
-            "decision_path": "authz/egress/decision",
-            "match": {"sandbox_id": "sb-default", "service": "openai"},
-            "ttl_seconds": 600,
-            "reason": "review: onboarding sandbox needs openai for an hour",
-        },
+    created = e2e.add_override(
+        "allow",
+        {"sandbox_id": "sb-default", "service": "openai"},
+        reason="review: onboarding sandbox needs openai for an hour",
+        decision_path="authz/egress/decision",
     )
     assert created.status_code == 201, created.text
     try:

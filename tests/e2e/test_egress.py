@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS
-from tests.helpers.e2e import SANDBOX_SPECS, SERVICES, Env
+from tests.helpers.e2e import SANDBOX_SPECS, SERVICES, Env, poll_status
 
 pytestmark = pytest.mark.e2e
 
@@ -206,7 +205,7 @@ def test_secrets_file_reloads_without_restart(e2e: Env) -> None:
     try:
         # Missing reference -> 503 for that service only.
         e2e.write_secrets({k: v for k, v in e2e.secrets.items() if k != "openai"})
-        resp = _poll(lambda: e2e.egress.get("/v1/models", headers=headers), 503)
+        resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 503)
         assert _error(resp) == "credential_unavailable"
         ok = e2e.egress.post(
             "/v1/messages", headers=e2e.sandbox_headers("sb-standard", "anthropic")
@@ -214,32 +213,20 @@ def test_secrets_file_reloads_without_restart(e2e: Env) -> None:
         assert ok.status_code == 200
         # Rotated value -> injected at once: the stand-in (which knows the old one) refuses.
         e2e.write_secrets({**e2e.secrets, "openai": "rotated-openai-value"})
-        resp = _poll(lambda: e2e.egress.get("/v1/models", headers=headers), 401)
+        resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 401)
         assert resp.json()["error"] == "invalid_credential"
         # Malformed file -> every credential unavailable, never a request without one.
         e2e.secrets_file.write_text("{broken")
         os.utime(e2e.secrets_file)
-        resp = _poll(lambda: e2e.egress.get("/v1/models", headers=headers), 503)
+        resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 503)
         assert _error(resp) == "credential_unavailable"
         ready = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"]["secrets"]["ok"] is False
     finally:
         e2e.write_secrets()
-    resp = _poll(lambda: e2e.egress.get("/v1/models", headers=headers), 200)
+    resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 200)
     assert resp.json()["credential_ok"] is True
-
-
-def _poll(
-    call: Callable[[], httpx.Response], status: int, timeout_s: float = 10.0
-) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        resp = call()
-        if resp.status_code == status or time.monotonic() > deadline:
-            assert resp.status_code == status, resp.text
-            return resp
-        time.sleep(0.1)
 
 
 def test_decision_log_names_sandbox_and_service(e2e: Env) -> None:
@@ -280,8 +267,8 @@ def test_secrets_file_removed_means_deny_not_a_bare_forward(e2e: Env) -> None:
     assert e2e.egress.get("/user", headers=headers).status_code == 200
     e2e.secrets_file.unlink()
     try:
-        resp = _poll(lambda: e2e.egress.get("/user", headers=headers), 503)
+        resp = poll_status(lambda: e2e.egress.get("/user", headers=headers), 503)
         assert _error(resp) == "credential_unavailable"
     finally:
         e2e.write_secrets()
-    _poll(lambda: e2e.egress.get("/user", headers=headers), 200)
+    poll_status(lambda: e2e.egress.get("/user", headers=headers), 200)

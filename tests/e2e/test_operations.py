@@ -17,6 +17,7 @@ import pytest
 
 from authz.stack.supervisor import free_port, http_ok
 from tests.helpers.e2e import Env, authz_processes, check_all
+from tests.helpers.serve import serve_until_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -104,15 +105,11 @@ def test_bypass_is_refused_at_runtime_without_the_startup_flag(e2e: Env) -> None
 def test_ttl_override_grants_then_expires(e2e: Env) -> None:
     user = {"x-api-key": e2e.keys["user"]}
     assert e2e.gateway.get("/api/v1/admin/reports", headers=user).status_code == 403
-    created = e2e.admin.post(
-        "/v1/overrides",
-        json={
-            "effect": "allow",
-            "decision_path": "authz/gateway/decision",
-            "match": {"key_id": "key-user", "path": "/api/v1/admin/reports", "methods": ["GET"]},
-            "ttl_seconds": 3,
-            "reason": "INC-42 on-call needs the report",
-        },
+    created = e2e.add_override(
+        "allow",
+        {"key_id": "key-user", "path": "/api/v1/admin/reports", "methods": ["GET"]},
+        reason="INC-42 on-call needs the report",
+        ttl_seconds=3,
     )
     assert created.status_code == 201, created.text
     override = created.json()
@@ -134,15 +131,8 @@ def test_ttl_override_grants_then_expires(e2e: Env) -> None:
 
 def test_block_override_and_delete(e2e: Env) -> None:
     viewer = {"x-api-key": e2e.keys["viewer"]}
-    created = e2e.admin.post(
-        "/v1/overrides",
-        json={
-            "effect": "deny",
-            "decision_path": "authz/gateway/decision",
-            "match": {"key_id": "key-viewer"},
-            "ttl_seconds": 600,
-            "reason": "key leaked in a ticket",
-        },
+    created = e2e.add_override(
+        "deny", {"key_id": "key-viewer"}, reason="key leaked in a ticket"
     ).json()
     try:
         resp = e2e.gateway.get("/api/v1/status", headers=viewer)
@@ -301,14 +291,7 @@ def test_sighup_reloads_the_mode(e2e: Env, tmp_path: Path) -> None:
 
 
 def test_bypass_refused_at_startup(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "authz", "serve"],
-        env={**os.environ, "AUTHZ_MODE": "bypass", "AUTHZ_AUDIT_DB": ""},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = serve_until_exit({**os.environ, "AUTHZ_MODE": "bypass", "AUTHZ_AUDIT_DB": ""})
     assert result.returncode == 2
     assert "AUTHZ_ALLOW_BYPASS" in result.stderr
 
@@ -324,15 +307,10 @@ def test_bypass_when_confirmed_allows_everything_and_nags(e2e: Env, tmp_path: Pa
 
 def test_override_survives_an_authz_restart(e2e: Env) -> None:
     user = {"x-api-key": e2e.keys["user"]}
-    created = e2e.admin.post(
-        "/v1/overrides",
-        json={
-            "effect": "allow",
-            "decision_path": "authz/gateway/decision",
-            "match": {"key_id": "key-user", "path": "/api/v1/admin/audit", "methods": ["GET"]},
-            "ttl_seconds": 600,
-            "reason": "survives restarts",
-        },
+    created = e2e.add_override(
+        "allow",
+        {"key_id": "key-user", "path": "/api/v1/admin/audit", "methods": ["GET"]},
+        reason="survives restarts",
     ).json()
     try:
         assert e2e.gateway.get("/api/v1/admin/audit", headers=user).status_code == 200
@@ -377,15 +355,8 @@ def test_preview_says_what_would_be_decided_and_from_what(e2e: Env) -> None:
     slack = preview(sandbox_id="sb-standard", service="slack", path="/api/chat.postMessage")
     assert (slack["allowed"], slack["reason"]) == (False, "service_not_allowed")
     # An override is the source while it lasts.
-    created = e2e.admin.post(
-        "/v1/overrides",
-        json={
-            "effect": "allow",
-            "decision_path": "authz/gateway/decision",
-            "match": {"key_id": "key-user", "path": "/api/v1/admin/reports"},
-            "ttl_seconds": 600,
-            "reason": "preview test",
-        },
+    created = e2e.add_override(
+        "allow", {"key_id": "key-user", "path": "/api/v1/admin/reports"}, reason="preview test"
     ).json()
     try:
         granted = preview(key_id="key-user", path="/api/v1/admin/reports")

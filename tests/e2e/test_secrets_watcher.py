@@ -7,23 +7,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 
 import httpx
 
-from tests.helpers.e2e import Env
-
-
-def _poll(
-    call: Callable[[], httpx.Response], status: int, timeout_s: float = 10.0
-) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        resp = call()
-        if resp.status_code == status or time.monotonic() > deadline:
-            assert resp.status_code == status, resp.text
-            return resp
-        time.sleep(0.1)
+from tests.helpers.e2e import Env, poll_status
 
 
 def test_non_utf8_secrets_file_fails_closed_until_a_good_file_is_back(e2e: Env) -> None:
@@ -33,15 +20,15 @@ def test_non_utf8_secrets_file_fails_closed_until_a_good_file_is_back(e2e: Env) 
     try:
         e2e.secrets_file.write_bytes(b'{"version": 1, "credentials": {"openai": "\xff\xfe"}}')
         os.utime(e2e.secrets_file)
-        resp = _poll(lambda: e2e.egress.get("/v1/models", headers=headers), 503)
+        resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 503)
         assert json.loads(resp.text)["error"] == "credential_unavailable"
-        ready = _poll(lambda: httpx.get(readyz), 503)
+        ready = poll_status(lambda: httpx.get(readyz), 503)
         assert ready.json()["checks"]["secrets"]["ok"] is False
         # Still red a few watcher passes later: the watcher is alive, the file still bad.
         time.sleep(2.5)
         assert httpx.get(readyz).json()["checks"]["secrets"]["ok"] is False
     finally:
         e2e.write_secrets()
-    resp = _poll(lambda: e2e.egress.get("/v1/models", headers=headers), 200)
+    resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 200)
     assert resp.json()["credential_ok"] is True
-    assert _poll(lambda: httpx.get(readyz), 200).json()["checks"]["secrets"]["ok"] is True
+    assert poll_status(lambda: httpx.get(readyz), 200).json()["checks"]["secrets"]["ok"] is True

@@ -24,7 +24,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,29 @@ class Env:
     def write_secrets(self, secrets: dict[str, str] | None = None) -> None:
         """(Re)write the egress secrets file; bumps mtime so authz sees the change."""
         write_secrets_file(self.secrets_file, self.secrets if secrets is None else secrets)
+
+    def add_override(
+        self,
+        effect: str,
+        match: Mapping[str, object],
+        *,
+        reason: str,
+        ttl_seconds: int = 600,
+        decision_path: str = "authz/gateway/decision",
+    ) -> httpx.Response:
+        """``POST /v1/overrides`` on the admin API: ``effect`` (allow, deny) for requests
+        that ``match``, for ``ttl_seconds``; returns the response (201 and the override's
+        JSON when it took)."""
+        return self.admin.post(
+            "/v1/overrides",
+            json={
+                "effect": effect,
+                "decision_path": decision_path,
+                "match": dict(match),
+                "ttl_seconds": ttl_seconds,
+                "reason": reason,
+            },
+        )
 
     def sandbox_headers(self, sandbox: str, service: str) -> dict[str, str]:
         """Headers a sandbox sends to call ``service`` through the egress proxy."""
@@ -307,3 +331,17 @@ def check_all(
         ]
 
     return asyncio.run(run())
+
+
+def poll_status(
+    call: Callable[[], httpx.Response], status: int, timeout_s: float = 10.0
+) -> httpx.Response:
+    """Repeat ``call`` every 0.1 s until it answers ``status`` and return that response;
+    after ``timeout_s`` seconds, fail the test with the last response's body."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = call()
+        if resp.status_code == status or time.monotonic() > deadline:
+            assert resp.status_code == status, resp.text
+            return resp
+        time.sleep(0.1)

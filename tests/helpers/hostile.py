@@ -135,6 +135,19 @@ def _multipart(boundary: str, parts: Iterable[bytes]) -> bytes:
     return b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
 
 
+def _as_many_as_fit(
+    item: Callable[[int], bytes], room: int, *, used: int = 0, cost: int = 0, reserve: int = 0
+) -> list[bytes]:
+    """``item(0)``, ``item(1)``, ... for as long as they fit in ``room`` bytes: each takes
+    its length plus ``cost`` (its separator), ``used`` bytes are taken before the first,
+    and ``reserve`` more must stay free after the last."""
+    items: list[bytes] = []
+    while len(next_item := item(len(items))) + cost + reserve <= room - used:
+        items.append(next_item)
+        used += len(next_item) + cost
+    return items
+
+
 def _post(kind: str, content_type: str, body: bytes, path: str) -> HostileRequest:
     return HostileRequest(kind, "POST", path, (("content-type", content_type),), body)
 
@@ -146,32 +159,22 @@ def multipart_params_bomb(size: int = BODY_LIMIT, path: str = ADMIN_PATH) -> Hos
     head = b'Content-Disposition: form-data; name="a"\r\nContent-Type: text/plain'
     tail = b"\r\n\r\nv"
     room = size - len(head) - len(tail) - 64
-    params = bytearray()
-    i = 0
-    while True:
-        param = b";p%d=v" % i
-        if len(params) + len(param) > room:
-            break
-        params += param
-        i += 1
+    params = b"".join(_as_many_as_fit(lambda i: b";p%d=v" % i, room))
     return _post(
-        "multipart_params", _MULTIPART + "b", _multipart("b", [head + bytes(params) + tail]), path
+        "multipart_params", _MULTIPART + "b", _multipart("b", [head + params + tail]), path
     )
 
 
 def multipart_parts_bomb(size: int = BODY_LIMIT, path: str = ADMIN_PATH) -> HostileRequest:
     """Thousands of tiny form-data parts up to ``size`` bytes (a parser's per-part cost
     times the part count)."""
-    parts = []
-    used = 16
-    i = 0
-    while True:
-        part = b'Content-Disposition: form-data; name="f%d"\r\n\r\nv' % i
-        if used + len(part) + 8 > size:
-            break
-        parts.append(part)
-        used += len(part) + 7
-        i += 1
+    parts = _as_many_as_fit(
+        lambda i: b'Content-Disposition: form-data; name="f%d"\r\n\r\nv' % i,
+        size,
+        used=16,
+        cost=7,
+        reserve=1,
+    )
     return _post("multipart_parts", _MULTIPART + "b", _multipart("b", parts), path)
 
 
@@ -204,32 +207,14 @@ def json_depth_bomb(size: int = BODY_LIMIT, path: str = ADMIN_PATH) -> HostileRe
 
 def json_wide_bomb(size: int = BODY_LIMIT, path: str = ADMIN_PATH) -> HostileRequest:
     """One JSON object with as many short keys as fit in ``size`` bytes."""
-    members = []
-    used = 2
-    i = 0
-    while True:
-        member = b'"k%d":[0]' % i
-        if used + len(member) + 1 > size:
-            break
-        members.append(member)
-        used += len(member) + 1
-        i += 1
+    members = _as_many_as_fit(lambda i: b'"k%d":[0]' % i, size, used=2, cost=1)
     return _post("json_wide", "application/json", b"{" + b",".join(members) + b"}", path)
 
 
 def form_pairs_bomb(size: int = BODY_LIMIT, path: str = ADMIN_PATH) -> HostileRequest:
     """application/x-www-form-urlencoded with as many percent-encoded pairs
     (``a<i>=%41``) as fit in ``size`` bytes."""
-    pairs = []
-    used = 0
-    i = 0
-    while True:
-        pair = b"a%d=%%41" % i
-        if used + len(pair) + 1 > size:
-            break
-        pairs.append(pair)
-        used += len(pair) + 1
-        i += 1
+    pairs = _as_many_as_fit(lambda i: b"a%d=%%41" % i, size, cost=1)
     return _post("form_pairs", "application/x-www-form-urlencoded", b"&".join(pairs), path)
 
 

@@ -14,6 +14,7 @@ import yaml
 from authz.stack.supervisor import STACK_LEAVES
 from authz.stack.tls import ensure_pki
 from bench.rig import gateway_config, upstream_config
+from tests.helpers.envoy import envoy_validate
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
@@ -41,13 +42,7 @@ def test_bench_envoy_config_validates(name: str, envoy_bin: str, tmp_path: Path)
         assert ("transport_socket" in clusters["authz"]) == name.endswith("-mtls")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = envoy_validate(envoy_bin, path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

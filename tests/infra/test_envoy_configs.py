@@ -4,7 +4,6 @@ over mTLS."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from authz.stack.envoy import relocate_tls
+from tests.helpers.envoy import envoy_validate
 from tests.helpers.infra import deployment_tls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,13 +38,7 @@ def _with_test_tls(config: Path, tls_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_envoy_validates(config: Path, envoy_bin: str, tls_dir: Path, tmp_path: Path) -> None:
     rendered = _with_test_tls(config, tls_dir, tmp_path / config.name)
-    result = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(rendered), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = envoy_validate(envoy_bin, rendered)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -116,11 +110,5 @@ def test_broken_config_is_rejected(envoy_bin: str, tls_dir: Path, tmp_path: Path
     text = (ROOT / "infra/envoy/envoy-gateway.yaml").read_text()
     broken.write_text(text.replace("failure_mode_allow: false", "failure_mode_allowed: false"))
     _with_test_tls(broken, tls_dir, broken)
-    result = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(broken), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = envoy_validate(envoy_bin, broken)
     assert result.returncode != 0

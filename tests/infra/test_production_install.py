@@ -28,15 +28,14 @@ import pytest
 
 from authz.core.decision import parse_decision
 from authz.core.input import build_input
-from authz.core.record import DecisionRecord
 from authz.runtime.audit import AuditTrail
 from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS
 from authz.tools.cli import build_parser
 from tests.helpers.fakes import check_request
+from tests.helpers.records import GATEWAY, gateway_decision
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-GATEWAY = "authz/gateway/decision"
 # pip builds in the source directory (build/, *.egg-info): copy only what the build needs.
 SOURCES = ("pyproject.toml", "README.md", "authz")
 
@@ -234,19 +233,7 @@ def decided(opa_bin: str, bundle: Path) -> tuple[bool, str]:
 
 def _audit_db(path: Path, allowed: bool, reason: str) -> Path:
     trail = AuditTrail(path, retention_days=None)
-    trail.record(
-        DecisionRecord(
-            decision_id="d-1",
-            timestamp=1_760_000_000.0,
-            decision_path=GATEWAY,
-            allowed=allowed,
-            reason=reason,
-            http_status=200 if allowed else 403,
-            policy_allowed=allowed,
-            policy_reason=reason,
-            document=_document(),
-        )
-    )
+    trail.record(gateway_decision("d-1", allowed=allowed, reason=reason, document=_document()))
     trail.close()
     return path
 

@@ -4,7 +4,6 @@ validate``) in every variant the generator can produce."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -14,6 +13,7 @@ from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 from authz.tools import egress_envoy
 from authz.tools.egress_envoy import generate
 from tests.helpers.egress import real_services, svc
+from tests.helpers.envoy import envoy_validate
 
 
 def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path) -> None:
@@ -38,11 +38,5 @@ def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path
     relocate_tls(config, tmp_path / "tls")
     path = tmp_path / "envoy-variant.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = envoy_validate(envoy_bin, path)
     assert result.returncode == 0, result.stdout + result.stderr

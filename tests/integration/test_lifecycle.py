@@ -11,8 +11,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from authz.core.ratelimit import Limiter
 from authz.runtime import server
 from authz.runtime.config import Settings, load
 from authz.stack.supervisor import free_port
+from tests.helpers.serve import serve_until_exit
 
 
 @contextlib.contextmanager
@@ -60,14 +59,7 @@ def test_a_port_in_use_fails_the_process_with_one_line_and_exit_2(
             key: f"127.0.0.1:{port}",
             "AUTHZ_UVLOOP": uvloop,
         }
-        proc = subprocess.run(
-            [sys.executable, "-m", "authz", "serve"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        proc = serve_until_exit(env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr

@@ -455,16 +455,21 @@ def test_cli_tail_default_shows_admin_entries(
     assert all("input" not in r for r in rows)
 
 
-def test_cli_replay(
-    audit_db: Path,
-    bundles: Bundles,
-    opa_bin: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.fixture
+def cli_opa(opa_bin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``authz audit replay`` starts the test's OPA binary (``AUTHZ_OPA_BIN``)."""
     monkeypatch.setenv("AUTHZ_OPA_BIN", opa_bin)
+
+
+def _cli_replay(audit_db: Path, bundle: Path, *options: str) -> int:
+    """``authz audit --db audit_db replay --bundle bundle [options]``: its exit code."""
+    return main(["audit", "--db", str(audit_db), "replay", "--bundle", str(bundle), *options])
+
+
+@pytest.mark.usefixtures("cli_opa")
+def test_cli_replay(audit_db: Path, bundles: Bundles, capsys: pytest.CaptureFixture[str]) -> None:
     # Decisions change: exit 1, so the command can gate a CI job.
-    assert main(["audit", "--db", str(audit_db), "replay", "--bundle", str(bundles.v2)]) == 1
+    assert _cli_replay(audit_db, bundles.v2) == 1
     lines = capsys.readouterr().out.splitlines()
     # Only decision entries are replayed: the admin entry is not even counted.
     assert lines[0] == V2_SUMMARY.format(skipped=2)
@@ -476,16 +481,11 @@ def test_cli_replay(
     assert "key_id=key-viewer role=viewer" in lines[1]
 
 
+@pytest.mark.usefixtures("cli_opa")
 def test_cli_replay_limit(
-    audit_db: Path,
-    bundles: Bundles,
-    opa_bin: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    audit_db: Path, bundles: Bundles, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("AUTHZ_OPA_BIN", opa_bin)
-    args = ["audit", "--db", str(audit_db), "replay", "--bundle", str(bundles.v2), "--limit", "4"]
-    assert main(args) == 0
+    assert _cli_replay(audit_db, bundles.v2, "--limit", "4") == 0
     lines = capsys.readouterr().out.splitlines()
     # The last 4 decisions: d-admin, d-anonymous (unchanged), d-bypass, d-opa-down (skipped).
     assert lines == [
@@ -540,21 +540,19 @@ def test_cli_no_db_configured(
     [("absent.tar.gz", None, "no bundle at"), ("corrupt.tar.gz", b"garbage", "OPA exited")],
     ids=["missing", "corrupt"],
 )
+@pytest.mark.usefixtures("cli_opa")
 def test_cli_replay_bad_bundle(
     audit_db: Path,
     tmp_path: Path,
-    opa_bin: str,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     bundle_name: str,
     content: bytes | None,
     message: str,
 ) -> None:
-    monkeypatch.setenv("AUTHZ_OPA_BIN", opa_bin)
     bundle = tmp_path / bundle_name
     if content is not None:
         bundle.write_bytes(content)
-    assert main(["audit", "--db", str(audit_db), "replay", "--bundle", str(bundle)]) == 2
+    assert _cli_replay(audit_db, bundle) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert message in err

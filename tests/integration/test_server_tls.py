@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from authz.runtime.server import create_server, grpc_server_credentials
 from authz.stack.supervisor import free_port
 from authz.stack.tls import Leaf, LeafFiles, ensure_pki
 from tests.helpers.fakes import FakeEngine, check_request
+from tests.helpers.serve import serve_until_exit
 
 LEAVES = {
     "authz": Leaf("server", ("authz",)),
@@ -152,14 +151,7 @@ def test_serve_refuses_a_plaintext_listener_off_loopback_with_exit_2(tmp_path: P
         "AUTHZ_OVERRIDES_FILE": str(tmp_path / "overrides.json"),
     }
     env.pop("AUTHZ_GRPC_ALLOW_PLAINTEXT", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "authz", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = serve_until_exit(env, timeout_s=30)
     assert result.returncode == 2
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1, lines

@@ -19,7 +19,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.json_format import ParseDict
 
-from authz.core.authorizer import Authorizer
+from authz.core.authorizer import Authorizer, Outcome
 from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
     MAX_BODY_BYTES,
@@ -480,35 +480,43 @@ def test_body_parsing_can_be_skipped() -> None:
 
 
 def test_attributes_use_json_names_and_only_set_fields() -> None:
+    # Passed through as given (Structs and maps of strings):
+    source = {
+        "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 53011}},
+        "service": "dummy",
+        "labels": {"foo": "bar"},
+        "principal": "spiffe://cluster.local/ns/agents/sa/runner",
+    }
+    extensions = {"decision_path": "authz/egress/decision", "route_name": "r1"}
+    metadata = {
+        "filterMetadata": {
+            "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
+        }
+    }
+    # The string fields of the HTTP request too (size and rawBody, below, change form).
+    http = {
+        "id": "13359530607844510314",
+        "method": "POST",
+        "headers": {":authority": "api.example.com", "accept": "*/*"},
+        "path": "/api/v1/products",
+        "host": "api.example.com",
+        "scheme": "https",
+        "protocol": "HTTP/1.1",
+    }
     request = check_request_json(
         {
-            "id": "13359530607844510314",
-            "method": "POST",
-            "headers": {":authority": "api.example.com", "accept": "*/*"},
-            "path": "/api/v1/products",
-            "host": "api.example.com",
-            "scheme": "https",
-            "protocol": "HTTP/1.1",
+            **http,
             "size": "12",
             "rawBody": base64.b64encode(b"firstname=foo&lastname=bar").decode(),
         },
-        source={
-            "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 53011}},
-            "service": "dummy",
-            "labels": {"foo": "bar"},
-            "principal": "spiffe://cluster.local/ns/agents/sa/runner",
-        },
+        source=source,
         destination={
             "address": {
                 "socketAddress": {"address": "10.0.0.1", "portValue": 8080, "protocol": "UDP"}
             }
         },
-        contextExtensions={"decision_path": "authz/egress/decision", "route_name": "r1"},
-        metadataContext={
-            "filterMetadata": {
-                "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
-            }
-        },
+        contextExtensions=extensions,
+        metadataContext=metadata,
         tlsSession={"sni": "api.example.com"},
     )
     request.attributes.request.time.FromSeconds(1_700_000_000)
@@ -516,34 +524,19 @@ def test_attributes_use_json_names_and_only_set_fields() -> None:
     document = build_input(request, ())
 
     assert document["attributes"] == {
-        "source": {
-            "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 53011}},
-            "service": "dummy",
-            "labels": {"foo": "bar"},
-            "principal": "spiffe://cluster.local/ns/agents/sa/runner",
-        },
+        "source": source,
         # Enums are numbers in protomap (UDP = 1), not protojson's names.
         "destination": {
             "address": {"socketAddress": {"address": "10.0.0.1", "portValue": 8080, "protocol": 1}}
         },
-        "contextExtensions": {"decision_path": "authz/egress/decision", "route_name": "r1"},
+        "contextExtensions": extensions,
         # A Struct is plain JSON, not {"fields": {...: {"stringValue": ...}}}.
-        "metadataContext": {
-            "filterMetadata": {
-                "envoy.filters.http.jwt_authn": {"sub": "agent-1", "count": 1, "roles": ["a", "b"]}
-            }
-        },
+        "metadataContext": metadata,
         "tlsSession": {"sni": "api.example.com"},
         "request": {
             "time": {"seconds": 1_700_000_000},
             "http": {
-                "id": "13359530607844510314",
-                "method": "POST",
-                "headers": {":authority": "api.example.com", "accept": "*/*"},
-                "path": "/api/v1/products",
-                "host": "api.example.com",
-                "scheme": "https",
-                "protocol": "HTTP/1.1",
+                **http,
                 # int64 is a number here (protojson would make it the string "12").
                 "size": 12,
                 # Bytes are standard base64 (the value from request_test.go).
@@ -625,73 +618,61 @@ def header_map(*entries: tuple[str, str], raw: bool = True) -> dict[str, Any]:
     return {"headers": [{"key": k, "value": v} for k, v in entries]}
 
 
+def _one(
+    case_id: str, http: dict[str, Any], header: str, secret: str
+) -> tuple[str, dict[str, Any], dict[str, str], str]:
+    """A :data:`CREDENTIAL_CASES` row whose only credential is ``header`` carrying
+    ``secret``: ``input.credentials`` holds its digest alone."""
+    return (case_id, http, {header: sha256(secret)}, secret)
+
+
 CREDENTIAL_CASES: list[tuple[str, dict[str, Any], dict[str, str], str]] = [
     # (id, http, expected input.credentials, the secret that must not appear)
-    ("x-api-key", {"headers": {"x-api-key": API_KEY}}, {"x-api-key": sha256(API_KEY)}, API_KEY),
-    (
-        "x-api-key-padded",
-        {"headers": {"x-api-key": f"  {API_KEY} "}},
-        {"x-api-key": sha256(API_KEY)},
-        API_KEY,
-    ),
-    (
-        "bearer",
-        {"headers": {"authorization": f"Bearer {TOKEN}"}},
-        {"authorization": sha256(TOKEN)},
-        TOKEN,
-    ),
-    (
-        "bearer-no-scheme",
-        {"headers": {"authorization": TOKEN}},
-        {"authorization": sha256(TOKEN)},
-        TOKEN,
-    ),
-    (
+    _one("x-api-key", {"headers": {"x-api-key": API_KEY}}, "x-api-key", API_KEY),
+    _one("x-api-key-padded", {"headers": {"x-api-key": f"  {API_KEY} "}}, "x-api-key", API_KEY),
+    _one("bearer", {"headers": {"authorization": f"Bearer {TOKEN}"}}, "authorization", TOKEN),
+    _one("bearer-no-scheme", {"headers": {"authorization": TOKEN}}, "authorization", TOKEN),
+    _one(
         "proxy-authorization",
         {"headers": {"proxy-authorization": f"Bearer {TOKEN}"}},
-        {"proxy-authorization": sha256(TOKEN)},
+        "proxy-authorization",
         TOKEN,
     ),
-    (
-        "x-sandbox-token",
-        {"headers": {"x-sandbox-token": SANDBOX}},
-        {"x-sandbox-token": sha256(SANDBOX)},
-        SANDBOX,
-    ),
+    _one("x-sandbox-token", {"headers": {"x-sandbox-token": SANDBOX}}, "x-sandbox-token", SANDBOX),
     (
         "several",
         {"headers": {"x-api-key": API_KEY, "authorization": f"Bearer {TOKEN}", "accept": "*/*"}},
         {"x-api-key": sha256(API_KEY), "authorization": sha256(TOKEN)},
         TOKEN,
     ),
-    (
+    _one(
         "header-map-raw-value",
         {"headerMap": header_map(("x-api-key", API_KEY))},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
-    (
+    _one(
         "header-map-raw-value-bearer",
         {"headerMap": header_map(("authorization", f"Bearer {TOKEN}"))},
-        {"authorization": sha256(TOKEN)},
+        "authorization",
         TOKEN,
     ),
-    (
+    _one(
         "header-map-value",
         {"headerMap": header_map(("x-api-key", API_KEY), raw=False)},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
-    (
+    _one(
         "header-map-mixed-case-key",
         {"headerMap": header_map(("X-Api-Key", API_KEY))},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
-    (
+    _one(
         "headers-and-header-map",
         {"headers": {"x-api-key": API_KEY}, "headerMap": header_map(("x-api-key", API_KEY))},
-        {"x-api-key": sha256(API_KEY)},
+        "x-api-key",
         API_KEY,
     ),
     ("absent", {"headers": {"accept": "*/*"}}, {}, API_KEY),
@@ -834,6 +815,29 @@ def test_mask_credential_trims_only_rfc9110_whitespace(
 PATH = "authz/gateway/decision"
 
 
+async def _check_before_opa(
+    request: external_auth_pb2.CheckRequest, control: Control | None = None
+) -> tuple[Outcome, ListSink]:
+    """``request`` checked by an authorizer that always parses bodies, over the real OPA
+    client to a port nothing listens on (1): for requests decided before OPA is asked.
+    Returns the outcome and the sink that received its record."""
+    sink = ListSink()
+    engine = OpaClient("http://127.0.0.1:1")
+    authorizer = Authorizer(
+        engine,
+        default_decision_path=PATH,
+        credential_headers=("x-api-key",),
+        timeout_s=5.0,
+        parse_body=BodyParsing.ALWAYS,
+        control=control,
+        sinks=[sink],
+    )
+    try:
+        return await authorizer.check(request), sink
+    finally:
+        await engine.close()
+
+
 @pytest.mark.parametrize(
     "body",
     ["[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000, '{"a": "\\ud800"}'],
@@ -848,25 +852,10 @@ async def test_unserializable_json_body_is_an_invalid_request_decision(
     # holding a lone surrogate escape (json.loads accepts it, orjson.dumps refuses it),
     # is such a body: a recorded invalid_request decision (decision log, metrics, audit
     # trail), never a bare 500, and in dry-run it is not blocked.
-    sink = ListSink()
-    # The real client; nothing listens on port 1, but it never gets that far.
-    engine = OpaClient("http://127.0.0.1:1")
-    authorizer = Authorizer(
-        engine,
-        default_decision_path=PATH,
-        credential_headers=("x-api-key",),
-        timeout_s=5.0,
-        parse_body=BodyParsing.ALWAYS,
-        control=Control(mode),
-        sinks=[sink],
-    )
     request = check_request(
         method="POST", path="/api/v1/items", body=body, headers={"content-type": "application/json"}
     )
-    try:
-        outcome = await authorizer.check(request)
-    finally:
-        await engine.close()
+    outcome, sink = await _check_before_opa(request, Control(mode))
     assert len(sink.records) == 1
     if mode is Mode.ENFORCE:
         assert outcome.record.reason == "invalid_request"
@@ -972,26 +961,13 @@ def test_body_over_the_parse_cap_is_not_parsed(content_type: str) -> None:
     ids=["long-part-header", "nested-comments", "1000-parts"],
 )
 async def test_hostile_multipart_without_a_key_is_a_400_deny(body: bytes) -> None:
-    sink = ListSink()
-    engine = OpaClient("http://127.0.0.1:1")  # never reached
-    authorizer = Authorizer(
-        engine,
-        default_decision_path=PATH,
-        credential_headers=("x-api-key",),
-        timeout_s=5.0,
-        parse_body=BodyParsing.ALWAYS,
-        sinks=[sink],
-    )
     request = check_request(
         method="POST",
         path="/api/v1/items",
         body=body.decode("latin-1"),
         headers={"content-type": MULTIPART},
     )
-    try:
-        outcome = await authorizer.check(request)
-    finally:
-        await engine.close()
+    outcome, _ = await _check_before_opa(request)
     assert outcome.record.reason == "invalid_request"
     assert outcome.record.http_status == 400
 

@@ -989,6 +989,21 @@ def _prune_now(trail: AuditTrail, clock: ManualClock) -> None:
     wait_until(lambda: trail.prunes > before, "a pruning pass")
 
 
+def _ten_decisions(db: Path, *, max_records: int, prune: bool) -> None:
+    """Decisions 1..10 in a new trail at ``db`` keeping ``max_records``, with one pruning
+    pass after them when ``prune``; the trail is closed."""
+    clock = ManualClock(30.0)
+    trail = AuditTrail(db, retention_days=None, max_records=max_records, clock=clock)
+    try:
+        for n in range(1, 11):
+            trail.record(decision(n))
+        wait_until(lambda: trail.written >= 10, "10 entries written")
+        if prune:
+            _prune_now(trail, clock)
+    finally:
+        trail.close()
+
+
 def _move_anchor_by_hand(conn: sqlite3.Connection, to_seq: int) -> None:
     """What someone able to write the file does to erase the oldest entries unnoticed."""
     digest = conn.execute("SELECT hash FROM audit WHERE seq = ?", (to_seq,)).fetchone()[0]
@@ -1005,16 +1020,7 @@ def test_anchor_moved_by_hand_fails_verify_naming_the_anchor(
     tmp_path: Path, pruned_before: bool
 ) -> None:
     db = tmp_path / "audit.db"
-    clock = ManualClock(30.0)
-    trail = AuditTrail(db, retention_days=None, max_records=8, clock=clock)
-    try:
-        for n in range(1, 11):
-            trail.record(decision(n))
-        wait_until(lambda: trail.written >= 10, "10 entries written")
-        if pruned_before:
-            _prune_now(trail, clock)
-    finally:
-        trail.close()
+    _ten_decisions(db, max_records=8, prune=pruned_before)
     with reader(db) as conn:
         assert verify(conn).ok
         first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
@@ -1130,16 +1136,21 @@ def _stored_row(db: Path) -> tuple[int, dict[str, Any], str]:
     return size, orjson.loads(row[4]), row[4]
 
 
-def test_row_for_huge_headers_and_body_stays_under_the_row_cap(tmp_path: Path) -> None:
-    record, body_size = _hostile_record(random.Random(13))  # noqa: S311 (test data)
-    db = tmp_path / "audit.db"
+def _stored_one(db: Path, record: DecisionRecord) -> tuple[int, dict[str, Any], str]:
+    """Append ``record`` to a new trail at ``db``, close it, and return
+    :func:`_stored_row`."""
     trail = AuditTrail(db, retention_days=None, max_records=None)
     try:
         trail.record(record)
         wait_until(lambda: trail.written >= 1, "the entry written")
     finally:
         trail.close()
-    size, body, text = _stored_row(db)
+    return _stored_row(db)
+
+
+def test_row_for_huge_headers_and_body_stays_under_the_row_cap(tmp_path: Path) -> None:
+    record, body_size = _hostile_record(random.Random(13))  # noqa: S311 (test data)
+    size, body, text = _stored_one(tmp_path / "audit.db", record)
     assert size <= config.DEFAULT_AUDIT_ROW_MAX_BYTES
     assert "x-junk" not in text
     assert "SECRET" not in text
@@ -1166,14 +1177,7 @@ def test_ordinary_row_keeps_the_request_shape_replay_needs(tmp_path: Path) -> No
         headers={"x-api-key": "ak-SECRET-key", "x-request-id": "r-1", "accept": "*/*"},
     )
     document = build_input(request, config.DEFAULT_CREDENTIAL_HEADERS)
-    db = tmp_path / "audit.db"
-    trail = AuditTrail(db, retention_days=None, max_records=None)
-    try:
-        trail.record(decision(1, document=document))
-        wait_until(lambda: trail.written >= 1, "the entry written")
-    finally:
-        trail.close()
-    size, body, text = _stored_row(db)
+    size, body, text = _stored_one(tmp_path / "audit.db", decision(1, document=document))
     assert size < 2048
     assert "SECRET" not in text
     stored = body["input"]
@@ -1222,14 +1226,7 @@ HUGE_QUERY = "/x?" + "&".join(f"k{i}={'v' * 100}" for i in range(500))
 def test_every_hostile_shape_stays_under_the_row_cap(
     tmp_path: Path, parts: dict[str, Any], shed: str | None
 ) -> None:
-    db = tmp_path / "audit.db"
-    trail = AuditTrail(db, retention_days=None, max_records=None)
-    try:
-        trail.record(_record_for(**parts))
-        wait_until(lambda: trail.written >= 1, "the entry written")
-    finally:
-        trail.close()
-    size, body, _ = _stored_row(db)
+    size, body, _ = _stored_one(tmp_path / "audit.db", _record_for(**parts))
     assert size <= config.DEFAULT_AUDIT_ROW_MAX_BYTES
     assert body["decision_id"] == "d-1"
     if shed == "input":
@@ -1245,14 +1242,7 @@ def test_replay_input_puts_back_the_masked_credentials_the_policy_saw(tmp_path: 
         check_request(headers={"authorization": "Bearer tok-SECRET"}),
         config.DEFAULT_CREDENTIAL_HEADERS,
     )
-    db = tmp_path / "audit.db"
-    trail = AuditTrail(db, retention_days=None, max_records=None)
-    try:
-        trail.record(decision(1, document=document))
-        wait_until(lambda: trail.written >= 1, "the entry written")
-    finally:
-        trail.close()
-    _, body, text = _stored_row(db)
+    _, body, text = _stored_one(tmp_path / "audit.db", decision(1, document=document))
     assert "authorization" not in body["input"]["attributes"]["request"]["http"]["headers"]
     replayed = audit.replay_input(body["input"])["attributes"]["request"]["http"]["headers"]
     seen = document["attributes"]["request"]["http"]["headers"]
@@ -1341,15 +1331,7 @@ def test_cli_verify_exits_1_naming_a_hand_moved_anchor(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "audit.db"
-    clock = ManualClock(30.0)
-    trail = AuditTrail(db, retention_days=None, max_records=5, clock=clock)
-    try:
-        for n in range(1, 11):
-            trail.record(decision(n))
-        wait_until(lambda: trail.written >= 10, "10 entries written")
-        _prune_now(trail, clock)
-    finally:
-        trail.close()
+    _ten_decisions(db, max_records=5, prune=True)
     assert main(["audit", "--db", str(db), "verify"]) == 0
     with reader(db) as conn:
         first = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
@@ -1365,15 +1347,7 @@ def test_cli_tail_kind_anchor_lists_the_anchor_moves(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "audit.db"
-    clock = ManualClock(30.0)
-    trail = AuditTrail(db, retention_days=None, max_records=5, clock=clock)
-    try:
-        for n in range(1, 11):
-            trail.record(decision(n))
-        wait_until(lambda: trail.written >= 10, "10 entries written")
-        _prune_now(trail, clock)
-    finally:
-        trail.close()
+    _ten_decisions(db, max_records=5, prune=True)
     capsys.readouterr()
     assert main(["audit", "--db", str(db), "tail", "--kind", "anchor"]) == 0
     lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]

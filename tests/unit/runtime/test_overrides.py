@@ -9,8 +9,6 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -44,6 +42,7 @@ from authz.runtime.overrides import (
 )
 from authz.stack.supervisor import free_port
 from tests.helpers.fakes import FakeEngine, ManualClock, check_request
+from tests.helpers.serve import serve_until_exit
 
 T0 = 1_700_000_000.25
 GATEWAY = "authz/gateway/decision"
@@ -732,14 +731,7 @@ def test_serve_with_a_corrupt_overrides_file_exits_2_with_one_line(tmp_path: Pat
         "AUTHZ_AUDIT_DB": str(tmp_path / "audit.db"),
         "AUTHZ_OVERRIDES_FILE": str(path),
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "authz", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = serve_until_exit(env)
     output = (done.stdout + done.stderr).strip()
     assert done.returncode == 2, output
     assert "Traceback" not in output

@@ -48,10 +48,16 @@ def good(**credentials: str) -> dict[str, Any]:
     return {"version": 1, "credentials": credentials}
 
 
-def test_open_and_get(tmp_path: Path) -> None:
+def opened(tmp_path: Path, document: Any) -> tuple[Path, SecretStore]:
+    """A secrets file ``s.json`` in ``tmp_path`` holding ``document`` (:func:`write`), and
+    the store opened on it."""
     path = tmp_path / "s.json"
-    write(path, good(openai=CRED))
-    store = SecretStore.open(path)
+    write(path, document)
+    return path, SecretStore.open(path)
+
+
+def test_open_and_get(tmp_path: Path) -> None:
+    _, store = opened(tmp_path, good(openai=CRED))
     assert store.get("openai").reveal() == CRED
     assert store.loaded
     assert store.references == {"openai"}
@@ -99,9 +105,7 @@ def test_syntax_error_message_never_quotes_the_file(tmp_path: Path) -> None:
     "value", [5, "", None, ["a"], "a\nb"], ids=["number", "empty", "null", "list", "newline"]
 )
 def test_malformed_entry_only_breaks_its_reference(tmp_path: Path, value: Any) -> None:
-    path = tmp_path / "s.json"
-    write(path, {"version": 1, "credentials": {"openai": CRED, "slack": value}})
-    store = SecretStore.open(path)
+    _, store = opened(tmp_path, {"version": 1, "credentials": {"openai": CRED, "slack": value}})
     assert store.get("openai").reveal() == CRED
     with pytest.raises(CredentialError, match="'slack' is malformed"):
         store.get("slack")
@@ -125,9 +129,7 @@ def test_permissive_file_warns(
 
 
 def test_reload_on_change(tmp_path: Path) -> None:
-    path = tmp_path / "s.json"
-    write(path, good(openai=CRED))
-    store = SecretStore.open(path)
+    path, store = opened(tmp_path, good(openai=CRED))
     assert store.refresh() is False
     bump(path, good(openai="rotated-value", github="gh-value"))
     assert store.refresh() is True
@@ -139,9 +141,7 @@ def test_reload_on_change(tmp_path: Path) -> None:
 def test_runtime_failure_denies_everything_until_fixed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "s.json"
-    write(path, good(openai=CRED))
-    store = SecretStore.open(path)
+    path, store = opened(tmp_path, good(openai=CRED))
     bump(path, "{broken")
     with caplog.at_level(logging.ERROR, logger="authz.runtime.secrets"):
         assert store.refresh() is True
@@ -158,9 +158,7 @@ def test_runtime_failure_denies_everything_until_fixed(
 
 
 def test_file_removed_at_runtime(tmp_path: Path) -> None:
-    path = tmp_path / "s.json"
-    write(path, good(openai=CRED))
-    store = SecretStore.open(path)
+    path, store = opened(tmp_path, good(openai=CRED))
     path.unlink()
     assert store.refresh() is True
     with pytest.raises(CredentialError):
@@ -231,6 +229,14 @@ def _good(secret: str) -> bytes:
     return json.dumps({"version": 1, "credentials": {"openai": secret}}).encode()
 
 
+def _opened(tmp_path: Path) -> tuple[Path, SecretStore]:
+    """A secrets file ``s.json`` in ``tmp_path`` holding :data:`OLD` as ``openai``
+    (:func:`_write`), and the store opened on it."""
+    path = tmp_path / "s.json"
+    _write(path, _good(OLD))
+    return path, SecretStore.open(path)
+
+
 def _raise(exc: BaseException) -> Callable[..., Any]:
     def boom(*_: Any, **__: Any) -> Any:
         raise exc
@@ -256,20 +262,28 @@ BREAKAGES: list[tuple[bytes, Callable[[pytest.MonkeyPatch], None]]] = [
 BREAKAGE_IDS = ["invalid-utf8-value", "binary", "nul-bytes", "deep-nesting", "bug", "memory"]
 
 
-@pytest.mark.parametrize(("content", "patch"), BREAKAGES, ids=BREAKAGE_IDS)
+@pytest.fixture(params=BREAKAGES, ids=BREAKAGE_IDS)
+def break_file(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Path], None]:
+    """Each of :data:`BREAKAGES` as a call that breaks the secrets file at its path (the
+    test's ``monkeypatch.undo()`` lifts the patch)."""
+    content, patch = request.param
+
+    def apply(path: Path) -> None:
+        _write(path, content)
+        patch(monkeypatch)
+
+    return apply
+
+
 def test_refresh_fails_closed_on_any_error_and_never_raises(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    content: bytes,
-    patch: Callable[[pytest.MonkeyPatch], None],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_file: Callable[[Path], None]
 ) -> None:
-    path = tmp_path / "s.json"
-    _write(path, _good(OLD))
-    store = SecretStore.open(path)
+    path, store = _opened(tmp_path)
     reported: list[bool] = []
     store.on_reload = reported.append
-    _write(path, content)
-    patch(monkeypatch)
+    break_file(path)
     assert store.refresh() is True
     assert not store.loaded
     with pytest.raises(CredentialError):
@@ -290,16 +304,10 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.mark.parametrize(("content", "patch"), BREAKAGES, ids=BREAKAGE_IDS)
 async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_denied(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    content: bytes,
-    patch: Callable[[pytest.MonkeyPatch], None],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_file: Callable[[Path], None]
 ) -> None:
-    path = tmp_path / "s.json"
-    _write(path, _good(OLD))
-    store = SecretStore.open(path)
+    path, store = _opened(tmp_path)
     ready = secrets_check(store)
     egress = {
         "allowed": True,
@@ -316,8 +324,7 @@ async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_deni
     watcher = asyncio.create_task(store.watch(0.01))
     try:
         assert (await ready())[0] is True
-        _write(path, content)
-        patch(monkeypatch)
+        break_file(path)
         await _until(lambda: not store.loaded)
         await asyncio.sleep(0.05)  # several more watcher passes over the bad file
         assert not watcher.done()
@@ -346,9 +353,7 @@ async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_deni
 async def test_watcher_fails_closed_when_refresh_itself_raises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "s.json"
-    _write(path, _good(OLD))
-    store = SecretStore.open(path)
+    _, store = _opened(tmp_path)
     monkeypatch.setattr(SecretStore, "refresh", _raise(RuntimeError("a bug in refresh")))
     watcher = asyncio.create_task(store.watch(0.01))
     try:
@@ -425,9 +430,7 @@ def _rewrite_in_place_keeping_signature(path: Path, data: bytes) -> None:
 def test_a_change_the_file_signature_misses_is_still_seen(
     tmp_path: Path, replacement: bytes, loaded: bool
 ) -> None:
-    path = tmp_path / "s.json"
-    _write(path, _good(OLD))
-    store = SecretStore.open(path)
+    path, store = _opened(tmp_path)
     _rewrite_in_place_keeping_signature(path, replacement)
     assert store.refresh() is True
     assert store.loaded is loaded
@@ -439,9 +442,7 @@ def test_a_change_the_file_signature_misses_is_still_seen(
 
 
 def test_a_secrets_file_over_the_size_cap_fails_closed(tmp_path: Path) -> None:
-    path = tmp_path / "s.json"
-    _write(path, _good(OLD))
-    store = SecretStore.open(path)
+    path, store = _opened(tmp_path)
     padding = b" " * (secrets_module.MAX_FILE_BYTES + 1)
     _write(path, _good(NEW) + padding)
     assert store.refresh() is True

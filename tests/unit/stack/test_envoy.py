@@ -144,24 +144,21 @@ def test_render_unknown_name_raises(
         render(repo_root / GATEWAY, admin_port=1, listeners=listeners, clusters=clusters)
 
 
+def _gateway_as_is(repo_root: Path, **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The committed gateway config and its render with its own admin port (9901), no
+    listener or cluster moved, and ``options`` (render's keyword arguments)."""
+    source = repo_root / GATEWAY
+    rendered = render(source, admin_port=9901, listeners={}, clusters={}, **options)
+    return load(source), yaml.safe_load(rendered)
+
+
 def test_render_moves_the_tls_files_and_secures_listeners(repo_root: Path, tmp_path: Path) -> None:
     """The local stack's TLS: every file under /etc/envoy-tls moves to the run directory
     (the mTLS client certificate to authz), and ``tls_listeners`` get the listener
     certificate; nothing else changes."""
-    source = repo_root / GATEWAY
-    original = load(source)
-    plain = yaml.safe_load(render(source, admin_port=9901, listeners={}, clusters={}))
+    original, plain = _gateway_as_is(repo_root)
     assert plain == original
-    rendered = yaml.safe_load(
-        render(
-            source,
-            admin_port=9901,
-            listeners={},
-            clusters={},
-            tls_dir=tmp_path,
-            tls_listeners=["gateway"],
-        )
-    )
+    _, rendered = _gateway_as_is(repo_root, tls_dir=tmp_path, tls_listeners=["gateway"])
     common = by_name(rendered, "clusters", "authz")["transport_socket"]["typed_config"][
         "common_tls_context"
     ]
@@ -196,16 +193,9 @@ def test_body_routes_ask_for_the_body_in_front_of_the_catch_all(repo_root: Path)
     """Each BodyRoute is the catch-all route (same cluster, same decision path) for its
     prefix, plus ``parse_body: "true"`` and ``with_request_body`` (README "Request
     bodies"), in front of every other route, in the order given; nothing else changes."""
-    source = repo_root / GATEWAY
-    original = load(source)
-    rendered = yaml.safe_load(
-        render(
-            source,
-            admin_port=9901,
-            listeners={},
-            clusters={},
-            body_routes=[BodyRoute("/api/v1/admin/upload"), BodyRoute("/small", 1024, False)],
-        )
+    original, rendered = _gateway_as_is(
+        repo_root,
+        body_routes=[BodyRoute("/api/v1/admin/upload"), BodyRoute("/small", 1024, False)],
     )
     upload, small, *rest = gateway_routes(rendered)
     assert rest == gateway_routes(original)

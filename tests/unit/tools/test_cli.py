@@ -23,18 +23,16 @@ import pytest
 import authz
 import authz.runtime.server
 import authz.tools.replay
-from authz.core.input import build_input
-from authz.core.record import DecisionRecord
 from authz.core.rfc3339 import DAY_S
 from authz.runtime.audit import AuditTrail
-from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS, Settings
+from authz.runtime.config import Settings
 from authz.tools import cli
 from authz.tools.cli import main
 from authz.tools.keys import KEY_PREFIX, digest
 from authz.tools.replay import ReplayChange, ReplayReport
-from tests.helpers.fakes import check_request
 from tests.helpers.key_health import NOW, decision, entry, iso, write_audit, write_bundle
 from tests.helpers.key_health import digest as key_digest
+from tests.helpers.records import GATEWAY, gateway_decision
 
 DIGEST = hashlib.sha256(b"ak_example").hexdigest()
 PLAINTEXT_KEY = "ak_plaintextDoNotPrintMe0123456789"
@@ -322,7 +320,6 @@ def test_digest_matches_cli_hash(
 
 
 ROOT = Path(__file__).resolve().parents[3]
-GATEWAY = "authz/gateway/decision"
 
 # Every leaf command of `authz`, as typed. A new verb must be added here (and so gets the
 # checks below): test_verbs_are_the_listed_ones fails until it is.
@@ -510,28 +507,13 @@ def test_generate_without_a_tool_is_a_usage_error(capsys: pytest.CaptureFixture[
 # --- audit verify --json -----------------------------------------------------------------
 
 
-def _record(decision_id: str, *, allowed: bool, reason: str) -> DecisionRecord:
-    document = build_input(check_request(), DEFAULT_CREDENTIAL_HEADERS)
-    return DecisionRecord(
-        decision_id=decision_id,
-        timestamp=1_760_000_000.0,
-        decision_path=GATEWAY,
-        allowed=allowed,
-        reason=reason,
-        http_status=200 if allowed else 403,
-        policy_allowed=allowed,
-        policy_reason=reason,
-        document=document,
-    )
-
-
 @pytest.fixture
 def audit_db(tmp_path: Path) -> Path:
     """An audit trail with two decisions."""
     path = tmp_path / "audit.db"
     trail = AuditTrail(path, retention_days=None)
-    trail.record(_record("d-1", allowed=True, reason="allowed"))
-    trail.record(_record("d-2", allowed=False, reason="missing_api_key"))
+    trail.record(gateway_decision("d-1", allowed=True, reason="allowed"))
+    trail.record(gateway_decision("d-2", allowed=False, reason="missing_api_key"))
     trail.close()
     return path
 
