@@ -3,6 +3,14 @@ redis-server; and the order hook that runs tests marked ``runs_last`` after all 
 
 from __future__ import annotations
 
+import os
+
+# The tests fork children (the local stack's supervisor, launchers) from a process that
+# has grpc loaded; grpc's fork handlers then run in the child between fork and exec, and
+# can abort it ("epoll_wait error: Bad file descriptor"). The children exec at once and
+# need none of grpc's state: turn the handlers off before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
