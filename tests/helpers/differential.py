@@ -64,8 +64,8 @@ DECISION_PATH: Final = "diff/main"
 DECISION_HEADER: Final = "x-diff-case"
 # Said once, as the skip reason, when the plugin binary is neither given nor built.
 PEER_SKIP_REASON: Final = (
-    "opa-envoy-plugin not available: set AUTHZ_PEER_BIN to its binary "
-    "(./scripts/test builds it with Go, from ../shared/peer/ or its Go module)"
+    "opa-envoy-plugin not available: AUTHZ_PEER_BIN is unset and scripts/install-tools "
+    "could not build it (no Go toolchain, or no plugin source: see its warning)"
 )
 # Per-call deadline: loopback servers answer in milliseconds; this only bounds a hang.
 CALL_TIMEOUT_S: Final = 10.0
