@@ -16,6 +16,7 @@ is not available (./scripts/test builds it and exports AUTHZ_PEER_BIN)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -30,6 +31,7 @@ from tests.helpers.differential import (
     PEER_SKIP_REASON,
     AllowEntry,
     Difference,
+    Outcome,
     authz_launch,
     build_bundle,
     call,
@@ -173,3 +175,86 @@ def test_check_responses_match_the_plugin_except_documented_differences(
             request = decision_request(case["id"])
             differences += compare_responses(case["id"], call(peer, request), call(authz, request))
     _judge("decisions", len(decisions), differences, "decisions", tmp_path, capsys)
+
+
+# --- the comparison itself (no server): it must be able to fail ------------------------
+
+
+def _echo_outcome(document: dict[str, object]) -> Outcome:
+    text = json.dumps(document)
+    return Outcome(response={"dynamic_metadata": {"diff_input": text, "diff_raw": {}}})
+
+
+def _with_authorization(value: str, **extra: object) -> dict[str, object]:
+    headers = {"authorization": value}
+    return {"attributes": {"request": {"http": {"headers": headers}}}, **extra}
+
+
+_TOKEN_DIGEST = hashlib.sha256(b"tok").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("authz_header", "credentials", "expected_paths"),
+    [
+        (f"Bearer sha256:{_TOKEN_DIGEST}", {"authorization": _TOKEN_DIGEST}, []),
+        (
+            f"Bearer sha256:{'0' * 64}",
+            {"authorization": _TOKEN_DIGEST},
+            ["input.attributes.request.http.headers.authorization"],
+        ),
+        (
+            f"Bearer sha256:{_TOKEN_DIGEST}",
+            {"authorization": "0" * 64},
+            ["input.credentials"],
+        ),
+        # Passed through unhashed (e.g. a JWT): the plugin's own input, no difference.
+        ("Bearer tok", None, []),
+    ],
+    ids=["documented-form", "wrong-header-digest", "wrong-credentials-digest", "as-the-plugin"],
+)
+def test_credential_normalisation_forgives_only_the_documented_digest(
+    authz_header: str, credentials: dict[str, str] | None, expected_paths: list[str]
+) -> None:
+    peer = _echo_outcome(_with_authorization("Bearer tok"))
+    extra = {} if credentials is None else {"credentials": credentials}
+    authz = _echo_outcome(_with_authorization(authz_header, **extra))
+    paths = [d.path for d in compare_inputs("c", peer, authz)]
+    assert paths == expected_paths
+
+
+def test_decision_id_header_is_an_addition_only_with_the_responses_decision_id() -> None:
+    decision_id = "0b0e8f4e-8f43-4d6f-9d0e-3f1b6c1d2a10"
+    other_id = "1b0e8f4e-8f43-4d6f-9d0e-3f1b6c1d2a10"
+
+    def authz(header_value: str) -> Outcome:
+        header = {"header": {"key": "x-authz-decision-id", "value": header_value}}
+        return Outcome(
+            response={
+                "dynamic_metadata": {"decision_id": decision_id},
+                "ok_response": {"headers": [header]},
+            }
+        )
+
+    peer = Outcome(response={"dynamic_metadata": {"decision_id": other_id}})
+    same = [d.path for d in compare_responses("c", peer, authz(decision_id))]
+    forged = [d.path for d in compare_responses("c", peer, authz("forged"))]
+    assert same == ["addition.decision_id_header", "addition.ok_response"]
+    assert forged == ["response.ok_response"]
+
+
+def test_summary_reports_a_difference_no_entry_covers() -> None:
+    entry = AllowEntry(
+        kind="k",
+        corpus="requests",
+        cases=frozenset({"a"}),
+        paths=("input.x",),
+        reason="r",
+        fix=True,
+    )
+    differences = [
+        Difference("a", "input.x.y", 1, 2),  # covered: the entry's case, under its path
+        Difference("a", "input.xy", 1, 2),  # another field with the same prefix text
+        Difference("b", "input.x", 1, 2),  # another case
+    ]
+    _, unlisted = summary("requests", 3, differences, [entry])
+    assert [(d.case, d.path) for d in unlisted] == [("a", "input.xy"), ("b", "input.x")]
