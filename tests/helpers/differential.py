@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 
 from authz.core.headers import CREDENTIAL_HEADERS
@@ -107,9 +107,48 @@ def load_decisions() -> list[dict[str, Any]]:
     return _load("decisions.json")
 
 
-def check_request(case: Mapping[str, Any]) -> external_auth_pb2.CheckRequest:
-    """The CheckRequest of a request-corpus case."""
-    return json_format.ParseDict(case["request"], external_auth_pb2.CheckRequest())
+# Field numbers on the way to AttributeContext.HttpRequest (envoy/service/auth/v3/
+# external_auth.proto, attribute_context.proto): CheckRequest.attributes = 1,
+# AttributeContext.request = 4, Request.http = 2; then HttpRequest's string fields.
+_HTTP_PATH: Final = (1, 4, 2)
+_HTTP_STRING_FIELDS: Final = {"method": 2, "path": 4, "host": 5, "scheme": 6, "body": 11}
+_HTTP_HEADERS: Final = 3
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def check_request(case: Mapping[str, Any]) -> external_auth_pb2.CheckRequest | bytes:
+    """The CheckRequest of a request-corpus case: a message, or its wire bytes when the
+    case has ``wire`` entries, strings no protobuf library will encode (not UTF-8),
+    each ``{"field": <HttpRequest string field>, "base64": ...}`` or ``{"header": <name>,
+    "base64": <value>}``. They are appended as a second ``attributes`` message, which a
+    parser merges into the first (https://protobuf.dev/programming-guides/encoding/#last-one-wins):
+    the field's value is replaced, a header is added."""
+    message = json_format.ParseDict(case["request"], external_auth_pb2.CheckRequest())
+    if "wire" not in case:
+        return message
+    http = b""
+    for entry in case["wire"]:
+        raw = base64.b64decode(entry["base64"])
+        if "header" in entry:
+            pair = _length_delimited(1, entry["header"].encode()) + _length_delimited(2, raw)
+            http += _length_delimited(_HTTP_HEADERS, pair)
+        else:
+            http += _length_delimited(_HTTP_STRING_FIELDS[entry["field"]], raw)
+    for number in reversed(_HTTP_PATH):
+        http = _length_delimited(number, http)
+    return bytes(message.SerializeToString()) + http
 
 
 def decision_request(case_id: str) -> external_auth_pb2.CheckRequest:
@@ -237,12 +276,19 @@ def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
-def call(
-    stub: external_auth_pb2_grpc.AuthorizationStub, request: external_auth_pb2.CheckRequest
-) -> Outcome:
-    """Send ``request``; the answer as an Outcome (a gRPC error is an outcome too)."""
+_CHECK_METHOD: Final = "/envoy.service.auth.v3.Authorization/Check"
+
+
+def call(channel: grpc.Channel, request: external_auth_pb2.CheckRequest | bytes) -> Outcome:
+    """Send ``request`` (a message, or wire bytes sent as they are) to Authorization/Check;
+    the answer as an Outcome (a gRPC error is an outcome too)."""
+    check = channel.unary_unary(
+        _CHECK_METHOD,
+        request_serializer=lambda r: r if isinstance(r, bytes) else r.SerializeToString(),
+        response_deserializer=external_auth_pb2.CheckResponse.FromString,
+    )
     try:
-        response = stub.Check(request, timeout=CALL_TIMEOUT_S)
+        response = check(request, timeout=CALL_TIMEOUT_S)
     except grpc.RpcError as exc:
         return Outcome(error=exc.code().name)
     return Outcome(response=json_format.MessageToDict(response, preserving_proto_field_name=True))
