@@ -69,6 +69,8 @@ PEER_SKIP_REASON: Final = (
 )
 # Per-call deadline: loopback servers answer in milliseconds; this only bounds a hang.
 CALL_TIMEOUT_S: Final = 10.0
+# authz's decision deadline here (its default, 300 ms, suits Envoy, not a loaded CI box).
+DECISION_TIMEOUT_MS: Final = 5_000
 # gRPC message cap on the client: the echo of a 10,000-parameter query is ~1 MB.
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 _UUID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -230,9 +232,10 @@ def authz_launch(opa_url: str, grpc_port: int, admin_port: int) -> Launch:
     """``python -m authz serve`` on 127.0.0.1 (plaintext gRPC on loopback) against the OPA
     at ``opa_url``, with the plugin's settings where authz has a choice: every decision at
     DECISION_PATH, bodies parsed wherever Envoy sent one (``AUTHZ_PARSE_BODY=always``);
-    no audit database, no overrides file. Ready once ``/healthz`` answers 200: not
-    ``/readyz``, which waits for authz's own bundle probe (``authz/meta/*``) that a
-    plugin policy does not define (the test's OPA is ready before authz starts)."""
+    no audit database, no overrides file, a generous decision deadline. Ready once
+    ``/healthz`` answers 200: not ``/readyz``, which waits for authz's own bundle probe
+    (``authz/meta/*``) that a plugin policy does not define (the test's OPA is ready
+    before authz starts)."""
     env = {
         "AUTHZ_GRPC_ADDR": f"{HOST}:{grpc_port}",
         "AUTHZ_ADMIN_ADDR": f"{HOST}:{admin_port}",
@@ -242,7 +245,9 @@ def authz_launch(opa_url: str, grpc_port: int, admin_port: int) -> Launch:
         "AUTHZ_AUDIT_DB": "",
         "AUTHZ_OVERRIDES_FILE": "",
         "AUTHZ_DECISION_LOG": "false",
-        "AUTHZ_UVLOOP": "false",
+        # The plugin has no deadline; a loaded test machine must not turn a slow echo of
+        # a 10,000-field input into a difference.
+        "AUTHZ_DECISION_TIMEOUT_MS": str(DECISION_TIMEOUT_MS),
     }
     argv = ("env", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "authz", "serve")
     return Launch(
