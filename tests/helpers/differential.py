@@ -615,7 +615,8 @@ def summary(
     for entry in allow:
         mark = " (to fix in #15)" if entry.fix else ""
         if entry.used:
-            lines.append(f"  - {entry.kind}{mark}: {len(entry.used)} cases: {entry.reason}")
+            count = f"{len(entry.used)} case{'' if len(entry.used) == 1 else 's'}"
+            lines.append(f"  - {entry.kind}{mark}: {count}: {entry.reason}")
         else:
             lines.append(f"  - {entry.kind}: no longer differs: remove it from the allow-list")
     for difference in unlisted[:40]:
