@@ -44,3 +44,29 @@ export PROMETHEUS_VERSION PROMTOOL_BIN COMPOSECHECK_BIN
 REGAL_VERSION="${REGAL_VERSION:-v0.42.0}"
 REGAL_BIN="${REGAL_BIN:-$AUTHZ_CACHE/regal-$REGAL_VERSION/regal}"
 export REGAL_VERSION REGAL_BIN
+
+# Build a Go program in a scratch module: `go install pkg@version` needs the module
+# proxy's version list (refused for some modules) and refuses modules with replace
+# directives; a build inside a module that requires the pinned versions needs neither.
+#   go_build_tool OUT MAIN_PACKAGE LDFLAGS MODULE@VERSION...
+# Returns 1 (after the build log's tail) when Go is missing or the build fails.
+go_build_tool() {
+  local out="$1" main="$2" ldflags="$3"; shift 3
+  command -v go >/dev/null || { log "the Go toolchain is needed to build $(basename "$out")"; return 1; }
+  local tmp; tmp="$(mktemp -d)"
+  mkdir -p "$(dirname "$out")"
+  if ! (
+    cd "$tmp"
+    go mod init build-tool >/dev/null 2>&1
+    printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$main" > tools.go
+    go get "$@" >build.log 2>&1
+    CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$main" >>build.log 2>&1
+  ); then
+    tail -5 "$tmp/build.log" >&2
+    rm -rf "$tmp"
+    rmdir "$(dirname "$out")" 2>/dev/null || true
+    return 1
+  fi
+  mv "$out.tmp" "$out"
+  rm -rf "$tmp"
+}
