@@ -16,9 +16,10 @@ Credentials never reach a log line: records carry digests only, :func:`redact_he
 masks the header values named in :data:`SENSITIVE_HEADERS` for any code that must log
 headers, and an input or result written to the decision log goes through the same
 masking as the audit trail (:func:`redact_document`), each masked value named in the
-event's ``masked``. Every decision line is bounded in bytes: every string is cut to a cap,
-a body is left out unless small, and a line still over its cap sheds input fields (named
-in ``erased``) in :data:`INPUT_SHED_ORDER`, as the audit projection does.
+event's ``masked``; a JWT (RFC 7519) is masked wherever it appears in a decision line.
+Every decision line is bounded in bytes: every string is cut to a cap, a body is left out
+unless small, and a line still over its cap sheds input fields (named in ``erased``) in
+:data:`INPUT_SHED_ORDER`, as the audit projection does.
 """
 
 from __future__ import annotations
@@ -303,6 +304,35 @@ def _mask_result(
     return copy
 
 
+# A JWT wherever it is (RFC 7519: a compact JWS, header.payload.signature, or a JWE of
+# five parts; each base64url, the header a JSON object, so starting "eyJ").
+_JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2,4}")
+
+
+def _mask_jwts(value: Any, masked: list[str], at: tuple[object, ...], depth: int = 0) -> Any:
+    """A copy of the JSON ``value`` with every JWT in a string (a key or a value, alone or
+    inside text) replaced by the mask; each changed value's pointer appended to ``masked``.
+    A bearer JWT passed through to the policy (``io.jwt.*``) can land anywhere a client or
+    a policy puts it, under any name."""
+    if isinstance(value, str):
+        if "eyJ" not in value:
+            return value
+        masked_text = _JWT.sub(MASK, value)
+        if masked_text != value:
+            masked.append(_pointer(*at))
+        return masked_text
+    if depth >= _MAX_DEPTH:
+        return value  # cut by _cap
+    if isinstance(value, list):
+        return [_mask_jwts(v, masked, (*at, i), depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {
+            _JWT.sub(MASK, k) if "eyJ" in k else k: _mask_jwts(v, masked, (*at, k), depth + 1)
+            for k, v in value.items()
+        }
+    return value
+
+
 def _rfc3339(timestamp: float, *, fraction: bool) -> str:
     """UTC RFC 3339 as Go writes it: ``time.RFC3339Nano`` (up to nine fraction digits,
     trailing zeros dropped; OPA's ``timestamp``) or ``time.RFC3339`` (whole seconds; the
@@ -345,10 +375,10 @@ def opa_event(
     record that only knows one revision string gets OPA's older top-level ``revision``),
     ``input`` (masked by :func:`redact_document` plus ``credential_headers``; a body over
     ``body_max_bytes`` left out), ``result`` (OPA's answer, credential header values in it
-    masked), ``requested_by`` (the gRPC peer), ``timestamp`` (RFC 3339, nanosecond
-    syntax), ``labels``, ``metrics`` (``timer_server_handler_ns``: the whole Check;
+    masked; in both, any JWT masked), ``requested_by`` (the gRPC peer), ``timestamp`` (RFC
+    3339, nanosecond syntax), ``labels``, ``metrics`` (``timer_server_handler_ns``: the whole Check;
     ``timer_authz_opa_request_ns``: the OPA round trip, absent for a cached decision;
-    ``counter_authz_decision_cache_hit``), ``req_id`` (``req_id``, from 1 per process),
+    ``counter_authz_decision_cache_hit``), ``req_id`` (a counter from 1 per process),
     ``error`` (authz's detail when no decision could be made), ``masked``/``erased`` (JSON
     Pointers into the event), and ``custom.authz``: the authz line's fields that OPA's
     schema has no place for (``reason``, ``mode``, ``result``/``decision``/``policy_result``
@@ -363,7 +393,7 @@ def opa_event(
     }
     identity = {k: v for k, v in fields.items() if k not in _AUTHZ_FIELDS}
     if identity:
-        authz["identity"] = identity
+        authz["identity"] = _mask_jwts(identity, [], ())
     metrics: dict[str, int] = {
         "timer_server_handler_ns": round(record.duration_s * 1e9),
         "counter_authz_decision_cache_hit": int(record.cached_from is not None),
@@ -412,9 +442,10 @@ def opa_event(
                     erased.append(_pointer("input", *path))
         redacted, pointers = _redact(document, hidden)
         masked.extend(_pointer("input") + p for p in pointers)
-        event["input"] = redacted
+        event["input"] = _mask_jwts(redacted, masked, ("input",))
     if record.opa_result is not None:
-        event["result"] = _mask_result(record.opa_result, hidden, masked, ("result",))
+        result = _mask_result(record.opa_result, hidden, masked, ("result",))
+        event["result"] = _mask_jwts(result, masked, ("result",))
     event = _cap(event, value_max_bytes)
     if masked:
         event["masked"] = masked
@@ -555,7 +586,8 @@ class DecisionLog:
                 body_max_bytes=self._body_max,
             )
             return _fit_opa(event, self._line_max)
-        return _fit_authz(_cap(record.log_fields(), self._value_max), self._line_max)
+        fields = _mask_jwts(record.log_fields(), [], ())
+        return _fit_authz(_cap(fields, self._value_max), self._line_max)
 
     def record(self, record: DecisionRecord) -> None:
         """Write :meth:`line` for ``record``."""

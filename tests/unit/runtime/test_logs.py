@@ -624,3 +624,33 @@ def test_decision_log_from_settings_writes_the_configured_format(
 def test_decision_log_refuses_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="'json'"):
         DecisionLog(io.StringIO(), format="json")
+
+
+# A JWT (RFC 7519 compact JWS: header.payload.signature, base64url), and a JWE (five parts).
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNlY3JldA"
+JWE = "eyJhbGciOiJSU0EtT0FFUCJ9.a2V5.aXY.Y2lwaGVydGV4dA.dGFn"
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"document": http_document({"x-forwarded-jwt": JWT})}, "input header"),
+        ({"document": http_document({}, path=f"/items?jwt={JWT}")}, "input path"),
+        ({"document": http_document({}) | {"parsed_query": {"jwt": [JWT]}}}, "input query"),
+        ({"opa_result": {"allowed": True, "dynamic_metadata": {"t": JWT}}}, "result"),
+        ({"opa_result": {"allowed": True, "body": f"token {JWE} here"}}, "result text"),
+        ({"identity": {"token": JWT}}, "identity"),
+    ],
+    ids=["header", "path", "query", "result", "jwe-in-text", "identity"],
+)
+@pytest.mark.parametrize("format", ["authz", "opa"])
+def test_decision_line_never_holds_a_jwt(fields: dict[str, Any], where: str, format: str) -> None:
+    # A bearer JWT passed through to the policy (io.jwt.*) may land anywhere a policy or
+    # a client puts it; whatever its name, no line shows it.
+    stream = io.StringIO()
+    DecisionLog(stream, format=format).record(record("d-1", **fields))
+    text = stream.getvalue()
+    for part in (*JWT.split("."), *JWE.split(".")[:4]):
+        assert part not in text, where
+    if format == "opa" and where != "identity":
+        assert json.loads(text)["masked"], where
