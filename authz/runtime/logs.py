@@ -25,6 +25,7 @@ unless small, and a line still over its cap sheds input fields (named in ``erase
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import logging
 import re
@@ -575,7 +576,26 @@ class DecisionLog:
         )
 
     def line(self, record: DecisionRecord) -> bytes:
-        """The line for ``record``, without its newline."""
+        """The line for ``record``, without its newline. An input or result JSON cannot
+        hold as orjson writes it (an integer beyond 64 bits) is left out (``erased``)."""
+        try:
+            return self._line(record)
+        except orjson.JSONEncodeError:
+            if record.document is None and record.opa_result is None:
+                raise
+        line = self._line(dataclasses.replace(record, document=None, opa_result=None))
+        if self._format != "opa":
+            return line
+        event = orjson.loads(line)
+        left_out = [
+            pointer
+            for pointer, part in (("/input", record.document), ("/result", record.opa_result))
+            if part is not None
+        ]
+        event["erased"] = [*event.get("erased", ()), *left_out]
+        return _fit_opa(event, self._line_max)
+
+    def _line(self, record: DecisionRecord) -> bytes:
         if self._format == "opa":
             event = opa_event(
                 record,

@@ -654,3 +654,18 @@ def test_decision_line_never_holds_a_jwt(fields: dict[str, Any], where: str, for
         assert part not in text, where
     if format == "opa" and where != "identity":
         assert json.loads(text)["masked"], where
+
+
+@pytest.mark.parametrize("format", ["authz", "opa"])
+def test_decision_line_survives_an_integer_orjson_cannot_write(format: str) -> None:
+    # A JSON integer beyond 64 bits (the plugin keeps them; so may the input) still gives
+    # the decision its line, without the parts that hold it.
+    big = {"n": 2**70}
+    stream = io.StringIO()
+    DecisionLog(stream, format=format).record(
+        record("d-1", document={"parsed_body": big}, opa_result={"allowed": True, **big})
+    )
+    [line] = lines(stream)
+    assert line["decision_id"] == "d-1"
+    if format == "opa":
+        assert {"/input", "/result"} <= set(line["erased"])
