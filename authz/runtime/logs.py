@@ -448,11 +448,18 @@ def opa_event(
         result = _mask_result(record.opa_result, hidden, masked, ("result",))
         event["result"] = _mask_jwts(result, masked, ("result",))
     event = _cap(event, value_max_bytes)
-    if masked:
-        event["masked"] = masked
+    if masked:  # a pointer names a key, and a client chooses header names
+        event["masked"] = _cap(masked, value_max_bytes)
     if erased:
         event["erased"] = erased
     return event
+
+
+def _unmask(event: dict[str, Any], pointer: str) -> None:
+    """Drop the ``masked`` pointers into ``pointer``: it is no longer in the event."""
+    masked = [p for p in event.pop("masked", ()) if not p.startswith(pointer + "/")]
+    if masked:
+        event["masked"] = masked
 
 
 def _fit_opa(event: dict[str, Any], limit: int) -> bytes:
@@ -469,6 +476,7 @@ def _fit_opa(event: dict[str, Any], limit: int) -> bytes:
         for path in INPUT_SHED_ORDER:
             if _erase(document, path):
                 erased.append(_pointer("input", *path))
+                _unmask(event, _pointer("input", *path))
                 line = _dumps(event)
                 if len(line) <= limit:
                     return line
@@ -481,10 +489,7 @@ def _fit_opa(event: dict[str, Any], limit: int) -> bytes:
         if key in holder:
             del holder[key]
             erased[:] = [p for p in erased if not p.startswith(pointer + "/")] + [pointer]
-            # Pointers into what is no longer there go too.
-            masked = [p for p in event.pop("masked", ()) if not p.startswith(pointer + "/")]
-            if masked:
-                event["masked"] = masked
+            _unmask(event, pointer)
             line = _dumps(event)
             if len(line) <= limit:
                 return line

@@ -669,3 +669,12 @@ def test_decision_line_survives_an_integer_orjson_cannot_write(format: str) -> N
     assert line["decision_id"] == "d-1"
     if format == "opa":
         assert {"/input", "/result"} <= set(line["erased"])
+
+
+def test_opa_line_masked_names_only_what_is_still_there() -> None:
+    # A masked header shed for size leaves no pointer to it.
+    headers = {"cookie": SECRET} | {f"x-h{i}": "v" * 900 for i in range(20)}
+    [event] = opa_lines(record("d-1", document=http_document(headers)))
+    assert "/input/attributes/request/http/headers" in event["erased"]
+    assert "masked" not in event
+    assert SECRET not in json.dumps(event)
