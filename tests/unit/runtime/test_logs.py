@@ -678,3 +678,23 @@ def test_opa_line_masked_names_only_what_is_still_there() -> None:
     assert "/input/attributes/request/http/headers" in event["erased"]
     assert "masked" not in event
     assert SECRET not in json.dumps(event)
+
+
+def test_opa_event_knows_every_field_of_the_authz_line() -> None:
+    # A field added to DecisionRecord.log_fields must not pass for the policy's identity
+    # in an OPA line (custom.authz.identity).
+    full = record(
+        "d-1",
+        identity={},
+        decision_allowed=False,
+        policy_allowed=False,
+        fail_open=True,
+        tier="t",
+        override_id="o",
+        source="s",
+        cached_from="c",
+        error="e",
+    )
+    assert set(full.log_fields()) <= logs._AUTHZ_FIELDS
+    [event] = opa_lines(full)
+    assert "identity" not in event["custom"]["authz"]
