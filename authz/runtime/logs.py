@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Final
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 import orjson
 
@@ -345,6 +345,16 @@ def _rfc3339(timestamp: float, *, fraction: bool) -> str:
     return f"{text}.{digits}Z" if digits else f"{text}Z"
 
 
+def _peer_address(peer: str) -> str:
+    """A gRPC peer name (``ipv4:127.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``; gRPC's naming
+    doc) as OPA writes a client address (Go's ``RemoteAddr``: ``127.0.0.1:5000``,
+    ``[::1]:5000``); any other name (``unix:...``) as it is."""
+    scheme, sep, rest = peer.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        return unquote(rest)
+    return peer
+
+
 def _erase(document: dict[str, Any], path: tuple[str, ...]) -> bool:
     """Remove ``path`` from ``document``; True when it was there."""
     holder: Any = document
@@ -421,7 +431,7 @@ def opa_event(
     elif record.revision:
         event["revision"] = record.revision
     if record.peer:
-        event["requested_by"] = record.peer
+        event["requested_by"] = _peer_address(record.peer)
     if record.error is not None:
         event["error"] = record.error
     masked: list[str] = []

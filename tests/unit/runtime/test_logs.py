@@ -366,7 +366,7 @@ OPA_RECORD_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
         {
             "result": {"allowed": True},
             "bundles": {"authz": {"revision": "r1"}},
-            "requested_by": "ipv4:1.2.3.4:5",
+            "requested_by": "1.2.3.4:5",
             "authz": {"result": "allow", "decision": "allow", "reason": "allowed"},
         },
     ),
@@ -615,10 +615,16 @@ def test_opa_event_survives_a_deeply_nested_result() -> None:
 def test_decision_log_from_settings_writes_the_configured_format(
     environ: dict[str, str], format: str
 ) -> None:
+    settings = config.load(environ | {"AUTHZ_AUDIT_ROW_MAX_BYTES": "4096"})
     stream = io.StringIO()
-    DecisionLog.from_settings(config.load(environ), stream).record(record("d-1"))
-    [line] = lines(stream)
-    assert line["type"] == {"authz": "decision", "opa": logs.OPA_EVENT_TYPE}[format]
+    sink = DecisionLog.from_settings(settings, stream)
+    sink.record(record("d-1"))
+    sink.record(record("d-2", identity={f"c{i}": "v" * 900 for i in range(20)}))
+    first, second = lines(stream)
+    assert first["type"] == {"authz": "decision", "opa": logs.OPA_EVENT_TYPE}[format]
+    # The audit trail's caps: a line within AUTHZ_AUDIT_ROW_MAX_BYTES.
+    assert max(len(text.encode()) for text in stream.getvalue().splitlines()) <= 4096
+    assert second["decision_id"] == "d-2"
 
 
 def test_decision_log_refuses_an_unknown_format() -> None:
@@ -698,3 +704,23 @@ def test_opa_event_knows_every_field_of_the_authz_line() -> None:
     assert set(full.log_fields()) <= logs._AUTHZ_FIELDS
     [event] = opa_lines(full)
     assert "identity" not in event["custom"]["authz"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "requested_by"),
+    [
+        ("ipv4:127.0.0.1:50000", "127.0.0.1:50000"),
+        ("ipv6:%5B::1%5D:50000", "[::1]:50000"),
+        ("ipv6:[::1]:50000", "[::1]:50000"),
+        ("unix:/run/authz.sock", "unix:/run/authz.sock"),
+        ("10.0.0.1:1", "10.0.0.1:1"),
+    ],
+    ids=["ipv4", "ipv6-escaped", "ipv6", "unix", "plain"],
+)
+def test_opa_event_requested_by_is_the_peer_address_as_opa_writes_one(
+    peer: str, requested_by: str
+) -> None:
+    # gRPC names a peer "ipv4:host:port" (grpc.ServicerContext.peer); OPA writes the
+    # client address as Go's net/http RemoteAddr, "host:port" / "[v6]:port".
+    [event] = opa_lines(record("d-1", peer=peer))
+    assert event["requested_by"] == requested_by
