@@ -37,6 +37,13 @@ class DecisionRecord:
     be made, with the log-only detail in ``error``). ``mode`` is the enforcement mode
     (``enforce``, ``dry-run``, ``bypass``); ``fail_open`` is true when an OPA failure was
     allowed by the path's failure policy.
+
+    For the decision log in OPA's schema (:mod:`authz.runtime.logs`): ``opa_result`` is
+    OPA's ``result`` for the query as it came (the policy's decision document; None when
+    OPA gave none, e.g. bypass or OPA unreachable), ``revisions`` maps each active bundle's
+    name to its revision (OPA provenance; ``revision`` is the same as one string), and
+    ``peer`` is who asked (the gRPC peer of the Check call, Envoy, e.g.
+    ``ipv4:127.0.0.1:50000``; ``""`` when unknown).
     """
 
     decision_id: str
@@ -63,6 +70,9 @@ class DecisionRecord:
     opa_duration_s: float = 0.0
     error: str | None = None
     document: Mapping[str, Any] | None = None
+    opa_result: Any = None
+    revisions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    peer: str = ""
 
     @property
     def enforced_allowed(self) -> bool:

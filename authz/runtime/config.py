@@ -29,8 +29,10 @@ from authz.core.secret import Secret
 
 __all__ = [
     "ADMIN_TOKEN_MIN_CHARS",
+    "DECISION_LOG_FORMATS",
     "DEFAULT_ADMIN_ADDR",
     "DEFAULT_CREDENTIAL_HEADERS",
+    "DEFAULT_DECISION_LOG_FORMAT",
     "DEFAULT_DECISION_PATH",
     "DEFAULT_DECISION_TIMEOUT_MS",
     "DEFAULT_GRPC_ADDR",
@@ -106,6 +108,10 @@ DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
 # authz.runtime.audit.volume_bytes it fills the Kubernetes data volume (infra/k8s/authz.yaml,
 # emptyDir sizeLimit 1Gi; tests/infra/test_audit_volume.py keeps them equal).
 DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
+# The decision log line's schema (README "Decision log"): authz's own line, or OPA's
+# decision-log event (https://www.openpolicyagent.org/docs/management-decision-logs).
+DECISION_LOG_FORMATS: Final = ("authz", "opa")
+DEFAULT_DECISION_LOG_FORMAT: Final = "authz"
 
 _NEVER_IGNORED: Final = (
     "{name!r} is a credential or identity header (authz.core.headers, AUTHZ_CREDENTIAL_HEADERS); "
@@ -178,6 +184,8 @@ class Settings:
     audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
     # Lifecycle: the Redis pool has its own size, not the OPA pool's.
     redis_pool_size: int = DEFAULT_REDIS_POOL_SIZE
+    # Decision log (issue #15): the line's schema, authz's or OPA's.
+    decision_log_format: str = DEFAULT_DECISION_LOG_FORMAT
 
     @property
     def grpc_tls(self) -> bool:
@@ -465,6 +473,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_max_bytes": _int_in(16 * 1024 * 1024, 1024**4),
     # Lifecycle: the Redis pool has its own size, not the OPA pool's.
     "redis_pool_size": _int_in(1, 4096),
+    # Decision log (issue #15): the line's schema, authz's or OPA's.
+    "decision_log_format": _choice(*DECISION_LOG_FORMATS),
 }
 
 

@@ -149,3 +149,27 @@ def test_identity_cannot_overwrite_core_fields_or_error() -> None:
     assert fields["key_id"] == "key-1"
     assert "forged" not in fields.values()
     assert "error" not in fields
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hidden"),
+    [
+        ({"opa_result": {"allowed": True, "headers": {"x-token": QUERY_SECRET}}}, QUERY_SECRET),
+        ({"peer": "ipv4:10.9.8.7:5000"}, "10.9.8.7"),
+        ({"revisions": {"bundle-name-zz": "r7"}}, "bundle-name-zz"),
+    ],
+    ids=["opa-result", "peer", "revisions"],
+)
+def test_log_fields_leave_out_what_only_the_opa_schema_carries(
+    overrides: dict[str, Any], hidden: str
+) -> None:
+    # The authz line is unchanged by the fields added for OPA's schema (the OPA line,
+    # authz.runtime.logs.opa_event, masks and caps them).
+    item = record(**overrides)
+    assert item.log_fields() == record().log_fields()
+    assert hidden not in json.dumps(item.log_fields())
+
+
+def test_opa_schema_fields_default_to_absent() -> None:
+    item = DecisionRecord("d-1", 0.0, "authz/gateway/decision", True, "allowed", 200)
+    assert (item.opa_result, dict(item.revisions), item.peer) == (None, {}, "")

@@ -48,6 +48,8 @@ def test_defaults() -> None:
     assert settings.parse_body is BodyParsing.ROUTE
     assert settings.log_level == "INFO"
     assert settings.decision_log is True
+    # authz's own line unless told (README "Decision log").
+    assert settings.decision_log_format == "authz"
 
 
 class RecordingEnviron(Mapping[str, str]):
@@ -110,6 +112,9 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AUTHZ_SHUTDOWN_GRACE_S", "0.5", "shutdown_grace_s", 0.5),
     ("AUTHZ_SHUTDOWN_GRACE_S", "0", "shutdown_grace_s", 0.0),
     ("AUTHZ_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+    ("AUTHZ_DECISION_LOG_FORMAT", "opa", "decision_log_format", "opa"),
+    ("AUTHZ_DECISION_LOG_FORMAT", " OPA ", "decision_log_format", "opa"),
+    ("AUTHZ_DECISION_LOG_FORMAT", "authz", "decision_log_format", "authz"),
 ]
 
 
@@ -281,6 +286,8 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("AUTHZ_SHUTDOWN_GRACE_S", "nan", "non-negative"),
     ("AUTHZ_LOG_LEVEL", "verbose", "one of"),
     ("AUTHZ_LOG_LEVEL", "CRITICAL", "one of"),
+    ("AUTHZ_DECISION_LOG_FORMAT", "json", "one of authz, opa"),
+    ("AUTHZ_DECISION_LOG_FORMAT", "", "one of authz, opa"),
 ]
 
 
