@@ -401,7 +401,7 @@ async def _build(
         KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions),
     ]
     if settings.decision_log:
-        sinks.append(DecisionLog())
+        sinks.append(DecisionLog.from_settings(settings))
     if audit is not None:
         sinks.append(audit)
     authorizer = build_authorizer(

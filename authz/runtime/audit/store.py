@@ -229,7 +229,7 @@ class AuditTrail:
             except Exception:  # an odd document costs its input, never the entry
                 log.exception("audit input for %s not projected", record.decision_id)
                 slim = None
-            record = dataclasses.replace(record, document=slim)
+            record = dataclasses.replace(record, document=slim, opa_result=None)
         self._put("decision", record.timestamp, record.decision_id, record, _charge(record))
 
     def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
