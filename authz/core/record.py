@@ -63,6 +63,9 @@ class DecisionRecord:
     opa_duration_s: float = 0.0
     error: str | None = None
     document: Mapping[str, Any] | None = None
+    # Decision fields the outcome does not use, as opa-envoy-plugin ignores them
+    # (authz.core.decision.Decision.ignored): counted, never an error.
+    ignored_fields: tuple[str, ...] = ()
 
     @property
     def enforced_allowed(self) -> bool:

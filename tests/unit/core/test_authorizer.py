@@ -260,6 +260,50 @@ async def test_record_carries_revision_identity_and_request() -> None:
     assert (record.method, record.path, record.request_id) == ("POST", "/api/v1/items", "req-1")
 
 
+# Plugin policies (issue #15): one object for both outcomes, free-text reasons, an identity
+# of the policy's own shape. The plugin answers each with the status below; so must authz,
+# and the fields the outcome does not use are recorded (for the ignored-fields metric).
+PLUGIN_DECISIONS: list[tuple[dict[str, Any], int, tuple[str, ...]]] = [
+    (
+        {"allowed": True, "http_status": 403, "body": "denied", "headers": {"x-u": "a"}},
+        200,
+        ("body", "http_status"),
+    ),
+    (
+        {
+            "allowed": False,
+            "http_status": 401,
+            "body": "who are you?",
+            "request_headers_to_remove": ["authorization"],
+            "response_headers_to_add": {"x-r": "1"},
+        },
+        401,
+        ("request_headers_to_remove", "response_headers_to_add"),
+    ),
+    (
+        {"allowed": False, "reason": "User is not allowed to access this resource"},
+        403,
+        (),
+    ),
+    ({"allowed": True, "identity": {"user": {"name": "alice"}}, "source": "ldap"}, 200, ()),
+    ({"allowed": True, "rate_limit": 5, "credential": "basic", "cache_ttl_s": "1h"}, 200, ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "ignored"),
+    PLUGIN_DECISIONS,
+    ids=["one-object-allow", "one-object-deny", "free-text-reason", "own-identity", "own-keys"],
+)
+async def test_decision_the_plugin_accepts_never_fails(
+    answer: dict[str, Any], status: int, ignored: tuple[str, ...]
+) -> None:
+    outcome = await make(FakeEngine(answer)).check(check_request())
+    assert status_of(outcome.response) == status
+    assert outcome.record.ignored_fields == ignored
+    assert outcome.record.error is None
+
+
 class _Secrets:
     def __init__(self, values: Mapping[str, str]) -> None:
         self._values = values
