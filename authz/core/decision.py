@@ -19,8 +19,11 @@ fields are ignored, as the plugin does.
 
 Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
 e.g. ``expected allowed to be of type 'boolean' but got 'string'``. Header names and values
-are also checked for syntax (RFC 9110 token names; no CR, LF or NUL in values) so a policy
-can never make Envoy emit a malformed or smuggled header.
+authz hands Envoy are also checked for syntax (RFC 9110 token names, so no pseudo-headers;
+no CR, LF or NUL in values) and refused with :class:`UnsafeHeaderMutation`: Envoy 1.40 would
+answer 503 for them on an allow, rewrite the request for ``:path``, and split a CR/LF value
+into extra client response headers on a deny. A removal of such a name is dropped (Envoy
+ignores it; no header can have that name) and reported in :attr:`Decision.ignored`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, Final, Literal
 
 from envoy.type.v3 import http_status_pb2
 
-from authz.core.errors import InvalidDecision
+from authz.core.errors import InvalidDecision, UnsafeHeaderMutation
 from authz.core.headers import is_safe_field_value, is_token
 from authz.core.secret import is_secret_ref
 
@@ -152,7 +155,7 @@ def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
 
 def _header_name(field_name: str, name: str) -> str:
     if not is_token(name):
-        raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
+        raise UnsafeHeaderMutation(f"{field_name}: {name[:64]!r} is not a valid header name")
     return name.lower()
 
 
@@ -160,7 +163,7 @@ def _header_value(field_name: str, name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _type_error(f"{field_name}[{name!r}] value", "string", value)
     if not is_safe_field_value(value):
-        raise InvalidDecision(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
+        raise UnsafeHeaderMutation(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
     return value
 
 
@@ -325,7 +328,7 @@ def parse_decision(result: Any) -> Decision:
             raise _type_error("dynamic_metadata", "object", result["dynamic_metadata"])
         fields["dynamic_metadata"] = MappingProxyType(dict(result["dynamic_metadata"]))
     if allowed:
-        _allow_fields(result, fields)
+        _allow_fields(result, fields, ignored)
     else:
         _deny_fields(result, fields)
     extensions = result.get(EXTENSION_KEY)
@@ -336,17 +339,19 @@ def parse_decision(result: Any) -> Decision:
     return Decision(**fields, ignored=tuple(sorted(ignored)))
 
 
-def _allow_fields(result: Mapping[str, Any], fields: dict[str, Any]) -> None:
-    """The fields the plugin reads on an allow only, into ``fields``."""
+def _allow_fields(result: Mapping[str, Any], fields: dict[str, Any], ignored: list[str]) -> None:
+    """The fields the plugin reads on an allow only, into ``fields``; a removal naming no
+    possible header goes to ``ignored``."""
     if "response_headers_to_add" in result:
         fields["response_headers_to_add"] = _headers(
             "response_headers_to_add", result["response_headers_to_add"]
         )
     if "request_headers_to_remove" in result:
-        fields["request_headers_to_remove"] = tuple(
-            _header_name("request_headers_to_remove", name)
-            for name in _strings("request_headers_to_remove", result["request_headers_to_remove"])
-        )
+        names = _strings("request_headers_to_remove", result["request_headers_to_remove"])
+        valid = tuple(name.lower() for name in names if is_token(name))
+        if len(valid) != len(names):
+            ignored.append("request_headers_to_remove")
+        fields["request_headers_to_remove"] = valid
     if "query_parameters_to_set" in result:
         fields["query_parameters_to_set"] = _query_to_set(result["query_parameters_to_set"])
     if "query_parameters_to_remove" in result:

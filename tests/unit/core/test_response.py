@@ -230,6 +230,7 @@ FAILURE_STATUSES: list[tuple[str, int]] = [
     ("credential_unavailable", 503),
     ("rate_limit_unavailable", 503),
     ("invalid_decision", 500),
+    ("unsafe_header_mutation", 500),
     ("invalid_decision_path", 500),
     ("opa_error", 500),
     ("policy_error", 500),
