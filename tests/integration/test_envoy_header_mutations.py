@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,6 +32,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from authz.stack.supervisor import free_port
+from tests.helpers.envoy_rig import ext_authz_envoy_config, running_echo, running_envoy
 
 
 def _option(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -88,19 +84,6 @@ class _StandIn(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[mi
         return ANSWERS[case]
 
 
-class _Echo(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @dataclass(frozen=True)
 class Reply:
     status: int
@@ -113,73 +96,6 @@ class Reply:
         return dict(json.loads(self.body))
 
 
-_T = "type.googleapis.com/envoy.extensions."
-
-
-def _envoy_config(listen: int, admin: int, authz: int, upstream: int) -> dict[str, Any]:
-    def cluster(name: str, port: int, h2: bool) -> dict[str, Any]:
-        endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
-        found: dict[str, Any] = {
-            "name": name,
-            "type": "STATIC",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-            },
-        }
-        if h2:
-            found["typed_extension_protocol_options"] = {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            }
-        return found
-
-    hcm = {
-        "@type": _T + "filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "t",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": _T + "filters.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "2s"},
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": _T + "filters.http.router.v3.Router"},
-            },
-        ],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "l",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-                    "filter_chains": [
-                        {"filters": [{"name": "hcm", "typed_config": hcm}]},
-                    ],
-                }
-            ],
-            "clusters": [cluster("authz", authz, True), cluster("upstream", upstream, False)],
-        },
-    }
-
-
 @pytest.fixture(scope="module")
 def envoy_port(envoy_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     authz_port, upstream_port, listen, admin = (free_port() for _ in range(4))
@@ -187,44 +103,15 @@ def envoy_port(envoy_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_StandIn(), server)
     server.add_insecure_port(f"127.0.0.1:{authz_port}")
     server.start()
-    echo = ThreadingHTTPServer(("127.0.0.1", upstream_port), _Echo)
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
-    base = tmp_path_factory.mktemp("envoy-mutations")
-    config = base / "envoy.json"
-    config.write_text(json.dumps(_envoy_config(listen, admin, authz_port, upstream_port)))
-    log = (base / "envoy.log").open("w")
-    envoy = subprocess.Popen(
-        [envoy_bin, "-c", str(config), "--log-level", "warn", "--use-dynamic-base-id"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    config = ext_authz_envoy_config(listen, admin, authz_port, upstream_port)
     try:
-        _wait_ready(admin, envoy, base / "envoy.log")
-        yield listen
+        with (
+            running_echo(upstream_port),
+            running_envoy(envoy_bin, config, tmp_path_factory.mktemp("envoy-mutations"), admin),
+        ):
+            yield listen
     finally:
-        envoy.terminate()
-        envoy.wait(10)
-        log.close()
-        echo.shutdown()
-        echo.server_close()
         server.stop(0)
-
-
-def _wait_ready(admin: int, envoy: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert envoy.poll() is None, log.read_text()
-        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=1)
-        try:
-            conn.request("GET", "/ready")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            conn.close()
-        time.sleep(0.1)
-    pytest.fail(f"envoy not ready: {log.read_text()}")
 
 
 def _get(port: int, case: str) -> Reply:
