@@ -189,10 +189,29 @@ ALLOW = {
         (False, {"allowed": False, "source": "deny", "reason": "denied", "http_status": 403}),
         (
             {"allowed": False, "http_status": 401, "authz": {"reason": "invalid_api_key"}},
-            {"source": "deny", "http_status": 401},
+            {"source": "deny", "http_status": 401, "ignored": []},
+        ),
+        (
+            # One object for both outcomes (a plugin idiom): the allow ignores the deny's
+            # fields, and the preview says which, so a policy author sees it.
+            {"allowed": True, "http_status": 403, "body": "no", "reason": "Free text"},
+            {
+                "allowed": True,
+                "http_status": 200,
+                "reason": "allowed",
+                "ignored": ["body", "http_status"],
+            },
         ),
     ],
-    ids=["deny", "allow-namespace", "no-source-allow", "override-deny", "boolean", "401"],
+    ids=[
+        "deny",
+        "allow-namespace",
+        "no-source-allow",
+        "override-deny",
+        "boolean",
+        "401",
+        "ignored-fields",
+    ],
 )
 async def test_preview_answer(result: Any, expected: dict[str, Any]) -> None:
     engine = FakeEngine(result, revision="rev-9")
