@@ -417,6 +417,7 @@ class Authorizer:
             opa_duration_s=evaluation.duration_s if evaluation is not None else 0.0,
             error=str(trace.error) if trace.error is not None else None,
             document=trace.document,
+            ignored_fields=policy.ignored if policy is not None else (),
         )
 
 

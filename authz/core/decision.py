@@ -3,15 +3,27 @@
 Accepts opa-envoy-plugin's decision forms (``envoyauth/response.go``): a boolean, or an
 object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
-``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus the
-authz extensions ``reason``, ``source``, ``rate_limit``, ``identity``, ``credential``,
-``override`` and ``cache_ttl_s`` (``docs/contract.md``).
-Unknown fields are ignored, as the plugin does.
+``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus
+authz's extensions, all under the one key ``authz`` (``reason``, ``source``, ``rate_limit``,
+``identity``, ``credential``, ``override``, ``cache_ttl_s``; ``docs/contract.md``), so they
+never collide with a plugin policy's own top-level fields (a free-text ``reason``, an
+``identity`` of the policy's shape): a top-level field of those names means nothing to
+authz, as to the plugin.
+
+The rule: a decision the plugin accepts is never invalid here. Like the plugin
+(``internal/internal.go``, ``check``), only the fields the outcome uses are read: on an
+allow ``body`` and ``http_status`` are ignored, on a deny ``request_headers_to_remove``,
+``response_headers_to_add`` and the query-parameter edits. Such fields (and an ``authz``
+key that is not an object) are listed in :attr:`Decision.ignored`, never an error. Unknown
+fields are ignored, as the plugin does.
 
 Every type error raises :class:`InvalidDecision` naming the field and the JSON type found,
 e.g. ``expected allowed to be of type 'boolean' but got 'string'``. Header names and values
-are also checked for syntax (RFC 9110 token names; no CR, LF or NUL in values) so a policy
-can never make Envoy emit a malformed or smuggled header.
+authz hands Envoy are also checked for syntax (RFC 9110 token names, so no pseudo-headers;
+no CR, LF or NUL in values) and refused with :class:`UnsafeHeaderMutation`: Envoy 1.40 would
+answer 503 for them on an allow, rewrite the request for ``:path``, and split a CR/LF value
+into extra client response headers on a deny. A removal of such a name is dropped (Envoy
+ignores it; no header can have that name) and reported in :attr:`Decision.ignored`.
 """
 
 from __future__ import annotations
@@ -24,11 +36,12 @@ from typing import Any, Final, Literal
 
 from envoy.type.v3 import http_status_pb2
 
-from authz.core.errors import InvalidDecision
+from authz.core.errors import InvalidDecision, UnsafeHeaderMutation
 from authz.core.headers import is_safe_field_value, is_token
 from authz.core.secret import is_secret_ref
 
 __all__ = [
+    "EXTENSION_KEY",
     "CredentialRef",
     "Decision",
     "Header",
@@ -46,6 +59,16 @@ _ENVOY_STATUSES: Final = frozenset(
     if v != 0  # 0 is "Empty"
 )
 _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+# The one top-level key under which authz reads its own extensions.
+EXTENSION_KEY: Final = "authz"
+# Fields the plugin reads only for one outcome (internal/internal.go, check).
+_DENY_ONLY: Final = ("body", "http_status")
+_ALLOW_ONLY: Final = (
+    "query_parameters_to_remove",
+    "query_parameters_to_set",
+    "request_headers_to_remove",
+    "response_headers_to_add",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +119,9 @@ class Decision:
     # What the decision came from (snake_case): policy_rule, namespace_default, override,
     # deny in the shipped policies.
     source: str | None = None
+    # Fields the policy set that this outcome does not use (sorted): plugin fields of the
+    # other outcome, or an ``authz`` key that is not an object. Counted, never an error.
+    ignored: tuple[str, ...] = ()
 
     @property
     def reason_code(self) -> str:
@@ -129,7 +155,7 @@ def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
 
 def _header_name(field_name: str, name: str) -> str:
     if not is_token(name):
-        raise InvalidDecision(f"{field_name}: {name[:64]!r} is not a valid header name")
+        raise UnsafeHeaderMutation(f"{field_name}: {name[:64]!r} is not a valid header name")
     return name.lower()
 
 
@@ -137,7 +163,7 @@ def _header_value(field_name: str, name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _type_error(f"{field_name}[{name!r}] value", "string", value)
     if not is_safe_field_value(value):
-        raise InvalidDecision(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
+        raise UnsafeHeaderMutation(f"{field_name}[{name!r}]: value contains CR, LF or NUL")
     return value
 
 
@@ -199,17 +225,17 @@ def _http_status(raw: Any) -> int:
 
 def _rate_limit(raw: Any) -> RateLimitRef:
     if not isinstance(raw, dict):
-        raise _type_error("rate_limit", "object", raw)
+        raise _type_error("authz.rate_limit", "object", raw)
     tier, key = raw.get("tier"), raw.get("key")
     if not isinstance(tier, str):
-        raise _type_error("rate_limit.tier", "string", tier)
+        raise _type_error("authz.rate_limit.tier", "string", tier)
     if not isinstance(key, str):
-        raise _type_error("rate_limit.key", "string", key)
+        raise _type_error("authz.rate_limit.key", "string", key)
     if not tier or not key:
-        raise InvalidDecision("rate_limit.tier and rate_limit.key must not be empty")
+        raise InvalidDecision("authz.rate_limit.tier and authz.rate_limit.key must not be empty")
     requests_per_minute = _optional_int(raw, "requests_per_minute", minimum=-1)
     if requests_per_minute is None:
-        raise _type_error("rate_limit.requests_per_minute", "number", None)
+        raise _type_error("authz.rate_limit.requests_per_minute", "number", None)
     return RateLimitRef(
         tier=tier,
         key=key,
@@ -223,38 +249,40 @@ def _optional_int(raw: Mapping[str, Any], name: str, *, minimum: int) -> int | N
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _type_error(f"rate_limit.{name}", "number", value)
+        raise _type_error(f"authz.rate_limit.{name}", "number", value)
     if value != int(value) or value < minimum:
-        raise InvalidDecision(f"rate_limit.{name} must be an integer >= {minimum}")
+        raise InvalidDecision(f"authz.rate_limit.{name} must be an integer >= {minimum}")
     return int(value)
 
 
 def _override_id(raw: Any) -> str:
     if not isinstance(raw, dict):
-        raise _type_error("override", "object", raw)
+        raise _type_error("authz.override", "object", raw)
     override_id = raw.get("id")
     if not isinstance(override_id, str):
-        raise _type_error("override.id", "string", override_id)
+        raise _type_error("authz.override.id", "string", override_id)
     if not _OVERRIDE_ID.fullmatch(override_id):
-        raise InvalidDecision(f"override.id {override_id[:64]!r} is not an override id")
+        raise InvalidDecision(f"authz.override.id {override_id[:64]!r} is not an override id")
     return override_id
 
 
 def _credential(raw: Any) -> CredentialRef:
     if not isinstance(raw, dict):
-        raise _type_error("credential", "object", raw)
+        raise _type_error("authz.credential", "object", raw)
     ref, header, fmt = raw.get("ref"), raw.get("header"), raw.get("format", "{secret}")
     if not isinstance(ref, str):
-        raise _type_error("credential.ref", "string", ref)
+        raise _type_error("authz.credential.ref", "string", ref)
     if not is_secret_ref(ref):
-        raise InvalidDecision(f"credential.ref {ref[:64]!r} is not a secret reference")
+        raise InvalidDecision(f"authz.credential.ref {ref[:64]!r} is not a secret reference")
     if not isinstance(header, str):
-        raise _type_error("credential.header", "string", header)
+        raise _type_error("authz.credential.header", "string", header)
     if not isinstance(fmt, str):
-        raise _type_error("credential.format", "string", fmt)
+        raise _type_error("authz.credential.format", "string", fmt)
     if fmt.count("{secret}") != 1 or not is_safe_field_value(fmt):
-        raise InvalidDecision("credential.format must contain {secret} exactly once")
-    return CredentialRef(ref=ref, header=_header_name("credential.header", header), format=fmt)
+        raise InvalidDecision("authz.credential.format must contain {secret} exactly once")
+    return CredentialRef(
+        ref=ref, header=_header_name("authz.credential.header", header), format=fmt
+    )
 
 
 def _code(name: str, raw: Any) -> str:
@@ -268,10 +296,10 @@ def _code(name: str, raw: Any) -> str:
 
 def _identity(raw: Any) -> Mapping[str, str]:
     if not isinstance(raw, dict):
-        raise _type_error("identity", "object", raw)
+        raise _type_error("authz.identity", "object", raw)
     for key, value in raw.items():
         if not isinstance(value, str):
-            raise _type_error(f"identity.{key}", "string", value)
+            raise _type_error(f"authz.identity.{key}", "string", value)
     return MappingProxyType(dict(raw))
 
 
@@ -279,7 +307,8 @@ def parse_decision(result: Any) -> Decision:
     """Parse the ``result`` member of OPA's ``POST /v1/data`` answer.
 
     Returns a :class:`Decision`; raises :class:`InvalidDecision` for any other type at the
-    top level, a missing or non-boolean ``allowed``, or a field of the wrong type."""
+    top level, a missing or non-boolean ``allowed``, a field the outcome uses of the wrong
+    type (as the plugin does), or a malformed extension under ``authz``."""
     if isinstance(result, bool):
         return Decision(allowed=result)
     if not isinstance(result, dict):
@@ -290,47 +319,72 @@ def parse_decision(result: Any) -> Decision:
     if not isinstance(allowed, bool):
         raise _type_error("allowed", "boolean", allowed)
     fields: dict[str, Any] = {"allowed": allowed, "form": "object"}
+    unused = _ALLOW_ONLY if not allowed else _DENY_ONLY
+    ignored = [name for name in unused if name in result]
     if "headers" in result:
         fields["headers"] = _headers("headers", result["headers"])
+    if "dynamic_metadata" in result:
+        if not isinstance(result["dynamic_metadata"], dict):
+            raise _type_error("dynamic_metadata", "object", result["dynamic_metadata"])
+        fields["dynamic_metadata"] = MappingProxyType(dict(result["dynamic_metadata"]))
+    if allowed:
+        _allow_fields(result, fields, ignored)
+    else:
+        _deny_fields(result, fields)
+    extensions = result.get(EXTENSION_KEY)
+    if isinstance(extensions, dict):
+        _extension_fields(extensions, fields)
+    elif EXTENSION_KEY in result:
+        ignored.append(EXTENSION_KEY)
+    return Decision(**fields, ignored=tuple(sorted(ignored)))
+
+
+def _allow_fields(result: Mapping[str, Any], fields: dict[str, Any], ignored: list[str]) -> None:
+    """The fields the plugin reads on an allow only, into ``fields``; a removal naming no
+    possible header goes to ``ignored``."""
     if "response_headers_to_add" in result:
         fields["response_headers_to_add"] = _headers(
             "response_headers_to_add", result["response_headers_to_add"]
         )
     if "request_headers_to_remove" in result:
-        fields["request_headers_to_remove"] = tuple(
-            _header_name("request_headers_to_remove", name)
-            for name in _strings("request_headers_to_remove", result["request_headers_to_remove"])
-        )
+        names = _strings("request_headers_to_remove", result["request_headers_to_remove"])
+        valid = tuple(name.lower() for name in names if is_token(name))
+        if len(valid) != len(names):
+            ignored.append("request_headers_to_remove")
+        fields["request_headers_to_remove"] = valid
     if "query_parameters_to_set" in result:
         fields["query_parameters_to_set"] = _query_to_set(result["query_parameters_to_set"])
     if "query_parameters_to_remove" in result:
         fields["query_parameters_to_remove"] = _strings(
             "query_parameters_to_remove", result["query_parameters_to_remove"]
         )
+
+
+def _deny_fields(result: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    """The fields the plugin reads on a deny only, into ``fields``."""
     if "body" in result:
         if not isinstance(result["body"], str):
             raise _type_error("body", "string", result["body"])
         fields["body"] = result["body"]
     if "http_status" in result:
         fields["http_status"] = _http_status(result["http_status"])
-    if "dynamic_metadata" in result:
-        if not isinstance(result["dynamic_metadata"], dict):
-            raise _type_error("dynamic_metadata", "object", result["dynamic_metadata"])
-        fields["dynamic_metadata"] = MappingProxyType(dict(result["dynamic_metadata"]))
+
+
+def _extension_fields(raw: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    """authz's extensions (the ``authz`` object), into ``fields``; strict: authz's own."""
     for name in ("reason", "source"):
-        if name in result:
-            fields[name] = _code(name, result[name])
-    if "rate_limit" in result:
-        fields["rate_limit"] = _rate_limit(result["rate_limit"])
-    if "identity" in result:
-        fields["identity"] = _identity(result["identity"])
-    if "credential" in result:
-        fields["credential"] = _credential(result["credential"])
-    if "override" in result:
-        fields["override_id"] = _override_id(result["override"])
-    if "cache_ttl_s" in result:
-        ttl = result["cache_ttl_s"]
+        if name in raw:
+            fields[name] = _code(f"{EXTENSION_KEY}.{name}", raw[name])
+    if "rate_limit" in raw:
+        fields["rate_limit"] = _rate_limit(raw["rate_limit"])
+    if "identity" in raw:
+        fields["identity"] = _identity(raw["identity"])
+    if "credential" in raw:
+        fields["credential"] = _credential(raw["credential"])
+    if "override" in raw:
+        fields["override_id"] = _override_id(raw["override"])
+    if "cache_ttl_s" in raw:
+        ttl = raw["cache_ttl_s"]
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-            raise _type_error("cache_ttl_s", "number", ttl)
+            raise _type_error(f"{EXTENSION_KEY}.cache_ttl_s", "number", ttl)
         fields["cache_ttl_s"] = max(0.0, float(ttl))
-    return Decision(**fields)

@@ -29,6 +29,7 @@ meaning::
         ├── OpaResponseError        opa_error               500                yes
         ├── UndefinedDecision       undefined_decision      403                yes
         └── InvalidDecision         invalid_decision        500                yes
+            └── UnsafeHeaderMutation unsafe_header_mutation 500               yes
 
 Three kinds of bad input, three classes: a setting (:class:`ConfigError`, startup refuses
 to run, exit 2), a body sent to the admin API (:class:`AdminRequestError`, answered with
@@ -73,6 +74,7 @@ __all__ = [
     "StartupError",
     "TooManyOverrides",
     "UndefinedDecision",
+    "UnsafeHeaderMutation",
     "error_classes",
     "fail_open_codes",
     "meanings",
@@ -289,6 +291,19 @@ class InvalidDecision(PolicyError):
     code = "invalid_decision"
     public_message = "policy returned an invalid decision"
     opa_error = True
+
+
+class UnsafeHeaderMutation(InvalidDecision):
+    """The decision sets a header Envoy must not be handed: a name that is not an RFC 9110
+    token (spaces, ``:``, a pseudo-header such as ``:path``) or a value with CR, LF or NUL.
+    Envoy 1.40 answers such a mutation on an allow with its own 503 (``invalid header
+    value``), rewrites the request for ``:path``, and on a deny or in
+    ``response_headers_to_add`` splits a CR/LF value into extra client response headers
+    (``tests/integration/test_envoy_header_mutations.py``); opa-envoy-plugin passes them
+    on. authz refuses them, naming the field (``docs/contract.md``)."""
+
+    code = "unsafe_header_mutation"
+    public_message = "policy set a header Envoy cannot send safely"
 
 
 # The codes a fail-open decision path turns into an allow (the classes above).

@@ -73,6 +73,9 @@ class DecisionRecord:
     opa_result: Any = None
     revisions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     peer: str = ""
+    # Decision fields the outcome does not use, as opa-envoy-plugin ignores them
+    # (authz.core.decision.Decision.ignored): counted, never an error.
+    ignored_fields: tuple[str, ...] = ()
 
     @property
     def enforced_allowed(self) -> bool:

@@ -12,7 +12,9 @@ Differences, deliberate:
   further values of the same name), so a client-sent header of the same name never
   survives next to the policy's (Envoy's ``config.core.v3.HeaderValueOption``: an unset
   ``append_action`` is ``APPEND_IF_EXISTS_OR_ADD``, so a client value would stay).
-- A deny without a body gets a JSON body ``{"error": <reason>, "decision_id": ...}``.
+- A deny without a body gets a JSON body ``{"error": <reason>, "decision_id": ...}`` and
+  ``content-type: application/json`` (replacing a content-type the policy set: the body
+  it would describe is authz's).
 - Failures never become gRPC errors: :func:`error_response` denies with the status the
   error's class declares (``http_status`` in :mod:`authz.core.errors`; Authorino's
   ``statusCodeMapping``), so the outcome never depends on Envoy's ``failure_mode_allow``.
@@ -129,6 +131,9 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
     ]
     body = decision.body
     if body is None:
+        # The body is authz's JSON, so is its one content-type (a policy's would label it
+        # wrongly, or twice).
+        headers = [h for h in headers if h[0] != "content-type"]
         headers.append(("content-type", _JSON))
         body = _error_body(decision.reason_code, None, decision_id)
     return _denied(

@@ -37,6 +37,7 @@ decision_cache_bytes                       gauge      -
 decision_cache_max_bytes                   gauge      -
 decision_cache_stale_puts_total            counter    -
 expiring_key_decisions_total               counter    path
+decision_fields_ignored_total              counter    path, field (a decision field name)
 build_info                                 info       version
 =========================================  =========  =================================
 """
@@ -180,6 +181,14 @@ class Metrics:
             ("path",),
             registry=r,
         )
+        # ``field`` is one of the few plugin field names a decision may carry for the other
+        # outcome (authz.core.decision), or ``authz``: low cardinality by construction.
+        self.decision_fields_ignored = Counter(
+            "authz_decision_fields_ignored",
+            "Decision fields the outcome does not use (ignored as opa-envoy-plugin does).",
+            ("path", "field"),
+            registry=r,
+        )
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")
@@ -251,7 +260,7 @@ class MetricsSink:
 
     def record(self, record: DecisionRecord) -> None:
         """Count ``record``: decisions, latency, OPA share and errors, fail-open,
-        dry-run suppressions and rate-limit rejections."""
+        dry-run suppressions, rate-limit rejections and ignored decision fields."""
         m, path = self._m, record.decision_path
         result = "allow" if record.allowed else "deny"
         m.decisions.labels(path, result, record.reason, record.mode).inc()
@@ -267,3 +276,5 @@ class MetricsSink:
             m.dry_run_suppressed.labels(path, record.reason).inc()
         if record.reason == "rate_limited" and not record.allowed:  # enforced, not dry-run
             m.rate_limit_rejections.labels(path, record.tier or "").inc()
+        for name in record.ignored_fields:
+            m.decision_fields_ignored.labels(path, name).inc()

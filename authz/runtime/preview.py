@@ -26,7 +26,12 @@ The answer (:func:`preview_answer`)::
 
     {"decision_path", "revision", "allowed", "http_status", "reason",
      "source",        # policy_rule | namespace_default | override | deny
-     "identity", "rate_limit", "override_id"}
+     "identity", "rate_limit", "override_id",
+     "ignored"}       # decision fields this outcome does not use (docs/contract.md)
+
+``reason``, ``source``, ``identity``, ``rate_limit`` and ``override_id`` come from the
+decision's ``authz`` object (authz's extensions, ``docs/contract.md``), never from
+top-level fields of those names, which are the policy's own.
 """
 
 from __future__ import annotations
@@ -211,6 +216,7 @@ def preview_answer(
             else None
         ),
         "override_id": decision.override_id,
+        "ignored": list(decision.ignored),
     }
 
 

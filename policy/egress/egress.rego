@@ -64,7 +64,7 @@ sandbox_tier := namespace_defaults.tier if not sandbox.tier
 
 tier := data.egress.tiers[sandbox_tier]
 
-# Where the allow came from (the decision's "source", shown by authz's preview API).
+# Where the allow came from (the decision's "authz.source", shown by authz's preview API).
 default allow_source := "policy_rule"
 
 allow_source := "namespace_default" if not sandbox.tier
@@ -121,7 +121,7 @@ authorized if {
 # included; the tier only once the token has proven the sandbox.
 # METADATA
 # entrypoint: true
-decision := object.union_n([verdict, {"identity": decision_identity}, cache_hint]) if {
+decision := object.union_n([verdict, {"authz": {"identity": decision_identity}}, cache_hint]) if {
 	sandbox
 } else := verdict
 
@@ -129,7 +129,7 @@ decision := object.union_n([verdict, {"identity": decision_identity}, cache_hint
 # decision cache).
 default cache_hint := {}
 
-cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
+cache_hint := {"authz": {"cache_ttl_s": max([0, min(ttls)])}} if {
 	ttls := [ttl | some o in overrides; ttl := (o.expires_at_ns - time.now_ns()) / 1000000000]
 	count(ttls) > 0
 }
@@ -157,11 +157,11 @@ verdict := lib.unauthorized("missing_sandbox_id", false) if {
 	not enabled
 } else := lib.deny(403, "unknown_service") if {
 	not service
-} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked, "source": "override"}) if {
+} else := lib.blocked_by(blocked) if {
 	blocked
 } else := lib.deny(400, "invalid_path") if {
 	lib.bad_path
-} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted, "source": "override"}) if {
+} else := lib.allowed_by(allow, excepted) if {
 	not authorized
 	not path_denied
 	excepted
@@ -198,15 +198,18 @@ headers_to_remove contains name if {
 allow := object.union(
 	{
 		"allowed": true,
-		"reason": "allowed",
-		"source": allow_source,
-		"request_headers_to_remove": sort(headers_to_remove),
-		"rate_limit": {
-			"tier": sandbox_tier,
-			"key": concat(":", ["sandbox", sandbox_id, service_name]),
-			"requests_per_minute": requests_per_minute,
+		# authz's own fields (docs/contract.md), apart from the plugin's.
+		"authz": {
+			"reason": "allowed",
+			"source": allow_source,
+			"rate_limit": {
+				"tier": sandbox_tier,
+				"key": concat(":", ["sandbox", sandbox_id, service_name]),
+				"requests_per_minute": requests_per_minute,
+			},
+			"identity": decision_identity,
 		},
-		"identity": decision_identity,
+		"request_headers_to_remove": sort(headers_to_remove),
 		"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox_tier},
 	},
 	credential,
@@ -225,10 +228,10 @@ requests_per_minute := tier.rate_limit.requests_per_minute if {
 # By reference only: the secrets file entry named after the service.
 default credential := {}
 
-credential := {"credential": {
+credential := {"authz": {"credential": {
 	"ref": service_name,
 	"header": service.credential.header,
 	"format": service.credential.format,
-}} if {
+}}} if {
 	service.credential
 }

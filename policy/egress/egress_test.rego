@@ -71,17 +71,17 @@ test_every_tier_by_every_service if {
 		every service, call in probe {
 			d := decide(concat("-", ["sb", tier]), concat("-", ["t", tier]), service, call[0], call[1])
 			expect_allowed := service in allowed_services
-			print(tier, service, d.reason) # shown for the failing case
+			print(tier, service, d.authz.reason) # shown for the failing case
 			d.allowed == expect_allowed
 			expect_reason(d, expect_allowed)
 		}
 	}
 }
 
-expect_reason(d, true) if d.reason == "allowed"
+expect_reason(d, true) if d.authz.reason == "allowed"
 
 expect_reason(d, false) if {
-	d.reason == "service_not_allowed"
+	d.authz.reason == "service_not_allowed"
 	d.http_status == 403
 }
 
@@ -129,9 +129,9 @@ test_cases if {
 	every c in cases {
 		d := decide(c[1], c[2], c[3], c[4], c[5])
 		status := object.get(d, "http_status", 200)
-		print(c[0], status, d.reason) # shown for the failing case
+		print(c[0], status, d.authz.reason) # shown for the failing case
 		status == c[6]
-		d.reason == c[7]
+		d.authz.reason == c[7]
 	}
 }
 
@@ -151,7 +151,7 @@ test_allow_injects_by_reference_and_strips_sandbox_headers if {
 	d := egress.decision with input as req("sb-standard", "t-standard", "anthropic", "POST", "/v1/messages", extra)
 		with data.egress.sandboxes as sandboxes
 	d.allowed
-	d.credential == {"ref": "anthropic", "header": "x-api-key", "format": "{secret}"}
+	d.authz.credential == {"ref": "anthropic", "header": "x-api-key", "format": "{secret}"}
 	removed := [
 		"x-sandbox-id", "x-sandbox-token", "authorization", "x-api-key", "cookie", "x-sandbox-trace",
 		"x-authz-role",
@@ -160,8 +160,8 @@ test_allow_injects_by_reference_and_strips_sandbox_headers if {
 		name in d.request_headers_to_remove
 	}
 	not "accept" in d.request_headers_to_remove
-	d.rate_limit == {"tier": "standard", "key": "sandbox:sb-standard:anthropic", "requests_per_minute": 60}
-	d.identity == {"sandbox_id": "sb-standard", "service": "anthropic", "tier": "standard"}
+	d.authz.rate_limit == {"tier": "standard", "key": "sandbox:sb-standard:anthropic", "requests_per_minute": 60}
+	d.authz.identity == {"sandbox_id": "sb-standard", "service": "anthropic", "tier": "standard"}
 }
 
 # One list of credentials (authz.core.headers): whatever authz hashed (input.credentials, which
@@ -201,8 +201,8 @@ test_no_secret_or_token_in_decision if {
 test_rate_limit_per_sandbox_and_service if {
 	a := decide("sb-admin", "t-admin", "openai", "GET", "/v1/models")
 	b := decide("sb-admin", "t-admin", "github", "GET", "/user")
-	a.rate_limit.key != b.rate_limit.key
-	a.rate_limit.requests_per_minute == 1000
+	a.authz.rate_limit.key != b.authz.rate_limit.key
+	a.authz.rate_limit.requests_per_minute == 1000
 }
 
 test_service_from_host_when_route_does_not_say if {
@@ -212,7 +212,7 @@ test_service_from_host_when_route_does_not_say if {
 	])
 	d := egress.decision with input as r with data.egress.sandboxes as sandboxes
 	d.allowed
-	d.identity.service == "openai"
+	d.authz.identity.service == "openai"
 }
 
 test_header_only_mode_skips_token if {
@@ -324,34 +324,36 @@ test_override_lets_a_sandbox_use_a_service_for_a_while if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard", "service": "slack"})}
 	d := decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", o)
 	d.allowed
-	d.reason == "allowed_by_override"
-	d.credential.ref == "slack"
-	decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", {}).reason == "service_not_allowed"
+	d.authz.reason == "allowed_by_override"
+	d.authz.credential.ref == "slack"
+	without := decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", {})
+	without.authz.reason == "service_not_allowed"
 }
 
 test_service_scoped_override_does_not_leak if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard", "service": "slack"})}
-	decide_with("sb-standard", "t-standard", "openai", "POST", "/v1/files", o).reason == "path_not_allowed"
+	decide_with("sb-standard", "t-standard", "openai", "POST", "/v1/files", o).authz.reason == "path_not_allowed"
 }
 
 test_block_override_stops_a_sandbox if {
 	o := {"o1": eovr("o1", "deny", {"sandbox_id": "sb-admin"})}
 	d := decide_with("sb-admin", "t-admin", "openai", "GET", "/v1/models", o)
-	d.reason == "blocked_by_override"
+	d.authz.reason == "blocked_by_override"
 	d.http_status == 403
 }
 
 test_override_needs_a_valid_token if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard"})}
-	decide_with("sb-standard", "wrong", "slack", "POST", "/api/chat.postMessage", o).reason == "invalid_sandbox_token"
+	d := decide_with("sb-standard", "wrong", "slack", "POST", "/api/chat.postMessage", o)
+	d.authz.reason == "invalid_sandbox_token"
 }
 
 test_denies_name_the_sandbox_and_the_tier_only_once_proven if {
 	d := decide("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage")
-	d.identity == {"sandbox_id": "sb-standard", "service": "slack", "tier": "standard"}
+	d.authz.identity == {"sandbox_id": "sb-standard", "service": "slack", "tier": "standard"}
 	bad := decide("sb-standard", "wrong", "openai", "GET", "/v1/models")
-	bad.identity == {"sandbox_id": "sb-standard", "service": "openai"}
-	not decide("sb-nope", "x", "openai", "GET", "/v1/models").identity
+	bad.authz.identity == {"sandbox_id": "sb-standard", "service": "openai"}
+	not decide("sb-nope", "x", "openai", "GET", "/v1/models").authz.identity
 }
 
 # -- security review ------------------------------------------------------------------------
@@ -364,8 +366,8 @@ test_allow_override_is_usable_on_the_default_tier if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-default", "service": "openai"})}
 	d := decide_with("sb-default", "t-default", "openai", "GET", "/v1/models", o)
 	d.allowed
-	d.reason == "allowed_by_override"
-	d.rate_limit.requests_per_minute != 0
+	d.authz.reason == "allowed_by_override"
+	d.authz.rate_limit.requests_per_minute != 0
 }
 
 # README: authz "injects the real credential from a secrets file the sandbox never sees".
@@ -375,7 +377,7 @@ test_echo_service_is_given_no_credential if {
 	every path in ["/get", "/anything/x"] {
 		d := decide("sb-restricted", "t-restricted", "httpbin", "GET", path)
 		d.allowed
-		not d.credential
+		not d.authz.credential
 	}
 }
 
@@ -397,22 +399,22 @@ ns_decide(id, token, service, method, path) := d if {
 test_namespace_default_tier_applies if {
 	d := ns_decide("sb-ns", "t-ns", "openai", "POST", "/v1/chat/completions")
 	d.allowed
-	d.source == "namespace_default"
-	d.rate_limit.tier == "standard"
-	d.identity == {"sandbox_id": "sb-ns", "service": "openai", "tier": "standard", "namespace": "labs/agents"}
-	ns_decide("sb-ns", "t-ns", "slack", "POST", "/api/chat.postMessage").reason == "service_not_allowed"
+	d.authz.source == "namespace_default"
+	d.authz.rate_limit.tier == "standard"
+	d.authz.identity == {"sandbox_id": "sb-ns", "service": "openai", "tier": "standard", "namespace": "labs/agents"}
+	ns_decide("sb-ns", "t-ns", "slack", "POST", "/api/chat.postMessage").authz.reason == "service_not_allowed"
 }
 
 test_sandbox_own_tier_wins_over_namespace if {
 	d := ns_decide("sb-ns-own", "t-ns-own", "slack", "POST", "/api/chat.postMessage")
 	d.allowed
-	d.source == "policy_rule"
-	d.rate_limit.tier == "premium"
+	d.authz.source == "policy_rule"
+	d.authz.rate_limit.tier == "premium"
 }
 
 test_egress_deny_source if {
-	decide("sb-standard", "wrong", "openai", "GET", "/v1/models").source == "deny"
-	decide("sb-standard", "t-standard", "openai", "GET", "/v1/models").source == "policy_rule"
+	decide("sb-standard", "wrong", "openai", "GET", "/v1/models").authz.source == "deny"
+	decide("sb-standard", "t-standard", "openai", "GET", "/v1/models").authz.source == "policy_rule"
 }
 
 test_unknown_sandbox_namespace_is_a_bundle_warning if {
@@ -433,14 +435,14 @@ preview_decide(id, service, method, path) := d if {
 test_preview_takes_the_sandbox_as_proven if {
 	d := preview_decide("sb-standard", "openai", "GET", "/v1/models")
 	d.allowed
-	d.identity.tier == "standard"
-	preview_decide("sb-standard", "slack", "POST", "/api/chat.postMessage").reason == "service_not_allowed"
-	preview_decide("sb-off", "openai", "GET", "/v1/models").reason == "sandbox_disabled"
-	preview_decide("sb-nope", "openai", "GET", "/v1/models").reason == "unknown_sandbox"
+	d.authz.identity.tier == "standard"
+	preview_decide("sb-standard", "slack", "POST", "/api/chat.postMessage").authz.reason == "service_not_allowed"
+	preview_decide("sb-off", "openai", "GET", "/v1/models").authz.reason == "sandbox_disabled"
+	preview_decide("sb-nope", "openai", "GET", "/v1/models").authz.reason == "unknown_sandbox"
 }
 
 test_without_preview_the_token_is_required if {
-	decide("sb-standard", null, "openai", "GET", "/v1/models").reason == "missing_sandbox_token"
+	decide("sb-standard", null, "openai", "GET", "/v1/models").authz.reason == "missing_sandbox_token"
 }
 
 # -- least privilege in the shipped data (issue #13, finding 10) ------------------------------
@@ -489,9 +491,9 @@ test_github_is_read_plus_a_named_write_set if {
 	every c in github_cases {
 		d := decide(c[1], concat("-", ["t", substring(c[1], 3, -1)]), "github", c[2], c[3])
 		status := object.get(d, "http_status", 200)
-		print(c[0], status, d.reason) # shown for the failing case
+		print(c[0], status, d.authz.reason) # shown for the failing case
 		status == c[4]
-		d.reason == c[5]
+		d.authz.reason == c[5]
 	}
 }
 
@@ -499,7 +501,7 @@ test_github_is_read_plus_a_named_write_set if {
 test_allow_override_cannot_lift_an_explicit_deny if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard", "service": "github", "path": "/repos/a/b/hooks"})}
 	d := decide_with("sb-standard", "t-standard", "github", "POST", "/repos/a/b/hooks", o)
-	d.reason == "path_denied"
+	d.authz.reason == "path_denied"
 	d.http_status == 403
 }
 
@@ -507,14 +509,15 @@ test_allow_override_cannot_lift_an_explicit_deny if {
 # without): one left without a service, e.g. in an older overrides file, opens nothing.
 test_allow_override_without_a_service_opens_nothing if {
 	o := {"o1": eovr("o1", "allow", {"sandbox_id": "sb-standard"})}
-	decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", o).reason == "service_not_allowed"
-	decide_with("sb-standard", "t-standard", "openai", "POST", "/v1/files", o).reason == "path_not_allowed"
+	d := decide_with("sb-standard", "t-standard", "slack", "POST", "/api/chat.postMessage", o)
+	d.authz.reason == "service_not_allowed"
+	decide_with("sb-standard", "t-standard", "openai", "POST", "/v1/files", o).authz.reason == "path_not_allowed"
 }
 
 test_deny_override_without_a_service_blocks_every_service if {
 	o := {"o1": eovr("o1", "deny", {"sandbox_id": "sb-standard"})}
 	every service in ["openai", "github"] {
-		decide_with("sb-standard", "t-standard", service, "GET", "/user", o).reason == "blocked_by_override"
+		decide_with("sb-standard", "t-standard", service, "GET", "/user", o).authz.reason == "blocked_by_override"
 	}
 }
 

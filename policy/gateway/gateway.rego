@@ -59,7 +59,7 @@ tier := key.rate_limit_tier
 
 tier := namespace_defaults.rate_limit_tier if not key.rate_limit_tier
 
-# Where the allow came from (the decision's "source", shown by authz's preview API):
+# Where the allow came from (the decision's "authz.source", shown by authz's preview API):
 # the key's own entry, or its namespace's defaults for role or tier.
 from_namespace if not key.role
 
@@ -109,7 +109,7 @@ role_matches(roles) if role in roles
 # Every decision about a known key names it (the decision log's key_id), denies included.
 # METADATA
 # entrypoint: true
-decision := object.union_n([verdict, {"identity": decision_identity}, cache_hint]) if {
+decision := object.union_n([verdict, {"authz": {"identity": decision_identity}}, cache_hint]) if {
 	key.id
 } else := verdict
 
@@ -117,7 +117,7 @@ decision := object.union_n([verdict, {"identity": decision_identity}, cache_hint
 # changes when the key or an override expires says how long it holds.
 default cache_hint := {}
 
-cache_hint := {"cache_ttl_s": max([0, min(ttls)])} if {
+cache_hint := {"authz": {"cache_ttl_s": max([0, min(ttls)])}} if {
 	ttls := [ttl | some ns in expiries; ttl := (ns - time.now_ns()) / 1000000000]
 	count(ttls) > 0
 }
@@ -139,11 +139,11 @@ verdict := lib.unauthorized("missing_api_key", false) if {
 	not enabled
 } else := lib.unauthorized("expired_api_key", true) if {
 	expired
-} else := object.union(lib.deny(403, "blocked_by_override"), {"override": blocked, "source": "override"}) if {
+} else := lib.blocked_by(blocked) if {
 	blocked
 } else := lib.deny(400, "invalid_path") if {
 	lib.bad_path
-} else := object.union(allow, {"reason": "allowed_by_override", "override": excepted, "source": "override"}) if {
+} else := lib.allowed_by(allow, excepted) if {
 	not role_allowed
 	excepted
 } else := lib.deny(403, "path_not_allowed") if {
@@ -160,8 +160,17 @@ headers_to_remove contains name if some name in lib.forged_identity_headers(iden
 
 allow := {
 	"allowed": true,
-	"reason": "allowed",
-	"source": allow_source,
+	# authz's own fields (docs/contract.md), apart from the plugin's.
+	"authz": {
+		"reason": "allowed",
+		"source": allow_source,
+		"rate_limit": {
+			"tier": tier,
+			"key": concat(":", ["key", key.id]),
+			"requests_per_minute": data.gateway.rate_limit_tiers[tier].requests_per_minute,
+		},
+		"identity": decision_identity,
+	},
 	# Set for the upstream; authz overwrites any client-sent header of the same name.
 	"headers": {
 		"x-authz-key-id": key.id,
@@ -172,11 +181,5 @@ allow := {
 	# (input.credentials: authz.core.headers' list plus AUTHZ_CREDENTIAL_HEADERS), nor forged
 	# identity headers. Forwarding headers are Envoy's (use_remote_address, route config).
 	"request_headers_to_remove": sort(headers_to_remove),
-	"rate_limit": {
-		"tier": tier,
-		"key": concat(":", ["key", key.id]),
-		"requests_per_minute": data.gateway.rate_limit_tiers[tier].requests_per_minute,
-	},
-	"identity": decision_identity,
 	"dynamic_metadata": {"key_id": key.id, "role": role, "tier": tier},
 }

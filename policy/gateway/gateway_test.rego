@@ -85,9 +85,9 @@ test_cases if {
 	every c in cases {
 		d := decide(c[1], c[2], c[3])
 		status := object.get(d, "http_status", 200)
-		print(c[0], status, d.reason) # shown with -v, and for the failing case
+		print(c[0], status, d.authz.reason) # shown with -v, and for the failing case
 		status == c[4]
-		d.reason == c[5]
+		d.authz.reason == c[5]
 		expect_allowed := c[4] == 200
 		d.allowed == expect_allowed
 	}
@@ -95,13 +95,13 @@ test_cases if {
 
 test_x_api_key_wins_over_authorization if {
 	d := decide("GET", "/api/v1/status", object.union(api_key("nope"), bearer("k-admin")))
-	d.reason == "invalid_api_key"
+	d.authz.reason == "invalid_api_key"
 }
 
 test_authorization_needs_bearer_scheme if {
 	i := req("GET", "/api/v1/status", bearer("k-admin"), {"authorization": "Basic sha256:00"})
 	d := gateway.decision with input as i with data.gateway.api_keys as keys
-	d.reason == "missing_api_key"
+	d.authz.reason == "missing_api_key"
 }
 
 test_401_carries_challenge if {
@@ -120,8 +120,8 @@ test_allow_sets_identity_and_strips_key if {
 	d.headers == {"x-authz-key-id": "key-user", "x-authz-role": "user", "x-authz-tier": "standard"}
 	"x-api-key" in d.request_headers_to_remove
 	"authorization" in d.request_headers_to_remove
-	d.rate_limit == {"tier": "standard", "key": "key:key-user", "requests_per_minute": 120}
-	d.identity.key_id == "key-user"
+	d.authz.rate_limit == {"tier": "standard", "key": "key:key-user", "requests_per_minute": 120}
+	d.authz.identity.key_id == "key-user"
 }
 
 # One list of credentials (authz.core.headers): whatever authz hashed (input.credentials) is a
@@ -224,34 +224,34 @@ test_allow_override_grants_an_exception if {
 	o := {"o1": ovr("o1", "allow", {"key_id": "key-user", "path": "/api/v1/admin/**", "methods": ["GET"]}, future_ns)}
 	d := decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o)
 	d.allowed
-	d.reason == "allowed_by_override"
-	d.override == {"id": "o1", "reason": "test o1"}
+	d.authz.reason == "allowed_by_override"
+	d.authz.override == {"id": "o1", "reason": "test o1"}
 	d.headers["x-authz-key-id"] == "key-user"
 	"x-api-key" in d.request_headers_to_remove
 }
 
 test_allow_override_is_scoped if {
 	o := {"o1": ovr("o1", "allow", {"key_id": "key-user", "path": "/api/v1/admin/**", "methods": ["GET"]}, future_ns)}
-	decide_with("DELETE", "/api/v1/admin/reports", api_key("k-user"), o).reason == "role_not_allowed"
-	decide_with("GET", "/internal/x", api_key("k-user"), o).reason == "path_not_allowed"
-	decide_with("GET", "/api/v1/admin/reports", api_key("k-viewer"), o).reason == "role_not_allowed"
+	decide_with("DELETE", "/api/v1/admin/reports", api_key("k-user"), o).authz.reason == "role_not_allowed"
+	decide_with("GET", "/internal/x", api_key("k-user"), o).authz.reason == "path_not_allowed"
+	decide_with("GET", "/api/v1/admin/reports", api_key("k-viewer"), o).authz.reason == "role_not_allowed"
 }
 
 test_expired_override_is_ignored if {
 	o := {"o1": ovr("o1", "allow", {"key_id": "key-user"}, past_ns)}
-	decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o).reason == "role_not_allowed"
+	decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o).authz.reason == "role_not_allowed"
 }
 
 test_override_for_another_decision_path_is_ignored if {
 	egress_allow := ovr("o1", "allow", {"key_id": "key-user"}, future_ns)
 	o := {"o1": object.union(egress_allow, {"decision_path": "authz/egress/decision"})}
-	decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o).reason == "role_not_allowed"
+	decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o).authz.reason == "role_not_allowed"
 }
 
 test_override_never_bypasses_authentication if {
 	o := {"o1": ovr("o1", "allow", {"key_id": "key-disabled"}, future_ns)}
-	decide_with("GET", "/api/v1/status", api_key("k-disabled"), o).reason == "disabled_api_key"
-	decide_with("GET", "/api/v1/status", api_key("nope"), o).reason == "invalid_api_key"
+	decide_with("GET", "/api/v1/status", api_key("k-disabled"), o).authz.reason == "disabled_api_key"
+	decide_with("GET", "/api/v1/status", api_key("nope"), o).authz.reason == "invalid_api_key"
 }
 
 test_deny_override_blocks_and_wins if {
@@ -262,28 +262,28 @@ test_deny_override_blocks_and_wins if {
 	d := decide_with("GET", "/api/v1/status", api_key("k-admin"), o)
 	not d.allowed
 	d.http_status == 403
-	d.reason == "blocked_by_override"
-	d.override.id == "b"
+	d.authz.reason == "blocked_by_override"
+	d.authz.override.id == "b"
 }
 
 test_denies_about_a_known_key_name_it if {
-	decide("POST", "/api/v1/items", api_key("k-viewer")).identity.key_id == "key-viewer"
-	decide("GET", "/api/v1/status", api_key("k-expired")).identity.key_id == "key-expired"
-	not decide("GET", "/api/v1/status", api_key("nope")).identity
-	not decide("GET", "/api/v1/status", {}).identity
+	decide("POST", "/api/v1/items", api_key("k-viewer")).authz.identity.key_id == "key-viewer"
+	decide("GET", "/api/v1/status", api_key("k-expired")).authz.identity.key_id == "key-expired"
+	not decide("GET", "/api/v1/status", api_key("nope")).authz.identity
+	not decide("GET", "/api/v1/status", {}).authz.identity
 }
 
 test_expiring_key_bounds_the_cache if {
 	d := decide("GET", "/api/v1/items", api_key("k-future"))
-	d.cache_ttl_s > 0
-	not decide("GET", "/api/v1/items", api_key("k-user")).cache_ttl_s
+	d.authz.cache_ttl_s > 0
+	not decide("GET", "/api/v1/items", api_key("k-user")).authz.cache_ttl_s
 }
 
 test_override_bounds_the_cache if {
 	o := {"o1": ovr("o1", "allow", {"key_id": "key-user"}, future_ns)}
 	d := decide_with("GET", "/api/v1/admin/reports", api_key("k-user"), o)
-	d.cache_ttl_s <= 3600
-	d.cache_ttl_s > 3590
+	d.authz.cache_ttl_s <= 3600
+	d.authz.cache_ttl_s > 3590
 }
 
 # -- path parameters and case (security review) ------------------------------------------
@@ -304,7 +304,7 @@ test_path_parameter_on_the_last_admin_segment if {
 
 test_path_case_cannot_escape_the_admin_rule if {
 	d := decide("GET", "/api/v1/Admin/users", api_key("k-user"))
-	d.reason == "role_not_allowed"
+	d.authz.reason == "role_not_allowed"
 }
 
 # /api/v1/admin.json, /api/v1/admin%20/x and /api/v1/admin./x were allowed for a viewer
@@ -329,8 +329,8 @@ admin_spellings := [
 test_every_spelling_of_admin_is_the_admin_rule if {
 	every path in admin_spellings {
 		d := decide("GET", path, api_key("k-viewer"))
-		print(path, d.reason) # shown for the failing case
-		d.reason == "role_not_allowed"
+		print(path, d.authz.reason) # shown for the failing case
+		d.authz.reason == "role_not_allowed"
 		decide("GET", path, api_key("k-admin")).allowed
 	}
 }
@@ -342,8 +342,8 @@ test_segments_of_dots_and_whitespace_are_invalid if {
 	paths := ["/api/v1/x/.. /admin/users", "/api/v1/x/. /admin", "/api/v1/x/.../admin", "/api/v1/ /x", "/api/v1/x/\t"]
 	every path in paths {
 		d := decide("GET", path, api_key("k-viewer"))
-		print(path, d.reason) # shown for the failing case
-		d.reason == "invalid_path"
+		print(path, d.authz.reason) # shown for the failing case
+		d.authz.reason == "invalid_path"
 	}
 }
 
@@ -358,7 +358,7 @@ test_normalized_matching_keeps_ordinary_paths if {
 test_deny_override_covers_every_spelling if {
 	o := {"o1": ovr("o1", "deny", {"key_id": "key-admin", "path": "/api/v1/admin/**"}, future_ns)}
 	every path in ["/api/v1/admin/x", "/api/v1/admin./x", "/api/v1/admin.json/x", "/api/v1/admin /x"] {
-		decide_with("GET", path, api_key("k-admin"), o).reason == "blocked_by_override"
+		decide_with("GET", path, api_key("k-admin"), o).authz.reason == "blocked_by_override"
 	}
 }
 
@@ -397,34 +397,34 @@ ns_decide(method, path, k) := d if {
 test_namespace_defaults_apply if {
 	d := ns_decide("GET", "/api/v1/items", "k-ns")
 	d.allowed
-	d.source == "namespace_default"
-	d.identity == {"key_id": "key-ns", "role": "viewer", "tier": "standard", "namespace": "labs/research"}
+	d.authz.source == "namespace_default"
+	d.authz.identity == {"key_id": "key-ns", "role": "viewer", "tier": "standard", "namespace": "labs/research"}
 	d.headers["x-authz-role"] == "viewer"
-	d.rate_limit.tier == "standard"
-	d.rate_limit.requests_per_minute == 120
+	d.authz.rate_limit.tier == "standard"
+	d.authz.rate_limit.requests_per_minute == 120
 }
 
 test_namespace_default_role_still_limits_paths if {
 	d := ns_decide("POST", "/api/v1/items", "k-ns")
 	not d.allowed
-	d.reason == "role_not_allowed"
-	d.source == "deny"
+	d.authz.reason == "role_not_allowed"
+	d.authz.source == "deny"
 }
 
 test_key_own_rule_wins_over_namespace if {
 	d := ns_decide("GET", "/api/v1/admin/users", "k-ns-own")
 	d.allowed
-	d.source == "policy_rule"
-	d.identity.role == "admin"
-	d.rate_limit.tier == "premium"
+	d.authz.source == "policy_rule"
+	d.authz.identity.role == "admin"
+	d.authz.rate_limit.tier == "premium"
 }
 
 test_key_own_role_namespace_tier if {
 	d := ns_decide("POST", "/api/v1/items", "k-ns-tier")
 	d.allowed
-	d.source == "namespace_default"
-	d.identity.role == "user"
-	d.rate_limit.tier == "standard"
+	d.authz.source == "namespace_default"
+	d.authz.identity.role == "user"
+	d.authz.rate_limit.tier == "standard"
 }
 
 test_unknown_namespace_without_own_role_is_denied if {
@@ -435,18 +435,18 @@ test_unknown_namespace_without_own_role_is_denied if {
 
 test_identity_carries_expiry if {
 	d := ns_decide("GET", "/api/v1/items", "k-exp")
-	d.source == "policy_rule"
-	d.identity.expires_at == "2200-01-01T00:00:00Z"
-	not d.identity.namespace
+	d.authz.source == "policy_rule"
+	d.authz.identity.expires_at == "2200-01-01T00:00:00Z"
+	not d.authz.identity.namespace
 }
 
 test_source_of_override_decisions if {
 	allow := {"o1": ovr("o1", "allow", {"key_id": "key-viewer"}, future_ns)}
-	decide_with("POST", "/api/v1/items", api_key("k-viewer"), allow).source == "override"
+	decide_with("POST", "/api/v1/items", api_key("k-viewer"), allow).authz.source == "override"
 	block := {"o2": ovr("o2", "deny", {"key_id": "key-viewer"}, future_ns)}
-	decide_with("GET", "/api/v1/items", api_key("k-viewer"), block).source == "override"
-	decide("GET", "/api/v1/items", api_key("k-viewer")).source == "policy_rule"
-	decide("GET", "/api/v1/items", {}).source == "deny"
+	decide_with("GET", "/api/v1/items", api_key("k-viewer"), block).authz.source == "override"
+	decide("GET", "/api/v1/items", api_key("k-viewer")).authz.source == "policy_rule"
+	decide("GET", "/api/v1/items", {}).authz.source == "deny"
 }
 
 test_unknown_namespace_is_a_bundle_warning if {
@@ -462,19 +462,19 @@ test_preview_finds_the_key_by_id if {
 	i := preview_req("GET", "/api/v1/admin/users", "key-admin")
 	d := gateway.decision with input as i with data.gateway.api_keys as keys
 	d.allowed
-	d.identity.key_id == "key-admin"
-	d.source == "policy_rule"
-	gateway.decision.reason == "role_not_allowed" with input as preview_req("GET", "/api/v1/admin/users", "key-user")
+	d.authz.identity.key_id == "key-admin"
+	d.authz.source == "policy_rule"
+	gateway.decision.authz.reason == "role_not_allowed" with input as preview_req("GET", "/api/v1/admin/users", "key-user")
 		with data.gateway.api_keys as keys
-	gateway.decision.reason == "invalid_api_key" with input as preview_req("GET", "/api/v1/status", "key-nope")
+	gateway.decision.authz.reason == "invalid_api_key" with input as preview_req("GET", "/api/v1/status", "key-nope")
 		with data.gateway.api_keys as keys
-	gateway.decision.reason == "disabled_api_key" with input as preview_req("GET", "/api/v1/status", "key-disabled")
+	gateway.decision.authz.reason == "disabled_api_key" with input as preview_req("GET", "/api/v1/status", "key-disabled")
 		with data.gateway.api_keys as keys
 }
 
 test_presented_key_wins_over_preview if {
 	i := object.union(req("GET", "/api/v1/admin/users", api_key("k-viewer"), {}), {"preview": {"key_id": "key-admin"}})
 	d := gateway.decision with input as i with data.gateway.api_keys as keys
-	d.identity.key_id == "key-viewer"
+	d.authz.identity.key_id == "key-viewer"
 	not d.allowed
 }

@@ -1,11 +1,25 @@
 # Decision building blocks shared by the gateway and egress policies.
 #
 # Decisions follow opa-envoy-plugin's object form (allowed, headers, http_status, ...) plus
-# authz's `reason` code (docs/contract.md); authz renders the JSON deny body from it.
+# authz's extensions under the one key `authz` (reason, source, identity, rate_limit,
+# credential, override, cache_ttl_s: docs/contract.md), where they cannot collide with a
+# policy's own fields; authz renders the JSON deny body from `authz.reason`.
 package authz.lib
 
 # A deny with a stable snake_case reason code and an HTTP status.
-deny(status, reason) := {"allowed": false, "http_status": status, "reason": reason, "source": "deny"}
+deny(status, reason) := {"allowed": false, "http_status": status, "authz": {"reason": reason, "source": "deny"}}
+
+# A deny the TTL override `override` (first_override) decided.
+blocked_by(override) := object.union(
+	deny(403, "blocked_by_override"),
+	{"authz": {"override": override, "source": "override"}},
+)
+
+# `allow`, granted by the TTL override `override` where the rules alone would deny.
+allowed_by(allow, override) := object.union(
+	allow,
+	{"authz": {"reason": "allowed_by_override", "override": override, "source": "override"}},
+)
 
 # A 401 that tells the client how to authenticate (RFC 6750 section 3). `error` is only
 # sent when a credential was presented and rejected.
@@ -100,7 +114,7 @@ method_matches(match) if not match.methods
 
 method_matches(match) if upper(input.attributes.request.http.method) in match.methods
 
-# The first (by id) override with `effect`, as the decision's `override` field.
+# The first (by id) override with `effect`, as the decision's `authz.override` field.
 first_override(overrides, effect) := {"id": ids[0], "reason": reasons[ids[0]]} if {
 	reasons := {o.id: o.reason | some o in overrides; o.effect == effect}
 	ids := sort(object.keys(reasons))

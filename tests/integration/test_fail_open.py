@@ -21,13 +21,13 @@ from tests.helpers.opa_server import running_opa
 POLICY = """\
 package authz.review
 
-default decision := {"allowed": false, "reason": "denied", "http_status": 403}
+default decision := {"allowed": false, "authz": {"reason": "denied"}, "http_status": 403}
 
-decision := {"allowed": false, "reason": "blocked_team", "http_status": 403} if {
+decision := {"allowed": false, "authz": {"reason": "blocked_team"}, "http_status": 403} if {
 \tinput.attributes.request.http.headers["x-team"] == "blocked"
 }
 
-decision := {"allowed": false, "reason": "blocked_client", "http_status": 403} if {
+decision := {"allowed": false, "authz": {"reason": "blocked_client"}, "http_status": 403} if {
 \tinput.attributes.request.http.headers["x-client"] == "blocked"
 }
 """

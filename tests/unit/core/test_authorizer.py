@@ -76,7 +76,10 @@ def error_of(response: external_auth_pb2.CheckResponse) -> str:
     return str(json.loads(response.denied_response.body)["error"])
 
 
-ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
+ALLOW: dict[str, Any] = {
+    "allowed": True,
+    "authz": {"reason": "allowed", "identity": {"key_id": "k1"}},
+}
 
 
 @pytest.mark.parametrize(
@@ -86,7 +89,7 @@ ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
         (False, 403, "denied"),
         (ALLOW, 200, "allowed"),
         (
-            {"allowed": False, "http_status": 401, "reason": "missing_api_key"},
+            {"allowed": False, "http_status": 401, "authz": {"reason": "missing_api_key"}},
             401,
             "missing_api_key",
         ),
@@ -94,6 +97,8 @@ ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
         ("yes", 500, "invalid_decision"),
         ({"allowed": "true"}, 500, "invalid_decision"),
         ({"allowed": True, "headers": {"x-a": 1}}, 500, "invalid_decision"),
+        ({"allowed": False, "headers": {"x-a": "v\r\nx-b: 1"}}, 500, "unsafe_header_mutation"),
+        ({"allowed": True, "headers": {":path": "/admin"}}, 500, "unsafe_header_mutation"),
         (OpaUnavailable("refused"), 503, "opa_unavailable"),
         (OpaTimeout("slow"), 503, "opa_timeout"),
         (OpaResponseError("HTTP 500"), 500, "opa_error"),
@@ -108,6 +113,8 @@ ALLOW = {"allowed": True, "reason": "allowed", "identity": {"key_id": "k1"}}
         "string-result",
         "allowed-not-bool",
         "header-not-string",
+        "deny-header-crlf",
+        "allow-pseudo-header",
         "opa-down",
         "opa-timeout",
         "opa-500",
@@ -257,6 +264,50 @@ async def test_record_carries_revision_identity_and_request() -> None:
     assert (record.method, record.path, record.request_id) == ("POST", "/api/v1/items", "req-1")
 
 
+# Plugin policies (issue #15): one object for both outcomes, free-text reasons, an identity
+# of the policy's own shape. The plugin answers each with the status below; so must authz,
+# and the fields the outcome does not use are recorded (for the ignored-fields metric).
+PLUGIN_DECISIONS: list[tuple[dict[str, Any], int, tuple[str, ...]]] = [
+    (
+        {"allowed": True, "http_status": 403, "body": "denied", "headers": {"x-u": "a"}},
+        200,
+        ("body", "http_status"),
+    ),
+    (
+        {
+            "allowed": False,
+            "http_status": 401,
+            "body": "who are you?",
+            "request_headers_to_remove": ["authorization"],
+            "response_headers_to_add": {"x-r": "1"},
+        },
+        401,
+        ("request_headers_to_remove", "response_headers_to_add"),
+    ),
+    (
+        {"allowed": False, "reason": "User is not allowed to access this resource"},
+        403,
+        (),
+    ),
+    ({"allowed": True, "identity": {"user": {"name": "alice"}}, "source": "ldap"}, 200, ()),
+    ({"allowed": True, "rate_limit": 5, "credential": "basic", "cache_ttl_s": "1h"}, 200, ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "ignored"),
+    PLUGIN_DECISIONS,
+    ids=["one-object-allow", "one-object-deny", "free-text-reason", "own-identity", "own-keys"],
+)
+async def test_decision_the_plugin_accepts_never_fails(
+    answer: dict[str, Any], status: int, ignored: tuple[str, ...]
+) -> None:
+    outcome = await make(FakeEngine(answer)).check(check_request())
+    assert status_of(outcome.response) == status
+    assert outcome.record.ignored_fields == ignored
+    assert outcome.record.error is None
+
+
 class _Secrets:
     def __init__(self, values: Mapping[str, str]) -> None:
         self._values = values
@@ -267,13 +318,15 @@ class _Secrets:
         return Secret(self._values[ref])
 
 
-EGRESS_ALLOW = {
+EGRESS_ALLOW: dict[str, Any] = {
     "allowed": True,
-    "reason": "allowed",
     "headers": {"authorization": "Bearer policy-set-value", "x-keep": "1"},
     "request_headers_to_remove": ["authorization", "x-sandbox-token"],
-    "credential": {"ref": "openai", "header": "authorization", "format": "Bearer {secret}"},
-    "identity": {"sandbox_id": "sb-1", "service": "openai"},
+    "authz": {
+        "reason": "allowed",
+        "credential": {"ref": "openai", "header": "authorization", "format": "Bearer {secret}"},
+        "identity": {"sandbox_id": "sb-1", "service": "openai"},
+    },
 }
 
 
@@ -315,7 +368,7 @@ async def test_denied_decision_never_resolves_a_credential() -> None:
         def get(self, ref: str) -> Secret:
             raise AssertionError("must not be called")
 
-    deny = {**EGRESS_ALLOW, "allowed": False, "reason": "path_not_allowed"}
+    deny = {**EGRESS_ALLOW, "allowed": False, "authz": {"reason": "path_not_allowed"}}
     outcome = await make(FakeEngine(deny), credentials=Exploding()).check(check_request())
     assert status_of(outcome.response) == 403
 
@@ -324,7 +377,7 @@ def _limited(rpm: int, burst: int | None = None) -> dict[str, Any]:
     rate_limit: dict[str, Any] = {"tier": "t", "key": "key:k1", "requests_per_minute": rpm}
     if burst is not None:
         rate_limit["burst"] = burst
-    return {**ALLOW, "rate_limit": rate_limit}
+    return {**ALLOW, "authz": {**ALLOW["authz"], "rate_limit": rate_limit}}
 
 
 async def test_rate_limit_allows_the_burst_then_429() -> None:
@@ -377,7 +430,13 @@ async def test_rate_limited_request_never_resolves_a_credential() -> None:
         def get(self, ref: str) -> Secret:
             raise AssertionError("must not be called")
 
-    answer = {**EGRESS_ALLOW, "rate_limit": {"tier": "t", "key": "s", "requests_per_minute": 0}}
+    answer = {
+        **EGRESS_ALLOW,
+        "authz": {
+            **EGRESS_ALLOW["authz"],
+            "rate_limit": {"tier": "t", "key": "s", "requests_per_minute": 0},
+        },
+    }
     outcome = await make(
         FakeEngine(answer), limiter=MemoryLimiter(), credentials=Exploding()
     ).check(check_request())
@@ -395,7 +454,7 @@ def _request_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str
     return {o.header.key: o.header.value for o in response.ok_response.headers}
 
 
-DENY = {"allowed": False, "http_status": 403, "reason": "role_not_allowed"}
+DENY = {"allowed": False, "http_status": 403, "authz": {"reason": "role_not_allowed"}}
 
 
 @pytest.mark.parametrize(
@@ -840,7 +899,7 @@ async def test_build_authorizer_applies_the_fail_open_cap() -> None:
 
 
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-sandbox-token")
-DENY_INVALID_KEY = {"allowed": False, "http_status": 401, "reason": "invalid_api_key"}
+DENY_INVALID_KEY = {"allowed": False, "http_status": 401, "authz": {"reason": "invalid_api_key"}}
 
 
 def make_unenforced(engine: Any, **kwargs: Any) -> Authorizer:

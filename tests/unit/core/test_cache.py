@@ -43,15 +43,17 @@ def gateway(path: str, document: Mapping[str, Any]) -> Any:
             orjson.dumps(
                 {
                     "allowed": True,
-                    "reason": "allowed",
                     "headers": {"x-authz-key-id": "key-good", "x-authz-role": "admin"},
                     "request_headers_to_remove": ["x-api-key", "authorization"],
-                    "identity": {"key_id": "key-good", "role": "admin", "tier": "default"},
+                    "authz": {
+                        "reason": "allowed",
+                        "identity": {"key_id": "key-good", "role": "admin", "tier": "default"},
+                    },
                     "dynamic_metadata": {"key_id": "key-good", "role": "admin"},
                 }
             )
         )
-    return {"allowed": False, "http_status": 401, "reason": "missing_api_key"}
+    return {"allowed": False, "http_status": 401, "authz": {"reason": "missing_api_key"}}
 
 
 def authorizer_over(cache: DecisionCache, answer: Any = gateway, **kwargs: Any) -> Authorizer:
@@ -307,7 +309,7 @@ def _put(
 ) -> None:
     names = dict(identity or {"key_id": "k"})
     decision = Decision(allowed=True, identity=names)
-    evaluation = Evaluation({"allowed": True, "identity": names}, {"b": "r1"})
+    evaluation = Evaluation({"allowed": True, "authz": {"identity": names}}, {"b": "r1"})
     gen = cache.generation if generation is None else generation
     cache.put(key, decision, evaluation, "d1", generation=gen)
 
@@ -550,8 +552,8 @@ def _gateway(path: str, document: Mapping[str, Any]) -> Any:
         document.get("credentials", {}).get("x-api-key")
         == hashlib.sha256(DEMO_KEY.encode()).hexdigest()
     ):
-        return {"allowed": True, "reason": "allowed"}
-    return {"allowed": False, "http_status": 401, "reason": "invalid_api_key"}
+        return {"allowed": True, "authz": {"reason": "allowed"}}
+    return {"allowed": False, "http_status": 401, "authz": {"reason": "invalid_api_key"}}
 
 
 def raw_header_request(api_key: str) -> external_auth_pb2.CheckRequest:
@@ -600,7 +602,8 @@ async def test_cache_memory_is_bounded_for_unauthenticated_requests() -> None:
     cache = DecisionCache()  # defaults, as the server builds it
     authorizer = Authorizer(
         FakeEngine(
-            {"allowed": False, "http_status": 401, "reason": "missing_api_key"}, record=False
+            {"allowed": False, "http_status": 401, "authz": {"reason": "missing_api_key"}},
+            record=False,
         ),
         default_decision_path=PATH,
         credential_headers=("x-api-key",),

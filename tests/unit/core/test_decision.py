@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from authz.core.decision import CredentialRef, Decision, RateLimitRef, json_type, parse_decision
-from authz.core.errors import InvalidDecision
+from authz.core.errors import InvalidDecision, UnsafeHeaderMutation
 
 
 @pytest.mark.parametrize("allowed", [True, False], ids=["allow", "deny"])
@@ -68,9 +68,15 @@ def test_object_form_parses_every_field() -> None:
             "body": "ok",
             "http_status": 200,
             "dynamic_metadata": {"tenant": "t1", "nested": {"n": 1}},
-            "reason": "allowed",
-            "rate_limit": {"tier": "premium", "key": "key-demo-admin", "requests_per_minute": 600},
-            "identity": {"key_id": "key-demo-admin", "role": "admin"},
+            "authz": {
+                "reason": "allowed",
+                "rate_limit": {
+                    "tier": "premium",
+                    "key": "key-demo-admin",
+                    "requests_per_minute": 600,
+                },
+                "identity": {"key_id": "key-demo-admin", "role": "admin"},
+            },
             "ignored_extension": {"anything": True},
         }
     )
@@ -85,8 +91,10 @@ def test_object_form_parses_every_field() -> None:
     assert decision.request_headers_to_remove == ("x-api-key", "cookie")
     assert decision.query_parameters_to_set == (("api_version", "2"), ("tag", "a"), ("tag", "b"))
     assert decision.query_parameters_to_remove == ("api_key",)
-    assert decision.body == "ok"
-    assert decision.http_status == 200
+    # The plugin reads body and http_status on a deny only: on an allow, ignored.
+    assert decision.body is None
+    assert decision.http_status is None
+    assert decision.ignored == ("body", "http_status")
     assert dict(decision.dynamic_metadata) == {"tenant": "t1", "nested": {"n": 1}}
     assert decision.reason == "allowed"
     assert decision.rate_limit == RateLimitRef(
@@ -192,19 +200,25 @@ TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
     ("http_status", None, "http_status", "number", "null"),
     ("dynamic_metadata", "x", "dynamic_metadata", "object", "string"),
     ("dynamic_metadata", [], "dynamic_metadata", "object", "array"),
-    ("reason", 7, "reason", "string", "number"),
-    ("reason", None, "reason", "string", "null"),
-    ("source", 1, "source", "string", "number"),
-    ("source", ["override"], "source", "string", "array"),
-    ("rate_limit", "premium", "rate_limit", "object", "string"),
-    ("rate_limit", {"key": "k"}, "rate_limit.tier", "string", "null"),
-    ("rate_limit", {"tier": 1, "key": "k"}, "rate_limit.tier", "string", "number"),
-    ("rate_limit", {"tier": "t", "key": 5}, "rate_limit.key", "string", "number"),
-    ("rate_limit", {"tier": "t"}, "rate_limit.key", "string", "null"),
-    ("rate_limit", {"tier": "t", "key": "k"}, "rate_limit.requests_per_minute", "number", "null"),
-    ("identity", [], "identity", "object", "array"),
-    ("identity", {"role": 1}, "identity.role", "string", "number"),
-    ("identity", {"role": ["a"]}, "identity.role", "string", "array"),
+    ("reason", 7, "authz.reason", "string", "number"),
+    ("reason", None, "authz.reason", "string", "null"),
+    ("source", 1, "authz.source", "string", "number"),
+    ("source", ["override"], "authz.source", "string", "array"),
+    ("rate_limit", "premium", "authz.rate_limit", "object", "string"),
+    ("rate_limit", {"key": "k"}, "authz.rate_limit.tier", "string", "null"),
+    ("rate_limit", {"tier": 1, "key": "k"}, "authz.rate_limit.tier", "string", "number"),
+    ("rate_limit", {"tier": "t", "key": 5}, "authz.rate_limit.key", "string", "number"),
+    ("rate_limit", {"tier": "t"}, "authz.rate_limit.key", "string", "null"),
+    (
+        "rate_limit",
+        {"tier": "t", "key": "k"},
+        "authz.rate_limit.requests_per_minute",
+        "number",
+        "null",
+    ),
+    ("identity", [], "authz.identity", "object", "array"),
+    ("identity", {"role": 1}, "authz.identity.role", "string", "number"),
+    ("identity", {"role": ["a"]}, "authz.identity.role", "string", "array"),
 ]
 
 
@@ -216,36 +230,63 @@ TYPE_ERRORS: list[tuple[str, Any, str, str, str]] = [
 def test_wrong_type_names_field_and_json_type(
     field: str, value: Any, label: str, expected: str, found: str
 ) -> None:
+    # Each field is read for the outcome that uses it; authz's own under "authz".
+    allowed = field not in ("body", "http_status")
+    raw = {field: value} if label.split(".")[0] != "authz" else {"authz": {field: value}}
     with pytest.raises(InvalidDecision) as caught:
-        parse_decision({"allowed": True, field: value})
+        parse_decision({"allowed": allowed, **raw})
     assert str(caught.value) == f"expected {label} to be of type '{expected}' but got '{found}'"
 
 
-@pytest.mark.parametrize("field", ["headers", "response_headers_to_add"])
+@pytest.mark.parametrize(
+    ("field", "allowed"),
+    [("headers", True), ("headers", False), ("response_headers_to_add", True)],
+    ids=["headers-allow", "headers-deny", "response-headers-allow"],
+)
 @pytest.mark.parametrize(
     "value",
     ["a\r\nx-injected: 1", "a\nb", "a\rb", "a\x00b", ["ok", "bad\r\n"]],
     ids=["crlf", "lf", "cr", "nul", "in-list"],
 )
-def test_header_value_with_cr_lf_or_nul_is_rejected(field: str, value: Any) -> None:
-    with pytest.raises(InvalidDecision, match=f"^{field}\\['x-a'\\]: value contains CR, LF or NUL"):
-        parse_decision({"allowed": False, field: {"x-a": value}})
+def test_header_value_with_cr_lf_or_nul_is_an_unsafe_header_mutation(
+    field: str, value: Any, allowed: bool
+) -> None:
+    """Envoy 1.40 answers 503 for such a value on an allow and splits it into two response
+    headers on a deny (tests/integration/test_envoy_header_mutations.py): refused, with its
+    own code, on every outcome that would send it."""
+    with pytest.raises(
+        UnsafeHeaderMutation, match=f"^{field}\\['x-a'\\]: value contains CR, LF or NUL"
+    ):
+        parse_decision({"allowed": allowed, field: {"x-a": value}})
 
 
-@pytest.mark.parametrize(
-    "field", ["headers", "response_headers_to_add", "request_headers_to_remove"]
-)
+@pytest.mark.parametrize("field", ["headers", "response_headers_to_add"])
 @pytest.mark.parametrize(
     "name",
     ["bad name", "x:y", ":authority", "", "x\r\ny", "x-a\n", "é", "x(y)"],
     ids=["space", "colon", "pseudo-header", "empty", "crlf", "trailing-lf", "non-ascii", "parens"],
 )
-def test_invalid_header_name_is_rejected(field: str, name: str) -> None:
-    raw: Any = [name] if field == "request_headers_to_remove" else {name: "v"}
-    with pytest.raises(InvalidDecision) as caught:
-        parse_decision({"allowed": True, field: raw})
+def test_invalid_header_name_is_an_unsafe_header_mutation(field: str, name: str) -> None:
+    with pytest.raises(UnsafeHeaderMutation) as caught:
+        parse_decision({"allowed": True, field: {name: "v"}})
     assert str(caught.value).startswith(f"{field}: ")
     assert "is not a valid header name" in str(caught.value)
+    assert caught.value.code == "unsafe_header_mutation"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bad name", "x:y", ":authority", "", "x\r\ny", "é"],
+    ids=["space", "colon", "pseudo-header", "empty", "crlf", "non-ascii"],
+)
+def test_removing_an_invalid_header_name_is_ignored_as_envoy_ignores_it(name: str) -> None:
+    """Envoy 1.40 leaves the request as it is for such a removal (the integration test
+    above): no header can have that name, so there is nothing to remove and nothing unsafe."""
+    decision = parse_decision(
+        {"allowed": True, "request_headers_to_remove": ["X-Api-Key", name, "cookie"]}
+    )
+    assert decision.request_headers_to_remove == ("x-api-key", "cookie")
+    assert decision.ignored == ("request_headers_to_remove",)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +328,7 @@ def test_invalid_http_status(status: Any, fragment: str) -> None:
     ids=["allowed", "missing_api_key", "rate_limited", "one-letter", "digits", "64-chars"],
 )
 def test_snake_case_reason_is_accepted(reason: str) -> None:
-    assert parse_decision({"allowed": False, "reason": reason}).reason == reason
+    assert parse_decision({"allowed": False, "authz": {"reason": reason}}).reason == reason
 
 
 @pytest.mark.parametrize(
@@ -315,14 +356,14 @@ def test_snake_case_reason_is_accepted(reason: str) -> None:
 )
 def test_non_snake_case_reason_is_rejected(reason: str) -> None:
     with pytest.raises(InvalidDecision, match="is not a snake_case code"):
-        parse_decision({"allowed": False, "reason": reason})
+        parse_decision({"allowed": False, "authz": {"reason": reason}})
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"allowed": True, "source": "namespace_default"}, "namespace_default"),
-        ({"allowed": False, "source": "override"}, "override"),
+        ({"allowed": True, "authz": {"source": "namespace_default"}}, "namespace_default"),
+        ({"allowed": False, "authz": {"source": "override"}}, "override"),
         ({"allowed": True}, None),
         (True, None),
     ],
@@ -333,8 +374,10 @@ def test_source(raw: object, expected: str | None) -> None:
 
 
 def test_non_snake_case_source_is_rejected() -> None:
-    with pytest.raises(InvalidDecision, match="source 'Policy Rule' is not a snake_case code"):
-        parse_decision({"allowed": True, "source": "Policy Rule"})
+    with pytest.raises(
+        InvalidDecision, match=re.escape("authz.source 'Policy Rule' is not a snake_case code")
+    ):
+        parse_decision({"allowed": True, "authz": {"source": "Policy Rule"}})
 
 
 @pytest.mark.parametrize(
@@ -358,7 +401,7 @@ def test_non_snake_case_source_is_rejected() -> None:
     ids=["typical", "extra-field-ignored", "with-limits", "unlimited", "zero-float"],
 )
 def test_rate_limit_shape(raw: dict[str, Any], expected: RateLimitRef) -> None:
-    assert parse_decision({"allowed": True, "rate_limit": raw}).rate_limit == expected
+    assert parse_decision({"allowed": True, "authz": {"rate_limit": raw}}).rate_limit == expected
 
 
 @pytest.mark.parametrize(
@@ -390,7 +433,7 @@ def test_rate_limit_shape(raw: dict[str, Any], expected: RateLimitRef) -> None:
 )
 def test_rate_limit_errors(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidDecision, match=re.escape(message)):
-        parse_decision({"allowed": True, "rate_limit": raw})
+        parse_decision({"allowed": True, "authz": {"rate_limit": raw}})
 
 
 @pytest.mark.parametrize(
@@ -405,18 +448,18 @@ def test_rate_limit_errors(raw: dict[str, Any], message: str) -> None:
     ids=["formatted", "default-format"],
 )
 def test_credential_shape(raw: dict[str, Any], expected: CredentialRef) -> None:
-    assert parse_decision({"allowed": True, "credential": raw}).credential == expected
+    assert parse_decision({"allowed": True, "authz": {"credential": raw}}).credential == expected
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ("openai", "expected credential to be of type 'object' but got 'string'"),
-        ({"header": "x"}, "expected credential.ref to be of type 'string' but got 'null'"),
+        ("openai", "expected authz.credential to be of type 'object' but got 'string'"),
+        ({"header": "x"}, "expected authz.credential.ref to be of type 'string' but got 'null'"),
         ({"ref": "../etc", "header": "x"}, "is not a secret reference"),
         (
             {"ref": "a", "header": 1},
-            "expected credential.header to be of type 'string' but got 'number'",
+            "expected authz.credential.header to be of type 'string' but got 'number'",
         ),
         ({"ref": "a", "header": "bad header"}, "is not a valid header name"),
         ({"ref": "a", "header": "x", "format": "no placeholder"}, "exactly once"),
@@ -424,7 +467,7 @@ def test_credential_shape(raw: dict[str, Any], expected: CredentialRef) -> None:
         ({"ref": "a", "header": "x", "format": "{secret}\r\nx: y"}, "exactly once"),
         (
             {"ref": "a", "header": "x", "format": 5},
-            "expected credential.format to be of type 'string' but got 'number'",
+            "expected authz.credential.format to be of type 'string' but got 'number'",
         ),
     ],
     ids=[
@@ -441,7 +484,7 @@ def test_credential_shape(raw: dict[str, Any], expected: CredentialRef) -> None:
 )
 def test_credential_errors(raw: Any, message: str) -> None:
     with pytest.raises(InvalidDecision, match=re.escape(message)):
-        parse_decision({"allowed": True, "credential": raw})
+        parse_decision({"allowed": True, "authz": {"credential": raw}})
 
 
 @pytest.mark.parametrize(
@@ -450,18 +493,18 @@ def test_credential_errors(raw: Any, message: str) -> None:
     ids=["empty", "key-id", "several"],
 )
 def test_identity_shape(raw: dict[str, str]) -> None:
-    assert dict(parse_decision({"allowed": True, "identity": raw}).identity) == raw
+    assert dict(parse_decision({"allowed": True, "authz": {"identity": raw}}).identity) == raw
 
 
 def test_decision_is_immutable_and_detached_from_the_result() -> None:
     result: dict[str, Any] = {
         "allowed": True,
         "dynamic_metadata": {"tenant": "t1"},
-        "identity": {"role": "admin"},
+        "authz": {"identity": {"role": "admin"}},
     }
     decision = parse_decision(result)
     result["dynamic_metadata"]["tenant"] = "changed"
-    result["identity"]["role"] = "changed"
+    result["authz"]["identity"]["role"] = "changed"
     assert decision.dynamic_metadata["tenant"] == "t1"
     assert decision.identity["role"] == "admin"
     with pytest.raises(TypeError):
@@ -485,8 +528,8 @@ def test_defaults_are_not_shared_mutable_state() -> None:
         (True, "allowed"),
         (False, "denied"),
         ({"allowed": True}, "allowed"),
-        ({"allowed": False, "reason": "missing_api_key"}, "missing_api_key"),
-        ({"allowed": True, "reason": "trusted_network"}, "trusted_network"),
+        ({"allowed": False, "authz": {"reason": "missing_api_key"}}, "missing_api_key"),
+        ({"allowed": True, "authz": {"reason": "trusted_network"}}, "trusted_network"),
     ],
     ids=["bool-allow", "bool-deny", "object-no-reason", "deny-reason", "allow-reason"],
 )
@@ -510,3 +553,128 @@ def test_reason_code_falls_back_to_allowed_or_denied(result: Any, code: str) -> 
 )
 def test_json_type(value: Any, name: str) -> None:
     assert json_type(value) == name
+
+
+# Common opa-envoy-plugin idioms that use top-level names authz once read as its own
+# extensions: the plugin accepts every one, so authz must too (issue #15, "the rule").
+PLUGIN_IDIOMS: list[tuple[str, Any]] = [
+    ("reason", "User is not allowed to access this resource"),
+    ("reason", 403),
+    ("identity", {"user": {"name": "alice", "groups": ["dev"]}, "authenticated": True}),
+    ("source", "ldap"),
+    ("rate_limit", 100),
+    ("rate_limit", {"tier": "gold", "key": "k"}),
+    ("credential", "basic"),
+    ("cache_ttl_s", "1h"),
+    ("override", True),
+    ("override", {"id": "not an id!"}),
+]
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["allow", "deny"])
+@pytest.mark.parametrize(
+    ("name", "value"), PLUGIN_IDIOMS, ids=[f"{n}-{json_type(v)}" for n, v in PLUGIN_IDIOMS]
+)
+def test_plugin_idiom_top_level_fields_never_make_a_decision_invalid(
+    allowed: bool, name: str, value: Any
+) -> None:
+    decision = parse_decision({"allowed": allowed, name: value})
+    assert decision.allowed is allowed
+    # Not read as authz's extensions either: they mean what the policy means.
+    assert decision.reason is None
+    assert decision.source is None
+    assert decision.rate_limit is None
+    assert decision.credential is None
+    assert decision.override_id is None
+    assert decision.cache_ttl_s is None
+    assert dict(decision.identity) == {}
+
+
+def test_authz_extensions_are_read_from_the_authz_key_only() -> None:
+    decision = parse_decision(
+        {
+            "allowed": True,
+            "reason": "Free text the plugin policy shows",
+            "authz": {
+                "reason": "allowed",
+                "source": "policy_rule",
+                "identity": {"key_id": "k1", "role": "admin"},
+                "rate_limit": {"tier": "gold", "key": "k1", "requests_per_minute": 60},
+                "credential": {"ref": "openai", "header": "authorization"},
+                "override": {"id": "o1", "reason": "why"},
+                "cache_ttl_s": 5,
+            },
+        }
+    )
+    assert decision.reason == "allowed"
+    assert decision.source == "policy_rule"
+    assert dict(decision.identity) == {"key_id": "k1", "role": "admin"}
+    assert decision.rate_limit == RateLimitRef("gold", "k1", 60)
+    assert decision.credential == CredentialRef("openai", "authorization")
+    assert decision.override_id == "o1"
+    assert decision.cache_ttl_s == 5.0
+    assert decision.ignored == ()
+
+
+@pytest.mark.parametrize(
+    "value", ["admin", 1, None, ["reason"]], ids=["string", "number", "null", "array"]
+)
+def test_authz_key_that_is_not_an_object_is_ignored_and_reported(value: Any) -> None:
+    decision = parse_decision({"allowed": False, "authz": value})
+    assert decision.allowed is False
+    assert decision.reason is None
+    assert decision.ignored == ("authz",)
+
+
+# What the plugin never reads for an outcome (internal/internal.go ``check``): on an
+# allow, ``body`` and ``http_status``; on a deny, the allow-only request/response edits.
+IGNORED_FOR_OUTCOME: list[tuple[bool, dict[str, Any], tuple[str, ...]]] = [
+    (True, {"http_status": "teapot", "body": {"error": "x"}}, ("body", "http_status")),
+    (True, {"http_status": 200, "body": "ok"}, ("body", "http_status")),
+    (True, {"http_status": 99999}, ("http_status",)),
+    (
+        False,
+        {
+            "request_headers_to_remove": "x-a",
+            "response_headers_to_add": 7,
+            "query_parameters_to_set": [1],
+            "query_parameters_to_remove": {"a": 1},
+        },
+        (
+            "query_parameters_to_remove",
+            "query_parameters_to_set",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+        ),
+    ),
+    (False, {"response_headers_to_add": {"x-ok": "1"}}, ("response_headers_to_add",)),
+]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "fields", "ignored"),
+    IGNORED_FOR_OUTCOME,
+    ids=["allow-malformed", "allow-wellformed", "allow-bad-status", "deny-malformed", "deny-ok"],
+)
+def test_fields_the_plugin_ignores_for_the_outcome_are_ignored_not_invalid(
+    allowed: bool, fields: dict[str, Any], ignored: tuple[str, ...]
+) -> None:
+    decision = parse_decision({"allowed": allowed, **fields})
+    assert decision.allowed is allowed
+    assert decision.ignored == ignored
+    # Ignored means unused: nothing of them reaches the Decision.
+    assert decision.body is None
+    assert decision.http_status is None
+    assert decision.response_headers_to_add == ()
+    assert decision.request_headers_to_remove == ()
+    assert decision.query_parameters_to_set == ()
+    assert decision.query_parameters_to_remove == ()
+
+
+@pytest.mark.parametrize(
+    "result",
+    [True, False, {"allowed": True, "headers": {"x-a": "1"}}, {"allowed": False, "body": "no"}],
+    ids=["bool-allow", "bool-deny", "object-allow", "object-deny"],
+)
+def test_fields_the_outcome_uses_are_not_reported_ignored(result: Any) -> None:
+    assert parse_decision(result).ignored == ()

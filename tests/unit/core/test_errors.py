@@ -35,6 +35,7 @@ from authz.core.errors import (
     StartupError,
     TooManyOverrides,
     UndefinedDecision,
+    UnsafeHeaderMutation,
     error_classes,
     fail_open_codes,
     meanings,
@@ -70,6 +71,7 @@ TREE: list[tuple[type[AuthzError], str, int, bool, bool]] = [
     (OpaResponseError, "opa_error", 500, False, True),
     (UndefinedDecision, "undefined_decision", 403, False, True),
     (InvalidDecision, "invalid_decision", 500, False, True),
+    (UnsafeHeaderMutation, "unsafe_header_mutation", 500, False, True),
 ]
 GATEWAY = "authz/gateway/decision"
 

@@ -189,6 +189,22 @@ def test_deny_keeps_policy_status_headers_body_and_metadata() -> None:
     assert metadata(response) == {"tenant": "t1", "decision_id": DECISION_ID}
 
 
+@pytest.mark.parametrize("name", ["content-type", "Content-Type"], ids=["lower", "mixed-case"])
+def test_deny_without_body_has_one_content_type_that_describes_authzs_json_body(
+    name: str,
+) -> None:
+    """A policy's content-type on a deny without a body would label authz's JSON body
+    wrongly, or (both sent) twice: the body is authz's, so is its one content-type."""
+    decision = parse_decision(
+        {"allowed": False, "headers": {name: "text/html", "x-keep": "1"}, "http_status": 401}
+    )
+    response = build_response(decision, DECISION_ID)
+    headers = denied_headers(response)
+    assert headers["content-type"] == ["application/json"]
+    assert headers["x-keep"] == ["1"]
+    assert json.loads(response.denied_response.body)["error"] == "denied"
+
+
 def test_deny_with_empty_policy_body_keeps_it_empty() -> None:
     # body "" is the policy's choice (set), unlike an absent body.
     response = build_response(Decision(allowed=False, body=""), DECISION_ID)
@@ -230,6 +246,7 @@ FAILURE_STATUSES: list[tuple[str, int]] = [
     ("credential_unavailable", 503),
     ("rate_limit_unavailable", 503),
     ("invalid_decision", 500),
+    ("unsafe_header_mutation", 500),
     ("invalid_decision_path", 500),
     ("opa_error", 500),
     ("policy_error", 500),

@@ -43,7 +43,9 @@ def test_secrets_file_and_decision_agree_on_secret_refs(
 ) -> None:
     decision = {
         "allowed": True,
-        "credential": {"ref": ref, "header": "authorization", "format": "Bearer {secret}"},
+        "authz": {
+            "credential": {"ref": ref, "header": "authorization", "format": "Bearer {secret}"}
+        },
     }
     path = tmp_path / "secrets.json"
     path.write_text(json.dumps({"version": 1, "credentials": {ref: "s3cret"}}))

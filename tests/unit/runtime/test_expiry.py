@@ -182,12 +182,14 @@ def test_parsed_timestamps_are_cached_and_bounded(watch: KeyExpiryWatch) -> None
 def allow_with_expiry(expires_at: str) -> dict[str, Any]:
     return {
         "allowed": True,
-        "reason": "allowed",
-        "identity": {
-            "key_id": "key-a",
-            "role": "user",
-            "tier": "default",
-            "expires_at": expires_at,
+        "authz": {
+            "reason": "allowed",
+            "identity": {
+                "key_id": "key-a",
+                "role": "user",
+                "tier": "default",
+                "expires_at": expires_at,
+            },
         },
     }
 

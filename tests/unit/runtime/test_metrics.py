@@ -25,6 +25,7 @@ COUNTERS = (
     "authz_fail_open_total",
     "authz_dry_run_suppressed_total",
     "authz_rate_limit_rejections_total",
+    "authz_decision_fields_ignored_total",
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -216,6 +217,13 @@ SINK_CASES: list[tuple[str, DecisionRecord, Samples]] = [
         record(allowed=False, reason="rate_limited", http_status=429, decision_path=EGRESS),
         decision(EGRESS, "deny", "rate_limited")
         | sample("authz_rate_limit_rejections_total", path=EGRESS, tier=""),
+    ),
+    (
+        "fields-the-plugin-ignores-counted-per-field",
+        record(ignored_fields=("body", "http_status")),
+        decision(GATEWAY, "allow", "allowed")
+        | sample("authz_decision_fields_ignored_total", path=GATEWAY, field="body")
+        | sample("authz_decision_fields_ignored_total", path=GATEWAY, field="http_status"),
     ),
 ]
 

@@ -124,13 +124,19 @@ def test_malformed_query_is_a_request_error() -> None:
         preview_input(parse({"key_id": "k", "path": "/x?a=%zz"}), CREDENTIAL_HEADERS)
 
 
-DENY = {"allowed": False, "http_status": 403, "reason": "role_not_allowed", "source": "deny"}
+DENY = {
+    "allowed": False,
+    "http_status": 403,
+    "authz": {"reason": "role_not_allowed", "source": "deny"},
+}
 ALLOW = {
     "allowed": True,
-    "reason": "allowed",
-    "source": "namespace_default",
-    "identity": {"key_id": "key-ns", "role": "viewer", "tier": "standard"},
-    "rate_limit": {"tier": "standard", "key": "key:key-ns", "requests_per_minute": 120},
+    "authz": {
+        "reason": "allowed",
+        "source": "namespace_default",
+        "identity": {"key_id": "key-ns", "role": "viewer", "tier": "standard"},
+        "rate_limit": {"tier": "standard", "key": "key:key-ns", "requests_per_minute": 120},
+    },
     "headers": {"x-authz-key-id": "key-ns"},
 }
 
@@ -167,20 +173,45 @@ ALLOW = {
             },
         ),
         (
-            {"allowed": True, "reason": "allowed_by_override", "override": {"id": "ovr-1"}},
+            {
+                "allowed": True,
+                "authz": {"reason": "allowed_by_override", "override": {"id": "ovr-1"}},
+            },
             {"source": "policy_rule", "override_id": "ovr-1", "http_status": 200},
         ),
         (
-            {"allowed": False, "reason": "blocked", "source": "override", "override": {"id": "o"}},
+            {
+                "allowed": False,
+                "authz": {"reason": "blocked", "source": "override", "override": {"id": "o"}},
+            },
             {"source": "override", "http_status": 403, "override_id": "o"},
         ),
         (False, {"allowed": False, "source": "deny", "reason": "denied", "http_status": 403}),
         (
-            {"allowed": False, "http_status": 401, "reason": "invalid_api_key"},
-            {"source": "deny", "http_status": 401},
+            {"allowed": False, "http_status": 401, "authz": {"reason": "invalid_api_key"}},
+            {"source": "deny", "http_status": 401, "ignored": []},
+        ),
+        (
+            # One object for both outcomes (a plugin idiom): the allow ignores the deny's
+            # fields, and the preview says which, so a policy author sees it.
+            {"allowed": True, "http_status": 403, "body": "no", "reason": "Free text"},
+            {
+                "allowed": True,
+                "http_status": 200,
+                "reason": "allowed",
+                "ignored": ["body", "http_status"],
+            },
         ),
     ],
-    ids=["deny", "allow-namespace", "no-source-allow", "override-deny", "boolean", "401"],
+    ids=[
+        "deny",
+        "allow-namespace",
+        "no-source-allow",
+        "override-deny",
+        "boolean",
+        "401",
+        "ignored-fields",
+    ],
 )
 async def test_preview_answer(result: Any, expected: dict[str, Any]) -> None:
     engine = FakeEngine(result, revision="rev-9")

@@ -311,8 +311,10 @@ async def test_watcher_survives_a_bad_file_with_readiness_red_and_injection_deni
     ready = secrets_check(store)
     egress = {
         "allowed": True,
-        "reason": "allowed",
-        "credential": {"ref": "openai", "header": "authorization", "format": "Bearer {secret}"},
+        "authz": {
+            "reason": "allowed",
+            "credential": {"ref": "openai", "header": "authorization", "format": "Bearer {secret}"},
+        },
     }
     authorizer = Authorizer(
         FakeEngine(egress),
