@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import enum
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -83,8 +85,11 @@ class BodyParsing(enum.StrEnum):
     NEVER = "never"
 
 
-# Deepest JSON body nesting accepted (the input document adds a few levels around it).
-MAX_JSON_DEPTH: Final = 200
+# Deepest JSON body nesting accepted. Go's decoder reads 10,000 levels; orjson encodes
+# 255, and the deepest body (a multipart JSON part) sits 4 levels deep in the input
+# document, which sits up to 6 levels deep in what authz encodes (the OPA request, the
+# decision cache key, the audit row).
+MAX_JSON_DEPTH: Final = 245
 # Body parsing runs before any credential is checked, so every parser is linear in its
 # input and capped (issue 13): a hostile body costs a small constant multiple of a normal
 # one. A longer body is not parsed (truncated_body); more parts, fields or part headers
@@ -92,9 +97,12 @@ MAX_JSON_DEPTH: Final = 200
 # with_request_body a route sets to send its body (infra/envoy/envoy-gateway.yaml, README).
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_MULTIPART_PARTS: Final = 100
-MAX_FORM_FIELDS: Final = 1000
-# The URL query is parsed on every route: 30,000 fields (60 KB) cost about 19 ms.
-MAX_QUERY_FIELDS: Final = 1000
+# Go's url.ParseQuery (1.26) refuses more than 10,000 parameters, counted as the "&"
+# separators plus one, so the plugin refuses such a query or form body; authz refuses
+# exactly the same ones. The count is one pass over the text before any parsing; parsing
+# 10,000 fields costs about 3 ms (docs/performance.md).
+MAX_FORM_FIELDS: Final = 10_000
+MAX_QUERY_FIELDS: Final = 10_000
 # Per multipart part: header lines, and bytes of one header line (name, colon, value).
 MAX_PART_HEADERS: Final = 8
 MAX_PART_HEADER_BYTES: Final = 1024
@@ -113,6 +121,20 @@ _SCHEME: Final = re.compile(rf"^({TOKEN}) +([^ \t].*)$", re.DOTALL)
 # RFC 9110 section 5.5: optional whitespace around a field value is SP and HTAB only;
 # any other (Unicode) whitespace is part of the value.
 _OWS: Final = " \t"
+
+
+def _go_replace(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: one U+FFFD for the first invalid byte, resume at the next,
+    as Go's ``utf8.DecodeRune`` (size 1 for every invalid byte) and so encoding/json."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return "\ufffd", error.start + 1
+
+
+# Decode with errors=GO_REPLACE: invalid UTF-8 reads as Go renders it, one U+FFFD per byte
+# (Python's "replace" gives one per maximal bad sequence).
+GO_REPLACE: Final = "authz-go-replace"
+codecs.register_error(GO_REPLACE, _go_replace)
 
 
 def message_to_input(message: Message) -> dict[str, Any]:
@@ -177,11 +199,13 @@ def _unescape(text: str, *, plus_as_space: bool, what: str) -> str:
     """Go's ``url.PathUnescape``/``QueryUnescape``: reject a ``%`` not followed by two hex
     digits; decode UTF-8 with replacement so the result is always JSON-encodable. The
     error names ``what`` (path, query) but never quotes the text: it may carry a key."""
+    if plus_as_space and "+" in text:
+        text = text.replace("+", " ")
+    if "%" not in text:
+        return text
     if _BAD_ESCAPE.search(text):
         raise RequestError(f"invalid percent-encoding in the {what}")
-    if plus_as_space:
-        text = text.replace("+", " ")
-    return unquote_to_bytes(text).decode("utf-8", errors="replace")
+    return unquote_to_bytes(text).decode("utf-8", errors=GO_REPLACE)
 
 
 def parse_path(path: str) -> list[str]:
@@ -199,16 +223,15 @@ def parse_query(
     """``input.parsed_query`` as Go's ``url.ParseQuery``: ``&``-separated pairs, ``+`` is a
     space, repeated keys collect values in order, a key without ``=`` maps to ``[""]``.
     Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both),
-    or on more than ``max_fields`` pairs (None: no cap).
+    or when the ``&`` separators plus one exceed ``max_fields`` (None: no cap), as Go 1.26
+    counts its 10,000 limit.
     """
+    if max_fields is not None and query.count("&") + 1 > max_fields:
+        raise RequestError(f"more than {max_fields} fields in the {what}")
     result: dict[str, list[str]] = {}
-    count = 0
     for pair in query.split("&"):
         if not pair:
             continue
-        count += 1
-        if max_fields is not None and count > max_fields:
-            raise RequestError(f"the {what} has more than {max_fields} fields")
         if ";" in pair:
             raise RequestError(f"invalid semicolon separator in the {what}")
         key, _, value = pair.partition("=")
@@ -230,28 +253,96 @@ def _truncated(headers: Mapping[str, str], length: int) -> bool:
 
 
 def _json(payload: bytes, what: str) -> Any:
-    """Strict JSON (RFC 8259, as Go's encoding/json: no NaN, no lone surrogates); invalid
-    UTF-8 becomes U+FFFD first, as Go does. Nesting deeper than :data:`MAX_JSON_DEPTH`
-    is refused: the input document must stay encodable (orjson stops at 255 levels)."""
+    """Read JSON as the plugin does (OPA's ``util.UnmarshalJSON``: Go's encoding/json with
+    ``UseNumber``), so OPA receives the same value: strict RFC 8259 (no NaN, no trailing
+    comma); invalid UTF-8 and escaped lone surrogates read as U+FFFD (one per byte, as
+    Go); a body holding a number orjson would not read exactly (a float, an integer beyond
+    64 bits, ``1e400``) has every number as an ``orjson.Fragment`` of its text. Nesting
+    deeper than :data:`MAX_JSON_DEPTH` is refused: the documents holding the body must
+    stay encodable (orjson stops at 255 levels)."""
+    text = payload.decode("utf-8", errors=GO_REPLACE)
     try:
-        value = orjson.loads(payload.decode("utf-8", errors="replace"))
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"{what} is not valid JSON: {exc.msg}") from None
-    if _deeper_than(value, MAX_JSON_DEPTH):
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = None  # 1e400 or a lone surrogate, which orjson refuses, or invalid JSON
+    else:
+        deep, floats = _walk(value, MAX_JSON_DEPTH, fix_surrogates=False)
+        if deep:
+            raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        # A float's text may differ from what orjson writes: read again, exactly (the
+        # same structure, so its depth is checked and it holds no lone surrogate).
+        return _exact_json(text, what) if floats else value
+    value = _exact_json(text, what)
+    if _walk(value, MAX_JSON_DEPTH, fix_surrogates=True)[0]:
         raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str) and not value.isascii():
+        value = _SURROGATE.sub("\ufffd", value)
     return value
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
+# A lone surrogate (U+D800..U+DFFF) is what json.loads leaves of an unpaired escape.
+_SURROGATE: Final = re.compile("[\\ud800-\\udfff]")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _exact_json(text: str, what: str) -> Any:
+    """``text`` read with the stdlib parser (linear, C): every number as an
+    ``orjson.Fragment`` of its text (so it reaches OPA exactly as written, like Go's
+    ``json.Number``). Raises RequestError for invalid JSON or nesting past the parser's
+    recursion limit."""
+    try:
+        return json.loads(
+            text, parse_float=orjson.Fragment, parse_int=orjson.Fragment, parse_constant=_not_json
+        )
+    except RecursionError:
+        raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise RequestError(f"{what} is not valid JSON: {message}") from None
+
+
+def _walk(value: Any, limit: int, *, fix_surrogates: bool) -> tuple[bool, bool]:
+    """``(deeper than limit, holds a float)`` for a parsed JSON value, in one iterative
+    pass. With ``fix_surrogates``, every lone surrogate in a string or key below the top
+    is replaced by U+FFFD in place, as Go's decoder reads an unpaired ``\\uD800``."""
+    floats = type(value) is float
+    stack: list[tuple[Any, int]] = [(value, 1)] if type(value) in (dict, list) else []
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limit:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return False
+        if depth > limit:
+            return True, floats
+        if fix_surrogates:
+            _fix_surrogates(node)
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is float:
+                floats = True
+    return False, floats
+
+
+def _has_surrogate(text: object) -> bool:
+    return type(text) is str and not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _fix_surrogates(node: dict[str, Any] | list[Any]) -> None:
+    """Replace lone surrogates by U+FFFD in ``node``'s keys and string members."""
+    if isinstance(node, list):
+        for index, child in enumerate(node):
+            if _has_surrogate(child):
+                node[index] = _SURROGATE.sub("\ufffd", child)
+        return
+    bad = [key for key, child in node.items() if _has_surrogate(key) or _has_surrogate(child)]
+    for key in bad:
+        child = node.pop(key)
+        if _has_surrogate(child):
+            child = _SURROGATE.sub("\ufffd", child)
+        # Go keeps the last of duplicate keys; a fixed key may now equal a later one.
+        node.setdefault(_SURROGATE.sub("\ufffd", key), child)
 
 
 class _Part:
@@ -327,7 +418,7 @@ def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None
     def on_header_end() -> None:
         part = parts[-1]
         name = part.header_name.decode("latin-1").lower()
-        part.headers.setdefault(name, part.header_value.decode("utf-8", errors="replace"))
+        part.headers.setdefault(name, part.header_value.decode("utf-8", errors=GO_REPLACE))
         part.header_name.clear()
         part.header_value.clear()
 
@@ -372,7 +463,7 @@ def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None
         if "application/json" in part.headers.get("content-type", ""):
             values.setdefault(name, []).append(_json(data, f"multipart field {name!r}"))
         else:
-            values.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
+            values.setdefault(name, []).append(data.decode("utf-8", errors=GO_REPLACE))
     return values
 
 
@@ -382,7 +473,7 @@ def _form_name(disposition: str) -> str:
     kind, params = parse_options_header(disposition.encode("utf-8"))
     if kind != b"form-data":
         return ""
-    return params.get(b"name", b"").decode("utf-8", errors="replace")
+    return params.get(b"name", b"").decode("utf-8", errors=GO_REPLACE)
 
 
 def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
@@ -421,7 +512,7 @@ def _json_body(content_type: str, payload: bytes) -> Any:
 
 
 def _form_body(content_type: str, payload: bytes) -> dict[str, list[str]]:
-    text = payload.decode("utf-8", errors="replace")
+    text = payload.decode("utf-8", errors=GO_REPLACE)
     return parse_query(text, "form body", MAX_FORM_FIELDS)
 
 
@@ -507,7 +598,7 @@ def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[s
         if name not in names:
             continue
         if "rawValue" in entry:
-            value = base64.b64decode(entry["rawValue"]).decode("utf-8", errors="replace")
+            value = base64.b64decode(entry["rawValue"]).decode("utf-8", errors=GO_REPLACE)
         else:
             value = entry.get("value", "")
         digest, masked = mask_credential(name, value)

@@ -24,6 +24,7 @@ from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
     MAX_BODY_BYTES,
     MAX_FORM_FIELDS,
+    MAX_JSON_DEPTH,
     MAX_MULTIPART_HEADER_BYTES,
     MAX_MULTIPART_PARTS,
     MAX_PART_HEADER_BYTES,
@@ -836,18 +837,19 @@ PATH = "authz/gateway/decision"
 
 @pytest.mark.parametrize(
     "body",
-    ["[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000, '{"a": "\\ud800"}'],
-    ids=["orjson-depth-limit", "json-recursion", "lone-surrogate"],
+    ["[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000],
+    ids=["orjson-depth-limit", "json-recursion"],
 )
 @pytest.mark.parametrize("mode", [Mode.ENFORCE, Mode.DRY_RUN], ids=["enforce", "dry-run"])
 async def test_unserializable_json_body_is_an_invalid_request_decision(
     body: str, mode: Mode
 ) -> None:
     # README: "invalid_request 400: path/query/body of the request cannot be parsed".
-    # A JSON body nested deeper than orjson's 255 levels (or json's recursion limit), or
-    # holding a lone surrogate escape (json.loads accepts it, orjson.dumps refuses it),
-    # is such a body: a recorded invalid_request decision (decision log, metrics, audit
-    # trail), never a bare 500, and in dry-run it is not blocked.
+    # A JSON body nested deeper than orjson's 255 levels (or json's recursion limit) is
+    # such a body (a lone surrogate escape is not: Go reads it as U+FFFD, and so does
+    # authz, test_json_body_reads_as_go_encoding_json): a recorded invalid_request
+    # decision (decision log, metrics, audit trail), never a bare 500, and in dry-run it
+    # is not blocked.
     sink = ListSink()
     # The real client; nothing listens on port 1, but it never gets that far.
     engine = OpaClient("http://127.0.0.1:1")
@@ -1197,3 +1199,152 @@ def test_query_fields_up_to_the_cap_parse_and_one_more_is_refused() -> None:
     assert document["parsed_query"] == {"a": ["x"] * MAX_QUERY_FIELDS}
     with pytest.raises(RequestError, match=f"more than {MAX_QUERY_FIELDS} fields"):
         build_input(check_request(path=f"/api/v1/items?{at_cap}&a"), ())
+
+
+# --- the plugin's input, byte for byte (issue 15) ---------------------------------------
+# What OPA receives is the input encoded as JSON (authz.core.opa); the plugin hands OPA
+# Go strings and json.Number values, which OPA renders with Go's encoding/json. The
+# expected texts below are what Go 1.26 prints for the same input.
+
+BAD_UTF8 = b"a\xe2\x82b\xf0\x9f\x98c\xed\xa0\x80d\xff"
+# encoding/json: one U+FFFD per invalid byte (utf8.DecodeRune returns size 1 for each).
+BAD_UTF8_AS_GO = "a\ufffd\ufffdb\ufffd\ufffd\ufffdc\ufffd\ufffd\ufffdd\ufffd"
+BAD_UTF8_ESCAPED = "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in BAD_UTF8)
+
+
+def _multipart_value(value: bytes) -> bytes:
+    return b'--foo\r\nContent-Disposition: form-data; name="a"\r\n\r\n' + value + b"\r\n--foo--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("http", "where"),
+    [
+        ({"path": "/" + BAD_UTF8_ESCAPED}, ("parsed_path", 0)),
+        ({"path": "/x?k=" + BAD_UTF8_ESCAPED}, ("parsed_query", "k", 0)),
+        (
+            {
+                "path": "/",
+                "headers": {"content-type": FORM},
+                "rawBody": base64.b64encode(b"k=" + BAD_UTF8).decode(),
+            },
+            ("parsed_body", "k", 0),
+        ),
+        (
+            {
+                "path": "/",
+                "headers": {"content-type": JSON},
+                "rawBody": base64.b64encode(b'{"k": "' + BAD_UTF8 + b'"}').decode(),
+            },
+            ("parsed_body", "k"),
+        ),
+        (
+            {
+                "path": "/",
+                "headers": {"content-type": MULTIPART},
+                "rawBody": base64.b64encode(_multipart_value(BAD_UTF8)).decode(),
+            },
+            ("parsed_body", "a", 0),
+        ),
+    ],
+    ids=["path", "query", "form", "json", "multipart"],
+)
+def test_invalid_utf8_is_one_replacement_character_per_byte_as_go(
+    http: dict[str, Any], where: tuple[Any, ...]
+) -> None:
+    # Python's "replace" gives one U+FFFD per maximal bad sequence ("\xe2\x82" -> one);
+    # the plugin keeps the raw bytes, which OPA reads and renders one U+FFFD per byte.
+    value: Any = build_input(check_request_json(http), (), parse_request_body=True)
+    for step in where:
+        value = value[step]
+    assert value == BAD_UTF8_AS_GO
+
+
+@pytest.mark.parametrize(
+    ("body", "sent_to_opa"),
+    [
+        (b"123456789012345678901234567890", b"123456789012345678901234567890"),
+        (
+            b"[18446744073709551616, -9223372036854775809]",
+            b"[18446744073709551616,-9223372036854775809]",
+        ),
+        (b'{"n": 1e400}', b'{"n":1e400}'),
+        (b"[-1e-400]", b"[-1e-400]"),
+        (b"[0.12345678901234567890123]", b"[0.12345678901234567890123]"),
+        (b'{"a": 1.50, "b": 1E5, "c": 42}', b'{"a":1.50,"b":1E5,"c":42}'),
+        (b'"\\ud800x"', '"\ufffdx"'.encode()),
+        (b'"\\udc00\\ud800\\ud800\\udc00"', '"\ufffd\ufffd\U00010000"'.encode()),
+        (b'{"\\ud800": 1}', '{"\ufffd":1}'.encode()),
+    ],
+    ids=[
+        "int-beyond-64-bits",
+        "ints-just-beyond-uint64-and-int64",
+        "exponent-beyond-double",
+        "exponent-below-double",
+        "more-digits-than-a-double",
+        "float-text-kept",
+        "lone-high-surrogate",
+        "lone-low-then-pair",
+        "lone-surrogate-in-key",
+    ],
+)
+def test_json_body_reads_as_go_encoding_json(body: bytes, sent_to_opa: bytes) -> None:
+    # The plugin parses with json.Decoder.UseNumber (OPA util.UnmarshalJSON): a number
+    # keeps its text exactly, and an escaped lone surrogate reads as U+FFFD.
+    parsed, truncated = parse_body({"content-type": JSON}, "", body)
+    assert not truncated
+    assert orjson.dumps(parsed) == sent_to_opa
+    assert orjson.dumps({"input": {"parsed_body": parsed}})  # what authz.core.opa sends
+
+
+def test_json_body_nesting_within_what_authz_can_encode_is_read() -> None:
+    # Go's decoder reads 10,000 levels; authz reads as deep as the documents it encodes
+    # (orjson: 255 levels) leave room for, MAX_JSON_DEPTH.
+    assert MAX_JSON_DEPTH >= 240
+    deep = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    parsed, _ = parse_body({"content-type": JSON}, "", deep)
+    wrapped = {"input": {"parsed_body": {"a": [parsed]}}, "row": {}}
+    assert orjson.dumps(wrapped).count(b"[") == MAX_JSON_DEPTH + 1
+    with pytest.raises(RequestError, match="nested deeper"):
+        parse_body({"content-type": JSON}, "", b"[" + deep + b"]")
+
+
+@pytest.mark.parametrize("body", [b"NaN", b"[Infinity]", b"[-Infinity]", b"[1,]", b"01"])
+def test_json_body_go_refuses_is_refused(body: bytes) -> None:
+    with pytest.raises(RequestError):
+        parse_body({"content-type": JSON}, "", body)
+
+
+@pytest.mark.parametrize(
+    ("payload", "parsed"),
+    [
+        (
+            b'--foo\r\nContent-Disposition: form-data; name="f"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--foo--\r\n",
+            {"f": ["aGVsbG8="]},
+        ),
+        (b"--foo--\r\n", {}),
+    ],
+    ids=["base64-part-kept-as-text", "empty-form"],
+)
+def test_multipart_as_go_next_part(payload: bytes, parsed: Any) -> None:
+    # Go's Reader.NextPart decodes quoted-printable only; an empty form is {}.
+    assert parse(MULTIPART, payload) == (parsed, False)
+
+
+@pytest.mark.parametrize(
+    ("where", "build"),
+    [
+        ("query", lambda q: build_input(check_request(path=f"/x?{q}"), ())),
+        ("form body", lambda q: parse(FORM, q.encode())),
+    ],
+    ids=["query", "form"],
+)
+def test_field_cap_is_go_url_parse_query(where: str, build: Any) -> None:
+    # Go 1.26 url.ParseQuery: more than 10,000 parameters, counted as "&" + 1, is an
+    # error, so the plugin refuses the request; authz refuses exactly the same ones.
+    assert MAX_QUERY_FIELDS == MAX_FORM_FIELDS == 10_000
+    at_cap = "&".join(["a=x"] * 10_000)
+    build(at_cap)
+    for over in (at_cap + "&", "&" * 10_000, at_cap + "&a=x"):
+        with pytest.raises(RequestError, match=f"more than 10000 fields in the {where}"):
+            build(over)
