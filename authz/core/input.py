@@ -55,6 +55,7 @@ __all__ = [
     "PARSE_BODY_EXTENSION",
     "BodyParsing",
     "build_input",
+    "is_bearer_jwt",
     "mask_credential",
     "message_to_input",
     "parse_body",
@@ -540,12 +541,14 @@ def build_input(
     credential_headers: Iterable[str],
     *,
     parse_request_body: BodyParsing | bool = True,
+    pass_jwts: bool = True,
 ) -> dict[str, Any]:
     """Build the OPA input document for ``request``.
 
     ``credential_headers`` are lowercase header names whose values are hashed (see module
     docstring). ``parse_request_body`` says where the body is parsed (:class:`BodyParsing`;
-    True and False, the old boolean, mean ``always`` and ``never``). Returns a fresh
+    True and False, the old boolean, mean ``always`` and ``never``). With ``pass_jwts``, a
+    bearer JWT in ``authorization`` stays in clear (:func:`is_bearer_jwt`). Returns a fresh
     JSON-ready dict; raises RequestError on a malformed path, query or body, and
     DecisionPathError when the route's ``parse_body`` is neither "true" nor "false"."""
     document = message_to_input(request)
@@ -563,7 +566,9 @@ def build_input(
     principal = request.attributes.source.principal
     if principal:
         document["source_principal"] = principal
-    document["credentials"] = _hash_credentials(document, frozenset(credential_headers))
+    document["credentials"] = _hash_credentials(
+        document, frozenset(credential_headers), pass_jwts=pass_jwts
+    )
     return document
 
 
@@ -582,17 +587,53 @@ def _wants_body(mode: BodyParsing | bool, extensions: Mapping[str, str]) -> bool
     )
 
 
-def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[str, str]:
+# A JWS compact serialization (RFC 7515 section 7.1: three base64url parts, the
+# signature empty for an unsecured JWT) after the Bearer scheme (RFC 6750 section 2.1).
+_BEARER_JWT: Final = re.compile(
+    r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+)
+# The JOSE header of a real token is a few dozen bytes; a longer one is not decoded.
+_MAX_JOSE_HEADER: Final = 4096
+# The one header whose bearer JWT reaches the policy in clear (the OPA Envoy tutorial's).
+_JWT_HEADER: Final = "authorization"
+
+
+def is_bearer_jwt(value: str) -> bool:
+    """True when the ``authorization`` header value ``value`` is ``Bearer <JWT>``: a JWS
+    compact serialization whose protected header is base64url JSON, an object with a
+    string ``alg`` (RFC 7515 sections 4.1.1 and 7.1; RFC 7519 section 7.2, steps 1-4).
+    Such a token reaches the policy in clear, usable by ``io.jwt.decode_verify``; an opaque
+    token (or a JWE, five parts) does not. Nothing is verified here: OPA does that."""
+    match = _BEARER_JWT.fullmatch(value.strip(_OWS))
+    if match is None or len(match.group(1)) > _MAX_JOSE_HEADER:
+        return False
+    encoded = match.group(1)
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    except (binascii.Error, ValueError):  # orjson.JSONDecodeError is a ValueError
+        return False
+    return isinstance(header, dict) and isinstance(header.get("alg"), str)
+
+
+def _hash_credentials(
+    document: dict[str, Any], names: frozenset[str], *, pass_jwts: bool
+) -> dict[str, str]:
     """Replace credential header values in ``document`` (both the ``headers`` map and
-    Envoy's raw ``headerMap`` form) by their masked form; return ``{name: hex}``."""
+    Envoy's raw ``headerMap`` form) by their masked form, except a bearer JWT in
+    ``authorization`` when ``pass_jwts`` (:func:`is_bearer_jwt`); return ``{name: hex}``
+    for every credential, passed through or not."""
     http = document.get("attributes", {}).get("request", {}).get("http", {})
     credentials: dict[str, str] = {}
     headers = http.get("headers")
     if headers:
         for name in names:
             value = headers.get(name)
-            if value is not None:
-                credentials[name], headers[name] = mask_credential(name, value)
+            if value is None:
+                continue
+            digest, masked = mask_credential(name, value)
+            credentials[name] = digest
+            if not (pass_jwts and name == _JWT_HEADER and is_bearer_jwt(value)):
+                headers[name] = masked
     for entry in http.get("headerMap", {}).get("headers", ()):
         name = str(entry.get("key", "")).lower()
         if name not in names:
@@ -603,6 +644,8 @@ def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[s
             value = entry.get("value", "")
         digest, masked = mask_credential(name, value)
         credentials.setdefault(name, digest)
+        if pass_jwts and name == _JWT_HEADER and is_bearer_jwt(value):
+            continue
         entry.pop("rawValue", None)
         entry["value"] = masked
     return credentials

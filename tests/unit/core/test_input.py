@@ -1348,3 +1348,90 @@ def test_field_cap_is_go_url_parse_query(where: str, build: Any) -> None:
     for over in (at_cap + "&", "&" * 10_000, at_cap + "&a=x"):
         with pytest.raises(RequestError, match=f"more than 10000 fields in the {where}"):
             build(over)
+
+
+# --- JWTs reach the policy (issue 15) ---------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_of(header: Any, payload: Any = None, signature: bytes = b"sig") -> str:
+    """A JWS compact serialization (RFC 7515 section 7.1) of JSON ``header``/``payload``;
+    the signature is not checked here (OPA's io.jwt.decode_verify does that)."""
+    parts = [json.dumps(header).encode(), json.dumps(payload or {"sub": "alice"}).encode()]
+    return ".".join([*(_b64url(part) for part in parts), _b64url(signature)])
+
+
+JWT = jwt_of({"alg": "HS256", "typ": "JWT"}, {"sub": "YWxpY2U=", "role": "admin"})
+
+
+@pytest.mark.parametrize(
+    "http",
+    [
+        {"headers": {"authorization": f"Bearer {JWT}"}},
+        {"headers": {"authorization": f"bearer  {JWT} "}},
+        {"headers": {"authorization": f"Bearer {jwt_of({'alg': 'none'}, signature=b'')}"}},
+    ],
+    ids=["bearer", "lowercase-scheme-padded", "unsigned-alg-none"],
+)
+def test_bearer_jwt_reaches_the_policy_in_clear_and_its_digest_too(http: dict[str, Any]) -> None:
+    # The OPA Envoy tutorial's policy runs io.jwt.decode_verify on the bearer token, so
+    # the token must reach it as sent; input.credentials still carries its digest.
+    document = document_for({"path": "/", **http}, CREDENTIAL_HEADERS)
+    sent = http["headers"]["authorization"]
+    token = sent.split()[1]
+    assert document["attributes"]["request"]["http"]["headers"]["authorization"] == sent
+    assert document["credentials"] == {"authorization": sha256(token)}
+
+
+def test_bearer_jwt_in_the_header_map_reaches_the_policy_in_clear() -> None:
+    http = {"path": "/", "headerMap": header_map(("authorization", f"Bearer {JWT}"))}
+    document = document_for(http, CREDENTIAL_HEADERS)
+    (entry,) = document["attributes"]["request"]["http"]["headerMap"]["headers"]
+    assert base64.b64decode(entry["rawValue"]).decode() == f"Bearer {JWT}"
+    assert document["credentials"] == {"authorization": sha256(JWT)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("authorization", f"Bearer {TOKEN}"),
+        ("authorization", f"Bearer {TOKEN}.{TOKEN}.{TOKEN}"),  # not base64url JSON
+        ("authorization", f"Bearer {jwt_of({'typ': 'JWT'})}"),  # no alg
+        ("authorization", f"Bearer {jwt_of(['alg'])}"),  # header not an object
+        ("authorization", f"Bearer {JWT}.{_b64url(b'x')}.{_b64url(b'y')}"),  # JWE, 5 parts
+        ("authorization", f"Basic {JWT}"),
+        ("authorization", JWT),  # no scheme
+        ("proxy-authorization", f"Bearer {JWT}"),
+        ("x-api-key", JWT),
+        ("cookie", f"session={JWT}"),
+    ],
+    ids=[
+        "opaque-bearer",
+        "three-parts-not-json",
+        "header-without-alg",
+        "header-not-an-object",
+        "jwe",
+        "basic-scheme",
+        "no-scheme",
+        "proxy-authorization",
+        "x-api-key",
+        "cookie",
+    ],
+)
+def test_only_a_bearer_jwt_in_authorization_is_passed_through(name: str, value: str) -> None:
+    document = document_for(
+        {"path": "/", "headers": {name: value}}, (*CREDENTIAL_HEADERS, "cookie")
+    )
+    masked = document["attributes"]["request"]["http"]["headers"][name]
+    assert masked == mask_credential(name, value)[1]
+    assert value.split()[-1] not in json.dumps(document)
+
+
+def test_jwt_pass_through_can_be_turned_off() -> None:
+    request = check_request_json({"path": "/", "headers": {"authorization": f"Bearer {JWT}"}})
+    document = build_input(request, CREDENTIAL_HEADERS, pass_jwts=False)
+    assert JWT not in json.dumps(document)
+    assert document["credentials"] == {"authorization": sha256(JWT)}
