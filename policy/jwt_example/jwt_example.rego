@@ -5,8 +5,9 @@
 # first name is their own (the token's `sub`, base64url, as in the tutorial).
 #
 # Query: data.authz.jwt_example.decision (the gateway's /people route has decision_path
-# authz/jwt_example/decision and parse_body "true"). The decision is the plugin's plain
-# boolean, as the tutorial's `allow`.
+# authz/jwt_example/decision and parse_body "true"). `allow` is the tutorial's rule; the
+# decision is the plugin's forms of it: false, or an allow that keeps the token (a
+# credential) from the upstream, which the tutorial's plain `true` would forward.
 #
 # A bearer JWT reaches the policy in clear (docs/contract.md), so io.jwt.decode_verify
 # checks its signature, `exp` and `nbf`. The keys that sign tokens are data, never in the
@@ -17,7 +18,11 @@ package authz.jwt_example
 
 default decision := false
 
-decision if {
+decision := {"allowed": true, "request_headers_to_remove": ["authorization"]} if allow
+
+default allow := false
+
+allow if {
 	token.valid
 	action_allowed
 }

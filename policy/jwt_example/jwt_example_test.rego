@@ -33,8 +33,16 @@ request(method, path, jwt, body) := {
 	"parsed_body": body,
 }
 
-allowed(method, path, jwt, body) if {
-	jwt_example.decision with input as request(method, path, jwt, body) with data.gateway.jwt_example.jwks as jwks
+decision(method, path, jwt, body) := result if {
+	result := jwt_example.decision with input as request(method, path, jwt, body)
+		with data.gateway.jwt_example.jwks as jwks
+}
+
+allowed(method, path, jwt, body) if decision(method, path, jwt, body).allowed
+
+test_an_allow_keeps_the_token_from_the_upstream if {
+	decision("GET", "/people", valid("guest"), null).request_headers_to_remove == ["authorization"]
+	decision("GET", "/people", valid("intruder"), null) == false
 }
 
 test_guest_and_admin_may_get_people if {
@@ -72,5 +80,5 @@ test_expired_forged_or_hashed_tokens_are_denied if {
 }
 
 test_without_the_deployment_keys_everything_is_denied if {
-	not jwt_example.decision with input as request("GET", "/people", valid("admin"), null)
+	jwt_example.decision == false with input as request("GET", "/people", valid("admin"), null)
 }
