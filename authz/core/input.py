@@ -33,13 +33,14 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from authz.core.errors import DecisionPathError, RequestError
+from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.headers import TOKEN
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "MAX_QUERY_FIELDS",
     "PARSE_BODY_EXTENSION",
     "BodyParsing",
+    "GrpcDescriptors",
     "build_input",
     "is_bearer_jwt",
     "mask_credential",
@@ -477,11 +479,94 @@ def _form_name(disposition: str) -> str:
     return params.get(b"name", b"").decode("utf-8", errors=GO_REPLACE)
 
 
-def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
+class GrpcDescriptors:
+    """The message types of gRPC services, from a FileDescriptorSet (``protoc
+    --descriptor_set_out``, with ``--include_imports``), as the plugin's
+    ``proto-descriptor`` option loads them: with one, a gRPC request body
+    (``application/grpc``, sent by Envoy as ``raw_body`` with ``pack_as_bytes``) becomes
+    ``input.parsed_body``, the request message in protobuf JSON."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    @classmethod
+    def from_bytes(cls, data: bytes, key: str = "AUTHZ_PROTO_DESCRIPTOR") -> GrpcDescriptors:
+        """Load a serialized FileDescriptorSet. Raises ConfigError naming ``key`` when it is
+        not one, misses a file another imports, or declares no service."""
+        files = descriptor_pb2.FileDescriptorSet()
+        pool = descriptor_pool.DescriptorPool()
+        try:
+            files.ParseFromString(data)
+            for file in files.file:
+                pool.Add(file)
+            services = [pool.FindFileByName(file.name).services_by_name for file in files.file]
+        except (DecodeError, TypeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{key}: not a usable descriptor set: {exc}") from None
+        if not any(services):
+            raise ConfigError(f"{key}: the descriptor set declares no service")
+        return cls(pool)
+
+    def request_type(self, service: str, method: str) -> Any:
+        """The message class of ``service``'s ``method`` request (full names, as in the
+        gRPC path ``/<service>/<method>``); None when the set has no such unary or
+        server-streaming method (a client-streaming request is not one message)."""
+        try:
+            found = self._pool.FindServiceByName(service)
+        except KeyError:
+            return None
+        rpc = found.methods_by_name.get(method)
+        if rpc is None or rpc.client_streaming:
+            return None
+        return message_factory.GetMessageClass(rpc.input_type)
+
+
+# gRPC over HTTP/2, Length-Prefixed-Message: a compressed flag byte, a 4-byte big-endian
+# length, the message.
+_GRPC_FRAME_HEADER: Final = 5
+
+
+def _grpc_body(
+    payload: bytes, parsed_path: list[str], descriptors: GrpcDescriptors
+) -> tuple[Any, bool]:
+    """``(parsed_body, truncated_body)`` of the first message in a gRPC request body, as
+    the plugin's ``getGRPCBody``: None for a compressed message or a method the
+    descriptors do not know; truncated when the message is longer than what was sent.
+    Raises RequestError when the path is not ``/<service>/<method>``, the body is shorter
+    than a frame header, or the message does not parse as the method's request type."""
+    if len(parsed_path) != 2:
+        raise RequestError("gRPC request path is not /<service>/<method>")
+    if len(payload) < _GRPC_FRAME_HEADER:
+        raise RequestError("gRPC request body is shorter than a frame header")
+    if payload[0] != 0:
+        return None, False  # compressed: not decoded, as the plugin
+    size = int.from_bytes(payload[1:_GRPC_FRAME_HEADER], "big")
+    if size > len(payload) - _GRPC_FRAME_HEADER:
+        return None, True
+    message_type = descriptors.request_type(parsed_path[0], parsed_path[1])
+    if message_type is None:
+        return None, False
+    try:
+        message = message_type.FromString(payload[_GRPC_FRAME_HEADER : _GRPC_FRAME_HEADER + size])
+    except DecodeError:
+        raise RequestError("gRPC request message does not parse") from None
+    return MessageToDict(message), False
+
+
+def parse_body(
+    headers: Mapping[str, str],
+    body: str,
+    raw_body: bytes,
+    *,
+    parsed_path: list[str] | None = None,
+    grpc_descriptors: GrpcDescriptors | None = None,
+) -> tuple[Any, bool]:
     """``(input.parsed_body, input.truncated_body)`` for JSON, form-urlencoded and
-    multipart bodies, as the plugin's ``getParsedBody``. A body is truncated when Envoy set
-    ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what was sent; then
-    it is not parsed. A body over MAX_BODY_BYTES is not parsed either and counts as
+    multipart bodies, and gRPC bodies given ``grpc_descriptors`` (decoded with the
+    request's ``parsed_path``), as the plugin's ``getParsedBody``. A body is truncated
+    when Envoy set ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what
+    was sent; then it is not parsed. A body over MAX_BODY_BYTES is not parsed either and counts as
     truncated. Other content types give ``(None, False)``. Raises RequestError for a body
     that does not parse or that exceeds a cap (JSON depth, form fields, multipart parts
     and part headers: see the ``MAX_*`` constants)."""
@@ -492,6 +577,12 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
         return None, False
     if "application/json" in content_type:
         parse = _json_body
+    elif "application/grpc" in content_type:
+        if grpc_descriptors is None or not raw_body:
+            return None, False
+        if len(raw_body) > MAX_BODY_BYTES:
+            return None, True
+        return _grpc_body(raw_body, parsed_path or [], grpc_descriptors)
     elif "application/x-www-form-urlencoded" in content_type:
         parse = _form_body
     elif "multipart/form-data" in content_type:
@@ -542,13 +633,15 @@ def build_input(
     *,
     parse_request_body: BodyParsing | bool = True,
     pass_jwts: bool = True,
+    grpc_descriptors: GrpcDescriptors | None = None,
 ) -> dict[str, Any]:
     """Build the OPA input document for ``request``.
 
     ``credential_headers`` are lowercase header names whose values are hashed (see module
     docstring). ``parse_request_body`` says where the body is parsed (:class:`BodyParsing`;
     True and False, the old boolean, mean ``always`` and ``never``). With ``pass_jwts``, a
-    bearer JWT in ``authorization`` stays in clear (:func:`is_bearer_jwt`). Returns a fresh
+    bearer JWT in ``authorization`` stays in clear (:func:`is_bearer_jwt`). With
+    ``grpc_descriptors``, a gRPC request body is decoded (:class:`GrpcDescriptors`). Returns a fresh
     JSON-ready dict; raises RequestError on a malformed path, query or body, and
     DecisionPathError when the route's ``parse_body`` is neither "true" nor "false"."""
     document = message_to_input(request)
@@ -561,7 +654,11 @@ def build_input(
     if _wants_body(parse_request_body, request.attributes.context_extensions):
         headers = http.headers
         document["parsed_body"], document["truncated_body"] = parse_body(
-            headers, http.body, http.raw_body
+            headers,
+            http.body,
+            http.raw_body,
+            parsed_path=document["parsed_path"],
+            grpc_descriptors=grpc_descriptors,
         )
     principal = request.attributes.source.principal
     if principal:

@@ -31,6 +31,7 @@ from authz.core.input import (
     MAX_PART_HEADERS,
     MAX_QUERY_FIELDS,
     BodyParsing,
+    GrpcDescriptors,
     build_input,
     mask_credential,
     parse_body,
@@ -1435,3 +1436,105 @@ def test_jwt_pass_through_can_be_turned_off() -> None:
     document = build_input(request, CREDENTIAL_HEADERS, pass_jwts=False)
     assert JWT not in json.dumps(document)
     assert document["credentials"] == {"authorization": sha256(JWT)}
+
+
+# --- gRPC request bodies with a descriptor set (the plugin's proto-descriptor) ----------
+
+
+def _descriptor_set() -> bytes:
+    """A FileDescriptorSet (what ``protoc --descriptor_set_out`` writes) holding the gRPC
+    health service, ``grpc.health.v1.Health``."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(files.file.add())
+    return files.SerializeToString()
+
+
+def _grpc_frame(message: bytes, *, compressed: bool = False, declared: int | None = None) -> bytes:
+    """One gRPC length-prefixed message (gRPC over HTTP/2, "Length-Prefixed-Message")."""
+    size = len(message) if declared is None else declared
+    return bytes([1 if compressed else 0]) + size.to_bytes(4, "big") + message
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVICE_X = bytes.fromhex("0a01") + b"x"  # HealthCheckRequest{service: "x"}
+
+
+@pytest.mark.parametrize(
+    ("path", "raw_body", "expected"),
+    [
+        (HEALTH_CHECK, _grpc_frame(SERVICE_X), ({"service": "x"}, False)),
+        (HEALTH_CHECK, _grpc_frame(b""), ({}, False)),
+        (HEALTH_CHECK, b"", (None, False)),
+        ("/grpc.health.v1.Unknown/Check", _grpc_frame(SERVICE_X), (None, False)),
+        ("/grpc.health.v1.Health/Unknown", _grpc_frame(SERVICE_X), (None, False)),
+        ("/grpc.health.v1.Health/Watch", _grpc_frame(SERVICE_X), ({"service": "x"}, False)),
+        (HEALTH_CHECK, _grpc_frame(SERVICE_X, compressed=True), (None, False)),
+        (HEALTH_CHECK, _grpc_frame(SERVICE_X, declared=50), (None, True)),
+    ],
+    ids=[
+        "valid",
+        "empty-message",
+        "without-raw-body",
+        "unknown-service",
+        "unknown-method",
+        "server-streaming-method",
+        "compressed",
+        "truncated",
+    ],
+)
+def test_grpc_body_is_decoded_with_a_descriptor_set(
+    path: str, raw_body: bytes, expected: tuple[Any, bool]
+) -> None:
+    # request_test.go TestGetParsedBodygRPC, on the health service's descriptors.
+    descriptors = GrpcDescriptors.from_bytes(_descriptor_set())
+    http = {
+        "path": path,
+        "method": "POST",
+        "headers": {"content-type": "application/grpc"},
+        "rawBody": base64.b64encode(raw_body).decode(),
+    }
+    document = build_input(check_request_json(http), (), grpc_descriptors=descriptors)
+    assert (document["parsed_body"], document["truncated_body"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "raw_body"),
+    [
+        ("/grpc.health.v1.Health/Check/extra", _grpc_frame(SERVICE_X)),
+        (HEALTH_CHECK, b"\x00\x00\x00"),
+        (HEALTH_CHECK, _grpc_frame(b"\x0a\x05x")),  # a string field longer than the message
+    ],
+    ids=["path-not-service-and-method", "shorter-than-a-frame-header", "not-the-message"],
+)
+def test_malformed_grpc_body_is_request_error(path: str, raw_body: bytes) -> None:
+    descriptors = GrpcDescriptors.from_bytes(_descriptor_set())
+    http = {
+        "path": path,
+        "headers": {"content-type": "application/grpc"},
+        "rawBody": base64.b64encode(raw_body).decode(),
+    }
+    with pytest.raises(RequestError):
+        build_input(check_request_json(http), (), grpc_descriptors=descriptors)
+
+
+def test_grpc_body_without_a_descriptor_set_is_not_parsed() -> None:
+    http = {
+        "path": HEALTH_CHECK,
+        "headers": {"content-type": "application/grpc"},
+        "rawBody": base64.b64encode(_grpc_frame(SERVICE_X)).decode(),
+    }
+    document = build_input(check_request_json(http), ())
+    assert (document["parsed_body"], document["truncated_body"]) == (None, False)
+
+
+@pytest.mark.parametrize("data", [b"\xff\xff", b""], ids=["not-a-descriptor-set", "empty"])
+def test_bad_descriptor_set_is_a_config_error(data: bytes) -> None:
+    if data:
+        with pytest.raises(ConfigError, match="descriptor set"):
+            GrpcDescriptors.from_bytes(data)
+    else:  # an empty set parses but declares no service: refused too
+        with pytest.raises(ConfigError, match="no service"):
+            GrpcDescriptors.from_bytes(data)
