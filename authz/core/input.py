@@ -260,9 +260,10 @@ def _json(payload: bytes, what: str) -> Any:
     ``UseNumber``), so OPA receives the same value: strict RFC 8259 (no NaN, no trailing
     comma); invalid UTF-8 and escaped lone surrogates read as U+FFFD (one per byte, as
     Go); a body holding a number orjson would not read exactly (a float, an integer beyond
-    64 bits, ``1e400``) has every number as an ``orjson.Fragment`` of its text. Nesting
-    deeper than :data:`MAX_JSON_DEPTH` is refused: the documents holding the body must
-    stay encodable (orjson stops at 255 levels)."""
+    64 bits) has every number as an ``orjson.Fragment`` of its text. Refused, unlike Go:
+    nesting deeper than :data:`MAX_JSON_DEPTH` (the documents holding the body must stay
+    encodable: orjson stops at 255 levels) and a number beyond the IEEE double range
+    (``1e400``: orjson, which reads back what authz stores, refuses it)."""
     text = payload.decode("utf-8", errors=GO_REPLACE)
     try:
         value = orjson.loads(text)
@@ -280,6 +281,12 @@ def _json(payload: bytes, what: str) -> Any:
         raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, str) and not value.isascii():
         value = _SURROGATE.sub("\ufffd", value)
+    try:
+        # What authz keeps of an input (the audit trail, read back by its verification)
+        # is read with orjson, which refuses a number beyond the IEEE double range.
+        orjson.loads(orjson.dumps(value))
+    except orjson.JSONDecodeError:
+        raise RequestError(f"{what} holds a number beyond the IEEE double range") from None
     return value
 
 
