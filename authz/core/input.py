@@ -346,13 +346,16 @@ def _fix_surrogates(node: dict[str, Any] | list[Any]) -> None:
             if _has_surrogate(child):
                 node[index] = _SURROGATE.sub("\ufffd", child)
         return
-    bad = [key for key, child in node.items() if _has_surrogate(key) or _has_surrogate(child)]
-    for key in bad:
-        child = node.pop(key)
+    if any(_has_surrogate(key) for key in node):
+        # A fixed key may now equal another: rebuilt in order, the last one wins, as the
+        # last of duplicate keys does in Go's decoder.
+        items = list(node.items())
+        node.clear()
+        for key, child in items:
+            node[_SURROGATE.sub("\ufffd", key) if _has_surrogate(key) else key] = child
+    for key, child in node.items():
         if _has_surrogate(child):
-            child = _SURROGATE.sub("\ufffd", child)
-        # Go keeps the last of duplicate keys; a fixed key may now equal a later one.
-        node.setdefault(_SURROGATE.sub("\ufffd", key), child)
+            node[key] = _SURROGATE.sub("\ufffd", child)
 
 
 class _Part:

@@ -1274,6 +1274,7 @@ def test_invalid_utf8_is_one_replacement_character_per_byte_as_go(
         (b'"\\ud800x"', '"\ufffdx"'.encode()),
         (b'"\\udc00\\ud800\\ud800\\udc00"', '"\ufffd\ufffd\U00010000"'.encode()),
         (b'{"\\ud800": 1}', '{"\ufffd":1}'.encode()),
+        (b'{"\\ufffd": 1, "\\ud800": 2}', '{"\ufffd":2}'.encode()),
     ],
     ids=[
         "int-beyond-64-bits",
@@ -1284,6 +1285,7 @@ def test_invalid_utf8_is_one_replacement_character_per_byte_as_go(
         "lone-high-surrogate",
         "lone-low-then-pair",
         "lone-surrogate-in-key",
+        "key-equal-after-replacement-last-wins",
     ],
 )
 def test_json_body_reads_as_go_encoding_json(body: bytes, sent_to_opa: bytes) -> None:
