@@ -1,7 +1,9 @@
 """The header lists every part of authz agrees on, defined once.
 
 - :data:`CREDENTIAL_HEADERS`: the one list of credential headers. It drives hashing (the
-  OPA input carries ``sha256:<hex>`` in their place, ``authz.core.input``), stripping (no
+  OPA input carries ``sha256:<hex>`` in their place, ``authz.core.input``; a bearer JWT in
+  ``authorization`` stays in clear for ``io.jwt.*``, its digest listed all the same,
+  ``authz.core.input.is_bearer_jwt``), stripping (no
   allow, enforced or not, forwards them to an upstream unless a decision sets the header
   itself, e.g. an injected credential) and redaction (decision log and audit trail).
   ``AUTHZ_CREDENTIAL_HEADERS`` may add names; it never removes these.

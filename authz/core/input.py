@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import enum
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -31,13 +33,14 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from authz.core.errors import DecisionPathError, RequestError
+from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.headers import TOKEN
 
 __all__ = [
@@ -52,7 +55,9 @@ __all__ = [
     "MAX_QUERY_FIELDS",
     "PARSE_BODY_EXTENSION",
     "BodyParsing",
+    "GrpcDescriptors",
     "build_input",
+    "is_bearer_jwt",
     "mask_credential",
     "message_to_input",
     "parse_body",
@@ -83,8 +88,11 @@ class BodyParsing(enum.StrEnum):
     NEVER = "never"
 
 
-# Deepest JSON body nesting accepted (the input document adds a few levels around it).
-MAX_JSON_DEPTH: Final = 200
+# Deepest JSON body nesting accepted. Go's decoder reads 10,000 levels; orjson encodes
+# 255, and the deepest body (a multipart JSON part) sits 4 levels deep in the input
+# document, which sits up to 6 levels deep in what authz encodes (the OPA request, the
+# decision cache key, the audit row).
+MAX_JSON_DEPTH: Final = 245
 # Body parsing runs before any credential is checked, so every parser is linear in its
 # input and capped (issue 13): a hostile body costs a small constant multiple of a normal
 # one. A longer body is not parsed (truncated_body); more parts, fields or part headers
@@ -92,9 +100,12 @@ MAX_JSON_DEPTH: Final = 200
 # with_request_body a route sets to send its body (infra/envoy/envoy-gateway.yaml, README).
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_MULTIPART_PARTS: Final = 100
-MAX_FORM_FIELDS: Final = 1000
-# The URL query is parsed on every route: 30,000 fields (60 KB) cost about 19 ms.
-MAX_QUERY_FIELDS: Final = 1000
+# Go's url.ParseQuery (1.26) refuses more than 10,000 parameters, counted as the "&"
+# separators plus one, so the plugin refuses such a query or form body; authz refuses
+# exactly the same ones. The count is one pass over the text before any parsing; parsing
+# 10,000 fields costs about 3 ms (docs/performance.md).
+MAX_FORM_FIELDS: Final = 10_000
+MAX_QUERY_FIELDS: Final = 10_000
 # Per multipart part: header lines, and bytes of one header line (name, colon, value).
 MAX_PART_HEADERS: Final = 8
 MAX_PART_HEADER_BYTES: Final = 1024
@@ -113,6 +124,20 @@ _SCHEME: Final = re.compile(rf"^({TOKEN}) +([^ \t].*)$", re.DOTALL)
 # RFC 9110 section 5.5: optional whitespace around a field value is SP and HTAB only;
 # any other (Unicode) whitespace is part of the value.
 _OWS: Final = " \t"
+
+
+def _go_replace(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: one U+FFFD for the first invalid byte, resume at the next,
+    as Go's ``utf8.DecodeRune`` (size 1 for every invalid byte) and so encoding/json."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return "\ufffd", error.start + 1
+
+
+# Decode with errors=GO_REPLACE: invalid UTF-8 reads as Go renders it, one U+FFFD per byte
+# (Python's "replace" gives one per maximal bad sequence).
+GO_REPLACE: Final = "authz-go-replace"
+codecs.register_error(GO_REPLACE, _go_replace)
 
 
 def message_to_input(message: Message) -> dict[str, Any]:
@@ -177,11 +202,13 @@ def _unescape(text: str, *, plus_as_space: bool, what: str) -> str:
     """Go's ``url.PathUnescape``/``QueryUnescape``: reject a ``%`` not followed by two hex
     digits; decode UTF-8 with replacement so the result is always JSON-encodable. The
     error names ``what`` (path, query) but never quotes the text: it may carry a key."""
+    if plus_as_space and "+" in text:
+        text = text.replace("+", " ")
+    if "%" not in text:
+        return text
     if _BAD_ESCAPE.search(text):
         raise RequestError(f"invalid percent-encoding in the {what}")
-    if plus_as_space:
-        text = text.replace("+", " ")
-    return unquote_to_bytes(text).decode("utf-8", errors="replace")
+    return unquote_to_bytes(text).decode("utf-8", errors=GO_REPLACE)
 
 
 def parse_path(path: str) -> list[str]:
@@ -199,16 +226,15 @@ def parse_query(
     """``input.parsed_query`` as Go's ``url.ParseQuery``: ``&``-separated pairs, ``+`` is a
     space, repeated keys collect values in order, a key without ``=`` maps to ``[""]``.
     Raises RequestError on a ``;`` separator or invalid percent-encoding (Go rejects both),
-    or on more than ``max_fields`` pairs (None: no cap).
+    or when the ``&`` separators plus one exceed ``max_fields`` (None: no cap), as Go 1.26
+    counts its 10,000 limit.
     """
+    if max_fields is not None and query.count("&") + 1 > max_fields:
+        raise RequestError(f"more than {max_fields} fields in the {what}")
     result: dict[str, list[str]] = {}
-    count = 0
     for pair in query.split("&"):
         if not pair:
             continue
-        count += 1
-        if max_fields is not None and count > max_fields:
-            raise RequestError(f"the {what} has more than {max_fields} fields")
         if ";" in pair:
             raise RequestError(f"invalid semicolon separator in the {what}")
         key, _, value = pair.partition("=")
@@ -230,28 +256,106 @@ def _truncated(headers: Mapping[str, str], length: int) -> bool:
 
 
 def _json(payload: bytes, what: str) -> Any:
-    """Strict JSON (RFC 8259, as Go's encoding/json: no NaN, no lone surrogates); invalid
-    UTF-8 becomes U+FFFD first, as Go does. Nesting deeper than :data:`MAX_JSON_DEPTH`
-    is refused: the input document must stay encodable (orjson stops at 255 levels)."""
+    """Read JSON as the plugin does (OPA's ``util.UnmarshalJSON``: Go's encoding/json with
+    ``UseNumber``), so OPA receives the same value: strict RFC 8259 (no NaN, no trailing
+    comma); invalid UTF-8 and escaped lone surrogates read as U+FFFD (one per byte, as
+    Go); a body holding a number orjson would not read exactly (a float, an integer beyond
+    64 bits) has every number as an ``orjson.Fragment`` of its text. Refused, unlike Go:
+    nesting deeper than :data:`MAX_JSON_DEPTH` (the documents holding the body must stay
+    encodable: orjson stops at 255 levels) and a number beyond the IEEE double range
+    (``1e400``: orjson, which reads back what authz stores, refuses it)."""
+    text = payload.decode("utf-8", errors=GO_REPLACE)
     try:
-        value = orjson.loads(payload.decode("utf-8", errors="replace"))
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"{what} is not valid JSON: {exc.msg}") from None
-    if _deeper_than(value, MAX_JSON_DEPTH):
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = None  # 1e400 or a lone surrogate, which orjson refuses, or invalid JSON
+    else:
+        deep, floats = _walk(value, MAX_JSON_DEPTH, fix_surrogates=False)
+        if deep:
+            raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        # A float's text may differ from what orjson writes: read again, exactly (the
+        # same structure, so its depth is checked and it holds no lone surrogate).
+        return _exact_json(text, what) if floats else value
+    value = _exact_json(text, what)
+    if _walk(value, MAX_JSON_DEPTH, fix_surrogates=True)[0]:
         raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str) and not value.isascii():
+        value = _SURROGATE.sub("\ufffd", value)
+    try:
+        # What authz keeps of an input (the audit trail, read back by its verification)
+        # is read with orjson, which refuses a number beyond the IEEE double range.
+        orjson.loads(orjson.dumps(value))
+    except orjson.JSONDecodeError:
+        raise RequestError(f"{what} holds a number beyond the IEEE double range") from None
     return value
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
+# A lone surrogate (U+D800..U+DFFF) is what json.loads leaves of an unpaired escape.
+_SURROGATE: Final = re.compile("[\\ud800-\\udfff]")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _exact_json(text: str, what: str) -> Any:
+    """``text`` read with the stdlib parser (linear, C): every number as an
+    ``orjson.Fragment`` of its text (so it reaches OPA exactly as written, like Go's
+    ``json.Number``). Raises RequestError for invalid JSON or nesting past the parser's
+    recursion limit."""
+    try:
+        return json.loads(
+            text, parse_float=orjson.Fragment, parse_int=orjson.Fragment, parse_constant=_not_json
+        )
+    except RecursionError:
+        raise RequestError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise RequestError(f"{what} is not valid JSON: {message}") from None
+
+
+def _walk(value: Any, limit: int, *, fix_surrogates: bool) -> tuple[bool, bool]:
+    """``(deeper than limit, holds a float)`` for a parsed JSON value, in one iterative
+    pass. With ``fix_surrogates``, every lone surrogate in a string or key below the top
+    is replaced by U+FFFD in place, as Go's decoder reads an unpaired ``\\uD800``."""
+    floats = type(value) is float
+    stack: list[tuple[Any, int]] = [(value, 1)] if type(value) in (dict, list) else []
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limit:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return False
+        if depth > limit:
+            return True, floats
+        if fix_surrogates:
+            _fix_surrogates(node)
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is float:
+                floats = True
+    return False, floats
+
+
+def _has_surrogate(text: object) -> bool:
+    return type(text) is str and not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _fix_surrogates(node: dict[str, Any] | list[Any]) -> None:
+    """Replace lone surrogates by U+FFFD in ``node``'s keys and string members."""
+    if isinstance(node, list):
+        for index, child in enumerate(node):
+            if _has_surrogate(child):
+                node[index] = _SURROGATE.sub("\ufffd", child)
+        return
+    if any(_has_surrogate(key) for key in node):
+        # A fixed key may now equal another: rebuilt in order, the last one wins, as the
+        # last of duplicate keys does in Go's decoder.
+        items = list(node.items())
+        node.clear()
+        for key, child in items:
+            node[_SURROGATE.sub("\ufffd", key) if _has_surrogate(key) else key] = child
+    for key, child in node.items():
+        if _has_surrogate(child):
+            node[key] = _SURROGATE.sub("\ufffd", child)
 
 
 class _Part:
@@ -327,7 +431,7 @@ def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None
     def on_header_end() -> None:
         part = parts[-1]
         name = part.header_name.decode("latin-1").lower()
-        part.headers.setdefault(name, part.header_value.decode("utf-8", errors="replace"))
+        part.headers.setdefault(name, part.header_value.decode("utf-8", errors=GO_REPLACE))
         part.header_name.clear()
         part.header_value.clear()
 
@@ -372,7 +476,7 @@ def _multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None
         if "application/json" in part.headers.get("content-type", ""):
             values.setdefault(name, []).append(_json(data, f"multipart field {name!r}"))
         else:
-            values.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
+            values.setdefault(name, []).append(data.decode("utf-8", errors=GO_REPLACE))
     return values
 
 
@@ -382,14 +486,97 @@ def _form_name(disposition: str) -> str:
     kind, params = parse_options_header(disposition.encode("utf-8"))
     if kind != b"form-data":
         return ""
-    return params.get(b"name", b"").decode("utf-8", errors="replace")
+    return params.get(b"name", b"").decode("utf-8", errors=GO_REPLACE)
 
 
-def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
+class GrpcDescriptors:
+    """The message types of gRPC services, from a FileDescriptorSet (``protoc
+    --descriptor_set_out``, with ``--include_imports``), as the plugin's
+    ``proto-descriptor`` option loads them: with one, a gRPC request body
+    (``application/grpc``, sent by Envoy as ``raw_body`` with ``pack_as_bytes``) becomes
+    ``input.parsed_body``, the request message in protobuf JSON."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    @classmethod
+    def from_bytes(cls, data: bytes, key: str = "AUTHZ_PROTO_DESCRIPTOR") -> GrpcDescriptors:
+        """Load a serialized FileDescriptorSet. Raises ConfigError naming ``key`` when it is
+        not one, misses a file another imports, or declares no service."""
+        files = descriptor_pb2.FileDescriptorSet()
+        pool = descriptor_pool.DescriptorPool()
+        try:
+            files.ParseFromString(data)
+            for file in files.file:
+                pool.Add(file)
+            services = [pool.FindFileByName(file.name).services_by_name for file in files.file]
+        except (DecodeError, TypeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{key}: not a usable descriptor set: {exc}") from None
+        if not any(services):
+            raise ConfigError(f"{key}: the descriptor set declares no service")
+        return cls(pool)
+
+    def request_type(self, service: str, method: str) -> Any:
+        """The message class of ``service``'s ``method`` request (full names, as in the
+        gRPC path ``/<service>/<method>``); None when the set has no such unary or
+        server-streaming method (a client-streaming request is not one message)."""
+        try:
+            found = self._pool.FindServiceByName(service)
+        except KeyError:
+            return None
+        rpc = found.methods_by_name.get(method)
+        if rpc is None or rpc.client_streaming:
+            return None
+        return message_factory.GetMessageClass(rpc.input_type)
+
+
+# gRPC over HTTP/2, Length-Prefixed-Message: a compressed flag byte, a 4-byte big-endian
+# length, the message.
+_GRPC_FRAME_HEADER: Final = 5
+
+
+def _grpc_body(
+    payload: bytes, parsed_path: list[str], descriptors: GrpcDescriptors
+) -> tuple[Any, bool]:
+    """``(parsed_body, truncated_body)`` of the first message in a gRPC request body, as
+    the plugin's ``getGRPCBody``: None for a compressed message or a method the
+    descriptors do not know; truncated when the message is longer than what was sent.
+    Raises RequestError when the path is not ``/<service>/<method>``, the body is shorter
+    than a frame header, or the message does not parse as the method's request type."""
+    if len(parsed_path) != 2:
+        raise RequestError("gRPC request path is not /<service>/<method>")
+    if len(payload) < _GRPC_FRAME_HEADER:
+        raise RequestError("gRPC request body is shorter than a frame header")
+    if payload[0] != 0:
+        return None, False  # compressed: not decoded, as the plugin
+    size = int.from_bytes(payload[1:_GRPC_FRAME_HEADER], "big")
+    if size > len(payload) - _GRPC_FRAME_HEADER:
+        return None, True
+    message_type = descriptors.request_type(parsed_path[0], parsed_path[1])
+    if message_type is None:
+        return None, False
+    try:
+        message = message_type.FromString(payload[_GRPC_FRAME_HEADER : _GRPC_FRAME_HEADER + size])
+    except DecodeError:
+        raise RequestError("gRPC request message does not parse") from None
+    return MessageToDict(message), False
+
+
+def parse_body(
+    headers: Mapping[str, str],
+    body: str,
+    raw_body: bytes,
+    *,
+    parsed_path: list[str] | None = None,
+    grpc_descriptors: GrpcDescriptors | None = None,
+) -> tuple[Any, bool]:
     """``(input.parsed_body, input.truncated_body)`` for JSON, form-urlencoded and
-    multipart bodies, as the plugin's ``getParsedBody``. A body is truncated when Envoy set
-    ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what was sent; then
-    it is not parsed. A body over MAX_BODY_BYTES is not parsed either and counts as
+    multipart bodies, and gRPC bodies given ``grpc_descriptors`` (decoded with the
+    request's ``parsed_path``), as the plugin's ``getParsedBody``. A body is truncated
+    when Envoy set ``x-envoy-auth-partial-body: true`` or ``content-length`` exceeds what
+    was sent; then it is not parsed. A body over MAX_BODY_BYTES is not parsed either and counts as
     truncated. Other content types give ``(None, False)``. Raises RequestError for a body
     that does not parse or that exceeds a cap (JSON depth, form fields, multipart parts
     and part headers: see the ``MAX_*`` constants)."""
@@ -400,6 +587,12 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
         return None, False
     if "application/json" in content_type:
         parse = _json_body
+    elif "application/grpc" in content_type:
+        if grpc_descriptors is None or not raw_body:
+            return None, False
+        if len(raw_body) > MAX_BODY_BYTES:
+            return None, True
+        return _grpc_body(raw_body, parsed_path or [], grpc_descriptors)
     elif "application/x-www-form-urlencoded" in content_type:
         parse = _form_body
     elif "multipart/form-data" in content_type:
@@ -421,7 +614,7 @@ def _json_body(content_type: str, payload: bytes) -> Any:
 
 
 def _form_body(content_type: str, payload: bytes) -> dict[str, list[str]]:
-    text = payload.decode("utf-8", errors="replace")
+    text = payload.decode("utf-8", errors=GO_REPLACE)
     return parse_query(text, "form body", MAX_FORM_FIELDS)
 
 
@@ -449,12 +642,16 @@ def build_input(
     credential_headers: Iterable[str],
     *,
     parse_request_body: BodyParsing | bool = True,
+    pass_jwts: bool = True,
+    grpc_descriptors: GrpcDescriptors | None = None,
 ) -> dict[str, Any]:
     """Build the OPA input document for ``request``.
 
     ``credential_headers`` are lowercase header names whose values are hashed (see module
     docstring). ``parse_request_body`` says where the body is parsed (:class:`BodyParsing`;
-    True and False, the old boolean, mean ``always`` and ``never``). Returns a fresh
+    True and False, the old boolean, mean ``always`` and ``never``). With ``pass_jwts``, a
+    bearer JWT in ``authorization`` stays in clear (:func:`is_bearer_jwt`). With
+    ``grpc_descriptors``, a gRPC request body is decoded (:class:`GrpcDescriptors`). Returns a fresh
     JSON-ready dict; raises RequestError on a malformed path, query or body, and
     DecisionPathError when the route's ``parse_body`` is neither "true" nor "false"."""
     document = message_to_input(request)
@@ -467,12 +664,18 @@ def build_input(
     if _wants_body(parse_request_body, request.attributes.context_extensions):
         headers = http.headers
         document["parsed_body"], document["truncated_body"] = parse_body(
-            headers, http.body, http.raw_body
+            headers,
+            http.body,
+            http.raw_body,
+            parsed_path=document["parsed_path"],
+            grpc_descriptors=grpc_descriptors,
         )
     principal = request.attributes.source.principal
     if principal:
         document["source_principal"] = principal
-    document["credentials"] = _hash_credentials(document, frozenset(credential_headers))
+    document["credentials"] = _hash_credentials(
+        document, frozenset(credential_headers), pass_jwts=pass_jwts
+    )
     return document
 
 
@@ -491,27 +694,65 @@ def _wants_body(mode: BodyParsing | bool, extensions: Mapping[str, str]) -> bool
     )
 
 
-def _hash_credentials(document: dict[str, Any], names: frozenset[str]) -> dict[str, str]:
+# A JWS compact serialization (RFC 7515 section 7.1: three base64url parts, the
+# signature empty for an unsecured JWT) after the Bearer scheme (RFC 6750 section 2.1).
+_BEARER_JWT: Final = re.compile(
+    r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+)
+# The JOSE header of a real token is a few dozen bytes; a longer one is not decoded.
+_MAX_JOSE_HEADER: Final = 4096
+# The one header whose bearer JWT reaches the policy in clear (the OPA Envoy tutorial's).
+_JWT_HEADER: Final = "authorization"
+
+
+def is_bearer_jwt(value: str) -> bool:
+    """True when the ``authorization`` header value ``value`` is ``Bearer <JWT>``: a JWS
+    compact serialization whose protected header is base64url JSON, an object with a
+    string ``alg`` (RFC 7515 sections 4.1.1 and 7.1; RFC 7519 section 7.2, steps 1-4).
+    Such a token reaches the policy in clear, usable by ``io.jwt.decode_verify``; an opaque
+    token (or a JWE, five parts) does not. Nothing is verified here: OPA does that."""
+    match = _BEARER_JWT.fullmatch(value.strip(_OWS))
+    if match is None or len(match.group(1)) > _MAX_JOSE_HEADER:
+        return False
+    encoded = match.group(1)
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    except (binascii.Error, ValueError):  # orjson.JSONDecodeError is a ValueError
+        return False
+    return isinstance(header, dict) and isinstance(header.get("alg"), str)
+
+
+def _hash_credentials(
+    document: dict[str, Any], names: frozenset[str], *, pass_jwts: bool
+) -> dict[str, str]:
     """Replace credential header values in ``document`` (both the ``headers`` map and
-    Envoy's raw ``headerMap`` form) by their masked form; return ``{name: hex}``."""
+    Envoy's raw ``headerMap`` form) by their masked form, except a bearer JWT in
+    ``authorization`` when ``pass_jwts`` (:func:`is_bearer_jwt`); return ``{name: hex}``
+    for every credential, passed through or not."""
     http = document.get("attributes", {}).get("request", {}).get("http", {})
     credentials: dict[str, str] = {}
     headers = http.get("headers")
     if headers:
         for name in names:
             value = headers.get(name)
-            if value is not None:
-                credentials[name], headers[name] = mask_credential(name, value)
+            if value is None:
+                continue
+            digest, masked = mask_credential(name, value)
+            credentials[name] = digest
+            if not (pass_jwts and name == _JWT_HEADER and is_bearer_jwt(value)):
+                headers[name] = masked
     for entry in http.get("headerMap", {}).get("headers", ()):
         name = str(entry.get("key", "")).lower()
         if name not in names:
             continue
         if "rawValue" in entry:
-            value = base64.b64decode(entry["rawValue"]).decode("utf-8", errors="replace")
+            value = base64.b64decode(entry["rawValue"]).decode("utf-8", errors=GO_REPLACE)
         else:
             value = entry.get("value", "")
         digest, masked = mask_credential(name, value)
         credentials.setdefault(name, digest)
+        if pass_jwts and name == _JWT_HEADER and is_bearer_jwt(value):
+            continue
         entry.pop("rawValue", None)
         entry["value"] = masked
     return credentials

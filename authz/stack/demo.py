@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-__all__ = ["DEMO_KEYS", "DEMO_SANDBOXES", "EXAMPLES", "Example"]
+__all__ = ["DEMO_JWTS", "DEMO_KEYS", "DEMO_SANDBOXES", "EXAMPLES", "Example"]
 
 # name -> (plaintext key, key id, role, rate-limit tier, enabled, expires_at)
 DEMO_KEYS: Final = {
@@ -39,6 +39,22 @@ DEMO_SANDBOXES: Final = {
     "sb-demo-premium": ("sbt_demo_premium_0001", "premium", True),
     "sb-demo-admin": ("sbt_demo_admin_0001", "admin", True),
     "sb-demo-disabled": ("sbt_demo_disabled_0001", "standard", False),
+}
+
+# The JWT example's demo tokens (policy/jwt_example, the gateway's /people route): ES256,
+# valid 2025-01-01 to 2100-01-01, signed by a key that was thrown away after signing them;
+# its public JWKS is in infra/demo/bundle-data/gateway/jwt_example. role -> token.
+DEMO_JWTS: Final = {
+    "guest": (
+        "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRlbW8ifQ."
+        "eyJuYmYiOjE3MzU2ODk2MDAsImV4cCI6NDEwMjQ0NDgwMCwicm9sZSI6Imd1ZXN0Iiwic3ViIjoiWW05aSJ9."
+        "BZyW8gBKWVBLZ8L0WUfr3jYCMnBg2TsIBKFvkrv4jgAoi3OXKDJC2DPsoTYbo1Z3IxisvaSmG5waDYYy2-7L1g"
+    ),
+    "admin": (
+        "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRlbW8ifQ."
+        "eyJuYmYiOjE3MzU2ODk2MDAsImV4cCI6NDEwMjQ0NDgwMCwicm9sZSI6ImFkbWluIiwic3ViIjoiWVd4cFkyVT0ifQ."
+        "GO_CpWEWsFJ6ln8O2GsP0o4cxVEz8eLLwDLNc-eA17knydNbSqeiYhi7gfmQpNh614Z2AwWEA2bfrEKqEy4zdw"
+    ),
 }
 
 
@@ -72,6 +88,10 @@ def _key(name: str) -> tuple[tuple[str, str], ...]:
     return (("X-API-Key", DEMO_KEYS[name][0]),)
 
 
+def _jwt(role: str) -> tuple[tuple[str, str], ...]:
+    return (("Authorization", f"Bearer {DEMO_JWTS[role]}"),)
+
+
 def _sandbox(
     service: str, sandbox: str | None, token: str | None = None
 ) -> tuple[tuple[str, str], ...]:
@@ -95,6 +115,9 @@ EXAMPLES: Final = (
     Example("gateway", "GET", "/internal", _key("admin"), 403, "path_not_allowed"),
     Example("gateway", "GET", "/api/v1/status", _key("disabled"), 401, "disabled_api_key"),
     Example("gateway", "GET", "/api/v1/status", _key("expired"), 401, "expired_api_key"),
+    Example("gateway", "GET", "/people", _jwt("guest")),
+    Example("gateway", "POST", "/people", _jwt("guest"), 403, "denied"),
+    Example("gateway", "GET", "/people", (), 403, "denied"),
     Example("egress", "GET", "/v1/models", _sandbox("openai", None), 401, "missing_sandbox_id"),
     Example(
         "egress",

@@ -15,6 +15,16 @@ mask contains "/input/parsed_body"
 
 mask contains "/input/attributes/request/http/headers/cookie"
 
+# A bearer JWT in authorization reaches the policy in clear (docs/contract.md: io.jwt.*
+# needs it); every other credential is a SHA-256 digest. Neither is logged: the header
+# always, and Envoy's raw header list whenever it holds an authorization entry.
+mask contains "/input/attributes/request/http/headers/authorization"
+
+mask contains "/input/attributes/request/http/headerMap" if {
+	some entry in input.input.attributes.request.http.headerMap.headers
+	lower(entry.key) == "authorization"
+}
+
 # Query strings may carry credentials (?api_key=...): the request path (and its :path
 # header) are dropped whenever they hold a query, and so are the credential-carrying
 # parameters authz masks in its own audit trail (authz/runtime/logs.py SENSITIVE_QUERY_PARAMS).

@@ -26,3 +26,23 @@ test_query_credentials_are_masked if {
 	covered(masks, "/input/attributes/request/http/headers/:path")
 	covered(masks, "/input/parsed_query/api_key")
 }
+
+# A bearer JWT reaches the policy in clear (docs/contract.md): never in the decision log.
+jwt := "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYWRtaW4ifQ.c2ln"
+
+jwt_event := {"input": {"attributes": {"request": {"http": {
+	"headers": {"authorization": concat(" ", ["Bearer", jwt])},
+	"headerMap": {"headers": [{"key": "Authorization", "rawValue": base64.encode(concat(" ", ["Bearer", jwt]))}]},
+}}}}}
+
+test_bearer_jwt_is_masked if {
+	masks := log.mask with input as jwt_event
+	covered(masks, "/input/attributes/request/http/headers/authorization")
+	covered(masks, "/input/attributes/request/http/headerMap/headers/0/rawValue")
+}
+
+test_header_map_without_authorization_is_kept if {
+	event := {"input": {"attributes": {"request": {"http": {"headerMap": {"headers": [{"key": "accept", "value": "*/*"}]}}}}}}
+	masks := log.mask with input as event
+	not covered(masks, "/input/attributes/request/http/headerMap/headers/0/value")
+}

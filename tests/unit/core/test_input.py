@@ -24,12 +24,14 @@ from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
     MAX_BODY_BYTES,
     MAX_FORM_FIELDS,
+    MAX_JSON_DEPTH,
     MAX_MULTIPART_HEADER_BYTES,
     MAX_MULTIPART_PARTS,
     MAX_PART_HEADER_BYTES,
     MAX_PART_HEADERS,
     MAX_QUERY_FIELDS,
     BodyParsing,
+    GrpcDescriptors,
     build_input,
     mask_credential,
     parse_body,
@@ -840,18 +842,19 @@ async def _check_before_opa(
 
 @pytest.mark.parametrize(
     "body",
-    ["[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000, '{"a": "\\ud800"}'],
-    ids=["orjson-depth-limit", "json-recursion", "lone-surrogate"],
+    ["[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000],
+    ids=["orjson-depth-limit", "json-recursion"],
 )
 @pytest.mark.parametrize("mode", [Mode.ENFORCE, Mode.DRY_RUN], ids=["enforce", "dry-run"])
 async def test_unserializable_json_body_is_an_invalid_request_decision(
     body: str, mode: Mode
 ) -> None:
     # README: "invalid_request 400: path/query/body of the request cannot be parsed".
-    # A JSON body nested deeper than orjson's 255 levels (or json's recursion limit), or
-    # holding a lone surrogate escape (json.loads accepts it, orjson.dumps refuses it),
-    # is such a body: a recorded invalid_request decision (decision log, metrics, audit
-    # trail), never a bare 500, and in dry-run it is not blocked.
+    # A JSON body nested deeper than orjson's 255 levels (or json's recursion limit) is
+    # such a body (a lone surrogate escape is not: Go reads it as U+FFFD, and so does
+    # authz, test_json_body_reads_as_go_encoding_json): a recorded invalid_request
+    # decision (decision log, metrics, audit trail), never a bare 500, and in dry-run it
+    # is not blocked.
     request = check_request(
         method="POST", path="/api/v1/items", body=body, headers={"content-type": "application/json"}
     )
@@ -1173,3 +1176,354 @@ def test_query_fields_up_to_the_cap_parse_and_one_more_is_refused() -> None:
     assert document["parsed_query"] == {"a": ["x"] * MAX_QUERY_FIELDS}
     with pytest.raises(RequestError, match=f"more than {MAX_QUERY_FIELDS} fields"):
         build_input(check_request(path=f"/api/v1/items?{at_cap}&a"), ())
+
+
+# --- the plugin's input, byte for byte (issue 15) ---------------------------------------
+# What OPA receives is the input encoded as JSON (authz.core.opa); the plugin hands OPA
+# Go strings and json.Number values, which OPA renders with Go's encoding/json. The
+# expected texts below are what Go 1.26 prints for the same input.
+
+BAD_UTF8 = b"a\xe2\x82b\xf0\x9f\x98c\xed\xa0\x80d\xff"
+# encoding/json: one U+FFFD per invalid byte (utf8.DecodeRune returns size 1 for each).
+BAD_UTF8_AS_GO = "a\ufffd\ufffdb\ufffd\ufffd\ufffdc\ufffd\ufffd\ufffdd\ufffd"
+BAD_UTF8_ESCAPED = "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in BAD_UTF8)
+
+
+def _multipart_value(value: bytes) -> bytes:
+    return b'--foo\r\nContent-Disposition: form-data; name="a"\r\n\r\n' + value + b"\r\n--foo--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("http", "where"),
+    [
+        ({"path": "/" + BAD_UTF8_ESCAPED}, ("parsed_path", 0)),
+        ({"path": "/x?k=" + BAD_UTF8_ESCAPED}, ("parsed_query", "k", 0)),
+        (
+            {
+                "path": "/",
+                "headers": {"content-type": FORM},
+                "rawBody": base64.b64encode(b"k=" + BAD_UTF8).decode(),
+            },
+            ("parsed_body", "k", 0),
+        ),
+        (
+            {
+                "path": "/",
+                "headers": {"content-type": JSON},
+                "rawBody": base64.b64encode(b'{"k": "' + BAD_UTF8 + b'"}').decode(),
+            },
+            ("parsed_body", "k"),
+        ),
+        (
+            {
+                "path": "/",
+                "headers": {"content-type": MULTIPART},
+                "rawBody": base64.b64encode(_multipart_value(BAD_UTF8)).decode(),
+            },
+            ("parsed_body", "a", 0),
+        ),
+    ],
+    ids=["path", "query", "form", "json", "multipart"],
+)
+def test_invalid_utf8_is_one_replacement_character_per_byte_as_go(
+    http: dict[str, Any], where: tuple[Any, ...]
+) -> None:
+    # Python's "replace" gives one U+FFFD per maximal bad sequence ("\xe2\x82" -> one);
+    # the plugin keeps the raw bytes, which OPA reads and renders one U+FFFD per byte.
+    value: Any = build_input(check_request_json(http), (), parse_request_body=True)
+    for step in where:
+        value = value[step]
+    assert value == BAD_UTF8_AS_GO
+
+
+@pytest.mark.parametrize(
+    ("body", "sent_to_opa"),
+    [
+        (b"123456789012345678901234567890", b"123456789012345678901234567890"),
+        (
+            b"[18446744073709551616, -9223372036854775809]",
+            b"[18446744073709551616,-9223372036854775809]",
+        ),
+        (b"[-1e-400]", b"[-1e-400]"),
+        (b"[0.12345678901234567890123]", b"[0.12345678901234567890123]"),
+        (b'{"a": 1.50, "b": 1E5, "c": 42}', b'{"a":1.50,"b":1E5,"c":42}'),
+        (b'"\\ud800x"', '"\ufffdx"'.encode()),
+        (b'"\\udc00\\ud800\\ud800\\udc00"', '"\ufffd\ufffd\U00010000"'.encode()),
+        (b'{"\\ud800": 1}', '{"\ufffd":1}'.encode()),
+        (b'{"\\ufffd": 1, "\\ud800": 2}', '{"\ufffd":2}'.encode()),
+    ],
+    ids=[
+        "int-beyond-64-bits",
+        "ints-just-beyond-uint64-and-int64",
+        "exponent-below-double",
+        "more-digits-than-a-double",
+        "float-text-kept",
+        "lone-high-surrogate",
+        "lone-low-then-pair",
+        "lone-surrogate-in-key",
+        "key-equal-after-replacement-last-wins",
+    ],
+)
+def test_json_body_reads_as_go_encoding_json(body: bytes, sent_to_opa: bytes) -> None:
+    # The plugin parses with json.Decoder.UseNumber (OPA util.UnmarshalJSON): a number
+    # keeps its text exactly, and an escaped lone surrogate reads as U+FFFD.
+    parsed, truncated = parse_body({"content-type": JSON}, "", body)
+    assert not truncated
+    assert orjson.dumps(parsed) == sent_to_opa
+    assert orjson.dumps({"input": {"parsed_body": parsed}})  # what authz.core.opa sends
+
+
+def test_json_body_nesting_within_what_authz_can_encode_is_read() -> None:
+    # Go's decoder reads 10,000 levels; authz reads as deep as the documents it encodes
+    # (orjson: 255 levels) leave room for, MAX_JSON_DEPTH.
+    assert MAX_JSON_DEPTH >= 240
+    deep = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    parsed, _ = parse_body({"content-type": JSON}, "", deep)
+    wrapped = {"input": {"parsed_body": {"a": [parsed]}}, "row": {}}
+    assert orjson.dumps(wrapped).count(b"[") == MAX_JSON_DEPTH + 1
+    with pytest.raises(RequestError, match="nested deeper"):
+        parse_body({"content-type": JSON}, "", b"[" + deep + b"]")
+
+
+@pytest.mark.parametrize("body", [b"NaN", b"[Infinity]", b"[-Infinity]", b"[1,]", b"01"])
+def test_json_body_go_refuses_is_refused(body: bytes) -> None:
+    with pytest.raises(RequestError):
+        parse_body({"content-type": JSON}, "", body)
+
+
+@pytest.mark.parametrize(
+    ("payload", "parsed"),
+    [
+        (
+            b'--foo\r\nContent-Disposition: form-data; name="f"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--foo--\r\n",
+            {"f": ["aGVsbG8="]},
+        ),
+        (b"--foo--\r\n", {}),
+    ],
+    ids=["base64-part-kept-as-text", "empty-form"],
+)
+def test_multipart_as_go_next_part(payload: bytes, parsed: Any) -> None:
+    # Go's Reader.NextPart decodes quoted-printable only; an empty form is {}.
+    assert parse(MULTIPART, payload) == (parsed, False)
+
+
+@pytest.mark.parametrize(
+    ("where", "build"),
+    [
+        ("query", lambda q: build_input(check_request(path=f"/x?{q}"), ())),
+        ("form body", lambda q: parse(FORM, q.encode())),
+    ],
+    ids=["query", "form"],
+)
+def test_field_cap_is_go_url_parse_query(where: str, build: Any) -> None:
+    # Go 1.26 url.ParseQuery: more than 10,000 parameters, counted as "&" + 1, is an
+    # error, so the plugin refuses the request; authz refuses exactly the same ones.
+    assert MAX_QUERY_FIELDS == MAX_FORM_FIELDS == 10_000
+    at_cap = "&".join(["a=x"] * 10_000)
+    build(at_cap)
+    for over in (at_cap + "&", "&" * 10_000, at_cap + "&a=x"):
+        with pytest.raises(RequestError, match=f"more than 10000 fields in the {where}"):
+            build(over)
+
+
+# --- JWTs reach the policy (issue 15) ---------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_of(header: Any, payload: Any = None, signature: bytes = b"sig") -> str:
+    """A JWS compact serialization (RFC 7515 section 7.1) of JSON ``header``/``payload``;
+    the signature is not checked here (OPA's io.jwt.decode_verify does that)."""
+    parts = [json.dumps(header).encode(), json.dumps(payload or {"sub": "alice"}).encode()]
+    return ".".join([*(_b64url(part) for part in parts), _b64url(signature)])
+
+
+JWT = jwt_of({"alg": "HS256", "typ": "JWT"}, {"sub": "YWxpY2U=", "role": "admin"})
+
+
+@pytest.mark.parametrize(
+    "http",
+    [
+        {"headers": {"authorization": f"Bearer {JWT}"}},
+        {"headers": {"authorization": f"bearer  {JWT} "}},
+        {"headers": {"authorization": f"Bearer {jwt_of({'alg': 'none'}, signature=b'')}"}},
+    ],
+    ids=["bearer", "lowercase-scheme-padded", "unsigned-alg-none"],
+)
+def test_bearer_jwt_reaches_the_policy_in_clear_and_its_digest_too(http: dict[str, Any]) -> None:
+    # The OPA Envoy tutorial's policy runs io.jwt.decode_verify on the bearer token, so
+    # the token must reach it as sent; input.credentials still carries its digest.
+    document = document_for({"path": "/", **http}, CREDENTIAL_HEADERS)
+    sent = http["headers"]["authorization"]
+    token = sent.split()[1]
+    assert document["attributes"]["request"]["http"]["headers"]["authorization"] == sent
+    assert document["credentials"] == {"authorization": sha256(token)}
+
+
+def test_bearer_jwt_in_the_header_map_reaches_the_policy_in_clear() -> None:
+    http = {"path": "/", "headerMap": header_map(("authorization", f"Bearer {JWT}"))}
+    document = document_for(http, CREDENTIAL_HEADERS)
+    (entry,) = document["attributes"]["request"]["http"]["headerMap"]["headers"]
+    assert base64.b64decode(entry["rawValue"]).decode() == f"Bearer {JWT}"
+    assert document["credentials"] == {"authorization": sha256(JWT)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("authorization", f"Bearer {TOKEN}"),
+        ("authorization", f"Bearer {TOKEN}.{TOKEN}.{TOKEN}"),  # not base64url JSON
+        ("authorization", f"Bearer {jwt_of({'typ': 'JWT'})}"),  # no alg
+        ("authorization", f"Bearer {jwt_of(['alg'])}"),  # header not an object
+        ("authorization", f"Bearer {JWT}.{_b64url(b'x')}.{_b64url(b'y')}"),  # JWE, 5 parts
+        ("authorization", f"Basic {JWT}"),
+        ("authorization", JWT),  # no scheme
+        ("proxy-authorization", f"Bearer {JWT}"),
+        ("x-api-key", JWT),
+        ("cookie", f"session={JWT}"),
+    ],
+    ids=[
+        "opaque-bearer",
+        "three-parts-not-json",
+        "header-without-alg",
+        "header-not-an-object",
+        "jwe",
+        "basic-scheme",
+        "no-scheme",
+        "proxy-authorization",
+        "x-api-key",
+        "cookie",
+    ],
+)
+def test_only_a_bearer_jwt_in_authorization_is_passed_through(name: str, value: str) -> None:
+    document = document_for(
+        {"path": "/", "headers": {name: value}}, (*CREDENTIAL_HEADERS, "cookie")
+    )
+    masked = document["attributes"]["request"]["http"]["headers"][name]
+    assert masked == mask_credential(name, value)[1]
+    assert value.split()[-1] not in json.dumps(document)
+
+
+def test_jwt_pass_through_can_be_turned_off() -> None:
+    request = check_request_json({"path": "/", "headers": {"authorization": f"Bearer {JWT}"}})
+    document = build_input(request, CREDENTIAL_HEADERS, pass_jwts=False)
+    assert JWT not in json.dumps(document)
+    assert document["credentials"] == {"authorization": sha256(JWT)}
+
+
+# --- gRPC request bodies with a descriptor set (the plugin's proto-descriptor) ----------
+
+
+def _descriptor_set() -> bytes:
+    """A FileDescriptorSet (what ``protoc --descriptor_set_out`` writes) holding the gRPC
+    health service, ``grpc.health.v1.Health``."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(files.file.add())
+    return files.SerializeToString()
+
+
+def _grpc_frame(message: bytes, *, compressed: bool = False, declared: int | None = None) -> bytes:
+    """One gRPC length-prefixed message (gRPC over HTTP/2, "Length-Prefixed-Message")."""
+    size = len(message) if declared is None else declared
+    return bytes([1 if compressed else 0]) + size.to_bytes(4, "big") + message
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVICE_X = bytes.fromhex("0a01") + b"x"  # HealthCheckRequest{service: "x"}
+
+
+@pytest.mark.parametrize(
+    ("path", "raw_body", "expected"),
+    [
+        (HEALTH_CHECK, _grpc_frame(SERVICE_X), ({"service": "x"}, False)),
+        (HEALTH_CHECK, _grpc_frame(b""), ({}, False)),
+        (HEALTH_CHECK, b"", (None, False)),
+        ("/grpc.health.v1.Unknown/Check", _grpc_frame(SERVICE_X), (None, False)),
+        ("/grpc.health.v1.Health/Unknown", _grpc_frame(SERVICE_X), (None, False)),
+        ("/grpc.health.v1.Health/Watch", _grpc_frame(SERVICE_X), ({"service": "x"}, False)),
+        (HEALTH_CHECK, _grpc_frame(SERVICE_X, compressed=True), (None, False)),
+        (HEALTH_CHECK, _grpc_frame(SERVICE_X, declared=50), (None, True)),
+    ],
+    ids=[
+        "valid",
+        "empty-message",
+        "without-raw-body",
+        "unknown-service",
+        "unknown-method",
+        "server-streaming-method",
+        "compressed",
+        "truncated",
+    ],
+)
+def test_grpc_body_is_decoded_with_a_descriptor_set(
+    path: str, raw_body: bytes, expected: tuple[Any, bool]
+) -> None:
+    # request_test.go TestGetParsedBodygRPC, on the health service's descriptors.
+    descriptors = GrpcDescriptors.from_bytes(_descriptor_set())
+    http = {
+        "path": path,
+        "method": "POST",
+        "headers": {"content-type": "application/grpc"},
+        "rawBody": base64.b64encode(raw_body).decode(),
+    }
+    document = build_input(check_request_json(http), (), grpc_descriptors=descriptors)
+    assert (document["parsed_body"], document["truncated_body"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "raw_body"),
+    [
+        ("/grpc.health.v1.Health/Check/extra", _grpc_frame(SERVICE_X)),
+        (HEALTH_CHECK, b"\x00\x00\x00"),
+        (HEALTH_CHECK, _grpc_frame(b"\x0a\x05x")),  # a string field longer than the message
+    ],
+    ids=["path-not-service-and-method", "shorter-than-a-frame-header", "not-the-message"],
+)
+def test_malformed_grpc_body_is_request_error(path: str, raw_body: bytes) -> None:
+    descriptors = GrpcDescriptors.from_bytes(_descriptor_set())
+    http = {
+        "path": path,
+        "headers": {"content-type": "application/grpc"},
+        "rawBody": base64.b64encode(raw_body).decode(),
+    }
+    with pytest.raises(RequestError):
+        build_input(check_request_json(http), (), grpc_descriptors=descriptors)
+
+
+def test_grpc_body_without_a_descriptor_set_is_not_parsed() -> None:
+    http = {
+        "path": HEALTH_CHECK,
+        "headers": {"content-type": "application/grpc"},
+        "rawBody": base64.b64encode(_grpc_frame(SERVICE_X)).decode(),
+    }
+    document = build_input(check_request_json(http), ())
+    assert (document["parsed_body"], document["truncated_body"]) == (None, False)
+
+
+@pytest.mark.parametrize("data", [b"\xff\xff", b""], ids=["not-a-descriptor-set", "empty"])
+def test_bad_descriptor_set_is_a_config_error(data: bytes) -> None:
+    if data:
+        with pytest.raises(ConfigError, match="descriptor set"):
+            GrpcDescriptors.from_bytes(data)
+    else:  # an empty set parses but declares no service: refused too
+        with pytest.raises(ConfigError, match="no service"):
+            GrpcDescriptors.from_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"n": 1e400}', b"[-1e309]", b"[" + b"9" * 400 + b"]", b'[1.5, "\\ud800", 1e400]'],
+    ids=["exponent", "just-beyond", "long-integer", "after-a-float-and-a-surrogate"],
+)
+def test_json_number_beyond_the_double_range_is_refused(body: bytes) -> None:
+    # The plugin evaluates such a number (json.Number); authz refuses it: what it keeps of
+    # an input (audit trail, its verification) is read back with orjson, which reads no
+    # number beyond the IEEE double range (docs/contract.md).
+    with pytest.raises(RequestError, match="beyond the IEEE double range"):
+        parse_body({"content-type": JSON}, "", body)
