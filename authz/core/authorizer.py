@@ -42,7 +42,7 @@ from authz.core.errors import (
     DecisionPathError,
 )
 from authz.core.headers import OWN_PREFIX, UNENFORCED_REMOVALS
-from authz.core.input import BodyParsing, build_input
+from authz.core.input import BodyParsing, GrpcDescriptors, build_input
 from authz.core.mode import Control, Mode
 from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
 from authz.core.ratelimit import Limiter, Quota
@@ -105,6 +105,7 @@ class _Trace:
     decision: Decision | None = None
     error: AuthzError | None = None
     cached_from: str | None = None
+    peer: str = ""
 
 
 class Authorizer:
@@ -131,6 +132,8 @@ class Authorizer:
         credential_headers: Iterable[str],
         timeout_s: float,
         parse_body: BodyParsing | bool = BodyParsing.ROUTE,
+        pass_jwts: bool = True,
+        grpc_descriptors: GrpcDescriptors | None = None,
         limiter: Limiter | None = None,
         burst_s: float = 10.0,
         credentials: CredentialSource | None = None,
@@ -149,6 +152,8 @@ class Authorizer:
         self._unenforced_base = UNENFORCED_REMOVALS | self._credential_headers
         self._timeout_s = timeout_s
         self._parse_body = parse_body
+        self._pass_jwts = pass_jwts
+        self._grpc_descriptors = grpc_descriptors
         self._limiter = limiter
         self._burst_s = burst_s
         self._credentials = credentials
@@ -163,10 +168,15 @@ class Authorizer:
         self._valid_paths: set[str] = {default_decision_path}
 
     async def check(
-        self, request: external_auth_pb2.CheckRequest, time_remaining_s: float | None = None
+        self,
+        request: external_auth_pb2.CheckRequest,
+        time_remaining_s: float | None = None,
+        *,
+        peer: str = "",
     ) -> Outcome:
-        """Decide ``request``. ``time_remaining_s`` is the caller's deadline (gRPC
-        ``context.time_remaining()``), or None for none; the budget is the smaller of it
+        """Decide ``request``. ``peer`` is the gRPC caller's address (``context.peer()``,
+        the decision log's ``requested_by``). ``time_remaining_s`` is the caller's deadline
+        (gRPC ``context.time_remaining()``), or None for none; the budget is the smaller of it
         (minus a small margin) and the configured timeout."""
         started = self._clock()
         decision_id = self._new_id()
@@ -174,7 +184,7 @@ class Authorizer:
         # 1. Route -> decision path (Envoy's per-route context_extensions), before
         #    anything else: every outcome, bypass and a spent budget included, is
         #    recorded, counted and failed open or closed on the route's own path.
-        trace = _Trace(self._default_path)
+        trace = _Trace(self._default_path, peer=peer)
         path_error: DecisionPathError | None = None
         try:
             trace.path = self._decision_path(request.attributes.context_extensions)
@@ -259,7 +269,11 @@ class Authorizer:
             raise DeadlineExceeded("no time left for a decision when the request arrived")
         # 2. CheckRequest -> input document (credentials hashed, never in clear).
         trace.document = build_input(
-            request, self._credential_headers, parse_request_body=self._parse_body
+            request,
+            self._credential_headers,
+            parse_request_body=self._parse_body,
+            pass_jwts=self._pass_jwts,
+            grpc_descriptors=self._grpc_descriptors,
         )
         cache = self._cache
         key = cache.key(trace.path, trace.document) if cache is not None else None
@@ -418,6 +432,9 @@ class Authorizer:
             error=str(trace.error) if trace.error is not None else None,
             document=trace.document,
             ignored_fields=policy.ignored if policy is not None else (),
+            opa_result=evaluation.result if evaluation is not None else None,
+            revisions=evaluation.revisions if evaluation is not None else {},
+            peer=trace.peer,
         )
 
 

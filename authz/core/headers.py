@@ -3,9 +3,11 @@
 - :data:`CREDENTIAL_HEADERS`: the one list of credential headers. It drives hashing (the
   OPA input carries ``sha256:<hex>`` in their place, ``authz.core.input``; a bearer JWT in
   ``authorization`` stays in clear for ``io.jwt.*``, its digest listed all the same,
-  ``authz.core.input.is_bearer_jwt``), stripping (no
-  allow, enforced or not, forwards them to an upstream unless a decision sets the header
-  itself, e.g. an injected credential) and redaction (decision log and audit trail).
+  ``authz.core.input.is_bearer_jwt``), stripping (every allow no policy decided, in
+  bypass, dry-run or fail-open, removes them; the shipped policies remove every header
+  named in ``input.credentials`` from their allows, and the egress Envoy routes remove
+  them too; a policy of your own decides, as with opa-envoy-plugin) and redaction
+  (decision log and audit trail).
   ``AUTHZ_CREDENTIAL_HEADERS`` may add names; it never removes these.
 - :data:`IDENTITY_HEADERS`: who the caller claims to be (the sandbox id); never forwarded.
 - :data:`FORWARDING_HEADERS`: client-sent proxy and method-override headers

@@ -186,6 +186,10 @@ class Settings:
     redis_pool_size: int = DEFAULT_REDIS_POOL_SIZE
     # Decision log (issue #15): the line's schema, authz's or OPA's.
     decision_log_format: str = DEFAULT_DECISION_LOG_FORMAT
+    # opa-envoy-plugin compatibility: bearer JWTs reach the policy (io.jwt.*), and gRPC
+    # request bodies are decoded with a descriptor set (the plugin's proto-descriptor).
+    jwt_passthrough: bool = True
+    proto_descriptor: Path | None = None
 
     @property
     def grpc_tls(self) -> bool:
@@ -475,6 +479,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "redis_pool_size": _int_in(1, 4096),
     # Decision log (issue #15): the line's schema, authz's or OPA's.
     "decision_log_format": _choice(*DECISION_LOG_FORMATS),
+    "jwt_passthrough": _bool,
+    "proto_descriptor": _path,
 }
 
 

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from authz.core.authorizer import Authorizer, CredentialSource
 from authz.core.cache import DecisionCache
 from authz.core.errors import ConfigError, StartupError
+from authz.core.input import GrpcDescriptors
 from authz.core.mode import Control
 from authz.core.opa import OpaClient, PolicyEngine
 from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
@@ -61,7 +61,7 @@ from authz.runtime.readiness import (
     serving_check,
 )
 from authz.runtime.secrets import SecretStore
-from authz.runtime.servicer import AuthorizationServicer
+from authz.runtime.servicer import AuthorizationServicer, add_to_server
 
 __all__ = [
     "AUTHZ_SERVICE",
@@ -129,6 +129,8 @@ def build_authorizer(
         credential_headers=settings.credential_headers,
         timeout_s=settings.decision_timeout_s,
         parse_body=settings.parse_body,
+        pass_jwts=settings.jwt_passthrough,
+        grpc_descriptors=_grpc_descriptors(settings),
         limiter=limiter,
         burst_s=settings.rate_limit_burst_s,
         credentials=credentials,
@@ -138,6 +140,19 @@ def build_authorizer(
         cache=cache,
         sinks=sinks,
     )
+
+
+def _grpc_descriptors(settings: Settings) -> GrpcDescriptors | None:
+    """The descriptor set ``AUTHZ_PROTO_DESCRIPTOR`` names (``protoc --descriptor_set_out
+    --include_imports``), or None. Raises ConfigError naming the key and the file."""
+    path = settings.proto_descriptor
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"AUTHZ_PROTO_DESCRIPTOR={str(path)!r}: {exc.strerror}") from None
+    return GrpcDescriptors.from_bytes(data, key=f"AUTHZ_PROTO_DESCRIPTOR={str(path)!r}")
 
 
 def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -240,9 +255,9 @@ async def create_server(
     (:func:`grpc_server_credentials`) or plaintext without. Raises RuntimeError if the
     address cannot be bound."""
     server = grpc.aio.server(options=_GRPC_OPTIONS)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(authorizer), server
-    )
+    # Not the generated add_AuthorizationServicer_to_server: an undecodable CheckRequest
+    # must reach Check and get a deny, not fail inside grpc with a gRPC error.
+    add_to_server(AuthorizationServicer(authorizer), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:

@@ -75,7 +75,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             )
             return error_response(RequestError("CheckRequest does not parse"), decision_id)
         try:
-            outcome = await self._authorizer.check(request, context.time_remaining())
+            outcome = await self._authorizer.check(
+                request, context.time_remaining(), peer=context.peer()
+            )
         except Exception:
             decision_id = str(uuid.uuid4())
             log.exception("unexpected error in Check", extra={"decision_id": decision_id})

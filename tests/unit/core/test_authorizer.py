@@ -1052,3 +1052,22 @@ async def test_unenforced_allows_strip_raw_header_map_names_too(
     outcome = await authorizer.check(request)
     removed = set(outcome.response.ok_response.headers_to_remove)
     assert {"x-authz-role", "x-sandbox-id"} <= removed
+
+
+async def test_record_carries_opas_answer_its_bundles_and_the_caller_for_the_decision_log() -> None:
+    # The OPA-schema decision log writes result, bundles and requested_by from these.
+    answer = {"allowed": True}
+    outcome = await make(FakeEngine(answer, revision="rev-7")).check(
+        check_request(), time_remaining_s=1.0, peer="ipv4:127.0.0.1:5555"
+    )
+    record = outcome.record
+    assert (record.opa_result, dict(record.revisions), record.peer) == (
+        answer,
+        {"authz": "rev-7"},
+        "ipv4:127.0.0.1:5555",
+    )
+
+
+async def test_record_of_a_check_opa_never_answered_has_no_result() -> None:
+    outcome = await make(FakeEngine(OpaUnavailable("down"))).check(check_request())
+    assert (outcome.record.opa_result, dict(outcome.record.revisions)) == (None, {})

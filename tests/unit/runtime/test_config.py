@@ -113,6 +113,8 @@ ENV_CASES: list[tuple[str, str, str, Any]] = [
     ("AUTHZ_SHUTDOWN_GRACE_S", "0", "shutdown_grace_s", 0.0),
     ("AUTHZ_LOG_LEVEL", "debug", "log_level", "DEBUG"),
     ("AUTHZ_DECISION_LOG_FORMAT", "opa", "decision_log_format", "opa"),
+    ("AUTHZ_JWT_PASSTHROUGH", "false", "jwt_passthrough", False),
+    ("AUTHZ_PROTO_DESCRIPTOR", "/etc/authz/api.pb", "proto_descriptor", Path("/etc/authz/api.pb")),
     ("AUTHZ_DECISION_LOG_FORMAT", " OPA ", "decision_log_format", "opa"),
     ("AUTHZ_DECISION_LOG_FORMAT", "authz", "decision_log_format", "authz"),
 ]
@@ -897,3 +899,24 @@ def test_plaintext_opa_url_to_a_non_loopback_host_is_refused(url: str) -> None:
 )
 def test_opa_url_accepted_when_loopback_tls_socket_or_explicit(environ: dict[str, str]) -> None:
     assert load(environ).opa_url == environ["AUTHZ_OPA_URL"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "No such file"), (b"not a descriptor set \xff", "not a usable descriptor set")],
+    ids=["missing", "not-a-descriptor-set"],
+)
+def test_proto_descriptor_that_cannot_be_used_fails_startup_naming_key_and_file(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    from authz.runtime.server import build_authorizer
+    from tests.helpers.fakes import FakeEngine
+
+    path = tmp_path / "api.pb"
+    if content is not None:
+        path.write_bytes(content)
+    settings = load({"AUTHZ_PROTO_DESCRIPTOR": str(path)})
+    with pytest.raises(ConfigError) as caught:
+        build_authorizer(settings, FakeEngine({"allowed": True}), sinks=())
+    assert f"AUTHZ_PROTO_DESCRIPTOR={str(path)!r}" in str(caught.value)
+    assert expected in str(caught.value)
