@@ -43,13 +43,13 @@ test_bearer if {
 test_unknown_key if {
 	u := crypto.sha256("nope")
 	same({"x-api-key": "nope"}, {"x-api-key": concat("", ["sha256:", u])}, {"x-api-key": u})
-	gateway_peer.decision.reason == "invalid_api_key" with input as raw({"x-api-key": "nope"})
+	gateway_peer.decision.authz.reason == "invalid_api_key" with input as raw({"x-api-key": "nope"})
 		with data.gateway.api_keys as keys
 }
 
 test_missing_key if {
 	same({}, {}, {})
-	gateway_peer.decision.reason == "missing_api_key" with input as raw({}) with data.gateway.api_keys as keys
+	gateway_peer.decision.authz.reason == "missing_api_key" with input as raw({}) with data.gateway.api_keys as keys
 }
 
 test_forged_identity_header_removed if {
