@@ -343,6 +343,9 @@ CHECK_REDIS_PASSWORD = "hunter2-redis-pw"
 def checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, served: list[Settings]) -> Path:
     """A clean environment setting a secret of each kind (one from a file), a plain
     setting, and a settings file; returns the settings file."""
+    for name in list(os.environ):  # served keeps AUTHZ_*_BIN: not needed here
+        if name.startswith("AUTHZ_"):
+            monkeypatch.delenv(name)
     token_file = tmp_path / "admin-token"
     token_file.write_text(CHECK_ADMIN_TOKEN + "\n", encoding="utf-8")
     monkeypatch.setenv("AUTHZ_ADMIN_TOKEN_FILE", str(token_file))
