@@ -14,16 +14,16 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import Counter, Gauge, Histogram, Info, Summary
+from prometheus_client import Counter, Gauge, Histogram, Info, Summary, generate_latest
 
 from authz.core.record import DecisionRecord
-from authz.runtime.metrics import Metrics
+from authz.runtime.metrics import Metrics, MetricsSink
 from authz.stack.supervisor import Process, free_port, http_ok
 from tests.helpers.infra import (
     ROOT,
@@ -438,6 +438,109 @@ def test_every_alert_links_its_runbook_section() -> None:
         assert sections.get(url.split("#", 1)[1]), f"{rule['alert']}: no runbook section"
     # No section for an alert that does not exist (a renamed alert leaves none behind).
     assert set(sections) == {_github_anchor(rule["alert"]) for rule in alerts}
+
+
+def _exposed_series(metrics: Metrics, instance: str) -> list[dict[str, str]]:
+    """promtool input series: every sample of ``metrics``' exposition (what authz serves
+    on /metrics) with the target labels Prometheus adds, held for 15 minutes."""
+    series = [{"series": f'up{{job="authz",instance="{instance}"}}', "values": "1x15"}]
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        selector, value = line.rsplit(" ", 1)
+        name, _, labels = selector.partition("{")
+        labels = labels.removesuffix("}")
+        target = f'job="authz",instance="{instance}"'
+        series.append(
+            {
+                "series": f"{name}{{{target}{',' if labels else ''}{labels}}}",
+                "values": f"{value}x15",
+            }
+        )
+    return series
+
+
+def _healthy() -> Metrics:
+    """A replica as authz's server leaves it once serving: a bundle activated, the secrets
+    file loaded, decisions counted (authz.runtime.server)."""
+    metrics = Metrics()
+    metrics.bundle.info({"revision": "r1"})
+    metrics.bundle_activations.inc()
+    metrics.secrets_loaded.set(1)
+    MetricsSink(metrics).record(
+        DecisionRecord("id", 0.001, "authz/gateway/decision", True, "allowed", 200)
+    )
+    return metrics
+
+
+def _bypass(metrics: Metrics) -> None:
+    metrics.set_mode("bypass")
+
+
+def _dry_run(metrics: Metrics) -> None:
+    metrics.set_mode("dry-run")
+
+
+def _audit_degraded(metrics: Metrics) -> None:
+    metrics.audit_degraded.set(1)
+
+
+def _secrets_failed(metrics: Metrics) -> None:
+    metrics.secrets_loaded.set(0)  # what a failed re-read does (server._secrets_reloaded)
+    metrics.secrets_reload_failures.inc()
+
+
+STATES: dict[str, tuple[Callable[[Metrics], None] | None, set[str]]] = {
+    "healthy": (None, set()),
+    "bypass": (_bypass, {"AuthzBypassMode"}),
+    "dry-run": (_dry_run, {"AuthzDryRunMode"}),
+    "audit-degraded": (_audit_degraded, {"AuthzAuditDegraded"}),
+    "secrets-not-loaded": (_secrets_failed, {"AuthzSecretsNotLoaded"}),
+}
+
+
+@pytest.mark.parametrize("state", STATES.values(), ids=STATES.keys())
+def test_safety_alerts_read_authz_metrics_as_authz_writes_them(
+    promtool_bin: str, tmp_path: Path, state: tuple[Callable[[Metrics], None] | None, set[str]]
+) -> None:
+    """authz's own exposition (the Metrics class, changed the way the server changes it),
+    held for 15 minutes: exactly the expected safety alerts fire, none on a healthy
+    replica."""
+    change, expected = state
+    metrics = _healthy()
+    if change is not None:
+        change(metrics)
+    _fired_on(promtool_bin, tmp_path, metrics, expected)
+
+
+def test_no_bundle_fires_only_bundle_not_activated(promtool_bin: str, tmp_path: Path) -> None:
+    metrics = Metrics()  # serving, but no bundle revision seen yet
+    metrics.secrets_loaded.set(1)
+    _fired_on(promtool_bin, tmp_path, metrics, {"AuthzBundleNotActivated"})
+
+
+def _fired_on(promtool_bin: str, tmp_path: Path, metrics: Metrics, expected: set[str]) -> None:
+    authz_alerts = [a for a in SAFETY_ALERTS if a != "OPABundleStale"]  # OPA's metric
+    test = {
+        "rule_files": [str(PROMETHEUS / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": _exposed_series(metrics, "authz-1:9192"),
+                "alert_rule_test": [
+                    {"eval_time": "12m", "alertname": alert, "exp_alerts": []}
+                    for alert in authz_alerts
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    result = _promtool(promtool_bin, "test", "rules", "test.yml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    fired = set(re.findall(r"alertname: (\w+), time", output))
+    assert fired == expected, output
+    assert (result.returncode == 0) == (not expected), output
 
 
 # -- Kubernetes (Prometheus Operator) -----------------------------------------------------
