@@ -8,6 +8,7 @@ value raises :class:`~authz.core.errors.ConfigError` naming the key and the valu
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -39,9 +40,14 @@ __all__ = [
     "DEFAULT_KEY_EXPIRY_WARNING_DAYS",
     "DEFAULT_OPA_URL",
     "ENV_PREFIX",
+    "FILE_SUFFIX",
+    "SECRET_FILE_KEYS",
+    "SECRET_FILE_MAX_BYTES",
     "Settings",
     "is_loopback_host",
     "load",
+    "sources",
+    "unknown_variables",
 ]
 
 ENV_PREFIX: Final = "AUTHZ_"
@@ -121,6 +127,16 @@ _NEVER_IGNORED: Final = (
 _BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 _SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
+# Operators' secrets as files (Docker and Kubernetes secrets): AUTHZ_<KEY>_FILE names a
+# file holding the value (surrounding whitespace, the trailing newline, stripped).
+FILE_SUFFIX: Final = "_FILE"
+SECRET_FILE_KEYS: Final = ("admin_token", "opa_token", "redis_url")
+SECRET_FILE_MAX_BYTES: Final = 64 * 1024
+# An unknown AUTHZ_* variable at least this similar (difflib's ratio, 0..1, names without
+# the prefix) to a setting's variable is refused as a typo; anything less alike (tool
+# variables, Kubernetes service links such as AUTHZ_METRICS_SERVICE_HOST) is only reported
+# (unknown_variables).
+TYPO_SIMILARITY: Final = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,10 +526,12 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
             if key not in _CONVERTERS:
                 raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}")
             raw[key] = (f"{path.name}:{key}", value)
+    _refuse_typos(environ)
     for name in _CONVERTERS:
         env_key = ENV_PREFIX + name.upper()
         if env_key in environ:
             raw[name] = (env_key, environ[env_key])
+    raw.update(_secret_files(environ))
     values: dict[str, Any] = {}
     for name, (where, value) in raw.items():
         shown = "<redacted>" if name in _SECRET_KEYS else value
@@ -525,6 +543,101 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     _check_consistency(settings)
     _check_transport(settings)
     return settings
+
+
+def _known_variables() -> frozenset[str]:
+    names = {ENV_PREFIX + name.upper() for name in _CONVERTERS}
+    return frozenset(names | {ENV_PREFIX + n.upper() + FILE_SUFFIX for n in SECRET_FILE_KEYS})
+
+
+def _resembled(variable: str) -> str | None:
+    """The setting variable ``variable`` (unknown) is most likely a typo of, if any: names
+    compared without the common ``AUTHZ_`` prefix, which would make them all look alike."""
+    names = [name.removeprefix(ENV_PREFIX) for name in _known_variables()]
+    wanted = variable.removeprefix(ENV_PREFIX)
+    match = difflib.get_close_matches(wanted, names, 1, TYPO_SIMILARITY)
+    return ENV_PREFIX + match[0] if match else None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Sorted names of the ``AUTHZ_*`` variables in ``environ`` that are no setting (nor an
+    ``AUTHZ_<KEY>_FILE`` variant): the server logs them as one warning at startup.
+    Those resembling a setting's name are not listed: :func:`load` refuses them."""
+    known = _known_variables()
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX) and name not in known and _resembled(name) is None
+    )
+
+
+def sources(environ: Mapping[str, str], path: Path | None = None) -> dict[str, str]:
+    """Where each setting's value comes from, as :func:`load` reads them: setting name ->
+    ``"AUTHZ_<KEY>_FILE"``, ``"environment"``, the settings file's name, or ``"default"``.
+    Call after :func:`load` succeeded (the file is then known to be a valid mapping)."""
+    in_file: set[str] = set()
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        in_file = set(loaded) if isinstance(loaded, dict) else set()
+    found: dict[str, str] = {}
+    for name in _CONVERTERS:
+        env_key = ENV_PREFIX + name.upper()
+        if name in SECRET_FILE_KEYS and env_key + FILE_SUFFIX in environ:
+            found[name] = env_key + FILE_SUFFIX
+        elif env_key in environ:
+            found[name] = "environment"
+        elif path is not None and name in in_file:
+            found[name] = path.name
+        else:
+            found[name] = "default"
+    return found
+
+
+def _refuse_typos(environ: Mapping[str, str]) -> None:
+    """A mistyped setting silently ignored leaves its default in force (a fallback instead
+    of deny, a header not masked): refuse to start instead. Never quotes the value."""
+    known = _known_variables()
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        meant = _resembled(name)
+        if meant is not None:
+            raise ConfigError(
+                f"{name} is not a setting; did you mean {meant}? (an unknown AUTHZ_* "
+                "variable this close to a setting's name is refused as a typo)"
+            )
+
+
+def _secret_files(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``AUTHZ_<KEY>_FILE`` for :data:`SECRET_FILE_KEYS`: key -> (where, the file's text,
+    stripped). Read once per :func:`load`. Errors name the variable and the file, never the
+    content; the plain variable set (non-empty) beside its ``_FILE`` is an error."""
+    found: dict[str, tuple[str, str]] = {}
+    for name in SECRET_FILE_KEYS:
+        env_key = ENV_PREFIX + name.upper()
+        file_key = env_key + FILE_SUFFIX
+        if file_key not in environ:
+            continue
+        where = f"{file_key}={environ[file_key]!r}"
+        if environ.get(env_key):
+            raise ConfigError(f"{env_key} and {where} are both set: set only one of them")
+        path = Path(environ[file_key])
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read the file: {exc.strerror}") from None
+        if len(data) > SECRET_FILE_MAX_BYTES:
+            raise ConfigError(f"{where}: larger than {SECRET_FILE_MAX_BYTES} bytes")
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: not UTF-8 text") from None
+        if not text:
+            raise ConfigError(f"{where}: the file is empty")
+        # The converters' messages start with "<where>=<redacted>".
+        found[name] = (f"{env_key} (from {where})", text)
+    return found
 
 
 def _check_consistency(settings: Settings) -> None:

@@ -16,6 +16,9 @@
                                          exit 1 when a decision changes (a CI gate)
     authz generate deploy                the Compose/Kubernetes configs (authz.tools.deploy)
     authz generate egress-envoy          the egress Envoy config (authz.tools.egress_envoy)
+    authz config check [--config FILE]   validate the settings file and AUTHZ_* environment;
+                                         print the effective settings, secrets masked (exit 2
+                                         if invalid)
 
 ``--help`` at every level prints :data:`DESCRIPTION` or the verb's one-line description and
 its exit codes (:data:`EXIT_CODES` overall: 0 success, 1 a check found something, 2 bad usage
@@ -31,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -46,6 +50,7 @@ from dotenv import dotenv_values
 from authz import __version__
 from authz.core.errors import ConfigError, DataFileError
 from authz.core.rfc3339 import parse_rfc3339
+from authz.core.secret import Secret
 from authz.runtime import audit, config, logs, secrets
 from authz.tools import bundle_data, deploy, egress_envoy, key_health, key_health_report, keys
 from authz.tools.services import ServicesError, read_services
@@ -83,6 +88,11 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("invalid configuration: %s", exc, extra={"code": exc.code})
         return 2
     logs.configure(settings.log_level)
+    unknown = config.unknown_variables(os.environ)
+    if unknown:  # names only: a value may be a credential
+        log.warning(
+            "unknown AUTHZ_* variables, ignored: %s", ", ".join(unknown), extra={"names": unknown}
+        )
     from authz.runtime.server import serve  # imported late: grpc is slow to import
 
     if settings.uvloop:
@@ -97,6 +107,59 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:  # e.g. the secrets file, read before serving
             log.error("invalid configuration: %s", exc, extra={"code": exc.code})
             return 2
+    return 0
+
+
+def _shown(value: object) -> object:
+    """A setting's value as JSON: secrets masked, paths and enums as text, tuples as lists."""
+    if isinstance(value, Secret):
+        return str(value)  # the mask, never the value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_shown(item) for item in value]
+    return value
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(_as_text(item) for item in value)
+    return str(value)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = config.load(os.environ, args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    where = config.sources(os.environ, args.config)
+    unknown = config.unknown_variables(os.environ)
+    shown = {
+        field.name: _shown(getattr(settings, field.name)) for field in dataclasses.fields(settings)
+    }
+    if args.json:
+        report = {
+            "valid": True,
+            "settings": {
+                name: {"value": value, "source": where.get(name, "default")}
+                for name, value in shown.items()
+            },
+            "unknown_variables": unknown,
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for name, value in shown.items():
+            source = where.get(name, "default")
+            print(f"{config.ENV_PREFIX}{name.upper()}={_as_text(value)}  # {source}")
+    if unknown:
+        print(f"warning: unknown AUTHZ_* variables, ignored: {', '.join(unknown)}", file=sys.stderr)
     return 0
 
 
@@ -566,6 +629,24 @@ def build_parser() -> argparse.ArgumentParser:
     replay_.add_argument("--limit", type=_count, default=None, help="only the last N decisions")
     _json_flag(replay_)
     replay_.set_defaults(func=_audit_replay)
+
+    _, config_commands = _group(commands, "config", "the settings: check")
+    check = _verb(
+        config_commands,
+        "check",
+        "validate the settings (file and AUTHZ_* environment) as serve would read them; "
+        "print the effective settings, secrets masked",
+        codes=(
+            (
+                0,
+                "valid; every setting printed with its source (unknown AUTHZ_* names: a warning)",
+            ),
+            (2, "invalid: the error names the setting (and the file), never a secret"),
+        ),
+    )
+    check.add_argument("--config", type=Path, help="YAML settings file (AUTHZ_* env wins)")
+    _json_flag(check)
+    check.set_defaults(func=_config_check)
 
     _, generator_commands = _group(
         commands, "generate", "generate Envoy and deployment configs from their sources"

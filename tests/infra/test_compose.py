@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from authz.core.errors import ConfigError
-from authz.runtime.config import Settings, load
+from authz.runtime.config import SECRET_FILE_KEYS, Settings, load, unknown_variables
 from authz.stack.tls import DEPLOYMENT_LEAVES
 from authz.tools import deploy
 from tests.helpers.infra import ROOT
@@ -357,13 +357,37 @@ def test_tls_init_issues_every_certificate_the_services_use(projects: dict[str, 
         assert [v["target"] for v in init["volumes"] if v.get("source") == "tls"] == ["/tls"]
 
 
-def _authz_settings(project: dict[str, Any]) -> Settings:
+def _settings_file(service: dict[str, Any]) -> Path | None:
+    """The repository file mounted where authz's ``--config`` points, if any."""
+    command = service.get("command") or []
+    if "--config" not in command:
+        return None
+    target = command[command.index("--config") + 1]
+    (volume,) = [v for v in service["volumes"] if v["target"] == target]
+    assert volume["type"] == "bind"
+    assert volume.get("read_only") is True
+    return Path(volume["source"])
+
+
+def _authz_settings(project: dict[str, Any], secrets_dir: Path | None = None) -> Settings:
     """authz's settings in the project: the image's ENV (Dockerfile: AUTHZ_GRPC_ADDR on
-    every interface) overlaid with the service's environment, through authz's own rules."""
-    environment = {"AUTHZ_GRPC_ADDR": "0.0.0.0:9191", **project["services"]["authz"]["environment"]}
+    every interface) overlaid with the service's environment and its mounted settings
+    file, through authz's own rules. A ``*_FILE`` naming a Compose secret
+    (``/run/secrets/<target>``) must be one the service mounts; it is read from
+    ``secrets_dir/<target>`` when given, else left out (no such file here)."""
+    service = project["services"]["authz"]
+    environment = {"AUTHZ_GRPC_ADDR": "0.0.0.0:9191", **service["environment"]}
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "AUTHZ_GRPC_ADDR=0.0.0.0:9191" in dockerfile
-    return load(environment)
+    mounted = {f"/run/secrets/{s['target']}" for s in service.get("secrets") or []}
+    for key, value in list(environment.items()):
+        if key.endswith("_FILE") and value.startswith("/run/secrets/"):
+            assert value in mounted, f"{key}={value}: no such secret mounted"
+            if secrets_dir is None:
+                del environment[key]
+            else:
+                environment[key] = str(secrets_dir / Path(value).name)
+    return load(environment, _settings_file(service))
 
 
 @pytest.mark.parametrize("combo", list(COMBINATIONS))
@@ -407,7 +431,11 @@ def test_authz_reaches_opa_over_tls(projects: dict[str, Any], combo: str) -> Non
 
 def test_plaintext_opa_would_be_refused(projects: dict[str, Any]) -> None:
     """The check above can fail: authz's own rules refuse the old http://opa:8181."""
-    environment = dict(projects["production"]["services"]["authz"]["environment"])
+    environment = {
+        key: value
+        for key, value in projects["production"]["services"]["authz"]["environment"].items()
+        if not value.startswith("/run/secrets/")  # Compose secrets: no such files here
+    }
     environment["AUTHZ_OPA_URL"] = "http://opa:8181"
     with pytest.raises(ConfigError, match="AUTHZ_OPA_URL"):
         load(environment)
@@ -470,3 +498,83 @@ def test_tls_init_needs_only_runtime_dependencies() -> None:
     runtime = _with_requirements({_name(spec) for spec in project["dependencies"]})
     assert "cryptography" in imported  # the probe sees third-party imports
     assert imported - {"authz"} <= runtime
+
+
+# --- operators' settings, limits ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_every_service_has_log_and_resource_limits(projects: dict[str, Any], combo: str) -> None:
+    """No service can fill the disk with logs or take the host's memory and CPUs."""
+    for name, service in projects[combo]["services"].items():
+        logging_ = service.get("logging") or {}
+        assert logging_.get("driver") == "json-file", f"{combo}/{name}"
+        options = logging_.get("options") or {}
+        assert re.fullmatch(r"\d+[km]", options.get("max-size", "")), f"{combo}/{name}"
+        assert int(options.get("max-file", "0")) >= 1, f"{combo}/{name}"
+        limits = ((service.get("deploy") or {}).get("resources") or {}).get("limits") or {}
+        assert float(limits.get("cpus", 0)) > 0, f"{combo}/{name}: no cpus limit"
+        assert int(limits.get("memory", 0)) > 0, f"{combo}/{name}: no memory limit"
+
+
+def _setting_variables() -> set[str]:
+    names = {f"AUTHZ_{name.upper()}" for name in Settings.__dataclass_fields__}
+    return names | {f"AUTHZ_{name.upper()}_FILE" for name in SECRET_FILE_KEYS}
+
+
+def _env_file_assignments(path: Path) -> dict[str, bool]:
+    """Variable -> whether it is set (True) or only listed commented out (False)."""
+    found: dict[str, bool] = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"(#\s?)?([A-Z][A-Z0-9_]*)=", line)
+        if match:
+            found[match.group(2)] = match.group(1) is None
+    return found
+
+
+@pytest.mark.parametrize("combo", ["production", "dev"])
+def test_every_setting_is_reachable_in_compose(projects: dict[str, Any], combo: str) -> None:
+    """Each AUTHZ_* setting is either set by the Compose file or listed in the env file
+    authz reads (authz.env; none set there that `environment:` would silently override),
+    and the settings file is mounted where --config points."""
+    service = projects[combo]["services"]["authz"]
+    (env_file,) = service["env_file"]
+    path = Path(env_file["path"])
+    assert path == COMPOSE / "authz.env"
+    listed = _env_file_assignments(path)
+    # What the Compose file itself sets (the resolved project merges authz.env in).
+    (compose_file,) = COMBINATIONS[combo]
+    raw = yaml.safe_load((COMPOSE / compose_file).read_text())
+    fixed = set(raw["services"]["authz"]["environment"])
+    assert set(listed) <= _setting_variables(), "authz.env names no setting"
+    assert not {name for name, is_set in listed.items() if is_set} & fixed
+    missing = _setting_variables() - set(listed) - fixed
+    for name in SECRET_FILE_KEYS:  # a secret is reachable as AUTHZ_X or AUTHZ_X_FILE
+        variants = {f"AUTHZ_{name.upper()}", f"AUTHZ_{name.upper()}_FILE"}
+        if variants - missing:
+            missing -= variants
+    if combo == "production":
+        assert not missing, f"neither in authz.env nor set by Compose: {sorted(missing)}"
+    settings_file = _settings_file(service)
+    assert settings_file == COMPOSE / "authz.yaml"
+    assert unknown_variables(dict.fromkeys(listed, "")) == []
+
+
+def test_the_admin_api_is_on_behind_a_token_from_a_compose_secret(
+    projects: dict[str, Any], tmp_path: Path
+) -> None:
+    """Production: AUTHZ_ADMIN_TOKEN_FILE names the mounted secret (a file under the
+    ignored secrets directory), never an environment variable with the token."""
+    project = projects["production"]
+    service = project["services"]["authz"]
+    assert "AUTHZ_ADMIN_TOKEN" not in service["environment"]
+    target = service["environment"]["AUTHZ_ADMIN_TOKEN_FILE"]
+    (secret,) = [s for s in service["secrets"] if f"/run/secrets/{s['target']}" == target]
+    source = Path(project["secrets"][secret["source"]]["file"])
+    assert source.parent == COMPOSE / "secrets"  # .gitignore: never committed
+    (tmp_path / Path(target).name).write_text("a" * 43 + "\n")
+    settings = _authz_settings(project, secrets_dir=tmp_path)
+    assert settings.admin_token is not None
+    assert settings.admin_token.reveal() == "a" * 43
+    # The admin port is published on loopback only (test_published_ports).
+    assert [p["published"] for p in service["ports"] if p["target"] == 9192] == ["9192"]

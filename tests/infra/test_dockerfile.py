@@ -84,7 +84,7 @@ def test_base_image_is_pinned() -> None:
     (default,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
     repository, _, tag = default.partition(":")
     assert repository == "python"
-    assert tag.startswith("3.11-")  # pyproject: requires-python >=3.11,<3.12
+    assert tag.startswith("3.11-")  # pyproject: requires-python >=3.11 (the image stays on 3.11)
 
 
 def test_multi_stage_non_root_with_healthcheck() -> None:

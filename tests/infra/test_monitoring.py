@@ -14,16 +14,16 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import Counter, Gauge, Histogram, Info, Summary
+from prometheus_client import Counter, Gauge, Histogram, Info, Summary, generate_latest
 
 from authz.core.record import DecisionRecord
-from authz.runtime.metrics import Metrics
+from authz.runtime.metrics import Metrics, MetricsSink
 from authz.stack.supervisor import Process, free_port, http_ok
 from tests.helpers.infra import (
     ROOT,
@@ -337,6 +337,308 @@ def _alert_exprs() -> list[tuple[str, str]]:
 def test_alerts_name_exposed_metrics(exposed: dict[str, set[str] | None]) -> None:
     for alert, expr in _alert_exprs():
         _check_expr(expr, exposed, f"alert {alert}")
+
+
+# The alerts on the safety controls (issue #17) and the ones they replace or complete:
+# each has a promtool test where it fires and one where it stays silent.
+SAFETY_ALERTS = (
+    "AuthzDown",
+    "AuthzAbsent",
+    "AuthzBypassMode",
+    "AuthzDryRunMode",
+    "AuthzFailOpen",
+    "AuthzOPAErrorRatio",
+    "AuthzAuditDegraded",
+    "AuthzSecretsNotLoaded",
+    "AuthzBundleNotActivated",
+    "OPABundleStale",
+)
+RUNBOOK_DOC = "infra/README.md"
+
+
+def _rule_groups() -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return groups
+
+
+def _alert_tests() -> dict[str, dict[bool, list[str]]]:
+    """alert name -> {fires: [names of the promtool tests expecting it to fire (True) or
+    expecting no alert (False)]}, from alerts_test.yml."""
+    found: dict[str, dict[bool, list[str]]] = {}
+    for case in yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            kinds = found.setdefault(check["alertname"], {True: [], False: []})
+            kinds[bool(check.get("exp_alerts"))].append(case["name"])
+    return found
+
+
+def test_every_safety_alert_has_a_firing_and_a_silent_test() -> None:
+    alerts = {name for name, _ in _alert_exprs()}
+    tests = _alert_tests()
+    for alert in SAFETY_ALERTS:
+        assert alert in alerts, alert
+        assert tests.get(alert, {}).get(True), f"{alert}: no test where it fires"
+        assert tests.get(alert, {}).get(False), f"{alert}: no test where it stays silent"
+
+
+# An expression that never yields a series, and one that always does (the alert fires
+# once its `for` has passed, with no labels of its own).
+NEVER, ALWAYS = "vector(1) == 2", "vector(1)"
+
+
+@pytest.mark.parametrize("fires", [False, True], ids=["never-fires", "always-fires"])
+@pytest.mark.parametrize("alert", SAFETY_ALERTS)
+def test_safety_alert_tests_catch_a_broken_rule(
+    promtool_bin: str, tmp_path: Path, alert: str, fires: bool
+) -> None:
+    """The unit tests can fail, in the right test: a rule that never fires breaks the
+    alert's firing test, one that always fires breaks its silent test."""
+    groups = _rule_groups()
+    (rule,) = [r for g in groups for r in g["rules"] if r.get("alert") == alert]
+    rule["expr"] = ALWAYS if fires else NEVER
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump({"groups": groups}))
+    (tmp_path / "alerts_test.yml").write_text((PROMETHEUS / "alerts_test.yml").read_text())
+    result = _promtool(promtool_bin, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+    # The firing tests are the ones a never-firing rule breaks, and vice versa.
+    expected = _alert_tests()[alert][not fires]
+    output = result.stdout + result.stderr
+    assert any(f"name: {name}," in output for name in expected), output
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation but ``-`` and ``_``
+    dropped, spaces to ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize(
+    ("heading", "anchor"),
+    [("AuthzDown", "authzdown"), ("Alert runbooks", "alert-runbooks"), ("A.b: c", "ab-c")],
+)
+def test_github_anchor(heading: str, anchor: str) -> None:
+    assert _github_anchor(heading) == anchor
+
+
+def _runbook_sections() -> dict[str, str]:
+    """Anchor -> body of each ``###`` section under ``## Alert runbooks`` in infra/README.md."""
+    text = (ROOT / RUNBOOK_DOC).read_text()
+    part = text.split("\n## Alert runbooks\n", 1)[1].split("\n## ", 1)[0]
+    sections = re.split(r"^### (.+)$", part, flags=re.MULTILINE)
+    pairs = zip(sections[1::2], sections[2::2], strict=True)
+    return {_github_anchor(heading): body.strip() for heading, body in pairs}
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    sections = _runbook_sections()
+    alerts = [rule for group in _rule_groups() for rule in group["rules"]]
+    for rule in alerts:
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == f"{RUNBOOK_DOC}#{_github_anchor(rule['alert'])}", rule["alert"]
+        assert sections.get(url.split("#", 1)[1]), f"{rule['alert']}: no runbook section"
+    # No section for an alert that does not exist (a renamed alert leaves none behind).
+    assert set(sections) == {_github_anchor(rule["alert"]) for rule in alerts}
+
+
+def _exposed_series(metrics: Metrics, instance: str) -> list[dict[str, str]]:
+    """promtool input series: every sample of ``metrics``' exposition (what authz serves
+    on /metrics) with the target labels Prometheus adds, held for 15 minutes."""
+    series = [{"series": f'up{{job="authz",instance="{instance}"}}', "values": "1x15"}]
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        selector, value = line.rsplit(" ", 1)
+        name, _, labels = selector.partition("{")
+        labels = labels.removesuffix("}")
+        target = f'job="authz",instance="{instance}"'
+        series.append(
+            {
+                "series": f"{name}{{{target}{',' if labels else ''}{labels}}}",
+                "values": f"{value}x15",
+            }
+        )
+    return series
+
+
+def _healthy() -> Metrics:
+    """A replica as authz's server leaves it once serving: a bundle activated, the secrets
+    file loaded, decisions counted (authz.runtime.server)."""
+    metrics = Metrics()
+    metrics.bundle.info({"revision": "r1"})
+    metrics.bundle_activations.inc()
+    metrics.secrets_loaded.set(1)
+    MetricsSink(metrics).record(
+        DecisionRecord("id", 0.001, "authz/gateway/decision", True, "allowed", 200)
+    )
+    return metrics
+
+
+def _bypass(metrics: Metrics) -> None:
+    metrics.set_mode("bypass")
+
+
+def _dry_run(metrics: Metrics) -> None:
+    metrics.set_mode("dry-run")
+
+
+def _audit_degraded(metrics: Metrics) -> None:
+    metrics.audit_degraded.set(1)
+
+
+def _secrets_failed(metrics: Metrics) -> None:
+    metrics.secrets_loaded.set(0)  # what a failed re-read does (server._secrets_reloaded)
+    metrics.secrets_reload_failures.inc()
+
+
+STATES: dict[str, tuple[Callable[[Metrics], None] | None, set[str]]] = {
+    "healthy": (None, set()),
+    "bypass": (_bypass, {"AuthzBypassMode"}),
+    "dry-run": (_dry_run, {"AuthzDryRunMode"}),
+    "audit-degraded": (_audit_degraded, {"AuthzAuditDegraded"}),
+    "secrets-not-loaded": (_secrets_failed, {"AuthzSecretsNotLoaded"}),
+}
+
+
+@pytest.mark.parametrize("state", STATES.values(), ids=STATES.keys())
+def test_safety_alerts_read_authz_metrics_as_authz_writes_them(
+    promtool_bin: str, tmp_path: Path, state: tuple[Callable[[Metrics], None] | None, set[str]]
+) -> None:
+    """authz's own exposition (the Metrics class, changed the way the server changes it),
+    held for 15 minutes: exactly the expected safety alerts fire, none on a healthy
+    replica."""
+    change, expected = state
+    metrics = _healthy()
+    if change is not None:
+        change(metrics)
+    _fired_on(promtool_bin, tmp_path, metrics, expected)
+
+
+def test_no_bundle_fires_only_bundle_not_activated(promtool_bin: str, tmp_path: Path) -> None:
+    metrics = Metrics()  # serving, but no bundle revision seen yet
+    metrics.secrets_loaded.set(1)
+    _fired_on(promtool_bin, tmp_path, metrics, {"AuthzBundleNotActivated"})
+
+
+def _fired_on(promtool_bin: str, tmp_path: Path, metrics: Metrics, expected: set[str]) -> None:
+    authz_alerts = [a for a in SAFETY_ALERTS if a != "OPABundleStale"]  # OPA's metric
+    test = {
+        "rule_files": [str(PROMETHEUS / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": _exposed_series(metrics, "authz-1:9192"),
+                "alert_rule_test": [
+                    {"eval_time": "12m", "alertname": alert, "exp_alerts": []}
+                    for alert in authz_alerts
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    result = _promtool(promtool_bin, "test", "rules", "test.yml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    fired = set(re.findall(r"alertname: (\w+), time", output))
+    assert fired == expected, output
+    assert (result.returncode == 0) == (not expected), output
+
+
+# -- Kubernetes (Prometheus Operator) -----------------------------------------------------
+
+OPERATOR_OBJECTS = ROOT / "infra/k8s/monitoring/prometheus-operator.yml"
+# Fields of the Prometheus Operator CRDs (monitoring.coreos.com/v1) these objects may use;
+# kubernetes-validate has no schema for them (test_k8s.py validates core kinds only).
+RULE_FIELDS = frozenset({"alert", "record", "expr", "for", "keep_firing_for", "labels"})
+RULE_FIELDS |= {"annotations"}
+ENDPOINT_FIELDS = frozenset({"port", "path", "interval", "scheme", "relabelings"})
+RELABEL_FIELDS = frozenset(
+    {"action", "sourceLabels", "separator", "regex", "targetLabel", "replacement"}
+)
+
+
+def _operator_objects() -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for document in yaml.safe_load_all(OPERATOR_OBJECTS.read_text()):
+        if document:
+            found.setdefault(document["kind"], []).append(document)
+    return found
+
+
+def _k8s_services() -> list[dict[str, Any]]:
+    return [
+        document
+        for path in sorted((ROOT / "infra/k8s").glob("*.yaml"))
+        for document in yaml.safe_load_all(path.read_text())
+        if document and document.get("kind") == "Service"
+    ]
+
+
+def _selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        inside = labels.get(expression["key"]) in expression["values"]
+        if inside != (expression["operator"] == "In"):
+            return False
+    return True
+
+
+def test_prometheus_rule_carries_alerts_yml() -> None:
+    """The PrometheusRule cannot drift from alerts.yml (the file promtool tests)."""
+    (rule,) = _operator_objects()["PrometheusRule"]
+    assert rule["spec"]["groups"] == _rule_groups(), "copy alerts.yml's groups into it"
+
+
+def test_prometheus_operator_objects_shape() -> None:
+    objects = _operator_objects()
+    assert set(objects) == {"PrometheusRule", "ServiceMonitor"}
+    kustomization = yaml.safe_load((OPERATOR_OBJECTS.parent / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [OPERATOR_OBJECTS.name]
+    for kind, documents in objects.items():
+        for document in documents:
+            assert set(document) == {"apiVersion", "kind", "metadata", "spec"}, kind
+            assert document["apiVersion"] == "monitoring.coreos.com/v1"
+            assert document["metadata"]["namespace"] == kustomization["namespace"] == "authz"
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", document["metadata"]["name"])
+    (rule,) = objects["PrometheusRule"]
+    assert set(rule["spec"]) == {"groups"}
+    for group in rule["spec"]["groups"]:
+        assert set(group) == {"name", "rules"}
+        for entry in group["rules"]:
+            assert set(entry) <= RULE_FIELDS, entry
+            assert "expr" in entry, entry
+
+
+def test_service_monitors_scrape_the_jobs_the_alerts_name() -> None:
+    """Every ServiceMonitor endpoint is a named port of a Service it selects, and the
+    jobs they produce are the ones the alerts match on (as prometheus.yml in Compose)."""
+    services = _k8s_services()
+    jobs: set[str] = set()
+    for monitor in _operator_objects()["ServiceMonitor"]:
+        spec = monitor["spec"]
+        assert set(spec) == {"selector", "namespaceSelector", "endpoints"}
+        selected = [
+            s
+            for s in services
+            if s["metadata"]["namespace"] in spec["namespaceSelector"]["matchNames"]
+            and _selected(spec["selector"], s["metadata"].get("labels", {}))
+        ]
+        assert selected, monitor["metadata"]["name"]
+        for endpoint in spec["endpoints"]:
+            assert set(endpoint) <= ENDPOINT_FIELDS, endpoint
+            ports = {p.get("name") for s in selected for p in s["spec"]["ports"]}
+            assert endpoint["port"] in ports, endpoint
+            for relabel in endpoint["relabelings"]:
+                assert set(relabel) <= RELABEL_FIELDS, relabel
+                if relabel["targetLabel"] == "job":
+                    jobs.add(relabel["replacement"])
+    named = {job for _, expr in _alert_exprs() for job in re.findall(r'job="([^"]+)"', expr)}
+    compose = {
+        job["job_name"]
+        for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    assert named <= jobs == compose
 
 
 # -- Grafana --------------------------------------------------------------------------

@@ -19,7 +19,13 @@ from authz.core.input import BodyParsing
 from authz.core.mode import Mode
 from authz.core.opa import parse_decision_path
 from authz.core.secret import Secret
-from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS, Settings, is_loopback_host, load
+from authz.runtime.config import (
+    DEFAULT_CREDENTIAL_HEADERS,
+    Settings,
+    is_loopback_host,
+    load,
+    unknown_variables,
+)
 
 TOKEN = "opa-t0ken-5f4e3d2c1b0a"
 
@@ -920,3 +926,157 @@ def test_proto_descriptor_that_cannot_be_used_fails_startup_naming_key_and_file(
         build_authorizer(settings, FakeEngine({"allowed": True}), sinks=())
     assert f"AUTHZ_PROTO_DESCRIPTOR={str(path)!r}" in str(caught.value)
     assert expected in str(caught.value)
+
+
+# -- Secrets from files: AUTHZ_<KEY>_FILE (Docker and Kubernetes secrets) ----------------
+
+ADMIN_TOKEN = "adm1n-" + "x" * 40
+REDIS_URL = "redis://:hunter2-redis-password@redis:6379/0"
+SECRET_FILE_CASES = [
+    ("AUTHZ_ADMIN_TOKEN", "admin_token", ADMIN_TOKEN),
+    ("AUTHZ_OPA_TOKEN", "opa_token", TOKEN),
+    ("AUTHZ_REDIS_URL", "redis_url", REDIS_URL),
+]
+
+
+@pytest.mark.parametrize(
+    ("variable", "attribute", "value"), SECRET_FILE_CASES, ids=[c[1] for c in SECRET_FILE_CASES]
+)
+def test_secret_file_variant_reads_the_value_without_its_newline(
+    tmp_path: Path, variable: str, attribute: str, value: str
+) -> None:
+    path = write(tmp_path, value + "\n", name="secret")
+    settings = load({f"{variable}_FILE": str(path)})
+    secret = getattr(settings, attribute)
+    assert isinstance(secret, Secret)
+    assert secret.reveal() == value
+    assert value not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "attribute", "value"), SECRET_FILE_CASES, ids=[c[1] for c in SECRET_FILE_CASES]
+)
+def test_secret_variable_and_its_file_together_are_refused(
+    tmp_path: Path, variable: str, attribute: str, value: str
+) -> None:
+    path = write(tmp_path, value, name="secret")
+    with pytest.raises(ConfigError) as caught:
+        load({variable: value, f"{variable}_FILE": str(path)})
+    message = str(caught.value)
+    assert variable in message
+    assert f"{variable}_FILE" in message
+    assert value not in message
+
+
+def test_empty_secret_variable_beside_its_file_counts_as_unset(tmp_path: Path) -> None:
+    """Compose's `AUTHZ_REDIS_URL: ${AUTHZ_REDIS_URL:-}` passes an empty variable."""
+    path = write(tmp_path, REDIS_URL, name="secret")
+    settings = load({"AUTHZ_REDIS_URL": "", "AUTHZ_REDIS_URL_FILE": str(path)})
+    assert settings.redis_url == Secret(REDIS_URL)
+
+
+@pytest.mark.parametrize(
+    ("variable", "content", "expected"),
+    [
+        ("AUTHZ_ADMIN_TOKEN", "short-" + "s3cr3t", "at least 32 characters"),
+        ("AUTHZ_REDIS_URL", "http://:pw-s3cr3t@redis:6379", "redis://"),
+        ("AUTHZ_OPA_TOKEN", "", "is empty"),
+        ("AUTHZ_OPA_TOKEN", "x" * (64 * 1024 + 1), "larger than"),
+    ],
+    ids=["short-admin-token", "redis-url-scheme", "empty-file", "oversized-file"],
+)
+def test_secret_file_errors_name_the_key_and_the_file_never_the_value(
+    tmp_path: Path, variable: str, content: str, expected: str
+) -> None:
+    path = write(tmp_path, content, name="secret")
+    with pytest.raises(ConfigError) as caught:
+        load({f"{variable}_FILE": str(path)})
+    message = str(caught.value)
+    assert f"{variable}_FILE={str(path)!r}" in message
+    assert expected in message
+    if content:
+        assert content not in message
+        assert "s3cr3t" not in message
+
+
+def test_unreadable_secret_file_names_the_key_and_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent"
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_ADMIN_TOKEN_FILE": str(missing)})
+    assert f"AUTHZ_ADMIN_TOKEN_FILE={str(missing)!r}" in str(caught.value)
+
+
+# -- Unknown AUTHZ_* variables -----------------------------------------------------------
+
+TYPOS = [
+    ("AUTHZ_ALLOW_BYPAS", "AUTHZ_ALLOW_BYPASS"),
+    ("AUTHZ_REDIS_FAILURE", "AUTHZ_REDIS_FAILURE_MODE"),
+    ("AUTHZ_GRPC_TLS_CLIENTCA", "AUTHZ_GRPC_TLS_CLIENT_CA"),
+    ("AUTHZ_FAIL_OPEN_PATH", "AUTHZ_FAIL_OPEN_PATHS"),
+    ("AUTHZ_ADMIN_TOKEN_FIEL", "AUTHZ_ADMIN_TOKEN_FILE"),
+    ("AUTHZ_ADMIN_TOKN", "AUTHZ_ADMIN_TOKEN"),
+]
+
+
+@pytest.mark.parametrize(("typo", "meant"), TYPOS, ids=[t[0] for t in TYPOS])
+def test_unknown_variable_resembling_a_setting_is_refused(typo: str, meant: str) -> None:
+    """A typo'd setting is never silently ignored: the variable, and what it resembles,
+    are named; its value is not (it may be a token)."""
+    value = "deny-" + "v4lue" * 8
+    with pytest.raises(ConfigError) as caught:
+        load({typo: value})
+    message = str(caught.value)
+    assert typo in message
+    assert meant in message
+    assert value not in message
+
+
+def test_unrelated_unknown_variables_are_reported_not_refused() -> None:
+    """Tool variables and Kubernetes service links share the prefix: one warning, no exit."""
+    environ = {
+        "AUTHZ_OPA_BIN": "/usr/bin/opa",
+        "AUTHZ_METRICS_SERVICE_HOST": "10.0.0.7",
+        "AUTHZ_LOG_LEVEL": "INFO",
+        "AUTHZ_ADMIN_TOKEN_FILE": "/dev/null",
+        "OTHER": "x",
+    }
+    load({k: v for k, v in environ.items() if k != "AUTHZ_ADMIN_TOKEN_FILE"})
+    assert unknown_variables(environ) == ["AUTHZ_METRICS_SERVICE_HOST", "AUTHZ_OPA_BIN"]
+
+
+def test_no_unknown_variables_in_a_clean_environment() -> None:
+    assert unknown_variables({"AUTHZ_MODE": "enforce", "AUTHZ_REDIS_URL_FILE": "/x"}) == []
+
+
+# AUTHZ_* variables that are not settings: the project's scripts and tests, Compose
+# interpolation, Kubernetes service links of the Service "authz-metrics".
+NOT_SETTINGS = [
+    "AUTHZ_OPA_BIN",
+    "AUTHZ_ENVOY_BIN",
+    "AUTHZ_PEER_BIN",
+    "AUTHZ_PROMTOOL_BIN",
+    "AUTHZ_COMPOSECHECK_BIN",
+    "AUTHZ_VENV",
+    "AUTHZ_CACHE",
+    "AUTHZ_TIMEOUT",
+    "AUTHZ_E2E_CONTAINERS",
+    "AUTHZ_SECRETS_DIR",
+    "AUTHZ_BUNDLE_DIR",
+    "AUTHZ_BUNDLE_PUBLIC_KEY",
+    "AUTHZ_CLIENT_TLS_DIR",
+    "AUTHZ_GATEWAY_TLS_NAME",
+    "AUTHZ_EGRESS_TLS_NAME",
+    "AUTHZ_GATEWAY_BIND",
+    "AUTHZ_EGRESS_BIND",
+    "AUTHZ_METRICS_SERVICE_HOST",
+    "AUTHZ_METRICS_SERVICE_PORT",
+    "AUTHZ_METRICS_SERVICE_PORT_ADMIN",
+    "AUTHZ_METRICS_PORT",
+    "AUTHZ_METRICS_PORT_9192_TCP_ADDR",
+]
+
+
+def test_the_projects_other_authz_variables_are_not_taken_for_typos() -> None:
+    environ = dict.fromkeys(NOT_SETTINGS, "1")
+    load(environ)
+    assert unknown_variables(environ) == sorted(NOT_SETTINGS)

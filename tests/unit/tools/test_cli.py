@@ -307,6 +307,134 @@ def test_serve_is_default_command(
     assert settings.decision_timeout_ms == 250
 
 
+def test_serve_warns_once_about_unknown_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], served: list[Settings]
+) -> None:
+    """An AUTHZ_* variable that is no setting (and resembles none) is one warning line
+    naming it, never its value; the server still starts."""
+    monkeypatch.setenv("AUTHZ_METRICS_SERVICE_HOST", "10.0.0.7")
+    monkeypatch.setenv("AUTHZ_NIGHTLY_BUNDLE", "secret-looking-value")
+    assert main(["serve"]) == 0
+    assert len(served) == 1
+    err = capsys.readouterr().err
+    [line] = [json.loads(text) for text in err.splitlines()]
+    assert line["level"] == "warning"
+    assert "AUTHZ_METRICS_SERVICE_HOST, AUTHZ_NIGHTLY_BUNDLE" in line["msg"]
+    assert "secret-looking-value" not in err
+
+
+def test_serve_refuses_a_typo_of_a_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], served: list[Settings]
+) -> None:
+    monkeypatch.setenv("AUTHZ_REDIS_FAILURE", "deny")
+    assert main(["serve"]) == 2
+    assert served == []
+    assert "did you mean AUTHZ_REDIS_FAILURE_MODE?" in capsys.readouterr().err
+
+
+# --- config check ------------------------------------------------------------------------
+
+CHECK_ADMIN_TOKEN = "adm1n-" + "t" * 40
+CHECK_OPA_TOKEN = "opa-" + "q" * 40
+CHECK_REDIS_PASSWORD = "hunter2-redis-pw"
+
+
+@pytest.fixture
+def checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, served: list[Settings]) -> Path:
+    """A clean environment setting a secret of each kind (one from a file), a plain
+    setting, and a settings file; returns the settings file."""
+    for name in list(os.environ):  # served keeps AUTHZ_*_BIN: not needed here
+        if name.startswith("AUTHZ_"):
+            monkeypatch.delenv(name)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(CHECK_ADMIN_TOKEN + "\n", encoding="utf-8")
+    monkeypatch.setenv("AUTHZ_ADMIN_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("AUTHZ_OPA_TOKEN", CHECK_OPA_TOKEN)
+    monkeypatch.setenv("AUTHZ_REDIS_URL", f"redis://:{CHECK_REDIS_PASSWORD}@redis:6379/0")
+    monkeypatch.setenv("AUTHZ_DECISION_TIMEOUT_MS", "250")
+    settings_file = tmp_path / "authz.yaml"
+    settings_file.write_text("log_level: DEBUG\ndecision_timeout_ms: 100\n", encoding="utf-8")
+    return settings_file
+
+
+def _no_secret(text: str) -> None:
+    for secret in (CHECK_ADMIN_TOKEN, CHECK_OPA_TOKEN, CHECK_REDIS_PASSWORD):
+        assert secret not in text
+
+
+def test_config_check_prints_effective_settings_with_secrets_masked(
+    capsys: pytest.CaptureFixture[str], checked: Path
+) -> None:
+    assert main(["config", "check", "--config", str(checked)]) == 0
+    out, err = capsys.readouterr()
+    _no_secret(out + err)
+    lines = dict(line.split("=", 1) for line in out.splitlines())
+    # Every setting, with where its value came from (the environment wins over the file).
+    assert {f"AUTHZ_{name.upper()}" for name in Settings.__dataclass_fields__} == set(lines)
+    assert lines["AUTHZ_DECISION_TIMEOUT_MS"] == "250  # environment"
+    assert lines["AUTHZ_LOG_LEVEL"] == f"DEBUG  # {checked.name}"
+    assert lines["AUTHZ_GRPC_ADDR"] == "127.0.0.1:9191  # default"
+    assert lines["AUTHZ_ADMIN_TOKEN"] == "**********  # AUTHZ_ADMIN_TOKEN_FILE"
+    assert lines["AUTHZ_OPA_TOKEN"] == "**********  # environment"
+    assert lines["AUTHZ_REDIS_URL"] == "**********  # environment"
+
+
+def test_config_check_json(capsys: pytest.CaptureFixture[str], checked: Path) -> None:
+    assert main(["config", "check", "--config", str(checked), "--json"]) == 0
+    out, err = capsys.readouterr()
+    _no_secret(out + err)
+    report = json.loads(out)
+    assert report["valid"] is True
+    assert report["settings"]["decision_timeout_ms"] == {"value": 250, "source": "environment"}
+    assert report["settings"]["admin_token"]["value"] == "**********"
+    assert report["settings"]["credential_headers"]["value"] == list(Settings().credential_headers)
+    assert report["unknown_variables"] == []
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AUTHZ_DECISION_TIMEOUT_MS": "0"}, "AUTHZ_DECISION_TIMEOUT_MS='0'"),
+        ({"AUTHZ_ADMIN_TOKEN": CHECK_ADMIN_TOKEN}, "are both set"),
+        ({"AUTHZ_ALLOW_BYPAS": "true"}, "did you mean AUTHZ_ALLOW_BYPASS?"),
+        ({"AUTHZ_MODE": "bypass"}, "AUTHZ_ALLOW_BYPASS=true"),
+    ],
+    ids=["bad-value", "variable-and-file", "typo", "inconsistent"],
+)
+def test_config_check_invalid_exits_2_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    checked: Path,
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["config", "check", "--config", str(checked)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in err
+    _no_secret(err)
+
+
+def test_config_check_bad_settings_file_exits_2(
+    capsys: pytest.CaptureFixture[str], checked: Path
+) -> None:
+    checked.write_text("log_levle: DEBUG\n", encoding="utf-8")
+    assert main(["config", "check", "--config", str(checked)]) == 2
+    assert "unknown key 'log_levle'" in capsys.readouterr().err
+
+
+def test_config_check_reports_unknown_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], checked: Path
+) -> None:
+    monkeypatch.setenv("AUTHZ_METRICS_SERVICE_HOST", "10.0.0.7")
+    assert main(["config", "check"]) == 0
+    err = capsys.readouterr().err
+    assert "AUTHZ_METRICS_SERVICE_HOST" in err
+    assert "10.0.0.7" not in err
+
+
 def test_digest_matches_cli_hash(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -336,8 +464,16 @@ VERBS: list[tuple[str, ...]] = [
     ("audit", "replay"),
     ("generate", "deploy"),
     ("generate", "egress-envoy"),
+    ("config", "check"),
 ]
-GROUPS: list[tuple[str, ...]] = [("key",), ("sandbox",), ("secrets",), ("audit",), ("generate",)]
+GROUPS: list[tuple[str, ...]] = [
+    ("key",),
+    ("sandbox",),
+    ("secrets",),
+    ("audit",),
+    ("generate",),
+    ("config",),
+]
 VERB_IDS = [" ".join(verb) for verb in VERBS]
 
 
@@ -687,6 +823,7 @@ CODES = {
     ("audit", "replay"): {0, 1, 2},
     ("generate", "deploy"): {0, 1, 2},
     ("generate", "egress-envoy"): {0, 1, 2},
+    ("config", "check"): {0, 2},
 }
 
 
