@@ -146,7 +146,7 @@ def message_to_input(message: Message) -> dict[str, Any]:
     lists; ``Struct`` values become plain JSON; bytes become base64 strings."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name in _STRUCT_TYPES:
-        result = MessageToDict(message)
+        result = _integral_numbers(MessageToDict(message))
         return result if isinstance(result, dict) else {"value": result}
     plans = _PLANS.get(descriptor)
     if plans is None:
@@ -244,14 +244,32 @@ def parse_query(
     return result
 
 
+def _integral_numbers(value: Any) -> Any:
+    """``value`` (a ``Struct`` as JSON) with integral doubles as integers (``-0.0`` as 0),
+    as the plugin's input has them: ``Struct`` numbers are doubles, and Go writes an
+    integral float64 without a fraction (``1``, not ``1.0``). Only below 2**53, where a
+    double is an exact integer."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if isinstance(value, dict):
+        return {k: _integral_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_numbers(v) for v in value]
+    return value
+
+
+# Go's strconv.ParseInt(s, 10, 64), which the plugin applies to content-length.
+_CONTENT_LENGTH: Final = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_INT64_MAX: Final = 2**63 - 1
+
+
 def _truncated(headers: Mapping[str, str], length: int) -> bool:
     declared = headers.get("content-length")
     if declared is None:
         return False
-    try:
-        expected = int(declared, 10)
-    except ValueError:
-        raise RequestError(f"invalid content-length {declared[:32]!r}") from None
+    expected = int(declared) if _CONTENT_LENGTH.fullmatch(declared) else None
+    if expected is None or not -_INT64_MAX - 1 <= expected <= _INT64_MAX:
+        raise RequestError(f"invalid content-length {declared[:32]!r}")
     return expected != -1 and expected > length
 
 

@@ -1527,3 +1527,56 @@ def test_json_number_beyond_the_double_range_is_refused(body: bytes) -> None:
     # number beyond the IEEE double range (docs/contract.md).
     with pytest.raises(RequestError, match="beyond the IEEE double range"):
         parse_body({"content-type": JSON}, "", body)
+
+
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [
+        ("7", False),
+        ("+7", False),
+        ("-1", False),
+        ("7 ", True),
+        (" 7", True),
+        ("0x7", True),
+        ("99999999999999999999", True),
+        ("9223372036854775807", False),
+        ("", True),
+    ],
+    ids=[
+        "plain",
+        "plus",
+        "minus-one",
+        "trailing-space",
+        "leading-space",
+        "hex",
+        "beyond-int64",
+        "int64-max",
+        "empty",
+    ],
+)
+def test_content_length_reads_as_go_parse_int(declared: str, refused: bool) -> None:
+    # The plugin reads content-length with strconv.ParseInt(s, 10, 64) and refuses a body
+    # whose length does not parse (400 request_parse_error); Python's int() would accept
+    # surrounding whitespace and any size.
+    headers = {"content-type": "application/json", "content-length": declared}
+    if refused:
+        with pytest.raises(RequestError, match="invalid content-length"):
+            parse_body(headers, '{"a":1}', b"")
+    else:
+        parse_body(headers, '{"a":1}', b"")
+
+
+@pytest.mark.parametrize(
+    ("number", "expected"),
+    [(1.0, 1), (-0.0, 0), (2.5, 2.5), (1e300, 1e300), (12345678.0, 12345678)],
+    ids=["one", "negative-zero", "fraction", "beyond-2-53", "integral"],
+)
+def test_struct_numbers_read_as_the_plugin_writes_them(number: float, expected: object) -> None:
+    # Struct numbers are doubles; Go writes an integral float64 without a fraction, so the
+    # plugin's policy sees 1 where json.marshal of authz's input said 1.0.
+    request = check_request()
+    request.attributes.metadata_context.filter_metadata["m"].update({"n": number})
+    document = build_input(request, ())
+    value = document["attributes"]["metadataContext"]["filterMetadata"]["m"]["n"]
+    assert value == expected
+    assert type(value) is type(expected)
