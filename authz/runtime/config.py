@@ -118,6 +118,14 @@ DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
 # decision-log event (https://www.openpolicyagent.org/docs/management-decision-logs).
 DECISION_LOG_FORMATS: Final = ("authz", "opa")
 DEFAULT_DECISION_LOG_FORMAT: Final = "authz"
+# Decision-log upload (README "Decision log"), OPA's decision_logs.reporting knobs
+# (https://www.openpolicyagent.org/docs/configuration#decision-logs): the delay between
+# uploads and the retry backoff's bounds, one upload's size, and the buffer's bound.
+# OPA waits 300..600 s between uploads; authz ships sooner so a log pipeline stays current.
+DEFAULT_DECISION_LOG_MIN_DELAY_S: Final = 5.0
+DEFAULT_DECISION_LOG_MAX_DELAY_S: Final = 60.0
+DEFAULT_DECISION_LOG_UPLOAD_SIZE_LIMIT_BYTES: Final = 32768  # OPA's default
+DEFAULT_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES: Final = 16 * 1024 * 1024
 
 _NEVER_IGNORED: Final = (
     "{name!r} is a credential or identity header (authz.core.headers, AUTHZ_CREDENTIAL_HEADERS); "
@@ -126,11 +134,18 @@ _NEVER_IGNORED: Final = (
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
-_SECRET_KEYS: Final = frozenset({"opa_token", "redis_url", "admin_token"})
+_SECRET_KEYS: Final = frozenset(
+    {"opa_token", "redis_url", "admin_token", "decision_log_service_token"}
+)
 # Operators' secrets as files (Docker and Kubernetes secrets): AUTHZ_<KEY>_FILE names a
 # file holding the value (surrounding whitespace, the trailing newline, stripped).
 FILE_SUFFIX: Final = "_FILE"
-SECRET_FILE_KEYS: Final = ("admin_token", "opa_token", "redis_url")
+SECRET_FILE_KEYS: Final = (
+    "admin_token",
+    "opa_token",
+    "redis_url",
+    "decision_log_service_token",
+)
 SECRET_FILE_MAX_BYTES: Final = 64 * 1024
 # An unknown AUTHZ_* variable at least this similar (difflib's ratio, 0..1, names without
 # the prefix) to a setting's variable is refused as a typo; anything less alike (tool
@@ -206,6 +221,15 @@ class Settings:
     # request bodies are decoded with a descriptor set (the plugin's proto-descriptor).
     jwt_passthrough: bool = True
     proto_descriptor: Path | None = None
+    # Decision-log upload (issue #17): OPA's upload protocol to a remote service.
+    decision_log_service_url: str | None = None
+    decision_log_service_token: Secret | None = None
+    decision_log_min_delay_s: float = DEFAULT_DECISION_LOG_MIN_DELAY_S
+    decision_log_max_delay_s: float = DEFAULT_DECISION_LOG_MAX_DELAY_S
+    decision_log_upload_size_limit_bytes: int = DEFAULT_DECISION_LOG_UPLOAD_SIZE_LIMIT_BYTES
+    decision_log_buffer_size_limit_bytes: int = DEFAULT_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES
+    decision_log_drop_allowed: bool = False
+    decision_log_drop_paths: tuple[str, ...] = ()
 
     @property
     def grpc_tls(self) -> bool:
@@ -247,6 +271,35 @@ def _url(key: str, value: str) -> str:
             f"{key}={value!r}: expected an http(s) URL without a query, or unix:///path"
         )
     return value.rstrip("/")
+
+
+def _service_url(key: str, value: Any) -> str | None:
+    # A decision-log service: http(s) without credentials in it (the token has its own key).
+    text = str(value).strip()
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ConfigError(f"{key}={value!r}: expected an http(s) URL without a query")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"{key}=<redacted>: no credentials in the URL; set "
+            "AUTHZ_DECISION_LOG_SERVICE_TOKEN(_FILE) instead"
+        )
+    return text.rstrip("/")
+
+
+def _bearer(key: str, value: Any) -> Secret | None:
+    # Never quote the value: it is a credential.
+    text = str(value).strip()
+    if not text:
+        return None
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        raise ConfigError(
+            f"{key}=<redacted>: expected RFC 6750 bearer token characters only "
+            "(A-Z a-z 0-9 - . _ ~ + /, then optional '=' padding)"
+        )
+    return Secret(text)
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
@@ -497,6 +550,15 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_log_format": _choice(*DECISION_LOG_FORMATS),
     "jwt_passthrough": _bool,
     "proto_descriptor": _path,
+    # Decision-log upload (issue #17): OPA's upload protocol to a remote service.
+    "decision_log_service_url": _service_url,
+    "decision_log_service_token": _bearer,
+    "decision_log_min_delay_s": _interval,
+    "decision_log_max_delay_s": _interval,
+    "decision_log_upload_size_limit_bytes": _int_in(1024, 64 * 1024 * 1024),
+    "decision_log_buffer_size_limit_bytes": _int_in(1024, 1024**3),
+    "decision_log_drop_allowed": _bool,
+    "decision_log_drop_paths": _decision_paths,
 }
 
 
@@ -542,6 +604,7 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     settings = Settings(**values)
     _check_consistency(settings)
     _check_transport(settings)
+    _check_decision_upload(settings)
     return settings
 
 
@@ -682,6 +745,39 @@ def _check_consistency(settings: Settings) -> None:
     if settings.rate_limit_backend == "redis" and settings.redis_url is None:
         raise ConfigError(
             "AUTHZ_RATE_LIMIT_BACKEND='redis': AUTHZ_REDIS_URL is required (redis://host:port/0)"
+        )
+
+
+def _check_decision_upload(settings: Settings) -> None:
+    """The decision-log upload's settings agree, and the service is reached over TLS
+    unless on loopback (an uploaded event holds decision inputs; the token rides along)."""
+    if settings.decision_log_min_delay_s > settings.decision_log_max_delay_s:
+        raise ConfigError(
+            f"AUTHZ_DECISION_LOG_MIN_DELAY_S={settings.decision_log_min_delay_s}: at most "
+            f"AUTHZ_DECISION_LOG_MAX_DELAY_S={settings.decision_log_max_delay_s}"
+        )
+    upload_limit = settings.decision_log_upload_size_limit_bytes
+    if upload_limit > settings.decision_log_buffer_size_limit_bytes:
+        raise ConfigError(
+            "AUTHZ_DECISION_LOG_UPLOAD_SIZE_LIMIT_BYTES="
+            f"{upload_limit}: at most "
+            "AUTHZ_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES="
+            f"{settings.decision_log_buffer_size_limit_bytes}"
+        )
+    url = settings.decision_log_service_url
+    if url is None:
+        if settings.decision_log_service_token is not None:
+            raise ConfigError(
+                "AUTHZ_DECISION_LOG_SERVICE_TOKEN=<redacted>: set without "
+                "AUTHZ_DECISION_LOG_SERVICE_URL (the service to send it to)"
+            )
+        return
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+        raise ConfigError(
+            f"AUTHZ_DECISION_LOG_SERVICE_URL={url!r}: refusing plaintext HTTP to a "
+            "non-loopback host (decision inputs and the service token would cross the "
+            "network in clear); use https://"
         )
 
 

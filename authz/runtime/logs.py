@@ -25,6 +25,7 @@ unless small, and a line still over its cap sheds input fields (named in ``erase
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -33,7 +34,7 @@ import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Protocol
 from urllib.parse import unquote, unquote_plus
 
 import orjson
@@ -58,6 +59,7 @@ __all__ = [
     "SENSITIVE_HEADERS",
     "SENSITIVE_QUERY_PARAMS",
     "DecisionLog",
+    "EventUpload",
     "JsonFormatter",
     "configure",
     "opa_event",
@@ -536,6 +538,23 @@ def _fit_authz(fields: dict[str, Any], limit: int) -> bytes:
     return orjson.dumps(_cap(minimal, _CORE_VALUE_MAX))
 
 
+# The console line's own fields (plugin.go, logEvent): not part of an uploaded event.
+_CONSOLE_FIELDS: Final = ("type", "level", "msg", "time")
+
+
+class EventUpload(Protocol):
+    """Where :class:`DecisionLog` hands OPA decision-log events for upload
+    (:class:`authz.runtime.decision_upload.DecisionUploader`)."""
+
+    def wants(self, record: DecisionRecord) -> bool:
+        """False when a drop rule leaves ``record`` out of the upload."""
+        ...
+
+    def add(self, event: bytes) -> None:
+        """Take one event (OPA's ``EventV1`` as JSON, masked and byte-capped); never blocks."""
+        ...
+
+
 class DecisionLog:
     """A :class:`~authz.core.record.DecisionSink` writing one JSON line per decision to
     ``stream`` (default stdout), in ``format`` (``authz``: :meth:`DecisionRecord.log_fields`;
@@ -546,7 +565,11 @@ class DecisionLog:
     the OPA event's input, and a line stays within ``line_max_bytes`` (newline excluded).
     ``credential_headers`` are masked besides :data:`SENSITIVE_HEADERS`. ``labels`` are
     OPA's ``labels``: ``id`` (this process, a random UUID unless given), ``version``
-    (authz's) and ``app`` (``authz``)."""
+    (authz's) and ``app`` (``authz``).
+
+    ``upload`` (when given) receives every decision it :meth:`~EventUpload.wants` as OPA's
+    event (:meth:`upload_event`: the OPA line without the console's own fields), whatever
+    ``format`` the line has; ``console=False`` writes no line (upload only)."""
 
     def __init__(
         self,
@@ -558,6 +581,8 @@ class DecisionLog:
         body_max_bytes: int = DEFAULT_AUDIT_BODY_MAX_BYTES,
         line_max_bytes: int = DEFAULT_AUDIT_ROW_MAX_BYTES,
         instance_id: str | None = None,
+        upload: EventUpload | None = None,
+        console: bool = True,
     ) -> None:
         if format not in DECISION_LOG_FORMATS:
             raise ValueError(
@@ -575,9 +600,17 @@ class DecisionLog:
             "app": "authz",
         }
         self._req_ids = itertools.count(1)
+        self._upload = upload
+        self._console = console
 
     @classmethod
-    def from_settings(cls, settings: Settings, stream: IO[str] | None = None) -> DecisionLog:
+    def from_settings(
+        cls,
+        settings: Settings,
+        stream: IO[str] | None = None,
+        *,
+        upload: EventUpload | None = None,
+    ) -> DecisionLog:
         """The decision log ``settings`` describe: ``decision_log_format``, the credential
         headers, and the audit trail's caps (``audit_value_max_bytes``,
         ``audit_body_max_bytes``, ``audit_row_max_bytes``)."""
@@ -588,18 +621,23 @@ class DecisionLog:
             value_max_bytes=settings.audit_value_max_bytes,
             body_max_bytes=settings.audit_body_max_bytes,
             line_max_bytes=settings.audit_row_max_bytes,
+            upload=upload,
+            console=settings.decision_log,
         )
 
     def line(self, record: DecisionRecord) -> bytes:
         """The line for ``record``, without its newline. An input or result JSON cannot
         hold as orjson writes it (an integer beyond 64 bits) is left out (``erased``)."""
+        return self._line_as(record, self._format)
+
+    def _line_as(self, record: DecisionRecord, format: str) -> bytes:
         try:
-            return self._line(record)
+            return self._line(record, format)
         except orjson.JSONEncodeError:
             if record.document is None and record.opa_result is None:
                 raise
-        line = self._line(dataclasses.replace(record, document=None, opa_result=None))
-        if self._format != "opa":
+        line = self._line(dataclasses.replace(record, document=None, opa_result=None), format)
+        if format != "opa":
             return line
         event = orjson.loads(line)
         left_out = [
@@ -610,8 +648,8 @@ class DecisionLog:
         event["erased"] = [*event.get("erased", ()), *left_out]
         return _fit_opa(event, self._line_max)
 
-    def _line(self, record: DecisionRecord) -> bytes:
-        if self._format == "opa":
+    def _line(self, record: DecisionRecord, format: str) -> bytes:
+        if format == "opa":
             event = opa_event(
                 record,
                 labels=self._labels,
@@ -624,13 +662,32 @@ class DecisionLog:
         fields = _mask_jwts(record.log_fields(), [], ())
         return _fit_authz(_cap(fields, self._value_max), self._line_max)
 
+    def upload_event(self, record: DecisionRecord, line: bytes | None = None) -> bytes:
+        """``record`` as the OPA event an upload carries: OPA's ``EventV1`` (the console
+        line without ``type``, ``level``, ``msg`` and ``time``), masked and capped as the
+        OPA line is. ``line``: the OPA-format line already made for ``record``, if any."""
+        if line is None or self._format != "opa":
+            line = self._line_as(record, "opa")
+        event = orjson.loads(line)
+        for name in _CONSOLE_FIELDS:
+            event.pop(name, None)
+        return _dumps(event)
+
     def record(self, record: DecisionRecord) -> None:
-        """Write :meth:`line` for ``record``."""
-        try:
-            self._stream.write(self.line(record).decode() + "\n")
-            self._stream.flush()
-        except (OSError, ValueError):  # closed or full stream: keep serving
-            pass
+        """Write :meth:`line` for ``record`` (unless ``console`` is off), and hand its
+        :meth:`upload_event` to ``upload`` when that wants it."""
+        line: bytes | None = None
+        if self._console:
+            try:
+                line = self.line(record)
+                self._stream.write(line.decode() + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # closed or full stream: keep serving
+                pass
+        if self._upload is not None and self._upload.wants(record):
+            # An unencodable record: the console line has the story.
+            with contextlib.suppress(OSError, ValueError):
+                self._upload.add(self.upload_event(record, line))
 
 
 def configure(level: str, stream: IO[str] | None = None) -> None:

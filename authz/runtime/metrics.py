@@ -38,6 +38,12 @@ decision_cache_max_bytes                   gauge      -
 decision_cache_stale_puts_total            counter    -
 expiring_key_decisions_total               counter    path
 decision_fields_ignored_total              counter    path, field (a decision field name)
+decision_log_dropped_total                 counter    reason (buffer_full, too_large, shutdown)
+decision_log_uploads_total                 counter    result (ok, error)
+decision_log_upload_events_total           counter    -
+decision_log_upload_bytes_total            counter    -
+decision_log_buffer_bytes                  gauge      -
+decision_log_buffer_max_bytes              gauge      -
 build_info                                 info       version
 =========================================  =========  =================================
 """
@@ -189,6 +195,39 @@ class Metrics:
             ("path", "field"),
             registry=r,
         )
+        # Decision-log upload (authz.runtime.decision_upload).
+        self.decision_log_dropped = Counter(
+            "authz_decision_log_dropped",
+            "Decision-log events dropped before upload (buffer full, too large, shutdown).",
+            ("reason",),
+            registry=r,
+        )
+        self.decision_log_uploads = Counter(
+            "authz_decision_log_uploads",
+            "Decision-log upload requests by result (ok: 2xx; error: anything else).",
+            ("result",),
+            registry=r,
+        )
+        self.decision_log_upload_events = Counter(
+            "authz_decision_log_upload_events", "Decision-log events uploaded.", registry=r
+        )
+        self.decision_log_upload_bytes = Counter(
+            "authz_decision_log_upload_bytes",
+            "Decision-log bytes uploaded (gzip bodies).",
+            registry=r,
+        )
+        self.decision_log_buffer_bytes = Gauge(
+            "authz_decision_log_buffer_bytes",
+            "Bytes of decision-log events waiting for upload.",
+            registry=r,
+        )
+        self.decision_log_buffer_max_bytes = Gauge(
+            "authz_decision_log_buffer_max_bytes",
+            "The decision-log upload buffer's bound in bytes.",
+            registry=r,
+        )
+        for reason in ("buffer_full", "too_large", "shutdown"):  # 0 from the start: rate()
+            self.decision_log_dropped.labels(reason=reason)
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")

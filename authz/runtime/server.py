@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
+import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -46,6 +47,7 @@ from authz.runtime.audit import AuditTrail, Projection
 from authz.runtime.bundle_watch import BundleWatcher
 from authz.runtime.circuit import CLOSED, CircuitBreaker
 from authz.runtime.config import Settings, is_loopback_host
+from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
 from authz.runtime.expiry import KeyExpiryWatch
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics, MetricsSink
@@ -415,8 +417,9 @@ async def _build(
         MetricsSink(metrics),
         KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions),
     ]
-    if settings.decision_log:
-        sinks.append(DecisionLog.from_settings(settings))
+    upload = await _decision_upload(settings, metrics, stack)
+    if settings.decision_log or upload is not None:
+        sinks.append(DecisionLog.from_settings(settings, upload=upload))
     if audit is not None:
         sinks.append(audit)
     authorizer = build_authorizer(
@@ -670,6 +673,18 @@ def _background(
         await asyncio.gather(task, return_exceptions=True)
 
     stack.push_async_callback(cancel)
+
+
+async def _decision_upload(
+    settings: Settings, metrics: Metrics, stack: contextlib.AsyncExitStack
+) -> DecisionUploader | None:
+    """The decision-log uploader when ``AUTHZ_DECISION_LOG_SERVICE_URL`` is set, running
+    until ``stack`` unwinds (then flushed within ``shutdown_grace_s``)."""
+    if settings.decision_log_service_url is None:
+        return None
+    session = await stack.enter_async_context(aiohttp.ClientSession())
+    uploader = DecisionUploader.from_settings(settings, aiohttp_post(session), metrics)
+    return await stack.enter_async_context(uploader.running(settings.shutdown_grace_s))
 
 
 def _audit_action(audit: AuditTrail | None) -> Callable[[str, Mapping[str, Any]], None]:
