@@ -115,6 +115,10 @@ class DecisionUploader:
         self._bytes = 0
         self._seq = itertools.count()
         self._wake = asyncio.Event()
+        # The batch in flight (its last sequence number) and how many of its events the
+        # buffer has evicted since: counted as dropped only if the service refuses it.
+        self._in_flight = -1
+        self._evicted_in_flight = 0
         metrics.decision_log_buffer_max_bytes.set(buffer_size_limit_bytes)
 
     @classmethod
@@ -156,9 +160,12 @@ class DecisionUploader:
         self._buffer.append((next(self._seq), event))
         self._bytes += size
         while self._bytes > self._buffer_limit:
-            _, old = self._buffer.popleft()
+            seq, old = self._buffer.popleft()
             self._bytes -= len(old)
-            self._metrics.decision_log_dropped.labels(reason="buffer_full").inc()
+            if seq <= self._in_flight:
+                self._evicted_in_flight += 1
+            else:
+                self._metrics.decision_log_dropped.labels(reason="buffer_full").inc()
         self._metrics.decision_log_buffer_bytes.set(self._bytes)
         if self._bytes >= self._upload_limit:
             self._wake.set()
@@ -193,17 +200,20 @@ class DecisionUploader:
             headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
             if self._token is not None:
                 headers["Authorization"] = f"Bearer {self._token.reveal()}"
+            self._in_flight, self._evicted_in_flight = last, 0
             try:
                 status = await self._post(self._url, body, headers)
             except (OSError, aiohttp.ClientError, TimeoutError) as exc:
-                self._metrics.decision_log_uploads.labels(result="error").inc()
+                self._failed()
                 log.warning(
                     "decision log upload failed",
                     extra={"url": self._url, "error": type(exc).__name__},
                 )
                 return False
+            finally:
+                self._in_flight = -1
             if not 200 <= status < 300:
-                self._metrics.decision_log_uploads.labels(result="error").inc()
+                self._failed()
                 log.warning(
                     "decision log upload refused", extra={"url": self._url, "status": status}
                 )
@@ -214,6 +224,13 @@ class DecisionUploader:
             self._release(last)
         self._wake.clear()
         return True
+
+    def _failed(self) -> None:
+        self._metrics.decision_log_uploads.labels(result="error").inc()
+        if self._evicted_in_flight:
+            lost = self._evicted_in_flight
+            self._metrics.decision_log_dropped.labels(reason="buffer_full").inc(lost)
+        self._evicted_in_flight = 0
 
     def delay(self, failures: int) -> float:
         """The pause before the next upload after ``failures`` failed ones in a row."""
