@@ -1080,3 +1080,117 @@ def test_the_projects_other_authz_variables_are_not_taken_for_typos() -> None:
     environ = dict.fromkeys(NOT_SETTINGS, "1")
     load(environ)
     assert unknown_variables(environ) == sorted(NOT_SETTINGS)
+
+
+# -- Decision-log upload (issue #17) ------------------------------------------------------
+
+UPLOAD_TOKEN = "dl-upload-" + "y" * 30
+UPLOAD_URL = "https://logs.example.com/v1"
+
+
+def test_decision_log_upload_settings_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, UPLOAD_TOKEN + "\n", name="token")
+    settings = load(
+        {
+            "AUTHZ_DECISION_LOG_SERVICE_URL": UPLOAD_URL + "/",
+            "AUTHZ_DECISION_LOG_SERVICE_TOKEN_FILE": str(path),
+            "AUTHZ_DECISION_LOG_MIN_DELAY_S": "2",
+            "AUTHZ_DECISION_LOG_MAX_DELAY_S": "30",
+            "AUTHZ_DECISION_LOG_UPLOAD_SIZE_LIMIT_BYTES": "65536",
+            "AUTHZ_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES": "1048576",
+            "AUTHZ_DECISION_LOG_DROP_ALLOWED": "true",
+            "AUTHZ_DECISION_LOG_DROP_PATHS": "authz/health/decision",
+        }
+    )
+    assert settings.decision_log_service_url == UPLOAD_URL
+    assert settings.decision_log_service_token == Secret(UPLOAD_TOKEN)
+    assert UPLOAD_TOKEN not in repr(settings)
+    assert (settings.decision_log_min_delay_s, settings.decision_log_max_delay_s) == (2.0, 30.0)
+    assert settings.decision_log_upload_size_limit_bytes == 65536
+    assert settings.decision_log_buffer_size_limit_bytes == 1048576
+    assert settings.decision_log_drop_allowed is True
+    assert settings.decision_log_drop_paths == ("authz/health/decision",)
+
+
+def test_decision_log_upload_is_off_by_default() -> None:
+    assert load({}).decision_log_service_url is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "names"),
+    [
+        (
+            {"AUTHZ_DECISION_LOG_SERVICE_URL": "http://logs.example.com"},
+            ["AUTHZ_DECISION_LOG_SERVICE_URL", "'http://logs.example.com'", "https"],
+        ),
+        (
+            {"AUTHZ_DECISION_LOG_SERVICE_URL": "ftp://logs.example.com"},
+            ["AUTHZ_DECISION_LOG_SERVICE_URL", "'ftp://logs.example.com'"],
+        ),
+        (
+            {"AUTHZ_DECISION_LOG_SERVICE_URL": "https://logs.example.com?x=1"},
+            ["AUTHZ_DECISION_LOG_SERVICE_URL", "'https://logs.example.com?x=1'"],
+        ),
+        (
+            {"AUTHZ_DECISION_LOG_MIN_DELAY_S": "90", "AUTHZ_DECISION_LOG_MAX_DELAY_S": "60"},
+            ["AUTHZ_DECISION_LOG_MIN_DELAY_S=90.0", "AUTHZ_DECISION_LOG_MAX_DELAY_S=60.0"],
+        ),
+        (
+            {
+                "AUTHZ_DECISION_LOG_UPLOAD_SIZE_LIMIT_BYTES": "65536",
+                "AUTHZ_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES": "4096",
+            },
+            ["AUTHZ_DECISION_LOG_UPLOAD_SIZE_LIMIT_BYTES=65536", "BUFFER_SIZE_LIMIT_BYTES=4096"],
+        ),
+        (
+            {"AUTHZ_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES": "10"},
+            ["AUTHZ_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES", "'10'"],
+        ),
+        (
+            {"AUTHZ_DECISION_LOG_DROP_PATHS": "not a path!"},
+            ["AUTHZ_DECISION_LOG_DROP_PATHS"],
+        ),
+    ],
+    ids=[
+        "plaintext-off-loopback",
+        "not-http",
+        "query",
+        "min-over-max",
+        "batch-over-buffer",
+        "buffer-too-small",
+        "bad-drop-path",
+    ],
+)
+def test_decision_log_upload_bad_setting_names_key_and_value(
+    environ: dict[str, str], names: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ)
+    for name in names:
+        assert name in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://localhost", "http://[::1]:9000", UPLOAD_URL]
+)
+def test_decision_log_service_url_plaintext_only_on_loopback(url: str) -> None:
+    assert load({"AUTHZ_DECISION_LOG_SERVICE_URL": url}).decision_log_service_url == url
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"AUTHZ_DECISION_LOG_SERVICE_TOKEN": UPLOAD_TOKEN},
+        {
+            "AUTHZ_DECISION_LOG_SERVICE_URL": UPLOAD_URL,
+            "AUTHZ_DECISION_LOG_SERVICE_TOKEN": UPLOAD_TOKEN + " \x00bad",
+        },
+        {"AUTHZ_DECISION_LOG_SERVICE_URL": f"https://user:{UPLOAD_TOKEN}@logs.example.com"},
+    ],
+    ids=["token-without-url", "token-not-bearer-syntax", "credentials-in-url"],
+)
+def test_decision_log_service_token_never_in_an_error(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ)
+    assert "AUTHZ_DECISION_LOG_SERVICE" in str(caught.value)
+    assert UPLOAD_TOKEN not in str(caught.value)
