@@ -6,6 +6,7 @@ injected sleep: no test waits on the wall clock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from aiohttp import test_utils, web
 
 from authz.core.record import DecisionRecord
 from authz.core.secret import Secret
+from authz.runtime import server
+from authz.runtime.config import load
 from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics
@@ -345,3 +348,35 @@ class _Forever:
 def test_upload_add_never_awaits() -> None:
     # add() runs on the Check path: a plain function, not a coroutine.
     assert not asyncio.iscoroutinefunction(DecisionUploader.add)
+
+
+async def test_runtime_wiring_uploads_until_the_exit_stack_unwinds_then_flushes(
+    receiver: Fixture,
+) -> None:
+    # authz.runtime.server builds the uploader from settings onto the runtime's exit stack:
+    # unwinding it (shutdown) flushes what is buffered.
+    state, url, _ = receiver
+    settings = load(
+        {
+            "AUTHZ_DECISION_LOG_SERVICE_URL": url,
+            "AUTHZ_DECISION_LOG_SERVICE_TOKEN": TOKEN,
+            "AUTHZ_DECISION_LOG_MIN_DELAY_S": "3600",
+            "AUTHZ_DECISION_LOG_MAX_DELAY_S": "3600",
+            "AUTHZ_DECISION_LOG": "false",
+        }
+    )
+    metrics = Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        up = await server._decision_upload(settings, metrics, stack)
+        assert up is not None
+        log = DecisionLog.from_settings(settings, upload=up)
+        feed(log, range(3))
+        await asyncio.sleep(0)
+        assert state.events == []  # the next upload is an hour away
+    assert ids(state.events) == ["d-0", "d-1", "d-2"]
+    assert state.headers[0]["Authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_runtime_wiring_without_a_service_url_uploads_nothing() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        assert await server._decision_upload(load({}), Metrics(), stack) is None
