@@ -352,6 +352,7 @@ SAFETY_ALERTS = (
     "AuthzSecretsNotLoaded",
     "AuthzBundleNotActivated",
     "OPABundleStale",
+    "AuthzDecisionLogDropping",
 )
 RUNBOOK_DOC = "infra/README.md"
 
