@@ -19,7 +19,9 @@ allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
 
 Tracing (OpenTelemetry API only; the SDK is set up in :mod:`authz.runtime.tracing`): with
 a ``tracer``, each Check is a server span ``authz.check`` whose parent is the W3C
-``traceparent``/``tracestate`` Envoy sent (https://www.w3.org/TR/trace-context/), with
+``traceparent``/``tracestate`` (https://www.w3.org/TR/trace-context/) of the gRPC call's
+metadata (Envoy's own span for the ext_authz call, when Envoy traces), else of the
+CheckRequest's HTTP headers (the caller's trace, passed through by Envoy), with
 child spans ``authz.cache.lookup``, ``authz.opa.query`` (the OPA client propagates the
 context to OPA) and ``authz.ratelimit``. Span attributes are the decision's id, path,
 result, reason, HTTP status, mode and whether it came from the cache: never a header
@@ -198,9 +200,12 @@ class Authorizer:
         time_remaining_s: float | None = None,
         *,
         peer: str = "",
+        metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None] | None = None,
     ) -> Outcome:
         """Decide ``request``. ``peer`` is the gRPC caller's address (``context.peer()``,
-        the decision log's ``requested_by``). ``time_remaining_s`` is the caller's deadline
+        the decision log's ``requested_by``); ``metadata`` gives the gRPC call's metadata
+        (``context.invocation_metadata``; called only when tracing, for the trace
+        context). ``time_remaining_s`` is the caller's deadline
         (gRPC ``context.time_remaining()``), or None for none; the budget is the smaller of it
         (minus a small margin) and the configured timeout."""
         tracer = self._tracer
@@ -208,7 +213,7 @@ class Authorizer:
             return await self._check(request, time_remaining_s, peer)
         with tracer.start_as_current_span(
             CHECK_SPAN,
-            context=propagate.extract(_trace_carrier(request)),
+            context=propagate.extract(_trace_carrier(request, metadata)),
             kind=SpanKind.SERVER,
             record_exception=False,  # an exception's message may quote the request
             set_status_on_exception=False,
@@ -557,9 +562,21 @@ class _FailOpenGate:
         return True
 
 
-def _trace_carrier(request: external_auth_pb2.CheckRequest) -> Mapping[str, str]:
-    """The W3C trace context headers of ``request`` (``headers``, or ``header_map`` when
-    Envoy sends raw headers), for the propagator; nothing else is read."""
+def _trace_carrier(
+    request: external_auth_pb2.CheckRequest,
+    metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None] | None,
+) -> Mapping[str, str]:
+    """The W3C trace context headers for the propagator, nothing else: the gRPC call's
+    metadata when it has a ``traceparent`` (Envoy's ext_authz call span), else the
+    request's (``headers``, or ``header_map`` when Envoy sends raw headers)."""
+    if metadata is not None:
+        found = {
+            key: value if isinstance(value, str) else value.decode("latin-1")
+            for key, value in metadata() or ()
+            if key in _TRACE_HEADERS
+        }
+        if "traceparent" in found:
+            return found
     http = request.attributes.request.http
     if http.headers:
         return {name: http.headers[name] for name in _TRACE_HEADERS if name in http.headers}

@@ -223,3 +223,26 @@ async def test_no_tracer_reads_no_trace_context(monkeypatch: pytest.MonkeyPatch)
     )
     outcome = await untraced.check(check_request(headers={"traceparent": TRACEPARENT}))
     assert outcome.record.allowed
+
+
+@pytest.mark.parametrize(
+    ("metadata", "parent"),
+    [
+        ((("traceparent", f"00-{TRACE_ID}-{'ab' * 8}-01"),), "ab" * 8),
+        ((("traceparent", f"00-{TRACE_ID}-{'cd' * 8}-01".encode()),), "cd" * 8),
+        ((("x-request-id", "r"),), PARENT_ID),
+        (None, PARENT_ID),
+    ],
+    ids=["metadata-traceparent", "metadata-bytes", "metadata-without-traceparent", "no-metadata"],
+)
+async def test_check_span_parent_is_the_grpc_calls_trace_context_before_the_requests(
+    exporter: InMemorySpanExporter,
+    metadata: tuple[tuple[str, str | bytes], ...] | None,
+    parent: str,
+) -> None:
+    request = check_request(headers={"traceparent": TRACEPARENT})
+    await traced(FakeEngine(ALLOW), exporter).check(request, metadata=lambda: metadata)
+    check = by_name(exporter.get_finished_spans())[CHECK_SPAN]
+    assert check.parent is not None
+    assert f"{check.parent.span_id:016x}" == parent
+    assert f"{check.context.trace_id:032x}" == TRACE_ID
