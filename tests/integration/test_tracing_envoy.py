@@ -1,6 +1,6 @@
-"""One gateway request traced through a real Envoy (its OpenTelemetry tracer), authz and
-OPA (a stand-in recording the ``traceparent`` it gets), every span collected by one OTLP/HTTP
-receiver: authz's Check span joins Envoy's trace."""
+"""One gateway request traced through a real Envoy (its OpenTelemetry tracer), authz and a
+real OPA (its distributed tracing, OTLP/HTTP), every span collected by one OTLP/HTTP
+receiver: authz's Check span joins Envoy's trace and OPA's span joins authz's."""
 
 from __future__ import annotations
 
@@ -18,16 +18,21 @@ from authz.runtime import server
 from authz.runtime.config import load
 from authz.stack.supervisor import free_port
 from tests.helpers.envoy_rig import ext_authz_envoy_config, running_echo, running_envoy
+from tests.helpers.opa_server import running_opa
 from tests.integration.test_tracing import (
     PARENT_ID,
     TRACE_ID,
     TRACEPARENT,
     _attributes,
-    _opa_app,
     _Received,
     _receiver_app,
     _serving,
 )
+
+POLICY = """package authz.gateway
+
+decision := {"allowed": true, "authz": {"reason": "allowed", "identity": {"key_id": "k1"}}}
+"""
 
 _T = "type.googleapis.com/envoy."
 
@@ -88,14 +93,35 @@ def _get(port: int, headers: dict[str, str]) -> int:
 
 
 async def test_gateway_request_trace_joins_envoy_authz_and_opa(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, envoy_bin: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, envoy_bin: str, opa_bin: str
 ) -> None:
     received = _Received()
+    trace_id = bytes.fromhex(TRACE_ID)
     secrets = {name: f"secret-{i}-{name}" for i, name in enumerate(CREDENTIAL_HEADERS)}
-    async with _serving(_receiver_app(received)) as otlp, _serving(_opa_app(received)) as opa:
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "gateway.rego").write_text(POLICY, encoding="utf-8")
+    # Both SDKs (authz's Python, OPA's Go) export their batches every 50 ms.
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    async with contextlib.AsyncExitStack() as services:
+        otlp = await services.enter_async_context(_serving(_receiver_app(received)))
+        # OPA's distributed tracing (https://www.openpolicyagent.org/docs/configuration#distributed-tracing)
+        (tmp_path / "opa.yaml").write_text(
+            "distributed_tracing:\n  type: http\n"
+            f"  address: {otlp.removeprefix('http://')}\n  sample_percentage: 100\n"
+            "  service_name: opa\n",
+            encoding="utf-8",
+        )
+        opa_process = running_opa(
+            opa_bin,
+            f"--config-file={tmp_path / 'opa.yaml'}",
+            str(tmp_path / "policy"),
+            log_path=tmp_path / "opa.log",
+        )
+        opa = opa_process.__enter__()
+        # Stopped off the loop: OPA flushes its spans to the receiver this loop serves.
+        services.push_async_callback(asyncio.to_thread, opa_process.__exit__, None, None, None)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
         monkeypatch.setenv("OTEL_SERVICE_NAME", "authz")
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
         settings = load(
             {
                 "AUTHZ_GRPC_ADDR": f"127.0.0.1:{free_port()}",
@@ -118,22 +144,29 @@ async def test_gateway_request_trace_joins_envoy_authz_and_opa(
                     _get, listen, {**secrets, "traceparent": TRACEPARENT}
                 )
                 assert status == 200
-                for _ in range(50):  # Envoy flushes every 100 ms
-                    if {"envoy"} <= {service for service, _ in received.spans}:
+                for _ in range(100):  # Envoy flushes every 100 ms, OPA every 50 ms
+                    in_trace = {s for s, span in received.spans if span.trace_id == trace_id}
+                    if {"envoy", "opa"} <= in_trace:
                         break
                     await asyncio.sleep(0.1)
+        # Leaving: authz's exit stack flushes its spans, OPA flushes its own as it stops.
     spans = {(service, span.name): span for service, span in received.spans}
     ingress = spans["envoy", "ingress"]
     egress = spans["envoy", "async envoy.service.auth.v3.Authorization.Check egress"]
     check, query = spans["authz", CHECK_SPAN], spans["authz", OPA_SPAN]
-    # One trace: the client's, continued by Envoy's ingress span, its ext_authz call and
-    # authz's Check with its steps; OPA got the OPA query span's context.
-    assert {span.trace_id.hex() for span in spans.values()} == {TRACE_ID}
+    # OPA's span for the decision query (the bundle watcher's queries are traces of their own).
+    [opa_span] = [
+        span
+        for service, span in received.spans
+        if service == "opa" and span.parent_span_id == query.span_id
+    ]
+    # One trace: the client's, continued by Envoy's ingress span, its ext_authz call,
+    # authz's Check with its steps, and OPA's handling of the query under authz's.
+    assert {span.trace_id.hex() for span in (ingress, egress, check, query, opa_span)} == {TRACE_ID}
     assert ingress.parent_span_id.hex() == PARENT_ID
     assert egress.parent_span_id == ingress.span_id
     assert query.parent_span_id == check.span_id
-    decisions = received.opa_traceparents[settings.default_decision_path]
-    assert decisions == [f"00-{TRACE_ID}-{query.span_id.hex()}-01"]
+    assert opa_span.parent_span_id == query.span_id
     # The servicer does not pass the gRPC metadata (Authorizer.check's ``metadata``) yet,
     # so the Check's parent is the caller's span from the CheckRequest headers, a sibling
     # of Envoy's ingress span; with it, the parent is Envoy's ext_authz call span.
