@@ -16,22 +16,36 @@ its circuit open; never a timeout or authz's own deadline), then an allow marked
 once per path per second, counting the allows it did not log). The
 enforcement mode (:mod:`authz.core.mode`) applies last: ``dry-run`` turns a deny into an
 allow marked ``x-authz-dry-run``, ``bypass`` skips evaluation altogether.
+
+Tracing (OpenTelemetry API only; the SDK is set up in :mod:`authz.runtime.tracing`): with
+a ``tracer``, each Check is a server span ``authz.check`` whose parent is the W3C
+``traceparent``/``tracestate`` (https://www.w3.org/TR/trace-context/) of the gRPC call's
+metadata (Envoy's own span for the ext_authz call, when Envoy traces), else of the
+CheckRequest's HTTP headers (the caller's trace, passed through by Envoy), with
+child spans ``authz.cache.lookup``, ``authz.opa.query`` (the OPA client propagates the
+context to OPA) and ``authz.ratelimit``. Span attributes are the decision's id, path,
+result, reason, HTTP status, mode and whether it came from the cache: never a header
+value or a credential; a failed step's status carries its error code, never its message.
+Without a tracer (the default) no span is created and no header is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from envoy.service.auth.v3 import external_auth_pb2
+from opentelemetry import propagate
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, StatusCode, Tracer
 
-from authz.core.cache import DecisionCache
+from authz.core.cache import CachedDecision, DecisionCache
 from authz.core.decision import CredentialRef, Decision, RateLimitRef, parse_decision
 from authz.core.errors import (
     FAIL_OPEN_CODES,
@@ -74,6 +88,16 @@ DRY_RUN_HEADER: Final = "x-authz-dry-run"
 FAIL_OPEN_HEADER: Final = "x-authz-fail-open"
 # Request header (to the upstream) on a request allowed in bypass mode.
 MODE_HEADER: Final = "x-authz-mode"
+
+# Span names (OpenTelemetry): the Check, and its steps.
+CHECK_SPAN: Final = "authz.check"
+CACHE_SPAN: Final = "authz.cache.lookup"
+OPA_SPAN: Final = "authz.opa.query"
+RATE_LIMIT_SPAN: Final = "authz.ratelimit"
+# The W3C trace context (and baggage) headers: the only ones read for tracing.
+_TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate", "baggage"})
+# The step "span" when tracing is off: reused, so an untraced Check allocates nothing.
+_NO_SPAN: Final = contextlib.nullcontext(INVALID_SPAN)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +144,8 @@ class Authorizer:
     ``fail_open_max_per_s`` requests per path per second; ``cache`` (None:
     none) reuses recent policy decisions for identical requests; ``sinks`` receive
     every :class:`DecisionRecord` (a sink that raises is logged and skipped, never fails
-    the request); ``timeout_s`` is the decision budget in seconds; ``clock`` (seconds,
+    the request); ``timeout_s`` is the decision budget in seconds; ``tracer`` (None:
+    no tracing) records the spans the module docstring lists; ``clock`` (seconds,
     monotonic) and ``new_id`` (a decision id) are injectable for tests.
     """
 
@@ -142,6 +167,7 @@ class Authorizer:
         fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S,
         cache: DecisionCache | None = None,
         sinks: Iterable[DecisionSink] = (),
+        tracer: Tracer | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
@@ -162,6 +188,7 @@ class Authorizer:
         self._fail_open_gate = _FailOpenGate(fail_open_max_per_s)
         self._cache = cache
         self._sinks = tuple(sinks)
+        self._tracer = tracer
         self._clock = clock
         self._wall_clock = wall_clock
         self._new_id = new_id
@@ -173,11 +200,35 @@ class Authorizer:
         time_remaining_s: float | None = None,
         *,
         peer: str = "",
+        metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None] | None = None,
     ) -> Outcome:
         """Decide ``request``. ``peer`` is the gRPC caller's address (``context.peer()``,
-        the decision log's ``requested_by``). ``time_remaining_s`` is the caller's deadline
+        the decision log's ``requested_by``); ``metadata`` gives the gRPC call's metadata
+        (``context.invocation_metadata``; called only when tracing, for the trace
+        context). ``time_remaining_s`` is the caller's deadline
         (gRPC ``context.time_remaining()``), or None for none; the budget is the smaller of it
         (minus a small margin) and the configured timeout."""
+        tracer = self._tracer
+        if tracer is None:
+            return await self._check(request, time_remaining_s, peer)
+        with tracer.start_as_current_span(
+            CHECK_SPAN,
+            context=propagate.extract(_trace_carrier(request, metadata)),
+            kind=SpanKind.SERVER,
+            record_exception=False,  # an exception's message may quote the request
+            set_status_on_exception=False,
+        ) as span:
+            outcome = await self._check(request, time_remaining_s, peer)
+            _annotate(span, outcome.record)
+            return outcome
+
+    async def _check(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        time_remaining_s: float | None,
+        peer: str,
+    ) -> Outcome:
+        """:meth:`check` without its span."""
         started = self._clock()
         decision_id = self._new_id()
         mode = self._control.mode
@@ -275,9 +326,14 @@ class Authorizer:
             pass_jwts=self._pass_jwts,
             grpc_descriptors=self._grpc_descriptors,
         )
-        cache = self._cache
-        key = cache.key(trace.path, trace.document) if cache is not None else None
-        cached = cache.get(key) if cache is not None and key is not None else None
+        cache, tracer = self._cache, self._tracer
+        key: bytes | None = None
+        cached: CachedDecision | None = None
+        if cache is not None:
+            with _NO_SPAN if tracer is None else _step(tracer, CACHE_SPAN) as span:
+                key = cache.key(trace.path, trace.document)
+                cached = cache.get(key) if key is not None else None
+                span.set_attribute("authz.cached", cached is not None)
         if cached is not None:
             # 3-4. The same input was just decided by the same bundle: reuse it.
             trace.evaluation = cached.evaluation
@@ -290,7 +346,9 @@ class Authorizer:
             remaining = budget - (self._clock() - started)
             if remaining <= 0:
                 raise DeadlineExceeded("the budget was spent before OPA could be asked")
-            trace.evaluation = await self._engine.evaluate(trace.path, trace.document, remaining)
+            with _NO_SPAN if tracer is None else _step(tracer, OPA_SPAN, SpanKind.CLIENT):
+                evaluation = await self._engine.evaluate(trace.path, trace.document, remaining)
+            trace.evaluation = evaluation
             # 4. Parse OPA's result once into a typed Decision.
             decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
             if cache is not None and key is not None:
@@ -329,7 +387,10 @@ class Authorizer:
     ) -> Decision:
         """``decision`` with rate-limit headers for the client, or a 429 deny."""
         quota = Quota.of(ref.requests_per_minute, ref.burst, self._burst_s)
-        result = await limiter.check(ref.key, quota)
+        tracer = self._tracer
+        with _NO_SPAN if tracer is None else _step(tracer, RATE_LIMIT_SPAN) as span:
+            result = await limiter.check(ref.key, quota)
+            span.set_attribute("authz.ratelimit.allowed", result.allowed)
         headers = result.headers()
         if result.allowed:
             return dataclasses.replace(
@@ -499,6 +560,65 @@ class _FailOpenGate:
                 },
             )
         return True
+
+
+def _trace_carrier(
+    request: external_auth_pb2.CheckRequest,
+    metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None] | None,
+) -> Mapping[str, str]:
+    """The W3C trace context headers for the propagator, nothing else: the gRPC call's
+    metadata when it has a ``traceparent`` (Envoy's ext_authz call span), else the
+    request's (``headers``, or ``header_map`` when Envoy sends raw headers)."""
+    if metadata is not None:
+        found = {
+            key: value if isinstance(value, str) else value.decode("latin-1")
+            for key, value in metadata() or ()
+            if key in _TRACE_HEADERS
+        }
+        if "traceparent" in found:
+            return found
+    http = request.attributes.request.http
+    if http.headers:
+        return {name: http.headers[name] for name in _TRACE_HEADERS if name in http.headers}
+    return {
+        h.key.lower(): h.raw_value.decode("latin-1") if h.raw_value else h.value
+        for h in http.header_map.headers
+        if h.key.lower() in _TRACE_HEADERS
+    }
+
+
+@contextlib.contextmanager
+def _step(tracer: Tracer, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
+    """A child span of the current one; a failure sets its status to the error's code
+    (never the message, which may quote the request) and propagates."""
+    with tracer.start_as_current_span(
+        name, kind=kind, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except AuthzError as exc:
+            span.set_status(StatusCode.ERROR, exc.code)
+            raise
+        except BaseException as exc:
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise
+
+
+def _annotate(span: Span, record: DecisionRecord) -> None:
+    """The Check span's attributes, from its decision record: identifiers and outcome
+    only, never a header value, an identity or a credential."""
+    span.set_attribute("authz.decision_id", record.decision_id)
+    span.set_attribute("authz.decision_path", record.decision_path)
+    span.set_attribute("authz.allowed", record.allowed)
+    span.set_attribute("authz.reason", record.reason)
+    span.set_attribute("http.response.status_code", record.http_status)
+    span.set_attribute("authz.cached", record.cached_from is not None)
+    span.set_attribute("authz.mode", record.mode)
+    span.set_attribute("authz.fail_open", record.fail_open)
+    if record.revision:
+        span.set_attribute("authz.bundle_revision", record.revision)
+    if record.error is not None:
+        span.set_status(StatusCode.ERROR, record.reason)
 
 
 def _request_fields(request: external_auth_pb2.CheckRequest) -> tuple[str, str, str]:

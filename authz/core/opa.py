@@ -25,6 +25,11 @@ Answers are asked for uncompressed (``Accept-Encoding: identity``): OPA gzips a 
 gzip (https://www.openpolicyagent.org/docs/configuration#server), which buys nothing on
 loopback and costs CPU on both sides (``docs/performance.md``, "OPA answers"). A gzip body
 sent anyway (a proxy, another OPA setup) is still inflated, never beyond the cap.
+
+With ``propagate_trace``, a query carries the current OpenTelemetry context as W3C
+``traceparent``/``tracestate`` headers (the configured propagators), so an OPA run with
+distributed tracing (https://www.openpolicyagent.org/docs/configuration#distributed-tracing)
+joins its span to authz's ``authz.opa.query`` span.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
+from opentelemetry import propagate
 
 from authz.core.errors import (
     ConfigError,
@@ -119,7 +125,9 @@ class OpaClient:
 
     ``url`` is ``http(s)://host:port`` or ``unix:///path/to/socket``; ``token`` is sent as
     ``Authorization: Bearer`` when OPA's API requires token authentication; ``pool_size``
-    bounds concurrent connections (each kept alive for ``keepalive_s`` seconds).
+    bounds concurrent connections (each kept alive for ``keepalive_s`` seconds);
+    ``propagate_trace`` sends the current trace context on each query (off: no header
+    is computed).
     """
 
     def __init__(
@@ -129,7 +137,9 @@ class OpaClient:
         token: Secret | None = None,
         pool_size: int = 64,
         keepalive_s: float = 60.0,
+        propagate_trace: bool = False,
     ) -> None:
+        self._propagate_trace = propagate_trace
         headers = dict(_JSON_HEADERS)
         if token:
             headers["Authorization"] = f"Bearer {token.reveal()}"
@@ -152,13 +162,20 @@ class OpaClient:
         )
 
     async def _send(
-        self, method: str, path: str, timeout_s: float, body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        timeout_s: float,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """One request to OPA -> (HTTP status, body). The one place transport failures
         become typed errors: OpaTimeout past ``timeout_s``, OpaUnavailable otherwise."""
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._session.request(method, f"{self._base}{path}", data=body) as resp:
+                async with self._session.request(
+                    method, f"{self._base}{path}", data=body, headers=headers
+                ) as resp:
                     return resp.status, await _read_answer(resp)
         except TimeoutError:
             raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
@@ -171,8 +188,16 @@ class OpaClient:
         """POST ``{"input": document}`` to ``/v1/data/<path>?provenance``; see
         :meth:`PolicyEngine.evaluate` for the errors raised."""
         started = time.perf_counter()
+        headers: dict[str, str] | None = None
+        if self._propagate_trace:
+            headers = {}
+            propagate.inject(headers)  # traceparent/tracestate of the current span
         status, payload = await self._send(
-            "POST", f"/v1/data/{path}?provenance", timeout_s, orjson.dumps({"input": document})
+            "POST",
+            f"/v1/data/{path}?provenance",
+            timeout_s,
+            orjson.dumps({"input": document}),
+            headers,
         )
         return _parse_answer(status, payload, time.perf_counter() - started)
 

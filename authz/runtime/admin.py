@@ -42,6 +42,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.core.errors import AdminRequestError, AuthzError, ConfigError, PolicyError, RequestError
@@ -139,6 +141,47 @@ def _authenticate(admin: _Admin) -> Middleware:
     return authenticate
 
 
+_TRACE_HEADERS: Final = ("traceparent", "tracestate", "baggage")
+
+
+def _traced(tracer: Tracer) -> Middleware:
+    """A server span per admin request, named ``<METHOD> <route>`` (OpenTelemetry's HTTP
+    server span convention), its parent the request's W3C ``traceparent``, with the
+    method, route template and status as attributes: never a header value, the path's
+    parameters (an override id) or the body."""
+
+    @web.middleware
+    async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        carrier = {
+            name: request.headers[name] for name in _TRACE_HEADERS if name in request.headers
+        }
+        with tracer.start_as_current_span(
+            f"{request.method} {route}",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("http.route", route)
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                span.set_attribute("http.response.status_code", exc.status)
+                raise
+            except BaseException as exc:
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
+                raise
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(StatusCode.ERROR)
+            return response
+
+    return traced
+
+
 class _BodyTooLarge(Exception):
     """The request body is over ``_MAX_BODY`` bytes (answered 413 ``body_too_large``)."""
 
@@ -189,9 +232,11 @@ def create_admin_app(
     on_action: AdminAction | None = None,
     preview: Previewer | None = None,
     reload: Reloader | None = None,
+    tracer: Tracer | None = None,
 ) -> web.Application:
     """The admin application. ``before_scrape`` runs before every ``/metrics`` answer
-    (refreshing gauges, warning about bypass mode)."""
+    (refreshing gauges, warning about bypass mode); ``tracer`` (None: none) records a
+    span per request."""
     admin = _Admin(control, overrides, token, on_action)
 
     async def healthz(_: web.Request) -> web.Response:
@@ -309,9 +354,10 @@ def create_admin_app(
         admin.audit("reload", {"actor": admin.actor(request), **result})
         return web.json_response(result)
 
-    app = web.Application(
-        client_max_size=_MAX_BODY, middlewares=[_body_errors, _authenticate(admin)]
-    )
+    middlewares: list[Middleware] = [_body_errors, _authenticate(admin)]
+    if tracer is not None:
+        middlewares.insert(0, _traced(tracer))
+    app = web.Application(client_max_size=_MAX_BODY, middlewares=middlewares)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_)

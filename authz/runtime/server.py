@@ -33,6 +33,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from opentelemetry.trace import Tracer
 
 from authz.core.authorizer import Authorizer, CredentialSource
 from authz.core.cache import DecisionCache
@@ -64,6 +65,7 @@ from authz.runtime.readiness import (
 )
 from authz.runtime.secrets import SecretStore
 from authz.runtime.servicer import AuthorizationServicer, add_to_server
+from authz.runtime.tracing import build_tracing
 
 __all__ = [
     "AUTHZ_SERVICE",
@@ -123,6 +125,7 @@ def build_authorizer(
     *,
     control: Control | None = None,
     cache: DecisionCache | None = None,
+    tracer: Tracer | None = None,
 ) -> Authorizer:
     """The :class:`Authorizer` the settings describe, over ``engine``."""
     return Authorizer(
@@ -141,6 +144,7 @@ def build_authorizer(
         fail_open_max_per_s=settings.fail_open_max_per_s,
         cache=cache,
         sinks=sinks,
+        tracer=tracer,
     )
 
 
@@ -391,7 +395,16 @@ async def _build(
     audit = _audit_trail(settings, metrics)
     if audit is not None:
         stack.push_async_callback(_in_own_thread, audit.close, "audit-close")
-    opa = OpaClient(settings.opa_url, token=settings.opa_token, pool_size=settings.opa_pool_size)
+    tracing = build_tracing()  # OTEL_* variables; None unless configured
+    if tracing is not None:
+        stack.push_async_callback(_in_own_thread, tracing.shutdown, "tracing-shutdown")
+    tracer = tracing.tracer if tracing is not None else None
+    opa = OpaClient(
+        settings.opa_url,
+        token=settings.opa_token,
+        pool_size=settings.opa_pool_size,
+        propagate_trace=tracer is not None,
+    )
     stack.push_async_callback(opa.close)
     breaker = CircuitBreaker(
         opa,
@@ -423,7 +436,7 @@ async def _build(
     if audit is not None:
         sinks.append(audit)
     authorizer = build_authorizer(
-        settings, breaker, sinks, secrets, limiter, control=control, cache=cache
+        settings, breaker, sinks, secrets, limiter, control=control, cache=cache, tracer=tracer
     )
     try:
         grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
@@ -476,6 +489,7 @@ async def _build(
         on_action=hooks.on_action,
         preview=hooks.preview,
         reload=hooks.reload_now,
+        tracer=tracer,
     )
     admin_host, _, admin_port = settings.admin_addr.rpartition(":")
     try:

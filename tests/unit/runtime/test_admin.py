@@ -16,6 +16,9 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import test_utils, web
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz.core.errors import (
@@ -947,3 +950,35 @@ async def test_set_mode_refuses_ill_typed_fields_with_400(body: dict[str, Any]) 
         assert (got, json.loads(answer)["error"]) == (400, "invalid_request"), answer
         assert admin.control.mode is Mode.ENFORCE
         assert admin.actions == []
+
+
+# -- tracing -----------------------------------------------------------------------------
+
+
+async def test_admin_request_span_names_the_route_under_the_callers_traceparent() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_admin_app(
+        {}, control=Control(), token=Secret(ADMIN_TOKEN), tracer=provider.get_tracer("test")
+    )
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.get(
+            "/v1/mode", headers={**AUTH, "X-Authz-Actor": "ops", "traceparent": traceparent}
+        )
+        assert resp.status == 200
+        denied = await client.get("/v1/mode", headers={"Authorization": "Bearer wrong"})
+        assert denied.status == 401
+    first, second = exporter.get_finished_spans()
+    assert first.name == second.name == "GET /v1/mode"
+    assert first.parent is not None
+    assert f"{first.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert dict(first.attributes or {}) == {
+        "http.request.method": "GET",
+        "http.route": "/v1/mode",
+        "http.response.status_code": 200,
+    }
+    assert (second.attributes or {})["http.response.status_code"] == 401
+    texts = [str(v) for span in (first, second) for v in (span.attributes or {}).values()]
+    assert not [t for t in texts if ADMIN_TOKEN in t or "wrong" in t or "ops" in t]
