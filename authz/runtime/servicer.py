@@ -76,7 +76,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             return error_response(RequestError("CheckRequest does not parse"), decision_id)
         try:
             outcome = await self._authorizer.check(
-                request, context.time_remaining(), peer=context.peer()
+                request,
+                context.time_remaining(),
+                peer=context.peer(),
+                # The method, not a call: read only when tracing (Envoy's ext_authz span).
+                metadata=context.invocation_metadata,
             )
         except Exception:
             decision_id = str(uuid.uuid4())

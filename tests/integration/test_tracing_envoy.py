@@ -167,9 +167,8 @@ async def test_gateway_request_trace_joins_envoy_authz_and_opa(
     assert egress.parent_span_id == ingress.span_id
     assert query.parent_span_id == check.span_id
     assert opa_span.parent_span_id == query.span_id
-    # The servicer does not pass the gRPC metadata (Authorizer.check's ``metadata``) yet,
-    # so the Check's parent is the caller's span from the CheckRequest headers, a sibling
-    # of Envoy's ingress span; with it, the parent is Envoy's ext_authz call span.
-    assert check.parent_span_id.hex() == PARENT_ID
+    # The servicer passes the gRPC metadata, so the Check's parent is Envoy's own span
+    # for the ext_authz call (not the caller's span from the CheckRequest headers).
+    assert check.parent_span_id == egress.span_id
     exported = [str(v) for _, span in received.spans for v in _attributes(span).values()]
     assert not [s for s in secrets.values() if any(s in value for value in exported)]

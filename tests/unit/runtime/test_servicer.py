@@ -15,6 +15,9 @@ from tests.helpers.fakes import FakeEngine, check_request
 
 
 class _Context:
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
     def peer(self) -> str:
         return "ipv4:127.0.0.1:5555"
 
