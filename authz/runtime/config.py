@@ -41,6 +41,8 @@ __all__ = [
     "DEFAULT_OPA_URL",
     "ENV_PREFIX",
     "FILE_SUFFIX",
+    "RELOADABLE",
+    "RESTART_ONLY",
     "SECRET_FILE_KEYS",
     "SECRET_FILE_MAX_BYTES",
     "Settings",
@@ -240,6 +242,79 @@ class Settings:
     def decision_timeout_s(self) -> float:
         """The decision budget in seconds."""
         return self.decision_timeout_ms / 1000.0
+
+
+# Reload (SIGHUP, POST /v1/reload): the settings applied to the running service, and why
+# every other one needs a restart. Every Settings field is in exactly one of the two
+# (tests/unit/runtime/test_server.py fails for an unclassified field). Secret-valued
+# fields are reported by name only.
+RELOADABLE: Final[Mapping[str, str]] = {
+    "mode": "the shared Control; bypass still needs AUTHZ_ALLOW_BYPASS from startup",
+    "log_level": "the root logger's level",
+    "decision_timeout_ms": "the authorizer's decision budget (and preview's)",
+    "rate_limit_burst_s": "the authorizer's default burst for a decision's rate_limit",
+    "fail_open_paths": "the authorizer's fail-open path set",
+    "fail_open_max_per_s": "the authorizer's fail-open cap per path and second",
+    "key_expiry_warning_days": "the key-expiry watch's warning window",
+}
+RESTART_ONLY: Final[Mapping[str, str]] = {
+    "grpc_addr": "the gRPC listener is bound at startup",
+    "admin_addr": "the admin listener is bound at startup",
+    "opa_url": "the OPA client and its connection pool are built at startup",
+    "opa_token": "held by the OPA client built at startup",
+    "opa_pool_size": "the OPA connection pool is sized at startup",
+    "default_decision_path": "the authorizer's path set and readiness are built with it",
+    "credential_headers": "what the cache key excludes and what is stripped; changing it "
+    "live would mix cache keys of both rules",
+    "parse_body": "request parsing is built into the authorizer at startup",
+    "shutdown_grace_s": "read at shutdown from the startup settings",
+    "decision_log": "the decision-log sink is added at startup",
+    "uvloop": "the event loop is chosen before anything runs",
+    "secrets_file": "the secret store is opened at startup (its contents reload)",
+    "secrets_reload_interval_s": "the secrets watcher runs with it from startup",
+    "bundle_poll_interval_s": "the bundle watcher runs with it from startup",
+    "rate_limit_backend": "the limiter is built at startup",
+    "redis_url": "the Redis client is built at startup",
+    "redis_failure_mode": "the limiter and readiness check are built with it",
+    "redis_timeout_ms": "the Redis client is built with it",
+    "redis_pool_size": "the Redis pool is sized at startup",
+    "allow_bypass": "a safety latch: permitting bypass is a deliberate deployment change",
+    "circuit_failure_threshold": "the circuit breaker is built with it",
+    "circuit_reset_timeout_s": "the circuit breaker is built with it",
+    "admin_token": "the admin API authenticates with the token read at startup",
+    "audit_db": "the audit database is opened at startup",
+    "audit_retention_days": "the audit writer is built with it",
+    "audit_max_records": "the audit writer is built with it",
+    "audit_headers": "the audit writer is built with it",
+    "audit_body_max_bytes": "the audit writer is built with it",
+    "audit_value_max_bytes": "the audit writer is built with it",
+    "audit_row_max_bytes": "the audit writer is built with it",
+    "audit_max_bytes": "the audit writer is built with it",
+    "overrides_file": "the override store is opened at startup",
+    "decision_cache_ttl_s": "the decision cache is built with its bounds at startup",
+    "decision_cache_confirm_s": "the decision cache is built with its bounds at startup",
+    "decision_cache_max_entries": "the decision cache is built with its bounds at startup",
+    "decision_cache_max_bytes": "the decision cache is built with its bounds at startup",
+    "decision_cache_ignore_headers": "part of the cache key; changing it live would mix "
+    "keys of both rules",
+    "grpc_tls_cert": "the listener's credentials are built at startup; a renewed file at "
+    "the same path is re-read without a restart",
+    "grpc_tls_key": "as grpc_tls_cert: renewed files at the same path are re-read",
+    "grpc_tls_client_ca": "as grpc_tls_cert: renewed files at the same path are re-read",
+    "grpc_allow_plaintext": "the listener's transport is chosen at startup",
+    "opa_allow_plaintext": "checked against the OPA URL at startup",
+    "decision_log_format": "the decision-log sink is built with it",
+    "jwt_passthrough": "the authorizer's input building is set at startup",
+    "proto_descriptor": "the descriptor set is loaded into the authorizer at startup",
+    "decision_log_service_url": "the uploader is built at startup",
+    "decision_log_service_token": "held by the uploader built at startup",
+    "decision_log_min_delay_s": "the uploader is built with it",
+    "decision_log_max_delay_s": "the uploader is built with it",
+    "decision_log_upload_size_limit_bytes": "the uploader is built with it",
+    "decision_log_buffer_size_limit_bytes": "the uploader's buffer is sized at startup",
+    "decision_log_drop_allowed": "the decision-log sink is built with its drop rules",
+    "decision_log_drop_paths": "the decision-log sink is built with its drop rules",
+}
 
 
 def is_loopback_host(host: str) -> bool:
