@@ -194,6 +194,22 @@ class Authorizer:
         self._new_id = new_id
         self._valid_paths: set[str] = {default_decision_path}
 
+    def retune(
+        self,
+        *,
+        timeout_s: float,
+        burst_s: float,
+        fail_open_paths: Iterable[str],
+        fail_open_max_per_s: int,
+    ) -> None:
+        """Swap the settings a reload may change (same units as ``__init__``). Plain
+        attribute stores with no await between them: a Check on the same event loop sees
+        either all the old values or all the new ones."""
+        self._timeout_s = timeout_s
+        self._burst_s = burst_s
+        self._fail_open_paths = frozenset(fail_open_paths)
+        self._fail_open_gate.max_per_s = fail_open_max_per_s
+
     async def check(
         self,
         request: external_auth_pb2.CheckRequest,

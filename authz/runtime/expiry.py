@@ -68,6 +68,10 @@ class KeyExpiryWatch:
         # key id -> when it was last warned about, oldest first.
         self._warned: OrderedDict[str, float] = OrderedDict()
 
+    def set_warning_days(self, warning_days: float) -> None:
+        """Change the warning window (days; 0 turns the watch off), e.g. on reload."""
+        self._window_s = warning_days * DAY_S
+
     def record(self, record: DecisionRecord) -> None:
         """Count and maybe warn about ``record``; never raises for any identity."""
         text = record.identity.get("expires_at")

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -47,7 +47,7 @@ from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.audit import AuditTrail, Projection
 from authz.runtime.bundle_watch import BundleWatcher
 from authz.runtime.circuit import CLOSED, CircuitBreaker
-from authz.runtime.config import Settings, is_loopback_host
+from authz.runtime.config import RELOADABLE, Settings, is_loopback_host
 from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
 from authz.runtime.expiry import KeyExpiryWatch
 from authz.runtime.logs import DecisionLog
@@ -70,6 +70,7 @@ from authz.runtime.tracing import build_tracing
 __all__ = [
     "AUTHZ_SERVICE",
     "AuthzServer",
+    "LiveSettings",
     "Runtime",
     "StartupError",
     "build_authorizer",
@@ -299,6 +300,7 @@ class Runtime:
     grpc_tls: bool
     admin_port: int
     stopping: asyncio.Event
+    live: LiveSettings
     reload: Callable[[], Settings] | None = None
 
     async def serve_until_signalled(self) -> None:
@@ -321,7 +323,9 @@ class Runtime:
         await self.grpc.stop(self.settings.shutdown_grace_s)
 
     def _sighup(self) -> None:
-        reload_settings(self.reload, self.control, self.secrets, _audit_action(self.audit))
+        on_action = _audit_action(self.audit)
+        result = reload_settings(self.reload, self.live, self.secrets, on_action)
+        on_action("reload", {"actor": "sighup", **result})
 
     def _log_started(self) -> None:
         settings = self.settings
@@ -426,10 +430,8 @@ async def _build(
         on_pushed=(lambda: cache.clear("overrides changed")) if cache is not None else None,
     )
     control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
-    sinks: list[DecisionSink] = [
-        MetricsSink(metrics),
-        KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions),
-    ]
+    expiry = KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions)
+    sinks: list[DecisionSink] = [MetricsSink(metrics), expiry]
     upload = await _decision_upload(settings, metrics, stack)
     if settings.decision_log or upload is not None:
         sinks.append(DecisionLog.from_settings(settings, upload=upload))
@@ -438,6 +440,7 @@ async def _build(
     authorizer = build_authorizer(
         settings, breaker, sinks, secrets, limiter, control=control, cache=cache, tracer=tracer
     )
+    live = LiveSettings(settings, control, authorizer, expiry)
     try:
         grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
     except RuntimeError as exc:  # lost a race for the port since _check_bindable
@@ -468,7 +471,7 @@ async def _build(
     if isinstance(limiter, RedisLimiter):
         checks["rate_limit"] = redis_check(limiter, settings.redis_failure_mode)
     hooks = _AdminHooks(
-        settings,
+        live,
         control,
         breaker,
         limiter,
@@ -512,6 +515,7 @@ async def _build(
         grpc_tls=grpc_credentials is not None,
         admin_port=bound_admin,
         stopping=stopping,
+        live=live,
         reload=reload,
     )
 
@@ -520,7 +524,7 @@ async def _build(
 class _AdminHooks:
     """What the admin server calls back into: the scrape hook, preview and reload."""
 
-    settings: Settings
+    live: LiveSettings
     control: Control
     engine: CircuitBreaker
     limiter: Limiter
@@ -540,22 +544,19 @@ class _AdminHooks:
 
     async def preview(self, body: Any) -> Mapping[str, Any]:
         """``POST /v1/preview`` (:mod:`authz.runtime.preview`)."""
-        request = parse_preview_request(
-            body, default_decision_path=self.settings.default_decision_path
-        )
+        settings = self.live.settings
+        request = parse_preview_request(body, default_decision_path=settings.default_decision_path)
         return await preview(
             self.engine,
             request,
-            credential_headers=self.settings.credential_headers,
-            timeout_s=self.settings.decision_timeout_s,
+            credential_headers=settings.credential_headers,
+            timeout_s=settings.decision_timeout_s,
         )
 
     async def reload_now(self, actor: str) -> Mapping[str, Any]:
         """``POST /v1/reload``: :func:`reload_settings`, ask OPA for the active bundle
         now, and empty the decision cache."""
-        result = reload_settings(
-            self.reload, self.control, self.secrets, self.on_action, actor=actor
-        )
+        result = reload_settings(self.reload, self.live, self.secrets, self.on_action, actor=actor)
         changed = await self.watcher.poll_once()
         if self.cache is not None:
             self.cache.clear("admin reload")
@@ -722,43 +723,111 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
+@dataclass(slots=True)
+class LiveSettings:
+    """The settings the running service uses and the components a reload retunes.
+
+    ``settings`` starts as the startup settings; :meth:`apply` takes the fields of
+    :data:`authz.runtime.config.RELOADABLE` from a newly read Settings and leaves every
+    other field as it was started (those need a restart, :data:`RESTART_ONLY` says why).
+    ``authorizer`` and ``expiry`` are None in tests that build only part of the service."""
+
+    settings: Settings
+    control: Control
+    authorizer: Authorizer | None = None
+    expiry: KeyExpiryWatch | None = None
+
+    def changes(self, new: Settings) -> tuple[list[str], list[str]]:
+        """The field names that differ in ``new``: (reloadable, restart-only), in field
+        order. Names only: a secret's value is never returned. The mode is compared with
+        the running mode, which the admin API may have changed since (a reload sets the
+        mode the settings name, as before)."""
+        running = replace(self.settings, mode=self.control.mode)
+        changed = [
+            f.name for f in fields(Settings) if getattr(new, f.name) != getattr(running, f.name)
+        ]
+        return (
+            [n for n in changed if n in RELOADABLE],
+            [n for n in changed if n not in RELOADABLE],
+        )
+
+    def apply(self, new: Settings, *, actor: str) -> tuple[list[str], list[str]]:
+        """Apply the reloadable fields of ``new``; returns (applied, restart_required)
+        field names. All or nothing: the one step that can refuse (the mode, bypass
+        without ``AUTHZ_ALLOW_BYPASS`` at startup: ConfigError) runs first, and the rest
+        are plain stores with no await between them, so no Check sees half of it."""
+        applied, restart = self.changes(new)
+        if "mode" in applied:
+            self.control.set_mode(new.mode, actor=actor, reason="settings reloaded")
+        if "log_level" in applied:
+            logging.getLogger().setLevel(new.log_level)
+        if self.authorizer is not None:
+            self.authorizer.retune(
+                timeout_s=new.decision_timeout_s,
+                burst_s=new.rate_limit_burst_s,
+                fail_open_paths=new.fail_open_paths,
+                fail_open_max_per_s=new.fail_open_max_per_s,
+            )
+        if self.expiry is not None:
+            self.expiry.set_warning_days(new.key_expiry_warning_days)
+        self.settings = replace(self.settings, **{n: getattr(new, n) for n in applied})
+        return applied, restart
+
+
 def reload_settings(
     reload: Callable[[], Settings] | None,
-    control: Control,
+    live: LiveSettings,
     secrets: SecretStore | None,
     on_action: Callable[[str, Mapping[str, Any]], None],
     *,
     actor: str = "sighup",
 ) -> dict[str, Any]:
-    """SIGHUP and ``POST /v1/reload``: re-read the settings (the mode applies at once) and
-    the secrets file. Returns ``{"mode": str, "settings": "reloaded" | "refused" |
-    "not_configured", "secrets": "reloaded" | "unchanged" | "failed" | "not_configured"}``."""
+    """SIGHUP and ``POST /v1/reload``: re-read the secrets file and the settings, and
+    apply the settings that can change at runtime (:meth:`LiveSettings.apply`).
+
+    Returns ``{"mode": str, "settings": "reloaded" | "refused" | "not_configured",
+    "secrets": "reloaded" | "unchanged" | "failed" | "not_configured", "applied":
+    [field names changed and applied], "restart_required": [field names changed that
+    need a restart]}``, plus ``"error"`` (the ConfigError, naming the key) when refused:
+    then nothing of the new settings applies. Logged as one line ("settings reloaded"
+    or "reload refused; keeping the running settings")."""
     log.info("reloading", extra={"actor": actor})
-    result: dict[str, Any] = {"settings": "not_configured", "secrets": "not_configured"}
+    result: dict[str, Any] = {
+        "settings": "not_configured",
+        "secrets": "not_configured",
+        "applied": [],
+        "restart_required": [],
+    }
     if secrets is not None:
         reread = secrets.refresh()
         result["secrets"] = (
             "failed" if not secrets.loaded else "reloaded" if reread else "unchanged"
         )
     if reload is not None:
+        previous = live.control.mode
         try:
-            new = reload()
-            result["settings"] = "reloaded"
-            if new.mode is not control.mode:
-                previous = control.set_mode(new.mode, actor=actor, reason="settings reloaded")
+            applied, restart = live.apply(reload(), actor=actor)
+        except ConfigError as exc:
+            result["settings"] = "refused"
+            result["error"] = str(exc)
+            log.error("reload refused; keeping the running settings", extra={"error": str(exc)})
+        else:
+            result.update(settings="reloaded", applied=applied, restart_required=restart)
+            log.info(
+                "settings reloaded",
+                extra={"actor": actor, "applied": applied, "restart_required": restart},
+            )
+            if "mode" in applied:
                 on_action(
                     "set_mode",
                     {
-                        "mode": new.mode.value,
+                        "mode": live.control.mode.value,
                         "previous": previous.value,
                         "actor": actor,
                         "reason": "settings reloaded",
                     },
                 )
-        except ConfigError as exc:
-            result["settings"] = "refused"
-            log.error("reload refused; keeping the running settings", extra={"error": str(exc)})
-    result["mode"] = control.mode.value
+    result["mode"] = live.control.mode.value
     return result
 
 
