@@ -19,8 +19,10 @@ logged and audited with the optional ``X-Authz-Actor`` header as the actor:
   ``DELETE /v1/overrides/{id}``
 - ``POST /v1/preview``: what would be decided for a key or sandbox and a request, and
   from what (see :mod:`authz.runtime.preview`); 4xx/5xx with the failure code when OPA cannot say
-- ``POST /v1/reload``: re-read the settings and the secrets file, ask OPA for the active
-  bundle now, empty the decision cache; answers what it found (:data:`Reloader`)
+- ``POST /v1/reload``: re-read the settings and the secrets file, apply the settings that
+  can change at runtime, ask OPA for the active bundle now, empty the decision cache;
+  answers what it found, which settings changed and applied and which need a restart
+  (:data:`Reloader`, :func:`authz.runtime.server.reload_settings`); audited as ``reload``
 
 Errors are JSON ``{"error": code, "message": ...}``. A malformed request is a 4xx, never
 a 5xx: a body over 16 KiB is 413 ``body_too_large``; a body that is not UTF-8 JSON (RFC

@@ -39,6 +39,19 @@ def test_every_settings_field_is_classified_once() -> None:
     assert all(RESTART_ONLY.values()), "every restart-only field says why"
 
 
+def test_readme_reload_table_lists_every_setting() -> None:
+    readme = (Path(__file__).parents[3] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Reload\n", 1)[1].split("\n### ", 1)[0]
+    rows = {
+        line.split("`")[1]: line.split("|")[2].strip()
+        for line in section.splitlines()
+        if line.startswith("| `AUTHZ_")
+    }
+    expected = {f"AUTHZ_{name.upper()}": "applied" for name in RELOADABLE}
+    expected |= {f"AUTHZ_{name.upper()}": "restart" for name in RESTART_ONLY}
+    assert rows == expected
+
+
 class _Quotas:
     """A Limiter that allows everything and keeps every quota it was asked about."""
 
