@@ -729,7 +729,8 @@ class LiveSettings:
 
     ``settings`` starts as the startup settings; :meth:`apply` takes the fields of
     :data:`authz.runtime.config.RELOADABLE` from a newly read Settings and leaves every
-    other field as it was started (those need a restart, :data:`RESTART_ONLY` says why).
+    other field as it was started (those need a restart;
+    :data:`authz.runtime.config.RESTART_ONLY` says why).
     ``authorizer`` and ``expiry`` are None in tests that build only part of the service."""
 
     settings: Settings
