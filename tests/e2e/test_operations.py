@@ -380,6 +380,8 @@ def test_reload_endpoint_reports_the_bundle_and_secrets(e2e: Env) -> None:
     assert body["secrets"] in {"reloaded", "unchanged"}
     assert body["revision"]
     assert body["bundle_changed"] is False
+    # Nothing in the settings changed: nothing applied, nothing waiting for a restart.
+    assert (body["applied"], body["restart_required"]) == ([], [])
     assert (
         httpx.post(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/v1/reload").status_code == 401
     )
