@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info, Summary, generate_latest
 
+from authz.core.cache import DecisionCache
 from authz.core.record import DecisionRecord
 from authz.runtime.metrics import Metrics, MetricsSink
 from authz.stack.supervisor import Process, free_port, http_ok
@@ -118,9 +119,11 @@ def test_promql_names(
 
 
 def _authz_metrics() -> dict[str, set[str] | None]:
-    """authz's series names -> label names (None: any, for info metrics)."""
+    """authz's series names -> label names (None: any, for info metrics), with the
+    decision cache's collector attached (as the server attaches it)."""
     metrics = Metrics()
-    exposed: dict[str, set[str] | None] = {}
+    metrics.watch_decision_cache(DecisionCache())
+    exposed: dict[str, set[str] | None] = _scraped(generate_latest(metrics.registry).decode())
     for value in vars(metrics).values():
         if not isinstance(value, Counter | Gauge | Histogram | Info | Summary):
             continue
@@ -685,6 +688,12 @@ def test_dashboard_structure() -> None:
         "authz_rate_limit_rejections_total",
         "authz_opa_errors_total",
         "authz_opa_circuit_state",
+        # The safety and cache panels (issue #17).
+        'authz_decision_cache_lookups_total{result="hit"}',
+        "authz_fail_open_total",
+        "authz_dry_run_suppressed_total",
+        "authz_overrides_active",
+        "authz_expiring_key_decisions_total",
     ):
         assert needle in exprs, needle
     assert _queries("loki")
