@@ -889,7 +889,7 @@ def test_collector_receives_otlp_and_exports_to_tempo() -> None:
 
 
 BROKEN_PIPELINES = {
-    "undeclared exporter": ("exporters: [otlp/tempo]", "exporters: [otlp/jaeger]"),
+    "undeclared exporter": ("exporters: [otlp_grpc/tempo]", "exporters: [otlp_grpc/jaeger]"),
     "undeclared processor": ("processors: [memory_limiter, batch]", "processors: [batching]"),
     "no receivers": ("receivers: [otlp]", "receivers: []"),
     "undeclared extension": ("extensions: [health_check]", "extensions: [pprof]"),
