@@ -98,7 +98,7 @@ def test_combinations_load(projects: dict[str, Any]) -> None:
         "tls-init",
     }
     assert "redis" in projects["production+redis"]["services"]
-    assert {"prometheus", "grafana", "loki", "promtail"} <= set(
+    assert {"prometheus", "grafana", "loki", "alloy", "otel-collector", "tempo"} <= set(
         projects["dev+monitoring"]["services"]
     )
 
@@ -146,6 +146,9 @@ def _services(projects: dict[str, Any], *names: str) -> list[tuple[str, str, dic
 
 # Run once and exit (the certificates), never restarted.
 ONE_SHOT = {"tls-init"}
+# Monitoring images without an HTTP client for a healthcheck command (Alloy's, the
+# Collector's and Tempo's); nothing waits for them to be healthy.
+NO_HTTP_CLIENT = {"alloy", "otel-collector", "tempo"}
 
 
 def test_healthchecks_and_start_order(projects: dict[str, Any]) -> None:
@@ -156,7 +159,7 @@ def test_healthchecks_and_start_order(projects: dict[str, Any]) -> None:
         if name in ONE_SHOT:
             assert service["restart"] == "no", f"{combo}/{name}"
             continue
-        if name != "promtail":  # its image has no HTTP client; Loki's health covers the path
+        if name not in NO_HTTP_CLIENT:
             assert service.get("healthcheck", {}).get("test"), f"{combo}/{name}"
         for dependency, spec in (service.get("depends_on") or {}).items():
             shares_image = (name, dependency) == ("upstream-api", "authz")
@@ -290,6 +293,9 @@ def test_monitoring_targets_are_services(projects: dict[str, Any]) -> None:
         ("opa", 8282),
         ("prometheus", 9090),
         ("loki", 3100),
+        ("tempo", 3200),
+        ("tempo", 4317),
+        ("otel-collector", 4318),
         ("bundle-server", 8080),
     }
     project = projects["production+monitoring"]
@@ -307,9 +313,22 @@ def test_monitoring_targets_are_services(projects: dict[str, Any]) -> None:
     bundles = urlsplit(opa_config["services"]["bundles"]["url"])
     assert _reachable(project, "opa", bundles.hostname or "")
     assert (bundles.hostname, bundles.port) in listens
-    promtail = yaml.safe_load((ROOT / "infra/monitoring/promtail/promtail.yaml").read_text())
-    loki = urlsplit(promtail["clients"][0]["url"])
-    assert _reachable(project, "promtail", loki.hostname or "")
+    alloy = (ROOT / "infra/monitoring/alloy/config.alloy").read_text()
+    (push,) = re.findall(r'url\s*=\s*"([^"]+)"', alloy)
+    loki = urlsplit(push)
+    assert _reachable(project, "alloy", loki.hostname or "")
+    assert (loki.hostname, loki.port) in listens
+    # Traces: authz -> the collector (OTLP/HTTP) -> Tempo (OTLP/gRPC).
+    for combo in ("production+monitoring", "dev+monitoring"):
+        authz = projects[combo]["services"]["authz"]["environment"]
+        endpoint = urlsplit(authz["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert _reachable(projects[combo], "authz", endpoint.hostname or ""), combo
+        assert (endpoint.hostname, endpoint.port) in listens
+    collector = yaml.safe_load((ROOT / "infra/monitoring/otel-collector/config.yaml").read_text())
+    for exporter in collector["exporters"].values():
+        host, _, port = exporter["endpoint"].rpartition(":")
+        assert _reachable(project, "otel-collector", host), host
+        assert (host, int(port)) in listens
 
 
 def test_grafana_provisioning_paths_match_the_mounts(projects: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """Monitoring configs: Prometheus config and alert rules (promtool), the Grafana
-dashboard, Loki/promtail labels.
+dashboard, Loki/Alloy labels, the OpenTelemetry Collector and Tempo configs.
 
 Every metric a dashboard panel or an alert names must exist where it is scraped: authz's
 names come from ``authz.runtime.metrics.Metrics`` (the one place authz defines them), Envoy's
@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info, Summary, generate_latest
 
+from authz.core.cache import DecisionCache
 from authz.core.record import DecisionRecord
 from authz.runtime.metrics import Metrics, MetricsSink
 from authz.stack.supervisor import Process, free_port, http_ok
@@ -118,9 +119,11 @@ def test_promql_names(
 
 
 def _authz_metrics() -> dict[str, set[str] | None]:
-    """authz's series names -> label names (None: any, for info metrics)."""
+    """authz's series names -> label names (None: any, for info metrics), with the
+    decision cache's collector attached (as the server attaches it)."""
     metrics = Metrics()
-    exposed: dict[str, set[str] | None] = {}
+    metrics.watch_decision_cache(DecisionCache())
+    exposed: dict[str, set[str] | None] = _scraped(generate_latest(metrics.registry).decode())
     for value in vars(metrics).values():
         if not isinstance(value, Counter | Gauge | Histogram | Info | Summary):
             continue
@@ -685,6 +688,12 @@ def test_dashboard_structure() -> None:
         "authz_rate_limit_rejections_total",
         "authz_opa_errors_total",
         "authz_opa_circuit_state",
+        # The safety and cache panels (issue #17).
+        'authz_decision_cache_lookups_total{result="hit"}',
+        "authz_fail_open_total",
+        "authz_dry_run_suppressed_total",
+        "authz_overrides_active",
+        "authz_expiring_key_decisions_total",
     ):
         assert needle in exprs, needle
     assert _queries("loki")
@@ -720,13 +729,71 @@ def test_a_dashboard_typo_is_caught(exposed: dict[str, set[str] | None]) -> None
         _check_expr("sum by (service) (rate(authz_decisions_total[5m]))", exposed, "by")
 
 
-def _promtail_labels() -> set[str]:
-    config = yaml.safe_load((MONITORING / "promtail/promtail.yaml").read_text())
-    (job,) = config["scrape_configs"]
-    labels = {rule["target_label"] for rule in job["relabel_configs"]}
-    for stage in job["pipeline_stages"]:
-        labels |= set(stage.get("labels", {}) or {})
+ALLOY = MONITORING / "alloy/config.alloy"
+
+
+def _alloy_blocks(text: str) -> dict[str, str]:
+    """Top-level Alloy components, ``kind "label"`` -> body, of an Alloy configuration
+    (https://grafana.com/docs/alloy/latest/get-started/configuration-syntax/): comments
+    dropped, braces balanced (no brace appears inside a string in these files)."""
+    text = re.sub(r"^\s*//.*$", "", text, flags=re.MULTILINE)
+    assert text.count("{") == text.count("}"), "unbalanced braces"
+    blocks: dict[str, str] = {}
+    position = 0
+    while match := re.compile(r'([a-z_][\w.]*)\s+"(\w+)"\s*\{').search(text, position):
+        depth, index = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            index += 1
+        key = f"{match.group(1)}.{match.group(2)}"
+        assert key not in blocks, f"{key} twice"
+        blocks[key] = text[match.end() : index - 1]
+        position = index
+    assert not text[position:].strip(), f"outside any block: {text[position:].strip()[:80]}"
+    return blocks
+
+
+def _alloy_labels() -> set[str]:
+    """The stream labels Alloy gives each line: relabel targets and stage.labels keys."""
+    blocks = _alloy_blocks(ALLOY.read_text())
+    labels = set(re.findall(r'target_label\s*=\s*"(\w+)"', blocks["discovery.relabel.containers"]))
+    for stage in re.findall(r"stage\.labels\s*\{\s*values\s*=\s*\{([^}]*)\}", ALLOY.read_text()):
+        labels |= set(re.findall(r"(\w+)\s*=", stage))
     return labels
+
+
+def test_alloy_components_are_wired() -> None:
+    """No Alloy binary here (see infra/README.md): every component reference names a
+    declared component, the Docker source forwards through the JSON stage to Loki, and
+    the labels are the ones promtail gave (the log panels use them)."""
+    blocks = _alloy_blocks(ALLOY.read_text())
+    assert set(blocks) == {
+        "discovery.docker.containers",
+        "discovery.relabel.containers",
+        "loki.source.docker.containers",
+        "loki.process.json_lines",
+        "loki.write.loki",
+    }
+    for body in blocks.values():
+        for kind, label in re.findall(
+            r"((?:discovery|loki)(?:\.[a-z_]+)+)\.(\w+)\.(?:targets|rules|receiver)\b", body
+        ):
+            assert f"{kind}.{label}" in blocks, f"{kind}.{label}"
+    source = blocks["loki.source.docker.containers"]
+    assert "discovery.docker.containers.targets" in source
+    assert "discovery.relabel.containers.rules" in source
+    assert "loki.process.json_lines.receiver" in source
+    assert "loki.write.loki.receiver" in blocks["loki.process.json_lines"]
+    assert _alloy_labels() == {"service", "project", "container", "stream", "level", "type"}
+
+
+def test_alloy_parser_rejects_broken_configs() -> None:
+    """The structural check can fail: unbalanced braces, a stray statement."""
+    text = ALLOY.read_text()
+    with pytest.raises(AssertionError, match="unbalanced"):
+        _alloy_blocks(text + "\n}")
+    with pytest.raises(AssertionError, match="outside any block"):
+        _alloy_blocks(text + '\nlogging = "debug"\n')
 
 
 def _log_fields() -> set[str]:
@@ -743,7 +810,7 @@ def _log_fields() -> set[str]:
 
 
 def test_log_panels_use_existing_labels_and_fields() -> None:
-    labels, fields = _promtail_labels(), _log_fields()
+    labels, fields = _alloy_labels(), _log_fields()
     services = set(
         yaml.safe_load((ROOT / "infra/compose/docker-compose.yaml").read_text())["services"]
     )
@@ -760,11 +827,78 @@ def test_log_panels_use_existing_labels_and_fields() -> None:
             assert field in fields, f"{title}: log field {field}"
 
 
-def test_loki_and_promtail_configs_parse() -> None:
-    """No Loki/promtail binary is available here (see infra/README.md): the configs must
-    at least parse and agree with each other and with Compose."""
+def test_loki_and_alloy_configs_agree() -> None:
+    """No Loki/Alloy binary is available here (see infra/README.md): the configs must at
+    least parse and agree with each other."""
     loki = yaml.safe_load((MONITORING / "loki/loki.yaml").read_text())
-    promtail = yaml.safe_load((MONITORING / "promtail/promtail.yaml").read_text())
+    blocks = _alloy_blocks(ALLOY.read_text())
     port = loki["server"]["http_listen_port"]
-    assert promtail["clients"][0]["url"] == f"http://loki:{port}/loki/api/v1/push"
+    (url,) = re.findall(r'url\s*=\s*"([^"]+)"', blocks["loki.write.loki"])
+    assert url == f"http://loki:{port}/loki/api/v1/push"
     assert loki["schema_config"]["configs"][0]["store"] == "tsdb"
+
+
+# -- traces: OpenTelemetry Collector -> Tempo --------------------------------------------
+
+COLLECTOR = MONITORING / "otel-collector/config.yaml"
+
+
+def _pipeline_errors(config: dict[str, Any]) -> list[str]:
+    """What the Collector would refuse at startup in ``config``'s service section
+    (https://opentelemetry.io/docs/collector/configuration/#service): a pipeline naming
+    an undeclared receiver/processor/exporter, an undeclared extension, a pipeline
+    without receivers or exporters."""
+    errors = []
+    service = config.get("service") or {}
+    for extension in service.get("extensions", []):
+        if extension not in (config.get("extensions") or {}):
+            errors.append(f"extension {extension}")
+    for name, pipeline in (service.get("pipelines") or {}).items():
+        for kind in ("receivers", "processors", "exporters"):
+            declared = config.get(kind) or {}
+            errors += [f"{name}: {kind} {c}" for c in pipeline.get(kind, []) if c not in declared]
+        if not pipeline.get("receivers") or not pipeline.get("exporters"):
+            errors.append(f"{name}: no receivers or exporters")
+    return errors
+
+
+def test_collector_receives_otlp_and_exports_to_tempo() -> None:
+    """No collector binary here: the pipeline is well-formed, receives OTLP/HTTP on the
+    port authz's overlay endpoint names (authz exports HTTP/protobuf only) and exports
+    to Tempo's OTLP/gRPC receiver."""
+    config = yaml.safe_load(COLLECTOR.read_text())
+    assert _pipeline_errors(config) == []
+    (pipeline,) = config["service"]["pipelines"].items()
+    assert pipeline[0] == "traces"
+    assert pipeline[1]["processors"][0] == "memory_limiter"  # first, as the docs require
+    http = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    overlay = yaml.safe_load((ROOT / "infra/compose/docker-compose.monitoring.yaml").read_text())
+    environment = overlay["services"]["authz"]["environment"]
+    assert environment["OTEL_TRACES_EXPORTER"] == "otlp"
+    assert environment["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":" + http.rpartition(":")[2])
+    tempo = yaml.safe_load((MONITORING / "tempo/tempo.yaml").read_text())
+    grpc = tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    (exporter,) = [config["exporters"][e] for e in pipeline[1]["exporters"]]
+    assert exporter["endpoint"] == "tempo:" + grpc.rpartition(":")[2]
+    datasources = yaml.safe_load(
+        (MONITORING / "grafana/provisioning/datasources/datasources.yaml").read_text()
+    )["datasources"]
+    (source,) = [d for d in datasources if d["type"] == "tempo"]
+    assert source["url"] == f"http://tempo:{tempo['server']['http_listen_port']}"
+
+
+BROKEN_PIPELINES = {
+    "undeclared exporter": ("exporters: [otlp_grpc/tempo]", "exporters: [otlp_grpc/jaeger]"),
+    "undeclared processor": ("processors: [memory_limiter, batch]", "processors: [batching]"),
+    "no receivers": ("receivers: [otlp]", "receivers: []"),
+    "undeclared extension": ("extensions: [health_check]", "extensions: [pprof]"),
+}
+
+
+@pytest.mark.parametrize("change", BROKEN_PIPELINES.values(), ids=BROKEN_PIPELINES.keys())
+def test_collector_check_catches_a_broken_pipeline(change: tuple[str, str]) -> None:
+    old, new = change
+    text = COLLECTOR.read_text()
+    assert old in text
+    assert _pipeline_errors(yaml.safe_load(text.replace(old, new, 1)))
