@@ -16,7 +16,12 @@ COPY pyproject.toml README.md ./
 COPY authz ./authz
 # setuptools builds authz itself from source (it is pure Python); every dependency must
 # come as a wheel (PIP_ONLY_BINARY), so a missing wheel fails here instead of compiling.
+# xds-protos ships an older copy of opentelemetry/proto/*: put opentelemetry-proto's own
+# files back over it, or the OTLP trace exporter cannot import (scripts/install-deps too).
 RUN /opt/authz/bin/pip install --no-binary=authz . \
+    && /opt/authz/bin/pip install --force-reinstall --no-deps \
+       "opentelemetry-proto==$(/opt/authz/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
+    && /opt/authz/bin/python -c 'from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope' \
     && /opt/authz/bin/pip uninstall --yes pip setuptools wheel
 
 FROM ${PYTHON_IMAGE}
