@@ -16,8 +16,9 @@ closed with a precise code:
   body, or an unknown ``Content-Encoding``    -> :class:`OpaResponseError`
 - a 200 answer without ``result``             -> :class:`UndefinedDecision`
 
-The hot-path client is aiohttp over a kept-alive pool: measured 4-5x faster than httpx for
-this one-small-POST-per-request pattern (``shared/REFERENCE.md``). ``unix:///path`` URLs
+The hot-path client is aiohttp over a kept-alive pool: httpx costs about 5x the client CPU
+per query for this one-small-POST-per-request pattern (``docs/decisions.md``, measured by
+``scripts/bench-deps``). ``unix:///path`` URLs
 talk to an OPA listening on a unix socket (``opa run --addr unix:///path``).
 
 Answers are asked for uncompressed (``Accept-Encoding: identity``): OPA gzips a body of
