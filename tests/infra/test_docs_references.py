@@ -65,3 +65,27 @@ def test_every_module_the_docs_name_exists(doc: str, module: str) -> None:
 def _is_module(name: str) -> bool:
     path = ROOT / name.replace(".", "/")
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+# A citation of a file outside the repository (the workspace's shared/ folder) cannot be
+# checked by a reader of the repository; only the plugin's build location may be named.
+_OUTSIDE = re.compile(r"(?<![./\w])shared/(?!peer\b)[\w./-]+")
+
+
+def _tracked_text_files() -> list[Path]:
+    suffixes = {".py", ".md", ".yaml", ".yml", ".rego", ".toml", ".json"}
+    roots = ["authz", "bench", "docs", "infra", "policy", "proto", "scripts", "tests"]
+    files = [ROOT / "README.md"]
+    for root in roots:
+        files += [p for p in (ROOT / root).rglob("*") if p.suffix in suffixes and p.is_file()]
+    return files
+
+
+def test_no_file_cites_a_file_outside_the_repository() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in _tracked_text_files()
+        if path != Path(__file__).resolve()
+        for match in _OUTSIDE.finditer(path.read_text(encoding="utf-8", errors="replace"))
+    ]
+    assert found == []
