@@ -258,8 +258,11 @@ def _integral_numbers(value: Any) -> Any:
     return value
 
 
-# Go's strconv.ParseInt(s, 10, 64), which the plugin applies to content-length.
-_CONTENT_LENGTH: Final = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# Go's strconv.ParseInt(s, 10, 64), which the plugin applies to content-length: a sign,
+# then digits, leading zeros allowed. Its significant digits are matched apart so that
+# int() never sees more than an int64's 19 (Python's int() refuses over 4300 digits
+# with a ValueError, and costs quadratic time below that).
+_CONTENT_LENGTH: Final = re.compile(r"([+-]?)0*([0-9]{1,19})?", re.ASCII)
 _INT64_MAX: Final = 2**63 - 1
 
 
@@ -267,7 +270,10 @@ def _truncated(headers: Mapping[str, str], length: int) -> bool:
     declared = headers.get("content-length")
     if declared is None:
         return False
-    expected = int(declared) if _CONTENT_LENGTH.fullmatch(declared) else None
+    match = _CONTENT_LENGTH.fullmatch(declared)
+    expected = None
+    if match is not None and declared.lstrip("+-"):
+        expected = int(match.group(1) + (match.group(2) or "0"))
     if expected is None or not -_INT64_MAX - 1 <= expected <= _INT64_MAX:
         raise RequestError(f"invalid content-length {declared[:32]!r}")
     return expected != -1 and expected > length

@@ -1541,6 +1541,11 @@ def test_json_number_beyond_the_double_range_is_refused(body: bytes) -> None:
         ("99999999999999999999", True),
         ("9223372036854775807", False),
         ("", True),
+        # Past Python's int() digit limit (4300): refused as out of range, never a
+        # ValueError (a 500); leading zeros do not count, as in Go.
+        ("9" * 5000, True),
+        ("0" * 5000 + "7", False),
+        ("-" + "0" * 5000 + "1", False),
     ],
     ids=[
         "plain",
@@ -1552,6 +1557,9 @@ def test_json_number_beyond_the_double_range_is_refused(body: bytes) -> None:
         "beyond-int64",
         "int64-max",
         "empty",
+        "beyond-int-digit-limit",
+        "leading-zeros-past-int-digit-limit",
+        "minus-one-leading-zeros-past-int-digit-limit",
     ],
 )
 def test_content_length_reads_as_go_parse_int(declared: str, refused: bool) -> None:
