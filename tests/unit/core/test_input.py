@@ -1506,6 +1506,37 @@ def test_grpc_body_without_a_descriptor_set_is_not_parsed() -> None:
     assert (document["parsed_body"], document["truncated_body"]) == (None, False)
 
 
+def _grpc_body_of_size(size: int) -> bytes:
+    """A gRPC frame of exactly ``size`` bytes holding one HealthCheckRequest."""
+    from grpc_health.v1 import health_pb2
+
+    # Frame header (5) + field tag (1) + a 3-byte length varint (16 KiB..2 MiB) + service.
+    message = health_pb2.HealthCheckRequest(service="x" * (size - 9)).SerializeToString()
+    return _grpc_frame(message)
+
+
+def test_grpc_body_over_the_parse_cap_is_not_decoded() -> None:
+    # The same byte cap as every other body (MAX_BODY_BYTES): a larger gRPC message is
+    # reported truncated, never decoded.
+    descriptors = GrpcDescriptors.from_bytes(_descriptor_set())
+
+    def parsed(raw_body: bytes) -> tuple[Any, bool]:
+        http = {
+            "path": HEALTH_CHECK,
+            "headers": {"content-type": "application/grpc"},
+            "rawBody": base64.b64encode(raw_body).decode(),
+        }
+        document = build_input(check_request_json(http), (), grpc_descriptors=descriptors)
+        return document["parsed_body"], document["truncated_body"]
+
+    at_cap = _grpc_body_of_size(MAX_BODY_BYTES)
+    assert len(at_cap) == MAX_BODY_BYTES
+    assert parsed(at_cap) == ({"service": "x" * (MAX_BODY_BYTES - 9)}, False)
+    over = _grpc_body_of_size(MAX_BODY_BYTES + 1)
+    assert len(over) == MAX_BODY_BYTES + 1
+    assert parsed(over) == (None, True)
+
+
 @pytest.mark.parametrize("data", [b"\xff\xff", b""], ids=["not-a-descriptor-set", "empty"])
 def test_bad_descriptor_set_is_a_config_error(data: bytes) -> None:
     if data:
