@@ -22,6 +22,7 @@ from google.protobuf.json_format import ParseDict
 from authz.core.authorizer import Authorizer, Outcome
 from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
+    _MAX_JOSE_HEADER,
     MAX_BODY_BYTES,
     MAX_FORM_FIELDS,
     MAX_JSON_DEPTH,
@@ -1405,6 +1406,35 @@ def test_only_a_bearer_jwt_in_authorization_is_passed_through(name: str, value: 
     masked = document["attributes"]["request"]["http"]["headers"][name]
     assert masked == mask_credential(name, value)[1]
     assert value.split()[-1] not in json.dumps(document)
+
+
+def _jwt_with_header_of(encoded_size: int) -> str:
+    """A bearer JWT whose base64url JOSE header (an object with ``alg``) is
+    ``encoded_size`` characters, give or take the 2 of the last base64 quantum."""
+    bare = len(json.dumps({"alg": "HS256", "pad": ""}).encode())
+    pad = "x" * (encoded_size * 3 // 4 - bare)
+    return jwt_of({"alg": "HS256", "pad": pad})
+
+
+@pytest.mark.parametrize(
+    ("encoded_size", "in_clear"),
+    [(_MAX_JOSE_HEADER, True), (_MAX_JOSE_HEADER + 2, False), (1_000_000, False)],
+    ids=["at-the-cap", "over-the-cap", "megabyte"],
+)
+def test_jose_header_over_the_cap_is_never_decoded_and_stays_masked(
+    encoded_size: int, in_clear: bool
+) -> None:
+    # The JOSE header is decoded before any credential is checked: one longer than a real
+    # token's never is (the base64 and JSON work stay bounded), so the token is masked.
+    token = _jwt_with_header_of(encoded_size)
+    header_size = len(token.split(".")[0])
+    assert (header_size <= _MAX_JOSE_HEADER) is in_clear
+    document = document_for(
+        {"path": "/", "headers": {"authorization": f"Bearer {token}"}}, CREDENTIAL_HEADERS
+    )
+    sent = document["attributes"]["request"]["http"]["headers"]["authorization"]
+    assert sent == (f"Bearer {token}" if in_clear else f"Bearer sha256:{sha256(token)}")
+    assert document["credentials"] == {"authorization": sha256(token)}
 
 
 def test_jwt_pass_through_can_be_turned_off() -> None:
