@@ -30,10 +30,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from authz.core.decision import Decision, Header
-from authz.core.errors import AuthzError, meanings
+from authz.core.errors import AuthzError, InvalidDecision, meanings
 
 __all__ = [
     "DECISION_ID_HEADER",
@@ -75,15 +76,31 @@ def _header_options(headers: Iterable[Header]) -> list[base_pb2.HeaderValueOptio
 def _metadata(decision_id: str, extra: Mapping[str, Any]) -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
     if extra:
-        metadata.update(dict(extra))
+        try:
+            metadata.update(dict(extra))
+        except RecursionError:
+            raise InvalidDecision(_TOO_DEEP) from None
     metadata["decision_id"] = decision_id
     return metadata
+
+
+def _response(**fields: Any) -> external_auth_pb2.CheckResponse:
+    """A CheckResponse of ``fields``. Raises InvalidDecision when the dynamic_metadata
+    Struct is nested past protobuf's recursion limit (100 messages; Envoy could not read
+    it either): the message constructor refuses it with a DecodeError."""
+    try:
+        return external_auth_pb2.CheckResponse(**fields)
+    except DecodeError:
+        raise InvalidDecision(_TOO_DEEP) from None
+
+
+_TOO_DEEP: Final = "dynamic_metadata is nested too deeply for a protobuf Struct"
 
 
 def _denied(
     status: int, headers: Iterable[Header], body: str, decision_id: str, metadata: Mapping[str, Any]
 ) -> external_auth_pb2.CheckResponse:
-    return external_auth_pb2.CheckResponse(
+    return _response(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=status),
@@ -120,7 +137,7 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
                 base_pb2.QueryParameter(key=k, value=v) for k, v in decision.query_parameters_to_set
             ],
         )
-        return external_auth_pb2.CheckResponse(
+        return _response(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=ok,
             dynamic_metadata=_metadata(decision_id, decision.dynamic_metadata),

@@ -309,3 +309,31 @@ def test_policy_can_keep_the_decision_id_off_the_upstream_request() -> None:
     assert "x-authz-decision-id" not in names
     assert list(response.ok_response.headers_to_remove) == ["x-authz-decision-id", "x-a"]
     assert response.dynamic_metadata["decision_id"] == "00000000-0000-4000-8000-0000000000aa"
+
+
+def _nested(depth: int, leaf: Any, wrap: Any) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = wrap(value)
+    return value
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["allow", "deny"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        _nested(200, "x", lambda v: {"a": v}),
+        {"a": _nested(200, "x", lambda v: [v])},
+        _nested(600, "x", lambda v: {"a": v}),  # past Python's recursion limit
+    ],
+    ids=["objects", "arrays", "objects-past-the-python-recursion-limit"],
+)
+def test_dynamic_metadata_too_deep_for_protobuf_is_an_invalid_decision(
+    allowed: bool, metadata: dict[str, Any]
+) -> None:
+    # Protobuf refuses a Struct nested past its recursion limit (as Envoy would refuse to
+    # read it): the policy's decision is invalid, never an unexpected DecodeError (500
+    # internal_error, with a traceback logged per request).
+    decision = parse_decision({"allowed": allowed, "dynamic_metadata": metadata})
+    with pytest.raises(errors.InvalidDecision, match="dynamic_metadata"):
+        build_response(decision, "d-1")
