@@ -27,6 +27,7 @@ from authz.core.input import BodyParsing
 from authz.core.mode import Mode, parse_mode
 from authz.core.opa import parse_decision_path
 from authz.core.secret import Secret
+from authz.runtime.files import read_at_most
 
 __all__ = [
     "ADMIN_TOKEN_MIN_CHARS",
@@ -761,8 +762,7 @@ def _secret_files(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
             raise ConfigError(f"{env_key} and {where} are both set: set only one of them")
         path = Path(environ[file_key])
         try:
-            with path.open("rb") as handle:
-                data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+            data = read_at_most(path, SECRET_FILE_MAX_BYTES)
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read the file: {exc.strerror}") from None
         if len(data) > SECRET_FILE_MAX_BYTES:
