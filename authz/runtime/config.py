@@ -46,6 +46,7 @@ __all__ = [
     "RESTART_ONLY",
     "SECRET_FILE_KEYS",
     "SECRET_FILE_MAX_BYTES",
+    "SETTINGS_FILE_MAX_BYTES",
     "Settings",
     "is_loopback_host",
     "load",
@@ -150,6 +151,9 @@ SECRET_FILE_KEYS: Final = (
     "decision_log_service_token",
 )
 SECRET_FILE_MAX_BYTES: Final = 64 * 1024
+# The settings file (read at startup and on every reload): a few dozen keys; anything
+# larger is a mistake, refused unread (PyYAML's parser is slow on large input).
+SETTINGS_FILE_MAX_BYTES: Final = 1024 * 1024
 # An unknown AUTHZ_* variable at least this similar (difflib's ratio, 0..1, names without
 # the prefix) to a setting's variable is refused as a typo; anything less alike (tool
 # variables, Kubernetes service links such as AUTHZ_METRICS_SERVICE_HOST) is only reported
@@ -648,9 +652,19 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     raw: dict[str, tuple[str, Any]] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = read_at_most(path, SETTINGS_FILE_MAX_BYTES)
         except OSError as exc:
             raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+        if len(data) > SETTINGS_FILE_MAX_BYTES:
+            raise ConfigError(
+                f"config file {str(path)!r}: larger than {SETTINGS_FILE_MAX_BYTES} bytes"
+            )
+        try:
+            loaded = yaml.safe_load(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r}: not UTF-8 (byte {exc.start})") from None
+        except RecursionError:  # PyYAML's composer recurses once per nesting level
+            raise ConfigError(f"config file {str(path)!r}: nested too deeply") from None
         except yaml.YAMLError as exc:
             # Only the position: PyYAML's message quotes the line, which may hold a token.
             mark = getattr(exc, "problem_mark", None)
