@@ -27,6 +27,7 @@ from authz.core.input import BodyParsing
 from authz.core.mode import Mode, parse_mode
 from authz.core.opa import parse_decision_path
 from authz.core.secret import Secret
+from authz.runtime.files import read_at_most
 
 __all__ = [
     "ADMIN_TOKEN_MIN_CHARS",
@@ -45,6 +46,7 @@ __all__ = [
     "RESTART_ONLY",
     "SECRET_FILE_KEYS",
     "SECRET_FILE_MAX_BYTES",
+    "SETTINGS_FILE_MAX_BYTES",
     "Settings",
     "is_loopback_host",
     "load",
@@ -149,6 +151,9 @@ SECRET_FILE_KEYS: Final = (
     "decision_log_service_token",
 )
 SECRET_FILE_MAX_BYTES: Final = 64 * 1024
+# The settings file (read at startup and on every reload): a few dozen keys; anything
+# larger is a mistake, refused unread (PyYAML's parser is slow on large input).
+SETTINGS_FILE_MAX_BYTES: Final = 1024 * 1024
 # An unknown AUTHZ_* variable at least this similar (difflib's ratio, 0..1, names without
 # the prefix) to a setting's variable is refused as a typo; anything less alike (tool
 # variables, Kubernetes service links such as AUTHZ_METRICS_SERVICE_HOST) is only reported
@@ -646,19 +651,7 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     """
     raw: dict[str, tuple[str, Any]] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            # Only the position: PyYAML's message quotes the line, which may hold a token.
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {str(path)!r}: invalid YAML{where}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+        loaded = _settings_file(path)
         for key, value in loaded.items():
             if key not in _CONVERTERS:
                 raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}")
@@ -681,6 +674,34 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     _check_transport(settings)
     _check_decision_upload(settings)
     return settings
+
+
+def _settings_file(path: Path) -> dict[Any, Any]:
+    """The settings file's top-level mapping (``{}`` for an empty file), read at most
+    :data:`SETTINGS_FILE_MAX_BYTES`. Raises ConfigError naming the file (never quoting
+    its content) when it cannot be read, is too large, not UTF-8, not YAML or no mapping."""
+    try:
+        data = read_at_most(path, SETTINGS_FILE_MAX_BYTES)
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+    if len(data) > SETTINGS_FILE_MAX_BYTES:
+        raise ConfigError(f"config file {str(path)!r}: larger than {SETTINGS_FILE_MAX_BYTES} bytes")
+    try:
+        loaded = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 (byte {exc.start})") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"config file {str(path)!r}: nested too deeply") from None
+    except yaml.YAMLError as exc:
+        # Only the position: PyYAML's message quotes the line, which may hold a token.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r}: invalid YAML{where}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+    return loaded
 
 
 def _known_variables() -> frozenset[str]:
@@ -713,10 +734,7 @@ def sources(environ: Mapping[str, str], path: Path | None = None) -> dict[str, s
     """Where each setting's value comes from, as :func:`load` reads them: setting name ->
     ``"AUTHZ_<KEY>_FILE"``, ``"environment"``, the settings file's name, or ``"default"``.
     Call after :func:`load` succeeded (the file is then known to be a valid mapping)."""
-    in_file: set[str] = set()
-    if path is not None:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        in_file = set(loaded) if isinstance(loaded, dict) else set()
+    in_file = set(_settings_file(path)) if path is not None else set()
     found: dict[str, str] = {}
     for name in _CONVERTERS:
         env_key = ENV_PREFIX + name.upper()
@@ -761,8 +779,7 @@ def _secret_files(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
             raise ConfigError(f"{env_key} and {where} are both set: set only one of them")
         path = Path(environ[file_key])
         try:
-            with path.open("rb") as handle:
-                data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+            data = read_at_most(path, SECRET_FILE_MAX_BYTES)
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read the file: {exc.strerror}") from None
         if len(data) > SECRET_FILE_MAX_BYTES:

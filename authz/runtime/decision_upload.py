@@ -48,7 +48,14 @@ from authz.runtime.config import (
 )
 from authz.runtime.metrics import Metrics
 
-__all__ = ["LOGS_RESOURCE", "UPLOAD_TIMEOUT_S", "DecisionUploader", "Post", "aiohttp_post"]
+__all__ = [
+    "ANSWER_READ_MAX_BYTES",
+    "LOGS_RESOURCE",
+    "UPLOAD_TIMEOUT_S",
+    "DecisionUploader",
+    "Post",
+    "aiohttp_post",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ log = logging.getLogger(__name__)
 LOGS_RESOURCE: Final = "/logs"
 # One POST's budget: a service slower than this is retried like one that failed.
 UPLOAD_TIMEOUT_S: Final = 10.0
+# The longest answer body read (to reuse the connection); a longer one is left unread.
+ANSWER_READ_MAX_BYTES: Final = 64 * 1024
 
 # (url, gzip body, headers) -> the HTTP status; raises OSError/aiohttp.ClientError/TimeoutError.
 Post = Callable[[str, bytes, dict[str, str]], Awaitable[int]]
@@ -67,7 +76,12 @@ def aiohttp_post(session: aiohttp.ClientSession, timeout_s: float = UPLOAD_TIMEO
 
     async def post(url: str, body: bytes, headers: dict[str, str]) -> int:
         async with session.post(url, data=body, headers=headers, timeout=timeout) as response:
-            await response.read()
+            # Only the status matters. A short declared body is read so the connection is
+            # reused; any other (chunked, long, endless) is left unread and the connection
+            # closed on release: the service's answer never fills memory or the budget.
+            length = response.content_length
+            if length is not None and length <= ANSWER_READ_MAX_BYTES:
+                await response.read()
             return response.status
 
     return post

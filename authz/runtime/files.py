@@ -1,5 +1,5 @@
 """Durable, private file replacement for the small state files authz writes (the
-overrides file, the egress secrets file).
+overrides file, the egress secrets file), and the bounded read of the files it reads.
 
 :func:`write_private` follows the POSIX recipe for an atomic, durable replace: write a
 temporary file in the same directory, ``fsync`` it, ``rename`` it over the target
@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_private"]
+__all__ = ["read_at_most", "write_private"]
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -39,3 +39,11 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def read_at_most(path: Path, limit: int) -> bytes:
+    """The first ``limit + 1`` bytes of ``path`` at most: a result longer than ``limit``
+    means the file is over the cap (the caller refuses it), and the rest is never read.
+    Raises OSError."""
+    with path.open("rb") as handle:
+        return handle.read(limit + 1)

@@ -62,9 +62,11 @@ __all__ = [
     "EventUpload",
     "JsonFormatter",
     "configure",
+    "cut_to_bytes",
     "opa_event",
     "redact_document",
     "redact_headers",
+    "truncation_marker",
 ]
 
 DECISION_LOGGER: Final = "authz.core.decision"
@@ -248,16 +250,21 @@ _MAX_DEPTH: Final = 64
 _TOO_DEEP: Final = "...[nested too deep]"
 
 
-def _cut(text: str, limit: int) -> str:
+def truncation_marker(size: int) -> str:
+    """What replaces the end of a value cut to its cap (the decision log's and the audit
+    trail's): names the original size (bytes)."""
+    return f"...[truncated from {size} bytes]"
+
+
+def cut_to_bytes(text: str, limit: int) -> str:
     """``text`` if at most ``limit`` UTF-8 bytes, else its longest prefix that fits with
-    ``...[truncated from N bytes]`` appended (as the audit trail cuts; never splits a
-    character)."""
+    the :func:`truncation_marker` appended (a cut never splits a character)."""
     if len(text) * 4 <= limit:
         return text
     raw = text.encode("utf-8", "surrogatepass")
     if len(raw) <= limit:
         return text
-    marker = f"...[truncated from {len(raw)} bytes]"
+    marker = truncation_marker(len(raw))
     return raw[: max(0, limit - len(marker))].decode("utf-8", "ignore") + marker
 
 
@@ -265,11 +272,11 @@ def _cap(value: Any, limit: int, depth: int = 0) -> Any:
     """A copy of the JSON ``value`` with every string (keys too) cut to ``limit`` bytes
     and anything nested deeper than ``_MAX_DEPTH`` replaced by a marker string."""
     if isinstance(value, str):
-        return _cut(value, limit)
+        return cut_to_bytes(value, limit)
     if depth >= _MAX_DEPTH and isinstance(value, dict | list | tuple):
         return _TOO_DEEP
     if isinstance(value, dict):
-        return {_cut(str(k), limit): _cap(v, limit, depth + 1) for k, v in value.items()}
+        return {cut_to_bytes(str(k), limit): _cap(v, limit, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_cap(item, limit, depth + 1) for item in value]
     return value

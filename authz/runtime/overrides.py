@@ -39,10 +39,11 @@ import orjson
 
 from authz.core.errors import AdminRequestError, ConfigError, PolicyError, TooManyOverrides
 from authz.core.opa import parse_decision_path
-from authz.runtime.files import write_private
+from authz.runtime.files import read_at_most, write_private
 
 __all__ = [
     "MAX_ACTIVE_OVERRIDES",
+    "MAX_FILE_BYTES",
     "MAX_TTL_S",
     "OPA_DATA_PATH",
     "OpaOverrideWriter",
@@ -57,6 +58,9 @@ MAX_TTL_S: Final = 7 * 86400
 # writes of every sync (one PUT per entry). A request body is at most 16 KiB, so at most
 # about 16 MiB in all.
 MAX_ACTIVE_OVERRIDES: Final = 1000
+# The persisted file's cap: twice the entries' bound (room for entries expired but not yet
+# dropped, and the timestamps and ids added to each); a longer file is refused unread.
+MAX_FILE_BYTES: Final = 2 * MAX_ACTIVE_OVERRIDES * 16 * 1024
 _MATCH_KEYS: Final = frozenset({"key_id", "sandbox_id", "service", "path", "methods"})
 _ID_FIELD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _METHOD: Final = re.compile(r"[A-Z]{1,16}")
@@ -243,9 +247,11 @@ class OverrideStore:
         holds an entry that is not a well-formed override."""
         where = f"overrides file {str(path)!r}"
         try:
-            data = path.read_bytes()
+            data = read_at_most(path, MAX_FILE_BYTES)
         except OSError as exc:
             raise ConfigError(f"{where}: {exc.strerror}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
         try:
             raw = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

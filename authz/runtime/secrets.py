@@ -37,7 +37,7 @@ from typing import Any, Final
 from authz.core.errors import ConfigError, CredentialError
 from authz.core.headers import is_safe_field_value
 from authz.core.secret import MASK, Secret, is_secret_ref
-from authz.runtime.files import write_private
+from authz.runtime.files import read_at_most, write_private
 
 __all__ = [
     "ENV_PREFIX",
@@ -98,8 +98,7 @@ def _parse(text: str, where: str) -> _Loaded:
 
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, at most ``MAX_FILE_BYTES + 1`` of them. Raises OSError."""
-    with path.open("rb") as handle:
-        return handle.read(MAX_FILE_BYTES + 1)
+    return read_at_most(path, MAX_FILE_BYTES)
 
 
 def _load(data: bytes, where: str) -> _Loaded:

@@ -21,7 +21,7 @@ from authz.runtime.config import (
     DEFAULT_AUDIT_ROW_MAX_BYTES,
     DEFAULT_AUDIT_VALUE_MAX_BYTES,
 )
-from authz.runtime.logs import redact_document
+from authz.runtime.logs import cut_to_bytes, redact_document, truncation_marker
 
 __all__ = [
     "Projection",
@@ -69,24 +69,6 @@ _SHED_ORDER: Final = (
 _SCHEME_RE: Final = re.compile(rf"^({TCHAR}{{1,32}}) sha256:[0-9a-f]{{64}}$")
 
 
-def truncation_marker(size: int) -> str:
-    """What replaces the end of a value cut to its cap: names the original size (bytes)."""
-    return f"...[truncated from {size} bytes]"
-
-
-def _cut(text: str, limit: int) -> str:
-    """``text`` if at most ``limit`` UTF-8 bytes, else its longest prefix that fits with
-    the :func:`truncation_marker` appended (a cut never splits a character)."""
-    if len(text) * 4 <= limit:
-        return text
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= limit:
-        return text
-    marker = truncation_marker(len(raw))
-    keep = raw[: max(0, limit - len(marker))].decode("utf-8", "ignore")
-    return keep + marker
-
-
 def _capped(value: Any, limit: int) -> Any:
     """:func:`_cap_values`, skipping the walk when the whole of ``value`` fits in ``limit``
     bytes as JSON (then no string in it can be longer): most rows. ``value`` must be the
@@ -99,9 +81,9 @@ def _capped(value: Any, limit: int) -> Any:
 def _cap_values(value: Any, limit: int) -> Any:
     """A copy of the JSON ``value`` with every string (keys too) cut to ``limit`` bytes."""
     if isinstance(value, str):
-        return _cut(value, limit)
+        return cut_to_bytes(value, limit)
     if isinstance(value, dict):
-        return {_cut(str(k), limit): _cap_values(v, limit) for k, v in value.items()}
+        return {cut_to_bytes(str(k), limit): _cap_values(v, limit) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_cap_values(item, limit) for item in value]
     return value

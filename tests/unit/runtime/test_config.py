@@ -24,6 +24,7 @@ from authz.runtime.config import (
     Settings,
     is_loopback_host,
     load,
+    sources,
     unknown_variables,
 )
 
@@ -339,13 +340,33 @@ def test_bad_file_value_names_file_key_and_value(
         ("grpc_port: 9191\n", "unknown key 'grpc_port'"),
         ("- grpc_addr\n", "expected a mapping"),
         ("grpc_addr: [unclosed\n", "authz.yaml"),
+        ("decision_log_drop_paths: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("# " + "x" * (1024 * 1024) + "\n", "larger than 1048576 bytes"),
     ],
-    ids=["unknown-key", "not-a-mapping", "invalid-yaml"],
+    ids=["unknown-key", "not-a-mapping", "invalid-yaml", "nested-5000", "over-1mib"],
 )
 def test_bad_file(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=r"config file") as caught:
         load({}, write(tmp_path, text))
     assert fragment in str(caught.value)
+
+
+def test_settings_file_not_utf8_is_a_config_error_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "authz.yaml"
+    path.write_bytes(b"mode: enforce\n\xff\n")
+    with pytest.raises(ConfigError, match=r"config file .*authz\.yaml.*: not UTF-8 \(byte 14\)"):
+        load({}, path)
+
+
+def test_sources_reads_the_settings_file_as_load_does_bounded(tmp_path: Path) -> None:
+    """``sources`` names the file for the keys it sets; a file grown over the cap since
+    :func:`load` is refused as load refuses it, never read whole."""
+    path = write(tmp_path, "mode: enforce\n")
+    assert sources({}, path)["mode"] == "authz.yaml"
+    assert sources({}, path)["grpc_addr"] == "default"
+    path.write_text("mode: enforce\n# " + "x" * (1024 * 1024) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
+        sources({}, path)
 
 
 def test_missing_file(tmp_path: Path) -> None:

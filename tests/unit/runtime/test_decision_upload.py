@@ -187,6 +187,32 @@ async def test_upload_retries_after_503_and_loses_nothing(receiver: Fixture) -> 
     assert dropped(metrics, "buffer_full") == 0
 
 
+async def test_upload_post_never_reads_an_endless_answer_body() -> None:
+    """A hostile or broken service answering with an endless body: the POST reports the
+    status once the headers arrive, it neither buffers the body nor waits it out."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(chunk)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/logs", endless)
+    service = test_utils.TestServer(app, host="127.0.0.1")
+    await service.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            post = aiohttp_post(session, timeout_s=3.0)
+            assert await post(str(service.make_url("/logs")), b"[]", {}) == 200
+    finally:
+        await service.close()
+
+
 def test_upload_backoff_doubles_up_to_max_delay() -> None:
     up = DecisionUploader(
         "http://127.0.0.1:1", _never_post, metrics=Metrics(), min_delay_s=1.0, max_delay_s=8.0

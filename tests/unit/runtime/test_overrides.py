@@ -31,6 +31,7 @@ from authz.core.errors import (
     TooManyOverrides,
 )
 from authz.core.secret import Secret
+from authz.runtime import overrides as overrides_module
 from authz.runtime.admin import create_admin_app
 from authz.runtime.overrides import (
     MAX_ACTIVE_OVERRIDES,
@@ -718,6 +719,21 @@ def test_corrupt_file_at_startup_is_one_line_config_error_naming_the_file(
     assert message.startswith(f"overrides file {str(path)!r}: ")
     assert "\n" not in message
     assert len(message) < 400
+
+
+def test_overrides_file_over_the_byte_cap_is_refused_unparsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is read bounded: a well-formed file longer than the cap is refused (not
+    read whole, not parsed), the one-line error naming the file and the cap."""
+    path = tmp_path / "overrides.json"
+    path.write_bytes(json.dumps({"overrides": [_entry()]}).encode())
+    monkeypatch.setattr(overrides_module, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ConfigError) as caught:
+        _store(path)
+    assert str(caught.value) == (
+        f"overrides file {str(path)!r}: larger than {path.stat().st_size - 1} bytes"
+    )
 
 
 def test_serve_with_a_corrupt_overrides_file_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -61,6 +61,15 @@ def test_sandbox_defaults_to_the_egress_path() -> None:
         ({"key_id": "k", "path": "/x", "headers": {"a": "1\n2"}}, "preview.headers['a']"),
         ({"key_id": "k", "path": "/x", "body": {"a": 1}}, "preview.body"),
         ({"key_id": "k", "path": "/x", "api_key": "ak_x"}, "unknown field(s) ['api_key']"),
+        (
+            {"key_id": "k", "path": "/x", "headers": {f"h{n}": "1" for n in range(65)}},
+            "preview.headers: expected an object of at most 64",
+        ),
+        ({"key_id": "k", "path": "/x", "headers": {"a" * 129: "1"}}, "preview.headers['aaaa"),
+        (
+            {"key_id": "k", "path": "/x", "body": "x" * 8193},
+            "preview.body: expected a string of at most 8192 characters",
+        ),
     ],
     ids=[
         "not-object",
@@ -80,6 +89,9 @@ def test_sandbox_defaults_to_the_egress_path() -> None:
         "header-value-newline",
         "body-not-string",
         "unknown-field",
+        "65-headers",
+        "header-name-129",
+        "body-8193",
     ],
 )
 def test_a_bad_preview_body_is_an_admin_request_error_naming_the_field(
@@ -89,6 +101,14 @@ def test_a_bad_preview_body_is_an_admin_request_error_naming_the_field(
     with pytest.raises(AdminRequestError) as info:
         parse(body)
     assert message in str(info.value)
+
+
+def test_a_preview_body_exactly_at_every_cap_is_accepted() -> None:
+    # The other side of the 65-headers / header-name-129 / body-8193 refusals above.
+    headers = {f"h{n}": "1" for n in range(63)} | {"a" * 128: "1"}
+    request = parse({"key_id": "k", "path": "/x", "headers": headers, "body": "x" * 8192})
+    assert len(request.headers) == 64
+    assert len(request.body) == 8192
 
 
 def test_input_is_built_like_real_traffic_plus_the_preview_identity() -> None:
