@@ -391,12 +391,12 @@ def _lint_data(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            print(f"{path}: cannot read JSON: {exc}", file=sys.stderr)
+            problems = keys.lint_file(path)
+        except DataFileError as exc:  # names the file: "<path>: cannot read JSON: ..."
+            print(exc, file=sys.stderr)
             failed = True
             continue
-        for problem in keys.lint_data(data, where=str(path)):
+        for problem in problems:
             print(problem, file=sys.stderr)
             failed = True
     return 1 if failed else 0

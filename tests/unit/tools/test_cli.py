@@ -154,6 +154,7 @@ CLEAN = {"api_keys": {DIGEST: {"id": "key-a", "enabled": True, "role": "user"}}}
         ([json.dumps(CLEAN), json.dumps({"notes": [PLAINTEXT_KEY]})], 1, "plaintext credential"),
         (["{not json"], 1, "cannot read JSON"),
         ([b"\xff\xfe".decode("latin-1")], 1, "cannot read JSON"),
+        (["[" * 100_000 + "]" * 100_000], 1, "cannot read JSON"),
     ],
     ids=[
         "clean",
@@ -164,6 +165,7 @@ CLEAN = {"api_keys": {DIGEST: {"id": "key-a", "enabled": True, "role": "user"}}}
         "one-of-two-bad",
         "invalid-json",
         "not-utf8",
+        "nested-too-deeply",
     ],
 )
 def test_lint_data(
