@@ -256,7 +256,14 @@ def _secrets_generate(args: argparse.Namespace) -> int:
         if not args.env_file.is_file():
             print(f"error: no env file at {args.env_file}", file=sys.stderr)
             return 2
-        environ.update({k: v for k, v in dotenv_values(args.env_file).items() if v is not None})
+        try:
+            values = dotenv_values(args.env_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            # Never the exception's text for a decode error: it quotes the file's bytes.
+            why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+            print(f"error: {args.env_file}: cannot read the env file: {why}", file=sys.stderr)
+            return 2
+        environ.update({k: v for k, v in values.items() if v is not None})
     environ.update(os.environ)  # the process environment wins over the file
     try:
         egress = read_services(args.services)

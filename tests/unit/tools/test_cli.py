@@ -196,6 +196,33 @@ def test_lint_data_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert f"{missing}: cannot read JSON" in capsys.readouterr().err
 
 
+# --- secrets generate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"EGRESS_SECRET_OPENAI=sk-\xff\xfe\n", "cannot read the env file: not UTF-8")],
+    ids=["not-utf8"],
+)
+def test_secrets_generate_unreadable_env_file_is_exit_2_naming_it_never_its_bytes(
+    tmp_path: Path,
+    repo_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    message: str,
+) -> None:
+    env_file, out = tmp_path / "my.env", tmp_path / "secrets.json"
+    env_file.write_bytes(content)
+    services = repo_root / "policy/egress/data.json"
+    args = ["secrets", "generate", "--env-file", str(env_file), "--out", str(out)]
+    assert main([*args, "--services", str(services)]) == 2
+    err = capsys.readouterr().err
+    assert f"{env_file}: {message}" in err
+    assert "0xff" not in err  # never the file's content
+    assert "sk-" not in err
+    assert not out.exists()
+
+
 # --- serve -----------------------------------------------------------------------------
 
 
