@@ -305,8 +305,18 @@ def _open_audit(args: argparse.Namespace) -> sqlite3.Connection | None:
     if not path.is_file():
         print(f"error: no audit database at {path}", file=sys.stderr)
         return None
-    # Read-only: the tools never write the trail.
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # Read-only: the tools never write the trail (as_uri: a '?' or '#' in the path is
+    # part of the name, not of the URI's query).
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        # Preparing reads the schema: a file that is not SQLite, or has no audit table,
+        # fails here, before a command reads anything.
+        conn.execute("SELECT seq FROM audit LIMIT 0")
+    except sqlite3.Error as exc:
+        conn.close()
+        print(f"error: {path}: cannot read the audit trail: {exc}", file=sys.stderr)
+        return None
+    return conn
 
 
 def _audit_tail(args: argparse.Namespace) -> int:

@@ -766,6 +766,44 @@ def fake_replay(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[...
     return arrange
 
 
+def _no_audit_table(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE other (x)")
+
+
+BAD_AUDIT_DBS: dict[str, Callable[[Path], Any]] = {
+    "not-sqlite": lambda path: path.write_bytes(b"not a database, just text" * 100),
+    "no-audit-table": _no_audit_table,
+}
+
+
+@pytest.mark.parametrize("verb", ["tail", "verify", "replay"])
+@pytest.mark.parametrize("make", BAD_AUDIT_DBS.values(), ids=BAD_AUDIT_DBS.keys())
+def test_audit_commands_on_a_bad_database_exit_2_naming_it(
+    tmp_path: Path,
+    fake_replay: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    verb: str,
+    make: Callable[[Path], Any],
+) -> None:
+    db = tmp_path / "audit.db"
+    make(db)
+    extra = ["--bundle", str(fake_replay(UNCHANGED))] if verb == "replay" else []
+    assert cli.main(["audit", "--db", str(db), verb, *extra]) == 2
+    out, err = capsys.readouterr()
+    assert (out, f"error: {db}: cannot read the audit trail" in err) == ("", True)
+
+
+def test_audit_verify_reads_a_database_whose_path_has_uri_characters(
+    audit_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / "a?b#c" / "audit.db"
+    odd.parent.mkdir()
+    audit_db.rename(odd)
+    assert cli.main(["audit", "verify", "--db", str(odd)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 2 entries")
+
+
 @pytest.mark.parametrize(
     ("result", "code"),
     [
