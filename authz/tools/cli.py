@@ -224,14 +224,21 @@ def _days(*, positive: bool) -> Callable[[str], float]:
     return conv
 
 
+# https://www.sqlite.org/datatype3.html: an INTEGER is at most 8 bytes, signed.
+_SQLITE_MAX_INTEGER: Final = 2**63 - 1
+
+
 def _count(text: str) -> int:
-    """A ``--limit``: a whole number >= 1 (SQLite would read -1 as no limit at all)."""
+    """A ``--limit``: a whole number from 1 (SQLite would read -1 as no limit at all) to
+    SQLite's largest INTEGER (a larger one cannot be bound: OverflowError)."""
     try:
         count = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1")
+    if not 1 <= count <= _SQLITE_MAX_INTEGER:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a count from 1 to {_SQLITE_MAX_INTEGER}"
+        )
     return count
 
 

@@ -916,8 +916,9 @@ def test_every_verb_documents_its_exit_codes(
         ["audit", "tail", "--limit", "-1"],
         ["audit", "tail", "--limit", "many"],
         ["audit", "replay", "--bundle", "b.tar.gz", "--limit", "0"],
+        ["audit", "tail", "--limit", str(2**63)],
     ],
-    ids=["tail-zero", "tail-negative", "tail-not-a-number", "replay-zero"],
+    ids=["tail-zero", "tail-negative", "tail-not-a-number", "replay-zero", "tail-above-sqlite"],
 )
 def test_limit_must_be_a_positive_count(
     argv: list[str], capsys: pytest.CaptureFixture[str]
