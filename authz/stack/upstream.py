@@ -116,7 +116,15 @@ def load_credentials(path: Path) -> dict[str, str]:
     """Read authz's egress secrets file ``{"version": 1, "credentials": {name: secret}}``.
     Raises ValueError (naming the file, never a secret) when it is not that shape, OSError
     when it cannot be read."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:  # its message quotes the file's bytes: secrets
+        raise ValueError(f"{path}: not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}") from None
+    except RecursionError:  # json's recursive parser on deeply nested arrays or objects
+        raise ValueError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict) or data.get("version") != CREDENTIALS_FILE_VERSION:
         raise ValueError(f"{path}: expected an object with version {CREDENTIALS_FILE_VERSION}")
     credentials = data.get("credentials")

@@ -42,13 +42,13 @@ def load_data(path: Path) -> dict[str, Any]:
     if path.is_dir():
         for file in sorted(path.rglob("data.json")):
             relative = file.relative_to(path).parent.parts
-            _merge_at(root, relative, _read_json(file.read_bytes, str(file)), str(file))
+            _merge_at(root, relative, _read_json(_capped(file), str(file)), str(file))
     elif path.name.endswith((".tar.gz", ".tgz")):
         for name, value in _bundle_members(path):
             parts = PurePosixPath(name.lstrip("/")).parent.parts
             _merge_at(root, parts, value, f"{path}:{name}")
     else:
-        _merge_at(root, (), _read_json(path.read_bytes, str(path)), str(path))
+        _merge_at(root, (), _read_json(_capped(path), str(path)), str(path))
     return root
 
 
@@ -91,6 +91,19 @@ def _bundle_members(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataFileError(f"{path}: not a readable bundle (.tar.gz): {exc}") from None
 
 
+def _capped(file: Path) -> Callable[[], bytes]:
+    """A reader of ``file`` that refuses more than _MAX_DATA_BYTES (as for bundle members)."""
+
+    def read() -> bytes:
+        with file.open("rb") as handle:
+            raw = handle.read(_MAX_DATA_BYTES + 1)
+        if len(raw) > _MAX_DATA_BYTES:
+            raise DataFileError(f"{file}: larger than {_MAX_DATA_BYTES} bytes")
+        return raw
+
+    return read
+
+
 def _read_json(read: Callable[[], bytes], where: str) -> Any:
     try:
         raw = read()
@@ -99,6 +112,8 @@ def _read_json(read: Callable[[], bytes], where: str) -> Any:
         raise DataFileError(f"{where}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise DataFileError(f"{where}: invalid JSON: {exc}") from None
+    except RecursionError:  # json's recursive parser on deeply nested arrays or objects
+        raise DataFileError(f"{where}: invalid JSON: nested too deeply") from None
 
 
 def _merge_at(root: dict[str, Any], parts: Iterable[str], value: Any, where: str) -> None:

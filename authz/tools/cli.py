@@ -224,14 +224,21 @@ def _days(*, positive: bool) -> Callable[[str], float]:
     return conv
 
 
+# https://www.sqlite.org/datatype3.html: an INTEGER is at most 8 bytes, signed.
+_SQLITE_MAX_INTEGER: Final = 2**63 - 1
+
+
 def _count(text: str) -> int:
-    """A ``--limit``: a whole number >= 1 (SQLite would read -1 as no limit at all)."""
+    """A ``--limit``: a whole number from 1 (SQLite would read -1 as no limit at all) to
+    SQLite's largest INTEGER (a larger one cannot be bound: OverflowError)."""
     try:
         count = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1")
+    if not 1 <= count <= _SQLITE_MAX_INTEGER:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a count from 1 to {_SQLITE_MAX_INTEGER}"
+        )
     return count
 
 
@@ -256,7 +263,14 @@ def _secrets_generate(args: argparse.Namespace) -> int:
         if not args.env_file.is_file():
             print(f"error: no env file at {args.env_file}", file=sys.stderr)
             return 2
-        environ.update({k: v for k, v in dotenv_values(args.env_file).items() if v is not None})
+        try:
+            values = dotenv_values(args.env_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            # Never the exception's text for a decode error: it quotes the file's bytes.
+            why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+            print(f"error: {args.env_file}: cannot read the env file: {why}", file=sys.stderr)
+            return 2
+        environ.update({k: v for k, v in values.items() if v is not None})
     environ.update(os.environ)  # the process environment wins over the file
     try:
         egress = read_services(args.services)
@@ -298,8 +312,18 @@ def _open_audit(args: argparse.Namespace) -> sqlite3.Connection | None:
     if not path.is_file():
         print(f"error: no audit database at {path}", file=sys.stderr)
         return None
-    # Read-only: the tools never write the trail.
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # Read-only: the tools never write the trail (as_uri: a '?' or '#' in the path is
+    # part of the name, not of the URI's query).
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        # Preparing reads the schema: a file that is not SQLite, or has no audit table,
+        # fails here, before a command reads anything.
+        conn.execute("SELECT seq FROM audit LIMIT 0")
+    except sqlite3.Error as exc:
+        conn.close()
+        print(f"error: {path}: cannot read the audit trail: {exc}", file=sys.stderr)
+        return None
+    return conn
 
 
 def _audit_tail(args: argparse.Namespace) -> int:
@@ -391,12 +415,12 @@ def _lint_data(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            print(f"{path}: cannot read JSON: {exc}", file=sys.stderr)
+            problems = keys.lint_file(path)
+        except DataFileError as exc:  # names the file: "<path>: cannot read JSON: ..."
+            print(exc, file=sys.stderr)
             failed = True
             continue
-        for problem in keys.lint_data(data, where=str(path)):
+        for problem in problems:
             print(problem, file=sys.stderr)
             failed = True
     return 1 if failed else 0

@@ -239,6 +239,18 @@ def _configmap(name: str, data: Mapping[str, str], source: str) -> dict[str, Any
     }
 
 
+def _load_mapping(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``. Raises OSError when it cannot be read, ValueError
+    naming the file when it is not YAML or not a mapping at the top."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:  # not a ValueError: run would not catch it
+        raise ValueError(f"{path}: not YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: must be a mapping, not {type(loaded).__name__}")
+    return loaded
+
+
 def _egress_services(root: Path) -> dict[str, Mapping[str, Any]]:
     return services.specs(services.read_services(root / EGRESS_SOURCE))
 
@@ -246,7 +258,7 @@ def _egress_services(root: Path) -> dict[str, Mapping[str, Any]]:
 def outputs(root: Path) -> dict[str, str]:
     """Every generated file: repository-relative path -> its complete text.
     Deterministic. Raises OSError for a missing source, ValueError for a bad one."""
-    gateway_local = yaml.safe_load((root / GATEWAY_SOURCE).read_text(encoding="utf-8"))
+    gateway_local = _load_mapping(root / GATEWAY_SOURCE)
     gateway = containerize(gateway_local, admin_port=ADMIN_PORTS["gateway"])
     egress_local = egress_envoy.generate(
         _egress_services(root),

@@ -82,6 +82,8 @@ def lint_file(path: Path) -> list[str]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError
         raise DataFileError(f"{path}: cannot read JSON: {exc}") from None
+    except RecursionError:  # json's recursive parser on deeply nested arrays or objects
+        raise DataFileError(f"{path}: cannot read JSON: nested too deeply") from None
     return lint_data(data, where=str(path))
 
 

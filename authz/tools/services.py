@@ -199,6 +199,8 @@ def read_services(path: Path | str) -> dict[str, Service]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ServicesError(f"{path}: cannot read the egress services: {exc}") from exc
+    except RecursionError:  # json's recursive parser on deeply nested arrays or objects
+        raise ServicesError(f"{path}: cannot read the egress services: nested too deeply") from None
     services = data.get("services") if isinstance(data, dict) else None
     if not isinstance(services, dict):
         raise ServicesError(f"{path}: .services must be an object")

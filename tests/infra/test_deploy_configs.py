@@ -170,6 +170,27 @@ def test_an_unmapped_local_cluster_is_refused() -> None:
         deploy.containerize(config, admin_port=9901)
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (b"static_resources: [1, 2\n", "not YAML"),
+        (b"- a\n- b\n", "must be a mapping"),
+        (b"", "must be a mapping"),
+    ],
+    ids=["unparseable", "a-list", "empty"],
+)
+def test_a_malformed_gateway_source_exits_2_naming_it(
+    tmp_path: Path, source: bytes, message: str
+) -> None:
+    for relative in ("infra/envoy", "policy/egress", "infra/opa"):
+        shutil.copytree(ROOT / relative, tmp_path / relative)
+    (tmp_path / deploy.GATEWAY_SOURCE).write_bytes(source)
+    said: list[str] = []
+    assert deploy.main(["--root", str(tmp_path), "--check"], out=said.append) == 2
+    assert len(said) == 1
+    assert said[0].startswith(f"error: {tmp_path / deploy.GATEWAY_SOURCE}: {message}")
+
+
 def test_egress_services_all_reach_the_deploy_config() -> None:
     services = _load(ROOT / "infra/compose/envoy/envoy-egress.yaml")["static_resources"]
     names = {c["name"] for c in services["clusters"]}

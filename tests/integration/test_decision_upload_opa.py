@@ -12,11 +12,8 @@ as OPA's, each of the same JSON type: a receiver of OPA decision logs takes auth
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import json
-import subprocess
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,26 +23,18 @@ import aiohttp
 import pytest
 from aiohttp import test_utils, web
 
-from authz.core.authorizer import Authorizer
-from authz.core.headers import CREDENTIAL_HEADERS
-from authz.core.opa import OpaClient
 from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics
-from tests.helpers.fakes import check_request
+from tests.helpers.opa_decision import (
+    TOKEN,
+    authz_record,
+    build_policy_bundle,
+    post_with_metadata,
+    shape,
+)
 from tests.helpers.opa_server import running_opa
 
-POLICY = """\
-package authz.gateway
-
-default decision := {"allowed": false, "reason": "denied", "http_status": 403}
-
-decision := {"allowed": true, "reason": "allowed"} if {
-\tinput.attributes.request.http.method == "GET"
-}
-"""
-PATH = "authz/gateway/decision"
-TOKEN = "opaque-token-0123456789abcdef"
 # How long OPA may take to upload (its min/max delay is 1 s here).
 UPLOAD_WAIT_S = 20.0
 
@@ -71,16 +60,7 @@ class Receiver:
 
 @pytest.fixture
 def bundle(opa_bin: str, tmp_path: Path) -> Path:
-    (tmp_path / "policy").mkdir()
-    (tmp_path / "policy" / "policy.rego").write_text(POLICY, encoding="utf-8")
-    path = tmp_path / "bundle.tar.gz"
-    subprocess.run(
-        [opa_bin, "build", "-b", str(tmp_path / "policy"), "-o", str(path)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return path
+    return build_policy_bundle(opa_bin, tmp_path)
 
 
 @pytest.fixture
@@ -106,26 +86,6 @@ async def receiver() -> AsyncIterator[Receiver]:
         await server.close()
 
 
-def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), "number" if isinstance(value, int | float) else "null"
-    )
-
-
-def _shape(event: dict[str, Any]) -> dict[str, str]:
-    return {key: _json_type(value) for key, value in event.items()}
-
-
-def _post(url: str, body: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        f"{url}/v1/data/{PATH}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert answer.status == 200
-
-
 async def test_authz_upload_looks_like_opas_upload_to_a_receiver(
     opa_bin: str, tmp_path: Path, bundle: Path, receiver: Receiver
 ) -> None:
@@ -139,34 +99,16 @@ async def test_authz_upload_looks_like_opas_upload_to_a_receiver(
         "--bundle",
         str(bundle),
     )
-    request = check_request(headers={"authorization": f"Bearer {TOKEN}", "x-request-id": "r-1"})
     with running_opa(opa_bin, *args, log_path=tmp_path / "opa.log") as url:
-        client = OpaClient(url)
-        try:
-            outcome = await Authorizer(
-                client,
-                default_decision_path=PATH,
-                credential_headers=CREDENTIAL_HEADERS,
-                timeout_s=5.0,
-            ).check(request)
-            assert outcome.record.document is not None
-            document = dict(outcome.record.document)
-            evaluation = await client.evaluate(PATH, document, 5.0)
-        finally:
-            await client.close()
+        record = await authz_record(url)
+        assert record.document is not None
         # OPA's own event for the same input, with request metadata (OPA's `custom`).
-        _post(url, {"input": document, "authz.example/metadata": {"caller": "test"}})
+        post_with_metadata(url, dict(record.document))
         async with asyncio.timeout(UPLOAD_WAIT_S):
             await receiver.opa_event.wait()
     theirs_post = next(p for p in posts if any(e.get("custom") for e in p.events))
     theirs = next(e for e in theirs_post.events if e.get("custom"))
 
-    record = dataclasses.replace(
-        outcome.record,
-        opa_result=evaluation.result,
-        revisions=evaluation.revisions,
-        peer="ipv4:127.0.0.1:50000",
-    )
     async with aiohttp.ClientSession() as session:
         uploader = DecisionUploader(receiver_url, aiohttp_post(session), metrics=Metrics())
         DecisionLog(upload=uploader, console=False).record(record)
@@ -177,7 +119,7 @@ async def test_authz_upload_looks_like_opas_upload_to_a_receiver(
     assert ours_post.path == theirs_post.path == "/logs"
     for name in ("Content-Encoding", "Content-Type"):
         assert ours_post.headers[name] == theirs_post.headers[name], name
-    assert _shape(ours) == _shape(theirs)
+    assert shape(ours) == shape(theirs)
     for key in ("path", "input", "result"):
         assert ours[key] == theirs[key], key
     assert TOKEN not in json.dumps(ours)

@@ -263,6 +263,25 @@ def test_load_credentials_errors_never_show_a_secret(tmp_path: Path, content: ob
     assert "sk-openai-123" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"version": 1, "credentials": {"openai": "sk-\xff"}}', "not UTF-8"),
+        (b'{"version": 1, "credentials": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    ],
+    ids=["not-utf8", "nested-too-deeply"],
+)
+def test_load_credentials_refuses_a_hostile_file_naming_it_never_its_bytes(
+    tmp_path: Path, raw: bytes, message: str
+) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=message) as info:
+        load_credentials(path)
+    assert str(path) in str(info.value)
+    assert "0xff" not in str(info.value)
+
+
 async def test_a_service_without_credential_refuses_any_credential_header() -> None:
     services = load_services({"echo": {"base_url": "https://echo.example"}}, {})
     assert services == {"echo.example": ServiceCredential("echo", None, None)}

@@ -154,6 +154,7 @@ CLEAN = {"api_keys": {DIGEST: {"id": "key-a", "enabled": True, "role": "user"}}}
         ([json.dumps(CLEAN), json.dumps({"notes": [PLAINTEXT_KEY]})], 1, "plaintext credential"),
         (["{not json"], 1, "cannot read JSON"),
         ([b"\xff\xfe".decode("latin-1")], 1, "cannot read JSON"),
+        (["[" * 100_000 + "]" * 100_000], 1, "cannot read JSON"),
     ],
     ids=[
         "clean",
@@ -164,6 +165,7 @@ CLEAN = {"api_keys": {DIGEST: {"id": "key-a", "enabled": True, "role": "user"}}}
         "one-of-two-bad",
         "invalid-json",
         "not-utf8",
+        "nested-too-deeply",
     ],
 )
 def test_lint_data(
@@ -192,6 +194,33 @@ def test_lint_data_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     missing = tmp_path / "missing.json"
     assert main(["lint-data", str(missing)]) == 1
     assert f"{missing}: cannot read JSON" in capsys.readouterr().err
+
+
+# --- secrets generate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"EGRESS_SECRET_OPENAI=sk-\xff\xfe\n", "cannot read the env file: not UTF-8")],
+    ids=["not-utf8"],
+)
+def test_secrets_generate_unreadable_env_file_is_exit_2_naming_it_never_its_bytes(
+    tmp_path: Path,
+    repo_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    message: str,
+) -> None:
+    env_file, out = tmp_path / "my.env", tmp_path / "secrets.json"
+    env_file.write_bytes(content)
+    services = repo_root / "policy/egress/data.json"
+    args = ["secrets", "generate", "--env-file", str(env_file), "--out", str(out)]
+    assert main([*args, "--services", str(services)]) == 2
+    err = capsys.readouterr().err
+    assert f"{env_file}: {message}" in err
+    assert "0xff" not in err  # never the file's content
+    assert "sk-" not in err
+    assert not out.exists()
 
 
 # --- serve -----------------------------------------------------------------------------
@@ -737,6 +766,44 @@ def fake_replay(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[...
     return arrange
 
 
+def _no_audit_table(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE other (x)")
+
+
+BAD_AUDIT_DBS: dict[str, Callable[[Path], Any]] = {
+    "not-sqlite": lambda path: path.write_bytes(b"not a database, just text" * 100),
+    "no-audit-table": _no_audit_table,
+}
+
+
+@pytest.mark.parametrize("verb", ["tail", "verify", "replay"])
+@pytest.mark.parametrize("make", BAD_AUDIT_DBS.values(), ids=BAD_AUDIT_DBS.keys())
+def test_audit_commands_on_a_bad_database_exit_2_naming_it(
+    tmp_path: Path,
+    fake_replay: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    verb: str,
+    make: Callable[[Path], Any],
+) -> None:
+    db = tmp_path / "audit.db"
+    make(db)
+    extra = ["--bundle", str(fake_replay(UNCHANGED))] if verb == "replay" else []
+    assert cli.main(["audit", "--db", str(db), verb, *extra]) == 2
+    out, err = capsys.readouterr()
+    assert (out, f"error: {db}: cannot read the audit trail" in err) == ("", True)
+
+
+def test_audit_verify_reads_a_database_whose_path_has_uri_characters(
+    audit_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / "a?b#c" / "audit.db"
+    odd.parent.mkdir()
+    audit_db.rename(odd)
+    assert cli.main(["audit", "verify", "--db", str(odd)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 2 entries")
+
+
 @pytest.mark.parametrize(
     ("result", "code"),
     [
@@ -849,8 +916,9 @@ def test_every_verb_documents_its_exit_codes(
         ["audit", "tail", "--limit", "-1"],
         ["audit", "tail", "--limit", "many"],
         ["audit", "replay", "--bundle", "b.tar.gz", "--limit", "0"],
+        ["audit", "tail", "--limit", str(2**63)],
     ],
-    ids=["tail-zero", "tail-negative", "tail-not-a-number", "replay-zero"],
+    ids=["tail-zero", "tail-negative", "tail-not-a-number", "replay-zero", "tail-above-sqlite"],
 )
 def test_limit_must_be_a_positive_count(
     argv: list[str], capsys: pytest.CaptureFixture[str]

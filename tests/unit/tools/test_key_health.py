@@ -519,6 +519,39 @@ def test_invalid_json_file_names_the_file(tmp_path: Path) -> None:
         load_api_keys(path)
 
 
+# JSON nested past the parser's recursion limit; small, so the byte cap does not catch it.
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+def _hostile_data(tmp_path: Path, form: str, raw: bytes) -> Path:
+    """``raw`` as the api_keys data file of a bundle, a source directory or one file."""
+    if form == "bundle":
+        return write_bundle(tmp_path / "authz.tar.gz", {"/gateway/api_keys/data.json": raw})
+    if form == "directory":
+        (tmp_path / "data/gateway/api_keys").mkdir(parents=True)
+        (tmp_path / "data/gateway/api_keys/data.json").write_bytes(raw)
+        return tmp_path / "data"
+    (tmp_path / "data.json").write_bytes(raw)
+    return tmp_path / "data.json"
+
+
+@pytest.mark.parametrize("form", ["bundle", "directory", "file"])
+def test_deeply_nested_data_is_a_data_file_error_not_a_recursion_error(
+    tmp_path: Path, form: str
+) -> None:
+    with pytest.raises(DataFileError, match="nested too deeply"):
+        load_data(_hostile_data(tmp_path, form, DEEP_JSON))
+
+
+@pytest.mark.parametrize("form", ["bundle", "directory", "file"])
+def test_every_data_file_form_is_capped_in_bytes(
+    tmp_path: Path, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bundle_data, "_MAX_DATA_BYTES", 16)
+    with pytest.raises(DataFileError, match="larger than 16 bytes"):
+        load_data(_hostile_data(tmp_path, form, json.dumps({"k": "x" * 32}).encode()))
+
+
 # --- last seen, from a real audit trail ---------------------------------------------------------
 
 

@@ -101,3 +101,10 @@ def test_services_file_errors_name_the_file_and_the_field(
 def test_services_file_missing_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ServicesError, match=r"absent\.json"):
         read_services(tmp_path / "absent.json")
+
+
+def test_services_file_nested_too_deeply_is_a_services_error(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text('{"services": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    with pytest.raises(ServicesError, match=r"data\.json: cannot read the egress services"):
+        read_services(path)
