@@ -31,7 +31,8 @@ def read_entries(
     conn: sqlite3.Connection, *, last: int | None = None, kind: str | None = None
 ) -> Iterator[AuditEntry]:
     """Entries in ``seq`` order (only the ``last`` N when given; only ``kind`` when
-    given)."""
+    given). Raises DataFileError naming the row when a body is not JSON (an edited store:
+    :func:`verify` reports the same row as a broken chain)."""
     # Fixed statements only: the optional filters are bound parameters.
     if last is not None:
         sql = (
@@ -46,7 +47,11 @@ def read_entries(
         )
         args = (kind, kind)
     for seq, entry_kind, when, decision_id, body, prev_hash, digest in conn.execute(sql, args):
-        yield AuditEntry(seq, entry_kind, when, decision_id, orjson.loads(body), prev_hash, digest)
+        try:
+            decoded = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise DataFileError(f"audit entry {seq}: body is not JSON") from None
+        yield AuditEntry(seq, entry_kind, when, decision_id, decoded, prev_hash, digest)
 
 
 # One pass over the trail: the newest decision per key id. json_valid guards the few rows

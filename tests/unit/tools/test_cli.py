@@ -794,6 +794,17 @@ def test_audit_commands_on_a_bad_database_exit_2_naming_it(
     assert (out, f"error: {db}: cannot read the audit trail" in err) == ("", True)
 
 
+def test_audit_tail_on_a_row_whose_body_is_not_json_exits_2_naming_the_row(
+    audit_db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An edited store: verify reports the broken chain; tail must not crash on the row.
+    with contextlib.closing(sqlite3.connect(audit_db)) as conn, conn:
+        conn.execute("UPDATE audit SET body = 'not json {' WHERE seq = 1")
+    assert cli.main(["audit", "--db", str(audit_db), "tail"]) == 2
+    err = capsys.readouterr().err
+    assert "error: audit entry 1: body is not JSON" in err
+
+
 def test_audit_verify_reads_a_database_whose_path_has_uri_characters(
     audit_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
