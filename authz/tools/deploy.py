@@ -30,7 +30,13 @@ What differs from the local Envoy configs, and only this:
 - Envoy's admin API binds ``127.0.0.1:9900`` inside the container (its POST endpoints,
   ``/quitquitquit`` and the like, stay unreachable), and a read-only listener on the
   admin port (9901 gateway, 9902 egress) proxies ``GET`` of :data:`READ_ONLY_ADMIN_PATHS`
-  to it, for probes, Prometheus (``/stats/prometheus``) and troubleshooting.
+  to it, for probes, Prometheus (``/stats/prometheus``) and troubleshooting;
+- edge limits (:func:`edge_limits`), following Envoy's "Configuring Envoy as an edge proxy"
+  (https://www.envoyproxy.io/docs/envoy/latest/configuration/best_practices/edge): the
+  overload manager (a heap ceiling below the container's memory limit, a global cap on
+  downstream connections), 32 KiB connection buffers, HTTP/2 stream and window limits,
+  header and idle timeouts, underscores in header names rejected. The local stack runs
+  without them (a developer machine has no container limit to stay under).
 
 Exit codes: 0 written / up to date, 1 drift (``--check``), 2 bad sources.
 """
@@ -60,6 +66,7 @@ __all__ = [
     "arguments",
     "build_parser",
     "containerize",
+    "edge_limits",
     "main",
     "outputs",
     "run",
@@ -96,6 +103,24 @@ INTERNAL_ADMIN_PORT: Final = 9900
 READ_ONLY_ADMIN_PATHS: Final = ("/ready", "/stats", "/clusters", "/server_info")
 
 _TYPE: Final = "type.googleapis.com/envoy.extensions"
+
+# Edge limits (edge_limits). The Envoy containers' memory limit is 256 MiB in Compose and
+# 512 MiB in Kubernetes (infra/compose/docker-compose.yaml, infra/k8s/{gateway,egress}.yaml):
+# the heap ceiling stays below the smaller one, leaving room for what tcmalloc has not
+# returned and for the binary itself.
+ENVOY_MAX_HEAP_BYTES: Final = 192 * 1024 * 1024
+# Downstream connections across all listeners (Envoy's global_downstream_max_connections
+# resource monitor); past it Envoy refuses new connections rather than running out of memory.
+ENVOY_MAX_DOWNSTREAM_CONNECTIONS: Final = 8192
+# Envoy's edge best practice values: buffers of 32 KiB per connection, 100 concurrent
+# HTTP/2 streams, 64 KiB stream and 1 MiB connection windows.
+ENVOY_CONNECTION_BUFFER_BYTES: Final = 32 * 1024
+_HTTP2_LIMITS: Final[Mapping[str, int]] = {
+    "max_concurrent_streams": 100,
+    "initial_stream_window_size": 65536,
+    "initial_connection_window_size": 1048576,
+}
+_OVERLOAD_TYPE: Final = f"{_TYPE}.resource_monitors"
 _HCM: Final = f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _NAMESPACE: Final = "authz"
 
@@ -140,6 +165,84 @@ def _read_only_admin_listener(port: int) -> dict[str, Any]:
             }
         ],
     }
+
+
+def _overload_manager() -> dict[str, Any]:
+    heap = "envoy.resource_monitors.fixed_heap"
+    connections = "envoy.resource_monitors.global_downstream_max_connections"
+
+    def action(name: str, threshold: float) -> dict[str, Any]:
+        return {"name": name, "triggers": [{"name": heap, "threshold": {"value": threshold}}]}
+
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": f"{_OVERLOAD_TYPE}.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": ENVOY_MAX_HEAP_BYTES,
+                },
+            },
+            {
+                "name": connections,
+                "typed_config": {
+                    "@type": f"{_OVERLOAD_TYPE}.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": ENVOY_MAX_DOWNSTREAM_CONNECTIONS,
+                },
+            },
+        ],
+        "actions": [
+            action("envoy.overload_actions.shrink_heap", 0.90),
+            action("envoy.overload_actions.disable_http_keepalive", 0.92),
+            action("envoy.overload_actions.stop_accepting_requests", 0.98),
+        ],
+    }
+
+
+def edge_limits(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the Envoy bootstrap ``config`` with the edge limits of Envoy's "Configuring
+    Envoy as an edge proxy" (https://www.envoyproxy.io/docs/envoy/latest/configuration/best_practices/edge):
+
+    - ``overload_manager``: the ``fixed_heap`` monitor (:data:`ENVOY_MAX_HEAP_BYTES`;
+      shrink the heap at 90 %, stop keep-alive at 92 %, answer 503 to new requests at 98 %)
+      and the ``global_downstream_max_connections`` monitor
+      (:data:`ENVOY_MAX_DOWNSTREAM_CONNECTIONS`);
+    - every listener and cluster: ``per_connection_buffer_limit_bytes``
+      (:data:`ENVOY_CONNECTION_BUFFER_BYTES`);
+    - every HTTP connection manager: HTTP/2 limits (100 streams, 64 KiB stream window,
+      1 MiB connection window; settings the config already has, such as ``allow_connect``,
+      are kept), ``request_headers_timeout`` 10 s, ``stream_idle_timeout`` 300 s, an idle
+      timeout of 1 h, and header names with underscores rejected (an upstream that
+      treats ``_`` and ``-`` alike cannot be handed a header Envoy did not check).
+
+    A value ``config`` already sets is kept. Raises ValueError if ``config`` has an
+    ``overload_manager`` of its own (two would be ambiguous).
+    """
+    result = copy.deepcopy(dict(config))
+    if "overload_manager" in result:
+        raise ValueError("the config has an overload_manager already: edge_limits sets it")
+    result["overload_manager"] = _overload_manager()
+    resources = result["static_resources"]
+    for listener in resources["listeners"]:
+        listener.setdefault("per_connection_buffer_limit_bytes", ENVOY_CONNECTION_BUFFER_BYTES)
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] != "envoy.filters.network.http_connection_manager":
+                    continue
+                hcm = network_filter["typed_config"]
+                http2 = hcm.setdefault("http2_protocol_options", {})
+                for key, value in _HTTP2_LIMITS.items():
+                    http2.setdefault(key, value)
+                hcm.setdefault("request_headers_timeout", "10s")
+                hcm.setdefault("stream_idle_timeout", "300s")
+                common = hcm.setdefault("common_http_protocol_options", {})
+                common.setdefault("idle_timeout", "3600s")
+                common.setdefault("headers_with_underscores_action", "REJECT_REQUEST")
+    for cluster in resources["clusters"]:
+        cluster.setdefault("per_connection_buffer_limit_bytes", ENVOY_CONNECTION_BUFFER_BYTES)
+    return result
 
 
 def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any]:
@@ -202,7 +305,7 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
             ),
         }
     )
-    return result
+    return edge_limits(result)
 
 
 def _header(source: str, what: str) -> str:
@@ -217,7 +320,8 @@ def _header(source: str, what: str) -> str:
 # clusters by DNS name (STRICT_DNS): authz:9191 (gRPC health-checked), upstream-api:8090;
 # Envoy -> authz is mTLS as locally (/etc/envoy-tls/envoy-client: tls.crt, tls.key, ca.crt);
 # admin API on 127.0.0.1:9900 only, and a read-only listener on the admin port for
-# GET /ready, /stats (/stats/prometheus), /clusters, /server_info.
+# GET /ready, /stats (/stats/prometheus), /clusters, /server_info; edge limits (overload
+# manager: heap ceiling, downstream connection cap; buffer, HTTP/2 and timeout limits).
 """
 
 

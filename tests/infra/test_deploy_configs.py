@@ -8,7 +8,9 @@ and run the generated configs in a real Envoy.
 from __future__ import annotations
 
 import copy
+import http.client
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -69,9 +71,50 @@ def test_check_catches_a_hand_edit(tmp_path: Path) -> None:
     assert deploy.K8S_ENVOY in result.stderr
 
 
+_HCM_NAME = "envoy.filters.network.http_connection_manager"
+
+
+def _undo_edge_limits(config: dict[str, Any], local: dict[str, Any]) -> None:
+    """Take :func:`deploy.edge_limits`' additions out of ``config`` (in place), checking
+    each has the documented value; a value ``local`` set itself stays."""
+    overload = config.pop("overload_manager")
+    assert [m["name"] for m in overload["resource_monitors"]] == [
+        "envoy.resource_monitors.fixed_heap",
+        "envoy.resource_monitors.global_downstream_max_connections",
+    ]
+    local_listeners = {item["name"]: item for item in local["static_resources"]["listeners"]}
+    for listener in config["static_resources"]["listeners"]:
+        if "per_connection_buffer_limit_bytes" not in local_listeners.get(listener["name"], {}):
+            assert listener.pop("per_connection_buffer_limit_bytes") == 32768
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] != _HCM_NAME:
+                    continue
+                hcm = network_filter["typed_config"]
+                http2 = hcm["http2_protocol_options"]
+                for key, value in (
+                    ("max_concurrent_streams", 100),
+                    ("initial_stream_window_size", 65536),
+                    ("initial_connection_window_size", 1048576),
+                ):
+                    assert http2.pop(key) == value
+                if not http2:
+                    del hcm["http2_protocol_options"]
+                assert hcm.pop("request_headers_timeout") == "10s"
+                assert hcm.pop("stream_idle_timeout") == "300s"
+                common = hcm.pop("common_http_protocol_options")
+                assert common == {
+                    "idle_timeout": "3600s",
+                    "headers_with_underscores_action": "REJECT_REQUEST",
+                }
+    for cluster in config["static_resources"]["clusters"]:
+        assert cluster.pop("per_connection_buffer_limit_bytes") == 32768
+
+
 def _undo_containerize(config: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
     """``config`` with every documented difference put back to ``local``'s values."""
     result = copy.deepcopy(config)
+    _undo_edge_limits(result, local)
     result["admin"] = local["admin"]
     resources = result["static_resources"]
     resources["listeners"] = [
@@ -116,6 +159,81 @@ def test_deploy_config_differs_only_where_documented(generated: str, local: Path
     the e2e tests exercise); only addresses, discovery and the admin listener differ."""
     local_config = _load(local)
     assert _undo_containerize(_load(ROOT / generated), local_config) == local_config
+
+
+@pytest.mark.parametrize("generated", [deploy.COMPOSE_GATEWAY, deploy.COMPOSE_EGRESS])
+def test_deploy_configs_carry_the_edge_limits(generated: str) -> None:
+    """Envoy's edge best practices in every deployment config: the overload manager with a
+    heap ceiling below the containers' memory limit (256 MiB in Compose) and a downstream
+    connection cap, buffer limits on every listener and cluster, and on every HTTP
+    connection manager HTTP/2 limits, header/idle timeouts and underscores rejected."""
+    config = _load(ROOT / generated)
+    monitors = {
+        m["name"]: m["typed_config"] for m in config["overload_manager"]["resource_monitors"]
+    }
+    heap = monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"]
+    assert 0 < heap < 256 * 1024 * 1024
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] > 0
+    actions = {a["name"] for a in config["overload_manager"]["actions"]}
+    assert "envoy.overload_actions.stop_accepting_requests" in actions
+    resources = config["static_resources"]
+    for item in resources["listeners"] + resources["clusters"]:
+        assert item["per_connection_buffer_limit_bytes"] == 32768, item["name"]
+    managers = [
+        f["typed_config"]
+        for listener in resources["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == _HCM_NAME
+    ]
+    assert len(managers) >= 2
+    for hcm in managers:
+        assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == (
+            "REJECT_REQUEST"
+        )
+        assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 100
+        assert hcm["request_headers_timeout"] == "10s"
+
+
+def test_edge_limits_keep_what_a_config_sets_and_refuse_a_second_overload_manager() -> None:
+    config = _load(LOCAL_GATEWAY)
+    listener = config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http2_protocol_options"] = {"allow_connect": True, "max_concurrent_streams": 7}
+    limited = deploy.edge_limits(config)
+    http2 = limited["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["http2_protocol_options"]
+    assert http2["allow_connect"] is True
+    assert http2["max_concurrent_streams"] == 7
+    assert http2["initial_stream_window_size"] == 65536
+    with pytest.raises(ValueError, match="overload_manager"):
+        deploy.edge_limits(limited)
+
+
+def test_deployed_envoy_runs_the_overload_manager_and_rejects_underscored_headers(
+    deploy_envoys: dict[str, DeployEnvoy],
+) -> None:
+    """In a real Envoy: the overload manager's monitors report (their stats exist), and a
+    request with an underscore in a header name is refused by the listener (400) before
+    ext_authz or any upstream sees it."""
+    for proxy in deploy_envoys.values():
+        status, body = http_get(f"http://127.0.0.1:{proxy.admin}/stats?filter=overload")
+        assert status == 200
+        assert b"overload.envoy.resource_monitors.fixed_heap.pressure" in body
+        assert b"overload.envoy.overload_actions.stop_accepting_requests.active" in body
+    gateway = deploy_envoys["gateway"]
+    context = ssl.create_default_context(cafile=str(gateway.ca))
+    for headers, expected in (({"x_api_key": "k"}, 400), ({"x-api-key": "k"}, 503)):
+        connection = http.client.HTTPSConnection(
+            "localhost", gateway.listener, context=context, timeout=10
+        )
+        try:
+            connection.request("GET", "/api/v1/status", headers=headers)
+            assert connection.getresponse().status == expected, headers
+        finally:
+            connection.close()
 
 
 def test_k8s_configmaps_embed_the_compose_configs() -> None:
