@@ -32,7 +32,7 @@ activate() {
 # Validation tools for the infra tests (scripts/install-tools builds them once):
 # promtool from Prometheus' Go module (module v0.3MM.P is Prometheus v3.MM.P), and
 # composecheck (scripts/tools/composecheck, pinned by its go.sum), cached by content hash.
-PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v3.13.5}"
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v3.16.0}"
 PROMTOOL_BIN="$AUTHZ_CACHE/promtool-$PROMETHEUS_VERSION/promtool"
 COMPOSECHECK_HASH="$(cat "$ROOT"/scripts/tools/composecheck/{go.mod,go.sum,main.go} | sha256sum | cut -c1-16)"
 COMPOSECHECK_BIN="$AUTHZ_CACHE/composecheck-$COMPOSECHECK_HASH/composecheck"
