@@ -611,3 +611,56 @@ def test_build_refuses_data_failing_the_policy_data_checks(tmp_path: Path) -> No
     assert "policy tests failed" in result.stderr
     assert result.stderr.count("test_shipped_keys_well_formed: FAIL") == 1
     assert not (tmp_path / "out/authz.tar.gz").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "starts"),
+    [(None, True), (("type: http", "type: zipkin"), False)],
+    ids=["as-shipped", "unknown-exporter-type"],
+)
+def test_traced_opa_config_starts_and_a_broken_one_is_refused(
+    opa_bin: str,
+    tmp_path: Path,
+    keys: dict[str, KeyPair],
+    change: tuple[str, str] | None,
+    starts: bool,
+) -> None:
+    """The monitoring overlay's (and the Kubernetes tracing component's) OPA config,
+    infra/opa/opa-traced.yaml, with Compose's command line: OPA starts (the collector
+    being absent does not stop it: spans are dropped); an exporter type OPA does not
+    know stops it at startup, so the check above could fail."""
+    text = (ROOT / deploy.OPA_TRACED).read_text()
+    if change is not None:
+        assert change[0] in text
+        text = text.replace(*change)
+    config = tmp_path / "opa.yaml"
+    config.write_text(text)
+    api, diag = free_port(), free_port()
+    args = _map_args(
+        compose_command("opa"),
+        {
+            "/tls/": f"{deployment_tls(tmp_path / 'tls')}/",
+            "/config/opa.yaml": str(config),
+            "/policy/system": str(ROOT / "infra/opa/system"),
+            "/keys/bundle-signing.pub.pem": str(keys["good"].public),
+        },
+        api,
+        diag,
+    )
+    process = Process(
+        "opa-traced",
+        [opa_bin, *args],
+        tmp_path / "opa.log",
+        lambda: http_ok(f"http://127.0.0.1:{diag}/health"),
+        env={"AUTHZ_OPA_TOKEN": "tok_" + "1" * 48},
+    )
+    process.start()
+    try:
+        if starts:
+            process.wait_ready(20)
+            assert process.running
+        else:
+            wait_for(lambda: not process.running, what="OPA to refuse the config")
+            assert "unknown distributed_tracing.type" in process.log_tail(20)
+    finally:
+        process.stop()
