@@ -54,11 +54,21 @@ class Replica:
     authz: Process
     grpc_port: int
     admin_port: int
+    opa_diag_port: int
 
     def status(self, key: str) -> int:
         """The HTTP status authz answers a gateway Check with ``key``."""
         (status,) = check_all([self.grpc_port], key, 1)
         return status
+
+    def failed_loads(self) -> int:
+        """OPA's bundle_failed_load_counter (bundles it refused), summed."""
+        _, raw = http_get(f"http://127.0.0.1:{self.opa_diag_port}/metrics")
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in raw.decode().splitlines()
+            if line.startswith("bundle_failed_load_counter{")
+        )
 
     def readyz(self) -> str:
         """authz's /readyz body (it names the active bundle: ``revision <r>``)."""
@@ -177,7 +187,7 @@ def _start_replica(
         },
         cwd=ROOT,
     )
-    return Replica(f"replica-{index}", opa, authz, grpc_port, admin_port)
+    return Replica(f"replica-{index}", opa, authz, grpc_port, admin_port, diag)
 
 
 @pytest.fixture(scope="module")
@@ -185,16 +195,19 @@ def fleet(
     opa_bin: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[list[Replica], dict[str, Path], Path, dict[str, str]]]:
     """Two replicas polling one bundle server that serves r1 (both keys); yields the
-    replicas, the built bundles (r1, r2 without the key "revoked"), the served file and
-    the keys."""
+    replicas, the built bundles (r1; r2 without the key "revoked"; r3 with it again but
+    signed with another key, as by someone who may publish but holds no signing key),
+    the served file and the keys."""
     os.environ.setdefault("AUTHZ_OPA_BIN", opa_bin)
     base = tmp_path_factory.mktemp("revocation")
     signing = write_key_pair(base / "keys", "bundle-signing")
     keys = {"kept": generate_key(), "revoked": generate_key()}
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    other = write_key_pair(base / "other-key", "other")
+    with ThreadPoolExecutor(max_workers=3) as pool:
         r1 = pool.submit(_build, base, "r1", keys, signing)
         r2 = pool.submit(_build, base, "r2", {"kept": keys["kept"]}, signing)
-        bundles = {"r1": r1.result(), "r2": r2.result()}
+        r3 = pool.submit(_build, base, "r3", keys, other)
+        bundles = {"r1": r1.result(), "r2": r2.result(), "r3": r3.result()}
     served_dir = base / "served"
     served_dir.mkdir()
     served = served_dir / "authz.tar.gz"
@@ -217,6 +230,10 @@ def fleet(
             for replica in replicas:
                 replica.authz.stop()
                 replica.opa.stop()
+
+
+def _refused_more_than(replica: Replica, count: int) -> bool:
+    return replica.failed_loads() > count
 
 
 def _serves(replica: Replica, revision: str) -> bool:
@@ -257,3 +274,27 @@ def test_a_key_removed_from_the_published_bundle_is_refused_by_every_replica(
     # No process restarted: the same processes, all still running.
     assert [(r.opa.pid, r.authz.pid) for r in replicas] == pids
     assert all(r.opa.running and r.authz.running for r in replicas)
+
+
+def test_a_bundle_restoring_the_key_without_the_signing_key_is_refused_by_every_replica(
+    fleet: tuple[list[Replica], dict[str, Path], Path, dict[str, str]],
+) -> None:
+    """Whoever may publish to the bundle server (infra/k8s/base/rbac.yaml) but holds no
+    signing key cannot bring a revoked key back: every OPA refuses the bundle and keeps
+    the revision that revoked it."""
+    replicas, bundles, served, keys = fleet
+    _publish(bundles["r2"], served)
+    for replica in replicas:
+        wait_for(functools.partial(_serves, replica, "r2"), what=f"{replica.name} to serve r2")
+    before = [replica.failed_loads() for replica in replicas]
+    _publish(bundles["r3"], served)
+    for replica, count in zip(replicas, before, strict=True):
+        wait_for(
+            functools.partial(_refused_more_than, replica, count),
+            what=f"{replica.name}'s OPA to refuse r3",
+        )
+        assert "verification error" in replica.opa.log_tail(200), replica.name
+    for replica in replicas:
+        assert replica.status(keys["revoked"]) == 401, replica.name
+        assert replica.status(keys["kept"]) == 200, replica.name
+        assert _serves(replica, "r2"), replica.name
