@@ -156,6 +156,30 @@ def test_unknown_kind_is_rejected() -> None:
         _validate({"apiVersion": "authz.io/v1", "kind": "Gadget", "metadata": {}}, "1.37")
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("  replicas: 1\n", "  replics: 1\n"), ("claimName: authz-data", "claimName: 42")],
+    ids=["misspelt-field", "wrong-type"],
+)
+def test_a_broken_overlay_patch_is_refused(
+    kustomize_bin: str, tmp_path: Path, old: str, new: str
+) -> None:
+    """The render is validated, not only the files: a patch that breaks a valid base
+    (here overlays/dev/authz.yaml) fails the schema check of what kustomize renders."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    patch = tmp_path / "k8s/overlays/dev/authz.yaml"
+    text = patch.read_text()
+    assert old in text
+    patch.write_text(text.replace(old, new, 1))
+    (deployment,) = [
+        d
+        for d in _kustomize(kustomize_bin, tmp_path / "k8s/overlays/dev")
+        if (d["kind"], d["metadata"]["name"]) == ("Deployment", "authz")
+    ]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(deployment, VERSIONS[-1])
+
+
 def _by_name(documents: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(d["kind"], d["metadata"]["name"]): d for d in documents}
 
