@@ -963,6 +963,21 @@ def test_production_traces_through_the_collector(
     (volume,) = _pod(resources, "otel-collector")["volumes"]
     config = resources[("ConfigMap", volume["configMap"]["name"])]["data"]["config.yaml"]
     assert config.split("\n", 1)[1] == (ROOT / deploy.OTEL_COLLECTOR_CONFIG).read_text()
+    # ... and it reaches Tempo: each exporter's endpoint is a Service port of Tempo's, which
+    # the collector's NetworkPolicy lets it reach.
+    collector = yaml.safe_load(config)
+    policy = resources[("NetworkPolicy", "otel-collector")]["spec"]
+    for exporter in collector["exporters"].values():
+        host, _, port = exporter["endpoint"].rpartition(":")
+        service = resources[("Service", host)]
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}, exporter
+        assert any(
+            _label_selects(peer["podSelector"], {"app.kubernetes.io/name": host})
+            and int(port) in {p["port"] for p in rule["ports"]}
+            for rule in policy["egress"]
+            for peer in rule.get("to", [])
+            if "podSelector" in peer
+        ), exporter
 
 
 @pytest.mark.parametrize("change", ["no collector", "dev overlay", "no egress rule"])
