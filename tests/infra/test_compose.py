@@ -710,3 +710,48 @@ def test_the_admin_api_is_on_behind_a_token_from_a_compose_secret(
     assert settings.admin_token.reveal() == "a" * 43
     # The admin port is published on loopback only (test_published_ports).
     assert [p["published"] for p in service["ports"] if p["target"] == 9192] == ["9192"]
+
+
+def _redis_durability_problems(service: dict[str, Any]) -> list[str]:
+    """Why Redis would lose overrides on a restart or evict them under memory pressure:
+    the append-only file must be on, on a named volume at its working directory /data,
+    and the eviction policy noeviction."""
+    command = service["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    problems = []
+    if options.get("--appendonly") != "yes":
+        problems.append("no append-only file")
+    if options.get("--maxmemory-policy") != "noeviction":
+        problems.append("keys may be evicted")
+    volumes = {v["target"]: v for v in service.get("volumes") or []}
+    if volumes.get("/data", {}).get("type") != "volume":
+        problems.append("/data is not a named volume")
+    return problems
+
+
+def test_redis_keeps_overrides_across_restarts(projects: dict[str, Any]) -> None:
+    assert _redis_durability_problems(projects["production+redis"]["services"]["redis"]) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "volumes", "problem"),
+    [
+        (["redis-server", "--save", "", "--appendonly", "no"], None, "no append-only file"),
+        (None, [], "/data is not a named volume"),
+        (
+            ["redis-server", "--appendonly", "yes", "--maxmemory-policy", "allkeys-lru"],
+            None,
+            "keys may be evicted",
+        ),
+    ],
+    ids=["no-aof", "no-volume", "evicting"],
+)
+def test_redis_durability_check_can_fail(
+    projects: dict[str, Any], command: list[str] | None, volumes: list[Any] | None, problem: str
+) -> None:
+    service = copy.deepcopy(projects["production+redis"]["services"]["redis"])
+    if command is not None:
+        service["command"] = command
+    if volumes is not None:
+        service["volumes"] = volumes
+    assert problem in _redis_durability_problems(service)
