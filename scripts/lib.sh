@@ -70,3 +70,10 @@ go_build_tool() {
   mv "$out.tmp" "$out"
   rm -rf "$tmp"
 }
+
+# kustomize (infra/k8s overlays and components, rendered by tests/infra/test_k8s.py without
+# a cluster), built from its Go module by scripts/install-tools. v5.8.2: the newest release
+# whose go.mod this machine's Go (1.26) builds (v5.8.3 declares go 1.27.0).
+KUSTOMIZE_VERSION="${KUSTOMIZE_VERSION:-v5.8.2}"
+KUSTOMIZE_BIN="$AUTHZ_CACHE/kustomize-$KUSTOMIZE_VERSION/kustomize"
+export KUSTOMIZE_VERSION KUSTOMIZE_BIN

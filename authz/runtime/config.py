@@ -115,7 +115,7 @@ DEFAULT_AUDIT_BODY_MAX_BYTES: Final = 0
 DEFAULT_AUDIT_VALUE_MAX_BYTES: Final = 1024
 DEFAULT_AUDIT_ROW_MAX_BYTES: Final = 8192
 # The audit store's bound on disk (database + WAL + shared memory). With the headroom of
-# authz.runtime.audit.volume_bytes it fills the Kubernetes data volume (infra/k8s/authz.yaml,
+# authz.runtime.audit.volume_bytes it fills the Kubernetes data volume (infra/k8s/base/authz.yaml,
 # emptyDir sizeLimit 1Gi; tests/infra/test_audit_volume.py keeps them equal).
 DEFAULT_AUDIT_MAX_BYTES: Final = 960 * 1024 * 1024
 # The decision log line's schema (README "Decision log"): authz's own line, or OPA's

@@ -11,9 +11,18 @@ tests) fails when one drifts::
   (a structured rewrite, :func:`containerize`);
 - ``infra/compose/envoy/envoy-egress.yaml`` from ``policy/egress/data.json``
   (:func:`authz.tools.egress_envoy.generate`, then :func:`containerize`);
-- ``infra/k8s/generated/configmap-envoy.yaml``: the two files above as ConfigMaps;
-- ``infra/k8s/generated/configmap-opa.yaml``: ``infra/opa/opa-file.yaml`` and
-  ``infra/opa/system/*.rego`` (tests excluded) as a ConfigMap.
+- ``infra/compose/envoy/envoy-{gateway,egress}-traced.yaml``: the two files above plus
+  Envoy's OpenTelemetry tracer exporting OTLP/HTTP to the collector (:func:`traced`), for
+  the monitoring overlay and the Kubernetes tracing component;
+- ``infra/opa/opa-traced.yaml``: ``infra/opa/opa.yaml`` plus OPA's ``distributed_tracing``
+  to the same collector (:func:`opa_traced`);
+- copies for kustomize's ``configMapGenerator``, which reads only files under its
+  kustomization's directory: ``infra/k8s/base/generated/`` (the two Envoy configs,
+  ``infra/opa/opa.yaml``, ``infra/opa/system/*.rego`` without tests, the bundle server's
+  ``infra/compose/nginx/bundles.conf``), ``infra/k8s/components/tracing/generated/`` (the
+  traced Envoy and OPA configs) and ``infra/k8s/monitoring/generated/`` (the collector's
+  and Tempo's configs from ``infra/monitoring/``). Each starts with a ``# GENERATED``
+  line naming its source; the rest is the source, byte for byte.
 
 What differs from the local Envoy configs, and only this:
 
@@ -61,6 +70,7 @@ __all__ = [
     "DNS_ADDRESSES",
     "EXIT_CODES",
     "INTERNAL_ADMIN_PORT",
+    "OTEL_COLLECTOR",
     "READ_ONLY_ADMIN_PATHS",
     "SUMMARY",
     "arguments",
@@ -68,18 +78,28 @@ __all__ = [
     "containerize",
     "edge_limits",
     "main",
+    "opa_traced",
     "outputs",
     "run",
+    "traced",
 ]
 
 GATEWAY_SOURCE: Final = "infra/envoy/envoy-gateway.yaml"
 EGRESS_SOURCE: Final = egress_envoy.DEFAULT_SERVICES
-OPA_FILE_CONFIG: Final = "infra/opa/opa-file.yaml"
+OPA_CONFIG: Final = "infra/opa/opa.yaml"
 OPA_SYSTEM_POLICY: Final = "infra/opa/system"
+NGINX_BUNDLES: Final = "infra/compose/nginx/bundles.conf"
+OTEL_COLLECTOR_CONFIG: Final = "infra/monitoring/otel-collector/config.yaml"
+TEMPO_CONFIG: Final = "infra/monitoring/tempo/tempo.yaml"
 COMPOSE_GATEWAY: Final = "infra/compose/envoy/envoy-gateway.yaml"
 COMPOSE_EGRESS: Final = "infra/compose/envoy/envoy-egress.yaml"
-K8S_ENVOY: Final = "infra/k8s/generated/configmap-envoy.yaml"
-K8S_OPA: Final = "infra/k8s/generated/configmap-opa.yaml"
+COMPOSE_GATEWAY_TRACED: Final = "infra/compose/envoy/envoy-gateway-traced.yaml"
+COMPOSE_EGRESS_TRACED: Final = "infra/compose/envoy/envoy-egress-traced.yaml"
+OPA_TRACED: Final = "infra/opa/opa-traced.yaml"
+# kustomize's configMapGenerator inputs (copies: it reads only under its own directory).
+K8S_GENERATED: Final = "infra/k8s/base/generated"
+K8S_TRACING_GENERATED: Final = "infra/k8s/components/tracing/generated"
+K8S_MONITORING_GENERATED: Final = "infra/k8s/monitoring/generated"
 
 # The command line (python -m authz.tools.deploy, authz generate deploy).
 PROG: Final = "python -m authz.tools.deploy"
@@ -99,6 +119,13 @@ DNS_ADDRESSES: Final[Mapping[str, tuple[str, int]]] = {
 # The read-only admin listener's port per proxy (the local stack's admin ports).
 ADMIN_PORTS: Final[Mapping[str, int]] = {"gateway": 9901, "egress": 9902}
 INTERNAL_ADMIN_PORT: Final = 9900
+# The OpenTelemetry Collector's OTLP/HTTP receiver (infra/monitoring/otel-collector): the
+# same DNS name in Compose (monitoring overlay) and Kubernetes (infra/k8s/monitoring).
+OTEL_COLLECTOR: Final = ("otel-collector", 4318)
+# Share of requests without a sampled caller trace that Envoy starts a trace for (a
+# caller's sampled traceparent is always followed), and OPA's ratio for its own root spans
+# (its sampler is parent-based: a query under authz's sampled span is always traced).
+TRACE_SAMPLING_PERCENT: Final = 10.0
 # GET only. /stats covers /stats/prometheus; /ready is the probes' endpoint.
 READ_ONLY_ADMIN_PATHS: Final = ("/ready", "/stats", "/clusters", "/server_info")
 
@@ -122,7 +149,6 @@ _HTTP2_LIMITS: Final[Mapping[str, int]] = {
 }
 _OVERLOAD_TYPE: Final = f"{_TYPE}.resource_monitors"
 _HCM: Final = f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_NAMESPACE: Final = "authz"
 
 
 def _read_only_admin_listener(port: int) -> dict[str, Any]:
@@ -308,6 +334,97 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
     return edge_limits(result)
 
 
+def traced(config: Mapping[str, Any], *, service_name: str) -> dict[str, Any]:
+    """A copy of the container Envoy bootstrap ``config`` (:func:`containerize`'s output)
+    with Envoy's OpenTelemetry tracer on every HTTP connection manager but the read-only
+    admin listener's: spans exported as OTLP/HTTP to :data:`OTEL_COLLECTOR` through a
+    ``STRICT_DNS`` cluster ``otel_collector``, service name ``service_name``, a new trace
+    for :data:`TRACE_SAMPLING_PERCENT` of the requests that arrive without one. Envoy
+    sends ``traceparent`` on its ext_authz call and upstream, so authz's and the
+    upstream's spans join the trace. See
+    https://www.envoyproxy.io/docs/envoy/latest/api-v3/config/trace/v3/opentelemetry.proto
+
+    Raises ValueError when ``config`` already has the cluster ``otel_collector`` or a
+    traced connection manager."""
+    result = copy.deepcopy(dict(config))
+    resources = result["static_resources"]
+    if any(c["name"] == "otel_collector" for c in resources["clusters"]):
+        raise ValueError("cluster 'otel_collector' already exists")
+    host, port = OTEL_COLLECTOR
+    tracing = {
+        "random_sampling": {"value": TRACE_SAMPLING_PERCENT},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "service_name": service_name,
+                "http_service": {
+                    "http_uri": {
+                        "uri": f"http://{host}:{port}/v1/traces",
+                        "cluster": "otel_collector",
+                        "timeout": "1s",
+                    }
+                },
+            },
+        },
+    }
+    for listener in resources["listeners"]:
+        if listener["name"] == "admin_read_only":
+            continue
+        for chain in listener["filter_chains"]:
+            for item in chain["filters"]:
+                if item["name"] != "envoy.filters.network.http_connection_manager":
+                    continue
+                if "tracing" in item["typed_config"]:
+                    raise ValueError(f"listener {listener['name']!r} is already traced")
+                item["typed_config"]["tracing"] = copy.deepcopy(tracing)
+    resources["clusters"].append(
+        {
+            "name": "otel_collector",
+            "type": "STRICT_DNS",
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": "1s",
+            "load_assignment": egress_envoy.load_assignment("otel_collector", host, port),
+        }
+    )
+    return result
+
+
+def opa_traced(opa_config: str) -> str:
+    """``opa_config`` (the text of ``infra/opa/opa.yaml``) plus OPA's distributed tracing:
+    OTLP/HTTP to :data:`OTEL_COLLECTOR`, service name ``opa``, parent-based sampling (a
+    query carrying authz's sampled ``traceparent`` is traced) with
+    :data:`TRACE_SAMPLING_PERCENT` of OPA's own root spans. See
+    https://www.openpolicyagent.org/docs/configuration#distributed-tracing
+
+    Raises ValueError when ``opa_config`` already configures ``distributed_tracing``."""
+    loaded = yaml.safe_load(opa_config)
+    if isinstance(loaded, dict) and "distributed_tracing" in loaded:
+        raise ValueError(f"{OPA_CONFIG} already has distributed_tracing")
+    host, port = OTEL_COLLECTOR
+    return (
+        f"# GENERATED from {OPA_CONFIG} by `python -m authz.tools.deploy`: do not edit.\n"
+        "# That file plus OPA's distributed tracing, for the monitoring overlay (Compose) and\n"
+        "# the Kubernetes tracing component (infra/k8s/components/tracing).\n"
+        f"{opa_config.rstrip()}\n\n"
+        "# Spans of OPA's API requests and policy evaluation, OTLP/HTTP to the OpenTelemetry\n"
+        "# Collector. Parent-based: a query under authz's sampled span (traceparent) is traced.\n"
+        "distributed_tracing:\n"
+        "  type: http\n"
+        f"  address: {host}:{port}\n"
+        "  service_name: opa\n"
+        f"  sample_percentage: {int(TRACE_SAMPLING_PERCENT)}\n"
+    )
+
+
+def _copy(source: str, text: str) -> str:
+    """``text`` (the file ``source``) as a kustomize generator input: one header line."""
+    return (
+        f"# GENERATED copy of {source} by `python -m authz.tools.deploy` (kustomize reads "
+        "only files under its kustomization's directory): do not edit.\n" + text
+    )
+
+
 def _header(source: str, what: str) -> str:
     return f"""\
 # GENERATED from {source} by `python -m authz.tools.deploy`: do not edit. Regenerate with
@@ -327,20 +444,6 @@ def _header(source: str, what: str) -> str:
 
 def _dump(document: Any) -> str:
     return yaml.safe_dump(document, sort_keys=False, width=100)
-
-
-def _configmap(name: str, data: Mapping[str, str], source: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": _NAMESPACE,
-            "labels": {"app.kubernetes.io/part-of": "authz"},
-            "annotations": {"authz/generated-from": source},
-        },
-        "data": dict(data),
-    }
 
 
 def _load_mapping(path: Path) -> dict[str, Any]:
@@ -378,28 +481,47 @@ def outputs(root: Path) -> dict[str, str]:
         f"{EGRESS_SOURCE} (.services)",
         "Envoy egress proxy for containers: https :8443, Host: <service> -> authz -> the service.",
     ) + _dump(egress)
-    envoy_maps = [
-        _configmap("envoy-gateway", {"envoy.yaml": gateway_text}, COMPOSE_GATEWAY),
-        _configmap("envoy-egress", {"envoy.yaml": egress_text}, COMPOSE_EGRESS),
-    ]
-    system = root / OPA_SYSTEM_POLICY
-    opa_data = {"opa.yaml": (root / OPA_FILE_CONFIG).read_text(encoding="utf-8")}
-    for rego in sorted(system.glob("*.rego")):
-        if not rego.name.endswith("_test.rego"):
-            opa_data[f"system.{rego.name}"] = rego.read_text(encoding="utf-8")
-    opa_map = _configmap("opa-config", opa_data, f"{OPA_FILE_CONFIG}, {OPA_SYSTEM_POLICY}/")
-    k8s_header = (
-        "# GENERATED by `python -m authz.tools.deploy` from {}: do not edit.\n"
-        "# The same command with --check (run by the tests) fails when this file drifts.\n"
-    )
-    return {
+    gateway_traced = _header(
+        GATEWAY_SOURCE,
+        "As envoy-gateway.yaml, plus the OpenTelemetry tracer (OTLP/HTTP to otel-collector:4318).",
+    ) + _dump(traced(gateway, service_name="envoy-gateway"))
+    egress_traced = _header(
+        f"{EGRESS_SOURCE} (.services)",
+        "As envoy-egress.yaml, plus the OpenTelemetry tracer (OTLP/HTTP to otel-collector:4318).",
+    ) + _dump(traced(egress, service_name="envoy-egress"))
+    opa_text = (root / OPA_CONFIG).read_text(encoding="utf-8")
+    opa_traced_text = opa_traced(opa_text)
+    files = {
         COMPOSE_GATEWAY: gateway_text,
         COMPOSE_EGRESS: egress_text,
-        K8S_ENVOY: k8s_header.format(f"{COMPOSE_GATEWAY}, {COMPOSE_EGRESS}")
-        + "---\n".join(_dump(m) for m in envoy_maps),
-        K8S_OPA: k8s_header.format(f"{OPA_FILE_CONFIG}, {OPA_SYSTEM_POLICY}/*.rego")
-        + _dump(opa_map),
+        COMPOSE_GATEWAY_TRACED: gateway_traced,
+        COMPOSE_EGRESS_TRACED: egress_traced,
+        OPA_TRACED: opa_traced_text,
+        f"{K8S_GENERATED}/gateway-envoy.yaml": _copy(COMPOSE_GATEWAY, gateway_text),
+        f"{K8S_GENERATED}/egress-envoy.yaml": _copy(COMPOSE_EGRESS, egress_text),
+        f"{K8S_GENERATED}/opa.yaml": _copy(OPA_CONFIG, opa_text),
+        f"{K8S_GENERATED}/bundles.conf": _copy(
+            NGINX_BUNDLES, (root / NGINX_BUNDLES).read_text(encoding="utf-8")
+        ),
+        f"{K8S_TRACING_GENERATED}/gateway-envoy.yaml": _copy(
+            COMPOSE_GATEWAY_TRACED, gateway_traced
+        ),
+        f"{K8S_TRACING_GENERATED}/egress-envoy.yaml": _copy(COMPOSE_EGRESS_TRACED, egress_traced),
+        f"{K8S_TRACING_GENERATED}/opa.yaml": _copy(OPA_TRACED, opa_traced_text),
+        f"{K8S_MONITORING_GENERATED}/otel-collector.yaml": _copy(
+            OTEL_COLLECTOR_CONFIG, (root / OTEL_COLLECTOR_CONFIG).read_text(encoding="utf-8")
+        ),
+        f"{K8S_MONITORING_GENERATED}/tempo.yaml": _copy(
+            TEMPO_CONFIG, (root / TEMPO_CONFIG).read_text(encoding="utf-8")
+        ),
     }
+    system = root / OPA_SYSTEM_POLICY
+    for rego in sorted(system.glob("*.rego")):
+        if not rego.name.endswith("_test.rego"):
+            files[f"{K8S_GENERATED}/system.{rego.name}"] = _copy(
+                f"{OPA_SYSTEM_POLICY}/{rego.name}", rego.read_text(encoding="utf-8")
+            )
+    return files
 
 
 def arguments() -> argparse.ArgumentParser:

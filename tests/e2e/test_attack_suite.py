@@ -47,7 +47,7 @@ pytestmark = pytest.mark.e2e
 # cbe0096 (main before #13's fixes) on a 2-core machine: 60-61 MiB after start-up and 2 s
 # of legitimate traffic (each campaign prints the baseline it read). Margin: 128 MiB for
 # the byte-bounded decision cache, the audit queue and gRPC buffers under load, so the
-# bound is 192 MiB, well under the 512 Mi limit of infra/k8s/authz.yaml. At cbe0096 the
+# bound is 192 MiB, well under the 512 Mi limit of infra/k8s/base/authz.yaml. At cbe0096 the
 # enforce campaign takes authz to 290-360 MiB (about 130 KB per distinct 48 KB-header
 # request kept in the cache, #13 finding 3). With the cache and audit fixes merged and
 # the cycle described at ERROR_COUNT broken, both campaigns peaked at 75-79 MiB.

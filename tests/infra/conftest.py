@@ -1,7 +1,8 @@
 """Fixtures for the deployment-file tests: the pinned validation tools, signing keys, and
 Envoy processes started from the deployment configs (builders: tests/helpers/infra.py).
 
-Tool paths come from ``AUTHZ_PROMTOOL_BIN`` / ``AUTHZ_COMPOSECHECK_BIN`` or, unset, from
+Tool paths come from ``AUTHZ_PROMTOOL_BIN`` / ``AUTHZ_COMPOSECHECK_BIN`` /
+``AUTHZ_KUSTOMIZE_BIN`` or, unset, from
 ``scripts/lib.sh`` (the one place their versions are pinned); ``scripts/install-tools``
 (run by ``scripts/install-deps``) builds them.
 """
@@ -48,6 +49,12 @@ def promtool_bin() -> str:
 def composecheck_bin() -> str:
     """scripts/tools/composecheck (compose-go), built by scripts/install-tools."""
     return _tool("AUTHZ_COMPOSECHECK_BIN", "COMPOSECHECK_BIN")
+
+
+@pytest.fixture(scope="session")
+def kustomize_bin() -> str:
+    """The pinned kustomize (scripts/install-tools), rendering infra/k8s's overlays."""
+    return _tool("AUTHZ_KUSTOMIZE_BIN", "KUSTOMIZE_BIN")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import yaml
 from authz.runtime import audit, config
 from tests.helpers.infra import ROOT
 
-MANIFEST = ROOT / "infra/k8s/authz.yaml"
+MANIFEST = ROOT / "infra/k8s/base/authz.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 # Kubernetes resource quantities (binary and decimal suffixes), as a sizeLimit uses them.
 _SUFFIXES = {

@@ -11,6 +11,7 @@ service that uses it.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import re
@@ -34,12 +35,14 @@ COMPOSE = ROOT / "infra/compose"
 PRODUCTION = ("docker-compose.yaml",)
 DEV = ("docker-compose.dev.yaml",)
 MONITORING = "docker-compose.monitoring.yaml"
+EGRESS_TRACING = "docker-compose.egress-tracing.yaml"
 COMBINATIONS = {
     "production": PRODUCTION,
     "production+redis": PRODUCTION,
     "dev": DEV,
     "production+monitoring": (*PRODUCTION, MONITORING),
     "dev+monitoring": (*DEV, MONITORING),
+    "production+monitoring+egress-tracing": (*PRODUCTION, MONITORING, EGRESS_TRACING),
 }
 # Services whose image is the one built from this repository's Dockerfile.
 LOCAL_IMAGE = "authz:local"
@@ -174,10 +177,12 @@ def test_opa_is_not_published_in_production(projects: dict[str, Any]) -> None:
         services = projects[combo]["services"]
         assert not services["opa"].get("ports"), combo
         assert "8181" in services["opa"]["expose"]
-        # The policy network has no route out, and only what needs OPA is on it.
+        # The policy network has no route out, and only what needs OPA (or what OPA sends
+        # to: the bundle server, the trace collector) is on it.
         assert projects[combo]["networks"]["policy"].get("internal") is True
         on_policy = {n for n, s in services.items() if "policy" in (s.get("networks") or {})}
-        assert on_policy <= {"authz", "opa", "bundle-server", "redis", "prometheus"}
+        allowed = {"authz", "opa", "bundle-server", "redis", "prometheus", "otel-collector"}
+        assert on_policy <= allowed
 
 
 def test_published_ports(projects: dict[str, Any]) -> None:
@@ -329,6 +334,114 @@ def test_monitoring_targets_are_services(projects: dict[str, Any]) -> None:
         host, _, port = exporter["endpoint"].rpartition(":")
         assert _reachable(project, "otel-collector", host), host
         assert (host, int(port)) in listens
+
+
+def _mounted(service: dict[str, Any], target: str) -> Path | None:
+    """The repository file bind-mounted at ``target`` in ``service``, if any."""
+    for volume in service.get("volumes") or []:
+        if volume["type"] == "bind" and volume["target"] == target:
+            return Path(volume["source"])
+    return None
+
+
+def _tracing_problems(project: dict[str, Any], traced: tuple[str, ...]) -> list[str]:
+    """Why the services in ``traced`` would not send their spans to the collector: each
+    Envoy's mounted config has the OpenTelemetry tracer on every listener but the admin
+    one, exporting to a host:port the collector listens on over a shared network; OPA's
+    mounted config has distributed_tracing to the same; authz's OTLP endpoint likewise."""
+    problems = []
+    collector = yaml.safe_load((ROOT / "infra/monitoring/otel-collector/config.yaml").read_text())
+    protocols = collector["receivers"]["otlp"]["protocols"]
+    listens = {int(p["endpoint"].rpartition(":")[2]) for p in protocols.values()}
+
+    def check(client: str, host: str, port: int) -> None:
+        if host != "otel-collector" or port not in listens:
+            problems.append(f"{client}: {host}:{port} is not the collector")
+        elif not _reachable(project, client, host):
+            problems.append(f"{client}: the collector is on no network it shares")
+
+    services = project["services"]
+    for name in traced:
+        if name.startswith("envoy-"):
+            source = _mounted(services[name], "/etc/envoy/envoy.yaml")
+            config = yaml.safe_load(source.read_text()) if source else {}
+            resources = config["static_resources"]
+            clusters = {c["name"]: c for c in resources["clusters"]}
+            for listener in resources["listeners"]:
+                if listener["name"] == "admin_read_only":
+                    continue
+                for chain in listener["filter_chains"]:
+                    provider = chain["filters"][0]["typed_config"].get("tracing", {})
+                    if provider.get("provider", {}).get("name") != "envoy.tracers.opentelemetry":
+                        problems.append(f"{name}/{listener['name']}: not traced")
+                        continue
+                    uri = provider["provider"]["typed_config"]["http_service"]["http_uri"]
+                    for host, port in _envoy_hosts_of(clusters[uri["cluster"]]):
+                        check(name, host, port)
+        elif name == "opa":
+            source = _mounted(services["opa"], "/config/opa.yaml")
+            tracing = (
+                yaml.safe_load(source.read_text()).get("distributed_tracing") if source else None
+            )
+            if not tracing:
+                problems.append("opa: no distributed_tracing")
+            else:
+                host, _, port = tracing["address"].rpartition(":")
+                check("opa", host, int(port))
+        else:
+            endpoint = urlsplit(services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"])
+            check(name, endpoint.hostname or "", endpoint.port or 0)
+    return problems
+
+
+def _envoy_hosts_of(cluster: dict[str, Any]) -> set[tuple[str, int]]:
+    return {
+        (socket["address"], socket["port_value"])
+        for group in cluster["load_assignment"]["endpoints"]
+        for endpoint in group["lb_endpoints"]
+        for socket in [endpoint["endpoint"]["address"]["socket_address"]]
+    }
+
+
+TRACED = {
+    "production+monitoring": ("envoy-gateway", "authz", "opa"),
+    "production+monitoring+egress-tracing": ("envoy-gateway", "envoy-egress", "authz", "opa"),
+    # The dev stack's OPA reads its own config (unsigned bundles) and is not traced.
+    "dev+monitoring": ("envoy-gateway", "authz"),
+}
+
+
+@pytest.mark.parametrize("combo", TRACED)
+def test_the_monitoring_overlay_traces_envoy_authz_and_opa(
+    projects: dict[str, Any], combo: str
+) -> None:
+    """One gateway request is one trace: Envoy, authz and OPA all export to the collector
+    (which test_monitoring_targets_are_services sends on to Tempo)."""
+    assert _tracing_problems(projects[combo], TRACED[combo]) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("untraced envoy", "envoy-gateway/gateway: not traced"),
+        ("untraced opa", "opa: no distributed_tracing"),
+        ("collector off the policy network", "opa: the collector is on no network it shares"),
+        ("egress without its overlay", "envoy-egress/egress: not traced"),
+    ],
+)
+def test_tracing_check_can_fail(projects: dict[str, Any], change: str, problem: str) -> None:
+    project = copy.deepcopy(projects["production+monitoring"])
+    services = project["services"]
+    traced = TRACED["production+monitoring"]
+    if change == "untraced envoy":
+        services["envoy-gateway"] = projects["production"]["services"]["envoy-gateway"]
+    elif change == "untraced opa":
+        services["opa"] = projects["production"]["services"]["opa"]
+    elif change == "collector off the policy network":
+        del services["otel-collector"]["networks"]["policy"]
+    else:
+        traced = (*traced, "envoy-egress")
+    assert problem in _tracing_problems(project, traced)
 
 
 def test_grafana_provisioning_paths_match_the_mounts(projects: dict[str, Any]) -> None:
@@ -597,3 +710,48 @@ def test_the_admin_api_is_on_behind_a_token_from_a_compose_secret(
     assert settings.admin_token.reveal() == "a" * 43
     # The admin port is published on loopback only (test_published_ports).
     assert [p["published"] for p in service["ports"] if p["target"] == 9192] == ["9192"]
+
+
+def _redis_durability_problems(service: dict[str, Any]) -> list[str]:
+    """Why Redis would lose overrides on a restart or evict them under memory pressure:
+    the append-only file must be on, on a named volume at its working directory /data,
+    and the eviction policy noeviction."""
+    command = service["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    problems = []
+    if options.get("--appendonly") != "yes":
+        problems.append("no append-only file")
+    if options.get("--maxmemory-policy") != "noeviction":
+        problems.append("keys may be evicted")
+    volumes = {v["target"]: v for v in service.get("volumes") or []}
+    if volumes.get("/data", {}).get("type") != "volume":
+        problems.append("/data is not a named volume")
+    return problems
+
+
+def test_redis_keeps_overrides_across_restarts(projects: dict[str, Any]) -> None:
+    assert _redis_durability_problems(projects["production+redis"]["services"]["redis"]) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "volumes", "problem"),
+    [
+        (["redis-server", "--save", "", "--appendonly", "no"], None, "no append-only file"),
+        (None, [], "/data is not a named volume"),
+        (
+            ["redis-server", "--appendonly", "yes", "--maxmemory-policy", "allkeys-lru"],
+            None,
+            "keys may be evicted",
+        ),
+    ],
+    ids=["no-aof", "no-volume", "evicting"],
+)
+def test_redis_durability_check_can_fail(
+    projects: dict[str, Any], command: list[str] | None, volumes: list[Any] | None, problem: str
+) -> None:
+    service = copy.deepcopy(projects["production+redis"]["services"]["redis"])
+    if command is not None:
+        service["command"] = command
+    if volumes is not None:
+        service["volumes"] = volumes
+    assert problem in _redis_durability_problems(service)

@@ -53,7 +53,12 @@ def test_check_catches_a_hand_edit(tmp_path: Path) -> None:
         "policy/egress",
         "infra/opa",
         "infra/compose/envoy",
-        "infra/k8s/generated",
+        "infra/compose/nginx",
+        "infra/monitoring/otel-collector",
+        "infra/monitoring/tempo",
+        deploy.K8S_GENERATED,
+        deploy.K8S_TRACING_GENERATED,
+        deploy.K8S_MONITORING_GENERATED,
     ):
         shutil.copytree(ROOT / relative, tmp_path / relative)
     assert _run_deploy("--root", str(tmp_path), "--check").returncode == 0
@@ -68,7 +73,8 @@ def test_check_catches_a_hand_edit(tmp_path: Path) -> None:
     source.write_text(source.read_text().replace("timeout: 30s", "timeout: 31s"))
     result = _run_deploy("--root", str(tmp_path), "--check")
     assert result.returncode == 1
-    assert deploy.K8S_ENVOY in result.stderr
+    assert f"{deploy.K8S_GENERATED}/gateway-envoy.yaml" in result.stderr
+    assert deploy.COMPOSE_GATEWAY_TRACED in result.stderr
 
 
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
@@ -236,16 +242,90 @@ def test_deployed_envoy_runs_the_overload_manager_and_rejects_underscored_header
             connection.close()
 
 
-def test_k8s_configmaps_embed_the_compose_configs() -> None:
-    maps = list(yaml.safe_load_all((ROOT / deploy.K8S_ENVOY).read_text(encoding="utf-8")))
-    by_name = {item["metadata"]["name"]: item["data"]["envoy.yaml"] for item in maps}
-    assert by_name == {
-        "envoy-gateway": (ROOT / deploy.COMPOSE_GATEWAY).read_text(encoding="utf-8"),
-        "envoy-egress": (ROOT / deploy.COMPOSE_EGRESS).read_text(encoding="utf-8"),
+def test_k8s_generator_inputs_are_the_compose_configs() -> None:
+    """What kustomize's configMapGenerator reads (copies under each kustomization) is the
+    Compose file it names in its first line, byte for byte after that line."""
+    copies = {
+        f"{deploy.K8S_GENERATED}/gateway-envoy.yaml": deploy.COMPOSE_GATEWAY,
+        f"{deploy.K8S_GENERATED}/egress-envoy.yaml": deploy.COMPOSE_EGRESS,
+        f"{deploy.K8S_GENERATED}/opa.yaml": deploy.OPA_CONFIG,
+        f"{deploy.K8S_GENERATED}/bundles.conf": deploy.NGINX_BUNDLES,
+        f"{deploy.K8S_GENERATED}/system.authz.rego": "infra/opa/system/authz.rego",
+        f"{deploy.K8S_GENERATED}/system.log.rego": "infra/opa/system/log.rego",
+        f"{deploy.K8S_TRACING_GENERATED}/gateway-envoy.yaml": deploy.COMPOSE_GATEWAY_TRACED,
+        f"{deploy.K8S_TRACING_GENERATED}/egress-envoy.yaml": deploy.COMPOSE_EGRESS_TRACED,
+        f"{deploy.K8S_TRACING_GENERATED}/opa.yaml": deploy.OPA_TRACED,
+        f"{deploy.K8S_MONITORING_GENERATED}/otel-collector.yaml": deploy.OTEL_COLLECTOR_CONFIG,
+        f"{deploy.K8S_MONITORING_GENERATED}/tempo.yaml": deploy.TEMPO_CONFIG,
     }
-    opa = yaml.safe_load((ROOT / deploy.K8S_OPA).read_text(encoding="utf-8"))
-    assert opa["data"]["opa.yaml"] == (ROOT / "infra/opa/opa-file.yaml").read_text()
-    assert sorted(opa["data"]) == ["opa.yaml", "system.authz.rego", "system.log.rego"]
+    for copy_path, source in copies.items():
+        first, rest = (ROOT / copy_path).read_text(encoding="utf-8").split("\n", 1)
+        assert first.startswith(f"# GENERATED copy of {source} "), copy_path
+        assert rest == (ROOT / source).read_text(encoding="utf-8"), copy_path
+    generated = {
+        str(p.relative_to(ROOT))
+        for directory in (
+            deploy.K8S_GENERATED,
+            deploy.K8S_TRACING_GENERATED,
+            deploy.K8S_MONITORING_GENERATED,
+        )
+        for p in (ROOT / directory).iterdir()
+    }
+    assert generated == set(copies)
+
+
+@pytest.mark.parametrize(
+    ("generated", "untraced", "service"),
+    [
+        (deploy.COMPOSE_GATEWAY_TRACED, deploy.COMPOSE_GATEWAY, "envoy-gateway"),
+        (deploy.COMPOSE_EGRESS_TRACED, deploy.COMPOSE_EGRESS, "envoy-egress"),
+    ],
+    ids=["gateway", "egress"],
+)
+def test_traced_envoy_config_differs_only_by_the_tracer(
+    generated: str, untraced: str, service: str
+) -> None:
+    """The traced variant is the deployment config plus the OpenTelemetry tracer on every
+    listener but the read-only admin one, exporting OTLP/HTTP to the collector."""
+    config = _load(ROOT / generated)
+    resources = config["static_resources"]
+    (cluster,) = [c for c in resources["clusters"] if c["name"] == "otel_collector"]
+    resources["clusters"].remove(cluster)
+    socket = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert socket["address"]["socket_address"] == {
+        "address": deploy.OTEL_COLLECTOR[0],
+        "port_value": deploy.OTEL_COLLECTOR[1],
+    }
+    traced = 0
+    for listener in resources["listeners"]:
+        for chain in listener["filter_chains"]:
+            hcm = chain["filters"][0]["typed_config"]
+            if listener["name"] == "admin_read_only":
+                assert "tracing" not in hcm
+                continue
+            tracing = hcm.pop("tracing")
+            provider = tracing["provider"]
+            assert provider["name"] == "envoy.tracers.opentelemetry"
+            assert provider["typed_config"]["service_name"] == service
+            uri = provider["typed_config"]["http_service"]["http_uri"]
+            assert uri["cluster"] == "otel_collector"
+            assert uri["uri"] == "http://otel-collector:4318/v1/traces"
+            traced += 1
+    assert traced >= 1
+    assert config == _load(ROOT / untraced)
+
+
+def test_traced_opa_config_adds_distributed_tracing_only() -> None:
+    traced = yaml.safe_load((ROOT / deploy.OPA_TRACED).read_text(encoding="utf-8"))
+    tracing = traced.pop("distributed_tracing")
+    assert tracing["type"] == "http"  # OTLP/HTTP, the collector's :4318
+    assert tracing["address"] == "otel-collector:4318"
+    assert traced == yaml.safe_load((ROOT / deploy.OPA_CONFIG).read_text(encoding="utf-8"))
+    with pytest.raises(ValueError, match="already has distributed_tracing"):
+        deploy.opa_traced((ROOT / deploy.OPA_TRACED).read_text(encoding="utf-8"))
+    gateway = _load(ROOT / deploy.COMPOSE_GATEWAY_TRACED)
+    with pytest.raises(ValueError, match="otel_collector"):
+        deploy.traced(gateway, service_name="envoy-gateway")
 
 
 @pytest.mark.parametrize("generated", [deploy.COMPOSE_GATEWAY, deploy.COMPOSE_EGRESS])

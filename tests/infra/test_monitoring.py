@@ -571,7 +571,7 @@ def _operator_objects() -> dict[str, list[dict[str, Any]]]:
 def _k8s_services() -> list[dict[str, Any]]:
     return [
         document
-        for path in sorted((ROOT / "infra/k8s").glob("*.yaml"))
+        for path in sorted((ROOT / "infra/k8s/base").glob("*.yaml"))
         for document in yaml.safe_load_all(path.read_text())
         if document and document.get("kind") == "Service"
     ]
@@ -598,7 +598,12 @@ def test_prometheus_operator_objects_shape() -> None:
     objects = _operator_objects()
     assert set(objects) == {"PrometheusRule", "ServiceMonitor"}
     kustomization = yaml.safe_load((OPERATOR_OBJECTS.parent / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == [OPERATOR_OBJECTS.name]
+    # Beside the collector and Tempo (core objects, validated by test_k8s.py).
+    assert kustomization["resources"] == [
+        OPERATOR_OBJECTS.name,
+        "otel-collector.yaml",
+        "tempo.yaml",
+    ]
     for kind, documents in objects.items():
         for document in documents:
             assert set(document) == {"apiVersion", "kind", "metadata", "spec"}, kind

@@ -34,7 +34,9 @@ from tests.helpers.infra import (
     compose_command,
     deployment_tls,
     http_get,
+    nginx_binary,
     nginx_bundle_server,
+    nginx_config,
     wait_for,
     write_key_pair,
 )
@@ -393,72 +395,107 @@ def test_compose_opa_healthcheck_command(opa_bin: str, production: tuple[Opa, Pa
     assert subprocess.run(closed, capture_output=True, check=False, timeout=30).returncode != 0
 
 
-def test_k8s_sidecar_loads_a_signed_bundle_file(
+def test_k8s_sidecar_polls_signed_bundles_from_the_bundle_server(
     opa_bin: str,
     tmp_path: Path,
     keys: dict[str, KeyPair],
     bundles: dict[str, Path],
 ) -> None:
-    """The Kubernetes sidecar's args and generated ConfigMap (opa-file.yaml + system
-    policy), with the bundle as a file: a signed file is activated, an unsigned one never
-    is (OPA stays not ready: the pod never gets traffic)."""
-    configmap = yaml.safe_load((ROOT / deploy.K8S_OPA).read_text())["data"]
+    """The Kubernetes sidecar's args and its generated config (infra/k8s/base/generated:
+    opa.yaml and the system policy), the verification key at its mounted path, polling the
+    Kubernetes bundle server's nginx config: a signed bundle is activated, an unsigned one
+    is refused while the signed revision keeps serving (no restart)."""
+    generated = ROOT / deploy.K8S_GENERATED
     (tmp_path / "config").mkdir()
-    (tmp_path / "config/opa.yaml").write_text(configmap["opa.yaml"])
+    (tmp_path / "config/opa.yaml").write_text((generated / "opa.yaml").read_text())
     (tmp_path / "system").mkdir()
-    for key, text in configmap.items():
-        if key.startswith("system."):
-            (tmp_path / "system" / key.removeprefix("system.")).write_text(text)
+    for rego in generated.glob("system.*.rego"):
+        (tmp_path / "system" / rego.name.removeprefix("system.")).write_text(rego.read_text())
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/bundle-signing.pub.pem").write_bytes(keys["good"].public.read_bytes())
     deployment = next(
         d
-        for d in yaml.safe_load_all((ROOT / "infra/k8s/authz.yaml").read_text())
+        for d in yaml.safe_load_all((ROOT / "infra/k8s/base/authz.yaml").read_text())
         if d["kind"] == "Deployment"
     )
     (sidecar,) = [
         c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "opa"
     ]
-
-    def run(bundle: Path, name: str) -> tuple[bool, str]:
-        bundle_dir = tmp_path / name
-        bundle_dir.mkdir()
-        (bundle_dir / "authz.tar.gz").write_bytes(bundle.read_bytes())
-        (bundle_dir / "bundle-signing.pub.pem").write_bytes(keys["good"].public.read_bytes())
-        api, diag = free_port(), free_port()
-        args = _map_args(
-            sidecar["args"],
-            {
-                "/config/opa.yaml": str(tmp_path / "config/opa.yaml"),
-                "/policy/system": str(tmp_path / "system"),
-                "/bundles/": f"{bundle_dir}/",
-            },
-            api,
-            diag,
-        )
-        process = Process(
-            f"opa-{name}",
-            [opa_bin, *args, f"--set=bundles.authz.resource=file://{bundle_dir}/authz.tar.gz"],
-            tmp_path / f"{name}.log",
-            lambda: http_ok(f"http://127.0.0.1:{diag}/health"),
-            env={"AUTHZ_OPA_TOKEN": "tok_" + "1" * 48},
-        )
+    served_dir = tmp_path / "served"
+    served_dir.mkdir()
+    served = served_dir / "authz.tar.gz"
+    _publish(bundles["r1"], served)
+    api, diag = free_port(), free_port()
+    args = _map_args(
+        sidecar["args"],
+        {
+            "/config/opa.yaml": str(tmp_path / "config/opa.yaml"),
+            "/policy/system": str(tmp_path / "system"),
+            "/keys/": f"{tmp_path / 'keys'}/",
+        },
+        api,
+        diag,
+    )
+    site = (generated / "bundles.conf").read_text()
+    server = tmp_path / "nginx"
+    server.mkdir()
+    config = nginx_config(server, free_port(), served_dir, site)
+    listen = re.search(r"listen 127\.0\.0\.1:(\d+);", (server / "site.conf").read_text())
+    assert listen is not None
+    port = int(listen[1])
+    nginx = Process(
+        "nginx",
+        [nginx_binary(), "-p", str(server), "-c", str(config), "-g", "daemon off;"],
+        server / "nginx.log",
+        lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+    )
+    nginx.start()
+    process = Process(
+        "opa-sidecar",
+        [
+            opa_bin,
+            *args,
+            f"--set=services.bundles.url=http://127.0.0.1:{port}/bundles",
+            "--set=bundles.authz.polling.min_delay_seconds=1",
+            "--set=bundles.authz.polling.max_delay_seconds=1",
+        ],
+        tmp_path / "opa.log",
+        lambda: http_ok(f"http://127.0.0.1:{diag}/health?bundles"),
+        env={"AUTHZ_OPA_TOKEN": "tok_" + "1" * 48},
+    )
+    try:
+        nginx.wait_ready(15)
         process.start()
-        try:
-            process.wait_ready(20)
-            wait_for(
-                lambda: (
-                    "Bundle" in process.log_tail(50)
-                    or http_ok(f"http://127.0.0.1:{diag}/health?bundles")
-                ),
-                what="the bundle load",
-            )
-            return http_ok(f"http://127.0.0.1:{diag}/health?bundles"), process.log_tail(50)
-        finally:
-            process.stop()
+        process.wait_ready(20)
+        pid = process.pid
+        opa = Opa(api, diag, "tok_" + "1" * 48, process, tmp_path)  # failed_loads only
+        before = opa.failed_loads()
+        _publish(bundles["r2"], served)
+        wait_for(functools.partial(_more_failed_loads, opa, before), what="r2 refused")
+        assert "bundle missing .signatures.json file" in process.log_tail(200)
+        assert http_ok(f"http://127.0.0.1:{diag}/health?bundles")
+        _publish(bundles["r5"], served)
+        assert _sidecar_revision(api) == "r1"
+        _publish(bundles["r5"], served)
+        wait_for(lambda: _sidecar_revision(api) == "r5", what="r5 activated")
+        assert process.pid == pid
+        assert process.running
+    finally:
+        process.stop()
+        nginx.stop()
 
-    assert run(bundles["r1"], "signed")[0] is True
-    ready, log = run(bundles["r2"], "unsigned")
-    assert ready is False
-    assert "bundle missing .signatures.json file" in log
+
+def _sidecar_revision(api: int) -> str:
+    """The active bundle revision of the sidecar (plain HTTP on loopback, authz's token)."""
+    status, raw = http_get(
+        f"http://127.0.0.1:{api}{GATEWAY_DECISION}?provenance",
+        {"Authorization": "Bearer tok_" + "1" * 48},
+        method="POST",
+        body=b'{"input": {}}',
+    )
+    assert status == 200, raw
+    revision: str = json.loads(raw)["provenance"]["bundles"]["authz"]["revision"]
+    return revision
 
 
 def test_build_policy_bundle_signing(tmp_path: Path, keys: dict[str, KeyPair]) -> None:
@@ -574,3 +611,56 @@ def test_build_refuses_data_failing_the_policy_data_checks(tmp_path: Path) -> No
     assert "policy tests failed" in result.stderr
     assert result.stderr.count("test_shipped_keys_well_formed: FAIL") == 1
     assert not (tmp_path / "out/authz.tar.gz").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "starts"),
+    [(None, True), (("type: http", "type: zipkin"), False)],
+    ids=["as-shipped", "unknown-exporter-type"],
+)
+def test_traced_opa_config_starts_and_a_broken_one_is_refused(
+    opa_bin: str,
+    tmp_path: Path,
+    keys: dict[str, KeyPair],
+    change: tuple[str, str] | None,
+    starts: bool,
+) -> None:
+    """The monitoring overlay's (and the Kubernetes tracing component's) OPA config,
+    infra/opa/opa-traced.yaml, with Compose's command line: OPA starts (the collector
+    being absent does not stop it: spans are dropped); an exporter type OPA does not
+    know stops it at startup, so the check above could fail."""
+    text = (ROOT / deploy.OPA_TRACED).read_text()
+    if change is not None:
+        assert change[0] in text
+        text = text.replace(*change)
+    config = tmp_path / "opa.yaml"
+    config.write_text(text)
+    api, diag = free_port(), free_port()
+    args = _map_args(
+        compose_command("opa"),
+        {
+            "/tls/": f"{deployment_tls(tmp_path / 'tls')}/",
+            "/config/opa.yaml": str(config),
+            "/policy/system": str(ROOT / "infra/opa/system"),
+            "/keys/bundle-signing.pub.pem": str(keys["good"].public),
+        },
+        api,
+        diag,
+    )
+    process = Process(
+        "opa-traced",
+        [opa_bin, *args],
+        tmp_path / "opa.log",
+        lambda: http_ok(f"http://127.0.0.1:{diag}/health"),
+        env={"AUTHZ_OPA_TOKEN": "tok_" + "1" * 48},
+    )
+    process.start()
+    try:
+        if starts:
+            process.wait_ready(20)
+            assert process.running
+        else:
+            wait_for(lambda: not process.running, what="OPA to refuse the config")
+            assert "unknown distributed_tracing.type" in process.log_tail(20)
+    finally:
+        process.stop()
