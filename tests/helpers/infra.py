@@ -21,6 +21,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from authz.stack import envoy
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 from tests.helpers import ROOT
@@ -37,6 +38,7 @@ __all__ = [
     "nginx_binary",
     "nginx_bundle_server",
     "nginx_config",
+    "render_deploy_envoy",
     "wait_for",
     "write_key_pair",
 ]
@@ -121,6 +123,28 @@ class DeployEnvoy:
     listener: int
     admin: int
     ca: Path
+
+
+def render_deploy_envoy(name: str, base: Path, tls_dir: Path) -> tuple[Path, DeployEnvoy, int]:
+    """infra/compose/envoy/envoy-<name>.yaml (``name``: gateway or egress) rendered into
+    ``base`` for a test: its listener, read-only admin listener and internal admin API on
+    free 127.0.0.1 ports, its TLS files from ``tls_dir`` (:func:`deployment_tls`). Returns
+    (config path, the proxy's ports, the internal admin port)."""
+    listener, admin, internal = free_port(), free_port(), free_port()
+    config = base / f"envoy-{name}.yaml"
+    rendered = yaml.safe_load(
+        envoy.render(
+            ROOT / f"infra/compose/envoy/envoy-{name}.yaml",
+            admin_port=internal,
+            listeners={name: listener, "admin_read_only": admin},
+            clusters={"admin": ("127.0.0.1", internal)},
+            tls_dir=tls_dir,
+        )
+    )
+    for item in rendered["static_resources"]["listeners"]:  # loopback only in tests
+        item["address"]["socket_address"]["address"] = "127.0.0.1"
+    config.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
+    return config, DeployEnvoy(name, listener, admin, tls_dir / "ca.crt"), internal
 
 
 def nginx_binary() -> str:

@@ -15,11 +15,16 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
-from authz.stack import envoy
-from authz.stack.supervisor import Process, free_port, http_ok
-from tests.helpers.infra import ROOT, DeployEnvoy, KeyPair, deployment_tls, write_key_pair
+from authz.stack.supervisor import Process, http_ok
+from tests.helpers.infra import (
+    ROOT,
+    DeployEnvoy,
+    KeyPair,
+    deployment_tls,
+    render_deploy_envoy,
+    write_key_pair,
+)
 
 
 def _lib_sh(variable: str) -> str:
@@ -75,31 +80,18 @@ def deploy_envoys(
     tls_dir = deployment_tls(base / "tls")
     running: dict[str, DeployEnvoy] = {}
     processes: list[Process] = []
-    for name, listener_name in (("gateway", "gateway"), ("egress", "egress")):
-        listener, admin, internal = free_port(), free_port(), free_port()
-        config = base / f"envoy-{name}.yaml"
-        rendered = yaml.safe_load(
-            envoy.render(
-                ROOT / f"infra/compose/envoy/envoy-{name}.yaml",
-                admin_port=internal,
-                listeners={listener_name: listener, "admin_read_only": admin},
-                clusters={"admin": ("127.0.0.1", internal)},
-                tls_dir=tls_dir,
-            )
-        )
-        for item in rendered["static_resources"]["listeners"]:  # loopback only in tests
-            item["address"]["socket_address"]["address"] = "127.0.0.1"
-        config.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
+    for name in ("gateway", "egress"):
+        config, proxy, _ = render_deploy_envoy(name, base, tls_dir)
         process = Process(
             f"envoy-{name}",
             [envoy_bin, "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1"],
             base / f"envoy-{name}.log",
-            functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
+            functools.partial(http_ok, f"http://127.0.0.1:{proxy.admin}/ready"),
         )
         processes.append(process)
         process.start()
         process.wait_ready(30)
-        running[name] = DeployEnvoy(name, listener, admin, tls_dir / "ca.crt")
+        running[name] = proxy
     try:
         yield running
     finally:
