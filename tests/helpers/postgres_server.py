@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,6 +51,7 @@ class PostgresServer:
         self.url = self.url_for("postgres")
         self._log = self.root / "postgres.log"
         self._running: ExitStack | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._databases = 0
         postgres_init(self.bin_dir, self.datadir, USER, self.password)
         self.launch = postgres_launch(self.bin_dir, self.datadir, self.port, self.url)
@@ -64,14 +67,21 @@ class PostgresServer:
     def start(self) -> None:
         """Start the server; returns once it accepts connections."""
         with ExitStack() as stack:
-            stack.enter_context(started(self.launch, self._log, timeout_s=60))
+            self._proc = stack.enter_context(started(self.launch, self._log, timeout_s=60))
             self._running = stack.pop_all()
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM: PostgreSQL's smart shutdown, then SIGKILL after 10 s)."""
+        """Stop the server: SIGINT, PostgreSQL's fast shutdown (SIGTERM's smart shutdown
+        would wait for the clients, authz's audit writer among them, to disconnect)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass  # the stack's close sends SIGTERM, then SIGKILL
         if self._running is not None:
             self._running.close()
-        self._running = None
+        self._running = self._proc = None
 
     def database(self) -> str:
         """A new empty database; its URL."""
