@@ -8,6 +8,7 @@ and data, for outage tests. As root it runs as ``nobody`` (PostgreSQL refuses ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -75,10 +76,9 @@ class PostgresServer:
         would wait for the clients, authz's audit writer among them, to disconnect)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
-            try:
+            # Past 30 s the stack's close sends SIGTERM, then SIGKILL.
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass  # the stack's close sends SIGTERM, then SIGKILL
         if self._running is not None:
             self._running.close()
         self._running = self._proc = None
