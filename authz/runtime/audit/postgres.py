@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -50,11 +49,11 @@ from authz.core.errors import ConfigError, DataFileError
 from authz.core.secret import MASK, Secret
 from authz.runtime.audit.chain import AuditEntry
 from authz.runtime.audit.storage import AuditTxn, Row, batch_bytes_for, check_max_bytes
+from authz.runtime.config import REPLICA_ID_RE
 
 __all__ = [
     "INDEXED_MAX_CHARS",
     "RECONNECT_S",
-    "REPLICA_ID_RE",
     "ROW_OVERHEAD_BYTES",
     "PostgresChain",
     "PostgresStorage",
@@ -67,8 +66,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# A replica id: what a host name or a Kubernetes pod name is made of.
-REPLICA_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 INDEXED_MAX_CHARS: Final = 256
 RECONNECT_S: Final = 1.0
 # Per row beyond body and decision id: replica, seq, kind, time, two 64-hex hashes, the
