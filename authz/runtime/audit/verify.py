@@ -109,7 +109,10 @@ class ChainSource(Protocol):
     """One chain as :func:`verify` reads it (a SQLite file's, or a replica's in
     PostgreSQL, :class:`authz.runtime.audit.postgres.PostgresChain`)."""
 
-    replica: str | None
+    @property
+    def replica(self) -> str | None:
+        """The replica whose chain this is (None: SQLite's one chain)."""
+        ...
 
     def meta(self, key: str) -> dict[str, Any] | None:
         """The chain's meta value ``key`` (``head``, ``anchor``) or None."""
