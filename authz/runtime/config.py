@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -571,7 +571,9 @@ def _audit_url(key: str, value: Any) -> Secret | None:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         raise ConfigError(f"{key}=<redacted>: not a URL") from None
-    if parts.scheme not in AUDIT_URL_SCHEMES or not parts.hostname:
+    if parts.scheme not in AUDIT_URL_SCHEMES or not (
+        parts.hostname or _query(parts.query).get("host")
+    ):
         raise ConfigError(
             f"{key}=<redacted>: expected postgresql://user:password@host:port/database "
             "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS)"
@@ -970,6 +972,11 @@ def _check_transport(settings: Settings) -> None:
 _TLS_SSLMODES: Final = frozenset({"require", "verify-ca", "verify-full"})
 
 
+def _query(query: str) -> dict[str, str]:
+    """A URL query's ``name=value`` pairs (percent-decoded; the last of a repeated name)."""
+    return dict(parse_qsl(query))
+
+
 def _check_audit_url(settings: Settings) -> None:
     """The audit database is reached over TLS (``sslmode=require`` or stricter in the
     URL's query, https://www.postgresql.org/docs/current/libpq-ssl.html) unless on
@@ -977,8 +984,10 @@ def _check_audit_url(settings: Settings) -> None:
     if settings.audit_url is None or settings.audit_allow_plaintext:
         return
     parts = urlsplit(settings.audit_url.reveal())
-    query = dict(item.partition("=")[::2] for item in parts.query.split("&") if item)
-    if is_loopback_host(parts.hostname or "") or query.get("sslmode") in _TLS_SSLMODES:
+    query = _query(parts.query)
+    host = parts.hostname or query.get("host", "")
+    # A host starting with "/" is a Unix-socket directory (libpq): never a network hop.
+    if host.startswith("/") or is_loopback_host(host) or query.get("sslmode") in _TLS_SSLMODES:
         return
     raise ConfigError(
         "AUTHZ_AUDIT_URL=<redacted>: refusing a non-loopback database without TLS (audit "
