@@ -57,6 +57,17 @@ def rows_by_replica(url: str, kind: str) -> dict[str, int]:
     return {str(replica): int(count) for replica, count in rows}
 
 
+def accounted(url: str) -> dict[str, int]:
+    """Per replica: decisions stored plus decisions counted lost in gap entries."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT replica, sum(CASE WHEN kind = 'decision' THEN 1 "
+            "WHEN kind = 'gap' THEN (body::jsonb ->> 'lost')::int ELSE 0 END) "
+            "FROM audit GROUP BY replica"
+        ).fetchall()
+    return {str(replica): int(count) for replica, count in rows}
+
+
 def audit_degraded(admin_port: int) -> bool:
     text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
     return "authz_audit_degraded 1.0" in text
@@ -111,14 +122,13 @@ def test_two_replicas_chains_verify_and_a_postgres_outage_fails_no_request(
         )
         assert check_all(grpc_ports, key, 10) == [200] * 10
         wait_for(lambda: not audit_degraded(admin_a) and not audit_degraded(admin_b), "recovered")
+        # 35 decisions per replica (10 before, 20 during, 5 after): each one is stored or
+        # counted in the gap entry. Entries still queued when PostgreSQL came back are
+        # written, not lost: the queue bridges a short outage.
         wait_for(
-            lambda: rows_by_replica(url, "decision") == dict.fromkeys(REPLICAS, 15),
-            "the decisions after the outage",
-            state=lambda: (
-                rows_by_replica(url, "decision"),
-                authz_cli(url, "tail", "--limit", "60").stdout,
-                (dirs[0] / "authz-0.log").read_text()[-3000:],
-            ),
+            lambda: accounted(url) == dict.fromkeys(REPLICAS, 35),
+            "every decision stored or counted lost",
+            state=lambda: (rows_by_replica(url, "decision"), accounted(url)),
         )
 
     verified = authz_cli(url, "verify")
@@ -130,5 +140,6 @@ def test_two_replicas_chains_verify_and_a_postgres_outage_fails_no_request(
     assert gaps.returncode == 0, gaps
     entries = [json.loads(line) for line in gaps.stdout.splitlines()]
     assert sorted(e["replica"] for e in entries) == list(REPLICAS)
-    # Every decision made while PostgreSQL was down is accounted for in a gap entry.
-    assert sum(e["lost"] for e in entries) == 40
+    # At least the first decisions made while PostgreSQL was down were lost (a write
+    # failed: that is what degraded each replica), and the gap says when.
+    assert all(e["lost"] >= 1 and e["since"] <= e["until"] for e in entries), entries
