@@ -346,7 +346,8 @@ def _open_audit(args: argparse.Namespace) -> _AuditStore | None:
     where = _audit_db(args)
     if where is None:
         print(
-            "error: no audit database (AUTHZ_AUDIT_URL, AUTHZ_AUDIT_DB, --url or --db)",
+            "error: no audit database (AUTHZ_AUDIT_DB or --db) and no PostgreSQL audit "
+            "store (AUTHZ_AUDIT_URL or --url)",
             file=sys.stderr,
         )
         return None
