@@ -82,11 +82,17 @@ class AuditTxn(Protocol):
 class AuditStorage(Protocol):
     """A place one audit chain is appended to. ``label`` names it in logs (a file path,
     or a URL with its password masked); ``errors`` are the exceptions its operations
-    raise when it cannot be used right now (the writer degrades to log-only on them)."""
+    raise when it cannot be used right now (the writer degrades to log-only on them);
+    ``batch_bytes`` is where the writer cuts a batch (charged bytes)."""
 
     label: str
     errors: tuple[type[Exception], ...]
     batch_bytes: int
+
+    @property
+    def replica(self) -> str | None:
+        """The chain's replica, hashed into every entry (None: SQLite's one chain)."""
+        ...
 
     def read_meta(self, key: str) -> dict[str, Any] | None:
         """The chain's meta value ``key``, read outside a write transaction."""
@@ -153,6 +159,7 @@ class SqliteStorage:
     when it cannot be opened."""
 
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    replica: str | None = None
 
     def __init__(self, path: Path, max_bytes: int | None) -> None:
         check_max_bytes(max_bytes)

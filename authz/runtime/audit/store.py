@@ -351,7 +351,7 @@ class AuditTrail:
         head = txn.meta("head")
         seq = int(head["seq"]) if head else self._seq
         prev = str(head["hash"]) if head else self._hash
-        replica = getattr(self._store, "replica", None)
+        replica = self._store.replica
         rows: list[Row] = []
         for kind, when, entry_id, text in texts:
             seq += 1
