@@ -317,10 +317,12 @@ class PostgresStorage:
         self._monotonic = monotonic
         self._last_attempt = monotonic()
         self._lock = threading.Lock()  # the writer thread, and close() from another
+        self._conn: psycopg.Connection[Any] | None = None
         try:
-            self._conn: psycopg.Connection[Any] | None = _connect(url)
+            self._conn = _connect(url)
             migrate(self._conn)
         except psycopg.Error as exc:
+            self.close()
             raise ConfigError(f"audit database {self.label!r}: {_scrub(str(exc), url)}") from None
 
     def __repr__(self) -> str:
