@@ -108,9 +108,9 @@ _MIGRATIONS: Final = (
     ),
 )
 # Fixed statements only: every value is a bound parameter.
-_INSERT: Final = (
-    "INSERT INTO audit (replica, seq, kind, time, decision_id, body, prev_hash, hash, "
-    "key_id, sandbox_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_COPY: Final = (
+    "COPY audit (replica, seq, kind, time, decision_id, body, prev_hash, hash, key_id, "
+    "sandbox_id) FROM STDIN"
 )
 _CHAIN_ROWS: Final = (
     "SELECT seq, kind, time, decision_id, body, prev_hash, hash, key_id, sandbox_id "
@@ -245,8 +245,10 @@ class _PgTxn:
             )
             self.bytes_delta += len(body.encode()) + len(decision_id.encode())
             self.bytes_delta += ROW_OVERHEAD_BYTES
-        with self._conn.cursor() as cur:
-            cur.executemany(_INSERT, values)
+        # COPY: the batch in one stream (docs/decisions.md: 3.6x executemany's rate).
+        with self._conn.cursor() as cur, cur.copy(_COPY) as copy:
+            for row in values:
+                copy.write_row(row)
 
     def last_seq_before(self, when: float) -> int:
         row = self._conn.execute(
