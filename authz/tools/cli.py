@@ -189,11 +189,31 @@ def _key_hash(_: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_last_seen(url: str) -> dict[str, float]:
+    """:func:`authz.runtime.audit.postgres.read_last_seen` of the store at ``url``
+    (``env``: AUTHZ_AUDIT_URL(_FILE) from the settings)."""
+    from authz.runtime.audit import postgres  # psycopg only for a database
+
+    secret = Secret(url)
+    if url == "env":
+        configured = config.load(os.environ).audit_url
+        if configured is None:
+            raise ConfigError("--audit-url env: AUTHZ_AUDIT_URL(_FILE) is not set")
+        secret = configured
+    conn = postgres.open_reader(secret)
+    try:
+        return postgres.read_last_seen(conn)
+    finally:
+        conn.close()
+
+
 def _keys_health(args: argparse.Namespace) -> int:
     now = args.now if args.now is not None else time.time()
     try:
         api_keys = bundle_data.load_api_keys(args.bundle)
         last_seen = audit.read_last_seen(args.audit) if args.audit is not None else None
+        if args.audit_url:
+            last_seen = _fleet_last_seen(args.audit_url)
         report = key_health.assess(
             api_keys,
             now=now,
@@ -609,8 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="bundle .tar.gz, bundle/data directory, or data.json holding data.gateway.api_keys",
     )
-    health.add_argument(
+    audit_source = health.add_mutually_exclusive_group()
+    audit_source.add_argument(
         "--audit", type=Path, help="audit database: keys without a recent decision are unused"
+    )
+    audit_source.add_argument(
+        "--audit-url",
+        help="as --audit, from a PostgreSQL audit store (every replica's decisions); 'env': "
+        "AUTHZ_AUDIT_URL(_FILE), keeping the password off the command line",
     )
     health.add_argument(
         "--expiring-days",

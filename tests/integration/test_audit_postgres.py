@@ -34,13 +34,16 @@ from authz.runtime.audit.postgres import (
     mask_url,
     open_reader,
     read_entries,
+    read_last_seen,
     replicas,
 )
+from tests.helpers import key_health
 from tests.helpers.fakes import ManualClock
 from tests.helpers.postgres_server import PostgresServer
 from tests.unit.runtime.test_audit import T0, decision, wait_until
 
 TrailFactory = Callable[..., AuditTrail]
+DAY_S = 86400.0
 
 
 @pytest.fixture(autouse=True)
@@ -443,3 +446,37 @@ def test_the_password_never_shows(
     check = cli("config", "check", env={**os.environ, "AUTHZ_AUDIT_URL_FILE": str(url_file)})
     assert check.returncode == 0, check
     assert password not in check.stdout + check.stderr
+
+
+# --- key hygiene over the fleet -----------------------------------------------------------
+
+
+def test_keys_health_reads_every_replicas_last_use_from_postgres(
+    trails: TrailFactory, postgres_url: str, tmp_path: Path
+) -> None:
+    a, b = trails("rep-a"), trails("rep-b")
+    a.record(key_health.decision("key-a", key_health.NOW - 40 * DAY_S))
+    b.record(key_health.decision("key-a", key_health.NOW - 2 * DAY_S))  # the newest wins
+    b.record(key_health.decision("key-b", key_health.NOW - 40 * DAY_S))
+    a.admin("override_added", {"key_id": "key-c"}, "o-1")  # not a decision by key-c
+    wait_until(lambda: a.written + b.written >= 4, "every entry written")
+    with open_reader(Secret(postgres_url)) as conn:
+        assert read_last_seen(conn) == {
+            "key-a": key_health.NOW - 2 * DAY_S,
+            "key-b": key_health.NOW - 40 * DAY_S,
+        }
+    bundle = key_health.write_bundle(
+        tmp_path / "authz.tar.gz",
+        {
+            "/gateway/api_keys/data.json": {
+                key_health.digest(k): key_health.entry(k) for k in ("key-a", "key-b", "key-c")
+            }
+        },
+    )
+    env = {**os.environ, "AUTHZ_AUDIT_URL": postgres_url}
+    args = ("keys", "health", "--bundle", str(bundle), "--now", key_health.iso(key_health.NOW))
+    result = cli(*args, "--audit-url", "env", "--json", env=env)
+    assert result.returncode == 1, result  # two keys unused: action needed
+    statuses = {k["id"]: k["status"] for k in json.loads(result.stdout)["keys"]}
+    assert statuses == {"key-a": "ok", "key-b": "unused", "key-c": "unused"}
+    assert postgres_url not in result.stdout + result.stderr

@@ -61,6 +61,7 @@ __all__ = [
     "mask_url",
     "open_reader",
     "read_entries",
+    "read_last_seen",
     "replicas",
 ]
 
@@ -497,3 +498,14 @@ def read_entries(
             yield AuditEntry(
                 int(seq), entry_kind, when, decision_id, decoded, prev_hash, digest, replica
             )
+
+
+def read_last_seen(conn: psycopg.Connection[Any]) -> dict[str, float]:
+    """Key id -> Unix seconds of the newest ``decision`` entry naming it, over every
+    replica's chain (the indexed ``key_id`` column; what ``authz keys health --audit-url``
+    reports unused keys by, like :func:`authz.runtime.audit.read_last_seen` for SQLite)."""
+    rows = conn.execute(
+        "SELECT key_id, max(time) FROM audit WHERE kind = 'decision' AND key_id IS NOT NULL "
+        "GROUP BY key_id"
+    ).fetchall()
+    return {str(key_id): float(when) for key_id, when in rows}
