@@ -54,7 +54,11 @@ class PostgresServer:
         self._running: ExitStack | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._databases = 0
-        postgres_init(self.bin_dir, self.datadir, USER, self.password)
+        try:
+            postgres_init(self.bin_dir, self.datadir, USER, self.password)
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         self.launch = postgres_launch(self.bin_dir, self.datadir, self.port, self.url)
 
     def url_for(self, database: str) -> str:
