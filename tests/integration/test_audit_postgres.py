@@ -6,6 +6,7 @@ gap entry after it returns; hostile values stay bounded; the password never show
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import orjson
 import psycopg
 import pytest
 
-from authz.core.errors import ConfigError
+from authz.core.errors import ConfigError, StartupError
 from authz.core.secret import MASK, Secret
 from authz.runtime import config
 from authz.runtime.audit import AuditTrail, VerifyReport, entry_hash, verify
@@ -37,6 +38,8 @@ from authz.runtime.audit.postgres import (
     read_last_seen,
     replicas,
 )
+from authz.runtime.server import build_runtime
+from authz.tools.launch import free_port
 from tests.helpers import key_health
 from tests.helpers.fakes import ManualClock
 from tests.helpers.postgres_server import PostgresServer
@@ -480,3 +483,29 @@ def test_keys_health_reads_every_replicas_last_use_from_postgres(
     statuses = {k["id"]: k["status"] for k in json.loads(result.stdout)["keys"]}
     assert statuses == {"key-a": "ok", "key-b": "unused", "key-c": "unused"}
     assert postgres_url not in result.stdout + result.stderr
+
+
+# --- wiring ------------------------------------------------------------------------------
+
+
+async def test_authz_does_not_start_when_its_audit_database_is_unreachable(
+    postgres_cluster: PostgresServer, tmp_path: Path
+) -> None:
+    # Port 1: nothing listens. An authz that cannot audit does not start; the error names
+    # the database with its password masked.
+    url = postgres_cluster.url_for("postgres").replace(f":{postgres_cluster.port}/", ":1/")
+    settings = config.load(
+        {
+            "AUTHZ_AUDIT_URL": url,
+            "AUTHZ_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTHZ_OVERRIDES_FILE": str(tmp_path / "overrides.json"),
+        }
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        with pytest.raises(StartupError) as caught:
+            await build_runtime(settings, stack)
+    assert "audit database 'postgresql://authz:**********@127.0.0.1:1/postgres'" in str(
+        caught.value
+    )
+    assert postgres_cluster.password not in str(caught.value)
