@@ -19,6 +19,7 @@ import pytest
 
 from authz.tools.launch import LaunchError, find_binary, free_port
 from tests.helpers import ROOT
+from tests.helpers.postgres_server import PostgresServer
 from tests.helpers.redis_server import RedisServer
 
 
@@ -65,3 +66,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     no-secrets scan) must not depend on its file's name. ``trylast`` so that no other
     plugin reorders after this."""
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
+# -- PostgreSQL (issue #16: the fleet audit store) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session (initdb is slow), running; a test
+    that stops it must start it again. Use :func:`postgres_url` for a database of one's own."""
+    try:
+        server = PostgresServer()
+    except LaunchError as exc:
+        pytest.fail(f"{exc}: run ./scripts/install-deps, which installs PostgreSQL")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresServer) -> str:
+    """A new empty database on the session's cluster (started again if a test stopped it)."""
+    if not postgres_cluster.running:
+        postgres_cluster.start()
+    return postgres_cluster.database()

@@ -12,11 +12,12 @@ import difflib
 import ipaddress
 import math
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -139,7 +140,7 @@ _NEVER_IGNORED: Final = (
 _BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _LOG_LEVELS: Final = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 _SECRET_KEYS: Final = frozenset(
-    {"opa_token", "redis_url", "admin_token", "decision_log_service_token"}
+    {"opa_token", "redis_url", "admin_token", "decision_log_service_token", "audit_url"}
 )
 # Operators' secrets as files (Docker and Kubernetes secrets): AUTHZ_<KEY>_FILE names a
 # file holding the value (surrounding whitespace, the trailing newline, stripped).
@@ -149,6 +150,8 @@ SECRET_FILE_KEYS: Final = (
     "opa_token",
     "redis_url",
     "decision_log_service_token",
+    # Fleet audit store (issue #16): the URL holds the database password.
+    "audit_url",
 )
 SECRET_FILE_MAX_BYTES: Final = 64 * 1024
 # The settings file (read at startup and on every reload): a few dozen keys; anything
@@ -237,6 +240,10 @@ class Settings:
     decision_log_buffer_size_limit_bytes: int = DEFAULT_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES
     decision_log_drop_allowed: bool = False
     decision_log_drop_paths: tuple[str, ...] = ()
+    # Fleet audit store (issue #16): every replica's chain in one PostgreSQL schema.
+    audit_url: Secret | None = None
+    replica_id: str = field(default_factory=socket.gethostname)
+    audit_allow_plaintext: bool = False
 
     @property
     def grpc_tls(self) -> bool:
@@ -319,6 +326,10 @@ RESTART_ONLY: Final[Mapping[str, str]] = {
     "decision_log_buffer_size_limit_bytes": "the uploader's buffer is sized at startup",
     "decision_log_drop_allowed": "the decision-log sink is built with its drop rules",
     "decision_log_drop_paths": "the decision-log sink is built with its drop rules",
+    # Fleet audit store (issue #16).
+    "audit_url": "the audit database is connected (and its schema migrated) at startup",
+    "replica_id": "names the audit chain the writer built at startup appends to",
+    "audit_allow_plaintext": "checked against the audit URL at startup",
 }
 
 
@@ -545,6 +556,41 @@ def _redis_url(key: str, value: Any) -> Secret | None:
     return Secret(text)
 
 
+# A replica id (AUTHZ_REPLICA_ID): what host names and Kubernetes pod names are made of.
+REPLICA_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+AUDIT_URL_SCHEMES: Final = ("postgresql", "postgres")
+
+
+def _audit_url(key: str, value: Any) -> Secret | None:
+    # Holds the database password: kept as a Secret, and errors never quote it.
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key}=<redacted>: not a URL") from None
+    if parts.scheme not in AUDIT_URL_SCHEMES or not (
+        parts.hostname or _query(parts.query).get("host")
+    ):
+        raise ConfigError(
+            f"{key}=<redacted>: expected postgresql://user:password@host:port/database "
+            "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS)"
+        )
+    return Secret(text)
+
+
+def _replica_id(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not REPLICA_ID_RE.fullmatch(text):
+        raise ConfigError(
+            f"{key}={text!r}: expected 1-128 letters, digits, '_', '.' or '-', starting "
+            "with a letter or digit (it names this replica's audit chain)"
+        )
+    return text
+
+
 def _secret(key: str, value: Any) -> Secret | None:
     text = str(value)
     return Secret(text) if text else None
@@ -639,6 +685,10 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_log_buffer_size_limit_bytes": _int_in(1024, 1024**3),
     "decision_log_drop_allowed": _bool,
     "decision_log_drop_paths": _decision_paths,
+    # Fleet audit store (issue #16).
+    "audit_url": _audit_url,
+    "replica_id": _replica_id,
+    "audit_allow_plaintext": _bool,
 }
 
 
@@ -662,6 +712,10 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
         if env_key in environ:
             raw[name] = (env_key, environ[env_key])
     raw.update(_secret_files(environ))
+    # The default replica id is the host name (a Kubernetes pod's name), checked the same.
+    raw.setdefault(
+        "replica_id", ("AUTHZ_REPLICA_ID (default: the host name)", socket.gethostname())
+    )
     values: dict[str, Any] = {}
     for name, (where, value) in raw.items():
         shown = "<redacted>" if name in _SECRET_KEYS else value
@@ -673,6 +727,7 @@ def load(environ: Mapping[str, str], path: Path | None = None) -> Settings:
     _check_consistency(settings)
     _check_transport(settings)
     _check_decision_upload(settings)
+    _check_audit_url(settings)
     return settings
 
 
@@ -909,3 +964,33 @@ def _check_transport(settings: Settings) -> None:
             "the network in clear); use https://, a loopback address (an OPA sidecar) or "
             "unix:///path, or set AUTHZ_OPA_ALLOW_PLAINTEXT=true to accept the risk"
         )
+
+
+# -- Fleet audit store (issue #16) -------------------------------------------------------
+
+# libpq's sslmode values that never fall back to plaintext (``prefer``, the default, does).
+_TLS_SSLMODES: Final = frozenset({"require", "verify-ca", "verify-full"})
+
+
+def _query(query: str) -> dict[str, str]:
+    """A URL query's ``name=value`` pairs (percent-decoded; the last of a repeated name)."""
+    return dict(parse_qsl(query))
+
+
+def _check_audit_url(settings: Settings) -> None:
+    """The audit database is reached over TLS (``sslmode=require`` or stricter in the
+    URL's query, https://www.postgresql.org/docs/current/libpq-ssl.html) unless on
+    loopback or ``AUTHZ_AUDIT_ALLOW_PLAINTEXT``: audit rows hold decision inputs."""
+    if settings.audit_url is None or settings.audit_allow_plaintext:
+        return
+    parts = urlsplit(settings.audit_url.reveal())
+    query = _query(parts.query)
+    host = parts.hostname or query.get("host", "")
+    # A host starting with "/" is a Unix-socket directory (libpq): never a network hop.
+    if host.startswith("/") or is_loopback_host(host) or query.get("sslmode") in _TLS_SSLMODES:
+        return
+    raise ConfigError(
+        "AUTHZ_AUDIT_URL=<redacted>: refusing a non-loopback database without TLS (audit "
+        "rows hold decision inputs); add ?sslmode=verify-full (or require), or set "
+        "AUTHZ_AUDIT_ALLOW_PLAINTEXT=true to accept the risk"
+    )

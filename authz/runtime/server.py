@@ -45,6 +45,7 @@ from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.core.record import DecisionSink
 from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.audit import AuditTrail, Projection
+from authz.runtime.audit.storage import AuditStorage
 from authz.runtime.bundle_watch import BundleWatcher
 from authz.runtime.circuit import CLOSED, CircuitBreaker
 from authz.runtime.config import RELOADABLE, Settings, is_loopback_host
@@ -342,7 +343,7 @@ class Runtime:
                 "mode": self.control.mode.value,
                 "fail_open_paths": list(settings.fail_open_paths),
                 "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
-                "audit_db": str(settings.audit_db) if settings.audit_db else None,
+                "audit_db": self.audit.label if self.audit is not None else None,
                 "rate_limit_backend": settings.rate_limit_backend,
                 "admin_api": settings.admin_token is not None,
                 "decision_cache_ttl_s": settings.decision_cache_ttl_s,
@@ -852,7 +853,9 @@ def _secrets_reloaded(metrics: Metrics, ok: bool) -> None:
 
 
 def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
-    if settings.audit_db is None:
+    """The audit writer: to this replica's chain in PostgreSQL when ``AUTHZ_AUDIT_URL`` is
+    set, else to the SQLite file ``AUTHZ_AUDIT_DB`` (None: no audit trail)."""
+    if settings.audit_db is None and settings.audit_url is None:
         return None
     counts = {"written": 0, "failed": 0}
 
@@ -862,8 +865,16 @@ def _audit_trail(settings: Settings, metrics: Metrics) -> AuditTrail | None:
         metrics.audit_write_failures.inc(max(0, failed - counts["failed"]))
         counts.update(written=written, failed=failed)
 
+    target: Path | AuditStorage | None = settings.audit_db
+    if settings.audit_url is not None:
+        from authz.runtime.audit.postgres import PostgresStorage  # only with a database
+
+        target = PostgresStorage(
+            settings.audit_url, settings.replica_id, max_bytes=settings.audit_max_bytes
+        )
+    assert target is not None  # one of the two is set (checked above)
     return AuditTrail(
-        settings.audit_db,
+        target,
         retention_days=settings.audit_retention_days or None,
         max_records=settings.audit_max_records,
         on_state=on_state,

@@ -39,6 +39,12 @@ def _banner(stack: Stack) -> str:
                 lines.append(f"  {command}\n      # -> {outcome}")
         return "\n".join(lines)
 
+    audit = (
+        f"PostgreSQL 127.0.0.1:{p.postgres} (authz audit verify --url, URL in "
+        f"{stack.run_dir / 'audit-url'})"
+        if stack.postgres
+        else f"SQLite {stack.run_dir / 'audit.db'}"
+    )
     return f"""
 authz local stack is up (logs: {stack.run_dir / "logs"})
 
@@ -51,6 +57,7 @@ authz local stack is up (logs: {stack.run_dir / "logs"})
   egress stand-in     https://127.0.0.1:{p.standin} (plays every service's host; CA {stack.tls.ca})
   bundle server       http://127.0.0.1:{p.bundles}/bundles/authz.tar.gz
   rate limiting       {f"redis://127.0.0.1:{p.redis} (shared)" if stack.redis else "in process"}
+  audit trail         {audit}
 
 Gateway (API key -> role/path rules; the upstream never sees the key):
 {examples("gateway")}
@@ -109,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start redis-server and use it as authz's shared rate-limit backend",
     )
     parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start PostgreSQL and keep authz's audit trail there (AUTHZ_AUDIT_URL) "
+        "instead of SQLite",
+    )
+    parser.add_argument(
         "--tls",
         action="store_true",
         help="TLS on the gateway and egress listeners too (https://127.0.0.1, certificates "
@@ -138,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets_file=secrets_file,
         redis=args.redis,
         tls_listeners=args.tls,
+        postgres=args.postgres,
     )
     try:
         stack.start()

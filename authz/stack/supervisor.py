@@ -29,10 +29,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -48,9 +50,12 @@ from authz.tools import egress_envoy
 from authz.tools.launch import (
     LaunchError,
     find_binary,
+    find_postgres_bin,
     free_port,
     http_ok,
     opa_launch,
+    postgres_init,
+    postgres_launch,
     redis_launch,
 )
 from authz.tools.services import ServicesError, read_services, specs
@@ -116,6 +121,7 @@ class Ports:
     egress_admin: int = 9902
     standin: int = 9443
     redis: int = 6379
+    postgres: int = 5432
 
     @classmethod
     def free(cls) -> Self:
@@ -448,6 +454,7 @@ class Stack:
         tls_listeners: bool = False,
         restart: Backoff | None = DEFAULT_BACKOFF,
         gateway_body_routes: Sequence[envoy.BodyRoute] = (),
+        postgres: bool = False,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -466,6 +473,7 @@ class Stack:
         self._wrap = wrap
         self._supervisor = Supervisor(backoff=restart)
         self._gateway_body_routes = tuple(gateway_body_routes)
+        self.postgres = postgres
 
     @property
     def processes(self) -> dict[str, Process]:
@@ -515,6 +523,35 @@ class Stack:
             raise StackError("redis-server not found (scripts/install-deps installs it)")
         launch = redis_launch(binary, self.ports.redis, workdir)
         return Process("redis", launch.argv, self._log("redis"), launch.ready)
+
+    def _postgres(self) -> Process:
+        """PostgreSQL for the audit trail (``postgres``): a cluster made once with a
+        generated password (``<run-dir>/postgres.password``, mode 0600), authz's URL in
+        ``<run-dir>/audit-url`` (0600, AUTHZ_AUDIT_URL_FILE). As root the cluster lives in
+        the temporary directory, where the unprivileged account it runs as can reach it."""
+        try:
+            bin_dir = find_postgres_bin()
+        except LaunchError as exc:
+            raise StackError(str(exc)) from None
+        if os.geteuid() == 0:
+            datadir = Path(tempfile.gettempdir()) / f"authz-stack-postgres-{self.ports.postgres}"
+        else:
+            datadir = self.run_dir / "postgres"
+        password_file = self.run_dir / "postgres.password"
+        if not (datadir / "PG_VERSION").is_file():
+            shutil.rmtree(datadir, ignore_errors=True)  # a half-made cluster from a failed start
+            _write_private(password_file, secrets.token_urlsafe(24))
+            try:
+                postgres_init(bin_dir, datadir, "authz", password_file.read_text().strip())
+            except LaunchError as exc:
+                raise StackError(str(exc)) from None
+        elif not password_file.is_file():
+            raise StackError(f"{password_file} is missing: remove {datadir} to start anew")
+        password = password_file.read_text(encoding="utf-8").strip()
+        url = f"postgresql://authz:{password}@{HOST}:{self.ports.postgres}/postgres"
+        _write_private(self.run_dir / "audit-url", url)
+        launch = postgres_launch(bin_dir, datadir, self.ports.postgres, url)
+        return Process("postgres", launch.argv, self._log("postgres"), launch.ready)
 
     def _egress_services(self) -> dict[str, Any]:
         try:
@@ -593,6 +630,10 @@ class Stack:
             redis = [self._redis()]
             secrets_env["AUTHZ_RATE_LIMIT_BACKEND"] = "redis"
             secrets_env["AUTHZ_REDIS_URL"] = f"redis://{HOST}:{p.redis}/0"
+        postgres: list[Process] = []
+        if self.postgres:
+            postgres = [self._postgres()]
+            secrets_env["AUTHZ_AUDIT_URL_FILE"] = str(self.run_dir / "audit-url")
         authz = Process(
             "authz",
             [sys.executable, "-m", "authz", "serve"],
@@ -638,6 +679,7 @@ class Stack:
             ),
             self._standin(hosts),
             *redis,
+            *postgres,
             authz,
             self._envoy("envoy-gateway", envoy_bin, gateway_yaml, p.gateway_admin),
             self._envoy("envoy-egress", envoy_bin, egress_yaml, p.egress_admin),
@@ -671,3 +713,12 @@ class Stack:
         then start it again and wait until it is ready (for outage tests)."""
         with self._supervisor.paused(name, timeout_s) as process:
             yield process
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, mode 0600 (a password, a URL holding one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text + "\n")

@@ -11,7 +11,8 @@
     authz secrets generate               build the egress secrets file from env / .env
     authz lint-data FILE...              refuse bundle data holding plaintext credentials
     authz audit tail [--limit N] [--kind K]  print the last audit entries (JSON lines)
-    authz audit verify [--head SEQ:HASH] check the hash chain; exit 1 naming the first bad entry
+    authz audit verify [--head SEQ:HASH] check the hash chain(s); exit 1 naming the first bad entry
+                                         (and its replica, in a PostgreSQL store: --url)
     authz audit replay --bundle FILE     re-evaluate recorded inputs against another bundle;
                                          exit 1 when a decision changes (a CI gate)
     authz generate deploy                the Compose/Kubernetes configs (authz.tools.deploy)
@@ -41,9 +42,9 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from dotenv import dotenv_values
 
@@ -188,11 +189,31 @@ def _key_hash(_: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_last_seen(url: str) -> dict[str, float]:
+    """:func:`authz.runtime.audit.postgres.read_last_seen` of the store at ``url``
+    (``env``: AUTHZ_AUDIT_URL(_FILE) from the settings)."""
+    from authz.runtime.audit import postgres  # psycopg only for a database
+
+    secret = Secret(url)
+    if url == "env":
+        configured = config.load(os.environ).audit_url
+        if configured is None:
+            raise ConfigError("--audit-url env: AUTHZ_AUDIT_URL(_FILE) is not set")
+        secret = configured
+    conn = postgres.open_reader(secret)
+    try:
+        return postgres.read_last_seen(conn)
+    finally:
+        conn.close()
+
+
 def _keys_health(args: argparse.Namespace) -> int:
     now = args.now if args.now is not None else time.time()
     try:
         api_keys = bundle_data.load_api_keys(args.bundle)
         last_seen = audit.read_last_seen(args.audit) if args.audit is not None else None
+        if args.audit_url:
+            last_seen = _fleet_last_seen(args.audit_url)
         report = key_health.assess(
             api_keys,
             now=now,
@@ -294,21 +315,71 @@ def _secrets_generate(args: argparse.Namespace) -> int:
     return 1 if missing and args.require_all else 0
 
 
-def _audit_db(args: argparse.Namespace) -> Path | None:
+class _AuditStore:
+    """The audit store a command reads: a SQLite file (one chain) or a PostgreSQL
+    database (one chain per replica), opened read-only."""
+
+    def __init__(self, sqlite: sqlite3.Connection | None = None, postgres: Any = None) -> None:
+        self.sqlite, self.postgres = sqlite, postgres
+
+    def close(self) -> None:
+        (self.sqlite or self.postgres).close()
+
+    def entries(
+        self, *, last: int | None = None, kind: str | None = None
+    ) -> Iterator[audit.AuditEntry]:
+        """Entries oldest first (every chain's, by time, in PostgreSQL)."""
+        if self.sqlite is not None:
+            return audit.read_entries(self.sqlite, last=last, kind=kind)
+        from authz.runtime.audit import postgres
+
+        return postgres.read_entries(self.postgres, last=last, kind=kind)
+
+    def verify(self, head: tuple[int, str] | None, replica: str | None) -> list[audit.VerifyReport]:
+        """One report per chain (only ``replica``'s when given)."""
+        if self.sqlite is not None:
+            return [audit.verify(self.sqlite, head=head)]
+        from authz.runtime.audit import postgres
+
+        names = [replica] if replica is not None else postgres.replicas(self.postgres)
+        return [
+            audit.verify(postgres.PostgresChain(self.postgres, name), head=head) for name in names
+        ]
+
+
+def _audit_db(args: argparse.Namespace) -> Path | Secret | None:
+    """Where the audit trail is: ``--url``, ``--db``, else the settings' AUTHZ_AUDIT_URL
+    (a Secret) or AUTHZ_AUDIT_DB."""
+    if getattr(args, "url", None) is not None:
+        return Secret(args.url)
     if args.db is not None:
         return Path(args.db)
     try:
-        return config.load(os.environ, args.config).audit_db
+        settings = config.load(os.environ, args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    return settings.audit_url or settings.audit_db
 
 
-def _open_audit(args: argparse.Namespace) -> sqlite3.Connection | None:
-    path = _audit_db(args)
-    if path is None:
-        print("error: no audit database (AUTHZ_AUDIT_DB or --db)", file=sys.stderr)
+def _open_audit(args: argparse.Namespace) -> _AuditStore | None:
+    where = _audit_db(args)
+    if where is None:
+        print(
+            "error: no audit database (AUTHZ_AUDIT_DB or --db) and no PostgreSQL audit "
+            "store (AUTHZ_AUDIT_URL or --url)",
+            file=sys.stderr,
+        )
         return None
+    if isinstance(where, Secret):
+        from authz.runtime.audit import postgres  # psycopg only for a database
+
+        try:
+            return _AuditStore(postgres=postgres.open_reader(where))
+        except DataFileError as exc:  # names the URL, password masked
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+    path = where
     if not path.is_file():
         print(f"error: no audit database at {path}", file=sys.stderr)
         return None
@@ -323,7 +394,7 @@ def _open_audit(args: argparse.Namespace) -> sqlite3.Connection | None:
         conn.close()
         print(f"error: {path}: cannot read the audit trail: {exc}", file=sys.stderr)
         return None
-    return conn
+    return _AuditStore(sqlite=conn)
 
 
 def _audit_tail(args: argparse.Namespace) -> int:
@@ -332,11 +403,13 @@ def _audit_tail(args: argparse.Namespace) -> int:
         return 2
     with contextlib.closing(conn):
         try:
-            for entry in audit.read_entries(conn, last=args.limit, kind=args.kind):
+            for entry in conn.entries(last=args.limit, kind=args.kind):
                 body = dict(entry.body)
                 if not args.input:
                     body.pop("input", None)
-                print(json.dumps({"seq": entry.seq, "kind": entry.kind, **body}, sort_keys=True))
+                where = {"replica": entry.replica} if entry.replica is not None else {}
+                line = {"seq": entry.seq, "kind": entry.kind, **where, **body}
+                print(json.dumps(line, sort_keys=True))
         except DataFileError as exc:  # an edited row: audit verify names the break
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -355,16 +428,37 @@ def _audit_verify(args: argparse.Namespace) -> int:
             return 2
         head = (int(seq), digest)
     with contextlib.closing(conn):
-        report = audit.verify(conn, head=head)
+        if conn.postgres is not None and head is not None and args.replica is None:
+            print("error: --head needs --replica (each replica has its own chain)", file=sys.stderr)
+            return 2
+        if conn.sqlite is not None and args.replica is not None:
+            print("error: --replica is for a PostgreSQL audit store", file=sys.stderr)
+            return 2
+        reports = conn.verify(head, args.replica)
+    ok = all(report.ok for report in reports)
     if args.json:
-        print(json.dumps(dataclasses.asdict(report), indent=2))
-    elif report.ok:
-        span = f"entries {report.first_seq}..{report.last_seq}" if report.entries else "no entries"
-        print(f"ok: {report.entries} entries, chain intact ({span})")
-    else:
+        if conn.sqlite is not None:
+            print(json.dumps(dataclasses.asdict(reports[0]), indent=2))
+        else:
+            chains = [dataclasses.asdict(report) for report in reports]
+            print(json.dumps({"ok": ok, "chains": chains}, indent=2))
+        return 0 if ok else 1
+    if not reports:
+        print("ok: no chains")
+    for report in reports:
+        chain = f"replica {report.replica}: " if report.replica is not None else ""
+        if report.ok:
+            n = report.entries
+            span = f"entries {report.first_seq}..{report.last_seq}" if n else "no entries"
+            print(f"ok: {chain}{n} entries, chain intact ({span})")
+            continue
         who = f" (decision {report.broken_decision_id})" if report.broken_decision_id else ""
-        print(f"BROKEN at entry {report.broken_seq}{who}: {report.problem}", file=sys.stderr)
-    return 0 if report.ok else 1
+        where = f" in replica {report.replica}" if report.replica is not None else ""
+        print(
+            f"BROKEN{where} at entry {report.broken_seq}{who}: {report.problem}",
+            file=sys.stderr,
+        )
+    return 0 if ok else 1
 
 
 def _audit_replay(args: argparse.Namespace) -> int:
@@ -389,7 +483,7 @@ def _audit_replay(args: argparse.Namespace) -> int:
             dataclasses.replace(entry, body={**entry.body, "input": audit.replay_input(doc)})
             if isinstance(doc := entry.body.get("input"), dict)
             else entry
-            for entry in audit.read_entries(conn, last=args.limit, kind="decision")
+            for entry in conn.entries(last=args.limit, kind="decision")
         ]
 
     async def run(url: str) -> ReplayReport:
@@ -535,8 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="bundle .tar.gz, bundle/data directory, or data.json holding data.gateway.api_keys",
     )
-    health.add_argument(
+    audit_source = health.add_mutually_exclusive_group()
+    audit_source.add_argument(
         "--audit", type=Path, help="audit database: keys without a recent decision are unused"
+    )
+    audit_source.add_argument(
+        "--audit-url",
+        help="as --audit, from a PostgreSQL audit store (every replica's decisions); 'env': "
+        "AUTHZ_AUDIT_URL(_FILE), keeping the password off the command line",
     )
     health.add_argument(
         "--expiring-days",
@@ -602,11 +702,20 @@ def build_parser() -> argparse.ArgumentParser:
     # Given after the subcommand, they must not reset a value given before it: SUPPRESS.
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--db", default=argparse.SUPPRESS, help="audit database")
+    where.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help="PostgreSQL audit store, postgresql://... (prefer AUTHZ_AUDIT_URL(_FILE): a "
+        "password on the command line is visible to other users)",
+    )
     where.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
     audit_, audit_commands = _group(
         commands, "audit", "the tamper-evident audit trail: tail, verify, replay"
     )
     audit_.add_argument("--db", help="audit database (default: AUTHZ_AUDIT_DB / settings)")
+    audit_.add_argument(
+        "--url", help="PostgreSQL audit store (default: AUTHZ_AUDIT_URL(_FILE) / settings)"
+    )
     audit_.add_argument("--config", type=Path, help="YAML settings file")
     no_db = (2, "could not run: no audit database")
     tail = _verb(
@@ -632,13 +741,17 @@ def build_parser() -> argparse.ArgumentParser:
         "check the hash chain from the anchor to the head",
         codes=(
             (0, "the chain is intact"),
-            (1, "the chain is broken; the first bad entry is named"),
+            (1, "a chain is broken; its first bad entry (and replica) is named"),
             (2, "could not run: no audit database, bad --head"),
         ),
         parents=[where],
     )
     verify.add_argument(
         "--head", help="SEQ:HASH from an 'audit head' log line: the chain must still hold it"
+    )
+    verify.add_argument(
+        "--replica",
+        help="PostgreSQL store: verify only this replica's chain (needed with --head)",
     )
     _json_flag(verify)
     verify.set_defaults(func=_audit_verify)

@@ -28,12 +28,16 @@ from typing import Final
 
 __all__ = [
     "HOST",
+    "POSTGRES_RUN_AS",
     "Launch",
     "LaunchError",
     "find_binary",
+    "find_postgres_bin",
     "free_port",
     "http_ok",
     "opa_launch",
+    "postgres_init",
+    "postgres_launch",
     "redis_launch",
     "redis_ping",
     "started",
@@ -197,3 +201,122 @@ def _tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+# -- PostgreSQL (issue #16: the fleet audit store) ---------------------------------------
+
+# Debian's postgresql packages put the server binaries here, one directory per major version.
+_POSTGRES_LIB: Final = Path("/usr/lib/postgresql")
+# PostgreSQL refuses to run as root ("root" execution of the PostgreSQL server is not
+# permitted); a root caller runs it as this unprivileged account.
+POSTGRES_RUN_AS: Final = "nobody"
+
+
+def find_postgres_bin() -> Path:
+    """The directory holding ``initdb``, ``postgres`` and ``pg_isready``:
+    ``$AUTHZ_POSTGRES_BIN_DIR`` if set, else the newest ``/usr/lib/postgresql/<major>/bin``
+    (Debian's ``postgresql`` package), else the directory of ``postgres`` on PATH. Raises
+    LaunchError when there is none."""
+    candidates = (
+        [Path(os.environ["AUTHZ_POSTGRES_BIN_DIR"])]
+        if "AUTHZ_POSTGRES_BIN_DIR" in os.environ
+        else []
+    )
+    if _POSTGRES_LIB.is_dir():
+        versions = [p for p in _POSTGRES_LIB.iterdir() if p.name.isdigit()]
+        candidates += [p / "bin" for p in sorted(versions, key=lambda p: int(p.name), reverse=True)]
+    found = shutil.which("postgres")
+    if found is not None:
+        candidates.append(Path(found).parent)
+    for candidate in candidates:
+        if os.access(candidate / "initdb", os.X_OK) and os.access(candidate / "postgres", os.X_OK):
+            return candidate
+    raise LaunchError(
+        "PostgreSQL not found (set AUTHZ_POSTGRES_BIN_DIR, or run ./scripts/install-deps)"
+    )
+
+
+def _unprivileged(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """``argv`` as :data:`POSTGRES_RUN_AS` when this process is root (``setpriv`` from
+    util-linux), else unchanged."""
+    if os.geteuid() != 0:
+        return argv
+    import pwd  # POSIX only, like PostgreSQL's own tools here
+
+    who = pwd.getpwnam(POSTGRES_RUN_AS)
+    return (
+        "setpriv",
+        f"--reuid={who.pw_uid}",
+        f"--regid={who.pw_gid}",
+        "--clear-groups",
+        "--",
+        *argv,
+    )
+
+
+def postgres_init(bin_dir: Path, datadir: Path, user: str, password: str) -> None:
+    """``initdb`` a new cluster in the empty (or missing) ``datadir``: superuser ``user``
+    with ``password``, SCRAM authentication for every TCP connection, UTF-8. As root,
+    ``datadir`` is given to :data:`POSTGRES_RUN_AS` (its parent must let that account
+    through). Raises LaunchError with initdb's output when it fails."""
+    datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pwfile = datadir.parent / f".{datadir.name}.pw"
+    pwfile.write_text(password + "\n", encoding="utf-8")
+    try:
+        if os.geteuid() == 0:
+            import pwd
+
+            who = pwd.getpwnam(POSTGRES_RUN_AS)
+            for path in (datadir, pwfile):
+                os.chown(path, who.pw_uid, who.pw_gid)
+        argv = (
+            str(bin_dir / "initdb"),
+            f"--pgdata={datadir}",
+            f"--username={user}",
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-sync",
+        )
+        done = subprocess.run(
+            list(_unprivileged(argv)), capture_output=True, check=False, timeout=120
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+        raise LaunchError(f"initdb failed ({done.returncode})\n{output}")
+
+
+def postgres_launch(bin_dir: Path, datadir: Path, port: int, url: str) -> Launch:
+    """``postgres`` serving the cluster in ``datadir`` (:func:`postgres_init`) on
+    127.0.0.1:``port`` only (no Unix socket), fsync off (a throwaway cluster), as
+    :data:`POSTGRES_RUN_AS` when this process is root. ``url`` is how clients reach it
+    (it holds the password: never logged here). Ready once ``pg_isready`` says it accepts
+    connections (https://www.postgresql.org/docs/current/app-pg-isready.html)."""
+    argv = _unprivileged(
+        (
+            str(bin_dir / "postgres"),
+            "-D",
+            str(datadir),
+            "-h",
+            HOST,
+            "-p",
+            str(port),
+            "-k",
+            "",
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=50",
+        )
+    )
+    isready = (str(bin_dir / "pg_isready"), "-q", "-h", HOST, "-p", str(port), "-t", "1")
+
+    def ready() -> bool:
+        return subprocess.run(list(isready), check=False, timeout=5).returncode == 0
+
+    return Launch("postgres", argv, url, ready)

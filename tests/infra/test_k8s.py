@@ -992,12 +992,6 @@ def test_tracing_check_can_fail(rendered: dict[str, list[dict[str, Any]]], chang
     assert _tracing_problems(resources)
 
 
-# Settings the production overlay sets that other issue-16 work adds to authz (the
-# PostgreSQL audit store: AUTHZ_AUDIT_URL(_FILE), AUTHZ_REPLICA_ID). Until authz knows
-# them they are left out of the load below; once it does, they are loaded like the rest.
-PENDING_SETTINGS = frozenset({"AUTHZ_AUDIT_URL_FILE", "AUTHZ_REPLICA_ID"})
-
-
 def _pod_environment(resources: Resources, tmp_path: Path) -> dict[str, str]:
     """authz's environment in the production pod: literal values, the pod name for a
     fieldRef, a token for Secret references, and each file under a mounted Secret written
@@ -1025,13 +1019,15 @@ def _pod_environment(resources: Resources, tmp_path: Path) -> dict[str, str]:
 def test_production_authz_settings_load(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """authz accepts the production pod's settings: Redis for rate limits from the
-    Secret authz-stores' URL file, TLS as in the base; only the settings pending in
-    other work are set aside, and nothing else is unknown."""
+    """authz accepts the production pod's settings: Redis for rate limits and
+    PostgreSQL for the audit trail from the Secret authz-stores' URL files, the pod name as
+    replica id, TLS as in the base; no variable is unknown."""
     environ = _pod_environment(_overlay(rendered, "overlays/production"), tmp_path)
-    unknown = set(unknown_variables(environ))
-    assert unknown <= PENDING_SETTINGS, unknown
-    settings = load({k: v for k, v in environ.items() if k not in unknown})
+    assert not unknown_variables(environ)
+    settings = load(environ)
+    assert settings.audit_url is not None
+    assert settings.audit_url.reveal().startswith("postgresql://authz:")
+    assert settings.replica_id == "authz-5d8f7c9b6-x2k4q"
     assert settings.rate_limit_backend == "redis"
     assert settings.redis_url is not None
     assert settings.redis_url.reveal() == "redis://redis:6379/0"

@@ -88,7 +88,7 @@ def test_up_documents_every_option_and_each_reaches_the_stack(
 ) -> None:
     result, _ = _up(fake_checkout, "--help")
     options = _documented_options(result.stdout)
-    assert {"--redis", "--tls", "--help", "-h"} <= set(options)
+    assert {"--redis", "--tls", "--postgres", "--help", "-h"} <= set(options)
     assert all(options.values()), f"options without help text: {options}"
     stack_options = {o for a in stack_parser()._actions for o in a.option_strings}
     assert set(options) - {"-h", "--help"} <= stack_options
@@ -101,8 +101,15 @@ def test_up_documents_every_option_and_each_reaches_the_stack(
         (["--redis", "--tls"], 0, " --redis --tls"),
         (["--bogus"], 2, None),
         (["--redis", "--run-dir", "x"], 2, None),
+        (["--postgres"], 0, " --postgres"),
     ],
-    ids=["no-options", "redis-and-tls", "unknown-option", "unknown-option-after-a-good-one"],
+    ids=[
+        "no-options",
+        "redis-and-tls",
+        "unknown-option",
+        "unknown-option-after-a-good-one",
+        "postgres",
+    ],
 )
 def test_up_runs_the_steps_then_the_stack_with_its_options(
     fake_checkout: tuple[Path, Path, dict[str, str]],

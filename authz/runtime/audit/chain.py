@@ -50,18 +50,30 @@ CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 
 
 def entry_hash(
-    seq: int, prev_hash: str, kind: str, when: float, decision_id: str, body: str
+    seq: int,
+    prev_hash: str,
+    kind: str,
+    when: float,
+    decision_id: str,
+    body: str,
+    *,
+    replica: str | None = None,
 ) -> str:
     """The chain hash of one entry: hex SHA-256 over every column of the row (``seq``,
     ``prev_hash``, ``kind``, ``time`` as ``repr``, ``decision_id``, ``body``), so no
-    column can be edited without breaking the chain."""
+    column can be edited without breaking the chain. A row of a replica's chain in
+    PostgreSQL also has a ``replica`` column: it comes first, ``"<replica>\\n"``, so a
+    chain cannot be relabelled as another replica's."""
     text = f"{seq}\n{prev_hash}\n{kind}\n{when!r}\n{decision_id}\n{body}"
+    if replica is not None:
+        text = f"{replica}\n{text}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One stored entry; ``body`` is the decoded JSON."""
+    """One stored entry; ``body`` is the decoded JSON; ``replica`` names the chain of a
+    PostgreSQL store (None in SQLite: one chain)."""
 
     seq: int
     kind: str
@@ -70,6 +82,7 @@ class AuditEntry:
     body: Mapping[str, Any]
     prev_hash: str
     hash: str
+    replica: str | None = None
 
 
 def _owner_only(path: Path) -> None:

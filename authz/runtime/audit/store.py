@@ -5,10 +5,8 @@ bound, degradation to log-only and gap entries.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -20,15 +18,9 @@ import orjson
 
 from authz.core.errors import ConfigError
 from authz.core.record import DecisionRecord
-from authz.runtime.audit.chain import (
-    _MIB,
-    GENESIS,
-    _meta,
-    _set_meta,
-    connect,
-    entry_hash,
-)
+from authz.runtime.audit.chain import GENESIS, entry_hash
 from authz.runtime.audit.projection import Projection, _Projector, _safe_body
+from authz.runtime.audit.storage import AuditStorage, AuditTxn, Row, SqliteStorage
 from authz.runtime.config import (
     DEFAULT_AUDIT_MAX_BYTES,
 )
@@ -43,10 +35,6 @@ log = logging.getLogger(__name__)
 
 
 _BATCH: Final = 500
-# A batch is also cut at this many (charged) bytes: one transaction's share of the WAL.
-_BATCH_BYTES: Final = 4 * 1024 * 1024
-# The -shm file (32 KiB per 4096 WAL frames' index) and what else the bound leaves room for.
-_SHM_RESERVE: Final = 64 * 1024
 # (kind, time, decision id, body or the record to build it from on the writer thread)
 _Item = tuple[str, float, str, "bytes | DecisionRecord"]
 # How long a caught-up writer lets entries accumulate before committing them.
@@ -113,8 +101,11 @@ class _ByteQueue:
 
 
 class AuditTrail:
-    """A :class:`~authz.core.record.DecisionSink` appending every record to the database at
-    ``path``. Raises ConfigError at construction if the database cannot be opened.
+    """A :class:`~authz.core.record.DecisionSink` appending every record to an audit chain:
+    the SQLite database at ``target`` (a path), or ``target`` itself (an
+    :class:`~authz.runtime.audit.storage.AuditStorage`, e.g. one replica's chain in
+    PostgreSQL, :class:`~authz.runtime.audit.postgres.PostgresStorage`). Raises
+    ConfigError at construction if the store cannot be opened.
 
     ``retention_days`` and ``max_records`` bound the store (None: unbounded);
     ``queue_size`` (entries) and ``queue_max_bytes`` (charged bytes: a fixed overhead
@@ -123,9 +114,10 @@ class AuditTrail:
     records it). ``on_state(degraded, written, failed)`` is called after every batch for
     metrics. ``clock`` (Unix seconds) and ``sleep`` are injectable for tests.
     ``projection`` decides what a decision row keeps of the request (:class:`Projection`,
-    defaults from :mod:`authz.runtime.config`). ``max_bytes`` bounds the database, its WAL and
-    shared-memory file together (None: unbounded; at least 1 MiB): after each batch the
-    oldest rows are pruned (an anchor move) when the rows' pages pass their share.
+    defaults from :mod:`authz.runtime.config`). ``max_bytes`` (for a path ``target``)
+    bounds the database, its WAL and shared-memory file together (None: unbounded; at
+    least 1 MiB): after each batch the oldest rows are pruned (an anchor move) when the
+    rows' pages pass their share; a storage ``target`` carries its own bound.
 
     The writer takes a backlog (a full batch or more waiting) at once, batch after
     batch; only when it is caught up does it sleep ``_FLUSH_S`` so that entries
@@ -134,7 +126,7 @@ class AuditTrail:
 
     def __init__(
         self,
-        path: Path,
+        target: Path | AuditStorage,
         *,
         retention_days: float | None = 30.0,
         max_records: int | None = 1_000_000,
@@ -146,33 +138,14 @@ class AuditTrail:
         projection: Projection | None = None,
         max_bytes: int | None = DEFAULT_AUDIT_MAX_BYTES,
     ) -> None:
-        self.path = path
         self._projector = _Projector(projection or Projection())
-        self._max_bytes = max_bytes
-        self._batch_bytes = _BATCH_BYTES
-        self._wal_limit = self._data_budget = 0
-        if max_bytes is not None:
-            if max_bytes < _MIB:
-                raise ConfigError(f"audit max_bytes={max_bytes}: expected at least {_MIB}")
-            # Room for the WAL and two batches past a check; the rows get the rest.
-            self._wal_limit = min(max(max_bytes // 8, 256 * 1024), 64 * _MIB)
-            self._batch_bytes = min(_BATCH_BYTES, max_bytes // 32)
-            self._data_budget = max_bytes - self._wal_limit - 2 * self._batch_bytes - _SHM_RESERVE
-        self._vacuum_warned = False
-        try:
-            self._conn = connect(path)
-            if max_bytes is not None:
-                # A checkpoint once the WAL holds half its room; the WAL file is cut
-                # back to that size after it (SQLite's journal_size_limit).
-                page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
-                half = self._wal_limit // 2
-                self._conn.execute(f"PRAGMA wal_autocheckpoint={max(8, half // page_size)}")
-                self._conn.execute(f"PRAGMA journal_size_limit={half}")
-            head = _meta(self._conn, "head")
-        except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
-        self._seq = int(head["seq"]) if head else 0
-        self._hash = str(head["hash"]) if head else GENESIS
+        storage = SqliteStorage(target, max_bytes) if isinstance(target, Path) else target
+        self._store: AuditStorage = storage
+        self.path: Path | None = target if isinstance(target, Path) else None
+        self.label = storage.label
+        self._errors = storage.errors
+        self._batch_bytes = storage.batch_bytes
+        self._seq, self._hash = 0, GENESIS
         self._retention_s = retention_days * 86400 if retention_days else None
         self._max_records = max_records
         self._queue = _ByteQueue(queue_size, queue_max_bytes)
@@ -190,29 +163,47 @@ class AuditTrail:
         self._head_logged = 0.0
         try:
             self._adopt_anchor()
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise ConfigError(f"audit database {str(path)!r}: {exc}") from None
+        except self._errors as exc:
+            storage.close()
+            raise ConfigError(f"audit database {self.label!r}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The SQLite connection of a SQLite-backed trail (tests replace it)."""
+        if not isinstance(self._store, SqliteStorage):
+            raise AttributeError("_conn: not a SQLite-backed audit trail")
+        return self._store.conn
+
+    @_conn.setter
+    def _conn(self, conn: sqlite3.Connection) -> None:
+        if not isinstance(self._store, SqliteStorage):
+            raise AttributeError("_conn: not a SQLite-backed audit trail")
+        self._store.conn = conn
+
     def _adopt_anchor(self) -> None:
-        """A store pruned before anchor moves were recorded has an anchor and no ``anchor``
-        entry; record one (``"from": null``) once, so it verifies from here on. The
-        ``anchor_moves`` meta key marks a store whose moves are all recorded."""
-        if _meta(self._conn, "anchor_moves") is not None:
+        """Read the head; and a store pruned before anchor moves were recorded has an
+        anchor and no ``anchor`` entry: record one (``"from": null``) once, so it
+        verifies from here on. The ``anchor_moves`` meta key marks a store whose moves are
+        all recorded."""
+        head = self._store.read_meta("head")
+        if head is not None:
+            self._seq, self._hash = int(head["seq"]), str(head["hash"])
+        if self._store.read_meta("anchor_moves") is not None:
             return
-        with self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            anchor = _meta(self._conn, "anchor")
-            if anchor is not None and _meta(self._conn, "anchor_moves") is None:
+        with self._store.transaction() as txn:
+            if txn.meta("anchor_moves") is not None:
+                return
+            anchor = txn.meta("anchor")
+            if anchor is not None:
                 body = _move_body(None, anchor, 0)
-                self._seq, self._hash = self._append([("anchor", self._clock(), "", body)])
+                self._seq, self._hash = self._append(txn, [("anchor", self._clock(), "", body)])
                 log.warning(
                     "audit anchor adopted: pruned before anchor moves were recorded",
-                    extra={"audit_db": str(self.path), "anchor": anchor, "seq": self._seq},
+                    extra={"audit_db": self.label, "anchor": anchor, "seq": self._seq},
                 )
-            _set_meta(self._conn, "anchor_moves", {"recorded": True})
+            txn.set_meta("anchor_moves", {"recorded": True})
 
     # -- producer side (event loop) -----------------------------------------------------
     @property
@@ -251,7 +242,7 @@ class AuditTrail:
         self._queue.put(None, 0)
         self._thread.join(timeout_s)
         self._log_head()
-        self._conn.close()
+        self._store.close()
 
     def _log_head(self) -> None:
         """Log the chain head, the anchor ``verify --head`` checks a file against."""
@@ -259,7 +250,7 @@ class AuditTrail:
         if self._seq:
             log.info(
                 "audit head",
-                extra={"audit_db": str(self.path), "seq": self._seq, "hash": self._hash},
+                extra={"audit_db": self.label, "seq": self._seq, "hash": self._hash},
             )
 
     # -- writer thread -------------------------------------------------------------------
@@ -311,18 +302,17 @@ class AuditTrail:
             (
                 kind,
                 when,
-                entry_id,
+                # A NUL cannot be stored in PostgreSQL text: never let one id poison a batch.
+                entry_id.replace("\0", "\ufffd"),
                 (body if isinstance(body, bytes) else _safe_body(self._projector, body)).decode(),
             )
             for kind, when, entry_id, body in entries
         ]
         try:
-            self._check_wal()
-            with self._conn:  # one transaction
-                self._conn.execute("BEGIN IMMEDIATE")
-                seq, prev = self._append(texts)
-        except sqlite3.Error as exc:
-            self._rollback()
+            self._store.before_write()
+            with self._store.transaction() as txn:
+                seq, prev = self._append(txn, texts)
+        except self._errors as exc:
             with self._lost_lock:
                 self.failed += len(batch)
                 if not self._lost:
@@ -332,7 +322,7 @@ class AuditTrail:
                 self.degraded = True
                 log.error(
                     "audit trail degraded to log-only (decisions are still in the decision log)",
-                    extra={"audit_db": str(self.path), "error": str(exc)},
+                    extra={"audit_db": self.label, "error": str(exc)},
                 )
             self._report()
             return
@@ -344,101 +334,33 @@ class AuditTrail:
             self.degraded = False
             log.warning(
                 "audit trail recovered; a gap entry records what was lost",
-                extra={"audit_db": str(self.path), "lost": lost},
+                extra={"audit_db": self.label, "lost": lost},
             )
         with self._lost_lock:
             self._lost -= lost  # entries dropped meanwhile stay counted for the next gap
             if not self._lost:
                 self._lost_since = None
         self._report()
-        self._enforce_max_bytes()
+        self._store.bound(self._prune)
 
-    # -- the byte bound ------------------------------------------------------------------
-    def _wal_bytes(self) -> int:
-        try:
-            return os.path.getsize(f"{self.path}-wal")
-        except OSError:
-            return 0
-
-    def _check_wal(self) -> None:
-        """Before a write: a WAL past its room (a long reader held off checkpoints) is
-        checkpointed and cut back; if it cannot be, the write fails (degraded, then a
-        gap entry) rather than the store outgrowing ``max_bytes``."""
-        if self._max_bytes is None or self._wal_bytes() <= self._wal_limit:
-            return
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if self._wal_bytes() > self._wal_limit:
-            raise sqlite3.OperationalError(
-                f"audit WAL over its {self._wal_limit} bytes (a reader holds it): not writing"
-            )
-
-    def _pages(self) -> tuple[int, int, int]:
-        """``(page_size, page_count, freelist_count)`` of the database."""
-        size, count, free = (
-            int(self._conn.execute(f"PRAGMA {name}").fetchone()[0])
-            for name in ("page_size", "page_count", "freelist_count")
-        )
-        return size, count, free
-
-    def _enforce_max_bytes(self) -> None:
-        """After a write: prune the oldest rows when the rows' pages outgrow their share of
-        ``max_bytes`` (down to 90% of it), give back free pages of a file over the bound,
-        and checkpoint a WAL past half its room."""
-        if self._max_bytes is None:
-            return
-        try:
-            page_size, pages, free = self._pages()
-            used = (pages - free) * page_size
-            if used > self._data_budget:
-                self._prune(excess_bytes=used - self._data_budget * 9 // 10, used_bytes=used)
-                page_size, pages, free = self._pages()
-            if pages * page_size + self._wal_bytes() > self._max_bytes and free:
-                self._give_back(free)
-            if self._wal_bytes() > self._wal_limit // 2:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            log.warning("audit byte bound not enforced", extra={"error": str(exc)})
-
-    def _give_back(self, free: int) -> None:
-        """Return free pages to the filesystem, a batch's worth at a time (a store made
-        under a larger bound); only an ``auto_vacuum=INCREMENTAL`` file can."""
-        if int(self._conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
-            page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
-            pages = min(free, max(1, self._batch_bytes // page_size))
-            self._conn.execute(f"PRAGMA incremental_vacuum({pages})")
-        elif not self._vacuum_warned:
-            self._vacuum_warned = True
-            log.warning(
-                "audit database larger than AUTHZ_AUDIT_MAX_BYTES and made without "
-                "auto_vacuum: its free pages are reused, not given back (VACUUM it offline)",
-                extra={"audit_db": str(self.path), "max_bytes": self._max_bytes},
-            )
-
-    def _append(self, texts: list[tuple[str, float, str, str]]) -> tuple[int, str]:
+    def _append(self, txn: AuditTxn, texts: list[tuple[str, float, str, str]]) -> tuple[int, str]:
         """Chain ``(kind, time, id, body)`` entries onto the head and move the head; inside
-        the caller's write transaction. Returns the new head ``(seq, hash)``."""
+        ``txn``. Returns the new head ``(seq, hash)``."""
         # The head is read under the write lock: another authz process sharing this
-        # file may have appended since our last batch; chain onto its entries.
-        head = _meta(self._conn, "head")
+        # chain may have appended since our last batch; chain onto its entries.
+        head = txn.meta("head")
         seq = int(head["seq"]) if head else self._seq
         prev = str(head["hash"]) if head else self._hash
-        rows = []
+        replica = self._store.replica
+        rows: list[Row] = []
         for kind, when, entry_id, text in texts:
             seq += 1
-            digest = entry_hash(seq, prev, kind, when, entry_id, text)
+            digest = entry_hash(seq, prev, kind, when, entry_id, text, replica=replica)
             rows.append((seq, kind, when, entry_id, text, prev, digest))
             prev = digest
-        self._conn.executemany(
-            "INSERT INTO audit (seq, kind, time, decision_id, body, prev_hash, hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        _set_meta(self._conn, "head", {"seq": seq, "hash": prev})
+        txn.insert(rows)
+        txn.set_meta("head", {"seq": seq, "hash": prev})
         return seq, prev
-
-    def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("ROLLBACK")
 
     def _report(self) -> None:
         if self._on_state is not None:
@@ -454,11 +376,9 @@ class AuditTrail:
         head (so the move itself is under the hash chain) and logging it."""
         self._last_prune = self._clock()
         try:
-            with self._conn:
-                self._conn.execute("BEGIN IMMEDIATE")
-                moved = self._move_anchor(excess_bytes, used_bytes)
-        except sqlite3.Error as exc:
-            self._rollback()
+            with self._store.transaction() as txn:
+                moved = self._move_anchor(txn, excess_bytes, used_bytes)
+        except self._errors as exc:
             log.warning("audit retention pruning failed", extra={"error": str(exc)})
             return
         finally:
@@ -466,7 +386,9 @@ class AuditTrail:
         if moved is not None:
             self._announce_move(*moved)
 
-    def _cutoff(self, head_seq: int, anchor_seq: int, excess_bytes: int, used_bytes: int) -> int:
+    def _cutoff(
+        self, txn: AuditTxn, head_seq: int, anchor_seq: int, excess_bytes: int, used_bytes: int
+    ) -> int:
         """The last seq retention removes (<= ``anchor_seq``: nothing to remove)."""
         cutoff = anchor_seq
         rows = head_seq - anchor_seq
@@ -475,11 +397,7 @@ class AuditTrail:
             per_row = max(1, used_bytes // rows)
             cutoff = max(cutoff, anchor_seq + min(rows, -(-excess_bytes // per_row)))
         if self._retention_s is not None:
-            row = self._conn.execute(
-                "SELECT MAX(seq) FROM audit WHERE time < ?",
-                (self._clock() - self._retention_s,),
-            ).fetchone()
-            cutoff = max(cutoff, int(row[0] or 0))
+            cutoff = max(cutoff, txn.last_seq_before(self._clock() - self._retention_s))
         if self._max_records is not None and head_seq - anchor_seq > self._max_records:
             # Room for the anchor entry itself: max_records entries after the move, and
             # an idle store does not prune again (no churn of anchor entries).
@@ -487,27 +405,25 @@ class AuditTrail:
         return cutoff
 
     def _move_anchor(
-        self, excess_bytes: int, used_bytes: int
+        self, txn: AuditTxn, excess_bytes: int, used_bytes: int
     ) -> tuple[dict[str, Any], dict[str, Any], int, int, str] | None:
         """Inside a write transaction: prune and record the move. Returns ``(previous
         anchor, new anchor, entries deleted, move entry seq, its hash)`` or None."""
-        head = _meta(self._conn, "head")
+        head = txn.meta("head")
         if head is None:
             return None
-        previous = _meta(self._conn, "anchor") or {"seq": 0, "hash": GENESIS}
-        cutoff = self._cutoff(int(head["seq"]), int(previous["seq"]), excess_bytes, used_bytes)
+        previous = txn.meta("anchor") or {"seq": 0, "hash": GENESIS}
+        cutoff = self._cutoff(txn, int(head["seq"]), int(previous["seq"]), excess_bytes, used_bytes)
         if cutoff <= int(previous["seq"]):
             return None
-        row = self._conn.execute(
-            "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1", (cutoff,)
-        ).fetchone()
-        if row is None:
+        last = txn.last_through(cutoff)
+        if last is None:
             return None
-        anchor = {"seq": int(row[0]), "hash": str(row[1])}
-        deleted = self._conn.execute("DELETE FROM audit WHERE seq <= ?", (row[0],)).rowcount
-        _set_meta(self._conn, "anchor", anchor)
+        anchor = {"seq": last[0], "hash": last[1]}
+        deleted = txn.delete_through(last[0])
+        txn.set_meta("anchor", anchor)
         body = _move_body(previous, anchor, deleted)
-        seq, digest = self._append([("anchor", self._clock(), "", body)])
+        seq, digest = self._append(txn, [("anchor", self._clock(), "", body)])
         self._seq, self._hash = seq, digest
         return previous, anchor, deleted, seq, digest
 
@@ -524,7 +440,7 @@ class AuditTrail:
         log.info(
             "audit anchor moved",
             extra={
-                "audit_db": str(self.path),
+                "audit_db": self.label,
                 "anchor": dict(anchor),
                 "previous": dict(previous),
                 "deleted": deleted,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -15,6 +15,7 @@ from authz.core.errors import DataFileError
 from authz.runtime.audit.chain import GENESIS, AuditEntry, _meta, entry_hash
 
 __all__ = [
+    "ChainSource",
     "VerifyReport",
     "read_entries",
     "read_last_seen",
@@ -91,7 +92,8 @@ def read_last_seen(path: Path, *, timeout_s: float = 5.0) -> dict[str, float]:
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
     """The result of :func:`verify`. When ``ok`` is false, ``broken_seq`` (and its
-    ``broken_decision_id``) name the first bad entry and ``problem`` says what is wrong."""
+    ``broken_decision_id``) name the first bad entry and ``problem`` says what is wrong.
+    ``replica`` names the chain in a PostgreSQL store (None for SQLite's one chain)."""
 
     ok: bool
     entries: int
@@ -100,32 +102,108 @@ class VerifyReport:
     broken_seq: int | None = None
     broken_decision_id: str | None = None
     problem: str | None = None
+    replica: str | None = None
 
 
-def verify(conn: sqlite3.Connection, *, head: tuple[int, str] | None = None) -> VerifyReport:
+class ChainSource(Protocol):
+    """One chain as :func:`verify` reads it (a SQLite file's, or a replica's in
+    PostgreSQL, :class:`authz.runtime.audit.postgres.PostgresChain`)."""
+
+    @property
+    def replica(self) -> str | None:
+        """The replica whose chain this is (None: SQLite's one chain)."""
+        ...
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """The chain's meta value ``key`` (``head``, ``anchor``) or None."""
+        ...
+
+    def rows(self) -> Iterable[tuple[Any, ...]]:
+        """``(seq, kind, time, decision_id, body, prev_hash, hash, derived)`` in seq
+        order; ``derived`` holds the row's columns copied from its body."""
+        ...
+
+    def hash_at(self, seq: int) -> str | None:
+        """The hash of entry ``seq``, or None when it is not stored."""
+        ...
+
+    def derived(self, body: str) -> tuple[Any, ...]:
+        """What the ``derived`` columns of a row with ``body`` must hold."""
+        ...
+
+
+class _SqliteChain:
+    """:class:`ChainSource` over a SQLite audit database (no derived columns)."""
+
+    replica: str | None = None
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        return _meta(self._conn, key)
+
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        for row in self._conn.execute(
+            "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit ORDER BY seq"
+        ):
+            yield (*row, ())
+
+    def hash_at(self, seq: int) -> str | None:
+        row = self._conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+        return str(row[0]) if row else None
+
+    def derived(self, body: str) -> tuple[Any, ...]:
+        return ()
+
+
+def verify(
+    conn: sqlite3.Connection | ChainSource, *, head: tuple[int, str] | None = None
+) -> VerifyReport:
     """Walk the chain from the anchor (or genesis) to the recorded head; report the first
     entry whose seq, link or hash is wrong, or a head that does not match the last entry
     (a truncated or extended tail). ``head`` is ``(seq, hash)`` recorded elsewhere (an
-    ``audit head`` log line): the chain must still hold that entry with that hash."""
-    anchor = _meta(conn, "anchor")
-    stored = _meta(conn, "head")
+    ``audit head`` log line): the chain must still hold that entry with that hash.
+    ``conn`` is a SQLite audit database or one replica's chain (:class:`ChainSource`);
+    the report names that replica."""
+    source: ChainSource = _SqliteChain(conn) if isinstance(conn, sqlite3.Connection) else conn
+    replica = source.replica
+    report = _verify(source, replica, head)
+    return report if replica is None else _with_replica(report, replica)
+
+
+def _with_replica(report: VerifyReport, replica: str) -> VerifyReport:
+    return VerifyReport(
+        report.ok,
+        report.entries,
+        report.first_seq,
+        report.last_seq,
+        report.broken_seq,
+        report.broken_decision_id,
+        report.problem,
+        replica,
+    )
+
+
+def _verify(source: ChainSource, replica: str | None, head: tuple[int, str] | None) -> VerifyReport:
+    anchor = source.meta("anchor")
+    stored = source.meta("head")
     expected_seq = int(anchor["seq"]) + 1 if anchor else 1
     prev = str(anchor["hash"]) if anchor else GENESIS
     count, first, last = 0, None, None
-    rows = conn.execute(
-        "SELECT seq, kind, time, decision_id, body, prev_hash, hash FROM audit ORDER BY seq"
-    )
     head_seq = int(stored["seq"]) if stored is not None else None
     last_move: tuple[int, Any] | None = None  # (seq, body["to"]) of the newest anchor entry
-    for seq, kind, when, decision_id, body, prev_hash, digest in rows:
+    for seq, kind, when, decision_id, body, prev_hash, digest, derived in source.rows():
         first = first if first is not None else seq
         problem = None
         if seq != expected_seq:
             problem = f"expected entry {expected_seq} here: entries are missing"
         elif prev_hash != prev:
             problem = "prev_hash does not match the previous entry's hash"
-        elif entry_hash(seq, prev_hash, kind, when, decision_id, body) != digest:
+        elif entry_hash(seq, prev_hash, kind, when, decision_id, body, replica=replica) != digest:
             problem = "hash does not match the entry's contents (edited)"
+        elif tuple(derived) != source.derived(body):
+            problem = "indexed columns (key_id, sandbox_id) do not match the entry's body (edited)"
         elif head_seq is not None and seq > head_seq:
             problem = f"entry is past the recorded head ({head_seq}): entries were added"
         elif kind == "anchor":
@@ -141,7 +219,7 @@ def verify(conn: sqlite3.Connection, *, head: tuple[int, str] | None = None) -> 
     # The chain must end exactly at the head (or at the anchor, when retention pruned all).
     end_seq = expected_seq - 1
     if head is not None:
-        problem = _external_head_problem(conn, head, end_seq)
+        problem = _external_head_problem(source, head, end_seq)
         if problem is not None:
             return VerifyReport(False, count, first, last, head[0], None, problem)
     if stored is not None and (head_seq != end_seq or stored["hash"] != prev):
@@ -202,9 +280,7 @@ def _anchor_problem(
     return None
 
 
-def _external_head_problem(
-    conn: sqlite3.Connection, head: tuple[int, str], end_seq: int
-) -> str | None:
+def _external_head_problem(source: ChainSource, head: tuple[int, str], end_seq: int) -> str | None:
     """Why the chain does not hold the externally recorded ``head``, or None."""
     seq, digest = head
     if seq > end_seq:
@@ -212,12 +288,12 @@ def _external_head_problem(
             f"the recorded head is entry {seq} but the chain ends at {end_seq}: entries "
             "were removed from the end (and the head rewritten)"
         )
-    row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
-    if row is None:
-        anchor = _meta(conn, "anchor")
+    stored = source.hash_at(seq)
+    if stored is None:
+        anchor = source.meta("anchor")
         if anchor and int(anchor["seq"]) == seq and anchor["hash"] == digest:
             return None  # pruned by retention, and the anchor vouches for it
         return f"entry {seq} of the recorded head is no longer in the chain"
-    if row[0] != digest:
+    if stored != digest:
         return f"entry {seq} does not have the recorded head's hash: the chain was rewritten"
     return None

@@ -6,6 +6,7 @@ The environment is always passed in as a mapping; these tests never read or writ
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -1215,3 +1216,99 @@ def test_decision_log_service_token_never_in_an_error(environ: dict[str, str]) -
         load(environ)
     assert "AUTHZ_DECISION_LOG_SERVICE" in str(caught.value)
     assert UPLOAD_TOKEN not in str(caught.value)
+
+
+# -- Fleet audit store (issue #16): AUTHZ_AUDIT_URL(_FILE), AUTHZ_REPLICA_ID -------------
+
+AUDIT_PASSWORD = "pg-Secret-7"
+AUDIT_URL = f"postgresql://authz:{AUDIT_PASSWORD}@127.0.0.1:5432/authz"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        AUDIT_URL,
+        f"postgres://authz:{AUDIT_PASSWORD}@localhost/authz",
+        f"postgresql://authz:{AUDIT_PASSWORD}@db.internal:5432/authz?sslmode=verify-full",
+        f"postgresql://authz:{AUDIT_PASSWORD}@db.internal/authz?sslmode=require",
+        f"postgresql:///authz?host=/run/postgresql&password={AUDIT_PASSWORD}",
+    ],
+    ids=["loopback", "postgres-scheme", "tls-verify-full", "tls-require", "unix-socket"],
+)
+def test_audit_url_is_a_masked_secret(url: str, tmp_path: Path) -> None:
+    settings = load({"AUTHZ_AUDIT_URL": url})
+    assert isinstance(settings.audit_url, Secret)
+    assert settings.audit_url.reveal() == url
+    assert AUDIT_PASSWORD not in repr(settings) + str(settings)
+    # The _FILE variant (a Docker/Kubernetes secret) reads the same value.
+    path = tmp_path / "audit-url"
+    path.write_text(url + "\n")
+    from_file = load({"AUTHZ_AUDIT_URL_FILE": str(path)}).audit_url
+    assert from_file is not None
+    assert from_file.reveal() == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://authz:{AUDIT_PASSWORD}@127.0.0.1/authz",
+        f"postgresql://authz:{AUDIT_PASSWORD}@127.0.0.1:port/authz",
+        f"postgresql:///authz?password={AUDIT_PASSWORD}",
+        f"postgresql:///authz?host=db.internal&password={AUDIT_PASSWORD}",
+        f"postgresql://authz:{AUDIT_PASSWORD}@db.internal/authz",
+        f"postgresql://authz:{AUDIT_PASSWORD}@db.internal/authz?sslmode=prefer",
+    ],
+    ids=[
+        "not-postgres",
+        "bad-port",
+        "no-host",
+        "plaintext-remote-host-parameter",
+        "plaintext-remote",
+        "downgradable-tls",
+    ],
+)
+def test_bad_audit_url_is_refused_without_quoting_it(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_AUDIT_URL": url})
+    assert "AUTHZ_AUDIT_URL" in str(caught.value)
+    assert AUDIT_PASSWORD not in str(caught.value)
+
+
+def test_plaintext_remote_audit_database_only_when_allowed() -> None:
+    url = f"postgresql://authz:{AUDIT_PASSWORD}@db.internal/authz"
+    settings = load({"AUTHZ_AUDIT_URL": url, "AUTHZ_AUDIT_ALLOW_PLAINTEXT": "true"})
+    assert settings.audit_url is not None
+
+
+def test_audit_url_and_its_file_are_not_both_set(tmp_path: Path) -> None:
+    path = tmp_path / "audit-url"
+    path.write_text(AUDIT_URL)
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_AUDIT_URL": AUDIT_URL, "AUTHZ_AUDIT_URL_FILE": str(path)})
+    assert "AUTHZ_AUDIT_URL" in str(caught.value)
+    assert AUDIT_PASSWORD not in str(caught.value)
+
+
+def test_replica_id_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "authz-7d9f-abcde")
+    assert load({}).replica_id == "authz-7d9f-abcde"
+    assert load({"AUTHZ_REPLICA_ID": "replica-b"}).replica_id == "replica-b"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "-leading-dash", "has space", "a/b", "x" * 129, "nul\x00"],
+    ids=["empty", "leading-dash", "space", "slash", "too-long", "nul"],
+)
+def test_bad_replica_id_is_refused_naming_the_key(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"AUTHZ_REPLICA_ID": value})
+    assert "AUTHZ_REPLICA_ID" in str(caught.value)
+
+
+def test_a_host_name_that_is_no_replica_id_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "bad host")
+    with pytest.raises(ConfigError) as caught:
+        load({})
+    assert "AUTHZ_REPLICA_ID" in str(caught.value)
+    assert "host name" in str(caught.value)
