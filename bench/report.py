@@ -467,7 +467,8 @@ def plot(results: Mapping[str, Any], rates: Sequence[int], path: Path) -> Path:
         ax.set_title(f"latency at {rate} rps (open loop)")
         ax.set_ylabel("ms")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if scale:
         ax = axes[0][-1]
         for name, per in scale.items():

@@ -233,7 +233,7 @@ QUICK: Final = replace(
     warmup_s=1.0,
     probe_s=2.0,
     search_step_s=2.0,
-    search_steps=2,
+    search_steps=3,
     profile_s=2.0,
     hostile_step_s=3.0,
 )
