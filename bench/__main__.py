@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "log and audit off (authz-bare), on the skewed, realistic and distinct workloads, side "
         "by side in one run on 127.0.0.1.",
     )
-    p.add_argument("--quick", action="store_true", help="short steps: a smoke run (~5 min)")
+    p.add_argument("--quick", action="store_true", help="short steps: a smoke run (~7 min)")
     p.add_argument("--setups", type=_setups, help=f"comma-separated subset of {SETUPS}")
     p.add_argument("--rates", type=_ints, help=f"fixed open-loop rates (default {d.rates})")
     p.add_argument("--step-s", type=float, help=f"fixed-rate step seconds ({d.step_s:g})")

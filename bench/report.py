@@ -90,8 +90,12 @@ def _fmt_int(value: float | None) -> str:
 
 def _fmt_max(search: Any) -> str:
     """A search's max sustained rps; ``>=`` when no failed step bounds it from above
-    (the search ran out of steps still going up)."""
+    (the search ran out of steps still going up); ``<`` the lowest rate tried when no
+    step sustained."""
     best = _get(search, "max_rps")
+    tried = [s["rate"] for s in _get(search, "steps") or [] if isinstance(s, Mapping)]
+    if best is None and tried:
+        return f"<{_fmt_int(min(tried))}"
     text = _fmt_int(best)
     return f">={text}" if best is not None and _get(search, "ceiling_measured") is False else text
 

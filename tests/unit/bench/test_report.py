@@ -241,3 +241,11 @@ def test_workload_table_reads_older_results_without_workloads() -> None:
     assert rows[("skewed", "authz")][3:5] == ["2.00 / 5.00", "3.00 / 12.0 (2 err)"]
     assert rows[("skewed", "authz")][6] == "n/a"  # no hit rate recorded
     assert rows[("distinct", "authz")][2] == "900"
+
+
+def test_max_when_no_step_sustained_is_below_the_lowest_rate_tried() -> None:
+    steps = [{"rate": 380, "sustained": False}, {"rate": 250, "sustained": False}]
+    results = {"setups": {"authz": {"search": {"realistic": {"max_rps": None, "steps": steps}}}}}
+    row = format_workload_table(results, [500]).splitlines()[2]
+    assert row.split(" | ")[2].strip() == "<250"
+    assert workload_ratios(results)["realistic"]["authz/peer throughput"] is None
