@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import random
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,8 +242,15 @@ def _user_orders(rng: random.Random, ids: ZipfSampler) -> tuple[str, str]:
     return "GET", f"/api/v1/users/u-{ids.draw(rng) + 1}/orders?status={status}&limit=20"
 
 
+def _uuid4(rng: random.Random) -> str:
+    """A version-4 UUID (RFC 9562 section 5.4) from ``rng``: 122 random bits, the version
+    nibble 4 and the variant bits 10 (a third of the cost of ``uuid.UUID(int=...)``)."""
+    h = f"{rng.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
 def _order(rng: random.Random, _: ZipfSampler) -> tuple[str, str]:
-    return "GET", f"/api/v1/orders/{uuid.UUID(int=rng.getrandbits(128), version=4)}"
+    return "GET", f"/api/v1/orders/{_uuid4(rng)}"
 
 
 def _status(_rng: random.Random, _: ZipfSampler) -> tuple[str, str]:
@@ -321,7 +327,7 @@ class RealisticStream:
                         ("X-API-Key", key),
                         ("User-Agent", USER_AGENTS[self._agents.draw(rng)]),
                         ("Accept", "application/json"),
-                        ("X-Request-Id", str(uuid.UUID(int=rng.getrandbits(128), version=4))),
+                        ("X-Request-Id", _uuid4(rng)),
                         ("traceparent", f"00-{trace:032x}-{span:016x}-01"),
                     ),
                 )
