@@ -4,10 +4,14 @@ bundles they need (no process is started)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from bench.run import DEFAULT, SETUP_WORKLOADS, Options
+from bench.rig import Binaries, Running
+from bench.run import DEFAULT, SETUP_WORKLOADS, Bench, Options
+from bench.workload import bench_key
+from tests.helpers import ROOT
 
 
 def _opts(*argv: str) -> Options:
@@ -94,3 +98,42 @@ def test_authz_runs_as_shipped_by_default() -> None:
 def test_opa_socket_is_an_option() -> None:
     assert _opts().opa_socket is False
     assert _opts("--opa-socket").opa_socket is True
+
+
+def _bench(tmp_path: Path) -> Bench:
+    binaries = Binaries(envoy="envoy", opa="opa", vegeta="vegeta")
+    return Bench(ROOT, replace(DEFAULT, keys=1000, hot_keys=100), binaries, tmp_path, None)
+
+
+def _sent(path: Path, header: str) -> list[str]:
+    prefix = header.lower() + ": "
+    return [
+        line.split(": ", 1)[1]
+        for line in path.read_text().splitlines()
+        if line.lower().startswith(prefix)
+    ]
+
+
+def test_realistic_targets_of_one_session_never_repeat_a_request_id(tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    targets_for = bench._workload_targets(Running("authz", "http://127.0.0.1:1"), "realistic")
+    files = [targets_for("realistic-500", 300), targets_for("realistic-probe", 700)]
+    ids = [i for f in files for i in _sent(f, "X-Request-Id")]
+    assert len(ids) == len(set(ids)) == 1000
+    # A new session (another setup) sends the same sequence from its start.
+    again = bench._workload_targets(Running("peer", "http://127.0.0.1:2"), "realistic")
+    assert _sent(again("realistic-500", 300), "X-Request-Id") == ids[:300]
+
+
+def test_distinct_targets_of_one_session_never_repeat_a_key(tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    targets_for = bench._workload_targets(Running("authz", "http://127.0.0.1:1"), "distinct")
+    keys = [k for n in (400, 600) for k in _sent(targets_for(f"d-{n}", n), "X-API-Key")]
+    assert len(keys) == len(set(keys)) == 1000
+
+
+def test_skewed_targets_are_the_fixed_zipf_sequence(tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    targets_for = bench._workload_targets(Running("authz", "http://127.0.0.1:1"), "skewed")
+    keys = _sent(targets_for("skewed-500", 10), "X-API-Key")
+    assert keys == [bench_key(i) for i in bench.skewed]  # whatever the count: vegeta cycles
