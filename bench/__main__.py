@@ -1,6 +1,8 @@
 """``python -m bench``: run the benchmark (``scripts/bench`` installs the tools first).
 
-Prints progress on stderr, then the tables and, as the last line, the ratios
+Prints progress on stderr, then the per-workload table (max rps, p50/p99 at the fixed
+rates, CPU per request, authz's cache hit rate, throughput over the peer's and the
+ceiling's), the per-workload ratios and, as the last line, the ratios
 ``authz/peer throughput``, ``authz/peer p99 at 1000 rps``, ``authz/limit throughput``
 (``--only hostile``: the hostile step's ``hostile/quiet throughput ..., p99 ...x``).
 Saves ``<out>/results-<stamp>.json`` and ``<out>/latency-<stamp>.png``.
@@ -19,7 +21,7 @@ from pathlib import Path
 from authz.stack.supervisor import StackError, find_binary
 from bench import report
 from bench.rig import SETUPS, Binaries
-from bench.run import DEFAULT, QUICK, Bench, Options, log
+from bench.run import DEFAULT, EXTRA_STEPS, QUICK, WORKLOADS, Bench, Options, log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +38,15 @@ def _setups(text: str) -> tuple[str, ...]:
     return names
 
 
+def _only(text: str) -> tuple[str, ...]:
+    names = tuple(v for v in text.split(",") if v)
+    known = (*SETUPS, *WORKLOADS, *EXTRA_STEPS)
+    unknown = set(names) - set(known)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown names {sorted(unknown)}; known: {known}")
+    return names
+
+
 def _env(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.startswith("AUTHZ_"):
@@ -48,10 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = DEFAULT
     p = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Envoy alone (limit) vs Envoy + opa-envoy-plugin (peer) vs Envoy + authz "
-        "+ OPA (authz), side by side in one run on 127.0.0.1.",
+        description="Envoy alone (limit), Envoy + a null ext_authz server (ceiling), Envoy + "
+        "opa-envoy-plugin (peer), Envoy + authz + OPA as shipped (authz) and with the decision "
+        "log and audit off (authz-bare), on the skewed, realistic and distinct workloads, side "
+        "by side in one run on 127.0.0.1.",
     )
-    p.add_argument("--quick", action="store_true", help="short steps: a smoke run (~2 min)")
+    p.add_argument("--quick", action="store_true", help="short steps: a smoke run (~7 min)")
     p.add_argument("--setups", type=_setups, help=f"comma-separated subset of {SETUPS}")
     p.add_argument("--rates", type=_ints, help=f"fixed open-loop rates (default {d.rates})")
     p.add_argument("--step-s", type=float, help=f"fixed-rate step seconds ({d.step_s:g})")
@@ -71,9 +84,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", dest="profile", action="store_false", default=None)
     p.add_argument(
         "--only",
-        choices=("hostile",),
-        help="run one step alone: hostile = legitimate throughput and p99 with and without "
-        "hostile load (authz only, one bundle)",
+        type=_only,
+        help="comma-separated setups, workloads and steps to run (others are skipped), of "
+        f"{(*SETUPS, *WORKLOADS, *EXTRA_STEPS)}: e.g. authz,peer,realistic; hostile alone = "
+        "legitimate throughput and p99 with and without hostile load (authz, one bundle)",
+    )
+    p.add_argument(
+        "--opa-socket",
+        action="store_true",
+        default=None,
+        help="authz reaches OPA on a unix socket (AUTHZ_OPA_URL=unix://...) instead of TCP",
     )
     p.add_argument("--hostile-legit-rate", type=int, help=f"legit rps ({d.hostile_legit_rate})")
     p.add_argument("--hostile-rate", type=int, help=f"hostile rps ({d.hostile_rate})")
@@ -97,7 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_env,
         action="append",
         default=[],
-        help="extra AUTHZ_NAME=value for authz (repeatable; AUTHZ_DECISION_LOG=false is set)",
+        help="extra AUTHZ_NAME=value for both authz setups (repeatable; none by default: "
+        "authz runs with the settings it ships with)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
     p.add_argument("--vegeta", default=os.environ.get("BENCH_VEGETA_BIN") or shutil.which("vegeta"))
@@ -105,6 +126,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--peer",
         default=os.environ.get("AUTHZ_PEER_BIN"),
         help="opa-envoy-plugin binary (default $AUTHZ_PEER_BIN; none: peer is skipped)",
+    )
+    p.add_argument(
+        "--ceiling",
+        default=os.environ.get("BENCH_CEILING_BIN"),
+        help="the null ext_authz server, bench/ceiling built (default $BENCH_CEILING_BIN; "
+        "none: the ceiling setup is skipped)",
     )
     p.add_argument(
         "--py-spy", default=shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -143,6 +170,7 @@ def options(args: argparse.Namespace) -> Options:
             "hostile_rate",
             "hostile_step_s",
             "hostile_slow",
+            "opa_socket",
         )
         if getattr(args, name) is not None
     }
@@ -154,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run and report; 0 when every setup ran, 1 when one failed, 2 on a setup error."""
     args = parse_args(argv)
     opts = options(args)
+    if not opts.plan() and not opts.runs("hostile") and not opts.scale_setups():
+        log(f"nothing to run: --only {','.join(opts.only)} with --setups {','.join(opts.setups)}")
+        return 2
     if not args.vegeta:
         log("vegeta not found (scripts/bench installs it; or --vegeta PATH)")
         return 2
@@ -163,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opa=find_binary("opa", "AUTHZ_OPA_BIN"),
             vegeta=args.vegeta,
             peer=args.peer or None,
+            ceiling=args.ceiling or None,
         )
     except StackError as exc:
         log(str(exc))

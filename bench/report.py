@@ -5,12 +5,15 @@ The results document, as far as this module reads it::
     {"setups": {"<setup>": {
         "fixed": {"<rate>": {"step": Step.to_json(), "cpu_per_1k": {role: s}}},
         "search": {"skewed": {"max_rps": int | None, ...}, "distinct": {...}},
+        "workloads": {"<workload>": {"fixed": {"<rate>": {...}},
+                                     "cache": {"hits", "misses", "hit_rate"} | None}},
         "memory": {role: {"rss_kb", "hwm_kb"}}}},
      "scale": {"<setup>": {"<keys>": {"step": Step.to_json(), "memory": {...}}}},
      "hostile": {"quiet": {"step": ...}, "loaded": {"step": ...}, "hostile": Step.to_json(),
                  "legit_rate", "hostile_rate", "slow": {...}}}
 
-Missing parts (a setup skipped or failed) print as ``n/a``; ratios need both sides.
+``fixed`` is the skewed workload's (older results have no ``workloads``). Missing parts
+(a setup skipped or failed) print as ``n/a``; ratios need both sides.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ __all__ = [
     "format_scale_table",
     "format_setup_table",
     "format_table",
+    "format_workload_ratios",
+    "format_workload_table",
     "noisy_steps",
     "plot",
     "ratios",
+    "workload_ratios",
 ]
 
 NA: Final = "n/a"
@@ -42,7 +48,10 @@ RATIO_NAMES: Final = (
     "authz/peer p99 at 1000 rps",
     "authz/limit throughput",
 )
-DECIDER_ROLES: Final = ("authz", "opa", "peer")
+DECIDER_ROLES: Final = ("authz", "opa", "peer", "ceiling")
+WORKLOAD_ORDER: Final = ("skewed", "realistic", "distinct")
+# The setups compared against the peer and the ceiling in the per-workload ratios.
+AUTHZ_ROWS: Final = ("authz", "authz-bare")
 PLOT_PERCENTILES: Final = ("p50", "p90", "p99", "p99.9")
 # The parts of a results document that hold load steps.
 _STEP_SECTIONS: Final = ("setups", "scale", "profile", "hostile")
@@ -81,8 +90,12 @@ def _fmt_int(value: float | None) -> str:
 
 def _fmt_max(search: Any) -> str:
     """A search's max sustained rps; ``>=`` when no failed step bounds it from above
-    (the search ran out of steps still going up)."""
+    (the search ran out of steps still going up); ``<`` the lowest rate tried when no
+    step sustained."""
     best = _get(search, "max_rps")
+    tried = [s["rate"] for s in _get(search, "steps") or [] if isinstance(s, Mapping)]
+    if best is None and tried:
+        return f"<{_fmt_int(min(tried))}"
     text = _fmt_int(best)
     return f">={text}" if best is not None and _get(search, "ceiling_measured") is False else text
 
@@ -138,6 +151,161 @@ def cpu_at_max(setup: Mapping[str, Any], workload: str = "skewed") -> dict[str, 
             cpu: dict[str, float] = step.get("cpu_per_1k") or {}
             return cpu
     return None
+
+
+def _fmt_percent(value: float | None) -> str:
+    return NA if value is None else f"{value:.0%}"
+
+
+def _workloads(results: Mapping[str, Any]) -> list[str]:
+    """The workloads present in ``results``, in :data:`WORKLOAD_ORDER` (others after)."""
+    found: list[str] = []
+    for setup in (results.get("setups") or {}).values():
+        for name in [*(_get(setup, "search") or {}), *(_get(setup, "workloads") or {})]:
+            if name not in found:
+                found.append(name)
+    return sorted(found, key=lambda w: (*WORKLOAD_ORDER, w).index(w))
+
+
+def _fixed_step(setup: Any, workload: str, rate: int) -> Any:
+    step = _get(setup, "workloads", workload, "fixed", str(rate))
+    if step is None and workload == "skewed":
+        step = _get(setup, "fixed", str(rate))
+    return step
+
+
+def _max_rps(setups: Mapping[str, Any], setup: str, workload: str) -> float | None:
+    value = _get(setups, setup, "search", workload, "max_rps")
+    return float(value) if value is not None else None
+
+
+def _ceiling_rps(setups: Mapping[str, Any], workload: str) -> float | None:
+    """The ceiling's max sustained rps on ``workload``; on ``distinct`` without a distinct
+    run its skewed one (the null server never reads the key, and distinct requests have
+    the skewed requests' shape)."""
+    value = _max_rps(setups, "ceiling", workload)
+    if value is None and workload == "distinct":
+        value = _max_rps(setups, "ceiling", "skewed")
+    return value
+
+
+def _decider_cpu(setup: Any, workload: str) -> float | None:
+    cpu = cpu_at_max(setup or {}, workload)
+    if not cpu:
+        return None
+    decider = [cpu[r] for r in DECIDER_ROLES if r in cpu]
+    return sum(decider) if decider else None
+
+
+def hit_rate(setup: Any, workload: str) -> float | None:
+    """authz's decision-cache hit rate over the measured steps of ``workload`` (None
+    without cache readings, e.g. a setup without authz)."""
+    value = _get(setup, "workloads", workload, "cache", "hit_rate")
+    return float(value) if value is not None else None
+
+
+def format_workload_table(results: Mapping[str, Any], rates: Sequence[int]) -> str:
+    """One row per (workload, setup): max sustained rps, p50/p99 ms at each fixed rate,
+    CPU ms per request at the max (decider + Envoy), authz's cache hit rate, and the
+    row's max rps over the peer's and over the ceiling's on the same workload."""
+    setups = results.get("setups") or {}
+    headers = [
+        "workload",
+        "setup",
+        "max rps",
+        *(f"p50/p99 ms @{r}" for r in rates),
+        "CPU ms/req: decider + envoy",
+        "hit rate",
+        "/peer",
+        "/ceiling",
+    ]
+    rows = []
+    for workload in _workloads(results):
+        for name, setup in setups.items():
+            search = _get(setup, "search", workload)
+            if search is None and _get(setup, "workloads", workload) is None:
+                continue
+            cpu = cpu_at_max(setup, workload)
+            decider = _decider_cpu(setup, workload)
+            cpu_text = (
+                NA
+                if cpu is None
+                else f"{fmt_ms(decider) if decider is not None else '-'} + "
+                f"{fmt_ms(cpu.get('envoy'))}"
+            )
+            best = _max_rps(setups, name, workload)
+            lat = []
+            for rate in rates:
+                step = _get(_fixed_step(setup, workload, rate), "step")
+                values = _get(step, "latency_ms") or {}
+                text = f"{fmt_ms(values.get('p50'))} / {fmt_ms(values.get('p99'))}"
+                errors = _get(step, "errors")
+                lat.append(f"{text} ({errors} err)" if errors else text)
+            rows.append(
+                [
+                    workload,
+                    name,
+                    _fmt_max(search),
+                    *lat,
+                    cpu_text,
+                    _fmt_percent(hit_rate(setup, workload)),
+                    fmt_ratio(_div(best, _max_rps(setups, "peer", workload))),
+                    fmt_ratio(_div(best, _ceiling_rps(setups, workload))),
+                ]
+            )
+    return format_table(headers, rows)
+
+
+def workload_ratios(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per workload, the ratios of each authz setup (:data:`AUTHZ_ROWS`) present:
+    ``<s>/peer throughput``, ``<s>/ceiling throughput``, ``<s>/peer p99 at 1000 rps``,
+    ``<s>/peer decider CPU per request`` (authz + OPA over the plugin, at each one's max),
+    ``<s> hit rate``; and ``peer/ceiling throughput``, and on a workload both authz setups
+    ran, ``authz/authz-bare throughput`` (the decision log's and audit trail's cost)."""
+    setups = results.get("setups") or {}
+
+    def p99_1000(name: str, workload: str) -> float | None:
+        step = _fixed_step(setups.get(name), workload, 1000)
+        value = _get(step, "step", "latency_ms", "p99")
+        return float(value) if value is not None else None
+
+    out: dict[str, dict[str, float | None]] = {}
+    for workload in _workloads(results):
+        values: dict[str, float | None] = {}
+        peer, ceiling = _max_rps(setups, "peer", workload), _ceiling_rps(setups, workload)
+        for name in AUTHZ_ROWS:
+            if _get(setups, name, "search", workload) is None:
+                continue
+            best = _max_rps(setups, name, workload)
+            values[f"{name}/peer throughput"] = _div(best, peer)
+            values[f"{name}/ceiling throughput"] = _div(best, ceiling)
+            values[f"{name}/peer p99 at 1000 rps"] = _div(
+                p99_1000(name, workload), p99_1000("peer", workload)
+            )
+            values[f"{name}/peer decider CPU per request"] = _div(
+                _decider_cpu(setups.get(name), workload),
+                _decider_cpu(setups.get("peer"), workload),
+            )
+            values[f"{name} hit rate"] = hit_rate(setups.get(name), workload)
+        values["peer/ceiling throughput"] = _div(peer, ceiling)
+        if all(_get(setups, n, "search", workload) is not None for n in AUTHZ_ROWS):
+            values["authz/authz-bare throughput"] = _div(
+                _max_rps(setups, "authz", workload), _max_rps(setups, "authz-bare", workload)
+            )
+        out[workload] = values
+    return out
+
+
+def format_workload_ratios(values: Mapping[str, Mapping[str, float | None]]) -> str:
+    """One line per workload: ``<workload>: name value | ...`` (hit rates in percent)."""
+    lines = []
+    for workload, named in values.items():
+        parts = [
+            f"{name} {_fmt_percent(v) if name.endswith('hit rate') else fmt_ratio(v)}"
+            for name, v in named.items()
+        ]
+        lines.append(f"{workload}: " + " | ".join(parts))
+    return "\n".join(lines)
 
 
 def format_setup_table(results: Mapping[str, Any], rates: Sequence[int]) -> str:
@@ -248,6 +416,8 @@ def ratios(results: Mapping[str, Any]) -> dict[str, float | None]:
         # one's max sustained rate: less sensitive to a busy neighbour than throughput.
         "authz/peer requests per CPU-second": _div(cpu_total("peer"), cpu_total("authz")),
     }
+    if "ceiling" in setups:
+        out["authz/ceiling throughput"] = _div(max_rps("authz"), max_rps("ceiling"))
     sizes = sorted(int(s) for s in _get(results, "scale", "authz") or {})
     if len(sizes) >= 2:
         p50 = [
@@ -301,7 +471,8 @@ def plot(results: Mapping[str, Any], rates: Sequence[int], path: Path) -> Path:
         ax.set_title(f"latency at {rate} rps (open loop)")
         ax.set_ylabel("ms")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if scale:
         ax = axes[0][-1]
         for name, per in scale.items():
@@ -347,7 +518,12 @@ def render(results: Mapping[str, Any]) -> str:
         failed = [f"FAILED {e['setup']}: {e['error']}" for e in results.get("errors", [])]
         return "hostile step:\n\n" + "\n".join([*failed, hostile_line])
     rates = [int(r) for r in (results.get("options") or {}).get("rates", [500, 1000])]
-    parts = [format_setup_table(results, rates)]
+    parts = [
+        "per workload (max rps: sustained; /peer, /ceiling: max rps over theirs):\n"
+        + format_workload_table(results, rates),
+        "per workload ratios:\n" + format_workload_ratios(workload_ratios(results)),
+        "per setup (skewed workload; peak RSS):\n" + format_setup_table(results, rates),
+    ]
     if results.get("scale"):
         parts.append(format_scale_table(results))
     lines: list[str] = []

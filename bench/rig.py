@@ -9,12 +9,20 @@ Shared by every setup, started once:
 
 Per setup, in front of the upstream, the gateway Envoy from
 ``infra/envoy/envoy-gateway.yaml`` (rendered with ``authz.stack.envoy.render``) with its
-access log removed (in all three setups: a log line per request is not what is compared):
+access log removed (in every setup: a log line per request is not what is compared) and
+vegeta's own request headers (``X-Vegeta-Seq``, ``X-Vegeta-Attack``: no real client sends
+them) removed before any filter sees them:
 
 - **limit**: the same config without the ext_authz filter;
+- **ceiling**: ext_authz pointed at the null server of ``bench/ceiling`` (always OK): what
+  any ext_authz server could do here;
 - **peer**: ext_authz pointed at opa-envoy-plugin (OPA with the plugin, its gRPC server
   evaluating ``authz/gateway_peer/decision``, the shim in ``bench/peer``);
-- **authz**: ext_authz pointed at ``python -m authz serve``, which queries an OPA.
+- **authz**: ext_authz pointed at ``python -m authz serve``, which queries an OPA, with
+  the settings authz ships with (decision log on stdout, into its log file; audit trail
+  in SQLite in its working directory) plus the rig's ``authz_env``;
+- **authz-bare**: the same with the decision log and the audit trail off
+  (:data:`BARE_ENV`), so their cost shows.
 
 OPA and the plugin both load the same bundle from the bundle server with the polling
 settings of ``infra/opa/opa-local.yaml`` (the local stack's). Every Envoy runs with the
@@ -23,6 +31,7 @@ same ``--concurrency``.
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -37,8 +46,11 @@ from authz.stack.supervisor import STACK_LEAVES, Process, StackError
 from authz.tools.launch import HOST, free_port, http_ok, opa_launch
 
 __all__ = [
+    "AUTHZ_SETUPS",
+    "BARE_ENV",
     "HOST",
     "SETUPS",
+    "VEGETA_HEADERS",
     "Binaries",
     "Rig",
     "Running",
@@ -47,7 +59,14 @@ __all__ = [
     "upstream_config",
 ]
 
-SETUPS: Final = ("limit", "peer", "authz")
+SETUPS: Final = ("limit", "ceiling", "peer", "authz", "authz-bare")
+# The setups running authz (with an admin port serving /metrics).
+AUTHZ_SETUPS: Final = ("authz", "authz-bare")
+# authz-bare: the decision log and the audit trail off (README "Configuration").
+BARE_ENV: Final = {"AUTHZ_DECISION_LOG": "false", "AUTHZ_AUDIT_DB": ""}
+# Headers vegeta adds to every request (its attack name and a sequence number).
+VEGETA_HEADERS: Final = ("x-vegeta-attack", "x-vegeta-seq")
+_EARLY_MUTATION: Final = "envoy.http.early_header_mutation.header_mutation"
 PEER_DECISION_PATH: Final = "authz/gateway_peer/decision"
 _HCM: Final = "envoy.filters.network.http_connection_manager"
 _EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
@@ -63,6 +82,8 @@ class Binaries:
     vegeta: str
     peer: str | None = None
     python: str = sys.executable
+    # The null ext_authz server (bench/ceiling); None: the ceiling setup is skipped.
+    ceiling: str | None = None
 
 
 def upstream_config(port: int, admin_port: int) -> dict[str, Any]:
@@ -137,8 +158,11 @@ def gateway_config(
     ``authz_port`` None removes ext_authz entirely (the filter and the per-route
     settings), else the ``authz`` cluster points there: over mTLS with the files under
     ``tls_dir`` (:func:`authz.stack.tls.ensure_pki`'s layout), as shipped, or plaintext
-    when ``tls_dir`` is None (the peer, opa-envoy-plugin, serves plaintext gRPC). Raises
-    KeyError when the file does not have the ``gateway`` listener or the
+    when ``tls_dir`` is None (the peer, opa-envoy-plugin, and the ceiling serve plaintext
+    gRPC). Every HTTP connection manager removes :data:`VEGETA_HEADERS` before its filters
+    run (an early header mutation,
+    https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/http/early_header_mutation/header_mutation/v3/header_mutation.proto).
+    Raises KeyError when the file does not have the ``gateway`` listener or the
     ``authz``/``upstream_api`` clusters."""
     config: dict[str, Any] = yaml.safe_load(
         envoy.render(
@@ -164,6 +188,9 @@ def gateway_config(
                     continue
                 hcm = item["typed_config"]
                 hcm.pop("access_log", None)
+                hcm.setdefault("early_header_mutation_extensions", []).append(
+                    _strip_vegeta_headers()
+                )
                 if authz_port is None:
                     hcm["http_filters"] = [
                         f for f in hcm["http_filters"] if f["name"] != _EXT_AUTHZ
@@ -176,6 +203,25 @@ def gateway_config(
     if authz_port is None:
         resources["clusters"] = [c for c in resources["clusters"] if c["name"] != "authz"]
     return config
+
+
+def _strip_vegeta_headers() -> dict[str, Any]:
+    return {
+        "name": _EARLY_MUTATION,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation"
+            ".header_mutation.v3.HeaderMutation",
+            "mutations": [{"remove": name} for name in VEGETA_HEADERS],
+        },
+    }
+
+
+def _tcp_ok(port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def opa_config(
@@ -206,11 +252,13 @@ def opa_config(
 @dataclass
 class Running:
     """A started setup: the gateway URL and its processes by role (``envoy``, and
-    ``authz`` + ``opa`` or ``peer``)."""
+    ``authz`` + ``opa``, ``peer`` or ``ceiling``); ``admin_url`` is authz's admin port
+    (``/metrics``), None in setups without authz."""
 
     name: str
     url: str
     processes: dict[str, Process] = field(default_factory=dict)
+    admin_url: str | None = None
 
     def pids(self) -> dict[str, int]:
         """Role -> pid of every running process."""
@@ -222,8 +270,10 @@ class Rig:
 
     ``root`` is the repository; ``run_dir`` receives configs and ``logs/``;
     ``bundle_dir`` holds the bundles (``<name>.tar.gz``); ``authz_env`` adds to authz's
-    environment (the benchmark sets ``AUTHZ_DECISION_LOG=false``; ``PYTHONPATH`` runs
-    another checkout of authz).
+    environment in both authz setups (``PYTHONPATH`` runs another checkout of authz; none
+    by default: authz runs as shipped); ``opa_socket`` True serves OPA on a unix socket
+    too and points authz there (``AUTHZ_OPA_URL=unix://...``; OPA's TCP port stays for
+    its health check).
     """
 
     def __init__(
@@ -235,6 +285,7 @@ class Rig:
         *,
         envoy_concurrency: int = 1,
         authz_env: Mapping[str, str] | None = None,
+        opa_socket: bool = False,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -242,6 +293,7 @@ class Rig:
         self.bin = binaries
         self.envoy_concurrency = envoy_concurrency
         self.authz_env = dict(authz_env or {})
+        self.opa_socket = opa_socket
         self._stack = ExitStack()
         self._shared: list[Process] = []
         self.upstream_port = 0
@@ -315,9 +367,15 @@ class Rig:
         )
 
     def _opa(
-        self, name: str, binary: str, bundle: str, plugin_addr: str | None
+        self,
+        name: str,
+        binary: str,
+        bundle: str,
+        plugin_addr: str | None,
+        socket_path: Path | None = None,
     ) -> tuple[Process, int]:
-        """OPA (or the plugin, which is OPA with one more plugin) and its REST port."""
+        """OPA (or the plugin, which is OPA with one more plugin) and its REST port; with
+        ``socket_path``, its REST API on that unix socket too."""
         port = free_port()
         config = opa_config(
             self.root / "infra/opa/opa-local.yaml",
@@ -329,6 +387,7 @@ class Rig:
         launch = opa_launch(
             binary,
             port,
+            *([f"--addr=unix://{socket_path}"] if socket_path else []),
             f"--config-file={path}",
             "--log-format=json",
             ready_path="/health?bundles" + ("&plugins" if plugin_addr else ""),
@@ -353,10 +412,27 @@ class Rig:
                 authz_port = free_port()
                 peer, _ = self._opa(f"{tag}-peer", self.bin.peer, bundle, f"{HOST}:{authz_port}")
                 running.processes["peer"] = self._start(peer, stack)
-            elif name == "authz":
-                opa, opa_port = self._opa(f"{tag}-opa", self.bin.opa, bundle, None)
+            elif name == "ceiling":
+                if self.bin.ceiling is None:
+                    raise StackError("no bench/ceiling binary")
+                authz_port = free_port()
+                ceiling_port = authz_port
+                running.processes["ceiling"] = self._start(
+                    Process(
+                        f"{tag}-ceiling",
+                        [self.bin.ceiling, f"-addr={HOST}:{ceiling_port}"],
+                        self._log(f"{tag}-ceiling"),
+                        lambda: _tcp_ok(ceiling_port),
+                    ),
+                    stack,
+                )
+            elif name in AUTHZ_SETUPS:
+                socket_path = self.run_dir / f"{tag}-opa.sock" if self.opa_socket else None
+                opa, opa_port = self._opa(f"{tag}-opa", self.bin.opa, bundle, None, socket_path)
                 running.processes["opa"] = self._start(opa, stack)
                 authz_port, admin_port = free_port(), free_port()
+                running.admin_url = f"http://{HOST}:{admin_port}"
+                opa_url = f"unix://{socket_path}" if socket_path else f"http://{HOST}:{opa_port}"
                 # Envoy -> authz over mTLS, as shipped (the TLS cost is part of the setup).
                 mtls_dir = self.run_dir / "mtls"
                 server = tls.ensure_pki(mtls_dir, STACK_LEAVES)["authz"]
@@ -371,11 +447,12 @@ class Rig:
                         env={
                             "AUTHZ_GRPC_ADDR": f"{HOST}:{authz_port}",
                             "AUTHZ_ADMIN_ADDR": f"{HOST}:{admin_port}",
-                            "AUTHZ_OPA_URL": f"http://{HOST}:{opa_port}",
+                            "AUTHZ_OPA_URL": opa_url,
                             "AUTHZ_GRPC_TLS_CERT": str(server.cert),
                             "AUTHZ_GRPC_TLS_KEY": str(server.key),
                             "AUTHZ_GRPC_TLS_CLIENT_CA": str(server.ca),
                             **self.authz_env,
+                            **(BARE_ENV if name == "authz-bare" else {}),
                         },
                         # Files authz may write relative to its cwd stay in the run dir.
                         cwd=workdir,
@@ -389,7 +466,7 @@ class Rig:
                 admin_port=admin,
                 upstream_port=self.upstream_port,
                 authz_port=authz_port,
-                tls_dir=self.run_dir / "mtls" if name == "authz" else None,
+                tls_dir=self.run_dir / "mtls" if name in AUTHZ_SETUPS else None,
             )
             running.processes["envoy"] = self._start(self._envoy(tag, config, admin), stack)
             running.url = f"http://{HOST}:{port}"

@@ -1,26 +1,37 @@
 """One benchmark run: build the bundles, measure each setup, save and print the results.
 
-Per setup, with the gateway policy and ``keys`` API keys (bundle ``keys-<keys>``), the
-skewed workload (Zipf over ``hot_keys`` of them):
+Workloads (:data:`WORKLOADS`), each run by the setups :data:`SETUP_WORKLOADS` names:
 
-1. sanity: a valid key answers 200 and an unknown key 401 (limit: 200, it checks nothing);
+- ``skewed``: ``GET BENCH_PATH`` with a key drawn with Zipf popularity from ``hot_keys``
+  of the ``keys`` keys (bundle ``keys-<keys>``);
+- ``realistic``: :class:`bench.workload.RealisticStream` on the same bundle: Zipf keys
+  over varied paths (ids in path segments, query strings), a few methods and user
+  agents, a fresh ``x-request-id`` and ``traceparent`` on every request;
+- ``distinct``: every request a key that setup has not used before (bundle
+  ``keys-<distinct_keys>``): a decision cache cannot help.
+
+Each (setup, workload) pair is a session on a freshly started setup (so no cache carries
+over from another workload):
+
+1. sanity: a valid key answers 200 and an unknown key 401 (limit and ceiling: 200);
 2. warm-up (discarded);
-3. a scale step (decider setups): ``scale_rate`` rps over the ``scale_hot_keys`` first
-   keys, then the processes' memory;
-4. each fixed rate, open loop: latency percentiles, CPU seconds per 1,000 decisions of
-   every process of the setup (``/proc/<pid>/stat`` before and after);
+3. a scale step (``peer``/``authz``, when the bundle's size is a scale size):
+   ``scale_rate`` rps over the ``scale_hot_keys`` first keys, then the processes' memory;
+4. each fixed rate, open loop: latency percentiles, CPU seconds per 1,000 requests of
+   every process of the setup (``/proc/<pid>/stat`` before and after) and, for authz,
+   the decision cache's hits and misses (:mod:`bench.hitrate`);
 5. max sustained rate (``search``) and peak RSS;
-6. authz only: a profiled step (py-spy on the authz process) at ``profile_load`` of its
-   max sustained rate.
+6. authz, skewed only: a profiled step (py-spy on the authz process) at ``profile_load``
+   of its max sustained rate.
 
-Then, for the decider setups, the all-distinct-keys workload on the ``distinct_keys``
-bundle (every request a key not used before in that setup) and the scale step on each
-other bundle size. Last, with the authz setup in the run (or alone, ``only="hostile"``),
-the hostile step on a fresh authz setup (``bench.hostile``): the skewed workload at
-``hostile_legit_rate`` alone, then beside hostile requests at ``hostile_rate`` and
-``hostile_slow`` slow clients; its ratios are loaded over quiet. Each step also records
-the CPU the rest of the machine used meanwhile (``foreign_cpu_cores``): the machine is
-shared, and a busy neighbour skews a step.
+Then the scale step on each bundle size not measured yet. Last, with the authz setup in
+the run (or alone, ``--only hostile``), the hostile step on a fresh authz setup
+(``bench.hostile``): the skewed workload at ``hostile_legit_rate`` alone, then beside
+hostile requests at ``hostile_rate`` and ``hostile_slow`` slow clients; its ratios are
+loaded over quiet. ``only`` picks setups, workloads and the ``scale``/``hostile`` steps
+(:meth:`Options.plan`). Each step also records the CPU the rest of the machine used
+meanwhile (``foreign_cpu_cores``): the machine is shared, and a busy neighbour skews a
+step.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from typing import Any, Final
 
 import authz
 from authz.stack.supervisor import StackError
-from bench import procstat, report
+from bench import hitrate, procstat, report
 from bench.hostile import format_hostile, hostile_ratios, write_hostile_targets
 from bench.load import Attack, LoadRun, run_attack
 from bench.profile import format_profile, parse_collapsed, summarize_profile
@@ -55,16 +66,41 @@ from bench.stats import Step, sustained
 from bench.workload import (
     BENCH_PATH,
     DistinctStream,
+    RealisticStream,
     bench_key,
     write_keys_overlay,
+    write_requests,
     write_targets,
     zipf_sequence,
 )
 from tests.helpers.hostile import Slowloris, Tally
 
-__all__ = ["DEFAULT", "QUICK", "Bench", "Options"]
+__all__ = [
+    "DEFAULT",
+    "EXTRA_STEPS",
+    "QUICK",
+    "SETUP_WORKLOADS",
+    "WORKLOADS",
+    "Bench",
+    "Options",
+]
 
+# The setups whose p50 is compared across bundle sizes (the scale steps).
 DECIDERS: Final = ("peer", "authz")
+WORKLOADS: Final = ("skewed", "realistic", "distinct")
+# Steps besides the workloads, each selectable with --only.
+EXTRA_STEPS: Final = ("scale", "hostile")
+# What each setup runs by default. Envoy alone is the reference on one workload; the null
+# server ignores the key, so its distinct-key row would repeat its skewed one (the report
+# reads distinct ratios against the ceiling's skewed row); the row with the decision log
+# and audit off is one row, on the traffic that resembles a deployment's.
+SETUP_WORKLOADS: Final[Mapping[str, tuple[str, ...]]] = {
+    "limit": ("skewed",),
+    "ceiling": ("skewed", "realistic"),
+    "peer": WORKLOADS,
+    "authz": WORKLOADS,
+    "authz-bare": ("realistic",),
+}
 # Requests in the skewed and scale targets files (vegeta cycles through a file).
 SEQUENCE_LENGTH: Final = 20_000
 # Pause between load steps so a backlog from the previous one cannot leak into the next.
@@ -82,13 +118,13 @@ class Options:
 
     setups: tuple[str, ...] = SETUPS
     rates: tuple[int, ...] = (500, 1000)
-    step_s: float = 10.0
-    warmup_s: float = 3.0
+    step_s: float = 6.0
+    warmup_s: float = 2.0
     # Light enough for every setup: warming up must not leave a backlog behind.
     warmup_rate: int = 100
-    probe_s: float = 5.0
-    search_step_s: float = 5.0
-    search_steps: int = 5
+    probe_s: float = 4.0
+    search_step_s: float = 4.0
+    search_steps: int = 4
     search_low: float = 0.4
     workers: int = 32
     max_p99_ms: float = 100.0
@@ -107,17 +143,12 @@ class Options:
     # not overloaded process: overload profiles the failure path).
     profile_load: float = 0.8
     seed: int = 1
-    # No decision log (the plugin logs none either). vegeta numbers every request in an
-    # X-Vegeta-Seq header and names the step in X-Vegeta-Attack (a new value each step,
-    # which would start every step with an empty cache); like a deployment's own
-    # correlation-id header, authz's decision cache is told to ignore both (request ids
-    # and tracing headers it ignores by default).
-    authz_env: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "AUTHZ_DECISION_LOG": "false",
-            "AUTHZ_DECISION_CACHE_IGNORE_HEADERS": "x-vegeta-seq,x-vegeta-attack",
-        }
-    )
+    # Added to authz's environment in both authz setups. Empty: authz runs with the
+    # settings it ships with (vegeta's own per-request headers never reach it: the rig's
+    # Envoy removes them, bench.rig).
+    authz_env: Mapping[str, str] = field(default_factory=dict)
+    # authz talks to OPA over a unix socket (AUTHZ_OPA_URL=unix://...) instead of TCP.
+    opa_socket: bool = False
     keep_run: bool = False
     # Run authz from this git ref of the repository (None: the working tree).
     authz_ref: str | None = None
@@ -131,29 +162,80 @@ class Options:
     hostile_rate: int = 10
     hostile_step_s: float = 10.0
     hostile_slow: int = 20
-    # "hostile": run that step only (one bundle, the authz setup).
-    only: str | None = None
+    # Names of setups, workloads and EXTRA_STEPS to run (empty: everything; see plan).
+    only: tuple[str, ...] = ()
+
+    def plan(self) -> dict[str, tuple[str, ...]]:
+        """Setup -> the workloads it runs, in :data:`SETUPS` order (a setup with none is
+        absent). ``only`` filters: the setups it names (none named: every setup of
+        ``setups``), and the workloads it names (none named: each setup's
+        :data:`SETUP_WORKLOADS`, unless it names only extra steps, then none). A setup and
+        a workload both named run even where :data:`SETUP_WORKLOADS` leaves that pair
+        out. Raises ValueError on a name that is none of these."""
+        unknown = set(self.only) - {*SETUPS, *WORKLOADS, *EXTRA_STEPS}
+        if unknown:
+            raise ValueError(
+                f"unknown names {sorted(unknown)}; known: {[*SETUPS, *WORKLOADS, *EXTRA_STEPS]}"
+            )
+        named_setups = [s for s in self.only if s in SETUPS]
+        named_workloads = [w for w in WORKLOADS if w in self.only]
+        extras_only = not named_workloads and any(e in self.only for e in EXTRA_STEPS)
+        plan: dict[str, tuple[str, ...]] = {}
+        for setup in SETUPS:
+            if setup not in self.setups or (named_setups and setup not in named_setups):
+                continue
+            if extras_only:
+                workloads: tuple[str, ...] = ()
+            elif not named_workloads:
+                workloads = SETUP_WORKLOADS[setup]
+            elif setup in named_setups:
+                workloads = tuple(named_workloads)
+            else:
+                workloads = tuple(w for w in named_workloads if w in SETUP_WORKLOADS[setup])
+            if workloads:
+                plan[setup] = workloads
+        return plan
+
+    def runs(self, step: str) -> bool:
+        """Whether extra step ``step`` (``scale``, ``hostile``) runs: ``only`` names it,
+        or names no workload and no extra step (everything runs), and a setup it needs is
+        in the run (``scale``: peer or authz; ``hostile``: authz)."""
+        named = [n for n in self.only if n in (*WORKLOADS, *EXTRA_STEPS)]
+        if named and step not in named:
+            return False
+        named_setups = [s for s in self.only if s in SETUPS]
+        needs = DECIDERS if step == "scale" else ("authz",)
+        return any(s in self.setups and (not named_setups or s in named_setups) for s in needs)
+
+    def scale_setups(self) -> list[str]:
+        """The setups the scale steps measure (none when ``scale`` does not run)."""
+        if not self.runs("scale"):
+            return []
+        named_setups = [s for s in self.only if s in SETUPS]
+        return [s for s in DECIDERS if s in self.setups and (not named_setups or s in named_setups)]
 
     def bundle_sizes(self) -> list[int]:
         """Every bundle size the run needs."""
-        if self.only == "hostile":
-            return [self.keys]
-        sizes = {self.keys, *self.scale_sizes}
-        if any(s in DECIDERS for s in self.setups):
-            sizes.add(self.distinct_keys)
+        sizes: set[int] = set()
+        for workloads in self.plan().values():
+            sizes.update(self.distinct_keys if w == "distinct" else self.keys for w in workloads)
+        if self.scale_setups():
+            sizes.update(self.scale_sizes)
+        if self.runs("hostile"):
+            sizes.add(self.keys)
         return sorted(sizes)
 
 
 DEFAULT: Final = Options()
 QUICK: Final = replace(
     DEFAULT,
-    step_s=3.0,
+    step_s=2.0,
     warmup_s=1.0,
     probe_s=2.0,
     search_step_s=2.0,
     search_steps=3,
-    profile_s=3.0,
-    hostile_step_s=5.0,
+    profile_s=2.0,
+    hostile_step_s=3.0,
 )
 
 
@@ -219,6 +301,10 @@ class Bench:
         scale_keys = list(range(min(options.scale_hot_keys, *options.scale_sizes)))
         self.scale = zipf_sequence(scale_keys, SEQUENCE_LENGTH, options.zipf_exponent, options.seed)
         self._shared_pids: list[int] = []
+        # Bundle sizes whose scale step ran, per setup.
+        self._scaled: dict[str, set[int]] = {}
+        # The distinct-key stream of the running session, by setup (for keys_used).
+        self._streams: dict[str, DistinctStream] = {}
 
     # -- environment and bundles ----------------------------------------------------
     def environment(self) -> dict[str, Any]:
@@ -252,6 +338,8 @@ class Bench:
             else bool(status.strip()),
             "envoy_concurrency": self.opt.envoy_concurrency,
             "authz_env": dict(self.opt.authz_env),
+            "opa_socket": self.opt.opa_socket,
+            "ceiling_binary": self.bin.ceiling,
         }
 
     def export_authz(self) -> Path | None:
@@ -326,11 +414,35 @@ class Bench:
             indices,
         )
 
+    def _workload_targets(self, running: Running, workload: str) -> Callable[[str, int], Path]:
+        """A targets-file writer for ``workload`` in this session: (file name, request
+        count) -> path. Skewed writes its fixed sequence (vegeta cycles it); realistic and
+        distinct hand out the next requests of one stream per session, so a request id or
+        a distinct key is never sent twice."""
+        o = self.opt
+        if workload == "skewed":
+            return lambda name, _count: self._targets(running, name, self.skewed)
+        directory = self.run_dir / "targets"
+        if workload == "distinct":
+            keys = DistinctStream(o.distinct_keys, seed=o.seed)
+            self._streams[running.name] = keys
+            return lambda name, count: write_targets(
+                directory / f"{running.name}-{name}.txt", running.url + BENCH_PATH, keys.take(count)
+            )
+        if workload == "realistic":
+            stream = RealisticStream(o.hot_keys, o.zipf_exponent, seed=o.seed)
+            return lambda name, count: write_requests(
+                directory / f"{running.name}-{name}.txt", running.url, stream.take(count)
+            )
+        raise ValueError(f"unknown workload {workload!r}")
+
     def _step(
         self, running: Running, name: str, rate: int, duration_s: float, targets: Path
     ) -> tuple[Step, dict[str, Any]]:
         """Run one load step; its summary, and the JSON record with the CPU each process
-        used (total and per 1,000 requests) and what other processes used meanwhile."""
+        used (total and per 1,000 requests), what other processes used meanwhile and, for
+        authz, its decision cache's lookups (``cache``: hits, misses, hit_rate)."""
+        cache_before = hitrate.read_lookups(running.admin_url) if running.admin_url else None
         pids = running.pids()
         before = {role: procstat.read_cpu_seconds(pid) for role, pid in pids.items()}
         shared_before = sum(procstat.read_cpu_seconds(p) for p in self._shared_pids)
@@ -343,6 +455,11 @@ class Bench:
         busy = _machine_busy_s() - busy_before
         cpu = {role: procstat.read_cpu_seconds(pid) - before[role] for role, pid in pids.items()}
         shared = sum(procstat.read_cpu_seconds(p) for p in self._shared_pids) - shared_before
+        cache = (
+            hitrate.lookups(cache_before, hitrate.read_lookups(running.admin_url))
+            if cache_before is not None and running.admin_url
+            else None
+        )
         ours = sum(cpu.values()) + shared + run.loadgen_cpu_s
         foreign = max(0.0, busy - ours) / elapsed
         step = run.step
@@ -354,32 +471,39 @@ class Bench:
             f"p99.9 {report.fmt_ms(lat.get('p99.9'))} ms, errors {step.errors}"
             + (f" {step.codes}" if step.errors else "")
             + (
+                f", cache hits {cache['hit_rate']:.0%}"
+                if cache and cache["hit_rate"] is not None
+                else ""
+            )
+            + (
                 f"  [other processes used {foreign:.2f} cores]"
                 if foreign > FOREIGN_CPU_WARN
                 else ""
             )
         )
-        return step, {
+        record: dict[str, Any] = {
             "step": step.to_json(),
             "cpu_s": {r: round(c, 3) for r, c in cpu.items()},
             "cpu_per_1k": per_1k,
             "loadgen_cpu_s": run.loadgen_cpu_s,
             "foreign_cpu_cores": round(foreign, 3),
         }
+        if cache is not None:
+            record["cache"] = cache
+        return step, record
 
     def _sanity(self, running: Running) -> None:
         url = running.url + BENCH_PATH
         valid, unknown = _get(url, bench_key(0)), _get(url, "ak_bench_unknown")
-        want_unknown = 200 if running.name == "limit" else 401
+        want_unknown = 200 if running.name in ("limit", "ceiling") else 401
         if valid != 200 or unknown != want_unknown:
             raise RuntimeError(
                 f"{running.name}: sanity check failed: valid key -> {valid} (want 200), "
                 f"unknown key -> {unknown} (want {want_unknown})"
             )
 
-    def _warmup(self, running: Running, indices: Sequence[int]) -> None:
+    def _warmup(self, running: Running, targets: Path) -> None:
         if self.opt.warmup_s > 0:
-            targets = self._targets(running, "warmup", indices)
             run_attack(
                 self.bin.vegeta,
                 Attack(f"{running.name}-warmup", self.opt.warmup_rate, self.opt.warmup_s, targets),
@@ -391,12 +515,13 @@ class Bench:
         return {role: procstat.read_memory(pid) for role, pid in running.pids().items()}
 
     def _search(
-        self, running: Running, workload: str, indices: Callable[[int], Sequence[int]]
+        self, running: Running, workload: str, targets_for: Callable[[str, int], Path]
     ) -> dict[str, Any]:
-        """Closed-loop probe, then bisection of open-loop steps (bench.search)."""
+        """Closed-loop probe, then bisection of open-loop steps (bench.search);
+        ``targets_for(name, count)`` writes a targets file of ``count`` requests."""
         o = self.opt
         probe_count = int(max(self._ceiling_guess(running.name), 1000) * o.probe_s * 1.2)
-        targets = self._targets(running, "probe", indices(probe_count))
+        targets = targets_for(f"{workload}-probe", probe_count)
         probe_step, probe = self._step(running, f"{workload}-probe", 0, o.probe_s, targets)
         ceiling = probe_step.throughput
         result: dict[str, Any] = {
@@ -414,7 +539,7 @@ class Bench:
                 break
             time.sleep(SETTLE_S)
             count = int(rate * o.search_step_s * 1.1) + 100
-            targets = self._targets(running, "search", indices(count))
+            targets = targets_for(f"{workload}-search", count)
             step, record = self._step(running, f"{workload}-{rate}", rate, o.search_step_s, targets)
             ok, reason = sustained(step, o.max_p99_ms)
             if not ok:
@@ -427,33 +552,57 @@ class Bench:
         return result
 
     def _ceiling_guess(self, setup: str) -> float:
-        probe = self.results["setups"].get(setup, {}).get("search", {}).get("skewed", {})
-        return float(probe.get("ceiling_rps") or 5000)
+        searches = self.results["setups"].get(setup, {}).get("search", {})
+        best = max((float(s.get("ceiling_rps") or 0) for s in searches.values()), default=0)
+        return best or 5000.0
 
     # -- sessions --------------------------------------------------------------------
-    def _main_session(self, rig: Rig, setup: str) -> None:
+    def _workload_session(self, rig: Rig, setup: str, workload: str) -> None:
+        """One workload on a freshly started setup: fixed rates, the max sustained rate,
+        memory, the cache's hit rate over every measured step; the scale step first when
+        this bundle is a scale size, the profile last (authz, skewed)."""
         o = self.opt
-        out: dict[str, Any] = {"fixed": {}, "search": {}}
-        self.results["setups"][setup] = out
-        with rig.setup(setup, f"keys-{o.keys}") as running:
+        size = o.distinct_keys if workload == "distinct" else o.keys
+        out = self.results["setups"].setdefault(setup, {"search": {}})
+        record: dict[str, Any] = {"fixed": {}}
+        out.setdefault("workloads", {})[workload] = record
+        with rig.setup(setup, f"keys-{size}") as running:
+            targets_for = self._workload_targets(running, workload)
             self._sanity(running)
-            self._warmup(running, self.skewed)
-            if setup in DECIDERS and o.keys in o.scale_sizes:
-                self._scale_step(running, setup, o.keys)
-            skewed = self._targets(running, "skewed", self.skewed)
+            warm = (
+                self._targets(running, f"{workload}-warmup", self.scale)
+                if workload == "distinct"  # no distinct key spent on warming up
+                else targets_for(f"{workload}-warmup", int(o.warmup_rate * o.warmup_s) + 10)
+            )
+            self._warmup(running, warm)
+            if setup in self.opt.scale_setups() and size in o.scale_sizes:
+                self._scale_step(running, setup, size)
             for rate in o.rates:
                 time.sleep(SETTLE_S)
-                _, out["fixed"][str(rate)] = self._step(
-                    running, f"skewed-{rate}", rate, o.step_s, skewed
+                targets = targets_for(f"{workload}-{rate}", int(rate * o.step_s * 1.1) + 100)
+                _, record["fixed"][str(rate)] = self._step(
+                    running, f"{workload}-{rate}", rate, o.step_s, targets
                 )
             time.sleep(SETTLE_S)
-            out["search"]["skewed"] = self._search(running, "skewed", lambda n: self.skewed)
-            out["memory"] = self._memory(running)
-            if setup == "authz" and o.profile:
+            search = self._search(running, workload, targets_for)
+            out["search"][workload] = search
+            if workload == "distinct":
+                stream = self._streams.get(running.name)
+                if stream is not None:
+                    search["keys_used"] = stream.used
+                    search["key_reuse"] = stream.wraps > 0
+            record["memory"] = self._memory(running)
+            steps = [*record["fixed"].values(), search.get("probe"), *search["steps"]]
+            record["cache"] = hitrate.combine(step.get("cache") for step in steps if step)
+            if workload == "skewed" or "memory" not in out:
+                out["memory"] = record["memory"]
+            if workload == "skewed":
+                out["fixed"] = record["fixed"]  # the per-setup table reads the skewed rates
+            if setup == "authz" and workload == "skewed" and o.profile:
                 time.sleep(SETTLE_S)
-                best = out["search"]["skewed"].get("max_rps")
+                best = search.get("max_rps")
                 rate = max(10, int(o.profile_load * best)) if best else o.scale_rate
-                self._profile(running, skewed, rate)
+                self._profile(running, targets_for("profiled", 0), rate)
 
     def _scale_step(self, running: Running, setup: str, size: int) -> None:
         targets = self._targets(running, f"scale-{size}", self.scale)
@@ -462,25 +611,12 @@ class Bench:
         )
         record["memory"] = self._memory(running)
         self.results["scale"].setdefault(setup, {})[str(size)] = record
-
-    def _distinct_session(self, rig: Rig, setup: str) -> None:
-        o = self.opt
-        stream = DistinctStream(o.distinct_keys, seed=o.seed)
-        with rig.setup(setup, f"keys-{o.distinct_keys}") as running:
-            self._sanity(running)
-            self._warmup(running, self.scale)
-            if o.distinct_keys in o.scale_sizes:
-                self._scale_step(running, setup, o.distinct_keys)
-            time.sleep(SETTLE_S)
-            result = self._search(running, "distinct", stream.take)
-            result["keys_used"] = stream.used
-            result["key_reuse"] = stream.wraps > 0
-            self.results["setups"][setup]["search"]["distinct"] = result
+        self._scaled.setdefault(setup, set()).add(size)
 
     def _scale_session(self, rig: Rig, setup: str, size: int) -> None:
         with rig.setup(setup, f"keys-{size}") as running:
             self._sanity(running)
-            self._warmup(running, self.scale)
+            self._warmup(running, self._targets(running, f"scale-{size}-warmup", self.scale))
             self._scale_step(running, setup, size)
 
     def _profile(self, running: Running, targets: Path, rate: int) -> None:
@@ -521,8 +657,8 @@ class Bench:
         o = self.opt
         with rig.setup("authz", f"keys-{o.keys}") as running:
             self._sanity(running)
-            self._warmup(running, self.skewed)
             legit = self._targets(running, "hostile-legit", self.skewed)
+            self._warmup(running, legit)
             count = int(o.hostile_rate * o.hostile_step_s * 1.2) + 10
             hostile = write_hostile_targets(
                 self.run_dir / "targets" / f"{running.name}-hostile.txt", running.url, count
@@ -592,23 +728,30 @@ class Bench:
             self.bin,
             envoy_concurrency=o.envoy_concurrency,
             authz_env={**o.authz_env, **({"PYTHONPATH": str(authz_src)} if authz_src else {})},
+            opa_socket=o.opa_socket,
         )
+        plan = o.plan()
+        self.results["plan"] = {setup: list(workloads) for setup, workloads in plan.items()}
         with rig:
             self._shared_pids = [p for p in rig.shared_pids() if p]
-            for setup in () if o.only == "hostile" else o.setups:
+            for setup, workloads in plan.items():
+                missing = {"peer": self.bin.peer, "ceiling": self.bin.ceiling}
+                if setup in missing and missing[setup] is None:
+                    what = "opa-envoy-plugin" if setup == "peer" else "bench/ceiling"
+                    self._error(setup, f"no {what} binary (see scripts/bench --help)")
+                    continue
+                for workload in workloads:
+                    self._guarded(setup, partial(self._workload_session, rig, setup, workload))
+            for setup in o.scale_setups():
                 if setup == "peer" and self.bin.peer is None:
-                    self._error(setup, "no opa-envoy-plugin binary (see scripts/bench --help)")
                     continue
-                self._guarded(setup, partial(self._main_session, rig, setup))
-                if setup not in DECIDERS:
-                    continue
-                self._guarded(setup, partial(self._distinct_session, rig, setup))
                 for size in o.scale_sizes:
-                    if size not in (o.keys, o.distinct_keys):
+                    if size not in self._scaled.get(setup, set()):
                         self._guarded(setup, partial(self._scale_session, rig, setup, size))
-            if o.only == "hostile" or "authz" in o.setups:
+            if o.runs("hostile"):
                 self._guarded("authz", partial(self._hostile_session, rig))
         self.results["ratios"] = report.ratios(self.results)
+        self.results["workload_ratios"] = report.workload_ratios(self.results)
         self.results["noisy_steps"] = report.noisy_steps(self.results, FOREIGN_CPU_WARN)
         self.results["elapsed_s"] = round(time.monotonic() - started, 1)
         if not o.keep_run:

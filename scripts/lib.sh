@@ -77,3 +77,9 @@ go_build_tool() {
 KUSTOMIZE_VERSION="${KUSTOMIZE_VERSION:-v5.8.2}"
 KUSTOMIZE_BIN="$AUTHZ_CACHE/kustomize-$KUSTOMIZE_VERSION/kustomize"
 export KUSTOMIZE_VERSION KUSTOMIZE_BIN
+# The null ext_authz server of the benchmark's "ceiling" setup (bench/ceiling: grpc-go and
+# go-control-plane, pinned by its go.mod and go.sum), cached by content hash like
+# composecheck; scripts/install-tools ceiling (run by scripts/bench) builds it.
+CEILING_HASH="$(cat "$ROOT"/bench/ceiling/{go.mod,go.sum,main.go} | sha256sum | cut -c1-16)"
+CEILING_BIN="$AUTHZ_CACHE/bench-ceiling-$CEILING_HASH/ceiling"
+export CEILING_BIN

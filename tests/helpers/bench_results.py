@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RESULTS"]
+__all__ = ["RESULTS", "WORKLOAD_RESULTS"]
 
 
 def _fixed(p50: float, p99: float, cpu: dict[str, float], errors: int = 0) -> dict[str, Any]:
@@ -75,4 +75,54 @@ RESULTS: dict[str, Any] = {
             "100000": _scale(2.2, 6.0, {"authz": 60 * 1024, "opa": 150 * 1024}),
         },
     },
+}
+
+
+def _workload(
+    best: int, cpu: dict[str, float], p99_1000: float, cache: tuple[int, int] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(search, workload record) of one setup on one workload."""
+    record: dict[str, Any] = {
+        "fixed": {
+            "500": _fixed(1.0, p99_1000 / 2, cpu),
+            "1000": _fixed(2.0, p99_1000, cpu),
+        }
+    }
+    if cache is not None:
+        hits, misses = cache
+        record["cache"] = {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses)}
+    return _search(best, cpu), record
+
+
+def _setup(**workloads: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "search": {name: search for name, (search, _) in workloads.items()},
+        "workloads": {name: record for name, (_, record) in workloads.items()},
+    }
+
+
+# Five setups on three workloads, as bench/run.py writes them (the ceiling without a
+# distinct run, authz-bare on realistic only).
+WORKLOAD_RESULTS: dict[str, Any] = {
+    "setups": {
+        "limit": _setup(skewed=_workload(9000, {"envoy": 0.05}, 2.0)),
+        "ceiling": _setup(
+            skewed=_workload(4000, {"envoy": 0.2, "ceiling": 0.1}, 3.0),
+            realistic=_workload(3200, {"envoy": 0.25, "ceiling": 0.1}, 4.0),
+        ),
+        "peer": _setup(
+            skewed=_workload(1000, {"envoy": 0.5, "peer": 1.0}, 400.0),
+            realistic=_workload(800, {"envoy": 0.5, "peer": 1.2}, 300.0),
+            distinct=_workload(1200, {"envoy": 0.5, "peer": 0.8}, 200.0),
+        ),
+        "authz": _setup(
+            skewed=_workload(1400, {"envoy": 0.5, "authz": 0.6, "opa": 0.1}, 100.0, (950, 50)),
+            realistic=_workload(640, {"envoy": 0.5, "authz": 1.0, "opa": 0.5}, 600.0, (1, 3)),
+            distinct=_workload(600, {"envoy": 0.5, "authz": 1.2, "opa": 0.8}, 500.0, (0, 10)),
+        ),
+        "authz-bare": _setup(
+            realistic=_workload(800, {"envoy": 0.5, "authz": 0.8, "opa": 0.5}, 300.0, (1, 1)),
+        ),
+    },
+    "options": {"rates": [500, 1000]},
 }

@@ -285,13 +285,13 @@ def test_full_report_keeps_the_headline_ratios_last_and_shows_the_hostile_line()
 @pytest.mark.parametrize(
     ("argv", "only", "sizes"),
     [
-        (["--only", "hostile", "--keys", "1000"], "hostile", [1000]),
-        (["--keys", "1000"], None, [100, 1000, 10_000, 100_000]),
+        (["--only", "hostile", "--keys", "1000"], ("hostile",), [1000]),
+        (["--keys", "1000"], (), [100, 1000, 10_000, 100_000]),
     ],
     ids=["hostile-alone", "full-run"],
 )
 def test_only_hostile_builds_one_bundle(
-    argv: list[str], only: str | None, sizes: list[int]
+    argv: list[str], only: tuple[str, ...], sizes: list[int]
 ) -> None:
     from bench.__main__ import options, parse_args
 

@@ -15,10 +15,13 @@ from bench.report import (
     format_scale_table,
     format_setup_table,
     format_table,
+    format_workload_ratios,
+    format_workload_table,
     ratios,
     render,
+    workload_ratios,
 )
-from tests.helpers.bench_results import RESULTS
+from tests.helpers.bench_results import RESULTS, WORKLOAD_RESULTS
 
 
 @pytest.mark.parametrize(
@@ -125,3 +128,124 @@ def test_max_without_a_measured_ceiling_is_a_lower_bound() -> None:
     }
     row = format_setup_table(results, [500]).splitlines()[2]
     assert row.split(" | ")[1].strip() == ">=4,890"
+
+
+# -- per workload: the ceiling, the realistic workload, hit rates --------------------
+
+
+def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    lines = text.splitlines()
+    header = [cell.strip() for cell in lines[0].split(" | ")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.split(" | ")]
+        rows[(cells[0], cells[1])] = cells
+        assert len(cells) == len(header)
+    return rows
+
+
+def test_workload_table_has_a_row_per_setup_and_workload_run() -> None:
+    rows = _rows(format_workload_table(WORKLOAD_RESULTS, [500, 1000]))
+    assert list(rows) == [
+        ("skewed", "limit"),
+        ("skewed", "ceiling"),
+        ("skewed", "peer"),
+        ("skewed", "authz"),
+        ("realistic", "ceiling"),
+        ("realistic", "peer"),
+        ("realistic", "authz"),
+        ("realistic", "authz-bare"),
+        ("distinct", "peer"),
+        ("distinct", "authz"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "max_rps", "cpu", "hit_rate", "over_peer", "over_ceiling"),
+    [
+        (("skewed", "authz"), "1,400", "0.700 + 0.500", "95%", "1.40", "0.35"),
+        (("skewed", "ceiling"), "4,000", "0.100 + 0.200", "n/a", "4.00", "1.00"),
+        (("realistic", "authz"), "640", "1.50 + 0.500", "25%", "0.80", "0.20"),
+        (("realistic", "authz-bare"), "800", "1.30 + 0.500", "50%", "1.00", "0.25"),
+        (("realistic", "peer"), "800", "1.20 + 0.500", "n/a", "1.00", "0.25"),
+        # No distinct run of the ceiling: its skewed max (4,000) is the yardstick.
+        (("distinct", "authz"), "600", "2.00 + 0.500", "0%", "0.50", "0.15"),
+        (("skewed", "limit"), "9,000", "- + 0.050", "n/a", "9.00", "2.25"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, tuple) else None,
+)
+def test_workload_table_row(
+    row: tuple[str, str],
+    max_rps: str,
+    cpu: str,
+    hit_rate: str,
+    over_peer: str,
+    over_ceiling: str,
+) -> None:
+    cells = _rows(format_workload_table(WORKLOAD_RESULTS, [500, 1000]))[row]
+    assert cells[2] == max_rps
+    assert cells[5:] == [cpu, hit_rate, over_peer, over_ceiling]
+
+
+def test_workload_table_shows_latency_at_each_fixed_rate() -> None:
+    cells = _rows(format_workload_table(WORKLOAD_RESULTS, [500, 1000]))[("realistic", "authz")]
+    assert cells[3:5] == ["1.00 / 300", "2.00 / 600"]
+
+
+def test_workload_ratios_against_peer_and_ceiling() -> None:
+    values = workload_ratios(WORKLOAD_RESULTS)
+    assert list(values) == ["skewed", "realistic", "distinct"]
+    realistic = values["realistic"]
+    assert realistic["authz/peer throughput"] == pytest.approx(0.8)
+    assert realistic["authz/ceiling throughput"] == pytest.approx(0.2)
+    assert realistic["authz/peer p99 at 1000 rps"] == pytest.approx(2.0)
+    # authz + OPA 1.5 ms against the plugin's 1.2.
+    assert realistic["authz/peer decider CPU per request"] == pytest.approx(1.25)
+    assert realistic["authz hit rate"] == pytest.approx(0.25)
+    assert realistic["authz-bare/peer throughput"] == pytest.approx(1.0)
+    assert realistic["authz/authz-bare throughput"] == pytest.approx(0.8)
+    assert realistic["peer/ceiling throughput"] == pytest.approx(0.25)
+    assert values["skewed"]["authz/ceiling throughput"] == pytest.approx(0.35)
+    assert "authz/authz-bare throughput" not in values["skewed"]  # no bare skewed run
+    assert values["distinct"]["authz/ceiling throughput"] == pytest.approx(0.15)
+    assert values["distinct"]["authz hit rate"] == 0.0
+
+
+def test_workload_ratio_lines_print_hit_rates_in_percent() -> None:
+    text = format_workload_ratios(workload_ratios(WORKLOAD_RESULTS))
+    lines = text.splitlines()
+    assert lines[1].startswith(
+        "realistic: authz/peer throughput 0.80 | authz/ceiling throughput 0.20"
+    )
+    assert "authz hit rate 25%" in lines[1]
+    assert "authz/authz-bare throughput 0.80" in lines[1]
+
+
+def test_headline_ratios_include_authz_over_the_ceiling() -> None:
+    values = ratios(WORKLOAD_RESULTS)
+    assert values["authz/ceiling throughput"] == pytest.approx(0.35)
+    assert values["authz/peer throughput"] == pytest.approx(1.4)
+    assert "authz/ceiling throughput" not in ratios(RESULTS)  # a run without the ceiling
+
+
+def test_render_prints_the_workload_table_and_keeps_the_ratio_line_last() -> None:
+    text = render(WORKLOAD_RESULTS)
+    assert "realistic | authz-bare" in text
+    assert "realistic: authz/peer throughput 0.80" in text
+    assert text.splitlines()[-1].startswith("ratios: authz/peer throughput 1.40 |")
+
+
+def test_workload_table_reads_older_results_without_workloads() -> None:
+    # Results saved before per-workload records: the skewed rates are the setup's "fixed".
+    rows = _rows(format_workload_table(RESULTS, [500, 1000]))
+    assert rows[("skewed", "authz")][3:5] == ["2.00 / 5.00", "3.00 / 12.0 (2 err)"]
+    assert rows[("skewed", "authz")][6] == "n/a"  # no hit rate recorded
+    assert rows[("distinct", "authz")][2] == "900"
+
+
+def test_max_when_no_step_sustained_is_below_the_lowest_rate_tried() -> None:
+    steps = [{"rate": 380, "sustained": False}, {"rate": 250, "sustained": False}]
+    results = {"setups": {"authz": {"search": {"realistic": {"max_rps": None, "steps": steps}}}}}
+    row = format_workload_table(results, [500]).splitlines()[2]
+    assert row.split(" | ")[2].strip() == "<250"
+    assert workload_ratios(results)["realistic"]["authz/peer throughput"] is None

@@ -6,7 +6,17 @@ from typing import Any
 
 import pytest
 
-from bench.rig import PEER_DECISION_PATH, gateway_config, opa_config, upstream_config
+from authz.runtime import config
+from bench.rig import (
+    AUTHZ_SETUPS,
+    BARE_ENV,
+    PEER_DECISION_PATH,
+    SETUPS,
+    VEGETA_HEADERS,
+    gateway_config,
+    opa_config,
+    upstream_config,
+)
 from tests.helpers import ROOT
 
 GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
@@ -83,3 +93,25 @@ def test_opa_config(plugin: str | None) -> None:
         grpc = config["plugins"]["envoy_ext_authz_grpc"]
         assert grpc["addr"] == plugin
         assert grpc["path"] == PEER_DECISION_PATH
+
+
+@pytest.mark.parametrize("authz_port", [None, 4], ids=["limit", "ext_authz"])
+def test_vegeta_headers_are_removed_before_any_filter(authz_port: int | None) -> None:
+    # vegeta numbers every request (X-Vegeta-Seq): left in, it would make every decision
+    # cache key unique and sit in every input; no real client sends it.
+    config = gateway_config(GATEWAY, port=1, admin_port=2, upstream_port=3, authz_port=authz_port)
+    (early,) = _hcm(config)["early_header_mutation_extensions"]
+    assert early["name"] == "envoy.http.early_header_mutation.header_mutation"
+    removed = [m["remove"] for m in early["typed_config"]["mutations"]]
+    assert sorted(removed) == sorted(VEGETA_HEADERS) == ["x-vegeta-attack", "x-vegeta-seq"]
+
+
+def test_setups_include_the_ceiling_and_authz_without_logs() -> None:
+    assert SETUPS == ("limit", "ceiling", "peer", "authz", "authz-bare")
+    assert set(AUTHZ_SETUPS) == {"authz", "authz-bare"}
+    # The decision log and the audit trail off, as authz's own settings read them; the
+    # shipped defaults have both on.
+    bare, shipped = config.load(BARE_ENV), config.load({})
+    assert (bare.decision_log, bare.audit_db) == (False, None)
+    assert shipped.decision_log is True
+    assert shipped.audit_db is not None

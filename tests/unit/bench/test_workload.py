@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from authz.tools.keys import digest, lint_data
 from bench.workload import (
+    BENCH_ROLE,
     BENCH_TIER,
+    USER_AGENTS,
     DistinctStream,
+    RealisticStream,
+    Request,
+    ZipfSampler,
     bench_key,
     keys_data,
+    requests_text,
     targets_text,
     write_keys_overlay,
     zipf_sequence,
     zipf_weights,
 )
+from tests.helpers import ROOT
 
 
 def test_keys_are_stable_and_distinct() -> None:
@@ -122,3 +133,97 @@ def test_targets_text_is_vegeta_http_format() -> None:
         f"GET http://127.0.0.1:1/api/v1/items/1\nX-API-Key: {bench_key(2)}\n\n"
         f"GET http://127.0.0.1:1/api/v1/items/1\nX-API-Key: {bench_key(0)}\n\n"
     )
+
+
+# -- the realistic workload ----------------------------------------------------------
+
+
+def _realistic(count: int = 20_000, **kwargs: Any) -> list[Request]:
+    return RealisticStream(hot=1000, **kwargs).take(count)
+
+
+def test_zipf_sampler_draws_ranks_in_proportion_to_their_weight() -> None:
+    sampler, rng = ZipfSampler(4, 1.0), random.Random(7)  # noqa: S311 (load shape, not security)
+    counts = Counter(sampler.draw(rng) for _ in range(40_000))
+    # Weights 1 : 1/2 : 1/3 : 1/4 of 25/12.
+    for rank, share in enumerate((0.48, 0.24, 0.16, 0.12)):
+        assert counts[rank] / 40_000 == pytest.approx(share, abs=0.015)
+
+
+def test_realistic_keys_follow_zipf_over_the_hot_keys() -> None:
+    keys = Counter(r.header("X-API-Key") for r in _realistic())
+    ranked = [bench_key(i) for i in range(1000)]
+    assert set(keys) <= set(ranked)
+    head = sum(keys[k] for k in ranked[:10])
+    # H(10)/H(1000) as for the skewed workload: the 10 most popular keys take ~39%.
+    assert head / 20_000 == pytest.approx(0.39, abs=0.03)
+    assert keys[ranked[0]] > keys[ranked[1]] > keys[ranked[9]]
+    assert len(keys) > 900  # the tail is visited too
+
+
+def test_realistic_request_and_trace_ids_are_never_repeated() -> None:
+    stream = RealisticStream(hot=1000)
+    requests = stream.take(15_000) + stream.take(5_000)  # unique across takes too
+    ids = [r.header("x-request-id") for r in requests]
+    traces = [r.header("traceparent") for r in requests]
+    assert len(set(ids)) == len(set(traces)) == 20_000
+    for text in ids[:1000]:
+        parsed = uuid.UUID(str(text))
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == text
+    # W3C trace context: version 00, 32 hex trace id, 16 hex parent id, flags.
+    assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", str(t)) for t in traces)
+    assert stream.issued == 20_000
+
+
+def test_realistic_paths_vary_with_ids_in_segments_and_query_strings() -> None:
+    requests = _realistic()
+    targets = Counter(r.target for r in requests)
+    paths = {t.split("?")[0] for t in targets}
+    assert len(targets) > 5_000  # ids, pages, terms: many distinct targets
+    assert sum(1 for t in targets if "?" in t) > 100
+    assert any(re.fullmatch(r"/api/v1/items/\d+", p) for p in paths)
+    assert any(re.fullmatch(r"/api/v1/orders/[0-9a-f-]{36}", p) for p in paths)
+    # ids are Zipf too: item 1 is the most requested item.
+    items = Counter(
+        int(t.split("/")[4]) for t in targets.elements() if t.startswith("/api/v1/items/")
+    )
+    assert items.most_common(1)[0][0] == 1
+    assert {r.method for r in requests} == {"GET", "HEAD", "DELETE"}
+    agents = Counter(r.header("user-agent") for r in requests)
+    assert set(agents) == set(USER_AGENTS)
+    assert agents.most_common(1)[0][0] == USER_AGENTS[0]
+
+
+def test_realistic_requests_are_allowed_for_the_bench_role() -> None:
+    # Every method and path the stream sends is one policy/gateway/data.json allows role
+    # "user": a denied request would be an error in every step.
+    rules = json.loads((ROOT / "policy/gateway/data.json").read_text())["path_rules"]
+    for request in _realistic(2_000):
+        path = request.target.split("?")[0]
+        first = next(
+            r
+            for r in rules
+            if re.fullmatch(re.escape(r["pattern"]).replace(r"/\*\*", "(/.*)?"), path)
+            and (request.method in r["methods"] or "*" in r["methods"])
+        )
+        assert BENCH_ROLE in first["roles"] or "*" in first["roles"], (request, first)
+
+
+def test_realistic_stream_is_deterministic_per_seed() -> None:
+    assert _realistic(300, seed=4) == _realistic(300, seed=4)
+    assert _realistic(300, seed=4) != _realistic(300, seed=5)
+
+
+def test_realistic_stream_rejects_no_keys() -> None:
+    with pytest.raises(ValueError, match="hot must be"):
+        RealisticStream(hot=0)
+
+
+def test_requests_text_is_vegeta_http_format() -> None:
+    request = Request("HEAD", "/api/v1/items/3?x=1", (("X-API-Key", "k"), ("traceparent", "t")))
+    assert requests_text("http://127.0.0.1:1", [request]) == (
+        "HEAD http://127.0.0.1:1/api/v1/items/3?x=1\nX-API-Key: k\ntraceparent: t\n\n"
+    )
+    assert request.header("X-Api-Key") == "k"
+    assert request.header("user-agent") is None
