@@ -237,6 +237,9 @@ class Settings:
     decision_log_buffer_size_limit_bytes: int = DEFAULT_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES
     decision_log_drop_allowed: bool = False
     decision_log_drop_paths: tuple[str, ...] = ()
+    # Egress tunnels (issue 18), test-only: host:port -> ip:port used as is (no DNS, no
+    # public-address check). Empty by default, which is what every deployment wants.
+    egress_tunnel_test_targets: tuple[tuple[str, str], ...] = ()
 
     @property
     def grpc_tls(self) -> bool:
@@ -319,6 +322,7 @@ RESTART_ONLY: Final[Mapping[str, str]] = {
     "decision_log_buffer_size_limit_bytes": "the uploader's buffer is sized at startup",
     "decision_log_drop_allowed": "the decision-log sink is built with its drop rules",
     "decision_log_drop_paths": "the decision-log sink is built with its drop rules",
+    "egress_tunnel_test_targets": "the tunnel resolver is built with it at startup",
 }
 
 
@@ -525,6 +529,33 @@ def _decision_paths(key: str, value: Any) -> tuple[str, ...]:
     return tuple(parse_decision_path(key, str(i).strip()) for i in items if str(i).strip())
 
 
+_TUNNEL_TARGET: Final = re.compile(r"([a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?):([0-9]{1,5})")
+
+
+def _tunnel_targets(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """``host:port=ip:port`` pairs, comma-separated (or a YAML mapping): a lowercase DNS
+    name and port, an IP address (IPv6 in brackets) and port."""
+    if isinstance(value, dict):
+        items = [f"{k}={v}" for k, v in value.items()]
+    else:
+        items = [i for i in str(value).split(",") if i.strip()]
+    pairs = []
+    for item in items:
+        target, _, address = item.strip().partition("=")
+        name = _TUNNEL_TARGET.fullmatch(target)
+        if name is None or not 1 <= int(name.group(3)) <= 65535:
+            raise ConfigError(f"{key}={value!r}: {target!r} is not a lowercase host:port")
+        host, _, port = address.rpartition(":")
+        try:
+            ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: {address!r} is not ip:port") from None
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{key}={value!r}: {address!r} is not ip:port")
+        pairs.append((target, address))
+    return tuple(pairs)
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
     def conv(key: str, value: Any) -> str:
         text = str(value).strip().lower()
@@ -639,6 +670,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_log_buffer_size_limit_bytes": _int_in(1024, 1024**3),
     "decision_log_drop_allowed": _bool,
     "decision_log_drop_paths": _decision_paths,
+    # Egress tunnels (issue 18), test-only.
+    "egress_tunnel_test_targets": _tunnel_targets,
 }
 
 

@@ -468,6 +468,21 @@ class Stack:
         self._gateway_body_routes = tuple(gateway_body_routes)
 
     @property
+    def intercept_dir(self) -> Path:
+        """Where the egress interception's certificates live (one directory per
+        intercepted host, ``ca.crt`` the egress CA): the generator's
+        :data:`authz.tools.egress_envoy.INTERCEPT_TLS_DIR`, relocated."""
+        rel = Path(egress_envoy.INTERCEPT_TLS_DIR).relative_to(egress_envoy.ENVOY_TLS_DIR)
+        return self.mtls_dir / rel
+
+    @property
+    def egress_ca(self) -> Path:
+        """The egress CA's certificate (PEM): what a sandbox trusts (``SSL_CERT_FILE``,
+        ``REQUESTS_CA_BUNDLE``, ``NODE_EXTRA_CA_CERTS``, ``GIT_SSL_CAINFO``) so that the
+        certificates the egress presents for intercepted hosts verify."""
+        return self.intercept_dir / "ca.crt"
+
+    @property
     def processes(self) -> dict[str, Process]:
         """The processes started so far by name, in start order."""
         return self._supervisor.processes
@@ -581,6 +596,14 @@ class Stack:
             )
         except (ValueError, AttributeError) as exc:
             raise StackError(f"bad egress services in {EGRESS_SERVICES}: {exc}") from exc
+        # The egress CA (sandboxes trust it: self.egress_ca) and a certificate per
+        # intercepted host, where relocate_tls moves the generator's paths.
+        intercepted = egress_envoy.intercepted_hosts(
+            list(read_services(self.root / EGRESS_SERVICES).values())
+        )
+        tls.ensure_pki(
+            self.intercept_dir, {host: tls.Leaf("server", (host,)) for host in intercepted}
+        )
         envoy.secure_listeners(egress_config, ["egress"] if self.tls_listeners else [])
         envoy.relocate_tls(egress_config, self.mtls_dir)
         egress_yaml = self.run_dir / "envoy-egress.yaml"

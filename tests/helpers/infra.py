@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 from tests.helpers import ROOT
+from tests.helpers.egress import intercept_certificates, real_services
 
 __all__ = [
     "DEMO_DATA",
@@ -78,8 +79,12 @@ def deployment_tls(directory: Path) -> Path:
     """The deployment's certificates (``python -m authz.stack.tls``'s layout, what
     Compose generates and the Kubernetes Secrets hold) issued into ``directory``, for
     running or validating the shipped Envoy configs with their TLS files relocated there
-    (:func:`authz.stack.envoy.relocate_tls`)."""
+    (:func:`authz.stack.envoy.relocate_tls`); with the egress interception's egress CA
+    and a certificate per intercepted service host in ``egress-intercept/`` (what
+    ``--intercept`` issues)."""
     ensure_pki(directory, DEPLOYMENT_LEAVES)
+    # egress (issue 18): the interception's certificates.
+    intercept_certificates(directory, real_services())
     return directory
 
 

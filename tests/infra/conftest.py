@@ -81,7 +81,8 @@ def deploy_envoys(
             )
         )
         for item in rendered["static_resources"]["listeners"]:  # loopback only in tests
-            item["address"]["socket_address"]["address"] = "127.0.0.1"
+            if "address" in item:  # (not the egress interception's internal listener)
+                item["address"]["socket_address"]["address"] = "127.0.0.1"
         config.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
         process = Process(
             f"envoy-{name}",

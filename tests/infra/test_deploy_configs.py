@@ -80,6 +80,8 @@ def _undo_containerize(config: dict[str, Any], local: dict[str, Any]) -> dict[st
     resources["clusters"] = [item for item in resources["clusters"] if item["name"] != "admin"]
     local_listeners = {item["name"]: item for item in local["static_resources"]["listeners"]}
     for listener in resources["listeners"]:
+        if "internal_listener" in listener:
+            continue  # the egress interception: no address, its own TLS, unchanged
         assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
         listener["address"] = local_listeners[listener["name"]]["address"]
         tls = egress_envoy.downstream_transport_socket(
@@ -144,6 +146,12 @@ def test_deploy_listeners_speak_tls(generated: str) -> None:
                 continue
             assert socket["@type"].endswith("tls.v3.DownstreamTlsContext")
             (certificate,) = socket["common_tls_context"]["tls_certificates"]
+            if listener["name"] == egress_envoy.INTERCEPT_LISTENER:
+                # The interception: the certificate of the host the chain's SNI names.
+                [host] = chain["filter_chain_match"]["server_names"]
+                directory = f"{egress_envoy.INTERCEPT_TLS_DIR}/{host}"
+                assert certificate["private_key"] == {"filename": f"{directory}/tls.key"}
+                continue
             directory = egress_envoy.LISTENER_TLS_DIRS[listener["name"]]
             assert certificate["private_key"] == {"filename": f"{directory}/tls.key"}
             secured.add(listener["name"])
