@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -355,3 +356,93 @@ def test_tunnels_that_policy_or_address_refuse_are_denied_and_audited(
     [record] = decisions(e2e, {decision_id}).values()
     assert record["reason"] == reason
     assert record["sandbox_id"] == "sb-standard"
+
+
+# -- the official SDKs, configured only through the environment ------------------------------
+
+OPENAI_SCRIPT = """
+import json
+from openai import OpenAI
+
+client = OpenAI()  # the default base URL: https://api.openai.com/v1
+models = client.models.list()
+chat = client.chat.completions.create(
+    model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}]
+)
+print(json.dumps({
+    "models": [m.id for m in models.data],
+    "chat": chat.choices[0].message.content,
+    "credential_ok": (chat.model_extra or {}).get("credential_ok"),
+}))
+"""
+
+ANTHROPIC_SCRIPT = """
+import json
+from anthropic import Anthropic
+
+client = Anthropic()  # the default base URL: https://api.anthropic.com
+message = client.messages.create(
+    model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Say hi"}]
+)
+print(json.dumps({
+    "text": message.content[0].text,
+    "credential_ok": (message.model_extra or {}).get("credential_ok"),
+}))
+"""
+
+
+def run_sdk(e2e: Env, sandbox: str, script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter whose only configuration is the agent
+    environment and a placeholder API key (the SDKs require one; the egress replaces
+    it with the real credential)."""
+    env = {
+        **agent_env(e2e, sandbox),
+        "OPENAI_API_KEY": "sk-placeholder-the-sandbox-holds-no-key",
+        "ANTHROPIC_API_KEY": "sk-ant-placeholder-the-sandbox-holds-no-key",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    e2e.seen.append(result.stdout + result.stderr)
+    return result
+
+
+def test_openai_sdk_lists_models_and_completes_a_chat_through_the_egress(e2e: Env) -> None:
+    result = run_sdk(e2e, "sb-standard", OPENAI_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["models"]
+    assert answer["chat"]
+    assert answer["credential_ok"] is True
+
+
+def test_anthropic_sdk_creates_a_message_through_the_egress(e2e: Env) -> None:
+    result = run_sdk(e2e, "sb-standard", ANTHROPIC_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["text"]
+    assert answer["credential_ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        (OPENAI_SCRIPT, "openai.APIConnectionError"),
+        (ANTHROPIC_SCRIPT, "anthropic.APIConnectionError"),
+    ],
+    ids=["openai", "anthropic"],
+)
+def test_sdks_of_a_tier_without_the_service_are_refused_403(
+    e2e: Env, script: str, error: str
+) -> None:
+    # sb-restricted: httpbin only. The CONNECT is refused (403 service_not_allowed), which
+    # the SDKs report as a connection error naming the proxy's 403.
+    result = run_sdk(e2e, "sb-restricted", script)
+    assert result.returncode != 0
+    assert error in result.stderr
+    assert "403" in result.stderr
