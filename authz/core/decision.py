@@ -5,10 +5,10 @@ object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
 ``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus
 authz's extensions, all under the one key ``authz`` (``reason``, ``source``, ``rate_limit``,
-``identity``, ``credential``, ``tunnel``, ``override``, ``cache_ttl_s``; ``docs/contract.md``), so they
-never collide with a plugin policy's own top-level fields (a free-text ``reason``, an
-``identity`` of the policy's shape): a top-level field of those names means nothing to
-authz, as to the plugin.
+``identity``, ``credential``, ``tunnel``, ``override``, ``cache_ttl_s``;
+``docs/contract.md``), so they never collide with a plugin policy's own top-level fields
+(a free-text ``reason``, an ``identity`` of the policy's shape): a top-level field of
+those names means nothing to authz, as to the plugin.
 
 The rule: a decision the plugin accepts is never invalid here. Like the plugin
 (``internal/internal.go``, ``check``), only the fields the outcome uses are read: on an
