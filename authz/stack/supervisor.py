@@ -426,7 +426,8 @@ class Stack:
     once the stack is up (:class:`Supervisor`; None: it stays down).
     ``gateway_body_routes``: routes added to the gateway that send authz the request body
     and ask it to parse it (:class:`authz.stack.envoy.BodyRoute`; the shipped gateway
-    has none).
+    has none). ``tunnel_max_duration_s``: the egress tunnels' longest life (the
+    generator's, :data:`authz.tools.egress_envoy.TUNNEL_MAX_DURATION_S` by default).
 
     The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
     service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
@@ -448,6 +449,7 @@ class Stack:
         tls_listeners: bool = False,
         restart: Backoff | None = DEFAULT_BACKOFF,
         gateway_body_routes: Sequence[envoy.BodyRoute] = (),
+        tunnel_max_duration_s: int = egress_envoy.TUNNEL_MAX_DURATION_S,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -466,6 +468,7 @@ class Stack:
         self._wrap = wrap
         self._supervisor = Supervisor(backoff=restart)
         self._gateway_body_routes = tuple(gateway_body_routes)
+        self._tunnel_max_duration_s = tunnel_max_duration_s
 
     @property
     def intercept_dir(self) -> Path:
@@ -593,6 +596,7 @@ class Stack:
                 authz_address=(HOST, p.authz_grpc),
                 ca_file=str(self.tls.ca),
                 overrides={host: (HOST, p.standin) for host in hosts},
+                tunnel_max_duration_s=self._tunnel_max_duration_s,
             )
         except (ValueError, AttributeError) as exc:
             raise StackError(f"bad egress services in {EGRESS_SERVICES}: {exc}") from exc

@@ -40,6 +40,7 @@ from authz.runtime.secrets import write_secrets_file
 from authz.stack import containers
 from authz.stack.envoy import BodyRoute
 from authz.stack.supervisor import Ports, Process, Stack, free_port, http_ok
+from authz.tools.egress_envoy import TUNNEL_MAX_DURATION_S
 from authz.tools.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
 from tests.helpers.fakes import check_request
 
@@ -193,14 +194,18 @@ def running_env(
     authz_env: Mapping[str, str] | None = None,
     gateway_body_routes: Sequence[BodyRoute] = (),
     tunnel_test_port: int = 0,
+    tunnel_max_duration_s: int | None = None,
 ) -> Iterator[Env]:
     """The whole stack on free ports, everything it writes under ``base``: fresh keys
     (:data:`KEY_SPECS`), sandbox tokens (:data:`SANDBOX_SPECS`), egress secrets
     (:data:`SERVICES`) and admin token, a bundle built with their digests; authz runs
     with :data:`BURST_S` and the admin token, plus ``authz_env``;
-    ``gateway_body_routes`` go to :class:`Stack`. OPA and both Envoys are containers
-    with ``AUTHZ_E2E_CONTAINERS=1`` (the test fails without a Docker engine). Yields once
-    every process is ready; stops the stack and closes the clients on exit."""
+    ``gateway_body_routes`` go to :class:`Stack`. ``tunnel_test_port``: a local server
+    plays :data:`TUNNEL_TEST_HOST` there (tier standard may tunnel to it);
+    ``tunnel_max_duration_s``: the egress tunnels' longest life (None: the generator's).
+    OPA and both Envoys are containers with ``AUTHZ_E2E_CONTAINERS=1`` (the test fails
+    without a Docker engine). Yields once every process is ready; stops the stack and
+    closes the clients on exit."""
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
     admin_token = generate_key("adm_")
@@ -222,6 +227,9 @@ def running_env(
         },
         wrap=None if runtime is None else runtime.wrap,
         gateway_body_routes=gateway_body_routes,
+        tunnel_max_duration_s=(
+            TUNNEL_MAX_DURATION_S if tunnel_max_duration_s is None else tunnel_max_duration_s
+        ),
     )
     env = Env(
         stack,
