@@ -446,3 +446,28 @@ def test_sdks_of_a_tier_without_the_service_are_refused_403(
     assert result.returncode != 0
     assert error in result.stderr
     assert "403" in result.stderr
+
+
+def test_a_revocation_cuts_an_open_intercepted_tunnel_at_its_next_request(e2e: Env) -> None:
+    """Every request inside an intercepted tunnel is decided on its own: a deny override
+    granted while the tunnel is open refuses the very next request in it."""
+    sandbox = "sb-premium"
+    answer = proxy_connect(
+        e2e.stack.ports.egress, "api.openai.com:443", basic(sandbox, e2e.tokens[sandbox])
+    )
+    assert answer.status == 200, answer.body
+    with tls_client(answer.sock, "api.openai.com", e2e.stack.egress_ca) as tls:
+        status, _, body = http11(tls, "GET", "api.openai.com", "/v1/models", {})
+        assert status == 200, body
+        created = e2e.add_override(
+            "deny",
+            {"sandbox_id": sandbox, "service": "openai"},
+            reason="revoked while its tunnel is open",
+            decision_path="authz/egress/decision",
+        ).json()
+        try:
+            status, _, body = http11(tls, "GET", "api.openai.com", "/v1/models", {})
+            assert status == 403, body
+            assert json.loads(body)["error"] == "blocked_by_override"
+        finally:
+            assert e2e.admin.delete(f"/v1/overrides/{created['id']}").status_code == 200
