@@ -219,6 +219,9 @@ verdict := auth_deny("invalid_proxy_authorization", true) if {
 	not token_ok
 } else := auth_deny("sandbox_disabled", true) if {
 	not enabled
+} else := lib.blocked_by(tunnel_blocked) if {
+	tunnel_request
+	tunnel_blocked
 } else := tunnel_verdict if {
 	tunnel_request
 } else := lib.deny(403, "unknown_service") if {
@@ -334,6 +337,9 @@ tunnel_request if {
 	connect
 	input.attributes.contextExtensions.tunnel == "true"
 }
+
+# A deny override that names no service blocks the sandbox's tunnels too.
+tunnel_blocked := lib.first_override({o | some o in overrides; not o.match.service}, "deny")
 
 tunnel_authority := lower(input.attributes.request.http.host)
 

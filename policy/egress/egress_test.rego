@@ -719,3 +719,30 @@ test_tunnel_hosts_of_a_deployment_overlay_count_for_the_tier if {
 		with data.egress.tunnel_hosts as {"standard": ["allowed.test"]}
 	d.allowed == true
 }
+
+test_a_deny_override_without_a_service_blocks_tunnels if {
+	override := {
+		"id": "ovr-1", "effect": "deny", "decision_path": "authz/egress/decision",
+		"match": {"sandbox_id": "sb-standard"}, "reason": "incident",
+		"expires_at_ns": time.now_ns() + 60000000000,
+	}
+	standard := basic("sb-standard", "t-standard")
+	d := egress.decision with input as proxy_req("CONNECT", "pypi.org:443", "", tunnel_ext, standard, {})
+		with data.egress.sandboxes as sandboxes
+		with data.overrides as {"ovr-1": override}
+	d.allowed == false
+	d.authz.reason == "blocked_by_override"
+}
+
+test_a_deny_override_for_one_service_leaves_tunnels_alone if {
+	override := {
+		"id": "ovr-1", "effect": "deny", "decision_path": "authz/egress/decision",
+		"match": {"sandbox_id": "sb-standard", "service": "openai"}, "reason": "incident",
+		"expires_at_ns": time.now_ns() + 60000000000,
+	}
+	standard := basic("sb-standard", "t-standard")
+	d := egress.decision with input as proxy_req("CONNECT", "pypi.org:443", "", tunnel_ext, standard, {})
+		with data.egress.sandboxes as sandboxes
+		with data.overrides as {"ovr-1": override}
+	d.allowed == true
+}
