@@ -46,16 +46,17 @@ from opentelemetry import propagate
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, StatusCode, Tracer
 
 from authz.core.cache import CachedDecision, DecisionCache
-from authz.core.decision import CredentialRef, Decision, RateLimitRef, parse_decision
+from authz.core.decision import CredentialRef, Decision, RateLimitRef, TunnelRef, parse_decision
 from authz.core.errors import (
     FAIL_OPEN_CODES,
+    AddressNotAllowed,
     AuthzError,
     ConfigError,
     CredentialError,
     DeadlineExceeded,
     DecisionPathError,
 )
-from authz.core.headers import OWN_PREFIX, UNENFORCED_REMOVALS
+from authz.core.headers import OWN_PREFIX, TUNNEL_ADDRESS_HEADER, UNENFORCED_REMOVALS
 from authz.core.input import BodyParsing, GrpcDescriptors, build_input
 from authz.core.mode import Control, Mode
 from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
@@ -63,6 +64,7 @@ from authz.core.ratelimit import Limiter, Quota
 from authz.core.record import DecisionRecord, DecisionSink
 from authz.core.response import build_response, error_response
 from authz.core.secret import Secret
+from authz.core.tunnel import TunnelResolver
 
 __all__ = [
     "DECISION_PATH_KEY",
@@ -139,7 +141,9 @@ class Authorizer:
     ``engine`` answers OPA queries; ``limiter`` enforces the decision's ``rate_limit``
     (None: no rate limiting) with ``burst_s`` seconds worth of burst unless the decision
     says; ``credentials`` resolves the credential a decision names for injection (None:
-    no secrets file, so such decisions deny 503); ``control`` holds the enforcement mode;
+    no secrets file, so such decisions deny 503); ``tunnels`` resolves and checks the
+    destination of an egress tunnel a decision allows (None: such decisions deny 403
+    ``address_not_allowed``); ``control`` holds the enforcement mode;
     ``fail_open_paths`` are the decision paths allowed when OPA cannot be reached, at most
     ``fail_open_max_per_s`` requests per path per second; ``cache`` (None:
     none) reuses recent policy decisions for identical requests; ``sinks`` receive
@@ -162,6 +166,7 @@ class Authorizer:
         limiter: Limiter | None = None,
         burst_s: float = 10.0,
         credentials: CredentialSource | None = None,
+        tunnels: TunnelResolver | None = None,
         control: Control | None = None,
         fail_open_paths: Iterable[str] = (),
         fail_open_max_per_s: int = DEFAULT_FAIL_OPEN_MAX_PER_S,
@@ -183,6 +188,7 @@ class Authorizer:
         self._limiter = limiter
         self._burst_s = burst_s
         self._credentials = credentials
+        self._tunnels = tunnels
         self._control = control if control is not None else Control()
         self._fail_open_paths = frozenset(fail_open_paths)
         self._fail_open_gate = _FailOpenGate(fail_open_max_per_s)
@@ -382,8 +388,27 @@ class Authorizer:
         #    from the secrets file and never went to OPA.
         if decision.allowed and decision.credential is not None:
             decision = self._inject_credential(decision, decision.credential)
+        # 7b. An egress tunnel: resolve its destination, refuse a non-public address,
+        #     and pin the checked address for Envoy (authz.core.tunnel).
+        if decision.allowed and decision.tunnel is not None:
+            decision = await self._pin_tunnel(decision, decision.tunnel, budget, started)
         # 8. Decision -> CheckResponse.
         return build_response(decision, decision_id)
+
+    async def _pin_tunnel(
+        self, decision: Decision, tunnel: TunnelRef, budget: float, started: float
+    ) -> Decision:
+        """``decision`` with :data:`TUNNEL_ADDRESS_HEADER` set to the checked address
+        (replacing any the policy set). Raises AddressNotAllowed (also when no resolver
+        is configured: fail closed), DestinationUnresolved, DeadlineExceeded."""
+        if self._tunnels is None:
+            raise AddressNotAllowed(f"tunnel to {tunnel.host!r}: no tunnel resolver configured")
+        remaining = budget - (self._clock() - started)
+        if remaining <= 0:
+            raise DeadlineExceeded("the budget was spent before the tunnel could be resolved")
+        address = await self._tunnels.address(tunnel.host, tunnel.port, remaining)
+        headers = tuple(h for h in decision.headers if h[0] != TUNNEL_ADDRESS_HEADER)
+        return dataclasses.replace(decision, headers=(*headers, (TUNNEL_ADDRESS_HEADER, address)))
 
     def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
         """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps

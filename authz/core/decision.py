@@ -5,10 +5,10 @@ object with ``allowed`` (required) and the optional ``headers``,
 ``response_headers_to_add``, ``request_headers_to_remove``, ``query_parameters_to_set``,
 ``query_parameters_to_remove``, ``body``, ``http_status``, ``dynamic_metadata``; plus
 authz's extensions, all under the one key ``authz`` (``reason``, ``source``, ``rate_limit``,
-``identity``, ``credential``, ``override``, ``cache_ttl_s``; ``docs/contract.md``), so they
-never collide with a plugin policy's own top-level fields (a free-text ``reason``, an
-``identity`` of the policy's shape): a top-level field of those names means nothing to
-authz, as to the plugin.
+``identity``, ``credential``, ``tunnel``, ``override``, ``cache_ttl_s``;
+``docs/contract.md``), so they never collide with a plugin policy's own top-level fields
+(a free-text ``reason``, an ``identity`` of the policy's shape): a top-level field of
+those names means nothing to authz, as to the plugin.
 
 The rule: a decision the plugin accepts is never invalid here. Like the plugin
 (``internal/internal.go``, ``check``), only the fields the outcome uses are read: on an
@@ -46,6 +46,7 @@ __all__ = [
     "Decision",
     "Header",
     "RateLimitRef",
+    "TunnelRef",
     "json_type",
     "parse_decision",
 ]
@@ -97,6 +98,16 @@ class CredentialRef:
 
 
 @dataclass(frozen=True, slots=True)
+class TunnelRef:
+    """An egress tunnel to open (``authz.tunnel``): the DNS name ``host`` (lowercase) and
+    ``port`` the CONNECT asked for, which authz resolves and checks
+    (:mod:`authz.core.tunnel`) before Envoy connects."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """A policy decision. Headers keep the policy's order; names are lowercased."""
 
@@ -114,6 +125,7 @@ class Decision:
     rate_limit: RateLimitRef | None = None
     identity: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     credential: CredentialRef | None = None
+    tunnel: TunnelRef | None = None
     override_id: str | None = None
     cache_ttl_s: float | None = None
     # What the decision came from (snake_case): policy_rule, namespace_default, override,
@@ -285,6 +297,26 @@ def _credential(raw: Any) -> CredentialRef:
     )
 
 
+# A DNS name as the egress policy passes it (RFC 1035 letters, digits, '-', '.', and '_'
+# found in real names), at most 253 characters.
+_TUNNEL_HOST: Final = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+
+
+def _tunnel(raw: Any) -> TunnelRef:
+    if not isinstance(raw, dict):
+        raise _type_error("authz.tunnel", "object", raw)
+    host, port = raw.get("host"), raw.get("port")
+    if not isinstance(host, str):
+        raise _type_error("authz.tunnel.host", "string", host)
+    if not _TUNNEL_HOST.fullmatch(host):
+        raise InvalidDecision(f"authz.tunnel.host {host[:64]!r} is not a lowercase DNS name")
+    if isinstance(port, float) and port.is_integer():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidDecision(f"authz.tunnel.port {str(port)[:16]!r} is not a port (1-65535)")
+    return TunnelRef(host, port)
+
+
 def _code(name: str, raw: Any) -> str:
     """A stable snake_case code (``reason``, ``source``)."""
     if not isinstance(raw, str):
@@ -383,6 +415,8 @@ def _extension_fields(raw: Mapping[str, Any], fields: dict[str, Any]) -> None:
         fields["credential"] = _credential(raw["credential"])
     if "override" in raw:
         fields["override_id"] = _override_id(raw["override"])
+    if "tunnel" in raw:
+        fields["tunnel"] = _tunnel(raw["tunnel"])
     if "cache_ttl_s" in raw:
         ttl = raw["cache_ttl_s"]
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):

@@ -22,6 +22,8 @@ meaning::
     ├── DeadlineExceeded            deadline_exceeded       503     budget spent before a decision
     ├── CredentialError             credential_unavailable  503     secret for injection missing
     ├── RateLimitUnavailable        rate_limit_unavailable  503     shared limiter down, strict
+    ├── AddressNotAllowed           address_not_allowed     403     tunnel name resolves non-public
+    ├── DestinationUnresolved       destination_unresolved  502     tunnel name does not resolve
     └── PolicyError                 policy_error            500
         ├── OpaUnavailable          opa_unavailable         503     yes        yes
         │   └── CircuitOpen         opa_circuit_open        503     yes        yes
@@ -55,6 +57,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "FAIL_OPEN_CODES",
+    "AddressNotAllowed",
     "AdminRequestError",
     "AuthzError",
     "CircuitOpen",
@@ -63,6 +66,7 @@ __all__ = [
     "DataFileError",
     "DeadlineExceeded",
     "DecisionPathError",
+    "DestinationUnresolved",
     "InvalidDecision",
     "Meaning",
     "OpaResponseError",
@@ -231,6 +235,25 @@ class RateLimitUnavailable(AuthzError):
     code = "rate_limit_unavailable"
     public_message = "rate limiting is unavailable"
     http_status = 503
+
+
+class AddressNotAllowed(AuthzError):
+    """A tunnel's destination (egress CONNECT the policy allowed) resolves to an address
+    that is not public: loopback, private, link-local (cloud metadata 169.254.169.254),
+    shared, reserved, multicast or unspecified (``authz.core.tunnel``)."""
+
+    code = "address_not_allowed"
+    public_message = "the destination's address is not allowed"
+    http_status = 403
+
+
+class DestinationUnresolved(AuthzError):
+    """A tunnel's destination name did not resolve (no answer, an error, or no answer
+    within the resolution timeout)."""
+
+    code = "destination_unresolved"
+    public_message = "the destination could not be resolved"
+    http_status = 502
 
 
 class PolicyError(AuthzError):

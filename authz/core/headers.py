@@ -38,6 +38,7 @@ __all__ = [
     "OWN_PREFIX",
     "TCHAR",
     "TOKEN",
+    "TUNNEL_ADDRESS_HEADER",
     "UNENFORCED_REMOVALS",
     "is_header_name",
     "is_safe_field_value",
@@ -107,3 +108,11 @@ def is_safe_field_value(value: str) -> bool:
     values invalid and dangerous (a recipient may split the header or the message there),
     so a value authz sets or injects must never carry one."""
     return _UNSAFE_VALUE_RE.search(value) is None
+
+
+# -- egress tunnels (issue 18) ------------------------------------------------------------
+# The request header authz sets on an egress tunnel's allow: the "ip:port" it resolved and
+# checked, which the egress Envoy connects to (ORIGINAL_DST cluster, use_http_header). In
+# authz's own namespace, so a client-sent value never survives (the egress Envoy also
+# removes it before ext_authz).
+TUNNEL_ADDRESS_HEADER: Final = OWN_PREFIX + "tunnel-address"

@@ -45,6 +45,7 @@ from authz.core.headers import TOKEN
 
 __all__ = [
     "INPUT_VERSION",
+    "MAX_BASIC_CREDENTIALS",
     "MAX_BODY_BYTES",
     "MAX_FORM_FIELDS",
     "MAX_JSON_DEPTH",
@@ -62,6 +63,7 @@ __all__ = [
     "message_to_input",
     "parse_body",
     "parse_path",
+    "parse_proxy_basic",
     "parse_query",
     "without_large_body",
 ]
@@ -661,6 +663,44 @@ def mask_credential(header: str, value: str) -> tuple[str, str]:
     return digest, f"{scheme}sha256:{digest}"
 
 
+# -- egress: identity from the standard proxy settings (issue 18) -----------------------
+
+# The base64 credentials of a ``Proxy-Authorization: Basic`` longer than this are not
+# decoded (a sandbox id and a token are well under 200 bytes).
+MAX_BASIC_CREDENTIALS: Final = 1024
+_PROXY_AUTHORIZATION: Final = "proxy-authorization"
+_BASIC: Final = re.compile(r"[Bb][Aa][Ss][Ii][Cc] +([A-Za-z0-9+/]+={0,2})")
+# What a decoded user-id may hold: visible ASCII without ':' (RFC 7617 section 2).
+_BASIC_USER: Final = re.compile(r"[!-9;-~]{1,253}")
+
+
+def parse_proxy_basic(value: str) -> dict[str, str] | None:
+    """``input.proxy_authorization`` for a ``Proxy-Authorization`` value: ``{"user":
+    <user-id>, "password_sha256": <lowercase hex SHA-256 of the password>}`` when it is
+    ``Basic <base64(user-id ":" password)>`` (RFC 7617 section 2; RFC 9110 section 11.7.1;
+    scheme case-insensitive, RFC 4648 base64 with padding), else None: another scheme,
+    credentials longer than :data:`MAX_BASIC_CREDENTIALS` characters, invalid base64, not
+    UTF-8, no ``:``, an empty or non-visible-ASCII user-id, an empty password, or a
+    control character. The password (the sandbox token) is only ever kept as its digest.
+    Linear in ``value`` and capped: the regular expression has no nested repetition."""
+    text = value.strip(_OWS)
+    if len(text) > MAX_BASIC_CREDENTIALS + 16:
+        return None
+    match = _BASIC.fullmatch(text)
+    if match is None or len(match.group(1)) % 4:
+        return None
+    try:
+        decoded = binascii.a2b_base64(match.group(1), strict_mode=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    if not colon or not password or _BASIC_USER.fullmatch(user) is None:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
+        return None
+    return {"user": user, "password_sha256": hashlib.sha256(password.encode("utf-8")).hexdigest()}
+
+
 def build_input(
     request: external_auth_pb2.CheckRequest,
     credential_headers: Iterable[str],
@@ -675,7 +715,9 @@ def build_input(
     docstring). ``parse_request_body`` says where the body is parsed (:class:`BodyParsing`;
     True and False, the old boolean, mean ``always`` and ``never``). With ``pass_jwts``, a
     bearer JWT in ``authorization`` stays in clear (:func:`is_bearer_jwt`). With
-    ``grpc_descriptors``, a gRPC request body is decoded (:class:`GrpcDescriptors`). Returns a fresh
+    ``grpc_descriptors``, a gRPC request body is decoded (:class:`GrpcDescriptors`). A
+    ``Proxy-Authorization: Basic`` header adds ``input.proxy_authorization``
+    (:func:`parse_proxy_basic`: the user-id and the password's digest). Returns a fresh
     JSON-ready dict; raises RequestError on a malformed path, query or body, and
     DecisionPathError when the route's ``parse_body`` is neither "true" nor "false"."""
     document = message_to_input(request)
@@ -697,9 +739,15 @@ def build_input(
     principal = request.attributes.source.principal
     if principal:
         document["source_principal"] = principal
-    document["credentials"] = _hash_credentials(
-        document, frozenset(credential_headers), pass_jwts=pass_jwts
-    )
+    names = frozenset(credential_headers)
+    # Read before hashing replaces the value (only when it is a credential header: a
+    # deployment that removed it from the list gets no decoding either).
+    proxy = http.headers.get(_PROXY_AUTHORIZATION) if _PROXY_AUTHORIZATION in names else None
+    document["credentials"] = _hash_credentials(document, names, pass_jwts=pass_jwts)
+    if proxy is not None:
+        basic = parse_proxy_basic(proxy)
+        if basic is not None:
+            document["proxy_authorization"] = basic
     return document
 
 

@@ -244,6 +244,9 @@ class Settings:
     audit_url: Secret | None = None
     replica_id: str = field(default_factory=socket.gethostname)
     audit_allow_plaintext: bool = False
+    # Egress tunnels (issue 18), test-only: host:port -> ip:port used as is (no DNS, no
+    # public-address check). Empty by default, which is what every deployment wants.
+    egress_tunnel_test_targets: tuple[tuple[str, str], ...] = ()
 
     @property
     def grpc_tls(self) -> bool:
@@ -330,6 +333,7 @@ RESTART_ONLY: Final[Mapping[str, str]] = {
     "audit_url": "the audit database is connected (and its schema migrated) at startup",
     "replica_id": "names the audit chain the writer built at startup appends to",
     "audit_allow_plaintext": "checked against the audit URL at startup",
+    "egress_tunnel_test_targets": "the tunnel resolver is built with it at startup",
 }
 
 
@@ -536,6 +540,33 @@ def _decision_paths(key: str, value: Any) -> tuple[str, ...]:
     return tuple(parse_decision_path(key, str(i).strip()) for i in items if str(i).strip())
 
 
+_TUNNEL_TARGET: Final = re.compile(r"([a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?):([0-9]{1,5})")
+
+
+def _tunnel_targets(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """``host:port=ip:port`` pairs, comma-separated (or a YAML mapping): a lowercase DNS
+    name and port, an IP address (IPv6 in brackets) and port."""
+    if isinstance(value, dict):
+        items = [f"{k}={v}" for k, v in value.items()]
+    else:
+        items = [i for i in str(value).split(",") if i.strip()]
+    pairs = []
+    for item in items:
+        target, _, address = item.strip().partition("=")
+        name = _TUNNEL_TARGET.fullmatch(target)
+        if name is None or not 1 <= int(name.group(3)) <= 65535:
+            raise ConfigError(f"{key}={value!r}: {target!r} is not a lowercase host:port")
+        host, _, port = address.rpartition(":")
+        try:
+            ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: {address!r} is not ip:port") from None
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{key}={value!r}: {address!r} is not ip:port")
+        pairs.append((target, address))
+    return tuple(pairs)
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
     def conv(key: str, value: Any) -> str:
         text = str(value).strip().lower()
@@ -689,6 +720,8 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_url": _audit_url,
     "replica_id": _replica_id,
     "audit_allow_plaintext": _bool,
+    # Egress tunnels (issue 18), test-only.
+    "egress_tunnel_test_targets": _tunnel_targets,
 }
 
 

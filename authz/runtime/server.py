@@ -43,6 +43,7 @@ from authz.core.mode import Control
 from authz.core.opa import OpaClient, PolicyEngine
 from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.core.record import DecisionSink
+from authz.core.tunnel import TunnelResolver
 from authz.runtime.admin import create_admin_app, start_admin
 from authz.runtime.audit import AuditTrail, Projection
 from authz.runtime.audit.storage import AuditStorage
@@ -141,6 +142,9 @@ def build_authorizer(
         limiter=limiter,
         burst_s=settings.rate_limit_burst_s,
         credentials=credentials,
+        # Egress tunnels: destinations resolved and checked off the event loop (threads
+        # start on first use and idle out with the process).
+        tunnels=TunnelResolver(static=dict(settings.egress_tunnel_test_targets)),
         control=control,
         fail_open_paths=settings.fail_open_paths,
         fail_open_max_per_s=settings.fail_open_max_per_s,

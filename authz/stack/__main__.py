@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from authz.stack.demo import EXAMPLES
+from authz.stack.demo import DEMO_SANDBOXES, EXAMPLES
 from authz.stack.supervisor import Ports, Stack, StackError
 from authz.tools.usage import command_parser
 
@@ -65,8 +65,31 @@ Gateway (API key -> role/path rules; the upstream never sees the key):
 Egress (call a service by name; authz injects the credential the sandbox never holds):
 {examples("egress")}
 
+Use it from an agent (README "Use it from an agent": standard proxy settings only):
+{agent_example(stack)}
+
 A process that crashes is restarted (0.5 s doubling to 10 s). Stop with Ctrl-C.
 """
+
+
+def agent_example(stack: Stack, sandbox: str = "sb-demo-standard") -> str:
+    """The environment a sandbox needs to use the egress as its proxy (demo sandbox
+    ``sandbox``: its id and token in the proxy URL, the egress CA trusted) and commands
+    that then reach the stand-in, intercepted, with the real credential."""
+    scheme = "https" if stack.tls_listeners else "http"
+    token = DEMO_SANDBOXES[sandbox][0]
+    url = f"{scheme}://{sandbox}:{token}@127.0.0.1:{stack.ports.egress}"
+    ca = stack.egress_ca
+    return f"""\
+  export HTTPS_PROXY={url}
+  export HTTP_PROXY=$HTTPS_PROXY https_proxy=$HTTPS_PROXY http_proxy=$HTTPS_PROXY
+  export SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}
+  export NODE_EXTRA_CA_CERTS={ca} GIT_SSL_CAINFO={ca}
+  curl https://api.github.com/user
+      # -> 200 from the stand-in, which got the real credential (the sandbox has none)
+  python -c 'from openai import OpenAI; print(OpenAI(api_key="unused").models.list())'
+  curl -sS -o /dev/null -w '%{{http_connect}}\\n' https://slack.com/api/chat.postMessage
+      # -> 403 (service_not_allowed: tier standard has no slack)"""
 
 
 PROG: Final = "python -m authz.stack"

@@ -432,7 +432,8 @@ class Stack:
     once the stack is up (:class:`Supervisor`; None: it stays down).
     ``gateway_body_routes``: routes added to the gateway that send authz the request body
     and ask it to parse it (:class:`authz.stack.envoy.BodyRoute`; the shipped gateway
-    has none).
+    has none). ``tunnel_max_duration_s``: the egress tunnels' longest life (the
+    generator's, :data:`authz.tools.egress_envoy.TUNNEL_MAX_DURATION_S` by default).
 
     The egress Envoy is ``egress_envoy.generate(...)`` of the same services with every
     service host overridden to the stand-in (TLS, SNI and SAN checks as in production,
@@ -455,6 +456,7 @@ class Stack:
         restart: Backoff | None = DEFAULT_BACKOFF,
         gateway_body_routes: Sequence[envoy.BodyRoute] = (),
         postgres: bool = False,
+        tunnel_max_duration_s: int = egress_envoy.TUNNEL_MAX_DURATION_S,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -474,6 +476,22 @@ class Stack:
         self._supervisor = Supervisor(backoff=restart)
         self._gateway_body_routes = tuple(gateway_body_routes)
         self.postgres = postgres
+        self._tunnel_max_duration_s = tunnel_max_duration_s
+
+    @property
+    def intercept_dir(self) -> Path:
+        """Where the egress interception's certificates live (one directory per
+        intercepted host, ``ca.crt`` the egress CA): the generator's
+        :data:`authz.tools.egress_envoy.INTERCEPT_TLS_DIR`, relocated."""
+        rel = Path(egress_envoy.INTERCEPT_TLS_DIR).relative_to(egress_envoy.ENVOY_TLS_DIR)
+        return self.mtls_dir / rel
+
+    @property
+    def egress_ca(self) -> Path:
+        """The egress CA's certificate (PEM): what a sandbox trusts (``SSL_CERT_FILE``,
+        ``REQUESTS_CA_BUNDLE``, ``NODE_EXTRA_CA_CERTS``, ``GIT_SSL_CAINFO``) so that the
+        certificates the egress presents for intercepted hosts verify."""
+        return self.intercept_dir / "ca.crt"
 
     @property
     def processes(self) -> dict[str, Process]:
@@ -615,9 +633,18 @@ class Stack:
                 authz_address=(HOST, p.authz_grpc),
                 ca_file=str(self.tls.ca),
                 overrides={host: (HOST, p.standin) for host in hosts},
+                tunnel_max_duration_s=self._tunnel_max_duration_s,
             )
         except (ValueError, AttributeError) as exc:
             raise StackError(f"bad egress services in {EGRESS_SERVICES}: {exc}") from exc
+        # The egress CA (sandboxes trust it: self.egress_ca) and a certificate per
+        # intercepted host, where relocate_tls moves the generator's paths.
+        intercepted = egress_envoy.intercepted_hosts(
+            list(read_services(self.root / EGRESS_SERVICES).values())
+        )
+        tls.ensure_pki(
+            self.intercept_dir, {host: tls.Leaf("server", (host,)) for host in intercepted}
+        )
         envoy.secure_listeners(egress_config, ["egress"] if self.tls_listeners else [])
         envoy.relocate_tls(egress_config, self.mtls_dir)
         egress_yaml = self.run_dir / "envoy-egress.yaml"

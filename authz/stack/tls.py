@@ -50,6 +50,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "DEPLOYMENT_LEAVES",
+    "INTERCEPT_DIR",
     "LOCAL_IPS",
     "LOCAL_NAMES",
     "Leaf",
@@ -414,10 +415,18 @@ def _extra_san(text: str) -> tuple[str, str]:
     return name, dns
 
 
+# Where --intercept writes the egress interception's PKI (under --out): the egress Envoy
+# reads /etc/envoy-tls/egress-intercept/<host>/ (authz.tools.egress_envoy.INTERCEPT_TLS_DIR).
+INTERCEPT_DIR: Final = "egress-intercept"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m authz.stack.tls --out DIR [--san LEAF=NAME]... [--owner LEAF=UID[:GID]]...``:
-    :func:`ensure_pki` of :data:`DEPLOYMENT_LEAVES` (plus the extra SANs, e.g. the public
-    host name of the gateway) into DIR. Exit 0 done, 2 bad arguments or unwritable DIR."""
+    """``python -m authz.stack.tls --out DIR [--san LEAF=NAME]... [--owner LEAF=UID[:GID]]...
+    [--intercept HOST]...``: :func:`ensure_pki` of :data:`DEPLOYMENT_LEAVES` (plus the
+    extra SANs, e.g. the public host name of the gateway) into DIR, and with
+    ``--intercept`` a separate egress CA and one server certificate per HOST in
+    ``DIR/egress-intercept`` (``ca.crt`` is what sandboxes trust). Exit 0 done, 2 bad
+    arguments or unwritable DIR."""
     parser = argparse.ArgumentParser(
         prog="python -m authz.stack.tls",
         description="issue the deployment's TLS certificates from a throwaway CA",
@@ -429,6 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--owner", type=_owner, action="append", default=[], help="LEAF=UID[:GID] (repeat)"
     )
+    parser.add_argument(
+        "--intercept",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help=f"egress interception: a certificate for HOST from the egress CA, in "
+        f"DIR/{INTERCEPT_DIR}/HOST (owned like envoy-egress; repeat)",
+    )
     args = parser.parse_args(argv)
     leaves = dict(DEPLOYMENT_LEAVES)
     owners = dict(args.owner)
@@ -439,6 +456,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         leaves[name] = Leaf(leaves[name].usage, (*leaves[name].dns_names, dns))
     try:
         files = ensure_pki(args.out, leaves, owners=owners)
+        if args.intercept:
+            # A separate CA (the egress CA sandboxes trust): it vouches for nothing else.
+            hosts = {host.lower(): Leaf("server", (host.lower(),)) for host in args.intercept}
+            owner = owners.get("envoy-egress")
+            intercept = ensure_pki(
+                args.out / INTERCEPT_DIR,
+                hosts,
+                owners=None if owner is None else dict.fromkeys(hosts, owner),
+            )
+            files.update({f"{INTERCEPT_DIR}/{host}": leaf for host, leaf in intercept.items()})
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

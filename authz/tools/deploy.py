@@ -288,6 +288,8 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
     for listener in resources["listeners"]:
         if listener["name"] == "admin_read_only":
             raise ValueError("listener 'admin_read_only' is reserved for the admin proxy")
+        if "internal_listener" in listener:
+            continue  # the egress interception: no socket, its own per-host TLS
         listener["address"]["socket_address"]["address"] = "0.0.0.0"
         directory = egress_envoy.LISTENER_TLS_DIRS.get(listener["name"])
         if directory is None:
@@ -300,7 +302,10 @@ def containerize(config: Mapping[str, Any], *, admin_port: int) -> dict[str, Any
     for cluster in resources["clusters"]:
         name = cluster["name"]
         if cluster.get("type") != "STATIC":
-            continue  # LOGICAL_DNS clusters (egress services) already name real hosts
+            # LOGICAL_DNS clusters (egress services) already name real hosts; the
+            # interception's internal cluster and the tunnels' ORIGINAL_DST have no
+            # static address.
+            continue
         if name not in DNS_ADDRESSES:
             raise ValueError(
                 f"cluster {name!r} has a local address: give it a DNS name in "

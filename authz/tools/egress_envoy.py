@@ -34,6 +34,7 @@ from authz.core.headers import (
 from authz.tools.generated import add_check, sync
 from authz.tools.services import (
     DEFAULT_SERVICES,
+    Service,
     Upstream,
     is_ip,
     parse_base_url,
@@ -52,15 +53,22 @@ __all__ = [
     "DEFAULT_SERVICES",
     "ENVOY_TLS_DIR",
     "EXIT_CODES",
+    "INTERCEPT_LISTENER",
+    "INTERCEPT_TLS_DIR",
     "LISTENER_TLS_DIRS",
     "ROUTE_TIMEOUT",
+    "SANDBOX_FILTER_STATE",
+    "SANDBOX_ID_HEADER",
     "SUMMARY",
+    "TUNNEL_ADDRESS_HEADER",
+    "TUNNEL_MAX_DURATION_S",
     "Upstream",
     "arguments",
     "authz_transport_socket",
     "build_parser",
     "downstream_transport_socket",
     "generate",
+    "intercepted_hosts",
     "load_assignment",
     "main",
     "parse_base_url",
@@ -95,6 +103,25 @@ LISTENER_TLS_DIRS: Final[Mapping[str, str]] = MappingProxyType(
     {"gateway": f"{ENVOY_TLS_DIR}/envoy-gateway", "egress": f"{ENVOY_TLS_DIR}/envoy-egress"}
 )
 
+# -- issue 18: HTTPS interception and policy-checked tunnels ---------------------------
+# The internal listener that terminates intercepted CONNECT tunnels (TLS with a
+# certificate for the service's real host, signed by the egress CA).
+INTERCEPT_LISTENER: Final = "egress_intercept"
+# Per intercepted host, its certificate directory (tls.crt, tls.key: a kubernetes.io/tls
+# Secret); ca.crt beside them is the egress CA the sandboxes trust.
+INTERCEPT_TLS_DIR: Final = f"{ENVOY_TLS_DIR}/egress-intercept"
+# The filter state object that carries the identity the CONNECT proved into the tunnel.
+SANDBOX_FILTER_STATE: Final = "authz.sandbox_id"
+# The header the inner listener sets from that filter state (client-sent values removed
+# first) so the inner ext_authz check can read it.
+SANDBOX_ID_HEADER: Final = IDENTITY_HEADERS[0]
+# The request header authz sets on a tunnel's allow: the checked "ip:port" Envoy connects
+# to (ORIGINAL_DST cluster, use_http_header). Any client-sent value is removed first.
+TUNNEL_ADDRESS_HEADER: Final = "x-authz-tunnel-address"
+# The longest a CONNECT tunnel (intercepted or not) or a connection inside one lives: the
+# bound on how long access outlives a revocation (README, "Use it from an agent").
+TUNNEL_MAX_DURATION_S: Final = 300
+
 _NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
 _EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
 _TYPE: Final = "type.googleapis.com/envoy.extensions"
@@ -109,6 +136,7 @@ def generate(
     ca_file: str = DEFAULT_CA_FILE,
     overrides: Mapping[str, tuple[str, int]] = _NO_OVERRIDES,
     listen_address: str = "127.0.0.1",
+    tunnel_max_duration_s: int = TUNNEL_MAX_DURATION_S,
 ) -> dict[str, Any]:
     """The egress Envoy's complete v3 bootstrap as a plain (YAML/JSON-dumpable) dict.
 
@@ -152,22 +180,64 @@ def generate(
     (STATIC, LOGICAL_DNS); ``configuration/observability/access_log/usage`` (command
     operators ``%PATH(NQ:ORIG_OR_PATH)%``, ``%DYNAMIC_METADATA(...)%``).
     """
+    if tunnel_max_duration_s < 1:
+        raise ValueError(f"tunnel_max_duration_s must be at least 1, got {tunnel_max_duration_s}")
     virtual_hosts: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = [_authz_cluster(authz_address)]
-    for name in sorted(services):
-        service = parse_service(name, services[name])
-        upstream = service.upstream
+    parsed = [parse_service(name, services[name]) for name in sorted(services)]
+    intercepted = intercepted_hosts(parsed)
+    chains: list[dict[str, Any]] = []
+    tunnel = f"{tunnel_max_duration_s}s"
+    for service in parsed:
+        name, upstream = service.name, service.upstream
         header = service.credential.header if service.credential is not None else None
         virtual_hosts.append(_service_virtual_host(name, upstream, header))
         clusters.append(_service_cluster(name, upstream, ca_file, overrides.get(upstream.host)))
-    virtual_hosts.append(_catch_all_virtual_host())
+    for service in intercepted.values():
+        header = service.credential.header if service.credential is not None else None
+        virtual_hosts.append(
+            _intercept_virtual_host(service.name, service.upstream, header, tunnel)
+        )
+        chains.append(_intercept_chain(service.name, service.upstream, header, tunnel))
+    virtual_hosts.append(_catch_all_virtual_host(tunnel))
+    listeners = [_listener(listen_address, listen_port, virtual_hosts)]
+    if chains:
+        listeners.append(_intercept_listener(chains))
+        clusters.append(_intercept_cluster())
+    clusters.append(_tunnel_cluster())
     return {
+        # Internal listeners (the interception) need this bootstrap extension.
+        "bootstrap_extensions": [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": f"{_TYPE}.bootstrap.internal_listener.v3.InternalListener"
+                },
+            }
+        ],
         "admin": {"address": socket_address("127.0.0.1", admin_port)},
-        "static_resources": {
-            "listeners": [_listener(listen_address, listen_port, virtual_hosts)],
-            "clusters": clusters,
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
+
+
+def intercepted_hosts(services: Sequence[Service]) -> dict[str, Service]:
+    """Host -> service, for the services a CONNECT to ``host:443`` reaches intercepted:
+    an https ``base_url`` on port 443 without a path prefix (a client calling the real
+    host uses the real paths; a prefix could not be mapped). In ``services``' order.
+    Raises ValueError naming both services when two share a host (one CONNECT target
+    cannot be two services)."""
+    hosts: dict[str, Service] = {}
+    for service in services:
+        upstream = service.upstream
+        if not upstream.tls or upstream.port != 443 or upstream.path:
+            continue
+        if upstream.host in hosts:
+            raise ValueError(
+                f"egress services {hosts[upstream.host].name!r} and {service.name!r} share "
+                f"the host {upstream.host!r}: a CONNECT to it can be intercepted as one only"
+            )
+        hosts[upstream.host] = service
+    return hosts
 
 
 def render(
@@ -212,20 +282,25 @@ def load_assignment(cluster: str, address: str, port: int) -> dict[str, Any]:
     return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [endpoint]}]}
 
 
-def _check_settings(service: str) -> dict[str, Any]:
+def _check_settings(service: str, **extra: str) -> dict[str, Any]:
+    # extra: hop ("outer": the sandbox's own connection; "inner": inside an intercepted
+    # tunnel, where Envoy vouches for x-sandbox-id), proxy, tunnel. Set per route by this
+    # config, never by a client (the policy trusts them).
     return {
         _EXT_AUTHZ: {
             "@type": f"{_TYPE}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             "check_settings": {
-                "context_extensions": {"decision_path": DECISION_PATH, "service": service}
+                "context_extensions": {
+                    "decision_path": DECISION_PATH,
+                    "service": service,
+                    **extra,
+                }
             },
         }
     }
 
 
-def _service_virtual_host(
-    name: str, upstream: Upstream, credential_header: str | None
-) -> dict[str, Any]:
+def _service_route(name: str, upstream: Upstream, **extra: str) -> dict[str, Any]:
     action: dict[str, Any] = {
         "cluster": f"service_{name}",
         "host_rewrite_literal": upstream.authority,
@@ -233,49 +308,97 @@ def _service_virtual_host(
     }
     if upstream.path:
         action["prefix_rewrite"] = f"{upstream.path}/"
+    return {
+        "match": {"prefix": "/"},
+        "route": action,
+        "typed_per_filter_config": _check_settings(name, **extra),
+    }
+
+
+def _removed_headers(credential_header: str | None) -> list[str]:
     # Whatever authz decided (an allow no policy decided included), the service gets no
     # credential or identity header from the sandbox; only the one authz injects (set by
     # ext_authz before the router applies these removals).
-    removed = [h for h in (*CREDENTIAL_HEADERS, *IDENTITY_HEADERS) if h != credential_header]
+    return [h for h in (*CREDENTIAL_HEADERS, *IDENTITY_HEADERS) if h != credential_header]
+
+
+def _service_virtual_host(
+    name: str, upstream: Upstream, credential_header: str | None
+) -> dict[str, Any]:
     return {
         "name": f"service_{name}",
         "domains": [name, f"{name}:*"],
-        "request_headers_to_remove": removed,
+        "request_headers_to_remove": _removed_headers(credential_header),
+        "routes": [_service_route(name, upstream, hop="outer")],
+    }
+
+
+def _connect_route(cluster: str, tunnel: str, check: dict[str, Any]) -> dict[str, Any]:
+    # Envoy terminates the CONNECT (connect_config) and carries the tunnel's bytes as TCP
+    # to the cluster. No route timeout (the request never ends); max_stream_duration ends
+    # the tunnel whatever it carries (the revocation bound).
+    return {
+        "match": {"connect_matcher": {}},
+        "route": {
+            "cluster": cluster,
+            "timeout": "0s",
+            "max_stream_duration": {"max_stream_duration": tunnel},
+            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+        },
+        "typed_per_filter_config": check,
+    }
+
+
+def _intercept_virtual_host(
+    name: str, upstream: Upstream, credential_header: str | None, tunnel: str
+) -> dict[str, Any]:
+    # The service's real host on the outer listener: a CONNECT to host:443 goes to the
+    # internal listener (interception); an absolute-form request (HTTP_PROXY, http://host/)
+    # is checked and forwarded as the service's own vhost does.
+    return {
+        "name": f"intercept_{name}",
+        "domains": [upstream.host, f"{upstream.host}:80", f"{upstream.host}:443"],
+        "request_headers_to_remove": _removed_headers(credential_header),
         "routes": [
-            {
-                "match": {"prefix": "/"},
-                "route": action,
-                "typed_per_filter_config": _check_settings(name),
-            }
+            _connect_route(INTERCEPT_LISTENER, tunnel, _check_settings(name, hop="outer")),
+            _service_route(name, upstream, hop="outer", proxy="true"),
         ],
     }
 
 
-def _catch_all_virtual_host() -> dict[str, Any]:
+def _not_found_route(hop: str) -> dict[str, Any]:
     # Reached only when authz allowed an unknown service (a policy bug): still a 404.
+    return {
+        "match": {"prefix": "/"},
+        "direct_response": {
+            "status": 404,
+            "body": {"inline_string": '{"error": "unknown_service"}'},
+        },
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": _check_settings("", hop=hop),
+    }
+
+
+def _catch_all_virtual_host(tunnel: str) -> dict[str, Any]:
+    # Every request is decided (a request matching no route would skip ext_authz:
+    # https://github.com/envoyproxy/envoy/issues/32118): any other CONNECT is a
+    # policy-checked tunnel to the ORIGINAL_DST cluster at the address authz checked.
     return {
         "name": "unknown_service",
         "domains": ["*"],
         "routes": [
-            {
-                "match": {"prefix": "/"},
-                "direct_response": {
-                    "status": 404,
-                    "body": {"inline_string": '{"error": "unknown_service"}'},
-                },
-                "response_headers_to_add": [
-                    {
-                        "header": {"key": "content-type", "value": "application/json"},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                ],
-                "typed_per_filter_config": _check_settings(""),
-            }
+            _connect_route("tunnel", tunnel, _check_settings("", hop="outer", tunnel="true")),
+            _not_found_route("outer"),
         ],
     }
 
 
-def _access_log() -> dict[str, Any]:
+def _access_log(proxy: str = "egress") -> dict[str, Any]:
     metadata = "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{})%"
     return {
         "name": "envoy.access_loggers.stdout",
@@ -284,9 +407,16 @@ def _access_log() -> dict[str, Any]:
             "log_format": {
                 "json_format": {
                     "time": "%START_TIME%",
-                    "proxy": "egress",
+                    "proxy": proxy,
                     "service": metadata.format("service"),
                     "sandbox_id": metadata.format("sandbox_id"),
+                    # A CONNECT's target (host:port) and, for a tunnel, the checked one;
+                    # its line is written when the tunnel ends: bytes and duration are the
+                    # tunnel's.
+                    "authority": "%REQ(:AUTHORITY)%",
+                    "destination": metadata.format("destination"),
+                    # Inside an intercepted tunnel: the sandbox the CONNECT proved.
+                    "tunnel_sandbox_id": f"%FILTER_STATE({SANDBOX_FILTER_STATE}:PLAIN)%",
                     "decision_id": metadata.format("decision_id"),
                     "method": "%REQ(:METHOD)%",
                     # No query string: it may carry credentials.
@@ -322,10 +452,58 @@ def _ext_authz_filter() -> dict[str, Any]:
     }
 
 
+def _router() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": f"{_TYPE}.filters.http.router.v3.Router",
+            # No x-envoy-* request headers to third parties.
+            "suppress_envoy_headers": True,
+        },
+    }
+
+
+def _header_mutation(*mutations: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": f"{_TYPE}.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": list(mutations)},
+        },
+    }
+
+
+def _set_sandbox_filter_state() -> dict[str, Any]:
+    # After ext_authz: the sandbox its allow named (dynamic metadata), as a filter state
+    # object shared with the upstream connection once, i.e. with the internal listener's
+    # connection of an intercepted tunnel. envoy.hashable_string, not envoy.string: a
+    # shared object that is not hashable lets tunnels of different sandboxes share one
+    # upstream connection pool, and a new connection then carries the first stream's
+    # identity (envoy/stream_info/filter_state.h, StreamSharing: "objects must implement
+    # hashing to force distinct upstream connections").
+    metadata = "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:sandbox_id)%"
+    return {
+        "name": "envoy.filters.http.set_filter_state",
+        "typed_config": {
+            "@type": f"{_TYPE}.filters.http.set_filter_state.v3.Config",
+            "on_request_headers": [
+                {
+                    "object_key": SANDBOX_FILTER_STATE,
+                    "factory_key": "envoy.hashable_string",
+                    "format_string": {"text_format_source": {"inline_string": metadata}},
+                    "shared_with_upstream": "ONCE",
+                }
+            ],
+        },
+    }
+
+
 def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> dict[str, Any]:
     hcm = {
         "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "egress",
+        # HTTP CONNECT (RFC 9110 section 9.3.6): HTTPS_PROXY clients open tunnels.
+        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
@@ -350,15 +528,11 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
             ],
         },
         "http_filters": [
+            # Only authz sets the tunnel's address (on a tunnel's allow).
+            _header_mutation({"remove": TUNNEL_ADDRESS_HEADER}),
             _ext_authz_filter(),
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": f"{_TYPE}.filters.http.router.v3.Router",
-                    # No x-envoy-* request headers to third parties.
-                    "suppress_envoy_headers": True,
-                },
-            },
+            _set_sandbox_filter_state(),
+            _router(),
         ],
     }
     return {
@@ -371,6 +545,162 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
                 ]
             }
         ],
+    }
+
+
+def _intercept_chain(
+    name: str, upstream: Upstream, credential_header: str | None, tunnel: str
+) -> dict[str, Any]:
+    """One filter chain of the internal listener: TLS for the service's real host (SNI),
+    then each request inside the tunnel checked by authz (hop inner) like any egress
+    request and forwarded to the service's cluster (verified TLS)."""
+    directory = f"{INTERCEPT_TLS_DIR}/{upstream.host}"
+    hcm = {
+        "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": f"intercept_{name}",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "use_remote_address": True,
+        "xff_num_trusted_hops": 0,
+        "request_timeout": ROUTE_TIMEOUT,
+        "skip_xff_append": True,
+        # The connection inside the tunnel ends with it at the latest.
+        "common_http_protocol_options": {"max_connection_duration": tunnel},
+        "access_log": [_access_log("egress-intercept")],
+        "route_config": {
+            "name": f"intercept_{name}",
+            "virtual_hosts": [
+                {
+                    "name": f"service_{name}",
+                    "domains": [upstream.host, f"{upstream.host}:443"],
+                    "request_headers_to_remove": _removed_headers(credential_header),
+                    "routes": [_service_route(name, upstream, hop="inner")],
+                },
+                # Another Host inside the tunnel (domain fronting): decided, then 404.
+                {
+                    "name": "unknown_service",
+                    "domains": ["*"],
+                    "routes": [_not_found_route("inner")],
+                },
+            ],
+            "request_headers_to_remove": [
+                "x-envoy-external-address",
+                "x-forwarded-proto",
+                *FORWARDING_HEADERS,
+            ],
+        },
+        "http_filters": [
+            # The identity the CONNECT proved, never one the client sends inside the tunnel.
+            _header_mutation(
+                {"remove": SANDBOX_ID_HEADER},
+                {
+                    "append": {
+                        "header": {
+                            "key": SANDBOX_ID_HEADER,
+                            "value": f"%FILTER_STATE({SANDBOX_FILTER_STATE}:PLAIN)%",
+                        },
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                },
+            ),
+            _ext_authz_filter(),
+            _router(),
+        ],
+    }
+    return {
+        "filter_chain_match": {"server_names": [upstream.host]},
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": f"{_TYPE}.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": f"{directory}/tls.crt"},
+                            "private_key": {"filename": f"{directory}/tls.key"},
+                        }
+                    ],
+                },
+            },
+        },
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+    }
+
+
+def _intercept_listener(chains: list[dict[str, Any]]) -> dict[str, Any]:
+    # A connection whose SNI names no intercepted host matches no chain and is closed.
+    return {
+        "name": INTERCEPT_LISTENER,
+        "internal_listener": {},
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {
+                    "@type": f"{_TYPE}.filters.listener.tls_inspector.v3.TlsInspector"
+                },
+            }
+        ],
+        "filter_chains": chains,
+    }
+
+
+def _intercept_cluster() -> dict[str, Any]:
+    # One upstream connection per tunnel (defense in depth beside the hashable filter
+    # state): no two tunnels ever share a connection to the internal listener.
+    return {
+        "name": INTERCEPT_LISTENER,
+        "connect_timeout": "1s",
+        "connection_pool_per_downstream_connection": True,
+        "load_assignment": {
+            "cluster_name": INTERCEPT_LISTENER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "envoy_internal_address": {
+                                        "server_listener_name": INTERCEPT_LISTENER
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.internal_upstream",
+            "typed_config": {
+                "@type": (
+                    f"{_TYPE}.transport_sockets.internal_upstream.v3.InternalUpstreamTransport"
+                ),
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": f"{_TYPE}.transport_sockets.raw_buffer.v3.RawBuffer"},
+                },
+            },
+        },
+    }
+
+
+def _tunnel_cluster() -> dict[str, Any]:
+    # A tunnel connects to the address authz resolved and checked (TUNNEL_ADDRESS_HEADER,
+    # set on the allow), never to what Envoy would resolve itself: DNS rebinding between
+    # the check and the connection cannot move it. Without the header (no allow of a
+    # tunnel set it) the listener's address was not restored, so there is no host: 503.
+    return {
+        "name": "tunnel",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": UPSTREAM_CONNECT_TIMEOUT,
+        "original_dst_lb_config": {
+            "use_http_header": True,
+            "http_header_name": TUNNEL_ADDRESS_HEADER,
+        },
     }
 
 

@@ -32,15 +32,45 @@ service := data.egress.services[service_name]
 # authz's admin preview (POST /v1/preview) names the sandbox, whose identity then counts
 # as proven (no token). Only authz's preview sets input.preview; an input built from an
 # Envoy CheckRequest never has it.
-sandbox_id := input.preview.sandbox_id if {
+# Which hop of the egress Envoy asks (its route's context_extensions, never the client):
+# "inner" is a request inside an intercepted CONNECT tunnel, whose x-sandbox-id Envoy set
+# from the identity the CONNECT proved (any client-sent value removed first).
+hop := object.get(input.attributes.contextExtensions, "hop", "")
+
+connect if method == "CONNECT"
+
+# Where the sandbox's identity comes from, first match wins: authz's preview; the tunnel
+# (inner hop); the X-Sandbox-Id/X-Sandbox-Token headers; Proxy-Authorization: Basic
+# base64(id:token) (authz decodes it into input.proxy_authorization, the token as its
+# digest: docs/contract.md), which the standard HTTPS_PROXY/HTTP_PROXY settings send.
+id_source := "preview" if {
 	# Not redundant: a false sandbox_id falls through to the header.
 	# regal ignore:redundant-existence-check
 	input.preview.sandbox_id
-} else := headers[identity.id_header]
+} else := "tunnel" if {
+	hop == "inner"
+	headers[identity.id_header]
+} else := "header" if {
+	headers[identity.id_header]
+} else := "proxy" if {
+	input.proxy_authorization.user
+}
+
+sandbox_id := input.preview.sandbox_id if {
+	id_source == "preview"
+} else := headers[identity.id_header] if {
+	id_source in {"tunnel", "header"}
+} else := input.proxy_authorization.user if {
+	id_source == "proxy"
+}
 
 sandbox := data.egress.sandboxes[sandbox_id]
 
-token_digest := input.credentials[identity.token_header]
+token_digest := input.credentials[identity.token_header] if {
+	id_source == "header"
+} else := input.proxy_authorization.password_sha256 if {
+	id_source == "proxy"
+}
 
 header_only if identity.mode == "header"
 
@@ -50,7 +80,32 @@ token_ok if header_only
 
 token_ok if previewed
 
+# Proven by the CONNECT that opened the tunnel (checked with its token then).
+token_ok if id_source == "tunnel"
+
 token_ok if token_digest == sandbox.token_sha256
+
+# A client speaking to the egress as a proxy (a CONNECT, Proxy-Authorization, or an
+# absolute-form request to a service's real host) is answered as a proxy answers: 407
+# with Proxy-Authenticate (RFC 9110 section 15.5.8), which is what makes a client send
+# the credentials of its proxy URL.
+proxy_style if connect
+
+proxy_style if id_source == "proxy"
+
+proxy_style if "proxy-authorization" in object.keys(input.credentials)
+
+proxy_style if input.attributes.contextExtensions.proxy == "true"
+
+auth_deny(reason, _) := lib.proxy_unauthorized(reason) if proxy_style
+
+auth_deny(reason, presented) := lib.unauthorized(reason, presented) if not proxy_style
+
+# A Proxy-Authorization that is not Basic base64(id:token) (authz could not decode it).
+proxy_authorization_malformed if {
+	"proxy-authorization" in object.keys(input.credentials)
+	not input.proxy_authorization
+}
 
 enabled if sandbox.enabled == true
 
@@ -134,31 +189,52 @@ cache_hint := {"authz": {"cache_ttl_s": max([0, min(ttls)])}} if {
 	count(ttls) > 0
 }
 
+# A tunnel's CONNECT names no service ("").
+default identity_service := ""
+
+identity_service := concat("", [service_name])
+
 decision_identity := object.union(
-	{"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox_tier},
+	{"sandbox_id": sandbox_id, "service": identity_service, "tier": sandbox_tier},
 	{"namespace": sandbox.namespace | is_string(sandbox.namespace)},
 ) if {
 	token_ok
-} else := {"sandbox_id": sandbox_id, "service": service_name}
+} else := {"sandbox_id": sandbox_id, "service": identity_service}
 
 # One ordered chain: the first failing check names the deny, so it reads top to bottom.
 # regal ignore:rule-length
-verdict := lib.unauthorized("missing_sandbox_id", false) if {
+verdict := auth_deny("invalid_proxy_authorization", true) if {
 	not sandbox_id
-} else := lib.unauthorized("unknown_sandbox", true) if {
+	proxy_authorization_malformed
+} else := auth_deny("missing_sandbox_id", false) if {
+	not sandbox_id
+} else := auth_deny("unknown_sandbox", true) if {
 	not sandbox
-} else := lib.unauthorized("missing_sandbox_token", false) if {
+} else := auth_deny("missing_sandbox_token", false) if {
 	not header_only
 	not previewed
-	not token_digest
-} else := lib.unauthorized("invalid_sandbox_token", true) if {
 	not token_ok
-} else := lib.unauthorized("sandbox_disabled", true) if {
+	not token_digest
+} else := auth_deny("invalid_sandbox_token", true) if {
+	not token_ok
+} else := auth_deny("sandbox_disabled", true) if {
 	not enabled
+} else := lib.blocked_by(tunnel_blocked) if {
+	tunnel_request
+	tunnel_blocked
+} else := tunnel_verdict if {
+	tunnel_request
 } else := lib.deny(403, "unknown_service") if {
 	not service
 } else := lib.blocked_by(blocked) if {
 	blocked
+} else := connect_allow if {
+	# CONNECT to an intercepted service's host: the tunnel only opens; every request
+	# inside it is decided on its own (hop inner), with its method and path.
+	connect
+	service_in_tier
+} else := lib.deny(403, "service_not_allowed") if {
+	connect
 } else := lib.deny(400, "invalid_path") if {
 	lib.bad_path
 } else := lib.allowed_by(allow, excepted) if {
@@ -234,4 +310,141 @@ credential := {"authz": {"credential": {
 	"format": service.credential.format,
 }}} if {
 	service.credential
+}
+
+# -- CONNECT: intercepted services and policy-checked tunnels (issue 18) ---------------
+
+# The CONNECT that opens an intercepted tunnel: no credential (nothing is forwarded: the
+# requests inside are checked and get theirs), rate-limited per sandbox.
+connect_allow := {
+	"allowed": true,
+	"authz": {
+		"reason": "allowed",
+		"source": allow_source,
+		"rate_limit": {
+			"tier": sandbox_tier,
+			"key": concat(":", ["sandbox", sandbox_id, "connect"]),
+			"requests_per_minute": requests_per_minute,
+		},
+		"identity": decision_identity,
+	},
+	"dynamic_metadata": {"sandbox_id": sandbox_id, "service": service_name, "tier": sandbox_tier},
+}
+
+# A CONNECT on the egress Envoy's catch-all tunnel route (every host:port that is not an
+# intercepted service's host:443).
+tunnel_request if {
+	connect
+	input.attributes.contextExtensions.tunnel == "true"
+}
+
+# A deny override that names no service blocks the sandbox's tunnels too.
+tunnel_blocked := lib.first_override({o | some o in overrides; not o.match.service}, "deny")
+
+tunnel_authority := lower(input.attributes.request.http.host)
+
+# host:port, host a DNS name (letters, digits, '-', '_', '.'), port 1-5 digits.
+tunnel_parts := regex.find_all_string_submatch_n(`^([a-z0-9_.-]{1,253}):([0-9]{1,5})$`, tunnel_authority, 1)[0]
+
+tunnel_host := trim_suffix(tunnel_parts[1], ".")
+
+tunnel_port := to_number(tunnel_parts[2])
+
+tunnel_port_valid if {
+	tunnel_port >= 1
+	tunnel_port <= 65535
+}
+
+tunnel_labels := split(tunnel_host, ".")
+
+# An IP literal in any spelling a resolver accepts (dotted, decimal 2130706433, hex
+# 0x7f.1, octal): a DNS top-level label never starts with a digit.
+tunnel_ip_literal if regex.match(`^[0-9]`, tunnel_labels[count(tunnel_labels) - 1])
+
+# Names that mean this machine or a cloud's internal network whatever DNS says (RFC 6761
+# localhost; .internal holds GCP's metadata.google.internal; .local is mDNS). authz also
+# refuses any name that resolves to a non-public address.
+tunnel_internal_name if tunnel_host == "localhost"
+
+tunnel_internal_name if {
+	some suffix in [".localhost", ".internal", ".local", ".home.arpa"]
+	endswith(tunnel_host, suffix)
+}
+
+# Every configured service's host: reachable only intercepted (checked, credential
+# injected), never through a plain tunnel, whatever a tier lists.
+service_hosts contains lower(regex.replace(s.base_url, `^https?://([^/:]+).*$`, "$1")) if {
+	some s in data.egress.services
+}
+
+# A tier's hosts: its own tunnel_hosts and a deployment's additions
+# (data.egress.tunnel_hosts[<tier>], an overlay like the sandboxes).
+tunnel_patterns contains p if some p in tier.tunnel_hosts
+
+tunnel_patterns contains p if some p in data.egress.tunnel_hosts[sandbox_tier]
+
+# "name" (port 443), "name:port", "*.domain" (any name under domain, not domain itself).
+pattern_matches(p) if {
+	not contains(p, ":")
+	tunnel_port == 443
+	name_matches(lower(p))
+}
+
+pattern_matches(p) if {
+	[name, port] := split(p, ":")
+	to_number(port) == tunnel_port
+	name_matches(lower(name))
+}
+
+name_matches(name) if {
+	not startswith(name, "*.")
+	name == tunnel_host
+}
+
+name_matches(name) if {
+	startswith(name, "*.")
+	endswith(tunnel_host, substring(name, 1, -1))
+}
+
+tunnel_allowed if {
+	some p in tunnel_patterns
+	pattern_matches(p)
+}
+
+tunnel_destination := sprintf("%s:%d", [tunnel_host, tunnel_port])
+
+tunnel_verdict := lib.deny(400, "invalid_tunnel_target") if {
+	not tunnel_parts
+} else := lib.deny(400, "invalid_tunnel_target") if {
+	not tunnel_port_valid
+} else := lib.deny(403, "ip_literal_not_allowed") if {
+	tunnel_ip_literal
+} else := lib.deny(403, "address_not_allowed") if {
+	tunnel_internal_name
+} else := lib.deny(403, "service_host_not_tunnelable") if {
+	tunnel_host in service_hosts
+} else := lib.deny(403, "tunnel_not_allowed") if {
+	not tunnel_allowed
+} else := tunnel_allow
+
+# authz resolves authz.tunnel.host (refusing a non-public answer: address_not_allowed)
+# and pins the checked address for Envoy (docs/contract.md).
+tunnel_allow := {
+	"allowed": true,
+	"authz": {
+		"reason": "allowed",
+		"source": allow_source,
+		"rate_limit": {
+			"tier": sandbox_tier,
+			"key": concat(":", ["sandbox", sandbox_id, "tunnel"]),
+			"requests_per_minute": requests_per_minute,
+		},
+		"identity": object.union(decision_identity, {"destination": tunnel_destination}),
+		"tunnel": {"host": tunnel_host, "port": tunnel_port},
+	},
+	"dynamic_metadata": {
+		"sandbox_id": sandbox_id,
+		"tier": sandbox_tier,
+		"destination": tunnel_destination,
+	},
 }

@@ -535,3 +535,214 @@ test_override_naming_an_unknown_sandbox_or_service_is_a_bundle_warning if {
 		`override "o3" allows sandbox "sb-standard" without naming a service: the egress policy ignores it`,
 	}
 }
+
+# -- issue 18: Proxy-Authorization, intercepted CONNECT, inner hop, tunnels -------------
+
+basic(id, token) := {"user": id, "password_sha256": crypto.sha256(token)}
+
+# A request through the egress as a proxy: `authority` is the CONNECT target or the
+# Host, `ext` the route's context_extensions, `proxy` input.proxy_authorization (null:
+# none), `extra` more headers.
+proxy_req(method, authority, path, ext, proxy, extra) := object.union(
+	{
+		"attributes": {
+			"request": {"http": {
+				"method": method,
+				"path": path,
+				"host": authority,
+				"headers": object.union({"host": authority}, extra),
+			}},
+			"contextExtensions": object.union({"decision_path": "authz/egress/decision"}, ext),
+		},
+		"parsed_path": split(trim_left(path, "/"), "/"),
+		"parsed_query": {},
+		"credentials": proxy_credentials(proxy),
+	},
+	proxy_field(proxy),
+)
+
+proxy_credentials(proxy) := {"proxy-authorization": "d1gest"} if proxy != null
+
+else := {}
+
+proxy_field(proxy) := {"proxy_authorization": proxy} if proxy != null
+
+else := {}
+
+proxy_decide(method, authority, path, ext, proxy, extra) := d if {
+	d := egress.decision with input as proxy_req(method, authority, path, ext, proxy, extra)
+		with data.egress.sandboxes as sandboxes
+}
+
+intercept_ext(service) := {"service": service, "hop": "outer"}
+
+inner_ext(service) := {"service": service, "hop": "inner"}
+
+tunnel_ext := {"service": "", "hop": "outer", "tunnel": "true"}
+
+test_connect_with_proxy_basic_of_a_tier_with_the_service_opens_the_tunnel if {
+	d := proxy_decide("CONNECT", "api.openai.com:443", "", intercept_ext("openai"), basic("sb-standard", "t-standard"), {})
+	d.allowed == true
+	d.dynamic_metadata.sandbox_id == "sb-standard"
+	not d.authz.credential
+	d.authz.rate_limit.key == "sandbox:sb-standard:connect"
+}
+
+test_connect_of_a_tier_without_the_service_is_service_not_allowed if {
+	d := proxy_decide("CONNECT", "slack.com:443", "", intercept_ext("slack"), basic("sb-standard", "t-standard"), {})
+	d.allowed == false
+	d.http_status == 403
+	d.authz.reason == "service_not_allowed"
+}
+
+proxy_auth_cases := [
+	# [proxy_authorization, credentials present, reason]
+	[null, false, "missing_sandbox_id"],
+	[basic("sb-standard", "wrong"), true, "invalid_sandbox_token"],
+	[basic("sb-nope", "t-standard"), true, "unknown_sandbox"],
+	[basic("sb-off", "t-off"), true, "sandbox_disabled"],
+]
+
+test_connect_without_valid_proxy_credentials_is_407_with_proxy_authenticate if {
+	every case in proxy_auth_cases {
+		d := proxy_decide("CONNECT", "api.openai.com:443", "", intercept_ext("openai"), case[0], {})
+		d.allowed == false
+		d.http_status == 407
+		d.authz.reason == case[2]
+		d.headers["proxy-authenticate"] == `Basic realm="authz-egress"`
+	}
+}
+
+test_malformed_proxy_authorization_is_407_invalid_proxy_authorization if {
+	d := egress.decision with input as object.union(
+		proxy_req("CONNECT", "api.openai.com:443", "", intercept_ext("openai"), null, {}),
+		{"credentials": {"proxy-authorization": "d1gest"}},
+	)
+		with data.egress.sandboxes as sandboxes
+	d.http_status == 407
+	d.authz.reason == "invalid_proxy_authorization"
+}
+
+test_absolute_form_request_with_proxy_basic_is_checked_and_gets_the_credential if {
+	ext := {"service": "openai", "proxy": "true"}
+	d := proxy_decide("GET", "api.openai.com", "/v1/models", ext, basic("sb-standard", "t-standard"), {})
+	d.allowed == true
+	d.authz.credential.ref == "openai"
+	"proxy-authorization" in d.request_headers_to_remove
+}
+
+test_absolute_form_request_without_credentials_is_407 if {
+	d := proxy_decide("GET", "api.openai.com", "/v1/models", {"service": "openai", "proxy": "true"}, null, {})
+	d.http_status == 407
+}
+
+test_plain_request_without_identity_stays_401_bearer if {
+	d := decide(null, null, "openai", "GET", "/v1/models")
+	d.http_status == 401
+	d.headers["www-authenticate"] == `Bearer realm="authz"`
+}
+
+test_inner_request_is_the_tunnel_sandbox_without_a_token if {
+	d := proxy_decide("GET", "api.openai.com", "/v1/models", inner_ext("openai"), null, {"x-sandbox-id": "sb-standard"})
+	d.allowed == true
+	d.authz.identity.sandbox_id == "sb-standard"
+	d.authz.credential.ref == "openai"
+}
+
+test_inner_request_ignores_proxy_credentials_of_another_sandbox if {
+	# x-sandbox-id is what Envoy set from the CONNECT; the client's Basic is not used.
+	premium := basic("sb-premium", "t-premium")
+	path := "/api/chat.postMessage"
+	d := proxy_decide("GET", "slack.com", path, inner_ext("slack"), premium, {"x-sandbox-id": "sb-standard"})
+	d.allowed == false
+	d.authz.reason == "service_not_allowed"
+	d.authz.identity.sandbox_id == "sb-standard"
+}
+
+test_inner_request_is_checked_by_method_and_path if {
+	d := proxy_decide("GET", "api.openai.com", "/v1/files", inner_ext("openai"), null, {"x-sandbox-id": "sb-standard"})
+	d.authz.reason == "path_not_allowed"
+}
+
+test_outer_request_with_only_an_id_header_still_needs_the_token if {
+	# Only the inner hop vouches for the id header; the outer listener does not.
+	ext := {"service": "openai", "hop": "outer"}
+	d := proxy_decide("GET", "openai", "/v1/models", ext, null, {"x-sandbox-id": "sb-standard"})
+	d.authz.reason == "missing_sandbox_token"
+}
+
+tunnel_cases := [
+	# [sandbox, token, authority, allowed, reason]
+	["sb-standard", "t-standard", "pypi.org:443", true, "allowed"],
+	["sb-standard", "t-standard", "PyPI.org:443", true, "allowed"],
+	["sb-premium", "t-premium", "objects.githubusercontent.com:443", true, "allowed"],
+	["sb-premium", "t-premium", "githubusercontent.com:443", false, "tunnel_not_allowed"],
+	["sb-premium", "t-premium", "evilgithubusercontent.com:443", false, "tunnel_not_allowed"],
+	["sb-standard", "t-standard", "pypi.org:8443", false, "tunnel_not_allowed"],
+	["sb-standard", "t-standard", "example.com:443", false, "tunnel_not_allowed"],
+	["sb-restricted", "t-restricted", "pypi.org:443", false, "tunnel_not_allowed"],
+	["sb-standard", "t-standard", "127.0.0.1:443", false, "ip_literal_not_allowed"],
+	["sb-standard", "t-standard", "169.254.169.254:80", false, "ip_literal_not_allowed"],
+	["sb-standard", "t-standard", "2130706433:443", false, "ip_literal_not_allowed"],
+	["sb-standard", "t-standard", "0x7f.1:443", false, "ip_literal_not_allowed"],
+	["sb-standard", "t-standard", "[::1]:443", false, "invalid_tunnel_target"],
+	["sb-standard", "t-standard", "pypi.org", false, "invalid_tunnel_target"],
+	["sb-standard", "t-standard", "pypi.org:0", false, "invalid_tunnel_target"],
+	["sb-standard", "t-standard", "pypi.org:99999", false, "invalid_tunnel_target"],
+	["sb-standard", "t-standard", "localhost:443", false, "address_not_allowed"],
+	["sb-standard", "t-standard", "metadata.google.internal:80", false, "address_not_allowed"],
+	["sb-standard", "t-standard", "x.localhost:443", false, "address_not_allowed"],
+	["sb-admin", "t-admin", "api.openai.com:8443", false, "service_host_not_tunnelable"],
+	["sb-admin", "t-admin", "api.github.com:443", false, "service_host_not_tunnelable"],
+]
+
+test_tunnel_targets if {
+	every case in tunnel_cases {
+		d := proxy_decide("CONNECT", case[2], "", tunnel_ext, basic(case[0], case[1]), {})
+		d.allowed == case[3]
+		d.authz.reason == case[4]
+	}
+}
+
+test_tunnel_allow_names_the_host_for_authz_and_injects_nothing if {
+	d := proxy_decide("CONNECT", "pypi.org:443", "", tunnel_ext, basic("sb-standard", "t-standard"), {})
+	d.authz.tunnel == {"host": "pypi.org", "port": 443}
+	not d.authz.credential
+	d.authz.rate_limit.key == "sandbox:sb-standard:tunnel"
+	d.dynamic_metadata.destination == "pypi.org:443"
+}
+
+test_tunnel_hosts_of_a_deployment_overlay_count_for_the_tier if {
+	sandbox := basic("sb-standard", "t-standard")
+	d := egress.decision with input as proxy_req("CONNECT", "allowed.test:443", "", tunnel_ext, sandbox, {})
+		with data.egress.sandboxes as sandboxes
+		with data.egress.tunnel_hosts as {"standard": ["allowed.test"]}
+	d.allowed == true
+}
+
+test_a_deny_override_without_a_service_blocks_tunnels if {
+	override := {
+		"id": "ovr-1", "effect": "deny", "decision_path": "authz/egress/decision",
+		"match": {"sandbox_id": "sb-standard"}, "reason": "incident",
+		"expires_at_ns": time.now_ns() + 60000000000,
+	}
+	standard := basic("sb-standard", "t-standard")
+	d := egress.decision with input as proxy_req("CONNECT", "pypi.org:443", "", tunnel_ext, standard, {})
+		with data.egress.sandboxes as sandboxes
+		with data.overrides as {"ovr-1": override}
+	d.allowed == false
+	d.authz.reason == "blocked_by_override"
+}
+
+test_a_deny_override_for_one_service_leaves_tunnels_alone if {
+	override := {
+		"id": "ovr-1", "effect": "deny", "decision_path": "authz/egress/decision",
+		"match": {"sandbox_id": "sb-standard", "service": "openai"}, "reason": "incident",
+		"expires_at_ns": time.now_ns() + 60000000000,
+	}
+	standard := basic("sb-standard", "t-standard")
+	d := egress.decision with input as proxy_req("CONNECT", "pypi.org:443", "", tunnel_ext, standard, {})
+		with data.egress.sandboxes as sandboxes
+		with data.overrides as {"ovr-1": override}
+	d.allowed == true
+}

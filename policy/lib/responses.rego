@@ -28,6 +28,13 @@ unauthorized(reason, presented) := object.union(deny(401, reason), {"headers": {
 	challenge := `Bearer realm="authz", error="invalid_token"`
 } else := object.union(deny(401, reason), {"headers": {"www-authenticate": `Bearer realm="authz"`}})
 
+# A 407 that tells a client using the egress as its proxy how to authenticate
+# (RFC 9110 sections 11.7.1 and 15.5.8; RFC 7617 Basic).
+proxy_unauthorized(reason) := object.union(
+	deny(407, reason),
+	{"headers": {"proxy-authenticate": `Basic realm="authz-egress"`}},
+)
+
 # The request path rebuilt from input.parsed_path (percent-decoded, as the plugin builds
 # it), so matching never sees a query string or encoded characters; lowercased, and so
 # are the patterns it is matched against (match_path), so `/api/v1/Admin/x` cannot miss

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from authz.stack.supervisor import free_port
 from tests.helpers.e2e import Env, running_env
 
 pytestmark = pytest.mark.e2e
@@ -19,7 +20,10 @@ def e2e(
 ) -> Iterator[Env]:
     """The whole gateway stack (:func:`running_env`), started once for the session; the
     gateway and egress clients keep every response (:meth:`Env.record`)."""
-    with running_env(repo_root, tmp_path_factory.mktemp("e2e")) as env:
+    # egress tunnels: the port of the local HTTPS server that plays the allowed host.
+    with running_env(
+        repo_root, tmp_path_factory.mktemp("e2e"), tunnel_test_port=free_port()
+    ) as env:
         for client in (env.gateway, env.egress):
             client.event_hooks["response"] = [env.record]
         yield env

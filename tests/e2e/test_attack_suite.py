@@ -277,15 +277,18 @@ def _cycle(items: list[HostileRequest]) -> Iterator[HostileRequest]:
 
 def _fill(rng: random.Random, count: int) -> Iterator[HostileRequest]:
     """Fillers (``hostile.fillers``); every FILL_EGRESS_SHARE-th request goes to the egress
-    instead, with a bogus sandbox identity: alternately the next of a second fillers
-    stream and a plain bogus sandbox call."""
+    instead, with a bogus sandbox identity: in turn the next of a second fillers stream,
+    a plain bogus sandbox call and a call with a hostile Proxy-Authorization."""
     gateway, egress = hostile.fillers(rng, count), hostile.fillers(rng, count)
     known = tuple(SANDBOX_SPECS)
     for i in range(count):
         if i % FILL_EGRESS_SHARE != FILL_EGRESS_SHARE - 1:
             yield next(gateway)
-        elif (i // FILL_EGRESS_SHARE) % 2:
+        elif (i // FILL_EGRESS_SHARE) % 3 == 1:
             yield hostile.egress_bogus_sandbox(rng, SERVICES, known)
+        elif (i // FILL_EGRESS_SHARE) % 3 == 2:
+            # issue 18: identity from a hostile Proxy-Authorization only.
+            yield hostile.egress_bogus_proxy_authorization(rng, SERVICES, known)
         else:
             yield hostile.for_egress(next(egress), rng, SERVICES, known)
 

@@ -3,6 +3,7 @@ on a stack built exactly as scripts/up builds it: demo bundle data, demo egress 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from authz.stack.__main__ import agent_example
 from authz.stack.demo import EXAMPLES, Example
 from authz.stack.supervisor import Ports, Stack
 
@@ -76,3 +78,34 @@ def test_example(demo_stack: Stack, example: Example) -> None:
             assert resp.json()["credential_ok"] is True
     else:
         assert resp.json()["error"] == example.error
+
+
+def test_the_printed_agent_example_works(demo_stack: Stack) -> None:
+    """egress (issue 18): scripts/up's "Use it from an agent" lines, run as printed in a
+    shell with nothing else of authz's set: curl reaches the stand-in intercepted with the
+    real credential, and a service the tier lacks is refused at the CONNECT (403)."""
+    example = agent_example(demo_stack)
+    exports = [line.strip() for line in example.splitlines() if line.strip().startswith("export")]
+    commands = [line.strip() for line in example.splitlines() if line.strip().startswith("curl")]
+    assert len(exports) == 4
+    assert len(commands) == 2
+    env = {"PATH": "/usr/bin:/bin"}
+    first = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, f"{commands[0]} -sS --max-time 10"])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["credential_ok"] is True
+    second = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, f"{commands[1]} --max-time 10"])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert second.stdout.strip() == "403", second.stderr

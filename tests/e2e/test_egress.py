@@ -214,7 +214,7 @@ def test_secrets_file_reloads_without_restart(e2e: Env) -> None:
         # Rotated value -> injected at once: the stand-in (which knows the old one) refuses.
         e2e.write_secrets({**e2e.secrets, "openai": "rotated-openai-value"})
         resp = poll_status(lambda: e2e.egress.get("/v1/models", headers=headers), 401)
-        assert resp.json()["error"] == "invalid_credential"
+        assert resp.json()["error"]["code"] == "invalid_api_key"  # OpenAI's own 401
         # Malformed file -> every credential unavailable, never a request without one.
         e2e.secrets_file.write_text("{broken")
         os.utime(e2e.secrets_file)

@@ -29,6 +29,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 
 from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.input import parse_proxy_basic
 from authz.tools.launch import HOST, Launch, http_ok
 from tests.helpers import ROOT
 
@@ -397,6 +398,12 @@ def _normalise_credentials(
                 authz_raw[path] = peer_raw[path]
     if authz.get("credentials") == credentials or (not credentials and "credentials" not in authz):
         authz.pop("credentials", None)
+    # egress (issue 18): a Basic Proxy-Authorization's user-id and password digest.
+    basic = headers.get("proxy-authorization")
+    if basic is not None and authz.get("proxy_authorization") == parse_proxy_basic(basic):
+        authz.pop("proxy_authorization", None)
+        for key in [k for k in authz_raw if k.startswith('["proxy_authorization"')]:
+            del authz_raw[key]
     # The digests themselves are strings in the input: their raw-bytes entries go too.
     for key in [k for k in authz_raw if k.startswith('["credentials"')]:
         if "credentials" not in authz:

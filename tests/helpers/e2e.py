@@ -22,6 +22,7 @@ import asyncio
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from authz.runtime.secrets import write_secrets_file
 from authz.stack import containers
 from authz.stack.envoy import BodyRoute
 from authz.stack.supervisor import Ports, Process, Stack, free_port, http_ok
+from authz.tools.egress_envoy import TUNNEL_MAX_DURATION_S
 from authz.tools.keys import SANDBOX_TOKEN_PREFIX, digest, generate_key
 from tests.helpers.fakes import check_request
 
@@ -89,6 +91,9 @@ class Env:
     # Every response (status line, headers, body) the gateway and egress clients received,
     # for the final check that no secret ever came back (test_zz_no_secrets.py).
     seen: list[str] = field(default_factory=list)
+    # egress (issue 18): the port of the local HTTPS server that plays TUNNEL_TEST_HOST
+    # (0: none; AUTHZ_EGRESS_TUNNEL_TEST_TARGETS points the tunnel there).
+    tunnel_test_port: int = 0
 
     def record(self, response: httpx.Response) -> None:
         """httpx response hook: keep what came back."""
@@ -148,11 +153,20 @@ class Env:
                 "enabled": enabled,
                 "token_sha256": digest(self.tokens[sandbox]),
             }
-            for sandbox, (tier, enabled) in SANDBOX_SPECS.items()
+            for sandbox, (tier, enabled) in {**SANDBOX_SPECS, **CROWD_SPECS}.items()
         }
         target = self.overlay / "egress/sandboxes/data.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(sandboxes), encoding="utf-8")
+
+    def write_tunnel_hosts(self) -> None:
+        """The deployment overlay of tunnel hosts (``data.egress.tunnel_hosts``): tier
+        ``standard`` may also reach :data:`TUNNEL_TEST_HOST` and this machine's host name
+        (which resolves to a non-public address: authz must refuse it)."""
+        target = self.overlay / "egress/tunnel_hosts/data.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        hosts = [TUNNEL_TEST_HOST, socket.gethostname().lower()]
+        target.write_text(json.dumps({"standard": hosts}), encoding="utf-8")
 
     def build_bundle(self, root: Path) -> str:
         """Run scripts/build-policy-bundle with the overlay; returns the revision."""
@@ -179,14 +193,19 @@ def running_env(
     *,
     authz_env: Mapping[str, str] | None = None,
     gateway_body_routes: Sequence[BodyRoute] = (),
+    tunnel_test_port: int = 0,
+    tunnel_max_duration_s: int | None = None,
 ) -> Iterator[Env]:
     """The whole stack on free ports, everything it writes under ``base``: fresh keys
     (:data:`KEY_SPECS`), sandbox tokens (:data:`SANDBOX_SPECS`), egress secrets
     (:data:`SERVICES`) and admin token, a bundle built with their digests; authz runs
     with :data:`BURST_S` and the admin token, plus ``authz_env``;
-    ``gateway_body_routes`` go to :class:`Stack`. OPA and both Envoys are containers
-    with ``AUTHZ_E2E_CONTAINERS=1`` (the test fails without a Docker engine). Yields once
-    every process is ready; stops the stack and closes the clients on exit."""
+    ``gateway_body_routes`` go to :class:`Stack`. ``tunnel_test_port``: a local server
+    plays :data:`TUNNEL_TEST_HOST` there (tier standard may tunnel to it);
+    ``tunnel_max_duration_s``: the egress tunnels' longest life (None: the generator's).
+    OPA and both Envoys are containers with ``AUTHZ_E2E_CONTAINERS=1`` (the test fails
+    without a Docker engine). Yields once every process is ready; stops the stack and
+    closes the clients on exit."""
     ports = Ports.free()
     secrets_file = base / "secrets/egress.json"
     admin_token = generate_key("adm_")
@@ -203,15 +222,22 @@ def running_env(
         authz_env={
             "AUTHZ_RATE_LIMIT_BURST_S": BURST_S,
             "AUTHZ_ADMIN_TOKEN": admin_token,
+            **tunnel_test_env(tunnel_test_port),
             **(authz_env or {}),
         },
         wrap=None if runtime is None else runtime.wrap,
         gateway_body_routes=gateway_body_routes,
+        tunnel_max_duration_s=(
+            TUNNEL_MAX_DURATION_S if tunnel_max_duration_s is None else tunnel_max_duration_s
+        ),
     )
     env = Env(
         stack,
         keys={name: generate_key() for name in KEY_SPECS},
-        tokens={sandbox: generate_key(SANDBOX_TOKEN_PREFIX) for sandbox in SANDBOX_SPECS},
+        tokens={
+            sandbox: generate_key(SANDBOX_TOKEN_PREFIX)
+            for sandbox in {**SANDBOX_SPECS, **CROWD_SPECS}
+        },
         secrets={service: f"{service}-{generate_key('secret_')}" for service in SERVICES},
         secrets_file=secrets_file,
         overlay=base / "overlay",
@@ -225,8 +251,11 @@ def running_env(
             timeout=5.0,
         ),
     )
+    env.tunnel_test_port = tunnel_test_port
     try:
         env.write_keys()
+        if tunnel_test_port:
+            env.write_tunnel_hosts()
         env.write_secrets()
         env.build_bundle(root)
         with stack:
@@ -345,3 +374,19 @@ def poll_status(
             assert resp.status_code == status, resp.text
             return resp
         time.sleep(0.1)
+
+
+# -- egress (issue 18): tunnels and many concurrent sandboxes -----------------------------
+
+# The "allowed host" of the tunnel tests (RFC 6761 .test: never a real name); a tunnel to
+# TUNNEL_TEST_HOST:443 goes to the test's local HTTPS server (AUTHZ_EGRESS_TUNNEL_TEST_TARGETS).
+TUNNEL_TEST_HOST = "allowed.test"
+# Sandboxes for the concurrency test (>= 50 tunnels at once): tier standard (openai).
+CROWD_SPECS = {f"sb-crowd-{i:02d}": ("standard", True) for i in range(50)}
+
+
+def tunnel_test_env(port: int) -> dict[str, str]:
+    """authz's test-only tunnel target setting for a local server on ``port`` (none: 0)."""
+    if not port:
+        return {}
+    return {"AUTHZ_EGRESS_TUNNEL_TEST_TARGETS": f"{TUNNEL_TEST_HOST}:443=127.0.0.1:{port}"}

@@ -25,6 +25,7 @@ body files) and :class:`Slowloris` (sockets, a thread).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import random
@@ -301,6 +302,42 @@ def egress_bogus_sandbox(
         "GET",
         "/v1/models",
         tuple(headers),
+        host=rng.choice(services),
+        proxy="egress",
+    )
+
+
+def egress_bogus_proxy_authorization(
+    rng: random.Random,
+    services: Sequence[str],
+    known_sandboxes: Sequence[str] = (),
+) -> HostileRequest:
+    """An egress call to one of ``services`` identified only by a hostile
+    ``Proxy-Authorization`` (issue 18), in turn: Basic with a real or random id and a
+    random token, Basic of 32 KiB of base64, Basic that is not base64, Basic without a
+    colon, another scheme, and Basic carrying CR/LF and NUL once decoded."""
+    sandbox = rng.choice(known_sandboxes) if known_sandboxes else f"sb-{_token(rng, 12).lower()}"
+    variants = (
+        f"{sandbox}:sbt_{_token(rng, 32)}".encode(),
+        _token(rng, 24 * 1024).encode(),
+        None,
+        _token(rng, 40).encode(),
+        b"",
+        f"{sandbox}:sbt_{_token(rng, 8)}\r\nx-sandbox-id: sb-admin\x00".encode(),
+    )
+    choice = rng.randrange(len(variants))
+    raw = variants[choice]
+    if raw is None:
+        value = "Basic " + _token(rng, 64) + "!!"
+    elif not raw:
+        value = f"Bearer {_token(rng, 40)}"
+    else:
+        value = "Basic " + base64.b64encode(raw).decode()
+    return HostileRequest(
+        "egress_bogus_proxy_authorization",
+        "GET",
+        "/v1/models",
+        (("proxy-authorization", value),),
         host=rng.choice(services),
         proxy="egress",
     )

@@ -25,6 +25,7 @@ from authz.stack import envoy
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 from tests.helpers import ROOT
+from tests.helpers.egress import intercept_certificates, real_services
 
 __all__ = [
     "DEMO_DATA",
@@ -80,8 +81,12 @@ def deployment_tls(directory: Path) -> Path:
     """The deployment's certificates (``python -m authz.stack.tls``'s layout, what
     Compose generates and the Kubernetes Secrets hold) issued into ``directory``, for
     running or validating the shipped Envoy configs with their TLS files relocated there
-    (:func:`authz.stack.envoy.relocate_tls`)."""
+    (:func:`authz.stack.envoy.relocate_tls`); with the egress interception's egress CA
+    and a certificate per intercepted service host in ``egress-intercept/`` (what
+    ``--intercept`` issues)."""
     ensure_pki(directory, DEPLOYMENT_LEAVES)
+    # egress (issue 18): the interception's certificates.
+    intercept_certificates(directory, real_services())
     return directory
 
 
@@ -142,7 +147,8 @@ def render_deploy_envoy(name: str, base: Path, tls_dir: Path) -> tuple[Path, Dep
         )
     )
     for item in rendered["static_resources"]["listeners"]:  # loopback only in tests
-        item["address"]["socket_address"]["address"] = "127.0.0.1"
+        if "address" in item:  # (not the egress interception's internal listener)
+            item["address"]["socket_address"]["address"] = "127.0.0.1"
     config.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
     return config, DeployEnvoy(name, listener, admin, tls_dir / "ca.crt"), internal
 

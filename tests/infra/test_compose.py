@@ -28,7 +28,8 @@ import yaml
 from authz.core.errors import ConfigError
 from authz.runtime.config import SECRET_FILE_KEYS, Settings, load, unknown_variables
 from authz.stack.tls import DEPLOYMENT_LEAVES
-from authz.tools import deploy
+from authz.tools import deploy, egress_envoy
+from authz.tools.services import read_services
 from tests.helpers.infra import ROOT
 
 COMPOSE = ROOT / "infra/compose"
@@ -250,7 +251,8 @@ def _envoy_hosts(config: Path) -> set[tuple[str, int]]:
     return {
         (socket["address"], socket["port_value"])
         for cluster in clusters
-        if cluster["type"] == "STRICT_DNS"
+        # (the egress interception's internal cluster has no type: no address either)
+        if cluster.get("type") == "STRICT_DNS"
         for group in cluster["load_assignment"]["endpoints"]
         for endpoint in group["lb_endpoints"]
         for socket in [endpoint["endpoint"]["address"]["socket_address"]]
@@ -487,6 +489,19 @@ def test_tls_init_issues_every_certificate_the_services_use(projects: dict[str, 
         for proxy in ("envoy-client", "envoy-gateway", "envoy-egress"):
             assert owners[proxy].startswith("101:"), combo  # the Envoy image's user
         assert [v["target"] for v in init["volumes"] if v.get("source") == "tls"] == ["/tls"]
+        # Egress interception: a certificate for every host the egress Envoy intercepts.
+        assert _intercepted(init) == set(_intercept_hosts()), combo
+
+
+def _intercepted(init: dict[str, Any]) -> set[str]:
+    """The hosts tls-init issues interception certificates for (``--intercept=HOST``)."""
+    return {a.removeprefix("--intercept=") for a in init["entrypoint"] if "--intercept" in a}
+
+
+def _intercept_hosts() -> list[str]:
+    """The hosts the shipped egress config intercepts (from policy/egress/data.json)."""
+    services = read_services(ROOT / egress_envoy.DEFAULT_SERVICES)
+    return list(egress_envoy.intercepted_hosts(list(services.values())))
 
 
 def _settings_file(service: dict[str, Any]) -> Path | None:
@@ -583,12 +598,19 @@ def test_envoys_mount_their_certificates(projects: dict[str, Any], combo: str) -
         if name not in project["services"]:
             continue
         text = (ROOT / f"infra/compose/envoy/envoy-{proxy}.yaml").read_text()
+        intercepted = set(
+            re.findall(r"/etc/envoy-tls/egress-intercept/([a-z0-9.-]+)/tls\.(?:crt|key)", text)
+        )
+        text = re.sub(r"/etc/envoy-tls/egress-intercept/[a-z0-9.-]+/tls\.(?:crt|key)", "", text)
         files = set(re.findall(r"/etc/envoy-tls/[a-z-]+/[a-z.]+", text))
         assert files, name
         for path in files:
             leaf, file = _tls_leaf_paths(project, name, path)
             assert leaf in DEPLOYMENT_LEAVES
             assert file in ("tls.crt", "tls.key", "ca.crt")
+        # The interception's certificates: tls-init issues one per intercepted host.
+        assert intercepted == (set(_intercept_hosts()) if proxy == "egress" else set())
+        assert intercepted <= _intercepted(project["services"]["tls-init"])
 
 
 def _name(spec: str) -> str:

@@ -82,9 +82,12 @@ def _stages() -> list[list[str]]:
 def test_base_image_is_pinned() -> None:
     """hadolint cannot see through ``FROM ${PYTHON_IMAGE}``: the ARG default is checked here."""
     (default,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
-    repository, _, tag = default.partition(":")
+    reference, _, digest = default.partition("@")
+    repository, _, tag = reference.partition(":")
     assert repository == "python"
     assert tag.startswith("3.11-")  # pyproject: requires-python >=3.11 (the image stays on 3.11)
+    # Pinned by digest too: a tag moves with every rebuild, a digest names one image.
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), default
 
 
 def test_multi_stage_non_root_with_healthcheck() -> None:

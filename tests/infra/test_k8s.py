@@ -454,6 +454,16 @@ def test_envoy_pods_mount_their_tls_secrets(
         assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
         (volume,) = [v for v in spec["volumes"] if "configMap" in v]
         config = resources[("ConfigMap", volume["configMap"]["name"])]["data"]["envoy.yaml"]
+        # Egress interception: one Secret, a <host>.crt/.key pair per intercepted host.
+        pattern = r"/etc/envoy-tls/egress-intercept/([a-z0-9.-]+)/tls\.(crt|key)"
+        intercepted = set(re.findall(pattern, config))
+        assert bool(intercepted) is (proxy == "egress")
+        for host, kind in intercepted:
+            path = f"/etc/envoy-tls/egress-intercept/{host}/tls.{kind}"
+            secret, key = _secret_file(spec, spec["containers"][0], path)
+            assert (secret, key) == ("envoy-egress-intercept-tls", f"{host}.{kind}")
+            assert key in resources[("Secret", secret)]["stringData"]
+        config = re.sub(pattern, "", config)
         files = set(re.findall(r"/etc/envoy-tls/[a-z-]+/[a-z.]+", config))
         leaves = {path.split("/")[3] for path in files}
         assert leaves == {"envoy-client", f"envoy-{proxy}"}

@@ -12,7 +12,7 @@ from authz.stack.envoy import relocate_tls
 from authz.stack.tls import DEPLOYMENT_LEAVES, ensure_pki
 from authz.tools import egress_envoy
 from authz.tools.egress_envoy import generate
-from tests.helpers.egress import real_services, svc
+from tests.helpers.egress import intercept_certificates, real_services, svc
 from tests.helpers.envoy import envoy_validate
 
 
@@ -35,6 +35,7 @@ def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path
     )
     # The mTLS files to authz must exist: issue them and point the config at them.
     ensure_pki(tmp_path / "tls", DEPLOYMENT_LEAVES)
+    intercept_certificates(tmp_path / "tls", services)
     relocate_tls(config, tmp_path / "tls")
     path = tmp_path / "envoy-variant.yaml"
     path.write_text(yaml.safe_dump(config))

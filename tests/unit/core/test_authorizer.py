@@ -33,9 +33,11 @@ from authz.core.authorizer import (
 )
 from authz.core.cache import DecisionCache
 from authz.core.errors import (
+    AddressNotAllowed,
     AuthzError,
     ConfigError,
     CredentialError,
+    DestinationUnresolved,
     InvalidDecision,
     OpaResponseError,
     OpaTimeout,
@@ -1306,3 +1308,64 @@ async def test_check_span_parent_is_the_grpc_calls_trace_context_before_the_requ
     assert check.parent is not None
     assert f"{check.parent.span_id:016x}" == parent
     assert f"{check.context.trace_id:032x}" == TRACE_ID
+
+
+# -- egress tunnels (issue 18) -----------------------------------------------------------
+
+TUNNEL_ALLOW: dict[str, Any] = {
+    "allowed": True,
+    "headers": {"x-authz-tunnel-address": "10.0.0.1:22"},  # a policy's value never wins
+    "authz": {
+        "reason": "allowed",
+        "identity": {"sandbox_id": "sb-1"},
+        "tunnel": {"host": "pypi.org", "port": 443},
+    },
+}
+
+
+class _Tunnels:
+    """A TunnelResolver stand-in answering ``address`` or raising ``error``."""
+
+    def __init__(self, address: str = "", error: Exception | None = None) -> None:
+        self.address_value, self.error = address, error
+        self.asked: list[tuple[str, int]] = []
+
+    async def address(self, host: str, port: int, budget_s: float) -> str:
+        self.asked.append((host, port))
+        if self.error is not None:
+            raise self.error
+        return self.address_value
+
+
+async def test_a_tunnel_allow_pins_the_checked_address_for_envoy() -> None:
+    tunnels = _Tunnels("151.101.0.223:443")
+    outcome = await make(FakeEngine(TUNNEL_ALLOW), tunnels=tunnels).check(check_request())
+    assert tunnels.asked == [("pypi.org", 443)]
+    pinned = [h for h in _upstream_headers(outcome.response) if h[0] == "x-authz-tunnel-address"]
+    assert pinned == [("x-authz-tunnel-address", "151.101.0.223:443", OVERWRITE)]
+
+
+@pytest.mark.parametrize(
+    ("tunnels", "status", "reason"),
+    [
+        (None, 403, "address_not_allowed"),
+        (_Tunnels(error=AddressNotAllowed("private")), 403, "address_not_allowed"),
+        (_Tunnels(error=DestinationUnresolved("nxdomain")), 502, "destination_unresolved"),
+    ],
+    ids=["no-resolver", "private-answer", "unresolved"],
+)
+async def test_a_tunnel_that_cannot_be_pinned_is_denied(
+    tunnels: _Tunnels | None, status: int, reason: str
+) -> None:
+    outcome = await make(FakeEngine(TUNNEL_ALLOW), tunnels=tunnels).check(check_request())
+    assert status_of(outcome.response) == status
+    assert error_of(outcome.response) == reason
+    assert outcome.record.reason == reason
+
+
+async def test_a_denied_tunnel_is_never_resolved() -> None:
+    tunnels = _Tunnels("151.101.0.223:443")
+    deny = {**TUNNEL_ALLOW, "allowed": False, "authz": {**TUNNEL_ALLOW["authz"], "reason": "x"}}
+    outcome = await make(FakeEngine(deny), tunnels=tunnels).check(check_request())
+    assert status_of(outcome.response) == 403
+    assert tunnels.asked == []

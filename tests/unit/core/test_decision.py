@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from authz.core.decision import CredentialRef, Decision, RateLimitRef, json_type, parse_decision
+from authz.core.decision import (
+    CredentialRef,
+    Decision,
+    RateLimitRef,
+    TunnelRef,
+    json_type,
+    parse_decision,
+)
 from authz.core.errors import InvalidDecision, UnsafeHeaderMutation
 
 
@@ -678,3 +685,47 @@ def test_fields_the_plugin_ignores_for_the_outcome_are_ignored_not_invalid(
 )
 def test_fields_the_outcome_uses_are_not_reported_ignored(result: Any) -> None:
     assert parse_decision(result).ignored == ()
+
+
+# -- authz.tunnel (egress tunnels, issue 18) ----------------------------------------------
+
+
+def test_tunnel_is_parsed_on_an_allow() -> None:
+    decision = parse_decision(
+        {"allowed": True, "authz": {"tunnel": {"host": "pypi.org", "port": 443.0}}}
+    )
+    assert decision.tunnel == TunnelRef("pypi.org", 443)
+
+
+@pytest.mark.parametrize(
+    "tunnel",
+    [
+        "pypi.org:443",
+        {"host": "pypi.org"},
+        {"host": "PyPI.org", "port": 443},
+        {"host": "pypi.org\r\nx", "port": 443},
+        {"host": "", "port": 443},
+        {"host": "a" * 300, "port": 443},
+        {"host": "pypi.org", "port": 0},
+        {"host": "pypi.org", "port": 65536},
+        {"host": "pypi.org", "port": True},
+        {"host": "pypi.org", "port": "443"},
+        {"host": "pypi.org", "port": 443.5},
+    ],
+    ids=[
+        "not-object",
+        "no-port",
+        "uppercase",
+        "crlf",
+        "empty",
+        "too-long",
+        "port-0",
+        "port-65536",
+        "port-bool",
+        "port-string",
+        "port-fraction",
+    ],
+)
+def test_malformed_tunnel_is_an_invalid_decision(tunnel: Any) -> None:
+    with pytest.raises(InvalidDecision, match=r"authz\.tunnel"):
+        parse_decision({"allowed": True, "authz": {"tunnel": tunnel}})

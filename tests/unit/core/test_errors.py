@@ -16,6 +16,7 @@ import pytest
 from authz.core import errors
 from authz.core.errors import (
     FAIL_OPEN_CODES,
+    AddressNotAllowed,
     AdminRequestError,
     AuthzError,
     CircuitOpen,
@@ -24,6 +25,7 @@ from authz.core.errors import (
     DataFileError,
     DeadlineExceeded,
     DecisionPathError,
+    DestinationUnresolved,
     InvalidDecision,
     Meaning,
     OpaResponseError,
@@ -64,6 +66,8 @@ TREE: list[tuple[type[AuthzError], str, int, bool, bool]] = [
     (DeadlineExceeded, "deadline_exceeded", 503, False, False),
     (CredentialError, "credential_unavailable", 503, False, False),
     (RateLimitUnavailable, "rate_limit_unavailable", 503, False, False),
+    (AddressNotAllowed, "address_not_allowed", 403, False, False),
+    (DestinationUnresolved, "destination_unresolved", 502, False, False),
     (PolicyError, "policy_error", 500, False, False),
     (OpaUnavailable, "opa_unavailable", 503, True, True),
     (CircuitOpen, "opa_circuit_open", 503, True, True),

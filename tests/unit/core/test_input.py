@@ -23,6 +23,7 @@ from authz.core.authorizer import Authorizer, Outcome
 from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
     _MAX_JOSE_HEADER,
+    MAX_BASIC_CREDENTIALS,
     MAX_BODY_BYTES,
     MAX_FORM_FIELDS,
     MAX_JSON_DEPTH,
@@ -36,6 +37,7 @@ from authz.core.input import (
     build_input,
     mask_credential,
     parse_body,
+    parse_proxy_basic,
 )
 from authz.core.mode import Control, Mode
 from authz.core.opa import OpaClient
@@ -1649,3 +1651,92 @@ def test_struct_numbers_read_as_the_plugin_writes_them(number: float, expected: 
     value = document["attributes"]["metadataContext"]["filterMetadata"]["m"]["n"]
     assert value == expected
     assert type(value) is type(expected)
+
+
+# --- Proxy-Authorization: Basic (egress identity from the standard proxy settings) ------
+
+
+def _basic(user_pass: str) -> str:
+    return "Basic " + base64.b64encode(user_pass.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (_basic(f"sb-1:{SANDBOX}"), {"user": "sb-1", "password_sha256": sha256(SANDBOX)}),
+        (
+            "bAsIc " + _basic(f"sb-1:{SANDBOX}")[6:],
+            {"user": "sb-1", "password_sha256": sha256(SANDBOX)},
+        ),
+        # RFC 7617: the password may itself hold ':'.
+        (_basic("sb-1:a:b"), {"user": "sb-1", "password_sha256": sha256("a:b")}),
+        (f"  {_basic('sb-1:t')} \t", {"user": "sb-1", "password_sha256": sha256("t")}),
+    ],
+    ids=["basic", "scheme-case", "colon-in-password", "ows"],
+)
+def test_proxy_basic_gives_user_and_password_digest(value: str, expected: dict[str, str]) -> None:
+    assert parse_proxy_basic(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"Bearer {TOKEN}",
+        "Basic",
+        "Basic ",
+        _basic("no-colon"),
+        _basic(":password-without-user"),
+        _basic("sb-1:"),
+        _basic("sb 1:t"),
+        _basic("sb-1:t\r\nx"),
+        _basic("sb-\u00e91:t"),
+        "Basic " + base64.b64encode(b"sb-1:\xff\xfe").decode(),
+        "Basic c2ItMTp0eA",  # unpadded (a length not a multiple of 4)
+        "Basic c2ItMTp0==x",
+        "Basic c2I!MTp0",
+        "Basic " + "A" * (MAX_BASIC_CREDENTIALS + 4),
+        "Basic  " + "QUFB" * 100_000,
+    ],
+    ids=[
+        "bearer",
+        "scheme-only",
+        "scheme-space",
+        "no-colon",
+        "empty-user",
+        "empty-password",
+        "space-in-user",
+        "crlf-in-password",
+        "non-ascii-user",
+        "not-utf8",
+        "unpadded",
+        "junk-after-padding",
+        "not-base64",
+        "over-cap",
+        "huge",
+    ],
+)
+def test_proxy_basic_malformed_is_none(value: str) -> None:
+    assert parse_proxy_basic(value) is None
+
+
+def test_proxy_basic_reaches_the_input_as_user_and_digest_only() -> None:
+    value = _basic(f"sb-1:{SANDBOX}")
+    document = document_for(
+        {"path": "/", "headers": {"proxy-authorization": value}}, CREDENTIAL_HEADERS
+    )
+    assert document["proxy_authorization"] == {"user": "sb-1", "password_sha256": sha256(SANDBOX)}
+    dumped = json.dumps(document)
+    assert SANDBOX not in dumped
+    assert value.split()[1] not in dumped
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"proxy-authorization": f"Bearer {TOKEN}"}, {"authorization": _basic("sb-1:t")}],
+    ids=["absent", "other-scheme", "authorization-header"],
+)
+def test_proxy_authorization_field_only_for_a_basic_proxy_authorization(
+    headers: dict[str, str],
+) -> None:
+    document = document_for({"path": "/", "headers": headers}, CREDENTIAL_HEADERS)
+    assert "proxy_authorization" not in document

@@ -1312,3 +1312,33 @@ def test_a_host_name_that_is_no_replica_id_is_refused(monkeypatch: pytest.Monkey
         load({})
     assert "AUTHZ_REPLICA_ID" in str(caught.value)
     assert "host name" in str(caught.value)
+
+
+# -- egress tunnels (issue 18): the test-only static targets ------------------------------
+
+
+def test_tunnel_test_targets_are_empty_by_default_and_parse_pairs() -> None:
+    assert load({}).egress_tunnel_test_targets == ()
+    value = "allowed.test:443=127.0.0.1:4000, v6.test:8443=[::1]:1"
+    settings = load({"AUTHZ_EGRESS_TUNNEL_TEST_TARGETS": value})
+    assert settings.egress_tunnel_test_targets == (
+        ("allowed.test:443", "127.0.0.1:4000"),
+        ("v6.test:8443", "[::1]:1"),
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "allowed.test=127.0.0.1:4000",
+        "Allowed.test:443=127.0.0.1:4000",
+        "allowed.test:0=127.0.0.1:4000",
+        "allowed.test:443=localhost:4000",
+        "allowed.test:443=127.0.0.1",
+        "allowed.test:443=127.0.0.1:70000",
+    ],
+    ids=["no-port", "uppercase", "port-0", "not-ip", "no-target-port", "target-port-range"],
+)
+def test_bad_tunnel_test_targets_name_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match="AUTHZ_EGRESS_TUNNEL_TEST_TARGETS"):
+        load({"AUTHZ_EGRESS_TUNNEL_TEST_TARGETS": value})

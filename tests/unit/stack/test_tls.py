@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from authz.stack.tls import (
+    INTERCEPT_DIR,
     Leaf,
     LeafFiles,
     TlsFiles,
     ensure_certificates,
     ensure_pki,
+    main,
 )
 
 HOSTS = ["api.openai.com", "slack.com"]
@@ -269,3 +272,26 @@ def test_owners_get_their_leaf_files_and_reuse_still_works(tmp_path: Path) -> No
     assert (
         _snapshot(ensure_pki(tmp_path / "pki", LEAVES, owners={"authz": (12345, 23456)})) == before
     )
+
+
+# -- egress interception (issue 18): --intercept ------------------------------------------
+
+
+def test_intercept_issues_an_egress_ca_and_a_certificate_per_host(tmp_path: Path) -> None:
+    out = tmp_path / "tls"
+    assert (
+        main(["--out", str(out), "--intercept", "API.openai.com", "--intercept", "slack.com"]) == 0
+    )
+    directory = out / INTERCEPT_DIR
+    egress_ca = load(directory / "ca.crt")
+    # A CA of its own: not the deployment's (which vouches for authz and the proxies).
+    assert egress_ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != load(out / "ca.crt").public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    for host in ("api.openai.com", "slack.com"):
+        leaf = load(directory / host / "tls.crt")
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert host in names.get_values_for_type(x509.DNSName)
+        leaf.verify_directly_issued_by(egress_ca)

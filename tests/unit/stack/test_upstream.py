@@ -1,18 +1,28 @@
-"""stack.upstream: the echo API (demo upstream and egress stand-in) never echoes a secret."""
+"""stack.upstream: the echo API (demo upstream and egress stand-in) never echoes a secret;
+the stand-in answers the endpoints the examples use so the official SDKs parse them."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import httpx
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from anthropic.types import Message, MessageTokensCount, ModelInfo
+from openai.types import Model
+from openai.types.chat import ChatCompletion
 
 from authz.stack.upstream import (
+    ANTHROPIC_VERSIONS,
     MASK,
+    MAX_BODY_BYTES,
     ServiceCredential,
     create_app,
     load_credentials,
@@ -132,7 +142,15 @@ async def test_wrong_credential_is_401(
     assert resp.status == 401
     assert_no_secret(text, *SECRETS)
     body = json.loads(text)
-    assert body["error"] == "invalid_credential"
+    # The real API's error shape on the hosts the stand-in plays an API for.
+    if host == "api.openai.com":
+        assert body["error"]["type"] == "invalid_request_error"
+        assert resp.headers["x-request-id"].startswith("req_")
+    elif host == "api.anthropic.com":
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "authentication_error"
+    else:
+        assert body["error"] == "invalid_credential"
     assert body["credential_ok"] is False
 
 
@@ -293,3 +311,360 @@ async def test_a_service_without_credential_refuses_any_credential_header() -> N
             "/get", headers={"Host": "echo.example", "Authorization": "Bearer x"}
         )
         assert leaked.status == 401
+
+
+# -- real-API answers: the official SDKs parse them ------------------------------------
+
+# The echo's members, added to every real-API answer (the SDKs keep them as extras).
+ECHO_KEYS = {"service", "credential_ok", "method", "host", "path", "query", "headers"}
+ECHO_KEYS |= {"body_bytes"}
+# GitHub's OpenAPI description, components/schemas/private-user, "required"
+# (https://github.com/github/rest-api-description), with each member's JSON type.
+GITHUB_PRIVATE_USER: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        [
+            "login",
+            "node_id",
+            "avatar_url",
+            "url",
+            "html_url",
+            "followers_url",
+            "following_url",
+            "gists_url",
+            "starred_url",
+            "subscriptions_url",
+            "organizations_url",
+            "repos_url",
+            "events_url",
+            "received_events_url",
+            "type",
+            "created_at",
+            "updated_at",
+        ],
+        str,
+    ),
+    **dict.fromkeys(
+        ["gravatar_id", "name", "company", "location", "email", "bio"], (str, type(None))
+    ),
+    "blog": (str, type(None)),
+    "hireable": (bool, type(None)),
+    "site_admin": bool,
+    "two_factor_authentication": bool,
+    **dict.fromkeys(
+        [
+            "id",
+            "public_repos",
+            "public_gists",
+            "followers",
+            "following",
+            "private_gists",
+            "total_private_repos",
+            "owned_private_repos",
+            "disk_usage",
+            "collaborators",
+        ],
+        int,
+    ),
+}
+GITHUB = {**SERVICES, "github": {**SERVICES["openai"], "base_url": "https://api.github.com"}}
+GITHUB_TOKEN = "ghp-secret-000"
+ALL_SECRETS = [*SECRETS, GITHUB_TOKEN]
+
+
+@pytest.fixture
+async def api_standin() -> AsyncIterator[TestClient[web.Request, Any]]:
+    """The stand-in playing OpenAI, Anthropic and GitHub, served on 127.0.0.1."""
+    services = load_services(GITHUB, {**CREDENTIALS, "github": GITHUB_TOKEN})
+    async for client in client_for(create_app("standin", services)):
+        yield client
+
+
+def _openai(server: TestClient[web.Request, Any], key: str) -> openai.AsyncOpenAI:
+    # Host: the egress Envoy rewrites it to the real host; here the client sends it.
+    return openai.AsyncOpenAI(
+        api_key=key,
+        base_url=str(server.make_url("/v1")),
+        default_headers={"Host": "api.openai.com"},
+        max_retries=0,
+    )
+
+
+def _anthropic(
+    server: TestClient[web.Request, Any], key: str, **headers: str
+) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(
+        api_key=key,
+        base_url=str(server.make_url("")),
+        default_headers={"Host": "api.anthropic.com", **headers},
+        max_retries=0,
+    )
+
+
+def assert_clean(response: httpx.Response) -> None:
+    """No secret in the answer's body or in any of its headers."""
+    for secret in ALL_SECRETS:
+        assert secret not in response.text
+        assert all(secret not in f"{k}: {v}" for k, v in response.headers.items())
+
+
+async def test_openai_sdk_parses_models_and_chat_completion(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    async with _openai(api_standin, "sk-openai-123") as client:
+        listed = await client.models.with_raw_response.list()
+        page = listed.parse()
+        assert [type(m) for m in page.data] == [Model] * len(page.data)
+        assert page.data
+        for raw in listed.http_response.json()["data"]:
+            Model.model_validate(raw, strict=True)  # every required member, right types
+
+        got = await client.models.with_raw_response.retrieve("gpt-x")
+        assert Model.model_validate(got.http_response.json()).id == "gpt-x"
+        assert got.parse().id == "gpt-x"
+
+        created = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
+        completion = created.parse()
+        assert isinstance(completion, ChatCompletion)
+        ChatCompletion.model_validate(created.http_response.json())
+        assert completion.model == "gpt-4o"
+        assert completion.choices[0].message.content
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.usage is not None
+        assert completion.usage.total_tokens > 0
+        assert completion._request_id is not None
+        assert completion._request_id.startswith("req_")
+        # The echo rides along as extras: the stand-in saw exactly the credential.
+        assert completion.model_extra is not None
+        assert completion.model_extra["credential_ok"] is True
+        assert completion.model_extra["headers"]["authorization"] == MASK
+        for response in (listed.http_response, got.http_response, created.http_response):
+            assert_clean(response)
+
+
+async def test_anthropic_sdk_parses_message_tokens_and_models(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    async with _anthropic(api_standin, "sk-ant-456") as client:
+        created = await client.messages.with_raw_response.create(
+            model="claude-sonnet-4-5",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}],
+        )
+        message = created.parse()
+        assert isinstance(message, Message)
+        Message.model_validate(created.http_response.json())
+        assert message.model == "claude-sonnet-4-5"
+        assert message.content[0].type == "text"
+        assert message.content[0].text
+        assert message.stop_reason == "end_turn"
+        assert message.usage.input_tokens > 0
+        assert message._request_id is not None
+        assert message._request_id.startswith("req_")
+        assert message.model_extra is not None
+        assert message.model_extra["credential_ok"] is True
+        assert message.model_extra["headers"]["x-api-key"] == MASK
+        assert message.model_extra["headers"]["anthropic-version"] in ANTHROPIC_VERSIONS
+
+        counted = await client.messages.with_raw_response.count_tokens(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert isinstance(counted.parse(), MessageTokensCount)
+        MessageTokensCount.model_validate(counted.http_response.json())
+
+        listed = await client.models.with_raw_response.list()
+        page = listed.parse()
+        assert page.data
+        assert all(isinstance(m, ModelInfo) for m in page.data)
+        for raw in listed.http_response.json()["data"]:
+            ModelInfo.model_validate(raw)
+        got = await client.models.with_raw_response.retrieve("claude-x")
+        assert got.parse().id == "claude-x"
+        for response in (
+            created.http_response,
+            counted.http_response,
+            listed.http_response,
+            got.http_response,
+        ):
+            assert_clean(response)
+
+
+async def test_github_user_has_every_member_githubs_schema_requires(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    async with httpx.AsyncClient(base_url=str(api_standin.make_url(""))) as client:
+        resp = await client.get(
+            "/user",
+            headers={
+                "Host": "api.github.com",
+                "Authorization": f"Bearer {GITHUB_TOKEN}",
+                "Accept": "application/vnd.github+json",
+                "X-GitHub-Api-Version": "2022-11-28",
+            },
+        )
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    assert resp.headers["x-github-request-id"]
+    user = resp.json()
+    wrong = {
+        k: user.get(k)
+        for k, t in GITHUB_PRIVATE_USER.items()
+        if not isinstance(user.get(k, ...), t)
+    }
+    assert wrong == {}
+    assert user["type"] == "User"
+    assert user["credential_ok"] is True
+    assert_clean(resp)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [Model, ChatCompletion, Message, ModelInfo, MessageTokensCount],
+    ids=lambda m: m.__name__,
+)
+def test_echo_members_never_shadow_an_api_member(model: type[Any]) -> None:
+    assert ECHO_KEYS.isdisjoint(model.model_fields)
+    assert ECHO_KEYS.isdisjoint(GITHUB_PRIVATE_USER)
+
+
+async def test_openai_sdk_raises_authentication_error_on_a_wrong_key(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    async with _openai(api_standin, "sk-wrong") as client:
+        with pytest.raises(openai.AuthenticationError) as info:
+            await client.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+    assert info.value.status_code == 401
+    assert info.value.code == "invalid_api_key"
+    assert info.value.type == "invalid_request_error"
+    assert_clean(info.value.response)
+
+
+async def test_anthropic_sdk_raises_authentication_error_on_a_wrong_key(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    # Another service's real secret is as wrong as a guess.
+    async with _anthropic(api_standin, "sk-openai-123") as client:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await client.messages.create(
+                model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+            )
+    assert info.value.status_code == 401
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["type"] == "error"
+    assert info.value.body["error"]["type"] == "authentication_error"
+    assert info.value.request_id is not None
+    assert_clean(info.value.response)
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"Authorization": "Bearer ghp-wrong"}, "Bad credentials"),
+        ({"Authorization": f"token {GITHUB_TOKEN}"}, "Bad credentials"),
+        ({}, "Requires authentication"),
+    ],
+    ids=["wrong", "other-scheme", "missing"],
+)
+async def test_github_refuses_a_wrong_or_missing_token_like_github(
+    api_standin: TestClient[web.Request, Any], headers: dict[str, str], message: str
+) -> None:
+    async with httpx.AsyncClient(base_url=str(api_standin.make_url(""))) as client:
+        resp = await client.get("/user", headers={"Host": "api.github.com", **headers})
+    assert resp.status_code == 401
+    body = resp.json()
+    assert (body["message"], body["status"]) == (message, "401")
+    assert body["documentation_url"].startswith("https://docs.github.com/")
+    assert_clean(resp)
+
+
+async def test_anthropic_version_other_than_the_documented_ones_is_400(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    async with _anthropic(api_standin, "sk-ant-456", **{"anthropic-version": "2099-01-01"}) as c:
+        with pytest.raises(anthropic.BadRequestError) as info:
+            await c.messages.create(
+                model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+            )
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["error"]["type"] == "invalid_request_error"
+    assert "anthropic-version" in info.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "body", "status"),
+    [
+        ("api.openai.com", "/v1/chat/completions", b"x" * (MAX_BODY_BYTES + 1), 413),
+        ("api.anthropic.com", "/v1/messages", b"x" * (MAX_BODY_BYTES + 1), 413),
+        ("api.openai.com", "/v1/chat/completions", b"[1, 2]", 400),
+        ("api.openai.com", "/v1/chat/completions", b"{not json", 400),
+        ("api.openai.com", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000, 400),
+        ("api.openai.com", "/v1/chat/completions", b'{"stream": true}', 400),
+        ("api.anthropic.com", "/v1/messages", b'"text"', 400),
+        ("api.anthropic.com", "/v1/messages/count_tokens", b"\xff", 400),
+    ],
+    ids=[
+        "openai-too-large",
+        "anthropic-too-large",
+        "openai-array",
+        "openai-not-json",
+        "openai-nested",
+        "openai-stream",
+        "anthropic-string",
+        "anthropic-not-utf8",
+    ],
+)
+async def test_bad_request_bodies_get_the_apis_error_never_a_crash(
+    api_standin: TestClient[web.Request, Any], host: str, path: str, body: bytes, status: int
+) -> None:
+    key = {"Authorization": "Bearer sk-openai-123"}
+    if host == "api.anthropic.com":
+        key = {"x-api-key": "sk-ant-456", "anthropic-version": "2023-06-01"}
+    resp = await api_standin.post(path, headers={"Host": host, **key}, data=io.BytesIO(body))
+    text = await resp.text()
+    assert resp.status == status, text
+    error = json.loads(text)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert_no_secret(text, *ALL_SECRETS)
+
+
+@pytest.mark.parametrize(
+    ("host", "headers", "path"),
+    [
+        ("api.openai.com", {"Authorization": "Bearer sk-openai-123"}, "/v1/chat/completions"),
+        ("api.anthropic.com", {"x-api-key": "sk-ant-456"}, "/v1/messages"),
+    ],
+    ids=["openai", "anthropic"],
+)
+async def test_a_minimal_request_is_answered_so_policy_probes_reach_the_standin(
+    api_standin: TestClient[web.Request, Any], host: str, headers: dict[str, str], path: str
+) -> None:
+    # The proxy tests (and the README's curl examples) send no body or no model and no
+    # anthropic-version: the stand-in answers them, with a default model.
+    resp = await api_standin.post(path, headers={"Host": host, **headers})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["credential_ok"] is True
+    assert body["model"]
+    assert body["body_bytes"] == 0
+
+
+async def test_other_paths_on_an_api_host_still_echo(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    resp = await api_standin.get(
+        "/repos/acme/widgets",
+        headers={"Host": "api.github.com", "Authorization": f"Bearer {GITHUB_TOKEN}"},
+    )
+    assert resp.status == 200
+    body = await resp.json()
+    assert (body["service"], body["path"], body["credential_ok"]) == (
+        "github",
+        "/repos/acme/widgets",
+        True,
+    )
+    assert body["headers"]["authorization"] == MASK

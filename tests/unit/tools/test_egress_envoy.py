@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 import yaml
 
-from authz.core.headers import CREDENTIAL_HEADERS, FORWARDING_HEADERS, IDENTITY_HEADERS
+from authz.core.headers import (
+    CREDENTIAL_HEADERS,
+    FORWARDING_HEADERS,
+    IDENTITY_HEADERS,
+    TUNNEL_ADDRESS_HEADER,
+)
 from authz.tools import egress_envoy
 from authz.tools.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
 from tests.helpers import ROOT
@@ -23,9 +28,17 @@ COMMITTED = ROOT / "infra/envoy/envoy-egress.yaml"
 GATEWAY = ROOT / "infra/envoy/envoy-gateway.yaml"
 
 
+def listener(config: Mapping[str, Any], name: str = "egress") -> dict[str, Any]:
+    [found] = [item for item in config["static_resources"]["listeners"] if item["name"] == name]
+    return dict(found)
+
+
 def hcm(config: Mapping[str, Any]) -> dict[str, Any]:
-    [listener] = config["static_resources"]["listeners"]
-    [chain] = listener["filter_chains"]
+    """The HTTP connection manager of the egress listener (or of the only listener: the
+    gateway's)."""
+    listeners = config["static_resources"]["listeners"]
+    found = listeners[0] if len(listeners) == 1 else listener(config)
+    [chain] = found["filter_chains"]
     [network_filter] = chain["filters"]
     typed: dict[str, Any] = network_filter["typed_config"]
     return typed
@@ -186,26 +199,50 @@ def test_virtual_hosts_per_service_and_catch_all() -> None:
     config = generate(services)
     hosts = hcm(config)["route_config"]["virtual_hosts"]
     # Sorted by name, catch-all last (domains must be unique; "*" matches only leftovers).
-    assert [v["name"] for v in hosts] == ["service_b-2", "service_openai", "unknown_service"]
+    assert [v["name"] for v in hosts] == [
+        "service_b-2",
+        "service_openai",
+        "intercept_b-2",
+        "intercept_openai",
+        "unknown_service",
+    ]
     for name in services:
         vhost = virtual_host(config, f"service_{name}")
         assert vhost["domains"] == [name, f"{name}:*"]
         [route] = vhost["routes"]
-        assert context_extensions(route) == {"decision_path": DECISION_PATH, "service": name}
+        assert context_extensions(route) == {
+            "decision_path": DECISION_PATH,
+            "service": name,
+            "hop": "outer",
+        }
     catch_all = virtual_host(config, "unknown_service")
     assert catch_all["domains"] == ["*"]
-    [route] = catch_all["routes"]
+    [connect, route] = catch_all["routes"]
+    assert connect["match"] == {"connect_matcher": {}}
+    assert connect["route"]["cluster"] == "tunnel"
+    assert context_extensions(connect) == {
+        "decision_path": DECISION_PATH,
+        "service": "",
+        "hop": "outer",
+        "tunnel": "true",
+    }
     assert "route" not in route
     assert route["direct_response"]["status"] == 404
     assert json.loads(route["direct_response"]["body"]["inline_string"]) == {
         "error": "unknown_service"
     }
-    assert context_extensions(route) == {"decision_path": DECISION_PATH, "service": ""}
+    assert context_extensions(route) == {
+        "decision_path": DECISION_PATH,
+        "service": "",
+        "hop": "outer",
+    }
 
 
 def test_no_services_still_denies_through_authz() -> None:
     config = generate({})
-    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["authz"]
+    # authz, and the tunnel cluster (whose CONNECTs the policy decides); no interception.
+    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["authz", "tunnel"]
+    assert [item["name"] for item in config["static_resources"]["listeners"]] == ["egress"]
     [vhost] = hcm(config)["route_config"]["virtual_hosts"]
     assert vhost["name"] == "unknown_service"
 
@@ -242,9 +279,11 @@ def test_ext_authz_filter_is_the_gateways() -> None:
     assert expected["name"] == "envoy.filters.http.ext_authz"
     assert "with_request_body" not in expected["typed_config"]
     filters = hcm(generate({}))["http_filters"]
-    assert filters[0] == expected
+    assert filters[1] == expected
     assert [f["name"] for f in filters] == [
+        "envoy.filters.http.header_mutation",
         "envoy.filters.http.ext_authz",
+        "envoy.filters.http.set_filter_state",
         "envoy.filters.http.router",
     ]
 
@@ -580,3 +619,164 @@ def test_generator_command_exits_2_naming_the_service_and_url(
     assert "egress service 'leaky'" in err
     assert "'http://api.example.com'" in err
     assert not out.exists()
+
+
+# -- issue 18: interception, identity into the tunnel, tunnels, durations ---------------
+
+_HCM_NAME = "envoy.filters.network.http_connection_manager"
+
+
+def intercept_chain(config: Mapping[str, Any], host: str) -> dict[str, Any]:
+    """The internal listener's filter chain for ``host`` (by SNI)."""
+    chains = listener(config, egress_envoy.INTERCEPT_LISTENER)["filter_chains"]
+    [found] = [c for c in chains if c["filter_chain_match"]["server_names"] == [host]]
+    return dict(found)
+
+
+def chain_hcm(chain: Mapping[str, Any]) -> dict[str, Any]:
+    [network_filter] = chain["filters"]
+    assert network_filter["name"] == _HCM_NAME
+    typed: dict[str, Any] = network_filter["typed_config"]
+    return typed
+
+
+@pytest.mark.parametrize(
+    ("base_url", "intercepted"),
+    [
+        ("https://api.example.com", True),
+        ("https://api.example.com:443", True),
+        ("https://api.example.com/v1", False),
+        ("https://api.example.com:8443", False),
+        ("http://api.example.com", False),
+    ],
+    ids=["https", "https-443", "path-prefix", "other-port", "http"],
+)
+def test_only_https_443_services_without_a_prefix_are_intercepted(
+    base_url: str, intercepted: bool
+) -> None:
+    config = generate({"s": svc(base_url, credential=base_url.startswith("https"))})
+    names = [v["name"] for v in hcm(config)["route_config"]["virtual_hosts"]]
+    assert ("intercept_s" in names) is intercepted
+    listeners = [item["name"] for item in config["static_resources"]["listeners"]]
+    assert (egress_envoy.INTERCEPT_LISTENER in listeners) is intercepted
+
+
+def test_two_services_on_one_host_are_refused() -> None:
+    services = {"a": svc("https://api.example.com"), "b": svc("https://api.example.com")}
+    with pytest.raises(ValueError, match=r"'a' and 'b' share the host 'api\.example\.com'"):
+        generate(services)
+
+
+def test_connect_to_an_intercepted_host_goes_to_the_internal_listener() -> None:
+    config = generate(real_services())
+    vhost = virtual_host(config, "intercept_openai")
+    assert vhost["domains"] == ["api.openai.com", "api.openai.com:80", "api.openai.com:443"]
+    connect, absolute = vhost["routes"]
+    assert connect["match"] == {"connect_matcher": {}}
+    assert connect["route"]["cluster"] == egress_envoy.INTERCEPT_LISTENER
+    assert connect["route"]["upgrade_configs"] == [
+        {"upgrade_type": "CONNECT", "connect_config": {}}
+    ]
+    assert context_extensions(connect) == {
+        "decision_path": DECISION_PATH,
+        "service": "openai",
+        "hop": "outer",
+    }
+    # Absolute-form (HTTP_PROXY) requests to the real host: checked as a proxy request.
+    assert absolute["route"]["cluster"] == "service_openai"
+    assert context_extensions(absolute)["proxy"] == "true"
+    assert "proxy-authorization" in vhost["request_headers_to_remove"]
+
+
+def test_identity_reaches_the_tunnel_only_through_hashable_filter_state() -> None:
+    """The trap: an envoy.string filter state shares one connection pool between
+    tunnels, and a new connection carries another sandbox's identity and credential."""
+    filters = hcm(generate(real_services()))["http_filters"]
+    names = [f["name"] for f in filters]
+    assert names.index("envoy.filters.http.set_filter_state") > names.index(
+        "envoy.filters.http.ext_authz"
+    )
+    [state] = filters[names.index("envoy.filters.http.set_filter_state")]["typed_config"][
+        "on_request_headers"
+    ]
+    assert state["object_key"] == egress_envoy.SANDBOX_FILTER_STATE
+    assert state["factory_key"] == "envoy.hashable_string"
+    assert state["shared_with_upstream"] == "ONCE"
+    assert "sandbox_id" in state["format_string"]["text_format_source"]["inline_string"]
+    intercept = cluster(generate(real_services()), egress_envoy.INTERCEPT_LISTENER)
+    assert intercept["connection_pool_per_downstream_connection"] is True
+
+
+@pytest.mark.parametrize("host", ["api.openai.com", "api.anthropic.com", "api.github.com"])
+def test_inner_requests_carry_the_tunnels_identity_never_the_clients(host: str) -> None:
+    config = generate(real_services())
+    chain = intercept_chain(config, host)
+    directory = f"{egress_envoy.INTERCEPT_TLS_DIR}/{host}"
+    [certificate] = chain["transport_socket"]["typed_config"]["common_tls_context"][
+        "tls_certificates"
+    ]
+    assert certificate["certificate_chain"]["filename"] == f"{directory}/tls.crt"
+    manager = chain_hcm(chain)
+    filters = manager["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    remove, append = filters[0]["typed_config"]["mutations"]["request_mutations"]
+    assert remove == {"remove": "x-sandbox-id"}
+    assert append["append"]["header"] == {
+        "key": "x-sandbox-id",
+        "value": f"%FILTER_STATE({egress_envoy.SANDBOX_FILTER_STATE}:PLAIN)%",
+    }
+    assert append["append"]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
+    service, fronted = manager["route_config"]["virtual_hosts"]
+    assert service["domains"] == [host, f"{host}:443"]
+    [route] = service["routes"]
+    assert context_extensions(route)["hop"] == "inner"
+    assert "x-sandbox-id" in service["request_headers_to_remove"]
+    # Another Host inside the tunnel is decided too (then 404).
+    assert fronted["domains"] == ["*"]
+    [other] = fronted["routes"]
+    assert context_extensions(other) == {
+        "decision_path": DECISION_PATH,
+        "service": "",
+        "hop": "inner",
+    }
+
+
+def test_tunnel_connects_only_to_the_address_authz_checked() -> None:
+    config = generate(real_services())
+    tunnel = cluster(config, "tunnel")
+    assert tunnel["type"] == "ORIGINAL_DST"
+    assert tunnel["original_dst_lb_config"] == {
+        "use_http_header": True,
+        "http_header_name": TUNNEL_ADDRESS_HEADER,
+    }
+    # A client-sent value is removed before ext_authz (which sets it on a tunnel's allow).
+    first = hcm(config)["http_filters"][0]
+    assert first["typed_config"]["mutations"]["request_mutations"] == [
+        {"remove": TUNNEL_ADDRESS_HEADER}
+    ]
+
+
+@pytest.mark.parametrize("seconds", [egress_envoy.TUNNEL_MAX_DURATION_S, 30])
+def test_tunnels_and_connections_inside_them_have_a_bounded_lifetime(seconds: int) -> None:
+    config = generate(real_services(), tunnel_max_duration_s=seconds)
+    connects = [
+        route
+        for vhost in hcm(config)["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+        if route["match"] == {"connect_matcher": {}}
+    ]
+    assert len(connects) == 1 + len(real_services())  # every shipped service is intercepted
+    for route in connects:
+        assert route["route"]["max_stream_duration"] == {"max_stream_duration": f"{seconds}s"}
+    for chain in listener(config, egress_envoy.INTERCEPT_LISTENER)["filter_chains"]:
+        options = chain_hcm(chain)["common_http_protocol_options"]
+        assert options == {"max_connection_duration": f"{seconds}s"}
+
+
+def test_tunnel_duration_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="tunnel_max_duration_s must be at least 1, got 0"):
+        generate({}, tunnel_max_duration_s=0)
