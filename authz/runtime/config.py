@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from authz.core import authorizer, cache
+from authz.core.batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES
 from authz.core.errors import ConfigError
 from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS, is_header_name
 from authz.core.input import BodyParsing
@@ -161,6 +162,14 @@ SETTINGS_FILE_MAX_BYTES: Final = 1024 * 1024
 TYPO_SIMILARITY: Final = 0.8
 
 
+# Batch queries and BatchCheck (issue #19): concurrent misses coalesced into one OPA
+# query (authz.core.batch), and the batch decision API's bounds (authz.v1.Decisions).
+DEFAULT_OPA_BATCH_MAX: Final = DEFAULT_MAX_BATCH
+DEFAULT_OPA_BATCH_MAX_BYTES: Final = DEFAULT_MAX_BATCH_BYTES
+DEFAULT_BATCH_CHECK_MAX_ACTIONS: Final = 100
+DEFAULT_BATCH_CHECK_MAX_BYTES: Final = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """authz settings. Addresses are ``host:port``; times in the unit their name says.
@@ -237,6 +246,11 @@ class Settings:
     decision_log_buffer_size_limit_bytes: int = DEFAULT_DECISION_LOG_BUFFER_SIZE_LIMIT_BYTES
     decision_log_drop_allowed: bool = False
     decision_log_drop_paths: tuple[str, ...] = ()
+    # Batch queries and BatchCheck (issue #19).
+    opa_batch_max: int = DEFAULT_OPA_BATCH_MAX
+    opa_batch_max_bytes: int = DEFAULT_OPA_BATCH_MAX_BYTES
+    batch_check_max_actions: int = DEFAULT_BATCH_CHECK_MAX_ACTIONS
+    batch_check_max_bytes: int = DEFAULT_BATCH_CHECK_MAX_BYTES
 
     @property
     def grpc_tls(self) -> bool:
@@ -319,6 +333,11 @@ RESTART_ONLY: Final[Mapping[str, str]] = {
     "decision_log_buffer_size_limit_bytes": "the uploader's buffer is sized at startup",
     "decision_log_drop_allowed": "the decision-log sink is built with its drop rules",
     "decision_log_drop_paths": "the decision-log sink is built with its drop rules",
+    # Batch queries and BatchCheck (issue #19).
+    "opa_batch_max": "the coalescer in front of OPA is built with it",
+    "opa_batch_max_bytes": "the coalescer in front of OPA is built with it",
+    "batch_check_max_actions": "the BatchCheck servicer is built with it",
+    "batch_check_max_bytes": "the BatchCheck servicer is built with it",
 }
 
 
@@ -639,6 +658,11 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "decision_log_buffer_size_limit_bytes": _int_in(1024, 1024**3),
     "decision_log_drop_allowed": _bool,
     "decision_log_drop_paths": _decision_paths,
+    # Batch queries and BatchCheck (issue #19): 1 turns coalescing off.
+    "opa_batch_max": _int_in(1, 1024),
+    "opa_batch_max_bytes": _int_in(1024, 16 * 1024 * 1024),
+    "batch_check_max_actions": _int_in(1, 1000),
+    "batch_check_max_bytes": _int_in(1024, 4 * 1024 * 1024),
 }
 
 

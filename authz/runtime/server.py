@@ -36,6 +36,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.trace import Tracer
 
 from authz.core.authorizer import Authorizer, CredentialSource
+from authz.core.batch import Coalescer
 from authz.core.cache import DecisionCache
 from authz.core.errors import ConfigError, StartupError
 from authz.core.input import GrpcDescriptors
@@ -410,8 +411,16 @@ async def _build(
         propagate_trace=tracer is not None,
     )
     stack.push_async_callback(opa.close)
-    breaker = CircuitBreaker(
+    # Concurrent misses share one OPA query (issue #19; AUTHZ_OPA_BATCH_MAX=1: never).
+    # Below the breaker, so the breaker still counts each decision's own outcome.
+    coalescer = Coalescer(
         opa,
+        max_batch=settings.opa_batch_max,
+        max_bytes=settings.opa_batch_max_bytes,
+        on_batch=lambda outcome, size: metrics.opa_batch_size.labels(outcome).observe(size),
+    )
+    breaker = CircuitBreaker(
+        coalescer,
         failure_threshold=settings.circuit_failure_threshold,
         reset_timeout_s=settings.circuit_reset_timeout_s,
         on_state_change=lambda state: _circuit_changed(metrics, state),

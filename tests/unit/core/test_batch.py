@@ -204,6 +204,7 @@ async def test_a_batch_answer_of_the_wrong_length_falls_back() -> None:
     class Short(FakeBatchEngine):
         async def query_batch(self, path: str, documents: Sequence[Any], timeout_s: float) -> Any:
             answer = await super().query_batch(path, documents, timeout_s)
+            assert answer.results is not None
             return type(answer)(answer.results[:1], answer.revisions)
 
     fake = Short(echo)
