@@ -247,6 +247,12 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.batch_check_actions = Histogram(
+            "authz_batch_check_actions",
+            "Actions per BatchCheck call answered.",
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")
