@@ -54,9 +54,10 @@ __all__ = [
 DEFAULT_MAX_BATCH: Final = 64
 # Most bytes of encoded input in one batch query: a queue a client can fill is bounded.
 DEFAULT_MAX_BATCH_BYTES: Final = 1024 * 1024
-# Queries in flight before decisions queue: OPA evaluates queries in parallel, one per
-# core; a second in-flight query keeps it busy while the first's answer travels back.
-DEFAULT_MAX_IN_FLIGHT: Final = 2
+# Queries in flight before decisions queue (AUTHZ_OPA_BATCH_IN_FLIGHT). One: every miss
+# that arrives while OPA is busy joins the next batch, the least CPU per decision
+# (bench/coalesce.py, docs/performance.md); an OPA with cores to spare may take more.
+DEFAULT_MAX_IN_FLIGHT: Final = 1
 # What ``on_batch(outcome, size)`` reports for each batch query.
 BATCH_OUTCOMES: Final = ("decided", "failed", "unsupported")
 

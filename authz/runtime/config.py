@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from authz.core import authorizer, cache
-from authz.core.batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES
+from authz.core.batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_IN_FLIGHT
 from authz.core.errors import ConfigError
 from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS, is_header_name
 from authz.core.input import BodyParsing
@@ -166,6 +166,7 @@ TYPO_SIMILARITY: Final = 0.8
 # query (authz.core.batch), and the batch decision API's bounds (authz.v1.Decisions).
 DEFAULT_OPA_BATCH_MAX: Final = DEFAULT_MAX_BATCH
 DEFAULT_OPA_BATCH_MAX_BYTES: Final = DEFAULT_MAX_BATCH_BYTES
+DEFAULT_OPA_BATCH_IN_FLIGHT: Final = DEFAULT_MAX_IN_FLIGHT
 DEFAULT_BATCH_CHECK_MAX_ACTIONS: Final = 100
 DEFAULT_BATCH_CHECK_MAX_BYTES: Final = 1024 * 1024
 
@@ -251,6 +252,7 @@ class Settings:
     opa_batch_max_bytes: int = DEFAULT_OPA_BATCH_MAX_BYTES
     batch_check_max_actions: int = DEFAULT_BATCH_CHECK_MAX_ACTIONS
     batch_check_max_bytes: int = DEFAULT_BATCH_CHECK_MAX_BYTES
+    opa_batch_in_flight: int = DEFAULT_OPA_BATCH_IN_FLIGHT
 
     @property
     def grpc_tls(self) -> bool:
@@ -338,6 +340,7 @@ RESTART_ONLY: Final[Mapping[str, str]] = {
     "opa_batch_max_bytes": "the coalescer in front of OPA is built with it",
     "batch_check_max_actions": "the BatchCheck servicer is built with it",
     "batch_check_max_bytes": "the BatchCheck servicer is built with it",
+    "opa_batch_in_flight": "the coalescer in front of OPA is built with it",
 }
 
 
@@ -663,6 +666,7 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "opa_batch_max_bytes": _int_in(1024, 16 * 1024 * 1024),
     "batch_check_max_actions": _int_in(1, 1000),
     "batch_check_max_bytes": _int_in(1024, 4 * 1024 * 1024),
+    "opa_batch_in_flight": _int_in(1, 64),
 }
 
 

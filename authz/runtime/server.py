@@ -424,6 +424,7 @@ async def _build(
         opa,
         max_batch=settings.opa_batch_max,
         max_bytes=settings.opa_batch_max_bytes,
+        max_in_flight=settings.opa_batch_in_flight,
         on_batch=lambda outcome, size: metrics.opa_batch_size.labels(outcome).observe(size),
     )
     breaker = CircuitBreaker(

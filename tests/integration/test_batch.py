@@ -14,28 +14,38 @@ revision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.core.batch import Coalescer
 from authz.core.errors import OpaResponseError, PolicyError, RequestError, UndefinedDecision
 from authz.core.headers import CREDENTIAL_HEADERS
 from authz.core.input import build_input
 from authz.core.opa import BatchEvaluation, Evaluation, OpaClient
+from authz.runtime.audit import connect, read_entries
+from authz.runtime.config import load
+from authz.runtime.server import build_runtime
+from authz.stack.supervisor import free_port
 from authz.tools.batch_rule import DEFAULT_PATHS, render
 from authz.tools.keys import digest, generate_key
+from authz.v1 import decisions_pb2
 from tests.helpers import differential
 from tests.helpers.fakes import check_request
 from tests.helpers.opa_server import running_opa
 
 KEYS = {  # name -> data.gateway.api_keys entry (the digest is added)
     "admin": {"id": "key-admin", "enabled": True, "role": "admin", "rate_limit_tier": "premium"},
-    "user": {"id": "key-user", "enabled": True, "role": "user", "rate_limit_tier": "default"},
+    "user": {"id": "key-user", "enabled": True, "role": "user", "rate_limit_tier": "unlimited"},
+    "limited": {"id": "key-limited", "enabled": True, "role": "user", "rate_limit_tier": "default"},
     "viewer": {"id": "key-viewer", "enabled": True, "role": "viewer"},
     "disabled": {"id": "key-disabled", "enabled": False, "role": "user"},
     "expired": {
@@ -286,3 +296,223 @@ async def test_one_faulty_input_fails_only_itself(
                 assert counting.batches == [9]  # learnt for revision r1: no second try
         finally:
             await engine.close()
+
+
+# --- BatchCheck end to end: the real runtime, the shipped bundle, the audit trail -------
+
+
+@pytest.fixture(scope="module")
+def bundle_opa_url(
+    opa_bin: str,
+    repo_root: Path,
+    secrets_: Mapping[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A real OPA serving the shipped policy tree as a bundle at revision ``rev-e2e``
+    (so every decision names it), with this test's keys."""
+    base = tmp_path_factory.mktemp("batch-bundle")
+    source = base / "src"
+    shutil.copytree(repo_root / "policy", source, ignore=shutil.ignore_patterns("*_test.rego"))
+    keys = source / "gateway/api_keys/data.json"
+    keys.parent.mkdir(parents=True)
+    keys.write_text(
+        json.dumps({digest(secrets_[n]): entry for n, entry in KEYS.items()}), encoding="utf-8"
+    )
+    bundle = base / "bundle.tar.gz"
+    subprocess.run(
+        [opa_bin, "build", "-b", str(source), "--revision", "rev-e2e", "-o", str(bundle)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with running_opa(
+        opa_bin, "--bundle", str(bundle), log_path=base / "opa.log", ready_path="/health?bundles"
+    ) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def running_authz(opa_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """authz as ``serve`` builds it (build_runtime), in this process, over ``opa_url``;
+    yields its gRPC address and its audit database."""
+    audit_db = tmp_path / "audit.db"
+    settings = load(
+        {
+            "AUTHZ_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTHZ_OPA_URL": opa_url,
+            "AUTHZ_AUDIT_DB": str(audit_db),
+            "AUTHZ_OVERRIDES_FILE": str(tmp_path / "overrides.json"),
+            "AUTHZ_DECISION_LOG": "false",
+            "AUTHZ_DECISION_TIMEOUT_MS": "5000",
+            "AUTHZ_BATCH_CHECK_MAX_ACTIONS": "25",
+            "AUTHZ_BATCH_CHECK_MAX_BYTES": "65536",
+        }
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await build_runtime(settings, stack)
+        yield f"127.0.0.1:{runtime.grpc.port}", audit_db
+
+
+async def batch_check(
+    address: str, request: decisions_pb2.BatchCheckRequest | bytes
+) -> decisions_pb2.BatchCheckResponse:
+    """One BatchCheck call (raw bytes are sent as they are: for malformed requests)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            "/authz.v1.Decisions/BatchCheck",
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+            response_deserializer=decisions_pb2.BatchCheckResponse.FromString,
+        )
+        response: decisions_pb2.BatchCheckResponse = await call(request, timeout=10)
+        return response
+
+
+def planning_request(secret: str, count: int = 20) -> decisions_pb2.BatchCheckRequest:
+    """A planning agent's 20 actions for one key: reads and deletes of its items, an
+    admin path, and paths no rule names."""
+    actions = []
+    for i in range(count):
+        method, path = [
+            ("GET", f"/api/v1/items/{i}"),
+            ("DELETE", f"/api/v1/items/{i}"),
+            ("POST", "/api/v1/admin/users"),
+            ("GET", f"/other/{i}"),
+        ][i % 4]
+        actions.append(
+            decisions_pb2.Action(id=f"step-{i}", method=method, path=path, host="api.example")
+        )
+    return decisions_pb2.BatchCheckRequest(
+        principal=decisions_pb2.Principal(headers={"x-api-key": secret}), actions=actions
+    )
+
+
+@pytest.mark.usefixtures("bundle_opa_url")
+async def test_batch_check_answers_a_plan_of_20_from_one_revision_with_audited_ids(
+    bundle_opa_url: str, secrets_: Mapping[str, str], tmp_path: Path
+) -> None:
+    """A user's plan of 20 actions: 20 results in order, each with the decision a
+    Check of that request gets (asked of the same authz), one revision, and one audit
+    row per action with its decision id and no key in clear."""
+    async with running_authz(bundle_opa_url, tmp_path) as (address, audit_db):
+        response = await batch_check(address, planning_request(secrets_["user"]))
+        assert response.revision == "rev-e2e"
+        assert [r.id for r in response.results] == [f"step-{i}" for i in range(20)]
+        assert [r.allowed for r in response.results] == [i % 4 < 2 for i in range(20)]
+        assert all(r.http_status == (200 if r.allowed else 403) for r in response.results)
+        assert all(r.reason for r in response.results)
+        ids = [r.decision_id for r in response.results]
+        assert len(set(ids)) == 20
+        # The same requests as single Checks get the same decisions.
+        async with grpc.aio.insecure_channel(address) as channel:
+            check = channel.unary_unary(
+                "/envoy.service.auth.v3.Authorization/Check",
+                request_serializer=external_auth_pb2.CheckRequest.SerializeToString,
+                response_deserializer=external_auth_pb2.CheckResponse.FromString,
+            )
+            for action, result in zip(
+                planning_request(secrets_["user"]).actions, response.results, strict=True
+            ):
+                single = await check(
+                    check_request(
+                        method=action.method,
+                        path=action.path,
+                        headers={"x-api-key": secrets_["user"], ":authority": action.host},
+                    ),
+                    timeout=10,
+                )
+                assert single.HasField("ok_response") is result.allowed, action.path
+                if not result.allowed:
+                    body = json.loads(single.denied_response.body)
+                    assert body["error"] == result.reason
+    # The audit writer has flushed on close: one decision row per action, by id.
+    with contextlib.closing(connect(audit_db)) as conn:
+        rows = {e.decision_id: e for e in read_entries(conn, kind="decision")}
+    assert set(ids) <= set(rows)
+    for result in response.results:
+        body = rows[result.decision_id].body
+        assert body["result"] == ("allow" if result.allowed else "deny"), sorted(body)
+        assert body["revision"] == "rev-e2e"
+    audited = json.dumps([rows[i].body for i in ids])
+    assert secrets_["user"] not in audited
+
+
+async def test_batch_check_actions_count_against_the_rate_limit_like_checks(
+    bundle_opa_url: str, secrets_: Mapping[str, str], tmp_path: Path
+) -> None:
+    """A key on the default tier (60 a minute, 10 s of burst: 10 at once): of 20 allowed
+    reads in one BatchCheck, the first 10 are allowed and the rest denied 429
+    rate_limited, as 20 Checks would be."""
+    plan = decisions_pb2.BatchCheckRequest(
+        principal=decisions_pb2.Principal(headers={"x-api-key": secrets_["limited"]}),
+        actions=[
+            decisions_pb2.Action(id=str(i), method="GET", path=f"/api/v1/items/{i}")
+            for i in range(20)
+        ],
+    )
+    async with running_authz(bundle_opa_url, tmp_path) as (address, _):
+        response = await batch_check(address, plan)
+    assert [r.allowed for r in response.results] == [True] * 10 + [False] * 10
+    assert {(r.http_status, r.reason) for r in response.results[10:]} == {(429, "rate_limited")}
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "detail"),
+    [
+        (decisions_pb2.BatchCheckRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no actions"),
+        (
+            decisions_pb2.BatchCheckRequest(
+                actions=[decisions_pb2.Action(method="GET", path="/a")] * 26
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "26 actions",
+        ),
+        (
+            decisions_pb2.BatchCheckRequest(
+                actions=[decisions_pb2.Action(method="GET", path="/" + "a" * 8000)] * 9
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "bytes",
+        ),
+        (b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a BatchCheckRequest"),
+        (
+            decisions_pb2.BatchCheckRequest(
+                principal=decisions_pb2.Principal(headers={"x-api-key": "ak_secret_in_both"}),
+                actions=[
+                    decisions_pb2.Action(
+                        method="GET", path="/a", headers={"x-api-key": "ak_secret_in_both"}
+                    )
+                ],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "principal",
+        ),
+        (
+            decisions_pb2.BatchCheckRequest(
+                actions=[
+                    decisions_pb2.Action(
+                        method="GET", path="/a", context_extensions={"decision_path": "x/y"}
+                    )
+                ]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "decision_path",
+        ),
+    ],
+    ids=["empty", "too-many-actions", "too-large", "not-protobuf", "credential-twice", "path"],
+)
+async def test_batch_check_refuses_a_bad_request_precisely_and_decides_nothing(
+    bundle_opa_url: str,
+    tmp_path: Path,
+    request_: decisions_pb2.BatchCheckRequest | bytes,
+    code: grpc.StatusCode,
+    detail: str,
+) -> None:
+    async with running_authz(bundle_opa_url, tmp_path) as (address, audit_db):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await batch_check(address, request_)
+    assert refused.value.code() == code
+    assert detail in (refused.value.details() or "")
+    assert "ak_secret_in_both" not in (refused.value.details() or "")
+    with contextlib.closing(connect(audit_db)) as conn:
+        assert list(read_entries(conn, kind="decision")) == []
