@@ -30,6 +30,7 @@ revision, then none.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -204,7 +205,11 @@ class Coalescer:
     def _launch(self, path: str) -> None:
         queue = self._queues.pop(path)
         self._in_flight += 1  # counted now, so _drain never over-launches
-        task = asyncio.create_task(self._run(path, queue.waiters), name="authz-opa-batch")
+        # An empty context: the batch belongs to no one request's trace (the OPA client
+        # would otherwise send the trace of whichever decision happened to launch it).
+        task = asyncio.create_task(
+            self._run(path, queue.waiters), name="authz-opa-batch", context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

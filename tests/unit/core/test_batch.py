@@ -4,6 +4,7 @@ queries, each input's outcome exactly its single query's, never an allow on an e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -232,3 +233,22 @@ async def test_close_closes_the_engine() -> None:
     fake = FakeBatchEngine(echo)
     await Coalescer(fake).close()
     assert fake.closed
+
+
+PROBE: contextvars.ContextVar[str] = contextvars.ContextVar("probe")
+
+
+async def test_a_batch_query_carries_no_single_requests_context() -> None:
+    """The batch runs in a context of its own: the trace context the OPA client would
+    propagate is no one request's (it was the launching decision's)."""
+    seen: list[str | None] = []
+
+    class Seeing(FakeBatchEngine):
+        async def query_batch(self, path: str, documents: Sequence[Any], timeout_s: float) -> Any:
+            seen.append(PROBE.get(None))
+            return await super().query_batch(path, documents, timeout_s)
+
+    PROBE.set("request-trace")
+    fake = Seeing(echo)
+    await held(fake, Coalescer(fake, max_in_flight=1), 4)
+    assert seen == [None]
