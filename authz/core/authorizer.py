@@ -343,6 +343,10 @@ class Authorizer:
             except AuthzError as exc:
                 item.answer = exc
                 continue
+            except Exception as exc:  # a bug, or input no code path expected: as Check
+                log.exception("unexpected error deciding", extra={"decision_id": item.decision_id})
+                item.answer = AuthzError(f"unexpected {type(exc).__name__}")
+                continue
             groups.setdefault(path, []).append(index)
         for path, indices in groups.items():
             documents = [prepared[i].document for i in indices]

@@ -12,9 +12,14 @@ busy anyway, so its size follows the load (group commit).
 
 Bounds: a queue holds at most ``max_batch`` inputs and ``max_bytes`` bytes of encoded
 input (a full queue is sent at once, even past ``max_in_flight``); an input larger than
-``max_bytes`` is never queued. Each waiting decision keeps its own budget: past it, it
-fails with :class:`~authz.core.errors.OpaTimeout` as a single query would, and the batch
-goes on for the others.
+``max_bytes`` is never queued. A batch query also holds no more inputs than OPA decides,
+at the pace of the recent batches, in half the tightest budget among them (the rest
+go back to the front of the queue for the next query, so a queue holds at most twice its
+bounds), so a slow OPA (a busy machine) never times out a whole queue at once.
+
+Each waiting decision keeps its own budget: past it, it fails with
+:class:`~authz.core.errors.OpaTimeout` as a single query would, and the batch goes on for
+the others.
 
 Falling back, never guessing: an input whose decision the batch left undefined, every
 input of a batch query that failed (any error: OPA down, a runtime error in one input's
@@ -112,6 +117,8 @@ class Coalescer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._revision: str | None = None  # the active bundle's, from the last answer
         self._no_batch: dict[str, str] = {}  # path -> revision without a batch rule for it
+        # Seconds per input of recent batch queries (a moving average; 0: none yet).
+        self._per_input_s = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -216,11 +223,32 @@ class Coalescer:
     async def _run(self, path: str, waiters: list[_Waiter]) -> None:
         try:
             live = [w for w in waiters if not w.future.done()]  # the rest gave up
+            fits = self._fitting(live)
+            if fits < len(live):  # the rest wait for the next query, oldest first
+                self._requeue(path, live[fits:])
+                live = live[:fits]
             if live:
                 await self._decide(path, live)
         finally:
             self._in_flight -= 1
             self._drain()
+
+    def _fitting(self, waiters: Sequence[_Waiter]) -> int:
+        """How many of ``waiters`` (oldest first) one batch query may hold: as many as
+        OPA decides, at the pace of the recent batches, within half the tightest budget
+        among them, so a batch's answer comes while its inputs still want it (one slow
+        batch never times out a whole queue). All of them while no pace is known."""
+        if not waiters or self._per_input_s <= 0:
+            return len(waiters)
+        slack = min(w.deadline for w in waiters) - self._clock()
+        return max(1, min(len(waiters), int(slack / 2 / self._per_input_s)))
+
+    def _requeue(self, path: str, waiters: list[_Waiter]) -> None:
+        queue = self._queues.get(path)
+        if queue is None:
+            queue = self._queues[path] = _Queue()
+        queue.waiters[:0] = waiters
+        queue.size += sum(len(w.encoded) for w in waiters)
 
     async def _decide(self, path: str, waiters: list[_Waiter]) -> None:
         timeout_s = max(w.deadline for w in waiters) - self._clock()
@@ -249,6 +277,10 @@ class Coalescer:
             _settle(waiters, None)
             return
         self._report("decided", len(waiters))
+        per_input = answer.duration_s / len(waiters)
+        self._per_input_s = (
+            per_input if self._per_input_s <= 0 else (0.8 * self._per_input_s + 0.2 * per_input)
+        )
         for waiter, evaluation in zip(waiters, answer.results, strict=True):
             if not waiter.future.done():
                 waiter.future.set_result(evaluation)

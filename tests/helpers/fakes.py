@@ -177,7 +177,8 @@ class FakeBatchEngine:
     result; :data:`UNDEFINED` for no decision; a PolicyError instance to raise, which in
     a batch fails the whole query as an OPA runtime error does). While ``gate`` is
     cleared every query waits for it. ``batch_error`` fails every batch query;
-    ``supported`` False answers a batch as a bundle without the batch rule. Records
+    ``supported`` False answers a batch as a bundle without the batch rule;
+    ``seconds_per_input`` sets the pace a batch answer reports (``duration_s``). Records
     ``singles`` (documents) and ``batches`` (lists of documents)."""
 
     def __init__(
@@ -189,6 +190,7 @@ class FakeBatchEngine:
         self.gate.set()
         self.batch_error: Exception | None = None
         self.supported = True
+        self.seconds_per_input = 0.001  # the batch answers' duration_s, per input
         self.singles: list[Mapping[str, Any]] = []
         self.batches: list[list[Any]] = []
         self.closed = False
@@ -222,7 +224,7 @@ class FakeBatchEngine:
             if isinstance(result, PolicyError):
                 raise result
             results.append(None if result is UNDEFINED else Evaluation(result, revisions, 0.001))
-        return BatchEvaluation(tuple(results), revisions, 0.001)
+        return BatchEvaluation(tuple(results), revisions, self.seconds_per_input * len(decoded))
 
     async def close(self) -> None:
         self.closed = True

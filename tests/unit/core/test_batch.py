@@ -18,7 +18,7 @@ from authz.core.errors import (
     PolicyError,
     UndefinedDecision,
 )
-from tests.helpers.fakes import UNDEFINED, FakeBatchEngine
+from tests.helpers.fakes import UNDEFINED, FakeBatchEngine, ManualClock
 
 PATH = "authz/gateway/decision"
 
@@ -252,3 +252,28 @@ async def test_a_batch_query_carries_no_single_requests_context() -> None:
     fake = Seeing(echo)
     await held(fake, Coalescer(fake, max_in_flight=1), 4)
     assert seen == [None]
+
+
+async def test_a_batch_holds_no_more_than_opa_decides_in_half_the_budget() -> None:
+    """At 0.125 s per input and 1.25 s of budget, a batch holds 5 inputs (0.625 s); the
+    rest wait for the next query, oldest first, and every input still gets its own
+    decision. Before any pace is known the whole queue goes."""
+    fake = FakeBatchEngine(echo)
+    fake.seconds_per_input = 0.125
+    engine = Coalescer(fake, max_in_flight=1, clock=ManualClock(0.0))
+
+    async def round_(first: int) -> list[Any]:
+        fake.gate.clear()
+        docs = [{"n": first + n} for n in range(10)]
+        task = asyncio.gather(*(engine.evaluate(PATH, d, 1.25) for d in docs))
+        await asyncio.sleep(0.01)
+        fake.gate.set()
+        return [e.result["n"] for e in await task]
+
+    assert await round_(0) == list(range(10))
+    assert [len(b) for b in fake.batches] == [9]  # no pace known yet
+    assert await round_(100) == list(range(100, 110))
+    assert [[d["n"] for d in b] for b in fake.batches[1:]] == [
+        [101, 102, 103, 104, 105],
+        [106, 107, 108, 109],
+    ]
