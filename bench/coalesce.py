@@ -15,6 +15,9 @@ each request a key and path of its own, a third of them with an unknown key), ov
 once, and with the coalescer letting 1 or 2 queries be in flight before decisions queue
 (``max_in_flight``). Rounds interleave the cases so a change of load on the machine hits
 them all alike.
+
+First, the OPA query alone: 512 of those inputs as one query each, then as batch queries
+of 8, 32 and 64 (:meth:`~authz.core.opa.OpaClient.query_batch`), once per round.
 CPU is ``utime + stime`` of this process (authz) and of OPA (``/proc/<pid>/stat``);
 per decision in microseconds; "share batched" is the share of decisions answered by a
 batch query. The last lines are the ratios to ``off`` (median of the rounds).
@@ -37,6 +40,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from authz.core.authorizer import Authorizer
 from authz.core.batch import Coalescer
 from authz.core.headers import CREDENTIAL_HEADERS
+from authz.core.input import build_input
 from authz.core.opa import OpaClient, PolicyEngine
 from authz.tools.keys import digest
 from authz.tools.launch import find_binary, free_port, opa_launch, started
@@ -105,6 +109,32 @@ async def _case(
     }
 
 
+async def _opa_side(url: str, opa_pid: int, requests: Sequence[Any]) -> list[str]:
+    """The OPA query alone (no Authorizer): CPU per decision of OPA and of the client
+    for 512 inputs sent one query each, then in batch queries of 8, 32 and 64."""
+    client = OpaClient(url)
+    documents = [build_input(r, CREDENTIAL_HEADERS) for r in requests[:512]]
+    rows = []
+    try:
+        for document in documents[:50]:  # warm up the pool
+            await client.evaluate(PATH, document, 5.0)
+        for size in (1, 8, 32, 64):
+            own, opa = time.process_time(), read_cpu_seconds(opa_pid)
+            for start in range(0, len(documents), size):
+                chunk = documents[start : start + size]
+                if size == 1:
+                    await client.evaluate(PATH, chunk[0], 5.0)
+                else:
+                    await client.query_batch(PATH, chunk, 5.0)
+            own, opa = time.process_time() - own, read_cpu_seconds(opa_pid) - opa
+            per = 1e6 / len(documents)
+            name = "one query each" if size == 1 else f"batches of {size}"
+            rows.append(f"| {name} | {opa * per:.0f} | {own * per:.0f} |")
+    finally:
+        await client.close()
+    return rows
+
+
 def _median(rows: list[dict[str, float]], key: str) -> float:
     if key == "cpu":
         return statistics.median(r["authz_us"] + r["opa_us"] for r in rows)
@@ -137,6 +167,12 @@ def main() -> None:
         launch = opa_launch(opa_bin, port, str(ROOT / "policy"), str(data))
         with started(launch, Path(tmp) / "opa.log") as opa:
             url = f"http://127.0.0.1:{port}"
+            print("| OPA query | OPA CPU µs/decision | client CPU µs/decision |")
+            print("|---|---|---|")
+            for _ in range(args.rounds):
+                for row in asyncio.run(_opa_side(url, opa.pid, requests)):
+                    print(row)
+            print()
             print(
                 "| round | decisions in flight | coalescing (max queries in flight) "
                 "| authz CPU µs/decision | OPA CPU µs/decision | authz + OPA "
