@@ -163,15 +163,20 @@ class Coalescer:
     async def query_batch(
         self, path: str, documents: Sequence[Any], timeout_s: float
     ) -> BatchEvaluation:
-        """One batch query for ``documents`` now, not queued (the batch decision API);
-        see :meth:`~authz.core.opa.BatchPolicyEngine.query_batch`."""
+        """One batch query for ``documents`` now, not queued (the batch decision API),
+        reported to ``on_batch`` like a coalesced one; see
+        :meth:`~authz.core.opa.BatchPolicyEngine.query_batch`."""
         self._in_flight += 1
         try:
             answer = await self._engine.query_batch(path, documents, timeout_s)
+        except Exception:
+            self._report("failed", len(documents))
+            raise
         finally:
             self._in_flight -= 1
             self._drain()
         self._revision = answer.revision
+        self._report("decided" if answer.results is not None else "unsupported", len(documents))
         return answer
 
     async def close(self) -> None:

@@ -33,7 +33,7 @@ from authz.core.input import build_input
 from authz.core.opa import BatchEvaluation, Evaluation, OpaClient
 from authz.runtime.audit import connect, read_entries
 from authz.runtime.config import load
-from authz.runtime.server import build_runtime
+from authz.runtime.server import Runtime, build_runtime
 from authz.stack.supervisor import free_port
 from authz.tools.batch_rule import DEFAULT_PATHS, render
 from authz.tools.keys import digest, generate_key
@@ -335,6 +335,13 @@ def bundle_opa_url(
 async def running_authz(opa_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     """authz as ``serve`` builds it (build_runtime), in this process, over ``opa_url``;
     yields its gRPC address and its audit database."""
+    async with running_runtime(opa_url, tmp_path) as (runtime, audit_db):
+        yield f"127.0.0.1:{runtime.grpc.port}", audit_db
+
+
+@contextlib.asynccontextmanager
+async def running_runtime(opa_url: str, tmp_path: Path) -> AsyncIterator[tuple[Runtime, Path]]:
+    """:func:`running_authz`, yielding the Runtime itself (its ports and metrics)."""
     audit_db = tmp_path / "audit.db"
     settings = load(
         {
@@ -351,7 +358,7 @@ async def running_authz(opa_url: str, tmp_path: Path) -> AsyncIterator[tuple[str
     )
     async with contextlib.AsyncExitStack() as stack:
         runtime = await build_runtime(settings, stack)
-        yield f"127.0.0.1:{runtime.grpc.port}", audit_db
+        yield runtime, audit_db
 
 
 async def batch_check(
@@ -454,6 +461,35 @@ async def test_batch_check_actions_count_against_the_rate_limit_like_checks(
         response = await batch_check(address, plan)
     assert [r.allowed for r in response.results] == [True] * 10 + [False] * 10
     assert {(r.http_status, r.reason) for r in response.results[10:]} == {(429, "rate_limited")}
+
+
+async def test_batch_check_is_counted_and_its_batch_sized_in_metrics(
+    bundle_opa_url: str, secrets_: Mapping[str, str], tmp_path: Path
+) -> None:
+    """One answered BatchCheck of 20 and one refused: authz_batch_checks_total by result,
+    authz_batch_check_actions, one batch query of 20 in authz_opa_batch_size, and the 20
+    decisions in authz_decisions_total on the default path."""
+    async with running_runtime(bundle_opa_url, tmp_path) as (runtime, _):
+        address = f"127.0.0.1:{runtime.grpc.port}"
+        await batch_check(address, planning_request(secrets_["user"]))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await batch_check(address, decisions_pb2.BatchCheckRequest())
+        registry = runtime.metrics.registry
+        value = registry.get_sample_value
+        assert value("authz_batch_checks_total", {"result": "ok"}) == 1
+        assert value("authz_batch_checks_total", {"result": "INVALID_ARGUMENT"}) == 1
+        assert value("authz_batch_check_actions_count") == 1
+        assert value("authz_batch_check_actions_sum") == 20
+        assert value("authz_opa_batch_size_count", {"outcome": "decided"}) == 1
+        assert value("authz_opa_batch_size_sum", {"outcome": "decided"}) == 20
+        decided = sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "authz_decisions"
+            for s in m.samples
+            if s.name == "authz_decisions_total"
+        )
+        assert decided == 20
 
 
 @pytest.mark.parametrize(

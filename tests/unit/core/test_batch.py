@@ -4,6 +4,7 @@ queries, each input's outcome exactly its single query's, never an allow on an e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -277,3 +278,21 @@ async def test_a_batch_holds_no_more_than_opa_decides_in_half_the_budget() -> No
         [101, 102, 103, 104, 105],
         [106, 107, 108, 109],
     ]
+
+
+@pytest.mark.parametrize(
+    ("supported", "error", "outcome"),
+    [(True, None, "decided"), (False, None, "unsupported"), (True, OpaUnavailable("x"), "failed")],
+    ids=["decided", "unsupported", "failed"],
+)
+async def test_a_direct_batch_query_is_reported_like_a_coalesced_one(
+    supported: bool, error: Exception | None, outcome: str
+) -> None:
+    fake = FakeBatchEngine(echo)
+    fake.supported, fake.batch_error = supported, error
+    reports: list[tuple[str, int]] = []
+    engine = Coalescer(fake, on_batch=lambda o, n: reports.append((o, n)))
+    with contextlib.suppress(OpaUnavailable):
+        await engine.query_batch(PATH, [{"n": 1}, {"n": 2}], 1.0)
+    assert reports == [(outcome, 2)]
+    assert engine.in_flight == 0
