@@ -574,3 +574,34 @@ def test_build_refuses_data_failing_the_policy_data_checks(tmp_path: Path) -> No
     assert "policy tests failed" in result.stderr
     assert result.stderr.count("test_shipped_keys_well_formed: FAIL") == 1
     assert not (tmp_path / "out/authz.tar.gz").exists()
+
+
+# --- the batch rule in the bundle (issue #19) ------------------------------------------
+
+
+def _bundle_file(bundle: Path, name: str) -> str:
+    with tarfile.open(bundle) as archive:
+        member = archive.extractfile(name)
+        assert member is not None, name
+        return member.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "paths"),
+    [
+        ((), {"authz/egress/decision", "authz/gateway/decision", "authz/jwt_example/decision"}),
+        (("--decision-path", "my/own/decision"), {"my/own/decision"}),
+    ],
+    ids=["shipped", "decision-path"],
+)
+def test_bundle_ships_the_batch_rule_for_its_decision_paths(
+    tmp_path: Path, args: tuple[str, ...], paths: set[str]
+) -> None:
+    """scripts/build-policy-bundle ships policy/batch/batch.rego, or with --decision-path
+    a batch rule generated for exactly those paths."""
+    built = build_bundle(tmp_path, "rev-batch", *args)
+    assert built.returncode == 0, built.stderr
+    rule = _bundle_file(tmp_path / "authz.tar.gz", "/batch/batch.rego")
+    listed = re.search(r"^paths := \{(.*)\}$", rule, re.MULTILINE)
+    assert listed is not None
+    assert {p.strip().strip('"') for p in listed.group(1).split(",")} == paths
