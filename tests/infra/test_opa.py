@@ -378,6 +378,66 @@ def test_decision_log_is_on_console_and_masked(production: tuple[Opa, Path]) -> 
     }
 
 
+def test_batch_query_is_allowed_for_authz_and_each_input_masked_in_the_log(
+    production: tuple[Opa, Path],
+) -> None:
+    """authz's token may POST the batch rule (data.authz.batch.result), nobody else may;
+    its decision-log line masks every input of the batch as a single decision's input is
+    masked (bodies, cookies, the bearer JWT, credential query parameters)."""
+    opa, _ = production
+    marker = "prompt-" + os.urandom(8).hex()
+    jwt = f"eyJhbGciOiJIUzI1NiJ9.eyJ{marker}In0.c2ln"
+
+    def document(n: int) -> dict[str, Any]:
+        return {
+            "attributes": {
+                "request": {
+                    "http": {
+                        "method": "POST",
+                        "path": f"/api/v1/items/{n}?api_key={marker}",
+                        "body": marker,
+                        "headers": {
+                            "cookie": marker,
+                            "authorization": f"Bearer {jwt}",
+                            "x-request-id": f"{marker}-id-{n}",
+                        },
+                    }
+                }
+            },
+            "parsed_body": {"prompt": marker},
+            "parsed_query": {"api_key": [marker]},
+        }
+
+    body = json.dumps(
+        {"input": {"path": "authz/gateway/decision", "inputs": [document(0), document(1)]}}
+    ).encode()
+    batch = f"{opa.base}/v1/data/authz/batch/result"
+    status, _ = http_get(batch, {}, method="POST", body=body, ca_file=opa.ca)
+    assert status in (401, 403)
+    status, raw = http_get(batch, opa.headers(), method="POST", body=body, ca_file=opa.ca)
+    assert status == 200, raw
+    assert set(json.loads(raw)["result"]["decisions"]) == {"0", "1"}
+
+    def logged() -> list[dict[str, Any]]:
+        lines = opa.process.log_path.read_text().splitlines()
+        return [
+            entry
+            for entry in (json.loads(line) for line in lines if f"{marker}-id" in line)
+            if entry.get("msg") == "Decision Log"
+        ]
+
+    wait_for(lambda: bool(logged()), what="the batch query's decision log line")
+    (entry,) = logged()
+    line = json.dumps(entry)
+    assert line.count(marker) == 2  # the two x-request-id values, nothing else
+    for n, logged_input in enumerate(entry["input"]["inputs"]):
+        http = logged_input["attributes"]["request"]["http"]
+        assert http["headers"] == {"x-request-id": f"{marker}-id-{n}"}
+        assert "body" not in http
+        assert "path" not in http
+        assert "parsed_body" not in logged_input
+
+
 def test_compose_opa_healthcheck_command(opa_bin: str, production: tuple[Opa, Path]) -> None:
     """docker-compose.yaml's OPA healthcheck (``/opa eval`` with http.send: the static image
     has no shell) passes against a ready OPA and fails against a closed port."""
