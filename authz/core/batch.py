@@ -24,12 +24,12 @@ the others.
 Falling back, never guessing: an input whose decision the batch left undefined, every
 input of a batch query that failed (any error: OPA down, a runtime error in one input's
 evaluation, which fails the whole query since Rego cannot catch it, an answer of the
-wrong shape), and every input while the active bundle has no batch rule for the path,
-is decided again by its own single query, within what is left of its budget, so its
-outcome (decision or error) is exactly the single query's. Whether a bundle lacks the
-rule is learnt from the first batch's answer and kept for that bundle revision (every
-answer's provenance tells the active one), so such a bundle costs one batch query per
-revision, then none.
+wrong shape), and every input while the active bundle has no batch rule for the path (or
+OPA's API authorization refuses the batch query), is decided again by its own single
+query, within what is left of its budget, so its outcome (decision or error) is exactly
+the single query's. Whether a bundle lacks the rule is learnt from the first batch's
+answer and kept for that bundle revision (every answer's provenance tells the active
+one), so such a bundle costs one batch query per revision, then none.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class Coalescer:
         finally:
             self._in_flight -= 1
             self._drain()
-        self._revision = answer.revision
+        if answer.revision:
+            self._revision = answer.revision
         self._report("decided" if answer.results is not None else "unsupported", len(documents))
         return answer
 
@@ -271,12 +272,17 @@ class Coalescer:
             self._report("failed", len(waiters))
             _settle(waiters, None)
             return
-        self._revision = answer.revision
+        if answer.revision:
+            self._revision = answer.revision
         if answer.results is None:
-            self._no_batch[path] = answer.revision
+            # An answer without provenance (OPA refused the query) stands for the
+            # revision the other answers report.
+            revision = answer.revision or self._revision or ""
+            self._revision = self._no_batch[path] = revision
             log.info(
-                "the bundle has no batch rule for this decision path; deciding one by one",
-                extra={"decision_path": path, "revision": answer.revision},
+                "no batch rule for this decision path in the bundle, or OPA refuses the "
+                "batch query; deciding one by one",
+                extra={"decision_path": path, "revision": revision},
             )
             self._report("unsupported", len(waiters))
             _settle(waiters, None)

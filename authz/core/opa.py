@@ -255,7 +255,9 @@ class OpaClient:
         self, path: str, documents: Sequence[Any], timeout_s: float
     ) -> BatchEvaluation:
         """POST ``{"input": {"path": path, "inputs": documents}}`` to the batch rule
-        (:data:`BATCH_QUERY_PATH`); see :meth:`BatchPolicyEngine.query_batch`. Raises
+        (:data:`BATCH_QUERY_PATH`); see :meth:`BatchPolicyEngine.query_batch`. An answer
+        401 or 403 (OPA's API authorization, ``infra/opa/system/authz.rego``, does not
+        list the batch rule) is "no batch rule" too: decide one by one. Raises
         OpaResponseError as well for a result that is not the batch rule's shape."""
         started = time.perf_counter()
         headers: dict[str, str] | None = None
@@ -267,6 +269,8 @@ class OpaClient:
             "POST", f"/v1/data/{BATCH_QUERY_PATH}?provenance", timeout_s, body, headers
         )
         duration_s = time.perf_counter() - started
+        if status in (401, 403):  # OPA's API authorization does not allow the batch rule
+            return BatchEvaluation(None, _EMPTY, duration_s)
         try:
             answer = _parse_answer(status, payload, duration_s)
         except UndefinedDecision:  # no batch rule for this path in the active bundle

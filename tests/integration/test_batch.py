@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.core.batch import Coalescer
@@ -552,3 +553,33 @@ async def test_batch_check_refuses_a_bad_request_precisely_and_decides_nothing(
     assert "ak_secret_in_both" not in (refused.value.details() or "")
     with contextlib.closing(connect(audit_db)) as conn:
         assert list(read_entries(conn, kind="decision")) == []
+
+
+@pytest.mark.parametrize("status", [401, 403, 500])
+async def test_a_batch_query_refused_by_opas_api_authorization_means_no_batch_rule(
+    status: int,
+) -> None:
+    """401/403 from OPA's API authorization (a policy that does not list the batch
+    rule): "no batch rule", decide one by one; any other failure stays an error."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"code": "unauthorized", "message": "no"}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/data/authz/batch/result", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = OpaClient(f"http://127.0.0.1:{port}")
+    try:
+        if status == 500:
+            with pytest.raises(OpaResponseError):
+                await client.query_batch("authz/gateway/decision", [{}], 5.0)
+        else:
+            answer = await client.query_batch("authz/gateway/decision", [{}], 5.0)
+            assert answer.results is None
+    finally:
+        await client.close()
+        await runner.cleanup()

@@ -19,6 +19,7 @@ from authz.core.errors import (
     PolicyError,
     UndefinedDecision,
 )
+from authz.core.opa import BatchEvaluation
 from tests.helpers.fakes import UNDEFINED, FakeBatchEngine, ManualClock
 
 PATH = "authz/gateway/decision"
@@ -296,3 +297,23 @@ async def test_a_direct_batch_query_is_reported_like_a_coalesced_one(
         await engine.query_batch(PATH, [{"n": 1}, {"n": 2}], 1.0)
     assert reports == [(outcome, 2)]
     assert engine.in_flight == 0
+
+
+async def test_a_refused_batch_query_without_provenance_is_learnt_for_the_active_revision() -> None:
+    """OPA refusing the batch query (401/403: its answer names no revision) is kept for
+    the revision the single answers report: no batch query again until it changes."""
+
+    class Refused(FakeBatchEngine):
+        async def query_batch(self, path: str, documents: Sequence[Any], timeout_s: float) -> Any:
+            self.batches.append(list(documents))
+            return BatchEvaluation(None)
+
+    fake = Refused(echo, revision="r1")
+    engine = Coalescer(fake, max_in_flight=1)
+    for _ in range(3):
+        assert await held(fake, engine, 4) == [{"allowed": True, "n": n} for n in range(4)]
+    assert len(fake.batches) == 1
+    fake.revision = "r2"
+    await engine.evaluate(PATH, {"n": 0}, 1.0)
+    await held(fake, engine, 4)
+    assert len(fake.batches) == 2
