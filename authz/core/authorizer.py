@@ -37,7 +37,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -51,15 +51,19 @@ from authz.core.errors import (
     FAIL_OPEN_CODES,
     AddressNotAllowed,
     AuthzError,
+    BatchRevisionError,
     ConfigError,
     CredentialError,
     DeadlineExceeded,
     DecisionPathError,
+    OpaResponseError,
+    PolicyError,
+    UndefinedDecision,
 )
 from authz.core.headers import OWN_PREFIX, TUNNEL_ADDRESS_HEADER, UNENFORCED_REMOVALS
 from authz.core.input import BodyParsing, GrpcDescriptors, build_input
 from authz.core.mode import Control, Mode
-from authz.core.opa import Evaluation, PolicyEngine, parse_decision_path
+from authz.core.opa import BatchPolicyEngine, Evaluation, PolicyEngine, parse_decision_path
 from authz.core.ratelimit import Limiter, Quota
 from authz.core.record import DecisionRecord, DecisionSink
 from authz.core.response import build_response, error_response
@@ -73,6 +77,7 @@ __all__ = [
     "FAIL_OPEN_HEADER",
     "MODE_HEADER",
     "Authorizer",
+    "BatchOutcome",
     "CredentialSource",
     "Outcome",
 ]
@@ -95,6 +100,7 @@ MODE_HEADER: Final = "x-authz-mode"
 CHECK_SPAN: Final = "authz.check"
 CACHE_SPAN: Final = "authz.cache.lookup"
 OPA_SPAN: Final = "authz.opa.query"
+BATCH_CHECK_SPAN: Final = "authz.batch_check"
 RATE_LIMIT_SPAN: Final = "authz.ratelimit"
 # The W3C trace context (and baggage) headers: the only ones read for tracing.
 _TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate", "baggage"})
@@ -118,6 +124,28 @@ class Outcome:
 
     response: external_auth_pb2.CheckResponse
     record: DecisionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What one :meth:`Authorizer.check_batch` produced: an :class:`Outcome` per request,
+    in order, and the bundle revision every policy decision came from (``""`` when none
+    was evaluated)."""
+
+    outcomes: tuple[Outcome, ...]
+    revision: str
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A batch member's decision id, start, mode, input and OPA's answer for it (or the
+    error a Check would have met up to and at OPA)."""
+
+    decision_id: str
+    started: float
+    mode: Mode
+    document: dict[str, Any] | None
+    answer: Evaluation | AuthzError
 
 
 @dataclass(slots=True)
@@ -244,16 +272,152 @@ class Authorizer:
             _annotate(span, outcome.record)
             return outcome
 
+    async def check_batch(
+        self,
+        requests: Sequence[external_auth_pb2.CheckRequest],
+        time_remaining_s: float | None = None,
+        *,
+        peer: str = "",
+    ) -> BatchOutcome:
+        """Decide ``requests`` together (the batch decision API, ``authz.v1.Decisions/
+        BatchCheck``): each exactly as :meth:`check` decides it (its own decision id,
+        record, audit row, rate-limit count, enforcement mode, fail-open and dry-run),
+        except that every policy decision comes from one OPA query on one store snapshot
+        (:meth:`~authz.core.opa.BatchPolicyEngine.query_batch`), never from the decision
+        cache. Where one query cannot answer (the bundle has no batch rule, an input's
+        evaluation fails the query) each input is asked alone, and if those answers come
+        from different bundle revisions (a bundle activated meanwhile) they are asked
+        once more. ``time_remaining_s`` and ``peer`` as for :meth:`check`.
+
+        Returns the outcomes in request order and the one revision they were decided on.
+        Raises :class:`~authz.core.errors.BatchRevisionError` when no single revision
+        could answer them all."""
+        tracer = self._tracer
+        if tracer is None:
+            return await self._check_batch(requests, time_remaining_s, peer)
+        with tracer.start_as_current_span(
+            BATCH_CHECK_SPAN, kind=SpanKind.SERVER, record_exception=False
+        ) as span:
+            span.set_attribute("authz.batch.actions", len(requests))
+            batch = await self._check_batch(requests, time_remaining_s, peer)
+            span.set_attribute("authz.bundle_revision", batch.revision)
+            allowed = sum(1 for o in batch.outcomes if o.record.allowed)
+            span.set_attribute("authz.batch.allowed", allowed)
+            return batch
+
+    async def _check_batch(
+        self,
+        requests: Sequence[external_auth_pb2.CheckRequest],
+        time_remaining_s: float | None,
+        peer: str,
+    ) -> BatchOutcome:
+        started = self._clock()
+        mode = self._control.mode
+        budget = self._timeout_s
+        if time_remaining_s is not None:
+            budget = min(budget, time_remaining_s - _DEADLINE_MARGIN_S)
+        prepared = [
+            _Prepared(self._new_id(), started, mode, None, DeadlineExceeded("not evaluated"))
+            for _ in requests
+        ]
+        if mode is not Mode.BYPASS:
+            await self._evaluate_batch(requests, prepared, budget, started)
+        outcomes = [
+            await self._check(request, time_remaining_s, peer, item)
+            for request, item in zip(requests, prepared, strict=True)
+        ]
+        revisions = {o.record.revision for o in outcomes if o.record.revision}
+        if len(revisions) > 1:  # _evaluate_batch retried already; never mix revisions
+            raise BatchRevisionError(f"decided on {len(revisions)} bundle revisions")
+        return BatchOutcome(tuple(outcomes), next(iter(revisions), ""))
+
+    async def _evaluate_batch(
+        self,
+        requests: Sequence[external_auth_pb2.CheckRequest],
+        prepared: list[_Prepared],
+        budget: float,
+        started: float,
+    ) -> None:
+        """Fill each ``prepared`` item's input and OPA's answer (or the error a Check
+        would meet before or at OPA), grouped by decision path, one batch query each."""
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            item = prepared[index]
+            try:
+                path = self._decision_path(request.attributes.context_extensions)
+                item.document = self._input(request)
+            except AuthzError as exc:
+                item.answer = exc
+                continue
+            except Exception as exc:  # a bug, or input no code path expected: as Check
+                log.exception("unexpected error deciding", extra={"decision_id": item.decision_id})
+                item.answer = AuthzError(f"unexpected {type(exc).__name__}")
+                continue
+            groups.setdefault(path, []).append(index)
+        for path, indices in groups.items():
+            documents = [prepared[i].document for i in indices]
+            answers = await self._answers(path, documents, budget, started)
+            for i, answer in zip(indices, answers, strict=True):
+                prepared[i].answer = answer
+
+    async def _answers(
+        self,
+        path: str,
+        documents: Sequence[Mapping[str, Any] | None],
+        budget: float,
+        started: float,
+    ) -> list[Evaluation | AuthzError]:
+        """OPA's answer for each of ``documents`` on ``path``: one batch query, or (no
+        batch rule, or the query failed on an input) one query each, asked twice at most
+        if the answers span bundle revisions."""
+        engine, tracer = self._engine, self._tracer
+        remaining = budget - (self._clock() - started)
+        if remaining <= 0:
+            return [DeadlineExceeded("the budget was spent before OPA could be asked")] * len(
+                documents
+            )
+        if isinstance(engine, BatchPolicyEngine):
+            try:
+                with _NO_SPAN if tracer is None else _step(tracer, OPA_SPAN, SpanKind.CLIENT):
+                    batch = await engine.query_batch(path, documents, remaining)
+            except OpaResponseError:
+                pass  # an input's evaluation failed the query: ask each alone
+            except PolicyError as exc:  # OPA itself failed: every action meets it
+                return [exc] * len(documents)
+            else:
+                if batch.results is not None:
+                    undefined = UndefinedDecision(
+                        "no decision is defined at this path (result is undefined)"
+                    )
+                    return [undefined if e is None else e for e in batch.results]
+        answers: list[Evaluation | AuthzError] = []
+        for _ in range(2):
+            answers = []
+            for document in documents:
+                remaining = budget - (self._clock() - started)
+                try:
+                    if remaining <= 0 or document is None:
+                        raise DeadlineExceeded("the budget was spent before OPA could be asked")
+                    answers.append(await engine.evaluate(path, document, remaining))
+                except AuthzError as exc:
+                    answers.append(exc)
+            seen = {a.revision for a in answers if isinstance(a, Evaluation)}
+            if len(seen) <= 1:
+                break
+        return answers
+
     async def _check(
         self,
         request: external_auth_pb2.CheckRequest,
         time_remaining_s: float | None,
         peer: str,
+        prepared: _Prepared | None = None,
     ) -> Outcome:
-        """:meth:`check` without its span."""
-        started = self._clock()
-        decision_id = self._new_id()
-        mode = self._control.mode
+        """:meth:`check` without its span; with ``prepared`` (:meth:`check_batch`), its
+        input and OPA's answer are already known."""
+        started = self._clock() if prepared is None else prepared.started
+        decision_id = self._new_id() if prepared is None else prepared.decision_id
+        mode = self._control.mode if prepared is None else prepared.mode
         # 1. Route -> decision path (Envoy's per-route context_extensions), before
         #    anything else: every outcome, bypass and a spent budget included, is
         #    recorded, counted and failed open or closed on the route's own path.
@@ -277,7 +441,9 @@ class Authorizer:
             try:
                 if path_error is not None:
                     raise path_error
-                response = await self._decide(request, trace, budget, started, decision_id)
+                response = await self._decide(
+                    request, trace, budget, started, decision_id, prepared
+                )
             except AuthzError:
                 raise
             except Exception as exc:  # a bug, or input no code path expected: deny, log
@@ -336,18 +502,21 @@ class Authorizer:
         budget: float,
         started: float,
         decision_id: str,
+        prepared: _Prepared | None = None,
     ) -> external_auth_pb2.CheckResponse:
         """The pipeline proper; raises AuthzError when no decision can be made."""
+        if prepared is not None:
+            # 2-4 were done for the whole batch (check_batch): its input, OPA's answer.
+            trace.document = prepared.document
+            if isinstance(prepared.answer, AuthzError):
+                raise prepared.answer
+            trace.evaluation = prepared.answer
+            decision = trace.policy = trace.decision = parse_decision(prepared.answer.result)
+            return await self._enforce(decision, trace, budget, started, decision_id)
         if budget <= 0:
             raise DeadlineExceeded("no time left for a decision when the request arrived")
         # 2. CheckRequest -> input document (credentials hashed, never in clear).
-        trace.document = build_input(
-            request,
-            self._credential_headers,
-            parse_request_body=self._parse_body,
-            pass_jwts=self._pass_jwts,
-            grpc_descriptors=self._grpc_descriptors,
-        )
+        trace.document = self._input(request)
         cache, tracer = self._cache, self._tracer
         key: bytes | None = None
         cached: CachedDecision | None = None
@@ -375,6 +544,27 @@ class Authorizer:
             decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
             if cache is not None and key is not None:
                 cache.put(key, decision, trace.evaluation, decision_id, generation=generation)
+        return await self._enforce(decision, trace, budget, started, decision_id)
+
+    def _input(self, request: external_auth_pb2.CheckRequest) -> dict[str, Any]:
+        """The input document for ``request`` (:func:`authz.core.input.build_input`)."""
+        return build_input(
+            request,
+            self._credential_headers,
+            parse_request_body=self._parse_body,
+            pass_jwts=self._pass_jwts,
+            grpc_descriptors=self._grpc_descriptors,
+        )
+
+    async def _enforce(
+        self,
+        decision: Decision,
+        trace: _Trace,
+        budget: float,
+        started: float,
+        decision_id: str,
+    ) -> external_auth_pb2.CheckResponse:
+        """Steps 5-8 of the pipeline, after the policy decided."""
         # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
         if self._clock() - started > budget:
             raise DeadlineExceeded("the decision arrived after the deadline")

@@ -16,8 +16,11 @@ meaning::
     │   └── StartupError            config_error            500     cannot start (port, file)
     ├── DataFileError               invalid_data_file       500     a tool's input file: exit 2
     ├── RequestError                invalid_request         400     malformed CheckRequest / body
-    │   └── AdminRequestError       invalid_request         400     malformed admin API body
-    │       └── TooManyOverrides    too_many_overrides      409     override cap reached
+    │   ├── AdminRequestError       invalid_request         400     malformed admin API body
+    │   │   └── TooManyOverrides    too_many_overrides      409     override cap reached
+    │   └── BatchRequestError       invalid_batch           400     malformed BatchCheck request
+    │       └── BatchTooLarge       batch_too_large         413     BatchCheck over its bounds
+    ├── BatchRevisionError          batch_revision_changed  503     batch spanned bundle revisions
     ├── DecisionPathError           invalid_decision_path   500     bad context_extensions path
     ├── DeadlineExceeded            deadline_exceeded       503     budget spent before a decision
     ├── CredentialError             credential_unavailable  503     secret for injection missing
@@ -60,6 +63,9 @@ __all__ = [
     "AddressNotAllowed",
     "AdminRequestError",
     "AuthzError",
+    "BatchRequestError",
+    "BatchRevisionError",
+    "BatchTooLarge",
     "CircuitOpen",
     "ConfigError",
     "CredentialError",
@@ -204,6 +210,34 @@ class TooManyOverrides(AdminRequestError):
     code = "too_many_overrides"
     public_message = "too many active overrides"
     http_status = 409
+
+
+class BatchRequestError(RequestError):
+    """A BatchCheck request (``authz.v1.Decisions``) that cannot be decided as sent: no
+    action, an action field that is malformed, a header given both by the principal and
+    an action, a ``decision_path`` context extension. The message names the action and
+    the field, never a header value. gRPC ``INVALID_ARGUMENT``."""
+
+    code = "invalid_batch"
+    public_message = "malformed batch request"
+
+
+class BatchTooLarge(BatchRequestError):
+    """A BatchCheck request with more actions or bytes than ``AUTHZ_BATCH_CHECK_MAX_*``
+    allow. gRPC ``RESOURCE_EXHAUSTED``."""
+
+    code = "batch_too_large"
+    public_message = "batch request too large"
+    http_status = 413
+
+
+class BatchRevisionError(AuthzError):
+    """A batch's decisions could not all come from one bundle revision (a bundle
+    activated while it was asked, twice). gRPC ``ABORTED``: the caller may retry."""
+
+    code = "batch_revision_changed"
+    public_message = "the policy changed while the batch was decided; retry"
+    http_status = 503
 
 
 class DecisionPathError(AuthzError):

@@ -39,10 +39,10 @@ import asyncio
 import re
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import aiohttp
 import orjson
@@ -57,7 +57,15 @@ from authz.core.errors import (
 )
 from authz.core.secret import Secret
 
-__all__ = ["MAX_ANSWER_BYTES", "Evaluation", "OpaClient", "PolicyEngine"]
+__all__ = [
+    "BATCH_QUERY_PATH",
+    "MAX_ANSWER_BYTES",
+    "BatchEvaluation",
+    "BatchPolicyEngine",
+    "Evaluation",
+    "OpaClient",
+    "PolicyEngine",
+]
 
 # The largest OPA answer read, in bytes, as sent and once inflated: a decision is a few
 # hundred bytes; one echoing a whole 64 KiB request body fits many times over.
@@ -69,6 +77,12 @@ _JSON_HEADERS: Final = {
 }
 _READ_CHUNK: Final = 64 * 1024
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+
+# The batch rule's entrypoint (``authz generate batch-rule`` writes its package,
+# ``policy/batch/batch.rego``): input ``{"path": <decision path>, "inputs": [...]}``,
+# result ``{"decisions": {"<index>": <decision>}}``, undefined when the bundle has no batch
+# rule for the path.
+BATCH_QUERY_PATH: Final = "authz/batch/result"
 
 _DECISION_PATH_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -105,6 +119,26 @@ class Evaluation:
         return ",".join(f"{k}={v}" for k, v in sorted(self.revisions.items()))
 
 
+@dataclass(frozen=True, slots=True)
+class BatchEvaluation:
+    """OPA's answer for one batch query: every input decided on one store snapshot.
+
+    ``results`` holds, per input in order, its :class:`Evaluation` (sharing the batch's
+    ``revisions`` and ``duration_s``) or None where the decision is undefined for that
+    input; ``results`` is None when the active bundle has no batch rule for the path
+    (a bundle built without ``policy/batch/``, or for other decision paths).
+    """
+
+    results: tuple[Evaluation | None, ...] | None
+    revisions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    duration_s: float = 0.0
+
+    @property
+    def revision(self) -> str:
+        """The bundle revision, as :attr:`Evaluation.revision`."""
+        return Evaluation(None, self.revisions).revision
+
+
 class PolicyEngine(Protocol):
     """Evaluates a decision path against an input document (OPA, or a fake in tests)."""
 
@@ -118,6 +152,21 @@ class PolicyEngine(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class BatchPolicyEngine(PolicyEngine, Protocol):
+    """A :class:`PolicyEngine` that can also decide many inputs in one query."""
+
+    async def query_batch(
+        self, path: str, documents: Sequence[Any], timeout_s: float
+    ) -> BatchEvaluation:
+        """Evaluate ``data.<path>`` for each of ``documents`` (input documents, or
+        ``orjson.Fragment`` holding one already encoded) in one OPA query on one store
+        snapshot, within ``timeout_s`` seconds. Raises the errors of
+        :meth:`PolicyEngine.evaluate` for the query as a whole (a runtime error in any
+        input's evaluation fails the whole query: Rego has no way to catch it)."""
         ...
 
 
@@ -202,6 +251,32 @@ class OpaClient:
         )
         return _parse_answer(status, payload, time.perf_counter() - started)
 
+    async def query_batch(
+        self, path: str, documents: Sequence[Any], timeout_s: float
+    ) -> BatchEvaluation:
+        """POST ``{"input": {"path": path, "inputs": documents}}`` to the batch rule
+        (:data:`BATCH_QUERY_PATH`); see :meth:`BatchPolicyEngine.query_batch`. An answer
+        401 or 403 (OPA's API authorization, ``infra/opa/system/authz.rego``, does not
+        list the batch rule) is "no batch rule" too: decide one by one. Raises
+        OpaResponseError as well for a result that is not the batch rule's shape."""
+        started = time.perf_counter()
+        headers: dict[str, str] | None = None
+        if self._propagate_trace:
+            headers = {}
+            propagate.inject(headers)
+        body = orjson.dumps({"input": {"path": path, "inputs": documents}})
+        status, payload = await self._send(
+            "POST", f"/v1/data/{BATCH_QUERY_PATH}?provenance", timeout_s, body, headers
+        )
+        duration_s = time.perf_counter() - started
+        if status in (401, 403):  # OPA's API authorization does not allow the batch rule
+            return BatchEvaluation(None, _EMPTY, duration_s)
+        try:
+            answer = _parse_answer(status, payload, duration_s)
+        except UndefinedDecision:  # no batch rule for this path in the active bundle
+            return BatchEvaluation(None, _provenance_of(payload), duration_s)
+        return _batch_results(answer, len(documents))
+
     async def get(self, path: str, timeout_s: float) -> tuple[int, Any]:
         """GET an OPA endpoint (``/health?bundles``, ...) -> (HTTP status, decoded JSON or
         None). Raises OpaUnavailable or OpaTimeout like :meth:`evaluate`."""
@@ -284,6 +359,32 @@ def _parse_answer(status: int, payload: bytes, duration_s: float) -> Evaluation:
     if "result" not in answer:
         raise UndefinedDecision("no decision is defined at this path (result is undefined)")
     return Evaluation(answer["result"], _revisions(answer.get("provenance")), duration_s)
+
+
+def _provenance_of(payload: bytes) -> Mapping[str, str]:
+    """The revisions in an answer already known to be a JSON object."""
+    answer = orjson.loads(payload)
+    return _revisions(answer.get("provenance") if isinstance(answer, dict) else None)
+
+
+def _batch_results(answer: Evaluation, count: int) -> BatchEvaluation:
+    """The batch rule's result ``{"decisions": {"<index>": decision}}`` -> one
+    Evaluation per input (None: undefined for it). Raises OpaResponseError for another
+    shape or an index outside ``range(count)``."""
+    result = answer.result
+    decisions = result.get("decisions") if isinstance(result, dict) else None
+    if not isinstance(decisions, dict):
+        raise OpaResponseError("the batch rule answered without a decisions object")
+    results: list[Evaluation | None] = [None] * count
+    for index, value in decisions.items():
+        try:
+            position = int(index)
+        except ValueError:
+            position = -1
+        if not 0 <= position < count:
+            raise OpaResponseError(f"the batch rule answered for input {index!r} of {count}")
+        results[position] = Evaluation(value, answer.revisions, answer.duration_s)
+    return BatchEvaluation(tuple(results), answer.revisions, answer.duration_s)
 
 
 def _revisions(provenance: Any) -> Mapping[str, str]:

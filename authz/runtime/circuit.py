@@ -17,17 +17,19 @@ request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 from authz.core.errors import CircuitOpen, OpaTimeout, OpaUnavailable
-from authz.core.opa import Evaluation, PolicyEngine
+from authz.core.opa import BatchEvaluation, BatchPolicyEngine, Evaluation, PolicyEngine
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker"]
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
 HALF_OPEN: Final = "half_open"
+
+_T = TypeVar("_T")
 
 
 class CircuitBreaker:
@@ -58,6 +60,20 @@ class CircuitBreaker:
     ) -> Evaluation:
         """Evaluate through the breaker; raises CircuitOpen while open (and for queries
         other than the probe while half open), else whatever ``engine`` raises."""
+        return await self._guarded(lambda: self._engine.evaluate(path, document, timeout_s))
+
+    async def query_batch(
+        self, path: str, documents: Sequence[Any], timeout_s: float
+    ) -> BatchEvaluation:
+        """A batch query through the breaker (as :meth:`evaluate`); an engine that cannot
+        batch answers "no batch rule" (``results`` None), so the caller decides one by
+        one."""
+        engine = self._engine
+        if not isinstance(engine, BatchPolicyEngine):
+            return BatchEvaluation(None)
+        return await self._guarded(lambda: engine.query_batch(path, documents, timeout_s))
+
+    async def _guarded(self, query: Callable[[], Awaitable[_T]]) -> _T:
         if self.state == OPEN:
             if self._clock() < self._open_until:
                 raise CircuitOpen("OPA circuit is open after repeated failures")
@@ -68,7 +84,7 @@ class CircuitBreaker:
                 raise CircuitOpen("OPA circuit is half open; a probe is in flight")
             self._probing = True
         try:
-            evaluation = await self._engine.evaluate(path, document, timeout_s)
+            answer = await query()
         except OpaUnavailable:
             self._failed()
             raise
@@ -83,7 +99,7 @@ class CircuitBreaker:
             if probe:
                 self._probing = False
         self._succeeded()
-        return evaluation
+        return answer
 
     def _failed(self) -> None:
         self._failures += 1

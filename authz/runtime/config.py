@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 import yaml
 
 from authz.core import authorizer, cache
+from authz.core.batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_IN_FLIGHT
 from authz.core.errors import ConfigError
 from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS, is_header_name
 from authz.core.input import BodyParsing
@@ -164,6 +165,15 @@ SETTINGS_FILE_MAX_BYTES: Final = 1024 * 1024
 TYPO_SIMILARITY: Final = 0.8
 
 
+# Batch queries and BatchCheck (issue #19): concurrent misses coalesced into one OPA
+# query (authz.core.batch), and the batch decision API's bounds (authz.v1.Decisions).
+DEFAULT_OPA_BATCH_MAX: Final = DEFAULT_MAX_BATCH
+DEFAULT_OPA_BATCH_MAX_BYTES: Final = DEFAULT_MAX_BATCH_BYTES
+DEFAULT_OPA_BATCH_IN_FLIGHT: Final = DEFAULT_MAX_IN_FLIGHT
+DEFAULT_BATCH_CHECK_MAX_ACTIONS: Final = 100
+DEFAULT_BATCH_CHECK_MAX_BYTES: Final = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """authz settings. Addresses are ``host:port``; times in the unit their name says.
@@ -247,6 +257,12 @@ class Settings:
     # Egress tunnels (issue 18), test-only: host:port -> ip:port used as is (no DNS, no
     # public-address check). Empty by default, which is what every deployment wants.
     egress_tunnel_test_targets: tuple[tuple[str, str], ...] = ()
+    # Batch queries and BatchCheck (issue #19).
+    opa_batch_max: int = DEFAULT_OPA_BATCH_MAX
+    opa_batch_max_bytes: int = DEFAULT_OPA_BATCH_MAX_BYTES
+    batch_check_max_actions: int = DEFAULT_BATCH_CHECK_MAX_ACTIONS
+    batch_check_max_bytes: int = DEFAULT_BATCH_CHECK_MAX_BYTES
+    opa_batch_in_flight: int = DEFAULT_OPA_BATCH_IN_FLIGHT
 
     @property
     def grpc_tls(self) -> bool:
@@ -334,6 +350,12 @@ RESTART_ONLY: Final[Mapping[str, str]] = {
     "replica_id": "names the audit chain the writer built at startup appends to",
     "audit_allow_plaintext": "checked against the audit URL at startup",
     "egress_tunnel_test_targets": "the tunnel resolver is built with it at startup",
+    # Batch queries and BatchCheck (issue #19).
+    "opa_batch_max": "the coalescer in front of OPA is built with it",
+    "opa_batch_max_bytes": "the coalescer in front of OPA is built with it",
+    "batch_check_max_actions": "the BatchCheck servicer is built with it",
+    "batch_check_max_bytes": "the BatchCheck servicer is built with it",
+    "opa_batch_in_flight": "the coalescer in front of OPA is built with it",
 }
 
 
@@ -722,6 +744,12 @@ _CONVERTERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "audit_allow_plaintext": _bool,
     # Egress tunnels (issue 18), test-only.
     "egress_tunnel_test_targets": _tunnel_targets,
+    # Batch queries and BatchCheck (issue #19): 1 turns coalescing off.
+    "opa_batch_max": _int_in(1, 1024),
+    "opa_batch_max_bytes": _int_in(1024, 16 * 1024 * 1024),
+    "batch_check_max_actions": _int_in(1, 1000),
+    "batch_check_max_bytes": _int_in(1024, 4 * 1024 * 1024),
+    "opa_batch_in_flight": _int_in(1, 64),
 }
 
 

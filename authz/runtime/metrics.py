@@ -65,6 +65,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from authz import __version__
+from authz.core.batch import BATCH_OUTCOMES
 from authz.core.errors import meanings
 from authz.core.record import DecisionRecord
 
@@ -92,6 +93,8 @@ _BUCKETS: Final = (
     0.5,
     1.0,
 )
+# Batch sizes: 1 (nothing to coalesce) up to the largest bound (AUTHZ_OPA_BATCH_MAX).
+_BATCH_SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 CIRCUIT_STATES: Final = ("closed", "open", "half_open")
 MODES: Final = ("enforce", "dry-run", "bypass")
 
@@ -228,6 +231,28 @@ class Metrics:
         )
         for reason in ("buffer_full", "too_large", "shutdown"):  # 0 from the start: rate()
             self.decision_log_dropped.labels(reason=reason)
+        # Batch queries and BatchCheck (issue #19).
+        self.opa_batch_size = Histogram(
+            "authz_opa_batch_size",
+            "Inputs per batch query to OPA (coalesced misses, and BatchCheck calls).",
+            ("outcome",),
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        for outcome in BATCH_OUTCOMES:  # 0 from the start: rate()
+            self.opa_batch_size.labels(outcome)
+        self.batch_checks = Counter(
+            "authz_batch_checks",
+            "BatchCheck calls by result (ok, or the gRPC status code of a refusal).",
+            ("result",),
+            registry=r,
+        )
+        self.batch_check_actions = Histogram(
+            "authz_batch_check_actions",
+            "Actions per BatchCheck call answered.",
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")

@@ -36,6 +36,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.trace import Tracer
 
 from authz.core.authorizer import Authorizer, CredentialSource
+from authz.core.batch import Coalescer
 from authz.core.cache import DecisionCache
 from authz.core.errors import ConfigError, StartupError
 from authz.core.input import GrpcDescriptors
@@ -51,6 +52,7 @@ from authz.runtime.bundle_watch import BundleWatcher
 from authz.runtime.circuit import CLOSED, CircuitBreaker
 from authz.runtime.config import RELOADABLE, Settings, is_loopback_host
 from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
+from authz.runtime.decisions import DECISIONS_SERVICE, DecisionsServicer, add_decisions_to_server
 from authz.runtime.expiry import KeyExpiryWatch
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics, MetricsSink
@@ -260,16 +262,22 @@ def _read_tls_file(key: str, path: Path) -> bytes:
 
 
 async def create_server(
-    authorizer: Authorizer, addr: str, credentials: grpc.ServerCredentials | None = None
+    authorizer: Authorizer,
+    addr: str,
+    credentials: grpc.ServerCredentials | None = None,
+    decisions: DecisionsServicer | None = None,
 ) -> AuthzServer:
     """Build and start a grpc.aio server on ``addr`` (``host:port``; port 0 = any free)
-    serving Check and ``grpc.health.v1.Health``, over TLS with ``credentials``
+    serving Check, ``authz.v1.Decisions/BatchCheck`` (with ``decisions``) and
+    ``grpc.health.v1.Health``, over TLS with ``credentials``
     (:func:`grpc_server_credentials`) or plaintext without. Raises RuntimeError if the
     address cannot be bound."""
     server = grpc.aio.server(options=_GRPC_OPTIONS)
     # Not the generated add_AuthorizationServicer_to_server: an undecodable CheckRequest
     # must reach Check and get a deny, not fail inside grpc with a gRPC error.
     add_to_server(AuthorizationServicer(authorizer), server)
+    if decisions is not None:  # the same port, TLS and authentication as Check
+        add_decisions_to_server(decisions, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -283,7 +291,7 @@ async def create_server(
         await server.stop(None)  # release the core server now, not at garbage collection
         raise
     await server.start()
-    for service in ("", AUTHZ_SERVICE):
+    for service in ("", AUTHZ_SERVICE, *((DECISIONS_SERVICE,) if decisions else ())):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return AuthzServer(server, port, health)
 
@@ -415,8 +423,17 @@ async def _build(
         propagate_trace=tracer is not None,
     )
     stack.push_async_callback(opa.close)
-    breaker = CircuitBreaker(
+    # Concurrent misses share one OPA query (issue #19; AUTHZ_OPA_BATCH_MAX=1: never).
+    # Below the breaker, so the breaker still counts each decision's own outcome.
+    coalescer = Coalescer(
         opa,
+        max_batch=settings.opa_batch_max,
+        max_bytes=settings.opa_batch_max_bytes,
+        max_in_flight=settings.opa_batch_in_flight,
+        on_batch=lambda outcome, size: metrics.opa_batch_size.labels(outcome).observe(size),
+    )
+    breaker = CircuitBreaker(
+        coalescer,
         failure_threshold=settings.circuit_failure_threshold,
         reset_timeout_s=settings.circuit_reset_timeout_s,
         on_state_change=lambda state: _circuit_changed(metrics, state),
@@ -447,7 +464,17 @@ async def _build(
     )
     live = LiveSettings(settings, control, authorizer, expiry)
     try:
-        grpc_server = await create_server(authorizer, settings.grpc_addr, grpc_credentials)
+        grpc_server = await create_server(
+            authorizer,
+            settings.grpc_addr,
+            grpc_credentials,
+            DecisionsServicer(
+                authorizer,
+                max_actions=settings.batch_check_max_actions,
+                max_bytes=settings.batch_check_max_bytes,
+                on_call=lambda result, actions: _batch_check_counted(metrics, result, actions),
+            ),
+        )
     except RuntimeError as exc:  # lost a race for the port since _check_bindable
         raise StartupError(f"AUTHZ_GRPC_ADDR={settings.grpc_addr!r}: {exc}") from None
     stack.push_async_callback(grpc_server.stop, 0)  # a no-op once drained on a signal
@@ -841,6 +868,12 @@ def _circuit_changed(metrics: Metrics, state: str) -> None:
     metrics.set_circuit_state(state)
     level = logging.INFO if state == CLOSED else logging.WARNING
     log.log(level, "OPA circuit breaker %s", state, extra={"state": state})
+
+
+def _batch_check_counted(metrics: Metrics, result: str, actions: int) -> None:
+    metrics.batch_checks.labels(result).inc()
+    if result == "ok":
+        metrics.batch_check_actions.observe(actions)
 
 
 def _bundle_activated(metrics: Metrics, revision: str) -> None:

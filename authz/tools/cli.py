@@ -53,7 +53,15 @@ from authz.core.errors import ConfigError, DataFileError
 from authz.core.rfc3339 import parse_rfc3339
 from authz.core.secret import Secret
 from authz.runtime import audit, config, logs, secrets
-from authz.tools import bundle_data, deploy, egress_envoy, key_health, key_health_report, keys
+from authz.tools import (
+    batch_rule,
+    bundle_data,
+    deploy,
+    egress_envoy,
+    key_health,
+    key_health_report,
+    keys,
+)
 from authz.tools.services import ServicesError, read_services
 from authz.tools.usage import exit_codes, paragraph
 
@@ -792,7 +800,11 @@ def build_parser() -> argparse.ArgumentParser:
     _, generator_commands = _group(
         commands, "generate", "generate Envoy and deployment configs from their sources"
     )
-    for name, module in (("deploy", deploy), ("egress-envoy", egress_envoy)):
+    for name, module in (
+        ("deploy", deploy),
+        ("egress-envoy", egress_envoy),
+        ("batch-rule", batch_rule),
+    ):
         tool = _verb(
             generator_commands,
             name,

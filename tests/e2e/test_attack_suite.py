@@ -31,14 +31,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from authz.stack.envoy import BodyRoute
+from authz.v1 import decisions_pb2
 from bench import procstat
 from tests.helpers import hostile
-from tests.helpers.e2e import SANDBOX_SPECS, SERVICES, Env, running_env
+from tests.helpers.e2e import SANDBOX_SPECS, SERVICES, Env, authz_channel, running_env
 from tests.helpers.hostile import HostileRequest, Slowloris, Tally
 
 pytestmark = pytest.mark.e2e
@@ -456,3 +459,101 @@ def test_no_stack_process_crashes_under_attack(campaign: Campaign) -> None:
 def test_client_garbage_never_gets_a_5xx(campaign: Campaign) -> None:
     errors = campaign.hostile.matching(lambda o: o.server_error)
     assert errors == {}, campaign.report()
+
+
+# -- BatchCheck (issue #19): authz.v1.Decisions on the same mTLS port as Check ----------
+
+BATCH_CHECK = "/authz.v1.Decisions/BatchCheck"
+
+
+def _batch_check(channel: grpc.Channel, request: decisions_pb2.BatchCheckRequest | bytes) -> Any:
+    call = channel.unary_unary(
+        BATCH_CHECK,
+        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+        response_deserializer=decisions_pb2.BatchCheckResponse.FromString,
+    )
+    return call(request, timeout=10)
+
+
+def _actions(count: int, **fields: Any) -> list[decisions_pb2.Action]:
+    base = {"method": "GET", "path": LEGIT_PATH, "host": "gateway"}
+    return [decisions_pb2.Action(id=str(i), **{**base, **fields}) for i in range(count)]
+
+
+HOSTILE_BATCHES: list[tuple[str, decisions_pb2.BatchCheckRequest | bytes, str, str]] = [
+    ("empty", decisions_pb2.BatchCheckRequest(), "INVALID_ARGUMENT", "no actions"),
+    (
+        "too-many-actions",
+        decisions_pb2.BatchCheckRequest(actions=_actions(101)),
+        "RESOURCE_EXHAUSTED",
+        "101 actions, at most 100",
+    ),
+    (
+        "too-large",
+        decisions_pb2.BatchCheckRequest(
+            actions=_actions(90, headers={"x-pad": "p" * 8000}, path="/" + "a" * 4000)
+        ),
+        "RESOURCE_EXHAUSTED",
+        "at most 1048576",
+    ),
+    ("not-protobuf", b"\x0a\xff\xff\xff\xff\x0f", "INVALID_ARGUMENT", "not a BatchCheckRequest"),
+    (
+        "forged-identity-header",
+        decisions_pb2.BatchCheckRequest(actions=_actions(1, headers={"x-authz-key-id": "admin"})),
+        "INVALID_ARGUMENT",
+        "may not be set by a caller",
+    ),
+    (
+        "chosen-decision-path",
+        decisions_pb2.BatchCheckRequest(
+            actions=_actions(1, context_extensions={"decision_path": "authz/egress/decision"})
+        ),
+        "INVALID_ARGUMENT",
+        "decision_path",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "detail"),
+    [row[1:] for row in HOSTILE_BATCHES],
+    ids=[row[0] for row in HOSTILE_BATCHES],
+)
+def test_hostile_batch_check_is_refused_precisely_never_decided(
+    e2e: Env, request_: decisions_pb2.BatchCheckRequest | bytes, code: str, detail: str
+) -> None:
+    """Too many actions, too many bytes, garbage, a forged identity header, a chosen
+    decision path: the whole call is refused with its status and a detail naming the
+    cause; no result, so no allow."""
+    with authz_channel(e2e) as channel, pytest.raises(grpc.RpcError) as refused:
+        _batch_check(channel, request_)
+    assert refused.value.code().name == code
+    assert detail in (refused.value.details() or "")
+
+
+def test_batch_check_without_a_valid_credential_allows_nothing(e2e: Env) -> None:
+    """No key, a made-up key, a key in the wrong header, each over several actions: a
+    result per action, every one a deny (never an allow without a valid credential)."""
+    principals: list[dict[str, str]] = [
+        {},
+        {"x-api-key": "ak_made_up_0123456789"},
+        {"authorization": "Basic " + e2e.keys["user"]},
+        {"x-api-key": e2e.keys["disabled"]},
+    ]
+    for headers in principals:
+        request = decisions_pb2.BatchCheckRequest(
+            principal=decisions_pb2.Principal(headers=headers),
+            actions=_actions(3) + _actions(2, method="DELETE"),
+        )
+        with authz_channel(e2e) as channel:
+            response = _batch_check(channel, request)
+        assert len(response.results) == 5
+        assert [r.allowed for r in response.results] == [False] * 5, headers.keys()
+        assert all(r.http_status in (401, 403) for r in response.results)
+
+
+def test_batch_check_needs_envoys_client_certificate(e2e: Env, tmp_path: Path) -> None:
+    """The same mTLS as Check: without a client certificate nothing is answered."""
+    with authz_channel(e2e, client=tmp_path) as channel, pytest.raises(grpc.RpcError) as refused:
+        _batch_check(channel, decisions_pb2.BatchCheckRequest(actions=_actions(1)))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz.core.errors import OpaUnavailable, PolicyError
-from authz.core.opa import Evaluation
+from authz.core.errors import OpaUnavailable, PolicyError, UndefinedDecision
+from authz.core.opa import BatchEvaluation, Evaluation
 from authz.core.record import DecisionRecord
 
 if TYPE_CHECKING:
@@ -166,3 +167,68 @@ def upstream_headers(response: external_auth_pb2.CheckResponse) -> dict[str, str
     """The request headers an allow sets for the upstream (``ok_response.headers``)."""
     assert response.HasField("ok_response"), "expected an allow"
     return {o.header.key: o.header.value for o in response.ok_response.headers}
+
+
+# --- issue #19, batch queries: a BatchPolicyEngine double -----------------------------
+
+
+class FakeBatchEngine:
+    """A BatchPolicyEngine answering each input from ``answer(path, document)`` (a JSON
+    result; :data:`UNDEFINED` for no decision; a PolicyError instance to raise, which in
+    a batch fails the whole query as an OPA runtime error does). While ``gate`` is
+    cleared every query waits for it. ``batch_error`` fails every batch query;
+    ``supported`` False answers a batch as a bundle without the batch rule;
+    ``seconds_per_input`` sets the pace a batch answer reports (``duration_s``). Records
+    ``singles`` (documents) and ``batches`` (lists of documents)."""
+
+    def __init__(
+        self, answer: Callable[[str, Mapping[str, Any]], Any], *, revision: str = "rev-test"
+    ) -> None:
+        self._answer = answer
+        self.revision = revision
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.batch_error: Exception | None = None
+        self.supported = True
+        self.seconds_per_input = 0.001  # the batch answers' duration_s, per input
+        self.singles: list[Mapping[str, Any]] = []
+        self.batches: list[list[Any]] = []
+        self.closed = False
+
+    async def evaluate(
+        self, path: str, document: Mapping[str, Any], timeout_s: float
+    ) -> Evaluation:
+        self.singles.append(document)
+        await self.gate.wait()
+        result = self._answer(path, document)
+        if isinstance(result, PolicyError):
+            raise result
+        if result is UNDEFINED:
+            raise UndefinedDecision("undefined")
+        return Evaluation(result, {"authz": self.revision}, 0.001)
+
+    async def query_batch(
+        self, path: str, documents: Sequence[Any], timeout_s: float
+    ) -> BatchEvaluation:
+        decoded = [orjson.loads(orjson.dumps(d)) for d in documents]  # Fragments too
+        self.batches.append(decoded)
+        await self.gate.wait()
+        revisions = {"authz": self.revision}
+        if self.batch_error is not None:
+            raise self.batch_error
+        if not self.supported:
+            return BatchEvaluation(None, revisions, 0.001)
+        results: list[Evaluation | None] = []
+        for document in decoded:
+            result = self._answer(path, document)
+            if isinstance(result, PolicyError):
+                raise result
+            results.append(None if result is UNDEFINED else Evaluation(result, revisions, 0.001))
+        return BatchEvaluation(tuple(results), revisions, self.seconds_per_input * len(decoded))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+# What FakeBatchEngine's ``answer`` returns for "no decision for this input".
+UNDEFINED: Final = object()

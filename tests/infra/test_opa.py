@@ -380,6 +380,66 @@ def test_decision_log_is_on_console_and_masked(production: tuple[Opa, Path]) -> 
     }
 
 
+def test_batch_query_is_allowed_for_authz_and_each_input_masked_in_the_log(
+    production: tuple[Opa, Path],
+) -> None:
+    """authz's token may POST the batch rule (data.authz.batch.result), nobody else may;
+    its decision-log line masks every input of the batch as a single decision's input is
+    masked (bodies, cookies, the bearer JWT, credential query parameters)."""
+    opa, _ = production
+    marker = "prompt-" + os.urandom(8).hex()
+    jwt = f"eyJhbGciOiJIUzI1NiJ9.eyJ{marker}In0.c2ln"
+
+    def document(n: int) -> dict[str, Any]:
+        return {
+            "attributes": {
+                "request": {
+                    "http": {
+                        "method": "POST",
+                        "path": f"/api/v1/items/{n}?api_key={marker}",
+                        "body": marker,
+                        "headers": {
+                            "cookie": marker,
+                            "authorization": f"Bearer {jwt}",
+                            "x-request-id": f"{marker}-id-{n}",
+                        },
+                    }
+                }
+            },
+            "parsed_body": {"prompt": marker},
+            "parsed_query": {"api_key": [marker]},
+        }
+
+    body = json.dumps(
+        {"input": {"path": "authz/gateway/decision", "inputs": [document(0), document(1)]}}
+    ).encode()
+    batch = f"{opa.base}/v1/data/authz/batch/result"
+    status, _ = http_get(batch, {}, method="POST", body=body, ca_file=opa.ca)
+    assert status in (401, 403)
+    status, raw = http_get(batch, opa.headers(), method="POST", body=body, ca_file=opa.ca)
+    assert status == 200, raw
+    assert set(json.loads(raw)["result"]["decisions"]) == {"0", "1"}
+
+    def logged() -> list[dict[str, Any]]:
+        lines = opa.process.log_path.read_text().splitlines()
+        return [
+            entry
+            for entry in (json.loads(line) for line in lines if f"{marker}-id" in line)
+            if entry.get("msg") == "Decision Log"
+        ]
+
+    wait_for(lambda: bool(logged()), what="the batch query's decision log line")
+    (entry,) = logged()
+    line = json.dumps(entry)
+    assert line.count(marker) == 2  # the two x-request-id values, nothing else
+    for n, logged_input in enumerate(entry["input"]["inputs"]):
+        http = logged_input["attributes"]["request"]["http"]
+        assert http["headers"] == {"x-request-id": f"{marker}-id-{n}"}
+        assert "body" not in http
+        assert "path" not in http
+        assert "parsed_body" not in logged_input
+
+
 def test_compose_opa_healthcheck_command(opa_bin: str, production: tuple[Opa, Path]) -> None:
     """docker-compose.yaml's OPA healthcheck (``/opa eval`` with http.send: the static image
     has no shell) passes against a ready OPA and fails against a closed port."""
@@ -664,3 +724,34 @@ def test_traced_opa_config_starts_and_a_broken_one_is_refused(
             assert "unknown distributed_tracing.type" in process.log_tail(20)
     finally:
         process.stop()
+
+
+# --- the batch rule in the bundle (issue #19) ------------------------------------------
+
+
+def _bundle_file(bundle: Path, name: str) -> str:
+    with tarfile.open(bundle) as archive:
+        member = archive.extractfile(name)
+        assert member is not None, name
+        return member.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "paths"),
+    [
+        ((), {"authz/egress/decision", "authz/gateway/decision", "authz/jwt_example/decision"}),
+        (("--decision-path", "my/own/decision"), {"my/own/decision"}),
+    ],
+    ids=["shipped", "decision-path"],
+)
+def test_bundle_ships_the_batch_rule_for_its_decision_paths(
+    tmp_path: Path, args: tuple[str, ...], paths: set[str]
+) -> None:
+    """scripts/build-policy-bundle ships policy/batch/batch.rego, or with --decision-path
+    a batch rule generated for exactly those paths."""
+    built = build_bundle(tmp_path, "rev-batch", *args)
+    assert built.returncode == 0, built.stderr
+    rule = _bundle_file(tmp_path / "authz.tar.gz", "/batch/batch.rego")
+    listed = re.search(r"^paths := \{(.*)\}$", rule, re.MULTILINE)
+    assert listed is not None
+    assert {p.strip().strip('"') for p in listed.group(1).split(",")} == paths

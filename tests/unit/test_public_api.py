@@ -13,11 +13,12 @@ import authz
 
 def modules() -> dict[str, bool]:
     """Every module under ``authz`` -> whether it is a package. Skips ``__main__``
-    modules, which run the CLI on import."""
+    modules, which run the CLI on import, and the modules protoc generates
+    (``authz/v1/*_pb2*.py``, scripts/generate-protos: no ``__all__``, never edited)."""
     return {
         info.name: info.ispkg
         for info in pkgutil.walk_packages(authz.__path__, prefix="authz.")
-        if not info.name.endswith("__main__")
+        if not info.name.endswith(("__main__", "_pb2", "_pb2_grpc"))
     }
 
 

@@ -46,3 +46,22 @@ test_header_map_without_authorization_is_kept if {
 	masks := log.mask with input as event
 	not covered(masks, "/input/attributes/request/http/headerMap/headers/0/value")
 }
+
+# A batch query (data.authz.batch.result) carries many inputs: each one is masked as a
+# single decision's input is, at /input/inputs/<i>.
+test_each_input_of_a_batch_query_is_masked if {
+	batch := {"input": {"path": "authz/gateway/decision", "inputs": [
+		{"attributes": {"request": {"http": {"path": "/a", "headers": {"x-request-id": "r"}}}}},
+		jwt_event.input,
+		event.input,
+	]}}
+	masks := log.mask with input as batch
+	covered(masks, "/input/inputs/0/attributes/request/http/body")
+	covered(masks, "/input/inputs/0/attributes/request/http/headers/cookie")
+	covered(masks, "/input/inputs/1/attributes/request/http/headers/authorization")
+	covered(masks, "/input/inputs/1/attributes/request/http/headerMap/headers/0/rawValue")
+	covered(masks, "/input/inputs/2/attributes/request/http/path")
+	covered(masks, "/input/inputs/2/parsed_query/api_key")
+	not covered(masks, "/input/inputs/0/attributes/request/http/path")
+	not covered(masks, "/input/inputs/0/attributes/request/http/headers/x-request-id")
+}

@@ -22,11 +22,13 @@ test_probes_and_metrics_need_no_token if {
 test_authz_decision_paths if {
 	allowed("POST", ["v1", "data", "authz", "gateway", "decision"], token)
 	allowed("POST", ["v1", "data", "authz", "egress", "decision"], token)
+	allowed("POST", ["v1", "data", "authz", "batch", "result"], token)
 	allowed("POST", ["v1", "data", "authz", "meta", "live"], token)
 	allowed("POST", ["v1", "data", "authz", "meta", "warnings"], token)
 }
 
 test_decisions_need_the_token if {
+	not allowed("POST", ["v1", "data", "authz", "batch", "result"], null)
 	not allowed("POST", ["v1", "data", "authz", "gateway", "decision"], null)
 	not allowed("POST", ["v1", "data", "authz", "gateway", "decision"], "wrong")
 	not allowed("POST", ["v1", "data", "authz", "gateway", "decision"], concat("", [token, "x"]))

@@ -35,6 +35,7 @@ from authz.core.cache import DecisionCache
 from authz.core.errors import (
     AddressNotAllowed,
     AuthzError,
+    BatchRevisionError,
     ConfigError,
     CredentialError,
     DestinationUnresolved,
@@ -49,6 +50,7 @@ from authz.core.errors import (
 from authz.core.headers import CREDENTIAL_HEADERS, UNENFORCED_REMOVALS
 from authz.core.input import build_input
 from authz.core.mode import Control, Mode
+from authz.core.opa import Evaluation
 from authz.core.ratelimit import MemoryLimiter, Quota, RateLimitResult
 from authz.core.secret import Secret
 from authz.runtime.audit import AuditTrail, connect, read_entries
@@ -56,6 +58,8 @@ from authz.runtime.config import DEFAULT_FAIL_OPEN_MAX_PER_S, Settings, load
 from authz.runtime.metrics import Metrics, MetricsSink
 from authz.runtime.server import build_authorizer
 from tests.helpers.fakes import (
+    UNDEFINED,
+    FakeBatchEngine,
     FakeEngine,
     ListSink,
     ManualClock,
@@ -1369,3 +1373,187 @@ async def test_a_denied_tunnel_is_never_resolved() -> None:
     outcome = await make(FakeEngine(deny), tunnels=tunnels).check(check_request())
     assert status_of(outcome.response) == 403
     assert tunnels.asked == []
+
+
+# --- check_batch (issue #19): the batch decision API's pipeline ------------------------
+
+
+def make_batch(
+    engine: FakeBatchEngine | FakeEngine, sink: ListSink | None = None, **kwargs: Any
+) -> Authorizer:
+    """An Authorizer with a fresh decision id per decision."""
+    ids = iter(range(1, 1_000_000))
+    options: dict[str, Any] = {
+        "default_decision_path": DEFAULT_PATH,
+        "credential_headers": ("x-api-key", "authorization"),
+        "timeout_s": 0.3,
+        "sinks": [sink] if sink else [],
+        "new_id": lambda: f"00000000-0000-4000-8000-{next(ids):012d}",
+    }
+    options.update(kwargs)
+    return Authorizer(engine, **options)
+
+
+def by_path(path: str, document: Mapping[str, Any]) -> Any:
+    """Allow GETs of the key's own paths: a decision that shows which input it is for."""
+    http = document["attributes"]["request"]["http"]
+    if http["path"].startswith("/undefined"):
+        return UNDEFINED
+    if http["path"].startswith("/faulty"):
+        return OpaResponseError("eval_conflict_error")
+    allowed = http["method"] == "GET" and "x-api-key" in document["credentials"]
+    reason = "allowed" if allowed else "forbidden"
+    return {
+        "allowed": allowed,
+        "http_status": 403,
+        "authz": {"reason": reason, "identity": {"key_id": "k1"}, "path": http["path"]},
+    }
+
+
+def planning(count: int = 20) -> list[external_auth_pb2.CheckRequest]:
+    """A planning agent's actions: alternating GET and DELETE on its paths, one key."""
+    return [
+        check_request(
+            method="GET" if i % 2 == 0 else "DELETE",
+            path=f"/api/v1/items/{i}",
+            headers={"x-api-key": "ak_secret"},
+        )
+        for i in range(count)
+    ]
+
+
+async def test_batch_of_20_is_decided_by_one_query_on_one_revision_each_audited() -> None:
+    """20 actions: one batch query, 20 outcomes in order with 20 distinct decision ids,
+    each recorded (the audit trail's input) with the one revision; the decisions are
+    what check() gives for each request alone."""
+    engine, sink = FakeBatchEngine(by_path, revision="rev-7"), ListSink()
+    batch = await make_batch(engine, sink).check_batch(planning())
+    assert len(engine.batches) == 1
+    assert len(engine.batches[0]) == 20
+    assert engine.singles == []
+    assert batch.revision == "rev-7"
+    assert [o.record.allowed for o in batch.outcomes] == [i % 2 == 0 for i in range(20)]
+    ids = [o.record.decision_id for o in batch.outcomes]
+    assert len(set(ids)) == 20
+    assert [r.decision_id for r in sink.records] == ids
+    assert all(r.revision == "rev-7" for r in sink.records)
+    assert all("ak_secret" not in json.dumps(r.document) for r in sink.records)
+    alone = make_batch(FakeBatchEngine(by_path, revision="rev-7"))
+    for request, outcome in zip(planning(), batch.outcomes, strict=True):
+        single = await alone.check(request)
+        assert single.record.allowed == outcome.record.allowed
+        assert single.record.reason == outcome.record.reason
+        assert status_of(single.response) == status_of(outcome.response)
+
+
+async def test_batch_undefined_action_is_its_own_deny() -> None:
+    engine = FakeBatchEngine(by_path)
+    requests = [*planning(2), check_request(path="/undefined", headers={"x-api-key": "k"})]
+    batch = await make_batch(engine).check_batch(requests)
+    assert [o.record.reason for o in batch.outcomes] == [
+        "allowed",
+        "forbidden",
+        "undefined_decision",
+    ]
+    assert not batch.outcomes[2].record.allowed
+
+
+async def test_batch_with_a_faulty_input_asks_each_alone_and_only_it_fails() -> None:
+    """A runtime error in one input fails the batch query: each action is asked alone,
+    the faulty one gets opa_error (a deny), the rest their decisions."""
+    engine = FakeBatchEngine(by_path)
+    requests = [*planning(3), check_request(path="/faulty", headers={"x-api-key": "k"})]
+    batch = await make_batch(engine).check_batch(requests)
+    assert len(engine.batches) == 1
+    assert len(engine.singles) == 4
+    assert [o.record.reason for o in batch.outcomes] == [
+        "allowed",
+        "forbidden",
+        "allowed",
+        "opa_error",
+    ]
+    assert [o.record.allowed for o in batch.outcomes] == [True, False, True, False]
+
+
+async def test_batch_when_opa_is_down_denies_every_action() -> None:
+    engine = FakeBatchEngine(lambda p, d: OpaUnavailable("refused"))
+    engine.batch_error = OpaUnavailable("refused")
+    batch = await make_batch(engine).check_batch(planning(5))
+    assert [o.record.reason for o in batch.outcomes] == ["opa_unavailable"] * 5
+    assert not any(o.record.allowed for o in batch.outcomes)
+    assert not any(o.response.HasField("ok_response") for o in batch.outcomes)
+    assert batch.revision == ""
+
+
+async def test_batch_without_a_batch_rule_or_engine_asks_each_alone() -> None:
+    unsupported = FakeBatchEngine(by_path)
+    unsupported.supported = False
+    plain = FakeEngine(lambda p, d: by_path(p, d))
+    for engine in (unsupported, plain):
+        batch = await make_batch(engine).check_batch(planning(4))
+        assert [o.record.allowed for o in batch.outcomes] == [True, False, True, False]
+
+
+async def test_batch_answers_spanning_revisions_are_asked_again_then_refused() -> None:
+    """Singles that come back from two revisions are asked once more; if they still
+    span revisions, the batch is refused (never answered from a mix)."""
+
+    class Flipping(FakeBatchEngine):
+        async def evaluate(
+            self, path: str, document: Mapping[str, Any], timeout_s: float
+        ) -> Evaluation:
+            self.revision = f"r{len(self.singles) % 2}"
+            return await super().evaluate(path, document, timeout_s)
+
+    engine = Flipping(by_path)
+    engine.supported = False
+    with pytest.raises(BatchRevisionError):
+        await make_batch(engine).check_batch(planning(3))
+    assert len(engine.singles) == 6  # asked twice
+
+
+async def test_batch_request_errors_stay_with_their_action() -> None:
+    """A malformed action (bad percent-encoding) and a bad decision path are that
+    action's deny, as in Check; the others are decided."""
+    bad_path = check_request(path="/a%zz", headers={"x-api-key": "k"})
+    bad_route = check_request(context_extensions={"decision_path": "no/-dash"})
+    batch = await make_batch(FakeBatchEngine(by_path)).check_batch(
+        [planning(1)[0], bad_path, bad_route]
+    )
+    assert [o.record.reason for o in batch.outcomes] == [
+        "allowed",
+        "invalid_request",
+        "invalid_decision_path",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "allowed", "queries"),
+    [(Mode.BYPASS, [True, True], 0), (Mode.DRY_RUN, [True, True], 1)],
+    ids=["bypass", "dry-run"],
+)
+async def test_batch_follows_the_enforcement_mode(
+    mode: Mode, allowed: list[bool], queries: int
+) -> None:
+    engine = FakeBatchEngine(by_path)
+    control = Control(allow_bypass=True)
+    control.set_mode(mode, actor="test", reason="test")
+    batch = await make_batch(engine, control=control).check_batch(planning(2))
+    assert [o.record.allowed for o in batch.outcomes] == allowed
+    assert len(engine.batches) == queries
+    assert batch.outcomes[1].record.policy_allowed is (False if queries else None)
+
+
+async def test_batch_rate_limits_each_allowed_action_like_check() -> None:
+    def limited(path: str, document: Mapping[str, Any]) -> Any:
+        decision = by_path(path, document)
+        decision["authz"]["rate_limit"] = {"tier": "t", "key": "k1", "requests_per_minute": 3}
+        return decision
+
+    gets = [check_request(path=f"/g/{i}", headers={"x-api-key": "k"}) for i in range(5)]
+    batch = await make_batch(
+        FakeBatchEngine(limited), limiter=MemoryLimiter(), burst_s=0.0
+    ).check_batch(gets)
+    reasons = [o.record.reason for o in batch.outcomes]
+    assert reasons.count("rate_limited") >= 2
+    assert all(not o.record.allowed for o in batch.outcomes if o.record.reason == "rate_limited")

@@ -255,6 +255,9 @@ FAILURE_STATUSES: list[tuple[str, int]] = [
     ("internal_error", 500),
     ("config_error", 500),
     ("invalid_data_file", 500),
+    ("invalid_batch", 400),
+    ("batch_too_large", 413),
+    ("batch_revision_changed", 503),
 ]
 
 

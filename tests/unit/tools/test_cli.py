@@ -493,6 +493,7 @@ VERBS: list[tuple[str, ...]] = [
     ("audit", "replay"),
     ("generate", "deploy"),
     ("generate", "egress-envoy"),
+    ("generate", "batch-rule"),
     ("config", "check"),
 ]
 GROUPS: list[tuple[str, ...]] = [
@@ -901,6 +902,7 @@ CODES = {
     ("audit", "replay"): {0, 1, 2},
     ("generate", "deploy"): {0, 1, 2},
     ("generate", "egress-envoy"): {0, 1, 2},
+    ("generate", "batch-rule"): {0, 1, 2},
     ("config", "check"): {0, 2},
 }
 
