@@ -37,9 +37,13 @@ header. A wrong or missing credential on those hosts gets 401 in that API's erro
 about the request, like a test double should be for a proxy's tests: a missing ``model``
 gets a default, an empty body counts as ``{}``, any model id exists, and a missing
 ``anthropic-version`` is accepted; but a body over :data:`MAX_BODY_BYTES` is 413, a body
-that is not a JSON object is 400, ``"stream": true`` is 400 (the stand-in does not
-stream) and an ``anthropic-version`` other than the documented ones
-(https://docs.anthropic.com/en/api/versioning) is 400, each in the API's error shape.
+that is not a JSON object is 400 and an ``anthropic-version`` other than the documented
+ones (https://docs.anthropic.com/en/api/versioning) is 400, each in the API's error shape.
+``"stream": true`` on a chat completion or a message gets the answer as server-sent
+events in that API's streaming format
+(https://platform.openai.com/docs/api-reference/chat-streaming,
+https://docs.anthropic.com/en/api/messages-streaming), the echo's members on the first
+event.
 Every other path echoes as above.
 
 Run: ``python -m authz.stack.upstream --port 8090`` (demo upstream), or
@@ -273,9 +277,29 @@ def _json_object(body: bytes) -> dict[str, Any]:
         data = None
     if not isinstance(data, dict):
         raise _ApiError(400, "invalid_request_error", "The request body is not a JSON object.")
-    if data.get("stream") is True:
-        raise _ApiError(400, "invalid_request_error", "The stand-in does not stream.")
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """An answer sent as server-sent events: ``(event name or None, data)`` in order;
+    ``data`` is JSON-encoded unless it is a string (OpenAI's closing ``[DONE]``)."""
+
+    events: list[tuple[str | None, dict[str, Any] | str]]
+
+    def render(self, echo: Mapping[str, Any]) -> bytes:
+        """The event stream (https://html.spec.whatwg.org/multipage/server-sent-events.html),
+        ``echo`` merged into the first event's object (the message of Anthropic's
+        ``message_start``)."""
+        out = []
+        for number, (name, data) in enumerate(self.events):
+            if number == 0 and isinstance(data, dict):
+                inner = data.get("message") if name == "message_start" else data
+                if isinstance(inner, dict):
+                    inner.update(echo)
+            text = data if isinstance(data, str) else json.dumps(data)
+            out.append((f"event: {name}\n" if name else "") + f"data: {text}\n\n")
+        return "".join(out).encode()
 
 
 def _model(api: str, data: Mapping[str, Any]) -> str:
@@ -311,7 +335,31 @@ def _model_id(path: str) -> str | None:
     return None
 
 
-def _openai(method: str, path: str, body: bytes) -> dict[str, Any] | None:
+def _openai_stream(model: str) -> _Stream:
+    # Chunks: the role, the text, the finish reason; then "[DONE]".
+    head = {
+        "id": f"chatcmpl-{secrets.token_hex(12)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+    }
+    deltas: list[tuple[dict[str, Any], str | None]] = [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": _REPLY}, None),
+        ({}, "stop"),
+    ]
+    chunks: list[tuple[str | None, dict[str, Any] | str]] = [
+        (
+            None,
+            {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": f}]},
+        )
+        for d, f in deltas
+    ]
+    return _Stream([*chunks, (None, "[DONE]")])
+
+
+def _openai(method: str, path: str, body: bytes) -> dict[str, Any] | _Stream | None:
     if method == "GET" and path == "/v1/models":
         models = [_openai_model(m) for m in ("gpt-4o", _DEFAULT_MODEL["openai"])]
         return {"object": "list", "data": models}
@@ -320,6 +368,8 @@ def _openai(method: str, path: str, body: bytes) -> dict[str, Any] | None:
     if method == "POST" and path == "/v1/chat/completions":
         data = _json_object(body)
         prompt, completion = _usage(body)
+        if data.get("stream") is True:
+            return _openai_stream(_model("openai", data))
         return {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
             "object": "chat.completion",
@@ -343,11 +393,53 @@ def _openai(method: str, path: str, body: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _anthropic(method: str, path: str, body: bytes) -> dict[str, Any] | None:
+def _anthropic_stream(message: dict[str, Any]) -> _Stream:
+    # message_start (no content yet), one text block with one delta, message_delta with
+    # the stop reason and the output tokens, message_stop.
+    usage = message["usage"]
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "usage": {**usage, "output_tokens": 0},
+    }
+    events: list[tuple[str | None, dict[str, Any] | str]] = [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": _REPLY},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return _Stream(events)
+
+
+def _anthropic(method: str, path: str, body: bytes) -> dict[str, Any] | _Stream | None:
     if method == "POST" and path == "/v1/messages":
         data = _json_object(body)
         tokens_in, tokens_out = _usage(body)
-        return {
+        message = {
             "id": f"msg_{secrets.token_hex(12)}",
             "type": "message",
             "role": "assistant",
@@ -357,6 +449,7 @@ def _anthropic(method: str, path: str, body: bytes) -> dict[str, Any] | None:
             "stop_sequence": None,
             "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
         }
+        return _anthropic_stream(message) if data.get("stream") is True else message
     if method == "POST" and path == "/v1/messages/count_tokens":
         _json_object(body)
         return {"input_tokens": _usage(body)[0]}
@@ -373,7 +466,7 @@ def _anthropic(method: str, path: str, body: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _github(method: str, path: str, body: bytes) -> dict[str, Any] | None:
+def _github(method: str, path: str, body: bytes) -> dict[str, Any] | _Stream | None:
     if method != "GET" or path != "/user":
         return None
     # Every member GitHub's OpenAPI description requires of a private-user
@@ -422,7 +515,7 @@ def _github(method: str, path: str, body: bytes) -> dict[str, Any] | None:
     }
 
 
-_ANSWERS: Final[Mapping[str, Callable[[str, str, bytes], dict[str, Any] | None]]] = {
+_ANSWERS: Final[Mapping[str, Callable[[str, str, bytes], dict[str, Any] | _Stream | None]]] = {
     "openai": _openai,
     "anthropic": _anthropic,
     "github": _github,
@@ -491,10 +584,14 @@ async def _echo(request: web.Request) -> web.Response:
         answer = _ANSWERS[api](request.method, request.path, body)
     except _ApiError as exc:
         return _api_error(api, exc)
-    request_id = f"req_{secrets.token_hex(12)}"
+    headers = {_request_id_header(api): f"req_{secrets.token_hex(12)}"}
+    if isinstance(answer, _Stream):
+        return web.Response(
+            body=answer.render(echo), content_type="text/event-stream", headers=headers
+        )
     # The echo's members never collide with the API's (checked in the unit tests).
     payload = echo if answer is None else {**answer, **echo}
-    return web.json_response(payload, headers={_request_id_header(api): request_id})
+    return web.json_response(payload, headers=headers)
 
 
 def _api_error(api: str, error: _ApiError) -> web.Response:

@@ -112,15 +112,20 @@ def connect(path: Path, *, timeout_s: float = 0.5) -> sqlite3.Connection:
     the schema applied. Raises sqlite3.Error / OSError when it cannot be opened."""
     _owner_only(path)
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
-    # Before the first table: lets a store over its byte bound give free pages back
-    # (incremental_vacuum); a no-op on an existing file.
-    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    # Deleted rows are zeroed within their pages but freed pages are not rewritten: a
-    # prune does not copy the pruned bytes into the WAL (SQLite's "secure_delete").
-    conn.execute("PRAGMA secure_delete=FAST")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(_SCHEMA)
+    try:
+        # Before the first table: lets a store over its byte bound give free pages back
+        # (incremental_vacuum); a no-op on an existing file.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        # Deleted rows are zeroed within their pages but freed pages are not rewritten: a
+        # prune does not copy the pruned bytes into the WAL (SQLite's "secure_delete").
+        conn.execute("PRAGMA secure_delete=FAST")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        # Closed here, not left to the garbage collector (a ResourceWarning on 3.13+).
+        conn.close()
+        raise
     return conn
 
 

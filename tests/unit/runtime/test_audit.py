@@ -1445,3 +1445,33 @@ async def test_audit_queue_memory_is_bounded(
         assert projected_gb < 2.0, f"a full audit queue would pin {projected_gb:.0f} GB"
     finally:
         trail.close(timeout_s=60)
+
+
+def test_a_file_that_is_not_a_database_leaves_no_connection_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.13 warns (ResourceWarning) about a sqlite3 connection left to the garbage
+    # collector: connect() must close the one it opened when the file is refused.
+    from authz.runtime.audit import chain
+
+    opened: list[sqlite3.Connection] = []
+    closed: list[sqlite3.Connection] = []
+    real_connect = sqlite3.connect
+
+    class Tracked(sqlite3.Connection):
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    def tracking_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, factory=Tracked, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", tracking_connect)
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not an SQLite file\n" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        chain.connect(path)
+    assert len(opened) == 1
+    assert closed == opened

@@ -15,9 +15,10 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from anthropic.types import Message, MessageTokensCount, ModelInfo
+from anthropic.types import Message, MessageTokensCount, ModelInfo, RawMessageStreamEvent
 from openai.types import Model
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import TypeAdapter
 
 from authz.stack.upstream import (
     ANTHROPIC_VERSIONS,
@@ -603,7 +604,6 @@ async def test_anthropic_version_other_than_the_documented_ones_is_400(
         ("api.openai.com", "/v1/chat/completions", b"[1, 2]", 400),
         ("api.openai.com", "/v1/chat/completions", b"{not json", 400),
         ("api.openai.com", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000, 400),
-        ("api.openai.com", "/v1/chat/completions", b'{"stream": true}', 400),
         ("api.anthropic.com", "/v1/messages", b'"text"', 400),
         ("api.anthropic.com", "/v1/messages/count_tokens", b"\xff", 400),
     ],
@@ -613,7 +613,6 @@ async def test_anthropic_version_other_than_the_documented_ones_is_400(
         "openai-array",
         "openai-not-json",
         "openai-nested",
-        "openai-stream",
         "anthropic-string",
         "anthropic-not-utf8",
     ],
@@ -668,3 +667,79 @@ async def test_other_paths_on_an_api_host_still_echo(
         True,
     )
     assert body["headers"]["authorization"] == MASK
+
+
+def _sse_data(text: str) -> list[str]:
+    """The ``data:`` payloads of an event stream, in order."""
+    return [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_openai_sdk_reads_a_streamed_chat_completion(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    async with _openai(api_standin, "sk-openai-123") as client:
+        whole = await client.chat.completions.create(model="gpt-4o", messages=messages)
+        stream = await client.chat.completions.create(
+            model="gpt-4o", messages=messages, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+        whole.choices[0].message.content
+    )
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert {c.model for c in chunks} == {"gpt-4o"}
+    assert chunks[0].model_extra is not None
+    assert chunks[0].model_extra["credential_ok"] is True
+    # The raw stream: each chunk valid against the SDK's schema, then [DONE]; no secret.
+    resp = await api_standin.post(
+        "/v1/chat/completions",
+        headers={"Host": "api.openai.com", "Authorization": "Bearer sk-openai-123"},
+        json={"model": "gpt-4o", "messages": messages, "stream": True},
+    )
+    text = await resp.text()
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    *data, done = _sse_data(text)
+    assert done == "[DONE]"
+    for item in data:
+        ChatCompletionChunk.model_validate_json(item)
+    assert_no_secret(text + str(resp.headers), *ALL_SECRETS)
+
+
+async def test_anthropic_sdk_reads_a_streamed_message(
+    api_standin: TestClient[web.Request, Any],
+) -> None:
+    async with (
+        _anthropic(api_standin, "sk-ant-456") as client,
+        client.messages.stream(
+            model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+        ) as stream,
+    ):
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert isinstance(final, Message)
+    assert final.content[0].type == "text"
+    assert final.content[0].text == text
+    assert text
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens > 0
+    resp = await api_standin.post(
+        "/v1/messages",
+        headers={"Host": "api.anthropic.com", "x-api-key": "sk-ant-456"},
+        json={"model": "m", "max_tokens": 8, "messages": [], "stream": True},
+    )
+    raw = await resp.text()
+    events = TypeAdapter(RawMessageStreamEvent)
+    kinds = [events.validate_json(item).type for item in _sse_data(raw)]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert json.loads(_sse_data(raw)[0])["message"]["credential_ok"] is True
+    assert_no_secret(raw + str(resp.headers), *ALL_SECRETS)

@@ -5,6 +5,7 @@ query."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import sqlite3
@@ -720,10 +721,13 @@ def test_audit_read_last_seen_is_the_newest_decision_per_key(tmp_path: Path) -> 
 
 def test_audit_read_last_seen_never_writes(tmp_path: Path) -> None:
     db = _audit_db(tmp_path / "audit.db", [("decision", NOW, {"key_id": "key-a"})])
-    sqlite3.connect(db).execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    audit.read_last_seen(db)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # The writer (authz) holds the database open meanwhile, as when it runs; closed at the
+    # end, not left to the collector (Python 3.13 warns about that).
+    with contextlib.closing(sqlite3.connect(db)) as writer:
+        writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        audit.read_last_seen(db)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 REPORT = HealthReport(
