@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import httptools
 
@@ -76,8 +76,8 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports have asyncio.Transport's methods but not its class.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():
@@ -258,7 +258,8 @@ class Http1Pool:
                     lambda: _Connection(self._max_body), self._unix_path
                 )
             else:
-                assert self._host is not None and self._port is not None  # checked in __init__
+                assert self._host is not None
+                assert self._port is not None
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self._max_body),
                     self._host,

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import uvloop
 
 from authz.core.http1 import AnswerTooLarge, Http1Pool, TransportError
 
@@ -221,3 +222,14 @@ async def test_connect_refused_is_a_transport_error() -> None:
     with pytest.raises(TransportError, match="cannot connect"):
         await pool.request("GET", "/x")
     await pool.close()
+
+
+def test_the_pool_works_on_uvloop_whose_transports_are_not_asyncio_classes() -> None:
+    # The server runs on uvloop (AUTHZ_UVLOOP): its TCP and unix transports do not
+    # subclass asyncio.Transport.
+    async def run() -> list[bytes]:
+        async with serving(echo_n) as (_, pool):
+            return [(await pool.request("GET", "/x")).body for _ in range(2)]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(run()) == [b"answer-0", b"answer-1"]
