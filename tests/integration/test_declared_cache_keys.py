@@ -20,6 +20,7 @@ graft decide differently (``test_every_declared_field_is_needed``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import json
@@ -34,8 +35,10 @@ import pytest
 from authz.core.cache import HEADERS_PATH, KeyDeclaration, declared_key, parse_declarations
 from authz.core.input import build_input
 from authz.core.opa import OpaClient
-from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS
+from authz.runtime.config import DEFAULT_CREDENTIAL_HEADERS, load
 from authz.runtime.preview import PreviewRequest, preview_input
+from authz.runtime.server import build_runtime
+from authz.tools.launch import free_port
 from tests.helpers.fakes import check_request
 from tests.helpers.opa_server import running_opa
 
@@ -390,3 +393,39 @@ async def test_every_declared_field_is_needed(client: OpaClient, path: str, inpu
         if not await _mismatches(client, path, corpus, weaker):
             unnoticed.append(name)
     assert unnoticed == [], "declared fields whose omission no graft notices"
+
+
+async def test_the_server_keys_its_cache_on_the_bundles_declarations(
+    opa_url: str, tmp_path: Path
+) -> None:
+    """Wiring: build_runtime's bundle watcher hands the declarations to the decision
+    cache, so requests that differ only in undeclared fields share one decision, and a
+    declared field still tells them apart."""
+    settings = load(
+        {
+            "AUTHZ_OPA_URL": opa_url,
+            "AUTHZ_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTHZ_AUDIT_DB": "",
+            "AUTHZ_DECISION_LOG": "false",
+        }
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await build_runtime(settings, stack)
+        await runtime.watcher.poll_once()
+        authorizer = runtime.live.authorizer
+        assert authorizer is not None
+        key = {"x-api-key": _secret("user")}
+
+        async def check(path: str, **headers: str) -> Any:
+            return await authorizer.check(check_request(path=path, headers={**key, **headers}))
+
+        for _ in range(50):  # the background watcher may be first to read them
+            first = await check("/api/v1/items/1?a=1", **{"user-agent": "a", "x-request-id": "1"})
+            again = await check("/api/v1/items/1?b=2", **{"user-agent": "b", "x-request-id": "2"})
+            if again.record.cached_from is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert again.record.cached_from == first.record.decision_id
+        other = await check("/api/v1/items/2?a=1", **{"user-agent": "a", "x-request-id": "3"})
+        assert other.record.cached_from is None
