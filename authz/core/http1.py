@@ -194,6 +194,7 @@ class Http1Pool:
         self._open: set[_Connection] = set()
         self._keepalive_s = keepalive_s
         self._max_body = max_body
+        self.closed = False
 
     async def request(
         self,
@@ -276,7 +277,8 @@ class Http1Pool:
         self._open.discard(conn)
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection (``closed`` is True from then on)."""
+        self.closed = True
         for conn in (*self._idle, *self._open):
             conn.abort()
         self._idle.clear()

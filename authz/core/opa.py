@@ -247,6 +247,11 @@ class OpaClient:
         """Close the pool."""
         await self._pool.close()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._pool.closed
+
 
 def _read_answer(answer: Answer) -> bytes:
     """The body of ``answer``, inflated when gzip'd (at most MAX_ANSWER_BYTES; the pool
