@@ -56,8 +56,9 @@ declaration came from), so requests that differ in anything else (request ids, u
 agents, trace headers, query strings) share one entry. A declaration is used only while
 the revision it was read from is the cache's active revision, and its key names that
 revision: a decision of a newer bundle (which may read more of the input) can never be
-found under a key of an older declaration. A path with no declaration keeps the
-exact-input key above.
+found under a key of an older declaration. Without a bundle revision (OPA serving
+policy files, whose changes announce nothing) declarations are never used. A path with no
+declaration keeps the exact-input key above.
 """
 
 from __future__ import annotations
@@ -384,7 +385,9 @@ class DecisionCache:
         try:
             declaration = self._declarations.get(path)
             revision = self._revision
-            if declaration is not None and revision is not None and revision == self._declared_for:
+            # Only under a bundle revision: without one (policies loaded from files), a
+            # policy change announces nothing, and an old declaration could outlive it.
+            if declaration is not None and revision and revision == self._declared_for:
                 return declared_key(path, revision, document, declaration)
             return cache_key(path, document, self.volatile)
         except TypeError:  # orjson.JSONEncodeError: OPA could not be sent it either
@@ -403,7 +406,8 @@ class DecisionCache:
     @property
     def declarations(self) -> Mapping[str, KeyDeclaration]:
         """The declarations in use (empty: every path keys on the exact input)."""
-        return self._declarations if self._declared_for == self._revision else {}
+        in_use = self._revision and self._declared_for == self._revision
+        return self._declarations if in_use else {}
 
     def get(self, key: bytes) -> CachedDecision | None:
         """The live entry for ``key`` (refreshing its LRU position), or None (also while

@@ -821,3 +821,13 @@ def test_declared_key_drives_cache_hits_through_the_authorizer() -> None:
 
     first, again = asyncio.run(run())
     assert again.record.cached_from == first.record.decision_id
+
+
+def test_declarations_are_never_used_without_a_bundle_revision() -> None:
+    # OPA serving policy files (no bundle): a policy change announces no new revision, so
+    # a declaration read once could outlive the policy it describes.
+    cache = DecisionCache()
+    cache.observe_revision("")
+    cache.declare("", {PATH: DECLARED})
+    request = check_request(headers={"x-api-key": GOOD_KEY})
+    assert cache.key(PATH, document(request)) == cache_key(PATH, document(request), cache.volatile)
