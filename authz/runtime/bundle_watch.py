@@ -122,6 +122,11 @@ class BundleWatcher:
                 problem,
                 extra={"revision": evaluation.revision},
             )
+        if declarations:
+            log.info(
+                "decision cache keyed on declared input fields",
+                extra={"revision": evaluation.revision, "decision_paths": sorted(declarations)},
+            )
         deliver(evaluation.revision, declarations)
 
     async def _probe(self) -> Evaluation:

@@ -169,6 +169,17 @@ async def test_cache_key_declarations_are_read_once_per_activation_with_their_re
     assert delivered == [expected]
 
 
+async def test_declared_paths_are_logged_at_activation(caplog: pytest.LogCaptureFixture) -> None:
+    engine = Scripted(
+        ev("r1"), ev("r1", []), ev("r1", {"authz/gateway/decision": GATEWAY_DECLARATION})
+    )
+    watcher = BundleWatcher(engine, on_cache_keys=lambda r, d: None)
+    with caplog.at_level(logging.INFO, logger="authz.runtime.bundle_watch"):
+        await watcher.poll_once()
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("decision cache keyed")]
+    assert line.__dict__["decision_paths"] == ["authz/gateway/decision"]
+
+
 async def test_unreadable_cache_key_declarations_deliver_nothing() -> None:
     engine = Scripted(ev("r1"), ev("r1", []), OpaUnavailable("down"))
     delivered: list[tuple[str, dict[str, KeyDeclaration]]] = []
