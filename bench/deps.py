@@ -4,8 +4,10 @@ Two choices against a library named for the job, each measured in one run as a r
 what authz uses (the numbers and the reasons are recorded in ``docs/decisions.md``):
 
 - **The OPA query** (one small ``POST /v1/data/<path>`` per cache miss): authz's
-  :class:`authz.core.opa.OpaClient` (aiohttp, a kept-alive pool, orjson) against
-  ``httpx.AsyncClient`` and ``opa-python-client``'s ``AsyncOpaClient.query_rule``, all
+  :class:`authz.core.opa.OpaClient` (:mod:`authz.core.http1`: kept-alive HTTP/1.1 with
+  httptools' parser, orjson) against an aiohttp ``ClientSession`` (kept-alive, what the
+  client used before), ``httpx.AsyncClient`` and ``opa-python-client``'s
+  ``AsyncOpaClient.query_rule``, all
   against the same real OPA (``AUTHZ_OPA_BIN``) on 127.0.0.1 with a one-rule policy.
   Measured: client CPU seconds per query (``time.process_time``), rounds interleaved so
   a noisy machine slows every client alike.
@@ -63,6 +65,7 @@ async def _cpu_per_call(call: Callable[[], Awaitable[Any]], n: int) -> float:
 
 async def _opa_clients(port: int, n: int, rounds: int) -> dict[str, float]:
     """Median client CPU seconds per query, by client."""
+    import aiohttp
     import httpx
     import orjson
     from opa_client.opa_async import AsyncOpaClient
@@ -72,11 +75,25 @@ async def _opa_clients(port: int, n: int, rounds: int) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}"
     authz_client = OpaClient(url, pool_size=8)
     httpx_client = httpx.AsyncClient(base_url=url)
+    aiohttp_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=8),
+        headers={"Accept-Encoding": "identity"},
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    )
     opa_py = AsyncOpaClient(host="127.0.0.1", port=port)
     await opa_py._init_session()  # what its __aenter__ does
 
     async def with_authz() -> Any:
         return (await authz_client.evaluate("bench/decision", _INPUT, 5.0)).result
+
+    async def with_aiohttp() -> Any:
+        async with aiohttp_session.post(
+            f"{url}/v1/data/bench/decision?provenance",
+            data=orjson.dumps({"input": _INPUT}),
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            return orjson.loads(await resp.read())["result"]
 
     async def with_httpx() -> Any:
         resp = await httpx_client.post(
@@ -90,7 +107,8 @@ async def _opa_clients(port: int, n: int, rounds: int) -> dict[str, float]:
         return (await opa_py.query_rule(_INPUT, "bench", "decision"))["result"]
 
     clients = {
-        "authz OpaClient (aiohttp + orjson)": with_authz,
+        "authz OpaClient (http1: httptools + orjson)": with_authz,
+        "aiohttp.ClientSession + orjson": with_aiohttp,
         "httpx.AsyncClient + orjson": with_httpx,
         "opa-python-client AsyncOpaClient": with_opa_python_client,
     }
@@ -102,6 +120,7 @@ async def _opa_clients(port: int, n: int, rounds: int) -> dict[str, float]:
             samples[name].append(await _cpu_per_call(call, n))
     await authz_client.close()
     await httpx_client.aclose()
+    await aiohttp_session.close()
     await opa_py.close_connection()
     return {name: statistics.median(values) for name, values in samples.items()}
 

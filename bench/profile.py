@@ -29,7 +29,8 @@ _FRAME: Final = re.compile(r"^(?P<func>.*?) \((?P<path>[^()]*?)(?::\d+)?\)$")
 # authz files -> stage names (innermost authz frame wins).
 STAGES: Final = {
     "authz/core/input.py": "input building (CheckRequest -> input)",
-    "authz/core/opa.py": "OPA call (aiohttp, JSON)",
+    "authz/core/opa.py": "OPA call (HTTP client, JSON)",
+    "authz/core/http1.py": "OPA call (HTTP client, JSON)",
     "authz/core/decision.py": "decision parsing",
     "authz/core/response.py": "response building",
     "authz/core/ratelimit.py": "rate limiting",
@@ -41,6 +42,7 @@ LIBRARIES: Final = (
     ("grpc", ("grpc/", "grpc_health/")),
     ("protobuf", ("google/protobuf/",)),
     ("aiohttp", ("aiohttp/", "yarl/", "multidict/")),
+    ("httptools", ("httptools/",)),
     ("json", ("json/", "orjson")),
     ("asyncio/uvloop", ("asyncio/", "uvloop/")),
     ("logging", ("logging/",)),

@@ -45,6 +45,20 @@ still apply to every request.
 
 Policies whose decision depends on anything outside the key (the request id, tracing
 headers, the source port, the time beyond the TTL) must set ``cache_ttl_s: 0``.
+
+**Declared keys** (``docs/contract.md``, "Declared cache keys"). A policy may declare
+which parts of the input its decision depends on (:class:`KeyDeclaration`: input paths,
+and request headers by name prefix); the bundle lists the declarations by decision path
+in ``data.authz.meta.cache_keys``, which authz reads once per bundle activation
+(:meth:`DecisionCache.declare`). For a declared path the key is :func:`declared_key`:
+SHA-256 over the canonical JSON of the declared values only (plus the revision the
+declaration came from), so requests that differ in anything else (request ids, user
+agents, trace headers, query strings) share one entry. A declaration is used only while
+the revision it was read from is the cache's active revision, and its key names that
+revision: a decision of a newer bundle (which may read more of the input) can never be
+found under a key of an older declaration. Without a bundle revision (OPA serving
+policy files, whose changes announce nothing) declarations are never used. A path with no
+declaration keeps the exact-input key above.
 """
 
 from __future__ import annotations
@@ -71,8 +85,11 @@ __all__ = [
     "VOLATILE_HEADERS",
     "CachedDecision",
     "DecisionCache",
+    "KeyDeclaration",
     "cache_key",
+    "declared_key",
     "entry_size",
+    "parse_declarations",
 ]
 
 # The byte bound's default (AUTHZ_DECISION_CACHE_MAX_BYTES), 64 MiB.
@@ -106,7 +123,108 @@ VOLATILE_HEADERS: Final = frozenset(
     }
 )
 
+# Bounds on the declarations a bundle may make (data.authz.meta.cache_keys): a
+# declaration over them is refused (that path keeps the exact-input key).
+MAX_DECLARED_PATHS: Final = 64
+MAX_DECLARED_FIELDS: Final = 64
+MAX_FIELD_DEPTH: Final = 16
+MAX_DECLARED_NAME: Final = 256
+MAX_HEADER_PREFIXES: Final = 32
+# Where header prefixes select from: the headers map the shipped policies read.
+HEADERS_PATH: Final = ("attributes", "request", "http", "headers")
+# First byte of what a declared key hashes; an exact key's starts with the decision
+# path's first character (a letter or "_"), so the two can never hash the same bytes.
+_DECLARED_TAG: Final = b"\x01"
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDeclaration:
+    """What a policy's decision depends on: ``fields``, input paths (each a tuple of
+    object keys from the input's root; the value there, or its absence, is part of the
+    key), and ``header_prefixes``: every header of ``input.attributes.request.http.headers``
+    whose lowercased name starts with one of them, name and value. Shape as declared in
+    Rego: ``{"input": [["credentials"], ["attributes", "request", "http", "method"]],
+    "header_prefixes": ["x-authz-"]}`` (``docs/contract.md``)."""
+
+    fields: tuple[tuple[str, ...], ...]
+    header_prefixes: tuple[str, ...] = ()
+
+
+def _declaration(value: Any) -> KeyDeclaration:
+    """One declaration from its JSON; raises ValueError naming what is wrong."""
+    if not isinstance(value, dict) or not set(value) <= {"input", "header_prefixes"}:
+        raise ValueError('expected an object with "input" and optionally "header_prefixes"')
+    fields, prefixes = value.get("input"), value.get("header_prefixes", [])
+    if not isinstance(fields, list) or not 0 < len(fields) <= MAX_DECLARED_FIELDS:
+        raise ValueError(f'"input" must be a list of 1 to {MAX_DECLARED_FIELDS} input paths')
+    for field in fields:
+        if (
+            not isinstance(field, list)
+            or not 0 < len(field) <= MAX_FIELD_DEPTH
+            or not all(isinstance(p, str) and 0 < len(p) <= MAX_DECLARED_NAME for p in field)
+        ):
+            raise ValueError(
+                f"input path {field!r}: expected 1 to {MAX_FIELD_DEPTH} non-empty strings"
+            )
+    if (
+        not isinstance(prefixes, list)
+        or len(prefixes) > MAX_HEADER_PREFIXES
+        or not all(isinstance(p, str) and 0 < len(p) <= MAX_DECLARED_NAME for p in prefixes)
+    ):
+        raise ValueError(f'"header_prefixes" must be up to {MAX_HEADER_PREFIXES} strings')
+    return KeyDeclaration(
+        tuple(tuple(field) for field in fields), tuple(p.lower() for p in prefixes)
+    )
+
+
+def parse_declarations(value: Any) -> tuple[dict[str, KeyDeclaration], list[str]]:
+    """``data.authz.meta.cache_keys`` (``{decision path: declaration}``) -> the valid
+    declarations, and one message per entry refused (that path keeps the exact-input
+    key: refusing is always safe). A value that is not an object declares nothing."""
+    if not isinstance(value, dict):
+        return {}, [] if value is None else ["cache_keys is not an object"]
+    declarations: dict[str, KeyDeclaration] = {}
+    problems: list[str] = []
+    for path, item in value.items():
+        if len(declarations) >= MAX_DECLARED_PATHS:
+            problems.append(f"more than {MAX_DECLARED_PATHS} decision paths declared")
+            break
+        try:
+            declarations[str(path)] = _declaration(item)
+        except ValueError as exc:
+            problems.append(f"{str(path)[:MAX_DECLARED_NAME]!r}: {exc}")
+    return declarations, problems
+
+
+def _select(document: Any, field: tuple[str, ...]) -> list[Any]:
+    """``[value]`` at ``field`` in ``document``, or ``[]`` when it is absent (so an
+    absent field and a JSON null stay apart)."""
+    node = document
+    for name in field:
+        if not isinstance(node, Mapping) or name not in node:
+            return []
+        node = node[name]
+    return [node]
+
+
+def declared_key(
+    path: str, revision: str, document: Mapping[str, Any], declaration: KeyDeclaration
+) -> bytes:
+    """The declared cache key of ``document`` for decision ``path``: SHA-256 (32 bytes)
+    over a tag byte and the canonical JSON (orjson, sorted keys) of ``[revision, path,
+    the declared values]``; a JSON array, so no choice of values can make two different
+    selections encode alike. Raises TypeError (orjson.JSONEncodeError) for values JSON
+    cannot hold."""
+    selected: list[Any] = [_select(document, field) for field in declaration.fields]
+    if declaration.header_prefixes:
+        found = _select(document, HEADERS_PATH)
+        headers = found[0] if found and isinstance(found[0], Mapping) else {}
+        prefixes = declaration.header_prefixes
+        selected.append({k: v for k, v in headers.items() if str(k).lower().startswith(prefixes)})
+    canonical = orjson.dumps([revision, path, selected], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(_DECLARED_TAG + canonical).digest()
 
 
 def cache_key(
@@ -241,6 +359,8 @@ class DecisionCache:
         self._clock = clock
         self._rng = rng
         self._revision: str | None = None
+        self._declarations: Mapping[str, KeyDeclaration] = {}
+        self._declared_for: str | None = None
         self._confirmed_at = float("-inf")
         self._generation = 0
         self.bytes = 0
@@ -259,12 +379,35 @@ class DecisionCache:
         return self._generation
 
     def key(self, path: str, document: Mapping[str, Any]) -> bytes | None:
-        """:func:`cache_key` with this cache's volatile headers, or None (uncacheable)
-        for a document JSON cannot hold."""
+        """:func:`declared_key` when the active bundle revision declared one for
+        ``path`` (:meth:`declare`), else :func:`cache_key` with this cache's volatile
+        headers; None (uncacheable) for a document JSON cannot hold."""
         try:
+            declaration = self._declarations.get(path)
+            revision = self._revision
+            # Only under a bundle revision: without one (policies loaded from files), a
+            # policy change announces nothing, and an old declaration could outlive it.
+            if declaration is not None and revision and revision == self._declared_for:
+                return declared_key(path, revision, document, declaration)
             return cache_key(path, document, self.volatile)
         except TypeError:  # orjson.JSONEncodeError: OPA could not be sent it either
             return None
+
+    def declare(self, revision: str, declarations: Mapping[str, KeyDeclaration]) -> None:
+        """Use ``declarations`` (decision path -> :class:`KeyDeclaration`, read from
+        bundle ``revision``) while ``revision`` is the active one; paths not in it keep
+        the exact-input key. Declarations that differ from the current ones drop every
+        entry (an activation that changes them has already dropped them too)."""
+        if dict(declarations) != dict(self._declarations):
+            self.clear("cache key declarations changed")
+        self._declarations = dict(declarations)
+        self._declared_for = revision
+
+    @property
+    def declarations(self) -> Mapping[str, KeyDeclaration]:
+        """The declarations in use (empty: every path keys on the exact input)."""
+        in_use = self._revision and self._declared_for == self._revision
+        return self._declarations if in_use else {}
 
     def get(self, key: bytes) -> CachedDecision | None:
         """The live entry for ``key`` (refreshing its LRU position), or None (also while

@@ -16,9 +16,11 @@ closed with a precise code:
   body, or an unknown ``Content-Encoding``    -> :class:`OpaResponseError`
 - a 200 answer without ``result``             -> :class:`UndefinedDecision`
 
-The hot-path client is aiohttp over a kept-alive pool: httpx costs about 5x the client CPU
-per query for this one-small-POST-per-request pattern (``docs/decisions.md``, measured by
-``scripts/bench-deps``). ``unix:///path`` URLs
+The hot-path client is :mod:`authz.core.http1`: kept-alive HTTP/1.1 connections, each
+request written in one piece and its answer parsed by httptools. The query runs on every
+cache miss, and that costs about a quarter of aiohttp's client CPU per query (and less
+of OPA's: the request arrives in one segment); httpx costs about 5x aiohttp's
+(``docs/decisions.md``, ``docs/performance.md`` "Cost of a miss"). ``unix:///path`` URLs
 talk to an OPA listening on a unix socket (``opa run --addr unix:///path``).
 
 Answers are asked for uncompressed (``Accept-Encoding: identity``): OPA gzips a body of
@@ -37,14 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from opentelemetry import propagate
 
@@ -55,6 +58,7 @@ from authz.core.errors import (
     OpaUnavailable,
     UndefinedDecision,
 )
+from authz.core.http1 import Answer, AnswerTooLarge, Http1Pool, TransportError
 from authz.core.secret import Secret
 
 __all__ = [
@@ -70,12 +74,10 @@ __all__ = [
 # The largest OPA answer read, in bytes, as sent and once inflated: a decision is a few
 # hundred bytes; one echoing a whole 64 KiB request body fits many times over.
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
-_JSON_HEADERS: Final = {
-    "Content-Type": "application/json",
-    "Accept": "application/json",
-    "Accept-Encoding": "identity",
-}
-_READ_CHUNK: Final = 64 * 1024
+_JSON_HEADERS: Final = (
+    ("Content-Type", "application/json"),
+    ("Accept", "application/json"),
+)
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 # The batch rule's entrypoint (``authz generate batch-rule`` writes its package,
@@ -171,13 +173,15 @@ class BatchPolicyEngine(PolicyEngine, Protocol):
 
 
 class OpaClient:
-    """aiohttp client for one OPA server. Create inside a running event loop.
+    """HTTP/1.1 client for one OPA server (:class:`authz.core.http1.Http1Pool`). Create
+    inside a running event loop.
 
-    ``url`` is ``http(s)://host:port`` or ``unix:///path/to/socket``; ``token`` is sent as
-    ``Authorization: Bearer`` when OPA's API requires token authentication; ``pool_size``
-    bounds concurrent connections (each kept alive for ``keepalive_s`` seconds);
-    ``propagate_trace`` sends the current trace context on each query (off: no header
-    is computed).
+    ``url`` is ``http(s)://host:port[/prefix]`` or ``unix:///path/to/socket``; ``token``
+    is sent as ``Authorization: Bearer`` when OPA's API requires token authentication;
+    ``pool_size`` bounds concurrent connections (each kept alive for ``keepalive_s``
+    seconds); ``propagate_trace`` sends the current trace context on each query (off: no
+    header is computed); ``accept_encoding`` is the ``Accept-Encoding`` sent (``identity``;
+    ``bench.opa_encoding`` compares ``gzip``). Raises ValueError for a URL it cannot use.
     """
 
     def __init__(
@@ -188,27 +192,36 @@ class OpaClient:
         pool_size: int = 64,
         keepalive_s: float = 60.0,
         propagate_trace: bool = False,
+        accept_encoding: str = "identity",
     ) -> None:
         self._propagate_trace = propagate_trace
-        headers = dict(_JSON_HEADERS)
+        headers = [*_JSON_HEADERS, ("Accept-Encoding", accept_encoding)]
         if token:
-            headers["Authorization"] = f"Bearer {token.reveal()}"
-        connector: aiohttp.BaseConnector
+            headers.append(("Authorization", f"Bearer {token.reveal()}"))
         if url.startswith("unix://"):
-            connector = aiohttp.UnixConnector(
-                path=url.removeprefix("unix://"), limit=pool_size, keepalive_timeout=keepalive_s
+            self._prefix = ""
+            self._pool = Http1Pool(
+                unix_path=url.removeprefix("unix://"),
+                host_header="opa",
+                default_headers=headers,
+                limit=pool_size,
+                keepalive_s=keepalive_s,
+                max_body=MAX_ANSWER_BYTES,
             )
-            self._base = "http://opa"
-        else:
-            connector = aiohttp.TCPConnector(
-                limit=pool_size, limit_per_host=pool_size, keepalive_timeout=keepalive_s
-            )
-            self._base = url.rstrip("/")
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=headers,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            return
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) or unix:// URL: {url!r}")
+        self._prefix = parts.path.rstrip("/")
+        self._pool = Http1Pool(
+            host=parts.hostname,
+            port=parts.port or (443 if parts.scheme == "https" else 80),
+            ssl_context=ssl.create_default_context() if parts.scheme == "https" else None,
+            host_header=parts.netloc.rpartition("@")[2],
+            default_headers=headers,
+            limit=pool_size,
+            keepalive_s=keepalive_s,
+            max_body=MAX_ANSWER_BYTES,
         )
 
     async def _send(
@@ -219,18 +232,22 @@ class OpaClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        """One request to OPA -> (HTTP status, body). The one place transport failures
-        become typed errors: OpaTimeout past ``timeout_s``, OpaUnavailable otherwise."""
+        """One request to OPA -> (HTTP status, body, inflated). The one place transport
+        failures become typed errors: OpaTimeout past ``timeout_s``, OpaResponseError for
+        an answer over MAX_ANSWER_BYTES or in an unknown encoding, OpaUnavailable
+        otherwise."""
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._session.request(
-                    method, f"{self._base}{path}", data=body, headers=headers
-                ) as resp:
-                    return resp.status, await _read_answer(resp)
+                answer = await self._pool.request(
+                    method, f"{self._prefix}{path}", body, headers.items() if headers else ()
+                )
         except TimeoutError:
             raise OpaTimeout(f"OPA gave no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError as exc:
-            raise OpaUnavailable(f"OPA unreachable: {exc.__class__.__name__}: {exc}") from None
+        except AnswerTooLarge as exc:
+            raise OpaResponseError(str(exc)) from None
+        except TransportError as exc:
+            raise OpaUnavailable(f"OPA unreachable: {exc}") from None
+        return answer.status, _read_answer(answer)
 
     async def evaluate(
         self, path: str, document: Mapping[str, Any], timeout_s: float
@@ -303,24 +320,23 @@ class OpaClient:
 
     async def close(self) -> None:
         """Close the pool."""
-        await self._session.close()
+        await self._pool.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._pool.closed
 
 
-async def _read_answer(resp: aiohttp.ClientResponse) -> bytes:
-    """The body of ``resp``, inflated when gzip'd; at most MAX_ANSWER_BYTES either way.
-    Raises OpaResponseError for a larger body, a gzip body that does not inflate (corrupt,
-    truncated, trailing bytes) or a Content-Encoding other than gzip or identity."""
-    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+def _read_answer(answer: Answer) -> bytes:
+    """The body of ``answer``, inflated when gzip'd (at most MAX_ANSWER_BYTES; the pool
+    already capped it as sent). Raises OpaResponseError for a gzip body that does not
+    inflate (corrupt, truncated, trailing bytes, over the cap) or a Content-Encoding
+    other than gzip or identity."""
+    encoding = answer.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", ""):
         raise OpaResponseError(f"OPA answered with an unsupported Content-Encoding {encoding!r}")
-    if (resp.content_length or 0) > MAX_ANSWER_BYTES:
-        raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes")
-    raw = bytearray()
-    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
-        raw += chunk
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise OpaResponseError(f"OPA's answer is larger than {MAX_ANSWER_BYTES} bytes")
-    return _gunzip(bytes(raw)) if encoding == "gzip" else bytes(raw)
+    return _gunzip(answer.body) if encoding == "gzip" else answer.body
 
 
 def _gunzip(raw: bytes) -> bytes:

@@ -8,7 +8,11 @@ the revision is confirmed, and drops them all when it changes). When the revisio
 of strings the policies define, e.g. "egress sandbox identity is header-only"; it walks
 every key, so it is not polled), logs ``bundle activated`` with the revision and then
 each warning at WARNING level, so an insecure setting in bundle data is loud at startup
-and at every activation.
+and at every activation. It also reads ``data.authz.meta.cache_keys`` once per activation
+(the policies' declared cache keys, ``docs/contract.md``) and hands the valid ones, with
+the revision that answered, to ``on_cache_keys`` (the decision cache); a bundle without
+it declares nothing, and a declaration authz cannot use is logged and left out (that
+decision path keeps the exact-input key).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from authz.core.cache import KeyDeclaration, parse_declarations
 from authz.core.errors import PolicyError, UndefinedDecision
 from authz.core.opa import Evaluation, PolicyEngine
 
-__all__ = ["PROBE_PATH", "WARNINGS_PATH", "BundleWatcher"]
+__all__ = ["CACHE_KEYS_PATH", "PROBE_PATH", "WARNINGS_PATH", "BundleWatcher"]
 
 PROBE_PATH: Final = "authz/meta/live"
 WARNINGS_PATH: Final = "authz/meta/warnings"
+CACHE_KEYS_PATH: Final = "authz/meta/cache_keys"
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,10 @@ class BundleWatcher:
     ``revision`` is None until OPA has answered once with a bundle; ``warnings`` are the
     strings read at the last activation. ``interval_s`` and ``timeout_s`` are seconds.
     ``on_revision(revision)`` is called on every answer (the revision is confirmed: the
-    decision cache), ``on_activation(revision)`` on every change (metrics).
+    decision cache), ``on_activation(revision)`` on every change (metrics),
+    ``on_cache_keys(revision, declarations)`` on every change with the declarations read
+    from ``cache_keys_path`` (decision path -> KeyDeclaration; the revision is the one
+    OPA answered them from).
     """
 
     def __init__(
@@ -49,6 +58,8 @@ class BundleWatcher:
         timeout_s: float = 1.0,
         on_revision: Callable[[str], None] | None = None,
         on_activation: Callable[[str], None] | None = None,
+        cache_keys_path: str = CACHE_KEYS_PATH,
+        on_cache_keys: Callable[[str, dict[str, KeyDeclaration]], None] | None = None,
     ) -> None:
         self._engine = engine
         self._probe_path = probe_path
@@ -61,6 +72,8 @@ class BundleWatcher:
         self._on_revision = on_revision
         self._probe_missing = False
         self._on_activation = on_activation
+        self._cache_keys_path = cache_keys_path
+        self._on_cache_keys = on_cache_keys
 
     async def poll_once(self) -> bool:
         """Ask OPA once. Returns True when the revision changed. Never raises for OPA
@@ -80,9 +93,41 @@ class BundleWatcher:
         log.info("bundle activated", extra={"revision": revision})
         for warning in self.warnings:
             log.warning("policy warning: %s", warning, extra={"revision": revision})
+        if self._on_cache_keys is not None:
+            await self._read_cache_keys(self._on_cache_keys)
         if self._on_activation is not None:
             self._on_activation(revision)
         return True
+
+    async def _read_cache_keys(
+        self, deliver: Callable[[str, dict[str, KeyDeclaration]], None]
+    ) -> None:
+        """The declared cache keys of the bundle just activated, to ``deliver``; a bundle
+        that defines none declares nothing, and an OPA failure delivers nothing (the
+        cache keeps exact-input keys for the new revision until a later activation)."""
+        try:
+            evaluation = await self._engine.evaluate(self._cache_keys_path, {}, self._timeout_s)
+        except UndefinedDecision:
+            evaluation = None
+        except PolicyError as exc:
+            self._failed(exc)
+            return
+        if evaluation is None:
+            deliver(self.revision or "", {})
+            return
+        declarations, problems = parse_declarations(evaluation.result)
+        for problem in problems:
+            log.warning(
+                "cache key declaration refused (exact-input key kept): %s",
+                problem,
+                extra={"revision": evaluation.revision},
+            )
+        if declarations:
+            log.info(
+                "decision cache keyed on declared input fields",
+                extra={"revision": evaluation.revision, "decision_paths": sorted(declarations)},
+            )
+        deliver(evaluation.revision, declarations)
 
     async def _probe(self) -> Evaluation:
         """The probe's answer; a bundle built before ``data.authz.meta.live`` existed is

@@ -379,9 +379,22 @@ def _addr(key: str, value: str) -> str:
     return value
 
 
+# The longest unix socket path the kernel takes, in bytes (sun_path of sockaddr_un, 108
+# on Linux, less the terminating NUL; unix(7)).
+_MAX_UNIX_PATH: Final = 107
+
+
 def _url(key: str, value: str) -> str:
     if value.startswith("unix:///"):
-        return value  # OPA listening on a unix socket (opa run --addr unix:///path)
+        # OPA listening on a unix socket (opa run --addr unix:///path): an absolute path
+        # to a file the kernel can bind.
+        path = value.removeprefix("unix://")
+        if path.endswith("/") or "\x00" in path or len(path.encode()) > _MAX_UNIX_PATH:
+            raise ConfigError(
+                f"{key}={value!r}: expected unix:///<absolute unix socket path> of at most "
+                f"{_MAX_UNIX_PATH} bytes"
+            )
+        return value
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
         raise ConfigError(

@@ -484,6 +484,7 @@ async def _build(
         interval_s=settings.bundle_poll_interval_s,
         on_revision=cache.observe_revision if cache is not None else None,
         on_activation=lambda revision: _bundle_activated(metrics, revision),
+        on_cache_keys=cache.declare if cache is not None else None,
     )
     _background(stack, watcher.run(), "bundle-watcher")
     _background(stack, overrides.watch(_OVERRIDES_SYNC_S), "overrides")

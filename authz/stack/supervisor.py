@@ -77,6 +77,8 @@ __all__ = [
 ]
 
 HOST: Final = "127.0.0.1"
+# The longest unix socket path, in bytes (sun_path of sockaddr_un less its NUL; unix(7)).
+_MAX_UNIX_PATH: Final = 107
 # A stack process could not be started or did not become ready (the launcher's error).
 StackError = LaunchError
 # The egress services (relative to the repository root): the stand-in plays their hosts.
@@ -661,6 +663,10 @@ class Stack:
         if self.postgres:
             postgres = [self._postgres()]
             secrets_env["AUTHZ_AUDIT_URL_FILE"] = str(self.run_dir / "audit-url")
+        # authz reaches OPA over a unix socket (no TCP stack per decision); OPA keeps its
+        # TCP port for everything else (tools, tests, the operator's curl).
+        opa_socket = self.opa_socket
+        opa_url = f"unix://{opa_socket}" if opa_socket is not None else f"http://{HOST}:{p.opa}"
         authz = Process(
             "authz",
             [sys.executable, "-m", "authz", "serve"],
@@ -669,7 +675,7 @@ class Stack:
             env={
                 "AUTHZ_GRPC_ADDR": f"{HOST}:{p.authz_grpc}",
                 "AUTHZ_ADMIN_ADDR": f"{HOST}:{p.authz_admin}",
-                "AUTHZ_OPA_URL": f"http://{HOST}:{p.opa}",
+                "AUTHZ_OPA_URL": opa_url,
                 "AUTHZ_AUDIT_DB": str(self.run_dir / "audit.db"),
                 "AUTHZ_OVERRIDES_FILE": str(self.run_dir / "overrides.json"),
                 # mTLS: only a client with Envoy's certificate gets an answer.
@@ -687,6 +693,7 @@ class Stack:
             f"--config-file={self.root / 'infra/opa/opa-local.yaml'}",
             f"--set=services.bundles.url=http://{HOST}:{p.bundles}/bundles",
             "--log-format=json",
+            *([f"--addr=unix://{opa_socket}"] if opa_socket is not None else []),
             ready_path="/health?bundles",
         )
         processes = [
@@ -712,6 +719,18 @@ class Stack:
             self._envoy("envoy-egress", envoy_bin, egress_yaml, p.egress_admin),
         ]
         return processes if self._wrap is None else [self._wrap(proc) for proc in processes]
+
+    @property
+    def opa_socket(self) -> Path | None:
+        """The unix socket OPA listens on besides its TCP port, and authz's
+        ``AUTHZ_OPA_URL`` (``unix://<it>``): ``<run_dir>/opa.sock``. None (authz uses the
+        TCP port) when OPA does not run as a local process (``wrap``: a container does
+        not share the run directory's socket) or the path is longer than a unix socket
+        path may be (107 bytes, unix(7))."""
+        path = self.run_dir.resolve() / "opa.sock"
+        if self._wrap is not None or len(str(path).encode()) > _MAX_UNIX_PATH:
+            return None
+        return path
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:

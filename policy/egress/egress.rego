@@ -19,6 +19,24 @@ headers := input.attributes.request.http.headers
 
 method := upper(input.attributes.request.http.method)
 
+# Everything in the input this policy reads, for authz's decision cache (docs/contract.md,
+# "Declared cache keys"): requests equal in these share one cached decision, whatever
+# else differs. Keep it in step with every input.* below and in lib; a test
+# (tests/integration/test_declared_cache_keys.py) proves it against this policy.
+cache_key := {
+	"input": [
+		["credentials"],
+		["preview"],
+		["parsed_path"],
+		["attributes", "contextExtensions", "service"],
+		["attributes", "request", "http", "method"],
+		["attributes", "request", "http", "host"],
+		["attributes", "request", "http", "headers", identity.id_header],
+	],
+	# headers_to_remove: the names of client-sent x-sandbox-* and x-authz-* headers.
+	"header_prefixes": ["x-sandbox-", "x-authz-"],
+}
+
 # The service is the one the Envoy route forwards to; the Host header only when a route
 # does not say (e.g. a policy reused behind another proxy).
 service_name := input.attributes.contextExtensions.service if {

@@ -13,6 +13,23 @@ import data.authz.lib
 
 identity_prefix := "x-authz-"
 
+# Everything in the input this policy reads, for authz's decision cache (docs/contract.md,
+# "Declared cache keys"): requests equal in these share one cached decision, whatever
+# else differs (request ids, user agents, trace headers, the query string). Keep it in
+# step with every input.* below and in lib; a test
+# (tests/integration/test_declared_cache_keys.py) proves it against this policy.
+cache_key := {
+	"input": [
+		["credentials"],
+		["preview"],
+		["parsed_path"],
+		["attributes", "request", "http", "method"],
+		["attributes", "request", "http", "headers", "authorization"],
+	],
+	# forged_identity_headers: the names of client-sent x-authz-* headers.
+	"header_prefixes": [identity_prefix],
+}
+
 # authz itself sets x-authz-decision-id on allowed requests.
 identity_headers := {"x-authz-key-id", "x-authz-role", "x-authz-tier", "x-authz-decision-id"}
 

@@ -9,6 +9,17 @@ package authz.meta
 # entrypoint: true
 live := true
 
+# The policies' declared cache keys, by decision path (docs/contract.md, "Declared cache
+# keys"): authz reads this once per activation and keys its decision cache for each path
+# on exactly the input fields its policy declares. A path not listed keys on the whole
+# input.
+# METADATA
+# entrypoint: true
+cache_keys := {
+	"authz/gateway/decision": data.authz.gateway.cache_key,
+	"authz/egress/decision": data.authz.egress.cache_key,
+}
+
 # An unexpired TTL override (data.overrides, pushed by authz) naming a key, sandbox or
 # service the bundle does not define: it does nothing now, and would apply to whatever
 # later takes that id. An allow for a sandbox without a service is ignored by the egress

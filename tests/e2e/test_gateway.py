@@ -271,9 +271,10 @@ def test_opa_down_fails_closed_then_recovers(e2e: Env) -> None:
     headers = {"x-api-key": e2e.keys["viewer"]}
     assert e2e.gateway.get("/api/v1/status", headers=headers).status_code == 200
     with e2e.stack.stopped("opa"):
-        # A request the decision cache cannot answer (a fresh query string) must be
-        # decided by OPA, which is down: fail closed.
-        resp = e2e.gateway.get(f"/api/v1/status?n={uuid.uuid4()}", headers=headers)
+        # A request the decision cache cannot answer (a fresh path: the gateway policy's
+        # declared cache key holds the path, not the query string) must be decided by
+        # OPA, which is down: fail closed.
+        resp = e2e.gateway.get(f"/api/v1/items/{uuid.uuid4()}", headers=headers)
         assert resp.status_code == 503
         assert _error(resp) == "opa_unavailable"
         ready = httpx.get(f"http://127.0.0.1:{e2e.stack.ports.authz_admin}/readyz")

@@ -318,7 +318,8 @@ def test_override_survives_an_authz_restart(e2e: Env) -> None:
             pass  # stopped, then started again from its overrides file
         listed = e2e.admin.get("/v1/overrides").json()["overrides"]
         assert created["id"] in [o["id"] for o in listed]
-        fresh = f"/api/v1/admin/audit?n={time.monotonic_ns()}"  # not from any cache
+        # Not from any cache: authz restarted with an empty one.
+        fresh = f"/api/v1/admin/audit?n={time.monotonic_ns()}"
         assert e2e.gateway.get(fresh, headers=user).status_code == 200
     finally:
         e2e.admin.delete(f"/v1/overrides/{created['id']}")

@@ -200,7 +200,7 @@ async def test_a_failed_start_exits_2_with_one_line_and_leaves_nothing_open(
     assert "\n" not in error.getMessage()
     leftover = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert leftover == []
-    assert all(client._session.closed for client in opened.opa)
+    assert all(client.closed for client in opened.opa)
     assert all(closed == [True] for _, closed in opened.limiters)
     for addr in (settings.grpc_addr, settings.admin_addr):  # no listener left behind
         host, _, port = addr.rpartition(":")
@@ -227,7 +227,7 @@ async def test_a_started_runtime_stops_through_its_exit_stack_leaving_nothing_op
         assert runtime.stopping.is_set()
     leftover = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert leftover == []
-    assert [client._session.closed for client in opened.opa] == [True]
+    assert [client.closed for client in opened.opa] == [True]
     assert [closed for _, closed in opened.limiters] == [[True]]
     for addr in (settings.grpc_addr, settings.admin_addr):
         host, _, port = addr.rpartition(":")

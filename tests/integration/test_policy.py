@@ -96,6 +96,31 @@ async def test_real_opa_result_and_revision(
     assert evaluation.duration_s > 0
 
 
+async def test_concurrent_queries_each_get_their_own_answer_even_among_abandoned_ones(
+    opa_url: str,
+) -> None:
+    """Many more queries than connections, some abandoned mid-way (a budget too short to
+    answer): every query that is answered gets the answer to its own input, never one a
+    connection still owed to an abandoned query."""
+    client = OpaClient(opa_url, pool_size=4)
+
+    async def ask(n: int) -> Any:
+        budget = 0.0005 if n % 7 == 0 else 5.0
+        try:
+            evaluation = await client.evaluate("authz/test/decision", {"who": f"w{n}"}, budget)
+        except OpaTimeout:
+            return None
+        return evaluation.result["echo"]
+
+    try:
+        for _ in range(3):
+            answers = await asyncio.gather(*(ask(n) for n in range(200)))
+            assert all(a in (None, f"w{n}") for n, a in enumerate(answers))
+            assert sum(a is not None for a in answers) >= 170
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize(
     ("path", "document"),
     [

@@ -73,7 +73,7 @@ def test_summary_by_stage_and_library() -> None:
     # Shares of the 100 active samples.
     assert summary["by_stage"] == {
         "input building (CheckRequest -> input)": 30.0,
-        "OPA call (aiohttp, JSON)": 30.0,
+        "OPA call (HTTP client, JSON)": 30.0,
         NATIVE_LOOP_STAGE: 30.0,
         "pipeline glue (authorizer)": 10.0,
     }

@@ -15,7 +15,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz.core.authorizer import Authorizer
-from authz.core.cache import DEFAULT_MAX_BYTES, DecisionCache, cache_key
+from authz.core.cache import (
+    DEFAULT_MAX_BYTES,
+    DecisionCache,
+    KeyDeclaration,
+    cache_key,
+    declared_key,
+    parse_declarations,
+)
 from authz.core.decision import Decision
 from authz.core.errors import ConfigError
 from authz.core.input import build_input
@@ -616,3 +623,211 @@ async def test_cache_memory_is_bounded_for_unauthenticated_requests() -> None:
     assert len(cache) <= n
     projected_gb = per_entry * 10_000 / 1e9
     assert projected_gb < 1.0, f"a full default cache would hold {projected_gb:.1f} GB"
+
+
+# -- declared keys: a policy names what its decision depends on --------------------------
+
+DECLARED = KeyDeclaration(
+    fields=(("credentials",), ("parsed_path",), ("attributes", "request", "http", "method")),
+    header_prefixes=("x-authz-",),
+)
+OTHER_PATH = "authz/other/decision"
+
+
+def declared_cache(revision: str = "r1") -> DecisionCache:
+    """A cache at ``revision`` whose gateway path declares DECLARED (read from it)."""
+    cache = DecisionCache()
+    cache.observe_revision(revision)
+    cache.declare(revision, {PATH: DECLARED})
+    return cache
+
+
+def keyed(cache: DecisionCache, **kwargs: Any) -> bytes:
+    """The gateway path's key of ``check_request(**kwargs)``."""
+    key = cache.key(PATH, document(check_request(**kwargs)))
+    assert key is not None
+    return key
+
+
+def test_a_path_without_a_declaration_keeps_the_exact_input_key() -> None:
+    cache = declared_cache()
+    request = check_request(headers={"x-api-key": GOOD_KEY, "user-agent": "a"})
+    assert cache.key(OTHER_PATH, document(request)) == cache_key(
+        OTHER_PATH, document(request), cache.volatile
+    )
+    # And so it tells apart what the declared path merges.
+    other = check_request(headers={"x-api-key": GOOD_KEY, "user-agent": "b"})
+    assert cache.key(OTHER_PATH, document(request)) != cache.key(OTHER_PATH, document(other))
+
+
+def test_without_declarations_every_path_keeps_the_exact_input_key() -> None:
+    cache = DecisionCache()
+    cache.observe_revision("r1")
+    request = check_request(headers={"x-api-key": GOOD_KEY})
+    assert cache.key(PATH, document(request)) == cache_key(PATH, document(request), cache.volatile)
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [
+        {"path": "/api/v1/status?page=2"},
+        {"headers": {"x-api-key": GOOD_KEY, "user-agent": "curl/8"}},
+        {"headers": {"x-api-key": GOOD_KEY, "x-request-id": "r-9", "traceparent": "00-x"}},
+        {"headers": {"x-api-key": GOOD_KEY, "accept": "text/html", "cookie": "c=1"}},
+    ],
+    ids=["query-string", "user-agent", "request-id-and-trace", "other-headers"],
+)
+def test_declared_key_merges_requests_that_differ_only_in_undeclared_fields(
+    noise: dict[str, Any],
+) -> None:
+    cache = declared_cache()
+    base = keyed(cache, headers={"x-api-key": GOOD_KEY})
+    assert keyed(cache, **{"headers": {"x-api-key": GOOD_KEY}, **noise}) == base
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"headers": {"x-api-key": "another"}},
+        {"headers": {}},
+        {"headers": {"x-api-key": GOOD_KEY}, "method": "POST"},
+        {"headers": {"x-api-key": GOOD_KEY}, "path": "/api/v1/admin"},
+        {"headers": {"x-api-key": GOOD_KEY, "x-authz-role": "admin"}},
+        {"headers": {"x-api-key": GOOD_KEY, "X-Authz-Role": "admin"}},
+    ],
+    ids=["key", "no-key", "method", "path", "prefixed-header", "prefixed-header-any-case"],
+)
+def test_declared_key_separates_requests_that_differ_in_a_declared_field(
+    change: dict[str, Any],
+) -> None:
+    cache = declared_cache()
+    assert keyed(cache, **change) != keyed(cache, headers={"x-api-key": GOOD_KEY})
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"credentials": {}}, {}),  # present but empty vs absent
+        ({"credentials": None}, {}),  # null vs absent
+        ({"parsed_path": ["a", "b"]}, {"parsed_path": ["a/b"]}),
+        ({"parsed_path": ["a\u0000b"]}, {"parsed_path": ["a", "b"]}),
+        ({"parsed_path": ['a","b']}, {"parsed_path": ["a", "b"]}),  # JSON-looking value
+        (
+            {"credentials": {"x": "1"}, "parsed_path": []},
+            {"credentials": {}, "parsed_path": ["x", "1"]},
+        ),
+    ],
+    ids=["empty-vs-absent", "null-vs-absent", "segments-vs-slash", "nul", "quotes", "shifted"],
+)
+def test_hostile_declared_values_never_collide(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert declared_key(PATH, "r1", a, DECLARED) != declared_key(PATH, "r1", b, DECLARED)
+
+
+def test_declared_and_exact_keys_never_share_a_domain() -> None:
+    request = document(check_request(headers={"x-api-key": GOOD_KEY}))
+    everything = KeyDeclaration(fields=tuple((name,) for name in request))
+    assert declared_key(PATH, "r1", request, everything) != cache_key(PATH, request)
+
+
+def test_declared_key_names_the_revision_it_was_declared_by() -> None:
+    # A decision of bundle r2 (which may read more of the input) put under a key computed
+    # with r1's declaration must never be found once r2's declaration is in use.
+    request = document(check_request(headers={"x-api-key": GOOD_KEY}))
+    assert declared_key(PATH, "r1", request, DECLARED) != declared_key(
+        PATH, "r2", request, DECLARED
+    )
+
+
+def test_declarations_of_another_revision_are_not_used() -> None:
+    cache = declared_cache("r1")
+    cache.observe_revision("r2")  # a new bundle: its declarations are not read yet
+    request = check_request(headers={"x-api-key": GOOD_KEY})
+    assert cache.declarations == {}
+    assert cache.key(PATH, document(request)) == cache_key(PATH, document(request), cache.volatile)
+    cache.declare("r2", {PATH: DECLARED})
+    assert cache.key(PATH, document(request)) == declared_key(
+        PATH, "r2", document(request), DECLARED
+    )
+
+
+def test_changed_declarations_drop_every_entry() -> None:
+    cache = declared_cache()
+    key = keyed(cache, headers={"x-api-key": GOOD_KEY})
+    evaluation = Evaluation(None, {"authz": "r1"})
+    allow = Decision(allowed=True, identity={"key_id": "k"})
+    cache.put(key, allow, evaluation, "d1", generation=cache.generation)
+    assert cache.get(key) is not None
+    cache.declare("r1", {PATH: DECLARED})  # the same declarations: kept
+    assert cache.get(key) is not None
+    narrower = KeyDeclaration(fields=(("credentials",),))
+    cache.declare("r1", {PATH: narrower})
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not an object",
+        {"input": []},
+        {"input": "credentials"},
+        {"input": [[]]},
+        {"input": [[""]]},
+        {"input": [[1]]},
+        {"input": [["a"] * 17]},
+        {"input": [["a"]] * 65},
+        {"input": [["a" * 257]]},
+        {"input": [["a"]], "header_prefixes": "x-"},
+        {"input": [["a"]], "header_prefixes": [""]},
+        {"input": [["a"]], "unknown": 1},
+    ],
+    ids=[
+        "not-object",
+        "no-fields",
+        "fields-not-list",
+        "empty-path",
+        "empty-name",
+        "non-string",
+        "too-deep",
+        "too-many",
+        "name-too-long",
+        "prefixes-not-list",
+        "empty-prefix",
+        "unknown-field",
+    ],
+)
+def test_a_declaration_authz_cannot_use_is_refused(value: Any) -> None:
+    declarations, problems = parse_declarations({PATH: value, OTHER_PATH: {"input": [["a"]]}})
+    assert list(declarations) == [OTHER_PATH]
+    assert len(problems) == 1
+    assert PATH in problems[0]
+
+
+def test_declared_key_drives_cache_hits_through_the_authorizer() -> None:
+    cache = declared_cache("rev-test")  # FakeEngine's revision
+    authorizer = authorizer_over(cache)
+
+    async def run() -> tuple[Any, Any]:
+        first = await authorizer.check(
+            check_request(headers={"x-api-key": GOOD_KEY, "user-agent": "a"})
+        )
+        again = await authorizer.check(
+            check_request(
+                path="/api/v1/status?x=1", headers={"x-api-key": GOOD_KEY, "user-agent": "b"}
+            )
+        )
+        return first, again
+
+    import asyncio
+
+    first, again = asyncio.run(run())
+    assert again.record.cached_from == first.record.decision_id
+
+
+def test_declarations_are_never_used_without_a_bundle_revision() -> None:
+    # OPA serving policy files (no bundle): a policy change announces no new revision, so
+    # a declaration read once could outlive the policy it describes.
+    cache = DecisionCache()
+    cache.observe_revision("")
+    cache.declare("", {PATH: DECLARED})
+    request = check_request(headers={"x-api-key": GOOD_KEY})
+    assert cache.key(PATH, document(request)) == cache_key(PATH, document(request), cache.volatile)

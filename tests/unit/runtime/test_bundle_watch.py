@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from authz.core.cache import KeyDeclaration
 from authz.core.errors import OpaUnavailable, UndefinedDecision
 from authz.core.opa import Evaluation
-from authz.runtime.bundle_watch import PROBE_PATH, WARNINGS_PATH, BundleWatcher
+from authz.runtime.bundle_watch import CACHE_KEYS_PATH, PROBE_PATH, WARNINGS_PATH, BundleWatcher
 
 
 class Scripted:
@@ -122,3 +123,66 @@ async def test_a_bundle_without_the_probe_is_probed_through_its_warnings(
     assert engine.paths == [PROBE_PATH, WARNINGS_PATH, WARNINGS_PATH, PROBE_PATH, WARNINGS_PATH]
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "does not define the revision probe" in m]) == 1
+
+
+GATEWAY_DECLARATION = {"input": [["credentials"], ["parsed_path"]], "header_prefixes": ["x-a-"]}
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (
+            ev("r1", {"authz/gateway/decision": GATEWAY_DECLARATION}),
+            (
+                "r1",
+                {
+                    "authz/gateway/decision": KeyDeclaration(
+                        (("credentials",), ("parsed_path",)), ("x-a-",)
+                    )
+                },
+            ),
+        ),
+        (UndefinedDecision("none"), ("r1", {})),
+        (
+            ev("r1", {"authz/gateway/decision": GATEWAY_DECLARATION, "bad": {"input": []}}),
+            (
+                "r1",
+                {
+                    "authz/gateway/decision": KeyDeclaration(
+                        (("credentials",), ("parsed_path",)), ("x-a-",)
+                    )
+                },
+            ),
+        ),
+    ],
+    ids=["declared", "bundle-without-declarations", "bad-entry-left-out"],
+)
+async def test_cache_key_declarations_are_read_once_per_activation_with_their_revision(
+    answer: Evaluation | Exception, expected: tuple[str, dict[str, KeyDeclaration]]
+) -> None:
+    engine = Scripted(ev("r1"), ev("r1", []), answer, ev("r1"))
+    delivered: list[tuple[str, dict[str, KeyDeclaration]]] = []
+    watcher = BundleWatcher(engine, on_cache_keys=lambda r, d: delivered.append((r, d)))
+    assert await watcher.poll_once() is True
+    assert await watcher.poll_once() is False
+    assert engine.paths == [PROBE_PATH, WARNINGS_PATH, CACHE_KEYS_PATH, PROBE_PATH]
+    assert delivered == [expected]
+
+
+async def test_declared_paths_are_logged_at_activation(caplog: pytest.LogCaptureFixture) -> None:
+    engine = Scripted(
+        ev("r1"), ev("r1", []), ev("r1", {"authz/gateway/decision": GATEWAY_DECLARATION})
+    )
+    watcher = BundleWatcher(engine, on_cache_keys=lambda r, d: None)
+    with caplog.at_level(logging.INFO, logger="authz.runtime.bundle_watch"):
+        await watcher.poll_once()
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("decision cache keyed")]
+    assert line.__dict__["decision_paths"] == ["authz/gateway/decision"]
+
+
+async def test_unreadable_cache_key_declarations_deliver_nothing() -> None:
+    engine = Scripted(ev("r1"), ev("r1", []), OpaUnavailable("down"))
+    delivered: list[tuple[str, dict[str, KeyDeclaration]]] = []
+    watcher = BundleWatcher(engine, on_cache_keys=lambda r, d: delivered.append((r, d)))
+    assert await watcher.poll_once() is True
+    assert delivered == []  # the cache keeps exact-input keys for r1

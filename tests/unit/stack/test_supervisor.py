@@ -1,10 +1,14 @@
-"""stack.supervisor.Backoff: the restart delays of a crashed child (no process started)."""
+"""stack.supervisor: the restart delays of a crashed child (Backoff) and how the stack's
+processes are defined (no process started)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from authz.stack.supervisor import DEFAULT_BACKOFF, Backoff
+from authz.stack.supervisor import DEFAULT_BACKOFF, Backoff, Ports, Stack
 
 
 @pytest.mark.parametrize(
@@ -51,3 +55,32 @@ def test_backoff_refuses_a_policy_that_would_spin_or_shrink(
 ) -> None:
     with pytest.raises(ValueError, match=field):
         Backoff(**kwargs)
+
+
+# -- authz reaches OPA over a unix socket --------------------------------------------
+
+
+def test_authz_reaches_the_stacks_opa_over_a_unix_socket(
+    tmp_path: Path, repo_root: Path, opa_bin: str, envoy_bin: str
+) -> None:
+    """No process is started: the definitions say OPA also listens on
+    ``<run_dir>/opa.sock`` and authz's AUTHZ_OPA_URL is that socket."""
+    stack = Stack(repo_root, tmp_path / "run", tmp_path / "bundles", Ports.free())
+    socket = tmp_path.resolve() / "run" / "opa.sock"
+    assert stack.opa_socket == socket
+    processes = {process.name: process for process in stack._define()}
+    assert f"--addr=unix://{socket}" in processes["opa"].argv
+    assert any(arg.startswith("--addr=127.0.0.1:") for arg in processes["opa"].argv)
+    assert processes["authz"].env["AUTHZ_OPA_URL"] == f"unix://{socket}"
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "wrap"),
+    [("r" * 120, None), ("run", lambda process: process)],
+    ids=["path-too-long-for-a-socket", "opa-in-a-container"],
+)
+def test_authz_falls_back_to_opas_tcp_port_where_a_socket_cannot_serve(
+    tmp_path: Path, run_dir: str, wrap: Any
+) -> None:
+    stack = Stack(tmp_path, tmp_path / run_dir, tmp_path / "bundles", wrap=wrap)
+    assert stack.opa_socket is None
