@@ -486,9 +486,11 @@ def test_k8s_sidecar_polls_signed_bundles_from_the_bundle_server(
     served = served_dir / "authz.tar.gz"
     _publish(bundles["r1"], served)
     api, diag = free_port(), free_port()
+    (tmp_path / "run").mkdir()  # the emptyDir opa-socket (/run/opa)
     args = _map_args(
         sidecar["args"],
         {
+            "/run/opa/": f"{tmp_path / 'run'}/",
             "/config/opa.yaml": str(tmp_path / "config/opa.yaml"),
             "/policy/system": str(tmp_path / "system"),
             "/keys/": f"{tmp_path / 'keys'}/",
