@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import tomllib
@@ -722,6 +724,25 @@ BROKEN_SOCKET = {
     "opa does not wait": "does not wait for opa-socket-init",
     "another service mounts it": "mounted by ['bundle-server'] too",
 }
+
+
+@pytest.mark.parametrize("combo", ["production", "dev"])
+def test_opa_socket_init_hands_the_directory_over(
+    projects: dict[str, Any], combo: str, tmp_path: Path
+) -> None:
+    """opa-socket-init's own script, run for real on a directory (to this test's uid and
+    gid: no root here), sets the owner and mode its arguments give, twice in a row (a
+    restarted stack runs it on a volume it already prepared)."""
+    entrypoint = projects[combo]["services"]["opa-socket-init"]["entrypoint"]
+    assert entrypoint[:2] == ["python", "-c"]
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o755)
+    args = [str(directory), str(os.getuid()), str(os.getgid()), entrypoint[-1]]
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", entrypoint[2], *args], check=True, timeout=30)
+        info = directory.stat()
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
+        assert stat.S_IMODE(info.st_mode) == int(entrypoint[-1], 8) == 0o770
 
 
 @pytest.mark.parametrize("change", BROKEN_SOCKET)
