@@ -89,11 +89,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"{(*SETUPS, *WORKLOADS, *EXTRA_STEPS)}: e.g. authz,peer,realistic; hostile alone = "
         "legitimate throughput and p99 with and without hostile load (authz, one bundle)",
     )
-    p.add_argument(
+    transport = p.add_mutually_exclusive_group()
+    transport.add_argument(
         "--opa-socket",
+        dest="opa_socket",
         action="store_true",
         default=None,
-        help="authz reaches OPA on a unix socket (AUTHZ_OPA_URL=unix://...) instead of TCP",
+        help="authz reaches OPA on a unix socket (AUTHZ_OPA_URL=unix://...), as shipped "
+        "(the default)",
+    )
+    transport.add_argument(
+        "--opa-tcp",
+        dest="opa_socket",
+        action="store_false",
+        default=None,
+        help="authz reaches OPA over loopback TCP instead of the unix socket",
     )
     p.add_argument("--hostile-legit-rate", type=int, help=f"legit rps ({d.hostile_legit_rate})")
     p.add_argument("--hostile-rate", type=int, help=f"hostile rps ({d.hostile_rate})")

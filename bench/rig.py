@@ -31,9 +31,11 @@ same ``--concurrency``.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,15 +267,35 @@ class Running:
         return {role: p.pid for role, p in self.processes.items() if p.pid is not None}
 
 
+# The longest unix socket path, in bytes (sun_path of sockaddr_un less its NUL; unix(7)).
+MAX_UNIX_PATH: Final = 107
+
+
+def opa_socket_path(run_dir: Path, tag: str, short_dir: Callable[[], Path]) -> Path:
+    """The unix socket of setup ``tag``'s OPA: ``<run_dir>/<tag>-opa.sock`` (absolute),
+    or the same name in ``short_dir()`` when that path is longer than a unix socket path
+    may be (:data:`MAX_UNIX_PATH` bytes), so a deep run directory never silently
+    measures TCP instead."""
+    name = f"{tag}-opa.sock"
+    path = run_dir.resolve() / name
+    if len(str(path).encode()) <= MAX_UNIX_PATH:
+        return path
+    path = short_dir() / name
+    if len(str(path).encode()) > MAX_UNIX_PATH:
+        raise StackError(f"{path}: longer than a unix socket path may be ({MAX_UNIX_PATH} B)")
+    return path
+
+
 class Rig:
     """Starts the shared processes, then one setup at a time (:meth:`setup`).
 
     ``root`` is the repository; ``run_dir`` receives configs and ``logs/``;
     ``bundle_dir`` holds the bundles (``<name>.tar.gz``); ``authz_env`` adds to authz's
     environment in both authz setups (``PYTHONPATH`` runs another checkout of authz; none
-    by default: authz runs as shipped); ``opa_socket`` True serves OPA on a unix socket
-    too and points authz there (``AUTHZ_OPA_URL=unix://...``; OPA's TCP port stays for
-    its health check).
+    by default: authz runs as shipped); ``opa_socket`` (default True, the transport the
+    stack and the deployments ship) serves OPA on a unix socket too and points authz
+    there (``AUTHZ_OPA_URL=unix://...``; OPA's TCP port stays for its health check);
+    False: authz queries OPA over loopback TCP.
     """
 
     def __init__(
@@ -285,7 +307,7 @@ class Rig:
         *,
         envoy_concurrency: int = 1,
         authz_env: Mapping[str, str] | None = None,
-        opa_socket: bool = False,
+        opa_socket: bool = True,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
@@ -295,6 +317,7 @@ class Rig:
         self.authz_env = dict(authz_env or {})
         self.opa_socket = opa_socket
         self._stack = ExitStack()
+        self._short_dir: Path | None = None
         self._shared: list[Process] = []
         self.upstream_port = 0
         self.bundles_port = 0
@@ -332,6 +355,18 @@ class Rig:
     def shared_pids(self) -> list[int]:
         """Pids of the shared processes (upstream Envoy, bundle server)."""
         return [p.pid for p in self._shared if p.pid is not None]
+
+    def _socket_path(self, tag: str) -> Path:
+        """Where setup ``tag``'s OPA listens (:func:`opa_socket_path`); a short directory
+        is made (and removed with the rig) only when the run directory is too deep."""
+
+        def short_dir() -> Path:
+            if self._short_dir is None:
+                self._short_dir = Path(tempfile.mkdtemp(prefix="authz-bench-"))
+                self._stack.callback(shutil.rmtree, self._short_dir, True)
+            return self._short_dir
+
+        return opa_socket_path(self.run_dir, tag, short_dir)
 
     def _start(self, process: Process, stack: ExitStack | None = None) -> Process:
         (stack or self._stack).callback(process.stop)
@@ -427,7 +462,7 @@ class Rig:
                     stack,
                 )
             elif name in AUTHZ_SETUPS:
-                socket_path = self.run_dir / f"{tag}-opa.sock" if self.opa_socket else None
+                socket_path = self._socket_path(tag) if self.opa_socket else None
                 opa, opa_port = self._opa(f"{tag}-opa", self.bin.opa, bundle, None, socket_path)
                 running.processes["opa"] = self._start(opa, stack)
                 authz_port, admin_port = free_port(), free_port()

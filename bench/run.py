@@ -147,8 +147,9 @@ class Options:
     # settings it ships with (vegeta's own per-request headers never reach it: the rig's
     # Envoy removes them, bench.rig).
     authz_env: Mapping[str, str] = field(default_factory=dict)
-    # authz talks to OPA over a unix socket (AUTHZ_OPA_URL=unix://...) instead of TCP.
-    opa_socket: bool = False
+    # authz talks to OPA over a unix socket (AUTHZ_OPA_URL=unix://...), as the stack and
+    # the deployments ship it; False (--opa-tcp): over loopback TCP.
+    opa_socket: bool = True
     keep_run: bool = False
     # Run authz from this git ref of the repository (None: the working tree).
     authz_ref: str | None = None

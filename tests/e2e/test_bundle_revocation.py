@@ -143,7 +143,10 @@ def _start_replica(
     index: int, base: Path, bundle_port: int, public_key: Path, token: str
 ) -> Replica:
     api, diag, grpc_port, admin_port = free_port(), free_port(), free_port(), free_port()
+    run = base / f"run-{index}"  # the emptyDir opa-socket (/run/opa)
+    run.mkdir(exist_ok=True)
     paths = {
+        "/run/opa/": f"{run}/",
         "/config/opa.yaml": str(ROOT / deploy.K8S_GENERATED / "opa.yaml"),
         "/keys/bundle-signing.pub.pem": str(public_key),
         "/policy/system": str(ROOT / deploy.OPA_SYSTEM_POLICY),
@@ -177,8 +180,8 @@ def _start_replica(
             **os.environ,
             "AUTHZ_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
             "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
-            # As the sidecar layout: the pod's own OPA on loopback, with the token.
-            "AUTHZ_OPA_URL": f"http://127.0.0.1:{api}",
+            # As the sidecar layout: the pod's own OPA on its unix socket, with the token.
+            "AUTHZ_OPA_URL": f"unix://{run}/opa.sock",
             "AUTHZ_OPA_TOKEN": token,
             "AUTHZ_BUNDLE_POLL_INTERVAL_S": str(AUTHZ_PROBE_S),
             "AUTHZ_DECISION_LOG": "false",

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import tomllib
@@ -100,6 +102,7 @@ def test_combinations_load(projects: dict[str, Any]) -> None:
         "bundle-server",
         "upstream-api",
         "tls-init",
+        "opa-socket-init",
     }
     assert "redis" in projects["production+redis"]["services"]
     assert {"prometheus", "grafana", "loki", "alloy", "otel-collector", "tempo"} <= set(
@@ -148,8 +151,8 @@ def _services(projects: dict[str, Any], *names: str) -> list[tuple[str, str, dic
     ]
 
 
-# Run once and exit (the certificates), never restarted.
-ONE_SHOT = {"tls-init"}
+# Run once and exit (the certificates, the socket volume's owner), never restarted.
+ONE_SHOT = {"tls-init", "opa-socket-init"}
 # Monitoring images without an HTTP client for a healthcheck command (Alloy's, the
 # Collector's and Tempo's); nothing waits for them to be healthy.
 NO_HTTP_CLIENT = {"alloy", "otel-collector", "tempo"}
@@ -555,25 +558,197 @@ def test_authz_requires_envoys_client_certificate(projects: dict[str, Any], comb
 
 
 @pytest.mark.parametrize("combo", list(COMBINATIONS))
-def test_authz_reaches_opa_over_tls(projects: dict[str, Any], combo: str) -> None:
-    """Every decision input (API keys, sandbox tokens) goes to OPA: https to OPA's TLS
-    listener, its certificate checked against tls-init's CA (SAN "opa")."""
+def test_opas_network_listener_is_tls_only(projects: dict[str, Any], combo: str) -> None:
+    """OPA's REST API on the network (for tools; authz uses the socket, below) is https
+    only, its certificate from tls-init's CA (SAN "opa"), which authz's SSL_CERT_FILE
+    trusts; the only other listener is the unix socket."""
     project = projects[combo]
     environment = project["services"]["authz"]["environment"]
     assert "AUTHZ_OPA_ALLOW_PLAINTEXT" not in environment
-    settings = _authz_settings(project)
-    url = urlsplit(settings.opa_url)
-    assert (url.scheme, url.hostname) == ("https", "opa")
     assert _tls_leaf_paths(project, "authz", environment["SSL_CERT_FILE"]) == ("opa", "ca.crt")
     command = project["services"]["opa"]["command"]
     assert "--addr=https://0.0.0.0:8181" in command
-    assert not [arg for arg in command if arg.startswith("--addr=") and "https://" not in arg]
+    assert not [
+        arg
+        for arg in command
+        if arg.startswith("--addr=") and not arg.startswith(("--addr=https://", "--addr=unix://"))
+    ]
     for flag, expected in (
         ("--tls-cert-file=", ("opa", "tls.crt")),
         ("--tls-private-key-file=", ("opa", "tls.key")),
     ):
         (value,) = [arg.removeprefix(flag) for arg in command if arg.startswith(flag)]
         assert _tls_leaf_paths(project, "opa", value) == expected
+
+
+def _user(service: dict[str, Any]) -> tuple[int, int]:
+    uid, _, gid = str(service["user"]).partition(":")
+    return int(uid), int(gid)
+
+
+def _socket_problems(project: dict[str, Any]) -> list[str]:
+    """Why authz could not reach OPA over its unix socket, or someone else could: OPA
+    listens on one ``unix://<path>`` (``--addr``) with ``--unix-socket-perm`` granting the
+    group read and write and others nothing; authz's AUTHZ_OPA_URL is that file as authz
+    sees it, both mounting one named volume (only they and its init mount it, OPA
+    writable); the one-shot ``opa-socket-init`` (``python -c ... <dir> <uid> <gid>
+    <mode>``) hands the volume (root-owned when created) to OPA's user with a mode
+    without access for others, before OPA starts; and authz is in OPA's group (the
+    socket's and the directory's)."""
+    services = project["services"]
+    opa, authz = services["opa"], services["authz"]
+    addrs = [a.partition("=")[2] for a in opa["command"] if a.startswith("--addr=unix://")]
+    if len(addrs) != 1:
+        return [f"OPA listens on no single unix socket: {opa['command']}"]
+    socket = addrs[0].removeprefix("unix://")
+    problems = []
+    perms = [a.partition("=")[2] for a in opa["command"] if a.startswith("--unix-socket-perm=")]
+    if len(perms) != 1 or len(perms[0]) != 3 or perms[0][1] not in "67" or perms[0][2] != "0":
+        problems.append(f"socket permissions {perms}: not group read-write, others none")
+
+    def mount(service: dict[str, Any], path: str) -> dict[str, Any] | None:
+        return next(
+            (
+                v
+                for v in service.get("volumes") or []
+                if path.startswith(v["target"].rstrip("/") + "/")
+            ),
+            None,
+        )
+
+    url = authz["environment"].get("AUTHZ_OPA_URL", "")
+    opa_mount = mount(opa, socket)
+    authz_mount = mount(authz, url.removeprefix("unix://")) if url.startswith("unix://") else None
+    if opa_mount is None or opa_mount["type"] != "volume":
+        return [*problems, f"OPA's {socket} is not on a named volume"]
+    if opa_mount.get("read_only"):
+        problems.append("OPA's socket volume is read-only")
+    volume = opa_mount["source"]
+    if not url.startswith("unix:///"):
+        problems.append(f"AUTHZ_OPA_URL={url!r} is not a unix socket")
+    elif authz_mount is None or authz_mount.get("source") != volume:
+        problems.append(f"authz's {url} and OPA's {socket} are not on one shared volume")
+    elif url.removeprefix("unix://").removeprefix(authz_mount["target"].rstrip("/")) != (
+        socket.removeprefix(opa_mount["target"].rstrip("/"))
+    ):
+        problems.append(f"authz's {url} is not the file OPA's {socket} creates")
+    others = sorted(
+        name
+        for name, service in services.items()
+        if name not in {"opa", "authz", "opa-socket-init"}
+        and any(v.get("source") == volume for v in service.get("volumes") or [])
+    )
+    if others:
+        problems.append(f"the socket volume is mounted by {others} too")
+    init = services.get("opa-socket-init")
+    if init is None:
+        return [*problems, "no opa-socket-init"]
+    directory, uid, gid, mode = init["entrypoint"][-4:]
+    init_mounts = [v["target"] for v in init.get("volumes") or [] if v.get("source") == volume]
+    if init_mounts != [directory]:
+        problems.append(f"opa-socket-init prepares {directory}, not the volume {volume}")
+    if (int(uid), int(gid)) != _user(opa):
+        problems.append(f"opa-socket-init gives the volume to {uid}:{gid}, not OPA's user")
+    if int(mode, 8) & 0o007 or int(mode, 8) & 0o050 != 0o050:
+        problems.append(f"opa-socket-init's mode {mode}: others have access or the group not")
+    condition = (opa.get("depends_on") or {}).get("opa-socket-init", {}).get("condition")
+    if condition != "service_completed_successfully":
+        problems.append("OPA does not wait for opa-socket-init")
+    if str(_user(opa)[1]) not in [str(g) for g in authz.get("group_add") or []]:
+        problems.append(f"authz is not in OPA's group {_user(opa)[1]}")
+    return problems
+
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_authz_reaches_opa_over_its_unix_socket(projects: dict[str, Any], combo: str) -> None:
+    """Every decision input goes to OPA over the unix socket on the shared volume
+    "opa-socket" (no network hop); authz's own rules accept the URL without
+    AUTHZ_OPA_ALLOW_PLAINTEXT (a unix socket is local)."""
+    project = projects[combo]
+    assert _socket_problems(project) == []
+    settings = _authz_settings(project)
+    assert settings.opa_url == "unix:///run/opa/opa.sock"
+    assert not settings.opa_allow_plaintext
+
+
+def _break_socket(project: dict[str, Any], change: str) -> dict[str, Any]:
+    broken = copy.deepcopy(project)
+    services = broken["services"]
+    opa, authz, init = services["opa"], services["authz"], services["opa-socket-init"]
+    if change == "tcp url":
+        authz["environment"]["AUTHZ_OPA_URL"] = "https://opa:8181"
+    elif change == "other path":
+        authz["environment"]["AUTHZ_OPA_URL"] = "unix:///run/opa/other.sock"
+    elif change == "authz does not mount it":
+        authz["volumes"] = [v for v in authz["volumes"] if v["target"] != "/run/opa"]
+    elif change == "bind mount":
+        mount = next(v for v in opa["volumes"] if v["target"] == "/run/opa")
+        mount.update(type="bind", source="/tmp/opa")
+    elif change == "no unix listener":
+        opa["command"] = [a for a in opa["command"] if not a.startswith("--addr=unix://")]
+    elif change == "world-open socket":
+        opa["command"] = [
+            "--unix-socket-perm=777" if a.startswith("--unix-socket-perm=") else a
+            for a in opa["command"]
+        ]
+    elif change == "default socket permissions":
+        opa["command"] = [a for a in opa["command"] if not a.startswith("--unix-socket-perm=")]
+    elif change == "no group_add":
+        authz.pop("group_add")
+    elif change == "init gives it to root":
+        init["entrypoint"][-3:-1] = ["0", "0"]
+    elif change == "init leaves it open":
+        init["entrypoint"][-1] = "777"
+    elif change == "no init":
+        del services["opa-socket-init"]
+    elif change == "opa does not wait":
+        del opa["depends_on"]["opa-socket-init"]
+    elif change == "another service mounts it":
+        mount = next(v for v in opa["volumes"] if v["target"] == "/run/opa")
+        services["bundle-server"]["volumes"].append(dict(mount, target="/s"))
+    return broken
+
+
+BROKEN_SOCKET = {
+    "tcp url": "is not a unix socket",
+    "other path": "is not the file OPA's",
+    "authz does not mount it": "are not on one shared volume",
+    "bind mount": "is not on a named volume",
+    "no unix listener": "no single unix socket",
+    "world-open socket": "not group read-write, others none",
+    "default socket permissions": "not group read-write, others none",
+    "no group_add": "authz is not in OPA's group",
+    "init gives it to root": "not OPA's user",
+    "init leaves it open": "others have access",
+    "no init": "no opa-socket-init",
+    "opa does not wait": "does not wait for opa-socket-init",
+    "another service mounts it": "mounted by ['bundle-server'] too",
+}
+
+
+@pytest.mark.parametrize("combo", ["production", "dev"])
+def test_opa_socket_init_hands_the_directory_over(
+    projects: dict[str, Any], combo: str, tmp_path: Path
+) -> None:
+    """opa-socket-init's own script, run for real on a directory (to this test's uid and
+    gid: no root here), sets the owner and mode its arguments give, twice in a row (a
+    restarted stack runs it on a volume it already prepared)."""
+    entrypoint = projects[combo]["services"]["opa-socket-init"]["entrypoint"]
+    assert entrypoint[:2] == ["python", "-c"]
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o755)
+    args = [str(directory), str(os.getuid()), str(os.getgid()), entrypoint[-1]]
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", entrypoint[2], *args], check=True, timeout=30)
+        info = directory.stat()
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
+        assert stat.S_IMODE(info.st_mode) == int(entrypoint[-1], 8) == 0o770
+
+
+@pytest.mark.parametrize("change", BROKEN_SOCKET)
+def test_socket_check_can_fail(projects: dict[str, Any], change: str) -> None:
+    problems = _socket_problems(_break_socket(projects["production"], change))
+    assert any(BROKEN_SOCKET[change] in problem for problem in problems), problems
 
 
 def test_plaintext_opa_would_be_refused(projects: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 
 from authz.core.errors import ConfigError
 from authz.runtime import audit, config
-from authz.runtime.config import is_loopback_host, load, unknown_variables
+from authz.runtime.config import load, unknown_variables
 from authz.tools import deploy
 from tests.helpers.infra import ROOT
 
@@ -340,7 +340,133 @@ def test_opa_is_reachable_from_its_pod_only() -> None:
     assert {p["containerPort"] for p in opa["ports"]} == {8282}
     authz = next(c for c in containers if c["name"] == "authz")
     env = {e["name"]: e.get("value") for e in authz["env"]}
-    assert env["AUTHZ_OPA_URL"] == "http://127.0.0.1:8181"
+    assert env["AUTHZ_OPA_URL"] == "unix:///run/opa/opa.sock"
+
+
+def _socket_problems(resources: Resources) -> list[str]:
+    """Why authz could not reach OPA over the shared unix socket: OPA must listen on
+    ``unix://<path>`` (``--addr``) with ``--unix-socket-perm`` granting the group read and
+    write and others nothing; authz's ``AUTHZ_OPA_URL`` must be ``unix://`` the same file
+    as authz sees it (both containers mount one in-memory emptyDir, which no other
+    container mounts, OPA writable); and authz's gid must be the pod's fsGroup, the group
+    the socket gets (kubelet sets the volume's group to fsGroup with the setgid bit)."""
+    spec = _pod(resources, "authz")
+    opa = _container(resources, "authz", "opa")
+    authz = _container(resources, "authz", "authz")
+    addrs = [a.partition("=")[2] for a in opa["args"] if a.startswith("--addr=unix://")]
+    if len(addrs) != 1:
+        return [f"OPA listens on no single unix socket: {opa['args']}"]
+    socket = addrs[0].removeprefix("unix://")
+    problems = []
+    perms = [a.partition("=")[2] for a in opa["args"] if a.startswith("--unix-socket-perm=")]
+    if len(perms) != 1 or len(perms[0]) != 3 or perms[0][1] not in "67" or perms[0][2] != "0":
+        problems.append(f"socket permissions {perms}: not group read-write, others none")
+
+    def mount(container: dict[str, Any], path: str) -> dict[str, Any] | None:
+        return next(
+            (
+                m
+                for m in container.get("volumeMounts", [])
+                if path.startswith(m["mountPath"].rstrip("/") + "/")
+            ),
+            None,
+        )
+
+    opa_mount = mount(opa, socket)
+    url = _env(authz).get("AUTHZ_OPA_URL", "")
+    authz_mount = mount(authz, url.removeprefix("unix://")) if url.startswith("unix://") else None
+    if not url.startswith("unix:///"):
+        problems.append(f"AUTHZ_OPA_URL={url!r} is not a unix socket")
+    elif opa_mount is None or authz_mount is None or opa_mount["name"] != authz_mount["name"]:
+        problems.append(f"authz's {url} and OPA's {socket} are not on one shared volume")
+    elif url.removeprefix("unix://").removeprefix(authz_mount["mountPath"].rstrip("/")) != (
+        socket.removeprefix(opa_mount["mountPath"].rstrip("/"))
+    ):
+        problems.append(f"authz's {url} is not the file OPA's {socket} creates")
+    if opa_mount is not None:
+        if opa_mount.get("readOnly"):
+            problems.append("OPA's socket volume is read-only")
+        volume = next(v for v in spec["volumes"] if v["name"] == opa_mount["name"])
+        if volume.get("emptyDir", {}).get("medium") != "Memory":
+            problems.append(f"the socket volume {volume['name']} is not an in-memory emptyDir")
+        others = [
+            c["name"]
+            for c in [*spec["containers"], *spec.get("initContainers", [])]
+            if c["name"] not in {"authz", "opa"}
+            and any(m["name"] == volume["name"] for m in c.get("volumeMounts", []))
+        ]
+        if others:
+            problems.append(f"the socket volume is mounted by {others} too")
+    pod_security = spec.get("securityContext", {})
+    gid = authz.get("securityContext", {}).get("runAsGroup", pod_security.get("runAsGroup"))
+    if pod_security.get("fsGroup") is None or gid != pod_security["fsGroup"]:
+        problems.append(f"authz's gid {gid} is not the fsGroup the socket gets")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_authz_reaches_opa_over_the_shared_socket_volume(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    assert _socket_problems(_overlay(rendered, overlay)) == []
+
+
+def _break_socket(resources: Resources, change: str) -> Resources:
+    broken = copy.deepcopy(resources)
+    spec = _pod(broken, "authz")
+    opa = _container(broken, "authz", "opa")
+    authz = _container(broken, "authz", "authz")
+    url = next(e for e in authz["env"] if e["name"] == "AUTHZ_OPA_URL")
+    if change == "tcp url":
+        url["value"] = "http://127.0.0.1:8181"
+    elif change == "other path":
+        url["value"] = "unix:///run/opa/other.sock"
+    elif change == "authz does not mount it":
+        authz["volumeMounts"] = [m for m in authz["volumeMounts"] if m["mountPath"] != "/run/opa"]
+    elif change == "opa on its own volume":
+        spec["volumes"].append({"name": "opa-own", "emptyDir": {"medium": "Memory"}})
+        next(m for m in opa["volumeMounts"] if m["mountPath"] == "/run/opa")["name"] = "opa-own"
+    elif change == "no unix listener":
+        opa["args"] = [a for a in opa["args"] if not a.startswith("--addr=unix://")]
+    elif change == "world-open socket":
+        opa["args"] = [
+            "--unix-socket-perm=777" if a.startswith("--unix-socket-perm=") else a
+            for a in opa["args"]
+        ]
+    elif change == "default socket permissions":
+        opa["args"] = [a for a in opa["args"] if not a.startswith("--unix-socket-perm=")]
+    elif change == "on disk":
+        next(v for v in spec["volumes"] if v["name"] == "opa-socket")["emptyDir"] = {}
+    elif change == "read-only for OPA":
+        next(m for m in opa["volumeMounts"] if m["mountPath"] == "/run/opa")["readOnly"] = True
+    elif change == "authz in another group":
+        authz["securityContext"]["runAsGroup"] = 2000
+    elif change == "another container mounts it":
+        spec["containers"].append(
+            {"name": "debug", "volumeMounts": [{"name": "opa-socket", "mountPath": "/s"}]}
+        )
+    return broken
+
+
+BROKEN_SOCKET = {
+    "tcp url": "is not a unix socket",
+    "other path": "is not the file OPA's",
+    "authz does not mount it": "are not on one shared volume",
+    "opa on its own volume": "are not on one shared volume",
+    "no unix listener": "no single unix socket",
+    "world-open socket": "not group read-write, others none",
+    "default socket permissions": "not group read-write, others none",
+    "on disk": "is not an in-memory emptyDir",
+    "read-only for OPA": "OPA's socket volume is read-only",
+    "authz in another group": "is not the fsGroup the socket gets",
+    "another container mounts it": "mounted by ['debug'] too",
+}
+
+
+@pytest.mark.parametrize("change", BROKEN_SOCKET)
+def test_socket_check_can_fail(rendered: dict[str, list[dict[str, Any]]], change: str) -> None:
+    problems = _socket_problems(_break_socket(_overlay(rendered, "overlays/production"), change))
+    assert any(BROKEN_SOCKET[change] in problem for problem in problems), problems
 
 
 def test_network_policy_lets_only_envoy_reach_authz(
@@ -421,7 +547,8 @@ def test_authz_requires_envoys_client_certificate() -> None:
     settings = load(env)
     assert settings.grpc_addr == "0.0.0.0:9191"
     assert settings.grpc_tls
-    assert is_loopback_host(urlsplit(settings.opa_url).hostname or "")  # the OPA sidecar
+    # The OPA sidecar's unix socket: local, so neither TLS nor AUTHZ_OPA_ALLOW_PLAINTEXT.
+    assert settings.opa_url == "unix:///run/opa/opa.sock"
     for key, secret_key in (
         ("AUTHZ_GRPC_TLS_CERT", "tls.crt"),
         ("AUTHZ_GRPC_TLS_KEY", "tls.key"),
@@ -1042,3 +1169,5 @@ def test_production_authz_settings_load(
     assert settings.redis_url is not None
     assert settings.redis_url.reveal() == "redis://redis:6379/0"
     assert settings.grpc_tls
+    assert settings.opa_url == "unix:///run/opa/opa.sock"
+    assert not settings.opa_allow_plaintext

@@ -195,8 +195,10 @@ def opa_metrics(
         cwd=ROOT,
     )
     tls_dir = deployment_tls(base / "tls")  # what tls-init writes to the volume "tls"
+    (base / "run").mkdir(exist_ok=True)  # the volume opa-socket (/run/opa)
     args = [
-        arg.replace("/tls/", f"{tls_dir}/")  # first: ROOT may contain "/tls/" (a worktree)
+        arg.replace("/run/opa/", f"{base}/run/")
+        .replace("/tls/", f"{tls_dir}/")  # first: ROOT may contain "/tls/" (a worktree)
         .replace("/config/opa.yaml", str(ROOT / "infra/opa/opa.yaml"))
         .replace("/policy/system", str(ROOT / "infra/opa/system"))
         .replace("/keys/bundle-signing.pub.pem", str(signing_keys.public))

@@ -8,10 +8,13 @@ to free loopback ports, against a local bundle server. Keys are generated per se
 from __future__ import annotations
 
 import functools
+import http.client
 import io
 import json
 import os
 import re
+import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -80,16 +83,83 @@ def _map_args(args: list[str], paths: dict[str, str], api: int, diag: int) -> li
     return mapped
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over the unix socket ``path`` (what authz's ``AUTHZ_OPA_URL=unix://``
+    does)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=5)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(str(self.path))
+        self.sock = sock
+
+
+def _socket_decision(path: Path, key: str, token: str | None) -> tuple[int, dict[str, Any]]:
+    """(status, body) of the gateway decision for an admin-only path with ``key``, asked
+    over the unix socket ``path`` with ``token`` as bearer (none: no header)."""
+    body = {
+        "input": {
+            "attributes": {"request": {"http": {"method": "GET", "path": "/api/v1/admin/users"}}},
+            "parsed_path": ["api", "v1", "admin", "users"],
+            "credentials": {"x-api-key": digest(key)},
+        }
+    }
+    connection = _UnixConnection(path)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        connection.request(
+            "POST", f"{GATEWAY_DECISION}?provenance", json.dumps(body).encode(), headers
+        )
+        response = connection.getresponse()
+        answer: dict[str, Any] = json.loads(response.read() or b"{}")
+        return response.status, answer
+    finally:
+        connection.close()
+
+
+def _unix_socket(args: list[str]) -> tuple[Path, int]:
+    """The socket OPA listens on (its one ``--addr=unix://``) and the mode it asks for
+    (``--unix-socket-perm``, octal), from OPA's argument list."""
+    (path,) = [a.removeprefix("--addr=unix://") for a in args if a.startswith("--addr=unix://")]
+    (perm,) = [a.partition("=")[2] for a in args if a.startswith("--unix-socket-perm=")]
+    return Path(path), int(perm, 8)
+
+
+def _check_socket(args: list[str], token: str) -> str:
+    """OPA started with ``args`` listens on its unix socket with the mode they give, and
+    answers the decision there with ``token`` only; returns the active revision."""
+    path, mode = _unix_socket(args)
+    info = path.stat()
+    assert stat.S_ISSOCK(info.st_mode), path
+    assert stat.S_IMODE(info.st_mode) == mode == 0o770
+    status, answer = _socket_decision(path, DEMO_KEY, token)
+    assert status == 200, answer
+    for wrong in (None, "tok_" + "0" * 48):  # OPA's token check covers the socket too
+        denied, body = _socket_decision(path, DEMO_KEY, wrong)
+        assert denied == 401, body
+    revision: str = answer["provenance"]["bundles"]["authz"]["revision"]
+    return revision
+
+
 @dataclass
 class Opa:
     """A running OPA: REST API (TLS, certificate from ``ca``) and diagnostic ports, its
-    token and process."""
+    token and process; ``args`` its argument list; ``socket`` the unix socket it listens
+    on (the volume "opa-socket" of Compose), if any."""
 
     api: int
     diag: int
     token: str
     process: Process
     ca: Path
+    args: list[str] | None = None
+    socket: Path | None = None
 
     @property
     def base(self) -> str:
@@ -185,9 +255,11 @@ def production(
     served = served_dir / "authz.tar.gz"
     _publish(bundles["r1"], served)
     api, diag = free_port(), free_port()
+    (base / "run").mkdir()  # the volume "opa-socket" (/run/opa)
     args = _map_args(
         compose_command("opa"),
         {
+            "/run/opa/": f"{base}/run/",
             # First: the repository's own path may contain "/tls/" (a worktree).
             "/tls/": f"{tls_dir}/",
             "/config/opa.yaml": str(ROOT / "infra/opa/opa.yaml"),
@@ -216,7 +288,8 @@ def production(
         opa.start()
         try:
             opa.wait_ready(20)
-            yield Opa(api, diag, token, opa, tls_dir / "ca.crt"), served
+            socket_path, _ = _unix_socket(args)
+            yield Opa(api, diag, token, opa, tls_dir / "ca.crt", args, socket_path), served
         finally:
             opa.stop()
 
@@ -225,8 +298,10 @@ def production(
 def authz_process(
     production: tuple[Opa, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Process, int]]:
-    """authz against the locked-down OPA with its token (what Compose runs)."""
+    """authz against the locked-down OPA with its token over its unix socket (what
+    Compose runs)."""
     opa, _ = production
+    assert opa.socket is not None
     grpc_port, admin_port = free_port(), free_port()
     process = Process(
         "authz",
@@ -236,8 +311,8 @@ def authz_process(
         env={
             "AUTHZ_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
             "AUTHZ_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
-            # As in Compose: https, OPA's certificate trusted through SSL_CERT_FILE.
-            "AUTHZ_OPA_URL": opa.base,
+            # As in Compose: OPA's unix socket on the shared volume.
+            "AUTHZ_OPA_URL": f"unix://{opa.socket}",
             "SSL_CERT_FILE": str(opa.ca),
             "AUTHZ_OPA_TOKEN": opa.token,
             "AUTHZ_BUNDLE_POLL_INTERVAL_S": "0.2",
@@ -297,6 +372,24 @@ def test_signed_bundle_lifecycle(
     wait_for(lambda: "revision r5" in _readyz(admin_port)[1], what="authz to report r5")
     _, metrics = http_get(f"http://127.0.0.1:{admin_port}/metrics")
     assert b'authz_bundle_info{revision="r5"} 1.0' in metrics
+
+
+def test_compose_opa_serves_authz_on_its_socket_with_the_given_permissions(
+    production: tuple[Opa, Path], authz_process: tuple[Process, int]
+) -> None:
+    """OPA started with exactly Compose's argument list (docker-compose.yaml) listens on
+    the unix socket with the mode ``--unix-socket-perm`` gives (0770: OPA's group, which
+    authz joins, and nobody else), answers the decision there with authz's token and
+    refuses it without (401), and authz (AUTHZ_OPA_URL=unix://..., as Compose sets it) is
+    ready through it."""
+    opa, _ = production
+    assert opa.args is not None
+    revision = _check_socket(opa.args, opa.token)
+    assert revision == opa.revision()  # the socket serves the same OPA as the TLS port
+    _, admin_port = authz_process
+    status, body = _readyz(admin_port)
+    assert status == 200, body
+    assert "revision r" in body
 
 
 def test_api_is_locked_down(production: tuple[Opa, Path]) -> None:
@@ -486,9 +579,11 @@ def test_k8s_sidecar_polls_signed_bundles_from_the_bundle_server(
     served = served_dir / "authz.tar.gz"
     _publish(bundles["r1"], served)
     api, diag = free_port(), free_port()
+    (tmp_path / "run").mkdir()  # the emptyDir opa-socket (/run/opa)
     args = _map_args(
         sidecar["args"],
         {
+            "/run/opa/": f"{tmp_path / 'run'}/",
             "/config/opa.yaml": str(tmp_path / "config/opa.yaml"),
             "/policy/system": str(tmp_path / "system"),
             "/keys/": f"{tmp_path / 'keys'}/",
@@ -529,6 +624,8 @@ def test_k8s_sidecar_polls_signed_bundles_from_the_bundle_server(
         process.wait_ready(20)
         pid = process.pid
         opa = Opa(api, diag, "tok_" + "1" * 48, process, tmp_path)  # failed_loads only
+        # authz's way in: the sidecar's socket on the emptyDir, mode 0770, token required.
+        assert _check_socket(args, "tok_" + "1" * 48) == "r1"
         before = opa.failed_loads()
         _publish(bundles["r2"], served)
         wait_for(functools.partial(_more_failed_loads, opa, before), what="r2 refused")
@@ -589,6 +686,7 @@ def test_opa_refuses_to_start_without_the_public_key(opa_bin: str, tmp_path: Pat
     args = _map_args(
         compose_command("opa"),
         {
+            "/run/opa/": f"{tmp_path}/",  # the volume "opa-socket": not why it fails
             "/config/opa.yaml": str(ROOT / "infra/opa/opa.yaml"),
             "/policy/system": str(ROOT / "infra/opa/system"),
             "/keys/bundle-signing.pub.pem": str(tmp_path / "missing.pem"),
@@ -696,9 +794,11 @@ def test_traced_opa_config_starts_and_a_broken_one_is_refused(
     config = tmp_path / "opa.yaml"
     config.write_text(text)
     api, diag = free_port(), free_port()
+    (tmp_path / "run").mkdir()  # the volume "opa-socket" (/run/opa)
     args = _map_args(
         compose_command("opa"),
         {
+            "/run/opa/": f"{tmp_path}/run/",
             "/tls/": f"{deployment_tls(tmp_path / 'tls')}/",
             "/config/opa.yaml": str(config),
             "/policy/system": str(ROOT / "infra/opa/system"),

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from authz.runtime import config
+from authz.stack.supervisor import StackError
 from bench.rig import (
     AUTHZ_SETUPS,
     BARE_ENV,
+    MAX_UNIX_PATH,
     PEER_DECISION_PATH,
     SETUPS,
     VEGETA_HEADERS,
+    Binaries,
+    Rig,
     gateway_config,
     opa_config,
+    opa_socket_path,
     upstream_config,
 )
 from tests.helpers import ROOT
@@ -115,3 +121,37 @@ def test_setups_include_the_ceiling_and_authz_without_logs() -> None:
     assert (bare.decision_log, bare.audit_db) == (False, None)
     assert shipped.decision_log is True
     assert shipped.audit_db is not None
+
+
+def _no_short_dir() -> Path:
+    raise AssertionError("a short directory was made for a path that fits")
+
+
+@pytest.mark.parametrize(
+    ("depth", "in_run_dir"), [(1, True), (120, False)], ids=["fits", "too-deep"]
+)
+def test_opa_socket_path_always_fits_a_unix_socket(
+    tmp_path: Path, depth: int, in_run_dir: bool
+) -> None:
+    """The socket stays in the run directory when its path fits sun_path, else moves to
+    the short directory: a deep run directory never falls back to TCP."""
+    run_dir = tmp_path / ("d" * depth)
+    short = tmp_path / "s"
+    path = opa_socket_path(
+        run_dir, "authz-bare-keys-100000", _no_short_dir if in_run_dir else lambda: short
+    )
+    assert path.name == "authz-bare-keys-100000-opa.sock"
+    assert path.parent == (run_dir.resolve() if in_run_dir else short)
+    assert len(str(path).encode()) <= MAX_UNIX_PATH
+
+
+def test_opa_socket_path_refuses_a_short_directory_that_is_not(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="longer than a unix socket path"):
+        opa_socket_path(tmp_path / ("d" * 120), "authz", lambda: tmp_path / ("s" * 120))
+
+
+def test_the_rig_serves_opa_on_a_unix_socket_by_default(tmp_path: Path) -> None:
+    """As shipped (the stack, Compose, Kubernetes): authz's OPA URL is a unix socket."""
+    binaries = Binaries(envoy="envoy", opa="opa", vegeta="vegeta")
+    assert Rig(ROOT, tmp_path, tmp_path, binaries).opa_socket is True
+    assert Rig(ROOT, tmp_path, tmp_path, binaries, opa_socket=False).opa_socket is False

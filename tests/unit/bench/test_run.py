@@ -95,9 +95,18 @@ def test_authz_runs_as_shipped_by_default() -> None:
     }
 
 
-def test_opa_socket_is_an_option() -> None:
-    assert _opts().opa_socket is False
+def test_authz_reaches_opa_over_the_shipped_unix_socket_by_default() -> None:
+    # The stack and the deployments ship AUTHZ_OPA_URL=unix://...: so does the benchmark.
+    assert DEFAULT.opa_socket is True
+    assert _opts().opa_socket is True
+    assert _opts("--quick").opa_socket is True
     assert _opts("--opa-socket").opa_socket is True
+    assert _opts("--opa-tcp").opa_socket is False  # TCP stays measurable
+
+
+def test_opa_transport_options_exclude_each_other() -> None:
+    with pytest.raises(SystemExit):
+        _opts("--opa-socket", "--opa-tcp")
 
 
 def _bench(tmp_path: Path) -> Bench:
