@@ -22,6 +22,7 @@ meaning::
     ├── DeadlineExceeded            deadline_exceeded       503     budget spent before a decision
     ├── CredentialError             credential_unavailable  503     secret for injection missing
     ├── RateLimitUnavailable        rate_limit_unavailable  503     shared limiter down, strict
+    ├── OverridesUnavailable        overrides_unavailable   503     shared override store down
     └── PolicyError                 policy_error            500
         ├── OpaUnavailable          opa_unavailable         503     yes        yes
         │   └── CircuitOpen         opa_circuit_open        503     yes        yes
@@ -68,6 +69,7 @@ __all__ = [
     "OpaResponseError",
     "OpaTimeout",
     "OpaUnavailable",
+    "OverridesUnavailable",
     "PolicyError",
     "RateLimitUnavailable",
     "RequestError",
@@ -230,6 +232,15 @@ class RateLimitUnavailable(AuthzError):
 
     code = "rate_limit_unavailable"
     public_message = "rate limiting is unavailable"
+    http_status = 503
+
+
+class OverridesUnavailable(AuthzError):
+    """The shared override store (Redis, :mod:`authz.runtime.fleet`) is unreachable: an
+    override cannot be granted or deleted now (the last known ones stay enforced)."""
+
+    code = "overrides_unavailable"
+    public_message = "the shared override store is unavailable"
     http_status = 503
 
 

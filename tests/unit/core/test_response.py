@@ -245,6 +245,7 @@ FAILURE_STATUSES: list[tuple[str, int]] = [
     ("deadline_exceeded", 503),
     ("credential_unavailable", 503),
     ("rate_limit_unavailable", 503),
+    ("overrides_unavailable", 503),
     ("invalid_decision", 500),
     ("unsafe_header_mutation", 500),
     ("invalid_decision_path", 500),
