@@ -223,9 +223,9 @@ class RedisOverrideStore:
     ``on_refused()`` for each entry refused. Implements
     :class:`~authz.runtime.overrides.OverrideBackend`.
 
-    State for readiness and metrics: ``loaded`` (a snapshot was read at least once),
-    ``available`` (the last Redis call answered), ``last_read`` (monotonic time of the
-    last snapshot or version check that answered), ``version``."""
+    State for readiness: ``loaded`` (a snapshot was read at least once), ``in_opa``
+    (the last push to OPA succeeded), ``version`` (of the snapshot; None after a local
+    change, so the next step re-reads)."""
 
     def __init__(
         self,
@@ -257,6 +257,7 @@ class RedisOverrideStore:
         self._lock = asyncio.Lock()
         self.version: bytes | None = None
         self.loaded = False
+        self.in_opa = False  # the last push to OPA succeeded
 
     # -- time -------------------------------------------------------------------------
     def observe_time(self, seconds: bytes | int, micros: bytes | int) -> None:
@@ -435,7 +436,10 @@ class RedisOverrideStore:
             await self._push(document)
         except PolicyError as exc:
             log.warning("cannot push overrides to OPA", extra={"code": exc.code})
+            self.in_opa = False
+            self._pushed_at = -REPUSH_S  # retried at the next step, not in REPUSH_S
             return False
+        self.in_opa = True
         self._pushed_at = time.monotonic()
         if changed:
             self._pushed = document
@@ -627,13 +631,16 @@ class Fleet:
 
     # -- readiness and metrics --------------------------------------------------------
     def readiness(self) -> ReadinessCheck:
-        """``/readyz`` check ``overrides``: not ready until the overrides were read once;
-        while Redis is down, ready with ``fallback`` and not with ``deny``."""
+        """``/readyz`` check ``overrides``: not ready until the overrides were read once
+        and OPA holds them; while Redis is down, ready with ``fallback`` and not with
+        ``deny``."""
 
         async def check() -> tuple[bool, str]:
             count = len(self.overrides.active())
             if not self.overrides.loaded:
                 return False, "overrides not read from redis yet"
+            if not self.overrides.in_opa:
+                return False, f"{count} overrides not pushed to OPA yet"
             if self.available:
                 return True, f"redis, {count} active"
             return (

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio
 
 from authz.core.cache import DecisionCache
-from authz.core.errors import OverridesUnavailable, TooManyOverrides
+from authz.core.errors import OpaUnavailable, OverridesUnavailable, TooManyOverrides
 from authz.runtime import fleet as fleet_module
 from authz.runtime.fleet import (
     CACHE_VERSION_KEY,
@@ -239,9 +239,9 @@ async def test_an_expiry_is_logged_and_reported_once_per_fleet(
 ) -> None:
     caplog.set_level(logging.INFO, logger="authz.runtime.fleet")
     async with _replica(redis_server.url) as a, _replica(redis_server.url) as b:
-        await a.store.add(await _override(a.store, "ovr-short", ttl_s=1))
-        await _within(lambda: "ovr-short" in b.opa)
-        await _within(lambda: "ovr-short" not in a.opa and "ovr-short" not in b.opa, 3.0)
+        await a.store.add(await _override(a.store, "ovr-short", ttl_s=2))
+        await _within(lambda: "ovr-short" in b.opa, 5.0)
+        await _within(lambda: "ovr-short" not in a.opa and "ovr-short" not in b.opa, 10.0)
         await asyncio.sleep(2 * fleet_module.POLL_S)  # both loops past the expiry
         assert a.expired + b.expired == ["ovr-short"]
         lines = [r for r in caplog.records if r.getMessage() == "override expired"]
@@ -389,7 +389,8 @@ async def test_a_hostile_redis_entry_is_refused_and_counted_never_granted(
                 lambda: (
                     (a.metrics.registry.get_sample_value("authz_fleet_entries_refused_total") or 0)
                     >= 1
-                )
+                ),
+                5.0,
             )
         finally:
             await client.aclose()
@@ -464,7 +465,7 @@ async def test_redis_down_keeps_the_last_known_overrides_refuses_changes_and_rec
         await _within(lambda: a.fleet.available, 5.0)
         assert (await a.fleet.readiness()())[0] is True
         # The restarted Redis holds no overrides: the replica follows it.
-        await _within(lambda: "ovr-kept" not in a.opa, 2.0)
+        await _within(lambda: "ovr-kept" not in a.opa, 5.0)
         assert (
             a.metrics.registry.get_sample_value(
                 "authz_fleet_cache_invalidations_total", {"direction": "sent"}
@@ -487,3 +488,27 @@ async def test_a_replica_started_while_redis_is_down_is_not_ready_until_it_read_
         redis_server.start()
         await _within(lambda: a.store.loaded, 5.0)
         assert (await a.fleet.readiness()())[0] is True
+
+
+async def test_a_replica_whose_opa_refuses_the_overrides_is_not_ready_until_it_takes_them(
+    redis_server: RedisServer,
+) -> None:
+    client = _client(redis_server.url)
+    failing = [True]
+
+    async def push(document: dict[str, Any]) -> None:
+        if failing[0]:
+            raise OpaUnavailable("OPA not up yet")
+
+    store = RedisOverrideStore(client, push)
+    fleet = Fleet(client, store, None)
+    try:
+        await fleet.start()
+        assert store.loaded
+        ready, detail = await fleet.readiness()()
+        assert (ready, "not pushed to OPA" in detail) == (False, True)
+        failing[0] = False
+        await fleet.step()  # the next step retries at once, not after REPUSH_S
+        assert (await fleet.readiness()())[0] is True
+    finally:
+        await fleet.close()
