@@ -135,16 +135,24 @@ redis.call('PUBLISH', ARGV[5], 'overrides ' .. v)
 return v
 """
 
-# KEYS[1] index, KEYS[2] entry, KEYS[3] version; ARGV[1] id, ARGV[2] channel.
-# Returns the new version, or 0 when no entry had that id.
+# KEYS[1] index, KEYS[2] entry, KEYS[3] version; ARGV[1] id, ARGV[2] channel, ARGV[3]
+# max entry bytes. Returns {the new version, the entry deleted (or a refusal code as in
+# _LOAD_LUA)}, or {0} when no entry had that id.
 _DELETE_LUA: Final = """
-local existed = redis.call('EXISTS', KEYS[2])
+local kind = redis.call('TYPE', KEYS[2])['ok']
 redis.call('ZREM', KEYS[1], ARGV[1])
-if existed == 0 then return 0 end
+if kind == 'none' then return {0} end
+local value = 2
+if kind == 'string' then
+  value = 1
+  if redis.call('STRLEN', KEYS[2]) <= tonumber(ARGV[3]) then
+    value = redis.call('GET', KEYS[2])
+  end
+end
 local v = redis.call('INCR', KEYS[3])
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[2], 'overrides ' .. v)
-return v
+return {v, value}
 """
 
 # A string key's value, or a marker when it is not a short string (never read then).
@@ -314,21 +322,41 @@ class RedisOverrideStore:
 
     async def remove(self, override_id: str) -> tuple[Override | None, bool]:
         """Delete an override from Redis, tell the fleet, push the list to this
-        replica's OPA. Returns the override as this replica knew it (None when Redis had
-        no entry by that id, or this replica never read a valid one: a malformed entry
-        is deleted all the same) and whether OPA was updated. Raises
-        OverridesUnavailable when Redis does not answer."""
+        replica's OPA. Returns the override deleted (None when Redis had no entry by
+        that id; a malformed entry is deleted all the same and returned as a stand-in
+        naming only its id) and whether OPA was updated. Raises OverridesUnavailable
+        when Redis does not answer."""
         keys = [IDS_KEY, ENTRY_PREFIX + override_id, OVERRIDES_VERSION_KEY]
-        version = await self._call(
-            "delete an override", self._delete(keys=keys, args=[override_id, CHANNEL])
-        )
+        args = [override_id, CHANNEL, MAX_ENTRY_BYTES]
+        reply = await self._call("delete an override", self._delete(keys=keys, args=args))
         async with self._lock:
-            removed = self._items.pop(override_id, None)
+            known = self._items.pop(override_id, None)
             self.version = None
-            if int(version) == 0:
+            if int(reply[0]) == 0:
                 return None, True
+            removed = known or self._deleted(override_id, reply[1])
             self._changed()
             return removed, await self._push_document(force=True)
+
+    def _deleted(self, override_id: str, value: Any) -> Override:
+        """The entry a delete removed, as Redis held it; a malformed one (logged) as a
+        stand-in that names its id and grants nothing."""
+        try:
+            if isinstance(value, int):
+                raise ValueError(_REFUSALS.get(value, "refused"))
+            return parse_persisted_override(orjson.loads(value))
+        except Exception as exc:  # JSON, TypeError, ValueError, ConfigError (the path)
+            self._refused(override_id, exc)
+        return Override(
+            id=override_id,
+            effect="deny",
+            decision_path="",
+            match={},
+            reason="malformed entry in Redis, deleted",
+            actor="",
+            created_at=0.0,
+            expires_at=0.0,
+        )
 
     # -- sync -------------------------------------------------------------------------
     async def refresh(self) -> bool:

@@ -512,3 +512,35 @@ async def test_a_replica_whose_opa_refuses_the_overrides_is_not_ready_until_it_t
         assert (await fleet.readiness()())[0] is True
     finally:
         await fleet.close()
+
+
+async def test_a_delete_on_a_replica_that_has_not_read_the_grant_yet_reports_it_deleted(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        _replica(redis_server.url, run=False) as a,
+        _replica(redis_server.url, run=False) as b,
+    ):
+        await a.store.add(await _override(a.store, "ovr-new"))
+        assert b.store.active() == []  # b's loop has not run: it does not know ovr-new
+        removed, _ = await b.store.remove("ovr-new")
+        assert removed is not None
+        assert removed.id == "ovr-new"
+        await a.store.refresh()
+        assert a.store.active() == []
+
+
+async def test_a_malformed_entry_can_be_deleted_and_is_reported_deleted(
+    redis_server: RedisServer,
+) -> None:
+    async with _replica(redis_server.url, run=False) as a:
+        client = _client(redis_server.url)
+        try:
+            await _plant(client, "ovr-junk", b"{not json")
+            removed, _ = await a.store.remove("ovr-junk")
+            assert removed is not None
+            assert removed.id == "ovr-junk"
+            assert await client.exists(ENTRY_PREFIX + "ovr-junk") == 0
+            assert await client.zscore(IDS_KEY, "ovr-junk") is None
+        finally:
+            await client.aclose()
