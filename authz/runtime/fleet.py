@@ -88,6 +88,7 @@ __all__ = [
     "PREFIX",
     "Fleet",
     "RedisOverrideStore",
+    "connect",
 ]
 
 PREFIX: Final = "authz:fleet:"
@@ -212,6 +213,28 @@ return {t[1], t[2], version, out}
 )
 
 _REFUSALS: Final = {1: "over the size cap", 2: "not a string key", 3: "id too long"}
+
+
+def connect(url: str, timeout_s: float = TIMEOUT_S) -> Any:
+    """A ``redis.asyncio.Redis`` for the fleet (``url``: ``AUTHZ_REDIS_URL``; answers
+    bytes): every socket operation bounded by ``timeout_s`` seconds, one immediate retry
+    on a connection error (after a Redis restart the pooled connections are dead, and
+    the first use of each must reconnect, not fail), no retries with backoff (the loop
+    retries on its own schedule). Its own pool, not the limiter's: a burst of Checks
+    must not starve the sync."""
+    import redis.asyncio  # only needed with Redis
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis.exceptions.ConnectionError],
+    )
 
 
 def _text(value: Any, limit: int = 64) -> str:
@@ -654,8 +677,10 @@ class Fleet:
             except Exception:  # reported by the loop's own failing calls
                 await asyncio.sleep(self._poll_s)
             finally:
+                # Bounded: a close on a dead connection must not hold up shutdown.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    async with asyncio.timeout(self._timeout_s):
+                        await pubsub.aclose()
 
     # -- readiness and metrics --------------------------------------------------------
     def readiness(self) -> ReadinessCheck:
@@ -686,5 +711,9 @@ class Fleet:
             self._metrics.fleet_sync_lag.set(time.monotonic() - self.last_read)
 
     async def close(self) -> None:
-        """Close the Redis connections."""
-        await self._redis.aclose()
+        """Close the Redis connections (within ``timeout_s``; never raises)."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.aclose()
+        except Exception as exc:  # TimeoutError, OSError: nothing left to do at shutdown
+            log.warning("cannot close the fleet's Redis connections", extra={"error": repr(exc)})

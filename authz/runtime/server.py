@@ -51,6 +51,7 @@ from authz.runtime.config import RELOADABLE, Settings, is_loopback_host
 from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
 from authz.runtime.expiry import KeyExpiryWatch
 from authz.runtime.fleet import Fleet, RedisOverrideStore
+from authz.runtime.fleet import connect as fleet_connect
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics, MetricsSink
 from authz.runtime.overrides import OpaOverrideWriter, Override, OverrideBackend, OverrideStore
@@ -348,6 +349,7 @@ class Runtime:
                 "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
                 "audit_db": str(settings.audit_db) if settings.audit_db else None,
                 "rate_limit_backend": settings.rate_limit_backend,
+                "overrides_store": "redis" if self.fleet is not None else "file",
                 "admin_api": settings.admin_token is not None,
                 "decision_cache_ttl_s": settings.decision_cache_ttl_s,
             },
@@ -377,7 +379,9 @@ async def build_runtime(
 
     Order: the listen addresses are checked first (a port in use fails before anything
     starts or logs), then the files (TLS, secrets, audit database, overrides), the OPA
-    and Redis clients, the gRPC server, the watchers, and the admin server last.
+    and Redis clients, with ``AUTHZ_REDIS_URL`` the fleet's first read of the overrides
+    into OPA (so a new replica enforces them from its first Check), the gRPC server, the
+    watchers, and the admin server last.
 
     Raises :class:`StartupError` (one line naming what failed) for a port in use, an
     unusable file, or Redis unreachable with ``AUTHZ_REDIS_FAILURE_MODE=deny``; a
@@ -950,22 +954,7 @@ def build_fleet(
     of checks must not starve the sync), closed by :meth:`Fleet.close`."""
     if settings.redis_url is None:
         return None
-    import redis.asyncio  # only needed with Redis
-    import redis.exceptions
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    from authz.runtime import fleet as fleet_module
-
-    timeout_s = fleet_module.TIMEOUT_S
-    client = redis.asyncio.Redis.from_url(
-        settings.redis_url.reveal(),
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis.exceptions.ConnectionError],
-    )
+    client = fleet_connect(settings.redis_url.reveal())
 
     def on_expired(override: Override) -> None:
         on_action(
@@ -976,7 +965,6 @@ def build_fleet(
     store = RedisOverrideStore(
         client,
         push,
-        timeout_s=timeout_s,
         on_change=metrics.overrides_active.set,
         on_pushed=(lambda: cache.clear("overrides changed")) if cache is not None else None,
         on_expired=on_expired,

@@ -29,6 +29,7 @@ from authz.runtime.fleet import (
     OVERRIDES_VERSION_KEY,
     Fleet,
     RedisOverrideStore,
+    connect,
 )
 from authz.runtime.metrics import Metrics
 from authz.runtime.overrides import Override, parse_override_request
@@ -61,7 +62,9 @@ class Replica:
 
 
 def _client(url: str) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    """A client as authz builds the fleet's (:func:`authz.runtime.fleet.connect`)."""
+    client: redis.asyncio.Redis = connect(url)
+    return client
 
 
 @contextlib.asynccontextmanager
