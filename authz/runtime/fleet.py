@@ -237,6 +237,16 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> Any:
     )
 
 
+def _raise_if_cancelling() -> None:
+    """Raise CancelledError when this task was asked to stop. On Python 3.11 a
+    cancellation arriving as a timeout expires can be turned into that TimeoutError, and
+    redis-py's pub/sub read returns None on a timeout: without this check the loop would
+    never see its cancellation and shutdown would wait forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _text(value: Any, limit: int = 64) -> str:
     """A value read from Redis, shortened and printable, for a log line."""
     if isinstance(value, bytes):
@@ -653,8 +663,10 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._poll_s):
                         await self._wake.wait()
+                _raise_if_cancelling()
                 self._wake.clear()
                 await self.step()
+                _raise_if_cancelling()
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
@@ -670,11 +682,13 @@ class Fleet:
                 self._wake.set()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    _raise_if_cancelling()
                     if message is not None:
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception:  # reported by the loop's own failing calls
+                _raise_if_cancelling()
                 await asyncio.sleep(self._poll_s)
             finally:
                 # Bounded: a close on a dead connection must not hold up shutdown.

@@ -547,3 +547,51 @@ async def test_a_malformed_entry_can_be_deleted_and_is_reported_deleted(
             assert await client.zscore(IDS_KEY, "ovr-junk") is None
         finally:
             await client.aclose()
+
+
+class _SwallowingPubSub:
+    """A pub/sub whose read swallows a cancellation and returns None, as redis-py's
+    does when the cancellation arrives as its read timeout expires (Python 3.11)."""
+
+    async def subscribe(self, channel: str) -> None:
+        return None
+
+    async def get_message(self, **_: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _DownRedis:
+    """A Redis client whose every script fails (down), with :class:`_SwallowingPubSub`."""
+
+    def register_script(self, _: str) -> Callable[..., Awaitable[Any]]:
+        async def script(**_: Any) -> Any:
+            raise ConnectionError("down")
+
+        return script
+
+    def pubsub(self) -> _SwallowingPubSub:
+        return _SwallowingPubSub()
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_the_fleet_loop_stops_when_cancelled_even_if_a_read_swallows_the_cancellation() -> (
+    None
+):
+    client = _DownRedis()
+    store = RedisOverrideStore(client, _no_push)
+    fleet = Fleet(client, store, None, poll_s=0.05, timeout_s=0.05)
+    task = asyncio.create_task(fleet.run())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    assert done == {task}, "the fleet loop did not stop: shutdown would hang"
+
+
+async def _no_push(document: dict[str, Any]) -> None:
+    return None
