@@ -11,6 +11,11 @@ audit trail record. Expiry is enforced twice: by the policies (``expires_at_ns``
 authz, which drops expired entries and re-pushes the list whenever it changes and every
 few seconds (an OPA restart loses pushed data).
 
+This module's :class:`OverrideStore` is one process's list (a file). With
+``AUTHZ_REDIS_URL`` a fleet of replicas shares one list in Redis instead
+(:class:`authz.runtime.fleet.RedisOverrideStore`); both serve the admin API through
+:class:`OverrideBackend` and push with :class:`OpaOverrideWriter`.
+
 Each entry is written on its own (``PUT`` / ``DELETE /v1/data/overrides/<id>``, see
 :class:`OpaOverrideWriter`), so several authz replicas sharing one OPA never overwrite
 each other's entries. Entry shape::
