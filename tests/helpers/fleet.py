@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.tools.launch import opa_launch
@@ -78,8 +79,6 @@ class Replica:
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         """A sample of this replica's ``/metrics`` (0 when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
         text = httpx.get(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5).text
         wanted = dict(labels or {})
         for family in text_string_to_metric_families(text):
