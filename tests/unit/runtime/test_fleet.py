@@ -595,3 +595,18 @@ async def test_the_fleet_loop_stops_when_cancelled_even_if_a_read_swallows_the_c
 
 async def _no_push(document: dict[str, Any]) -> None:
     return None
+
+
+async def test_other_replicas_log_nothing_for_a_grant_or_a_delete(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The admin API of the replica that made the change logs and audits it; the others
+    # only follow (one line per fleet event, not one per replica).
+    async with _replica(redis_server.url) as a, _replica(redis_server.url) as b:
+        caplog.set_level(logging.DEBUG)
+        await a.store.add(await _override(a.store, "ovr-quiet"))
+        await _within(lambda: "ovr-quiet" in b.opa, 5.0)
+        await a.store.remove("ovr-quiet")
+        await _within(lambda: "ovr-quiet" not in b.opa, 5.0)
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert lines == [], [r.getMessage() for r in lines]
