@@ -27,6 +27,7 @@ meaning::
     ├── RateLimitUnavailable        rate_limit_unavailable  503     shared limiter down, strict
     ├── AddressNotAllowed           address_not_allowed     403     tunnel name resolves non-public
     ├── DestinationUnresolved       destination_unresolved  502     tunnel name does not resolve
+    ├── OverridesUnavailable        overrides_unavailable   503     shared override store down
     └── PolicyError                 policy_error            500
         ├── OpaUnavailable          opa_unavailable         503     yes        yes
         │   └── CircuitOpen         opa_circuit_open        503     yes        yes
@@ -78,6 +79,7 @@ __all__ = [
     "OpaResponseError",
     "OpaTimeout",
     "OpaUnavailable",
+    "OverridesUnavailable",
     "PolicyError",
     "RateLimitUnavailable",
     "RequestError",
@@ -288,6 +290,15 @@ class DestinationUnresolved(AuthzError):
     code = "destination_unresolved"
     public_message = "the destination could not be resolved"
     http_status = 502
+
+
+class OverridesUnavailable(AuthzError):
+    """The shared override store (Redis, :mod:`authz.runtime.fleet`) is unreachable: an
+    override cannot be granted or deleted now (the last known ones stay enforced)."""
+
+    code = "overrides_unavailable"
+    public_message = "the shared override store is unavailable"
+    http_status = 503
 
 
 class PolicyError(AuthzError):

@@ -28,15 +28,15 @@ Errors are JSON ``{"error": code, "message": ...}``. A malformed request is a 4x
 a 5xx: a body over 16 KiB is 413 ``body_too_large``; a body that is not UTF-8 JSON (RFC
 8259), an ``X-Authz-Actor`` that is not printable UTF-8, or a bad field is 400
 ``invalid_request`` (:class:`~authz.core.errors.AdminRequestError`); an override over the
-cap is 409 ``too_many_overrides``; an ``Authorization`` header that is not the token,
-whatever its bytes, is 401.
+cap is 409 ``too_many_overrides``; a grant or delete while the fleet's shared store
+(Redis) is down is 503 ``overrides_unavailable`` with ``Retry-After: 1``; an
+``Authorization`` header that is not the token, whatever its bytes, is 401.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -48,11 +48,18 @@ from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from authz.core.errors import AdminRequestError, AuthzError, ConfigError, PolicyError, RequestError
+from authz.core.errors import (
+    AdminRequestError,
+    AuthzError,
+    ConfigError,
+    OverridesUnavailable,
+    PolicyError,
+    RequestError,
+)
 from authz.core.mode import Control, parse_mode
 from authz.core.secret import Secret
 from authz.runtime.metrics import Metrics
-from authz.runtime.overrides import OverrideStore, parse_override_request
+from authz.runtime.overrides import OverrideBackend, parse_override_request
 from authz.runtime.readiness import ReadinessCheck
 
 __all__ = [
@@ -83,10 +90,16 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
+def _unavailable(exc: OverridesUnavailable) -> web.Response:
+    """503 ``overrides_unavailable``: the shared store is down, nothing changed."""
+    log.error("override change refused", extra={"code": exc.code, "error": str(exc)})
+    return _error(exc.http_status, exc.code, str(exc), **{"Retry-After": "1"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Admin:
     control: Control | None
-    overrides: OverrideStore | None
+    overrides: OverrideBackend | None
     token: Secret | None
     on_action: AdminAction | None
 
@@ -229,7 +242,7 @@ def create_admin_app(
     metrics: Metrics | None = None,
     before_scrape: Callable[[], None] | None = None,
     control: Control | None = None,
-    overrides: OverrideStore | None = None,
+    overrides: OverrideBackend | None = None,
     token: Secret | None = None,
     on_action: AdminAction | None = None,
     preview: Previewer | None = None,
@@ -306,11 +319,15 @@ def create_admin_app(
     async def add_override(request: web.Request) -> web.Response:
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
-        override = parse_override_request(
-            await _json_body(request), actor=admin.actor(request), now=time.time()
-        )
-        # TooManyOverrides (409) at the cap; if not pushed, the periodic sync pushes it.
-        pushed = await overrides.add(override)
+        body = await _json_body(request)
+        try:
+            # The store's clock (Redis's in a fleet); TooManyOverrides (409) at the cap;
+            # if not pushed, the periodic sync pushes it.
+            now = await overrides.now()
+            override = parse_override_request(body, actor=admin.actor(request), now=now)
+            pushed = await overrides.add(override)
+        except OverridesUnavailable as exc:
+            return _unavailable(exc)
         document = override.opa_document()
         admin.audit("add_override", {**document, "pushed": pushed})
         return web.json_response({**document, "pushed": pushed}, status=201)
@@ -319,7 +336,10 @@ def create_admin_app(
         if overrides is None:
             return _error(404, "not_found", "overrides are not enabled")
         override_id = request.match_info["override_id"]
-        removed, pushed = await overrides.remove(override_id)
+        try:
+            removed, pushed = await overrides.remove(override_id)
+        except OverridesUnavailable as exc:
+            return _unavailable(exc)
         if removed is None:
             return _error(404, "not_found", f"no override {override_id[:64]!r}")
         admin.audit(

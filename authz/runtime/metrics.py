@@ -45,6 +45,11 @@ decision_log_upload_bytes_total            counter    -
 decision_log_buffer_bytes                  gauge      -
 decision_log_buffer_max_bytes              gauge      -
 build_info                                 info       version
+fleet_redis_available                      gauge      -
+fleet_sync_lag_seconds                     gauge      -
+fleet_sync_failures_total                  counter    -
+fleet_entries_refused_total                counter    -
+fleet_cache_invalidations_total            counter    direction (sent, received)
 =========================================  =========  =================================
 """
 
@@ -253,6 +258,35 @@ class Metrics:
             buckets=_BATCH_SIZE_BUCKETS,
             registry=r,
         )
+        # Fleet (issue #16): shared overrides and cache invalidation through Redis.
+        self.fleet_redis_available = Gauge(
+            "authz_fleet_redis_available",
+            "1 while the fleet's Redis (shared overrides, cache invalidation) answers.",
+            registry=r,
+        )
+        self.fleet_sync_lag = Gauge(
+            "authz_fleet_sync_lag_seconds",
+            "Seconds since the overrides were last read from Redis (grows while it is down).",
+            registry=r,
+        )
+        self.fleet_sync_failures = Counter(
+            "authz_fleet_sync_failures_total",
+            "Redis calls of the fleet (override sync, grants, invalidations) that failed.",
+            registry=r,
+        )
+        self.fleet_entries_refused = Counter(
+            "authz_fleet_entries_refused_total",
+            "Override entries read from Redis and refused (oversized or malformed).",
+            registry=r,
+        )
+        self.fleet_cache_invalidations = Counter(
+            "authz_fleet_cache_invalidations_total",
+            "Fleet-wide decision-cache invalidations sent to or received from other replicas.",
+            ("direction",),
+            registry=r,
+        )
+        for direction in ("sent", "received"):
+            self.fleet_cache_invalidations.labels(direction)
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")

@@ -11,6 +11,11 @@ audit trail record. Expiry is enforced twice: by the policies (``expires_at_ns``
 authz, which drops expired entries and re-pushes the list whenever it changes and every
 few seconds (an OPA restart loses pushed data).
 
+This module's :class:`OverrideStore` is one process's list (a file). With
+``AUTHZ_REDIS_URL`` a fleet of replicas shares one list in Redis instead
+(:class:`authz.runtime.fleet.RedisOverrideStore`); both serve the admin API through
+:class:`OverrideBackend` and push with :class:`OpaOverrideWriter`.
+
 Each entry is written on its own (``PUT`` / ``DELETE /v1/data/overrides/<id>``, see
 :class:`OpaOverrideWriter`), so several authz replicas sharing one OPA never overwrite
 each other's entries. Entry shape::
@@ -48,8 +53,10 @@ __all__ = [
     "OPA_DATA_PATH",
     "OpaOverrideWriter",
     "Override",
+    "OverrideBackend",
     "OverrideStore",
     "parse_override_request",
+    "parse_persisted_override",
 ]
 
 OPA_DATA_PATH: Final = "overrides"
@@ -175,9 +182,10 @@ _FIELDS: Final = frozenset(f.name for f in fields(Override))
 _MAX_TIME: Final = 253_402_300_799.0
 
 
-def _persisted(item: Any) -> Override:
+def parse_persisted_override(item: Any) -> Override:
     """An entry of the overrides file as :meth:`OverrideStore._changed` wrote it
-    (``asdict(Override)``), checked so that nothing read from disk can fail later.
+    (``asdict(Override)``; also an entry read from Redis, :mod:`authz.runtime.fleet`),
+    checked so that nothing read from disk or Redis can fail later.
     Raises TypeError or ValueError naming the field (never quoting more than 64
     characters of a value)."""
     if not isinstance(item, dict):
@@ -212,6 +220,30 @@ def _persisted(item: Any) -> Override:
     if not isinstance(item.get("extra", {}), dict):
         raise TypeError("extra: expected an object")
     return Override(**item)
+
+
+class OverrideBackend(Protocol):
+    """What the admin API needs of an override store: :class:`OverrideStore` (one
+    process, a file) or :class:`authz.runtime.fleet.RedisOverrideStore` (a fleet)."""
+
+    def active(self) -> list[Override]:
+        """Unexpired overrides, oldest first."""
+        ...
+
+    async def now(self) -> float:
+        """The time a new override's TTL counts from (Unix seconds); raises
+        :class:`~authz.core.errors.OverridesUnavailable` when the store cannot say."""
+        ...
+
+    async def add(self, override: Override) -> bool:
+        """Keep ``override``; returns whether OPA was updated. Raises TooManyOverrides,
+        OverridesUnavailable."""
+        ...
+
+    async def remove(self, override_id: str) -> tuple[Override | None, bool]:
+        """Drop an override; returns it (None if unknown) and whether OPA was updated.
+        Raises OverridesUnavailable."""
+        ...
 
 
 class OverrideStore:
@@ -261,7 +293,7 @@ class OverrideStore:
             raise ConfigError(f'{where}: expected {{"overrides": [...]}}')
         for index, item in enumerate(items):
             try:
-                override = _persisted(item)
+                override = parse_persisted_override(item)
             except (ConfigError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: entry {index}: {exc}") from None
             self._items[override.id] = override
@@ -276,6 +308,10 @@ class OverrideStore:
     def document(self) -> dict[str, Any]:
         """The ``data.overrides`` document for OPA (active entries only)."""
         return {o.id: o.opa_document() for o in self.active()}
+
+    async def now(self) -> float:
+        """This process's clock (Unix seconds): one process is its own time source."""
+        return self._clock()
 
     async def add(self, override: Override) -> bool:
         """Keep ``override``, persist it and push the list to OPA. Returns whether OPA was

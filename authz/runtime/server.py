@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final, cast
@@ -54,9 +54,11 @@ from authz.runtime.config import RELOADABLE, Settings, is_loopback_host
 from authz.runtime.decision_upload import DecisionUploader, aiohttp_post
 from authz.runtime.decisions import DECISIONS_SERVICE, DecisionsServicer, add_decisions_to_server
 from authz.runtime.expiry import KeyExpiryWatch
+from authz.runtime.fleet import Fleet, RedisOverrideStore
+from authz.runtime.fleet import connect as fleet_connect
 from authz.runtime.logs import DecisionLog
 from authz.runtime.metrics import Metrics, MetricsSink
-from authz.runtime.overrides import OpaOverrideWriter, OverrideStore
+from authz.runtime.overrides import OpaOverrideWriter, Override, OverrideBackend, OverrideStore
 from authz.runtime.preview import parse_preview_request, preview
 from authz.runtime.readiness import (
     ReadinessCheck,
@@ -78,6 +80,7 @@ __all__ = [
     "Runtime",
     "StartupError",
     "build_authorizer",
+    "build_fleet",
     "build_limiter",
     "build_runtime",
     "create_server",
@@ -315,6 +318,8 @@ class Runtime:
     stopping: asyncio.Event
     live: LiveSettings
     reload: Callable[[], Settings] | None = None
+    # Fleet (issue #16): shared overrides and cache invalidation, with AUTHZ_REDIS_URL.
+    fleet: Fleet | None = None
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT (SIGHUP reloads, see :func:`reload_settings`),
@@ -357,6 +362,7 @@ class Runtime:
                 "secrets_file": str(settings.secrets_file) if settings.secrets_file else None,
                 "audit_db": self.audit.label if self.audit is not None else None,
                 "rate_limit_backend": settings.rate_limit_backend,
+                "overrides_store": "redis" if self.fleet is not None else "file",
                 "admin_api": settings.admin_token is not None,
                 "decision_cache_ttl_s": settings.decision_cache_ttl_s,
             },
@@ -386,7 +392,9 @@ async def build_runtime(
 
     Order: the listen addresses are checked first (a port in use fails before anything
     starts or logs), then the files (TLS, secrets, audit database, overrides), the OPA
-    and Redis clients, the gRPC server, the watchers, and the admin server last.
+    and Redis clients, with ``AUTHZ_REDIS_URL`` the fleet's first read of the overrides
+    into OPA (so a new replica enforces them from its first Check), the gRPC server, the
+    watchers, and the admin server last.
 
     Raises :class:`StartupError` (one line naming what failed) for a port in use, an
     unusable file, or Redis unreachable with ``AUTHZ_REDIS_FAILURE_MODE=deny``; a
@@ -445,12 +453,19 @@ async def _build(
     cache = decision_cache(settings)
     if cache is not None:
         metrics.watch_decision_cache(cache)
-    overrides = OverrideStore(
-        OpaOverrideWriter(opa),
-        path=settings.overrides_file,
-        on_change=metrics.overrides_active.set,
-        on_pushed=(lambda: cache.clear("overrides changed")) if cache is not None else None,
-    )
+    on_pushed = (lambda: cache.clear("overrides changed")) if cache is not None else None
+    fleet = build_fleet(settings, OpaOverrideWriter(opa), cache, metrics, _audit_action(audit))
+    overrides: OverrideBackend
+    if fleet is not None:
+        stack.push_async_callback(fleet.close)
+        overrides = fleet.overrides
+    else:
+        overrides = OverrideStore(
+            OpaOverrideWriter(opa),
+            path=settings.overrides_file,
+            on_change=metrics.overrides_active.set,
+            on_pushed=on_pushed,
+        )
     control = Control(settings.mode, allow_bypass=settings.allow_bypass, on_change=metrics.set_mode)
     expiry = KeyExpiryWatch(settings.key_expiry_warning_days, metrics.expiring_key_decisions)
     sinks: list[DecisionSink] = [MetricsSink(metrics), expiry]
@@ -463,6 +478,9 @@ async def _build(
         settings, breaker, sinks, secrets, limiter, control=control, cache=cache, tracer=tracer
     )
     live = LiveSettings(settings, control, authorizer, expiry)
+    if fleet is not None:
+        # Every active override in this replica's OPA before the first Check.
+        await fleet.start()
     try:
         grpc_server = await create_server(
             authorizer,
@@ -483,11 +501,14 @@ async def _build(
         opa,
         interval_s=settings.bundle_poll_interval_s,
         on_revision=cache.observe_revision if cache is not None else None,
-        on_activation=lambda revision: _bundle_activated(metrics, revision),
+        on_activation=_FleetActivation(metrics, fleet),
         on_cache_keys=cache.declare if cache is not None else None,
     )
     _background(stack, watcher.run(), "bundle-watcher")
-    _background(stack, overrides.watch(_OVERRIDES_SYNC_S), "overrides")
+    if fleet is not None:
+        _background(stack, fleet.run(), "fleet")
+    elif isinstance(overrides, OverrideStore):
+        _background(stack, overrides.watch(_OVERRIDES_SYNC_S), "overrides")
     if secrets is not None:
         secrets.on_reload = lambda ok: _secrets_reloaded(metrics, ok)
         metrics.secrets_loaded.set(1)
@@ -503,6 +524,8 @@ async def _build(
         checks["secrets"] = secrets_check(secrets)
     if isinstance(limiter, RedisLimiter):
         checks["rate_limit"] = redis_check(limiter, settings.redis_failure_mode)
+    if fleet is not None:
+        checks["overrides"] = fleet.readiness()
     hooks = _AdminHooks(
         live,
         control,
@@ -514,6 +537,7 @@ async def _build(
         secrets,
         on_action=_audit_action(audit),
         reload=reload,
+        fleet=fleet,
     )
     admin_app = create_admin_app(
         checks,
@@ -550,6 +574,7 @@ async def _build(
         stopping=stopping,
         live=live,
         reload=reload,
+        fleet=fleet,
     )
 
 
@@ -567,13 +592,17 @@ class _AdminHooks:
     secrets: SecretStore | None
     on_action: Callable[[str, Mapping[str, Any]], None]
     reload: Callable[[], Settings] | None
+    fleet: Fleet | None = None
 
     def before_scrape(self) -> None:
-        """Refresh what a scrape reads: the bypass warning, Redis availability."""
+        """Refresh what a scrape reads: the bypass warning, Redis availability, the
+        fleet's sync lag."""
         self.control.warn_if_bypass()
         if isinstance(self.limiter, RedisLimiter):
             available = int(self.limiter.available)
             self.metrics.rate_limit_backend_available.labels("redis").set(available)
+        if self.fleet is not None:
+            self.fleet.before_scrape()
 
     async def preview(self, body: Any) -> Mapping[str, Any]:
         """``POST /v1/preview`` (:mod:`authz.runtime.preview`)."""
@@ -593,6 +622,8 @@ class _AdminHooks:
         changed = await self.watcher.poll_once()
         if self.cache is not None:
             self.cache.clear("admin reload")
+        if self.fleet is not None:
+            self.fleet.invalidate("admin reload")
         return {**result, "revision": self.watcher.revision, "bundle_changed": changed}
 
 
@@ -882,6 +913,22 @@ def _bundle_activated(metrics: Metrics, revision: str) -> None:
     metrics.bundle_activations.inc()
 
 
+class _FleetActivation:
+    """The bundle watcher's ``on_activation``: metrics, and from the second activation
+    on (the first is this replica starting) every replica's decision cache emptied."""
+
+    def __init__(self, metrics: Metrics, fleet: Fleet | None) -> None:
+        self._metrics = metrics
+        self._fleet = fleet
+        self._seen = False
+
+    def __call__(self, revision: str) -> None:
+        _bundle_activated(self._metrics, revision)
+        if self._fleet is not None and self._seen:
+            self._fleet.invalidate(f"bundle revision {revision}")
+        self._seen = True
+
+
 def _secrets_reloaded(metrics: Metrics, ok: bool) -> None:
     metrics.secrets_loaded.set(int(ok))
     if ok:
@@ -940,6 +987,39 @@ def decision_cache(settings: Settings) -> DecisionCache | None:
         max_bytes=settings.decision_cache_max_bytes,
         ignore_headers=settings.decision_cache_ignore_headers,
     )
+
+
+def build_fleet(
+    settings: Settings,
+    push: Callable[[dict[str, Any]], Awaitable[None]],
+    cache: DecisionCache | None,
+    metrics: Metrics,
+    on_action: Callable[[str, Mapping[str, Any]], None],
+) -> Fleet | None:
+    """The fleet's shared overrides and cache invalidation (:mod:`authz.runtime.fleet`)
+    when ``AUTHZ_REDIS_URL`` is set, else None (the file-backed store, as one process).
+    ``push`` sends ``data.overrides`` to this replica's OPA; ``on_action`` audits an
+    expiry this replica claims. Its own Redis client (not the limiter's pool: a burst
+    of checks must not starve the sync), closed by :meth:`Fleet.close`."""
+    if settings.redis_url is None:
+        return None
+    client = fleet_connect(settings.redis_url.reveal())
+
+    def on_expired(override: Override) -> None:
+        on_action(
+            "expire_override",
+            {"id": override.id, "effect": override.effect, "actor": "expiry"},
+        )
+
+    store = RedisOverrideStore(
+        client,
+        push,
+        on_change=metrics.overrides_active.set,
+        on_pushed=(lambda: cache.clear("overrides changed")) if cache is not None else None,
+        on_expired=on_expired,
+        on_refused=metrics.fleet_entries_refused.inc,
+    )
+    return Fleet(client, store, cache, failure_mode=settings.redis_failure_mode, metrics=metrics)
 
 
 def build_limiter(settings: Settings) -> Limiter:

@@ -247,6 +247,7 @@ FAILURE_STATUSES: list[tuple[str, int]] = [
     ("rate_limit_unavailable", 503),
     ("address_not_allowed", 403),
     ("destination_unresolved", 502),
+    ("overrides_unavailable", 503),
     ("invalid_decision", 500),
     ("unsafe_header_mutation", 500),
     ("invalid_decision_path", 500),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 from aiohttp import test_utils, web
 
 from authz.core.authorizer import Authorizer
@@ -33,16 +34,19 @@ from authz.core.errors import (
 from authz.core.secret import Secret
 from authz.runtime import overrides as overrides_module
 from authz.runtime.admin import create_admin_app
+from authz.runtime.fleet import RedisOverrideStore
 from authz.runtime.overrides import (
     MAX_ACTIVE_OVERRIDES,
     MAX_TTL_S,
     OpaOverrideWriter,
     Override,
+    OverrideBackend,
     OverrideStore,
     parse_override_request,
 )
 from authz.stack.supervisor import free_port
 from tests.helpers.fakes import FakeEngine, ManualClock, check_request
+from tests.helpers.redis_server import RedisServer
 from tests.helpers.serve import serve_until_exit
 
 T0 = 1_700_000_000.25
@@ -840,7 +844,7 @@ async def test_active_overrides_are_capped() -> None:
 
 
 @asynccontextmanager
-async def _admin(store: OverrideStore) -> AsyncIterator[test_utils.TestClient[Any, Any]]:
+async def _admin(store: OverrideBackend) -> AsyncIterator[test_utils.TestClient[Any, Any]]:
     app: web.Application = create_admin_app({}, overrides=store, token=Secret(TOKEN))
     async with test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1")) as client:
         yield client
@@ -864,3 +868,89 @@ async def test_admin_answers_409_when_the_override_cap_is_reached() -> None:
         assert resp.status == 409
         assert (await resp.json())["error"] == "too_many_overrides"
     assert len(store.active()) == MAX_ACTIVE_OVERRIDES
+
+
+# --- the admin API over either store -----------------------------------------------------
+
+_GRANT = {
+    "effect": "deny",
+    "decision_path": "authz/gateway/decision",
+    "match": {"key_id": "k2"},
+    "ttl_seconds": 60,
+    "reason": "INC-3",
+}
+_AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def test_admin_stamps_a_grant_with_the_stores_clock() -> None:
+    store = OverrideStore(_ok, clock=ManualClock(FILE_T0))
+    async with _admin(store) as client:
+        resp = await client.post("/v1/overrides", json=_GRANT, headers=_AUTH)
+        assert resp.status == 201
+    [stored] = store.active()
+    assert (stored.created_at, stored.expires_at) == (FILE_T0, FILE_T0 + 60)
+
+
+def _fleet_store(redis_server: RedisServer, pushed: list[dict[str, Any]]) -> RedisOverrideStore:
+    async def push(document: dict[str, Any]) -> None:
+        pushed.append(document)
+
+    client = redis.asyncio.Redis.from_url(
+        redis_server.url, socket_timeout=1.0, socket_connect_timeout=1.0
+    )
+    return RedisOverrideStore(client, push)
+
+
+async def test_admin_grants_and_deletes_through_the_fleet_store_on_redis_time(
+    redis_server: RedisServer,
+) -> None:
+    pushed: list[dict[str, Any]] = []
+    store = _fleet_store(redis_server, pushed)
+    other = _fleet_store(redis_server, [])
+    try:
+        async with _admin(store) as client:
+            resp = await client.post("/v1/overrides", json=_GRANT, headers=_AUTH)
+            assert resp.status == 201, await resp.text()
+            created = await resp.json()
+            assert created["pushed"] is True
+            assert created["id"] in pushed[-1]
+            await other.refresh()  # another replica reads the same entry
+            assert [o.id for o in other.active()] == [created["id"]]
+            assert other.active()[0].created_at == created["created_at"]
+            redis_now = await other.now()
+            assert redis_now - 5 < created["created_at"] <= redis_now
+            resp = await client.delete(f"/v1/overrides/{created['id']}", headers=_AUTH)
+            assert resp.status == 200
+            resp = await client.delete(f"/v1/overrides/{created['id']}", headers=_AUTH)
+            assert resp.status == 404
+        await other.refresh()
+        assert other.active() == []
+    finally:
+        await store._redis.aclose()
+        await other._redis.aclose()
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE"], ids=["grant", "delete"])
+async def test_admin_answers_503_overrides_unavailable_while_the_fleet_store_is_down(
+    redis_server: RedisServer, method: str
+) -> None:
+    pushed: list[dict[str, Any]] = []
+    store = _fleet_store(redis_server, pushed)
+    try:
+        await store.add(
+            parse_override_request(_GRANT, actor="a", now=await store.now(), new_id=lambda: "o1")
+        )
+        redis_server.stop()
+        async with _admin(store) as client:
+            if method == "POST":
+                resp = await client.post("/v1/overrides", json=_GRANT, headers=_AUTH)
+            else:
+                resp = await client.delete("/v1/overrides/o1", headers=_AUTH)
+            assert resp.status == 503
+            assert (await resp.json())["error"] == "overrides_unavailable"
+            assert resp.headers["Retry-After"] == "1"
+            listed = await client.get("/v1/overrides", headers=_AUTH)
+            assert [o["id"] for o in (await listed.json())["overrides"]] == ["o1"]
+        assert [o.id for o in store.active()] == ["o1"]  # still enforced, unchanged
+    finally:
+        await store._redis.aclose()

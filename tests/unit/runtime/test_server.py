@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
@@ -25,7 +25,15 @@ from authz.core.ratelimit import Quota, RateLimitResult
 from authz.core.secret import Secret
 from authz.runtime.config import RELOADABLE, RESTART_ONLY, Settings, load
 from authz.runtime.expiry import KeyExpiryWatch
-from authz.runtime.server import LiveSettings, build_authorizer, reload_settings
+from authz.runtime.fleet import Fleet
+from authz.runtime.metrics import Metrics
+from authz.runtime.server import (
+    LiveSettings,
+    _FleetActivation,
+    build_authorizer,
+    build_fleet,
+    reload_settings,
+)
 from tests.helpers.fakes import FakeEngine, FlakyEngine, check_request
 
 PATH = Settings().default_decision_path
@@ -302,3 +310,37 @@ def test_reload_refusal_raises_nothing_for_a_config_error_from_the_reader() -> N
     result = rig.reload(reader)
     assert result["settings"] == "refused"
     assert result["error"].startswith("AUTHZ_DECISION_TIMEOUT_MS")
+
+
+# --- the fleet (issue #16) ----------------------------------------------------------------
+
+
+class _RecordingFleet:
+    """Stands in for :class:`authz.runtime.fleet.Fleet`: records invalidations."""
+
+    def __init__(self) -> None:
+        self.invalidated: list[str] = []
+
+    def invalidate(self, why: str) -> None:
+        self.invalidated.append(why)
+
+
+def test_every_bundle_activation_but_a_replicas_first_empties_the_fleets_caches() -> None:
+    metrics = Metrics()
+    fleet = _RecordingFleet()
+    activated = _FleetActivation(metrics, cast(Fleet, fleet))
+    activated("rev-1")  # this replica starting: nothing changed for the others
+    assert fleet.invalidated == []
+    activated("rev-2")
+    assert fleet.invalidated == ["bundle revision rev-2"]
+    assert metrics.registry.get_sample_value("authz_bundle_activations_total") == 2
+    _FleetActivation(metrics, None)("rev-3")  # without Redis: metrics only
+    assert metrics.registry.get_sample_value("authz_bundle_activations_total") == 3
+
+
+def test_without_redis_there_is_no_fleet() -> None:
+    assert build_fleet(Settings(), _no_push, None, Metrics(), lambda *_: None) is None
+
+
+async def _no_push(document: dict[str, Any]) -> None:
+    return None
