@@ -7,14 +7,19 @@ outage follows the configured failure mode for overrides and rate limits."""
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.helpers.e2e import Env
 from tests.helpers.fleet import Fleet, Replica, running_fleet
+from tests.helpers.postgres_server import PostgresServer
 from tests.helpers.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -180,3 +185,116 @@ def test_redis_stopped_in_strict_mode_keeps_overrides_and_denies_limited_request
         # the fleet's own loop.
         _within(lambda: a.check(e2e.keys["limited"]) == [200] and a.ready().status_code == 200, 5.0)
         assert a.ready().json()["checks"]["overrides"]["ok"] is True
+
+
+# -- the whole fleet: Redis and PostgreSQL together (issue #16) ---------------------------
+
+
+@pytest.fixture
+def fleet_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own: it is stopped mid-traffic."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+def _audit_rows(url: str, kind: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT replica, count(*) FROM audit WHERE kind = %s GROUP BY replica", (kind,)
+        ).fetchall()
+    return {str(replica): int(count) for replica, count in rows}
+
+
+def _through_envoy(fleet: Fleet, api_key: str, n: int, path: str = "/api/v1/status") -> list[int]:
+    assert fleet.gateway is not None
+    return [fleet.gateway.get(path, headers={"x-api-key": api_key}).status_code for _ in range(n)]
+
+
+def test_a_fleet_on_redis_and_postgresql_behind_one_envoy_acts_as_one_authz(
+    e2e: Env,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fleet_postgres: PostgresServer,
+    envoy_bin: str,
+    opa_bin: str,
+) -> None:
+    """Two replicas (each with its own OPA), one Redis, one PostgreSQL, one Envoy: overrides
+    cross replicas within a second (allow, deny over a cached allow, delete), both audit
+    chains verify in PostgreSQL, a PostgreSQL outage fails no request and leaves a gap
+    entry per chain, and a Redis outage keeps the last known overrides while refusing
+    changes (AUTHZ_REDIS_FAILURE_MODE=fallback)."""
+    url = fleet_postgres.database()
+    env = {
+        "AUTHZ_REDIS_URL": redis_server.url,
+        "AUTHZ_RATE_LIMIT_BACKEND": "redis",
+        "AUTHZ_REDIS_TIMEOUT_MS": "500",
+        "AUTHZ_AUDIT_URL": url,
+        # Generous: this checks the fleet, not OPA's latency on a loaded CI machine.
+        "AUTHZ_DECISION_TIMEOUT_MS": "5000",
+    }
+    replica_env = [{"AUTHZ_REPLICA_ID": "replica-a"}, {"AUTHZ_REPLICA_ID": "replica-b"}]
+    admin, user, viewer = e2e.keys["admin"], e2e.keys["user"], e2e.keys["viewer"]
+    with running_fleet(
+        e2e, tmp_path, envoy_bin, opa_bin, env=env, replica_env=replica_env
+    ) as fleet:
+        a, b = fleet.replicas
+        # An allow granted on A lets a request through B within a second.
+        assert b.check(user, ADMIN_REPORTS) == [403]
+        allow = a.add_override(
+            "allow", {"key_id": "key-user", "path": ADMIN_REPORTS}, reason="INC-9 on-call"
+        )
+        assert allow.status_code == 201, allow.text
+        _within(lambda: b.check(user, ADMIN_REPORTS) == [200])
+        # A deny granted on B blocks what A had cached; a delete on A restores B.
+        assert a.check(viewer, n=2) == [200, 200]  # now in A's decision cache
+        deny = b.add_override("deny", {"key_id": "key-viewer"}, reason="key leaked")
+        assert deny.status_code == 201, deny.text
+        _within(lambda: a.check(viewer) == [403])
+        assert a.admin.delete(f"/v1/overrides/{deny.json()['id']}").status_code == 200
+        _within(lambda: b.check(viewer) == [200])
+        assert set(_through_envoy(fleet, admin, 10)) == {200}
+
+        # PostgreSQL stops: no request fails; each chain gets a gap entry once it is back.
+        _within(lambda: set(_audit_rows(url, "decision")) == {"replica-a", "replica-b"}, 30.0)
+        fleet_postgres.stop()
+        during = _through_envoy(fleet, admin, 20)
+        _within(lambda: a.metric("authz_audit_degraded") == 1, 30.0)
+        _within(lambda: b.metric("authz_audit_degraded") == 1, 30.0)
+        during += _through_envoy(fleet, admin, 20)
+        assert during == [200] * 40
+        fleet_postgres.start()
+        _within(lambda: _audit_rows(url, "gap") == {"replica-a": 1, "replica-b": 1}, 30.0)
+
+        # Redis stops: the last known overrides hold, changes are refused, requests served.
+        held = a.add_override("deny", {"key_id": "key-viewer"}, reason="again")
+        assert held.status_code == 201, held.text
+        _within(lambda: b.check(viewer) == [403])
+        redis_server.stop()
+        for replica in (a, b):
+            _within(functools.partial(_sees_redis_down, replica), 5.0)
+            assert replica.check(viewer) == [403]
+            refused = replica.add_override("deny", {"key_id": "key-user"}, reason="outage")
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "overrides_unavailable"
+        assert set(_through_envoy(fleet, admin, 10)) == {200}
+        redis_server.start()
+
+    verified = subprocess.run(
+        [sys.executable, "-m", "authz", "audit", "verify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "AUTHZ_AUDIT_URL": url},
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    lines = verified.stdout.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("ok: ") for line in lines), lines
+    assert {"replica replica-a", "replica replica-b"} == {
+        line.split(":")[1].strip() for line in lines
+    }
