@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -313,6 +314,39 @@ def test_tunnel_to_an_allowed_host_passes_bytes_untouched_and_is_logged(
     assert int(line["bytes_received"]) >= len(payload)
     assert int(line["bytes_sent"]) >= len(payload)
     assert int(line["duration_ms"]) >= 0
+    # The same tunnel's end in authz's audit trail (Envoy's access log service), under
+    # the id of the CONNECT's decision, chained with it.
+    decision_id = line["decision_id"]
+    [(_, body)] = _audit_rows(e2e, decision_id, "tunnel")
+    assert body["sandbox_id"] == "sb-standard"
+    assert (body["host"], body["port"]) == (TUNNEL_TEST_HOST, 443)
+    assert body["bytes_received"] >= len(payload)
+    assert body["bytes_sent"] >= len(payload)
+    assert body["duration_ms"] >= 0
+    assert body["status"] == 200
+    [(_, connect)] = _audit_rows(e2e, decision_id, "decision")
+    assert connect["sandbox_id"] == "sb-standard"
+
+
+def _audit_rows(
+    e2e: Env, decision_id: str, kind: str, timeout_s: float = 10.0
+) -> list[tuple[str, dict[str, Any]]]:
+    """The audit entries of ``kind`` under ``decision_id`` (read-only; waiting up to
+    ``timeout_s`` for the first: Envoy flushes its gRPC access log every second, authz's
+    writer batches)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = sqlite3.connect(f"file:{e2e.stack.run_dir / 'audit.db'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT kind, body FROM audit WHERE decision_id = ? AND kind = ?",
+                (decision_id, kind),
+            ).fetchall()
+        finally:
+            conn.close()
+        if rows or time.monotonic() > deadline:
+            return [(str(k), json.loads(b)) for k, b in rows]
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(
