@@ -116,6 +116,38 @@ def test_curl_with_only_the_proxy_env_reaches_github_with_the_real_credential(e2
     assert e2e.secrets["github"] not in result.stdout
 
 
+def test_intercepted_tunnel_end_is_audited_under_its_connect_decision(e2e: Env) -> None:
+    before = {i for i, body in _tunnel_ends(e2e) if body["host"] == "api.github.com"}
+    result = curl(e2e, agent_env(e2e, "sb-standard"), "https://api.github.com/user")
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    new: dict[str, dict[str, Any]] = {}
+    while not new and time.monotonic() < deadline:
+        new = {
+            i: body
+            for i, body in _tunnel_ends(e2e)
+            if body["host"] == "api.github.com" and i not in before
+        }
+        time.sleep(0.1)
+    [(decision_id, body)] = new.items()
+    assert (body["port"], body["sandbox_id"]) == (443, "sb-standard")
+    # The TLS handshake and one request/response went through the tunnel.
+    assert body["bytes_received"] > 0
+    assert body["bytes_sent"] > 0
+    [(_, connect)] = _audit_rows(e2e, decision_id, "decision")
+    assert connect["sandbox_id"] == "sb-standard"
+
+
+def _tunnel_ends(e2e: Env) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``tunnel`` audit entry so far: (decision id, body)."""
+    conn = sqlite3.connect(f"file:{e2e.stack.run_dir / 'audit.db'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT decision_id, body FROM audit WHERE kind = 'tunnel'").fetchall()
+    finally:
+        conn.close()
+    return [(str(i), json.loads(b)) for i, b in rows]
+
+
 def test_absolute_form_request_through_http_proxy_gets_the_credential(e2e: Env) -> None:
     result = curl(e2e, agent_env(e2e, "sb-standard"), "http://api.openai.com/v1/models")
     assert result.returncode == 0, result.stderr
