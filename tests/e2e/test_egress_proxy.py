@@ -360,6 +360,27 @@ def test_tunnel_to_an_allowed_host_passes_bytes_untouched_and_is_logged(
     assert connect["sandbox_id"] == "sb-standard"
 
 
+def test_refused_connect_leaves_no_tunnel_entry(e2e: Env, allowed_host: Path) -> None:
+    """Only a CONNECT Envoy answered 200 is a tunnel: a refused one has its decision in
+    the audit trail and no tunnel end."""
+    proxy_auth = basic("sb-standard", e2e.tokens["sb-standard"])
+    before = {i for i, _ in _tunnel_ends(e2e)}
+    refused = proxy_connect(e2e.stack.ports.egress, "example.com:443", proxy_auth)
+    refused.sock.close()
+    assert refused.status == 403
+    refused_id = refused.headers["x-authz-decision-id"]
+    allowed = proxy_connect(e2e.stack.ports.egress, f"{TUNNEL_TEST_HOST}:443", proxy_auth)
+    allowed.sock.close()
+    assert allowed.status == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not {i for i, _ in _tunnel_ends(e2e)} - before:
+        time.sleep(0.1)
+    assert {i for i, _ in _tunnel_ends(e2e)} - before, "the allowed tunnel's end never came"
+    time.sleep(1.5)  # past another flush of every Envoy worker's gRPC log buffer
+    assert _audit_rows(e2e, refused_id, "decision", timeout_s=0)
+    assert _audit_rows(e2e, refused_id, "tunnel", timeout_s=0) == []
+
+
 def _audit_rows(
     e2e: Env, decision_id: str, kind: str, timeout_s: float = 10.0
 ) -> list[tuple[str, dict[str, Any]]]:
