@@ -50,6 +50,7 @@ fleet_sync_lag_seconds                     gauge      -
 fleet_sync_failures_total                  counter    -
 fleet_entries_refused_total                counter    -
 fleet_cache_invalidations_total            counter    direction (sent, received)
+access_log_entries_total                   counter    result (audited, or a refusal reason)
 =========================================  =========  =================================
 """
 
@@ -73,6 +74,7 @@ from authz import __version__
 from authz.core.batch import BATCH_OUTCOMES
 from authz.core.errors import meanings
 from authz.core.record import DecisionRecord
+from authz.runtime.als import REFUSALS as ALS_REFUSALS
 
 if TYPE_CHECKING:
     from authz.core.cache import DecisionCache
@@ -287,6 +289,15 @@ class Metrics:
         )
         for direction in ("sent", "received"):
             self.fleet_cache_invalidations.labels(direction)
+        # Tunnel ends (issue 18): entries of Envoy's access log service.
+        self.access_log_entries = Counter(
+            "authz_access_log_entries",
+            "Access-log entries from Envoy: audited (a tunnel end) or refused, by reason.",
+            ("result",),
+            registry=r,
+        )
+        for result in ("audited", *ALS_REFUSALS):  # 0 from the start: rate()
+            self.access_log_entries.labels(result)
         self.build = Info("authz_build", "authz version.", registry=r)
         self.build.info({"version": __version__})
         self.set_mode("enforce")

@@ -46,6 +46,7 @@ from authz.core.ratelimit import Limiter, MemoryLimiter, RedisLimiter
 from authz.core.record import DecisionSink
 from authz.core.tunnel import TunnelResolver
 from authz.runtime.admin import create_admin_app, start_admin
+from authz.runtime.als import AccessLogServicer, add_access_log_to_server
 from authz.runtime.audit import AuditTrail, Projection
 from authz.runtime.audit.storage import AuditStorage
 from authz.runtime.bundle_watch import BundleWatcher
@@ -269,10 +270,12 @@ async def create_server(
     addr: str,
     credentials: grpc.ServerCredentials | None = None,
     decisions: DecisionsServicer | None = None,
+    access_log: AccessLogServicer | None = None,
 ) -> AuthzServer:
     """Build and start a grpc.aio server on ``addr`` (``host:port``; port 0 = any free)
     serving Check, ``authz.v1.Decisions/BatchCheck`` (with ``decisions``) and
-    ``grpc.health.v1.Health``, over TLS with ``credentials``
+    ``grpc.health.v1.Health`` and, with ``access_log``, Envoy's
+    ``envoy.service.accesslog.v3.AccessLogService`` (tunnel ends), over TLS with ``credentials``
     (:func:`grpc_server_credentials`) or plaintext without. Raises RuntimeError if the
     address cannot be bound."""
     server = grpc.aio.server(options=_GRPC_OPTIONS)
@@ -281,6 +284,8 @@ async def create_server(
     add_to_server(AuthorizationServicer(authorizer), server)
     if decisions is not None:  # the same port, TLS and authentication as Check
         add_decisions_to_server(decisions, server)
+    if access_log is not None:  # the same port and mTLS: only Envoy's certificate
+        add_access_log_to_server(access_log, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -492,6 +497,7 @@ async def _build(
                 max_bytes=settings.batch_check_max_bytes,
                 on_call=lambda result, actions: _batch_check_counted(metrics, result, actions),
             ),
+            _access_log_servicer(audit, metrics),
         )
     except RuntimeError as exc:  # lost a race for the port since _check_bindable
         raise StartupError(f"AUTHZ_GRPC_ADDR={settings.grpc_addr!r}: {exc}") from None
@@ -1050,3 +1056,14 @@ def build_limiter(settings: Settings) -> Limiter:
     if settings.redis_failure_mode == "deny":
         return RedisLimiter(client, on_failure="deny", timeout_s=timeout_s)
     return RedisLimiter(client, on_failure="fallback", timeout_s=timeout_s)
+
+
+# Tunnel ends (issue 18): Envoy's access log service into the audit trail.
+def _access_log_servicer(audit: AuditTrail | None, metrics: Metrics) -> AccessLogServicer | None:
+    """The AccessLogService that audits tunnel ends (None without an audit trail: the
+    service is then not offered, and Envoy's access log keeps the tunnel's line)."""
+    if audit is None:
+        return None
+    return AccessLogServicer(
+        audit.tunnel, lambda result, n: metrics.access_log_entries.labels(result).inc(n)
+    )

@@ -739,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--input", action="store_true", help="include the recorded input")
     tail.add_argument(
         "--kind",
-        choices=["decision", "admin", "gap", "anchor"],
+        choices=["decision", "admin", "gap", "anchor", "tunnel"],
         help="only entries of this kind (anchor: retention's anchor moves)",
     )
     tail.set_defaults(func=_audit_tail)

@@ -121,6 +121,9 @@ TUNNEL_ADDRESS_HEADER: Final = "x-authz-tunnel-address"
 # The longest a CONNECT tunnel (intercepted or not) or a connection inside one lives: the
 # bound on how long access outlives a revocation (README, "Use it from an agent").
 TUNNEL_MAX_DURATION_S: Final = 300
+# The gRPC access log that reports each ended tunnel (an answered CONNECT, plain or
+# intercepted) to authz's AccessLogService, which audits it (authz.runtime.als).
+TUNNEL_LOG_NAME: Final = "authz_tunnels"
 
 _NO_OVERRIDES: Final[Mapping[str, tuple[str, int]]] = MappingProxyType({})
 _EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
@@ -178,7 +181,10 @@ def generate(
     ``.../tls/v3/common.proto`` (CertificateValidationContext.trusted_ca,
     match_typed_subject_alt_names); ``intro/arch_overview/upstream/service_discovery``
     (STATIC, LOGICAL_DNS); ``configuration/observability/access_log/usage`` (command
-    operators ``%PATH(NQ:ORIG_OR_PATH)%``, ``%DYNAMIC_METADATA(...)%``).
+    operators ``%PATH(NQ:ORIG_OR_PATH)%``, ``%DYNAMIC_METADATA(...)%``);
+    ``api-v3/extensions/access_loggers/grpc/v3/als.proto`` (HttpGrpcAccessLogConfig: the
+    tunnel ends to authz) and ``api-v3/config/accesslog/v3/accesslog.proto``
+    (AccessLogFilter: header_filter, status_code_filter).
     """
     if tunnel_max_duration_s < 1:
         raise ValueError(f"tunnel_max_duration_s must be at least 1, got {tunnel_max_duration_s}")
@@ -434,6 +440,49 @@ def _access_log(proxy: str = "egress") -> dict[str, Any]:
     }
 
 
+def _tunnel_access_log() -> dict[str, Any]:
+    # When a CONNECT that Envoy answered 200 ends (the HCM writes a CONNECT stream's log
+    # at its end, its body bytes being the tunnel's), one HTTPAccessLogEntry to authz's
+    # AccessLogService over the authz cluster's mTLS. The entry's
+    # common_properties.metadata is the stream's dynamic metadata, so it carries the
+    # ext_authz decision_id and sandbox_id; no request header is added to it
+    # (additional_request_headers_to_log stays empty: Proxy-Authorization never leaves).
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "and_filter": {
+                "filters": [
+                    {
+                        "header_filter": {
+                            "header": {"name": ":method", "string_match": {"exact": "CONNECT"}}
+                        }
+                    },
+                    {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 200, "runtime_key": "authz.tunnel_log"},
+                            }
+                        }
+                    },
+                ]
+            }
+        },
+        "typed_config": {
+            "@type": f"{_TYPE}.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": TUNNEL_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}},
+                # Envoy's defaults, stated: entries leave within a second, 16 KiB batches
+                # (authz refuses a message past 256 KiB).
+                "buffer_flush_interval": "1s",
+                "buffer_size_bytes": 16384,
+            },
+        },
+    }
+
+
 def _ext_authz_filter() -> dict[str, Any]:
     # As the gateway's, without with_request_body (egress bodies are large prompts).
     return {
@@ -513,7 +562,7 @@ def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> d
         "request_timeout": ROUTE_TIMEOUT,
         # Third-party APIs need not learn the sandboxes' addresses.
         "skip_xff_append": True,
-        "access_log": [_access_log()],
+        "access_log": [_access_log(), _tunnel_access_log()],
         "route_config": {
             "name": "egress",
             "virtual_hosts": virtual_hosts,

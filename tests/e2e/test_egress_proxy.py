@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -113,6 +114,38 @@ def test_curl_with_only_the_proxy_env_reaches_github_with_the_real_credential(e2
     assert "authorization" in headers
     assert not headers & {"proxy-authorization", "x-sandbox-id", "x-sandbox-token"}
     assert e2e.secrets["github"] not in result.stdout
+
+
+def test_intercepted_tunnel_end_is_audited_under_its_connect_decision(e2e: Env) -> None:
+    before = {i for i, body in _tunnel_ends(e2e) if body["host"] == "api.github.com"}
+    result = curl(e2e, agent_env(e2e, "sb-standard"), "https://api.github.com/user")
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    new: dict[str, dict[str, Any]] = {}
+    while not new and time.monotonic() < deadline:
+        new = {
+            i: body
+            for i, body in _tunnel_ends(e2e)
+            if body["host"] == "api.github.com" and i not in before
+        }
+        time.sleep(0.1)
+    [(decision_id, body)] = new.items()
+    assert (body["port"], body["sandbox_id"]) == (443, "sb-standard")
+    # The TLS handshake and one request/response went through the tunnel.
+    assert body["bytes_received"] > 0
+    assert body["bytes_sent"] > 0
+    [(_, connect)] = _audit_rows(e2e, decision_id, "decision")
+    assert connect["sandbox_id"] == "sb-standard"
+
+
+def _tunnel_ends(e2e: Env) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``tunnel`` audit entry so far: (decision id, body)."""
+    conn = sqlite3.connect(f"file:{e2e.stack.run_dir / 'audit.db'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT decision_id, body FROM audit WHERE kind = 'tunnel'").fetchall()
+    finally:
+        conn.close()
+    return [(str(i), json.loads(b)) for i, b in rows]
 
 
 def test_absolute_form_request_through_http_proxy_gets_the_credential(e2e: Env) -> None:
@@ -313,6 +346,60 @@ def test_tunnel_to_an_allowed_host_passes_bytes_untouched_and_is_logged(
     assert int(line["bytes_received"]) >= len(payload)
     assert int(line["bytes_sent"]) >= len(payload)
     assert int(line["duration_ms"]) >= 0
+    # The same tunnel's end in authz's audit trail (Envoy's access log service), under
+    # the id of the CONNECT's decision, chained with it.
+    decision_id = line["decision_id"]
+    [(_, body)] = _audit_rows(e2e, decision_id, "tunnel")
+    assert body["sandbox_id"] == "sb-standard"
+    assert (body["host"], body["port"]) == (TUNNEL_TEST_HOST, 443)
+    assert body["bytes_received"] >= len(payload)
+    assert body["bytes_sent"] >= len(payload)
+    assert body["duration_ms"] >= 0
+    assert body["status"] == 200
+    [(_, connect)] = _audit_rows(e2e, decision_id, "decision")
+    assert connect["sandbox_id"] == "sb-standard"
+
+
+def test_refused_connect_leaves_no_tunnel_entry(e2e: Env, allowed_host: Path) -> None:
+    """Only a CONNECT Envoy answered 200 is a tunnel: a refused one has its decision in
+    the audit trail and no tunnel end."""
+    proxy_auth = basic("sb-standard", e2e.tokens["sb-standard"])
+    before = {i for i, _ in _tunnel_ends(e2e)}
+    refused = proxy_connect(e2e.stack.ports.egress, "example.com:443", proxy_auth)
+    refused.sock.close()
+    assert refused.status == 403
+    refused_id = refused.headers["x-authz-decision-id"]
+    allowed = proxy_connect(e2e.stack.ports.egress, f"{TUNNEL_TEST_HOST}:443", proxy_auth)
+    allowed.sock.close()
+    assert allowed.status == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not {i for i, _ in _tunnel_ends(e2e)} - before:
+        time.sleep(0.1)
+    assert {i for i, _ in _tunnel_ends(e2e)} - before, "the allowed tunnel's end never came"
+    time.sleep(1.5)  # past another flush of every Envoy worker's gRPC log buffer
+    assert _audit_rows(e2e, refused_id, "decision", timeout_s=0)
+    assert _audit_rows(e2e, refused_id, "tunnel", timeout_s=0) == []
+
+
+def _audit_rows(
+    e2e: Env, decision_id: str, kind: str, timeout_s: float = 10.0
+) -> list[tuple[str, dict[str, Any]]]:
+    """The audit entries of ``kind`` under ``decision_id`` (read-only; waiting up to
+    ``timeout_s`` for the first: Envoy flushes its gRPC access log every second, authz's
+    writer batches)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = sqlite3.connect(f"file:{e2e.stack.run_dir / 'audit.db'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT kind, body FROM audit WHERE decision_id = ? AND kind = ?",
+                (decision_id, kind),
+            ).fetchall()
+        finally:
+            conn.close()
+        if rows or time.monotonic() > deadline:
+            return [(str(k), json.loads(b)) for k, b in rows]
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(

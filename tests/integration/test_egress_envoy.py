@@ -37,6 +37,14 @@ def test_generated_variants_pass_envoy_validation(envoy_bin: str, tmp_path: Path
     ensure_pki(tmp_path / "tls", DEPLOYMENT_LEAVES)
     intercept_certificates(tmp_path / "tls", services)
     relocate_tls(config, tmp_path / "tls")
+    # The tunnel-end gRPC access log (to authz) is part of what Envoy validates.
+    [egress] = [
+        listener
+        for listener in config["static_resources"]["listeners"]
+        if listener["name"] == "egress"
+    ]
+    hcm = egress["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "envoy.access_loggers.http_grpc" in [log["name"] for log in hcm["access_log"]]
     path = tmp_path / "envoy-variant.yaml"
     path.write_text(yaml.safe_dump(config))
     result = envoy_validate(envoy_bin, path)

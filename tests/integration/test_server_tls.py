@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.core.authorizer import Authorizer
 from authz.core.errors import ConfigError
+from authz.runtime.als import ALS_SERVICE, AccessLogServicer
 from authz.runtime.config import Settings, load
 from authz.runtime.server import create_server, grpc_server_credentials
 from authz.stack.supervisor import free_port
 from authz.stack.tls import Leaf, LeafFiles, ensure_pki
+from tests.helpers.als import DECISION_ID, connect_entry, message
 from tests.helpers.fakes import FakeEngine, check_request
 from tests.helpers.serve import serve_until_exit
 
@@ -205,5 +209,58 @@ async def test_renewed_certificates_are_used_without_a_restart(
         assert not await _answers(clients, "envoy-client", server.port)
         (served / "tls.key").write_text("not a key\n")
         assert await _answers(clients, "renewed-client", server.port)
+    finally:
+        await server.stop(0)
+
+
+# -- tunnel ends (issue 18): Envoy's access log service on the same port and mTLS ----------
+
+
+async def _stream_one_tunnel_end(channel: grpc.aio.Channel) -> None:
+    call = channel.stream_unary(
+        f"/{ALS_SERVICE}/StreamAccessLogs",
+        request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
+        response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+    )
+    await call(iter([message(connect_entry())]), timeout=2)
+
+
+@pytest.mark.parametrize("caller", CALLERS.values(), ids=CALLERS.keys())
+async def test_access_log_service_refuses_callers_without_envoys_client_certificate(
+    pki: dict[str, LeafFiles], caller: Callable[[dict[str, LeafFiles], int], grpc.aio.Channel]
+) -> None:
+    stored: list[str] = []
+    server = await create_server(
+        _authorizer(),
+        "127.0.0.1:0",
+        grpc_server_credentials(_settings(pki)),
+        access_log=AccessLogServicer(lambda decision_id, body: stored.append(decision_id)),
+    )
+    try:
+        async with caller(pki, server.port) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await _stream_one_tunnel_end(channel)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stored == []
+    finally:
+        await server.stop(0)
+
+
+async def test_access_log_service_audits_a_tunnel_end_from_envoys_certificate(
+    pki: dict[str, LeafFiles],
+) -> None:
+    stored: list[tuple[str, Mapping[str, Any]]] = []
+    server = await create_server(
+        _authorizer(),
+        "127.0.0.1:0",
+        grpc_server_credentials(_settings(pki)),
+        access_log=AccessLogServicer(lambda decision_id, body: stored.append((decision_id, body))),
+    )
+    try:
+        async with _tls_channel(pki, "envoy-client", server.port) as channel:
+            await _stream_one_tunnel_end(channel)
+        [(decision_id, body)] = stored
+        assert decision_id == DECISION_ID
+        assert (body["host"], body["port"], body["sandbox_id"]) == ("pypi.org", 443, "sb-standard")
     finally:
         await server.stop(0)

@@ -2,7 +2,9 @@
 
 Each row of table ``audit`` is one entry: ``seq`` (1, 2, 3, ... without gaps), ``kind``
 (``decision``, ``admin`` for admin actions, ``gap`` for entries lost while the store was
-degraded, ``anchor`` for a retention prune moving the anchor), ``time`` (Unix
+degraded, ``anchor`` for a retention prune moving the anchor, ``tunnel`` for the end of a CONNECT
+tunnel: its decision id, sandbox, host, port, bytes and duration from Envoy's access log
+service, :mod:`authz.runtime.als`), ``time`` (Unix
 seconds), ``decision_id``, ``body`` (canonical JSON: the decision-log fields plus the
 policy decision and the size-capped :class:`Projection` of the input, never a credential
 header, keys sorted), ``prev_hash`` and ``hash``::

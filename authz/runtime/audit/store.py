@@ -228,6 +228,13 @@ class AuditTrail:
         body = orjson.dumps({"action": action, **fields}, option=orjson.OPT_SORT_KEYS)
         self._put("admin", self._clock(), entry_id, body, _ENTRY_OVERHEAD + len(body))
 
+    def tunnel(self, decision_id: str, fields: Mapping[str, Any]) -> None:
+        """Queue the end of a CONNECT tunnel (issue 18, :mod:`authz.runtime.als`) as an
+        entry of kind ``tunnel`` under the CONNECT decision's id; ``fields`` is the body
+        (host, port, sandbox, byte counts, duration; never a header)."""
+        body = orjson.dumps(dict(fields), option=orjson.OPT_SORT_KEYS)
+        self._put("tunnel", self._clock(), decision_id, body, _ENTRY_OVERHEAD + len(body))
+
     def _put(
         self, kind: str, when: float, entry_id: str, body: bytes | DecisionRecord, size: int
     ) -> None:

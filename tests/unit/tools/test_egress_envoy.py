@@ -21,6 +21,7 @@ from authz.core.headers import (
 )
 from authz.tools import egress_envoy
 from authz.tools.egress_envoy import DECISION_PATH, generate, main, parse_base_url, render
+from authz.tools.services import parse_service
 from tests.helpers import ROOT
 from tests.helpers.egress import SERVICES_FILE, real_services, svc
 
@@ -372,7 +373,7 @@ def test_gateway_sets_its_own_forwarding_headers() -> None:
 
 
 def test_access_log_fields() -> None:
-    [log] = hcm(generate({}))["access_log"]
+    [log, _] = hcm(generate({}))["access_log"]
     fields = log["typed_config"]["log_format"]["json_format"]
     gateway_fields = hcm(gateway())["access_log"][0]["typed_config"]["log_format"]["json_format"]
     assert fields["proxy"] == "egress"
@@ -381,6 +382,42 @@ def test_access_log_fields() -> None:
         assert fields[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
     # Everything the gateway logs except its key id.
     assert set(gateway_fields) - {"key_id"} <= set(fields)
+
+
+@pytest.mark.parametrize("services", [{}, real_services()], ids=["no-services", "real"])
+def test_answered_connects_stream_their_end_to_authzs_access_log_service(
+    services: dict[str, Any],
+) -> None:
+    """Plain and intercepted tunnels are both CONNECTs of the outer listener: its gRPC
+    access log (only CONNECTs answered 200) goes to the mTLS authz cluster and logs no
+    request header (a Proxy-Authorization must never leave)."""
+    config = generate(services)
+    [grpc_log] = [
+        log for log in hcm(config)["access_log"] if log["name"] == "envoy.access_loggers.http_grpc"
+    ]
+    typed = grpc_log["typed_config"]
+    assert typed["@type"].endswith("access_loggers.grpc.v3.HttpGrpcAccessLogConfig")
+    assert typed["common_config"]["grpc_service"] == {"envoy_grpc": {"cluster_name": "authz"}}
+    assert typed["common_config"]["log_name"] == egress_envoy.TUNNEL_LOG_NAME
+    assert not {k for k in typed if k.startswith("additional_")}
+    [method, status] = grpc_log["filter"]["and_filter"]["filters"]
+    assert method["header_filter"]["header"] == {
+        "name": ":method",
+        "string_match": {"exact": "CONNECT"},
+    }
+    assert status["status_code_filter"]["comparison"]["op"] == "EQ"
+    assert status["status_code_filter"]["comparison"]["value"]["default_value"] == 200
+    # The inner (intercepted) requests are not tunnels: no gRPC log there.
+    inner = [
+        chain
+        for other in config["static_resources"]["listeners"][1:]
+        for chain in other["filter_chains"]
+    ]
+    parsed = [parse_service(name, services[name]) for name in services]
+    assert len(inner) == len(egress_envoy.intercepted_hosts(parsed))
+    for chain in inner:
+        names = [log["name"] for log in chain_hcm(chain).get("access_log", [])]
+        assert "envoy.access_loggers.http_grpc" not in names
 
 
 # -- errors --------------------------------------------------------------------------------
