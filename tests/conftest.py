@@ -87,6 +87,21 @@ def postgres_cluster() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A running PostgreSQL cluster of this test's own, for a test that stops and starts
+    it (an outage); removed after the test."""
+    try:
+        server = PostgresServer()
+    except LaunchError as exc:
+        pytest.fail(f"{exc}: run ./scripts/install-deps, which installs PostgreSQL")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
 def postgres_url(postgres_cluster: PostgresServer) -> str:
     """A new empty database on the session's cluster (started again if a test stopped it)."""
     if not postgres_cluster.running:

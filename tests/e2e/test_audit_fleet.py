@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,17 +22,6 @@ from tests.helpers.postgres_server import PostgresServer
 pytestmark = pytest.mark.e2e
 
 REPLICAS = ("replica-a", "replica-b")
-
-
-@pytest.fixture
-def fleet_postgres() -> Iterator[PostgresServer]:
-    """A cluster of this test's own: it is stopped mid-traffic."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
 
 
 def wait_for(
@@ -86,9 +75,9 @@ def authz_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_two_replicas_chains_verify_and_a_postgres_outage_fails_no_request(
-    e2e: Env, tmp_path: Path, fleet_postgres: PostgresServer
+    e2e: Env, tmp_path: Path, own_postgres: PostgresServer
 ) -> None:
-    url = fleet_postgres.database()
+    url = own_postgres.database()
     key = e2e.keys["admin"]  # premium: no rate limit in the way
     dirs = [tmp_path / name for name in REPLICAS]
     for directory in dirs:
@@ -109,13 +98,13 @@ def test_two_replicas_chains_verify_and_a_postgres_outage_fails_no_request(
             "both replicas' decisions in PostgreSQL",
         )
 
-        fleet_postgres.stop()
+        own_postgres.stop()
         during = check_all(grpc_ports, key, 20)
         wait_for(lambda: audit_degraded(admin_a) and audit_degraded(admin_b), "degraded")
         during += check_all(grpc_ports, key, 20)
         assert during == [200] * 40  # no request failed while the audit store was down
 
-        fleet_postgres.start()
+        own_postgres.start()
         wait_for(
             lambda: rows_by_replica(url, "gap") == dict.fromkeys(REPLICAS, 1),
             "a gap entry in each chain",

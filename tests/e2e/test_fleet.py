@@ -190,17 +190,6 @@ def test_redis_stopped_in_strict_mode_keeps_overrides_and_denies_limited_request
 # -- the whole fleet: Redis and PostgreSQL together (issue #16) ---------------------------
 
 
-@pytest.fixture
-def fleet_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster of this test's own: it is stopped mid-traffic."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
-
-
 def _audit_rows(url: str, kind: str) -> dict[str, int]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
@@ -218,7 +207,7 @@ def test_a_fleet_on_redis_and_postgresql_behind_one_envoy_acts_as_one_authz(
     e2e: Env,
     tmp_path: Path,
     redis_server: RedisServer,
-    fleet_postgres: PostgresServer,
+    own_postgres: PostgresServer,
     envoy_bin: str,
     opa_bin: str,
 ) -> None:
@@ -227,7 +216,7 @@ def test_a_fleet_on_redis_and_postgresql_behind_one_envoy_acts_as_one_authz(
     chains verify in PostgreSQL, a PostgreSQL outage fails no request and leaves a gap
     entry per chain, and a Redis outage keeps the last known overrides while refusing
     changes (AUTHZ_REDIS_FAILURE_MODE=fallback)."""
-    url = fleet_postgres.database()
+    url = own_postgres.database()
     env = {
         "AUTHZ_REDIS_URL": redis_server.url,
         "AUTHZ_RATE_LIMIT_BACKEND": "redis",
@@ -260,13 +249,13 @@ def test_a_fleet_on_redis_and_postgresql_behind_one_envoy_acts_as_one_authz(
 
         # PostgreSQL stops: no request fails; each chain gets a gap entry once it is back.
         _within(lambda: set(_audit_rows(url, "decision")) == {"replica-a", "replica-b"}, 30.0)
-        fleet_postgres.stop()
+        own_postgres.stop()
         during = _through_envoy(fleet, admin, 20)
         _within(lambda: a.metric("authz_audit_degraded") == 1, 30.0)
         _within(lambda: b.metric("authz_audit_degraded") == 1, 30.0)
         during += _through_envoy(fleet, admin, 20)
         assert during == [200] * 40
-        fleet_postgres.start()
+        own_postgres.start()
         _within(lambda: _audit_rows(url, "gap") == {"replica-a": 1, "replica-b": 1}, 30.0)
 
         # Redis stops: the last known overrides hold, changes are refused, requests served.

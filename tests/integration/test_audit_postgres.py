@@ -337,17 +337,6 @@ def test_byte_bound_prunes_the_replicas_rows(trails: TrailFactory, postgres_url:
 # --- outage ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A cluster of this test's own, to stop and start."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
-
-
 def test_database_down_degrades_to_log_only_then_a_gap_entry(
     own_postgres: PostgresServer, trails: TrailFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
