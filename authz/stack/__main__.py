@@ -84,7 +84,7 @@ def agent_example(stack: Stack, sandbox: str = "sb-demo-standard") -> str:
   export HTTPS_PROXY={url}
   export HTTP_PROXY=$HTTPS_PROXY https_proxy=$HTTPS_PROXY http_proxy=$HTTPS_PROXY
   export SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}
-  export NODE_EXTRA_CA_CERTS={ca} GIT_SSL_CAINFO={ca}
+  export NODE_EXTRA_CA_CERTS={ca} GIT_SSL_CAINFO={ca} CURL_CA_BUNDLE={ca}
   curl https://api.github.com/user
       # -> 200 from the stand-in, which got the real credential (the sandbox has none)
   python -c 'from openai import OpenAI; print(OpenAI(api_key="unused").models.list())'

@@ -89,7 +89,9 @@ def test_the_printed_agent_example_works(demo_stack: Stack) -> None:
     commands = [line.strip() for line in example.splitlines() if line.strip().startswith("curl")]
     assert len(exports) == 4
     assert len(commands) == 2
-    env = {"PATH": "/usr/bin:/bin"}
+    # A shell that already names a CA bundle for curl (as many do): the example's own
+    # exports must win over it.
+    env = {"PATH": "/usr/bin:/bin", "CURL_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt"}
     first = subprocess.run(
         ["bash", "-c", "\n".join([*exports, f"{commands[0]} -sS --max-time 10"])],
         env=env,
