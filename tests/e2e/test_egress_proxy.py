@@ -117,7 +117,9 @@ def test_curl_with_only_the_proxy_env_reaches_github_with_the_real_credential(e2
 
 
 def test_intercepted_tunnel_end_is_audited_under_its_connect_decision(e2e: Env) -> None:
-    before = {i for i, body in _tunnel_ends(e2e) if body["host"] == "api.github.com"}
+    # Earlier tests' tunnels end (and are audited: Envoy flushes its gRPC access log every
+    # second, authz's writer batches) while this one starts: wait until they have settled.
+    before = _settled_tunnel_ends(e2e)
     result = curl(e2e, agent_env(e2e, "sb-standard"), "https://api.github.com/user")
     assert result.returncode == 0, result.stderr
     deadline = time.monotonic() + 10
@@ -136,6 +138,21 @@ def test_intercepted_tunnel_end_is_audited_under_its_connect_decision(e2e: Env) 
     assert body["bytes_sent"] > 0
     [(_, connect)] = _audit_rows(e2e, decision_id, "decision")
     assert connect["sandbox_id"] == "sb-standard"
+
+
+def _settled_tunnel_ends(e2e: Env, quiet_s: float = 2.5, timeout_s: float = 20.0) -> set[str]:
+    """The decision ids of the ``tunnel`` entries once none has been added for
+    ``quiet_s`` seconds (more than Envoy's one-second flush plus the writer's batching)."""
+    deadline = time.monotonic() + timeout_s
+    seen = {i for i, _ in _tunnel_ends(e2e)}
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s:
+        assert time.monotonic() < deadline, "tunnel entries kept coming"
+        time.sleep(0.2)
+        now = {i for i, _ in _tunnel_ends(e2e)}
+        if now != seen:
+            seen, quiet_since = now, time.monotonic()
+    return seen
 
 
 def _tunnel_ends(e2e: Env) -> list[tuple[str, dict[str, Any]]]:

@@ -811,7 +811,12 @@ def _log_fields() -> set[str]:
     for proxy in ("gateway", "egress"):
         config = yaml.safe_load((ROOT / f"infra/compose/envoy/envoy-{proxy}.yaml").read_text())
         hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        (access_log,) = hcm["typed_config"]["access_log"]
+        # The JSON line on stdout (egress also streams tunnel ends to authz over gRPC).
+        (access_log,) = [
+            log
+            for log in hcm["typed_config"]["access_log"]
+            if log["name"] == "envoy.access_loggers.stdout"
+        ]
         fields |= set(access_log["typed_config"]["log_format"]["json_format"])
     return fields
 
