@@ -501,3 +501,41 @@ async def test_authz_does_not_start_when_its_audit_database_is_unreachable(
         caught.value
     )
     assert postgres_cluster.password not in str(caught.value)
+
+
+def test_nightly_audit_checks_a_postgresql_store_from_the_environment(
+    trails: TrailFactory, postgres_url: str, tmp_path: Path, repo_root: Path
+) -> None:
+    """scripts/nightly-audit with AUTHZ_AUDIT_URL set (no --audit): both checks read the
+    PostgreSQL store (every replica's chain, every replica's last use), and the URL, which
+    holds a password, is on no command line and in no output."""
+    a, b = trails("rep-a"), trails("rep-b")
+    a.record(key_health.decision("key-a", time.time() - DAY_S))
+    b.record(key_health.decision("key-b", time.time() - DAY_S))
+    wait_until(lambda: a.written + b.written >= 2, "every entry written")
+    bundle = key_health.write_bundle(
+        tmp_path / "authz.tar.gz",
+        {
+            "/gateway/api_keys/data.json": {
+                key_health.digest(k): key_health.entry(k) for k in ("key-a", "key-b")
+            }
+        },
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")}
+    if "AUTHZ_VENV" in os.environ:
+        environ["AUTHZ_VENV"] = os.environ["AUTHZ_VENV"]
+    environ["AUTHZ_AUDIT_URL"] = postgres_url
+    result = subprocess.run(
+        [str(repo_root / "scripts/nightly-audit"), "--bundle", str(bundle)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout
+    assert "== audit trail PostgreSQL (AUTHZ_AUDIT_URL): exit 0" in result.stdout
+    assert "replica rep-a" in result.stdout
+    assert "replica rep-b" in result.stdout
+    assert result.stdout.rstrip().endswith("no action needed")
+    assert postgres_url not in result.stdout
