@@ -3,6 +3,7 @@ redis-server; and the order hook that runs tests marked ``runs_last`` after all 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # The tests fork children (the local stack's supervisor, launchers) from a process that
@@ -71,10 +72,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # -- PostgreSQL (issue #16: the fleet audit store) ---------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL cluster for the session (initdb is slow), running; a test
-    that stops it must start it again. Use :func:`postgres_url` for a database of one's own."""
+@contextlib.contextmanager
+def _running_postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster, running until the block ends, then removed."""
     try:
         server = PostgresServer()
     except LaunchError as exc:
@@ -84,21 +84,22 @@ def postgres_cluster() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session (initdb is slow), running; a test
+    that stops it must start it again. Use :func:`postgres_url` for a database of one's own."""
+    with _running_postgres() as server:
+        yield server
 
 
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A running PostgreSQL cluster of this test's own, for a test that stops and starts
     it (an outage); removed after the test."""
-    try:
-        server = PostgresServer()
-    except LaunchError as exc:
-        pytest.fail(f"{exc}: run ./scripts/install-deps, which installs PostgreSQL")
-    try:
-        server.start()
+    with _running_postgres() as server:
         yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture
