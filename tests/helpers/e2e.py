@@ -113,18 +113,14 @@ class Env:
         ttl_seconds: int = 600,
         decision_path: str = "authz/gateway/decision",
     ) -> httpx.Response:
-        """``POST /v1/overrides`` on the admin API: ``effect`` (allow, deny) for requests
-        that ``match``, for ``ttl_seconds``; returns the response (201 and the override's
-        JSON when it took)."""
-        return self.admin.post(
-            "/v1/overrides",
-            json={
-                "effect": effect,
-                "decision_path": decision_path,
-                "match": dict(match),
-                "ttl_seconds": ttl_seconds,
-                "reason": reason,
-            },
+        """``POST /v1/overrides`` on the admin API (:func:`post_override`)."""
+        return post_override(
+            self.admin,
+            effect,
+            match,
+            reason=reason,
+            ttl_seconds=ttl_seconds,
+            decision_path=decision_path,
         )
 
     def sandbox_headers(self, sandbox: str, service: str) -> dict[str, str]:
@@ -390,3 +386,27 @@ def tunnel_test_env(port: int) -> dict[str, str]:
     if not port:
         return {}
     return {"AUTHZ_EGRESS_TUNNEL_TEST_TARGETS": f"{TUNNEL_TEST_HOST}:443=127.0.0.1:{port}"}
+
+
+def post_override(
+    admin: httpx.Client,
+    effect: str,
+    match: Mapping[str, object],
+    *,
+    reason: str,
+    ttl_seconds: int = 600,
+    decision_path: str = "authz/gateway/decision",
+) -> httpx.Response:
+    """``POST /v1/overrides`` through ``admin`` (a client of an admin API): ``effect``
+    (allow, deny) for requests that ``match``, for ``ttl_seconds``; returns the response
+    (201 and the override's JSON when it took)."""
+    return admin.post(
+        "/v1/overrides",
+        json={
+            "effect": effect,
+            "decision_path": decision_path,
+            "match": dict(match),
+            "ttl_seconds": ttl_seconds,
+            "reason": reason,
+        },
+    )

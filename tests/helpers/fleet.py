@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.tools.launch import opa_launch
-from tests.helpers.e2e import BURST_S, Env, check_all
+from tests.helpers.e2e import BURST_S, Env, check_all, post_override
 from tests.helpers.envoy_rig import ext_authz_envoy_config, running_echo, running_envoy
 
 __all__ = ["Fleet", "Replica", "running_fleet"]
@@ -65,16 +65,14 @@ class Replica:
         ttl_seconds: int = 600,
         decision_path: str = "authz/gateway/decision",
     ) -> httpx.Response:
-        """``POST /v1/overrides`` on this replica's admin API."""
-        return self.admin.post(
-            "/v1/overrides",
-            json={
-                "effect": effect,
-                "decision_path": decision_path,
-                "match": dict(match),
-                "ttl_seconds": ttl_seconds,
-                "reason": reason,
-            },
+        """``POST /v1/overrides`` on this replica's admin API (:func:`post_override`)."""
+        return post_override(
+            self.admin,
+            effect,
+            match,
+            reason=reason,
+            ttl_seconds=ttl_seconds,
+            decision_path=decision_path,
         )
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
