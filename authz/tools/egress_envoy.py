@@ -659,22 +659,7 @@ def _intercept_chain(
     }
     return {
         "filter_chain_match": {"server_names": [upstream.host]},
-        "transport_socket": {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": f"{_TYPE}.transport_sockets.tls.v3.DownstreamTlsContext",
-                "common_tls_context": {
-                    "alpn_protocols": ["h2", "http/1.1"],
-                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {"filename": f"{directory}/tls.crt"},
-                            "private_key": {"filename": f"{directory}/tls.key"},
-                        }
-                    ],
-                },
-            },
-        },
+        "transport_socket": downstream_transport_socket(directory),
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
     }
 
