@@ -29,7 +29,7 @@ from authz.core.input import BodyParsing
 from authz.core.mode import Mode, parse_mode
 from authz.core.opa import parse_decision_path
 from authz.core.secret import Secret
-from authz.runtime.files import read_at_most
+from authz.runtime.files import read_capped
 
 __all__ = [
     "ADMIN_TOKEN_MIN_CHARS",
@@ -809,12 +809,7 @@ def _settings_file(path: Path) -> dict[Any, Any]:
     """The settings file's top-level mapping (``{}`` for an empty file), read at most
     :data:`SETTINGS_FILE_MAX_BYTES`. Raises ConfigError naming the file (never quoting
     its content) when it cannot be read, is too large, not UTF-8, not YAML or no mapping."""
-    try:
-        data = read_at_most(path, SETTINGS_FILE_MAX_BYTES)
-    except OSError as exc:
-        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
-    if len(data) > SETTINGS_FILE_MAX_BYTES:
-        raise ConfigError(f"config file {str(path)!r}: larger than {SETTINGS_FILE_MAX_BYTES} bytes")
+    data = read_capped(path, SETTINGS_FILE_MAX_BYTES, f"config file {str(path)!r}")
     try:
         loaded = yaml.safe_load(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -907,12 +902,7 @@ def _secret_files(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         if environ.get(env_key):
             raise ConfigError(f"{env_key} and {where} are both set: set only one of them")
         path = Path(environ[file_key])
-        try:
-            data = read_at_most(path, SECRET_FILE_MAX_BYTES)
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read the file: {exc.strerror}") from None
-        if len(data) > SECRET_FILE_MAX_BYTES:
-            raise ConfigError(f"{where}: larger than {SECRET_FILE_MAX_BYTES} bytes")
+        data = read_capped(path, SECRET_FILE_MAX_BYTES, where, unreadable="cannot read the file: ")
         try:
             text = data.decode("utf-8").strip()
         except UnicodeDecodeError:

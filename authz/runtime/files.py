@@ -15,7 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["read_at_most", "write_private"]
+from authz.core.errors import ConfigError
+
+__all__ = ["read_at_most", "read_capped", "write_private"]
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -47,3 +49,17 @@ def read_at_most(path: Path, limit: int) -> bytes:
     Raises OSError."""
     with path.open("rb") as handle:
         return handle.read(limit + 1)
+
+
+def read_capped(path: Path, limit: int, where: str, *, unreadable: str = "") -> bytes:
+    """The whole of ``path``, at most ``limit`` bytes (:func:`read_at_most`: the rest of
+    a larger file is never read). Raises ConfigError ``"<where>: <unreadable><reason>"``
+    when it cannot be read, ``"<where>: larger than <limit> bytes"`` when it is over the
+    cap; ``where`` names the file or the setting, never its content."""
+    try:
+        data = read_at_most(path, limit)
+    except OSError as exc:
+        raise ConfigError(f"{where}: {unreadable}{exc.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{where}: larger than {limit} bytes")
+    return data

@@ -44,7 +44,7 @@ import orjson
 
 from authz.core.errors import AdminRequestError, ConfigError, PolicyError, TooManyOverrides
 from authz.core.opa import parse_decision_path
-from authz.runtime.files import read_at_most, write_private
+from authz.runtime.files import read_capped, write_private
 
 __all__ = [
     "MAX_ACTIVE_OVERRIDES",
@@ -278,12 +278,7 @@ class OverrideStore:
         cannot be read, is not UTF-8 JSON (parsed by orjson: linear, nesting capped) or
         holds an entry that is not a well-formed override."""
         where = f"overrides file {str(path)!r}"
-        try:
-            data = read_at_most(path, MAX_FILE_BYTES)
-        except OSError as exc:
-            raise ConfigError(f"{where}: {exc.strerror}") from None
-        if len(data) > MAX_FILE_BYTES:
-            raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
+        data = read_capped(path, MAX_FILE_BYTES, where)
         try:
             raw = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
