@@ -1,9 +1,10 @@
-"""CPU per decision on a cache miss, authz and OPA, in total and per step of the pipeline.
+"""CPU per decision on a cache miss (or, with ``--hits``, a hit), authz and OPA, in total
+and per step of the pipeline.
 
 Not a test (numbers, no assertions); the numbers go to ``docs/performance.md`` ("Cost of
 a miss")::
 
-    python -m bench.miss_cost [--requests 2000] [--transport tcp,unix] [--profile]
+    python -m bench.miss_cost [--requests 2000] [--transport tcp,unix] [--profile] [--hits]
 
 Builds the shipped policy bundle (``scripts/build-policy-bundle``) with ``--keys`` bench
 keys, serves it from a real OPA (``AUTHZ_OPA_BIN``) on a free 127.0.0.1 port or a unix
@@ -15,7 +16,10 @@ difference between two variants is what that component costs per decision. Then 
 calls the Authorizer's ``check`` for ``--requests`` gateway requests that each carry a
 key not used before (``GET /api/v1/items/1``, like ``scripts/bench``'s distinct
 workload), so every one misses the decision cache, one after the other, on uvloop as
-the server runs. The gRPC server is not in the path (its cost per Check is the same on
+the server runs. With ``--hits`` the requests cycle over :data:`HIT_KEYS` keys instead,
+each also with a fresh ``x-request-id`` (which the declared cache key leaves out), so after
+the warm-up every decision is a cache hit: what authz's own pipeline costs on a hit. The
+gRPC server is not in the path (its cost per Check is the same on
 a hit and a miss; ``docs/performance.md`` measures it apart).
 
 Printed per transport: CPU per decision in microseconds of this process
@@ -52,6 +56,8 @@ from bench.workload import BENCH_PATH, bench_key, write_keys_overlay
 from tests.helpers.fakes import check_request
 
 ROOT: Final = Path(__file__).resolve().parent.parent
+# --hits: the keys the requests cycle over (all decided, and cached, in the warm-up).
+HIT_KEYS: Final = 50
 
 # Step -> (file suffix, function name) of the frame whose inclusive CPU is the step's.
 STEPS: Final = (
@@ -150,8 +156,10 @@ async def measure(
     requests: int,
     profile: bool,
     variant: str = "shipped",
+    hits: bool = False,
 ) -> dict[str, Any]:
-    """Run ``requests`` misses through an in-process authz; CPU and step figures."""
+    """Run ``requests`` misses (``hits``: hits) through an in-process authz; CPU and step
+    figures."""
     environ = {
         "AUTHZ_OPA_URL": url,
         "AUTHZ_GRPC_ADDR": f"127.0.0.1:{free_port()}",
@@ -170,7 +178,13 @@ async def measure(
                 assert authorizer is not None
                 await runtime.watcher.poll_once()  # the revision and declarations, as live
                 checks = [
-                    check_request(path=BENCH_PATH, headers={"x-api-key": bench_key(first_key + i)})
+                    check_request(
+                        path=BENCH_PATH,
+                        headers={
+                            "x-api-key": bench_key(i % HIT_KEYS if hits else first_key + i),
+                            "x-request-id": f"bench-{first_key + i}",
+                        },
+                    )
                     for i in range(requests + 200)
                 ]
                 for request in checks[:200]:  # warm up pools, OPA and the code paths
@@ -230,13 +244,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="shipped", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--hits", action="store_true", help="every decision a cache hit")
     args = parser.parse_args()
     opa_bin = find_binary("opa", "AUTHZ_OPA_BIN")
     transports = args.transport.split(",")
     variants = args.variants.split(",")
     runs = args.rounds * len(transports) * (len(variants) + (1 if args.profile else 0))
     needed = (args.requests + 200) * runs
-    if needed > args.keys:
+    if needed > args.keys and not args.hits:
         parser.error(f"--keys must be at least {needed} (every request a new key)")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -252,7 +267,9 @@ def main() -> None:
             for transport in transports:
                 with running_opa(opa_bin, transport, bundle, base) as (url, pid):
                     for variant in variants:
-                        res = _run(measure(url, pid, base, first, args.requests, False, variant))
+                        res = _run(
+                            measure(url, pid, base, first, args.requests, False, variant, args.hits)
+                        )
                         first += args.requests + 200
                         print(
                             f"| {transport} | {variant} | {res['authz_us']:.0f} "
@@ -260,7 +277,9 @@ def main() -> None:
                             flush=True,
                         )
                     if args.profile:
-                        res = _run(measure(url, pid, base, first, args.requests, True))
+                        res = _run(
+                            measure(url, pid, base, first, args.requests, True, hits=args.hits)
+                        )
                         first += args.requests + 200
                         profiles[transport] = res["steps"]
         for transport, table in profiles.items():
