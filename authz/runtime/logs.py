@@ -24,6 +24,7 @@ unless small, and a line still over its cap sheds input fields (named in ``erase
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -616,7 +617,9 @@ class EventUpload(Protocol):
 class DecisionLog:
     """A :class:`~authz.core.record.DecisionSink` writing one JSON line per decision to
     ``stream`` (default stdout), in ``format`` (``authz``: :meth:`DecisionRecord.log_fields`;
-    ``opa``: :func:`opa_event`). Writes are line-buffered and never raise.
+    ``opa``: :func:`opa_event`). Writes never raise; the stream is flushed once per
+    event-loop turn (every line of a turn out before the loop next waits), at once when
+    no loop runs, and by :meth:`flush` (shutdown).
 
     Bounded as the audit trail is (README "Decision log"): every string is cut to
     ``value_max_bytes`` UTF-8 bytes, a request body over ``body_max_bytes`` is left out of
@@ -660,6 +663,8 @@ class DecisionLog:
         self._req_ids = itertools.count(1)
         self._upload = upload
         self._console = console
+        # The loop a flush is scheduled on (None: none pending), see _flush_soon.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_settings(
@@ -719,6 +724,26 @@ class DecisionLog:
             return _fit_opa(event, self._line_max)
         return _authz_line(record.log_fields(), self._value_max, self._line_max)
 
+    def _flush_soon(self) -> None:
+        """Flush once per event-loop turn (every line written in it, before the loop next
+        waits for I/O), not once per line: each flush of a pipe is a system call. Called
+        from no running loop (a thread, a script), flush now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Flush the stream: every line :meth:`record` wrote reaches it. Never raises (a
+        closed or full stream is ignored, as :meth:`record` ignores it)."""
+        self._flush_on = None
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
     def upload_event(self, record: DecisionRecord, line: bytes | None = None) -> bytes:
         """``record`` as the OPA event an upload carries: OPA's ``EventV1`` (the console
         line without ``type``, ``level``, ``msg`` and ``time``), masked and capped as the
@@ -738,9 +763,10 @@ class DecisionLog:
             try:
                 line = self.line(record)
                 self._stream.write(line.decode() + "\n")
-                self._stream.flush()
             except (OSError, ValueError):  # closed or full stream: keep serving
                 pass
+            else:
+                self._flush_soon()
         if self._upload is not None and self._upload.wants(record):
             # An unencodable record: the console line has the story.
             with contextlib.suppress(OSError, ValueError):

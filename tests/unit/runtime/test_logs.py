@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -321,6 +322,61 @@ def test_decision_log_survives_broken_stream(
     sink.record(record("d-2"))
     if written is not None:
         assert [line["decision_id"] for line in lines(stream)] == written
+
+
+class FlushCounting(io.StringIO):
+    """A stream that shows what a reader would see: only what was flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = ""
+        self.flushes = 0
+
+    def flush(self) -> None:
+        super().flush()
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+def _ids(text: str) -> list[str]:
+    return [json.loads(line)["decision_id"] for line in text.splitlines()]
+
+
+async def test_decision_log_lines_reach_the_stream_by_the_next_loop_turn() -> None:
+    stream = FlushCounting()
+    sink = DecisionLog(stream)
+    for n in range(3):
+        sink.record(record(f"d-{n}"))
+    assert stream.flushes == 0  # one flush for the turn, not one per line
+    await asyncio.sleep(0)
+    assert (_ids(stream.flushed), stream.flushes) == (["d-0", "d-1", "d-2"], 1)
+    sink.record(record("d-3"))
+    await asyncio.sleep(0)
+    assert (_ids(stream.flushed), stream.flushes) == (["d-0", "d-1", "d-2", "d-3"], 2)
+
+
+def test_decision_log_without_a_running_loop_flushes_each_line() -> None:
+    stream = FlushCounting()
+    sink = DecisionLog(stream)
+    sink.record(record("d-1"))
+    assert (_ids(stream.flushed), stream.flushes) == (["d-1"], 1)
+
+
+@pytest.mark.parametrize(
+    "make_stream", [FlushCounting, lambda: BrokenStream("flush")], ids=["ok", "flush-oserror"]
+)
+async def test_decision_log_flush_writes_out_a_pending_turn(
+    make_stream: Callable[[], io.StringIO],
+) -> None:
+    # Shutdown calls flush(): what the turn wrote is out even if the loop never turns
+    # again; a broken stream does not raise.
+    stream = make_stream()
+    sink = DecisionLog(stream)
+    sink.record(record("d-1"))
+    sink.flush()
+    if isinstance(stream, FlushCounting):
+        assert (_ids(stream.flushed), stream.flushes) == (["d-1"], 1)
+    await asyncio.sleep(0)  # the scheduled flush finds nothing left and does not raise
 
 
 # --- the decision log in OPA's schema ---------------------------------------------------
