@@ -788,6 +788,19 @@ VALUE_MAX = config.DEFAULT_AUDIT_VALUE_MAX_BYTES
 LINE_MAX = config.DEFAULT_AUDIT_ROW_MAX_BYTES
 
 
+class _RenamingKey(str):
+    """A str whose str() is another string: _cap writes str(key)."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "renamed"
+
+
+class _OddStr(str):
+    __slots__ = ()
+
+
 def _nested(depth: int, leaf: Any) -> Any:
     for _ in range(depth):
         leaf = [leaf]
@@ -832,6 +845,8 @@ AUTHZ_LINE_CASES: list[tuple[dict[str, Any], str]] = [
     ({"identity": {"f": 1.5e308, "g": -0.0, "h": float("nan"), "i": float("inf")}}, "floats"),
     ({"identity": {"b": True, "n": None, "i": 7}}, "scalars"),
     ({"identity": {1: "a"}}, "key-not-a-string"),
+    ({"identity": {_RenamingKey("k"): "a"}}, "key-str-subclass"),
+    ({"identity": {"k": _OddStr("x" * (VALUE_MAX + 1))}}, "value-str-subclass-over-cap"),
     ({"identity": {"s": "\ud800"}}, "lone-surrogate"),
     ({"identity": {"s": "\ud800" * (VALUE_MAX + 1)}}, "lone-surrogates-over-cap"),
 ]
