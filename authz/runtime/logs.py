@@ -24,6 +24,7 @@ unless small, and a line still over its cap sheds input fields (named in ``erase
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -545,6 +546,57 @@ def _fit_authz(fields: dict[str, Any], limit: int) -> bytes:
     return orjson.dumps(_cap(minimal, _CORE_VALUE_MAX))
 
 
+def _authz_line_slow(fields: dict[str, Any], value_max: int, line_max: int) -> bytes:
+    """The authz line for ``fields`` (:meth:`DecisionRecord.log_fields`): JWTs masked,
+    values capped, the line fitted. :func:`_authz_line` takes it whenever its shortcut
+    cannot prove the same bytes."""
+    return _fit_authz(_cap(_mask_jwts(fields, [], ()), value_max), line_max)
+
+
+# Values orjson writes as one JSON scalar, exactly these types (a subclass may serialize
+# otherwise): nothing in them for _cap's depth limit to cut.
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _any_over(fields: dict[str, Any], value_max: int) -> bool:
+    """True when a key or string value of ``fields`` is over ``value_max`` UTF-8 bytes."""
+    quarter = value_max // 4  # a string of at most this many characters fits in any case
+    return any(
+        type(text) is str
+        and len(text) > quarter
+        and len(text.encode("utf-8", "surrogatepass")) > value_max
+        for text in itertools.chain(fields, fields.values())
+    )
+
+
+def _authz_line(fields: dict[str, Any], value_max: int, line_max: int) -> bytes:
+    """:func:`_authz_line_slow`'s bytes, most lines without its walks: ``fields`` written
+    once is the line when nothing in it would change (test_logs proves it on a corpus):
+
+    - every value is a :data:`_SCALARS` type, so nothing is nested for ``_cap`` to cut;
+    - no ``eyJ`` in the line, so ``_mask_jwts`` finds no JWT: every string (key or value)
+      is in the line as a substring, escapes only added for ``"``, ``\\`` and control
+      characters (orjson writes every other character as itself);
+    - no key or string value over ``value_max`` UTF-8 bytes (``cut_to_bytes``'s own test),
+      certain when the whole line is within it (no string is longer in the line);
+    - the line within ``line_max``, so ``_fit_authz`` returns it as written.
+
+    Anything orjson cannot write (a key not a string, an integer beyond 64 bits, a lone
+    surrogate) goes the slow way, which raises or copes as it always did."""
+    try:
+        line = orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        return _authz_line_slow(fields, value_max, line_max)
+    if (
+        len(line) > line_max
+        or b"eyJ" in line
+        or not _SCALARS.issuperset(map(type, fields.values()))
+        or (len(line) > value_max and _any_over(fields, value_max))
+    ):
+        return _authz_line_slow(fields, value_max, line_max)
+    return line
+
+
 # The console line's own fields (plugin.go, logEvent): not part of an uploaded event.
 _CONSOLE_FIELDS: Final = ("type", "level", "msg", "time")
 
@@ -565,7 +617,9 @@ class EventUpload(Protocol):
 class DecisionLog:
     """A :class:`~authz.core.record.DecisionSink` writing one JSON line per decision to
     ``stream`` (default stdout), in ``format`` (``authz``: :meth:`DecisionRecord.log_fields`;
-    ``opa``: :func:`opa_event`). Writes are line-buffered and never raise.
+    ``opa``: :func:`opa_event`). Writes never raise; the stream is flushed once per
+    event-loop turn (every line of a turn out before the loop next waits), at once when
+    no loop runs, and by :meth:`flush` (shutdown).
 
     Bounded as the audit trail is (README "Decision log"): every string is cut to
     ``value_max_bytes`` UTF-8 bytes, a request body over ``body_max_bytes`` is left out of
@@ -609,6 +663,8 @@ class DecisionLog:
         self._req_ids = itertools.count(1)
         self._upload = upload
         self._console = console
+        # The loop a flush is scheduled on (None: none pending), see _flush_soon.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_settings(
@@ -666,8 +722,27 @@ class DecisionLog:
                 body_max_bytes=self._body_max,
             )
             return _fit_opa(event, self._line_max)
-        fields = _mask_jwts(record.log_fields(), [], ())
-        return _fit_authz(_cap(fields, self._value_max), self._line_max)
+        return _authz_line(record.log_fields(), self._value_max, self._line_max)
+
+    def _flush_soon(self) -> None:
+        """Flush once per event-loop turn (every line written in it, before the loop next
+        waits for I/O), not once per line: each flush of a pipe is a system call. Called
+        from no running loop (a thread, a script), flush now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Flush the stream: every line :meth:`record` wrote reaches it. Never raises (a
+        closed or full stream is ignored, as :meth:`record` ignores it)."""
+        self._flush_on = None
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
 
     def upload_event(self, record: DecisionRecord, line: bytes | None = None) -> bytes:
         """``record`` as the OPA event an upload carries: OPA's ``EventV1`` (the console
@@ -688,9 +763,10 @@ class DecisionLog:
             try:
                 line = self.line(record)
                 self._stream.write(line.decode() + "\n")
-                self._stream.flush()
             except (OSError, ValueError):  # closed or full stream: keep serving
                 pass
+            else:
+                self._flush_soon()
         if self._upload is not None and self._upload.wants(record):
             # An unencodable record: the console line has the story.
             with contextlib.suppress(OSError, ValueError):

@@ -57,7 +57,7 @@ access_log_entries_total                   counter    result (audited, or a refu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -361,29 +361,73 @@ class _CacheCollector(Collector):
         )
 
 
-class MetricsSink:
-    """A :class:`~authz.core.record.DecisionSink` counting every decision into ``metrics``."""
+# Labelled children MetricsSink keeps at hand per metric: label values are decision paths,
+# reason codes, tiers and decision field names (low cardinality by construction); past
+# this many a label tuple goes to ``labels()`` each time, so a flood cannot grow the cache.
+CHILDREN_MAX: Final = 4096
 
-    def __init__(self, metrics: Metrics) -> None:
+
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class _Children(Generic[_M]):
+    """``metric.labels(*values)`` cached per label tuple, up to ``bound`` tuples (then
+    ``labels()`` on every call). ``labels()`` validates and takes the metric's lock on each
+    call; the cache holds only references to the children the metric keeps anyway (a
+    metric's series are never removed here)."""
+
+    __slots__ = ("_bound", "_cache", "_metric")
+
+    def __init__(self, metric: _M, bound: int = CHILDREN_MAX) -> None:
+        self._metric: _M = metric
+        self._bound = bound
+        self._cache: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *values: str) -> _M:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._metric.labels(*values)
+            if len(self._cache) < self._bound:
+                self._cache[values] = child
+        return child
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class MetricsSink:
+    """A :class:`~authz.core.record.DecisionSink` counting every decision into ``metrics``.
+    Each metric's labelled children are cached per label tuple (at most ``children_max``
+    per metric), so a decision costs dict lookups and increments."""
+
+    def __init__(self, metrics: Metrics, *, children_max: int = CHILDREN_MAX) -> None:
         self._m = metrics
+        self._decisions = _Children(metrics.decisions, children_max)
+        self._decision_duration = _Children(metrics.decision_duration, children_max)
+        self._opa_duration = _Children(metrics.opa_duration, children_max)
+        self._opa_errors = _Children(metrics.opa_errors, children_max)
+        self._fail_open = _Children(metrics.fail_open, children_max)
+        self._dry_run_suppressed = _Children(metrics.dry_run_suppressed, children_max)
+        self._rate_limit_rejections = _Children(metrics.rate_limit_rejections, children_max)
+        self._fields_ignored = _Children(metrics.decision_fields_ignored, children_max)
 
     def record(self, record: DecisionRecord) -> None:
         """Count ``record``: decisions, latency, OPA share and errors, fail-open,
         dry-run suppressions, rate-limit rejections and ignored decision fields."""
-        m, path = self._m, record.decision_path
+        path = record.decision_path
         result = "allow" if record.allowed else "deny"
-        m.decisions.labels(path, result, record.reason, record.mode).inc()
-        m.decision_duration.labels(path).observe(record.duration_s)
+        self._decisions(path, result, record.reason, record.mode).inc()
+        self._decision_duration(path).observe(record.duration_s)
         if record.opa_duration_s:
-            m.opa_duration.labels(path).observe(record.opa_duration_s)
+            self._opa_duration(path).observe(record.opa_duration_s)
         failure = meanings().get(record.reason)  # None for a decision's own reason
         if failure is not None and failure.opa_error:
-            m.opa_errors.labels(record.reason).inc()
+            self._opa_errors(record.reason).inc()
         if record.fail_open:
-            m.fail_open.labels(path, record.reason).inc()
+            self._fail_open(path, record.reason).inc()
         elif record.suppressed and record.mode == "dry-run":
-            m.dry_run_suppressed.labels(path, record.reason).inc()
+            self._dry_run_suppressed(path, record.reason).inc()
         if record.reason == "rate_limited" and not record.allowed:  # enforced, not dry-run
-            m.rate_limit_rejections.labels(path, record.tier or "").inc()
+            self._rate_limit_rejections(path, record.tier or "").inc()
         for name in record.ignored_fields:
-            m.decision_fields_ignored.labels(path, name).inc()
+            self._fields_ignored(path, name).inc()

@@ -476,7 +476,9 @@ async def _build(
     sinks: list[DecisionSink] = [MetricsSink(metrics), expiry]
     upload = await _decision_upload(settings, metrics, stack)
     if settings.decision_log or upload is not None:
-        sinks.append(DecisionLog.from_settings(settings, upload=upload))
+        decision_log = DecisionLog.from_settings(settings, upload=upload)
+        stack.callback(decision_log.flush)  # the last loop turn's lines (issue 19)
+        sinks.append(decision_log)
     if audit is not None:
         sinks.append(audit)
     authorizer = build_authorizer(

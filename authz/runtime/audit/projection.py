@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # The input fields that carry the request body.
 _BODY_FIELDS: Final = ("body", "rawBody")
+# The input fields that carry the request headers (slim keeps only some).
+_HEADER_FIELDS: Final = frozenset({"headers", "headerMap"})
 # The columns besides body and decision_id: seq, kind, time and two 64-hex hashes.
 _ROW_OVERHEAD: Final = 200
 # A whole row that still does not fit keeps only these fields, cut to this size.
@@ -136,54 +138,68 @@ class _Projector:
 
     def slim(self, document: Mapping[str, Any]) -> dict[str, Any]:
         """``document`` without the headers a row does not keep (counted) and without a
-        body it does not keep (its size recorded); credential schemes noted for replay."""
+        body it does not keep (its size recorded); credential schemes noted for replay.
+        Runs once per decision on the event loop: plain dicts (what
+        :func:`authz.core.input.build_input` makes) are tested with ``type(x) is dict``
+        before the slower ``Mapping`` check any other mapping takes."""
         attributes = document.get("attributes", {})
         request = attributes.get("request", {})
         http = request.get("http", {})
         omitted_count = omitted_bytes = 0
-        slim_http = {k: v for k, v in http.items() if k not in ("headers", "headerMap")}
+        slim_http = {k: v for k, v in http.items() if k not in _HEADER_FIELDS}
         headers = http.get("headers")
-        if isinstance(headers, Mapping):
+        headers_is_mapping = type(headers) is dict or isinstance(headers, Mapping)
+        if headers_is_mapping:
+            exact, prefixes, never = self._exact, self._prefixes, self._never
             kept = {}
             for name, value in headers.items():
-                if self._keeps(name):
+                if name in exact or (prefixes and name.startswith(prefixes) and name not in never):
                     kept[name] = value
                 else:
                     omitted_count += 1
-                    omitted_bytes += len(name) + len(str(value))
+                    omitted_bytes += len(name) + len(value if type(value) is str else str(value))
             slim_http["headers"] = kept
         header_map = http.get("headerMap")
-        if isinstance(header_map, Mapping):
+        if type(header_map) is dict or isinstance(header_map, Mapping):
             entries = []
             for entry in header_map.get("headers", ()):
-                name = str(entry.get("key", "")).lower() if isinstance(entry, Mapping) else ""
+                name = (
+                    str(entry.get("key", "")).lower()
+                    if type(entry) is dict or isinstance(entry, Mapping)
+                    else ""
+                )
                 if name and self._keeps(name):
                     entries.append(entry)
                 else:
                     omitted_count += 1
                     omitted_bytes += len(orjson.dumps(entry, default=str))
             slim_http["headerMap"] = {**header_map, "headers": entries}
-        size = sum(len(http.get(name, "")) for name in _BODY_FIELDS)
+        size = len(http.get("body", "")) + len(http.get("rawBody", ""))
         keep_body = 0 < size <= self.p.body_max_bytes
         if not keep_body:
             for name in _BODY_FIELDS:
                 slim_http.pop(name, None)
-        slim = {k: v for k, v in document.items() if keep_body or k != "parsed_body"}
+            slim = dict(document)
+            slim.pop("parsed_body", None)
+        else:
+            slim = dict(document)
         slim["attributes"] = {**attributes, "request": {**request, "http": slim_http}}
         if size and not keep_body:
             slim["body_omitted"] = size
         if omitted_count:
             slim["headers_omitted"] = {"count": omitted_count, "bytes": omitted_bytes}
-        schemes = self._schemes(document.get("credentials"), headers)
-        if schemes:
-            slim["credential_schemes"] = schemes
+        credentials = document.get("credentials")
+        if credentials and headers_is_mapping:
+            schemes = self._schemes(credentials, headers)
+            if schemes:
+                slim["credential_schemes"] = schemes
         return slim
 
     @staticmethod
-    def _schemes(credentials: Any, headers: Any) -> dict[str, str]:
+    def _schemes(credentials: Any, headers: Mapping[str, Any]) -> dict[str, str]:
         """``{header: scheme}`` of masked ``<scheme> sha256:<hex>`` credentials (RFC 9110
         section 11.4), so replay can rebuild the masked header from the digest."""
-        if not isinstance(credentials, Mapping) or not isinstance(headers, Mapping):
+        if not (type(credentials) is dict or isinstance(credentials, Mapping)):
             return {}
         schemes = {}
         for name in credentials:

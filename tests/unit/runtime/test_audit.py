@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -30,6 +32,7 @@ from authz.core.record import DecisionRecord
 from authz.core.secret import MASK
 from authz.runtime import audit, config
 from authz.runtime.audit import GENESIS, AuditTrail, entry_hash, read_entries, verify
+from authz.runtime.audit import projection as projection_module
 from authz.runtime.audit import store as audit_store
 from authz.tools.cli import main
 from tests.helpers.fakes import FakeEngine, ManualClock, bytes_retained_per_check, check_request
@@ -1475,3 +1478,142 @@ def test_a_file_that_is_not_a_database_leaves_no_connection_open(
         chain.connect(path)
     assert len(opened) == 1
     assert closed == opened
+
+
+# --- the event loop's part: slim documents, cheap copies ---------------------------------
+
+
+def _read_only(value: Any) -> Any:
+    """``value`` with every dict outside a list a read-only Mapping that is not a dict (a
+    headerMap entry stays a dict: its omitted size is its JSON, which orjson writes for a
+    dict only)."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _read_only(v) for k, v in value.items()})
+    return value
+
+
+def _http_document(http: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"attributes": {"request": {"http": http}}, "parsed_body": None} | top
+
+
+SCHEMED = f"Bearer sha256:{DIGEST}"
+SLIM_CASES: list[tuple[dict[str, Any], str]] = [
+    (build_input(check_request(), config.DEFAULT_CREDENTIAL_HEADERS), "check-request"),
+    (
+        _http_document(
+            {
+                "path": "/a?b=c",
+                "headers": {
+                    "host": "h",
+                    ":authority": "a",
+                    "x-envoy-original-path": "/p",
+                    "x-other": "o",
+                    "x-api-key": "sha256:" + DIGEST,
+                    "authorization": SCHEMED,
+                    "accept": "*/*",
+                },
+            },
+            credentials={"authorization": DIGEST, "x-api-key": DIGEST, "cookie": DIGEST},
+        ),
+        "headers-kept-dropped-schemes",
+    ),
+    (
+        _http_document(
+            {
+                "headerMap": {
+                    "headers": [
+                        {"key": "host", "value": "h"},
+                        {"key": "X-Envoy-Attempt", "rawValue": "MQ=="},
+                        {"key": "accept", "value": "*/*"},
+                        {"key": "authorization", "value": SCHEMED},
+                        "not-an-entry",
+                        {"value": "no key"},
+                    ],
+                    "other": 1,
+                }
+            }
+        ),
+        "header-map",
+    ),
+    (_http_document({"body": "x" * 10}, parsed_body={"a": 1}), "small-body"),
+    (_http_document({"body": "x" * 100, "rawBody": "eA=="}, parsed_body={}), "big-body"),
+    (_http_document({"body": ""}), "empty-body"),
+    (_http_document({"headers": ["host", "h"], "headerMap": "junk"}), "not-mappings"),
+    (_http_document({"headers": {}}, credentials="junk"), "credentials-not-a-mapping"),
+    ({"version": {"ext_authz": "v3"}}, "no-attributes"),
+]
+
+
+@pytest.mark.parametrize(
+    "projection",
+    [audit.Projection(), audit.Projection(headers=("host", "x-*"), body_max_bytes=64)],
+    ids=["default", "prefix-and-body"],
+)
+@pytest.mark.parametrize(
+    "document", [case for case, _ in SLIM_CASES], ids=[i for _, i in SLIM_CASES]
+)
+def test_slim_document_is_the_same_from_dicts_and_other_mappings(
+    document: dict[str, Any], projection: audit.Projection
+) -> None:
+    # The event loop's projection takes plain dicts the quick way; any other Mapping (a
+    # caller's read-only view) must project to the same document, and so be charged alike.
+    projector = projection_module._Projector(projection)
+    slim = projector.slim(document)
+    assert slim == projector.slim(_read_only(document))
+    record = DecisionRecord("d", T0, "authz/p", True, "allowed", 200, document=slim)
+    read_only = DecisionRecord("d", T0, "authz/p", True, "allowed", 200, document=_read_only(slim))
+    assert audit_store._charge(record) == audit_store._charge(read_only)
+
+
+def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> None:
+    # _queued copies slots without __init__: every field must come across (one with a
+    # value unlike its default each), and no __post_init__ may exist for it to skip.
+    values: dict[str, Any] = {
+        field.name: value
+        for field, value in zip(
+            dataclasses.fields(DecisionRecord),
+            (
+                "d-1",
+                T0,
+                "authz/p",
+                False,
+                "denied",
+                403,
+                True,
+                "dry-run",
+                True,
+                False,
+                "policy_reason",
+                "tier",
+                "o-1",
+                "source",
+                "d-0",
+                "r1",
+                {"k": "v"},
+                "req",
+                "POST",
+                "/p",
+                0.5,
+                0.25,
+                "error",
+                {"a": 1},
+                {"allowed": False},
+                {"main": "r1"},
+                "ipv4:127.0.0.1:1",
+                ("body",),
+            ),
+            strict=True,
+        )
+    }
+    full = DecisionRecord(**values)
+    defaults = DecisionRecord("d", 0.0, "", True, "", 0)
+    for field in dataclasses.fields(DecisionRecord):
+        assert getattr(full, field.name) != getattr(defaults, field.name), field.name
+    assert not hasattr(DecisionRecord, "__post_init__")
+    slim: dict[str, Any] = {"attributes": {}}
+    queued = audit_store._queued(full, slim)
+    expected = dataclasses.replace(full, document=slim, opa_result=None)
+    for field in dataclasses.fields(DecisionRecord):
+        assert getattr(queued, field.name) == getattr(expected, field.name), field.name
+    assert queued == expected
+    assert full.document == {"a": 1}  # the original is untouched

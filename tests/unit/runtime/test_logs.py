@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -321,6 +322,61 @@ def test_decision_log_survives_broken_stream(
     sink.record(record("d-2"))
     if written is not None:
         assert [line["decision_id"] for line in lines(stream)] == written
+
+
+class FlushCounting(io.StringIO):
+    """A stream that shows what a reader would see: only what was flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = ""
+        self.flushes = 0
+
+    def flush(self) -> None:
+        super().flush()
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+def _ids(text: str) -> list[str]:
+    return [json.loads(line)["decision_id"] for line in text.splitlines()]
+
+
+async def test_decision_log_lines_reach_the_stream_by_the_next_loop_turn() -> None:
+    stream = FlushCounting()
+    sink = DecisionLog(stream)
+    for n in range(3):
+        sink.record(record(f"d-{n}"))
+    assert stream.flushes == 0  # one flush for the turn, not one per line
+    await asyncio.sleep(0)
+    assert (_ids(stream.flushed), stream.flushes) == (["d-0", "d-1", "d-2"], 1)
+    sink.record(record("d-3"))
+    await asyncio.sleep(0)
+    assert (_ids(stream.flushed), stream.flushes) == (["d-0", "d-1", "d-2", "d-3"], 2)
+
+
+def test_decision_log_without_a_running_loop_flushes_each_line() -> None:
+    stream = FlushCounting()
+    sink = DecisionLog(stream)
+    sink.record(record("d-1"))
+    assert (_ids(stream.flushed), stream.flushes) == (["d-1"], 1)
+
+
+@pytest.mark.parametrize(
+    "make_stream", [FlushCounting, lambda: BrokenStream("flush")], ids=["ok", "flush-oserror"]
+)
+async def test_decision_log_flush_writes_out_a_pending_turn(
+    make_stream: Callable[[], io.StringIO],
+) -> None:
+    # Shutdown calls flush(): what the turn wrote is out even if the loop never turns
+    # again; a broken stream does not raise.
+    stream = make_stream()
+    sink = DecisionLog(stream)
+    sink.record(record("d-1"))
+    sink.flush()
+    if isinstance(stream, FlushCounting):
+        assert (_ids(stream.flushed), stream.flushes) == (["d-1"], 1)
+    await asyncio.sleep(0)  # the scheduled flush finds nothing left and does not raise
 
 
 # --- the decision log in OPA's schema ---------------------------------------------------
@@ -724,3 +780,111 @@ def test_opa_event_requested_by_is_the_peer_address_as_opa_writes_one(
     # client address as Go's net/http RemoteAddr, "host:port" / "[v6]:port".
     [event] = opa_lines(record("d-1", peer=peer))
     assert event["requested_by"] == requested_by
+
+
+# --- the authz line's shortcut (logs._authz_line) -----------------------------------------
+
+VALUE_MAX = config.DEFAULT_AUDIT_VALUE_MAX_BYTES
+LINE_MAX = config.DEFAULT_AUDIT_ROW_MAX_BYTES
+
+
+class _RenamingKey(str):
+    """A str whose str() is another string: _cap writes str(key)."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "renamed"
+
+
+class _OddStr(str):
+    __slots__ = ()
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+# Records (as DecisionRecord overrides) for which the shortcut must give the slow path's
+# bytes: each condition of the shortcut has a case that only it keeps right.
+AUTHZ_LINE_CASES: list[tuple[dict[str, Any], str]] = [
+    ({}, "ordinary"),
+    ({"identity": {}}, "no-identity"),
+    (
+        {"identity": {"key_id": "k", "role": "r"}, "tier": "t", "cached_from": "d-0"},
+        "cache-hit",
+    ),
+    ({"error": "opa unreachable", "fail_open": True, "policy_allowed": False}, "error"),
+    ({"identity": {"tenant": {"id": "t-1", "tags": ["a", "b"]}}}, "identity-nested"),
+    ({"identity": {"deep": _nested(70, "x")}}, "identity-too-deep"),
+    ({"identity": {"deep": _nested(63, "x")}}, "identity-just-deep-enough"),
+    ({"identity": {"list": ["x" * (VALUE_MAX + 1)]}}, "identity-nested-string-over-cap"),
+    ({"identity": {"tuple": ("a", 1)}}, "identity-tuple"),
+    ({"identity": {"sub": JWT}}, "jwt-identity-value"),
+    ({"identity": {JWT: "x"}}, "jwt-identity-key"),
+    ({"identity": {"note": f"token {JWE} seen"}}, "jwe-inside-text"),
+    ({"path": f"/items?jwt={JWT}"}, "jwt-path"),
+    ({"request_id": JWT}, "jwt-request-id"),
+    ({"identity": {"sub": "eyJ-not-a-jwt"}}, "eyj-not-a-jwt"),
+    ({"identity": {"a": "x" * (VALUE_MAX - 1)}}, "ascii-under-cap"),
+    ({"identity": {"a": "x" * VALUE_MAX}}, "ascii-at-cap"),
+    ({"identity": {"a": "x" * (VALUE_MAX + 1)}}, "ascii-over-cap"),
+    ({"identity": {"x" * (VALUE_MAX + 1): "a"}}, "key-over-cap"),
+    ({"identity": {"a": "é" * (VALUE_MAX // 2)}}, "2-byte-at-cap"),
+    ({"identity": {"a": "é" * (VALUE_MAX // 2) + "x"}}, "2-byte-over-cap"),
+    ({"identity": {"a": "😀" * (VALUE_MAX // 4)}}, "4-byte-at-cap"),
+    ({"identity": {"a": "😀" * (VALUE_MAX // 4 + 1)}}, "4-byte-over-cap"),
+    ({"path": "/" + "€" * 400}, "3-byte-path-over-cap"),
+    ({"identity": {"a": '"\\\n' * (VALUE_MAX // 3)}}, "escapes-near-cap"),
+    ({"identity": {f"f{i}": "v" * 900 for i in range(10)}}, "line-over-line-cap"),
+    ({"identity": {f"f{i}": "v" * 100 for i in range(70)}}, "line-near-line-cap"),
+    ({"identity": {"big": 2**64}}, "int-beyond-64-bits"),
+    ({"identity": {"big": -(2**63)}}, "int-64-bit"),
+    ({"identity": {"f": 1.5e308, "g": -0.0, "h": float("nan"), "i": float("inf")}}, "floats"),
+    ({"identity": {"b": True, "n": None, "i": 7}}, "scalars"),
+    ({"identity": {1: "a"}}, "key-not-a-string"),
+    ({"identity": {_RenamingKey("k"): "a"}}, "key-str-subclass"),
+    ({"identity": {"k": _OddStr("x" * (VALUE_MAX + 1))}}, "value-str-subclass-over-cap"),
+    ({"identity": {"s": "\ud800"}}, "lone-surrogate"),
+    ({"identity": {"s": "\ud800" * (VALUE_MAX + 1)}}, "lone-surrogates-over-cap"),
+]
+
+
+def _outcome(make: Callable[[], bytes]) -> bytes | str:
+    try:
+        return make()
+    except Exception as exc:  # both ways must fail alike
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize(
+    ("value_max", "line_max"), [(VALUE_MAX, LINE_MAX), (64, 512)], ids=["default-caps", "small"]
+)
+@pytest.mark.parametrize(
+    "overrides", [case for case, _ in AUTHZ_LINE_CASES], ids=[i for _, i in AUTHZ_LINE_CASES]
+)
+def test_authz_line_shortcut_writes_the_slow_paths_bytes(
+    overrides: dict[str, Any], value_max: int, line_max: int
+) -> None:
+    base = {"request_id": "r-1", "method": "GET", "path": "/items"}
+    rec = record("d-1", **base | overrides)
+    fast = _outcome(lambda: logs._authz_line(rec.log_fields(), value_max, line_max))
+    slow = _outcome(lambda: logs._authz_line_slow(rec.log_fields(), value_max, line_max))
+    assert fast == slow
+
+
+def test_authz_line_shortcut_takes_an_ordinary_line_without_the_slow_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shortcut must actually be the path of an ordinary line (else the test above
+    # proves nothing about what runs).
+    rec = record("d-1", identity={"key_id": "key-a", "role": "reader"}, tier="standard")
+    expected = DecisionLog(io.StringIO()).line(rec)
+
+    def refuse(*_: Any) -> bytes:
+        raise AssertionError("slow path taken")
+
+    monkeypatch.setattr(logs, "_authz_line_slow", refuse)
+    assert DecisionLog(io.StringIO()).line(rec) == expected

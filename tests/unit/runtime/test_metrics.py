@@ -13,7 +13,7 @@ from authz.core.cache import DecisionCache
 from authz.core.decision import Decision
 from authz.core.opa import Evaluation
 from authz.core.record import DecisionRecord
-from authz.runtime.metrics import CIRCUIT_STATES, MODES, Metrics, MetricsSink
+from authz.runtime.metrics import CHILDREN_MAX, CIRCUIT_STATES, MODES, Metrics, MetricsSink
 from tests.helpers.fakes import ManualClock
 
 GATEWAY = "authz/gateway/decision"
@@ -263,6 +263,59 @@ def test_sink_accumulates() -> None:
         )
         | sample("authz_opa_errors_total", 2.0, code="opa_timeout")
     )
+
+
+def _exposed(children_max: int, records: list[DecisionRecord]) -> bytes:
+    metrics = Metrics()
+    sink = MetricsSink(metrics, children_max=children_max)
+    for rec in records:
+        sink.record(rec)
+    return generate_latest(metrics.registry)
+
+
+@pytest.mark.parametrize(
+    "children_max", [1, 3, CHILDREN_MAX], ids=["bound-1", "bound-3", "default"]
+)
+def test_sink_cached_children_expose_what_labels_each_time_does(children_max: int) -> None:
+    # children_max=0 caches nothing: every decision goes through labels(), as before the
+    # cache; every case's record, twice, plus more series than the small bounds.
+    records = [case[1] for case in SINK_CASES] * 2 + [
+        record(decision_path=f"authz/p{i}/decision", duration_s=i / 1000) for i in range(8)
+    ]
+    assert _exposed(children_max, records) == _exposed(0, records)
+
+
+def test_sink_labels_each_series_once_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = Metrics()
+    sink = MetricsSink(metrics, children_max=2)
+    calls: list[tuple[str, ...]] = []
+    labels = metrics.decisions.labels
+
+    def counting(*values: str) -> Any:
+        calls.append(values)
+        return labels(*values)
+
+    monkeypatch.setattr(metrics.decisions, "labels", counting)
+    paths = ["authz/a", "authz/b", "authz/c", "authz/a", "authz/c", "authz/c"]
+    for path in paths:
+        sink.record(record(decision_path=path))
+    # a and b are cached (the bound), c goes to labels() each time; the cache stays at 2.
+    assert [values[0] for values in calls] == [
+        "authz/a",
+        "authz/b",
+        "authz/c",
+        "authz/c",
+        "authz/c",
+    ]
+    assert len(sink._decisions) == 2
+    value = metrics.registry.get_sample_value
+    total = "authz_decisions_total"
+    common = {"result": "allow", "reason": "allowed", "mode": "enforce"}
+    assert [value(total, {"path": p} | common) for p in ("authz/a", "authz/b", "authz/c")] == [
+        2.0,
+        1.0,
+        3.0,
+    ]
 
 
 @pytest.mark.parametrize(
