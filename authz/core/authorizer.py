@@ -32,7 +32,6 @@ Without a tracer (the default) no span is created and no header is read.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -598,7 +597,7 @@ class Authorizer:
             raise DeadlineExceeded("the budget was spent before the tunnel could be resolved")
         address = await self._tunnels.address(tunnel.host, tunnel.port, remaining)
         headers = tuple(h for h in decision.headers if h[0] != TUNNEL_ADDRESS_HEADER)
-        return dataclasses.replace(decision, headers=(*headers, (TUNNEL_ADDRESS_HEADER, address)))
+        return decision.with_headers((*headers, (TUNNEL_ADDRESS_HEADER, address)))
 
     def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
         """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps
@@ -624,9 +623,7 @@ class Authorizer:
             span.set_attribute("authz.ratelimit.allowed", result.allowed)
         headers = result.headers()
         if result.allowed:
-            return dataclasses.replace(
-                decision, response_headers_to_add=(*decision.response_headers_to_add, *headers)
-            )
+            return decision.with_response_headers((*decision.response_headers_to_add, *headers))
         return Decision(
             allowed=False,
             form="object",
@@ -645,7 +642,7 @@ class Authorizer:
             raise CredentialError(f"credential {ref.ref!r} requested but no secrets file is set")
         value = ref.format.replace("{secret}", self._credentials.get(ref.ref).reveal())
         headers = tuple(h for h in decision.headers if h[0] != ref.header)
-        return dataclasses.replace(decision, headers=(*headers, (ref.header, value)))
+        return decision.with_headers((*headers, (ref.header, value)))
 
     def _decision_path(self, extensions: Mapping[str, str]) -> str:
         path = extensions.get(DECISION_PATH_KEY)
