@@ -94,10 +94,20 @@ def _new_response(decision_id: str, extra: Mapping[str, Any]) -> external_auth_p
     DecodeError (a merge into an existing message does not report it reliably)."""
     if all(type(value) in _SCALARS for value in extra.values()):
         response = external_auth_pb2.CheckResponse()
-        metadata = response.dynamic_metadata
-        if extra:
-            metadata.update(extra)
-        metadata["decision_id"] = decision_id
+        fields = response.dynamic_metadata.fields
+        # What Struct.update writes for each scalar (well_known_types._SetStructValue),
+        # without its chain of isinstance checks.
+        for key, value in extra.items():
+            kind = type(value)
+            if kind is str:
+                fields[key].string_value = value
+            elif value is None:
+                fields[key].null_value = struct_pb2.NULL_VALUE
+            elif kind is bool:
+                fields[key].bool_value = value
+            else:  # int or float
+                fields[key].number_value = value
+        fields["decision_id"].string_value = decision_id
         return response
     try:
         return external_auth_pb2.CheckResponse(dynamic_metadata=_metadata(decision_id, extra))

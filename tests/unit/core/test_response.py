@@ -502,6 +502,13 @@ _RESPONSE_CORPUS = [
         id="allow-read-only-metadata",
     ),
     pytest.param(
+        Decision(
+            allowed=True,
+            dynamic_metadata={"t": True, "zero": 0, "f": -0.0, "u": "ü", "inf": 1e308, "n": None},
+        ),
+        id="allow-every-scalar-metadata",
+    ),
+    pytest.param(
         Decision(allowed=True, request_headers_to_remove=("x-authz-decision-id",)),
         id="allow-empty-ok-response",
     ),
