@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -161,6 +161,16 @@ class _Trace:
     peer: str = ""
 
 
+def _new_decision_id() -> str:
+    """A random (version 4) UUID in its canonical text form (RFC 9562 section 5.4), as
+    ``str(uuid.uuid4())`` gives, at half its cost (it runs for every decision)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # variant 10xx (RFC 9562)
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class Authorizer:
     """Runs the decision pipeline for one CheckRequest at a time (safe to share across
     concurrent calls; holds no per-request state).
@@ -202,7 +212,7 @@ class Authorizer:
         tracer: Tracer | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = _new_decision_id,
     ) -> None:
         self._engine = engine
         self._default_path = default_decision_path
