@@ -146,7 +146,9 @@ codecs.register_error(GO_REPLACE, _go_replace)
 def message_to_input(message: Message) -> dict[str, Any]:
     """Convert a protobuf message to a JSON-ready dict the way the plugin's ``protomap``
     does: JSON field names, only populated fields, recursing into messages, maps and
-    lists; ``Struct`` values become plain JSON; bytes become base64 strings."""
+    lists; ``Struct`` values become plain JSON; bytes become base64 strings. The
+    CheckRequest's hot messages take converters compiled from their descriptors, with the
+    same output (see ``_HOT_MESSAGES``)."""
     descriptor = message.DESCRIPTOR
     fast = _FAST.get(descriptor)
     if fast is not None:
