@@ -32,11 +32,10 @@ Without a tracer (the default) no span is created and no header is read.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -162,6 +161,16 @@ class _Trace:
     peer: str = ""
 
 
+def _new_decision_id() -> str:
+    """A random (version 4) UUID in its canonical text form (RFC 9562 section 5.4), as
+    ``str(uuid.uuid4())`` gives, at half its cost (it runs for every decision)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # variant 10xx (RFC 9562)
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class Authorizer:
     """Runs the decision pipeline for one CheckRequest at a time (safe to share across
     concurrent calls; holds no per-request state).
@@ -203,7 +212,7 @@ class Authorizer:
         tracer: Tracer | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = _new_decision_id,
     ) -> None:
         self._engine = engine
         self._default_path = default_decision_path
@@ -598,7 +607,7 @@ class Authorizer:
             raise DeadlineExceeded("the budget was spent before the tunnel could be resolved")
         address = await self._tunnels.address(tunnel.host, tunnel.port, remaining)
         headers = tuple(h for h in decision.headers if h[0] != TUNNEL_ADDRESS_HEADER)
-        return dataclasses.replace(decision, headers=(*headers, (TUNNEL_ADDRESS_HEADER, address)))
+        return decision.with_headers((*headers, (TUNNEL_ADDRESS_HEADER, address)))
 
     def _unenforced_removals(self, request: external_auth_pb2.CheckRequest) -> frozenset[str]:
         """What an allow no policy decided (bypass, a suppressed deny, fail-open) keeps
@@ -624,9 +633,7 @@ class Authorizer:
             span.set_attribute("authz.ratelimit.allowed", result.allowed)
         headers = result.headers()
         if result.allowed:
-            return dataclasses.replace(
-                decision, response_headers_to_add=(*decision.response_headers_to_add, *headers)
-            )
+            return decision.with_response_headers((*decision.response_headers_to_add, *headers))
         return Decision(
             allowed=False,
             form="object",
@@ -645,7 +652,7 @@ class Authorizer:
             raise CredentialError(f"credential {ref.ref!r} requested but no secrets file is set")
         value = ref.format.replace("{secret}", self._credentials.get(ref.ref).reveal())
         headers = tuple(h for h in decision.headers if h[0] != ref.header)
-        return dataclasses.replace(decision, headers=(*headers, (ref.header, value)))
+        return decision.with_headers((*headers, (ref.header, value)))
 
     def _decision_path(self, extensions: Mapping[str, str]) -> str:
         path = extensions.get(DECISION_PATH_KEY)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
@@ -139,6 +140,31 @@ class Decision:
     def reason_code(self) -> str:
         """The policy's ``reason``, or ``allowed`` / ``denied`` when it gave none."""
         return self.reason or ("allowed" if self.allowed else "denied")
+
+    def with_headers(self, headers: tuple[Header, ...]) -> Decision:
+        """This decision with ``headers`` replaced: equal to ``dataclasses.replace(self,
+        headers=headers)`` at half its cost (it runs on every allow that injects a
+        credential or pins a tunnel)."""
+        return self._replacing(_HEADERS_INDEX, headers)
+
+    def with_response_headers(self, headers: tuple[Header, ...]) -> Decision:
+        """This decision with ``response_headers_to_add`` replaced: equal to
+        ``dataclasses.replace(self, response_headers_to_add=headers)`` at half its cost (it
+        runs on every rate-limited allow, cache hits included)."""
+        return self._replacing(_RESPONSE_HEADERS_INDEX, headers)
+
+    def _replacing(self, index: int, value: Any) -> Decision:
+        # Every field, positionally, in declaration order (no default factories, no
+        # keyword matching): what dataclasses.replace spends most of its time on.
+        values = list(_FIELD_VALUES(self))
+        values[index] = value
+        return Decision(*values)
+
+
+_FIELD_NAMES: Final = tuple(f.name for f in fields(Decision))
+_FIELD_VALUES: Final = attrgetter(*_FIELD_NAMES)
+_HEADERS_INDEX: Final = _FIELD_NAMES.index("headers")
+_RESPONSE_HEADERS_INDEX: Final = _FIELD_NAMES.index("response_headers_to_add")
 
 
 def json_type(value: Any) -> str:

@@ -28,10 +28,9 @@ from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2
 
 from authz.core.decision import Decision, Header
 from authz.core.errors import AuthzError, InvalidDecision, meanings
@@ -59,18 +58,17 @@ def status_for(code: str) -> int:
     return 500 if meaning is None else meaning.http_status
 
 
-def _header_options(headers: Iterable[Header]) -> list[base_pb2.HeaderValueOption]:
+def _add_header_options(field: Any, headers: Iterable[Header]) -> None:
+    """Append ``headers`` to the repeated HeaderValueOption ``field``: the first value of
+    a name OVERWRITE_IF_EXISTS_OR_ADD, further ones APPEND_IF_EXISTS_OR_ADD. Built in place
+    (a constructed option would be copied into the response, which costs more)."""
     seen: set[str] = set()
-    options = []
     for name, value in headers:
-        action = _APPEND if name in seen else _OVERWRITE
+        option = field.add(append_action=_APPEND if name in seen else _OVERWRITE)
         seen.add(name)
-        options.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, value=value), append_action=action
-            )
-        )
-    return options
+        header = option.header
+        header.key = name
+        header.value = value
 
 
 def _metadata(decision_id: str, extra: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -84,12 +82,35 @@ def _metadata(decision_id: str, extra: Mapping[str, Any]) -> struct_pb2.Struct:
     return metadata
 
 
-def _response(**fields: Any) -> external_auth_pb2.CheckResponse:
-    """A CheckResponse of ``fields``. Raises InvalidDecision when the dynamic_metadata
-    Struct is nested past protobuf's recursion limit (100 messages; Envoy could not read
-    it either): the message constructor refuses it with a DecodeError."""
+# JSON scalars: a dynamic_metadata of only these is one level deep, so it can be written
+# into the response in place (no depth to check).
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _new_response(decision_id: str, extra: Mapping[str, Any]) -> external_auth_pb2.CheckResponse:
+    """A CheckResponse whose ``dynamic_metadata`` is ``extra`` plus ``decision_id``.
+    Raises InvalidDecision when the Struct is nested past protobuf's recursion limit (100
+    messages; Envoy could not read it either): the message constructor refuses it with a
+    DecodeError (a merge into an existing message does not report it reliably)."""
+    if all(type(value) in _SCALARS for value in extra.values()):
+        response = external_auth_pb2.CheckResponse()
+        fields = response.dynamic_metadata.fields
+        # What Struct.update writes for each scalar (well_known_types._SetStructValue),
+        # without its chain of isinstance checks.
+        for key, value in extra.items():
+            kind = type(value)
+            if kind is str:
+                fields[key].string_value = value
+            elif value is None:
+                fields[key].null_value = struct_pb2.NULL_VALUE
+            elif kind is bool:
+                fields[key].bool_value = value
+            else:  # int or float
+                fields[key].number_value = value
+        fields["decision_id"].string_value = decision_id
+        return response
     try:
-        return external_auth_pb2.CheckResponse(**fields)
+        return external_auth_pb2.CheckResponse(dynamic_metadata=_metadata(decision_id, extra))
     except DecodeError:
         raise InvalidDecision(_TOO_DEEP) from None
 
@@ -100,15 +121,14 @@ _TOO_DEEP: Final = "dynamic_metadata is nested too deeply for a protobuf Struct"
 def _denied(
     status: int, headers: Iterable[Header], body: str, decision_id: str, metadata: Mapping[str, Any]
 ) -> external_auth_pb2.CheckResponse:
-    return _response(
-        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=_header_options(headers),
-            body=body,
-        ),
-        dynamic_metadata=_metadata(decision_id, metadata),
-    )
+    response = _new_response(decision_id, metadata)
+    response.status.code = code_pb2.PERMISSION_DENIED
+    denied = response.denied_response
+    denied.status.SetInParent()  # present even for a code of 0, as a constructed one
+    denied.status.code = status
+    _add_header_options(denied.headers, headers)
+    denied.body = body
+    return response
 
 
 def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.CheckResponse:
@@ -118,30 +138,32 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
     ``x-authz-decision-id`` header: to the upstream on an allow (unless the decision
     removes that header), to the client on a deny (so a user can quote it). A header the
     decision sets is never also removed: Envoy applies removals after additions, which
-    would drop the policy's own value."""
+    would drop the policy's own value. Raises InvalidDecision when ``dynamic_metadata`` is
+    nested too deeply for a protobuf Struct."""
     if decision.allowed:
         upstream_headers = [h for h in decision.headers if h[0] != DECISION_ID_HEADER]
         # A policy that removes the decision-id header (egress: third parties need not
         # see it) keeps it off the upstream request.
         if DECISION_ID_HEADER not in decision.request_headers_to_remove:
             upstream_headers.append((DECISION_ID_HEADER, decision_id))
-        set_names = {name for name, _ in upstream_headers}
-        ok = external_auth_pb2.OkHttpResponse(
-            headers=_header_options(upstream_headers),
-            headers_to_remove=[
+        response = _new_response(decision_id, decision.dynamic_metadata)
+        response.status.SetInParent()  # code OK (0)
+        ok = response.ok_response
+        ok.SetInParent()
+        _add_header_options(ok.headers, upstream_headers)
+        if decision.request_headers_to_remove:
+            set_names = {name for name, _ in upstream_headers}
+            ok.headers_to_remove.extend(
                 name for name in decision.request_headers_to_remove if name not in set_names
-            ],
-            response_headers_to_add=_header_options(decision.response_headers_to_add),
-            query_parameters_to_remove=list(decision.query_parameters_to_remove),
-            query_parameters_to_set=[
-                base_pb2.QueryParameter(key=k, value=v) for k, v in decision.query_parameters_to_set
-            ],
-        )
-        return _response(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=ok,
-            dynamic_metadata=_metadata(decision_id, decision.dynamic_metadata),
-        )
+            )
+        _add_header_options(ok.response_headers_to_add, decision.response_headers_to_add)
+        if decision.query_parameters_to_remove:
+            ok.query_parameters_to_remove.extend(decision.query_parameters_to_remove)
+        for key, value in decision.query_parameters_to_set:
+            parameter = ok.query_parameters_to_set.add()
+            parameter.key = key
+            parameter.value = value
+        return response
     headers = [
         *(h for h in decision.headers if h[0] != DECISION_ID_HEADER),
         (DECISION_ID_HEADER, decision_id),

@@ -7,8 +7,10 @@ bypass, fail-open) strip what enforced allows strip."""
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -1557,3 +1559,30 @@ async def test_batch_rate_limits_each_allowed_action_like_check() -> None:
     reasons = [o.record.reason for o in batch.outcomes]
     assert reasons.count("rate_limited") >= 2
     assert all(not o.record.allowed for o in batch.outcomes if o.record.reason == "rate_limited")
+
+
+async def test_default_decision_ids_are_distinct_canonical_version_4_uuids() -> None:
+    """What ``str(uuid.uuid4())`` gives: RFC 9562 version 4, variant 10xx, lowercase
+    canonical text (the decision log, audit trail and x-authz-decision-id carry it)."""
+    authorizer = make(FakeEngine(True), new_id=_default_new_id())
+    ids = [(await authorizer.check(check_request())).record.decision_id for _ in range(500)]
+    assert len(set(ids)) == len(ids)
+    for decision_id in ids:
+        parsed = uuid.UUID(decision_id)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == decision_id
+    # Every random bit varies: none stuck at 0 or 1 over 500 ids (each would be by
+    # chance with probability 2 * 2**-500).
+    ors = ands = uuid.UUID(ids[0]).int
+    for decision_id in ids:
+        ors |= uuid.UUID(decision_id).int
+        ands &= uuid.UUID(decision_id).int
+    fixed = (0xF << 76) | (0x3 << 62)  # version and variant bits
+    assert ors | fixed == (1 << 128) - 1
+    assert ands & ~fixed == 0
+
+
+def _default_new_id() -> Any:
+    """The Authorizer's own ``new_id`` default."""
+    return inspect.signature(Authorizer).parameters["new_id"].default

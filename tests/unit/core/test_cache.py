@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -831,3 +833,116 @@ def test_declarations_are_never_used_without_a_bundle_revision() -> None:
     cache.declare("", {PATH: DECLARED})
     request = check_request(headers={"x-api-key": GOOD_KEY})
     assert cache.key(PATH, document(request)) == cache_key(PATH, document(request), cache.volatile)
+
+
+# -- issue 19: the declaration read once per bundle keys exactly as the walk before it --
+
+
+def _reference_select(document: Any, field: tuple[str, ...]) -> list[Any]:
+    """The selection before issue 19, verbatim: the oracle for the compiled one."""
+    node = document
+    for name in field:
+        if not isinstance(node, Mapping) or name not in node:
+            return []
+        node = node[name]
+    return [node]
+
+
+def _reference_declared_key(
+    path: str, revision: str, document: Mapping[str, Any], declaration: KeyDeclaration
+) -> bytes:
+    selected: list[Any] = [_reference_select(document, field) for field in declaration.fields]
+    if declaration.header_prefixes:
+        found = _reference_select(document, ("attributes", "request", "http", "headers"))
+        headers = found[0] if found and isinstance(found[0], Mapping) else {}
+        prefixes = declaration.header_prefixes
+        selected.append({k: v for k, v in headers.items() if str(k).lower().startswith(prefixes)})
+    canonical = orjson.dumps([revision, path, selected], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(b"\x01" + canonical).digest()
+
+
+class _DictSubclass(dict[str, Any]):
+    pass
+
+
+def _http(http: Any) -> dict[str, Any]:
+    return {"attributes": {"request": {"http": http}}}
+
+
+_GATEWAY_DECLARED = KeyDeclaration(
+    fields=(
+        ("credentials",),
+        ("preview",),
+        ("parsed_path",),
+        ("attributes", "request", "http", "method"),
+        ("attributes", "request", "http", "headers", "authorization"),
+    ),
+    header_prefixes=("x-authz-",),
+)
+_KEY_DECLARATIONS = [
+    pytest.param(_GATEWAY_DECLARED, id="gateway"),
+    pytest.param(DECLARED, id="three-fields-and-prefix"),
+    pytest.param(
+        KeyDeclaration(fields=(("attributes", "request", "http", "headers", "x-sandbox-id"),)),
+        id="deep-field-no-prefix",
+    ),
+    pytest.param(
+        KeyDeclaration(fields=(("parsed_path", "0"),), header_prefixes=("x-a", "X-B")),
+        id="into-a-list-and-two-prefixes",
+    ),
+]
+_KEY_DOCUMENTS = [
+    pytest.param(
+        document(
+            check_request(
+                path="/api/v1/items/1?x=1",
+                headers={
+                    "x-api-key": GOOD_KEY,
+                    "authorization": "Bearer t",
+                    "x-authz-role": "admin",
+                    "X-Authz-Tier": "gold",
+                    "x-a1": "1",
+                    "user-agent": "curl/8",
+                },
+            )
+        ),
+        id="gateway-request",
+    ),
+    pytest.param({}, id="empty"),
+    pytest.param(
+        {"credentials": None, "preview": False, "parsed_path": []}, id="nulls-and-empties"
+    ),
+    pytest.param({"attributes": None}, id="attributes-null"),
+    pytest.param({"attributes": []}, id="attributes-a-list"),
+    pytest.param({"attributes": "s"}, id="attributes-a-string"),
+    pytest.param(_http({"method": "GET"}), id="no-headers"),
+    pytest.param(_http({"headers": ["x-authz-role", "a"]}), id="headers-a-list"),
+    pytest.param(_http({"headers": "x-authz-role"}), id="headers-a-string"),
+    pytest.param(_http({"headers": None, "method": None}), id="headers-null"),
+    pytest.param(
+        _http(MappingProxyType({"headers": MappingProxyType({"x-authz-a": "1", "b": "2"})})),
+        id="read-only-mappings",
+    ),
+    pytest.param(
+        _http(_DictSubclass(headers=OrderedDict([("x-authz-z", "1"), ("X-AUTHZ-A", "2")]))),
+        id="dict-subclasses",
+    ),
+    pytest.param(_http({"headers": {1: "int-key", "x-authz-n": 2.5}}), id="odd-header-types"),
+    pytest.param(
+        {"parsed_path": {"0": "zero"}, "credentials": {"x-api-key": "ü"}}, id="path-an-object"
+    ),
+    pytest.param({"parsed_path": ["a", "b"]}, id="path-a-list"),
+]
+
+
+@pytest.mark.parametrize("document_", _KEY_DOCUMENTS)
+@pytest.mark.parametrize("declaration", _KEY_DECLARATIONS)
+def test_declared_key_bytes_equal_the_uncompiled_walk(
+    declaration: KeyDeclaration, document_: Mapping[str, Any]
+) -> None:
+    expected = _reference_declared_key(PATH, "r1", document_, declaration)
+    assert declared_key(PATH, "r1", document_, declaration) == expected
+    cache = DecisionCache()
+    cache.observe_revision("r1")
+    cache.declare("r1", {PATH: declaration})
+    assert cache.key(PATH, document_) == expected

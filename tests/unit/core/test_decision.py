@@ -729,3 +729,68 @@ def test_tunnel_is_parsed_on_an_allow() -> None:
 def test_malformed_tunnel_is_an_invalid_decision(tunnel: Any) -> None:
     with pytest.raises(InvalidDecision, match=r"authz\.tunnel"):
         parse_decision({"allowed": True, "authz": {"tunnel": tunnel}})
+
+
+# -- issue 19: the hot-path replacements of dataclasses.replace -------------------------
+
+# A decision with every field away from its default, so a field the fast copy dropped or
+# swapped would show as a difference from dataclasses.replace.
+_EVERY_FIELD_SET = Decision(
+    allowed=True,
+    form="object",
+    headers=(("x-a", "1"), ("x-a", "2")),
+    response_headers_to_add=(("x-r", "1"),),
+    request_headers_to_remove=("authorization",),
+    query_parameters_to_set=(("q", "v"),),
+    query_parameters_to_remove=("drop",),
+    body="b",
+    http_status=418,
+    dynamic_metadata={"key_id": "k1"},
+    reason="allowed",
+    rate_limit=RateLimitRef(tier="t", key="key:k1", requests_per_minute=60, burst=5),
+    identity={"key_id": "k1"},
+    credential=CredentialRef(ref="r", header="x-c", format="Bearer {secret}"),
+    tunnel=TunnelRef(host="api.example.com", port=443),
+    override_id="o1",
+    cache_ttl_s=1.5,
+    source="policy_rule",
+    ignored=("body",),
+)
+_DECISIONS = [
+    pytest.param(_EVERY_FIELD_SET, id="every-field-set"),
+    pytest.param(Decision(allowed=False), id="defaults"),
+    pytest.param(parse_decision(True), id="boolean-allow"),
+]
+_NEW_HEADERS = [
+    pytest.param((), id="empty"),
+    pytest.param((("x-ratelimit-limit", "60"), ("x-ratelimit-remaining", "59")), id="two"),
+]
+
+
+def test_every_field_set_differs_from_defaults() -> None:
+    """The corpus's first decision exercises every field (a new field must be set there)."""
+    defaults = Decision(allowed=False)
+    for field in dataclasses.fields(Decision):
+        assert getattr(_EVERY_FIELD_SET, field.name) != getattr(defaults, field.name), field.name
+
+
+@pytest.mark.parametrize("headers", _NEW_HEADERS)
+@pytest.mark.parametrize("decision", _DECISIONS)
+def test_with_headers_equals_dataclasses_replace(
+    decision: Decision, headers: tuple[tuple[str, str], ...]
+) -> None:
+    fast = decision.with_headers(headers)
+    assert fast == dataclasses.replace(decision, headers=headers)
+    assert type(fast) is Decision
+    assert fast is not decision
+
+
+@pytest.mark.parametrize("headers", _NEW_HEADERS)
+@pytest.mark.parametrize("decision", _DECISIONS)
+def test_with_response_headers_equals_dataclasses_replace(
+    decision: Decision, headers: tuple[tuple[str, str], ...]
+) -> None:
+    fast = decision.with_response_headers(headers)
+    assert fast == dataclasses.replace(decision, response_headers_to_add=headers)
+    assert type(fast) is Decision
+    assert fast is not decision

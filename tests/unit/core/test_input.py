@@ -12,13 +12,16 @@ import base64
 import hashlib
 import json
 import logging
+import re
 from typing import Any
 
 import orjson
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import descriptor_pool
 from google.protobuf.json_format import ParseDict
 
+from authz.core import input as input_module
 from authz.core.authorizer import Authorizer, Outcome
 from authz.core.errors import ConfigError, DecisionPathError, RequestError
 from authz.core.input import (
@@ -1740,3 +1743,251 @@ def test_proxy_authorization_field_only_for_a_basic_proxy_authorization(
 ) -> None:
     document = document_for({"path": "/", "headers": headers}, CREDENTIAL_HEADERS)
     assert "proxy_authorization" not in document
+
+
+# -- issue 19: the compiled converters of the hot messages equal the generic walk ----------
+
+
+def _filled(message: Any, variant: int, depth: int = 0) -> None:
+    """Set every field of ``message`` to a value other than its zero value (for each
+    oneof, member ``variant`` modulo its size), recursing into the hot messages; any other
+    message field is marked present and left empty. Built from the descriptors, so a
+    field a newer Envoy adds is covered without editing this corpus."""
+    descriptor = message.DESCRIPTOR
+    for field in descriptor.fields:
+        oneof = field.containing_oneof
+        if oneof is not None and oneof.fields[variant % len(oneof.fields)] is not field:
+            continue
+        value = _sample(field, variant)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key_field = field.message_type.fields_by_name["key"]
+            value_field = field.message_type.fields_by_name["value"]
+            container = getattr(message, field.name)
+            for n in range(2):
+                key = f"k{n}-{field.name}-é" if key_field.type == key_field.TYPE_STRING else n + 1
+                if value_field.message_type is not None:
+                    container[key].SetInParent()
+                else:
+                    container[key] = _sample(value_field, variant)
+        elif field.message_type is not None:
+            child = getattr(message, field.name)
+            child.SetInParent()
+            if field.message_type.full_name in input_module._HOT_MESSAGES and depth < 4:
+                _filled(child, variant, depth + 1)
+        elif field.is_repeated:
+            getattr(message, field.name).extend([value, value])
+        else:
+            setattr(message, field.name, value)
+
+
+def _sample(field: Any, variant: int) -> Any:
+    kind = field.type
+    if kind == field.TYPE_STRING:
+        return f"{field.name}-ü-{variant}"
+    if kind == field.TYPE_BYTES:
+        return b"\xff\x00" + field.name.encode()
+    if kind == field.TYPE_BOOL:
+        return True
+    if kind == field.TYPE_ENUM:
+        return field.enum_type.values[-1].number
+    if kind in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
+        return 1.5
+    if kind == field.TYPE_MESSAGE:
+        return None
+    return 7 + variant
+
+
+def _every_field(variant: int) -> external_auth_pb2.CheckRequest:
+    request = external_auth_pb2.CheckRequest()
+    _filled(request, variant)
+    return request
+
+
+def _with(request: external_auth_pb2.CheckRequest, edit: Any) -> external_auth_pb2.CheckRequest:
+    edit(request)
+    return request
+
+
+_BIG_BODY = '{"a":"' + "x" * (MAX_BODY_BYTES + 10) + '"}'
+_CONVERTER_CORPUS = [
+    pytest.param(external_auth_pb2.CheckRequest(), id="empty-request"),
+    pytest.param(
+        _with(external_auth_pb2.CheckRequest(), lambda r: r.attributes.SetInParent()),
+        id="empty-attributes",
+    ),
+    pytest.param(
+        _with(external_auth_pb2.CheckRequest(), lambda r: r.attributes.request.http.SetInParent()),
+        id="empty-http",
+    ),
+    pytest.param(
+        _with(
+            external_auth_pb2.CheckRequest(),
+            lambda r: r.attributes.source.address.socket_address.SetInParent(),
+        ),
+        id="empty-socket-address",
+    ),
+    pytest.param(
+        check_request_json(source={"address": {"socketAddress": {"portValue": 0}}}),
+        id="port-zero-set-in-oneof",
+    ),
+    pytest.param(
+        check_request_json(
+            source={"address": {"socketAddress": {"address": "::1", "namedPort": ""}}}
+        ),
+        id="named-port-empty-set-in-oneof",
+    ),
+    pytest.param(
+        check_request_json(
+            source={"address": {"pipe": {"path": "/run/envoy.sock", "mode": 384}}},
+            destination={"address": {"envoyInternalAddress": {"serverListenerName": "l"}}},
+        ),
+        id="pipe-and-internal-addresses",
+    ),
+    pytest.param(
+        check_request(
+            path="/api/v1/items/1",
+            headers={"x-api-key": "ak_secret", "user-agent": "curl/8", "x-request-id": "r1"},
+        ),
+        id="gateway-get",
+    ),
+    pytest.param(
+        check_request(
+            method="POST",
+            path="/api/v1/caf%C3%A9?q=%E2%9C%93&x",
+            headers={"content-type": "application/json", "x-name": "zoë ✓"},
+            body='{"ü": [1, 2.50, "✓"]}',
+            context_extensions={"parse_body": "true", "route": "ü"},
+        ),
+        id="unicode-json-body-context-extensions",
+    ),
+    pytest.param(
+        check_request(
+            method="POST",
+            path="/upload",
+            headers={"content-type": "application/json"},
+            body=_BIG_BODY,
+        ),
+        id="large-body",
+    ),
+    pytest.param(
+        check_request_json(
+            http={
+                "method": "POST",
+                "path": "/raw",
+                "headers": {"content-type": "application/octet-stream"},
+                "rawBody": base64.b64encode(b"\x00\xff\xfe" * 30000).decode(),
+                "size": "90000",
+            }
+        ),
+        id="large-raw-body",
+    ),
+    pytest.param(
+        check_request_json(
+            http={
+                "method": "GET",
+                "path": "/",
+                "headerMap": {
+                    "headers": [
+                        {"key": "x-api-key", "rawValue": base64.b64encode(b"ak_\xff").decode()},
+                        {"key": "Authorization", "value": "Bearer t"},
+                        {"key": "x-empty"},
+                    ]
+                },
+            }
+        ),
+        id="header-map-raw-and-plain-values",
+    ),
+    pytest.param(
+        check_request_json(
+            tlsSession={"sni": "api.example.com"},
+            source={
+                "principal": "spiffe://example/ns/a",
+                "certificate": "-----BEGIN CERTIFICATE-----",
+                "labels": {"app": "a"},
+                "service": "svc",
+            },
+            destination={"address": {"socketAddress": {"address": "10.0.0.2", "portValue": 8443}}},
+        ),
+        id="tls-session-and-peers",
+    ),
+    pytest.param(
+        check_request_json(
+            metadataContext={
+                "filterMetadata": {"envoy.filters.http.jwt_authn": {"sub": "u", "n": 1, "f": 1.5}},
+                "typedFilterMetadata": {
+                    "t": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "v"}
+                },
+            },
+            routeMetadataContext={"filterMetadata": {"r": {"deep": {"list": [1, None, True]}}}},
+            request={
+                "time": "2026-01-02T03:04:05.678Z",
+                "http": {"method": "GET", "path": "/m", "size": "-1", "fragment": "f"},
+            },
+        ),
+        id="metadata-contexts-and-time",
+    ),
+    *(
+        pytest.param(_every_field(variant), id=f"every-field-oneof-{variant}")
+        for variant in range(6)
+    ),
+]
+
+
+def _generic_input(monkeypatch: pytest.MonkeyPatch, convert: Any, *args: Any, **kwargs: Any) -> Any:
+    """``convert(*args, **kwargs)`` with the compiled converters off: the generic walk."""
+    with monkeypatch.context() as patched:
+        patched.setattr(input_module, "_FAST", {})
+        return convert(*args, **kwargs)
+
+
+def test_every_hot_message_has_a_compiled_converter() -> None:
+    """Else the equality tests below would compare the generic walk with itself."""
+    compiled = {descriptor.full_name for descriptor in input_module._FAST}
+    assert compiled == set(input_module._HOT_MESSAGES)
+
+
+@pytest.mark.parametrize("request_", _CONVERTER_CORPUS)
+def test_compiled_converters_equal_the_generic_walk_byte_for_byte(
+    request_: external_auth_pb2.CheckRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same keys, same order, same values: the JSON bytes (unsorted) are equal."""
+    fast = input_module.message_to_input(request_)
+    generic = _generic_input(monkeypatch, input_module.message_to_input, request_)
+    assert orjson.dumps(fast) == orjson.dumps(generic)
+
+
+@pytest.mark.parametrize("request_", _CONVERTER_CORPUS)
+def test_build_input_with_compiled_converters_is_unchanged(
+    request_: external_auth_pb2.CheckRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole input document (credentials hashed, body parsed) is byte-identical."""
+    try:
+        generic = _generic_input(
+            monkeypatch, build_input, request_, CREDENTIAL_HEADERS, parse_request_body=True
+        )
+    except RequestError as exc:
+        with pytest.raises(RequestError, match=re.escape(str(exc))):
+            build_input(request_, CREDENTIAL_HEADERS, parse_request_body=True)
+        return
+    fast = build_input(request_, CREDENTIAL_HEADERS, parse_request_body=True)
+    assert orjson.dumps(fast) == orjson.dumps(generic)
+
+
+def test_every_field_corpus_sets_every_field_of_the_hot_messages() -> None:
+    """Together, the generated requests set every field of every hot message (each
+    oneof member in one of them), so a converter dropping any field fails above."""
+    seen: set[tuple[str, str]] = set()
+    stack: list[Any] = [_every_field(variant) for variant in range(6)]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            seen.add((message.DESCRIPTOR.full_name, field.name))
+            if field.message_type is not None and not field.is_repeated:
+                stack.append(value)
+    pool = descriptor_pool.Default()
+    expected = {
+        (full_name, field.name)
+        for full_name in input_module._HOT_MESSAGES
+        for field in pool.FindMessageTypeByName(full_name).fields
+    }
+    assert expected <= seen, sorted(expected - seen)

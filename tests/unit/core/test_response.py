@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 
 from authz.core import errors
 from authz.core.decision import Decision, RateLimitRef, parse_decision
@@ -343,3 +345,201 @@ def test_dynamic_metadata_too_deep_for_protobuf_is_an_invalid_decision(
     decision = parse_decision({"allowed": allowed, "dynamic_metadata": metadata})
     with pytest.raises(errors.InvalidDecision, match="dynamic_metadata"):
         build_response(decision, "d-1")
+
+
+# --- issue 19: responses built in place are byte-identical to constructed ones ---------
+
+
+def _reference_options(headers: Any) -> list[base_pb2.HeaderValueOption]:
+    """The response building before issue 19, verbatim (constructed messages): the
+    oracle for the in-place one."""
+    seen: set[str] = set()
+    options = []
+    for name, value in headers:
+        action = APPEND if name in seen else OVERWRITE
+        seen.add(name)
+        options.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, value=value), append_action=action
+            )
+        )
+    return options
+
+
+def _reference_metadata(decision_id: str, extra: Any) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    if extra:
+        metadata.update(dict(extra))
+    metadata["decision_id"] = decision_id
+    return metadata
+
+
+def _reference_denied(
+    status: int, headers: Any, body: str, decision_id: str, extra: Any
+) -> external_auth_pb2.CheckResponse:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=_reference_options(headers),
+            body=body,
+        ),
+        dynamic_metadata=_reference_metadata(decision_id, extra),
+    )
+
+
+def _reference_build(decision: Decision, decision_id: str) -> external_auth_pb2.CheckResponse:
+    header = "x-authz-decision-id"
+    if decision.allowed:
+        upstream = [h for h in decision.headers if h[0] != header]
+        if header not in decision.request_headers_to_remove:
+            upstream.append((header, decision_id))
+        set_names = {name for name, _ in upstream}
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=_reference_options(upstream),
+            headers_to_remove=[
+                name for name in decision.request_headers_to_remove if name not in set_names
+            ],
+            response_headers_to_add=_reference_options(decision.response_headers_to_add),
+            query_parameters_to_remove=list(decision.query_parameters_to_remove),
+            query_parameters_to_set=[
+                base_pb2.QueryParameter(key=k, value=v) for k, v in decision.query_parameters_to_set
+            ],
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=ok,
+            dynamic_metadata=_reference_metadata(decision_id, decision.dynamic_metadata),
+        )
+    headers = [*(h for h in decision.headers if h[0] != header), (header, decision_id)]
+    body = decision.body
+    if body is None:
+        headers = [h for h in headers if h[0] != "content-type"]
+        headers.append(("content-type", "application/json"))
+        body = json.dumps(
+            {"error": decision.reason_code, "decision_id": decision_id}, separators=(",", ":")
+        )
+    return _reference_denied(
+        decision.http_status or 403, headers, body, decision_id, decision.dynamic_metadata
+    )
+
+
+_GATEWAY_ALLOW = {
+    "allowed": True,
+    "authz": {
+        "reason": "allowed",
+        "source": "policy_rule",
+        "rate_limit": {"tier": "standard", "key": "key:k1", "requests_per_minute": 600},
+        "identity": {"key_id": "k1", "role": "reader", "tier": "standard"},
+    },
+    "headers": {"x-authz-key-id": "k1", "x-authz-role": "reader", "x-authz-tier": "standard"},
+    "request_headers_to_remove": ["authorization", "x-api-key", "x-authz-role"],
+    "dynamic_metadata": {"key_id": "k1", "role": "reader", "tier": "standard"},
+}
+_RATE_LIMIT_HEADERS = (("x-ratelimit-limit", "600"), ("x-ratelimit-remaining", "599"))
+_RESPONSE_CORPUS = [
+    pytest.param(parse_decision(True), id="boolean-allow"),
+    pytest.param(parse_decision(False), id="boolean-deny"),
+    pytest.param(parse_decision({"allowed": True}), id="object-allow-nothing-set"),
+    pytest.param(parse_decision(_GATEWAY_ALLOW), id="gateway-allow"),
+    pytest.param(
+        parse_decision(_GATEWAY_ALLOW).with_response_headers(_RATE_LIMIT_HEADERS),
+        id="gateway-allow-rate-limited",
+    ),
+    pytest.param(
+        parse_decision(
+            {
+                "allowed": True,
+                "headers": [{"x-a": ["1", "2"]}, {"x-b": "ü ✓", "x-a": "3"}],
+                "response_headers_to_add": {"set-cookie": ["a=1", "b=2"]},
+                "request_headers_to_remove": ["x-a", "x-authz-decision-id", "cookie"],
+                "query_parameters_to_set": {"page": "2", "q": ""},
+                "query_parameters_to_remove": ["token", "sig"],
+                "dynamic_metadata": {"decision_id": "policy's", "n": 1.5, "b": False, "z": None},
+            }
+        ),
+        id="allow-every-field-repeated-names-decision-id-removed",
+    ),
+    pytest.param(
+        parse_decision(
+            {
+                "allowed": True,
+                "headers": {"x-authz-decision-id": "forged"},
+                "dynamic_metadata": {"nested": {"list": [1, {"a": None}, "s"]}, "e": {}},
+            }
+        ),
+        id="allow-forged-decision-id-nested-metadata",
+    ),
+    pytest.param(
+        parse_decision({"allowed": False, "authz": {"reason": "invalid_api_key"}}),
+        id="deny-json-body",
+    ),
+    pytest.param(
+        parse_decision(
+            {
+                "allowed": False,
+                "http_status": 429,
+                "headers": {"content-type": "text/plain", "retry-after": ["1", "2"]},
+                "dynamic_metadata": {"big": 2**60, "neg": -1},
+            }
+        ),
+        id="deny-status-own-content-type-replaced",
+    ),
+    pytest.param(
+        parse_decision({"allowed": False, "body": "", "headers": {"content-type": "x/y"}}),
+        id="deny-empty-body",
+    ),
+    pytest.param(
+        parse_decision({"allowed": False, "body": "nö", "dynamic_metadata": {"l": [[], [True]]}}),
+        id="deny-body-nested-metadata",
+    ),
+    pytest.param(
+        Decision(allowed=False, http_status=0, headers=(("x-authz-decision-id", "forged"),)),
+        id="deny-status-zero-forged-decision-id",
+    ),
+    pytest.param(
+        Decision(allowed=True, dynamic_metadata=MappingProxyType({"k": "v"})),
+        id="allow-read-only-metadata",
+    ),
+    pytest.param(
+        Decision(
+            allowed=True,
+            dynamic_metadata={"t": True, "zero": 0, "f": -0.0, "u": "ü", "inf": 1e308, "n": None},
+        ),
+        id="allow-every-scalar-metadata",
+    ),
+    pytest.param(
+        Decision(allowed=True, request_headers_to_remove=("x-authz-decision-id",)),
+        id="allow-empty-ok-response",
+    ),
+]
+
+
+@pytest.mark.parametrize("decision", _RESPONSE_CORPUS)
+def test_build_response_bytes_equal_constructed_messages(decision: Decision) -> None:
+    built = build_response(decision, DECISION_ID)
+    expected = _reference_build(decision, DECISION_ID)
+    assert built.SerializeToString(deterministic=True) == expected.SerializeToString(
+        deterministic=True
+    )
+    assert built == expected
+
+
+@pytest.mark.parametrize("code", [code for code, _ in FAILURE_STATUSES])
+def test_error_response_bytes_equal_constructed_messages(code: str) -> None:
+    error = error_class_for(code)("detail")
+    built = error_response(error, DECISION_ID)
+    body = {"error": error.code}
+    if error.public_message:
+        body["message"] = error.public_message
+    body["decision_id"] = DECISION_ID
+    expected = _reference_denied(
+        error.http_status,
+        [("content-type", "application/json"), ("x-authz-decision-id", DECISION_ID)],
+        json.dumps(body, separators=(",", ":")),
+        DECISION_ID,
+        {"reason": error.code},
+    )
+    assert built.SerializeToString(deterministic=True) == expected.SerializeToString(
+        deterministic=True
+    )
