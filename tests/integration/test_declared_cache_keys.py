@@ -426,6 +426,8 @@ async def test_the_server_keys_its_cache_on_the_bundles_declarations(
             if again.record.cached_from is not None:
                 break
             await asyncio.sleep(0.05)
-        assert again.record.cached_from == first.record.decision_id
+        # A round whose `first` was itself a hit (the cache filled after the previous
+        # round's `again` missed) shares that decision: the one both came from.
+        assert again.record.cached_from == (first.record.cached_from or first.record.decision_id)
         other = await check("/api/v1/items/2?a=1", **{"user-agent": "a", "x-request-id": "3"})
         assert other.record.cached_from is None

@@ -331,8 +331,10 @@ async def _plant_bad_field(client: redis.asyncio.Redis, override_id: str, **chan
 
 
 async def _plant_wrong_type(client: redis.asyncio.Redis, override_id: str) -> None:
-    await _plant(client, override_id, None)
+    # The hash first, then the index and the version bump: the other order let a
+    # replica read the bump before the entry existed and never look again.
     await client.hset(ENTRY_PREFIX + override_id, "id", override_id)
+    await _plant(client, override_id, None)
 
 
 async def _plant_long_id(client: redis.asyncio.Redis, override_id: str) -> None:
