@@ -11,7 +11,9 @@ line in the ``authz`` format (:meth:`authz.runtime.logs.DecisionLog.line`), the 
 :meth:`~authz.runtime.logs.DecisionLog.record` to a stream that discards what it is given,
 :meth:`authz.runtime.metrics.MetricsSink.record`, and the event loop's part of
 :meth:`authz.runtime.audit.AuditTrail.record` (projection and copy; the queue put left
-out, the writer thread not started). The record is a gateway allow reused from the cache
+out, the writer thread not started), and the writer thread's part of an entry, the
+row body (:meth:`authz.runtime.audit.projection._Projector.body` of the queued record;
+it holds the GIL the event loop needs). The record is a gateway allow reused from the cache
 with an identity of three fields and a typical input (seven headers). ``--ref``'s
 ``authz/`` (``git archive``) runs the same code in a child process, so both columns come
 from one run on the same machine.
@@ -74,6 +76,7 @@ def measure(number: int) -> dict[str, float]:
     """Microseconds per call of each sink step, for the ``authz`` on ``sys.path``."""
     from authz.core.record import DecisionRecord
     from authz.runtime.audit import AuditTrail
+    from authz.runtime.audit.store import _queued
     from authz.runtime.logs import DecisionLog
     from authz.runtime.metrics import Metrics, MetricsSink
 
@@ -102,11 +105,15 @@ def measure(number: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         trail = AuditTrail(Path(tmp) / "audit.db")
         trail._put = lambda *_: None  # type: ignore[method-assign]  # the event loop's part only
+        # The writer thread's part: the row body of the record as queued (slimmed input).
+        projector = trail._projector
+        queued = _queued(record, projector.slim(DOCUMENT))
         steps = {
             "decision log line (authz format)": lambda: log.line(record),
             "DecisionLog.record (discarding stream)": lambda: log.record(record),
             "MetricsSink.record": lambda: metrics.record(record),
             "AuditTrail.record, event-loop part": lambda: trail.record(record),
+            "audit row body, writer thread": lambda: projector.body(queued),
         }
         result = {
             name: statistics.median(

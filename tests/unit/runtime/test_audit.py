@@ -1617,3 +1617,277 @@ def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> N
         assert getattr(queued, field.name) == getattr(expected, field.name), field.name
     assert queued == expected
     assert full.document == {"a": 1}  # the original is untouched
+
+
+# --- the writer thread's part: the row body, shortcut and slow path -----------------------
+
+VALUE_MAX = config.DEFAULT_AUDIT_VALUE_MAX_BYTES
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNlY3JldA"
+GATEWAY_INPUT = build_input(
+    check_request(
+        path="/api/v1/items/1?page=2",
+        headers={
+            "x-api-key": "k-1",
+            "user-agent": "curl/8.5.0",
+            "x-request-id": "f3a9c1d2-4b5e-4f60-8a71-92b3c4d5e6f7",
+            "accept": "*/*",
+        },
+    ),
+    config.DEFAULT_CREDENTIAL_HEADERS,
+)
+EGRESS_INPUT = build_input(
+    check_request(
+        method="CONNECT",
+        path="",
+        headers={
+            ":authority": "api.example.com:443",
+            "proxy-authorization": "Basic dXNlcjpwYXNz",
+            "x-sandbox-id": "sbx-1",
+        },
+    ),
+    config.DEFAULT_CREDENTIAL_HEADERS,
+)
+
+
+class _OddKey(str):
+    """A str whose str() is another string (_cap_values writes str(key))."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "renamed"
+
+
+def _deep(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = {"a": leaf}
+    return leaf
+
+
+def _many_headers(count: int, size: int) -> dict[str, str]:
+    return {f"x-h{i}": "v" * size for i in range(count)}
+
+
+# (document, record overrides): for each condition of the shortcut a case only it keeps
+# right; documents as they reach the writer (slimmed) and as a caller might pass them.
+BODY_CASES: list[tuple[Any, dict[str, Any], str]] = [
+    (GATEWAY_INPUT, {}, "gateway"),
+    (EGRESS_INPUT, {"source": "egress"}, "egress"),
+    (None, {}, "no-input"),
+    (
+        GATEWAY_INPUT,
+        {"identity": {"key_id": "k", "role": "r"}, "tier": "t", "cached_from": "d-0"},
+        "cache-hit",
+    ),
+    (GATEWAY_INPUT, {"policy_allowed": None, "error": "opa unreachable"}, "no-policy-result"),
+    (_http_document({"path": "/a"}), {}, "plain-path"),
+    (_http_document({"path": f"/a?api_key={SECRET}&page=2"}), {}, "secret-in-path"),
+    (_http_document({"path": "/a?page=2"}), {}, "query-without-secret"),
+    (_http_document({"headers": {":path": f"/a?token={SECRET}"}}), {}, "secret-in-path-header"),
+    (_http_document({"headers": {":path": "/a?page=2"}}), {}, "path-header-without-secret"),
+    (_http_document({"headers": {"authorization": f"Bearer {SECRET}"}}), {}, "credential-header"),
+    (_http_document({"headers": {"authorization": SCHEMED}}), {}, "credential-header-digest"),
+    (_http_document({"headers": {"set-cookie": f"s={SECRET}"}}), {}, "set-cookie-header"),
+    (_http_document({"headers": {"cookie": f"s={SECRET}"}}), {}, "cookie-header"),
+    (
+        _http_document({"headerMap": {"headers": [{"key": "Authorization", "value": SECRET}]}}),
+        {},
+        "credential-in-header-map",
+    ),
+    (
+        _http_document({"headerMap": {"headers": [{"key": "x-api-key", "rawValue": "U0VDUkVU"}]}}),
+        {},
+        "credential-raw-value-in-header-map",
+    ),
+    (
+        _http_document({"headerMap": {"headers": [{"key": ":path", "rawValue": "L2E/cD0x"}]}}),
+        {},
+        "raw-path-in-header-map",
+    ),
+    (
+        _http_document({"headerMap": {"headers": [{"key": ":path", "value": "/a?token=t"}]}}),
+        {},
+        "secret-path-in-header-map",
+    ),
+    (
+        _http_document({"headerMap": {"headers": [{"key": "accept", "value": "*/*"}, "x"]}}),
+        {},
+        "header-map-without-credentials",
+    ),
+    (_http_document({"headerMap": "junk"}), {}, "header-map-not-a-dict"),
+    (_http_document({"headerMap": {"headers": "junk"}}), {}, "header-map-headers-a-string"),
+    (_http_document({"headerMap": {"headers": 7}}), {}, "header-map-headers-a-number"),
+    (_http_document({"headerMap": None}), {}, "header-map-null"),
+    (_http_document({}, parsed_query={"api_key": [SECRET]}), {}, "secret-in-parsed-query"),
+    (_http_document({}, parsed_query={"API_KEY": SECRET}), {}, "secret-in-parsed-query-caps"),
+    (_http_document({}, parsed_query={"page": ["2"]}), {}, "parsed-query-without-secret"),
+    (_http_document({}, parsed_query=[1]), {}, "parsed-query-not-a-dict"),
+    (_http_document({"path": 7, "headers": {":path": 7}}), {}, "paths-not-strings"),
+    (_http_document({"headers": ["x-a", "b"]}), {}, "headers-not-a-dict"),
+    (["x"], {}, "input-a-list"),
+    ({"attributes": ["x"]}, {}, "attributes-not-a-dict"),
+    ({"attributes": {"request": "x"}}, {}, "request-not-a-dict"),
+    ({"attributes": {"request": {"http": None}}}, {}, "http-null"),
+    ({"attributes": {"request": {}}}, {}, "no-http"),
+    ({"version": {"ext_authz": "v3"}}, {}, "no-attributes"),
+    (_http_document({"headers": {"x-jwt": JWT}}), {}, "jwt-header"),
+    (_http_document({"path": f"/a/{JWT}"}), {"path": f"/a/{JWT}"}, "jwt-path"),
+    (GATEWAY_INPUT, {"identity": {"sub": JWT, JWT: "k"}}, "jwt-identity"),
+    (_http_document({"body": JWT}, parsed_body={"token": JWT}), {}, "jwt-body"),
+    (_http_document({"headers": {"x-a": "x" * (VALUE_MAX - 1)}}), {}, "header-under-cap"),
+    (_http_document({"headers": {"x-a": "x" * VALUE_MAX}}), {}, "header-at-cap"),
+    (_http_document({"headers": {"x-a": "x" * (VALUE_MAX + 1)}}), {}, "header-over-cap"),
+    (_http_document({"headers": {"x" * (VALUE_MAX + 1): "a"}}), {}, "header-name-over-cap"),
+    (
+        _http_document({"headers": {"x" * VALUE_MAX + "1": "a", "x" * VALUE_MAX + "2": "b"}}),
+        {},
+        "header-names-one-when-cut",
+    ),
+    (_http_document({"path": "/" + "é" * (VALUE_MAX // 2)}), {}, "2-byte-over-cap"),
+    (_http_document({"path": "é" * (VALUE_MAX // 2)}), {}, "2-byte-at-cap"),
+    (_http_document({"path": "€" * (VALUE_MAX // 3 + 1)}), {}, "3-byte-over-cap"),
+    (_http_document({"path": "😀" * (VALUE_MAX // 4)}), {}, "4-byte-at-cap"),
+    (_http_document({"path": "😀" * (VALUE_MAX // 4 + 1)}), {}, "4-byte-over-cap"),
+    (_http_document({"path": '"\\\n' * (VALUE_MAX // 3)}), {}, "escapes-near-cap"),
+    (GATEWAY_INPUT, {"identity": {"a": "x" * (VALUE_MAX + 1)}}, "identity-over-cap"),
+    (_http_document({}, parsed_body=_deep(100, "x")), {}, "deep-nesting"),
+    (_http_document({}, parsed_body=_deep(300, "x")), {}, "nesting-beyond-orjson"),
+    (_http_document({"body": "x" * 10}, parsed_body={"a": 1}), {}, "body-kept"),
+    (_http_document({}, body_omitted=100), {}, "body-omitted"),
+    (_http_document({"headers": _many_headers(30, 80)}), {}, "headers-over-quarter"),
+    (_http_document({"headers": _many_headers(20, 80)}), {}, "headers-near-quarter"),
+    (
+        _http_document({"headers": {"x-a": "b"}}, headers_omitted={"count": 2, "bytes": 9}),
+        {},
+        "headers-omitted-dict",
+    ),
+    (
+        _http_document({"headers": {"x-a": "b"}}, headers_omitted=[["count", 2]]),
+        {},
+        "omitted-pairs",
+    ),
+    (_http_document({"headers": {"x-a": "b"}}, headers_omitted="junk"), {}, "omitted-string"),
+    (_http_document({"headers": {"x-a": "b"}}, headers_omitted=0), {}, "omitted-falsy"),
+    (_http_document({"headers": {"x-a": 1e16, "x-b": [1, 2]}}), {}, "header-values-not-strings"),
+    (_http_document({"headers": {"x-a": 1e16 * 7}}, pad="p" * 1800), {}, "non-str-near-quarter"),
+    (
+        _http_document({"body": "b" * 10}, parsed_body={f"k{i}": "v" * 900 for i in range(8)}),
+        {},
+        "row-over-budget",
+    ),
+    (
+        _http_document({"headers": _many_headers(20, 90)}, parsed_body=["v" * 900] * 6),
+        {},
+        "row-just-over-budget",
+    ),
+    (GATEWAY_INPUT, {"identity": {f"f{i}": "v" * 900 for i in range(10)}}, "fields-over-budget"),
+    (_http_document({}, parsed_body={"n": 2**64}), {}, "int-beyond-64-bits"),
+    (GATEWAY_INPUT, {"identity": {"n": 2**64}}, "identity-int-beyond-64-bits"),
+    (
+        _http_document({}, parsed_body={"f": [1.5e308, -0.0, float("nan"), float("inf")]}),
+        {},
+        "floats",
+    ),
+    (_http_document({}, parsed_body={1: "a"}), {}, "key-not-a-string"),
+    (GATEWAY_INPUT, {"identity": {1: "a"}}, "identity-key-not-a-string"),
+    (_http_document({"headers": {_OddKey("x-a"): "b"}}), {}, "key-str-subclass"),
+    (_http_document({}, parsed_body=("a", ("b",))), {}, "tuples"),
+    (_http_document({"path": "\ud800"}), {}, "lone-surrogate"),
+    (_http_document({}, parsed_body={"o": object()}), {}, "not-json"),
+    (GATEWAY_INPUT, {"identity": {"o": object()}}, "identity-not-json"),
+    (MappingProxyType(GATEWAY_INPUT), {}, "read-only-mapping"),
+]
+
+
+def _body_outcome(make: Callable[[], str]) -> str:
+    try:
+        return make()
+    except Exception as exc:  # both ways must fail alike (_safe_body names the type)
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize(
+    "projection",
+    [
+        audit.Projection(),
+        audit.Projection(headers=("host", "x-*"), body_max_bytes=64, value_max_bytes=64),
+        audit.Projection(value_max_bytes=512, row_max_bytes=4096),
+    ],
+    ids=["default", "small-values", "small-rows"],
+)
+@pytest.mark.parametrize("slimmed", [True, False], ids=["slimmed", "as-given"])
+@pytest.mark.parametrize(
+    ("document", "overrides"),
+    [(doc, over) for doc, over, _ in BODY_CASES],
+    ids=[i for _, _, i in BODY_CASES],
+)
+def test_row_body_shortcut_writes_the_slow_paths_text(
+    document: Any, overrides: dict[str, Any], slimmed: bool, projection: audit.Projection
+) -> None:
+    projector = projection_module._Projector(projection)
+    if slimmed and document is not None:
+        try:
+            document = projector.slim(document)
+        except Exception:  # AuditTrail.record stores no input then
+            document = None
+    base = {"request_id": "r-1", "method": "GET", "path": "/api", "policy_allowed": True}
+    fields: dict[str, Any] = base | overrides
+    record = DecisionRecord("d-1", T0, "authz/p", True, "allowed", 200, **fields)
+    record = audit_store._queued(record, document)
+    fast = _body_outcome(lambda: projector.body(record))
+    slow = _body_outcome(lambda: projector._body_slow(record))
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "document",
+    [GATEWAY_INPUT, EGRESS_INPUT, _http_document({"headers": {":path": "/a?page=2"}})],
+    ids=["gateway", "egress", "query-without-secret"],
+)
+def test_row_body_of_an_ordinary_decision_skips_the_slow_path(
+    document: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shortcut must be what an ordinary row takes (else the test above proves nothing
+    # about what runs): a cache hit's slimmed input, every header kept.
+    projector = projection_module._Projector(audit.Projection())
+    record = DecisionRecord(
+        "d-1", T0, "authz/p", True, "allowed", 200, identity={"key_id": "k"}, tier="t"
+    )
+    record = audit_store._queued(record, projector.slim(document))
+    expected = projector._body_slow(record)
+
+    def refuse(*_: Any) -> str:
+        raise AssertionError("slow path taken")
+
+    monkeypatch.setattr(projector, "_body_slow", refuse)
+    assert projector.body(record) == expected
+
+
+@pytest.mark.parametrize("over", [-1, 0, 1], ids=["under", "at", "over"])
+@pytest.mark.parametrize("edge", ["row", "headers"])
+def test_row_body_shortcut_writes_the_slow_paths_text_at_each_budget(edge: str, over: int) -> None:
+    # A row exactly at, one under and one over its budget; headers whose cost is exactly
+    # at, under and over a quarter of the row: where the shortcut's own tests turn.
+    projection = audit.Projection()
+    projector = projection_module._Projector(projection)
+
+    def record_with(pad: int) -> DecisionRecord:
+        if edge == "row":
+            # eight strings (each under the value cap): the row grows by one per pad byte
+            document = _http_document({}, pad=["p" * (pad // 8 + (i < pad % 8)) for i in range(8)])
+        else:  # four headers (each under the value cap) costing name + value + 6 each
+            size = pad - 4 * 10
+            values = ["v" * (size // 4 + (i < size % 4)) for i in range(4)]
+            document = _http_document({"headers": {f"x-a{i}": v for i, v in enumerate(values)}})
+        record = DecisionRecord("d-1", T0, "authz/p", True, "allowed", 200, document=document)
+        return audit_store._queued(record, document)
+
+    if edge == "row":
+        budget = projection.row_max_bytes - 200 - len(b"d-1")  # _ROW_OVERHEAD
+        pad = budget - len(projector._body_slow(record_with(0))) + over
+    else:
+        pad = projection.row_max_bytes // 4 + over
+    record = record_with(pad)
+    slow = projector._body_slow(record)
+    assert ("omitted" in slow) == (over > 0)  # the edge is where it was meant to be
+    assert projector.body(record) == slow
