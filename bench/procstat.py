@@ -2,7 +2,8 @@
 
 CPU is ``utime + stime`` of ``/proc/<pid>/stat`` (all threads, in clock ticks; see
 proc(5)); memory is ``VmRSS`` (now) and ``VmHWM`` (peak resident set) of
-``/proc/<pid>/status``, in KiB.
+``/proc/<pid>/status``, in KiB; context switches are ``voluntary_ctxt_switches`` and
+``nonvoluntary_ctxt_switches`` of each thread's ``/proc/<pid>/task/<tid>/status``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Final
 
-__all__ = ["cpu_seconds", "parse_cpu_ticks", "parse_status_kb", "read_cpu_seconds", "read_memory"]
+__all__ = [
+    "cpu_seconds",
+    "parse_cpu_ticks",
+    "parse_status_kb",
+    "parse_switches",
+    "read_cpu_seconds",
+    "read_memory",
+    "read_switches",
+]
 
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 # Fields 14 and 15 of proc(5)'s stat line, counted from the first field after "(comm)".
@@ -56,3 +65,28 @@ def read_memory(pid: int) -> dict[str, int | None]:
     """``{"rss_kb": VmRSS, "hwm_kb": VmHWM}`` of process ``pid``."""
     status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
     return {"rss_kb": parse_status_kb(status, "VmRSS"), "hwm_kb": parse_status_kb(status, "VmHWM")}
+
+
+def parse_switches(status: str) -> tuple[int, int]:
+    """``(voluntary, involuntary)`` context switches from the text of a
+    ``/proc/<pid>/task/<tid>/status`` (proc(5)); (0, 0) for fields absent."""
+    counts = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in counts:
+            counts[name] = int(value)
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
+
+
+def read_switches(pid: int) -> tuple[int, int]:
+    """``(voluntary, involuntary)`` context switches of every live thread of process
+    ``pid`` so far (a thread that has exited no longer counts)."""
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            v, n = parse_switches((task / "status").read_text(encoding="utf-8"))
+        except OSError:  # the thread exited meanwhile
+            continue
+        voluntary += v
+        involuntary += n
+    return voluntary, involuntary

@@ -17,9 +17,11 @@ so authz answers nearly all from its decision cache):
   costs the same as in plaintext here, within 2%).
 
 For each fixed rate (0: closed loop with 32 connections, the saturation throughput) it
-prints the throughput, p50/p99 and the CPU per request of the server (authz: authz
-alone, OPA apart) and of Envoy, from ``/proc/<pid>/stat``; last, each server's CPU per
-request as a ratio to ``aio`` (the server authz runs on) at each rate.
+prints the throughput, p50/p99, the CPU per request of the server (authz: authz alone,
+OPA apart) and of Envoy, from ``/proc/<pid>/stat``, and the server's context switches
+per request (voluntary + involuntary, all its threads, :func:`bench.procstat.read_switches`);
+last, each server's CPU per request as a ratio to ``aio`` (the server authz runs on) at
+each rate.
 """
 
 from __future__ import annotations
@@ -106,9 +108,14 @@ def main() -> None:
             for rate in rates:
                 pids = running.pids()
                 before = {r: procstat.read_cpu_seconds(pid) for r, pid in pids.items()}
+                switches = procstat.read_switches(pids[role])
                 attack = Attack(f"{server}-{rate}", rate, args.step_s, targets)
                 step = run_attack(vegeta, attack, bench.run_dir / "res").step
                 used = {r: procstat.read_cpu_seconds(pid) - before[r] for r, pid in pids.items()}
+                voluntary, involuntary = (
+                    now - then
+                    for now, then in zip(procstat.read_switches(pids[role]), switches, strict=True)
+                )
                 per = 1000 / max(step.requests, 1)
                 cpu[(server, rate)] = used[role] * per
                 lat = step.latency_ms
@@ -117,7 +124,9 @@ def main() -> None:
                     f"errors {step.errors}, p50 {lat.get('p50', 0):.2f} "
                     f"p99 {lat.get('p99', 0):.2f} ms"
                     f" | CPU ms/request: server {used[role] * per:.3f}, "
-                    f"envoy {used['envoy'] * per:.3f}",
+                    f"envoy {used['envoy'] * per:.3f} | context switches/request: "
+                    f"{voluntary / max(step.requests, 1):.1f} + "
+                    f"{involuntary / max(step.requests, 1):.1f}",
                     flush=True,
                 )
     for rate in rates:

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from bench.procstat import parse_cpu_ticks, parse_status_kb, read_cpu_seconds, read_memory
+from bench.procstat import (
+    parse_cpu_ticks,
+    parse_status_kb,
+    parse_switches,
+    read_cpu_seconds,
+    read_memory,
+    read_switches,
+)
 
 # proc(5): pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
 # cmajflt utime stime ...; the command name may hold spaces and parentheses.
@@ -44,3 +51,20 @@ def test_reads_this_process() -> None:
     assert memory["rss_kb"] is not None
     assert memory["hwm_kb"] is not None
     assert memory["hwm_kb"] >= memory["rss_kb"]
+
+
+def test_switches_are_voluntary_and_involuntary_of_the_status_text() -> None:
+    text = STATUS + "voluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t56\n"
+    assert parse_switches(text) == (1234, 56)
+    assert parse_switches(STATUS) == (0, 0)
+
+
+def test_switches_of_this_process_grow_when_it_sleeps() -> None:
+    import time
+
+    before = read_switches(os.getpid())
+    for _ in range(3):
+        time.sleep(0.005)  # each sleep gives up the CPU: a voluntary switch
+    voluntary, involuntary = read_switches(os.getpid())
+    assert voluntary >= before[0] + 3
+    assert involuntary >= before[1]
