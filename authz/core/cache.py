@@ -320,13 +320,42 @@ def entry_size(key: bytes, evaluation: Evaluation) -> int:
     )
 
 
+# JSON's scalars: never walked into, so summed where they are met instead of stacked.
+_LEAVES: Final = frozenset({str, int, float, bool, type(None)})
+
+
 def _footprint(value: Any) -> int:
-    """``sys.getsizeof`` summed over a decoded JSON value and everything in it."""
+    """``sys.getsizeof`` summed over a decoded JSON value and everything in it: every
+    node, and the keys and values of every ``dict`` and the items of every ``list``
+    (subclasses included), walked without recursion. A plain dict's or list's scalar
+    members are added where they are met rather than stacked (the same sum)."""
+    size = sys.getsizeof
+    leaves = _LEAVES
     total, stack = 0, [value]
+    pop, push = stack.pop, stack.append
     while stack:
-        node = stack.pop()
-        total += sys.getsizeof(node)
-        if isinstance(node, dict):
+        node = pop()
+        total += size(node)
+        kind = type(node)
+        if kind is dict:
+            for key, item in node.items():
+                if type(key) is str:
+                    total += size(key)
+                else:
+                    push(key)
+                if type(item) in leaves:
+                    total += size(item)
+                else:
+                    push(item)
+        elif kind is list:
+            for item in node:
+                if type(item) in leaves:
+                    total += size(item)
+                else:
+                    push(item)
+        elif kind in leaves:
+            continue
+        elif isinstance(node, dict):
             stack.extend(node.keys())
             stack.extend(node.values())
         elif isinstance(node, list):

@@ -5,6 +5,7 @@ undone by an evaluation in flight; TTL, jitter, LRU, revision and clears."""
 from __future__ import annotations
 
 import hashlib
+import sys
 import tracemalloc
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -19,10 +20,12 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from authz.core.authorizer import Authorizer
 from authz.core.cache import (
     DEFAULT_MAX_BYTES,
+    ENTRY_OVERHEAD,
     DecisionCache,
     KeyDeclaration,
     cache_key,
     declared_key,
+    entry_size,
     parse_declarations,
 )
 from authz.core.decision import Decision
@@ -1066,3 +1069,95 @@ def test_a_prototype_is_not_built_for_an_entry_the_key_no_longer_holds() -> None
     assert cache.prototype(as_key("k"), entry) is None
     assert cache.bytes == 0
     assert len(cache) == 0
+
+
+# -- entry size (issue 19): the cheaper walk sums the same ------------------------------
+
+
+def _reference_footprint(value: Any) -> int:
+    """_footprint before issue 19, verbatim."""
+    total, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        total += sys.getsizeof(node)
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+class _HashableDict(dict):  # type: ignore[type-arg]
+    """A dict that can be a key (walked into as a key all the same)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return 1
+
+
+class _HashableList(list):  # type: ignore[type-arg]
+    def __hash__(self) -> int:  # type: ignore[override]
+        return 2
+
+
+class _Str(str):
+    __slots__ = ()
+
+
+def _deep(levels: int) -> Any:
+    value: Any = "leaf"
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+_FOOTPRINT_CORPUS = [
+    pytest.param(True, id="boolean"),
+    pytest.param(None, id="null"),
+    pytest.param(
+        {
+            "allowed": True,
+            "authz": {
+                "reason": "allowed",
+                "rate_limit": {"tier": "standard", "key": "key:k1", "requests_per_minute": 600},
+                "identity": {"key_id": "k1", "role": "reader", "tier": "standard"},
+            },
+            "headers": {"x-authz-key-id": "k1"},
+            "request_headers_to_remove": ["authorization", "x-api-key"],
+            "dynamic_metadata": {"key_id": "k1", "n": 1.5, "b": False, "z": None, "big": 2**70},
+        },
+        id="gateway-allow",
+    ),
+    pytest.param(
+        {"allowed": False, "http_status": 429, "body": "ü" * 100, "headers": [{"a": ["1", "2"]}]},
+        id="deny-non-ascii-lists",
+    ),
+    pytest.param({"l": [[], [[]], {}, [{"a": [1, "2", 3.0, None, True]}]]}, id="nested-empties"),
+    pytest.param(
+        OrderedDict([("a", OrderedDict([("b", [1])])), ("c", MappingProxyType({"d": 1}))]),
+        id="dict-subclasses-and-a-mapping",
+    ),
+    pytest.param(
+        {_Str("key"): _Str("value"), 7: 8, (1, 2): (3, 4), 1.5: b"bytes"}, id="odd-keys-values"
+    ),
+    pytest.param(
+        {_HashableDict(a=[1, 2], b="x"): "v", _HashableList([1, "x"]): [_HashableList([2])]},
+        id="container-keys",
+    ),
+    pytest.param([_HashableDict(x=_HashableList([1, {"y": 2}]))], id="container-subclasses"),
+    pytest.param(_deep(5000), id="5000-deep"),
+    pytest.param({f"k{i}": "v" * i for i in range(300)}, id="wide"),
+]
+
+
+@pytest.mark.parametrize("result", _FOOTPRINT_CORPUS)
+def test_entry_size_equals_the_walk_before_issue_19(result: Any) -> None:
+    evaluation = Evaluation(result, {"authz": "rev-1", "other": "ü"})
+    key = b"k" * 64
+    expected = (
+        ENTRY_OVERHEAD
+        + len(key)
+        + 2 * _reference_footprint(result)
+        + _reference_footprint(dict(evaluation.revisions))
+    )
+    assert entry_size(key, evaluation) == expected
