@@ -236,10 +236,14 @@ def _headers(field_name: str, raw: Any) -> tuple[Header, ...]:
             if key is None:
                 key = _header_name(field_name, name)
             # A plain str value: _header_value's checks, inline (the common case).
-            if type(value) is str and "\r" not in value and "\n" not in value:
-                if "\x00" not in value:
-                    out.append((key, value))
-                    continue
+            if (
+                type(value) is str
+                and "\r" not in value
+                and "\n" not in value
+                and "\x00" not in value
+            ):
+                out.append((key, value))
+                continue
             values = value if isinstance(value, list) else [value]
             out.extend((key, _header_value(field_name, name, v)) for v in values)
     return tuple(out)
