@@ -79,6 +79,7 @@ import orjson
 from authz.core.decision import Decision
 from authz.core.headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS
 from authz.core.opa import Evaluation
+from authz.core.response import ResponsePrototype, response_prototype
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -319,13 +320,42 @@ def entry_size(key: bytes, evaluation: Evaluation) -> int:
     )
 
 
+# JSON's scalars: never walked into, so summed where they are met instead of stacked.
+_LEAVES: Final = frozenset({str, int, float, bool, type(None)})
+
+
 def _footprint(value: Any) -> int:
-    """``sys.getsizeof`` summed over a decoded JSON value and everything in it."""
+    """``sys.getsizeof`` summed over a decoded JSON value and everything in it: every
+    node, and the keys and values of every ``dict`` and the items of every ``list``
+    (subclasses included), walked without recursion. A plain dict's or list's scalar
+    members are added where they are met rather than stacked (the same sum)."""
+    size = sys.getsizeof
+    leaves = _LEAVES
     total, stack = 0, [value]
+    pop, push = stack.pop, stack.append
     while stack:
-        node = stack.pop()
-        total += sys.getsizeof(node)
-        if isinstance(node, dict):
+        node = pop()
+        total += size(node)
+        kind = type(node)
+        if kind is dict:
+            for key, item in node.items():
+                if type(key) is str:
+                    total += size(key)
+                else:
+                    push(key)
+                if type(item) in leaves:
+                    total += size(item)
+                else:
+                    push(item)
+        elif kind is list:
+            for item in node:
+                if type(item) in leaves:
+                    total += size(item)
+                else:
+                    push(item)
+        elif kind in leaves:
+            continue
+        elif isinstance(node, dict):
             stack.extend(node.keys())
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -337,13 +367,18 @@ def _footprint(value: Any) -> int:
 class CachedDecision:
     """A cached policy decision, the evaluation it came from (its revision, for the
     record; without OPA's raw answer), the decision id that evaluated it, when it
-    expires (monotonic seconds) and its accounted size in bytes (:func:`entry_size`)."""
+    expires (monotonic seconds), its accounted size in bytes (:func:`entry_size`, plus
+    its prototype's) and an allow's response prototype once
+    :meth:`DecisionCache.prototype` built it (:class:`authz.core.response.ResponsePrototype`)."""
 
     decision: Decision
     evaluation: Evaluation
     decision_id: str
     expires_at: float
     size: int
+    prototype: ResponsePrototype | None = None
+    # Whether DecisionCache.prototype was asked (then prototype is final, maybe None).
+    prototyped: bool = False
 
 
 class DecisionCache:
@@ -456,6 +491,43 @@ class DecisionCache:
         self._entries.move_to_end(key)
         self.hits += 1
         return entry
+
+    def prototype(self, key: bytes, entry: CachedDecision) -> ResponsePrototype | None:
+        """The response prototype of ``entry`` (just returned by :meth:`get` for
+        ``key``), for :func:`authz.core.response.build_response`: what every hit would
+        build again, its response less the decision id and the rate-limit headers
+        (:func:`authz.core.response.response_prototype`). Built at the first call (a
+        decision never hit again does not pay for it) and kept with the entry, counted in
+        its size (less recently used entries go to make room); None when there is none
+        (a deny, nested metadata), it does not fit ``max_bytes``, or ``key`` no longer
+        holds ``entry``."""
+        if entry.prototyped:
+            return entry.prototype
+        if self._entries.get(key) is not entry:
+            return None
+        prototype = response_prototype(entry.decision)
+        added = 0
+        if prototype is not None and entry.size + prototype.size <= self.max_bytes:
+            added = prototype.size
+        else:
+            prototype = None
+        entry = CachedDecision(
+            entry.decision,
+            entry.evaluation,
+            entry.decision_id,
+            entry.expires_at,
+            entry.size + added,
+            prototype,
+            prototyped=True,
+        )
+        self._entries[key] = entry  # an existing key: its position is kept
+        self.bytes += added
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._entries))
+            if oldest == key:  # not reached: it alone fits
+                break
+            self._drop(oldest)
+        return prototype
 
     def put(
         self,

@@ -191,10 +191,23 @@ def _type_error(name: str, expected: str, value: Any) -> InvalidDecision:
     )
 
 
+# Header names already found to be tokens, as the policy wrote them -> lowercased: a
+# policy sets the same few names in every decision. Plain str only (a subclass may
+# lower() differently), at most _NAMES_MAX names of at most _NAME_MAX characters.
+_NAMES: dict[str, str] = {}
+_NAMES_MAX: Final = 4096
+_NAME_MAX: Final = 64
+# The same for reason and source codes that matched _REASON.
+_CODES: set[str] = set()
+
+
 def _header_name(field_name: str, name: str) -> str:
     if not is_token(name):
         raise UnsafeHeaderMutation(f"{field_name}: {name[:64]!r} is not a valid header name")
-    return name.lower()
+    lowered = name.lower()
+    if type(name) is str and len(name) <= _NAME_MAX and len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = lowered
+    return lowered
 
 
 def _header_value(field_name: str, name: str, value: Any) -> str:
@@ -214,11 +227,23 @@ def _headers(field_name: str, raw: Any) -> tuple[Header, ...]:
     else:
         raise _type_error(field_name, "object", raw)
     out: list[Header] = []
+    names = _NAMES
     for obj in objects:
         if not isinstance(obj, dict):
             raise _type_error(field_name, "object", obj)
         for name, value in obj.items():
-            key = _header_name(field_name, name)
+            key = names.get(name) if type(name) is str else None
+            if key is None:
+                key = _header_name(field_name, name)
+            # A plain str value: _header_value's checks, inline (the common case).
+            if (
+                type(value) is str
+                and "\r" not in value
+                and "\n" not in value
+                and "\x00" not in value
+            ):
+                out.append((key, value))
+                continue
             values = value if isinstance(value, list) else [value]
             out.extend((key, _header_value(field_name, name, v)) for v in values)
     return tuple(out)
@@ -345,10 +370,14 @@ def _tunnel(raw: Any) -> TunnelRef:
 
 def _code(name: str, raw: Any) -> str:
     """A stable snake_case code (``reason``, ``source``)."""
+    if type(raw) is str and raw in _CODES:
+        return raw
     if not isinstance(raw, str):
         raise _type_error(name, "string", raw)
     if not _REASON.fullmatch(raw):
         raise InvalidDecision(f"{name} {raw[:64]!r} is not a snake_case code")
+    if type(raw) is str and len(_CODES) < _NAMES_MAX:
+        _CODES.add(raw)  # at most 64 characters (_REASON)
     return raw
 
 
@@ -406,7 +435,15 @@ def _allow_fields(result: Mapping[str, Any], fields: dict[str, Any], ignored: li
         )
     if "request_headers_to_remove" in result:
         names = _strings("request_headers_to_remove", result["request_headers_to_remove"])
-        valid = tuple(name.lower() for name in names if is_token(name))
+        known = _NAMES
+        lowered: list[str] = []
+        for name in names:
+            key = known.get(name) if type(name) is str else None
+            if key is not None:
+                lowered.append(key)
+            elif is_token(name):
+                lowered.append(_header_name("request_headers_to_remove", name))
+        valid = tuple(lowered)
         if len(valid) != len(names):
             ignored.append("request_headers_to_remove")
         fields["request_headers_to_remove"] = valid

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from authz.core.errors import RateLimitUnavailable
@@ -74,24 +74,88 @@ return {1, new_tat - now, 0}
 @dataclass(frozen=True, slots=True)
 class Quota:
     """``requests_per_minute`` (``-1`` unlimited, ``0`` none) with bucket size ``burst``
-    (requests that may arrive at once; at least 1)."""
+    (requests that may arrive at once; at least 1).
+
+    What depends on the quota alone is computed once, at construction (a rate-limited
+    decision checks the same few quotas on every request): the interval ``T``, the
+    bucket's capacity ``burst * T`` and the two headers that name the quota. None of it
+    takes part in equality, hashing or ``repr``."""
 
     requests_per_minute: int
     burst: int
+    # T and burst * T (None unless both fields are ints and not 0 requests), and the
+    # ratelimit-limit / ratelimit-policy headers (None for an unlimited quota).
+    _interval: int | None = field(init=False, repr=False, compare=False)
+    _capacity: int | None = field(init=False, repr=False, compare=False)
+    _named: tuple[tuple[str, str], tuple[str, str]] | None = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        rpm = self.requests_per_minute
+        # Ints only (what Quota.of is given); 0 has no interval, and other types keep to
+        # the computation at each use (MemoryLimiter's slow path).
+        plain = type(rpm) is int and type(self.burst) is int and rpm != 0
+        interval = _interval_ns(rpm) if plain else None
+        named = (
+            None
+            if rpm == UNLIMITED
+            else (
+                ("ratelimit-limit", str(rpm)),
+                ("ratelimit-policy", f"{rpm};w={WINDOW_S:.0f};burst={self.burst}"),
+            )
+        )
+        object.__setattr__(self, "_interval", interval)
+        object.__setattr__(self, "_capacity", None if interval is None else self.burst * interval)
+        object.__setattr__(self, "_named", named)
 
     @property
     def interval_ns(self) -> int:
-        """Nanoseconds between two requests at the sustained rate (``T``)."""
-        return max(1, round(WINDOW_S * 1e9 / self.requests_per_minute))
+        """Nanoseconds between two requests at the sustained rate (``T``). Raises
+        ZeroDivisionError for a quota of 0 requests."""
+        interval = self._interval
+        return _interval_ns(self.requests_per_minute) if interval is None else interval
 
     @classmethod
     def of(cls, requests_per_minute: int, burst: int | None, burst_seconds: float) -> Quota:
         """A quota; without an explicit ``burst``, ``burst_seconds`` worth of requests
-        (at least 1, at most ``requests_per_minute``)."""
+        (at least 1, at most ``requests_per_minute``). The same arguments (ints and a
+        float ``burst_seconds``) give the same, shared quota, up to ``_QUOTAS_MAX`` of
+        them."""
+        # Only plain ints and a float are shared: 60, 60.0 and a bool are equal keys but
+        # not the same quota (their headers differ).
+        plain = (
+            type(requests_per_minute) is int
+            and type(burst_seconds) is float
+            and (burst is None or type(burst) is int)
+        )
+        if plain:
+            key = (requests_per_minute, burst, burst_seconds)
+            quota = _QUOTAS.get(key)
+            if quota is None:
+                quota = cls._of(requests_per_minute, burst, burst_seconds)
+                if len(_QUOTAS) < _QUOTAS_MAX:
+                    _QUOTAS[key] = quota
+            return quota
+        return cls._of(requests_per_minute, burst, burst_seconds)
+
+    @classmethod
+    def _of(cls, requests_per_minute: int, burst: int | None, burst_seconds: float) -> Quota:
         if burst is None:
             burst = math.ceil(requests_per_minute * burst_seconds / WINDOW_S)
             burst = max(1, min(burst, max(requests_per_minute, 1)))
         return cls(requests_per_minute, burst)
+
+
+def _interval_ns(requests_per_minute: int) -> int:
+    return max(1, round(WINDOW_S * 1e9 / requests_per_minute))
+
+
+# Quota.of's shared quotas, by (requests_per_minute, burst, burst_seconds). Quotas come
+# from bundle data (a handful of tiers); a policy computing them from request values
+# could name any number, so at most this many are kept (later ones are built each time).
+_QUOTAS_MAX: Final = 1024
+_QUOTAS: dict[tuple[int, int | None, float], Quota] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,20 +178,16 @@ class RateLimitResult:
         (requests allowed right now), ``RateLimit-Reset`` (seconds until the bucket is
         full), ``RateLimit-Policy`` (``<limit>;w=60;burst=<burst>``), plus ``Retry-After``
         (whole seconds, rounded up) on a deny. None for an unlimited quota."""
-        if self.quota.requests_per_minute == UNLIMITED:
+        named = self.quota._named
+        if named is None:
             return ()
-        out = [
-            ("ratelimit-limit", str(self.quota.requests_per_minute)),
-            ("ratelimit-remaining", str(self.remaining)),
-            ("ratelimit-reset", str(math.ceil(self.reset_s))),
-            (
-                "ratelimit-policy",
-                f"{self.quota.requests_per_minute};w={WINDOW_S:.0f};burst={self.quota.burst}",
-            ),
-        ]
-        if not self.allowed:
-            out.append(("retry-after", str(max(1, math.ceil(self.retry_after_s)))))
-        return tuple(out)
+        limit, policy = named
+        remaining = ("ratelimit-remaining", str(self.remaining))
+        reset = ("ratelimit-reset", str(math.ceil(self.reset_s)))
+        if self.allowed:
+            return (limit, remaining, reset, policy)
+        retry = ("retry-after", str(max(1, math.ceil(self.retry_after_s))))
+        return (limit, remaining, reset, policy, retry)
 
 
 def gcra(tat: int, now: int, quota: Quota) -> tuple[bool, int, int, int]:
@@ -149,7 +209,8 @@ def _result(
     allowed: bool, quota: Quota, ahead_ns: int, retry_ns: int, backend: str
 ) -> RateLimitResult:
     # ``ahead_ns`` (TAT - now) of ``burst * T`` is used; what is left, in whole requests.
-    remaining = max(0, (quota.burst * quota.interval_ns - ahead_ns) // quota.interval_ns)
+    interval = quota.interval_ns
+    remaining = max(0, (quota.burst * interval - ahead_ns) // interval)
     return RateLimitResult(
         allowed, quota, remaining, max(ahead_ns, 0) / 1e9, retry_ns / 1e9, backend
     )
@@ -201,6 +262,40 @@ class MemoryLimiter:
 
     def check_now(self, key: str, quota: Quota) -> RateLimitResult:
         """Synchronous :meth:`check` (the in-process bucket never waits)."""
+        interval = quota._interval
+        capacity = quota._capacity
+        if interval is None or capacity is None or quota.requests_per_minute == UNLIMITED:
+            return self._check_slow(key, quota)
+        now = int(self._clock() * 1e9)
+        # gcra and _result in one, on the quota's precomputed T and burst * T (the same
+        # integers; tests/unit/core/test_ratelimit.py compares with the two steps).
+        tat = self._tats.get(key, 0)
+        if tat < now:
+            tat = now
+        new_tat = tat + interval
+        allow_at = new_tat - capacity
+        if now < allow_at:
+            ahead = tat - now
+            return RateLimitResult(
+                False,
+                quota,
+                max(0, (capacity - ahead) // interval),
+                max(ahead, 0) / 1e9,
+                (allow_at - now) / 1e9,
+                self._name,
+            )
+        self._tats[key] = new_tat
+        self._since_sweep += 1
+        if self._since_sweep >= self._sweep_every or len(self._tats) > self._max_keys:
+            self._sweep(now)
+        ahead = new_tat - now
+        return RateLimitResult(
+            True, quota, max(0, (capacity - ahead) // interval), ahead / 1e9, 0.0, self._name
+        )
+
+    def _check_slow(self, key: str, quota: Quota) -> RateLimitResult:
+        """:meth:`check_now` as the separate steps: for unlimited, zero and odd quotas
+        (no precomputed interval), and the reference its fast path is tested against."""
         trivial = _trivial(quota)
         if trivial is not None:
             return trivial

@@ -38,8 +38,10 @@ from authz.core.errors import AuthzError, InvalidDecision, meanings
 __all__ = [
     "DECISION_ID_HEADER",
     "DEFAULT_DENY_STATUS",
+    "ResponsePrototype",
     "build_response",
     "error_response",
+    "response_prototype",
     "status_for",
 ]
 
@@ -131,7 +133,9 @@ def _denied(
     return response
 
 
-def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.CheckResponse:
+def build_response(
+    decision: Decision, decision_id: str, prototype: ResponsePrototype | None = None
+) -> external_auth_pb2.CheckResponse:
     """Build the CheckResponse for a parsed decision.
 
     ``decision_id`` (UUID string) is added to ``dynamic_metadata`` and sent in the
@@ -139,7 +143,32 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
     removes that header), to the client on a deny (so a user can quote it). A header the
     decision sets is never also removed: Envoy applies removals after additions, which
     would drop the policy's own value. Raises InvalidDecision when ``dynamic_metadata`` is
-    nested too deeply for a protobuf Struct."""
+    nested too deeply for a protobuf Struct.
+
+    ``prototype`` (a cached allow's, :attr:`authz.core.cache.CachedDecision.prototype`)
+    is used when it was built from this decision's fields (the same objects: a credential
+    or tunnel header added since, or a deny, do not use it): the response is a copy of it
+    plus what varies per request, the same message."""
+    if (
+        prototype is not None
+        and decision.allowed
+        and prototype.headers is decision.headers
+        and prototype.request_headers_to_remove is decision.request_headers_to_remove
+        and prototype.query_parameters_to_set is decision.query_parameters_to_set
+        and prototype.query_parameters_to_remove is decision.query_parameters_to_remove
+        and prototype.dynamic_metadata is decision.dynamic_metadata
+    ):
+        response = external_auth_pb2.CheckResponse()
+        response.CopyFrom(prototype.message)
+        response.dynamic_metadata.fields["decision_id"].string_value = decision_id
+        ok = response.ok_response
+        if prototype.adds_id:
+            header = ok.headers.add(append_action=_OVERWRITE).header
+            header.key = DECISION_ID_HEADER
+            header.value = decision_id
+        if decision.response_headers_to_add:
+            _add_header_options(ok.response_headers_to_add, decision.response_headers_to_add)
+        return response
     if decision.allowed:
         upstream_headers = [h for h in decision.headers if h[0] != DECISION_ID_HEADER]
         # A policy that removes the decision-id header (egress: third parties need not
@@ -182,6 +211,69 @@ def build_response(decision: Decision, decision_id: str) -> external_auth_pb2.Ch
         decision_id,
         decision.dynamic_metadata,
     )
+
+
+class ResponsePrototype:
+    """What :func:`build_response` writes for an allowed ``decision`` that is the same for
+    every request: the response without the decision id (its ``dynamic_metadata`` key and
+    its header) and without ``response_headers_to_add`` (rate-limit headers vary per
+    request). ``message`` is never changed after construction (each response is a copy);
+    the decision fields it was built from are kept to check, by identity, that a decision
+    carrying it still has them. ``size`` is what it accounts for in a cache entry, in
+    bytes."""
+
+    __slots__ = (
+        "adds_id",
+        "dynamic_metadata",
+        "headers",
+        "message",
+        "query_parameters_to_remove",
+        "query_parameters_to_set",
+        "request_headers_to_remove",
+        "size",
+    )
+
+    def __init__(self, decision: Decision) -> None:
+        message = build_response(decision.with_response_headers(()), "")
+        del message.dynamic_metadata.fields["decision_id"]
+        self.adds_id = DECISION_ID_HEADER not in decision.request_headers_to_remove
+        if self.adds_id:
+            del message.ok_response.headers[-1]
+        self.message = message
+        self.headers = decision.headers
+        self.request_headers_to_remove = decision.request_headers_to_remove
+        self.query_parameters_to_set = decision.query_parameters_to_set
+        self.query_parameters_to_remove = decision.query_parameters_to_remove
+        self.dynamic_metadata = decision.dynamic_metadata
+        elements = (
+            len(decision.headers)
+            + len(decision.request_headers_to_remove)
+            + len(decision.query_parameters_to_set)
+            + len(decision.query_parameters_to_remove)
+            + len(decision.dynamic_metadata)
+        )
+        self.size = PROTOTYPE_OVERHEAD + PROTOTYPE_PER_ELEMENT * elements + 2 * message.ByteSize()
+
+
+# A prototype's accounted memory in bytes: this overhead, this much per header, removal,
+# query parameter and metadata field, and twice its encoded size. upb holds the message
+# in arena blocks, which tracemalloc does not see; the process's resident memory grew by
+# about 1.6 KB per prototype of an empty allow, 3.2 KB for the gateway's allow (8
+# elements, 170 bytes encoded), 11 KB for 40 elements of 548 bytes and 23 KB for 40 of
+# 8.6 KB, each below this formula (python -m bench.prototype_memory measures it).
+PROTOTYPE_OVERHEAD: Final = 2048
+PROTOTYPE_PER_ELEMENT: Final = 384
+
+
+def response_prototype(decision: Decision) -> ResponsePrototype | None:
+    """A :class:`ResponsePrototype` for ``decision``, or None when it has none: a deny
+    (its body and headers hold the decision id), or a ``dynamic_metadata`` that is not
+    flat (its depth is checked per response, as it always was)."""
+    if not decision.allowed:
+        return None
+    if not all(type(value) in _SCALARS for value in decision.dynamic_metadata.values()):
+        return None
+    return ResponsePrototype(decision)
 
 
 def _error_body(code: str, message: str | None, decision_id: str) -> str:

@@ -5,6 +5,7 @@ undone by an evaluation in flight; TTL, jitter, LRU, revision and clears."""
 from __future__ import annotations
 
 import hashlib
+import sys
 import tracemalloc
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -19,16 +20,19 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from authz.core.authorizer import Authorizer
 from authz.core.cache import (
     DEFAULT_MAX_BYTES,
+    ENTRY_OVERHEAD,
     DecisionCache,
     KeyDeclaration,
     cache_key,
     declared_key,
+    entry_size,
     parse_declarations,
 )
 from authz.core.decision import Decision
 from authz.core.errors import ConfigError
 from authz.core.input import build_input
 from authz.core.opa import Evaluation
+from authz.core.response import response_prototype
 from authz.runtime.config import DEFAULT_DECISION_CACHE_MAX_BYTES, load
 from tests.helpers.fakes import (
     LARGE_JSON_BODY,
@@ -946,3 +950,214 @@ def test_declared_key_bytes_equal_the_uncompiled_walk(
     cache.observe_revision("r1")
     cache.declare("r1", {PATH: declaration})
     assert cache.key(PATH, document_) == expected
+
+
+# -- response prototypes (issue 19) -----------------------------------------------------
+
+_ALLOW = Decision(
+    allowed=True,
+    headers=(("x-authz-key-id", "k1"),),
+    request_headers_to_remove=("x-api-key",),
+    dynamic_metadata=MappingProxyType({"key_id": "k1"}),
+    identity=MappingProxyType({"key_id": "k1"}),
+)
+
+
+def _prototyping_cache(**kwargs: Any) -> DecisionCache:
+    cache = DecisionCache(confirm_s=3600, jitter=0, clock=ManualClock(100.0), **kwargs)
+    cache.observe_revision("r1")
+    return cache
+
+
+def _put_decision(cache: DecisionCache, k: object, decision: Decision = _ALLOW) -> None:
+    evaluation = Evaluation({"allowed": decision.allowed}, {"b": "r1"})
+    cache.put(as_key(k), decision, evaluation, "d1", generation=cache.generation)
+
+
+def test_a_prototype_is_built_once_at_the_first_ask_and_counted_in_the_entry_size() -> None:
+    cache = _prototyping_cache()
+    _put_decision(cache, "k")
+    entry = cache.get(as_key("k"))
+    assert entry is not None
+    assert entry.prototype is None
+    assert not entry.prototyped
+    size, total = entry.size, cache.bytes
+    prototype = cache.prototype(as_key("k"), entry)
+    assert prototype is not None
+    assert prototype.message == response_prototype(_ALLOW).message  # type: ignore[union-attr]
+    again = cache.get(as_key("k"))
+    assert again is not None
+    assert again.prototype is prototype
+    assert again.prototyped
+    assert again.size == size + prototype.size
+    assert cache.bytes == total + prototype.size
+    assert cache.prototype(as_key("k"), again) is prototype  # not built again
+    assert again.decision is entry.decision
+    assert again.expires_at == entry.expires_at
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        Decision(allowed=False, identity=MappingProxyType({"key_id": "k1"})),
+        Decision(
+            allowed=True,
+            dynamic_metadata=MappingProxyType({"nested": {"a": 1}}),
+            identity=MappingProxyType({"key_id": "k1"}),
+        ),
+    ],
+    ids=["deny", "nested-metadata"],
+)
+def test_a_decision_without_a_prototype_is_asked_once_and_costs_nothing(
+    decision: Decision,
+) -> None:
+    cache = _prototyping_cache()
+    _put_decision(cache, "k", decision)
+    entry = cache.get(as_key("k"))
+    assert entry is not None
+    total = cache.bytes
+    assert cache.prototype(as_key("k"), entry) is None
+    again = cache.get(as_key("k"))
+    assert again is not None
+    assert again.prototyped
+    assert again.prototype is None
+    assert cache.bytes == total == again.size
+
+
+def test_a_prototype_that_would_not_fit_is_not_kept() -> None:
+    probe = _prototyping_cache()
+    _put_decision(probe, "k")
+    size = probe.bytes
+    cache = _prototyping_cache(max_bytes=size)  # the entry fits, with its prototype not
+    _put_decision(cache, "k")
+    entry = cache.get(as_key("k"))
+    assert entry is not None
+    assert cache.prototype(as_key("k"), entry) is None
+    assert cache.bytes == size
+    assert len(cache) == 1
+
+
+def test_a_prototype_makes_room_by_dropping_the_least_recently_used() -> None:
+    probe = _prototyping_cache()
+    _put_decision(probe, "k")
+    size = probe.bytes
+    entry = probe.get(as_key("k"))
+    assert entry is not None
+    prototype = probe.prototype(as_key("k"), entry)
+    assert prototype is not None
+    # Room for three entries without prototypes; one prototype needs one entry's room
+    # or more.
+    cache = _prototyping_cache(max_bytes=3 * size)
+    for k in ("a", "b", "c"):
+        _put_decision(cache, k)
+    assert len(cache) == 3
+    hit = cache.get(as_key("c"))
+    assert hit is not None
+    assert cache.prototype(as_key("c"), hit) is not None
+    assert cache.bytes <= cache.max_bytes
+    assert cache.get(as_key("a")) is None  # the least recently used went first
+    assert cache.get(as_key("c")) is not None
+    assert cache.bytes == sum(e.size for e in cache._entries.values())
+
+
+def test_a_prototype_is_not_built_for_an_entry_the_key_no_longer_holds() -> None:
+    cache = _prototyping_cache()
+    _put_decision(cache, "k")
+    entry = cache.get(as_key("k"))
+    assert entry is not None
+    cache.clear("test")
+    assert cache.prototype(as_key("k"), entry) is None
+    assert cache.bytes == 0
+    assert len(cache) == 0
+
+
+# -- entry size (issue 19): the cheaper walk sums the same ------------------------------
+
+
+def _reference_footprint(value: Any) -> int:
+    """_footprint before issue 19, verbatim."""
+    total, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        total += sys.getsizeof(node)
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+class _HashableDict(dict):  # type: ignore[type-arg]
+    """A dict that can be a key (walked into as a key all the same)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return 1
+
+
+class _HashableList(list):  # type: ignore[type-arg]
+    def __hash__(self) -> int:  # type: ignore[override]
+        return 2
+
+
+class _Str(str):
+    __slots__ = ()
+
+
+def _deep(levels: int) -> Any:
+    value: Any = "leaf"
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+_FOOTPRINT_CORPUS = [
+    pytest.param(True, id="boolean"),
+    pytest.param(None, id="null"),
+    pytest.param(
+        {
+            "allowed": True,
+            "authz": {
+                "reason": "allowed",
+                "rate_limit": {"tier": "standard", "key": "key:k1", "requests_per_minute": 600},
+                "identity": {"key_id": "k1", "role": "reader", "tier": "standard"},
+            },
+            "headers": {"x-authz-key-id": "k1"},
+            "request_headers_to_remove": ["authorization", "x-api-key"],
+            "dynamic_metadata": {"key_id": "k1", "n": 1.5, "b": False, "z": None, "big": 2**70},
+        },
+        id="gateway-allow",
+    ),
+    pytest.param(
+        {"allowed": False, "http_status": 429, "body": "ü" * 100, "headers": [{"a": ["1", "2"]}]},
+        id="deny-non-ascii-lists",
+    ),
+    pytest.param({"l": [[], [[]], {}, [{"a": [1, "2", 3.0, None, True]}]]}, id="nested-empties"),
+    pytest.param(
+        OrderedDict([("a", OrderedDict([("b", [1])])), ("c", MappingProxyType({"d": 1}))]),
+        id="dict-subclasses-and-a-mapping",
+    ),
+    pytest.param(
+        {_Str("key"): _Str("value"), 7: 8, (1, 2): (3, 4), 1.5: b"bytes"}, id="odd-keys-values"
+    ),
+    pytest.param(
+        {_HashableDict(a=[1, 2], b="x"): "v", _HashableList([1, "x"]): [_HashableList([2])]},
+        id="container-keys",
+    ),
+    pytest.param([_HashableDict(x=_HashableList([1, {"y": 2}]))], id="container-subclasses"),
+    pytest.param(_deep(5000), id="5000-deep"),
+    pytest.param({f"k{i}": "v" * i for i in range(300)}, id="wide"),
+]
+
+
+@pytest.mark.parametrize("result", _FOOTPRINT_CORPUS)
+def test_entry_size_equals_the_walk_before_issue_19(result: Any) -> None:
+    evaluation = Evaluation(result, {"authz": "rev-1", "other": "ü"})
+    key = b"k" * 64
+    expected = (
+        ENTRY_OVERHEAD
+        + len(key)
+        + 2 * _reference_footprint(result)
+        + _reference_footprint(dict(evaluation.revisions))
+    )
+    assert entry_size(key, evaluation) == expected

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from authz.core import decision as decision_module
 from authz.core.decision import (
     CredentialRef,
     Decision,
@@ -22,6 +23,7 @@ from authz.core.decision import (
     parse_decision,
 )
 from authz.core.errors import InvalidDecision, UnsafeHeaderMutation
+from authz.core.headers import is_token
 
 
 @pytest.mark.parametrize("allowed", [True, False], ids=["allow", "deny"])
@@ -794,3 +796,276 @@ def test_with_response_headers_equals_dataclasses_replace(
     assert fast == dataclasses.replace(decision, response_headers_to_add=headers)
     assert type(fast) is Decision
     assert fast is not decision
+
+
+# --- issue 19: the cheaper miss path parses as before ----------------------------------
+# The header and code checks before issue 19, verbatim, swapped into the module to give
+# the reference parse.
+
+
+def _reference_header_name(field_name: str, name: str) -> str:
+    if not is_token(name):
+        raise UnsafeHeaderMutation(f"{field_name}: {name[:64]!r} is not a valid header name")
+    return name.lower()
+
+
+def _reference_headers(field_name: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(raw, dict):
+        objects = [raw]
+    elif isinstance(raw, list):
+        objects = raw
+    else:
+        raise decision_module._type_error(field_name, "object", raw)
+    out: list[tuple[str, str]] = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise decision_module._type_error(field_name, "object", obj)
+        for name, value in obj.items():
+            key = _reference_header_name(field_name, name)
+            values = value if isinstance(value, list) else [value]
+            out.extend((key, decision_module._header_value(field_name, name, v)) for v in values)
+    return tuple(out)
+
+
+def _reference_code(name: str, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise decision_module._type_error(name, "string", raw)
+    if not decision_module._REASON.fullmatch(raw):
+        raise InvalidDecision(f"{name} {raw[:64]!r} is not a snake_case code")
+    return raw
+
+
+def _reference_allow_fields(result: Any, fields: dict[str, Any], ignored: list[str]) -> None:
+    if "response_headers_to_add" in result:
+        fields["response_headers_to_add"] = _reference_headers(
+            "response_headers_to_add", result["response_headers_to_add"]
+        )
+    if "request_headers_to_remove" in result:
+        names = decision_module._strings(
+            "request_headers_to_remove", result["request_headers_to_remove"]
+        )
+        valid = tuple(name.lower() for name in names if is_token(name))
+        if len(valid) != len(names):
+            ignored.append("request_headers_to_remove")
+        fields["request_headers_to_remove"] = valid
+    if "query_parameters_to_set" in result:
+        fields["query_parameters_to_set"] = decision_module._query_to_set(
+            result["query_parameters_to_set"]
+        )
+    if "query_parameters_to_remove" in result:
+        fields["query_parameters_to_remove"] = decision_module._strings(
+            "query_parameters_to_remove", result["query_parameters_to_remove"]
+        )
+
+
+def _reference_parse(result: Any) -> Any:
+    """parse_decision with the checks before issue 19: the Decision, or the error (type
+    and message)."""
+    saved = (
+        decision_module._headers,
+        decision_module._code,
+        decision_module._allow_fields,
+        decision_module._header_name,
+    )
+    (
+        decision_module._headers,
+        decision_module._code,
+        decision_module._allow_fields,
+        decision_module._header_name,
+    ) = (_reference_headers, _reference_code, _reference_allow_fields, _reference_header_name)
+    try:
+        return _outcome(result)
+    finally:
+        (
+            decision_module._headers,
+            decision_module._code,
+            decision_module._allow_fields,
+            decision_module._header_name,
+        ) = saved
+
+
+def _outcome(result: Any) -> Any:
+    try:
+        return parse_decision(result)
+    except (InvalidDecision, UnsafeHeaderMutation, TypeError) as exc:
+        return type(exc), str(exc)
+
+
+class _OddLower(str):
+    """A header name whose lower() is not str.lower's."""
+
+    __slots__ = ()
+
+    def lower(self) -> str:
+        return "x-odd"
+
+
+class _EqualToEverything(str):
+    """A code that claims to equal any string (and hashes as ``allowed``)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash("allowed")
+
+
+class _Impostor(str):
+    """A valid code that claims to equal any string and hashes as an invalid one."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash("not a code!")
+
+
+class _HidesCr(str):
+    """A header value whose ``in`` never finds anything (it holds a CR)."""
+
+    __slots__ = ()
+
+    def __contains__(self, other: object) -> bool:
+        return False
+
+
+_GATEWAY = {
+    "allowed": True,
+    "authz": {
+        "reason": "allowed",
+        "source": "policy_rule",
+        "rate_limit": {"tier": "standard", "key": "key:k1", "requests_per_minute": 600},
+        "identity": {"key_id": "k1", "role": "reader", "tier": "standard"},
+    },
+    "headers": {"x-authz-key-id": "k1", "x-authz-role": "reader", "x-authz-tier": "standard"},
+    "request_headers_to_remove": ["authorization", "x-api-key"],
+    "dynamic_metadata": {"key_id": "k1", "role": "reader", "tier": "standard"},
+}
+# Each result is parsed in this order, twice over (the second time with every name and
+# code it holds already known), after a fresh start: cases that need a name known before
+# them follow the case that makes it known.
+_PARSE_CORPUS = [
+    pytest.param(True, id="boolean-allow"),
+    pytest.param(False, id="boolean-deny"),
+    pytest.param(_GATEWAY, id="gateway-allow"),
+    pytest.param(
+        {
+            "allowed": False,
+            "http_status": 401,
+            "headers": {"WWW-Authenticate": "ApiKey", "content-type": "application/json"},
+            "authz": {"reason": "invalid_api_key", "source": "deny"},
+        },
+        id="gateway-deny-mixed-case-name",
+    ),
+    pytest.param(
+        {
+            "allowed": True,
+            "headers": [{"X-A": ["1", "2"]}, {"x-a": "3", "X-B": ""}],
+            "response_headers_to_add": {"Set-Cookie": ["a=1", "b=2"]},
+            "request_headers_to_remove": ["X-A", "bad name", "Cookie", "", "x-a"],
+        },
+        id="lists-repeats-invalid-removals",
+    ),
+    pytest.param({"allowed": True, "headers": {"X-A": 1}}, id="int-value"),
+    pytest.param({"allowed": True, "headers": {"X-A": None}}, id="null-value"),
+    pytest.param({"allowed": True, "headers": {"X-A": ["ok", 2]}}, id="int-in-list"),
+    pytest.param({"allowed": True, "headers": {"X-A": [["nested"]]}}, id="list-in-list"),
+    pytest.param({"allowed": True, "headers": {"X-A": "a\rb"}}, id="cr"),
+    pytest.param({"allowed": True, "headers": {"X-A": "a\nb"}}, id="lf"),
+    pytest.param({"allowed": True, "headers": {"X-A": "ab\x00"}}, id="nul-last"),
+    pytest.param({"allowed": True, "headers": {"X-A": ["ok", "\r\n"]}}, id="crlf-in-list"),
+    pytest.param({"allowed": True, "headers": {"X-A": "v", "x b": "v"}}, id="bad-name-after"),
+    pytest.param({"allowed": True, "headers": {"x b": "\r"}}, id="bad-name-bad-value"),
+    pytest.param({"allowed": True, "headers": {"X-A": "\r", "x b": "v"}}, id="bad-value-first"),
+    pytest.param({"allowed": True, "headers": {1: "v"}}, id="int-name"),
+    pytest.param({"allowed": True, "headers": {"": "v"}}, id="empty-name"),
+    pytest.param({"allowed": True, "headers": {"x-" + "a" * 100: "v"}}, id="long-name"),
+    pytest.param({"allowed": True, "headers": {"ü-name": "v"}}, id="non-ascii-name"),
+    pytest.param({"allowed": True, "headers": {"X-A": "ü ✓"}}, id="non-ascii-value"),
+    pytest.param({"allowed": True, "headers": {_OddLower("X-A"): "v"}}, id="odd-lower-known"),
+    pytest.param({"allowed": True, "headers": {_OddLower("X-New"): "v"}}, id="odd-lower-new"),
+    pytest.param({"allowed": True, "headers": {"X-New": "v"}}, id="after-odd-lower"),
+    pytest.param(
+        {"allowed": True, "request_headers_to_remove": [_OddLower("X-A")]},
+        id="odd-lower-removal",
+    ),
+    pytest.param({"allowed": True, "headers": {"X-A": _OddLower("v")}}, id="str-subclass-value"),
+    pytest.param({"allowed": True, "headers": "x"}, id="headers-not-object"),
+    pytest.param({"allowed": True, "headers": [{"X-A": "v"}, "x"]}, id="list-of-non-object"),
+    pytest.param({"allowed": True, "request_headers_to_remove": "x-a"}, id="removal-not-list"),
+    pytest.param({"allowed": True, "request_headers_to_remove": [1]}, id="removal-not-string"),
+    pytest.param({"allowed": True, "authz": {"reason": "Allowed"}}, id="code-uppercase"),
+    pytest.param({"allowed": True, "authz": {"reason": 1}}, id="code-int"),
+    pytest.param({"allowed": True, "authz": {"reason": "a" * 65}}, id="code-too-long"),
+    pytest.param({"allowed": True, "authz": {"reason": "allowed\n"}}, id="code-newline"),
+    pytest.param(
+        {"allowed": True, "authz": {"reason": _EqualToEverything("NOT A CODE")}},
+        id="code-equal-to-everything",
+    ),
+    pytest.param({"allowed": True, "authz": {"reason": _Impostor("allowed")}}, id="impostor"),
+    pytest.param({"allowed": True, "authz": {"reason": "not a code!"}}, id="after-impostor"),
+    pytest.param({"allowed": True, "headers": {"X-A": _HidesCr("a\rb")}}, id="value-hides-cr"),
+    pytest.param(
+        {"allowed": True, "authz": {"source": "policy_rule", "reason": "policy_rule"}},
+        id="codes-known",
+    ),
+    pytest.param(
+        {"allowed": False, "headers": {"X-A": ["1", "\x00"]}, "authz": {"reason": "x"}},
+        id="deny-nul-in-list",
+    ),
+]
+
+
+@pytest.fixture
+def fresh_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decision_module, "_NAMES", {})
+    monkeypatch.setattr(decision_module, "_CODES", set())
+
+
+@pytest.mark.usefixtures("fresh_caches")
+def test_parse_decision_equals_the_checks_before_issue_19_cold_and_warm() -> None:
+    """The corpus in order, twice: each outcome (Decision, field by field, or the error
+    and its message) is the reference parse's, whatever names and codes are known."""
+    results = [p.values[0] for p in _PARSE_CORPUS]
+    ids = [p.id for p in _PARSE_CORPUS]
+    for round_ in ("cold", "warm"):
+        for case, result in zip(ids, results, strict=True):
+            got, expected = _outcome(result), _reference_parse(result)
+            assert got == expected, (round_, case)
+            if isinstance(expected, Decision):
+                assert repr(got) == repr(expected), (round_, case)
+                for name in ("headers", "request_headers_to_remove", "reason", "source"):
+                    assert [type(v) for v in _flat(getattr(got, name))] == [
+                        type(v) for v in _flat(getattr(expected, name))
+                    ], (round_, case, name)
+
+
+def _flat(value: Any) -> list[Any]:
+    if isinstance(value, tuple):
+        return [leaf for item in value for leaf in _flat(item)]
+    return [value]
+
+
+@pytest.mark.usefixtures("fresh_caches")
+def test_known_names_and_codes_are_bounded() -> None:
+    for i in range(decision_module._NAMES_MAX + 50):
+        parse_decision(
+            {
+                "allowed": True,
+                "headers": {f"x-h{i}": "v", f"x-{i}-" + "a" * 100: "v"},
+                "authz": {"reason": f"r{i}"},
+            }
+        )
+    assert len(decision_module._NAMES) == decision_module._NAMES_MAX
+    assert max(map(len, decision_module._NAMES)) <= decision_module._NAME_MAX
+    assert len(decision_module._CODES) == decision_module._NAMES_MAX
+    # Past the bound, names and codes are still checked and lowered.
+    assert parse_decision({"allowed": True, "headers": {"X-Late": "v"}}).headers == (
+        ("x-late", "v"),
+    )
+    with pytest.raises(UnsafeHeaderMutation):
+        parse_decision({"allowed": True, "headers": {"x late": "v"}})

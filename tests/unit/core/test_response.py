@@ -7,6 +7,7 @@ Envoy's ``config.core.v3.HeaderValueOption`` (an unset ``append_action`` appends
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from types import MappingProxyType
@@ -23,7 +24,7 @@ from google.rpc import code_pb2, status_pb2
 from authz.core import errors
 from authz.core.decision import Decision, RateLimitRef, parse_decision
 from authz.core.errors import AuthzError
-from authz.core.response import build_response, error_response, status_for
+from authz.core.response import build_response, error_response, response_prototype, status_for
 
 DECISION_ID = "6f1c2b8e-3d4a-4f5b-9c6d-7e8f9a0b1c2d"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -540,6 +541,116 @@ def test_error_response_bytes_equal_constructed_messages(code: str) -> None:
         DECISION_ID,
         {"reason": error.code},
     )
+    assert built.SerializeToString(deterministic=True) == expected.SerializeToString(
+        deterministic=True
+    )
+
+
+# --- issue 19: a cached allow's response prototype gives the same bytes -----------------
+
+_OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+_PER_REQUEST_HEADERS = [
+    (),
+    _RATE_LIMIT_HEADERS,
+    (("ratelimit-limit", "600"), ("ratelimit-remaining", "0"), ("set-cookie", "a=1")),
+]
+
+
+@pytest.mark.parametrize("decision", _RESPONSE_CORPUS)
+@pytest.mark.parametrize(
+    "response_headers", _PER_REQUEST_HEADERS, ids=["no-headers", "rate-limit", "repeated"]
+)
+def test_response_from_prototype_bytes_equal_constructed_messages(
+    decision: Decision, response_headers: tuple[tuple[str, str], ...]
+) -> None:
+    """Per request the decision gets its own response headers (a rate limit) and a
+    decision id; the response built from the cached decision's prototype is the
+    constructed one, byte for byte, for two requests in a row (nothing of the first
+    stays), and the prototype itself is unchanged by them."""
+    prototype = response_prototype(decision)
+    if not decision.allowed:
+        assert prototype is None  # a deny's headers and body hold the decision id
+        return
+    if any(
+        type(v) not in (str, int, float, bool, type(None))
+        for v in decision.dynamic_metadata.values()
+    ):
+        assert prototype is None  # nested metadata: its depth is checked per response
+        return
+    assert prototype is not None
+    before = prototype.message.SerializeToString(deterministic=True)
+    per_request = decision.with_response_headers(
+        (*decision.response_headers_to_add, *response_headers)
+    )
+    for decision_id in (DECISION_ID, _OTHER_ID):
+        built = build_response(per_request, decision_id, prototype)
+        expected = _reference_build(per_request, decision_id)
+        assert built.SerializeToString(deterministic=True) == expected.SerializeToString(
+            deterministic=True
+        )
+        assert built == expected
+    assert prototype.message.SerializeToString(deterministic=True) == before
+
+
+_PROTOTYPED = parse_decision(
+    {
+        **_GATEWAY_ALLOW,
+        "query_parameters_to_set": {"page": "2"},
+        "query_parameters_to_remove": ["token"],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        pytest.param(dataclasses.replace(_PROTOTYPED, allowed=False), id="now-a-deny"),
+        pytest.param(
+            _PROTOTYPED.with_headers((*_PROTOTYPED.headers, ("x-credential", "secret"))),
+            id="credential-header-added",
+        ),
+        pytest.param(
+            dataclasses.replace(_PROTOTYPED, headers=(("x-authz-key-id", "k1"),)),
+            id="other-headers",
+        ),
+        pytest.param(
+            dataclasses.replace(_PROTOTYPED, request_headers_to_remove=("cookie",)),
+            id="other-removals",
+        ),
+        pytest.param(
+            dataclasses.replace(_PROTOTYPED, query_parameters_to_set=(("page", "3"),)),
+            id="other-query-to-set",
+        ),
+        pytest.param(
+            dataclasses.replace(_PROTOTYPED, query_parameters_to_remove=("sig",)),
+            id="other-query-to-remove",
+        ),
+        pytest.param(
+            dataclasses.replace(_PROTOTYPED, dynamic_metadata=MappingProxyType({"k": "v"})),
+            id="other-metadata",
+        ),
+        pytest.param(
+            dataclasses.replace(
+                _PROTOTYPED,
+                request_headers_to_remove=(
+                    *_PROTOTYPED.request_headers_to_remove,
+                    "x-authz-decision-id",
+                ),
+            ),
+            id="decision-id-header-removed",
+        ),
+    ],
+)
+def test_a_prototype_is_used_only_for_the_decision_fields_it_was_built_from(
+    changed: Decision,
+) -> None:
+    """A prototype given with a decision that differs in anything it holds (a deny, a
+    credential header added after the cache, any other field) is not used: the response
+    is the one the decision itself gives."""
+    prototype = response_prototype(_PROTOTYPED)
+    assert prototype is not None
+    built = build_response(changed, DECISION_ID, prototype)
+    expected = _reference_build(changed, DECISION_ID)
     assert built.SerializeToString(deterministic=True) == expected.SerializeToString(
         deterministic=True
     )
