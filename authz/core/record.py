@@ -17,6 +17,7 @@ Three answers can differ, and the record keeps each:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,36 @@ from typing import Any, Final, Protocol
 __all__ = ["DecisionRecord", "DecisionSink"]
 
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+# The end of a log time after its second: ".000+00:00" to ".999+00:00".
+_MILLIS: Final = tuple(f".{ms:03d}+00:00" for ms in range(1000))
+# The last second formatted (as "YYYY-MM-DDTHH:MM:SS") and its Unix second: one tuple,
+# replaced whole, so the event loop and the audit writer thread each read a pair.
+_last_second: Final[list[tuple[int, str]]] = [(0, "1970-01-01T00:00:00")]
+
+
+def _log_time(timestamp: float) -> str:
+    """``datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")``
+    (ISO 8601 / RFC 3339 with ``+00:00``), about a fifth of its cost for a float: the
+    microseconds rounded as CPython's ``fromtimestamp`` rounds them (``modf``, times
+    10**6, round half to even, carried into the second), the second's text formatted
+    once and reused while the seconds repeat. Raises what that call raises (NaN,
+    infinities, years past 9999). Anything but a float takes that call."""
+    if type(timestamp) is not float:
+        return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    frac, whole = math.modf(timestamp)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0:
+        micros += 1_000_000
+        whole -= 1.0
+    second = int(whole)
+    last = _last_second[0]
+    if last[0] != second:
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:-6]
+        last = _last_second[0] = (second, text)
+    return last[1] + _MILLIS[micros // 1000]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +124,7 @@ class DecisionRecord:
         fields: dict[str, Any] = {
             "type": "decision",
             "decision_id": self.decision_id,
-            "time": datetime.fromtimestamp(self.timestamp, UTC).isoformat(timespec="milliseconds"),
+            "time": _log_time(self.timestamp),
             "decision_path": self.decision_path,
             "revision": self.revision,
             "mode": self.mode,
