@@ -3,6 +3,7 @@ three answers it keeps apart (policy, decision, result)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from authz.core import record as record_module
-from authz.core.record import DecisionRecord
+from authz.core.record import FIELD_NAMES, DecisionRecord, record_from_fields
 
 QUERY_SECRET = "sk-query-secret-0123"
 HEADER_SECRET = "COOKIESECRET0123456789"
@@ -293,3 +294,58 @@ def test_log_time_raises_what_datetime_raises(timestamp: Any) -> None:
 def test_log_fields_time_is_the_log_time() -> None:
     fields = record(timestamp=1_700_000_000.9999995).log_fields()
     assert fields["time"] == "2023-11-14T22:13:21.000+00:00" == _iso(1_700_000_000.9999995)
+
+
+# --- record_from_fields: the record built slot by slot ---------------------------------
+
+
+def test_record_from_fields_equals_the_keyword_construction() -> None:
+    # Every field set, each to a value unlike its default, so a slot left unset fails.
+    values: dict[str, Any] = {
+        "decision_id": "d-9",
+        "timestamp": 1_700_000_000.25,
+        "decision_path": "authz/egress/decision",
+        "allowed": True,
+        "reason": "would_deny",
+        "http_status": 418,
+        "decision_allowed": False,
+        "mode": "dry-run",
+        "fail_open": True,
+        "policy_allowed": False,
+        "policy_reason": "policy_reason",
+        "tier": "gold",
+        "override_id": "ovr-1",
+        "source": "override",
+        "cached_from": "d-8",
+        "revision": "rev-1",
+        "identity": {"key_id": "k"},
+        "request_id": "req-9",
+        "method": "PATCH",
+        "path": "/x",
+        "duration_s": 0.5,
+        "opa_duration_s": 0.125,
+        "error": "boom",
+        "document": {"input": 1},
+        "opa_result": {"allowed": False},
+        "revisions": {"b": "rev-1"},
+        "peer": "ipv4:127.0.0.1:1",
+        "ignored_fields": ("extra",),
+    }
+    assert list(values) == list(FIELD_NAMES) == [f.name for f in dataclasses.fields(DecisionRecord)]
+    built = record_from_fields(tuple(values.values()))
+    expected = DecisionRecord(**values)
+    assert built == expected
+    assert built.log_fields() == expected.log_fields()
+    # And a distinct object in each slot (bools alone cannot tell four fields apart).
+    sentinels = tuple(object() for _ in FIELD_NAMES)
+    built = record_from_fields(sentinels)
+    assert tuple(getattr(built, name) for name in FIELD_NAMES) == sentinels
+    assert built == DecisionRecord(*sentinels)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.reason = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("count", [0, len(FIELD_NAMES) - 1, len(FIELD_NAMES) + 1])
+def test_record_from_fields_refuses_a_value_count_not_one_per_field(count: int) -> None:
+    with pytest.raises(ValueError, match="DecisionRecord fields"):
+        record_from_fields(tuple(range(count)))
