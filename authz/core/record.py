@@ -110,6 +110,9 @@ class DecisionRecord:
     # Decision fields the outcome does not use, as opa-envoy-plugin ignores them
     # (authz.core.decision.Decision.ignored): counted, never an error.
     ignored_fields: tuple[str, ...] = ()
+    # log_fields() once built: the decision log and the audit row each ask for it (not
+    # a value of the decision: left out of __init__, repr and equality).
+    _log_fields: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def enforced_allowed(self) -> bool:
@@ -123,7 +126,16 @@ class DecisionRecord:
 
     def log_fields(self) -> dict[str, Any]:
         """The decision-log line as a JSON-ready dict, ``{"type": "decision", ...}``; it never
-        holds the input, headers or query string. Identity fields cannot replace these."""
+        holds the input, headers or query string. Identity fields cannot replace these.
+        Built once per record (every field is frozen) and returned as a new dict each
+        call, so a caller may change its copy."""
+        built = self._log_fields
+        if built is None:
+            built = self._build_log_fields()
+            _set_log_fields(self, built)  # the slot's setter: past the frozen __setattr__
+        return dict(built)
+
+    def _build_log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "type": "decision",
             "decision_id": self.decision_id,
@@ -163,23 +175,26 @@ class DecisionRecord:
 
 # DecisionRecord's fields in order, and each slot's setter (a slot's descriptor sets it
 # past the frozen class's __setattr__).
-FIELD_NAMES: Final = tuple(f.name for f in fields(DecisionRecord))
-_SETTERS: Final[tuple[Callable[[DecisionRecord, Any], None], ...]] = tuple(
-    getattr(DecisionRecord, name).__set__ for name in FIELD_NAMES
+FIELD_NAMES: Final = tuple(f.name for f in fields(DecisionRecord) if f.init)
+_SETTERS: Final[tuple[Callable[[DecisionRecord, Any], None], ...]] = (
+    *(getattr(DecisionRecord, name).__set__ for name in FIELD_NAMES),
+    DecisionRecord._log_fields.__set__,  # type: ignore[misc,union-attr]
 )
+_set_log_fields: Final[Callable[[DecisionRecord, dict[str, Any]], None]] = _SETTERS[-1]
 _consume: Final[Callable[[Iterable[object]], None]] = collections.deque[object](maxlen=0).extend
 
 
 def record_from_fields(values: tuple[Any, ...]) -> DecisionRecord:
-    """``DecisionRecord(*values)``, ``values`` one per field in :data:`FIELD_NAMES`
-    order, at half the cost (one per decision): the frozen dataclass's ``__init__`` sets
-    each field through ``object.__setattr__``; this calls each slot's setter from C.
+    """``DecisionRecord(*values)``, ``values`` one per ``__init__`` field in
+    :data:`FIELD_NAMES` order, at half the cost (one per decision): the frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``; this calls
+    each slot's setter from C.
     DecisionRecord has no ``__post_init__`` to skip. Raises ValueError unless there is
     exactly one value per field."""
-    if len(values) != len(_SETTERS):
-        raise ValueError(f"{len(values)} values for {len(_SETTERS)} DecisionRecord fields")
+    if len(values) != len(FIELD_NAMES):
+        raise ValueError(f"{len(values)} values for {len(FIELD_NAMES)} DecisionRecord fields")
     record = object.__new__(DecisionRecord)
-    _consume(map(operator.call, _SETTERS, repeat(record), values))
+    _consume(map(operator.call, _SETTERS, repeat(record), (*values, None)))
     return record
 
 

@@ -331,7 +331,8 @@ def test_record_from_fields_equals_the_keyword_construction() -> None:
         "peer": "ipv4:127.0.0.1:1",
         "ignored_fields": ("extra",),
     }
-    assert list(values) == list(FIELD_NAMES) == [f.name for f in dataclasses.fields(DecisionRecord)]
+    init_fields = [f.name for f in dataclasses.fields(DecisionRecord) if f.init]
+    assert list(values) == list(FIELD_NAMES) == init_fields
     built = record_from_fields(tuple(values.values()))
     expected = DecisionRecord(**values)
     assert built == expected
@@ -349,3 +350,33 @@ def test_record_from_fields_equals_the_keyword_construction() -> None:
 def test_record_from_fields_refuses_a_value_count_not_one_per_field(count: int) -> None:
     with pytest.raises(ValueError, match="DecisionRecord fields"):
         record_from_fields(tuple(range(count)))
+
+
+def test_log_fields_are_built_once_and_each_call_gets_its_own_copy() -> None:
+    # The decision log and the audit row both ask for the fields: built once, equal to a
+    # fresh build every time, and a caller changing its dict changes no other call's.
+    rec = record(tier="gold", cached_from="d-0", identity={"key_id": "k", "role": "r"})
+    first = rec.log_fields()
+    assert first == rec._build_log_fields()
+    first["policy"] = {"allowed": True}
+    first["reason"] = "changed"
+    second = rec.log_fields()
+    assert second == rec._build_log_fields()
+    assert "policy" not in second
+    assert second is not rec.log_fields()
+    # Not a value of the decision: records compare and print as before.
+    assert rec == record(tier="gold", cached_from="d-0", identity={"key_id": "k", "role": "r"})
+    assert "_log_fields" not in repr(rec)
+    assert "_log_fields" not in FIELD_NAMES
+
+
+def test_log_fields_built_before_a_copy_travel_with_it() -> None:
+    # dataclasses.replace starts a new cache (its fields may differ); record_from_fields
+    # starts with none.
+    rec = record()
+    rec.log_fields()
+    changed = dataclasses.replace(rec, reason="other")
+    assert changed.log_fields()["reason"] == "other"
+    rebuilt = record_from_fields(tuple(getattr(rec, name) for name in FIELD_NAMES))
+    assert rebuilt._log_fields is None
+    assert rebuilt.log_fields() == rec.log_fields()

@@ -1760,13 +1760,17 @@ def test_audit_record_never_raises_on_values_without_a_length(
     assert entry.body["input"]["attributes"]["request"]["http"] == http
 
 
+# The fields __init__ sets (the log fields' cache is not one).
+_INIT_FIELDS = [field for field in dataclasses.fields(DecisionRecord) if field.init]
+
+
 def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> None:
     # _queued copies slots without __init__: every field must come across (one with a
     # value unlike its default each), and no __post_init__ may exist for it to skip.
     values: dict[str, Any] = {
         field.name: value
         for field, value in zip(
-            dataclasses.fields(DecisionRecord),
+            _INIT_FIELDS,
             (
                 "d-1",
                 T0,
@@ -1802,16 +1806,20 @@ def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> N
     }
     full = DecisionRecord(**values)
     defaults = DecisionRecord("d", 0.0, "", True, "", 0)
-    for field in dataclasses.fields(DecisionRecord):
+    for field in _INIT_FIELDS:
         assert getattr(full, field.name) != getattr(defaults, field.name), field.name
     assert not hasattr(DecisionRecord, "__post_init__")
     slim: dict[str, Any] = {"attributes": {}}
     queued = audit_store._queued(full, slim)
     expected = dataclasses.replace(full, document=slim, opa_result=None)
-    for field in dataclasses.fields(DecisionRecord):
+    for field in _INIT_FIELDS:
         assert getattr(queued, field.name) == getattr(expected, field.name), field.name
     assert queued == expected
     assert full.document == {"a": 1}  # the original is untouched
+    assert queued._log_fields is None  # none built yet: none copied
+    # The log fields the decision log built travel to the writer thread with the copy.
+    built = full.log_fields()
+    assert audit_store._queued(full, slim)._log_fields == built
 
 
 # --- the writer thread's part: the row body, shortcut and slow path -----------------------
