@@ -1721,9 +1721,11 @@ def test_slim_charged_equals_the_previous_slim_and_charge(
     assert charge == _previous_charge(expected)
 
 
-def test_audit_record_charges_the_overhead_path_and_slim_document(tmp_path: Path) -> None:
-    # What AuditTrail.record queues is charged the fixed overhead, the record's path and
-    # slim_charged's count (the entry's bytes are what the queue's byte bound adds up).
+def test_audit_record_charges_the_overhead_path_slim_document_and_log_fields(
+    tmp_path: Path,
+) -> None:
+    # What AuditTrail.record queues is charged the fixed overhead, the record's path,
+    # slim_charged's count and the log fields it carries (what the byte bound adds up).
     document = PREVIOUS_CASES[-5][0]
     trail = AuditTrail(tmp_path / "a.db")
     try:
@@ -1732,10 +1734,13 @@ def test_audit_record_charges_the_overhead_path_and_slim_document(tmp_path: Path
         trail.record(DecisionRecord("d", T0, "p", True, "a", 200, path="/p", document=document))
         trail.record(DecisionRecord("e", T0, "p", True, "a", 200, path="/pp"))
         pinned = _previous_charge(_previous_slim(trail._projector, document))
-        assert charged == [
-            audit_store._ENTRY_OVERHEAD + 2 + pinned,
-            audit_store._ENTRY_OVERHEAD + 3,
-        ]
+        overhead = audit_store._ENTRY_OVERHEAD
+        assert charged == [overhead + len("/p") + pinned, overhead + len("/pp")]
+        # A record whose log fields were built (the decision log ran first) pins them too.
+        logged = DecisionRecord("f", T0, "p", True, "a", 200, path="/pp")
+        logged.log_fields()
+        trail.record(logged)
+        assert charged[-1] == overhead + len("/pp") + audit_store._LOG_FIELDS_CHARGE
     finally:
         trail.close()
 
