@@ -64,7 +64,7 @@ from authz.core.input import BodyParsing, GrpcDescriptors, build_input
 from authz.core.mode import Control, Mode
 from authz.core.opa import BatchPolicyEngine, Evaluation, PolicyEngine, parse_decision_path
 from authz.core.ratelimit import Limiter, Quota
-from authz.core.record import DecisionRecord, DecisionSink
+from authz.core.record import DecisionRecord, DecisionSink, record_from_fields
 from authz.core.response import build_response, error_response
 from authz.core.secret import Secret
 from authz.core.tunnel import TunnelResolver
@@ -159,6 +159,10 @@ class _Trace:
     error: AuthzError | None = None
     cached_from: str | None = None
     peer: str = ""
+
+
+# Each mode's text (what ``mode.value`` gives, a plain str), without the enum property.
+_MODE_TEXT: Final[dict[Mode, str]] = {mode: mode.value for mode in Mode}
 
 
 def _new_decision_id() -> str:
@@ -697,6 +701,9 @@ class Authorizer:
         allowed: bool,
         fail_open: bool,
     ) -> DecisionRecord:
+        """The decision's :class:`DecisionRecord`, built field by field in its order
+        (:func:`~authz.core.record.record_from_fields`; test_authorizer holds every
+        record to the keyword construction it replaced)."""
         reason, status = _reason_and_status(trace)
         decision, policy, evaluation = trace.decision, trace.policy, trace.evaluation
         request_id, method, path = _request_fields(request)
@@ -705,35 +712,37 @@ class Authorizer:
         else:
             decided = decision.allowed if decision is not None and trace.error is None else False
         rate_limit = decision.rate_limit if decision is not None else None
-        return DecisionRecord(
-            decision_id=decision_id,
-            timestamp=self._wall_clock(),
-            decision_path=trace.path,
-            allowed=allowed,
-            reason=reason,
-            http_status=status,
-            decision_allowed=decided,
-            mode=mode.value,
-            fail_open=fail_open,
-            policy_allowed=policy.allowed if policy is not None else None,
-            policy_reason=policy.reason_code if policy is not None else None,
-            tier=rate_limit.tier if rate_limit is not None else None,
-            override_id=decision.override_id if decision is not None else None,
-            source=decision.source if decision is not None else None,
-            cached_from=trace.cached_from,
-            revision=evaluation.revision if evaluation is not None else "",
-            identity=decision.identity if decision is not None else {},
-            request_id=request_id,
-            method=method,
-            path=path,
-            duration_s=self._clock() - started,
-            opa_duration_s=evaluation.duration_s if evaluation is not None else 0.0,
-            error=str(trace.error) if trace.error is not None else None,
-            document=trace.document,
-            ignored_fields=policy.ignored if policy is not None else (),
-            opa_result=evaluation.result if evaluation is not None else None,
-            revisions=evaluation.revisions if evaluation is not None else {},
-            peer=trace.peer,
+        return record_from_fields(
+            (
+                decision_id,  # decision_id
+                self._wall_clock(),  # timestamp
+                trace.path,  # decision_path
+                allowed,  # allowed
+                reason,  # reason
+                status,  # http_status
+                decided,  # decision_allowed
+                _MODE_TEXT[mode],  # mode
+                fail_open,  # fail_open
+                policy.allowed if policy is not None else None,  # policy_allowed
+                policy.reason_code if policy is not None else None,  # policy_reason
+                rate_limit.tier if rate_limit is not None else None,  # tier
+                decision.override_id if decision is not None else None,  # override_id
+                decision.source if decision is not None else None,  # source
+                trace.cached_from,  # cached_from
+                evaluation.revision if evaluation is not None else "",  # revision
+                decision.identity if decision is not None else {},  # identity
+                request_id,  # request_id
+                method,  # method
+                path,  # path
+                self._clock() - started,  # duration_s
+                evaluation.duration_s if evaluation is not None else 0.0,  # opa_duration_s
+                str(trace.error) if trace.error is not None else None,  # error
+                trace.document,  # document
+                evaluation.result if evaluation is not None else None,  # opa_result
+                evaluation.revisions if evaluation is not None else {},  # revisions
+                trace.peer,  # peer
+                policy.ignored if policy is not None else (),  # ignored_fields
+            )
         )
 
 

@@ -78,6 +78,14 @@ _SHED_ORDER: Final = (
 _SCHEME_RE: Final = re.compile(rf"^({TCHAR}{{1,32}}) sha256:[0-9a-f]{{64}}$")
 
 
+def _length(value: Any) -> int:
+    """``len(value)``, or ``len(str(value))`` for a value with no length."""
+    try:
+        return len(value)
+    except TypeError:
+        return len(str(value))
+
+
 def _capped(value: Any, limit: int) -> Any:
     """:func:`_cap_values`, skipping the walk when the whole of ``value`` fits in ``limit``
     bytes as JSON (then no string in it can be longer): most rows. ``value`` must be the
@@ -146,14 +154,30 @@ class _Projector:
     def slim(self, document: Mapping[str, Any]) -> dict[str, Any]:
         """``document`` without the headers a row does not keep (counted) and without a
         body it does not keep (its size recorded); credential schemes noted for replay.
-        Runs once per decision on the event loop: plain dicts (what
-        :func:`authz.core.input.build_input` makes) are tested with ``type(x) is dict``
-        before the slower ``Mapping`` check any other mapping takes."""
+        :meth:`slim_charged`'s document."""
+        return self.slim_charged(document)[0]
+
+    def slim_charged(self, document: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        """``(slim document, charge)``: :meth:`slim`'s document and the bytes of it a
+        queued entry is charged for beyond its fixed overhead: the request path twice
+        (``parsed_path`` and ``parsed_query`` repeat it), a kept body twice and a kept
+        ``rawBody`` once, each kept header's name and value, each kept ``headerMap``
+        entry's values (``str()`` of each); lengths in characters, counted without
+        copying. A value with no length (not from :func:`authz.core.input.build_input`)
+        counts as ``str()`` of it.
+
+        One pass, on the event loop once per decision: plain dicts (what ``build_input``
+        makes) are tested with ``type(x) is dict`` before the slower ``Mapping`` check
+        any other mapping takes; the credential-scheme scan runs only with credentials
+        and a value of that form. Raises what reading an odd document raises (the caller
+        keeps the entry without its input)."""
         attributes = document.get("attributes", {})
         request = attributes.get("request", {})
         http = request.get("http", {})
         omitted_count = omitted_bytes = 0
         slim_http = {k: v for k, v in http.items() if k not in _HEADER_FIELDS}
+        path = http.get("path", "")
+        charge = 2 * (len(path) if type(path) is str else _length(path))
         headers = http.get("headers")
         headers_is_mapping = type(headers) is dict or isinstance(headers, Mapping)
         if headers_is_mapping:
@@ -162,12 +186,13 @@ class _Projector:
             for name, value in headers.items():
                 if name in exact or (prefixes and name.startswith(prefixes) and name not in never):
                     kept[name] = value
+                    charge += len(name) + (len(value) if type(value) is str else _length(value))
                 else:
                     omitted_count += 1
                     omitted_bytes += len(name) + len(value if type(value) is str else str(value))
             slim_http["headers"] = kept
         header_map = http.get("headerMap")
-        if type(header_map) is dict or isinstance(header_map, Mapping):
+        if header_map is not None and (type(header_map) is dict or isinstance(header_map, Mapping)):
             entries = []
             for entry in header_map.get("headers", ()):
                 name = (
@@ -177,19 +202,22 @@ class _Projector:
                 )
                 if name and self._keeps(name):
                     entries.append(entry)
+                    charge += sum(len(str(v)) for v in entry.values())
                 else:
                     omitted_count += 1
                     omitted_bytes += len(orjson.dumps(entry, default=str))
             slim_http["headerMap"] = {**header_map, "headers": entries}
-        size = len(http.get("body", "")) + len(http.get("rawBody", ""))
+        body = http.get("body", "")
+        raw_body = http.get("rawBody", "")
+        size = len(body) + len(raw_body)
         keep_body = 0 < size <= self.p.body_max_bytes
-        if not keep_body:
-            for name in _BODY_FIELDS:
-                slim_http.pop(name, None)
-            slim = dict(document)
-            slim.pop("parsed_body", None)
+        slim = dict(document)
+        if keep_body:
+            charge += 2 * len(body) + len(raw_body)
         else:
-            slim = dict(document)
+            for field in _BODY_FIELDS:
+                slim_http.pop(field, None)
+            slim.pop("parsed_body", None)
         slim["attributes"] = {**attributes, "request": {**request, "http": slim_http}}
         if size and not keep_body:
             slim["body_omitted"] = size
@@ -200,17 +228,24 @@ class _Projector:
             schemes = self._schemes(credentials, headers)
             if schemes:
                 slim["credential_schemes"] = schemes
-        return slim
+        return slim, charge
 
     @staticmethod
     def _schemes(credentials: Any, headers: Mapping[str, Any]) -> dict[str, str]:
         """``{header: scheme}`` of masked ``<scheme> sha256:<hex>`` credentials (RFC 9110
-        section 11.4), so replay can rebuild the masked header from the digest."""
+        section 11.4), so replay can rebuild the masked header from the digest. The
+        pattern is tried only on a value with `` sha256:`` 72 characters from its end
+        (where a match has it): a plain ``sha256:<hex>`` digest, most, is not."""
         if not (type(credentials) is dict or isinstance(credentials, Mapping)):
             return {}
         schemes = {}
         for name in credentials:
-            match = _SCHEME_RE.fullmatch(str(headers.get(name, "")))
+            value = headers.get(name, "")
+            if type(value) is not str:
+                value = str(value)
+            if value[-72:-64] != " sha256:":
+                continue
+            match = _SCHEME_RE.fullmatch(value)
             if match:
                 schemes[name] = match.group(1)
         return schemes

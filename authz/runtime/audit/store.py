@@ -11,7 +11,8 @@ import operator
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,6 +46,10 @@ DEFAULT_QUEUE_MAX_BYTES: Final = 32 * 1024 * 1024
 # What a queued entry is charged beyond its variable-size parts: the record, the
 # document's fixed fields, the queue slot.
 _ENTRY_OVERHEAD: Final = 1024
+# What a queued record also pins when it carries the log fields the decision log built
+# (DecisionRecord.log_fields, kept for the row body): ~600 bytes measured with
+# tracemalloc for a gateway allow with three identity fields.
+_LOG_FIELDS_CHARGE: Final = 640
 _PRUNE_EVERY_S: Final = 60.0
 _HEAD_LOG_EVERY_S: Final = 60.0
 
@@ -58,35 +63,23 @@ _read_kept: Final = operator.attrgetter(*_KEPT_FIELDS)
 _SLOT_SETTERS: Final[dict[str, Callable[[DecisionRecord, Any], None]]] = {
     f.name: getattr(DecisionRecord, f.name).__set__ for f in dataclasses.fields(DecisionRecord)
 }
-_set_kept: Final = tuple(_SLOT_SETTERS[name] for name in _KEPT_FIELDS)
+# The setters of _KEPT_FIELDS, then of the two _queued sets.
+_set_all: Final = (
+    *(_SLOT_SETTERS[name] for name in _KEPT_FIELDS),
+    _SLOT_SETTERS["document"],
+    _SLOT_SETTERS["opa_result"],
+)
+_consume: Final[Callable[[Iterable[object]], None]] = collections.deque[object](maxlen=0).extend
 
 
 def _queued(record: DecisionRecord, document: Mapping[str, Any] | None) -> DecisionRecord:
     """``dataclasses.replace(record, document=document, opa_result=None)``, a third of its
     cost (it runs per decision on the event loop): the frozen slots copied as they are,
     without ``__init__``'s keyword handling (``record`` was built, and so checked, by it;
-    DecisionRecord has no ``__post_init__``)."""
+    DecisionRecord has no ``__post_init__``), each setter called from C (``map``)."""
     copy = object.__new__(DecisionRecord)
-    for set_field, value in zip(_set_kept, _read_kept(record), strict=True):
-        set_field(copy, value)
-    _SLOT_SETTERS["document"](copy, document)
-    _SLOT_SETTERS["opa_result"](copy, None)
+    _consume(map(operator.call, _set_all, repeat(copy), (*_read_kept(record), document, None)))
     return copy
-
-
-def _charge(record: DecisionRecord) -> int:
-    """Bytes a queued record is charged: a fixed overhead plus the variable-size parts it
-    pins (request path, header names and values, body), counted without copying."""
-    size = _ENTRY_OVERHEAD + len(record.path)
-    if record.document is not None:
-        http = record.document.get("attributes", {}).get("request", {}).get("http", {})
-        size += len(http.get("path", "")) * 2  # parsed_path and parsed_query repeat it
-        size += len(http.get("body", "")) * 2 + len(http.get("rawBody", ""))
-        for name, value in http.get("headers", {}).items():
-            size += len(name) + len(value)
-        for entry in http.get("headerMap", {}).get("headers", ()):
-            size += sum(len(str(v)) for v in entry.values())
-    return size
 
 
 class _ByteQueue:
@@ -240,14 +233,21 @@ class AuditTrail:
     def record(self, record: DecisionRecord) -> None:
         """Queue ``record`` for the writer; never blocks, never raises. The body is built
         on the writer thread, off the request path."""
+        # Charged: a fixed overhead, the path, what the slim document pins of the
+        # request (_Projector.slim_charged counts it in its one pass) and the log fields
+        # when the record carries them.
+        size = _ENTRY_OVERHEAD + len(record.path)
         if record.document is not None:  # a queued entry pins only what the row keeps
             try:
-                slim: Mapping[str, Any] | None = self._projector.slim(record.document)
+                slim, pinned = self._projector.slim_charged(record.document)
             except Exception:  # an odd document costs its input, never the entry
                 log.exception("audit input for %s not projected", record.decision_id)
-                slim = None
+                slim, pinned = None, 0
             record = _queued(record, slim)
-        self._put("decision", record.timestamp, record.decision_id, record, _charge(record))
+            size += pinned
+        if record._log_fields is not None:
+            size += _LOG_FIELDS_CHARGE
+        self._put("decision", record.timestamp, record.decision_id, record, size)
 
     def admin(self, action: str, fields: Mapping[str, Any], entry_id: str) -> None:
         """Queue an admin action (mode switch, override) as an entry of kind ``admin``."""

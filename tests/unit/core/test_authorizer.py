@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from authz.core import authorizer as authorizer_module
 from authz.core.authorizer import (
     CACHE_SPAN,
     CHECK_SPAN,
@@ -54,6 +55,7 @@ from authz.core.input import build_input
 from authz.core.mode import Control, Mode
 from authz.core.opa import Evaluation
 from authz.core.ratelimit import MemoryLimiter, Quota, RateLimitResult
+from authz.core.record import FIELD_NAMES, DecisionRecord
 from authz.core.secret import Secret
 from authz.runtime.audit import AuditTrail, connect, read_entries
 from authz.runtime.config import DEFAULT_FAIL_OPEN_MAX_PER_S, Settings, load
@@ -1586,3 +1588,94 @@ async def test_default_decision_ids_are_distinct_canonical_version_4_uuids() -> 
 def _default_new_id() -> Any:
     """The Authorizer's own ``new_id`` default."""
     return inspect.signature(Authorizer).parameters["new_id"].default
+
+
+# --- the record: built field by field, equal to the keyword construction it replaced -------
+
+
+def _previous_record(
+    authorizer: Authorizer,
+    request: external_auth_pb2.CheckRequest,
+    trace: Any,
+    mode: Mode,
+    started: float,
+    decision_id: str,
+    allowed: bool,
+    fail_open: bool,
+) -> DecisionRecord:
+    """Authorizer._record as it was: DecisionRecord's keyword __init__."""
+    reason, status = authorizer_module._reason_and_status(trace)
+    decision, policy, evaluation = trace.decision, trace.policy, trace.evaluation
+    request_id, method, path = authorizer_module._request_fields(request)
+    if mode is Mode.BYPASS:
+        reason, status, decided = "bypass", 200, True
+    else:
+        decided = decision.allowed if decision is not None and trace.error is None else False
+    rate_limit = decision.rate_limit if decision is not None else None
+    return DecisionRecord(
+        decision_id=decision_id,
+        timestamp=authorizer._wall_clock(),
+        decision_path=trace.path,
+        allowed=allowed,
+        reason=reason,
+        http_status=status,
+        decision_allowed=decided,
+        mode=mode.value,
+        fail_open=fail_open,
+        policy_allowed=policy.allowed if policy is not None else None,
+        policy_reason=policy.reason_code if policy is not None else None,
+        tier=rate_limit.tier if rate_limit is not None else None,
+        override_id=decision.override_id if decision is not None else None,
+        source=decision.source if decision is not None else None,
+        cached_from=trace.cached_from,
+        revision=evaluation.revision if evaluation is not None else "",
+        identity=decision.identity if decision is not None else {},
+        request_id=request_id,
+        method=method,
+        path=path,
+        duration_s=authorizer._clock() - started,
+        opa_duration_s=evaluation.duration_s if evaluation is not None else 0.0,
+        error=str(trace.error) if trace.error is not None else None,
+        document=trace.document,
+        ignored_fields=policy.ignored if policy is not None else (),
+        opa_result=evaluation.result if evaluation is not None else None,
+        revisions=evaluation.revisions if evaluation is not None else {},
+        peer=trace.peer,
+    )
+
+
+_RECORDS_COMPARED: list[int] = [0]
+
+
+@pytest.fixture(autouse=True)
+def _records_equal_the_keyword_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every record any test of this module makes (every scenario: allows, denies, errors,
+    # modes, fail-open, cache hits, batches) is also built the previous way, with the
+    # clocks read once for both, and must be equal field by field, types included.
+    build = Authorizer._record
+
+    def compared(self: Authorizer, *args: Any) -> DecisionRecord:
+        wall_clock, clock = self._wall_clock, self._clock
+        now, tick = wall_clock(), clock()
+        self._wall_clock, self._clock = (lambda: now), (lambda: tick)
+        try:
+            record = build(self, *args)
+            expected = _previous_record(self, *args)
+        finally:
+            self._wall_clock, self._clock = wall_clock, clock
+        assert [(type(getattr(record, n)), getattr(record, n)) for n in FIELD_NAMES] == [
+            (type(getattr(expected, n)), getattr(expected, n)) for n in FIELD_NAMES
+        ]
+        _RECORDS_COMPARED[0] += 1
+        return record
+
+    monkeypatch.setattr(Authorizer, "_record", compared)
+
+
+async def test_records_are_compared_with_the_keyword_construction() -> None:
+    # The fixture above wraps _record for every test here: a check goes through it.
+    before = _RECORDS_COMPARED[0]
+    sink = ListSink()
+    await make(FakeEngine(lambda path, document: {"allowed": True}), sink).check(check_request())
+    assert _RECORDS_COMPARED[0] == before + 1
+    assert len(sink.records) == 1

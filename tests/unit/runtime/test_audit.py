@@ -1558,11 +1558,215 @@ def test_slim_document_is_the_same_from_dicts_and_other_mappings(
     # The event loop's projection takes plain dicts the quick way; any other Mapping (a
     # caller's read-only view) must project to the same document, and so be charged alike.
     projector = projection_module._Projector(projection)
-    slim = projector.slim(document)
-    assert slim == projector.slim(_read_only(document))
-    record = DecisionRecord("d", T0, "authz/p", True, "allowed", 200, document=slim)
-    read_only = DecisionRecord("d", T0, "authz/p", True, "allowed", 200, document=_read_only(slim))
-    assert audit_store._charge(record) == audit_store._charge(read_only)
+    slim, charge = projector.slim_charged(document)
+    assert (slim, charge) == projector.slim_charged(_read_only(document))
+    assert slim == projector.slim(document)
+
+
+# The event loop's part before slim_charged, kept here as the reference it must equal:
+# slim, then _charge on the queued record holding the slim document.
+_PREVIOUS_SCHEME_RE = projection_module._SCHEME_RE
+
+
+def _previous_slim(projector: Any, document: Any) -> dict[str, Any]:
+    from collections.abc import Mapping
+
+    attributes = document.get("attributes", {})
+    request = attributes.get("request", {})
+    http = request.get("http", {})
+    omitted_count = omitted_bytes = 0
+    slim_http = {k: v for k, v in http.items() if k not in ("headers", "headerMap")}
+    headers = http.get("headers")
+    headers_is_mapping = isinstance(headers, Mapping)
+    if headers_is_mapping:
+        kept = {}
+        for name, value in headers.items():
+            if projector._keeps(name):
+                kept[name] = value
+            else:
+                omitted_count += 1
+                omitted_bytes += len(name) + len(str(value))
+        slim_http["headers"] = kept
+    header_map = http.get("headerMap")
+    if isinstance(header_map, Mapping):
+        entries = []
+        for entry in header_map.get("headers", ()):
+            name = str(entry.get("key", "")).lower() if isinstance(entry, Mapping) else ""
+            if name and projector._keeps(name):
+                entries.append(entry)
+            else:
+                omitted_count += 1
+                omitted_bytes += len(orjson.dumps(entry, default=str))
+        slim_http["headerMap"] = {**header_map, "headers": entries}
+    size = len(http.get("body", "")) + len(http.get("rawBody", ""))
+    keep_body = 0 < size <= projector.p.body_max_bytes
+    slim = dict(document)
+    if not keep_body:
+        for name in ("body", "rawBody"):
+            slim_http.pop(name, None)
+        slim.pop("parsed_body", None)
+    slim["attributes"] = {**attributes, "request": {**request, "http": slim_http}}
+    if size and not keep_body:
+        slim["body_omitted"] = size
+    if omitted_count:
+        slim["headers_omitted"] = {"count": omitted_count, "bytes": omitted_bytes}
+    credentials = document.get("credentials")
+    if credentials and headers_is_mapping and isinstance(credentials, Mapping):
+        schemes = {}
+        for name in credentials:
+            match = _PREVIOUS_SCHEME_RE.fullmatch(str(headers.get(name, "")))
+            if match:
+                schemes[name] = match.group(1)
+        if schemes:
+            slim["credential_schemes"] = schemes
+    return slim
+
+
+def _previous_charge(document: Any) -> int:
+    """What _charge added to the overhead and the record's path for a slim document."""
+    size = 0
+    http = document.get("attributes", {}).get("request", {}).get("http", {})
+    size += len(http.get("path", "")) * 2
+    size += len(http.get("body", "")) * 2 + len(http.get("rawBody", ""))
+    for name, value in http.get("headers", {}).items():
+        size += len(name) + len(value)
+    for entry in http.get("headerMap", {}).get("headers", ()):
+        size += sum(len(str(v)) for v in entry.values())
+    return size
+
+
+def _scheme_headers() -> dict[str, Any]:
+    # Values at and around the " sha256:" the scheme scan looks for 72 characters from the
+    # end: schemes of 1, 32 and 33 characters, no scheme, upper-case or short hex, a
+    # trailing newline, no space, two spaces, a value not a string.
+    hexes = "0123456789abcdef" * 4
+    return {
+        "authorization": f"Bearer sha256:{DIGEST}",
+        "x-api-key": "sha256:" + DIGEST,
+        "x-one": f"B sha256:{hexes}",
+        "x-thirty-two": f"{'t' * 32} sha256:{hexes}",
+        "x-thirty-three": f"{'t' * 33} sha256:{hexes}",
+        "x-upper": f"Bearer sha256:{hexes.upper()}",
+        "x-short": f"Bearer sha256:{hexes[:-1]}",
+        "x-newline": f"Bearer sha256:{hexes}\n",
+        "x-no-space": f"Bearersha256:{hexes}",
+        "x-two-spaces": f"Bearer  sha256:{hexes}",
+        "x-bad-token": f"Bea(rer sha256:{hexes}",
+        "number": 12345,
+        "x-bytes": b"Bearer sha256:" + hexes.encode(),
+    }
+
+
+PREVIOUS_CASES: list[tuple[dict[str, Any], str]] = [
+    *SLIM_CASES,
+    (
+        _http_document(
+            {"path": "/p", "headers": _scheme_headers()},
+            credentials={name: DIGEST for name in [*_scheme_headers(), "absent"]},
+        ),
+        "scheme-forms",
+    ),
+    (
+        _http_document(
+            {
+                "path": "/p?q=1",
+                "headers": {"host": "h", "user-agent": "ua", "x-envoy-a": "1", "x-b": "2"},
+                "headerMap": {
+                    "headers": [
+                        {"key": "Host", "value": "h", "rawValue": "aA=="},
+                        {"key": "x-envoy-b", "value": "ü" * 3},
+                        {"key": "x-c", "value": 7},
+                    ]
+                },
+                "body": "é" * 20,
+                "rawBody": "w6k=",
+            },
+            parsed_body={"k": "v"},
+        ),
+        "kept-headers-header-map-and-body",
+    ),
+    (
+        _http_document({"headers": {"host": "h"}, "headerMap": None, "body": "", "rawBody": "x"}),
+        "header-map-none-raw-body-only",
+    ),
+    (
+        _http_document({"headers": {"host": b"bytes", "user-agent": ("t", "u")}, "path": b"/b"}),
+        "sized-values-not-strings",
+    ),
+    (_http_document({"path": ""}, credentials={}), "empty-credentials"),
+    ({"attributes": {"request": {}}, "credentials": {"x": DIGEST}}, "no-http"),
+]
+
+
+@pytest.mark.parametrize(
+    "projection",
+    [audit.Projection(), audit.Projection(headers=("host", "x-*"), body_max_bytes=64)],
+    ids=["default", "prefix-and-body"],
+)
+@pytest.mark.parametrize("view", [False, True], ids=["dicts", "read-only-mappings"])
+@pytest.mark.parametrize(
+    "document", [case for case, _ in PREVIOUS_CASES], ids=[i for _, i in PREVIOUS_CASES]
+)
+def test_slim_charged_equals_the_previous_slim_and_charge(
+    document: dict[str, Any], view: bool, projection: audit.Projection
+) -> None:
+    # One pass computes the slim document and its charge: the same document, key order
+    # included, and the same charge as the separate slim, _schemes and _charge it replaced.
+    projector = projection_module._Projector(projection)
+    given = _read_only(document) if view else document
+    slim, charge = projector.slim_charged(given)
+    expected = _previous_slim(projector, given)
+    assert orjson.dumps(slim, default=repr) == orjson.dumps(expected, default=repr)
+    assert slim == expected
+    assert charge == _previous_charge(expected)
+
+
+def test_audit_record_charges_the_overhead_path_slim_document_and_log_fields(
+    tmp_path: Path,
+) -> None:
+    # What AuditTrail.record queues is charged the fixed overhead, the record's path,
+    # slim_charged's count and the log fields it carries (what the byte bound adds up).
+    document = PREVIOUS_CASES[-5][0]
+    trail = AuditTrail(tmp_path / "a.db")
+    try:
+        charged: list[int] = []
+        trail._put = lambda *item: charged.append(item[-1])  # type: ignore[method-assign]
+        trail.record(DecisionRecord("d", T0, "p", True, "a", 200, path="/p", document=document))
+        trail.record(DecisionRecord("e", T0, "p", True, "a", 200, path="/pp"))
+        pinned = _previous_charge(_previous_slim(trail._projector, document))
+        overhead = audit_store._ENTRY_OVERHEAD
+        assert charged == [overhead + len("/p") + pinned, overhead + len("/pp")]
+        # A record whose log fields were built (the decision log ran first) pins them too.
+        logged = DecisionRecord("f", T0, "p", True, "a", 200, path="/pp")
+        logged.log_fields()
+        trail.record(logged)
+        assert charged[-1] == overhead + len("/pp") + audit_store._LOG_FIELDS_CHARGE
+    finally:
+        trail.close()
+
+
+@pytest.mark.parametrize(
+    "http",
+    [{"path": None}, {"headers": {"host": 7}}, {"headers": {"user-agent": None}}],
+    ids=["path-none", "kept-header-int", "kept-header-none"],
+)
+def test_audit_record_never_raises_on_values_without_a_length(
+    tmp_path: Path, http: dict[str, Any]
+) -> None:
+    # The charge counted len() of the path and of kept header values, and raised out of
+    # record() (which never raises) for a value with none: now str() of it is counted,
+    # and the entry is written with its input.
+    trail = AuditTrail(tmp_path / "a.db", retention_days=None)
+    document = _http_document(http)
+    trail.record(DecisionRecord("d", T0, "p", True, "a", 200, document=document))
+    trail.close()
+    with reader(tmp_path / "a.db") as conn:
+        [entry] = read_entries(conn)
+    assert entry.body["input"]["attributes"]["request"]["http"] == http
+
+
+# The fields __init__ sets (the log fields' cache is not one).
+_INIT_FIELDS = [field for field in dataclasses.fields(DecisionRecord) if field.init]
 
 
 def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> None:
@@ -1571,7 +1775,7 @@ def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> N
     values: dict[str, Any] = {
         field.name: value
         for field, value in zip(
-            dataclasses.fields(DecisionRecord),
+            _INIT_FIELDS,
             (
                 "d-1",
                 T0,
@@ -1607,16 +1811,20 @@ def test_queued_record_is_the_record_with_the_slim_document_and_no_result() -> N
     }
     full = DecisionRecord(**values)
     defaults = DecisionRecord("d", 0.0, "", True, "", 0)
-    for field in dataclasses.fields(DecisionRecord):
+    for field in _INIT_FIELDS:
         assert getattr(full, field.name) != getattr(defaults, field.name), field.name
     assert not hasattr(DecisionRecord, "__post_init__")
     slim: dict[str, Any] = {"attributes": {}}
     queued = audit_store._queued(full, slim)
     expected = dataclasses.replace(full, document=slim, opa_result=None)
-    for field in dataclasses.fields(DecisionRecord):
+    for field in _INIT_FIELDS:
         assert getattr(queued, field.name) == getattr(expected, field.name), field.name
     assert queued == expected
     assert full.document == {"a": 1}  # the original is untouched
+    assert queued._log_fields is None  # none built yet: none copied
+    # The log fields the decision log built travel to the writer thread with the copy.
+    built = full.log_fields()
+    assert audit_store._queued(full, slim)._log_fields == built
 
 
 # --- the writer thread's part: the row body, shortcut and slow path -----------------------
