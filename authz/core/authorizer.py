@@ -65,7 +65,7 @@ from authz.core.mode import Control, Mode
 from authz.core.opa import BatchPolicyEngine, Evaluation, PolicyEngine, parse_decision_path
 from authz.core.ratelimit import Limiter, Quota
 from authz.core.record import DecisionRecord, DecisionSink, record_from_fields
-from authz.core.response import build_response, error_response
+from authz.core.response import ResponsePrototype, build_response, error_response
 from authz.core.secret import Secret
 from authz.core.tunnel import TunnelResolver
 
@@ -557,7 +557,13 @@ class Authorizer:
             decision = trace.policy = trace.decision = parse_decision(trace.evaluation.result)
             if cache is not None and key is not None:
                 cache.put(key, decision, trace.evaluation, decision_id, generation=generation)
-        return await self._enforce(decision, trace, budget, started, decision_id)
+        # A hit's response is its entry's prototype plus what varies per request.
+        prototype = (
+            cache.prototype(key, cached)
+            if cache is not None and key is not None and cached is not None
+            else None
+        )
+        return await self._enforce(decision, trace, budget, started, decision_id, prototype)
 
     def _input(self, request: external_auth_pb2.CheckRequest) -> dict[str, Any]:
         """The input document for ``request`` (:func:`authz.core.input.build_input`)."""
@@ -576,6 +582,7 @@ class Authorizer:
         budget: float,
         started: float,
         decision_id: str,
+        prototype: ResponsePrototype | None = None,
     ) -> external_auth_pb2.CheckResponse:
         """Steps 5-8 of the pipeline, after the policy decided."""
         # 5. Re-check the deadline: Envoy has given up on a late answer anyway.
@@ -596,7 +603,7 @@ class Authorizer:
         if decision.allowed and decision.tunnel is not None:
             decision = await self._pin_tunnel(decision, decision.tunnel, budget, started)
         # 8. Decision -> CheckResponse.
-        return build_response(decision, decision_id)
+        return build_response(decision, decision_id, prototype)
 
     async def _pin_tunnel(
         self, decision: Decision, tunnel: TunnelRef, budget: float, started: float

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import itertools
 import json
 import logging
 import uuid
@@ -601,6 +602,39 @@ async def test_cache_skips_opa_for_identical_requests_but_not_rate_limits() -> N
     assert status_of(third.response) == 429  # rate limits still count every request
     await authorizer.check(check_request(headers={"x-api-key": "other"}))
     assert len(engine.calls) == 2
+
+
+async def test_cache_hits_answer_from_the_entrys_prototype_byte_for_byte() -> None:
+    """A hit's response comes from its cache entry's prototype, and is byte for byte what
+    an authorizer without a cache builds for the same requests: each request's own
+    decision id and rate-limit headers, never the prototype's."""
+    answer = {
+        **_limited(600, 10),
+        "headers": {"x-authz-key-id": "k1"},
+        "request_headers_to_remove": ["x-api-key"],
+        "dynamic_metadata": {"key_id": "k1"},
+    }
+
+    def build(cache: DecisionCache | None) -> Authorizer:
+        ids = (f"id-{i}" for i in itertools.count())
+        return make(
+            FakeEngine(answer),
+            limiter=MemoryLimiter(clock=lambda: 1000.0),
+            cache=cache,
+            new_id=lambda: next(ids),
+        )
+
+    cache = DecisionCache()
+    cached, uncached = build(cache), build(None)
+    for i in range(4):
+        request = check_request(headers={"x-api-key": "k", "x-request-id": str(i)})
+        hit = (await cached.check(request)).response
+        built = (await uncached.check(request)).response
+        assert hit.SerializeToString(deterministic=True) == built.SerializeToString(
+            deterministic=True
+        )
+    (entry,) = cache._entries.values()
+    assert entry.prototype is not None  # the hits did go through the prototype
 
 
 async def test_cache_never_holds_failures() -> None:
