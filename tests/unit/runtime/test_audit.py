@@ -1450,6 +1450,65 @@ async def test_audit_queue_memory_is_bounded(
         trail.close(timeout_s=60)
 
 
+class _LogFieldsFirst:
+    """A sink that builds each record's log fields, as the decision log (ahead of the
+    audit trail among the sinks) does."""
+
+    def record(self, record: DecisionRecord) -> None:
+        record.log_fields()
+
+
+@pytest.mark.parametrize("logged", [False, True], ids=["audit-only", "after-the-decision-log"])
+async def test_audit_queue_charges_at_least_what_a_queued_entry_retains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logged: bool
+) -> None:
+    # The queue is bounded in bytes by what each entry is charged: a charge below what
+    # an entry really retains lets a full queue pin more than its configured bound.
+    # Ordinary gateway allows (an API key, a user agent, a request id, distinct paths)
+    # are queued while the writer is behind; tracemalloc counts what they retain.
+    import tracemalloc
+
+    monkeypatch.setattr(audit_store, "_FLUSH_S", 5.0)  # the writer is behind
+    trail = AuditTrail(tmp_path / "audit.db", retention_days=None, max_records=None)
+    allow = {
+        "allowed": True,
+        "headers": {"x-authz-key-id": "key-1", "x-authz-role": "user"},
+        "authz": {"reason": "allowed", "identity": {"key_id": "key-1", "role": "user"}},
+    }
+    authorizer = Authorizer(
+        FakeEngine(allow, record=False),
+        default_decision_path="authz/gateway/decision",
+        credential_headers=("x-api-key",),
+        timeout_s=5.0,
+        sinks=[*([_LogFieldsFirst()] if logged else []), trail],
+    )
+    n = 200
+    requests = [
+        check_request(
+            path=f"/api/v1/items/{i}",
+            headers={"x-api-key": f"ak_{i:08d}", "user-agent": "curl/8.5", "x-request-id": str(i)},
+        )
+        for i in range(n)
+    ]
+    try:
+        await authorizer.check(requests[0])  # first-use allocations are not an entry's
+        queued_before = trail.queued_bytes
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for request in requests[1:]:
+                await authorizer.check(request)
+            retained = (tracemalloc.get_traced_memory()[0] - before) / (n - 1)
+        finally:
+            tracemalloc.stop()
+        charged = (trail.queued_bytes - queued_before) / (n - 1)
+        assert trail.queued_bytes > queued_before  # the entries are still queued
+        assert charged >= retained, f"charged {charged:.0f} B per entry, retains {retained:.0f} B"
+    finally:
+        monkeypatch.setattr(audit_store, "_FLUSH_S", 0.02)
+        trail.close(timeout_s=60)
+
+
 def test_a_file_that_is_not_a_database_leaves_no_connection_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
