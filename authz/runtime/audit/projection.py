@@ -282,13 +282,7 @@ class _Projector:
         What orjson cannot write raises here as it does there (the same write of the
         same values)."""
         limit = self.p.value_max_bytes
-        body = record.log_fields()
-        body["policy"] = (
-            {"allowed": record.policy_allowed, "reason": record.policy_reason}
-            if record.policy_allowed is not None
-            else None
-        )
-        body = _capped(body, limit)
+        body = _row_head(record, limit)
         if record.document is not None:
             document = self._input_as_is(record.document)
             if document is None:
@@ -337,13 +331,7 @@ class _Projector:
         within their quarter, the row fitted. :meth:`body` takes it whenever its shortcut
         cannot prove the same bytes."""
         limit = self.p.value_max_bytes
-        body = record.log_fields()
-        body["policy"] = (
-            {"allowed": record.policy_allowed, "reason": record.policy_reason}
-            if record.policy_allowed is not None
-            else None
-        )
-        body = _capped(body, limit)
+        body = _row_head(record, limit)
         if record.document is not None:
             document: dict[str, Any] = _capped(redact_document(record.document), limit)
             http = document.get("attributes", {}).get("request", {}).get("http")
@@ -355,6 +343,19 @@ class _Projector:
             body["input"] = document
         budget = self.p.row_max_bytes - _ROW_OVERHEAD - len(record.decision_id.encode())
         return _fit(body, budget)
+
+
+def _row_head(record: DecisionRecord, limit: int) -> dict[str, Any]:
+    """The row body without its input: the record's log fields and the policy's own
+    result, every string capped to ``limit`` bytes."""
+    body = record.log_fields()
+    body["policy"] = (
+        {"allowed": record.policy_allowed, "reason": record.policy_reason}
+        if record.policy_allowed is not None
+        else None
+    )
+    capped: dict[str, Any] = _capped(body, limit)
+    return capped
 
 
 def _redacts_nothing(document: Any) -> bool:
