@@ -547,21 +547,29 @@ def _set_sandbox_filter_state() -> dict[str, Any]:
     }
 
 
+# What the egress listener's and each intercepted host's HTTP connection manager share:
+# paths normalized (a rule cannot be dodged by spelling), forwarding headers neither
+# trusted nor sent on.
+_HCM_HARDENING: Final = {
+    "normalize_path": True,
+    "merge_slashes": True,
+    "path_with_escaped_slashes_action": "REJECT_REQUEST",
+    "use_remote_address": True,
+    # No proxy in front is trusted: a client's forwarding headers say nothing.
+    "xff_num_trusted_hops": 0,
+    "request_timeout": ROUTE_TIMEOUT,
+    # Third-party APIs need not learn the sandboxes' addresses.
+    "skip_xff_append": True,
+}
+
+
 def _listener(address: str, port: int, virtual_hosts: list[dict[str, Any]]) -> dict[str, Any]:
     hcm = {
         "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "egress",
         # HTTP CONNECT (RFC 9110 section 9.3.6): HTTPS_PROXY clients open tunnels.
         "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "use_remote_address": True,
-        # No proxy in front is trusted: a client's forwarding headers say nothing.
-        "xff_num_trusted_hops": 0,
-        "request_timeout": ROUTE_TIMEOUT,
-        # Third-party APIs need not learn the sandboxes' addresses.
-        "skip_xff_append": True,
+        **_HCM_HARDENING,
         "access_log": [_access_log(), _tunnel_access_log()],
         "route_config": {
             "name": "egress",
@@ -607,13 +615,7 @@ def _intercept_chain(
     hcm = {
         "@type": f"{_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": f"intercept_{name}",
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "use_remote_address": True,
-        "xff_num_trusted_hops": 0,
-        "request_timeout": ROUTE_TIMEOUT,
-        "skip_xff_append": True,
+        **_HCM_HARDENING,
         # The connection inside the tunnel ends with it at the latest.
         "common_http_protocol_options": {"max_connection_duration": tunnel},
         "access_log": [_access_log("egress-intercept")],
