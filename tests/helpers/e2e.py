@@ -73,8 +73,34 @@ SANDBOX_SPECS = {
 SERVICES = ("httpbin", "openai", "anthropic", "github", "slack")
 
 
+class OverridesAdmin:
+    """``add_override`` for a helper holding ``admin``, a client of an authz admin API
+    (the e2e stack's, a fleet replica's)."""
+
+    admin: httpx.Client
+
+    def add_override(
+        self,
+        effect: str,
+        match: Mapping[str, object],
+        *,
+        reason: str,
+        ttl_seconds: int = 600,
+        decision_path: str = "authz/gateway/decision",
+    ) -> httpx.Response:
+        """``POST /v1/overrides`` on the admin API (:func:`post_override`)."""
+        return post_override(
+            self.admin,
+            effect,
+            match,
+            reason=reason,
+            ttl_seconds=ttl_seconds,
+            decision_path=decision_path,
+        )
+
+
 @dataclass
-class Env:
+class Env(OverridesAdmin):
     """A running stack with its keys, sandbox tokens, egress secrets and clients."""
 
     stack: Stack
@@ -103,25 +129,6 @@ class Env:
     def write_secrets(self, secrets: dict[str, str] | None = None) -> None:
         """(Re)write the egress secrets file; bumps mtime so authz sees the change."""
         write_secrets_file(self.secrets_file, self.secrets if secrets is None else secrets)
-
-    def add_override(
-        self,
-        effect: str,
-        match: Mapping[str, object],
-        *,
-        reason: str,
-        ttl_seconds: int = 600,
-        decision_path: str = "authz/gateway/decision",
-    ) -> httpx.Response:
-        """``POST /v1/overrides`` on the admin API (:func:`post_override`)."""
-        return post_override(
-            self.admin,
-            effect,
-            match,
-            reason=reason,
-            ttl_seconds=ttl_seconds,
-            decision_path=decision_path,
-        )
 
     def sandbox_headers(self, sandbox: str, service: str) -> dict[str, str]:
         """Headers a sandbox sends to call ``service`` through the egress proxy."""

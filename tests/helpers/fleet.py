@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authz.stack.supervisor import Process, free_port, http_ok
 from authz.tools.launch import opa_launch
-from tests.helpers.e2e import BURST_S, Env, check_all, post_override
+from tests.helpers.e2e import BURST_S, Env, OverridesAdmin, check_all
 from tests.helpers.envoy_rig import ext_authz_envoy_config, running_echo, running_envoy
 
 __all__ = ["Fleet", "Replica", "running_fleet"]
@@ -40,7 +40,7 @@ START_TIMEOUT_S = 30.0
 
 
 @dataclass
-class Replica:
+class Replica(OverridesAdmin):
     """One authz replica and its OPA sidecar; ``admin`` is a client of its admin API
     (admin token and ``X-Authz-Actor`` set)."""
 
@@ -55,25 +55,6 @@ class Replica:
     def check(self, api_key: str, path: str = "/api/v1/status", n: int = 1) -> list[int]:
         """``n`` gRPC Checks straight to this replica (not through Envoy); HTTP statuses."""
         return check_all([self.grpc_port], api_key, n, path=path)
-
-    def add_override(
-        self,
-        effect: str,
-        match: Mapping[str, object],
-        *,
-        reason: str,
-        ttl_seconds: int = 600,
-        decision_path: str = "authz/gateway/decision",
-    ) -> httpx.Response:
-        """``POST /v1/overrides`` on this replica's admin API (:func:`post_override`)."""
-        return post_override(
-            self.admin,
-            effect,
-            match,
-            reason=reason,
-            ttl_seconds=ttl_seconds,
-            decision_path=decision_path,
-        )
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         """A sample of this replica's ``/metrics`` (0 when absent)."""
