@@ -14,10 +14,9 @@ CheckRequest (``GET /api/v1/items/1``, an API key, a user agent, a request id):
 - a whole ``Authorizer.check`` that hits the cache;
 - each core step of it alone: ``build_input``, ``DecisionCache.key``, ``build_response``,
   the rate-limit headers added to the cached decision;
-- two steps against the code they replaced, in the same run: the compiled converters of
-  :func:`authz.core.input.message_to_input` against its generic walk (the compiled
-  converters switched off), and :meth:`~authz.core.decision.Decision.with_response_headers`
-  against ``dataclasses.replace``.
+- one step against the code it replaced, in the same run:
+  :meth:`~authz.core.decision.Decision.with_response_headers` against
+  ``dataclasses.replace``.
 
 Each figure is the median of 3 runs of ``--number`` calls, CPU time
 (``time.process_time``) per call in microseconds, so other processes' load counts less.
@@ -36,12 +35,11 @@ from typing import Any, Final
 
 import orjson
 
-from authz.core import input as input_module
 from authz.core.authorizer import Authorizer
 from authz.core.cache import DecisionCache, KeyDeclaration
 from authz.core.decision import parse_decision
 from authz.core.headers import CREDENTIAL_HEADERS
-from authz.core.input import build_input, message_to_input
+from authz.core.input import build_input
 from authz.core.ratelimit import MemoryLimiter
 from authz.core.response import build_response
 from tests.helpers.fakes import FakeEngine, check_request
@@ -85,15 +83,6 @@ def _us(call: Callable[[], Any], number: int) -> float:
     return statistics.median(timer.timeit(number) / number * 1e6 for _ in range(3))
 
 
-def _generic_message_to_input(message: Any) -> dict[str, Any]:
-    compiled = dict(input_module._FAST)
-    input_module._FAST.clear()
-    try:
-        return message_to_input(message)
-    finally:
-        input_module._FAST.update(compiled)
-
-
 def measure(number: int) -> list[tuple[str, float, float | None]]:
     """``(step, µs per call, µs of the code it replaced or None)`` per row."""
     request = check_request(
@@ -126,11 +115,6 @@ def measure(number: int) -> list[tuple[str, float, float | None]]:
     return [
         ("Authorizer.check, cache hit (no sinks)", hit, None),
         ("build_input", _us(lambda: build_input(request, CREDENTIAL_HEADERS), number), None),
-        (
-            "message_to_input (compiled vs generic walk)",
-            _us(lambda: message_to_input(request), number),
-            _us(lambda: _generic_message_to_input(request), number),
-        ),
         ("DecisionCache.key (declared)", _us(lambda: cache.key(PATH, document), number), None),
         (
             "build_response (rate-limited allow)",

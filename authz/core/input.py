@@ -25,10 +25,9 @@ import codecs
 import enum
 import hashlib
 import json
-import keyword
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
@@ -146,13 +145,8 @@ codecs.register_error(GO_REPLACE, _go_replace)
 def message_to_input(message: Message) -> dict[str, Any]:
     """Convert a protobuf message to a JSON-ready dict the way the plugin's ``protomap``
     does: JSON field names, only populated fields, recursing into messages, maps and
-    lists; ``Struct`` values become plain JSON; bytes become base64 strings. The
-    CheckRequest's hot messages take converters compiled from their descriptors, with the
-    same output (see ``_HOT_MESSAGES``)."""
+    lists; ``Struct`` values become plain JSON; bytes become base64 strings."""
     descriptor = message.DESCRIPTOR
-    fast = _FAST.get(descriptor)
-    if fast is not None:
-        return fast(message)
     if descriptor.full_name in _STRUCT_TYPES:
         result = _integral_numbers(MessageToDict(message))
         return result if isinstance(result, dict) else {"value": result}
@@ -204,101 +198,6 @@ def _convert(kind: int, value: Any) -> Any:
     if kind == _BYTES:
         return base64.b64encode(value).decode("ascii")
     return value
-
-
-# -- the hot messages: compiled converters ----------------------------------------------
-#
-# Every CheckRequest carries these messages, and message_to_input's generic walk
-# (ListFields, a plan lookup per field) costs more than reading their few fields directly.
-# For each, a converter is compiled once from the message's descriptor: it tests each
-# field in field-number order (ListFields' order, so the keys come out in the same order)
-# the way ListFields decides presence (HasField where the field tracks presence; else a
-# non-empty container or a value other than the zero value), and converts as
-# message_to_input does. A descriptor with a field whose zero test is not plain
-# truthiness (a float or double, where -0.0 is present) or whose name is not a Python
-# identifier compiles to nothing and keeps the generic walk. Equality with the generic
-# walk over a corpus is tested (tests/unit/core/test_input.py).
-_HOT_MESSAGES: Final = (
-    "envoy.service.auth.v3.CheckRequest",
-    "envoy.service.auth.v3.AttributeContext",
-    "envoy.service.auth.v3.AttributeContext.Peer",
-    "envoy.service.auth.v3.AttributeContext.Request",
-    "envoy.service.auth.v3.AttributeContext.HttpRequest",
-    "envoy.config.core.v3.Address",
-    "envoy.config.core.v3.SocketAddress",
-)
-_FAST: dict[Any, Callable[[Any], dict[str, Any]]] = {}
-_NOT_TRUTHY: Final = frozenset({FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE})
-
-
-def _b64(value: bytes) -> str:
-    return binascii.b2a_base64(value, newline=False).decode("ascii")
-
-
-def _value_code(kind: int, field: FieldDescriptor, item: str) -> str:
-    """Python source converting ``item`` (one value of ``field``) as :func:`_convert`."""
-    if kind == _BYTES:
-        return f"_b64({item})"
-    if kind == _MESSAGE:
-        target: Any = field.message_type  # for a map, ``field`` is the entry's value
-        if target.full_name in _HOT_MESSAGES:
-            return f"_FAST_BY_NAME[{target.full_name!r}]({item})"
-        return f"message_to_input({item})"
-    return item
-
-
-def _compile_converter(descriptor: Any) -> Callable[[Any], dict[str, Any]] | None:
-    """The compiled converter of ``descriptor``'s messages, or None when one of its
-    fields needs the generic walk (see above)."""
-    lines = ["def convert(m):", "    out = {}"]
-    for field in sorted(descriptor.fields, key=lambda f: f.number):
-        if not field.name.isidentifier() or keyword.iskeyword(field.name):
-            return None
-        name, shape, kind = _plan(field)
-        get = f"    v = m.{field.name}"
-        if shape == _MAP:
-            entry = field.message_type.fields_by_name
-            value = _value_code(kind, entry["value"], "x")
-            if entry["key"].type == FieldDescriptor.TYPE_STRING:
-                # str(k) of a str is k: the map as it iterates (dict() keeps that order).
-                code = "dict(v)" if kind == _SCALAR else f"{{k: {value} for k, x in v.items()}}"
-            else:
-                code = f"{{str(k): {value} for k, x in v.items()}}"
-            lines += [get, f"    if v: out[{name!r}] = {code}"]
-        elif shape == _LIST:
-            value = _value_code(kind, field, "x")
-            lines += [get, f"    if v: out[{name!r}] = [{value} for x in v]"]
-        elif field.has_presence:
-            value = _value_code(kind, field, f"m.{field.name}")
-            lines += [f"    if m.HasField({field.name!r}): out[{name!r}] = {value}"]
-        elif field.type in _NOT_TRUTHY:
-            return None
-        else:
-            lines += [get, f"    if v: out[{name!r}] = {_value_code(kind, field, 'v')}"]
-    lines.append("    return out")
-    namespace: dict[str, Any] = {
-        "_b64": _b64,
-        "message_to_input": message_to_input,
-        "_FAST_BY_NAME": _FAST_BY_NAME,
-    }
-    exec(compile("\n".join(lines), f"<converter {descriptor.full_name}>", "exec"), namespace)  # noqa: S102
-    converter: Callable[[Any], dict[str, Any]] = namespace["convert"]
-    return converter
-
-
-_FAST_BY_NAME: dict[str, Callable[[Any], dict[str, Any]]] = {}
-
-
-def _compile_hot_messages() -> None:
-    pool = descriptor_pool.Default()
-    for full_name in _HOT_MESSAGES:
-        descriptor = pool.FindMessageTypeByName(full_name)
-        converter = _compile_converter(descriptor)
-        if converter is not None:
-            _FAST[descriptor] = _FAST_BY_NAME[full_name] = converter
-    # A hot message that kept the generic walk is still reached through it.
-    for full_name in _HOT_MESSAGES:
-        _FAST_BY_NAME.setdefault(full_name, message_to_input)
 
 
 def _unescape(text: str, *, plus_as_space: bool, what: str) -> str:
@@ -951,6 +850,3 @@ def without_large_body(document: Mapping[str, Any], limit: int = 8192) -> Mappin
     slim["attributes"] = attributes
     slim["body_omitted"] = size
     return slim
-
-
-_compile_hot_messages()
